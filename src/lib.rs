@@ -1,0 +1,1 @@
+//! ferrovip: highly available virtual IPs for bare-metal Kubernetes.
