@@ -1,1 +1,12 @@
 //! ferrovip: highly available virtual IPs for bare-metal Kubernetes.
+//!
+//! Data flow (see `ARCHITECTURE.md`): sources (manifest files or the Kubernetes API) produce a
+//! [`model::Snapshot`]; the pure [`model::plan`] turns it into the desired VRRP instances of one
+//! node; the [`vrrp`] engine runs them and the [`dataplane`] converges the kernel.
+
+pub mod announce;
+pub mod crd;
+pub mod dataplane;
+pub mod lab;
+pub mod model;
+pub mod vrrp;

@@ -1,0 +1,1 @@
+//! Virtual addresses on interfaces, via rtnetlink, marked as ours.

@@ -1,0 +1,3 @@
+//! Kernel dataplane: virtual addresses (rtnetlink), later IPVS and nftables.
+
+pub mod addr;
