@@ -55,7 +55,9 @@ mod tests {
 
     #[test]
     fn rejects_everything_else() {
-        for bad in ["", "100", "ms", "1.s", ".5s", "-1s", "1 s", "1h", "1e3ms", "1.5.5s"] {
+        for bad in [
+            "", "100", "ms", "1.s", ".5s", "-1s", "1 s", "1h", "1e3ms", "1.5.5s",
+        ] {
             assert!(
                 matches!(parse_duration(bad), Err(DurationError::Syntax(_))),
                 "{bad:?} accepted"

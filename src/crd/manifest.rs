@@ -73,10 +73,7 @@ pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(path).map_err(read_err)? {
         let p = entry.map_err(read_err)?.path();
-        let yaml = matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        );
+        let yaml = matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
         let hidden = p
             .file_name()
             .and_then(|n| n.to_str())
@@ -164,12 +161,12 @@ fn parse_document(doc: serde_json::Value) -> Result<VirtualIP, (String, String)>
         None => "document".to_string(),
     };
     if kind != "VirtualIP" {
-        return Err((
-            resource,
-            format!("kind: expected VirtualIP, got {kind:?}"),
-        ));
+        return Err((resource, format!("kind: expected VirtualIP, got {kind:?}")));
     }
-    let api_version = doc.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default();
+    let api_version = doc
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
     if api_version != API_VERSION {
         return Err((
             resource,
@@ -248,7 +245,9 @@ spec:
     fn a_broken_document_does_not_hide_the_others() {
         let text = format!(
             "{CONTRACT}\n---\napiVersion: ferrovip.io/v1alpha1\nkind: VirtualIP\nmetadata: {{name: api}}\nspec:\n  addresses: [\"192.0.2.101/24\"]\n  interface: eth0\n  virtualRouterId: fifty\n---\n{}",
-            CONTRACT.replace("name: web", "name: db").replace("51", "52")
+            CONTRACT
+                .replace("name: web", "name: db")
+                .replace("51", "52")
         );
         let m = parse(&text);
         let names: Vec<_> = m

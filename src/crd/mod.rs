@@ -6,14 +6,15 @@ pub mod manifest;
 mod validate;
 mod virtualip;
 
-pub use duration::{parse_duration, DurationError};
+pub use duration::{DurationError, parse_duration};
 pub use validate::{FieldError, ValidSpec, ValidationErrors};
 pub use virtualip::*;
 
 use kube::CustomResourceExt;
 
 /// Every CRD of the project, in the order `ferrovip crdgen` writes them.
-pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn all_crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     vec![VirtualIP::crd()]
 }

@@ -111,10 +111,7 @@ impl VirtualIPSpec {
             2 => Version::V2,
             3 => Version::V3,
             other => {
-                errors.push(
-                    "spec.vrrp.version",
-                    format!("must be 2 or 3, got {other}"),
-                );
+                errors.push("spec.vrrp.version", format!("must be 2 or 3, got {other}"));
                 Version::V3
             }
         };
@@ -159,12 +156,11 @@ impl VirtualIPSpec {
                 Ok(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() => {
                     errors.push(field, format!("{peer} is not a unicast peer address"))
                 }
-                Ok(ip) if !addresses.iter().any(|a| a.addr().is_ipv4() == ip.is_ipv4()) => {
-                    errors.push(
+                Ok(ip) if !addresses.iter().any(|a| a.addr().is_ipv4() == ip.is_ipv4()) => errors
+                    .push(
                         field,
                         format!("{peer}: no address in spec.addresses has this family"),
-                    )
-                }
+                    ),
                 Ok(ip) if unicast_peers.contains(&ip) => {
                     errors.push(field, format!("{peer} is listed twice"))
                 }
@@ -270,7 +266,10 @@ fn validate_addresses(raw: &[String], errors: &mut Collector) -> Vec<IpNet> {
             continue;
         }
         if let Some(j) = out.iter().position(|o| o.addr() == ip) {
-            errors.push(field, format!("{ip} is already listed as spec.addresses[{j}]"));
+            errors.push(
+                field,
+                format!("{ip} is already listed as spec.addresses[{j}]"),
+            );
             continue;
         }
         out.push(net);
@@ -287,7 +286,10 @@ fn check_interval(version: Version, d: Duration, text: &str, errors: &mut Collec
     match version {
         Version::V3 => {
             if d < Duration::from_millis(10) || d > Duration::from_millis(40_950) {
-                errors.push(field, format!("{text} is out of range: VRRPv3 allows 10ms to 40.95s"));
+                errors.push(
+                    field,
+                    format!("{text} is out of range: VRRPv3 allows 10ms to 40.95s"),
+                );
             } else if d.as_nanos() % 10_000_000 != 0 {
                 errors.push(
                     field,
@@ -297,7 +299,10 @@ fn check_interval(version: Version, d: Duration, text: &str, errors: &mut Collec
         }
         Version::V2 => {
             if d < Duration::from_secs(1) || d > Duration::from_secs(255) {
-                errors.push(field, format!("{text} is out of range: VRRPv2 allows 1s to 255s"));
+                errors.push(
+                    field,
+                    format!("{text} is out of range: VRRPv2 allows 1s to 255s"),
+                );
             } else if d.subsec_nanos() != 0 {
                 errors.push(field, format!("{text} is not whole seconds (VRRPv2)"));
             }
@@ -344,7 +349,10 @@ mod tests {
         assert_eq!(v.vrid, 51);
         assert_eq!(v.version, Version::V3);
         assert_eq!(v.advert_interval, Duration::from_millis(100));
-        assert_eq!(v.addresses, vec!["192.0.2.100/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            v.addresses,
+            vec!["192.0.2.100/24".parse::<IpNet>().unwrap()]
+        );
         assert!(v.preempt);
         assert_eq!(v.checksum, ChecksumMode::PseudoHeader);
     }
@@ -357,7 +365,10 @@ mod tests {
         s.vrrp.unicast_peers = vec!["192.0.2.12".into()];
         let v = s.validate().unwrap();
         assert_eq!(v.version, Version::V2);
-        assert_eq!(v.unicast_peers, vec!["192.0.2.12".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            v.unicast_peers,
+            vec!["192.0.2.12".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]
@@ -378,7 +389,10 @@ mod tests {
         s.addresses.push("2001:db8::1/64".into());
         let errs = s.validate().unwrap_err();
         assert_eq!(errs.0[0].field, "spec.vrrp.version");
-        assert!(errs.0[0].message.contains("spec.addresses[1] is IPv6"), "{errs}");
+        assert!(
+            errs.0[0].message.contains("spec.addresses[1] is IPv6"),
+            "{errs}"
+        );
 
         let mut s = contract();
         s.vrrp.advertisement_interval = "5ms".into();
@@ -407,7 +421,10 @@ mod tests {
         s.priority.preferred_nodes[0].weight = 300;
         assert_eq!(
             fields(&s),
-            ["spec.priority.base", "spec.priority.preferredNodes[0].weight"]
+            [
+                "spec.priority.base",
+                "spec.priority.preferredNodes[0].weight"
+            ]
         );
     }
 
@@ -433,7 +450,11 @@ mod tests {
         assert_eq!(fields(&s), ["spec.addresses"]);
 
         let mut s = contract();
-        s.addresses = vec!["192.0.2.7".into(), "198.51.100.1/31".into(), "2001:db8::5".into()];
+        s.addresses = vec![
+            "192.0.2.7".into(),
+            "198.51.100.1/31".into(),
+            "2001:db8::5".into(),
+        ];
         let v = s.validate().unwrap();
         assert_eq!(v.addresses[0].prefix_len(), 32);
         assert_eq!(v.addresses[2].prefix_len(), 128);

@@ -165,7 +165,8 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
             continue;
         }
 
-        let (priority, priority_reasons) = priority_for(node, spec.base_priority, &spec.preferred_nodes);
+        let (priority, priority_reasons) =
+            priority_for(node, spec.base_priority, &spec.preferred_nodes);
         for a in &spec.addresses {
             address_owner.insert(a.addr(), name.clone());
         }
@@ -237,12 +238,22 @@ pub fn priority_for(node: &str, base: i64, preferred: &[(String, i64)]) -> (u8, 
 /// address. When the user lists none, use the one derived from the virtual MAC
 /// 00:00:5e:00:02:VRID (modified EUI-64), as routers do.
 fn link_local_first(addresses: &mut Vec<IpNet>, vrid: u8) {
-    let is_ll = |a: &IpNet| matches!(a.addr(), IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+    let is_ll =
+        |a: &IpNet| matches!(a.addr(), IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
     if let Some(i) = addresses.iter().position(is_ll) {
         let ll = addresses.remove(i);
         addresses.insert(0, ll);
     } else {
-        let ll = Ipv6Addr::new(0xfe80, 0, 0, 0, 0x0200, 0x5eff, 0xfe00, 0x0200 | u16::from(vrid));
+        let ll = Ipv6Addr::new(
+            0xfe80,
+            0,
+            0,
+            0,
+            0x0200,
+            0x5eff,
+            0xfe00,
+            0x0200 | u16::from(vrid),
+        );
         let net = Ipv6Net::new(ll, 64).expect("64 is a valid IPv6 prefix length");
         addresses.insert(0, IpNet::V6(net));
     }
@@ -304,7 +315,11 @@ mod tests {
 
     #[test]
     fn dual_stack_splits_by_family_with_link_local_first() {
-        let s = snapshot(vec![vip("web", 10, &["192.0.2.100/24", "2001:db8::100/64"])]);
+        let s = snapshot(vec![vip(
+            "web",
+            10,
+            &["192.0.2.100/24", "2001:db8::100/64"],
+        )]);
         let d = plan(&s, "node-b");
         let v6 = d.iter().find(|i| i.family == Family::V6).unwrap();
         assert_eq!(v6.addresses[0].to_string(), "fe80::200:5eff:fe00:20a/64");
@@ -338,7 +353,17 @@ mod tests {
                 ("bad", "invalid")
             ]
         );
-        assert!(d.refused[0].reason.to_string().contains("spec.virtualRouterId: 51"));
-        assert!(d.refused[2].reason.to_string().contains("spec.virtualRouterId"));
+        assert!(
+            d.refused[0]
+                .reason
+                .to_string()
+                .contains("spec.virtualRouterId: 51")
+        );
+        assert!(
+            d.refused[2]
+                .reason
+                .to_string()
+                .contains("spec.virtualRouterId")
+        );
     }
 }

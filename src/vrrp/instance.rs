@@ -1,1 +1,758 @@
-//! VRRP state machine.
+//! The per-virtual-router VRRP state machine: RFC 5798 / RFC 9568 §6.4 for version 3, RFC 3768
+//! §6.4 for version 2.
+//!
+//! Sans-IO: [`Instance::handle`] takes the current time and one [`Input`] and appends the
+//! [`Output`]s the driver must carry out, in order. The instance never reads a clock, owns no
+//! socket and arms no timer; after every `handle` the driver reads [`Instance::deadline`] and
+//! delivers [`Input::Timer`] once that instant has passed. This is what lets the whole protocol
+//! run on a virtual clock in an in-memory LAN (see `vrrp::sim`).
+//!
+//! Timer arithmetic is exact to the nanosecond: with 100 ms adverts and priority 100,
+//! Skew_Time is 60.9375 ms and Master_Down_Interval 360.9375 ms. RFC 5798 writes the formulas
+//! in centiseconds, which would truncate the skew to whole centiseconds; keepalived computes in
+//! microseconds. The sub-microsecond difference cannot change an election between peers.
+//!
+//! Intervals are quantised to what the wire can carry (v3: whole centiseconds, 1-4095; v2:
+//! whole seconds, 1-255) so that our timers agree with what the backups learn from us.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use super::packet::Advertisement;
+use super::{Family, Version};
+
+/// Priority of the router that owns the virtual addresses: always master, always preempts.
+pub const PRIORITY_OWNER: u8 = 255;
+/// Priority carried by the advertisement of a master that is leaving.
+pub const PRIORITY_LEAVING: u8 = 0;
+
+/// Range of the VRRPv3 Max Adver Int field, in centiseconds.
+const V3_INTERVAL_CENTISECONDS: std::ops::RangeInclusive<u16> = 1..=4095;
+/// Range of the VRRPv2 Adver Int field, in seconds (an 8-bit field).
+const V2_INTERVAL_SECONDS: std::ops::RangeInclusive<u16> = 1..=255;
+
+/// What one virtual router should do. Changing `vrid` or `version` makes it a different virtual
+/// router: the driver creates a new [`Instance`] for that instead of sending
+/// [`Input::Reconfigure`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub vrid: u8,
+    pub version: Version,
+    /// 1..=255; 255 = address owner. 0 is reserved for "master leaving" and is raised to 1.
+    pub priority: u8,
+    pub advert_interval: Duration,
+    pub preempt: bool,
+    /// keepalived semantics: after startup, or after first seeing a lower-priority master, wait
+    /// this long before preempting it. Zero preempts at once.
+    pub preempt_delay: Duration,
+    /// Whether the master accepts packets addressed to the virtual addresses when it is not the
+    /// owner (RFC 5798 §6.1). The state machine carries it for the driver; elections ignore it.
+    pub accept_mode: bool,
+    /// The virtual addresses, with the prefix to add them to the interface with. For IPv6 the
+    /// first one is the link-local virtual address (RFC 5798 §5.2.9); it goes first on the wire.
+    pub addresses: Vec<IpNet>,
+    /// Our own advertisement source (IPv4 primary address / IPv6 link-local): the tie-breaker
+    /// between masters of equal priority.
+    pub primary_address: IpAddr,
+}
+
+impl Config {
+    /// The address family of this virtual router (the family of its primary address).
+    pub fn family(&self) -> Family {
+        Family::of(&self.primary_address)
+    }
+
+    /// The interval as carried in the advertisement: centiseconds (v3) or seconds (v2),
+    /// truncated and clamped to the field's range.
+    pub fn wire_interval(&self) -> u16 {
+        match self.version {
+            Version::V3 => {
+                let centis = self.advert_interval.as_millis() / 10;
+                clamp_u128(centis, V3_INTERVAL_CENTISECONDS)
+            }
+            Version::V2 => clamp_u128(
+                u128::from(self.advert_interval.as_secs()),
+                V2_INTERVAL_SECONDS,
+            ),
+        }
+    }
+
+    /// The advertisement interval actually used: [`Config::advert_interval`] quantised to
+    /// [`Config::wire_interval`].
+    pub fn effective_advert_interval(&self) -> Duration {
+        interval_duration(self.version, self.wire_interval())
+    }
+
+    /// Checks what [`Instance::new`] would otherwise silently quantise, clamp or tolerate.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vrid == 0 {
+            return Err(ConfigError::InvalidVrid);
+        }
+        if self.priority == PRIORITY_LEAVING {
+            return Err(ConfigError::InvalidPriority);
+        }
+        if self.addresses.is_empty() {
+            return Err(ConfigError::NoAddresses);
+        }
+        let family = self.family();
+        if self.version == Version::V2 && family == Family::V6 {
+            return Err(ConfigError::V2IsIpv4Only);
+        }
+        if let Some(address) = self
+            .addresses
+            .iter()
+            .find(|net| Family::of(&net.addr()) != family)
+        {
+            return Err(ConfigError::MixedFamilies {
+                address: *address,
+                family,
+                primary: self.primary_address,
+            });
+        }
+        let (min, max) = match self.version {
+            Version::V3 => (
+                interval_duration(Version::V3, *V3_INTERVAL_CENTISECONDS.start()),
+                interval_duration(Version::V3, *V3_INTERVAL_CENTISECONDS.end()),
+            ),
+            Version::V2 => (
+                interval_duration(Version::V2, *V2_INTERVAL_SECONDS.start()),
+                interval_duration(Version::V2, *V2_INTERVAL_SECONDS.end()),
+            ),
+        };
+        if self.advert_interval < min || self.advert_interval > max {
+            return Err(ConfigError::IntervalOutOfRange {
+                interval: self.advert_interval,
+                version: self.version,
+                min,
+                max,
+            });
+        }
+        if self.effective_advert_interval() != self.advert_interval {
+            return Err(ConfigError::IntervalNotRepresentable {
+                interval: self.advert_interval,
+                version: self.version,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn clamp_u128(value: u128, range: std::ops::RangeInclusive<u16>) -> u16 {
+    let clamped = value.clamp(u128::from(*range.start()), u128::from(*range.end()));
+    u16::try_from(clamped).unwrap_or(*range.end())
+}
+
+fn interval_duration(version: Version, wire: u16) -> Duration {
+    match version {
+        Version::V3 => Duration::from_millis(u64::from(wire) * 10),
+        Version::V2 => Duration::from_secs(u64::from(wire)),
+    }
+}
+
+/// Why a [`Config`] is not a valid virtual router.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("VRID 0 is invalid (valid: 1-255)")]
+    InvalidVrid,
+    #[error("priority 0 is reserved for a master that is leaving (valid: 1-255)")]
+    InvalidPriority,
+    #[error("a virtual router needs at least one virtual address")]
+    NoAddresses,
+    #[error("VRRP version 2 carries IPv4 only")]
+    V2IsIpv4Only,
+    #[error("virtual address {address} is not {family} like the primary address {primary}")]
+    MixedFamilies {
+        address: IpNet,
+        family: Family,
+        primary: IpAddr,
+    },
+    #[error(
+        "advertisement interval {interval:?} is outside {min:?}..={max:?} for VRRP version {version}"
+    )]
+    IntervalOutOfRange {
+        interval: Duration,
+        version: Version,
+        min: Duration,
+        max: Duration,
+    },
+    #[error(
+        "advertisement interval {interval:?} cannot be carried by VRRP version {version} \
+         (v3: whole centiseconds, v2: whole seconds)"
+    )]
+    IntervalNotRepresentable { interval: Duration, version: Version },
+}
+
+impl ConfigError {
+    /// A bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ConfigError::InvalidVrid => "invalid_vrid",
+            ConfigError::InvalidPriority => "invalid_priority",
+            ConfigError::NoAddresses => "no_addresses",
+            ConfigError::V2IsIpv4Only => "v2_ipv4_only",
+            ConfigError::MixedFamilies { .. } => "mixed_families",
+            ConfigError::IntervalOutOfRange { .. } => "interval_out_of_range",
+            ConfigError::IntervalNotRepresentable { .. } => "interval_not_representable",
+        }
+    }
+}
+
+/// RFC 5798 states (RFC 9568 calls Master "Active"; we keep the names operators know).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Initialize,
+    Backup,
+    Master,
+}
+
+impl State {
+    /// The keepalived-style name, also usable as a bounded metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Initialize => "INIT",
+            State::Backup => "BACKUP",
+            State::Master => "MASTER",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happened to the instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Startup,
+    /// Already validated by the driver (TTL, checksum, VRID, family, not our own).
+    Advertisement {
+        source: IpAddr,
+        advertisement: Advertisement,
+    },
+    /// [`Instance::deadline`] has passed.
+    Timer,
+    /// Takes effect from the next advertisement sent or received. 0 is raised to 1.
+    SetPriority(u8),
+    /// A new configuration for the same VRID and version (see [`Config`]).
+    Reconfigure(Config),
+    Shutdown,
+}
+
+/// What the driver must do, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// To the group (or the unicast peers; the driver decides).
+    Send(Advertisement),
+    AddAddresses(Vec<IpNet>),
+    RemoveAddresses(Vec<IpNet>),
+    /// Gratuitous ARP / unsolicited NA burst for these addresses.
+    Announce(Vec<IpAddr>),
+    /// Always the last output of the input that caused it.
+    Transition {
+        from: State,
+        to: State,
+        reason: Reason,
+    },
+}
+
+/// Why a transition happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Initialize → Backup.
+    Startup,
+    /// Initialize → Master: we own the addresses (priority 255).
+    Owner,
+    /// Backup → Master: no advertisement accepted within Master_Down_Interval.
+    MasterDown { last_master: Option<IpAddr> },
+    /// Backup → Master: the master left (priority 0) and Skew_Time passed.
+    PriorityZero { from: IpAddr },
+    /// Backup → Master: we discarded a lower-priority master's adverts (preemption).
+    Preempt { from: IpAddr, priority: u8 },
+    /// Master → Backup: a higher priority master.
+    HigherPriority { from: IpAddr, priority: u8 },
+    /// Master → Backup: a master of equal priority with a higher primary address.
+    TieBreak { from: IpAddr },
+    /// → Initialize.
+    Shutdown,
+    /// → Initialize: the configuration changed VRID or version, so the instance starts over.
+    Reconfigured,
+}
+
+impl Reason {
+    /// A bounded snake_case label for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::Startup => "startup",
+            Reason::Owner => "owner",
+            Reason::MasterDown { .. } => "master_down",
+            Reason::PriorityZero { .. } => "priority_zero",
+            Reason::Preempt { .. } => "preempt",
+            Reason::HigherPriority { .. } => "higher_priority",
+            Reason::TieBreak { .. } => "tie_break",
+            Reason::Shutdown => "shutdown",
+            Reason::Reconfigured => "reconfigured",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Startup => f.write_str("startup"),
+            Reason::Owner => f.write_str("address owner (priority 255)"),
+            Reason::MasterDown {
+                last_master: Some(master),
+            } => write!(f, "master {master} down"),
+            Reason::MasterDown { last_master: None } => f.write_str("no master seen"),
+            Reason::PriorityZero { from } => write!(f, "master {from} left (priority 0)"),
+            Reason::Preempt { from, priority } => {
+                write!(f, "preempted lower-priority master {from} (priority {priority})")
+            }
+            Reason::HigherPriority { from, priority } => {
+                write!(f, "higher-priority master {from} (priority {priority})")
+            }
+            Reason::TieBreak { from } => {
+                write!(f, "master {from} has equal priority and a higher address")
+            }
+            Reason::Shutdown => f.write_str("shutdown"),
+            Reason::Reconfigured => f.write_str("VRID or version reconfigured"),
+        }
+    }
+}
+
+/// Monotonic event counts of one instance (kept across Shutdown/Startup).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub adverts_sent: u64,
+    pub priority_zero_sent: u64,
+    /// Every [`Input::Advertisement`], including the discarded ones.
+    pub adverts_received: u64,
+    pub priority_zero_received: u64,
+    /// Backup with preemption: lower priority. Master: lower priority, or equal priority from a
+    /// lower address.
+    pub discarded_lower_priority: u64,
+    /// VRRPv2: the advertisement's interval differs from ours (RFC 3768 §7.1).
+    pub discarded_interval_mismatch: u64,
+    /// We own the addresses (priority 255) and ignore everyone else (RFC 5798 §7.1).
+    pub discarded_as_owner: u64,
+    /// Received in Initialize.
+    pub discarded_not_running: u64,
+    /// Wrong VRID or version, or interval 0: the driver should have dropped these.
+    pub discarded_invalid: u64,
+    /// Accepted, but the advertised addresses differ from ours (RFC 5798 §7.1: log, not drop).
+    pub address_list_mismatch: u64,
+    pub transitions: u64,
+    pub became_master: u64,
+    pub became_backup: u64,
+}
+
+/// One virtual router.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    config: Config,
+    state: State,
+    deadline: Option<Instant>,
+    master: Option<IpAddr>,
+    master_adver_interval: Duration,
+    /// Set while the master-down timer runs for Skew_Time only because this master left.
+    leaving_master: Option<IpAddr>,
+    /// The lower-priority master whose adverts we are discarding in order to take over.
+    preempting: Option<(IpAddr, u8)>,
+    /// Start of the preempt_delay hold-off; `None` until startup or until a lower-priority
+    /// master is first seen after a higher-priority one. Stored as a start rather than an end so
+    /// that a huge delay cannot overflow `Instant`.
+    preempt_hold_since: Option<Instant>,
+    counters: Counters,
+}
+
+impl Instance {
+    /// In Initialize; nothing happens until [`Input::Startup`].
+    pub fn new(mut config: Config) -> Self {
+        config.priority = config.priority.max(1);
+        let master_adver_interval = config.effective_advert_interval();
+        Instance {
+            config,
+            state: State::Initialize,
+            deadline: None,
+            master: None,
+            master_adver_interval,
+            leaving_master: None,
+            preempting: None,
+            preempt_hold_since: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Appends to `out` what the driver must do, in order. Never reads a clock.
+    pub fn handle(&mut self, now: Instant, input: Input, out: &mut Vec<Output>) {
+        match input {
+            Input::Startup => self.startup(now, out),
+            Input::Advertisement {
+                source,
+                advertisement,
+            } => self.receive(now, source, &advertisement, out),
+            Input::Timer => self.timer(now, out),
+            Input::SetPriority(priority) => self.config.priority = priority.max(1),
+            Input::Reconfigure(config) => self.reconfigure(now, config, out),
+            Input::Shutdown => self.leave(Reason::Shutdown, out),
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// When [`Input::Timer`] is due: the advertisement timer as Master, the master-down timer
+    /// as Backup, none in Initialize. A Timer delivered before this instant is ignored.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The last known master: ourselves when Master, the source of the latest advertisement
+    /// when Backup (cleared when that master leaves with priority 0), none in Initialize.
+    pub fn master(&self) -> Option<IpAddr> {
+        self.master
+    }
+
+    /// v3: learned from the master's advertisements (our own interval until then and while
+    /// Master). v2: always our configured interval.
+    pub fn master_adver_interval(&self) -> Duration {
+        self.master_adver_interval
+    }
+
+    /// v3: ((256 − Priority) × Master_Adver_Interval) / 256. v2: (256 − Priority) / 256 s.
+    pub fn skew_time(&self) -> Duration {
+        let base = match self.config.version {
+            Version::V3 => self.master_adver_interval,
+            Version::V2 => Duration::from_secs(1),
+        };
+        base * (256 - u32::from(self.config.priority)) / 256
+    }
+
+    /// 3 × Master_Adver_Interval + Skew_Time.
+    pub fn master_down_interval(&self) -> Duration {
+        3 * self.master_adver_interval + self.skew_time()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn is_owner(&self) -> bool {
+        self.config.priority == PRIORITY_OWNER
+    }
+
+    fn preempts(&self) -> bool {
+        self.config.preempt || self.is_owner()
+    }
+
+    fn startup(&mut self, now: Instant, out: &mut Vec<Output>) {
+        if self.state != State::Initialize {
+            return;
+        }
+        self.preempt_hold_since = Some(now);
+        self.master_adver_interval = self.config.effective_advert_interval();
+        if self.is_owner() {
+            self.become_master(now, Reason::Owner, out);
+        } else {
+            self.master = None;
+            self.become_backup(now, Reason::Startup, out);
+        }
+    }
+
+    fn receive(
+        &mut self,
+        now: Instant,
+        source: IpAddr,
+        advertisement: &Advertisement,
+        out: &mut Vec<Output>,
+    ) {
+        self.counters.adverts_received += 1;
+        if advertisement.version != self.config.version
+            || advertisement.vrid != self.config.vrid
+            || advertisement.interval == 0
+        {
+            self.counters.discarded_invalid += 1;
+            return;
+        }
+        if self.state == State::Initialize {
+            self.counters.discarded_not_running += 1;
+            return;
+        }
+        if self.config.version == Version::V2
+            && advertisement.interval != self.config.wire_interval()
+        {
+            self.counters.discarded_interval_mismatch += 1;
+            return;
+        }
+        if self.is_owner() {
+            self.counters.discarded_as_owner += 1;
+            return;
+        }
+        if advertisement.priority == PRIORITY_LEAVING {
+            self.counters.priority_zero_received += 1;
+        }
+        if !self.same_addresses(&advertisement.addresses) {
+            self.counters.address_list_mismatch += 1;
+        }
+        match self.state {
+            State::Backup => self.receive_as_backup(now, source, advertisement),
+            State::Master => self.receive_as_master(now, source, advertisement, out),
+            State::Initialize => {}
+        }
+    }
+
+    fn receive_as_backup(&mut self, now: Instant, source: IpAddr, advertisement: &Advertisement) {
+        if advertisement.priority == PRIORITY_LEAVING {
+            self.deadline = Some(now + self.skew_time());
+            self.leaving_master = Some(source);
+            self.preempting = None;
+            if self.master == Some(source) {
+                self.master = None;
+            }
+            return;
+        }
+        let ours = self.config.priority;
+        if advertisement.priority > ours {
+            self.preempt_hold_since = None;
+        }
+        self.master = Some(source);
+        if advertisement.priority < ours && self.preempts() && !self.preemption_held(now) {
+            self.counters.discarded_lower_priority += 1;
+            self.preempting = Some((source, advertisement.priority));
+            return;
+        }
+        self.learn_interval(advertisement);
+        self.leaving_master = None;
+        self.preempting = None;
+        self.deadline = Some(now + self.master_down_interval());
+    }
+
+    fn receive_as_master(
+        &mut self,
+        now: Instant,
+        source: IpAddr,
+        advertisement: &Advertisement,
+        out: &mut Vec<Output>,
+    ) {
+        if advertisement.priority == PRIORITY_LEAVING {
+            // Another master is leaving: reassert at once so its backups do not race for it.
+            self.send(self.config.priority, out);
+            self.deadline = Some(now + self.config.effective_advert_interval());
+            return;
+        }
+        let ours = self.config.priority;
+        let reason = if advertisement.priority > ours {
+            Reason::HigherPriority {
+                from: source,
+                priority: advertisement.priority,
+            }
+        } else if advertisement.priority == ours && address_above(source, self.config.primary_address)
+        {
+            Reason::TieBreak { from: source }
+        } else {
+            self.counters.discarded_lower_priority += 1;
+            return;
+        };
+        if advertisement.priority > ours {
+            self.preempt_hold_since = None;
+        }
+        self.learn_interval(advertisement);
+        self.master = Some(source);
+        self.become_backup(now, reason, out);
+    }
+
+    /// keepalived's preempt_delay: true while a lower-priority master must still be tolerated.
+    fn preemption_held(&mut self, now: Instant) -> bool {
+        let delay = self.config.preempt_delay;
+        if delay.is_zero() || self.is_owner() {
+            return false;
+        }
+        match self.preempt_hold_since {
+            None => {
+                self.preempt_hold_since = Some(now);
+                true
+            }
+            Some(since) => now.saturating_duration_since(since) < delay,
+        }
+    }
+
+    fn learn_interval(&mut self, advertisement: &Advertisement) {
+        if self.config.version == Version::V3 {
+            self.master_adver_interval = advertisement.interval_duration();
+        }
+    }
+
+    fn same_addresses(&self, advertised: &[IpAddr]) -> bool {
+        advertised.len() == self.config.addresses.len()
+            && advertised
+                .iter()
+                .all(|ip| self.config.addresses.iter().any(|net| net.addr() == *ip))
+    }
+
+    fn timer(&mut self, now: Instant, out: &mut Vec<Output>) {
+        match self.deadline {
+            Some(deadline) if now >= deadline => {}
+            _ => return,
+        }
+        match self.state {
+            State::Master => {
+                self.send(self.config.priority, out);
+                self.deadline = Some(now + self.config.effective_advert_interval());
+            }
+            State::Backup => {
+                let reason = if let Some(from) = self.leaving_master {
+                    Reason::PriorityZero { from }
+                } else if let Some((from, priority)) = self.preempting {
+                    Reason::Preempt { from, priority }
+                } else {
+                    Reason::MasterDown {
+                        last_master: self.master,
+                    }
+                };
+                self.become_master(now, reason, out);
+            }
+            State::Initialize => self.deadline = None,
+        }
+    }
+
+    fn reconfigure(&mut self, now: Instant, mut config: Config, out: &mut Vec<Output>) {
+        config.priority = config.priority.max(1);
+        if config.vrid != self.config.vrid || config.version != self.config.version {
+            // A different virtual router: the driver should have recreated the instance. Leave
+            // and start over rather than mix two routers' timers and addresses.
+            let was_running = self.state != State::Initialize;
+            self.leave(Reason::Reconfigured, out);
+            *self = Instance {
+                counters: self.counters,
+                ..Instance::new(config)
+            };
+            if was_running {
+                self.startup(now, out);
+            }
+            return;
+        }
+        if self.state == State::Master {
+            let removed: Vec<IpNet> = self
+                .config
+                .addresses
+                .iter()
+                .filter(|net| !config.addresses.contains(net))
+                .copied()
+                .collect();
+            let added: Vec<IpNet> = config
+                .addresses
+                .iter()
+                .filter(|net| !self.config.addresses.contains(net))
+                .copied()
+                .collect();
+            if !removed.is_empty() {
+                out.push(Output::RemoveAddresses(removed));
+            }
+            if !added.is_empty() {
+                let announce = Output::Announce(added.iter().map(IpNet::addr).collect());
+                out.push(Output::AddAddresses(added));
+                out.push(announce);
+            }
+            // A shorter interval applies now; a longer one from the next advertisement.
+            let sooner = now + config.effective_advert_interval();
+            self.deadline = Some(self.deadline.map_or(sooner, |d| d.min(sooner)));
+        }
+        self.config = config;
+        if self.state == State::Master || self.config.version == Version::V2 {
+            self.master_adver_interval = self.config.effective_advert_interval();
+        }
+    }
+
+    fn become_master(&mut self, now: Instant, reason: Reason, out: &mut Vec<Output>) {
+        let from = self.state;
+        self.send(self.config.priority, out);
+        out.push(Output::AddAddresses(self.config.addresses.clone()));
+        out.push(Output::Announce(
+            self.config.addresses.iter().map(IpNet::addr).collect(),
+        ));
+        self.state = State::Master;
+        self.master = Some(self.config.primary_address);
+        self.master_adver_interval = self.config.effective_advert_interval();
+        self.leaving_master = None;
+        self.preempting = None;
+        self.deadline = Some(now + self.master_adver_interval);
+        self.transition(from, State::Master, reason, out);
+    }
+
+    /// The caller has already set `master` and the learned interval.
+    fn become_backup(&mut self, now: Instant, reason: Reason, out: &mut Vec<Output>) {
+        let from = self.state;
+        if from == State::Master {
+            out.push(Output::RemoveAddresses(self.config.addresses.clone()));
+        }
+        self.state = State::Backup;
+        self.leaving_master = None;
+        self.preempting = None;
+        self.deadline = Some(now + self.master_down_interval());
+        self.transition(from, State::Backup, reason, out);
+    }
+
+    fn leave(&mut self, reason: Reason, out: &mut Vec<Output>) {
+        let from = self.state;
+        match from {
+            State::Initialize => return,
+            State::Master => {
+                self.send(PRIORITY_LEAVING, out);
+                out.push(Output::RemoveAddresses(self.config.addresses.clone()));
+            }
+            State::Backup => {}
+        }
+        self.state = State::Initialize;
+        self.deadline = None;
+        self.master = None;
+        self.leaving_master = None;
+        self.preempting = None;
+        self.transition(from, State::Initialize, reason, out);
+    }
+
+    fn send(&mut self, priority: u8, out: &mut Vec<Output>) {
+        self.counters.adverts_sent += 1;
+        if priority == PRIORITY_LEAVING {
+            self.counters.priority_zero_sent += 1;
+        }
+        out.push(Output::Send(Advertisement {
+            version: self.config.version,
+            vrid: self.config.vrid,
+            priority,
+            interval: self.config.wire_interval(),
+            addresses: self.config.addresses.iter().map(IpNet::addr).collect(),
+        }));
+    }
+
+    fn transition(&mut self, from: State, to: State, reason: Reason, out: &mut Vec<Output>) {
+        self.counters.transitions += 1;
+        match to {
+            State::Master => self.counters.became_master += 1,
+            State::Backup => self.counters.became_backup += 1,
+            State::Initialize => {}
+        }
+        out.push(Output::Transition { from, to, reason });
+    }
+}
+
+/// RFC 5798 §6.4.3: "the primary IPvX address of the sender is greater than the local primary
+/// IPvX address", compared as unsigned integers in network byte order, which is what the
+/// standard library's ordering of one address family does.
+fn address_above(theirs: IpAddr, ours: IpAddr) -> bool {
+    match (theirs, ours) {
+        (IpAddr::V4(theirs), IpAddr::V4(ours)) => u32::from(theirs) > u32::from(ours),
+        (IpAddr::V6(theirs), IpAddr::V6(ours)) => u128::from(theirs) > u128::from(ours),
+        // The driver never hands us the other family; never yield to it.
+        _ => false,
+    }
+}

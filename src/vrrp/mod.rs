@@ -7,6 +7,7 @@
 
 pub mod instance;
 pub mod packet;
+pub mod socket;
 
 use std::fmt;
 
@@ -71,6 +72,7 @@ pub enum ChecksumMode {
 /// IPv4 VRRP multicast group.
 pub const MULTICAST_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(224, 0, 0, 18);
 /// IPv6 VRRP multicast group.
-pub const MULTICAST_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x12);
+pub const MULTICAST_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x12);
 /// IP protocol number of VRRP.
 pub const IPPROTO_VRRP: u8 = 112;

@@ -1,0 +1,291 @@
+//! The raw IP socket (protocol 112) of one interface and address family.
+//!
+//! One socket carries every VRID of its interface; the driver demultiplexes by VRID. It is
+//! bound to the device, joins the VRRP group, sends with TTL / hop limit 255 and reports the
+//! received TTL so the driver can drop packets that crossed a router (RFC 5798 §7.1). Our own
+//! multicast is not looped back. Options and messages go through socket2's and nix's safe
+//! wrappers; the one `unsafe` is tokio's fd registration.
+#![allow(unsafe_code)]
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{IpAddr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
+
+use nix::cmsg_space;
+use nix::sys::socket::{
+    sendmsg, setsockopt, sockopt, recvmsg, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockaddrIn, SockaddrIn6,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::unix::AsyncFd;
+
+use super::packet::parse_ipv4;
+use super::{Family, IPPROTO_VRRP, MULTICAST_V4, MULTICAST_V6};
+
+/// DSCP CS6 ("network control"), as keepalived and routers send VRRP.
+const TOS_NETWORK_CONTROL: u8 = 0xc0;
+const HOP_LIMIT: u8 = 255;
+
+/// One received VRRP message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub source: IpAddr,
+    pub destination: IpAddr,
+    /// TTL (IPv4) or hop limit (IPv6) as received; must be 255.
+    pub ttl: u8,
+    /// Offset and length of the VRRP message inside the caller's buffer.
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Errors of the raw socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("cannot open the VRRP socket for {family} on {interface}: {source}")]
+    Open {
+        interface: String,
+        family: Family,
+        #[source]
+        source: io::Error,
+    },
+    #[error("receive failed: {0}")]
+    Receive(#[source] io::Error),
+    #[error("a received datagram is malformed: {0}")]
+    Malformed(String),
+    #[error("send to {destination} failed: {source}")]
+    Send {
+        destination: IpAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl SocketError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SocketError::Open { .. } => "open",
+            SocketError::Receive(_) => "receive",
+            SocketError::Malformed(_) => "malformed",
+            SocketError::Send { .. } => "send",
+        }
+    }
+}
+
+/// The VRRP socket of one interface and family.
+pub struct VrrpSocket {
+    fd: AsyncFd<Socket>,
+    family: Family,
+    ifindex: u32,
+}
+
+impl VrrpSocket {
+    /// Opens, binds to `interface` and joins the VRRP group. Must run inside a tokio runtime.
+    pub fn open(interface: &str, ifindex: u32, family: Family) -> Result<Self, SocketError> {
+        let open_err = |source| SocketError::Open {
+            interface: interface.to_string(),
+            family,
+            source,
+        };
+        let socket = match family {
+            Family::V4 => open_v4(interface, ifindex),
+            Family::V6 => open_v6(interface, ifindex),
+        }
+        .map_err(open_err)?;
+        // SAFETY: `socket` is an owned socket2::Socket moved into the AsyncFd, so its file
+        // descriptor stays open and is not reused for as long as the registration exists.
+        let fd = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+            .map_err(|e| open_err(io::Error::from(e)))?;
+        Ok(VrrpSocket {
+            fd,
+            family,
+            ifindex,
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// Waits for the next datagram. For IPv4 the buffer holds the IP header too; the returned
+    /// offset points at the VRRP message either way.
+    pub async fn recv(&self, buf: &mut [u8]) -> Result<Received, SocketError> {
+        loop {
+            let mut guard = self.fd.readable().await.map_err(SocketError::Receive)?;
+            match guard.try_io(|inner| self.recv_now(inner.get_ref(), buf)) {
+                Ok(result) => return result.map_err(SocketError::Receive)?,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn recv_now(&self, socket: &Socket, buf: &mut [u8]) -> io::Result<Result<Received, SocketError>> {
+        let fd = socket.as_raw_fd();
+        match self.family {
+            Family::V4 => {
+                let n = {
+                    let mut iov = [IoSliceMut::new(buf)];
+                    let msg = recvmsg::<SockaddrIn>(fd, &mut iov, None, MsgFlags::MSG_DONTWAIT)
+                        .map_err(io::Error::from)?;
+                    msg.bytes
+                };
+                Ok(match parse_ipv4(&buf[..n]) {
+                    Ok((info, payload)) => Ok(Received {
+                        source: IpAddr::V4(info.src),
+                        destination: IpAddr::V4(info.dst),
+                        ttl: info.ttl,
+                        offset: n - payload.len(),
+                        len: payload.len(),
+                    }),
+                    Err(e) => Err(SocketError::Malformed(e.to_string())),
+                })
+            }
+            Family::V6 => {
+                let mut space = cmsg_space!(libc::c_int, libc::in6_pktinfo);
+                let mut iov = [IoSliceMut::new(buf)];
+                let msg = recvmsg::<SockaddrIn6>(
+                    fd,
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(io::Error::from)?;
+                let mut ttl = None;
+                let mut destination = None;
+                for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+                    match cmsg {
+                        ControlMessageOwned::Ipv6HopLimit(h) => ttl = u8::try_from(h).ok(),
+                        ControlMessageOwned::Ipv6PacketInfo(info) => {
+                            destination = Some(Ipv6Addr::from(info.ipi6_addr.s6_addr))
+                        }
+                        _ => {}
+                    }
+                }
+                let n = msg.bytes;
+                let source = msg.address.map(|a| a.ip());
+                Ok(match (source, destination, ttl) {
+                    (Some(s), Some(d), Some(t)) => Ok(Received {
+                        source: IpAddr::V6(s),
+                        destination: IpAddr::V6(d),
+                        ttl: t,
+                        offset: 0,
+                        len: n,
+                    }),
+                    _ => Err(SocketError::Malformed(
+                        "IPv6 datagram without source, packet info or hop limit".into(),
+                    )),
+                })
+            }
+        }
+    }
+
+    /// Sends one VRRP message from `source` to `destination` (the group or a unicast peer).
+    /// Never blocks: when the socket buffer is full the message is dropped with an error.
+    pub fn send(&self, source: IpAddr, destination: IpAddr, message: &[u8]) -> Result<(), SocketError> {
+        let send_err = |source| SocketError::Send {
+            destination,
+            source,
+        };
+        let fd = self.fd.get_ref().as_raw_fd();
+        let iov = [IoSlice::new(message)];
+        let result = match (source, destination) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: self.ifindex as libc::c_int,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(src).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                let to = SockaddrIn::from(SocketAddrV4::new(dst, 0));
+                sendmsg(
+                    fd,
+                    &iov,
+                    &[ControlMessage::Ipv4PacketInfo(&info)],
+                    MsgFlags::MSG_DONTWAIT,
+                    Some(&to),
+                )
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: src.octets(),
+                    },
+                    ipi6_ifindex: self.ifindex,
+                };
+                let scope = if needs_scope(&dst) { self.ifindex } else { 0 };
+                let to = SockaddrIn6::from(SocketAddrV6::new(dst, 0, 0, scope));
+                sendmsg(
+                    fd,
+                    &iov,
+                    &[ControlMessage::Ipv6PacketInfo(&info)],
+                    MsgFlags::MSG_DONTWAIT,
+                    Some(&to),
+                )
+            }
+            _ => {
+                return Err(send_err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "source and destination families differ",
+                )));
+            }
+        };
+        result.map(drop).map_err(|e| send_err(io::Error::from(e)))
+    }
+}
+
+fn needs_scope(dst: &Ipv6Addr) -> bool {
+    let s0 = dst.segments()[0];
+    s0 & 0xffc0 == 0xfe80 || (s0 & 0xff00 == 0xff00 && s0 & 0x000f == 0x2)
+}
+
+fn open_v4(interface: &str, ifindex: u32) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(i32::from(IPPROTO_VRRP))),
+    )?;
+    socket.bind_device(Some(interface.as_bytes()))?;
+    socket.set_nonblocking(true)?;
+    socket.set_multicast_ttl_v4(u32::from(HOP_LIMIT))?;
+    socket.set_ttl_v4(u32::from(HOP_LIMIT))?;
+    socket.set_tos_v4(u32::from(TOS_NETWORK_CONTROL))?;
+    socket.set_multicast_loop_v4(false)?;
+    socket.join_multicast_v4_n(
+        &MULTICAST_V4,
+        &socket2::InterfaceIndexOrAddress::Index(ifindex),
+    )?;
+    // Big enough for bursts of thousands of advertisements after a failover.
+    socket.set_recv_buffer_size(4 << 20)?;
+    socket.set_send_buffer_size(4 << 20)?;
+    Ok(socket)
+}
+
+fn open_v6(interface: &str, ifindex: u32) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::IPV6,
+        Type::RAW,
+        Some(Protocol::from(i32::from(IPPROTO_VRRP))),
+    )?;
+    socket.bind_device(Some(interface.as_bytes()))?;
+    socket.set_nonblocking(true)?;
+    socket.set_multicast_hops_v6(u32::from(HOP_LIMIT))?;
+    socket.set_unicast_hops_v6(u32::from(HOP_LIMIT))?;
+    socket.set_multicast_if_v6(ifindex)?;
+    socket.set_multicast_loop_v6(false)?;
+    socket.set_recv_hoplimit_v6(true)?;
+    setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true).map_err(io::Error::from)?;
+    // Traffic class CS6, like IPv4's TOS.
+    socket.set_tclass_v6(u32::from(TOS_NETWORK_CONTROL))?;
+    socket.join_multicast_v6(&MULTICAST_V6, ifindex)?;
+    socket.set_recv_buffer_size(4 << 20)?;
+    socket.set_send_buffer_size(4 << 20)?;
+    Ok(socket)
+}
+
+/// The VRRP group of a family.
+pub fn group(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(MULTICAST_V4),
+        Family::V6 => IpAddr::V6(MULTICAST_V6),
+    }
+}
