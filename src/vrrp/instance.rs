@@ -756,3 +756,6 @@ fn address_above(theirs: IpAddr, ours: IpAddr) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,6 +7,7 @@
 
 pub mod instance;
 pub mod packet;
+pub mod driver;
 pub mod socket;
 
 use std::fmt;

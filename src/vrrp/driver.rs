@@ -1,0 +1,658 @@
+//! The VRRP driver: owns the sockets, the timers and the clock, feeds the sans-IO
+//! [`Instance`]s and executes their outputs.
+//!
+//! One task (the engine) runs every instance of the node: one timer structure (a sorted set
+//! of deadlines) instead of a task per VIP, so thousands of instances cost one wake-up per
+//! deadline. One reader task per interface and family decodes packets and hands them over.
+//! Address changes and announcements run in order on a separate effects task so that a slow
+//! netlink call never delays an advertisement.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::instance::{Config, Input, Instance, Output};
+use super::packet::{Advertisement, DecodeError};
+use super::socket::{group, VrrpSocket};
+use super::Family;
+use crate::dataplane::addr::AddressManager;
+use crate::model::{Desired, InstanceKey, InstanceSpec};
+
+/// How often links are re-read (index, MAC, primary address) and instances that could not
+/// start (missing interface or address) are retried.
+const LINK_REFRESH: Duration = Duration::from_secs(2);
+/// Largest VRRP datagram we read: 20-byte IPv4 header (60 with options) + 8 + 255 × 16.
+const RECV_BUFFER: usize = 4200;
+
+/// Why a received packet was dropped (a bounded label set for counters and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    Ttl,
+    Decode,
+    UnknownVrid,
+    VersionMismatch,
+    UnexpectedSource,
+    Own,
+}
+
+impl DropReason {
+    const ALL: [DropReason; 6] = [
+        DropReason::Ttl,
+        DropReason::Decode,
+        DropReason::UnknownVrid,
+        DropReason::VersionMismatch,
+        DropReason::UnexpectedSource,
+        DropReason::Own,
+    ];
+
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            DropReason::Ttl => "ttl",
+            DropReason::Decode => "decode",
+            DropReason::UnknownVrid => "unknown_vrid",
+            DropReason::VersionMismatch => "version_mismatch",
+            DropReason::UnexpectedSource => "unexpected_source",
+            DropReason::Own => "own",
+        }
+    }
+}
+
+/// Node-wide packet counters, shared with readers (and later the metrics endpoint).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+    pub send_errors: AtomicU64,
+    dropped: [AtomicU64; 6],
+}
+
+impl Stats {
+    fn count_drop(&self, why: DropReason) {
+        self.dropped[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drop counts by label.
+    pub fn dropped(&self) -> Vec<(&'static str, u64)> {
+        DropReason::ALL
+            .iter()
+            .map(|d| (d.metric_label(), self.dropped[*d as usize].load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// Commands to the engine.
+pub enum Command {
+    /// Converge to this desired state.
+    Apply(Desired),
+    /// Leave gracefully (priority 0, release addresses) and stop. Answers when done.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A decoded advertisement from a reader task.
+struct Incoming {
+    interface: Arc<str>,
+    family: Family,
+    source: IpAddr,
+    advertisement: Advertisement,
+}
+
+/// Address and announcement work, executed in order by the effects task.
+enum Effect {
+    Add { ifindex: u32, nets: Vec<IpNet> },
+    Remove { ifindex: u32, nets: Vec<IpNet> },
+    Announce { interface: Arc<str>, mac: [u8; 6], addrs: Vec<IpAddr>, source_v6: Option<Ipv6Addr> },
+    Barrier(oneshot::Sender<()>),
+}
+
+/// An interface with instances on it.
+struct Link {
+    name: Arc<str>,
+    index: u32,
+    mac: [u8; 6],
+    primary_v4: Option<Ipv4Addr>,
+    link_local_v6: Option<Ipv6Addr>,
+    sockets: HashMap<Family, Arc<VrrpSocket>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::ops::Drop for Link {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
+}
+
+impl Link {
+    fn primary(&self, family: Family) -> Option<IpAddr> {
+        match family {
+            Family::V4 => self.primary_v4.map(IpAddr::V4),
+            Family::V6 => self.link_local_v6.map(IpAddr::V6),
+        }
+    }
+}
+
+type SlotKey = (Arc<str>, InstanceKey);
+
+struct Slot {
+    spec: InstanceSpec,
+    /// `None` while the instance cannot run (interface or its address missing).
+    instance: Option<Instance>,
+    armed: Option<Instant>,
+}
+
+/// The engine: every VRRP instance of this node.
+pub struct Engine {
+    addresses: AddressManager,
+    links: HashMap<Arc<str>, Link>,
+    slots: HashMap<SlotKey, Slot>,
+    timers: BTreeSet<(Instant, SlotKey)>,
+    incoming_tx: mpsc::Sender<Incoming>,
+    incoming_rx: mpsc::Receiver<Incoming>,
+    io: Io,
+    outputs: Vec<Output>,
+}
+
+impl Engine {
+    /// Creates the engine and its effects task. Removes addresses a crashed predecessor left
+    /// behind (marked as ours) before anything starts.
+    pub async fn start(node: String, addresses: AddressManager) -> Engine {
+        match addresses.remove_all_owned_except(&HashSet::new()).await {
+            Ok(removed) if !removed.is_empty() => {
+                info!(count = removed.len(), "removed addresses left behind by a previous agent")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not clean up addresses left behind"),
+        }
+        let (effects, effects_rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_effects(addresses.clone(), effects_rx));
+        let (incoming_tx, incoming_rx) = mpsc::channel(4096);
+        Engine {
+            addresses,
+            links: HashMap::new(),
+            slots: HashMap::new(),
+            timers: BTreeSet::new(),
+            incoming_tx,
+            incoming_rx,
+            io: Io {
+                node,
+                effects,
+                encode_buf: Vec::with_capacity(1500),
+                stats: Arc::new(Stats::default()),
+            },
+            outputs: Vec::new(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.io.stats.clone()
+    }
+
+    /// Runs until a `Shutdown` command (or until every sender is gone, which also shuts down).
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let sleep = tokio::time::sleep_until(far());
+        tokio::pin!(sleep);
+        let mut refresh = tokio::time::interval(LINK_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next = self.timers.first().map(|(t, _)| *t);
+            let target = next.map(tokio::time::Instant::from_std).unwrap_or_else(far);
+            if sleep.deadline() != target {
+                sleep.as_mut().reset(target);
+            }
+            tokio::select! {
+                biased;
+                command = commands.recv() => match command {
+                    Some(Command::Apply(desired)) => self.apply(desired).await,
+                    Some(Command::Shutdown(done)) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => {
+                        self.shutdown().await;
+                        return;
+                    }
+                },
+                () = &mut sleep, if next.is_some() => self.fire_due(Instant::now()),
+                Some(incoming) = self.incoming_rx.recv() => self.receive(incoming),
+                _ = refresh.tick() => self.refresh_links().await,
+            }
+        }
+    }
+
+    fn fire_due(&mut self, now: Instant) {
+        while let Some((deadline, key)) = self.timers.first().cloned() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(slot) = self.slots.get_mut(&key) {
+                slot.armed = None;
+            }
+            self.handle(&key, now, Input::Timer);
+        }
+    }
+
+    fn receive(&mut self, incoming: Incoming) {
+        let key: SlotKey = (
+            incoming.interface.clone(),
+            InstanceKey {
+                family: incoming.family,
+                vrid: incoming.advertisement.vrid,
+            },
+        );
+        let Some(slot) = self.slots.get(&key) else {
+            self.io.stats.count_drop(DropReason::UnknownVrid);
+            debug!(interface = %incoming.interface, vrid = incoming.advertisement.vrid, source = %incoming.source, "dropped advertisement: VRID not configured");
+            return;
+        };
+        if slot.spec.version != incoming.advertisement.version {
+            self.io.stats.count_drop(DropReason::VersionMismatch);
+            debug!(vip = %slot.spec.resource, source = %incoming.source, "dropped advertisement: version {} but configured {}", incoming.advertisement.version, slot.spec.version);
+            return;
+        }
+        if !slot.spec.unicast_peers.is_empty() && !slot.spec.unicast_peers.contains(&incoming.source) {
+            self.io.stats.count_drop(DropReason::UnexpectedSource);
+            debug!(vip = %slot.spec.resource, source = %incoming.source, "dropped advertisement: source is not a configured unicast peer");
+            return;
+        }
+        self.handle(
+            &key,
+            Instant::now(),
+            Input::Advertisement {
+                source: incoming.source,
+                advertisement: incoming.advertisement,
+            },
+        );
+    }
+
+    /// Feeds one input to one instance and executes what it asks for.
+    fn handle(&mut self, key: &SlotKey, now: Instant, input: Input) {
+        let Engine {
+            slots,
+            links,
+            timers,
+            io,
+            outputs,
+            ..
+        } = self;
+        let Some(slot) = slots.get_mut(key) else {
+            return;
+        };
+        let Some(instance) = slot.instance.as_mut() else {
+            return;
+        };
+        outputs.clear();
+        instance.handle(now, input, outputs);
+        let deadline = instance.deadline();
+        if slot.armed != deadline {
+            if let Some(old) = slot.armed.take() {
+                timers.remove(&(old, key.clone()));
+            }
+            if let Some(new) = deadline {
+                timers.insert((new, key.clone()));
+            }
+            slot.armed = deadline;
+        }
+        let priority = instance.config().priority;
+        if let Some(link) = links.get(&key.0) {
+            for output in outputs.drain(..) {
+                io.execute(link, &slot.spec, priority, output);
+            }
+        }
+    }
+
+    /// Converges the running instances to `desired` without disturbing unchanged ones.
+    async fn apply(&mut self, desired: Desired) {
+        let now = Instant::now();
+        let mut wanted: HashMap<SlotKey, InstanceSpec> = HashMap::new();
+        for (interface, instances) in desired.instances {
+            let interface: Arc<str> = self
+                .links
+                .get_key_value(interface.as_str())
+                .map(|(k, _)| k.clone())
+                .unwrap_or_else(|| Arc::from(interface.as_str()));
+            for (key, spec) in instances {
+                wanted.insert((interface.clone(), key), spec);
+            }
+        }
+
+        let gone: Vec<SlotKey> = self.slots.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for key in gone {
+            self.stop(&key, now);
+        }
+
+        for (key, spec) in wanted {
+            match self.slots.get(&key) {
+                Some(slot) if slot.spec == spec => {}
+                Some(slot) if slot.spec.version != spec.version || slot.instance.is_none() => {
+                    self.stop(&key, now);
+                    self.begin(key, spec, now).await;
+                }
+                Some(slot) => {
+                    let only_priority = InstanceSpec {
+                        priority: spec.priority,
+                        priority_reasons: spec.priority_reasons.clone(),
+                        ..slot.spec.clone()
+                    } == spec;
+                    let input = if only_priority {
+                        Input::SetPriority(spec.priority)
+                    } else {
+                        let primary = self.links.get(&key.0).and_then(|l| l.primary(spec.family));
+                        match primary {
+                            Some(p) => Input::Reconfigure(instance_config(&spec, p)),
+                            None => continue,
+                        }
+                    };
+                    info!(vip = %spec.resource, interface = %key.0, vrid = spec.vrid, priority = spec.priority, "configuration changed");
+                    if let Some(slot) = self.slots.get_mut(&key) {
+                        slot.spec = spec;
+                    }
+                    self.handle(&key, now, input);
+                }
+                None => self.begin(key, spec, now).await,
+            }
+        }
+
+        let used: HashSet<Arc<str>> = self.slots.keys().map(|(i, _)| i.clone()).collect();
+        self.links.retain(|name, _| used.contains(name));
+    }
+
+    /// Starts one instance (or parks it when its interface is not usable yet).
+    async fn begin(&mut self, key: SlotKey, spec: InstanceSpec, now: Instant) {
+        let primary = match self.ensure_link(&key.0, spec.family).await {
+            Ok(link) => link.primary(spec.family),
+            Err(e) => {
+                warn!(vip = %spec.resource, interface = %key.0, error = %e, "cannot run VRRP on this interface yet; retrying");
+                None
+            }
+        };
+        let instance = match primary {
+            Some(p) => Some(Instance::new(instance_config(&spec, p))),
+            None => {
+                warn!(vip = %spec.resource, interface = %key.0, family = %spec.family, "interface has no usable {} address; instance waits", if spec.family == Family::V4 { "IPv4" } else { "IPv6 link-local" });
+                None
+            }
+        };
+        let started = instance.is_some();
+        self.slots.insert(key.clone(), Slot { spec, instance, armed: None });
+        if started {
+            self.handle(&key, now, Input::Startup);
+        }
+    }
+
+    fn stop(&mut self, key: &SlotKey, now: Instant) {
+        self.handle(key, now, Input::Shutdown);
+        if let Some(slot) = self.slots.remove(key)
+            && let Some(at) = slot.armed
+        {
+            self.timers.remove(&(at, key.clone()));
+        }
+    }
+
+    async fn ensure_link(&mut self, name: &Arc<str>, family: Family) -> Result<&Link, String> {
+        if !self.links.contains_key(name) {
+            let info = self.addresses.link(name).await.map_err(|e| e.to_string())?;
+            let link = Link {
+                name: name.clone(),
+                index: info.index,
+                mac: info.mac,
+                primary_v4: self.addresses.primary_ipv4(info.index).await.ok().flatten(),
+                link_local_v6: self.addresses.link_local_v6(info.index).await.ok().flatten(),
+                sockets: HashMap::new(),
+                readers: Vec::new(),
+            };
+            self.links.insert(name.clone(), link);
+        }
+        let link = self.links.get_mut(name).expect("inserted above");
+        if !link.sockets.contains_key(&family) {
+            let socket = Arc::new(VrrpSocket::open(name, link.index, family).map_err(|e| e.to_string())?);
+            link.readers.push(tokio::spawn(read_loop(
+                name.clone(),
+                family,
+                socket.clone(),
+                link.primary(family),
+                self.incoming_tx.clone(),
+                self.io.stats.clone(),
+            )));
+            link.sockets.insert(family, socket);
+        }
+        Ok(link)
+    }
+
+    /// Re-reads every link and starts parked instances whose interface became usable.
+    async fn refresh_links(&mut self) {
+        let names: Vec<Arc<str>> = self.links.keys().cloned().collect();
+        for name in names {
+            let Ok(info) = self.addresses.link(&name).await else {
+                continue;
+            };
+            let v4 = self.addresses.primary_ipv4(info.index).await.ok().flatten();
+            let v6 = self.addresses.link_local_v6(info.index).await.ok().flatten();
+            if let Some(link) = self.links.get_mut(&name) {
+                let changed = link.index != info.index || link.primary_v4 != v4 || link.link_local_v6 != v6;
+                link.mac = info.mac;
+                if changed {
+                    info!(interface = %name, ipv4 = ?v4, ipv6_link_local = ?v6, "interface changed; reopening its VRRP sockets");
+                    self.links.remove(&name);
+                    let affected: Vec<SlotKey> = self.slots.keys().filter(|(i, _)| *i == name).cloned().collect();
+                    let now = Instant::now();
+                    for key in affected {
+                        if let Some(slot) = self.slots.get(&key) {
+                            let spec = slot.spec.clone();
+                            self.stop(&key, now);
+                            self.begin(key, spec, now).await;
+                        }
+                    }
+                }
+            }
+        }
+        let parked: Vec<SlotKey> = self.slots.iter().filter(|(_, s)| s.instance.is_none()).map(|(k, _)| k.clone()).collect();
+        let now = Instant::now();
+        for key in parked {
+            if let Some(slot) = self.slots.remove(&key) {
+                self.begin(key, slot.spec, now).await;
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let now = Instant::now();
+        let keys: Vec<SlotKey> = self.slots.keys().cloned().collect();
+        for key in keys {
+            self.stop(&key, now);
+        }
+        let (done, wait) = oneshot::channel();
+        if self.io.effects.send(Effect::Barrier(done)).is_ok() {
+            let _ = wait.await;
+        }
+        info!(node = %self.io.node, "all instances stopped, addresses released");
+    }
+}
+
+/// What executing outputs needs, apart from the instances themselves.
+struct Io {
+    node: String,
+    effects: mpsc::UnboundedSender<Effect>,
+    encode_buf: Vec<u8>,
+    stats: Arc<Stats>,
+}
+
+impl Io {
+    fn execute(&mut self, link: &Link, spec: &InstanceSpec, priority: u8, output: Output) {
+        match output {
+            Output::Send(advertisement) => {
+                let Some(source) = link.primary(spec.family) else {
+                    return;
+                };
+                let Some(socket) = link.sockets.get(&spec.family) else {
+                    return;
+                };
+                let group = [group(spec.family)];
+                let destinations: &[IpAddr] = if spec.unicast_peers.is_empty() {
+                    &group
+                } else {
+                    &spec.unicast_peers
+                };
+                for &destination in destinations {
+                    self.encode_buf.clear();
+                    if let Err(e) = advertisement.encode_into(source, destination, spec.checksum, &mut self.encode_buf) {
+                        warn!(vip = %spec.resource, error = %e, "cannot encode advertisement");
+                        return;
+                    }
+                    match socket.send(source, destination, &self.encode_buf) {
+                        Ok(()) => {
+                            self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                            debug!(vip = %spec.resource, error = %e, "advertisement not sent");
+                        }
+                    }
+                }
+            }
+            Output::AddAddresses(nets) => {
+                let _ = self.effects.send(Effect::Add { ifindex: link.index, nets });
+            }
+            Output::RemoveAddresses(nets) => {
+                let _ = self.effects.send(Effect::Remove { ifindex: link.index, nets });
+            }
+            Output::Announce(addrs) => {
+                let _ = self.effects.send(Effect::Announce {
+                    interface: link.name.clone(),
+                    mac: link.mac,
+                    addrs,
+                    source_v6: link.link_local_v6,
+                });
+            }
+            Output::Transition { from, to, reason } => {
+                info!(
+                    event = "transition",
+                    node = %self.node,
+                    vip = %spec.resource,
+                    interface = %link.name,
+                    family = %spec.family,
+                    vrid = spec.vrid,
+                    from = %from,
+                    to = %to,
+                    reason = reason.code(),
+                    priority,
+                    "{} {from} -> {to}: {reason}",
+                    spec.resource,
+                );
+            }
+        }
+    }
+
+}
+
+fn instance_config(spec: &InstanceSpec, primary: IpAddr) -> Config {
+    Config {
+        vrid: spec.vrid,
+        version: spec.version,
+        priority: spec.priority,
+        advert_interval: spec.advert_interval,
+        preempt: spec.preempt,
+        preempt_delay: spec.preempt_delay,
+        accept_mode: true,
+        addresses: spec.addresses.clone(),
+        primary_address: primary,
+    }
+}
+
+/// Reads one socket until aborted: checks TTL, decodes, drops our own packets.
+async fn read_loop(
+    interface: Arc<str>,
+    family: Family,
+    socket: Arc<VrrpSocket>,
+    own: Option<IpAddr>,
+    tx: mpsc::Sender<Incoming>,
+    stats: Arc<Stats>,
+) {
+    let mut buf = vec![0u8; RECV_BUFFER];
+    loop {
+        let received = match socket.recv(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                stats.count_drop(DropReason::Decode);
+                debug!(interface = %interface, error = %e, "receive error");
+                continue;
+            }
+        };
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        if Some(received.source) == own {
+            stats.count_drop(DropReason::Own);
+            continue;
+        }
+        if received.ttl != 255 {
+            stats.count_drop(DropReason::Ttl);
+            debug!(interface = %interface, source = %received.source, ttl = received.ttl, "dropped advertisement: TTL is not 255");
+            continue;
+        }
+        let message = &buf[received.offset..received.offset + received.len];
+        match Advertisement::decode(message, received.source, received.destination) {
+            Ok(decoded) => {
+                let incoming = Incoming {
+                    interface: interface.clone(),
+                    family,
+                    source: received.source,
+                    advertisement: decoded.advertisement,
+                };
+                if tx.send(incoming).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => log_decode_drop(&stats, &interface, received.source, &e),
+        }
+    }
+}
+
+fn log_decode_drop(stats: &Stats, interface: &str, source: IpAddr, e: &DecodeError) {
+    stats.count_drop(DropReason::Decode);
+    debug!(interface, %source, reason = e.metric_label(), error = %e, "dropped invalid VRRP packet");
+}
+
+/// Executes address changes and announcements in order.
+async fn run_effects(addresses: AddressManager, mut rx: mpsc::UnboundedReceiver<Effect>) {
+    while let Some(effect) = rx.recv().await {
+        match effect {
+            Effect::Add { ifindex, nets } => {
+                for net in nets {
+                    if let Err(e) = addresses.add(ifindex, net).await {
+                        warn!(address = %net, error = %e, "cannot add virtual address");
+                    }
+                }
+            }
+            Effect::Remove { ifindex, nets } => {
+                for net in nets {
+                    if let Err(e) = addresses.remove(ifindex, net).await {
+                        warn!(address = %net, error = %e, "cannot remove virtual address");
+                    }
+                }
+            }
+            Effect::Announce { interface, mac, addrs, source_v6 } => {
+                let name = interface.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    crate::announce::announce(&name, mac, &addrs, source_v6)
+                })
+                .await;
+                match result {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(interface = %interface, error = %e, "announcement failed"),
+                    Err(e) => warn!(interface = %interface, error = %e, "announcement task failed"),
+                }
+            }
+            Effect::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}

@@ -1,0 +1,810 @@
+//! Single-instance tests: one input at a time, every output and timer checked exactly.
+//! Multi-router behaviour (elections, failover, partitions) is in `vrrp::sim`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use super::*;
+
+const OWN: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 1, 10));
+const LOWER: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 1, 9));
+const HIGHER: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 1, 11));
+const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 168, 1, 100));
+
+fn vip_net() -> IpNet {
+    "192.168.1.100/24".parse().unwrap()
+}
+
+fn config(priority: u8) -> Config {
+    Config {
+        vrid: 51,
+        version: Version::V3,
+        priority,
+        advert_interval: Duration::from_millis(100),
+        preempt: true,
+        preempt_delay: Duration::ZERO,
+        accept_mode: false,
+        addresses: vec![vip_net()],
+        primary_address: OWN,
+    }
+}
+
+fn v2_config(priority: u8, interval_secs: u64) -> Config {
+    Config {
+        version: Version::V2,
+        advert_interval: Duration::from_secs(interval_secs),
+        ..config(priority)
+    }
+}
+
+fn advert(priority: u8, interval: u16) -> Advertisement {
+    Advertisement {
+        version: Version::V3,
+        vrid: 51,
+        priority,
+        interval,
+        addresses: vec![VIP],
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// One instance on a virtual clock.
+struct Harness {
+    epoch: Instant,
+    instance: Instance,
+    out: Vec<Output>,
+}
+
+impl Harness {
+    fn new(config: Config) -> Self {
+        Harness {
+            epoch: Instant::now(),
+            instance: Instance::new(config),
+            out: Vec::new(),
+        }
+    }
+
+    fn started(config: Config) -> Self {
+        let mut harness = Harness::new(config);
+        harness.input(Duration::ZERO, Input::Startup);
+        harness
+    }
+
+    fn at(&self, offset: Duration) -> Instant {
+        self.epoch + offset
+    }
+
+    /// Handles one input at `offset` from the epoch and returns its outputs.
+    fn input(&mut self, offset: Duration, input: Input) -> Vec<Output> {
+        self.out.clear();
+        let now = self.at(offset);
+        self.instance.handle(now, input, &mut self.out);
+        self.out.clone()
+    }
+
+    fn receive(&mut self, offset: Duration, source: IpAddr, advertisement: Advertisement) -> Vec<Output> {
+        self.input(
+            offset,
+            Input::Advertisement {
+                source,
+                advertisement,
+            },
+        )
+    }
+
+    fn deadline(&self) -> Option<Duration> {
+        self.instance.deadline().map(|d| d - self.epoch)
+    }
+}
+
+fn sent_priority(outputs: &[Output]) -> Vec<u8> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send(a) => Some(a.priority),
+            _ => None,
+        })
+        .collect()
+}
+
+fn transition(from: State, to: State, reason: Reason) -> Output {
+    Output::Transition { from, to, reason }
+}
+
+#[test]
+fn new_instance_waits_in_initialize() {
+    let mut h = Harness::new(config(100));
+    assert_eq!(h.instance.state(), State::Initialize);
+    assert_eq!(h.instance.deadline(), None);
+    assert_eq!(h.instance.master(), None);
+    assert!(h.input(ms(5), Input::Timer).is_empty());
+    assert!(h.receive(ms(5), HIGHER, advert(200, 10)).is_empty());
+    assert_eq!(h.instance.counters().discarded_not_running, 1);
+    assert!(h.input(ms(5), Input::Shutdown).is_empty());
+    assert_eq!(h.instance.state(), State::Initialize);
+}
+
+#[test]
+fn startup_below_owner_waits_master_down_interval_as_backup() {
+    let mut h = Harness::new(config(100));
+    let out = h.input(ms(7), Input::Startup);
+    assert_eq!(
+        out,
+        vec![transition(State::Initialize, State::Backup, Reason::Startup)]
+    );
+    assert_eq!(h.instance.state(), State::Backup);
+    assert_eq!(h.deadline(), Some(ms(7) + Duration::from_nanos(360_937_500)));
+    // A second Startup is not a restart.
+    assert!(h.input(ms(8), Input::Startup).is_empty());
+}
+
+#[test]
+fn owner_starts_as_master_and_advertises_at_once() {
+    let mut h = Harness::new(config(255));
+    let out = h.input(ms(3), Input::Startup);
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(advert(255, 10)),
+            Output::AddAddresses(vec![vip_net()]),
+            Output::Announce(vec![VIP]),
+            transition(State::Initialize, State::Master, Reason::Owner),
+        ]
+    );
+    assert_eq!(h.instance.master(), Some(OWN));
+    assert_eq!(h.deadline(), Some(ms(103)));
+    assert_eq!(h.instance.counters().adverts_sent, 1);
+}
+
+#[test]
+fn timers_follow_the_rfc_formulas_exactly() {
+    let cases = [
+        // (version, priority, interval, skew, master down interval)
+        (Version::V3, 100, ms(100), 60_937_500, 360_937_500),
+        (Version::V3, 100, ms(1000), 609_375_000, 3_609_375_000),
+        (Version::V3, 200, ms(100), 21_875_000, 321_875_000),
+        (Version::V3, 254, ms(10), 78_125, 30_078_125),
+        (Version::V3, 1, ms(40_950), 40_790_039_062, 163_640_039_062),
+        // v2 skew is (256 - priority)/256 s whatever the interval.
+        (Version::V2, 100, ms(1000), 609_375_000, 3_609_375_000),
+        (Version::V2, 100, ms(2000), 609_375_000, 6_609_375_000),
+        (Version::V2, 254, ms(1000), 7_812_500, 3_007_812_500),
+    ];
+    for (version, priority, interval, skew, mdi) in cases {
+        let instance = Instance::new(Config {
+            version,
+            advert_interval: interval,
+            ..config(priority)
+        });
+        assert_eq!(
+            instance.skew_time(),
+            Duration::from_nanos(skew),
+            "{version} {priority} {interval:?}"
+        );
+        assert_eq!(
+            instance.master_down_interval(),
+            Duration::from_nanos(mdi),
+            "{version} {priority} {interval:?}"
+        );
+    }
+}
+
+#[test]
+fn intervals_are_quantised_to_the_wire_field() {
+    let with = |version, interval| Config {
+        version,
+        advert_interval: interval,
+        ..config(100)
+    };
+    let v3 = |interval| with(Version::V3, interval);
+    let v2 = |interval| with(Version::V2, interval);
+    assert_eq!(v3(ms(100)).wire_interval(), 10);
+    assert_eq!(v3(ms(1000)).wire_interval(), 100);
+    assert_eq!(v3(ms(105)).wire_interval(), 10);
+    assert_eq!(v3(ms(105)).effective_advert_interval(), ms(100));
+    assert_eq!(v3(ms(1)).wire_interval(), 1);
+    assert_eq!(v3(Duration::from_secs(100)).wire_interval(), 4095);
+    assert_eq!(v2(ms(1000)).wire_interval(), 1);
+    assert_eq!(v2(ms(1500)).effective_advert_interval(), ms(1000));
+    assert_eq!(v2(ms(100)).wire_interval(), 1);
+    assert_eq!(v2(Duration::from_secs(1000)).wire_interval(), 255);
+}
+
+#[test]
+fn backup_accepts_higher_and_learns_the_masters_interval() {
+    let mut h = Harness::started(config(100));
+    assert!(h.receive(ms(50), HIGHER, advert(200, 100)).is_empty());
+    assert_eq!(h.instance.master(), Some(HIGHER));
+    assert_eq!(h.instance.master_adver_interval(), ms(1000));
+    assert_eq!(h.instance.skew_time(), ms(609) + Duration::from_micros(375));
+    assert_eq!(h.deadline(), Some(ms(50) + ms(3609) + Duration::from_micros(375)));
+    // Equal priority also keeps us backup (no tie-break between a backup and the master).
+    h.receive(ms(60), LOWER, advert(100, 10));
+    assert_eq!(h.instance.master(), Some(LOWER));
+    assert_eq!(h.instance.master_adver_interval(), ms(100));
+    assert_eq!(h.deadline(), Some(ms(60) + Duration::from_nanos(360_937_500)));
+    assert_eq!(h.instance.state(), State::Backup);
+}
+
+#[test]
+fn backup_with_preemption_discards_lower_priority_and_takes_over() {
+    let mut h = Harness::started(config(100));
+    let initial = h.deadline();
+    assert!(h.receive(ms(50), HIGHER, advert(50, 100)).is_empty());
+    assert_eq!(h.deadline(), initial, "a discarded advert must not reset the timer");
+    assert_eq!(h.instance.master_adver_interval(), ms(100), "nor teach its interval");
+    assert_eq!(h.instance.counters().discarded_lower_priority, 1);
+    let out = h.input(initial.unwrap(), Input::Timer);
+    assert_eq!(sent_priority(&out), vec![100]);
+    assert_eq!(
+        out.last(),
+        Some(&transition(
+            State::Backup,
+            State::Master,
+            Reason::Preempt {
+                from: HIGHER,
+                priority: 50
+            }
+        ))
+    );
+}
+
+#[test]
+fn backup_without_preemption_accepts_lower_priority() {
+    let mut h = Harness::started(Config {
+        preempt: false,
+        ..config(100)
+    });
+    h.receive(ms(50), HIGHER, advert(50, 10));
+    assert_eq!(h.deadline(), Some(ms(50) + Duration::from_nanos(360_937_500)));
+    assert_eq!(h.instance.counters().discarded_lower_priority, 0);
+}
+
+#[test]
+fn backup_on_priority_zero_waits_only_skew_time() {
+    let mut h = Harness::started(config(100));
+    h.receive(ms(50), HIGHER, advert(200, 10));
+    h.receive(ms(80), HIGHER, advert(0, 10));
+    assert_eq!(h.deadline(), Some(ms(80) + Duration::from_nanos(60_937_500)));
+    assert_eq!(h.instance.master(), None, "the master left");
+    assert_eq!(h.instance.counters().priority_zero_received, 1);
+    let out = h.input(h.deadline().unwrap(), Input::Timer);
+    assert_eq!(
+        out.last(),
+        Some(&transition(
+            State::Backup,
+            State::Master,
+            Reason::PriorityZero { from: HIGHER }
+        ))
+    );
+}
+
+#[test]
+fn backup_master_down_reports_the_last_master() {
+    let mut h = Harness::started(config(100));
+    h.receive(ms(50), HIGHER, advert(200, 10));
+    let down = h.deadline().unwrap();
+    assert!(h.input(down - Duration::from_nanos(1), Input::Timer).is_empty());
+    assert_eq!(h.instance.state(), State::Backup, "an early timer is ignored");
+    let out = h.input(down, Input::Timer);
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(advert(100, 10)),
+            Output::AddAddresses(vec![vip_net()]),
+            Output::Announce(vec![VIP]),
+            transition(
+                State::Backup,
+                State::Master,
+                Reason::MasterDown {
+                    last_master: Some(HIGHER)
+                }
+            ),
+        ]
+    );
+    assert_eq!(h.instance.master(), Some(OWN));
+    assert_eq!(h.deadline(), Some(down + ms(100)));
+}
+
+/// A Master after its master-down timer fired with no other router around.
+fn master(priority: u8) -> Harness {
+    let mut h = Harness::started(config(priority));
+    let down = h.deadline().unwrap();
+    h.input(down, Input::Timer);
+    assert_eq!(h.instance.state(), State::Master);
+    h
+}
+
+#[test]
+fn master_advertises_on_every_timer() {
+    let mut h = master(100);
+    let first = h.deadline().unwrap();
+    let out = h.input(first, Input::Timer);
+    assert_eq!(out, vec![Output::Send(advert(100, 10))]);
+    assert_eq!(h.deadline(), Some(first + ms(100)));
+    // A late timer advertises once and re-arms from now, without a burst.
+    let late = first + ms(250);
+    assert_eq!(h.input(late, Input::Timer).len(), 1);
+    assert_eq!(h.deadline(), Some(late + ms(100)));
+}
+
+#[test]
+fn master_answers_priority_zero_at_once() {
+    let mut h = master(100);
+    let now = h.deadline().unwrap() - ms(40);
+    let out = h.receive(now, LOWER, advert(0, 10));
+    assert_eq!(out, vec![Output::Send(advert(100, 10))]);
+    assert_eq!(h.deadline(), Some(now + ms(100)));
+    assert_eq!(h.instance.state(), State::Master);
+}
+
+#[test]
+fn master_yields_to_higher_priority_and_learns_its_interval() {
+    let mut h = master(100);
+    let now = h.deadline().unwrap() - ms(10);
+    let out = h.receive(now, LOWER, advert(150, 20));
+    assert_eq!(
+        out,
+        vec![
+            Output::RemoveAddresses(vec![vip_net()]),
+            transition(
+                State::Master,
+                State::Backup,
+                Reason::HigherPriority {
+                    from: LOWER,
+                    priority: 150
+                }
+            ),
+        ]
+    );
+    assert_eq!(h.instance.master(), Some(LOWER));
+    assert_eq!(h.instance.master_adver_interval(), ms(200));
+    assert_eq!(h.deadline(), Some(now + Duration::from_nanos(721_875_000)));
+}
+
+#[test]
+fn master_tie_break_compares_primary_addresses() {
+    let mut h = master(100);
+    let now = h.deadline().unwrap() - ms(10);
+    assert!(h.receive(now, LOWER, advert(100, 10)).is_empty());
+    assert!(h.receive(now, HIGHER, advert(99, 10)).is_empty());
+    assert_eq!(h.instance.counters().discarded_lower_priority, 2);
+    assert_eq!(h.instance.state(), State::Master);
+    let out = h.receive(now, HIGHER, advert(100, 10));
+    assert_eq!(
+        out.last(),
+        Some(&transition(
+            State::Master,
+            State::Backup,
+            Reason::TieBreak { from: HIGHER }
+        ))
+    );
+}
+
+#[test]
+fn address_compare_is_unsigned_per_family() {
+    let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert!(address_above(v4("192.168.1.10"), v4("10.255.255.255")));
+    assert!(address_above(v4("10.0.1.0"), v4("10.0.0.255")));
+    assert!(!address_above(v4("10.0.0.1"), v4("10.0.0.1")));
+    assert!(address_above(v4("fe80::1:0"), v4("fe80::ffff")));
+    assert!(address_above(v4("ff02::1"), v4("fe80::ffff:ffff:ffff:ffff")));
+    assert!(!address_above(v4("fe80::1"), v4("10.0.0.1")));
+}
+
+#[test]
+fn owner_ignores_every_advertisement() {
+    let mut h = Harness::started(config(255));
+    assert!(h.receive(ms(10), HIGHER, advert(255, 10)).is_empty());
+    assert!(h.receive(ms(10), HIGHER, advert(0, 10)).is_empty());
+    assert!(h.receive(ms(10), HIGHER, advert(254, 10)).is_empty());
+    assert_eq!(h.instance.counters().discarded_as_owner, 3);
+    assert_eq!(h.instance.state(), State::Master);
+    assert_eq!(h.deadline(), Some(ms(100)));
+}
+
+#[test]
+fn owner_preempts_even_with_preemption_off_and_a_delay() {
+    let mut h = Harness::started(config(100));
+    h.input(
+        ms(10),
+        Input::Reconfigure(Config {
+            preempt: false,
+            preempt_delay: Duration::from_secs(60),
+            ..config(100)
+        }),
+    );
+    h.receive(ms(20), HIGHER, advert(50, 10));
+    let accepted = h.deadline();
+    assert_eq!(accepted, Some(ms(20) + Duration::from_nanos(360_937_500)));
+    h.input(ms(30), Input::SetPriority(255));
+    h.receive(ms(40), HIGHER, advert(50, 10));
+    assert_eq!(h.deadline(), accepted, "the owner discards the lower master");
+    let out = h.input(accepted.unwrap(), Input::Timer);
+    assert_eq!(sent_priority(&out), vec![255]);
+    assert_eq!(h.instance.state(), State::Master);
+}
+
+#[test]
+fn shutdown_as_master_sends_priority_zero_and_releases() {
+    let mut h = master(100);
+    let now = h.deadline().unwrap();
+    let out = h.input(now, Input::Shutdown);
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(advert(0, 10)),
+            Output::RemoveAddresses(vec![vip_net()]),
+            transition(State::Master, State::Initialize, Reason::Shutdown),
+        ]
+    );
+    assert_eq!(h.instance.state(), State::Initialize);
+    assert_eq!(h.instance.deadline(), None);
+    assert_eq!(h.instance.master(), None);
+    assert_eq!(h.instance.counters().priority_zero_sent, 1);
+    // It can start again.
+    h.input(now + ms(1), Input::Startup);
+    assert_eq!(h.instance.state(), State::Backup);
+}
+
+#[test]
+fn shutdown_as_backup_only_transitions() {
+    let mut h = Harness::started(config(100));
+    assert_eq!(
+        h.input(ms(1), Input::Shutdown),
+        vec![transition(
+            State::Backup,
+            State::Initialize,
+            Reason::Shutdown
+        )]
+    );
+    assert_eq!(h.instance.deadline(), None);
+}
+
+#[test]
+fn preempt_delay_holds_from_startup() {
+    let mut h = Harness::started(Config {
+        preempt_delay: ms(1000),
+        ..config(100)
+    });
+    h.receive(ms(999), HIGHER, advert(50, 10));
+    assert_eq!(h.deadline(), Some(ms(999) + Duration::from_nanos(360_937_500)));
+    let held = h.deadline();
+    h.receive(ms(1000), HIGHER, advert(50, 10));
+    assert_eq!(h.deadline(), held, "the hold ends exactly after the delay");
+    assert_eq!(h.instance.counters().discarded_lower_priority, 1);
+}
+
+#[test]
+fn preempt_delay_restarts_when_a_lower_master_follows_a_higher_one() {
+    let mut h = Harness::started(Config {
+        preempt_delay: ms(500),
+        ..config(100)
+    });
+    // The startup hold has long expired, but a higher master resets it.
+    h.receive(ms(2000), HIGHER, advert(200, 10));
+    h.receive(ms(3000), HIGHER, advert(50, 10));
+    assert_eq!(h.deadline(), Some(ms(3000) + Duration::from_nanos(360_937_500)));
+    h.receive(ms(3499), HIGHER, advert(50, 10));
+    assert_eq!(h.deadline(), Some(ms(3499) + Duration::from_nanos(360_937_500)));
+    // Equal priority does not restart it.
+    h.receive(ms(3499), LOWER, advert(100, 10));
+    h.receive(ms(3500), HIGHER, advert(50, 10));
+    assert_eq!(h.deadline(), Some(ms(3499) + Duration::from_nanos(360_937_500)));
+}
+
+#[test]
+fn priority_change_applies_to_the_next_advertisement() {
+    let mut h = master(100);
+    let next = h.deadline().unwrap();
+    assert!(h.input(next - ms(1), Input::SetPriority(42)).is_empty());
+    assert_eq!(h.deadline(), Some(next));
+    assert_eq!(sent_priority(&h.input(next, Input::Timer)), vec![42]);
+    h.input(next, Input::SetPriority(0));
+    assert_eq!(h.instance.config().priority, 1, "0 is reserved for leaving");
+}
+
+#[test]
+fn raised_backup_preempts_the_master_it_used_to_accept() {
+    let mut h = Harness::started(config(100));
+    h.receive(ms(10), HIGHER, advert(150, 10));
+    let accepted = h.deadline();
+    h.input(ms(20), Input::SetPriority(200));
+    assert_eq!(h.instance.skew_time(), Duration::from_nanos(21_875_000));
+    h.receive(ms(110), HIGHER, advert(150, 10));
+    assert_eq!(h.deadline(), accepted);
+    let out = h.input(accepted.unwrap(), Input::Timer);
+    assert_eq!(sent_priority(&out), vec![200]);
+}
+
+#[test]
+fn reconfigure_as_master_changes_only_the_address_difference() {
+    let a: IpNet = "192.168.1.100/24".parse().unwrap();
+    let b: IpNet = "192.168.1.101/24".parse().unwrap();
+    let c: IpNet = "192.168.1.102/24".parse().unwrap();
+    let mut h = Harness::started(Config {
+        addresses: vec![a, b],
+        ..config(255)
+    });
+    let next = h.deadline().unwrap();
+    let out = h.input(
+        ms(10),
+        Input::Reconfigure(Config {
+            addresses: vec![b, c],
+            priority: 200,
+            ..config(255)
+        }),
+    );
+    assert_eq!(
+        out,
+        vec![
+            Output::RemoveAddresses(vec![a]),
+            Output::AddAddresses(vec![c]),
+            Output::Announce(vec![c.addr()]),
+        ]
+    );
+    assert_eq!(h.instance.state(), State::Master);
+    assert_eq!(h.deadline(), Some(next));
+    let out = h.input(next, Input::Timer);
+    assert_eq!(
+        out,
+        vec![Output::Send(Advertisement {
+            addresses: vec![b.addr(), c.addr()],
+            ..advert(200, 10)
+        })]
+    );
+    // Same addresses: no address output at all; a shorter interval applies at once.
+    let out = h.input(
+        next + ms(1),
+        Input::Reconfigure(Config {
+            addresses: vec![b, c],
+            advert_interval: ms(20),
+            ..config(200)
+        }),
+    );
+    assert!(out.is_empty());
+    assert_eq!(h.deadline(), Some(next + ms(21)));
+    assert_eq!(h.instance.master_adver_interval(), ms(20));
+}
+
+#[test]
+fn reconfigure_as_backup_keeps_the_timer_and_learned_interval() {
+    let mut h = Harness::started(config(100));
+    h.receive(ms(10), HIGHER, advert(200, 50));
+    let deadline = h.deadline();
+    let out = h.input(
+        ms(20),
+        Input::Reconfigure(Config {
+            advert_interval: ms(30),
+            addresses: vec!["192.168.1.101/24".parse().unwrap()],
+            ..config(150)
+        }),
+    );
+    assert!(out.is_empty());
+    assert_eq!(h.deadline(), deadline);
+    assert_eq!(h.instance.master_adver_interval(), ms(500));
+    assert_eq!(h.instance.config().priority, 150);
+}
+
+#[test]
+fn reconfigure_of_vrid_starts_a_new_router() {
+    let mut h = master(100);
+    let now = h.deadline().unwrap();
+    let out = h.input(
+        now,
+        Input::Reconfigure(Config {
+            vrid: 52,
+            ..config(100)
+        }),
+    );
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(advert(0, 10)),
+            Output::RemoveAddresses(vec![vip_net()]),
+            transition(State::Master, State::Initialize, Reason::Reconfigured),
+            transition(State::Initialize, State::Backup, Reason::Startup),
+        ]
+    );
+    assert_eq!(h.instance.config().vrid, 52);
+    assert_eq!(h.instance.counters().transitions, 4, "counters survive");
+    // Not running: it stays in Initialize.
+    let mut idle = Harness::new(config(100));
+    assert!(idle
+        .input(ms(1), Input::Reconfigure(v2_config(100, 1)))
+        .is_empty());
+    assert_eq!(idle.instance.config().version, Version::V2);
+}
+
+#[test]
+fn v2_discards_a_different_interval_and_does_not_learn() {
+    let mut h = Harness::started(v2_config(100, 1));
+    let v2 = |priority, interval| Advertisement {
+        version: Version::V2,
+        interval,
+        ..advert(priority, 0)
+    };
+    let initial = h.deadline();
+    h.receive(ms(10), HIGHER, v2(200, 2));
+    assert_eq!(h.deadline(), initial);
+    assert_eq!(h.instance.counters().discarded_interval_mismatch, 1);
+    h.receive(ms(10), HIGHER, v2(200, 1));
+    assert_eq!(h.deadline(), Some(ms(10) + Duration::from_nanos(3_609_375_000)));
+    assert_eq!(h.instance.master_adver_interval(), ms(1000));
+}
+
+#[test]
+fn malformed_or_foreign_adverts_are_counted_and_dropped() {
+    let mut h = Harness::started(config(100));
+    let initial = h.deadline();
+    h.receive(ms(1), HIGHER, Advertisement { vrid: 52, ..advert(200, 10) });
+    h.receive(
+        ms(1),
+        HIGHER,
+        Advertisement {
+            version: Version::V2,
+            ..advert(200, 1)
+        },
+    );
+    h.receive(ms(1), HIGHER, advert(200, 0));
+    assert_eq!(h.deadline(), initial);
+    assert_eq!(h.instance.counters().discarded_invalid, 3);
+    assert_eq!(h.instance.counters().adverts_received, 3);
+    // A different address list is accepted and only counted.
+    h.receive(
+        ms(2),
+        HIGHER,
+        Advertisement {
+            addresses: vec![VIP, LOWER],
+            ..advert(200, 10)
+        },
+    );
+    assert_eq!(h.instance.counters().address_list_mismatch, 1);
+    assert_eq!(h.instance.master(), Some(HIGHER));
+}
+
+#[test]
+fn counters_track_transitions() {
+    let mut h = master(100);
+    h.receive(ms(1000), HIGHER, advert(200, 10));
+    h.input(ms(2000), Input::Timer);
+    let c = *h.instance.counters();
+    assert_eq!((c.transitions, c.became_master, c.became_backup), (4, 2, 2));
+    assert_eq!(c.adverts_sent, 2);
+}
+
+#[test]
+fn names_and_codes_are_stable() {
+    assert_eq!(State::Initialize.to_string(), "INIT");
+    assert_eq!(State::Backup.to_string(), "BACKUP");
+    assert_eq!(State::Master.to_string(), "MASTER");
+    let reasons = [
+        (Reason::Startup, "startup", "startup"),
+        (Reason::Owner, "owner", "address owner (priority 255)"),
+        (
+            Reason::MasterDown {
+                last_master: Some(HIGHER),
+            },
+            "master_down",
+            "master 192.168.1.11 down",
+        ),
+        (
+            Reason::MasterDown { last_master: None },
+            "master_down",
+            "no master seen",
+        ),
+        (
+            Reason::PriorityZero { from: HIGHER },
+            "priority_zero",
+            "master 192.168.1.11 left (priority 0)",
+        ),
+        (
+            Reason::Preempt {
+                from: LOWER,
+                priority: 50,
+            },
+            "preempt",
+            "preempted lower-priority master 192.168.1.9 (priority 50)",
+        ),
+        (
+            Reason::HigherPriority {
+                from: HIGHER,
+                priority: 200,
+            },
+            "higher_priority",
+            "higher-priority master 192.168.1.11 (priority 200)",
+        ),
+        (
+            Reason::TieBreak { from: HIGHER },
+            "tie_break",
+            "master 192.168.1.11 has equal priority and a higher address",
+        ),
+        (Reason::Shutdown, "shutdown", "shutdown"),
+        (
+            Reason::Reconfigured,
+            "reconfigured",
+            "VRID or version reconfigured",
+        ),
+    ];
+    for (reason, code, text) in reasons {
+        assert_eq!(reason.code(), code);
+        assert_eq!(reason.to_string(), text);
+    }
+}
+
+#[test]
+fn validate_reports_each_problem() {
+    let check = |config: Config| config.validate().map_err(|e| e.metric_label());
+    assert_eq!(check(config(100)), Ok(()));
+    assert_eq!(check(v2_config(100, 1)), Ok(()));
+    assert_eq!(check(Config { vrid: 0, ..config(100) }), Err("invalid_vrid"));
+    assert_eq!(check(config(0)), Err("invalid_priority"));
+    assert_eq!(
+        check(Config {
+            addresses: vec![],
+            ..config(100)
+        }),
+        Err("no_addresses")
+    );
+    assert_eq!(
+        check(Config {
+            addresses: vec!["2001:db8::1/64".parse().unwrap()],
+            ..config(100)
+        }),
+        Err("mixed_families")
+    );
+    assert_eq!(
+        check(Config {
+            primary_address: "fe80::1".parse().unwrap(),
+            addresses: vec!["fe80::100/64".parse().unwrap()],
+            ..v2_config(100, 1)
+        }),
+        Err("v2_ipv4_only")
+    );
+    assert_eq!(
+        check(Config {
+            advert_interval: ms(5),
+            ..config(100)
+        }),
+        Err("interval_out_of_range")
+    );
+    assert_eq!(
+        check(Config {
+            advert_interval: ms(40_960),
+            ..config(100)
+        }),
+        Err("interval_out_of_range")
+    );
+    assert_eq!(
+        check(Config {
+            advert_interval: ms(105),
+            ..config(100)
+        }),
+        Err("interval_not_representable")
+    );
+    assert_eq!(check(v2_config(100, 256)), Err("interval_out_of_range"));
+    let err = Config {
+        addresses: vec!["2001:db8::1/64".parse().unwrap()],
+        ..config(100)
+    }
+    .validate()
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "virtual address 2001:db8::1/64 is not ipv4 like the primary address 192.168.1.10"
+    );
+}
+
+#[test]
+fn handle_only_appends() {
+    let mut instance = Instance::new(config(255));
+    let mut out = vec![Output::Announce(vec![])];
+    instance.handle(Instant::now(), Input::Startup, &mut out);
+    assert_eq!(out.len(), 5);
+    assert_eq!(out[0], Output::Announce(vec![]));
+}
