@@ -4,6 +4,7 @@
 //! [`model::Snapshot`]; the pure [`model::plan`] turns it into the desired VRRP instances of one
 //! node; the [`vrrp`] engine runs them and the [`dataplane`] converges the kernel.
 
+pub mod agent;
 pub mod announce;
 pub mod crd;
 pub mod dataplane;

@@ -1,1 +1,111 @@
-fn main() {}
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// ferrovip: highly available virtual IPs for bare-metal clusters (VRRP failover).
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, env = "FERROVIP_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent (standalone with --manifests).
+    Agent(ferrovip::agent::AgentArgs),
+    /// Build a multi-node VRRP lab in network namespaces, kill the master, measure failover.
+    Lab(LabArgs),
+    /// Print the CustomResourceDefinitions (or check that a file matches them).
+    Crdgen {
+        /// Compare with this file instead of printing; exits 1 when it differs.
+        #[arg(long)]
+        check: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct LabArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// VRRP advertisement interval.
+    #[arg(long, default_value = "100ms")]
+    interval: String,
+    /// How many times to kill the master.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Leave the namespaces running at the end (until Ctrl-C).
+    #[arg(long)]
+    keep: bool,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERROVIP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Crdgen { check } => {
+            let yaml = ferrovip::crd::crds_yaml().context("serializing the CRDs")?;
+            match check {
+                None => print!("{yaml}"),
+                Some(path) => {
+                    let committed = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    if committed != yaml {
+                        anyhow::bail!(
+                            "{} differs from the CRDs generated from src/crd: run `ferrovip crdgen > {}` and commit it",
+                            path.display(),
+                            path.display()
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Agent(args) => {
+            init_logging(cli.log_format);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            runtime.block_on(ferrovip::agent::run(args))?;
+            Ok(())
+        }
+        Cmd::Lab(args) => {
+            init_logging(cli.log_format);
+            let interval = ferrovip::crd::parse_duration(&args.interval)
+                .context("--interval")?;
+            let binary = std::env::current_exe().context("locating the ferrovip binary")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            // LAB-PENDING
+            let _ = (runtime, interval, binary, args.keep, args.rounds, args.nodes);
+            anyhow::bail!("lab: not wired yet");
+            Ok(())
+        }
+    }
+}

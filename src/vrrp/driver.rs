@@ -27,6 +27,8 @@ use crate::model::{Desired, InstanceKey, InstanceSpec};
 /// How often links are re-read (index, MAC, primary address) and instances that could not
 /// start (missing interface or address) are retried.
 const LINK_REFRESH: Duration = Duration::from_secs(2);
+/// Timer lateness treated as "on time".
+const TIMER_SLACK: Duration = Duration::from_millis(5);
 /// Largest VRRP datagram we read: 20-byte IPv4 header (60 with options) + 8 + 255 × 16.
 const RECV_BUFFER: usize = 4200;
 
@@ -237,7 +239,11 @@ impl Engine {
             if let Some(slot) = self.slots.get_mut(&key) {
                 slot.armed = None;
             }
-            self.handle(&key, now, Input::Timer);
+            // Hand the instance its deadline rather than the (slightly later) wake-up time, so
+            // advertisement intervals do not drift by the timer latency; after a real stall the
+            // wake-up time is used so that no burst of catch-up advertisements follows.
+            let at = if now - deadline < TIMER_SLACK { deadline } else { now };
+            self.handle(&key, at, Input::Timer);
         }
     }
 
@@ -249,6 +255,14 @@ impl Engine {
                 vrid: incoming.advertisement.vrid,
             },
         );
+        let own = self
+            .links
+            .get(&incoming.interface)
+            .and_then(|l| l.primary(incoming.family));
+        if own == Some(incoming.source) {
+            self.io.stats.count_drop(DropReason::Own);
+            return;
+        }
         let Some(slot) = self.slots.get(&key) else {
             self.io.stats.count_drop(DropReason::UnknownVrid);
             debug!(interface = %incoming.interface, vrid = incoming.advertisement.vrid, source = %incoming.source, "dropped advertisement: VRID not configured");
@@ -419,7 +433,6 @@ impl Engine {
                 name.clone(),
                 family,
                 socket.clone(),
-                link.primary(family),
                 self.incoming_tx.clone(),
                 self.io.stats.clone(),
             )));
@@ -428,8 +441,11 @@ impl Engine {
         Ok(link)
     }
 
-    /// Re-reads every link and starts parked instances whose interface became usable.
+    /// Re-reads every link: a recreated interface gets new sockets and its instances start
+    /// over; a changed primary address is handed to the instances of that family; instances
+    /// parked because their interface was unusable are retried.
     async fn refresh_links(&mut self) {
+        let now = Instant::now();
         let names: Vec<Arc<str>> = self.links.keys().cloned().collect();
         for name in names {
             let Ok(info) = self.addresses.link(&name).await else {
@@ -437,26 +453,66 @@ impl Engine {
             };
             let v4 = self.addresses.primary_ipv4(info.index).await.ok().flatten();
             let v6 = self.addresses.link_local_v6(info.index).await.ok().flatten();
-            if let Some(link) = self.links.get_mut(&name) {
-                let changed = link.index != info.index || link.primary_v4 != v4 || link.link_local_v6 != v6;
-                link.mac = info.mac;
-                if changed {
-                    info!(interface = %name, ipv4 = ?v4, ipv6_link_local = ?v6, "interface changed; reopening its VRRP sockets");
-                    self.links.remove(&name);
-                    let affected: Vec<SlotKey> = self.slots.keys().filter(|(i, _)| *i == name).cloned().collect();
-                    let now = Instant::now();
-                    for key in affected {
-                        if let Some(slot) = self.slots.get(&key) {
-                            let spec = slot.spec.clone();
-                            self.stop(&key, now);
-                            self.begin(key, spec, now).await;
+            let on_link: Vec<SlotKey> = self
+                .slots
+                .keys()
+                .filter(|(i, _)| *i == name)
+                .cloned()
+                .collect();
+            let Some(link) = self.links.get_mut(&name) else {
+                continue;
+            };
+            link.mac = info.mac;
+            if link.index != info.index {
+                info!(interface = %name, "interface was recreated; reopening its VRRP sockets");
+                let mut specs = Vec::new();
+                for key in on_link {
+                    if let Some(spec) = self.slots.get(&key).map(|s| s.spec.clone()) {
+                        self.stop(&key, now);
+                        specs.push((key, spec));
+                    }
+                }
+                self.links.remove(&name);
+                for (key, spec) in specs {
+                    self.begin(key, spec, now).await;
+                }
+                continue;
+            }
+            let mut changed = Vec::new();
+            if link.primary_v4 != v4 {
+                changed.push((Family::V4, v4.map(IpAddr::V4)));
+            }
+            if link.link_local_v6 != v6 {
+                changed.push((Family::V6, v6.map(IpAddr::V6)));
+            }
+            link.primary_v4 = v4;
+            link.link_local_v6 = v6;
+            for (family, primary) in changed {
+                info!(interface = %name, %family, primary = ?primary, "primary address of the interface changed");
+                for key in on_link.iter().filter(|(_, k)| k.family == family) {
+                    let Some(slot) = self.slots.get(key) else { continue };
+                    match (primary, slot.instance.is_some()) {
+                        (Some(p), true) => {
+                            let config = instance_config(&slot.spec, p);
+                            self.handle(key, now, Input::Reconfigure(config));
                         }
+                        (None, true) => {
+                            let spec = slot.spec.clone();
+                            self.stop(key, now);
+                            self.slots.insert(key.clone(), Slot { spec, instance: None, armed: None });
+                        }
+                        // Parked instances are retried below.
+                        (_, false) => {}
                     }
                 }
             }
         }
-        let parked: Vec<SlotKey> = self.slots.iter().filter(|(_, s)| s.instance.is_none()).map(|(k, _)| k.clone()).collect();
-        let now = Instant::now();
+        let parked: Vec<SlotKey> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.instance.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
         for key in parked {
             if let Some(slot) = self.slots.remove(&key) {
                 self.begin(key, slot.spec, now).await;
@@ -573,7 +629,6 @@ async fn read_loop(
     interface: Arc<str>,
     family: Family,
     socket: Arc<VrrpSocket>,
-    own: Option<IpAddr>,
     tx: mpsc::Sender<Incoming>,
     stats: Arc<Stats>,
 ) {
@@ -588,10 +643,6 @@ async fn read_loop(
             }
         };
         stats.received.fetch_add(1, Ordering::Relaxed);
-        if Some(received.source) == own {
-            stats.count_drop(DropReason::Own);
-            continue;
-        }
         if received.ttl != 255 {
             stats.count_drop(DropReason::Ttl);
             debug!(interface = %interface, source = %received.source, ttl = received.ttl, "dropped advertisement: TTL is not 255");

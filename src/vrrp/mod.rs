@@ -7,6 +7,8 @@
 
 pub mod instance;
 pub mod packet;
+#[cfg(test)]
+mod sim;
 pub mod driver;
 pub mod socket;
 

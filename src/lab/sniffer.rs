@@ -1,0 +1,345 @@
+//! Packet capture on the lab bridge.
+//!
+//! A dedicated thread enters the switch namespace (`setns` changes only the calling thread's
+//! namespace, so the rest of the process stays where it was), opens an AF_PACKET socket on
+//! `br0` and stamps each frame with [`Instant::now`] as soon as `recv` returns. Seen from the
+//! bridge, every node's frame is one hop away, so the stamps order the nodes' actions
+//! fairly. Only frames [`parse_frame`] recognises are kept.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+use pnet_datalink::{Channel, Config, NetworkInterface};
+
+use super::netns::open_netns;
+use super::wire::{Event, parse_frame};
+use super::{Lab, LabError};
+
+/// How often the capture thread looks at its stop flag.
+const READ_TIMEOUT: Duration = Duration::from_millis(50);
+/// Bounded so that a lab kept running for hours does not grow without limit; at 100 ms
+/// adverts this is days of history.
+const MAX_EVENTS: usize = 1_000_000;
+
+#[derive(Default)]
+struct Shared {
+    events: Mutex<VecDeque<Event>>,
+    arrived: Condvar,
+    arrived_async: tokio::sync::Notify,
+    failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn events(&self) -> MutexGuard<'_, VecDeque<Event>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running capture on the lab's bridge. Dropping it stops the capture thread.
+pub struct Sniffer {
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    started_at: Instant,
+}
+
+impl std::fmt::Debug for Sniffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sniffer")
+            .field("started_at", &self.started_at)
+            .field("events", &self.shared.events().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sniffer {
+    /// Starts capturing on the lab's bridge. Returns once the socket is open, so every frame
+    /// sent after this returns is seen.
+    pub fn start(lab: &Lab) -> Result<Sniffer, LabError> {
+        Sniffer::start_on(lab.switch_netns(), lab.bridge(), lab.bridge_ifindex())
+    }
+
+    /// Starts capturing on interface `interface` (index `ifindex`) of namespace `netns`.
+    pub fn start_on(netns: &str, interface: &str, ifindex: u32) -> Result<Sniffer, LabError> {
+        let shared = Arc::new(Shared::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = {
+            let shared = shared.clone();
+            let stop = stop.clone();
+            let netns = netns.to_owned();
+            let interface = interface.to_owned();
+            std::thread::Builder::new()
+                .name("lab-sniffer".into())
+                .spawn(move || capture(&netns, &interface, ifindex, &shared, &stop, ready_tx))
+                .map_err(|source| LabError::Spawn {
+                    command: "sniffer thread".into(),
+                    source,
+                })?
+        };
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Sniffer {
+                shared,
+                stop,
+                thread: Some(thread),
+                started_at: Instant::now(),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(LabError::SnifferDied(
+                    "capture thread ended before opening its socket".into(),
+                ))
+            }
+        }
+    }
+
+    pub fn started_at(&self) -> Instant {
+        self.started_at
+    }
+
+    /// Every event captured so far, oldest first.
+    pub fn events(&self) -> Vec<Event> {
+        self.shared.events().iter().cloned().collect()
+    }
+
+    /// Events received at or after `since`, oldest first.
+    pub fn events_since(&self, since: Instant) -> Vec<Event> {
+        let events = self.shared.events();
+        let start = events.partition_point(|e| e.at < since);
+        events.range(start..).cloned().collect()
+    }
+
+    /// Why the capture stopped, if it did (the socket failed).
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The oldest captured event matching `pred`, waiting up to `timeout` for one to arrive.
+    /// Already captured events count, so a reaction that came before the call is not missed;
+    /// put a time bound in the predicate (`e.at >= t`) to look only at later ones. Blocking.
+    pub fn wait_for(
+        &self,
+        pred: impl Fn(&Event) -> bool,
+        timeout: Duration,
+    ) -> Option<Event> {
+        let deadline = Instant::now() + timeout;
+        let mut events = self.shared.events();
+        let mut checked = 0;
+        loop {
+            if let Some(found) = first_match(&events, &mut checked, &pred) {
+                return Some(found);
+            }
+            let now = Instant::now();
+            if now >= deadline || self.failure().is_some() {
+                return None;
+            }
+            events = self
+                .shared
+                .arrived
+                .wait_timeout(events, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// [`Sniffer::wait_for`] for async callers: the same semantics without blocking a
+    /// runtime thread.
+    pub async fn wait_for_async(
+        &self,
+        pred: impl Fn(&Event) -> bool,
+        timeout: Duration,
+    ) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut checked = 0;
+        loop {
+            // Registered before looking, so an event pushed in between still wakes us.
+            let arrived = self.shared.arrived_async.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(found) = first_match(&self.shared.events(), &mut checked, &pred) {
+                return Some(found);
+            }
+            if self.failure().is_some()
+                || tokio::time::timeout_at(deadline, arrived).await.is_err()
+            {
+                return None;
+            }
+        }
+    }
+}
+
+/// Scans from `checked` on, so a wait loop looks at each event once. The buffer only drops
+/// its oldest entries once it is full, which at worst makes a scan restart.
+fn first_match(
+    events: &VecDeque<Event>,
+    checked: &mut usize,
+    pred: &impl Fn(&Event) -> bool,
+) -> Option<Event> {
+    if *checked > events.len() {
+        *checked = 0;
+    }
+    let found = events.range(*checked..).find(|e| pred(e)).cloned();
+    *checked = events.len();
+    found
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn capture(
+    netns: &str,
+    interface: &str,
+    ifindex: u32,
+    shared: &Shared,
+    stop: &AtomicBool,
+    ready: mpsc::Sender<Result<(), LabError>>,
+) {
+    let mut rx = match open_capture(netns, interface, ifindex) {
+        Ok(rx) => {
+            let _ = ready.send(Ok(()));
+            rx
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        match rx.next() {
+            Ok(frame) => {
+                let at = Instant::now();
+                if let Some((src_mac, kind)) = parse_frame(frame) {
+                    let mut events = shared.events();
+                    if events.len() == MAX_EVENTS {
+                        events.pop_front();
+                    }
+                    events.push_back(Event { at, src_mac, kind });
+                    drop(events);
+                    shared.arrived.notify_all();
+                    shared.arrived_async.notify_waiters();
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                *shared.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                shared.arrived.notify_all();
+                shared.arrived_async.notify_waiters();
+                return;
+            }
+        }
+    }
+}
+
+fn open_capture(
+    netns: &str,
+    interface: &str,
+    ifindex: u32,
+) -> Result<Box<dyn pnet_datalink::DataLinkReceiver>, LabError> {
+    let handle = open_netns(netns)?;
+    setns(&handle, CloneFlags::CLONE_NEWNET).map_err(|source| LabError::Setns {
+        netns: netns.to_owned(),
+        source,
+    })?;
+    // Built by hand: pnet's interface listing would need the namespace's /sys, and only
+    // the index matters for binding.
+    let iface = NetworkInterface {
+        name: interface.to_owned(),
+        description: String::new(),
+        index: ifindex,
+        mac: None,
+        ips: Vec::new(),
+        flags: 0,
+    };
+    let config = Config {
+        read_timeout: Some(READ_TIMEOUT),
+        // Unicast between two nodes does not reach br0 itself otherwise.
+        promiscuous: true,
+        ..Config::default()
+    };
+    let capture_error = |source| LabError::PacketSocket {
+        netns: netns.to_owned(),
+        interface: interface.to_owned(),
+        source,
+    };
+    match pnet_datalink::channel(&iface, config).map_err(capture_error)? {
+        Channel::Ethernet(_tx, rx) => Ok(rx),
+        _ => Err(capture_error(std::io::Error::other(
+            "AF_PACKET channel is not Ethernet",
+        ))),
+    }
+}
+
+/// Sends one raw Ethernet frame out of `interface` (index `ifindex`) in namespace `netns`,
+/// from a short-lived thread that alone enters the namespace. For tests that play a VRRP
+/// peer or inject a rogue announcement.
+pub fn send_frame(
+    netns: &str,
+    interface: &str,
+    ifindex: u32,
+    frame: &[u8],
+) -> Result<(), LabError> {
+    let netns = netns.to_owned();
+    let interface = interface.to_owned();
+    let frame = frame.to_vec();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let handle = open_netns(&netns)?;
+                setns(&handle, CloneFlags::CLONE_NEWNET).map_err(|source| LabError::Setns {
+                    netns: netns.clone(),
+                    source,
+                })?;
+                let iface = NetworkInterface {
+                    name: interface.clone(),
+                    description: String::new(),
+                    index: ifindex,
+                    mac: None,
+                    ips: Vec::new(),
+                    flags: 0,
+                };
+                let config = Config {
+                    promiscuous: false,
+                    ..Config::default()
+                };
+                let send_error = |source| LabError::PacketSocket {
+                    netns: netns.clone(),
+                    interface: interface.clone(),
+                    source,
+                };
+                let Channel::Ethernet(mut tx, _rx) =
+                    pnet_datalink::channel(&iface, config).map_err(send_error)?
+                else {
+                    return Err(send_error(std::io::Error::other(
+                        "AF_PACKET channel is not Ethernet",
+                    )));
+                };
+                tx.send_to(&frame, None)
+                    .unwrap_or_else(|| Err(std::io::Error::other("no send buffer")))
+                    .map_err(send_error)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(LabError::SnifferDied("frame sender panicked".into())))
+    })
+}

@@ -1,0 +1,474 @@
+//! An in-memory LAN of VRRP instances on a virtual clock, for tests.
+//!
+//! Deterministic: one event queue ordered by (time, sequence number); advertisements reach every
+//! other live node of the sender's segment after `latency` (plus a seeded-random `jitter`);
+//! instance deadlines are merged into the same timeline (packets first at equal times, then
+//! timers by node id). A partition assigns nodes to segments; a packet is delivered only when
+//! sender and receiver share a segment both when it is sent and when it arrives.
+//!
+//! The LAN plays the driver: it executes every [`Output`] (addresses held per node, announce
+//! bursts counted, transitions and sends logged) and checks the instance's own consistency:
+//! transitions chain, and a timer always moves the deadline forward.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use super::instance::{Config, Input, Instance, Output, Reason, State};
+use super::packet::Advertisement;
+
+mod property;
+mod scenarios;
+
+pub(crate) type NodeId = usize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TransitionRecord {
+    pub at: Duration,
+    pub node: NodeId,
+    pub from: State,
+    pub to: State,
+    pub reason: Reason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SentRecord {
+    pub at: Duration,
+    pub node: NodeId,
+    pub advertisement: Advertisement,
+}
+
+#[derive(Debug)]
+struct Node {
+    /// Kept up to date by [`Lan::input`] so that a restart comes back with the latest one.
+    config: Config,
+    instance: Instance,
+    alive: bool,
+    segment: usize,
+    held: BTreeSet<IpNet>,
+    announcements: usize,
+    /// The state the transition log says the instance is in, checked against each transition.
+    logged_state: State,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    at: Duration,
+    seq: u64,
+    from: NodeId,
+    to: NodeId,
+    source: IpAddr,
+    advertisement: Advertisement,
+}
+
+impl PartialEq for InFlight {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for InFlight {}
+
+impl PartialOrd for InFlight {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for InFlight {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+enum Next {
+    Packet,
+    Timer(NodeId),
+}
+
+/// SplitMix64: tiny, seeded, and good enough to drive test scenarios reproducibly.
+#[derive(Debug, Clone)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0), with negligible modulo bias for test-sized `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+pub(crate) struct Lan {
+    epoch: Instant,
+    now: Duration,
+    latency: Duration,
+    jitter: Duration,
+    rng: Rng,
+    nodes: Vec<Node>,
+    queue: BinaryHeap<Reverse<InFlight>>,
+    next_seq: u64,
+    transitions: Vec<TransitionRecord>,
+    sent: Vec<SentRecord>,
+    scratch: Vec<Output>,
+}
+
+impl Lan {
+    /// A LAN where every packet takes exactly `latency`.
+    pub fn new(latency: Duration) -> Self {
+        Lan::with_jitter(latency, Duration::ZERO, 0)
+    }
+
+    /// A LAN where every packet takes `latency` plus a uniform random extra of up to `jitter`,
+    /// drawn from a PRNG seeded with `seed` (so packets may overtake each other).
+    pub fn with_jitter(latency: Duration, jitter: Duration, seed: u64) -> Self {
+        Lan {
+            epoch: Instant::now(),
+            now: Duration::ZERO,
+            latency,
+            jitter,
+            rng: Rng::new(seed),
+            nodes: Vec::new(),
+            queue: BinaryHeap::new(),
+            next_seq: 0,
+            transitions: Vec::new(),
+            sent: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Adds a powered-on node in segment 0 whose instance waits for [`Lan::start`].
+    pub fn add(&mut self, config: Config) -> NodeId {
+        self.nodes.push(Node {
+            instance: Instance::new(config.clone()),
+            config,
+            alive: true,
+            segment: 0,
+            held: BTreeSet::new(),
+            announcements: 0,
+            logged_state: State::Initialize,
+        });
+        self.nodes.len() - 1
+    }
+
+    pub fn start(&mut self, node: NodeId) {
+        self.input(node, Input::Startup);
+    }
+
+    pub fn start_all(&mut self) {
+        for node in 0..self.nodes.len() {
+            self.start(node);
+        }
+    }
+
+    /// Power loss: no priority-0 advert, addresses gone with the machine, packets to it lost.
+    pub fn crash(&mut self, node: NodeId) {
+        let node = &mut self.nodes[node];
+        node.alive = false;
+        node.held.clear();
+    }
+
+    /// Boots a crashed (or running) node with a fresh instance and its latest config.
+    pub fn restart(&mut self, node: NodeId) {
+        let n = &mut self.nodes[node];
+        n.alive = true;
+        n.held.clear();
+        n.instance = Instance::new(n.config.clone());
+        n.logged_state = State::Initialize;
+        self.start(node);
+    }
+
+    /// Delivers one input at the current time and carries out the outputs.
+    pub fn input(&mut self, node: NodeId, input: Input) {
+        assert!(self.nodes[node].alive, "input to crashed node {node}");
+        match &input {
+            Input::SetPriority(priority) => self.nodes[node].config.priority = *priority,
+            Input::Reconfigure(config) => self.nodes[node].config = config.clone(),
+            _ => {}
+        }
+        let mut out = std::mem::take(&mut self.scratch);
+        let now = self.instant(self.now);
+        self.nodes[node].instance.handle(now, input, &mut out);
+        self.execute(node, &mut out);
+        self.scratch = out;
+    }
+
+    /// Splits the LAN: each group becomes its own segment; unlisted nodes are isolated.
+    pub fn partition(&mut self, groups: &[&[NodeId]]) {
+        let isolated = groups.len();
+        for (id, node) in self.nodes.iter_mut().enumerate() {
+            node.segment = isolated + id;
+        }
+        for (segment, group) in groups.iter().enumerate() {
+            for &node in *group {
+                self.nodes[node].segment = segment;
+            }
+        }
+    }
+
+    pub fn heal(&mut self) {
+        for node in &mut self.nodes {
+            node.segment = 0;
+        }
+    }
+
+    pub fn run_for(&mut self, duration: Duration) {
+        self.run_until(self.now + duration);
+    }
+
+    /// Processes every packet and timer due up to and including `until`.
+    pub fn run_until(&mut self, until: Duration) {
+        let mut last = self.now;
+        let mut events_at_last = 0u32;
+        loop {
+            let packet = self.queue.peek().map(|Reverse(p)| p.at);
+            let timer = self.next_timer();
+            let (at, next) = match (packet, timer) {
+                (Some(p), Some((t, _))) if p <= t => (p, Next::Packet),
+                (Some(p), None) => (p, Next::Packet),
+                (_, Some((t, node))) => (t, Next::Timer(node)),
+                (None, None) => break,
+            };
+            if at > until {
+                break;
+            }
+            if at == last {
+                events_at_last += 1;
+                assert!(events_at_last < 100_000, "livelock at {at:?}");
+            } else {
+                last = at;
+                events_at_last = 0;
+            }
+            self.now = at;
+            match next {
+                Next::Packet => self.deliver(),
+                Next::Timer(node) => {
+                    self.input(node, Input::Timer);
+                    let deadline = self.nodes[node].instance.deadline();
+                    assert!(
+                        deadline.is_none_or(|d| d > self.instant(at)),
+                        "node {node}: Timer at {at:?} left the deadline at {deadline:?}"
+                    );
+                }
+            }
+        }
+        self.now = self.now.max(until);
+    }
+
+    pub fn now(&self) -> Duration {
+        self.now
+    }
+
+    pub fn instant(&self, offset: Duration) -> Instant {
+        self.epoch + offset
+    }
+
+    pub fn offset(&self, instant: Instant) -> Duration {
+        instant.saturating_duration_since(self.epoch)
+    }
+
+    pub fn instance(&self, node: NodeId) -> &Instance {
+        &self.nodes[node].instance
+    }
+
+    pub fn state(&self, node: NodeId) -> State {
+        self.nodes[node].instance.state()
+    }
+
+    pub fn is_alive(&self, node: NodeId) -> bool {
+        self.nodes[node].alive
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Live nodes in Master, by id.
+    pub fn masters(&self) -> Vec<NodeId> {
+        (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].alive && self.state(n) == State::Master)
+            .collect()
+    }
+
+    /// Live nodes that hold `address` on their interface.
+    pub fn holders(&self, address: IpAddr) -> Vec<NodeId> {
+        (0..self.nodes.len())
+            .filter(|&n| {
+                self.nodes[n].alive && self.nodes[n].held.iter().any(|net| net.addr() == address)
+            })
+            .collect()
+    }
+
+    pub fn announcements(&self, node: NodeId) -> usize {
+        self.nodes[node].announcements
+    }
+
+    /// Live nodes grouped by segment (the connected components of the LAN).
+    pub fn components(&self) -> Vec<Vec<NodeId>> {
+        let mut segments: Vec<usize> = self
+            .nodes
+            .iter()
+            .filter(|n| n.alive)
+            .map(|n| n.segment)
+            .collect();
+        segments.sort_unstable();
+        segments.dedup();
+        segments
+            .into_iter()
+            .map(|segment| {
+                (0..self.nodes.len())
+                    .filter(|&n| self.nodes[n].alive && self.nodes[n].segment == segment)
+                    .collect()
+            })
+            .collect()
+    }
+
+    pub fn transitions(&self) -> &[TransitionRecord] {
+        &self.transitions
+    }
+
+    /// Transitions of `node` into `to`, oldest first.
+    pub fn transitions_to(&self, node: NodeId, to: State) -> Vec<&TransitionRecord> {
+        self.transitions
+            .iter()
+            .filter(|t| t.node == node && t.to == to)
+            .collect()
+    }
+
+    pub fn sent_by(&self, node: NodeId) -> Vec<&SentRecord> {
+        self.sent.iter().filter(|s| s.node == node).collect()
+    }
+
+    fn connected(&self, a: NodeId, b: NodeId) -> bool {
+        self.nodes[a].segment == self.nodes[b].segment
+    }
+
+    fn next_timer(&self) -> Option<(Duration, NodeId)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.alive)
+            .filter_map(|(id, n)| {
+                let deadline = n.instance.deadline()?;
+                Some((self.offset(deadline).max(self.now), id))
+            })
+            .min()
+    }
+
+    fn deliver(&mut self) {
+        let Some(Reverse(packet)) = self.queue.pop() else {
+            return;
+        };
+        if !self.nodes[packet.to].alive || !self.connected(packet.from, packet.to) {
+            return;
+        }
+        self.input(
+            packet.to,
+            Input::Advertisement {
+                source: packet.source,
+                advertisement: packet.advertisement,
+            },
+        );
+    }
+
+    fn execute(&mut self, node: NodeId, out: &mut Vec<Output>) {
+        for output in out.drain(..) {
+            match output {
+                Output::Send(advertisement) => self.broadcast(node, advertisement),
+                Output::AddAddresses(nets) => self.nodes[node].held.extend(nets),
+                Output::RemoveAddresses(nets) => {
+                    for net in nets {
+                        self.nodes[node].held.remove(&net);
+                    }
+                }
+                Output::Announce(addresses) => {
+                    let held = &self.nodes[node].held;
+                    for address in addresses {
+                        assert!(
+                            held.iter().any(|net| net.addr() == address),
+                            "node {node} announced {address} before adding it"
+                        );
+                    }
+                    self.nodes[node].announcements += 1;
+                }
+                Output::Transition { from, to, reason } => {
+                    let logged = self.nodes[node].logged_state;
+                    assert_eq!(from, logged, "node {node}: transition from {from}");
+                    self.nodes[node].logged_state = to;
+                    self.transitions.push(TransitionRecord {
+                        at: self.now,
+                        node,
+                        from,
+                        to,
+                        reason,
+                    });
+                }
+            }
+        }
+        let instance = &self.nodes[node].instance;
+        assert_eq!(
+            self.nodes[node].logged_state,
+            instance.state(),
+            "node {node}: state changed without a transition"
+        );
+        let holds_all = instance
+            .config()
+            .addresses
+            .iter()
+            .all(|net| self.nodes[node].held.contains(net));
+        match instance.state() {
+            State::Master => assert!(holds_all, "node {node}: master without its addresses"),
+            _ => assert!(
+                self.nodes[node].held.is_empty(),
+                "node {node}: {} still holds addresses",
+                instance.state()
+            ),
+        }
+    }
+
+    fn broadcast(&mut self, from: NodeId, advertisement: Advertisement) {
+        let source = self.nodes[from].config.primary_address;
+        self.sent.push(SentRecord {
+            at: self.now,
+            node: from,
+            advertisement: advertisement.clone(),
+        });
+        for to in 0..self.nodes.len() {
+            if to == from || !self.nodes[to].alive || !self.connected(from, to) {
+                continue;
+            }
+            let jitter = if self.jitter.is_zero() {
+                Duration::ZERO
+            } else {
+                let nanos = u64::try_from(self.jitter.as_nanos()).unwrap_or(u64::MAX);
+                Duration::from_nanos(self.rng.below(nanos.saturating_add(1)))
+            };
+            self.next_seq += 1;
+            self.queue.push(Reverse(InFlight {
+                at: self.now + self.latency + jitter,
+                seq: self.next_seq,
+                from,
+                to,
+                source,
+                advertisement: advertisement.clone(),
+            }));
+        }
+    }
+}
