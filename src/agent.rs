@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::crd::manifest::{self, ManifestError, Manifests};
 use crate::crd::VirtualIP;
+use crate::crd::manifest::{self, ManifestError, Manifests};
 use crate::dataplane::addr::{AddrError, AddressManager};
-use crate::model::{plan, Snapshot};
+use crate::model::{Snapshot, plan};
 use crate::vrrp::driver::{Command, Engine};
 
 /// Settings of the agent process (what users ask for lives in VirtualIP resources).

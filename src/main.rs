@@ -8,7 +8,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(version, about)]
 struct Cli {
     /// Log line format.
-    #[arg(long, global = true, env = "FERROVIP_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "FERROVIP_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
@@ -95,15 +100,21 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Lab(args) => {
             init_logging(cli.log_format);
-            let interval = ferrovip::crd::parse_duration(&args.interval)
-                .context("--interval")?;
+            let interval = ferrovip::crd::parse_duration(&args.interval).context("--interval")?;
             let binary = std::env::current_exe().context("locating the ferrovip binary")?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
             // LAB-PENDING
-            let _ = (runtime, interval, binary, args.keep, args.rounds, args.nodes);
+            let _ = (
+                runtime,
+                interval,
+                binary,
+                args.keep,
+                args.rounds,
+                args.nodes,
+            );
             anyhow::bail!("lab: not wired yet");
             Ok(())
         }

@@ -212,9 +212,9 @@ impl Announcer {
                 std::thread::sleep(self.interval);
             }
             for frame in &frames {
-                let result = sender.send_to(frame, None).unwrap_or_else(|| {
-                    Err(io::Error::other("frame larger than the write buffer"))
-                });
+                let result = sender
+                    .send_to(frame, None)
+                    .unwrap_or_else(|| Err(io::Error::other("frame larger than the write buffer")));
                 result.map_err(|source| AnnounceError::Send {
                     name: ifname.to_owned(),
                     sent,
@@ -241,13 +241,12 @@ fn open_sender(
     ifname: &str,
     src_mac: [u8; 6],
 ) -> Result<Box<dyn pnet_datalink::DataLinkSender>, AnnounceError> {
-    let index =
-        nix::net::if_::if_nametoindex(ifname).map_err(|source| {
-            AnnounceError::InterfaceNotFound {
-                name: ifname.to_owned(),
-                source,
-            }
-        })?;
+    let index = nix::net::if_::if_nametoindex(ifname).map_err(|source| {
+        AnnounceError::InterfaceNotFound {
+            name: ifname.to_owned(),
+            source,
+        }
+    })?;
     // Protocol 0: a packet socket that can send but is hooked to no ethertype, so it
     // receives nothing. pnet binds it with the Layer3 protocol below, also 0, which keeps
     // it unhooked.
@@ -314,8 +313,10 @@ mod tests {
 
     #[test]
     fn garp_matches_golden_vector_e() {
-        let expected = hex("ffffffffffff00005e0001330806000108000604000100005e000133c0a80164\
-             00005e000133c0a80164");
+        let expected = hex(
+            "ffffffffffff00005e0001330806000108000604000100005e000133c0a80164\
+             00005e000133c0a80164",
+        );
         assert_eq!(
             garp_frame(VMAC_51, Ipv4Addr::new(192, 168, 1, 100)),
             expected
@@ -368,7 +369,10 @@ mod tests {
         let v6: Ipv6Addr = "2001:db8::100".parse().unwrap();
         let frames = announcement_frames(VMAC_51, &[v4, IpAddr::V6(v6)], None);
         assert_eq!(frames.len(), 2);
-        assert_eq!(frames[0], garp_frame(VMAC_51, Ipv4Addr::new(192, 168, 1, 100)));
+        assert_eq!(
+            frames[0],
+            garp_frame(VMAC_51, Ipv4Addr::new(192, 168, 1, 100))
+        );
         assert_eq!(frames[1], unsolicited_na_frame(VMAC_51, v6, v6));
         let ll: Ipv6Addr = "fe80::1".parse().unwrap();
         let frames = announcement_frames(VMAC_51, &[IpAddr::V6(v6)], Some(ll));

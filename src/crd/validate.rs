@@ -290,7 +290,7 @@ fn check_interval(version: Version, d: Duration, text: &str, errors: &mut Collec
                     field,
                     format!("{text} is out of range: VRRPv3 allows 10ms to 40.95s"),
                 );
-            } else if d.as_nanos() % 10_000_000 != 0 {
+            } else if !d.as_nanos().is_multiple_of(10_000_000) {
                 errors.push(
                     field,
                     format!("{text} is not a multiple of 10ms (VRRPv3 counts in centiseconds)"),

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 /// A set of virtual addresses that the eligible nodes elect a master for with VRRP.
 /// The master holds the addresses on `interface` and announces them; when it fails, the
 /// backup with the highest priority takes over within Master_Down_Interval.
+// The printcolumn(...) entries repeat `type_ = "string"`, which clippy mistakes for a
+// duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "ferrovip.io",
@@ -16,6 +19,7 @@ use serde::{Deserialize, Serialize};
     plural = "virtualips",
     shortname = "vip",
     category = "ferrovip",
+    doc = "A highly available set of virtual addresses, elected among nodes with VRRP.",
     status = "VirtualIPStatus",
     printcolumn(
         name = "Addresses",

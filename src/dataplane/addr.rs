@@ -262,12 +262,16 @@ impl AddressManager {
     /// address of the interface that is not one of ours.
     pub async fn primary_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>, AddrError> {
         let addresses = self.addresses(Some(index), AddressFamily::Inet).await?;
-        Ok(addresses.iter().find_map(|address| match address.net.addr() {
-            IpAddr::V4(ip) if !address.owned && !address.flags.contains(AddressFlags::Secondary) => {
-                Some(ip)
-            }
-            _ => None,
-        }))
+        Ok(addresses
+            .iter()
+            .find_map(|address| match address.net.addr() {
+                IpAddr::V4(ip)
+                    if !address.owned && !address.flags.contains(AddressFlags::Secondary) =>
+                {
+                    Some(ip)
+                }
+                _ => None,
+            }))
     }
 
     /// The address VRRP over IPv6 and unsolicited NAs are sent from: a link-local address
@@ -275,12 +279,16 @@ impl AddressManager {
     pub async fn link_local_v6(&self, index: u32) -> Result<Option<Ipv6Addr>, AddrError> {
         let addresses = self.addresses(Some(index), AddressFamily::Inet6).await?;
         let unusable = AddressFlags::Tentative | AddressFlags::Dadfailed;
-        Ok(addresses.iter().find_map(|address| match address.net.addr() {
-            IpAddr::V6(ip) if ip.is_unicast_link_local() && !address.flags.intersects(unusable) => {
-                Some(ip)
-            }
-            _ => None,
-        }))
+        Ok(addresses
+            .iter()
+            .find_map(|address| match address.net.addr() {
+                IpAddr::V6(ip)
+                    if ip.is_unicast_link_local() && !address.flags.intersects(unusable) =>
+                {
+                    Some(ip)
+                }
+                _ => None,
+            }))
     }
 
     /// Adds `net` to the interface, marked as ours. Adding an address that is already there
@@ -417,9 +425,8 @@ impl AddressManager {
 
     async fn ensure_promote_secondaries(&self, index: u32) -> Result<(), AddrError> {
         let name = self.link_by_index(index).await?.name;
-        ensure_ipv4_conf(&name, "promote_secondaries", 1).map_err(|(path, source)| {
-            AddrError::Sysctl { path, source }
-        })
+        ensure_ipv4_conf(&name, "promote_secondaries", 1)
+            .map_err(|(path, source)| AddrError::Sysctl { path, source })
     }
 }
 

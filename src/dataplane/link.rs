@@ -472,7 +472,10 @@ mod tests {
             vrrp_identity([0, 0, 0x5e, 0, 1, 0x33]),
             Some((Family::V4, 51))
         );
-        assert_eq!(vrrp_identity([0, 0, 0x5e, 0, 2, 10]), Some((Family::V6, 10)));
+        assert_eq!(
+            vrrp_identity([0, 0, 0x5e, 0, 2, 10]),
+            Some((Family::V6, 10))
+        );
         assert_eq!(vrrp_identity([2, 0, 0, 0, 0, 1]), None);
     }
 

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::LabError;
 use super::sniffer::Sniffer;
 use super::wire::{Event, SeenAdvert};
-use super::LabError;
 
 /// After a takeover, how long to keep waiting for its gratuitous ARP / NA before concluding
 /// that none was sent.
@@ -130,7 +130,7 @@ pub fn analyze_failover(events: &[Event], query: &FailoverQuery) -> Option<Failo
             .filter_map(|e| Some((e.at, e.advert()?)))
             .filter(|(_, a)| a.vrid == query.vrid && a.source == query.old_master)
     };
-    let last_old = old_adverts().last();
+    let last_old = old_adverts().next_back();
     let release = old_adverts().find(|(at, a)| *at >= query.stopped_at && a.priority == 0);
     let announcement = events.iter().find(|e| query.is_announcement(e));
     let since_stop = |at: Instant| at.saturating_duration_since(query.stopped_at);
@@ -278,7 +278,10 @@ mod tests {
     #[test]
     fn timers_follow_rfc_5798() {
         // vectors.md: priority 100 at 1 s → skew 0.609 s, down 3.609 s; at 100 ms → 0.361 s.
-        assert_eq!(skew_time(100, Duration::from_secs(1)), Duration::from_micros(609_375));
+        assert_eq!(
+            skew_time(100, Duration::from_secs(1)),
+            Duration::from_micros(609_375)
+        );
         assert_eq!(
             master_down_interval(100, Duration::from_secs(1)),
             Duration::from_micros(3_609_375)
@@ -287,7 +290,10 @@ mod tests {
             master_down_interval(100, Duration::from_millis(100)),
             Duration::from_micros(360_937)
         );
-        assert_eq!(skew_time(255, Duration::from_millis(100)), Duration::from_micros(390));
+        assert_eq!(
+            skew_time(255, Duration::from_millis(100)),
+            Duration::from_micros(390)
+        );
     }
 
     #[test]
@@ -342,7 +348,10 @@ mod tests {
             Some(Duration::from_millis(48))
         );
         assert_eq!(failover.death_to_garp, None);
-        assert_eq!(failover.expected_gap(), skew_time(140, Duration::from_millis(100)));
+        assert_eq!(
+            failover.expected_gap(),
+            skew_time(140, Duration::from_millis(100))
+        );
     }
 
     #[test]

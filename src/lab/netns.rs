@@ -153,7 +153,7 @@ impl std::fmt::Debug for Lab {
 impl Lab {
     /// Builds the switch, the nodes and their links. Blocking (runs `ip` a few dozen times).
     pub fn create(spec: LabSpec) -> Result<Lab, LabError> {
-        if !nix::unistd::geteuid().is_root() {
+        if !effective_uid_is_root() {
             return Err(LabError::NotRoot);
         }
         if spec.nodes == 0 || spec.nodes > MAX_NODES {
@@ -597,7 +597,9 @@ impl Lab {
     fn procs(&self) -> std::sync::MutexGuard<'_, BTreeMap<ProcId, Proc>> {
         // A panic while holding the lock cannot leave the map inconsistent (single inserts
         // and field updates), and teardown must still run.
-        self.procs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.procs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn stop_processes(&self) {
@@ -613,7 +615,10 @@ impl Lab {
         }
         for proc in procs.values_mut() {
             if proc.group_alive() {
-                tracing::warn!(pid = proc.child.id(), "lab process ignored SIGTERM; killing");
+                tracing::warn!(
+                    pid = proc.child.id(),
+                    "lab process ignored SIGTERM; killing"
+                );
                 let _ = killpg(proc.group(), Signal::SIGKILL);
             }
             let _ = proc.child.wait();
@@ -643,6 +648,17 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// From /proc: nix's `geteuid` sits behind a feature this crate does not enable.
+fn effective_uid_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+            uids.split_whitespace().nth(1).map(|euid| euid == "0")
+        })
+        .unwrap_or(false)
 }
 
 fn lab_dir_root() -> PathBuf {
@@ -787,7 +803,10 @@ mod tests {
 
     #[test]
     fn ula_reads_like_the_ipv4_host() {
-        assert_eq!(ula_for_host(11), "fd66:7670::11".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            ula_for_host(11),
+            "fd66:7670::11".parse::<Ipv6Addr>().unwrap()
+        );
         assert_eq!(
             ula_for_host(136),
             "fd66:7670::136".parse::<Ipv6Addr>().unwrap()

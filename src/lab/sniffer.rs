@@ -129,11 +129,7 @@ impl Sniffer {
     /// The oldest captured event matching `pred`, waiting up to `timeout` for one to arrive.
     /// Already captured events count, so a reaction that came before the call is not missed;
     /// put a time bound in the predicate (`e.at >= t`) to look only at later ones. Blocking.
-    pub fn wait_for(
-        &self,
-        pred: impl Fn(&Event) -> bool,
-        timeout: Duration,
-    ) -> Option<Event> {
+    pub fn wait_for(&self, pred: impl Fn(&Event) -> bool, timeout: Duration) -> Option<Event> {
         let deadline = Instant::now() + timeout;
         let mut events = self.shared.events();
         let mut checked = 0;
@@ -171,8 +167,7 @@ impl Sniffer {
             if let Some(found) = first_match(&self.shared.events(), &mut checked, &pred) {
                 return Some(found);
             }
-            if self.failure().is_some()
-                || tokio::time::timeout_at(deadline, arrived).await.is_err()
+            if self.failure().is_some() || tokio::time::timeout_at(deadline, arrived).await.is_err()
             {
                 return None;
             }

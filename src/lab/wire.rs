@@ -273,7 +273,8 @@ mod tests {
     // 192.168.1.10), as a whole frame sent from the virtual MAC.
     const FRAME_V3_V4: &str = "01005e00001200005e000133080045c0002000000000ff7018e9c0a8010ae00000123133640100640619c0a80164";
     // Golden vector E: gratuitous ARP for 192.168.1.100 from 00:00:5e:00:01:33.
-    const FRAME_GARP: &str = "ffffffffffff00005e0001330806000108000604000100005e000133c0a8016400005e000133c0a80164";
+    const FRAME_GARP: &str =
+        "ffffffffffff00005e0001330806000108000604000100005e000133c0a8016400005e000133c0a80164";
     // Golden vector B: IPv6 header + VRRPv3 message (VRID 10, priority 200, fe80::1 and
     // 2001:db8::100, from fe80::a to ff02::12).
     const IPV6_HEADER_B: &str =
@@ -330,8 +331,11 @@ mod tests {
     #[test]
     fn decodes_vrrp_v2_interval_in_seconds() {
         // Golden vector C behind an IPv4 header from 192.168.1.10.
-        let ip = "45c0002800000000ff70000000c0a8010ae0000012";
-        let frame = ethernet("0800", &format!("{ip}213364010001b8bdc0a801640000000000000000"));
+        let ip = "45c0002800000000ff700000c0a8010ae0000012";
+        let frame = ethernet(
+            "0800",
+            &format!("{ip}213364010001b8bdc0a801640000000000000000"),
+        );
         let (_, kind) = parse_frame(&frame).unwrap();
         let EventKind::Advert(advert) = kind else {
             panic!("not an advert: {kind:?}")
@@ -355,7 +359,8 @@ mod tests {
     #[test]
     fn ignores_arp_probes_and_ordinary_requests() {
         // RFC 5227 probe: sender IP 0.0.0.0.
-        let probe = "ffffffffffff0200000000010806000108000604000102000000000100000000000000000000c0a80164";
+        let probe =
+            "ffffffffffff0200000000010806000108000604000102000000000100000000000000000000c0a80164";
         assert_eq!(parse_frame(&hex(probe)), None);
         // Who-has 192.168.1.100 tell 192.168.1.10.
         let request = "ffffffffffff020000000001 0806 0001 0800 0604 0001 020000000001 c0a8010a 000000000000 c0a80164"
@@ -365,7 +370,8 @@ mod tests {
 
     #[test]
     fn decodes_unsolicited_neighbor_advert_and_skips_solicited() {
-        let ip = "6000000000203aff fe800000000000000000000000000001 ff020000000000000000000000000001";
+        let ip =
+            "6000000000203aff fe800000000000000000000000000001 ff020000000000000000000000000001";
         // Type 136, code 0, checksum, flags O=1 S=0, target 2001:db8::100, option 2 (MAC).
         let na = "88000000 20000000 20010db8000000000000000000000100 0201 020000000001";
         let frame = ethernet("86dd", &format!("{ip}{na}").replace(' ', ""));

@@ -17,10 +17,10 @@ use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::Family;
 use super::instance::{Config, Input, Instance, Output};
 use super::packet::{Advertisement, DecodeError};
-use super::socket::{group, VrrpSocket};
-use super::Family;
+use super::socket::{VrrpSocket, group};
 use crate::dataplane::addr::AddressManager;
 use crate::model::{Desired, InstanceKey, InstanceSpec};
 
@@ -83,7 +83,12 @@ impl Stats {
     pub fn dropped(&self) -> Vec<(&'static str, u64)> {
         DropReason::ALL
             .iter()
-            .map(|d| (d.metric_label(), self.dropped[*d as usize].load(Ordering::Relaxed)))
+            .map(|d| {
+                (
+                    d.metric_label(),
+                    self.dropped[*d as usize].load(Ordering::Relaxed),
+                )
+            })
             .collect()
     }
 }
@@ -106,9 +111,20 @@ struct Incoming {
 
 /// Address and announcement work, executed in order by the effects task.
 enum Effect {
-    Add { ifindex: u32, nets: Vec<IpNet> },
-    Remove { ifindex: u32, nets: Vec<IpNet> },
-    Announce { interface: Arc<str>, mac: [u8; 6], addrs: Vec<IpAddr>, source_v6: Option<Ipv6Addr> },
+    Add {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+    },
+    Remove {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+    },
+    Announce {
+        interface: Arc<str>,
+        mac: [u8; 6],
+        addrs: Vec<IpAddr>,
+        source_v6: Option<Ipv6Addr>,
+    },
     Barrier(oneshot::Sender<()>),
 }
 
@@ -167,7 +183,10 @@ impl Engine {
     pub async fn start(node: String, addresses: AddressManager) -> Engine {
         match addresses.remove_all_owned_except(&HashSet::new()).await {
             Ok(removed) if !removed.is_empty() => {
-                info!(count = removed.len(), "removed addresses left behind by a previous agent")
+                info!(
+                    count = removed.len(),
+                    "removed addresses left behind by a previous agent"
+                )
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not clean up addresses left behind"),
@@ -242,7 +261,11 @@ impl Engine {
             // Hand the instance its deadline rather than the (slightly later) wake-up time, so
             // advertisement intervals do not drift by the timer latency; after a real stall the
             // wake-up time is used so that no burst of catch-up advertisements follows.
-            let at = if now - deadline < TIMER_SLACK { deadline } else { now };
+            let at = if now - deadline < TIMER_SLACK {
+                deadline
+            } else {
+                now
+            };
             self.handle(&key, at, Input::Timer);
         }
     }
@@ -273,7 +296,9 @@ impl Engine {
             debug!(vip = %slot.spec.resource, source = %incoming.source, "dropped advertisement: version {} but configured {}", incoming.advertisement.version, slot.spec.version);
             return;
         }
-        if !slot.spec.unicast_peers.is_empty() && !slot.spec.unicast_peers.contains(&incoming.source) {
+        if !slot.spec.unicast_peers.is_empty()
+            && !slot.spec.unicast_peers.contains(&incoming.source)
+        {
             self.io.stats.count_drop(DropReason::UnexpectedSource);
             debug!(vip = %slot.spec.resource, source = %incoming.source, "dropped advertisement: source is not a configured unicast peer");
             return;
@@ -339,7 +364,12 @@ impl Engine {
             }
         }
 
-        let gone: Vec<SlotKey> = self.slots.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        let gone: Vec<SlotKey> = self
+            .slots
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
         for key in gone {
             self.stop(&key, now);
         }
@@ -397,7 +427,14 @@ impl Engine {
             }
         };
         let started = instance.is_some();
-        self.slots.insert(key.clone(), Slot { spec, instance, armed: None });
+        self.slots.insert(
+            key.clone(),
+            Slot {
+                spec,
+                instance,
+                armed: None,
+            },
+        );
         if started {
             self.handle(&key, now, Input::Startup);
         }
@@ -420,7 +457,12 @@ impl Engine {
                 index: info.index,
                 mac: info.mac,
                 primary_v4: self.addresses.primary_ipv4(info.index).await.ok().flatten(),
-                link_local_v6: self.addresses.link_local_v6(info.index).await.ok().flatten(),
+                link_local_v6: self
+                    .addresses
+                    .link_local_v6(info.index)
+                    .await
+                    .ok()
+                    .flatten(),
                 sockets: HashMap::new(),
                 readers: Vec::new(),
             };
@@ -428,7 +470,8 @@ impl Engine {
         }
         let link = self.links.get_mut(name).expect("inserted above");
         if !link.sockets.contains_key(&family) {
-            let socket = Arc::new(VrrpSocket::open(name, link.index, family).map_err(|e| e.to_string())?);
+            let socket =
+                Arc::new(VrrpSocket::open(name, link.index, family).map_err(|e| e.to_string())?);
             link.readers.push(tokio::spawn(read_loop(
                 name.clone(),
                 family,
@@ -452,7 +495,12 @@ impl Engine {
                 continue;
             };
             let v4 = self.addresses.primary_ipv4(info.index).await.ok().flatten();
-            let v6 = self.addresses.link_local_v6(info.index).await.ok().flatten();
+            let v6 = self
+                .addresses
+                .link_local_v6(info.index)
+                .await
+                .ok()
+                .flatten();
             let on_link: Vec<SlotKey> = self
                 .slots
                 .keys()
@@ -490,7 +538,9 @@ impl Engine {
             for (family, primary) in changed {
                 info!(interface = %name, %family, primary = ?primary, "primary address of the interface changed");
                 for key in on_link.iter().filter(|(_, k)| k.family == family) {
-                    let Some(slot) = self.slots.get(key) else { continue };
+                    let Some(slot) = self.slots.get(key) else {
+                        continue;
+                    };
                     match (primary, slot.instance.is_some()) {
                         (Some(p), true) => {
                             let config = instance_config(&slot.spec, p);
@@ -499,7 +549,14 @@ impl Engine {
                         (None, true) => {
                             let spec = slot.spec.clone();
                             self.stop(key, now);
-                            self.slots.insert(key.clone(), Slot { spec, instance: None, armed: None });
+                            self.slots.insert(
+                                key.clone(),
+                                Slot {
+                                    spec,
+                                    instance: None,
+                                    armed: None,
+                                },
+                            );
                         }
                         // Parked instances are retried below.
                         (_, false) => {}
@@ -560,7 +617,12 @@ impl Io {
                 };
                 for &destination in destinations {
                     self.encode_buf.clear();
-                    if let Err(e) = advertisement.encode_into(source, destination, spec.checksum, &mut self.encode_buf) {
+                    if let Err(e) = advertisement.encode_into(
+                        source,
+                        destination,
+                        spec.checksum,
+                        &mut self.encode_buf,
+                    ) {
                         warn!(vip = %spec.resource, error = %e, "cannot encode advertisement");
                         return;
                     }
@@ -576,10 +638,16 @@ impl Io {
                 }
             }
             Output::AddAddresses(nets) => {
-                let _ = self.effects.send(Effect::Add { ifindex: link.index, nets });
+                let _ = self.effects.send(Effect::Add {
+                    ifindex: link.index,
+                    nets,
+                });
             }
             Output::RemoveAddresses(nets) => {
-                let _ = self.effects.send(Effect::Remove { ifindex: link.index, nets });
+                let _ = self.effects.send(Effect::Remove {
+                    ifindex: link.index,
+                    nets,
+                });
             }
             Output::Announce(addrs) => {
                 let _ = self.effects.send(Effect::Announce {
@@ -607,7 +675,6 @@ impl Io {
             }
         }
     }
-
 }
 
 fn instance_config(spec: &InstanceSpec, primary: IpAddr) -> Config {
@@ -689,7 +756,12 @@ async fn run_effects(addresses: AddressManager, mut rx: mpsc::UnboundedReceiver<
                     }
                 }
             }
-            Effect::Announce { interface, mac, addrs, source_v6 } => {
+            Effect::Announce {
+                interface,
+                mac,
+                addrs,
+                source_v6,
+            } => {
                 let name = interface.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     crate::announce::announce(&name, mac, &addrs, source_v6)

@@ -182,7 +182,10 @@ pub enum ConfigError {
         "advertisement interval {interval:?} cannot be carried by VRRP version {version} \
          (v3: whole centiseconds, v2: whole seconds)"
     )]
-    IntervalNotRepresentable { interval: Duration, version: Version },
+    IntervalNotRepresentable {
+        interval: Duration,
+        version: Version,
+    },
 }
 
 impl ConfigError {
@@ -311,7 +314,10 @@ impl fmt::Display for Reason {
             Reason::MasterDown { last_master: None } => f.write_str("no master seen"),
             Reason::PriorityZero { from } => write!(f, "master {from} left (priority 0)"),
             Reason::Preempt { from, priority } => {
-                write!(f, "preempted lower-priority master {from} (priority {priority})")
+                write!(
+                    f,
+                    "preempted lower-priority master {from} (priority {priority})"
+                )
             }
             Reason::HigherPriority { from, priority } => {
                 write!(f, "higher-priority master {from} (priority {priority})")
@@ -556,7 +562,8 @@ impl Instance {
                 from: source,
                 priority: advertisement.priority,
             }
-        } else if advertisement.priority == ours && address_above(source, self.config.primary_address)
+        } else if advertisement.priority == ours
+            && address_above(source, self.config.primary_address)
         {
             Reason::TieBreak { from: source }
         } else {

@@ -5,11 +5,11 @@
 //! - [`socket`]: the raw IP socket (the only module allowed `unsafe`).
 //! - [`driver`]: owns sockets, timers and the clock, and executes the state machines' outputs.
 
+pub mod driver;
 pub mod instance;
 pub mod packet;
 #[cfg(test)]
 mod sim;
-pub mod driver;
 pub mod socket;
 
 use std::fmt;

@@ -13,8 +13,8 @@ use std::os::fd::AsRawFd;
 
 use nix::cmsg_space;
 use nix::sys::socket::{
-    sendmsg, setsockopt, sockopt, recvmsg, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockaddrIn, SockaddrIn6,
+    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrIn6, recvmsg, sendmsg,
+    setsockopt, sockopt,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
@@ -118,7 +118,11 @@ impl VrrpSocket {
         }
     }
 
-    fn recv_now(&self, socket: &Socket, buf: &mut [u8]) -> io::Result<Result<Received, SocketError>> {
+    fn recv_now(
+        &self,
+        socket: &Socket,
+        buf: &mut [u8],
+    ) -> io::Result<Result<Received, SocketError>> {
         let fd = socket.as_raw_fd();
         match self.family {
             Family::V4 => {
@@ -142,13 +146,9 @@ impl VrrpSocket {
             Family::V6 => {
                 let mut space = cmsg_space!(libc::c_int, libc::in6_pktinfo);
                 let mut iov = [IoSliceMut::new(buf)];
-                let msg = recvmsg::<SockaddrIn6>(
-                    fd,
-                    &mut iov,
-                    Some(&mut space),
-                    MsgFlags::MSG_DONTWAIT,
-                )
-                .map_err(io::Error::from)?;
+                let msg =
+                    recvmsg::<SockaddrIn6>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT)
+                        .map_err(io::Error::from)?;
                 let mut ttl = None;
                 let mut destination = None;
                 for cmsg in msg.cmsgs().map_err(io::Error::from)? {
@@ -180,7 +180,12 @@ impl VrrpSocket {
 
     /// Sends one VRRP message from `source` to `destination` (the group or a unicast peer).
     /// Never blocks: when the socket buffer is full the message is dropped with an error.
-    pub fn send(&self, source: IpAddr, destination: IpAddr, message: &[u8]) -> Result<(), SocketError> {
+    pub fn send(
+        &self,
+        source: IpAddr,
+        destination: IpAddr,
+        message: &[u8],
+    ) -> Result<(), SocketError> {
         let send_err = |source| SocketError::Send {
             destination,
             source,

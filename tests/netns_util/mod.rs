@@ -20,7 +20,7 @@ impl Netns {
     /// A fresh namespace, unique per process and call, with loopback up.
     pub fn new(tag: &str) -> Self {
         let name = format!(
-            "fvt-{tag}-{}-{}",
+            "fvn-{tag}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
@@ -124,4 +124,16 @@ pub fn ifindex(netns: &Netns, name: &str) -> u32 {
         .next()
         .and_then(|index| index.trim().parse().ok())
         .unwrap_or_else(|| panic!("no index in {line:?}"))
+}
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

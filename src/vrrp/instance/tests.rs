@@ -87,7 +87,12 @@ impl Harness {
         self.out.clone()
     }
 
-    fn receive(&mut self, offset: Duration, source: IpAddr, advertisement: Advertisement) -> Vec<Output> {
+    fn receive(
+        &mut self,
+        offset: Duration,
+        source: IpAddr,
+        advertisement: Advertisement,
+    ) -> Vec<Output> {
         self.input(
             offset,
             Input::Advertisement {
@@ -135,10 +140,17 @@ fn startup_below_owner_waits_master_down_interval_as_backup() {
     let out = h.input(ms(7), Input::Startup);
     assert_eq!(
         out,
-        vec![transition(State::Initialize, State::Backup, Reason::Startup)]
+        vec![transition(
+            State::Initialize,
+            State::Backup,
+            Reason::Startup
+        )]
     );
     assert_eq!(h.instance.state(), State::Backup);
-    assert_eq!(h.deadline(), Some(ms(7) + Duration::from_nanos(360_937_500)));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(7) + Duration::from_nanos(360_937_500))
+    );
     // A second Startup is not a restart.
     assert!(h.input(ms(8), Input::Startup).is_empty());
 }
@@ -222,12 +234,18 @@ fn backup_accepts_higher_and_learns_the_masters_interval() {
     assert_eq!(h.instance.master(), Some(HIGHER));
     assert_eq!(h.instance.master_adver_interval(), ms(1000));
     assert_eq!(h.instance.skew_time(), ms(609) + Duration::from_micros(375));
-    assert_eq!(h.deadline(), Some(ms(50) + ms(3609) + Duration::from_micros(375)));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(50) + ms(3609) + Duration::from_micros(375))
+    );
     // Equal priority also keeps us backup (no tie-break between a backup and the master).
     h.receive(ms(60), LOWER, advert(100, 10));
     assert_eq!(h.instance.master(), Some(LOWER));
     assert_eq!(h.instance.master_adver_interval(), ms(100));
-    assert_eq!(h.deadline(), Some(ms(60) + Duration::from_nanos(360_937_500)));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(60) + Duration::from_nanos(360_937_500))
+    );
     assert_eq!(h.instance.state(), State::Backup);
 }
 
@@ -236,8 +254,16 @@ fn backup_with_preemption_discards_lower_priority_and_takes_over() {
     let mut h = Harness::started(config(100));
     let initial = h.deadline();
     assert!(h.receive(ms(50), HIGHER, advert(50, 100)).is_empty());
-    assert_eq!(h.deadline(), initial, "a discarded advert must not reset the timer");
-    assert_eq!(h.instance.master_adver_interval(), ms(100), "nor teach its interval");
+    assert_eq!(
+        h.deadline(),
+        initial,
+        "a discarded advert must not reset the timer"
+    );
+    assert_eq!(
+        h.instance.master_adver_interval(),
+        ms(100),
+        "nor teach its interval"
+    );
     assert_eq!(h.instance.counters().discarded_lower_priority, 1);
     let out = h.input(initial.unwrap(), Input::Timer);
     assert_eq!(sent_priority(&out), vec![100]);
@@ -261,7 +287,10 @@ fn backup_without_preemption_accepts_lower_priority() {
         ..config(100)
     });
     h.receive(ms(50), HIGHER, advert(50, 10));
-    assert_eq!(h.deadline(), Some(ms(50) + Duration::from_nanos(360_937_500)));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(50) + Duration::from_nanos(360_937_500))
+    );
     assert_eq!(h.instance.counters().discarded_lower_priority, 0);
 }
 
@@ -270,7 +299,10 @@ fn backup_on_priority_zero_waits_only_skew_time() {
     let mut h = Harness::started(config(100));
     h.receive(ms(50), HIGHER, advert(200, 10));
     h.receive(ms(80), HIGHER, advert(0, 10));
-    assert_eq!(h.deadline(), Some(ms(80) + Duration::from_nanos(60_937_500)));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(80) + Duration::from_nanos(60_937_500))
+    );
     assert_eq!(h.instance.master(), None, "the master left");
     assert_eq!(h.instance.counters().priority_zero_received, 1);
     let out = h.input(h.deadline().unwrap(), Input::Timer);
@@ -289,8 +321,15 @@ fn backup_master_down_reports_the_last_master() {
     let mut h = Harness::started(config(100));
     h.receive(ms(50), HIGHER, advert(200, 10));
     let down = h.deadline().unwrap();
-    assert!(h.input(down - Duration::from_nanos(1), Input::Timer).is_empty());
-    assert_eq!(h.instance.state(), State::Backup, "an early timer is ignored");
+    assert!(
+        h.input(down - Duration::from_nanos(1), Input::Timer)
+            .is_empty()
+    );
+    assert_eq!(
+        h.instance.state(),
+        State::Backup,
+        "an early timer is ignored"
+    );
     let out = h.input(down, Input::Timer);
     assert_eq!(
         out,
@@ -393,7 +432,10 @@ fn address_compare_is_unsigned_per_family() {
     assert!(address_above(v4("10.0.1.0"), v4("10.0.0.255")));
     assert!(!address_above(v4("10.0.0.1"), v4("10.0.0.1")));
     assert!(address_above(v4("fe80::1:0"), v4("fe80::ffff")));
-    assert!(address_above(v4("ff02::1"), v4("fe80::ffff:ffff:ffff:ffff")));
+    assert!(address_above(
+        v4("ff02::1"),
+        v4("fe80::ffff:ffff:ffff:ffff")
+    ));
     assert!(!address_above(v4("fe80::1"), v4("10.0.0.1")));
 }
 
@@ -424,7 +466,11 @@ fn owner_preempts_even_with_preemption_off_and_a_delay() {
     assert_eq!(accepted, Some(ms(20) + Duration::from_nanos(360_937_500)));
     h.input(ms(30), Input::SetPriority(255));
     h.receive(ms(40), HIGHER, advert(50, 10));
-    assert_eq!(h.deadline(), accepted, "the owner discards the lower master");
+    assert_eq!(
+        h.deadline(),
+        accepted,
+        "the owner discards the lower master"
+    );
     let out = h.input(accepted.unwrap(), Input::Timer);
     assert_eq!(sent_priority(&out), vec![255]);
     assert_eq!(h.instance.state(), State::Master);
@@ -473,7 +519,10 @@ fn preempt_delay_holds_from_startup() {
         ..config(100)
     });
     h.receive(ms(999), HIGHER, advert(50, 10));
-    assert_eq!(h.deadline(), Some(ms(999) + Duration::from_nanos(360_937_500)));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(999) + Duration::from_nanos(360_937_500))
+    );
     let held = h.deadline();
     h.receive(ms(1000), HIGHER, advert(50, 10));
     assert_eq!(h.deadline(), held, "the hold ends exactly after the delay");
@@ -489,13 +538,22 @@ fn preempt_delay_restarts_when_a_lower_master_follows_a_higher_one() {
     // The startup hold has long expired, but a higher master resets it.
     h.receive(ms(2000), HIGHER, advert(200, 10));
     h.receive(ms(3000), HIGHER, advert(50, 10));
-    assert_eq!(h.deadline(), Some(ms(3000) + Duration::from_nanos(360_937_500)));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(3000) + Duration::from_nanos(360_937_500))
+    );
     h.receive(ms(3499), HIGHER, advert(50, 10));
-    assert_eq!(h.deadline(), Some(ms(3499) + Duration::from_nanos(360_937_500)));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(3499) + Duration::from_nanos(360_937_500))
+    );
     // Equal priority does not restart it.
     h.receive(ms(3499), LOWER, advert(100, 10));
     h.receive(ms(3500), HIGHER, advert(50, 10));
-    assert_eq!(h.deadline(), Some(ms(3499) + Duration::from_nanos(360_937_500)));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(3499) + Duration::from_nanos(360_937_500))
+    );
 }
 
 #[test]
@@ -615,9 +673,10 @@ fn reconfigure_of_vrid_starts_a_new_router() {
     assert_eq!(h.instance.counters().transitions, 4, "counters survive");
     // Not running: it stays in Initialize.
     let mut idle = Harness::new(config(100));
-    assert!(idle
-        .input(ms(1), Input::Reconfigure(v2_config(100, 1)))
-        .is_empty());
+    assert!(
+        idle.input(ms(1), Input::Reconfigure(v2_config(100, 1)))
+            .is_empty()
+    );
     assert_eq!(idle.instance.config().version, Version::V2);
 }
 
@@ -634,7 +693,10 @@ fn v2_discards_a_different_interval_and_does_not_learn() {
     assert_eq!(h.deadline(), initial);
     assert_eq!(h.instance.counters().discarded_interval_mismatch, 1);
     h.receive(ms(10), HIGHER, v2(200, 1));
-    assert_eq!(h.deadline(), Some(ms(10) + Duration::from_nanos(3_609_375_000)));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(10) + Duration::from_nanos(3_609_375_000))
+    );
     assert_eq!(h.instance.master_adver_interval(), ms(1000));
 }
 
@@ -642,7 +704,14 @@ fn v2_discards_a_different_interval_and_does_not_learn() {
 fn malformed_or_foreign_adverts_are_counted_and_dropped() {
     let mut h = Harness::started(config(100));
     let initial = h.deadline();
-    h.receive(ms(1), HIGHER, Advertisement { vrid: 52, ..advert(200, 10) });
+    h.receive(
+        ms(1),
+        HIGHER,
+        Advertisement {
+            vrid: 52,
+            ..advert(200, 10)
+        },
+    );
     h.receive(
         ms(1),
         HIGHER,
@@ -742,7 +811,13 @@ fn validate_reports_each_problem() {
     let check = |config: Config| config.validate().map_err(|e| e.metric_label());
     assert_eq!(check(config(100)), Ok(()));
     assert_eq!(check(v2_config(100, 1)), Ok(()));
-    assert_eq!(check(Config { vrid: 0, ..config(100) }), Err("invalid_vrid"));
+    assert_eq!(
+        check(Config {
+            vrid: 0,
+            ..config(100)
+        }),
+        Err("invalid_vrid")
+    );
     assert_eq!(check(config(0)), Err("invalid_priority"));
     assert_eq!(
         check(Config {

@@ -327,7 +327,10 @@ fn preempt_delay_restarts_on_first_seeing_a_lower_master() {
             priority: 100
         }
     );
-    assert!(at > hold_ends && at <= hold_ends + ms(100) + mdi(200), "{at:?}");
+    assert!(
+        at > hold_ends && at <= hold_ends + ms(100) + mdi(200),
+        "{at:?}"
+    );
     assert_sole_master(&lan, 1);
 }
 
@@ -452,7 +455,11 @@ fn lowering_the_master_moves_mastership_to_a_preempting_backup() {
         .find(|s| s.advertisement.priority == 50)
         .unwrap()
         .at;
-    assert_eq!(lowered, ms(2000) + ns(21_875_000), "the next advert carries it");
+    assert_eq!(
+        lowered,
+        ms(2000) + ns(21_875_000),
+        "the next advert carries it"
+    );
     let takeover = last_arrival(&lan, 0, lowered + LATENCY) + mdi(100);
     assert_eq!(
         became_master(&lan, 1),
@@ -610,8 +617,8 @@ fn four_routers_fail_over_in_priority_order_and_recover() {
     lan.start_all();
     lan.run_until(ms(1000));
     assert_sole_master(&lan, 0);
-    let mut now = ms(1000);
     for failed in 0..3 {
+        let now = lan.now();
         lan.crash(failed);
         lan.run_until(now + ms(1000));
         let next = failed + 1;
@@ -625,10 +632,10 @@ fn four_routers_fail_over_in_priority_order_and_recover() {
             )]
         );
         assert_sole_master(&lan, next);
-        now += ms(1000);
     }
     // Coming back lowest first, each returning router preempts the current master.
     for back in (0..3).rev() {
+        let now = lan.now();
         lan.restart(back);
         lan.run_until(now + ms(1000));
         assert_sole_master(&lan, back);
@@ -636,7 +643,6 @@ fn four_routers_fail_over_in_priority_order_and_recover() {
             became_master(&lan, back).last().unwrap().0,
             now + mdi(priorities[back])
         );
-        now += ms(1000);
     }
 }
 

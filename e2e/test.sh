@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The one test command: lints, CRD drift, unit tests, and the root tests that run the real
+# agent in network namespaces against keepalived and tshark. Installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "the tests build network namespaces: re-running as root" >&2
+  exec sudo -E env "PATH=$PATH" "$0" "$@"
+fi
+
+need=()
+command -v keepalived >/dev/null || need+=(keepalived)
+command -v tshark >/dev/null || need+=(tshark)
+command -v nft >/dev/null || need+=(nftables)
+command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # tshark asks whether non-root users may capture; the answer does not matter here.
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+echo "== CRDs in crds/ match src/crd"
+cargo run --quiet --locked -- crdgen --check crds/ferrovip.io_virtualips.yaml
+
+echo "== unit tests"
+cargo test --locked --lib --bins
+
+echo "== integration tests (root, network namespaces, keepalived, tshark)"
+# One test at a time: they measure timing and share the two cores.
+cargo test --locked --test '*' -- --test-threads=1
