@@ -106,16 +106,18 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            // LAB-PENDING
-            let _ = (
-                runtime,
+            let opts = ferrovip::lab::LabOptions {
+                nodes: args.nodes,
                 interval,
                 binary,
-                args.keep,
-                args.rounds,
-                args.nodes,
-            );
-            anyhow::bail!("lab: not wired yet");
+                keep: args.keep,
+                rounds: args.rounds,
+                ..Default::default()
+            };
+            let report = runtime.block_on(ferrovip::lab::run_lab(opts))?;
+            if !report.is_clean() {
+                anyhow::bail!("the lab finished with warnings (see above)");
+            }
             Ok(())
         }
     }

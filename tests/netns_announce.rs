@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ferrovip::announce::{Announcer, garp_frame, unsolicited_na_frame};
 use netns_util::Netns;
-use pnet_datalink::{Channel, MacAddr, NetworkInterface};
+use pnet_datalink::Channel;
 
 const VMAC_51: [u8; 6] = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x33];
 const OLD_MASTER_MAC: &str = "02:00:00:00:00:99";
@@ -185,8 +185,3 @@ fn netns_announce_on_a_down_interface_is_a_send_error() {
         .unwrap_err();
     assert_eq!(error.metric_label(), "send", "{error:?}");
 }
-
-// Referenced so that a capture helper change that stops compiling against pnet's types is
-// caught here rather than in a test that silently captures nothing.
-#[allow(dead_code)]
-fn _types(_: MacAddr, _: NetworkInterface) {}

@@ -39,9 +39,9 @@ fuzz_target!(|data: &[u8]| {
         check_round_trip(data, src, dst);
     }
     // The same bytes as a received IPv4 datagram, the way the raw-socket driver sees them.
-    if let Ok((info, payload)) = parse_ipv4(data) {
-        if info.protocol == IPPROTO_VRRP {
-            check_round_trip(payload, info.src.into(), info.dst.into());
-        }
+    if let Ok((info, payload)) = parse_ipv4(data)
+        && info.protocol == IPPROTO_VRRP
+    {
+        check_round_trip(payload, info.src.into(), info.dst.into());
     }
 });

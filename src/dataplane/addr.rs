@@ -1,7 +1,8 @@
 //! Virtual addresses on interfaces, via rtnetlink, marked as ours.
 //!
 //! Every address ferrovip adds carries the address protocol [`FERROVIP_ADDR_PROTO`]
-//! (`IFA_PROTO`, Linux ≥ 6.1; iproute2 ≥ 6.2 shows it as `proto 0x46` in `ip -d addr`).
+//! (`IFA_PROTO`, Linux ≥ 6.1; iproute2 releases after 6.1 show it as `proto` in
+//! `ip -d addr`, Debian 12's 6.1 does not).
 //! The kernel keeps the mark with the address, so an agent that restarts after a crash finds
 //! the addresses its predecessor left behind, and never removes an address somebody else
 //! configured, even one with the same value.

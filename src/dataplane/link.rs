@@ -15,7 +15,9 @@
 //!   has no address yet), `promote_secondaries=1`;
 //! - on the parent: `arp_ignore=1` and `arp_filter=1`, so that the parent does not answer
 //!   ARP for the VIP with the node's real MAC (Linux answers ARP for any local address on
-//!   any interface by default). These stay set when the macvlan goes; use
+//!   any interface by default), and `arp_announce=2`, so that the parent's own ARP requests
+//!   (for replies sourced from the VIP) carry its own address, not the VIP: otherwise every
+//!   neighbour it asks learns the VIP at the real MAC. These stay set when the macvlan goes; use
 //!   [`ArpSettings::read`] before and [`ArpSettings::restore`] after to undo them.
 //! - IPv6 address generation is turned off on the macvlan before it comes up: a link-local
 //!   address derived from the virtual MAC would be the same on every router of the VRID and
@@ -232,7 +234,7 @@ impl MacvlanManager {
         };
 
         configure_vmac_sysctls(&link.name)?;
-        for (key, value) in [("arp_ignore", 1), ("arp_filter", 1)] {
+        for (key, value) in [("arp_ignore", 1), ("arp_filter", 1), ("arp_announce", 2)] {
             ensure_ipv4_conf(&parent.name, key, value).map_err(sysctl_error)?;
         }
 
@@ -407,6 +409,7 @@ fn disable_ipv6_address_generation(name: &str) -> Result<(), LinkError> {
 pub struct ArpSettings {
     pub arp_ignore: u32,
     pub arp_filter: u32,
+    pub arp_announce: u32,
 }
 
 impl ArpSettings {
@@ -414,12 +417,14 @@ impl ArpSettings {
         Ok(Self {
             arp_ignore: read_ipv4_conf(ifname, "arp_ignore")?,
             arp_filter: read_ipv4_conf(ifname, "arp_filter")?,
+            arp_announce: read_ipv4_conf(ifname, "arp_announce")?,
         })
     }
 
     pub fn restore(&self, ifname: &str) -> Result<(), LinkError> {
         ensure_ipv4_conf(ifname, "arp_ignore", self.arp_ignore).map_err(sysctl_error)?;
-        ensure_ipv4_conf(ifname, "arp_filter", self.arp_filter).map_err(sysctl_error)
+        ensure_ipv4_conf(ifname, "arp_filter", self.arp_filter).map_err(sysctl_error)?;
+        ensure_ipv4_conf(ifname, "arp_announce", self.arp_announce).map_err(sysctl_error)
     }
 }
 

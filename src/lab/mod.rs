@@ -32,7 +32,7 @@ pub use measure::{
     master_down_interval, masters_since, measure_failover, measure_failover_async, skew_time,
 };
 pub use netns::{Lab, LabSpec, NodeInfo, ProcId, log_tail};
-pub use run::{FailoverRound, GracefulRound, LabOptions, LabReport, NodeSummary, run_lab};
+pub use run::{FailoverRound, GracefulRound, LabOptions, LabReport, NodeSummary, Rejoin, run_lab};
 pub use sniffer::Sniffer;
 pub use wire::{Event, EventKind, SeenAdvert, parse_frame};
 

@@ -533,12 +533,20 @@ impl Lab {
         Ok(proc.poll_exit())
     }
 
-    /// Waits up to `timeout` for `id` to exit.
+    /// Waits up to `timeout` for `id` and every process of its group to exit (a restarted
+    /// daemon must not find its predecessor's children still around). Returns the leader's
+    /// exit status, or `None` on timeout.
     pub fn wait(&self, id: ProcId, timeout: Duration) -> Result<Option<ExitStatus>, LabError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.exit_status(id)? {
-                return Ok(Some(status));
+            {
+                let mut procs = self.procs();
+                let proc = procs.get_mut(&id).ok_or(LabError::UnknownProcess(id))?;
+                if let Some(status) = proc.poll_exit()
+                    && !proc.group_alive()
+                {
+                    return Ok(Some(status));
+                }
             }
             if Instant::now() >= deadline {
                 return Ok(None);

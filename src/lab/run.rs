@@ -65,7 +65,7 @@ pub struct LabReport {
     pub interval: Duration,
     pub nodes: Vec<NodeSummary>,
     pub initial_master: String,
-    /// From starting the agents to a single stable master on the wire.
+    /// From starting the agents to the first advert of the master that then stayed.
     pub time_to_first_master: Duration,
     pub vip_answers_ping: bool,
     pub failovers: Vec<FailoverRound>,
@@ -150,7 +150,9 @@ pub async fn run_lab(opts: LabOptions) -> Result<LabReport, LabError> {
             Err(LabError::Interrupted)
         }
     };
-    if let Err(e) = &result {
+    // Quiet callers (tests, the benchmark) get the log tails inside the error instead.
+    let failed = !matches!(result, Ok(_) | Err(LabError::Interrupted));
+    if let (Err(e), true) = (&result, failed && !opts.quiet) {
         lab.keep_dir(true);
         out.line(format!("lab failed: {e}"));
         out.line(format!("logs kept in {}", lab.dir().display()));
@@ -315,9 +317,9 @@ async fn drive(
         }
     })?;
     out.line(format!(
-        "ferrovip lab: {} nodes on {subnet}, VIP {vip}, VRID {VRID}, VRRPv3 adverts every {}",
+        "ferrovip lab: {} nodes on {subnet}, VIP {vip}, VRID {VRID}, VRRPv3 adverts every {} ms",
         opts.nodes,
-        ms(opts.interval)
+        opts.interval.as_millis()
     ));
     out.line(format!(
         "namespaces {}node-a…, logs in {}",
@@ -347,7 +349,16 @@ impl Driver<'_> {
         }
         let master = self.wait_single_master(started).await?;
         let initial_master = master;
-        let time_to_first_master = started.elapsed();
+        let master_addr = IpAddr::V4(self.lab.node(master).ipv4);
+        let time_to_first_master = self
+            .sniffer
+            .events_since(started)
+            .iter()
+            .find(|e| {
+                e.advert()
+                    .is_some_and(|a| a.vrid == VRID && a.priority > 0 && a.source == master_addr)
+            })
+            .map_or_else(|| started.elapsed(), |e| e.at.duration_since(started));
         self.out.line(format!(
             "{} is master after {:.2} s\n",
             self.lab.node(master).name,
@@ -454,33 +465,52 @@ impl Driver<'_> {
         logs
     }
 
-    /// Waits until, over a whole window of three advert intervals after `since`, exactly
-    /// one node advertised with priority > 0. Returns its index.
-    async fn wait_single_master(&self, since: Instant) -> Result<usize, LabError> {
-        let window = self.opts.interval * 3 + self.opts.interval / 2;
-        let poll = self.opts.interval / 2;
-        let deadline = Instant::now() + MASTER_TIMEOUT;
+    /// Waits until exactly one node advertised with priority > 0 over a whole window after
+    /// `since`, and that node is the one with the highest priority. The window spans the
+    /// longest Master_Down_Interval plus an interval, so a backup that is about to preempt has
+    /// done so before the window can pass. If the single master is another node when the time
+    /// is up, that is reported as a warning (preemption did not happen) and the run goes on.
+    async fn wait_single_master(&mut self, since: Instant) -> Result<usize, LabError> {
+        let interval = self.opts.interval;
+        let window = master_down_interval(1, interval) + interval;
+        let timeout = MASTER_TIMEOUT.max(window * 3);
+        let deadline = Instant::now() + timeout;
+        // Every agent runs whenever this is called, so the preferred node should win.
+        let expected = 0;
         loop {
             self.check_agents_alive()?;
             let now = Instant::now();
             let window_start = now.checked_sub(window).unwrap_or(since);
             let masters =
                 masters_since(&self.sniffer.events_since(window_start), VRID, window_start);
-            if window_start >= since && masters.len() == 1 {
-                let node = self
-                    .lab
-                    .node_by_addr(masters[0])
-                    .ok_or(LabError::StrangerOnTheWire(masters[0]))?;
-                return Ok(node.index);
+            let single = match masters[..] {
+                [only] if window_start >= since => Some(
+                    self.lab
+                        .node_by_addr(only)
+                        .ok_or(LabError::StrangerOnTheWire(only))?
+                        .index,
+                ),
+                _ => None,
+            };
+            if single == Some(expected) {
+                return Ok(expected);
             }
             if now >= deadline {
+                if let Some(node) = single {
+                    self.warn(format!(
+                        "{} stayed master although {} has a higher priority",
+                        self.lab.node(node).name,
+                        self.lab.node(expected).name
+                    ));
+                    return Ok(node);
+                }
                 let masters = masters
                     .iter()
                     .map(IpAddr::to_string)
                     .collect::<Vec<_>>()
                     .join(", ");
                 return Err(LabError::NoSingleMaster {
-                    waited: MASTER_TIMEOUT,
+                    waited: timeout,
                     masters: if masters.is_empty() {
                         "none".into()
                     } else {
@@ -489,7 +519,7 @@ impl Driver<'_> {
                     logs: self.all_log_tails(),
                 });
             }
-            tokio::time::sleep(poll).await;
+            tokio::time::sleep(interval / 2).await;
         }
     }
 
@@ -787,7 +817,8 @@ impl Driver<'_> {
         let gap = mean(&|r| r.failover.last_advert_to_takeover.unwrap_or_default());
         let expected = mean(&|r| r.expected);
         self.out.line(format!(
-            "{n} crash failovers: mean kill → new master {}, mean advert gap {} (Master_Down_Interval {})",
+            "{n} crash failover{}: mean kill → new master {}, mean advert gap {} (Master_Down_Interval {})",
+            if n == 1 { "" } else { "s" },
             ms(to_advert),
             ms(gap),
             ms(expected)

@@ -25,16 +25,50 @@ const READ_TIMEOUT: Duration = Duration::from_millis(50);
 /// adverts this is days of history.
 const MAX_EVENTS: usize = 1_000_000;
 
+/// Captured events plus how many were dropped from the front, so that waiters can keep an
+/// absolute position while the buffer slides.
+#[derive(Default)]
+struct Buffer {
+    events: VecDeque<Event>,
+    dropped: u64,
+}
+
+impl Buffer {
+    fn push(&mut self, event: Event) {
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+            self.dropped += 1;
+        }
+        self.events.push_back(event);
+    }
+
+    /// Absolute sequence number one past the newest event.
+    fn end(&self) -> u64 {
+        self.dropped + self.events.len() as u64
+    }
+
+    /// The oldest event at or after absolute position `from` that matches; advances `from`
+    /// past everything looked at, so a wait loop examines each event once.
+    fn first_match(&self, from: &mut u64, pred: &impl Fn(&Event) -> bool) -> Option<Event> {
+        let start = from.saturating_sub(self.dropped) as usize;
+        *from = self.end();
+        self.events
+            .range(start.min(self.events.len())..)
+            .find(|e| pred(e))
+            .cloned()
+    }
+}
+
 #[derive(Default)]
 struct Shared {
-    events: Mutex<VecDeque<Event>>,
+    events: Mutex<Buffer>,
     arrived: Condvar,
     arrived_async: tokio::sync::Notify,
     failure: Mutex<Option<String>>,
 }
 
 impl Shared {
-    fn events(&self) -> MutexGuard<'_, VecDeque<Event>> {
+    fn events(&self) -> MutexGuard<'_, Buffer> {
         self.events.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -51,7 +85,7 @@ impl std::fmt::Debug for Sniffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sniffer")
             .field("started_at", &self.started_at)
-            .field("events", &self.shared.events().len())
+            .field("events", &self.shared.events().events.len())
             .finish_non_exhaustive()
     }
 }
@@ -107,14 +141,14 @@ impl Sniffer {
 
     /// Every event captured so far, oldest first.
     pub fn events(&self) -> Vec<Event> {
-        self.shared.events().iter().cloned().collect()
+        self.shared.events().events.iter().cloned().collect()
     }
 
     /// Events received at or after `since`, oldest first.
     pub fn events_since(&self, since: Instant) -> Vec<Event> {
-        let events = self.shared.events();
-        let start = events.partition_point(|e| e.at < since);
-        events.range(start..).cloned().collect()
+        let buffer = self.shared.events();
+        let start = buffer.events.partition_point(|e| e.at < since);
+        buffer.events.range(start..).cloned().collect()
     }
 
     /// Why the capture stopped, if it did (the socket failed).
@@ -131,20 +165,20 @@ impl Sniffer {
     /// put a time bound in the predicate (`e.at >= t`) to look only at later ones. Blocking.
     pub fn wait_for(&self, pred: impl Fn(&Event) -> bool, timeout: Duration) -> Option<Event> {
         let deadline = Instant::now() + timeout;
-        let mut events = self.shared.events();
+        let mut buffer = self.shared.events();
         let mut checked = 0;
         loop {
-            if let Some(found) = first_match(&events, &mut checked, &pred) {
+            if let Some(found) = buffer.first_match(&mut checked, &pred) {
                 return Some(found);
             }
             let now = Instant::now();
             if now >= deadline || self.failure().is_some() {
                 return None;
             }
-            events = self
+            buffer = self
                 .shared
                 .arrived
-                .wait_timeout(events, deadline - now)
+                .wait_timeout(buffer, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -164,7 +198,7 @@ impl Sniffer {
             let arrived = self.shared.arrived_async.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            if let Some(found) = first_match(&self.shared.events(), &mut checked, &pred) {
+            if let Some(found) = self.shared.events().first_match(&mut checked, &pred) {
                 return Some(found);
             }
             if self.failure().is_some() || tokio::time::timeout_at(deadline, arrived).await.is_err()
@@ -173,21 +207,6 @@ impl Sniffer {
             }
         }
     }
-}
-
-/// Scans from `checked` on, so a wait loop looks at each event once. The buffer only drops
-/// its oldest entries once it is full, which at worst makes a scan restart.
-fn first_match(
-    events: &VecDeque<Event>,
-    checked: &mut usize,
-    pred: &impl Fn(&Event) -> bool,
-) -> Option<Event> {
-    if *checked > events.len() {
-        *checked = 0;
-    }
-    let found = events.range(*checked..).find(|e| pred(e)).cloned();
-    *checked = events.len();
-    found
 }
 
 impl Drop for Sniffer {
@@ -222,12 +241,7 @@ fn capture(
             Ok(frame) => {
                 let at = Instant::now();
                 if let Some((src_mac, kind)) = parse_frame(frame) {
-                    let mut events = shared.events();
-                    if events.len() == MAX_EVENTS {
-                        events.pop_front();
-                    }
-                    events.push_back(Event { at, src_mac, kind });
-                    drop(events);
+                    shared.events().push(Event { at, src_mac, kind });
                     shared.arrived.notify_all();
                     shared.arrived_async.notify_waiters();
                 }
@@ -337,4 +351,52 @@ pub fn send_frame(
             .join()
             .unwrap_or_else(|_| Err(LabError::SnifferDied("frame sender panicked".into())))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::wire::{EventKind, MacAddr};
+
+    fn garp(at: Instant, last_octet: u8) -> Event {
+        Event {
+            at,
+            src_mac: MacAddr::zero(),
+            kind: EventKind::GratuitousArp {
+                sender_ip: std::net::Ipv4Addr::new(192, 0, 2, last_octet),
+                sender_mac: MacAddr::zero(),
+            },
+        }
+    }
+
+    fn octet(e: &Event) -> u8 {
+        e.announced()
+            .map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => v4.octets()[3],
+                std::net::IpAddr::V6(_) => 0,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn waiters_keep_their_place_when_the_full_buffer_slides() {
+        let now = Instant::now();
+        let mut buffer = Buffer::default();
+        for i in 0..MAX_EVENTS {
+            buffer.push(garp(now, (i % 200) as u8));
+        }
+        let mut cursor = 0;
+        assert_eq!(buffer.first_match(&mut cursor, &|e| octet(e) == 250), None);
+        assert_eq!(cursor, MAX_EVENTS as u64);
+        // Full: each push now drops the oldest, and the waiter must still see the new ones.
+        buffer.push(garp(now, 250));
+        buffer.push(garp(now, 251));
+        assert_eq!(buffer.dropped, 2);
+        let found = buffer
+            .first_match(&mut cursor, &|e| octet(e) >= 250)
+            .unwrap();
+        assert_eq!(octet(&found), 250);
+        assert_eq!(cursor, MAX_EVENTS as u64 + 2);
+        assert_eq!(buffer.first_match(&mut cursor, &|_| true), None);
+    }
 }

@@ -283,6 +283,9 @@ vrrp_instance lab {
   }
 }
 EOF
+# A SIGKILLed predecessor's VRRP child may linger as a zombie for a moment; its pid files
+# would make keepalived refuse to start.
+rm -f "$dir/$name.pid" "$dir/$name.vrrp.pid"
 exec keepalived --dont-fork --log-console --log-detail --vrrp -f "$conf" \
   -p "$dir/$name.pid" -r "$dir/$name.vrrp.pid"
 "#;

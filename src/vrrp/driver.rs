@@ -19,9 +19,10 @@ use tracing::{debug, info, warn};
 
 use super::Family;
 use super::instance::{Config, Input, Instance, Output};
-use super::packet::{Advertisement, DecodeError};
+use super::packet::{Advertisement, DecodeError, virtual_mac};
 use super::socket::{VrrpSocket, group};
 use crate::dataplane::addr::AddressManager;
+use crate::dataplane::link::{MacvlanManager, vmac_name};
 use crate::model::{Desired, InstanceKey, InstanceSpec};
 
 /// How often links are re-read (index, MAC, primary address) and instances that could not
@@ -125,6 +126,9 @@ enum Effect {
         addrs: Vec<IpAddr>,
         source_v6: Option<Ipv6Addr>,
     },
+    DeleteLink {
+        name: Arc<str>,
+    },
     Barrier(oneshot::Sender<()>),
 }
 
@@ -163,11 +167,23 @@ struct Slot {
     /// `None` while the instance cannot run (interface or its address missing).
     instance: Option<Instance>,
     armed: Option<Instant>,
+    /// The macvlan holding the addresses when `spec.virtual_mac` is set.
+    vmac: Option<Vmac>,
+}
+
+/// A virtual-MAC macvlan: the addresses, announcements and advertisements of one instance go
+/// through it, so they carry 00:00:5e:00:0{1,2}:VRID.
+struct Vmac {
+    name: Arc<str>,
+    index: u32,
+    mac: [u8; 6],
+    socket: Arc<VrrpSocket>,
 }
 
 /// The engine: every VRRP instance of this node.
 pub struct Engine {
     addresses: AddressManager,
+    macvlans: MacvlanManager,
     links: HashMap<Arc<str>, Link>,
     slots: HashMap<SlotKey, Slot>,
     timers: BTreeSet<(Instant, SlotKey)>,
@@ -191,11 +207,23 @@ impl Engine {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not clean up addresses left behind"),
         }
+        let macvlans = MacvlanManager::new(addresses.handle().clone());
+        match macvlans.list_owned().await {
+            Ok(stale) => {
+                for link in stale {
+                    if let Err(e) = macvlans.delete_link(&link.name).await {
+                        warn!(interface = %link.name, error = %e, "cannot remove a virtual-MAC interface left behind");
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list virtual-MAC interfaces left behind"),
+        }
         let (effects, effects_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_effects(addresses.clone(), effects_rx));
+        tokio::spawn(run_effects(addresses.clone(), macvlans.clone(), effects_rx));
         let (incoming_tx, incoming_rx) = mpsc::channel(4096);
         Engine {
             addresses,
+            macvlans,
             links: HashMap::new(),
             slots: HashMap::new(),
             timers: BTreeSet::new(),
@@ -344,7 +372,7 @@ impl Engine {
         let priority = instance.config().priority;
         if let Some(link) = links.get(&key.0) {
             for output in outputs.drain(..) {
-                io.execute(link, &slot.spec, priority, output);
+                io.execute(link, slot.vmac.as_ref(), &slot.spec, priority, output);
             }
         }
     }
@@ -419,8 +447,23 @@ impl Engine {
                 None
             }
         };
+        let mut vmac = None;
+        let primary = match (primary, spec.virtual_mac) {
+            (Some(p), true) => match self.ensure_vmac(&key.0, &spec, p).await {
+                Ok(v) => {
+                    vmac = Some(v);
+                    Some(p)
+                }
+                Err(e) => {
+                    warn!(vip = %spec.resource, interface = %key.0, error = %e, "cannot set up the virtual MAC; retrying");
+                    None
+                }
+            },
+            (p, _) => p,
+        };
         let instance = match primary {
             Some(p) => Some(Instance::new(instance_config(&spec, p))),
+            None if spec.virtual_mac && self.links.contains_key(&key.0) => None,
             None => {
                 warn!(vip = %spec.resource, interface = %key.0, family = %spec.family, "interface has no usable {} address; instance waits", if spec.family == Family::V4 { "IPv4" } else { "IPv6 link-local" });
                 None
@@ -433,6 +476,7 @@ impl Engine {
                 spec,
                 instance,
                 armed: None,
+                vmac,
             },
         );
         if started {
@@ -442,10 +486,14 @@ impl Engine {
 
     fn stop(&mut self, key: &SlotKey, now: Instant) {
         self.handle(key, now, Input::Shutdown);
-        if let Some(slot) = self.slots.remove(key)
-            && let Some(at) = slot.armed
-        {
-            self.timers.remove(&(at, key.clone()));
+        if let Some(slot) = self.slots.remove(key) {
+            if let Some(at) = slot.armed {
+                self.timers.remove(&(at, key.clone()));
+            }
+            if let Some(vmac) = slot.vmac {
+                // Queued behind the address removal of the shutdown above.
+                let _ = self.io.effects.send(Effect::DeleteLink { name: vmac.name });
+            }
         }
     }
 
@@ -482,6 +530,39 @@ impl Engine {
             link.sockets.insert(family, socket);
         }
         Ok(link)
+    }
+
+    /// Creates (or adopts) the instance's virtual-MAC macvlan and its send socket. For IPv6
+    /// the macvlan also gets the parent's link-local address, the advertisements' source.
+    async fn ensure_vmac(
+        &self,
+        interface: &Arc<str>,
+        spec: &InstanceSpec,
+        primary: IpAddr,
+    ) -> Result<Vmac, String> {
+        let link = self.links.get(interface).ok_or("interface vanished")?;
+        let name = vmac_name(link.index, spec.family, spec.vrid);
+        let mac = virtual_mac(spec.family, spec.vrid);
+        let index = self
+            .macvlans
+            .ensure_macvlan(link.index, &name, mac)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let IpAddr::V6(ll) = primary {
+            let net = IpNet::V6(ipnet::Ipv6Net::new(ll, 64).map_err(|e| e.to_string())?);
+            self.addresses
+                .add(index, net)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let socket =
+            VrrpSocket::open_sender(&name, index, spec.family).map_err(|e| e.to_string())?;
+        Ok(Vmac {
+            name: Arc::from(name.as_str()),
+            index,
+            mac,
+            socket: Arc::new(socket),
+        })
     }
 
     /// Re-reads every link: a recreated interface gets new sockets and its instances start
@@ -555,6 +636,7 @@ impl Engine {
                                     spec,
                                     instance: None,
                                     armed: None,
+                                    vmac: None,
                                 },
                             );
                         }
@@ -600,14 +682,25 @@ struct Io {
 }
 
 impl Io {
-    fn execute(&mut self, link: &Link, spec: &InstanceSpec, priority: u8, output: Output) {
+    fn execute(
+        &mut self,
+        link: &Link,
+        vmac: Option<&Vmac>,
+        spec: &InstanceSpec,
+        priority: u8,
+        output: Output,
+    ) {
         match output {
             Output::Send(advertisement) => {
                 let Some(source) = link.primary(spec.family) else {
                     return;
                 };
-                let Some(socket) = link.sockets.get(&spec.family) else {
-                    return;
+                let socket = match vmac {
+                    Some(v) => &v.socket,
+                    None => match link.sockets.get(&spec.family) {
+                        Some(s) => s,
+                        None => return,
+                    },
                 };
                 let group = [group(spec.family)];
                 let destinations: &[IpAddr] = if spec.unicast_peers.is_empty() {
@@ -615,7 +708,8 @@ impl Io {
                 } else {
                     &spec.unicast_peers
                 };
-                for &destination in destinations {
+                // One manifest usually lists every node as a peer, this one included.
+                for &destination in destinations.iter().filter(|d| **d != source) {
                     self.encode_buf.clear();
                     if let Err(e) = advertisement.encode_into(
                         source,
@@ -638,21 +732,17 @@ impl Io {
                 }
             }
             Output::AddAddresses(nets) => {
-                let _ = self.effects.send(Effect::Add {
-                    ifindex: link.index,
-                    nets,
-                });
+                let ifindex = vmac.map_or(link.index, |v| v.index);
+                let _ = self.effects.send(Effect::Add { ifindex, nets });
             }
             Output::RemoveAddresses(nets) => {
-                let _ = self.effects.send(Effect::Remove {
-                    ifindex: link.index,
-                    nets,
-                });
+                let ifindex = vmac.map_or(link.index, |v| v.index);
+                let _ = self.effects.send(Effect::Remove { ifindex, nets });
             }
             Output::Announce(addrs) => {
                 let _ = self.effects.send(Effect::Announce {
-                    interface: link.name.clone(),
-                    mac: link.mac,
+                    interface: vmac.map_or_else(|| link.name.clone(), |v| v.name.clone()),
+                    mac: vmac.map_or(link.mac, |v| v.mac),
                     addrs,
                     source_v6: link.link_local_v6,
                 });
@@ -739,7 +829,11 @@ fn log_decode_drop(stats: &Stats, interface: &str, source: IpAddr, e: &DecodeErr
 }
 
 /// Executes address changes and announcements in order.
-async fn run_effects(addresses: AddressManager, mut rx: mpsc::UnboundedReceiver<Effect>) {
+async fn run_effects(
+    addresses: AddressManager,
+    macvlans: MacvlanManager,
+    mut rx: mpsc::UnboundedReceiver<Effect>,
+) {
     while let Some(effect) = rx.recv().await {
         match effect {
             Effect::Add { ifindex, nets } => {
@@ -771,6 +865,11 @@ async fn run_effects(addresses: AddressManager, mut rx: mpsc::UnboundedReceiver<
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => warn!(interface = %interface, error = %e, "announcement failed"),
                     Err(e) => warn!(interface = %interface, error = %e, "announcement task failed"),
+                }
+            }
+            Effect::DeleteLink { name } => {
+                if let Err(e) = macvlans.delete_link(&name).await {
+                    warn!(interface = %name, error = %e, "cannot remove virtual-MAC interface");
                 }
             }
             Effect::Barrier(done) => {

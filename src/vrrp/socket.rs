@@ -102,6 +102,25 @@ impl VrrpSocket {
         })
     }
 
+    /// Opens a send-only socket on a virtual-MAC macvlan: advertisements leave with the
+    /// virtual MAC as their source (RFC 5798 §7.3). It joins no group, so it receives nothing.
+    pub fn open_sender(interface: &str, ifindex: u32, family: Family) -> Result<Self, SocketError> {
+        let open_err = |source| SocketError::Open {
+            interface: interface.to_string(),
+            family,
+            source,
+        };
+        let socket = sender_socket(interface, ifindex, family).map_err(open_err)?;
+        // SAFETY: as in `open`: the AsyncFd owns the socket and so its descriptor.
+        let fd = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+            .map_err(|e| open_err(io::Error::from(e)))?;
+        Ok(VrrpSocket {
+            fd,
+            family,
+            ifindex,
+        })
+    }
+
     pub fn family(&self) -> Family {
         self.family
     }
@@ -284,6 +303,37 @@ fn open_v6(interface: &str, ifindex: u32) -> io::Result<Socket> {
     socket.join_multicast_v6(&MULTICAST_V6, ifindex)?;
     socket.set_recv_buffer_size(4 << 20)?;
     socket.set_send_buffer_size(4 << 20)?;
+    Ok(socket)
+}
+
+fn sender_socket(interface: &str, ifindex: u32, family: Family) -> io::Result<Socket> {
+    let domain = match family {
+        Family::V4 => Domain::IPV4,
+        Family::V6 => Domain::IPV6,
+    };
+    let socket = Socket::new(
+        domain,
+        Type::RAW,
+        Some(Protocol::from(i32::from(IPPROTO_VRRP))),
+    )?;
+    socket.bind_device(Some(interface.as_bytes()))?;
+    socket.set_nonblocking(true)?;
+    match family {
+        Family::V4 => {
+            socket.set_multicast_ttl_v4(u32::from(HOP_LIMIT))?;
+            socket.set_ttl_v4(u32::from(HOP_LIMIT))?;
+            socket.set_tos_v4(u32::from(TOS_NETWORK_CONTROL))?;
+            socket.set_multicast_loop_v4(false)?;
+        }
+        Family::V6 => {
+            socket.set_multicast_hops_v6(u32::from(HOP_LIMIT))?;
+            socket.set_unicast_hops_v6(u32::from(HOP_LIMIT))?;
+            socket.set_multicast_if_v6(ifindex)?;
+            socket.set_multicast_loop_v6(false)?;
+            socket.set_tclass_v6(u32::from(TOS_NETWORK_CONTROL))?;
+        }
+    }
+    socket.set_recv_buffer_size(0)?;
     Ok(socket)
 }
 
