@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds a real kube-apiserver (v1.20.2, from Debian bookworm's `kubernetes` source package)
+# offline, once, into ~/.cache/ferrovip. Also installs etcd and kubectl from Debian.
+# Prints the path of the binary on stdout.
+set -euo pipefail
+
+cache="${FERROVIP_CACHE:-$HOME/.cache/ferrovip}"
+bin="$cache/kube-apiserver-v1.20.2"
+mkdir -p "$cache"
+
+export DEBIAN_FRONTEND=noninteractive
+pkgs=(etcd-server kubernetes-client)
+[ -x "$bin" ] || pkgs+=(golang-1.19-go rsync golang-github-modern-go-reflect2-dev dpkg-dev)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+if [ -x "$bin" ]; then
+  echo "$bin"
+  exit 0
+fi
+
+# Source entries mirroring the binary ones the machine already uses.
+src_list=/etc/apt/sources.list.d/ferrovip-deb-src.sources
+if [ ! -e "$src_list" ]; then
+  if [ -e /etc/apt/sources.list.d/debian.sources ]; then
+    sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources >"$src_list"
+  else
+    grep -E '^deb ' /etc/apt/sources.list | sed 's/^deb /deb-src /' >"${src_list%.sources}.list"
+  fi
+  apt-get update -qq >&2
+fi
+
+work="$cache/build"
+rm -rf "$work"
+mkdir -p "$work"
+cd "$work"
+echo "fetching the kubernetes source package" >&2
+apt-get source -qq kubernetes >&2
+src=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -n 1)
+[ -n "$src" ] || { echo "apt-get source kubernetes produced no tree" >&2; exit 1; }
+
+# The vendored reflect2 1.0.1 crashes on custom-resource writes with Go >= 1.18; Debian's
+# packaged copy is fixed.
+vendored="$src/vendor/github.com/modern-go/reflect2"
+packaged=/usr/share/gocode/src/github.com/modern-go/reflect2
+[ -d "$vendored" ] && [ -d "$packaged" ] || { echo "reflect2 sources not found" >&2; exit 1; }
+rm -f "$vendored"/*.go "$vendored"/*.s
+cp "$packaged"/*.go "$vendored"/
+cp "$packaged"/*.s "$vendored"/ 2>/dev/null || true
+rm -f "$vendored"/*_test.go
+
+echo "building kube-apiserver (several minutes)" >&2
+cd "$src"
+PATH="/usr/lib/go-1.19/bin:$PATH" GOPROXY=off CGO_ENABLED=0 GOFLAGS=-mod=vendor \
+  make WHAT=cmd/kube-apiserver >&2
+built=$(find "$src/_output" -type f -name kube-apiserver -perm -u+x | head -n 1)
+[ -n "$built" ] || { echo "kube-apiserver binary not found after make" >&2; exit 1; }
+install -m 0755 "$built" "$bin.tmp"
+mv "$bin.tmp" "$bin"
+cd "$cache"
+rm -rf "$work"
+echo "$bin"
