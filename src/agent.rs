@@ -190,7 +190,10 @@ impl ManifestSource {
                 }
             }
         }
-        Snapshot { virtual_ips }
+        Snapshot {
+            virtual_ips,
+            ..Snapshot::default()
+        }
     }
 }
 

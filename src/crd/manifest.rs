@@ -236,7 +236,7 @@ spec:
         assert!(m.errors.is_empty(), "{:?}", m.errors);
         let vip = &m.virtual_ips[0];
         assert_eq!(vip.metadata.name.as_deref(), Some("web"));
-        assert_eq!(vip.spec.virtual_router_id, 51);
+        assert_eq!(vip.spec.virtual_router_id, Some(51));
         assert_eq!(vip.spec.vrrp.advertisement_interval, "100ms");
         assert_eq!(vip.spec.priority.preferred_nodes[0].weight, 50);
     }

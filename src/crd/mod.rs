@@ -7,7 +7,7 @@ mod validate;
 mod virtualip;
 
 pub use duration::{DurationError, parse_duration};
-pub use validate::{FieldError, ValidSpec, ValidationErrors};
+pub use validate::{CheckKind, FieldError, ValidCheck, ValidSpec, ValidationErrors};
 pub use virtualip::*;
 
 use kube::CustomResourceExt;

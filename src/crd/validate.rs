@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
 use super::duration::parse_duration;
-use super::virtualip::{Ipv4Checksum, VirtualIPSpec};
+use super::virtualip::{Ipv4Checksum, NodeHealthWeights, ServiceRef, UnicastPeers, VirtualIPSpec};
 use crate::vrrp::{ChecksumMode, Version};
 
 /// One problem with one field.
@@ -43,21 +45,55 @@ impl fmt::Display for ValidationErrors {
 }
 
 /// A spec that passed validation, in the engine's types.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ValidSpec {
     pub addresses: Vec<IpNet>,
     pub interface: String,
-    pub vrid: u8,
+    /// `None`: chosen by the planner from the name.
+    pub vrid: Option<u8>,
     pub version: Version,
     pub advert_interval: Duration,
     pub preempt: bool,
     pub preempt_delay: Duration,
     pub unicast_peers: Vec<IpAddr>,
+    /// `unicastPeers: auto`: the eligible nodes' InternalIP addresses.
+    pub unicast_auto: bool,
     pub checksum: ChecksumMode,
     pub virtual_mac: bool,
+    pub node_selector: Option<LabelSelector>,
     pub base_priority: i64,
     /// (node name, weight)
     pub preferred_nodes: Vec<(String, i64)>,
+    pub node_health: NodeHealthWeights,
+    /// The Service whose local ready endpoints count, and the penalty without any.
+    pub local_endpoints: Option<(ServiceRef, i64)>,
+    pub checks: Vec<ValidCheck>,
+}
+
+/// A validated health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidCheck {
+    pub name: String,
+    pub kind: CheckKind,
+    pub weight: i64,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// What a check probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    Tcp {
+        host: IpAddr,
+        port: u16,
+    },
+    Http {
+        host: IpAddr,
+        port: u16,
+        path: String,
+    },
 }
 
 const MAX_PREEMPT_DELAY: Duration = Duration::from_secs(3600);
@@ -96,14 +132,18 @@ impl VirtualIPSpec {
             );
         }
 
-        let vrid = match u8::try_from(self.virtual_router_id) {
-            Ok(v) if v >= 1 => v,
-            _ => {
+        let vrid = match self.virtual_router_id.map(u8::try_from) {
+            None => None,
+            Some(Ok(v)) if v >= 1 => Some(v),
+            Some(_) => {
                 errors.push(
                     "spec.virtualRouterId",
-                    format!("must be between 1 and 255, got {}", self.virtual_router_id),
+                    format!(
+                        "must be between 1 and 255, got {}",
+                        self.virtual_router_id.unwrap_or_default()
+                    ),
                 );
-                1
+                None
             }
         };
 
@@ -149,8 +189,12 @@ impl VirtualIPSpec {
             }
         };
 
-        let mut unicast_peers = Vec::with_capacity(self.vrrp.unicast_peers.len());
-        for (i, peer) in self.vrrp.unicast_peers.iter().enumerate() {
+        let (listed, unicast_auto) = match &self.vrrp.unicast_peers {
+            UnicastPeers::Auto => (&[][..], true),
+            UnicastPeers::List(l) => (&l[..], false),
+        };
+        let mut unicast_peers = Vec::with_capacity(listed.len());
+        for (i, peer) in listed.iter().enumerate() {
             let field = format!("spec.vrrp.unicastPeers[{i}]");
             match peer.parse::<IpAddr>() {
                 Ok(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() => {
@@ -198,6 +242,40 @@ impl VirtualIPSpec {
             preferred_nodes.push((p.node_name.clone(), p.weight));
         }
 
+        if let Some(selector) = &self.node_selector {
+            validate_selector(selector, &mut errors);
+        }
+
+        let h = &self.priority.node_health;
+        for (field, value) in [
+            ("notReady", h.not_ready),
+            ("networkUnavailable", h.network_unavailable),
+            ("unschedulable", h.unschedulable),
+            ("carrierDown", h.carrier_down),
+        ] {
+            check_weight(
+                &format!("spec.priority.nodeHealth.{field}"),
+                value,
+                &mut errors,
+            );
+        }
+        let local_endpoints = self.priority.local_endpoints.as_ref().map(|l| {
+            check_weight("spec.priority.localEndpoints.weight", l.weight, &mut errors);
+            for (field, value) in [
+                ("namespace", &l.service.namespace),
+                ("name", &l.service.name),
+            ] {
+                if !is_dns_label(value) {
+                    errors.push(
+                        format!("spec.priority.localEndpoints.service.{field}"),
+                        format!("{value:?} is not a valid name (lowercase DNS label)"),
+                    );
+                }
+            }
+            (l.service.clone(), l.weight)
+        });
+        let checks = validate_checks(&self.priority.checks, &mut errors);
+
         if !errors.0.is_empty() {
             return Err(ValidationErrors(errors.0));
         }
@@ -210,13 +288,18 @@ impl VirtualIPSpec {
             preempt: self.vrrp.preempt,
             preempt_delay,
             unicast_peers,
+            unicast_auto,
             checksum: match self.vrrp.ipv4_checksum {
                 Ipv4Checksum::PseudoHeader => ChecksumMode::PseudoHeader,
                 Ipv4Checksum::MessageOnly => ChecksumMode::MessageOnly,
             },
             virtual_mac: self.vrrp.virtual_mac,
+            node_selector: self.node_selector.clone(),
             base_priority: self.priority.base,
             preferred_nodes,
+            node_health: self.priority.node_health.clone(),
+            local_endpoints,
+            checks,
         })
     }
 }
@@ -277,6 +360,145 @@ fn validate_addresses(raw: &[String], errors: &mut Collector) -> Vec<IpNet> {
     out
 }
 
+fn check_weight(field: &str, value: i64, errors: &mut Collector) {
+    if !(0..=254).contains(&value) {
+        errors.push(field, format!("must be between 0 and 254, got {value}"));
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn validate_selector(selector: &LabelSelector, errors: &mut Collector) {
+    for (i, expr) in selector.match_expressions.iter().flatten().enumerate() {
+        let field = format!("spec.nodeSelector.matchExpressions[{i}]");
+        let values = expr.values.as_deref().unwrap_or_default();
+        match expr.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => errors.push(
+                format!("{field}.values"),
+                format!("operator {} needs at least one value", expr.operator),
+            ),
+            "Exists" | "DoesNotExist" if !values.is_empty() => errors.push(
+                format!("{field}.values"),
+                format!("operator {} takes no values", expr.operator),
+            ),
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => errors.push(
+                format!("{field}.operator"),
+                format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist"),
+            ),
+        }
+        if expr.key.is_empty() {
+            errors.push(format!("{field}.key"), "must not be empty");
+        }
+    }
+}
+
+fn validate_checks(checks: &[super::HealthCheck], errors: &mut Collector) -> Vec<ValidCheck> {
+    let mut out = Vec::with_capacity(checks.len());
+    let mut names = HashSet::new();
+    for (i, c) in checks.iter().enumerate() {
+        let field = |f: &str| format!("spec.priority.checks[{i}].{f}");
+        if !is_dns_label(&c.name) {
+            errors.push(
+                field("name"),
+                format!("{:?} is not a lowercase DNS label", c.name),
+            );
+        } else if !names.insert(c.name.as_str()) {
+            errors.push(field("name"), format!("{:?} is used twice", c.name));
+        }
+        check_weight(&field("weight"), c.weight, errors);
+        let mut duration = |f: &str, text: &str| match parse_duration(text) {
+            Ok(d) if d >= Duration::from_millis(10) && d <= Duration::from_secs(3600) => d,
+            Ok(_) => {
+                errors.push(field(f), format!("{text} is out of range (10ms to 1h)"));
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                errors.push(field(f), e.to_string());
+                Duration::from_secs(1)
+            }
+        };
+        let interval = duration("interval", &c.interval);
+        let timeout = duration("timeout", &c.timeout);
+        if timeout > interval {
+            errors.push(
+                field("timeout"),
+                format!("{} is longer than the interval {}", c.timeout, c.interval),
+            );
+        }
+        let threshold = |f: &str, v: i64, errors: &mut Collector| match u32::try_from(v) {
+            Ok(v) if (1..=100).contains(&v) => v,
+            _ => {
+                errors.push(field(f), format!("must be between 1 and 100, got {v}"));
+                1
+            }
+        };
+        let rise = threshold("rise", c.rise, errors);
+        let fall = threshold("fall", c.fall, errors);
+        let host = |f: &str, h: &Option<String>, errors: &mut Collector| match h {
+            None => IpAddr::from([127, 0, 0, 1]),
+            Some(h) => h.parse().unwrap_or_else(|_| {
+                errors.push(field(f), format!("{h:?} is not an IP address"));
+                IpAddr::from([127, 0, 0, 1])
+            }),
+        };
+        let port = |f: &str, p: i64, errors: &mut Collector| match u16::try_from(p) {
+            Ok(p) if p >= 1 => p,
+            _ => {
+                errors.push(field(f), format!("must be between 1 and 65535, got {p}"));
+                1
+            }
+        };
+        let kind = match (&c.tcp, &c.http) {
+            (Some(t), None) => CheckKind::Tcp {
+                host: host("tcp.host", &t.host, errors),
+                port: port("tcp.port", t.port, errors),
+            },
+            (None, Some(h)) => {
+                if !h.path.starts_with('/')
+                    || h.path
+                        .bytes()
+                        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+                {
+                    errors.push(
+                        field("http.path"),
+                        format!("{:?} must start with '/' and contain no spaces", h.path),
+                    );
+                }
+                CheckKind::Http {
+                    host: host("http.host", &h.host, errors),
+                    port: port("http.port", h.port, errors),
+                    path: h.path.clone(),
+                }
+            }
+            _ => {
+                errors.push(
+                    format!("spec.priority.checks[{i}]"),
+                    "set exactly one of tcp, http",
+                );
+                continue;
+            }
+        };
+        out.push(ValidCheck {
+            name: c.name.clone(),
+            kind,
+            weight: c.weight,
+            interval,
+            timeout,
+            rise,
+            fall,
+        });
+    }
+    out
+}
+
 fn is_broadcast(ip: &IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
 }
@@ -319,7 +541,8 @@ mod tests {
         VirtualIPSpec {
             addresses: vec!["192.0.2.100/24".into()],
             interface: "eth0".into(),
-            virtual_router_id: 51,
+            virtual_router_id: Some(51),
+            node_selector: None,
             vrrp: VrrpSpec {
                 advertisement_interval: "100ms".into(),
                 ..VrrpSpec::default()
@@ -330,6 +553,7 @@ mod tests {
                     node_name: "node-a".into(),
                     weight: 50,
                 }],
+                ..PrioritySpec::default()
             },
         }
     }
@@ -346,7 +570,7 @@ mod tests {
     #[test]
     fn the_contract_is_valid() {
         let v = contract().validate().unwrap();
-        assert_eq!(v.vrid, 51);
+        assert_eq!(v.vrid, Some(51));
         assert_eq!(v.version, Version::V3);
         assert_eq!(v.advert_interval, Duration::from_millis(100));
         assert_eq!(
@@ -362,7 +586,7 @@ mod tests {
         let mut s = contract();
         s.vrrp.version = 2;
         s.vrrp.advertisement_interval = "1s".into();
-        s.vrrp.unicast_peers = vec!["192.0.2.12".into()];
+        s.vrrp.unicast_peers = UnicastPeers::List(vec!["192.0.2.12".into()]);
         let v = s.validate().unwrap();
         assert_eq!(v.version, Version::V2);
         assert_eq!(
@@ -378,9 +602,9 @@ mod tests {
         assert_eq!(fields(&s), ["spec.addresses[0]"]);
 
         let mut s = contract();
-        s.virtual_router_id = 0;
+        s.virtual_router_id = Some(0);
         assert_eq!(fields(&s), ["spec.virtualRouterId"]);
-        s.virtual_router_id = 256;
+        s.virtual_router_id = Some(256);
         assert_eq!(fields(&s), ["spec.virtualRouterId"]);
 
         let mut s = contract();
@@ -410,7 +634,7 @@ mod tests {
         assert_eq!(fields(&s), ["spec.vrrp.advertisementInterval"]);
 
         let mut s = contract();
-        s.vrrp.unicast_peers = vec!["2001:db8::2".into(), "nope".into()];
+        s.vrrp.unicast_peers = UnicastPeers::List(vec!["2001:db8::2".into(), "nope".into()]);
         assert_eq!(
             fields(&s),
             ["spec.vrrp.unicastPeers[0]", "spec.vrrp.unicastPeers[1]"]

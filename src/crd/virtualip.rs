@@ -1,6 +1,6 @@
 //! The `VirtualIP` resource: one highly available address set, elected with VRRP.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -58,8 +58,16 @@ pub struct VirtualIPSpec {
     pub interface: String,
 
     /// VRRP virtual router ID, 1-255, unique per interface (segment) and address family.
+    /// When absent, every node derives the same ID from the name (shown in
+    /// `status.virtualRouterId`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 255))]
-    pub virtual_router_id: i64,
+    pub virtual_router_id: Option<i64>,
+
+    /// Nodes that may hold the addresses (all nodes when absent). Nodes labelled
+    /// `node.kubernetes.io/exclude-from-external-load-balancers` never do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
 
     /// VRRP protocol settings.
     #[serde(default)]
@@ -97,9 +105,10 @@ pub struct VrrpSpec {
     pub preempt_delay: String,
 
     /// Send advertisements to these addresses instead of the multicast group, for networks
-    /// without multicast. Advertisements from other sources are then dropped.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub unicast_peers: Vec<String>,
+    /// without multicast: a list of addresses, or `auto` for the InternalIP addresses of the
+    /// eligible nodes (Kubernetes mode). Advertisements from other sources are then dropped.
+    #[serde(default, skip_serializing_if = "UnicastPeers::is_multicast")]
+    pub unicast_peers: UnicastPeers,
 
     /// Checksum form of version 3 over IPv4 when sending: `PseudoHeader` (keepalived's and
     /// Wireshark's) or `MessageOnly` (RFC 9568 text, keepalived `v3_checksum_as_v2`).
@@ -120,10 +129,87 @@ impl Default for VrrpSpec {
             advertisement_interval: default_interval(),
             preempt: true,
             preempt_delay: default_zero(),
-            unicast_peers: Vec::new(),
+            unicast_peers: UnicastPeers::default(),
             ipv4_checksum: Ipv4Checksum::default(),
             virtual_mac: false,
         }
+    }
+}
+
+/// `auto`, or a list of peer addresses (empty: multicast).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnicastPeers {
+    Auto,
+    List(Vec<String>),
+}
+
+impl Default for UnicastPeers {
+    fn default() -> Self {
+        UnicastPeers::List(Vec::new())
+    }
+}
+
+impl UnicastPeers {
+    pub fn is_multicast(&self) -> bool {
+        matches!(self, UnicastPeers::List(l) if l.is_empty())
+    }
+}
+
+impl Serialize for UnicastPeers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UnicastPeers::Auto => s.serialize_str("auto"),
+            UnicastPeers::List(l) => l.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UnicastPeers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PeersVisitor;
+        impl<'de> serde::de::Visitor<'de> for PeersVisitor {
+            type Value = UnicastPeers;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"auto\" or a list of peer addresses")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UnicastPeers, E> {
+                if v == "auto" {
+                    Ok(UnicastPeers::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<UnicastPeers, A::Error> {
+                let mut peers = Vec::new();
+                while let Some(p) = seq.next_element::<String>()? {
+                    peers.push(p);
+                }
+                Ok(UnicastPeers::List(peers))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<UnicastPeers, E> {
+                Ok(UnicastPeers::default())
+            }
+        }
+        d.deserialize_any(PeersVisitor)
+    }
+}
+
+impl JsonSchema for UnicastPeers {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "UnicastPeers".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // A string or a list: not expressible as a structural schema, so the API server keeps
+        // the value as given and the agent validates it.
+        schemars::json_schema!({
+            "x-kubernetes-preserve-unknown-fields": true
+        })
     }
 }
 
@@ -148,6 +234,21 @@ pub struct PrioritySpec {
     /// Nodes that get a priority bonus (or, with a negative weight, a malus).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub preferred_nodes: Vec<PreferredNode>,
+
+    /// Penalties for an unhealthy node (Kubernetes mode, except `carrierDown`).
+    #[serde(default)]
+    pub node_health: NodeHealthWeights,
+
+    /// A Service whose ready endpoints on this node matter (externalTrafficPolicy: Local):
+    /// with none, the node's priority drops by `weight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_endpoints: Option<LocalEndpoints>,
+
+    /// TCP and HTTP checks run by every eligible node; each failing check subtracts its
+    /// weight.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub checks: Vec<HealthCheck>,
 }
 
 impl Default for PrioritySpec {
@@ -155,8 +256,122 @@ impl Default for PrioritySpec {
         PrioritySpec {
             base: default_base(),
             preferred_nodes: Vec::new(),
+            node_health: NodeHealthWeights::default(),
+            local_endpoints: None,
+            checks: Vec::new(),
         }
     }
+}
+
+/// Priority penalties (0-254) applied while a node is unhealthy.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeHealthWeights {
+    /// The Node's `Ready` condition is not True.
+    #[serde(default = "default_penalty")]
+    #[schemars(range(min = 0, max = 254))]
+    pub not_ready: i64,
+    /// The Node's `NetworkUnavailable` condition is True.
+    #[serde(default = "default_penalty")]
+    #[schemars(range(min = 0, max = 254))]
+    pub network_unavailable: i64,
+    /// The Node is cordoned (`spec.unschedulable`). 0 by default: cordoning alone does not
+    /// move addresses.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 254))]
+    pub unschedulable: i64,
+    /// The interface has no carrier (cable out, peer down).
+    #[serde(default = "default_penalty")]
+    #[schemars(range(min = 0, max = 254))]
+    pub carrier_down: i64,
+}
+
+impl Default for NodeHealthWeights {
+    fn default() -> Self {
+        NodeHealthWeights {
+            not_ready: default_penalty(),
+            network_unavailable: default_penalty(),
+            unschedulable: 0,
+            carrier_down: default_penalty(),
+        }
+    }
+}
+
+/// A Service whose local endpoints' readiness counts.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalEndpoints {
+    pub service: ServiceRef,
+    #[serde(default = "default_penalty")]
+    #[schemars(range(min = 0, max = 254))]
+    pub weight: i64,
+}
+
+/// A namespaced Service.
+#[derive(
+    Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRef {
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+}
+
+/// A TCP or HTTP check (exactly one of `tcp`, `http`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Unique within the VirtualIP; shown in the priority reasons.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheck>,
+    /// Subtracted from the priority while the check fails.
+    #[serde(default = "default_penalty")]
+    #[schemars(range(min = 0, max = 254))]
+    pub weight: i64,
+    #[serde(default = "default_check_interval")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m)$"))]
+    pub interval: String,
+    #[serde(default = "default_check_timeout")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m)$"))]
+    pub timeout: String,
+    /// Consecutive successes before a failing check passes again.
+    #[serde(default = "default_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub rise: i64,
+    /// Consecutive failures before a passing check fails.
+    #[serde(default = "default_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub fall: i64,
+}
+
+/// Connect to `host:port`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpCheck {
+    /// Defaults to 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i64,
+}
+
+/// `GET http://host:port/path`; passes on a 2xx or 3xx answer.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpCheck {
+    /// Defaults to 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i64,
+    #[serde(default = "default_path")]
+    pub path: String,
 }
 
 /// A priority adjustment for one node.
@@ -187,11 +402,13 @@ pub struct VirtualIPStatus {
     /// Virtual router ID in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_router_id: Option<i64>,
-    /// Per-node VRRP state.
+    /// Per-node VRRP state; each node writes its own entry (server-side apply, keyed by name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub nodes: Vec<NodeStatus>,
     /// `Ready`, `Conflict`, `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 
@@ -224,4 +441,19 @@ fn default_true() -> bool {
 }
 fn default_base() -> i64 {
     100
+}
+fn default_penalty() -> i64 {
+    50
+}
+fn default_check_interval() -> String {
+    "2s".to_string()
+}
+fn default_check_timeout() -> String {
+    "1s".to_string()
+}
+fn default_threshold() -> i64 {
+    2
+}
+fn default_path() -> String {
+    "/".to_string()
 }

@@ -845,7 +845,7 @@ mod tests {
         let spec = parsed.virtual_ips[0].spec.validate().unwrap();
         assert_eq!(spec.addresses, vec!["192.0.2.100/24".parse().unwrap()]);
         assert_eq!(spec.interface, "eth0");
-        assert_eq!(spec.vrid, VRID);
+        assert_eq!(spec.vrid, Some(VRID));
         assert_eq!(spec.advert_interval, Duration::from_millis(100));
         assert!(spec.preempt);
         assert_eq!(

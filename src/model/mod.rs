@@ -4,20 +4,54 @@
 //! [`Snapshot`]; [`plan`] decides which VRRP instances this node runs, with which priority,
 //! and which resources are refused and why.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv6Net};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::crd::{ValidationErrors, VirtualIP};
+use crate::crd::{ServiceRef, ValidCheck, ValidSpec, ValidationErrors, VirtualIP};
 use crate::vrrp::{ChecksumMode, Family, Version};
+
+/// Nodes carrying this label never hold addresses (the Kubernetes convention for external
+/// load balancers).
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 
 /// Everything the planner looks at.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// In source order (file order in standalone mode). Earlier entries win conflicts.
+    /// In precedence order (oldest first in Kubernetes mode, file order in standalone mode):
+    /// earlier entries win conflicts, so a newcomer never disturbs a running VIP.
     pub virtual_ips: Vec<VirtualIP>,
+    /// The cluster's nodes. Empty in standalone mode, where node-based rules do not apply.
+    pub nodes: BTreeMap<String, NodeFacts>,
+    /// What this node observes itself.
+    pub local: LocalFacts,
+}
+
+/// What the planner needs to know about a Node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub labels: BTreeMap<String, String>,
+    /// The `Ready` condition (`None`: not reported).
+    pub ready: Option<bool>,
+    /// The `NetworkUnavailable` condition.
+    pub network_unavailable: Option<bool>,
+    pub unschedulable: bool,
+    /// InternalIP addresses, for `unicastPeers: auto`.
+    pub internal_ips: Vec<IpAddr>,
+}
+
+/// Facts observed on this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalFacts {
+    /// Interface name → carrier up. Interfaces not listed count as up.
+    pub carrier: BTreeMap<String, bool>,
+    /// (VirtualIP name, check name) of the checks failing now.
+    pub failing_checks: BTreeSet<(String, String)>,
+    /// Ready endpoints of a Service on this node. Services not listed have none.
+    pub local_ready_endpoints: BTreeMap<ServiceRef, usize>,
 }
 
 /// One VRRP instance: a (interface, family, VRID) triple is unique on a node.
@@ -71,6 +105,12 @@ pub enum RefusalReason {
     },
     #[error("spec.addresses: {address} is already served by VirtualIP {other:?}")]
     DuplicateAddress { address: IpAddr, other: String },
+    #[error(
+        "spec.virtualRouterId: all 255 IDs are taken on interface {interface}; set one explicitly"
+    )]
+    NoFreeVrid { interface: String },
+    #[error("{field}: needs Kubernetes mode (standalone agents know no other nodes)")]
+    NeedsCluster { field: &'static str },
     #[error("metadata.name: required")]
     Unnamed,
 }
@@ -81,22 +121,65 @@ impl RefusalReason {
             RefusalReason::Invalid(_) => "invalid",
             RefusalReason::DuplicateVrid { .. } => "duplicate_vrid",
             RefusalReason::DuplicateAddress { .. } => "duplicate_address",
+            RefusalReason::NoFreeVrid { .. } => "no_free_vrid",
+            RefusalReason::NeedsCluster { .. } => "needs_cluster",
             RefusalReason::Unnamed => "unnamed",
         }
     }
+
+    /// Whether this is a clash with another resource (a `Conflict` condition) rather than a
+    /// problem of the resource alone.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            RefusalReason::DuplicateVrid { .. }
+                | RefusalReason::DuplicateAddress { .. }
+                | RefusalReason::NoFreeVrid { .. }
+        )
+    }
+}
+
+/// The plan for one VirtualIP on this node, for status reporting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourcePlan {
+    /// The VRID in use (explicit or derived); `None` when refused before one was chosen.
+    pub vrid: Option<u8>,
+    /// Whether this node may hold the addresses (node selector, exclusion label).
+    pub eligible: bool,
+    pub priority: Option<u8>,
+    pub priority_reasons: Vec<String>,
+    pub refused: Option<RefusalReason>,
 }
 
 /// The desired state of one node.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
     /// Per interface, the instances keyed by family and VRID.
     pub instances: BTreeMap<String, BTreeMap<InstanceKey, InstanceSpec>>,
     pub refused: Vec<Refusal>,
+    /// Every named VirtualIP of the snapshot.
+    pub resources: BTreeMap<String, ResourcePlan>,
+    /// The health checks this node must run: (VirtualIP name, check name) → check.
+    pub checks: BTreeMap<(String, String), ValidCheck>,
 }
 
 impl Desired {
     pub fn iter(&self) -> impl Iterator<Item = &InstanceSpec> {
         self.instances.values().flat_map(|m| m.values())
+    }
+
+    fn refuse(&mut self, resource: String, vrid: Option<u8>, reason: RefusalReason) {
+        self.resources.insert(
+            resource.clone(),
+            ResourcePlan {
+                vrid,
+                eligible: false,
+                priority: None,
+                priority_reasons: Vec::new(),
+                refused: Some(reason.clone()),
+            },
+        );
+        self.refused.push(Refusal { resource, reason });
     }
 }
 
@@ -104,10 +187,18 @@ impl Desired {
 const MIN_PRIORITY: i64 = 1;
 const MAX_PRIORITY: i64 = 254;
 
+/// What earlier (higher-precedence) resources already use.
+#[derive(Default)]
+struct Taken {
+    vrids: BTreeMap<(String, Family, u8), String>,
+    addresses: BTreeMap<IpAddr, String>,
+}
+
 /// Plans what `node` runs.
 pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
     let mut desired = Desired::default();
-    let mut address_owner: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut taken = Taken::default();
+    let cluster = !snapshot.nodes.is_empty();
 
     for vip in &snapshot.virtual_ips {
         let Some(name) = vip.metadata.name.clone() else {
@@ -120,56 +211,102 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
         let spec = match vip.spec.validate() {
             Ok(s) => s,
             Err(errors) => {
-                desired.refused.push(Refusal {
-                    resource: name,
-                    reason: RefusalReason::Invalid(errors),
-                });
+                desired.refuse(name, None, RefusalReason::Invalid(errors));
                 continue;
             }
         };
+        if !cluster {
+            let field = if spec.node_selector.is_some() {
+                Some("spec.nodeSelector")
+            } else if spec.unicast_auto {
+                Some("spec.vrrp.unicastPeers: auto")
+            } else if spec.local_endpoints.is_some() {
+                Some("spec.priority.localEndpoints")
+            } else {
+                None
+            };
+            if let Some(field) = field {
+                desired.refuse(name, None, RefusalReason::NeedsCluster { field });
+                continue;
+            }
+        }
 
-        // Conflicts with a resource planned earlier refuse this one whole, so an existing VIP
-        // is never disturbed by a newcomer.
         let families: Vec<Family> = [Family::V4, Family::V6]
             .into_iter()
             .filter(|f| spec.addresses.iter().any(|a| Family::of(&a.addr()) == *f))
             .collect();
-        let per_interface = desired.instances.get(&spec.interface);
-        let vrid_clash = families.iter().find_map(|family| {
-            let key = InstanceKey {
-                family: *family,
-                vrid: spec.vrid,
-            };
-            per_interface
-                .and_then(|m| m.get(&key))
-                .map(|other| RefusalReason::DuplicateVrid {
-                    interface: spec.interface.clone(),
-                    family: *family,
-                    vrid: spec.vrid,
-                    other: other.resource.clone(),
-                })
-        });
-        let address_clash = spec.addresses.iter().find_map(|a| {
-            address_owner
+
+        // Conflicts depend only on the resources, never on the node, so every node reaches the
+        // same verdict without coordination.
+        let vrid = match choose_vrid(&spec, &name, &families, &taken) {
+            Ok(v) => v,
+            Err(reason) => {
+                desired.refuse(name, spec.vrid, reason);
+                continue;
+            }
+        };
+        if let Some(reason) = spec.addresses.iter().find_map(|a| {
+            taken
+                .addresses
                 .get(&a.addr())
                 .map(|other| RefusalReason::DuplicateAddress {
                     address: a.addr(),
                     other: other.clone(),
                 })
-        });
-        if let Some(reason) = vrid_clash.or(address_clash) {
-            desired.refused.push(Refusal {
-                resource: name,
-                reason,
-            });
+        }) {
+            desired.refuse(name, Some(vrid), reason);
+            continue;
+        }
+        for family in &families {
+            taken
+                .vrids
+                .insert((spec.interface.clone(), *family, vrid), name.clone());
+        }
+        for a in &spec.addresses {
+            taken.addresses.insert(a.addr(), name.clone());
+        }
+
+        let eligible = !cluster
+            || snapshot
+                .nodes
+                .get(node)
+                .is_some_and(|facts| is_eligible(&spec, facts));
+        if !eligible {
+            desired.resources.insert(
+                name,
+                ResourcePlan {
+                    vrid: Some(vrid),
+                    eligible: false,
+                    priority: None,
+                    priority_reasons: Vec::new(),
+                    refused: None,
+                },
+            );
             continue;
         }
 
-        let (priority, priority_reasons) =
-            priority_for(node, spec.base_priority, &spec.preferred_nodes);
-        for a in &spec.addresses {
-            address_owner.insert(a.addr(), name.clone());
+        let (priority, priority_reasons) = priority_with_health(
+            &name,
+            &spec,
+            node,
+            snapshot.nodes.get(node),
+            &snapshot.local,
+        );
+        for check in &spec.checks {
+            desired
+                .checks
+                .insert((name.clone(), check.name.clone()), check.clone());
         }
+        let auto_peers: Vec<IpAddr> = if spec.unicast_auto {
+            snapshot
+                .nodes
+                .values()
+                .filter(|facts| is_eligible(&spec, facts))
+                .flat_map(|facts| facts.internal_ips.iter().copied())
+                .collect()
+        } else {
+            Vec::new()
+        };
         for family in families {
             let mut addresses: Vec<IpNet> = spec
                 .addresses
@@ -178,11 +315,12 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
                 .copied()
                 .collect();
             if family == Family::V6 {
-                link_local_first(&mut addresses, spec.vrid);
+                link_local_first(&mut addresses, vrid);
             }
             let unicast_peers = spec
                 .unicast_peers
                 .iter()
+                .chain(&auto_peers)
                 .filter(|p| Family::of(p) == family)
                 .copied()
                 .collect();
@@ -191,15 +329,12 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
                 .entry(spec.interface.clone())
                 .or_default()
                 .insert(
-                    InstanceKey {
-                        family,
-                        vrid: spec.vrid,
-                    },
+                    InstanceKey { family, vrid },
                     InstanceSpec {
                         resource: name.clone(),
                         interface: spec.interface.clone(),
                         family,
-                        vrid: spec.vrid,
+                        vrid,
                         version: spec.version,
                         priority,
                         priority_reasons: priority_reasons.clone(),
@@ -213,12 +348,103 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
                     },
                 );
         }
+        desired.resources.insert(
+            name,
+            ResourcePlan {
+                vrid: Some(vrid),
+                eligible: true,
+                priority: Some(priority),
+                priority_reasons,
+                refused: None,
+            },
+        );
     }
     desired
 }
 
+/// The explicit VRID, or one derived from the name: a hash of the name, then the next free
+/// ID on the interface. Derived IDs stay put while older resources stay.
+fn choose_vrid(
+    spec: &ValidSpec,
+    name: &str,
+    families: &[Family],
+    taken: &Taken,
+) -> Result<u8, RefusalReason> {
+    let user = |vrid: u8| {
+        families.iter().find_map(|f| {
+            taken
+                .vrids
+                .get(&(spec.interface.clone(), *f, vrid))
+                .map(|other| (*f, other.clone()))
+        })
+    };
+    if let Some(vrid) = spec.vrid {
+        return match user(vrid) {
+            None => Ok(vrid),
+            Some((family, other)) => Err(RefusalReason::DuplicateVrid {
+                interface: spec.interface.clone(),
+                family,
+                vrid,
+                other,
+            }),
+        };
+    }
+    let start = derived_vrid(name);
+    (0..255u16)
+        .map(|i| ((u16::from(start) - 1 + i) % 255 + 1) as u8)
+        .find(|v| user(*v).is_none())
+        .ok_or_else(|| RefusalReason::NoFreeVrid {
+            interface: spec.interface.clone(),
+        })
+}
+
+/// FNV-1a of the name, folded into 1-255: the same on every node and every run.
+pub fn derived_vrid(name: &str) -> u8 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % 255 + 1) as u8
+}
+
+/// Node selector and exclusion label.
+fn is_eligible(spec: &ValidSpec, facts: &NodeFacts) -> bool {
+    if facts.labels.contains_key(EXCLUDE_LABEL) {
+        return false;
+    }
+    spec.node_selector
+        .as_ref()
+        .is_none_or(|selector| selector_matches(selector, &facts.labels))
+}
+
+/// Kubernetes label-selector semantics (matchLabels AND every matchExpression).
+pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            _ => false,
+        }
+    });
+    labels_ok && expressions_ok
+}
+
 /// `base` plus the weights of the preferred-node entries naming `node`, clamped to 1-254.
 pub fn priority_for(node: &str, base: i64, preferred: &[(String, i64)]) -> (u8, Vec<String>) {
+    let (total, reasons) = unclamped_priority(node, base, preferred);
+    clamp_priority(total, reasons)
+}
+
+fn unclamped_priority(node: &str, base: i64, preferred: &[(String, i64)]) -> (i64, Vec<String>) {
     let mut reasons = vec![format!("base {base}")];
     let mut total = base;
     for (name, weight) in preferred {
@@ -227,11 +453,78 @@ pub fn priority_for(node: &str, base: i64, preferred: &[(String, i64)]) -> (u8, 
             reasons.push(format!("preferred node {weight:+}"));
         }
     }
+    (total, reasons)
+}
+
+fn clamp_priority(total: i64, mut reasons: Vec<String>) -> (u8, Vec<String>) {
     let clamped = total.clamp(MIN_PRIORITY, MAX_PRIORITY);
     if clamped != total {
         reasons.push(format!("clamped from {total} to {clamped}"));
     }
     (clamped as u8, reasons)
+}
+
+/// Base and preference, minus the penalties of what is unhealthy now.
+fn priority_with_health(
+    name: &str,
+    spec: &ValidSpec,
+    node: &str,
+    facts: Option<&NodeFacts>,
+    local: &LocalFacts,
+) -> (u8, Vec<String>) {
+    let (mut total, mut reasons) =
+        unclamped_priority(node, spec.base_priority, &spec.preferred_nodes);
+    let mut penalty = |applies: bool, weight: i64, why: String| {
+        if applies && weight > 0 {
+            total -= weight;
+            reasons.push(format!("{why} -{weight}"));
+        }
+    };
+    let w = &spec.node_health;
+    if let Some(f) = facts {
+        penalty(f.ready != Some(true), w.not_ready, "node not Ready".into());
+        penalty(
+            f.network_unavailable == Some(true),
+            w.network_unavailable,
+            "node NetworkUnavailable".into(),
+        );
+        penalty(
+            f.unschedulable,
+            w.unschedulable,
+            "node unschedulable".into(),
+        );
+    }
+    penalty(
+        local.carrier.get(&spec.interface) == Some(&false),
+        w.carrier_down,
+        format!("{} carrier down", spec.interface),
+    );
+    if let Some((service, weight)) = &spec.local_endpoints {
+        let ready = local
+            .local_ready_endpoints
+            .get(service)
+            .copied()
+            .unwrap_or(0);
+        penalty(
+            ready == 0,
+            *weight,
+            format!(
+                "no ready local endpoints of {}/{}",
+                service.namespace, service.name
+            ),
+        );
+    }
+    for check in &spec.checks {
+        let failing = local
+            .failing_checks
+            .contains(&(name.to_string(), check.name.clone()));
+        penalty(
+            failing,
+            check.weight,
+            format!("check {} failing", check.name),
+        );
+    }
+    clamp_priority(total, reasons)
 }
 
 /// RFC 5798 §5.2.9: an IPv6 advertisement's first address is the virtual router's link-local
@@ -270,7 +563,8 @@ mod tests {
             VirtualIPSpec {
                 addresses: addresses.iter().map(|s| s.to_string()).collect(),
                 interface: "eth0".into(),
-                virtual_router_id: vrid,
+                virtual_router_id: Some(vrid),
+                node_selector: None,
                 vrrp: VrrpSpec {
                     advertisement_interval: "100ms".into(),
                     ..VrrpSpec::default()
@@ -281,13 +575,17 @@ mod tests {
                         node_name: "node-a".into(),
                         weight: 50,
                     }],
+                    ..PrioritySpec::default()
                 },
             },
         )
     }
 
     fn snapshot(vips: Vec<VirtualIP>) -> Snapshot {
-        Snapshot { virtual_ips: vips }
+        Snapshot {
+            virtual_ips: vips,
+            ..Snapshot::default()
+        }
     }
 
     #[test]
@@ -365,5 +663,212 @@ mod tests {
                 .to_string()
                 .contains("spec.virtualRouterId")
         );
+    }
+
+    fn cluster(nodes: &[(&str, &[(&str, &str)], bool, &str)]) -> BTreeMap<String, NodeFacts> {
+        nodes
+            .iter()
+            .map(|(name, labels, ready, ip)| {
+                (
+                    name.to_string(),
+                    NodeFacts {
+                        labels: labels
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        ready: Some(*ready),
+                        network_unavailable: Some(false),
+                        unschedulable: false,
+                        internal_ips: vec![ip.parse().unwrap()],
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn derived_vrids_are_stable_and_avoid_older_ones() {
+        let mut a = vip("alpha", 1, &["192.0.2.100/24"]);
+        a.spec.virtual_router_id = None;
+        let mut b = vip("beta", 1, &["192.0.2.101/24"]);
+        b.spec.virtual_router_id = None;
+        let d = plan(&snapshot(vec![a.clone(), b.clone()]), "node-a");
+        let va = d.resources["alpha"].vrid.unwrap();
+        let vb = d.resources["beta"].vrid.unwrap();
+        assert_eq!(va, derived_vrid("alpha"));
+        assert_ne!(va, vb);
+        // An explicit newcomer on alpha's derived ID is the one refused.
+        let explicit = vip("gamma", i64::from(va), &["192.0.2.102/24"]);
+        let d = plan(&snapshot(vec![a.clone(), b.clone(), explicit]), "node-b");
+        assert_eq!(d.resources["alpha"].vrid, Some(va));
+        assert!(d.resources["gamma"].refused.as_ref().unwrap().is_conflict());
+        // Two names that hash alike still get distinct IDs.
+        let mut c = vip("alpha-twin", 1, &["192.0.2.103/24"]);
+        c.spec.virtual_router_id = None;
+        let taken_first = vip(
+            "first",
+            i64::from(derived_vrid("alpha-twin")),
+            &["192.0.2.104/24"],
+        );
+        let d = plan(&snapshot(vec![taken_first, c]), "node-a");
+        assert_eq!(
+            d.resources["alpha-twin"].vrid,
+            Some(derived_vrid("alpha-twin") % 255 + 1)
+        );
+    }
+
+    #[test]
+    fn every_node_reaches_the_same_verdict() {
+        let s = Snapshot {
+            virtual_ips: vec![
+                vip("web", 51, &["192.0.2.100/24"]),
+                vip("clash", 51, &["192.0.2.101/24"]),
+            ],
+            nodes: cluster(&[
+                ("node-a", &[], true, "192.0.2.11"),
+                ("node-b", &[(EXCLUDE_LABEL, "")], true, "192.0.2.12"),
+            ]),
+            ..Snapshot::default()
+        };
+        let a = plan(&s, "node-a");
+        let b = plan(&s, "node-b");
+        assert_eq!(a.refused, b.refused);
+        assert!(a.resources["web"].eligible);
+        assert!(
+            !b.resources["web"].eligible,
+            "excluded node must not run it"
+        );
+        assert_eq!(b.iter().count(), 0);
+    }
+
+    #[test]
+    fn node_selector_and_unicast_auto() {
+        let mut v = vip("web", 51, &["192.0.2.100/24"]);
+        v.spec.node_selector = Some(LabelSelector {
+            match_labels: Some([("vip".to_string(), "yes".to_string())].into()),
+            ..LabelSelector::default()
+        });
+        v.spec.vrrp.unicast_peers = crate::crd::UnicastPeers::Auto;
+        let s = Snapshot {
+            virtual_ips: vec![v],
+            nodes: cluster(&[
+                ("node-a", &[("vip", "yes")], true, "192.0.2.11"),
+                ("node-b", &[("vip", "yes")], true, "192.0.2.12"),
+                ("node-c", &[], true, "192.0.2.13"),
+            ]),
+            ..Snapshot::default()
+        };
+        let a = plan(&s, "node-a");
+        let inst = a.iter().next().unwrap();
+        let peers: Vec<String> = inst.unicast_peers.iter().map(|p| p.to_string()).collect();
+        assert_eq!(peers, ["192.0.2.11", "192.0.2.12"]);
+        assert_eq!(plan(&s, "node-c").iter().count(), 0);
+        // A node without a Node object is not eligible in cluster mode.
+        assert_eq!(plan(&s, "node-z").iter().count(), 0);
+    }
+
+    #[test]
+    fn standalone_refuses_what_needs_the_cluster() {
+        let mut v = vip("web", 51, &["192.0.2.100/24"]);
+        v.spec.vrrp.unicast_peers = crate::crd::UnicastPeers::Auto;
+        let d = plan(&snapshot(vec![v]), "node-a");
+        assert_eq!(d.refused[0].reason.metric_label(), "needs_cluster");
+        assert!(d.refused[0].reason.to_string().contains("unicastPeers"));
+    }
+
+    #[test]
+    fn health_lowers_priority_with_reasons() {
+        let mut v = vip("web", 51, &["192.0.2.100/24"]);
+        v.spec.priority.checks = vec![crate::crd::HealthCheck {
+            name: "api".into(),
+            tcp: Some(crate::crd::TcpCheck {
+                host: None,
+                port: 6443,
+            }),
+            http: None,
+            weight: 30,
+            interval: "1s".into(),
+            timeout: "500ms".into(),
+            rise: 2,
+            fall: 2,
+        }];
+        v.spec.priority.local_endpoints = Some(crate::crd::LocalEndpoints {
+            service: ServiceRef {
+                namespace: "web".into(),
+                name: "frontend".into(),
+            },
+            weight: 20,
+        });
+        let mut s = Snapshot {
+            virtual_ips: vec![v],
+            nodes: cluster(&[("node-a", &[], false, "192.0.2.11")]),
+            ..Snapshot::default()
+        };
+        s.local.carrier.insert("eth0".into(), false);
+        s.local.failing_checks.insert(("web".into(), "api".into()));
+        let d = plan(&s, "node-a");
+        let plan_a = &d.resources["web"];
+        // 150 - 50 (not ready) - 50 (carrier) - 20 (no endpoints) - 30 (check) = 0 → 1
+        assert_eq!(plan_a.priority, Some(1));
+        assert_eq!(
+            plan_a.priority_reasons,
+            [
+                "base 100",
+                "preferred node +50",
+                "node not Ready -50",
+                "eth0 carrier down -50",
+                "no ready local endpoints of web/frontend -20",
+                "check api failing -30",
+                "clamped from 0 to 1"
+            ]
+        );
+        assert!(
+            d.checks
+                .contains_key(&("web".to_string(), "api".to_string()))
+        );
+
+        // Healthy again.
+        s.nodes.get_mut("node-a").unwrap().ready = Some(true);
+        s.local = LocalFacts::default();
+        s.local.local_ready_endpoints.insert(
+            ServiceRef {
+                namespace: "web".into(),
+                name: "frontend".into(),
+            },
+            2,
+        );
+        assert_eq!(plan(&s, "node-a").resources["web"].priority, Some(150));
+    }
+
+    #[test]
+    fn selector_semantics() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement as Req;
+        let labels: BTreeMap<String, String> = [
+            ("zone".to_string(), "a".to_string()),
+            ("role".to_string(), "edge".to_string()),
+        ]
+        .into();
+        let sel = |op: &str, key: &str, values: &[&str]| LabelSelector {
+            match_expressions: Some(vec![Req {
+                key: key.into(),
+                operator: op.into(),
+                values: if values.is_empty() {
+                    None
+                } else {
+                    Some(values.iter().map(|v| v.to_string()).collect())
+                },
+            }]),
+            ..LabelSelector::default()
+        };
+        assert!(selector_matches(&sel("In", "zone", &["a", "b"]), &labels));
+        assert!(!selector_matches(&sel("In", "zone", &["b"]), &labels));
+        assert!(selector_matches(&sel("NotIn", "zone", &["b"]), &labels));
+        assert!(selector_matches(&sel("NotIn", "missing", &["b"]), &labels));
+        assert!(selector_matches(&sel("Exists", "role", &[]), &labels));
+        assert!(!selector_matches(
+            &sel("DoesNotExist", "role", &[]),
+            &labels
+        ));
+        assert!(selector_matches(&LabelSelector::default(), &labels));
     }
 }
