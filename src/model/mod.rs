@@ -24,7 +24,9 @@ pub struct Snapshot {
     /// In precedence order (oldest first in Kubernetes mode, file order in standalone mode):
     /// earlier entries win conflicts, so a newcomer never disturbs a running VIP.
     pub virtual_ips: Vec<VirtualIP>,
-    /// The cluster's nodes. Empty in standalone mode, where node-based rules do not apply.
+    /// Kubernetes mode: node-based rules (selector, Node health, `unicastPeers: auto`) apply.
+    pub cluster: bool,
+    /// The cluster's nodes (empty in standalone mode).
     pub nodes: BTreeMap<String, NodeFacts>,
     /// What this node observes itself.
     pub local: LocalFacts,
@@ -52,6 +54,9 @@ pub struct LocalFacts {
     pub failing_checks: BTreeSet<(String, String)>,
     /// Ready endpoints of a Service on this node. Services not listed have none.
     pub local_ready_endpoints: BTreeMap<ServiceRef, usize>,
+    /// Whether `local_ready_endpoints` is known (the cluster serves EndpointSlice v1); when
+    /// not, the local-endpoints penalty does not apply and the reasons say so.
+    pub endpoints_known: bool,
 }
 
 /// One VRRP instance: a (interface, family, VRID) triple is unique on a node.
@@ -198,7 +203,7 @@ struct Taken {
 pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
     let mut desired = Desired::default();
     let mut taken = Taken::default();
-    let cluster = !snapshot.nodes.is_empty();
+    let cluster = snapshot.cluster;
 
     for vip in &snapshot.virtual_ips {
         let Some(name) = vip.metadata.name.clone() else {
@@ -724,6 +729,7 @@ mod tests {
                 vip("web", 51, &["192.0.2.100/24"]),
                 vip("clash", 51, &["192.0.2.101/24"]),
             ],
+            cluster: true,
             nodes: cluster(&[
                 ("node-a", &[], true, "192.0.2.11"),
                 ("node-b", &[(EXCLUDE_LABEL, "")], true, "192.0.2.12"),
@@ -751,6 +757,7 @@ mod tests {
         v.spec.vrrp.unicast_peers = crate::crd::UnicastPeers::Auto;
         let s = Snapshot {
             virtual_ips: vec![v],
+            cluster: true,
             nodes: cluster(&[
                 ("node-a", &[("vip", "yes")], true, "192.0.2.11"),
                 ("node-b", &[("vip", "yes")], true, "192.0.2.12"),
@@ -801,10 +808,12 @@ mod tests {
         });
         let mut s = Snapshot {
             virtual_ips: vec![v],
+            cluster: true,
             nodes: cluster(&[("node-a", &[], false, "192.0.2.11")]),
             ..Snapshot::default()
         };
         s.local.carrier.insert("eth0".into(), false);
+        s.local.endpoints_known = true;
         s.local.failing_checks.insert(("web".into(), "api".into()));
         let d = plan(&s, "node-a");
         let plan_a = &d.resources["web"];
@@ -829,7 +838,10 @@ mod tests {
 
         // Healthy again.
         s.nodes.get_mut("node-a").unwrap().ready = Some(true);
-        s.local = LocalFacts::default();
+        s.local = LocalFacts {
+            endpoints_known: true,
+            ..LocalFacts::default()
+        };
         s.local.local_ready_endpoints.insert(
             ServiceRef {
                 namespace: "web".into(),

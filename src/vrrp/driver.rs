@@ -7,18 +7,18 @@
 //! Address changes and announcements run in order on a separate effects task so that a slow
 //! netlink call never delays an advertisement.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::Family;
-use super::instance::{Config, Input, Instance, Output};
+use super::instance::{Config, Input, Instance, Output, State};
 use super::packet::{Advertisement, DecodeError, virtual_mac};
 use super::socket::{VrrpSocket, group};
 use crate::dataplane::addr::AddressManager;
@@ -92,6 +92,31 @@ impl Stats {
             })
             .collect()
     }
+}
+
+/// What the engine reports about each instance, for status and events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    /// Keyed by (VirtualIP name, family).
+    pub instances: BTreeMap<(String, Family), InstanceStatus>,
+}
+
+/// One instance as this node sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceStatus {
+    pub interface: String,
+    pub vrid: u8,
+    pub state: State,
+    pub priority: u8,
+    /// The current master's address (ours when Master), as learned from advertisements.
+    pub master: Option<IpAddr>,
+    /// When this node last changed state for this instance.
+    pub since: SystemTime,
+    /// Why, in words (`Reason`'s display), and as a bounded code.
+    pub reason: String,
+    pub reason_code: &'static str,
+    /// Set while the instance cannot run (interface or its address missing).
+    pub fault: Option<String>,
 }
 
 /// Commands to the engine.
@@ -191,6 +216,7 @@ pub struct Engine {
     incoming_rx: mpsc::Receiver<Incoming>,
     io: Io,
     outputs: Vec<Output>,
+    observed: watch::Sender<Observed>,
 }
 
 impl Engine {
@@ -236,7 +262,13 @@ impl Engine {
                 stats: Arc::new(Stats::default()),
             },
             outputs: Vec::new(),
+            observed: watch::Sender::new(Observed::default()),
         }
+    }
+
+    /// Instance states as they change (state, master, priority, faults).
+    pub fn observe(&self) -> watch::Receiver<Observed> {
+        self.observed.subscribe()
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -349,6 +381,7 @@ impl Engine {
             timers,
             io,
             outputs,
+            observed,
             ..
         } = self;
         let Some(slot) = slots.get_mut(key) else {
@@ -370,11 +403,85 @@ impl Engine {
             slot.armed = deadline;
         }
         let priority = instance.config().priority;
+        let transition = outputs.iter().rev().find_map(|o| match o {
+            Output::Transition { reason, .. } => Some(*reason),
+            _ => None,
+        });
+        let (state, master) = (instance.state(), instance.master());
+        observed.send_if_modified(|o| {
+            let key = (slot.spec.resource.clone(), slot.spec.family);
+            let entry = o.instances.get_mut(&key);
+            match (entry, transition) {
+                (Some(e), None)
+                    if e.state == state
+                        && e.master == master
+                        && e.priority == priority
+                        && e.fault.is_none() =>
+                {
+                    false
+                }
+                (Some(e), None) => {
+                    e.state = state;
+                    e.master = master;
+                    e.priority = priority;
+                    e.fault = None;
+                    true
+                }
+                (_, reason) => {
+                    o.instances.insert(
+                        key,
+                        InstanceStatus {
+                            interface: slot.spec.interface.clone(),
+                            vrid: slot.spec.vrid,
+                            state,
+                            priority,
+                            master,
+                            since: SystemTime::now(),
+                            reason: reason.map(|r| r.to_string()).unwrap_or_default(),
+                            reason_code: reason.map_or("", |r| r.code()),
+                            fault: None,
+                        },
+                    );
+                    true
+                }
+            }
+        });
         if let Some(link) = links.get(&key.0) {
             for output in outputs.drain(..) {
                 io.execute(link, slot.vmac.as_ref(), &slot.spec, priority, output);
             }
         }
+    }
+
+    /// Records an instance that cannot run, or forgets one that is gone.
+    fn observe_fault(&mut self, spec: &InstanceSpec, fault: Option<String>) {
+        let key = (spec.resource.clone(), spec.family);
+        self.observed.send_if_modified(|o| match fault {
+            None => o.instances.remove(&key).is_some(),
+            Some(f) => {
+                if o.instances
+                    .get(&key)
+                    .is_some_and(|e| e.fault.as_ref() == Some(&f))
+                {
+                    return false;
+                }
+                o.instances.insert(
+                    key,
+                    InstanceStatus {
+                        interface: spec.interface.clone(),
+                        vrid: spec.vrid,
+                        state: State::Initialize,
+                        priority: spec.priority,
+                        master: None,
+                        since: SystemTime::now(),
+                        reason: f.clone(),
+                        reason_code: "fault",
+                        fault: Some(f),
+                    },
+                );
+                true
+            }
+        });
     }
 
     /// Converges the running instances to `desired` without disturbing unchanged ones.
@@ -440,10 +547,12 @@ impl Engine {
 
     /// Starts one instance (or parks it when its interface is not usable yet).
     async fn begin(&mut self, key: SlotKey, spec: InstanceSpec, now: Instant) {
+        let mut fault = None;
         let primary = match self.ensure_link(&key.0, spec.family).await {
             Ok(link) => link.primary(spec.family),
             Err(e) => {
                 warn!(vip = %spec.resource, interface = %key.0, error = %e, "cannot run VRRP on this interface yet; retrying");
+                fault = Some(format!("interface {}: {e}", key.0));
                 None
             }
         };
@@ -456,6 +565,7 @@ impl Engine {
                 }
                 Err(e) => {
                     warn!(vip = %spec.resource, interface = %key.0, error = %e, "cannot set up the virtual MAC; retrying");
+                    fault = Some(format!("virtual MAC: {e}"));
                     None
                 }
             },
@@ -465,11 +575,22 @@ impl Engine {
             Some(p) => Some(Instance::new(instance_config(&spec, p))),
             None if spec.virtual_mac && self.links.contains_key(&key.0) => None,
             None => {
-                warn!(vip = %spec.resource, interface = %key.0, family = %spec.family, "interface has no usable {} address; instance waits", if spec.family == Family::V4 { "IPv4" } else { "IPv6 link-local" });
+                let what = if spec.family == Family::V4 {
+                    "IPv4"
+                } else {
+                    "IPv6 link-local"
+                };
+                warn!(vip = %spec.resource, interface = %key.0, family = %spec.family, "interface has no usable {what} address; instance waits");
+                fault.get_or_insert_with(|| {
+                    format!("interface {} has no usable {what} address", key.0)
+                });
                 None
             }
         };
         let started = instance.is_some();
+        if !started {
+            self.observe_fault(&spec, fault);
+        }
         self.slots.insert(
             key.clone(),
             Slot {
@@ -487,6 +608,7 @@ impl Engine {
     fn stop(&mut self, key: &SlotKey, now: Instant) {
         self.handle(key, now, Input::Shutdown);
         if let Some(slot) = self.slots.remove(key) {
+            self.observe_fault(&slot.spec, None);
             if let Some(at) = slot.armed {
                 self.timers.remove(&(at, key.clone()));
             }
