@@ -1,27 +1,38 @@
-//! The node agent. Standalone mode reads VirtualIPs from manifest files; the Kubernetes mode
-//! (next) will feed the same engine from the API server.
+//! The node agent: one loop that plans from a source (manifest files in standalone mode, the
+//! API server in Kubernetes mode) plus what the node observes itself (interface carrier,
+//! health checks), and hands the plan to the VRRP engine.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::crd::VirtualIP;
 use crate::crd::manifest::{self, ManifestError, Manifests};
+use crate::crd::{CheckKind, ValidCheck, VirtualIP};
 use crate::dataplane::addr::{AddrError, AddressManager};
-use crate::model::{Snapshot, plan};
-use crate::vrrp::driver::{Command, Engine};
+use crate::health::{self, CheckKey, CheckSpec, HealthMonitor, HealthReport};
+use crate::k8s::status::StatusWriter;
+use crate::k8s::{ClusterSource, K8sError};
+use crate::model::{Desired, Snapshot, plan};
+use crate::vrrp::driver::{Command, Engine, Observed};
+
+/// How often interface carrier is read.
+const CARRIER_POLL: Duration = Duration::from_secs(1);
+/// Status is re-applied at least this often while writes fail.
+const STATUS_RETRY: Duration = Duration::from_secs(5);
 
 /// Settings of the agent process (what users ask for lives in VirtualIP resources).
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// Name of this node: matched against `spec.priority.preferredNodes[].nodeName`.
+    /// Name of this node (Kubernetes: from the downward API, `spec.nodeName`).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// A VirtualIP manifest file, or a directory of `*.yaml` files (standalone mode).
+    /// Standalone mode: a VirtualIP manifest file, or a directory of `*.yaml` files. Without
+    /// it the agent runs in Kubernetes mode (in-cluster config or KUBECONFIG).
     #[arg(long, env = "FERROVIP_MANIFESTS")]
     pub manifests: Option<PathBuf>,
     /// How often manifest files are checked for changes (SIGHUP reloads at once).
@@ -39,10 +50,8 @@ pub enum AgentError {
     Netlink(#[source] AddrError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
-    #[error(
-        "Kubernetes mode is not available yet: start the agent with --manifests PATH (standalone mode)"
-    )]
-    NoSource,
+    #[error(transparent)]
+    Kubernetes(#[from] K8sError),
 }
 
 impl AgentError {
@@ -50,7 +59,41 @@ impl AgentError {
         match self {
             AgentError::Netlink(_) => "netlink",
             AgentError::Signals(_) => "signals",
-            AgentError::NoSource => "no_source",
+            AgentError::Kubernetes(e) => e.metric_label(),
+        }
+    }
+}
+
+/// Where VirtualIPs come from.
+enum Source {
+    Files {
+        files: ManifestSource,
+        poll: tokio::time::Interval,
+        reported: Reported,
+    },
+    Cluster(ClusterSource),
+}
+
+impl Source {
+    /// Resolves when the source may have changed.
+    async fn changed(&mut self) {
+        match self {
+            Source::Files { files, poll, .. } => loop {
+                poll.tick().await;
+                if files.changed() {
+                    return;
+                }
+            },
+            Source::Cluster(c) => c.changed().await,
+        }
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
+        match self {
+            Source::Files {
+                files, reported, ..
+            } => files.load(reported),
+            Source::Cluster(c) => c.snapshot(),
         }
     }
 }
@@ -58,40 +101,94 @@ impl AgentError {
 /// Runs the agent until SIGTERM or SIGINT, then leaves gracefully (priority 0, addresses
 /// released).
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
-    let Some(path) = args.manifests.clone() else {
-        return Err(AgentError::NoSource);
-    };
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
 
     let addresses = AddressManager::connect().map_err(AgentError::Netlink)?;
     let engine = Engine::start(args.node_name.clone(), addresses).await;
+    let observed = engine.observe();
     let (commands, commands_rx) = mpsc::channel(16);
     let engine_task = tokio::spawn(engine.run(commands_rx));
-    info!(node = %args.node_name, manifests = %path.display(), "agent started in standalone mode");
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
 
-    let mut source = ManifestSource::new(path);
-    let mut reported = Reported::default();
-    let mut poll = tokio::time::interval(args.manifest_poll);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut source = match &args.manifests {
+        Some(path) => {
+            info!(node = %args.node_name, manifests = %path.display(), "agent started in standalone mode");
+            let mut poll = tokio::time::interval(args.manifest_poll);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            Source::Files {
+                files: ManifestSource::new(path.clone()),
+                poll,
+                reported: Reported::default(),
+            }
+        }
+        None => {
+            info!(node = %args.node_name, "agent started in Kubernetes mode");
+            let client = crate::k8s::client().await?;
+            let cluster = ClusterSource::start(client.clone(), args.node_name.clone()).await;
+            tokio::spawn(write_status(
+                StatusWriter::new(client, args.node_name.clone()),
+                cluster.clone_stores(),
+                desired_rx,
+                observed.clone(),
+            ));
+            Source::Cluster(cluster)
+        }
+    };
+
+    let (mut monitor, mut health_rx) = HealthMonitor::new();
+    let mut carrier_poll = tokio::time::interval(CARRIER_POLL);
+    carrier_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut snapshot = source.snapshot();
+    let mut carrier: BTreeMap<String, bool> = BTreeMap::new();
+    let mut last: Option<Desired> = None;
+    let mut refused_checks: Vec<String> = Vec::new();
     loop {
-        let reload = tokio::select! {
+        snapshot.local.carrier = carrier.clone();
+        snapshot.local.failing_checks = failing_checks(&health_rx.borrow_and_update());
+        let desired = plan(&snapshot, &args.node_name);
+        if last.as_ref() != Some(&desired) {
+            if let Source::Files { reported, .. } = &mut source {
+                reported.refusals(&desired);
+            }
+            let refused: Vec<String> = monitor
+                .set_checks(check_specs(&desired))
+                .into_iter()
+                .map(|(key, e)| format!("check {key}: {e}"))
+                .collect();
+            if refused != refused_checks {
+                for r in &refused {
+                    warn!("{r}");
+                }
+                refused_checks = refused;
+            }
+            if commands
+                .send(Command::Apply(desired.clone()))
+                .await
+                .is_err()
+            {
+                warn!("the VRRP engine stopped unexpectedly");
+                break;
+            }
+            let _ = desired_tx.send(Arc::new(desired.clone()));
+            last = Some(desired);
+        }
+
+        tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => {
-                info!("SIGHUP: reloading manifests");
-                true
+                info!("SIGHUP: reloading");
+                snapshot = source.snapshot();
             }
-            _ = poll.tick() => source.changed(),
-        };
-        if reload {
-            let snapshot = source.load(&mut reported);
-            let desired = plan(&snapshot, &args.node_name);
-            reported.refusals(&desired);
-            if commands.send(Command::Apply(desired)).await.is_err() {
-                warn!("the VRRP engine stopped unexpectedly");
-                break;
+            () = source.changed() => snapshot = source.snapshot(),
+            _ = health_rx.changed() => {}
+            _ = carrier_poll.tick() => {
+                let interfaces = last.iter().flat_map(|d| d.instances.keys());
+                carrier = interfaces
+                    .filter_map(|i| health::carrier_up(i).map(|up| (i.clone(), up)))
+                    .collect();
             }
         }
     }
@@ -103,6 +200,75 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     let _ = engine_task.await;
     Ok(())
+}
+
+fn failing_checks(report: &HealthReport) -> std::collections::BTreeSet<(String, String)> {
+    report
+        .checks
+        .iter()
+        .filter(|(_, status)| status.is_failing())
+        .map(|(key, _)| (key.resource.clone(), key.check.clone()))
+        .collect()
+}
+
+fn check_specs(desired: &Desired) -> BTreeMap<CheckKey, CheckSpec> {
+    desired
+        .checks
+        .iter()
+        .map(|((resource, name), check)| (CheckKey::new(resource, name), check_spec(check)))
+        .collect()
+}
+
+fn check_spec(check: &ValidCheck) -> CheckSpec {
+    let kind = match &check.kind {
+        CheckKind::Tcp { host, port } => health::CheckKind::Tcp {
+            host: *host,
+            port: *port,
+        },
+        CheckKind::Http { host, port, path } => health::CheckKind::Http {
+            host: *host,
+            port: *port,
+            path: path.clone(),
+            https: false,
+            expect_status: None,
+            host_header: None,
+        },
+    };
+    CheckSpec {
+        name: check.name.clone(),
+        kind,
+        interval: check.interval,
+        timeout: check.timeout,
+        rise: check.rise,
+        fall: check.fall,
+    }
+}
+
+/// Applies status whenever the plan, the instances or the resources change, and retries
+/// failed writes, in its own task so that a slow API server never delays planning.
+async fn write_status(
+    mut writer: StatusWriter,
+    mut stores: crate::k8s::Stores,
+    mut desired: watch::Receiver<Arc<Desired>>,
+    mut observed: watch::Receiver<Observed>,
+) {
+    let mut retry = tokio::time::interval(STATUS_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let plan = desired.borrow_and_update().clone();
+        let seen = observed.borrow_and_update().clone();
+        writer
+            .reconcile(&stores.virtual_ips, &stores.nodes, &plan, &seen)
+            .await;
+        tokio::select! {
+            r = desired.changed() => if r.is_err() { return },
+            r = observed.changed() => if r.is_err() { return },
+            r = stores.changes.changed() => if r.is_err() { return },
+            _ = retry.tick() => {}
+        }
+        // Let a burst of changes settle into one round of writes.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The manifest files, with change detection and the last good content of each file.

@@ -8,6 +8,8 @@ pub mod agent;
 pub mod announce;
 pub mod crd;
 pub mod dataplane;
+pub mod health;
+pub mod k8s;
 pub mod lab;
 pub mod model;
 pub mod vrrp;

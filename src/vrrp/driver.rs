@@ -739,7 +739,9 @@ impl Engine {
             link.primary_v4 = v4;
             link.link_local_v6 = v6;
             for (family, primary) in changed {
-                info!(interface = %name, %family, primary = ?primary, "primary address of the interface changed");
+                if on_link.iter().any(|(_, k)| k.family == family) {
+                    info!(interface = %name, %family, primary = ?primary, "primary address of the interface changed");
+                }
                 for key in on_link.iter().filter(|(_, k)| k.family == family) {
                     let Some(slot) = self.slots.get(key) else {
                         continue;

@@ -1,0 +1,437 @@
+//! Kubernetes mode: reflectors for VirtualIP, Node, Service and EndpointSlice feed the same
+//! [`Snapshot`] the manifest files feed in standalone mode; [`status`] reports back.
+//!
+//! The stores keep their last contents while the API server is unreachable, so planning (and
+//! VRRP) carry on unchanged through an outage; the watchers re-list with backoff and the
+//! agent resyncs without flapping because an identical snapshot plans identically.
+
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::crd::{ServiceRef, VirtualIP};
+use crate::model::{NodeFacts, Snapshot};
+
+/// How long after a change more changes are awaited before planning, so that a burst (an
+/// initial list, `kubectl apply` of many objects) plans once.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    #[error("cannot build a Kubernetes client (in-cluster config or KUBECONFIG): {0}")]
+    Client(#[source] kube::Error),
+}
+
+impl K8sError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            K8sError::Client(_) => "client",
+        }
+    }
+}
+
+/// The cluster as the agent sees it.
+pub struct ClusterSource {
+    node: String,
+    virtual_ips: Store<VirtualIP>,
+    nodes: Store<Node>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    /// Bumped on every change of any store.
+    changes: watch::Sender<u64>,
+    seen: watch::Receiver<u64>,
+    endpoints_known: Arc<AtomicBool>,
+}
+
+/// What the status writer reads: the stores and a change signal of its own.
+pub struct Stores {
+    pub virtual_ips: Store<VirtualIP>,
+    pub nodes: Store<Node>,
+    pub changes: watch::Receiver<u64>,
+}
+
+impl ClusterSource {
+    /// Starts the watchers and waits until VirtualIPs and Nodes are listed once.
+    pub async fn start(client: Client, node: String) -> ClusterSource {
+        let changed = watch::Sender::new(0u64);
+        let endpoints_known = Arc::new(AtomicBool::new(false));
+        let virtual_ips =
+            spawn_reflector(Api::<VirtualIP>::all(client.clone()), changed.clone(), None);
+        let nodes = spawn_reflector(Api::<Node>::all(client.clone()), changed.clone(), None);
+        let services = spawn_reflector(Api::<Service>::all(client.clone()), changed.clone(), None);
+        let slices = spawn_reflector(
+            Api::<EndpointSlice>::all(client),
+            changed.clone(),
+            Some(endpoints_known.clone()),
+        );
+        info!("waiting for the first list of VirtualIPs and Nodes");
+        let _ = virtual_ips.wait_until_ready().await;
+        let _ = nodes.wait_until_ready().await;
+        info!(
+            virtual_ips = virtual_ips.len(),
+            nodes = nodes.len(),
+            "cluster state listed"
+        );
+        let seen = changed.subscribe();
+        ClusterSource {
+            node,
+            virtual_ips,
+            nodes,
+            services,
+            slices,
+            changes: changed,
+            seen,
+            endpoints_known,
+        }
+    }
+
+    /// Resolves after the next change (debounced).
+    pub async fn changed(&mut self) {
+        if self.seen.changed().await.is_err() {
+            // The watcher tasks never end; if they did, there is nothing left to wait for.
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        self.seen.mark_unchanged();
+    }
+
+    /// The stores for the status writer.
+    pub fn clone_stores(&self) -> Stores {
+        Stores {
+            virtual_ips: self.virtual_ips.clone(),
+            nodes: self.nodes.clone(),
+            changes: self.changes.subscribe(),
+        }
+    }
+
+    pub fn virtual_ips(&self) -> &Store<VirtualIP> {
+        &self.virtual_ips
+    }
+
+    pub fn nodes(&self) -> &Store<Node> {
+        &self.nodes
+    }
+
+    pub fn services(&self) -> &Store<Service> {
+        &self.services
+    }
+
+    /// The snapshot to plan from. Local facts other than endpoints are the caller's.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut virtual_ips: Vec<VirtualIP> = self
+            .virtual_ips
+            .state()
+            .iter()
+            .filter(|v| v.meta().deletion_timestamp.is_none())
+            .map(|v| (**v).clone())
+            .collect();
+        // Oldest first: earlier resources win conflicts, everywhere alike.
+        virtual_ips.sort_by(|a, b| {
+            let key = |v: &VirtualIP| {
+                (
+                    v.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    v.metadata.name.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        let nodes = self
+            .nodes
+            .state()
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, node_facts(n))))
+            .collect();
+        let mut snapshot = Snapshot {
+            virtual_ips,
+            cluster: true,
+            nodes,
+            ..Snapshot::default()
+        };
+        snapshot.local.endpoints_known = self.endpoints_known.load(Ordering::Relaxed);
+        snapshot.local.local_ready_endpoints =
+            local_ready_endpoints(&self.slices.state(), &self.node);
+        snapshot
+    }
+}
+
+/// Runs one reflector in its own task; every applied change wakes the planner.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    changed: watch::Sender<u64>,
+    served: Option<Arc<AtomicBool>>,
+) -> Store<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    tokio::spawn(drive(stream, changed, served, std::any::type_name::<K>()));
+    reader
+}
+
+async fn drive<S, K>(
+    stream: S,
+    changed: watch::Sender<u64>,
+    served: Option<Arc<AtomicBool>>,
+    kind: &'static str,
+) where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let kind = kind.rsplit("::").next().unwrap_or(kind);
+    let mut failing = false;
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(event) => {
+                if failing {
+                    info!(kind, "watch re-established");
+                    failing = false;
+                }
+                if let Some(s) = &served {
+                    s.store(true, Ordering::Relaxed);
+                }
+                // Bookmarks and the start of a re-list change nothing yet.
+                if matches!(
+                    event,
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone
+                ) {
+                    changed.send_modify(|g| *g += 1);
+                }
+            }
+            Err(e) => {
+                let not_served = is_not_found(&e);
+                if let (Some(s), true) = (&served, not_served) {
+                    if s.swap(false, Ordering::Relaxed) || !failing {
+                        warn!(
+                            kind,
+                            "the API server does not serve this resource (EndpointSlice discovery.k8s.io/v1 needs Kubernetes 1.21+); local endpoint health is not used"
+                        );
+                        changed.send_modify(|g| *g += 1);
+                    }
+                } else if !failing {
+                    warn!(kind, error = %e, "watch failed; VRRP carries on with the last known state and the watch retries with backoff");
+                } else {
+                    debug!(kind, error = %e, "watch still failing");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    }
+}
+
+/// The parts of a Node the planner uses.
+pub fn node_facts(node: &Node) -> NodeFacts {
+    let status = node.status.as_ref();
+    let condition = |kind: &str| {
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == kind))
+            .map(|c| c.status == "True")
+    };
+    let internal_ips = status
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .collect();
+    NodeFacts {
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+        ready: condition("Ready"),
+        network_unavailable: condition("NetworkUnavailable"),
+        unschedulable: node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false),
+        internal_ips,
+    }
+}
+
+/// Ready (and not terminating) endpoints on `node`, per Service.
+pub fn local_ready_endpoints(
+    slices: &[Arc<EndpointSlice>],
+    node: &str,
+) -> BTreeMap<ServiceRef, usize> {
+    let mut out = BTreeMap::new();
+    for slice in slices {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        else {
+            continue;
+        };
+        let Some(namespace) = slice.metadata.namespace.clone() else {
+            continue;
+        };
+        let ready = slice
+            .endpoints
+            .iter()
+            .filter(|e| e.node_name.as_deref() == Some(node))
+            .filter(|e| {
+                let c = e.conditions.as_ref();
+                // Absent `ready` means ready (API convention); terminating ones do not count.
+                c.and_then(|c| c.ready).unwrap_or(true)
+                    && !c.and_then(|c| c.terminating).unwrap_or(false)
+            })
+            .count();
+        *out.entry(ServiceRef {
+            namespace,
+            name: service.clone(),
+        })
+        .or_insert(0) += ready;
+    }
+    out
+}
+
+/// A client from the in-cluster service account or KUBECONFIG.
+pub async fn client() -> Result<Client, K8sError> {
+    Client::try_default().await.map_err(K8sError::Client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeCondition, NodeSpec, NodeStatus};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    use kube::api::ObjectMeta;
+
+    #[test]
+    fn node_facts_read_conditions_labels_and_addresses() {
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some("node-a".into()),
+                labels: Some([("zone".to_string(), "a".to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec {
+                unschedulable: Some(true),
+                ..NodeSpec::default()
+            }),
+            status: Some(NodeStatus {
+                conditions: Some(vec![
+                    NodeCondition {
+                        type_: "Ready".into(),
+                        status: "False".into(),
+                        ..NodeCondition::default()
+                    },
+                    NodeCondition {
+                        type_: "NetworkUnavailable".into(),
+                        status: "True".into(),
+                        ..NodeCondition::default()
+                    },
+                ]),
+                addresses: Some(vec![
+                    NodeAddress {
+                        type_: "Hostname".into(),
+                        address: "node-a".into(),
+                    },
+                    NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: "192.0.2.11".into(),
+                    },
+                    NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: "2001:db8::11".into(),
+                    },
+                ]),
+                ..NodeStatus::default()
+            }),
+        };
+        let f = node_facts(&node);
+        assert_eq!(f.ready, Some(false));
+        assert_eq!(f.network_unavailable, Some(true));
+        assert!(f.unschedulable);
+        assert_eq!(f.labels["zone"], "a");
+        assert_eq!(f.internal_ips.len(), 2);
+        assert_eq!(node_facts(&Node::default()).ready, None);
+    }
+
+    #[test]
+    fn local_endpoints_count_ready_ones_on_this_node() {
+        let endpoint = |node: &str, ready: Option<bool>, terminating: Option<bool>| Endpoint {
+            addresses: vec!["10.1.0.1".into()],
+            node_name: Some(node.into()),
+            conditions: Some(EndpointConditions {
+                ready,
+                serving: None,
+                terminating,
+            }),
+            ..Endpoint::default()
+        };
+        let slice = |name: &str, service: &str, endpoints| {
+            Arc::new(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some("web".into()),
+                    labels: Some(
+                        [(
+                            "kubernetes.io/service-name".to_string(),
+                            service.to_string(),
+                        )]
+                        .into(),
+                    ),
+                    ..ObjectMeta::default()
+                },
+                address_type: "IPv4".into(),
+                endpoints,
+                ports: None,
+            })
+        };
+        let slices = vec![
+            slice(
+                "frontend-1",
+                "frontend",
+                vec![
+                    endpoint("node-a", Some(true), None),
+                    endpoint("node-a", None, None),
+                    endpoint("node-a", Some(false), None),
+                    endpoint("node-a", Some(true), Some(true)),
+                    endpoint("node-b", Some(true), None),
+                ],
+            ),
+            slice(
+                "frontend-2",
+                "frontend",
+                vec![endpoint("node-a", Some(true), None)],
+            ),
+            slice(
+                "other-1",
+                "other",
+                vec![endpoint("node-b", Some(true), None)],
+            ),
+        ];
+        let counts = local_ready_endpoints(&slices, "node-a");
+        let key = |n: &str| ServiceRef {
+            namespace: "web".into(),
+            name: n.into(),
+        };
+        assert_eq!(counts[&key("frontend")], 3);
+        assert_eq!(counts[&key("other")], 0);
+    }
+}

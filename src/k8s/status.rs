@@ -1,0 +1,423 @@
+//! VirtualIP status and Events.
+//!
+//! Every node applies (server-side apply, field manager `ferrovip-<node>`) only what it knows:
+//! its own `status.nodes[]` entry (a list map keyed by name), plus fields every node derives
+//! identically from the same resources and wire (`master`, `state`, `virtualRouterId`,
+//! `observedGeneration`, the conditions). Identical values applied by several managers are
+//! co-owned, not fought over, and nothing is written while nothing changed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::crd::{NodeStatus, VirtualIP};
+use crate::model::{Desired, RefusalReason, ResourcePlan};
+use crate::vrrp::driver::{InstanceStatus, Observed};
+use crate::vrrp::instance::State;
+
+/// The same Warning about the same resource is not repeated more often than this.
+const EVENT_REPEAT: Duration = Duration::from_secs(600);
+/// After a failed write, wait this long before trying that resource again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Writes status and Events for one node.
+pub struct StatusWriter {
+    api: Api<VirtualIP>,
+    node: String,
+    params: PatchParams,
+    recorder: Recorder,
+    /// What was last applied successfully, per VirtualIP.
+    written: HashMap<String, serde_json::Value>,
+    failed_at: HashMap<String, Instant>,
+    warned: HashMap<(String, String), Instant>,
+    /// Per (VirtualIP, family): whether we were master at the last look.
+    was_master: HashMap<String, bool>,
+    outage_logged: bool,
+}
+
+impl StatusWriter {
+    pub fn new(client: Client, node: String) -> StatusWriter {
+        let reporter = Reporter {
+            controller: "ferrovip".into(),
+            instance: Some(node.clone()),
+        };
+        StatusWriter {
+            api: Api::all(client.clone()),
+            params: PatchParams::apply(&format!("ferrovip-{node}")).force(),
+            recorder: Recorder::new(client, reporter),
+            node,
+            written: HashMap::new(),
+            failed_at: HashMap::new(),
+            warned: HashMap::new(),
+            was_master: HashMap::new(),
+            outage_logged: false,
+        }
+    }
+
+    /// Brings every VirtualIP's status up to date with what this node knows now.
+    pub async fn reconcile(
+        &mut self,
+        virtual_ips: &Store<VirtualIP>,
+        nodes: &Store<Node>,
+        desired: &Desired,
+        observed: &Observed,
+    ) {
+        let addresses = node_addresses(nodes);
+        let reporter = reporting_node(nodes);
+        let now = Instant::now();
+        let mut live = Vec::new();
+        for vip in virtual_ips.state() {
+            let Some(name) = vip.metadata.name.clone() else {
+                continue;
+            };
+            if vip.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            live.push(name.clone());
+            let Some(plan) = desired.resources.get(&name) else {
+                continue;
+            };
+            let ours: Vec<&InstanceStatus> = observed
+                .instances
+                .iter()
+                .filter(|((resource, _), _)| *resource == name)
+                .map(|(_, s)| s)
+                .collect();
+
+            self.events_for(
+                &vip,
+                &name,
+                plan,
+                &ours,
+                reporter.as_deref() == Some(self.node.as_str()),
+            )
+            .await;
+
+            let body = desired_status(&vip, &self.node, plan, &ours, &addresses);
+            if self.written.get(&name) == Some(&body) {
+                continue;
+            }
+            if self
+                .failed_at
+                .get(&name)
+                .is_some_and(|t| now.duration_since(*t) < RETRY_AFTER)
+            {
+                continue;
+            }
+            match self
+                .api
+                .patch_status(&name, &self.params, &Patch::Apply(&body))
+                .await
+            {
+                Ok(_) => {
+                    debug!(vip = %name, "status applied");
+                    if self.outage_logged {
+                        info!("status writes succeed again");
+                        self.outage_logged = false;
+                    }
+                    self.failed_at.remove(&name);
+                    self.written.insert(name, body);
+                }
+                Err(e) => {
+                    if !self.outage_logged {
+                        warn!(vip = %name, error = %e, "cannot write VirtualIP status; retrying (VRRP is not affected)");
+                        self.outage_logged = true;
+                    }
+                    self.failed_at.insert(name, now);
+                }
+            }
+        }
+        self.written.retain(|k, _| live.contains(k));
+        self.failed_at.retain(|k, _| live.contains(k));
+        self.was_master.retain(|k, _| live.contains(k));
+    }
+
+    async fn events_for(
+        &mut self,
+        vip: &VirtualIP,
+        name: &str,
+        plan: &ResourcePlan,
+        ours: &[&InstanceStatus],
+        reporter: bool,
+    ) {
+        let master_now = ours.iter().any(|s| s.state == State::Master);
+        let was = self
+            .was_master
+            .insert(name.to_string(), master_now)
+            .unwrap_or(false);
+        if master_now && !was {
+            let why = ours
+                .iter()
+                .find(|s| s.state == State::Master)
+                .map(|s| s.reason.clone())
+                .unwrap_or_default();
+            let note = format!(
+                "{} is master (priority {}): {why}",
+                self.node,
+                plan.priority.unwrap_or(0)
+            );
+            self.publish(vip, EventType::Normal, "MasterElected", "Elect", note)
+                .await;
+        }
+        if let (Some(reason), true) = (&plan.refused, reporter) {
+            let (event_reason, action) = if reason.is_conflict() {
+                ("Conflict", "Refuse")
+            } else {
+                ("Invalid", "Validate")
+            };
+            let note = reason.to_string();
+            let key = (name.to_string(), note.clone());
+            let now = Instant::now();
+            if self
+                .warned
+                .get(&key)
+                .is_none_or(|t| now.duration_since(*t) >= EVENT_REPEAT)
+            {
+                self.warned.insert(key, now);
+                self.publish(vip, EventType::Warning, event_reason, action, note)
+                    .await;
+            }
+        }
+    }
+
+    async fn publish(
+        &self,
+        vip: &VirtualIP,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(note, 1024)),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &vip.object_ref(&())).await {
+            debug!(error = %e, reason, "event not published");
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// InternalIP address → node name.
+fn node_addresses(nodes: &Store<Node>) -> BTreeMap<IpAddr, String> {
+    let mut out = BTreeMap::new();
+    for n in nodes.state() {
+        let Some(name) = n.metadata.name.clone() else {
+            continue;
+        };
+        for ip in crate::k8s::node_facts(&n).internal_ips {
+            out.insert(ip, name.clone());
+        }
+    }
+    out
+}
+
+/// The node that publishes cluster-level Warnings (refused resources): the first Ready node by
+/// name, so that exactly one node reports them without coordination.
+fn reporting_node(nodes: &Store<Node>) -> Option<String> {
+    nodes
+        .state()
+        .iter()
+        .filter(|n| crate::k8s::node_facts(n).ready == Some(true))
+        .filter_map(|n| n.metadata.name.clone())
+        .min()
+}
+
+fn state_name(ours: &[&InstanceStatus]) -> &'static str {
+    if ours.iter().any(|s| s.fault.is_some()) {
+        "Fault"
+    } else if ours.iter().any(|s| s.state == State::Master) {
+        "Master"
+    } else if ours.iter().any(|s| s.state == State::Backup) {
+        "Backup"
+    } else {
+        "Initialize"
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    Timestamp::try_from(t)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// The status this node applies for one VirtualIP (apiVersion/kind/name included).
+pub fn desired_status(
+    vip: &VirtualIP,
+    node: &str,
+    plan: &ResourcePlan,
+    ours: &[&InstanceStatus],
+    addresses: &BTreeMap<IpAddr, String>,
+) -> serde_json::Value {
+    let name = vip.metadata.name.clone().unwrap_or_default();
+    let mut status = serde_json::Map::new();
+    status.insert("observedGeneration".into(), json!(vip.metadata.generation));
+    if let Some(vrid) = plan.vrid {
+        status.insert("virtualRouterId".into(), json!(vrid));
+    }
+    let previous = vip
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+
+    let (state, conditions) = match &plan.refused {
+        Some(reason) => {
+            let (summary, ready_reason, conflict) = match reason {
+                r if r.is_conflict() => ("Conflict", "Conflict", Some(conflict_reason(r))),
+                _ => ("Invalid", "Invalid", None),
+            };
+            let message = reason.to_string();
+            let mut conds = vec![condition(previous, "Ready", false, ready_reason, &message)];
+            conds.push(match conflict {
+                Some(r) => condition(previous, "Conflict", true, r, &message),
+                None => condition(previous, "Conflict", false, "NoConflict", ""),
+            });
+            (summary, conds)
+        }
+        None => {
+            let master = ours.iter().find_map(|s| {
+                if s.state == State::Master {
+                    Some(node.to_string())
+                } else {
+                    s.master.map(|ip| {
+                        addresses
+                            .get(&ip)
+                            .cloned()
+                            .unwrap_or_else(|| ip.to_string())
+                    })
+                }
+            });
+            if !plan.eligible {
+                // This node has no view of the election: it writes nothing but the fields
+                // derived from the resource, and drops its node entry.
+                let body = json!({
+                    "apiVersion": "ferrovip.io/v1alpha1",
+                    "kind": "VirtualIP",
+                    "metadata": {"name": name},
+                    "status": {"observedGeneration": vip.metadata.generation, "virtualRouterId": plan.vrid},
+                });
+                return body;
+            }
+            let ready = match &master {
+                Some(m) => condition(
+                    previous,
+                    "Ready",
+                    true,
+                    "MasterElected",
+                    &format!("{m} holds the addresses"),
+                ),
+                None => condition(
+                    previous,
+                    "Ready",
+                    false,
+                    "NoMaster",
+                    "no node holds the addresses yet",
+                ),
+            };
+            let faults: Vec<String> = ours.iter().filter_map(|s| s.fault.clone()).collect();
+            let degraded = if faults.is_empty() {
+                condition(previous, "Degraded", false, "AsExpected", "")
+            } else {
+                condition(
+                    previous,
+                    "Degraded",
+                    true,
+                    "NodeFault",
+                    &format!("{node}: {}", faults.join("; ")),
+                )
+            };
+            if let Some(m) = &master {
+                status.insert("master".into(), json!(m));
+            }
+            let summary = if master.is_some() {
+                "Active"
+            } else {
+                "NoMaster"
+            };
+            let mut conds = vec![
+                ready,
+                condition(previous, "Conflict", false, "NoConflict", ""),
+            ];
+            if !faults.is_empty() {
+                conds.push(degraded);
+            }
+            let since = ours.iter().map(|s| s.since).max();
+            let entry = NodeStatus {
+                name: node.to_string(),
+                state: state_name(ours).to_string(),
+                priority: i64::from(plan.priority.unwrap_or(0)),
+                reasons: plan.priority_reasons.clone(),
+                last_transition_time: since.map(rfc3339),
+            };
+            status.insert("nodes".into(), json!([entry]));
+            (summary, conds)
+        }
+    };
+    status.insert("state".into(), json!(state));
+    status.insert("conditions".into(), json!(conditions));
+    json!({
+        "apiVersion": "ferrovip.io/v1alpha1",
+        "kind": "VirtualIP",
+        "metadata": {"name": name},
+        "status": status,
+    })
+}
+
+fn conflict_reason(r: &RefusalReason) -> &'static str {
+    match r {
+        RefusalReason::DuplicateVrid { .. } => "DuplicateVirtualRouterId",
+        RefusalReason::DuplicateAddress { .. } => "DuplicateAddress",
+        _ => "NoFreeVirtualRouterId",
+    }
+}
+
+/// A condition, keeping the previous transition time when nothing about it changed (so that
+/// every node applies the identical value).
+fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let kept = previous
+        .iter()
+        .find(|c| {
+            c.type_ == type_ && c.status == status && c.reason == reason && c.message == message
+        })
+        .map(|c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: None,
+        last_transition_time: kept.unwrap_or_else(|| Time(Timestamp::now())),
+    }
+}
