@@ -276,7 +276,8 @@ impl AddressManager {
     }
 
     /// The address VRRP over IPv6 and unsolicited NAs are sent from: a link-local address
-    /// of the interface that finished duplicate address detection.
+    /// of the interface that finished duplicate address detection and is not one of ours (the
+    /// virtual router's link-local is the same on every node and would break the tie-break).
     pub async fn link_local_v6(&self, index: u32) -> Result<Option<Ipv6Addr>, AddrError> {
         let addresses = self.addresses(Some(index), AddressFamily::Inet6).await?;
         let unusable = AddressFlags::Tentative | AddressFlags::Dadfailed;
@@ -284,7 +285,9 @@ impl AddressManager {
             .iter()
             .find_map(|address| match address.net.addr() {
                 IpAddr::V6(ip)
-                    if ip.is_unicast_link_local() && !address.flags.intersects(unusable) =>
+                    if ip.is_unicast_link_local()
+                        && !address.owned
+                        && !address.flags.intersects(unusable) =>
                 {
                     Some(ip)
                 }

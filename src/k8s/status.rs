@@ -421,3 +421,120 @@ fn condition(
         last_transition_time: kept.unwrap_or_else(|| Time(Timestamp::now())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{VirtualIPSpec, VirtualIPStatus};
+    use crate::vrrp::Family;
+
+    fn vip() -> VirtualIP {
+        let spec: VirtualIPSpec = serde_json::from_value(json!({
+            "addresses": ["192.0.2.100/24"], "interface": "eth0", "virtualRouterId": 51
+        }))
+        .unwrap();
+        let mut v = VirtualIP::new("web", spec);
+        v.metadata.generation = Some(3);
+        v
+    }
+
+    fn plan(eligible: bool, refused: Option<RefusalReason>) -> ResourcePlan {
+        ResourcePlan {
+            vrid: Some(51),
+            eligible,
+            priority: eligible.then_some(150),
+            priority_reasons: if eligible { vec!["base 100".into(), "preferred node +50".into()] } else { vec![] },
+            refused,
+        }
+    }
+
+    fn instance(state: State, master: Option<&str>) -> InstanceStatus {
+        InstanceStatus {
+            interface: "eth0".into(),
+            vrid: 51,
+            state,
+            priority: 150,
+            master: master.map(|m| m.parse().unwrap()),
+            since: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            reason: "no master seen".into(),
+            reason_code: "master_down",
+            fault: None,
+        }
+    }
+
+    fn addresses() -> BTreeMap<IpAddr, String> {
+        [("192.0.2.11".parse().unwrap(), "node-a".to_string())].into()
+    }
+
+    #[test]
+    fn a_master_reports_itself_and_its_entry() {
+        let i = instance(State::Master, Some("192.0.2.11"));
+        let body = desired_status(&vip(), "node-a", &plan(true, None), &[&i], &addresses());
+        let s = &body["status"];
+        assert_eq!(s["master"], "node-a");
+        assert_eq!(s["state"], "Active");
+        assert_eq!(s["observedGeneration"], 3);
+        assert_eq!(s["virtualRouterId"], 51);
+        assert_eq!(s["nodes"][0]["name"], "node-a");
+        assert_eq!(s["nodes"][0]["state"], "Master");
+        assert_eq!(s["nodes"][0]["priority"], 150);
+        assert_eq!(s["nodes"][0]["reasons"][1], "preferred node +50");
+        assert_eq!(s["nodes"][0]["lastTransitionTime"], "2023-11-14T22:13:20Z");
+        assert_eq!(s["conditions"][0]["type"], "Ready");
+        assert_eq!(s["conditions"][0]["status"], "True");
+        assert_eq!(s["nodes"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_backup_names_the_master_node_from_its_address() {
+        let i = instance(State::Backup, Some("192.0.2.11"));
+        let body = desired_status(&vip(), "node-b", &plan(true, None), &[&i], &addresses());
+        assert_eq!(body["status"]["master"], "node-a");
+        assert_eq!(body["status"]["nodes"][0]["state"], "Backup");
+        let unknown = instance(State::Backup, Some("192.0.2.99"));
+        let body = desired_status(&vip(), "node-b", &plan(true, None), &[&unknown], &addresses());
+        assert_eq!(body["status"]["master"], "192.0.2.99");
+        let none = instance(State::Backup, None);
+        let body = desired_status(&vip(), "node-b", &plan(true, None), &[&none], &addresses());
+        assert_eq!(body["status"]["state"], "NoMaster");
+        assert!(body["status"].get("master").is_none());
+    }
+
+    #[test]
+    fn refused_and_ineligible() {
+        let reason = RefusalReason::DuplicateVrid {
+            interface: "eth0".into(),
+            family: Family::V4,
+            vrid: 51,
+            other: "api".into(),
+        };
+        let body = desired_status(&vip(), "node-a", &plan(false, Some(reason)), &[], &addresses());
+        let s = &body["status"];
+        assert_eq!(s["state"], "Conflict");
+        let conflict = s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Conflict").unwrap();
+        assert_eq!(conflict["status"], "True");
+        assert_eq!(conflict["reason"], "DuplicateVirtualRouterId");
+        assert!(conflict["message"].as_str().unwrap().contains("\"api\""));
+        assert!(s.get("nodes").is_none());
+
+        let body = desired_status(&vip(), "node-c", &plan(false, None), &[], &addresses());
+        let s = body["status"].as_object().unwrap();
+        assert_eq!(s.keys().collect::<Vec<_>>(), ["observedGeneration", "virtualRouterId"]);
+    }
+
+    #[test]
+    fn unchanged_conditions_keep_their_time_so_nodes_agree() {
+        let i = instance(State::Master, Some("192.0.2.11"));
+        let first = desired_status(&vip(), "node-a", &plan(true, None), &[&i], &addresses());
+        let conditions: Vec<Condition> = serde_json::from_value(first["status"]["conditions"].clone()).unwrap();
+        let mut seen = vip();
+        seen.status = Some(VirtualIPStatus {
+            conditions: conditions.clone(),
+            ..VirtualIPStatus::default()
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        let b = instance(State::Backup, Some("192.0.2.11"));
+        let second = desired_status(&seen, "node-b", &plan(true, None), &[&b], &addresses());
+        assert_eq!(second["status"]["conditions"], first["status"]["conditions"]);
+    }
+}

@@ -670,7 +670,10 @@ mod tests {
         );
     }
 
-    fn cluster(nodes: &[(&str, &[(&str, &str)], bool, &str)]) -> BTreeMap<String, NodeFacts> {
+    /// (name, labels, ready, InternalIP)
+    type TestNode<'a> = (&'a str, &'a [(&'a str, &'a str)], bool, &'a str);
+
+    fn cluster(nodes: &[TestNode]) -> BTreeMap<String, NodeFacts> {
         nodes
             .iter()
             .map(|(name, labels, ready, ip)| {
