@@ -9,7 +9,9 @@ bin="$cache/kube-apiserver-v1.20.2"
 mkdir -p "$cache"
 
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(etcd-server kubernetes-client)
+pkgs=(etcd-server)
+# Any kubectl will do (the machine image may already carry a newer one).
+command -v kubectl >/dev/null || pkgs+=(kubernetes-client)
 [ -x "$bin" ] || pkgs+=(golang-1.19-go rsync golang-github-modern-go-reflect2-dev dpkg-dev)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -14,6 +14,7 @@
 //! Everything here needs root (network namespaces, AF_PACKET). The harness drives the
 //! `ip` binary from iproute2 because it is the harness, not the agent.
 
+pub mod apiserver;
 pub mod measure;
 pub mod netns;
 pub mod run;
@@ -27,6 +28,9 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+pub use apiserver::{
+    AGENT_GROUP, ApiServer, ApiServerError, ApiServerOptions, in_netns, node_user,
+};
 pub use measure::{
     Failover, FailoverQuery, Preemption, analyze_failover, analyze_preemption, current_master,
     master_down_interval, masters_since, measure_failover, measure_failover_async, skew_time,

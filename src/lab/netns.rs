@@ -50,6 +50,9 @@ pub struct LabSpec {
     /// Give every node a ULA /64 address and a usable link-local; otherwise IPv6 is disabled
     /// on the nodes, which keeps the wire quiet.
     pub ipv6: bool,
+    /// An address for the bridge itself, so that the node namespaces can reach a server
+    /// running in the switch namespace (an API server). Must not be a node's address.
+    pub bridge_ipv4: Option<Ipv4Net>,
 }
 
 impl Default for LabSpec {
@@ -59,6 +62,7 @@ impl Default for LabSpec {
             nodes: 3,
             subnet_v4: Ipv4Net::new(Ipv4Addr::new(192, 0, 2, 0), 24).expect("valid prefix"),
             ipv6: true,
+            bridge_ipv4: None,
         }
     }
 }
@@ -131,6 +135,7 @@ pub struct Lab {
     prefix: String,
     switch_netns: String,
     bridge_ifindex: u32,
+    bridge_ipv4: Option<Ipv4Net>,
     nodes: Vec<NodeInfo>,
     dir: PathBuf,
     /// Namespaces that exist, in creation order, so a half-built lab can be torn down.
@@ -163,6 +168,13 @@ impl Lab {
             )));
         }
         let hosts = node_ipv4s(spec.subnet_v4, spec.nodes)?;
+        if let Some(bridge) = spec.bridge_ipv4
+            && hosts.contains(&bridge.addr())
+        {
+            return Err(LabError::InvalidSpec(format!(
+                "bridge address {bridge} is also a node's address"
+            )));
+        }
         let prefix = match spec.prefix {
             Some(prefix) => prefix,
             None => format!(
@@ -181,6 +193,7 @@ impl Lab {
             switch_netns: format!("{prefix}sw"),
             prefix,
             bridge_ifindex: 0,
+            bridge_ipv4: spec.bridge_ipv4,
             nodes: Vec::with_capacity(spec.nodes),
             dir,
             namespaces: Vec::new(),
@@ -233,6 +246,9 @@ impl Lab {
             "0",
         ])?;
         ip(&["-n", &sw, "link", "set", BRIDGE, "up"])?;
+        if let Some(addr) = self.bridge_ipv4 {
+            ip(&["-n", &sw, "addr", "add", &addr.to_string(), "dev", BRIDGE])?;
+        }
         let details = ip_json(&["-n", &sw, "-d", "-j", "link", "show", BRIDGE])?;
         let link = &details[0];
         if link["linkinfo"]["info_data"]["mcast_snooping"].as_u64() != Some(0) {
@@ -446,6 +462,11 @@ impl Lab {
 
     pub fn bridge_ifindex(&self) -> u32 {
         self.bridge_ifindex
+    }
+
+    /// The bridge's own address ([`LabSpec::bridge_ipv4`]), reachable from every node.
+    pub fn bridge_ipv4(&self) -> Option<Ipv4Addr> {
+        self.bridge_ipv4.map(|net| net.addr())
     }
 
     /// The lab's scratch directory (logs, manifests). Removed on drop unless kept.

@@ -1,0 +1,1673 @@
+//! End-to-end tests of the standalone agent: the real `ferrovip agent` binary, one per node of
+//! a lab of network namespaces (`ferrovip::lab`), observed three ways: on the wire (a capture
+//! on the lab bridge), through the kernel (`ip addr`, `ip neigh`), and through the agents' own
+//! JSON log lines (every transition is one line with `event = "transition"`).
+//!
+//! Needs root (namespaces, veth, AF_PACKET) and runs one test at a time
+//! (`--test-threads=1`, as e2e/test.sh does): the timing bounds assume the two cores are not
+//! shared with another lab. Each test builds its own lab; dropping it stops the agents and
+//! deletes the namespaces, also when an assertion fails (the agents' logs are printed then).
+//!
+//! Timing bounds, from RFC 5798 (facts copied from the VRRP notes into this file):
+//! - Skew_Time = ((256 − Priority) × Master_Adver_Interval) / 256
+//! - Master_Down_Interval = 3 × Master_Adver_Interval + Skew_Time
+//! - At 100 ms and priority 140: skew 45.3 ms, down interval 345.3 ms.
+//!
+//! A takeover timer must never fire early (5 ms allowed for the capture's timestamps) and may
+//! fire late by scheduling noise (60 ms allowed: debug build, 2 cores, 3 agents).
+//!
+//! Priorities are spread so that scheduling noise cannot reorder the backups: node-b (140)
+//! times out 31 ms before node-c (60) at 100 ms adverts (the `ferrovip lab` default of 130
+//! for node-c leaves only 3.9 ms, which a loaded 2-core machine exceeds). A backup that takes
+//! over next to the rightful one is reported as a failure: it announces the VIP too.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use ferrovip::lab::{
+    Event, EventKind, Failover, FailoverQuery, Lab, LabSpec, NodeInfo, ProcId, SeenAdvert, Sniffer,
+    log_tail, master_down_interval, masters_since, measure_failover, skew_time,
+};
+use ferrovip::vrrp::packet::{
+    Advertisement, ETHERTYPE_IPV4, ethernet_frame, ipv4_header, multicast_mac,
+};
+use ferrovip::vrrp::{ChecksumMode, MULTICAST_V4, Version};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_ferrovip");
+const FAST: Duration = Duration::from_millis(100);
+const EARLY: Duration = Duration::from_millis(5);
+const LATE: Duration = Duration::from_millis(60);
+/// The lab's default subnet is 192.0.2.0/24 with nodes at .11, .12, …
+const VIP: &str = "192.0.2.100";
+const VIP_NET: &str = "192.0.2.100/24";
+const VRID: u8 = 51;
+/// Priorities with the default preferences: node-a 150, node-b 140, node-c 60.
+const PRIO_A: u8 = 150;
+const PRIO_B: u8 = 140;
+const VMAC_51: [u8; 6] = [0x00, 0x00, 0x5e, 0x00, 0x01, VRID];
+
+// ---------------------------------------------------------------------------------------------
+// Manifests
+
+/// One VirtualIP document, with the lab defaults: VRRPv3 at 100 ms, preempt on, base 100,
+/// node-a +50, node-b +40, node-c −40.
+#[derive(Debug, Clone)]
+struct VipDoc {
+    name: String,
+    addresses: Vec<String>,
+    vrid: i64,
+    version: i64,
+    interval: String,
+    preempt: bool,
+    preferred: Vec<(String, i64)>,
+    unicast_peers: Vec<String>,
+    virtual_mac: bool,
+}
+
+impl VipDoc {
+    fn new(name: &str, address: &str, vrid: i64) -> VipDoc {
+        VipDoc {
+            name: name.to_owned(),
+            addresses: vec![address.to_owned()],
+            vrid,
+            version: 3,
+            interval: "100ms".into(),
+            preempt: true,
+            preferred: vec![
+                ("node-a".into(), 50),
+                ("node-b".into(), 40),
+                ("node-c".into(), -40),
+            ],
+            unicast_peers: Vec::new(),
+            virtual_mac: false,
+        }
+    }
+
+    fn preferring(mut self, preferred: &[(&str, i64)]) -> VipDoc {
+        self.preferred = preferred
+            .iter()
+            .map(|(n, w)| ((*n).to_owned(), *w))
+            .collect();
+        self
+    }
+
+    fn yaml(&self) -> String {
+        let list = |items: &[String]| {
+            items
+                .iter()
+                .map(|i| format!("{i:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut text = format!(
+            "apiVersion: ferrovip.io/v1alpha1
+kind: VirtualIP
+metadata:
+  name: {}
+spec:
+  addresses: [{}]
+  interface: eth0
+  virtualRouterId: {}
+  vrrp:
+    version: {}
+    advertisementInterval: {}
+    preempt: {}
+    virtualMac: {}
+",
+            self.name,
+            list(&self.addresses),
+            self.vrid,
+            self.version,
+            self.interval,
+            self.preempt,
+            self.virtual_mac,
+        );
+        if !self.unicast_peers.is_empty() {
+            text += &format!("    unicastPeers: [{}]\n", list(&self.unicast_peers));
+        }
+        text += "  priority:\n    base: 100\n";
+        if !self.preferred.is_empty() {
+            text += "    preferredNodes:\n";
+            for (node, weight) in &self.preferred {
+                text += &format!("      - {{nodeName: {node}, weight: {weight}}}\n");
+            }
+        }
+        text
+    }
+}
+
+fn manifest(docs: &[&VipDoc]) -> String {
+    docs.iter()
+        .map(|d| d.yaml())
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Replaces `path` in one step (write + rename), so that a polling agent never reads a
+/// half-written file: a torn write would be the test's fault, not the agent's.
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text).expect("write manifest");
+    std::fs::rename(&tmp, path).expect("rename manifest");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cluster: a lab, a capture, and agents
+
+/// One transition log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Transition {
+    vip: String,
+    family: String,
+    vrid: u64,
+    from: String,
+    to: String,
+    reason: String,
+}
+
+struct Cluster {
+    // Declared first so that the capture stops before the lab deletes its namespace.
+    sniffer: Sniffer,
+    lab: Lab,
+    manifests: PathBuf,
+    agents: Vec<Option<ProcId>>,
+    /// Every agent ever started, for the log dump of a failed test.
+    history: Vec<(usize, ProcId)>,
+    poll: String,
+    debug: bool,
+    /// Sources of hand-made adverts, left out of the mastership checks.
+    rogues: Vec<IpAddr>,
+}
+
+impl Cluster {
+    fn new(nodes: usize, ipv6: bool) -> Cluster {
+        // Namespaces of earlier runs that were killed before their Drop ran.
+        let _ = Lab::cleanup_stale();
+        let built = Instant::now();
+        let lab = Lab::create(LabSpec {
+            nodes,
+            ipv6,
+            ..LabSpec::default()
+        })
+        .expect("build the lab (needs root)");
+        eprintln!(
+            "lab {} with {nodes} nodes built in {:?}",
+            lab.prefix(),
+            built.elapsed()
+        );
+        let sniffer = Sniffer::start(&lab).expect("capture on the lab bridge");
+        let manifests = lab.dir().join("virtualips.yaml");
+        Cluster {
+            sniffer,
+            lab,
+            manifests,
+            agents: vec![None; nodes],
+            history: Vec::new(),
+            poll: "200ms".into(),
+            debug: false,
+            rogues: Vec::new(),
+        }
+    }
+
+    /// A cluster whose agents read one manifest file holding `docs`.
+    fn with(nodes: usize, ipv6: bool, docs: &[&VipDoc]) -> Cluster {
+        let cluster = Cluster::new(nodes, ipv6);
+        cluster.write(docs);
+        cluster
+    }
+
+    fn write(&self, docs: &[&VipDoc]) {
+        write_atomic(&self.manifests, &manifest(docs));
+    }
+
+    fn node(&self, i: usize) -> &NodeInfo {
+        self.lab.node(i)
+    }
+
+    fn v4(&self, i: usize) -> IpAddr {
+        IpAddr::V4(self.node(i).ipv4)
+    }
+
+    fn mac(&self, i: usize) -> [u8; 6] {
+        self.node(i).mac.octets()
+    }
+
+    fn start(&mut self, node: usize) -> ProcId {
+        let name = self.node(node).name.clone();
+        let starts = self.history.iter().filter(|(n, _)| *n == node).count();
+        let log = format!("{name}.{}.log", starts + 1);
+        let filter = if self.debug {
+            "FERROVIP_LOG=info,ferrovip=debug"
+        } else {
+            "FERROVIP_LOG=info"
+        };
+        let manifests = self.manifests.to_string_lossy().into_owned();
+        let id = self
+            .lab
+            .spawn(
+                node,
+                &[
+                    "env",
+                    filter,
+                    AGENT,
+                    "--log-format",
+                    "json",
+                    "agent",
+                    "--node-name",
+                    &name,
+                    "--manifests",
+                    &manifests,
+                    "--manifest-poll",
+                    &self.poll,
+                ],
+                log,
+            )
+            .expect("spawn agent");
+        self.agents[node] = Some(id);
+        self.history.push((node, id));
+        id
+    }
+
+    fn start_nodes(&mut self, nodes: &[usize]) {
+        for &n in nodes {
+            self.start(n);
+        }
+    }
+
+    fn start_all(&mut self) {
+        for n in 0..self.agents.len() {
+            self.start(n);
+        }
+    }
+
+    fn agent(&self, node: usize) -> ProcId {
+        self.agents[node].unwrap_or_else(|| panic!("no agent on node {node}"))
+    }
+
+    /// Signals the agent on `node`; returns the instant just before the signal.
+    fn signal(&self, node: usize, signal: Signal) -> Instant {
+        let at = Instant::now();
+        self.lab.kill(self.agent(node), signal).expect("signal");
+        at
+    }
+
+    fn wait_exit(&self, node: usize, timeout: Duration) -> ExitStatus {
+        self.lab
+            .wait(self.agent(node), timeout)
+            .expect("wait")
+            .unwrap_or_else(|| panic!("agent on node {node} still running after {timeout:?}"))
+    }
+
+    fn assert_running(&self, node: usize) {
+        let status = self.lab.exit_status(self.agent(node)).expect("status");
+        assert!(
+            status.is_none(),
+            "agent on {} exited ({status:?})",
+            self.node(node).name
+        );
+    }
+
+    /// Every JSON line the current agent on `node` logged so far.
+    fn log(&self, node: usize) -> Vec<Value> {
+        let (_, path) = self.lab.proc_info(self.agent(node)).expect("proc info");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn transitions(&self, node: usize) -> Vec<Transition> {
+        self.log(node)
+            .iter()
+            .filter(|l| l["event"] == "transition")
+            .map(|l| Transition {
+                vip: str_field(l, "vip"),
+                family: str_field(l, "family"),
+                vrid: l["vrid"].as_u64().unwrap_or(0),
+                from: str_field(l, "from"),
+                to: str_field(l, "to"),
+                reason: str_field(l, "reason"),
+            })
+            .collect()
+    }
+
+    fn transitions_of(&self, node: usize, vip: &str) -> Vec<Transition> {
+        self.transitions(node)
+            .into_iter()
+            .filter(|t| t.vip == vip)
+            .collect()
+    }
+
+    /// Per node with an agent, how many transitions of `vip` it logged.
+    fn transition_counts(&self, vip: &str) -> Vec<usize> {
+        (0..self.agents.len())
+            .filter(|n| self.agents[*n].is_some())
+            .map(|n| self.transitions_of(n, vip).len())
+            .collect()
+    }
+
+    fn count_log(&self, node: usize, pred: &dyn Fn(&Value) -> bool) -> usize {
+        self.log(node).iter().filter(|l| pred(l)).count()
+    }
+
+    /// Waits until the agent on `node` logged a line matching `pred`; returns it.
+    fn wait_log(
+        &self,
+        node: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log(node).into_iter().find(|l| pred(l)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log {what} within {timeout:?}",
+                self.node(node).name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the agent on `node` logged one more line matching `pred` than `before`.
+    fn wait_more_logs(
+        &self,
+        node: usize,
+        what: &str,
+        before: usize,
+        pred: &dyn Fn(&Value) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.count_log(node, pred) <= before {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log {what}",
+                self.node(node).name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `source` is the only node advertising `vrid` with priority > 0 over a
+    /// whole window of four intervals; returns when that window ended.
+    fn wait_master(&self, vrid: u8, source: IpAddr, interval: Duration, timeout: Duration) {
+        let window = interval * 4 + Duration::from_millis(50);
+        let start = Instant::now();
+        loop {
+            let now = Instant::now();
+            let since = now - window;
+            let masters = masters_since(&self.wire(since), vrid, since);
+            if now >= start + window && masters == [source] {
+                return;
+            }
+            assert!(
+                now < start + timeout,
+                "VRID {vrid}: expected {source} alone as master within {timeout:?}, the wire shows {masters:?}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// What the agents sent since `since`: the capture without the hand-made adverts.
+    fn wire(&self, since: Instant) -> Vec<Event> {
+        self.sniffer
+            .events_since(since)
+            .into_iter()
+            .filter(|e| e.advert().is_none_or(|a| !self.rogues.contains(&a.source)))
+            .collect()
+    }
+
+    /// Adverts for `vrid` from `source` captured at or after `since`.
+    fn adverts(&self, vrid: u8, source: IpAddr, since: Instant) -> Vec<(Instant, SeenAdvert)> {
+        self.sniffer
+            .events_since(since)
+            .into_iter()
+            .filter_map(|e| {
+                let a = e.advert()?.clone();
+                (a.vrid == vrid && a.source == source).then_some((e.at, a))
+            })
+            .collect()
+    }
+
+    /// `source` was the only master of `vrid` since `since` and advertised without a gap:
+    /// no interval between its adverts above interval + 60 ms, and no extra adverts (none
+    /// closer than half an interval, and no more than the elapsed time allows). The lower
+    /// bound is loose on purpose: the capture thread's timestamps jitter under load, which
+    /// shortens one gap by as much as it lengthens the previous one.
+    fn assert_steady(&self, vrid: u8, source: IpAddr, interval: Duration, since: Instant) {
+        let events = self.wire(since);
+        assert_eq!(
+            masters_since(&events, vrid, since),
+            vec![source],
+            "VRID {vrid}: mastership changed since the reference instant"
+        );
+        // With unicast peers every advert goes out once per peer: follow one destination.
+        let mut adverts = self.adverts(vrid, source, since);
+        if let Some((_, first)) = adverts.first() {
+            let destination = first.destination;
+            adverts.retain(|(_, a)| a.destination == destination);
+        }
+        let covered = Instant::now().duration_since(since);
+        let periods = (covered.as_millis() / interval.as_millis()) as usize;
+        assert!(
+            adverts.len() + 1 >= periods && adverts.len() <= periods + 1,
+            "VRID {vrid}: {} adverts in {covered:?} at {interval:?}",
+            adverts.len()
+        );
+        let gaps: Vec<Duration> = adverts
+            .windows(2)
+            .map(|w| w[1].0.duration_since(w[0].0))
+            .collect();
+        let (min, max) = (gaps.iter().min().copied(), gaps.iter().max().copied());
+        eprintln!(
+            "VRID {vrid} from {source}: {} adverts, gaps {min:?}..{max:?}",
+            adverts.len()
+        );
+        for gap in gaps {
+            assert!(
+                gap >= interval / 2 && gap <= interval + LATE,
+                "VRID {vrid}: advert gap {gap:?} outside [{:?}, {:?}]",
+                interval / 2,
+                interval + LATE
+            );
+        }
+    }
+
+    fn has(&self, node: usize, addr: &str) -> bool {
+        self.lab
+            .has_address(node, addr.parse().expect("address"))
+            .expect("ip addr")
+    }
+
+    /// Polls `ip addr` on `node` until `addr` is (or is not) on eth0.
+    fn wait_address(&self, node: usize, addr: &str, present: bool, timeout: Duration) {
+        wait_until(
+            &format!(
+                "{addr} {} on {}",
+                if present { "present" } else { "absent" },
+                self.node(node).name
+            ),
+            timeout,
+            || self.has(node, addr) == present,
+        );
+    }
+
+    /// Exactly `holder` among all nodes has `addr` on eth0.
+    fn assert_only_holder(&self, holder: usize, addr: &str) {
+        self.wait_address(holder, addr, true, Duration::from_secs(1));
+        for n in (0..self.agents.len()).filter(|n| *n != holder) {
+            assert!(
+                !self.has(n, addr),
+                "{addr} is also on {}",
+                self.node(n).name
+            );
+        }
+    }
+
+    fn exec_ok(&self, node: usize, args: &[&str]) -> String {
+        let out = self.lab.exec(node, args).expect("exec");
+        assert!(
+            out.status.success(),
+            "`{}` on {} failed: {}",
+            args.join(" "),
+            self.node(node).name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ping(&self, from: usize, addr: &str) -> bool {
+        (0..3).any(|_| {
+            self.lab
+                .exec(from, &["ping", "-c", "1", "-W", "1", addr])
+                .expect("ping")
+                .status
+                .success()
+        })
+    }
+
+    /// The link-layer address `node` has cached for `addr`.
+    fn neighbour_mac(&self, node: usize, addr: &str) -> Option<String> {
+        let out = self.exec_ok(node, &["ip", "-j", "neigh", "show", addr, "dev", "eth0"]);
+        let neigh: Value = serde_json::from_str(&out).ok()?;
+        neigh.as_array()?.first()?["lladdr"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Waits up to 500 ms for `node`'s neighbour cache to map `addr` to `mac`.
+    fn wait_neighbour(&self, node: usize, addr: &str, mac: &str) {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            let cached = self.neighbour_mac(node, addr);
+            if cached.as_deref() == Some(mac) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {addr} still cached at {cached:?}, expected {mac}",
+                self.node(node).name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every (interface, link kind, MAC, address) on `node`.
+    fn all_addresses(&self, node: usize) -> Vec<(String, String, String, IpAddr)> {
+        let out = self.exec_ok(node, &["ip", "-d", "-j", "addr", "show"]);
+        let links: Value = serde_json::from_str(&out).expect("ip -j addr");
+        let mut all = Vec::new();
+        for link in links.as_array().into_iter().flatten() {
+            let name = str_field(link, "ifname");
+            let kind = link["linkinfo"]["info_kind"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            let mac = str_field(link, "address");
+            for info in link["addr_info"].as_array().into_iter().flatten() {
+                if let Some(ip) = info["local"].as_str().and_then(|s| s.parse().ok()) {
+                    all.push((name.clone(), kind.clone(), mac.clone(), ip));
+                }
+            }
+        }
+        all
+    }
+
+    fn links(&self, node: usize) -> Vec<String> {
+        let out = self.exec_ok(node, &["ip", "-j", "link", "show"]);
+        let links: Value = serde_json::from_str(&out).expect("ip -j link");
+        links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| str_field(l, "ifname"))
+            .collect()
+    }
+
+    fn send(&self, node: usize, frame: &[u8]) {
+        self.lab.send_frame(node, frame).expect("send frame");
+    }
+
+    /// After `since`, only `new` advertised as master and only `mac` announced `vip`: no
+    /// other backup briefly took over (its GARP would point neighbours at a node that drops
+    /// the address a moment later).
+    fn assert_clean_takeover(
+        &self,
+        vrid: u8,
+        since: Instant,
+        new: IpAddr,
+        mac: [u8; 6],
+        vip: IpAddr,
+    ) {
+        let events = self.wire(since);
+        let masters = masters_since(&events, vrid, since);
+        let firsts: Vec<String> = masters
+            .iter()
+            .filter_map(|m| {
+                let (at, a) = self
+                    .adverts(vrid, *m, since)
+                    .into_iter()
+                    .find(|(_, a)| a.priority > 0)?;
+                Some(format!(
+                    "{m} (priority {}) at +{:?}",
+                    a.priority,
+                    at.duration_since(since)
+                ))
+            })
+            .collect();
+        assert_eq!(
+            masters,
+            vec![new],
+            "VRID {vrid}: more than one node took over: {firsts:?}"
+        );
+        let announcers: BTreeSet<String> = events
+            .iter()
+            .filter(|e| e.announced() == Some(vip))
+            .map(|e| e.src_mac.to_string())
+            .collect();
+        assert_eq!(
+            announcers,
+            BTreeSet::from([mac_string(mac)]),
+            "{vip} was announced by other MACs than the new master's"
+        );
+    }
+
+    /// SIGKILLs the master on `master` and measures the takeover; also returns the instant
+    /// of the kill.
+    fn crash_failover(&self, master: usize, vrid: u8, vip: Option<IpAddr>) -> (Failover, Instant) {
+        let old = self.v4(master);
+        let stopped_at = self.signal(master, Signal::SIGKILL);
+        let query = FailoverQuery {
+            vrid,
+            old_master: old,
+            stopped_at,
+            vip,
+        };
+        let failover =
+            measure_failover(&self.sniffer, &query, Duration::from_secs(3)).expect("a takeover");
+        (failover, stopped_at)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (node, id) in &self.history {
+                if let Ok((_, path)) = self.lab.proc_info(*id) {
+                    eprintln!(
+                        "--- {} ({id}) log tail ---\n{}",
+                        self.lab.node(*node).name,
+                        log_tail(&path, 40)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The human-readable message of a log line.
+fn msg(line: &Value) -> &str {
+    line["message"].as_str().unwrap_or_default()
+}
+
+fn str_field(v: &Value, key: &str) -> String {
+    v[key].as_str().unwrap_or_default().to_owned()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sleep_until(t: Instant) {
+    if let Some(d) = t.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("address")
+}
+
+fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The takeover's advert gap lies in [expected − 5 ms, expected + `late`].
+fn assert_gap(failover: &Failover, expected: Duration, late: Duration) {
+    let gap = failover
+        .last_advert_to_takeover
+        .expect("the capture saw the old master's adverts");
+    assert!(
+        gap + EARLY >= expected && gap <= expected + late,
+        "takeover {gap:?} after the old master's last advert; expected {expected:?} (−{EARLY:?}/+{late:?})"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-made VRRP packets (playing a peer, or a broken one)
+
+/// An advertisement of VRID `vrid` for the lab VIP at 100 ms.
+fn advert(version: Version, vrid: u8, priority: u8) -> Advertisement {
+    Advertisement {
+        version,
+        vrid,
+        priority,
+        interval: if version == Version::V3 { 10 } else { 1 },
+        addresses: vec![ip(VIP)],
+    }
+}
+
+/// The VRRP message of `advert` from `src` to `dst`, with the keepalived checksum form.
+fn message(advert: &Advertisement, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    advert
+        .encode(IpAddr::V4(src), IpAddr::V4(dst), ChecksumMode::PseudoHeader)
+        .expect("encode")
+}
+
+/// Recomputes the checksum of a (deliberately altered) message, so that the alteration is
+/// the only thing wrong with it: RFC 1071 over the IPv4 pseudo-header and the message (v3),
+/// or the message alone (v2). Independent of the agent's codec.
+fn fix_checksum(msg: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr) {
+    msg[6] = 0;
+    msg[7] = 0;
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            let lo = pair.get(1).map_or(0, |b| u32::from(*b));
+            sum += hi | lo;
+        }
+    };
+    if msg[0] >> 4 != 2 {
+        add(&src.octets());
+        add(&dst.octets());
+        add(&[0, 112]);
+        add(&(msg.len() as u16).to_be_bytes());
+    }
+    add(msg);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = !(sum as u16);
+    msg[6..8].copy_from_slice(&checksum.to_be_bytes());
+}
+
+/// An Ethernet frame carrying `msg` in an IPv4 packet from `from` to `dst`.
+fn frame(from: &NodeInfo, dst: Ipv4Addr, dst_mac: [u8; 6], ttl: u8, msg: &[u8]) -> Vec<u8> {
+    let mut packet = ipv4_header(from.ipv4, dst, msg.len() as u16, ttl, 0xc0).to_vec();
+    packet.extend_from_slice(msg);
+    ethernet_frame(dst_mac, from.mac.octets(), ETHERTYPE_IPV4, &packet)
+}
+
+fn multicast_frame(from: &NodeInfo, ttl: u8, msg: &[u8]) -> Vec<u8> {
+    let group_mac = multicast_mac(IpAddr::V4(MULTICAST_V4)).expect("group MAC");
+    frame(from, MULTICAST_V4, group_mac, ttl, msg)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Election
+
+#[test]
+fn agents_elect_the_preferred_node_which_alone_holds_and_answers_for_the_vip() {
+    let web = VipDoc::new("web", VIP_NET, 51);
+    let mut c = Cluster::with(3, false, &[&web]);
+    let started = Instant::now();
+    c.start_all();
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    let first = c.adverts(VRID, c.v4(0), started)[0]
+        .0
+        .duration_since(started);
+    eprintln!("node-a master {first:?} after the agents started");
+    // Start-up plus one Master_Down_Interval (≈ 0.34 s), with room for a debug build.
+    assert!(first < Duration::from_millis(1500), "{first:?}");
+    c.assert_only_holder(0, VIP);
+
+    // What the master sends: RFC 5798 §5 fields, its real MAC, a gratuitous ARP.
+    let (_, seen) = c.adverts(VRID, c.v4(0), started).pop().expect("adverts");
+    assert_eq!(seen.destination, IpAddr::V4(MULTICAST_V4));
+    assert_eq!(seen.ttl, 255);
+    assert_eq!(seen.version, 3);
+    assert_eq!(seen.priority, PRIO_A);
+    assert_eq!(seen.interval, FAST);
+    assert_eq!(seen.addresses, vec![ip(VIP)]);
+    // node-b may win the first timeout by start-up jitter (the skews of 150 and 140 differ
+    // by 3.9 ms) before node-a preempts it: look for node-a's GARP.
+    let a_mac = c.mac(0);
+    c.sniffer
+        .wait_for(
+            |e| e.at >= started && e.announced() == Some(ip(VIP)) && e.src_mac.octets() == a_mac,
+            Duration::from_secs(1),
+        )
+        .expect("a gratuitous ARP for the VIP from node-a");
+    // Backups stay silent: no advert from node-b or node-c once node-a is master.
+    let settled = Instant::now();
+
+    // The VIP answers, from node-a's MAC.
+    for from in [1, 2] {
+        assert!(
+            c.ping(from, VIP),
+            "VIP does not answer ping from node {from}"
+        );
+        assert_eq!(
+            c.neighbour_mac(from, VIP).as_deref(),
+            Some(mac_string(c.mac(0)).as_str())
+        );
+    }
+    sleep_until(settled + Duration::from_secs(1));
+    c.assert_steady(VRID, c.v4(0), FAST, settled);
+    for n in [1, 2] {
+        assert!(c.adverts(VRID, c.v4(n), settled).is_empty());
+    }
+
+    // The logs agree with the wire: node-a ends MASTER, the others BACKUP.
+    let last = |n: usize| {
+        c.transitions_of(n, "web")
+            .last()
+            .cloned()
+            .expect("a transition")
+    };
+    assert_eq!(last(0).to, "MASTER");
+    assert_eq!(last(1).to, "BACKUP");
+    assert_eq!(last(2).to, "BACKUP");
+    for n in 0..3 {
+        c.assert_running(n);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Failover and handover
+
+#[test]
+fn a_crashed_master_is_replaced_within_the_master_down_interval_and_preempts_on_return() {
+    let web = VipDoc::new("web", VIP_NET, 51);
+    let mut c = Cluster::with(3, false, &[&web]);
+    c.start_all();
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.assert_only_holder(0, VIP);
+    // node-c talks to the VIP, so its neighbour cache holds node-a's MAC.
+    assert!(c.ping(2, VIP));
+    assert_eq!(c.neighbour_mac(2, VIP), Some(mac_string(c.mac(0))));
+
+    let (f, killed_at) = c.crash_failover(0, VRID, Some(ip(VIP)));
+    let expected = master_down_interval(PRIO_B, FAST);
+    eprintln!("crash failover: {f:?}, Master_Down_Interval {expected:?}");
+    assert_eq!(f.new_master, c.v4(1), "node-b has the next priority");
+    assert_eq!(f.new_master_priority, PRIO_B);
+    assert_eq!(f.advert_interval, FAST);
+    assert!(f.death_to_advert < Duration::from_secs(1));
+    assert_gap(&f, expected, LATE);
+    let garp = f.death_to_garp.expect("the new master announces the VIP");
+    assert!(garp <= f.death_to_advert + Duration::from_millis(100));
+    c.wait_address(1, VIP, true, Duration::from_millis(500));
+    c.assert_clean_takeover(VRID, killed_at, c.v4(1), c.mac(1), ip(VIP));
+    // The gratuitous ARP moved node-c's cache entry to node-b.
+    let b_mac = mac_string(c.mac(1));
+    c.wait_neighbour(2, VIP, &b_mac);
+    let takeover = Instant::now();
+    let b = c.transitions_of(1, "web");
+    assert_eq!(
+        b.last()
+            .map(|t| (t.from.as_str(), t.to.as_str(), t.reason.as_str())),
+        Some(("BACKUP", "MASTER", "master_down"))
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    c.assert_steady(VRID, c.v4(1), FAST, takeover);
+    assert!(!c.transitions_of(2, "web").iter().any(|t| t.to == "MASTER"));
+    c.wait_exit(0, Duration::from_secs(1));
+
+    // node-a comes back with the highest priority and preempts; node-b lets go of the VIP.
+    let restarted = Instant::now();
+    c.start(0);
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    let back = c.adverts(VRID, c.v4(0), restarted)[0].0;
+    eprintln!(
+        "node-a restarted and preempted after {:?}",
+        back.duration_since(restarted)
+    );
+    c.assert_only_holder(0, VIP);
+    let a = c.transitions_of(0, "web");
+    assert!(
+        a.iter().any(|t| t.to == "MASTER" && t.reason == "preempt"),
+        "{a:?}"
+    );
+    let b = c.transitions_of(1, "web");
+    assert_eq!(
+        b.last().map(|t| (t.to.as_str(), t.reason.as_str())),
+        Some(("BACKUP", "higher_priority"))
+    );
+}
+
+#[test]
+fn sigterm_hands_over_with_priority_zero_after_skew_time_and_releases_the_vip() {
+    let web = VipDoc::new("web", VIP_NET, 51);
+    let mut c = Cluster::with(3, false, &[&web]);
+    c.start_all();
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.assert_only_holder(0, VIP);
+    assert!(c.ping(2, VIP));
+    assert_eq!(c.neighbour_mac(2, VIP), Some(mac_string(c.mac(0))));
+
+    let stopped_at = c.signal(0, Signal::SIGTERM);
+    let query = FailoverQuery {
+        vrid: VRID,
+        old_master: c.v4(0),
+        stopped_at,
+        vip: Some(ip(VIP)),
+    };
+    let f = measure_failover(&c.sniffer, &query, Duration::from_secs(3)).expect("takeover");
+    let skew = skew_time(PRIO_B, FAST);
+    eprintln!("graceful handover: {f:?}, Skew_Time {skew:?}");
+    let release = f.death_to_release.expect("a priority-0 advert from node-a");
+    assert!(release < Duration::from_millis(250), "{release:?}");
+    assert_eq!(f.new_master, c.v4(1));
+    // Measured from the priority-0 advert: the backup waits Skew_Time, not the down interval.
+    assert_gap(&f, skew, Duration::from_millis(30));
+    assert!(f.death_to_garp.is_some(), "no GARP from the new master");
+
+    let status = c.wait_exit(0, Duration::from_secs(2));
+    assert!(status.success(), "agent exited with {status}");
+    assert!(!c.has(0, VIP), "node-a kept the VIP after a graceful exit");
+    c.assert_only_holder(1, VIP);
+    assert_eq!(c.neighbour_mac(2, VIP), Some(mac_string(c.mac(1))));
+    assert!(c.ping(2, VIP), "the VIP does not answer after the handover");
+    let a = c.transitions_of(0, "web");
+    assert_eq!(
+        a.last()
+            .map(|t| (t.from.as_str(), t.to.as_str(), t.reason.as_str())),
+        Some(("MASTER", "INIT", "shutdown"))
+    );
+    c.wait_log(0, "the release", Duration::ZERO, |l| {
+        msg(l).contains("addresses released")
+    });
+    // The priority-0 advert really is one: same VRID, the VIP, TTL 255.
+    let zero = c
+        .adverts(VRID, c.v4(0), stopped_at)
+        .into_iter()
+        .find(|(_, a)| a.priority == 0)
+        .expect("priority 0 advert")
+        .1;
+    assert_eq!(zero.ttl, 255);
+    assert_eq!(zero.addresses, vec![ip(VIP)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Reload without disturbance
+
+#[test]
+fn editing_the_manifest_file_adds_a_vip_without_disturbing_the_first_and_moves_priority() {
+    let web = VipDoc::new("web", VIP_NET, 51);
+    let api = VipDoc::new("api", "192.0.2.101/24", 52).preferring(&[("node-b", 50)]);
+    let mut c = Cluster::with(3, false, &[&web]);
+    c.start_all();
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    let web_before = c.transition_counts("web");
+
+    let edited = Instant::now();
+    c.write(&[&web, &api]);
+    c.wait_master(52, c.v4(1), FAST, Duration::from_secs(3));
+    let up = c.adverts(52, c.v4(1), edited)[0].0;
+    eprintln!(
+        "second VIP mastered {:?} after the edit",
+        up.duration_since(edited)
+    );
+    c.assert_only_holder(1, "192.0.2.101");
+    sleep_until(edited + Duration::from_millis(1200));
+    c.assert_steady(VRID, c.v4(0), FAST, edited);
+    assert_eq!(
+        c.transition_counts("web"),
+        web_before,
+        "the reload disturbed VirtualIP web"
+    );
+    for n in 0..3 {
+        assert_eq!(
+            c.count_log(n, &|l| msg(l).contains("configuration changed")
+                && l["vip"] == "web"),
+            0
+        );
+    }
+    c.assert_only_holder(0, VIP);
+
+    // Give node-c the highest priority for web: with preempt on it takes over.
+    let raised = web
+        .clone()
+        .preferring(&[("node-a", 50), ("node-b", 40), ("node-c", 80)]);
+    let api_before = c.transition_counts("api");
+    let edited = Instant::now();
+    c.write(&[&raised, &api]);
+    c.wait_master(VRID, c.v4(2), FAST, Duration::from_secs(3));
+    let moved = c.adverts(VRID, c.v4(2), edited)[0].0.duration_since(edited);
+    eprintln!(
+        "priority change moved mastership {moved:?} after the edit (poll 200 ms + Master_Down_Interval {:?})",
+        master_down_interval(180, FAST)
+    );
+    assert!(moved < Duration::from_millis(1500));
+    c.assert_only_holder(2, VIP);
+    let last = |n: usize| {
+        c.transitions_of(n, "web")
+            .last()
+            .cloned()
+            .expect("transition")
+    };
+    assert_eq!(
+        (last(2).to.as_str(), last(2).reason.as_str()),
+        ("MASTER", "preempt")
+    );
+    assert_eq!(
+        (last(0).to.as_str(), last(0).reason.as_str()),
+        ("BACKUP", "higher_priority")
+    );
+    c.wait_log(2, "the new priority", Duration::ZERO, |l| {
+        msg(l).contains("configuration changed") && l["vip"] == "web" && l["priority"] == 180
+    });
+    c.assert_steady(52, c.v4(1), FAST, edited);
+    assert_eq!(c.transition_counts("api"), api_before);
+
+    // With preempt off, a backup raised above the master does not take over, and turning
+    // preemption off does not disturb the running master either.
+    let mut calm = web
+        .clone()
+        .preferring(&[("node-a", 50), ("node-b", 100), ("node-c", 80)]);
+    calm.preempt = false;
+    c.wait_master(VRID, c.v4(2), FAST, Duration::from_secs(2));
+    let web_before = c.transition_counts("web");
+    let edited = Instant::now();
+    c.write(&[&calm, &api]);
+    c.wait_log(1, "the new priority", Duration::from_secs(2), |l| {
+        msg(l).contains("configuration changed") && l["vip"] == "web" && l["priority"] == 200
+    });
+    sleep_until(edited + Duration::from_millis(1200));
+    c.assert_steady(VRID, c.v4(2), FAST, edited);
+    assert_eq!(c.transition_counts("web"), web_before);
+    c.assert_only_holder(2, VIP);
+}
+
+#[test]
+fn sighup_reloads_a_manifest_directory_without_disturbing_running_vips() {
+    let web = VipDoc::new("web", VIP_NET, 51);
+    let api = VipDoc::new("api", "192.0.2.102/24", 53);
+    let mut c = Cluster::new(3, false);
+    let dir = c.lab.dir().join("manifests.d");
+    std::fs::create_dir(&dir).expect("mkdir");
+    write_atomic(&dir.join("10-web.yaml"), &web.yaml());
+    c.manifests = dir.clone();
+    // Only SIGHUP may reload: the poll would come after the test ends.
+    c.poll = "60m".into();
+    c.start_all();
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    let web_before = c.transition_counts("web");
+
+    let written = Instant::now();
+    write_atomic(&dir.join("20-api.yaml"), &api.yaml());
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        c.sniffer
+            .events_since(written)
+            .iter()
+            .all(|e| e.advert().is_none_or(|a| a.vrid != 53)),
+        "VRID 53 started without a reload"
+    );
+
+    let hup = Instant::now();
+    for n in 0..3 {
+        c.signal(n, Signal::SIGHUP);
+    }
+    c.wait_master(53, c.v4(0), FAST, Duration::from_secs(3));
+    let up = c.adverts(53, c.v4(0), hup)[0].0.duration_since(hup);
+    eprintln!("VIP of the new file mastered {up:?} after SIGHUP");
+    for n in 0..3 {
+        c.wait_log(n, "the SIGHUP", Duration::ZERO, |l| {
+            msg(l).contains("SIGHUP")
+        });
+        c.assert_running(n);
+    }
+    assert_eq!(c.transition_counts("web"), web_before);
+    c.assert_only_holder(0, "192.0.2.102");
+    c.assert_only_holder(0, VIP);
+    sleep_until(written + Duration::from_millis(1500));
+    c.assert_steady(VRID, c.v4(0), FAST, written);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Bad input
+
+#[test]
+fn invalid_virtual_ips_are_refused_by_name_and_field_and_the_valid_one_runs() {
+    let bad_vrid = VipDoc::new("bad-vrid", "192.0.2.101/24", 300);
+    let web = VipDoc::new("web", VIP_NET, 51);
+    let dup_vrid = VipDoc::new("dup-vrid", "192.0.2.102/24", 51);
+    let mut v6_on_v2 = VipDoc::new("v6-on-v2", "fd66:7670::100/64", 60);
+    v6_on_v2.version = 2;
+    v6_on_v2.interval = "1s".into();
+    let mut c = Cluster::with(2, false, &[&bad_vrid, &web, &dup_vrid, &v6_on_v2]);
+    c.start_all();
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.assert_only_holder(0, VIP);
+    // A few polls, so that a refusal logged on every poll would show.
+    std::thread::sleep(Duration::from_millis(700));
+
+    for n in 0..2 {
+        c.assert_running(n);
+        for (name, field, detail) in [
+            ("bad-vrid", "spec.virtualRouterId", "300"),
+            // Names the VirtualIP that already has the VRID.
+            ("dup-vrid", "spec.virtualRouterId", "\"web\""),
+            ("v6-on-v2", "spec.vrrp.version", "IPv6"),
+        ] {
+            let refusals = c.count_log(n, &|l| {
+                l["level"] == "WARN"
+                    && l["resource"] == name
+                    && msg(l).contains(field)
+                    && msg(l).contains(detail)
+            });
+            assert_eq!(
+                refusals,
+                1,
+                "{}: expected one refusal of {name} naming {field}",
+                c.node(n).name
+            );
+        }
+        for addr in ["192.0.2.101", "192.0.2.102", "fd66:7670::100"] {
+            assert!(!c.has(n, addr), "refused {addr} is on {}", c.node(n).name);
+        }
+    }
+    // Nothing but VRID 51 on the wire: not VRID 60, nor 44 (300 truncated to a byte).
+    let vrids: BTreeSet<u8> = c
+        .sniffer
+        .events()
+        .iter()
+        .filter_map(|e| e.advert().map(|a| a.vrid))
+        .collect();
+    assert_eq!(vrids, BTreeSet::from([VRID]));
+    assert!(
+        c.sniffer
+            .events()
+            .iter()
+            .filter_map(Event::advert)
+            .all(|a| a.version == 3)
+    );
+
+    // The file stops being YAML: the VIPs loaded before keep running.
+    let web_before = c.transition_counts("web");
+    let broken = Instant::now();
+    write_atomic(
+        &c.manifests,
+        "apiVersion: [ferrovip.io/v1alpha1\nkind: VirtualIP\n",
+    );
+    for n in 0..2 {
+        c.wait_log(n, "the YAML error", Duration::from_secs(2), |l| {
+            l["level"] == "WARN" && l["error"].as_str().is_some_and(|e| e.contains("YAML"))
+        });
+    }
+    sleep_until(broken + Duration::from_millis(1000));
+    c.assert_steady(VRID, c.v4(0), FAST, broken);
+    c.assert_only_holder(0, VIP);
+    for n in 0..2 {
+        c.assert_running(n);
+    }
+    assert_eq!(c.transition_counts("web"), web_before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Bad packets
+
+#[test]
+fn malformed_or_foreign_adverts_are_dropped_and_logged_without_disturbing_the_master() {
+    let web = VipDoc::new("web", VIP_NET, 51);
+    let mut c = Cluster::with(3, false, &[&web]);
+    c.debug = true;
+    // node-c runs no agent: it plays a rogue peer.
+    c.start_nodes(&[0, 1]);
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    let rogue = c.node(2).clone();
+    c.rogues.push(c.v4(2));
+    let src = rogue.ipv4;
+    let dst = MULTICAST_V4;
+    let before = c.transition_counts("web");
+    let injected = Instant::now();
+
+    // Each would make the master step down (priority 254 > 150) if it were accepted.
+    let good = || message(&advert(Version::V3, VRID, 254), src, dst);
+    let altered = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut m = good();
+        f(&mut m);
+        fix_checksum(&mut m, src, dst);
+        m
+    };
+    let decode_drop = |label: &'static str| {
+        move |l: &Value| {
+            msg(l).contains("dropped") && l["reason"] == label && l["source"] == src.to_string()
+        }
+    };
+    let mut bad_checksum = good();
+    bad_checksum[6] ^= 0x5a;
+    let mut truncated = good();
+    truncated.truncate(6);
+    type Check = Box<dyn Fn(&Value) -> bool>;
+    let cases: Vec<(&str, Vec<u8>, u8, Check)> = vec![
+        (
+            "TTL 64",
+            good(),
+            64,
+            Box::new(move |l: &Value| msg(l).contains("TTL") && l["ttl"] == 64),
+        ),
+        (
+            "bad checksum",
+            bad_checksum,
+            255,
+            Box::new(decode_drop("bad_checksum")),
+        ),
+        (
+            "version 4",
+            altered(&|m| m[0] = 0x41),
+            255,
+            Box::new(decode_drop("unsupported_version")),
+        ),
+        (
+            "type 2",
+            altered(&|m| m[0] = 0x32),
+            255,
+            Box::new(decode_drop("unsupported_type")),
+        ),
+        (
+            "truncated",
+            truncated,
+            255,
+            Box::new(decode_drop("truncated")),
+        ),
+        (
+            "count 2 with one address",
+            altered(&|m| m[3] = 2),
+            255,
+            Box::new(decode_drop("length_mismatch")),
+        ),
+        (
+            "count 0",
+            altered(&|m| {
+                m[3] = 0;
+                m.truncate(8);
+            }),
+            255,
+            Box::new(decode_drop("zero_count")),
+        ),
+        (
+            "interval 0",
+            altered(&|m| {
+                m[4] = 0;
+                m[5] = 0;
+            }),
+            255,
+            Box::new(decode_drop("zero_interval")),
+        ),
+        (
+            "unknown VRID",
+            message(&advert(Version::V3, 99, 254), src, dst),
+            255,
+            Box::new(move |l: &Value| msg(l).contains("VRID not configured") && l["vrid"] == 99),
+        ),
+        (
+            "VRRPv2 for a v3 VRID",
+            message(&advert(Version::V2, VRID, 254), src, dst),
+            255,
+            Box::new(move |l: &Value| msg(l).contains("dropped") && msg(l).contains("version 2")),
+        ),
+    ];
+    for (what, msg, ttl, check) in &cases {
+        let counts: Vec<usize> = (0..2).map(|n| c.count_log(n, check.as_ref())).collect();
+        c.send(2, &multicast_frame(&rogue, *ttl, msg));
+        for (n, count) in counts.iter().enumerate() {
+            c.wait_more_logs(
+                n,
+                &format!("the drop of the {what} packet"),
+                *count,
+                check.as_ref(),
+            );
+        }
+    }
+    eprintln!(
+        "{} bad packets dropped and logged in {:?}",
+        cases.len(),
+        injected.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for n in 0..2 {
+        c.assert_running(n);
+    }
+    assert_eq!(
+        c.transition_counts("web"),
+        before,
+        "an agent changed state on a bad packet"
+    );
+    c.assert_steady(VRID, c.v4(0), FAST, injected);
+    c.assert_only_holder(0, VIP);
+
+    // The same higher-priority advert, well-formed: the master steps down at once, which
+    // proves that the packets above did reach the agents.
+    let stepped = Instant::now();
+    c.send(2, &multicast_frame(&rogue, 255, &good()));
+    let line = c.wait_log(0, "the step-down", Duration::from_millis(500), |l| {
+        l["event"] == "transition" && l["to"] == "BACKUP" && l["reason"] == "higher_priority"
+    });
+    eprintln!(
+        "master stepped down {:?} after the injection",
+        stepped.elapsed()
+    );
+    assert!(msg(&line).contains(&src.to_string()), "{line}");
+    c.wait_address(0, VIP, false, Duration::from_millis(500));
+    // The rogue never speaks again: node-a takes the VIP back after a down interval.
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(3));
+    c.assert_only_holder(0, VIP);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Leftovers
+
+#[test]
+fn a_new_agent_removes_marked_leftovers_and_never_touches_foreign_addresses() {
+    let web = VipDoc::new("web", VIP_NET, 51);
+    let mut c = Cluster::with(1, false, &[&web]);
+    // iproute2 6.1 cannot set an address protocol (`ip addr add … proto` came later), so the
+    // marked leftover comes from the real thing: an agent killed while master.
+    c.start(0);
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.wait_address(0, VIP, true, Duration::from_secs(1));
+    c.signal(0, Signal::SIGKILL);
+    c.wait_exit(0, Duration::from_secs(1));
+    assert!(c.has(0, VIP), "a killed agent cannot release its VIP");
+
+    // Foreign addresses: one unrelated, one equal to an address the next agent serves.
+    c.exec_ok(0, &["ip", "addr", "add", "192.0.2.200/24", "dev", "eth0"]);
+    c.exec_ok(0, &["ip", "addr", "add", "192.0.2.201/24", "dev", "eth0"]);
+    let mut other = VipDoc::new("other", "192.0.2.101/24", 52);
+    other.addresses.push("192.0.2.201/24".into());
+    c.write(&[&other]);
+    c.start(0);
+    let line = c.wait_log(0, "the cleanup", Duration::from_secs(2), |l| {
+        msg(l).contains("left behind")
+    });
+    assert_eq!(line["count"], 1, "{line}");
+    c.wait_address(0, VIP, false, Duration::from_millis(500));
+    c.wait_master(52, c.v4(0), FAST, Duration::from_secs(5));
+    c.wait_address(0, "192.0.2.101", true, Duration::from_secs(1));
+    assert!(c.has(0, "192.0.2.200"));
+    assert!(c.has(0, "192.0.2.201"));
+
+    c.signal(0, Signal::SIGTERM);
+    assert!(c.wait_exit(0, Duration::from_secs(2)).success());
+    assert!(!c.has(0, "192.0.2.101"), "own VIP not released");
+    assert!(!c.has(0, VIP));
+    assert!(c.has(0, "192.0.2.200"), "foreign address removed");
+    assert!(
+        c.has(0, "192.0.2.201"),
+        "foreign address removed because a VIP had the same value"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Unicast peers
+
+#[test]
+fn unicast_peers_elect_and_fail_over_without_multicast_and_ignore_strangers() {
+    let mut c = Cluster::new(4, false);
+    c.debug = true;
+    let mut web = VipDoc::new("web", VIP_NET, 51);
+    web.unicast_peers = (0..3).map(|n| c.node(n).ipv4.to_string()).collect();
+    c.write(&[&web]);
+    // No VRRP multicast in or out of any node.
+    for n in 0..4 {
+        c.exec_ok(
+            n,
+            &[
+                "nft",
+                "add table ip novrrp; \
+                 add chain ip novrrp out { type filter hook output priority 0; }; \
+                 add chain ip novrrp in { type filter hook input priority 0; }; \
+                 add rule ip novrrp out ip daddr 224.0.0.18 counter drop; \
+                 add rule ip novrrp in ip daddr 224.0.0.18 counter drop",
+            ],
+        );
+        assert!(
+            c.exec_ok(n, &["nft", "list", "ruleset"])
+                .contains("224.0.0.18")
+        );
+    }
+    let started = Instant::now();
+    c.start_nodes(&[0, 1, 2]);
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.assert_only_holder(0, VIP);
+    let destinations: BTreeSet<IpAddr> = c
+        .adverts(VRID, c.v4(0), started)
+        .iter()
+        .map(|(_, a)| a.destination)
+        .collect();
+    assert_eq!(
+        destinations,
+        BTreeSet::from([c.v4(1), c.v4(2)]),
+        "adverts go to every peer but the sender itself"
+    );
+
+    let (f, killed_at) = c.crash_failover(0, VRID, Some(ip(VIP)));
+    eprintln!("unicast crash failover: {f:?}");
+    assert_eq!(f.new_master, c.v4(1));
+    assert!(f.death_to_advert < Duration::from_secs(1));
+    assert_gap(&f, master_down_interval(PRIO_B, FAST), LATE);
+    c.wait_address(1, VIP, true, Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(300));
+    c.assert_clean_takeover(VRID, killed_at, c.v4(1), c.mac(1), ip(VIP));
+    assert!(
+        c.sniffer
+            .events()
+            .iter()
+            .filter_map(Event::advert)
+            .all(|a| a.destination != IpAddr::V4(MULTICAST_V4)),
+        "an advert went to the multicast group"
+    );
+
+    // node-d is not a peer: its higher-priority advert to the master is dropped.
+    let stranger = c.node(3).clone();
+    c.rogues.push(c.v4(3));
+    let b = c.node(1).ipv4;
+    let before = c.transitions(1).len();
+    let injected = Instant::now();
+    let check = |l: &Value| {
+        msg(l).contains("not a configured unicast peer") && l["source"] == stranger.ipv4.to_string()
+    };
+    let msg = message(&advert(Version::V3, VRID, 254), stranger.ipv4, b);
+    c.send(3, &frame(&stranger, b, c.mac(1), 255, &msg));
+    c.wait_more_logs(1, "the stranger's advert", 0, &check);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(c.transitions(1).len(), before, "the stranger moved node-b");
+    c.assert_steady(VRID, c.v4(1), FAST, injected);
+
+    // The same advert from a listed peer's address is obeyed (the injection path works).
+    let mut spoofed = stranger.clone();
+    spoofed.ipv4 = c.node(2).ipv4;
+    let msg = message(&advert(Version::V3, VRID, 254), spoofed.ipv4, b);
+    c.send(3, &frame(&spoofed, b, c.mac(1), 255, &msg));
+    c.wait_log(1, "the step-down", Duration::from_millis(500), |l| {
+        l["event"] == "transition" && l["to"] == "BACKUP" && l["reason"] == "higher_priority"
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. IPv6
+
+#[test]
+fn an_ipv6_vip_elects_fails_over_and_is_announced_with_an_unsolicited_na() {
+    const VIP6: &str = "fd66:7670::100";
+    let web6 = VipDoc::new("web6", "fd66:7670::100/64", 51);
+    let mut c = Cluster::with(3, true, &[&web6]);
+    let ll = |c: &Cluster, n: usize| IpAddr::V6(c.node(n).ipv6_ll.expect("link-local"));
+    c.start_all();
+    c.wait_master(VRID, ll(&c, 0), FAST, Duration::from_secs(5));
+    c.assert_only_holder(0, VIP6);
+    let (_, seen) = c
+        .adverts(VRID, ll(&c, 0), c.sniffer.started_at())
+        .pop()
+        .expect("adverts");
+    assert_eq!(seen.destination, ip("ff02::12"));
+    assert_eq!(seen.ttl, 255);
+    assert_eq!(seen.priority, PRIO_A);
+    // RFC 5798 §5.2.9: the first address is the virtual router's link-local.
+    assert_eq!(seen.addresses.len(), 2, "{:?}", seen.addresses);
+    assert!(matches!(seen.addresses[0], IpAddr::V6(a) if a.is_unicast_link_local()));
+    assert_eq!(seen.addresses[1], ip(VIP6));
+    assert!(c.ping(2, VIP6), "the IPv6 VIP does not answer ping");
+    assert_eq!(c.neighbour_mac(2, VIP6), Some(mac_string(c.mac(0))));
+
+    let old = ll(&c, 0);
+    let stopped_at = c.signal(0, Signal::SIGKILL);
+    let query = FailoverQuery {
+        vrid: VRID,
+        old_master: old,
+        stopped_at,
+        vip: Some(ip(VIP6)),
+    };
+    let f = measure_failover(&c.sniffer, &query, Duration::from_secs(3)).expect("takeover");
+    eprintln!("IPv6 crash failover: {f:?}");
+    assert_eq!(f.new_master, ll(&c, 1));
+    assert!(f.death_to_advert < Duration::from_secs(1));
+    assert_gap(&f, master_down_interval(PRIO_B, FAST), LATE);
+    let na = c
+        .sniffer
+        .events_since(stopped_at)
+        .into_iter()
+        .find(|e| e.announced() == Some(ip(VIP6)))
+        .expect("an unsolicited NA for the VIP from the new master");
+    match na.kind {
+        EventKind::UnsolicitedNa {
+            target,
+            target_mac,
+            override_flag,
+            ..
+        } => {
+            assert_eq!(target, VIP6.parse::<Ipv6Addr>().unwrap());
+            assert_eq!(target_mac.map(|m| m.octets()), Some(c.mac(1)));
+            assert!(override_flag);
+            assert_eq!(na.src_mac.octets(), c.mac(1));
+        }
+        other => panic!("expected an NA, got {other:?}"),
+    }
+    c.wait_address(1, VIP6, true, Duration::from_millis(500));
+    assert!(!c.has(2, VIP6));
+    // The NA's override flag moved node-c's cache entry to node-b.
+    let b_mac = mac_string(c.mac(1));
+    c.wait_neighbour(2, VIP6, &b_mac);
+    c.assert_clean_takeover(VRID, stopped_at, ll(&c, 1), c.mac(1), ip(VIP6));
+    let took_over = c.transitions_of(1, "web6").pop().expect("a transition");
+    assert_eq!(
+        (
+            took_over.family.as_str(),
+            took_over.vrid,
+            took_over.to.as_str()
+        ),
+        ("ipv6", u64::from(VRID), "MASTER")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. VRRPv2
+
+#[test]
+fn vrrp_version_2_at_one_second_elects_and_fails_over() {
+    let mut web = VipDoc::new("web", VIP_NET, 51);
+    web.version = 2;
+    web.interval = "1s".into();
+    let mut c = Cluster::with(2, false, &[&web]);
+    let second = Duration::from_secs(1);
+    let started = Instant::now();
+    c.start_all();
+    c.wait_master(VRID, c.v4(0), second, Duration::from_secs(10));
+    eprintln!("VRRPv2 master elected after {:?}", started.elapsed());
+    c.assert_only_holder(0, VIP);
+    let (_, seen) = c.adverts(VRID, c.v4(0), started).pop().expect("adverts");
+    assert_eq!((seen.version, seen.interval, seen.ttl), (2, second, 255));
+
+    let (f, killed_at) = c.crash_failover(0, VRID, Some(ip(VIP)));
+    let expected = master_down_interval(PRIO_B, second);
+    eprintln!("VRRPv2 crash failover: {f:?}, Master_Down_Interval {expected:?}");
+    assert_eq!(f.new_master, c.v4(1));
+    assert!(f.death_to_advert < Duration::from_millis(3700));
+    assert_gap(&f, expected, LATE);
+    c.wait_address(1, VIP, true, Duration::from_millis(500));
+    c.assert_clean_takeover(VRID, killed_at, c.v4(1), c.mac(1), ip(VIP));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Virtual MAC
+
+#[test]
+fn a_virtual_mac_vip_lives_on_a_macvlan_that_follows_the_master() {
+    let mut web = VipDoc::new("web", VIP_NET, 51);
+    web.virtual_mac = true;
+    let mut c = Cluster::with(3, false, &[&web]);
+    c.start_all();
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    let vmac = mac_string(VMAC_51);
+    let holders = |c: &Cluster, n: usize| -> Vec<(String, String, String)> {
+        c.all_addresses(n)
+            .into_iter()
+            .filter(|(_, _, _, a)| *a == ip(VIP))
+            .map(|(name, kind, mac, _)| (name, kind, mac))
+            .collect()
+    };
+    let on_macvlan = |c: &Cluster, n: usize| {
+        let h = holders(c, n);
+        h.len() == 1 && h[0].1 == "macvlan" && h[0].2 == vmac
+    };
+    wait_until(
+        "the VIP on node-a's macvlan",
+        Duration::from_secs(1),
+        || on_macvlan(&c, 0),
+    );
+    assert!(!c.has(0, VIP), "the VIP must not be on eth0 itself");
+    assert!(holders(&c, 1).is_empty() && holders(&c, 2).is_empty());
+
+    let from_a = c.adverts(VRID, c.v4(0), c.sniffer.started_at());
+    assert!(!from_a.is_empty());
+    let events = c.sniffer.events();
+    let a_adverts: Vec<&Event> = events
+        .iter()
+        .filter(|e| {
+            e.advert()
+                .is_some_and(|a| a.vrid == VRID && a.source == c.v4(0))
+        })
+        .collect();
+    assert!(a_adverts.iter().all(|e| e.src_mac.octets() == VMAC_51));
+    let garp_from = |since: Instant| {
+        c.sniffer
+            .wait_for(
+                |e| e.at >= since && e.announced() == Some(ip(VIP)),
+                Duration::from_secs(1),
+            )
+            .expect("a GARP for the VIP")
+    };
+    let garp = garp_from(c.sniffer.started_at());
+    assert_eq!(garp.src_mac.octets(), VMAC_51);
+    assert!(
+        matches!(garp.kind, EventKind::GratuitousArp { sender_mac, .. } if sender_mac.octets() == VMAC_51)
+    );
+    assert!(c.ping(2, VIP));
+    assert_eq!(c.neighbour_mac(2, VIP), Some(vmac.clone()));
+
+    // Crash: node-b takes over with the same MAC, its macvlan now holds the VIP.
+    let (f, killed_at) = c.crash_failover(0, VRID, Some(ip(VIP)));
+    eprintln!("virtual-MAC crash failover: {f:?}");
+    assert_eq!(f.new_master, c.v4(1));
+    assert!(f.death_to_advert < Duration::from_secs(1));
+    assert_gap(&f, master_down_interval(PRIO_B, FAST), LATE);
+    let takeover = killed_at;
+    let b_advert = c.adverts(VRID, c.v4(1), takeover);
+    assert!(!b_advert.is_empty());
+    let events = c.sniffer.events_since(takeover);
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.advert().is_some_and(|a| a.source == c.v4(1)))
+            .all(|e| e.src_mac.octets() == VMAC_51)
+    );
+    let garp = garp_from(takeover);
+    assert_eq!(garp.src_mac.octets(), VMAC_51);
+    wait_until(
+        "the VIP on node-b's macvlan",
+        Duration::from_secs(1),
+        || on_macvlan(&c, 1),
+    );
+    c.assert_clean_takeover(VRID, takeover, c.v4(1), VMAC_51, ip(VIP));
+    let b_macvlan = holders(&c, 1)[0].0.clone();
+    assert!(b_macvlan.starts_with("fv4."), "{b_macvlan}");
+
+    // Graceful stop of node-b: node-c takes over and node-b's macvlan is gone.
+    c.signal(1, Signal::SIGTERM);
+    assert!(c.wait_exit(1, Duration::from_secs(2)).success());
+    assert!(
+        !c.links(1).contains(&b_macvlan),
+        "{b_macvlan} left behind after SIGTERM: {:?}",
+        c.links(1)
+    );
+    assert!(holders(&c, 1).is_empty());
+    c.wait_master(VRID, c.v4(2), FAST, Duration::from_secs(3));
+    wait_until(
+        "the VIP on node-c's macvlan",
+        Duration::from_secs(1),
+        || on_macvlan(&c, 2),
+    );
+}
