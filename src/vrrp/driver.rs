@@ -217,6 +217,7 @@ pub struct Engine {
     io: Io,
     outputs: Vec<Output>,
     observed: watch::Sender<Observed>,
+    drain_buf: Vec<u8>,
 }
 
 impl Engine {
@@ -263,6 +264,7 @@ impl Engine {
             },
             outputs: Vec::new(),
             observed: watch::Sender::new(Observed::default()),
+            drain_buf: Vec::new(),
         }
     }
 
@@ -302,11 +304,46 @@ impl Engine {
                         return;
                     }
                 },
-                () = &mut sleep, if next.is_some() => self.fire_due(Instant::now()),
+                () = &mut sleep, if next.is_some() => {
+                    // After a stall the timer and the advertisement that should have reset
+                    // it can both be pending: hear everything queued before acting on time.
+                    self.drain_pending();
+                    self.fire_due(Instant::now());
+                }
                 Some(incoming) = self.incoming_rx.recv() => self.receive(incoming),
                 _ = refresh.tick() => self.refresh_links().await,
             }
         }
+    }
+
+    /// Handles every advertisement already queued, in the channel or in the sockets.
+    fn drain_pending(&mut self) {
+        while let Ok(incoming) = self.incoming_rx.try_recv() {
+            self.receive(incoming);
+        }
+        let sockets: Vec<(Arc<str>, Family, Arc<VrrpSocket>)> = self
+            .links
+            .values()
+            .flat_map(|l| {
+                l.sockets
+                    .iter()
+                    .map(|(f, s)| (l.name.clone(), *f, s.clone()))
+            })
+            .collect();
+        let mut buf = std::mem::take(&mut self.drain_buf);
+        buf.resize(RECV_BUFFER, 0);
+        for (interface, family, socket) in sockets {
+            // Bounded, so a flood cannot hold the timers off for long.
+            for _ in 0..1024 {
+                let Some(received) = socket.try_recv(&mut buf) else {
+                    break;
+                };
+                if let Some(incoming) = accept(&interface, family, received, &buf, &self.io.stats) {
+                    self.receive(incoming);
+                }
+            }
+        }
+        self.drain_buf = buf;
     }
 
     fn fire_due(&mut self, now: Instant) {
@@ -915,34 +952,48 @@ async fn read_loop(
 ) {
     let mut buf = vec![0u8; RECV_BUFFER];
     loop {
-        let received = match socket.recv(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                stats.count_drop(DropReason::Decode);
-                debug!(interface = %interface, error = %e, "receive error");
-                continue;
-            }
-        };
-        stats.received.fetch_add(1, Ordering::Relaxed);
-        if received.ttl != 255 {
-            stats.count_drop(DropReason::Ttl);
-            debug!(interface = %interface, source = %received.source, ttl = received.ttl, "dropped advertisement: TTL is not 255");
-            continue;
+        let received = socket.recv(&mut buf).await;
+        if let Some(incoming) = accept(&interface, family, received, &buf, &stats)
+            && tx.send(incoming).await.is_err()
+        {
+            return;
         }
-        let message = &buf[received.offset..received.offset + received.len];
-        match Advertisement::decode(message, received.source, received.destination) {
-            Ok(decoded) => {
-                let incoming = Incoming {
-                    interface: interface.clone(),
-                    family,
-                    source: received.source,
-                    advertisement: decoded.advertisement,
-                };
-                if tx.send(incoming).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => log_decode_drop(&stats, &interface, received.source, &e),
+    }
+}
+
+/// Checks one received datagram (TTL, then the codec) and turns it into an `Incoming`.
+fn accept(
+    interface: &Arc<str>,
+    family: Family,
+    received: Result<super::socket::Received, super::socket::SocketError>,
+    buf: &[u8],
+    stats: &Stats,
+) -> Option<Incoming> {
+    let received = match received {
+        Ok(r) => r,
+        Err(e) => {
+            stats.count_drop(DropReason::Decode);
+            debug!(interface = %interface, error = %e, "receive error");
+            return None;
+        }
+    };
+    stats.received.fetch_add(1, Ordering::Relaxed);
+    if received.ttl != 255 {
+        stats.count_drop(DropReason::Ttl);
+        debug!(interface = %interface, source = %received.source, ttl = received.ttl, "dropped advertisement: TTL is not 255");
+        return None;
+    }
+    let message = &buf[received.offset..received.offset + received.len];
+    match Advertisement::decode(message, received.source, received.destination) {
+        Ok(decoded) => Some(Incoming {
+            interface: interface.clone(),
+            family,
+            source: received.source,
+            advertisement: decoded.advertisement,
+        }),
+        Err(e) => {
+            log_decode_drop(stats, interface, received.source, &e);
+            None
         }
     }
 }

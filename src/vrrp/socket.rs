@@ -137,6 +137,15 @@ impl VrrpSocket {
         }
     }
 
+    /// Reads one datagram if one is queued, without waiting.
+    pub fn try_recv(&self, buf: &mut [u8]) -> Option<Result<Received, SocketError>> {
+        match self.recv_now(self.fd.get_ref(), buf) {
+            Ok(result) => Some(result),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => Some(Err(SocketError::Receive(e))),
+        }
+    }
+
     fn recv_now(
         &self,
         socket: &Socket,
