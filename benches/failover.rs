@@ -130,23 +130,32 @@ fn main() -> anyhow::Result<()> {
     let mut results = BTreeMap::new();
     for &implementation in &implementations {
         println!("\n== {}", implementation.label());
-        let crash = failover_rounds(implementation, Signal::SIGKILL, args.rounds)?;
-        let graceful = failover_rounds(implementation, Signal::SIGTERM, args.rounds)?;
-        let idle = if args.skip_idle {
-            None
-        } else {
-            Some(idle_cost(implementation, clock_ticks)?)
-        };
-        results.insert(
-            implementation.label(),
-            ImplementationReport {
-                crash,
-                graceful,
-                idle,
-            },
+        let mut result = ImplementationReport::default();
+        let errors = &mut result.errors;
+        let crash = failover_rounds(
+            implementation,
+            Signal::SIGKILL,
+            args.rounds,
+            &mut result.crash,
         );
+        note_failure(errors, "crash", crash)?;
+        let graceful = failover_rounds(
+            implementation,
+            Signal::SIGTERM,
+            args.rounds,
+            &mut result.graceful,
+        );
+        note_failure(errors, "graceful", graceful)?;
+        if !args.skip_idle {
+            result.idle = note_failure(errors, "idle", idle_cost(implementation, clock_ticks))?;
+        }
+        results.insert(implementation.label(), result);
     }
 
+    let failures: Vec<String> = results
+        .iter()
+        .flat_map(|(name, r)| r.errors.iter().map(move |e| format!("{name} {e}")))
+        .collect();
     let report = Report::new(&args, results);
     println!("\n{}", report.table());
     let json_path = json_path();
@@ -154,7 +163,33 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&json_path, json + "\n")
         .with_context(|| format!("writing {}", json_path.display()))?;
     println!("figures written to {}", json_path.display());
+    if !failures.is_empty() {
+        let first_lines: Vec<&str> = failures.iter().filter_map(|e| e.lines().next()).collect();
+        bail!(
+            "{} phase(s) failed:\n  {}",
+            failures.len(),
+            first_lines.join("\n  ")
+        );
+    }
     Ok(())
+}
+
+/// A phase that fails is reported and the others still run: one daemon misbehaving must not
+/// throw away the figures of the other. An interruption still stops everything.
+fn note_failure<T>(
+    errors: &mut Vec<String>,
+    phase: &str,
+    outcome: anyhow::Result<T>,
+) -> anyhow::Result<Option<T>> {
+    match outcome {
+        Ok(value) => Ok(Some(value)),
+        Err(e) => {
+            check_interrupted()?;
+            eprintln!("  {phase} failed: {e:#}");
+            errors.push(format!("{phase}: {e:#}"));
+            Ok(None)
+        }
+    }
 }
 
 /// SIGINT/SIGTERM set a flag instead of killing the benchmark, so that the lab in progress is
@@ -501,7 +536,7 @@ spec:
     /// Waits until `node` alone advertised (priority > 0) for every VRID over a whole window
     /// after `since`. The window spans the longest Master_Down_Interval plus an interval, so
     /// a backup about to take over has done so before it can pass.
-    fn wait_master(&self, node: usize, since: Instant) -> anyhow::Result<()> {
+    fn wait_master(&self, node: usize, since: Instant) -> anyhow::Result<Settling> {
         let window = master_down_interval(1, INTERVAL) + INTERVAL;
         let expected = [self.node_addr(node)];
         let deadline = Instant::now() + MASTER_TIMEOUT;
@@ -518,17 +553,17 @@ spec:
                     .filter(|(_, masters)| masters[..] != expected)
                     .collect();
                 if wrong.is_empty() {
-                    return Ok(());
+                    return Ok(Settling::Settled);
                 }
                 if now >= deadline {
-                    bail!(
-                        "{} is not the single master after {MASTER_TIMEOUT:?}: {} VRIDs wrong, e.g. VRID {} has masters {:?}\n{}",
+                    return Ok(Settling::NotSettled(format!(
+                        "{} is not the single master after {MASTER_TIMEOUT:?}: {} of {} VRIDs have other masters, e.g. VRID {} has {:?}",
                         self.node_name(node),
                         wrong.len(),
+                        self.vips.len(),
                         wrong[0].0,
                         wrong[0].1,
-                        self.logs()
-                    );
+                    )));
                 }
             }
             std::thread::sleep(INTERVAL / 2);
@@ -579,6 +614,22 @@ spec:
     }
 }
 
+/// Whether one node became the only master of every VRID in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Settling {
+    Settled,
+    NotSettled(String),
+}
+
+impl Settling {
+    fn require(self, bed: &Bed) -> anyhow::Result<()> {
+        match self {
+            Settling::Settled => Ok(()),
+            Settling::NotSettled(why) => bail!("{why}\n{}", bed.logs()),
+        }
+    }
+}
+
 /// One takeover as the bridge saw it, in milliseconds.
 #[derive(Debug, Clone, Serialize)]
 struct Round {
@@ -609,11 +660,13 @@ impl Round {
     }
 }
 
+/// Appends each completed round to `results` as it goes, so a failure keeps the earlier ones.
 fn failover_rounds(
     implementation: Implementation,
     signal: Signal,
     rounds: usize,
-) -> anyhow::Result<Vec<Round>> {
+    results: &mut Vec<Round>,
+) -> anyhow::Result<()> {
     let kind = if signal == Signal::SIGKILL {
         "crash"
     } else {
@@ -624,9 +677,8 @@ fn failover_rounds(
     let started = Instant::now();
     bed.start(MASTER)?;
     bed.start(BACKUP)?;
-    bed.wait_master(MASTER, started)?;
+    bed.wait_master(MASTER, started)?.require(&bed)?;
     let takeover_timeout = master_down_interval(1, INTERVAL) * 3 + Duration::from_secs(2);
-    let mut results = Vec::with_capacity(rounds);
     for round in 0..rounds {
         check_interrupted()?;
         // Phases spread evenly over one interval: the signal-to-advert time depends on it,
@@ -663,9 +715,9 @@ fn failover_rounds(
         bed.wait_exit(MASTER)?;
         let restarted = Instant::now();
         bed.start(MASTER)?;
-        bed.wait_master(MASTER, restarted)?;
+        bed.wait_master(MASTER, restarted)?.require(&bed)?;
     }
-    Ok(results)
+    Ok(())
 }
 
 /// CPU and memory of one daemon (its whole process group: keepalived forks a VRRP child).
@@ -696,8 +748,14 @@ struct IdleReport {
     backup: DaemonCost,
     /// Adverts with priority > 0 per second over the window, by source node.
     adverts_per_second: BTreeMap<String, f64>,
+    /// From starting both daemons to the master node advertising alone for every VRID.
+    time_to_settle_s: Option<f64>,
+    /// Why the daemons did not settle within the timeout (then measured anyway).
+    settle_problem: Option<String>,
     /// The master node was the only one advertising, for every VRID, over the whole window.
     stable: bool,
+    /// VRIDs for which another node advertised (priority > 0) during the window, or none did.
+    unstable_vrids: usize,
     /// For our agent: the pid `ip netns exec` was started as is the agent itself (ip execs).
     agent_pid_is_the_daemon: bool,
 }
@@ -805,15 +863,27 @@ fn idle_cost(implementation: Implementation, clock_ticks: u64) -> anyhow::Result
     let started = Instant::now();
     bed.start(MASTER)?;
     bed.start(BACKUP)?;
-    bed.wait_master(MASTER, started)?;
-    println!(
-        "  idle: {} VIPs, {} master of all after {:.2} s; settling {:?}, then measuring {:?}",
-        vrids.len(),
-        bed.node_name(MASTER),
-        started.elapsed().as_secs_f64(),
-        IDLE_SETTLE,
-        IDLE_WINDOW
-    );
+    // A daemon that cannot settle 100 VIPs is still measured: its cost while flapping is a
+    // figure too, flagged as such.
+    let settling = bed.wait_master(MASTER, started)?;
+    let time_to_settle = started.elapsed();
+    let settle_problem = match settling {
+        Settling::Settled => {
+            println!(
+                "  idle: {} VIPs, {} master of all after {:.2} s; settling {:?}, then measuring {:?}",
+                vrids.len(),
+                bed.node_name(MASTER),
+                time_to_settle.as_secs_f64(),
+                IDLE_SETTLE,
+                IDLE_WINDOW
+            );
+            None
+        }
+        Settling::NotSettled(why) => {
+            eprintln!("  warning: {why}; measuring anyway\n{}", bed.logs());
+            Some(why)
+        }
+    };
     sleep(IDLE_SETTLE)?;
     bed.check_alive()?;
 
@@ -867,10 +937,12 @@ fn idle_cost(implementation: Implementation, clock_ticks: u64) -> anyhow::Result
         .map(|(name, count)| (name, round3(count as f64 / elapsed.as_secs_f64())))
         .collect();
     let expected = [bed.node_addr(MASTER)];
-    let stable = bed
+    let unstable_vrids = bed
         .vips
         .iter()
-        .all(|vip| masters_since(&events, vip.vrid, window_start)[..] == expected);
+        .filter(|vip| masters_since(&events, vip.vrid, window_start)[..] != expected)
+        .count();
+    let stable = unstable_vrids == 0;
     let agent_pid_is_the_daemon = match implementation {
         // `ip netns exec` execs the program, so the spawned pid must be the agent itself.
         Implementation::Ours => [&master, &backup].iter().all(|cost| {
@@ -910,7 +982,7 @@ fn idle_cost(implementation: Implementation, clock_ticks: u64) -> anyhow::Result
     }
     if !stable {
         eprintln!(
-            "  warning: mastership moved during the idle window\n{}",
+            "  warning: mastership moved for {unstable_vrids} VRIDs during the idle window\n{}",
             bed.logs()
         );
     }
@@ -921,10 +993,15 @@ fn idle_cost(implementation: Implementation, clock_ticks: u64) -> anyhow::Result
         vips: vrids.len(),
         settle_s: IDLE_SETTLE.as_secs_f64(),
         window_s: round3(elapsed.as_secs_f64()),
+        time_to_settle_s: settle_problem
+            .is_none()
+            .then(|| round3(time_to_settle.as_secs_f64())),
+        settle_problem,
         master,
         backup,
         adverts_per_second,
         stable,
+        unstable_vrids,
         agent_pid_is_the_daemon,
     })
 }
@@ -959,11 +1036,13 @@ impl Stats {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 struct ImplementationReport {
     crash: Vec<Round>,
     graceful: Vec<Round>,
     idle: Option<IdleReport>,
+    /// Phases that failed (with the daemons' log tails); their figures are partial.
+    errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1368,8 +1447,17 @@ impl Report {
                         .collect(),
                 ),
                 (
-                    "single master all window",
-                    idle.iter().map(|i| verdict(Some(i.stable))).collect(),
+                    "start → single master of all VIPs",
+                    idle.iter()
+                        .map(|i| {
+                            i.time_to_settle_s
+                                .map_or_else(|| "not settled".into(), |s| format!("{s:.2} s"))
+                        })
+                        .collect(),
+                ),
+                (
+                    "VRIDs that moved during the window",
+                    idle.iter().map(|i| i.unstable_vrids.to_string()).collect(),
                 ),
                 (
                     "pid measured is the daemon",

@@ -11,10 +11,10 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource};
 use serde_json::json;
@@ -30,12 +30,22 @@ const EVENT_REPEAT: Duration = Duration::from_secs(600);
 /// After a failed write, wait this long before trying that resource again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// Event severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EventType {
+    Normal,
+    Warning,
+}
+
 /// Writes status and Events for one node.
 pub struct StatusWriter {
     api: Api<VirtualIP>,
+    client: Client,
     node: String,
     params: PatchParams,
-    recorder: Recorder,
+    /// Where Events about (cluster-scoped) VirtualIPs go: `default`, or `kube-system` on API
+    /// servers that accept no other (Kubernetes 1.20).
+    event_namespace: &'static str,
     /// What was last applied successfully, per VirtualIP.
     written: HashMap<String, serde_json::Value>,
     failed_at: HashMap<String, Instant>,
@@ -47,14 +57,11 @@ pub struct StatusWriter {
 
 impl StatusWriter {
     pub fn new(client: Client, node: String) -> StatusWriter {
-        let reporter = Reporter {
-            controller: "ferrovip".into(),
-            instance: Some(node.clone()),
-        };
         StatusWriter {
             api: Api::all(client.clone()),
+            client,
             params: PatchParams::apply(&format!("ferrovip-{node}")).force(),
-            recorder: Recorder::new(client, reporter),
+            event_namespace: "default",
             node,
             written: HashMap::new(),
             failed_at: HashMap::new(),
@@ -75,6 +82,12 @@ impl StatusWriter {
         let addresses = node_addresses(nodes);
         let reporter = reporting_node(nodes);
         let now = Instant::now();
+        let mut by_member: HashMap<&str, Vec<&InstanceStatus>> = HashMap::new();
+        for status in observed.instances.values() {
+            for member in status.members.iter() {
+                by_member.entry(member.as_str()).or_default().push(status);
+            }
+        }
         let mut live = Vec::new();
         for vip in virtual_ips.state() {
             let Some(name) = vip.metadata.name.clone() else {
@@ -87,12 +100,7 @@ impl StatusWriter {
             let Some(plan) = desired.resources.get(&name) else {
                 continue;
             };
-            let ours: Vec<&InstanceStatus> = observed
-                .instances
-                .iter()
-                .filter(|((resource, _), _)| *resource == name)
-                .map(|(_, s)| s)
-                .collect();
+            let ours = by_member.get(name.as_str()).cloned().unwrap_or_default();
 
             self.events_for(
                 &vip,
@@ -191,22 +199,57 @@ impl StatusWriter {
     }
 
     async fn publish(
-        &self,
+        &mut self,
         vip: &VirtualIP,
         type_: EventType,
         reason: &str,
         action: &str,
         note: String,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(truncate(note, 1024)),
-            action: action.into(),
-            secondary: None,
+        let now = Timestamp::now();
+        let name = vip.metadata.name.clone().unwrap_or_default();
+        let event = |namespace: &str| K8sEvent {
+            metadata: ObjectMeta {
+                name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+                namespace: Some(namespace.to_string()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            action: Some(action.into()),
+            reason: Some(reason.into()),
+            note: Some(truncate(note.clone(), 1024)),
+            regarding: Some(vip.object_ref(&())),
+            reporting_controller: Some("ferrovip.io/agent".into()),
+            reporting_instance: Some(self.node.clone()),
+            type_: Some(
+                match type_ {
+                    EventType::Normal => "Normal",
+                    EventType::Warning => "Warning",
+                }
+                .into(),
+            ),
+            ..K8sEvent::default()
         };
-        if let Err(e) = self.recorder.publish(&event, &vip.object_ref(&())).await {
-            debug!(error = %e, reason, "event not published");
+        loop {
+            let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), self.event_namespace);
+            match api
+                .create(&PostParams::default(), &event(self.event_namespace))
+                .await
+            {
+                Ok(_) => return,
+                Err(kube::Error::Api(status))
+                    if status.code == 422 && self.event_namespace == "default" =>
+                {
+                    info!(
+                        "this API server takes Events about cluster-scoped objects only in kube-system; using it"
+                    );
+                    self.event_namespace = "kube-system";
+                }
+                Err(e) => {
+                    debug!(error = %e, reason, "event not published");
+                    return;
+                }
+            }
         }
     }
 }
@@ -443,13 +486,18 @@ mod tests {
             vrid: Some(51),
             eligible,
             priority: eligible.then_some(150),
-            priority_reasons: if eligible { vec!["base 100".into(), "preferred node +50".into()] } else { vec![] },
+            priority_reasons: if eligible {
+                vec!["base 100".into(), "preferred node +50".into()]
+            } else {
+                vec![]
+            },
             refused,
         }
     }
 
     fn instance(state: State, master: Option<&str>) -> InstanceStatus {
         InstanceStatus {
+            members: vec!["web".to_string()].into(),
             interface: "eth0".into(),
             vrid: 51,
             state,
@@ -492,7 +540,13 @@ mod tests {
         assert_eq!(body["status"]["master"], "node-a");
         assert_eq!(body["status"]["nodes"][0]["state"], "Backup");
         let unknown = instance(State::Backup, Some("192.0.2.99"));
-        let body = desired_status(&vip(), "node-b", &plan(true, None), &[&unknown], &addresses());
+        let body = desired_status(
+            &vip(),
+            "node-b",
+            &plan(true, None),
+            &[&unknown],
+            &addresses(),
+        );
         assert_eq!(body["status"]["master"], "192.0.2.99");
         let none = instance(State::Backup, None);
         let body = desired_status(&vip(), "node-b", &plan(true, None), &[&none], &addresses());
@@ -508,10 +562,21 @@ mod tests {
             vrid: 51,
             other: "api".into(),
         };
-        let body = desired_status(&vip(), "node-a", &plan(false, Some(reason)), &[], &addresses());
+        let body = desired_status(
+            &vip(),
+            "node-a",
+            &plan(false, Some(reason)),
+            &[],
+            &addresses(),
+        );
         let s = &body["status"];
         assert_eq!(s["state"], "Conflict");
-        let conflict = s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Conflict").unwrap();
+        let conflict = s["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Conflict")
+            .unwrap();
         assert_eq!(conflict["status"], "True");
         assert_eq!(conflict["reason"], "DuplicateVirtualRouterId");
         assert!(conflict["message"].as_str().unwrap().contains("\"api\""));
@@ -519,14 +584,18 @@ mod tests {
 
         let body = desired_status(&vip(), "node-c", &plan(false, None), &[], &addresses());
         let s = body["status"].as_object().unwrap();
-        assert_eq!(s.keys().collect::<Vec<_>>(), ["observedGeneration", "virtualRouterId"]);
+        assert_eq!(
+            s.keys().collect::<Vec<_>>(),
+            ["observedGeneration", "virtualRouterId"]
+        );
     }
 
     #[test]
     fn unchanged_conditions_keep_their_time_so_nodes_agree() {
         let i = instance(State::Master, Some("192.0.2.11"));
         let first = desired_status(&vip(), "node-a", &plan(true, None), &[&i], &addresses());
-        let conditions: Vec<Condition> = serde_json::from_value(first["status"]["conditions"].clone()).unwrap();
+        let conditions: Vec<Condition> =
+            serde_json::from_value(first["status"]["conditions"].clone()).unwrap();
         let mut seen = vip();
         seen.status = Some(VirtualIPStatus {
             conditions: conditions.clone(),
@@ -535,6 +604,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         let b = instance(State::Backup, Some("192.0.2.11"));
         let second = desired_status(&seen, "node-b", &plan(true, None), &[&b], &addresses());
-        assert_eq!(second["status"]["conditions"], first["status"]["conditions"]);
+        assert_eq!(
+            second["status"]["conditions"],
+            first["status"]["conditions"]
+        );
     }
 }

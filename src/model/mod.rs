@@ -69,8 +69,12 @@ pub struct InstanceKey {
 /// What one node should run for one VirtualIP and address family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceSpec {
-    /// Name of the VirtualIP this instance serves.
+    /// Name of the (first) VirtualIP this instance serves, for logs.
     pub resource: String,
+    /// Every VirtualIP this instance serves: VirtualIPs without an explicit VRID whose
+    /// settings are identical share one instance (one election, one advertisement stream),
+    /// so thousands of VIPs fit in the 255 VRIDs of a segment.
+    pub members: Vec<String>,
     pub interface: String,
     pub family: Family,
     pub vrid: u8,
@@ -197,6 +201,32 @@ const MAX_PRIORITY: i64 = 254;
 struct Taken {
     vrids: BTreeMap<(String, Family, u8), String>,
     addresses: BTreeMap<IpAddr, String>,
+    /// Sharing signature → the name of the group's first VirtualIP.
+    groups: BTreeMap<String, String>,
+}
+
+/// What VirtualIPs must agree on to share an instance: everything but names and addresses.
+/// `None` for those that cannot share: an explicit VRID, or health inputs keyed by the
+/// resource (checks, local endpoints).
+fn sharing_signature(spec: &ValidSpec) -> Option<String> {
+    if spec.vrid.is_some() || !spec.checks.is_empty() || spec.local_endpoints.is_some() {
+        return None;
+    }
+    Some(format!(
+        "{}|{:?}|{:?}|{}|{:?}|{:?}|{}|{:?}|{}|{:?}|{:?}|{:?}",
+        spec.interface,
+        spec.version,
+        spec.advert_interval,
+        spec.preempt,
+        spec.preempt_delay,
+        spec.unicast_peers,
+        spec.unicast_auto,
+        spec.checksum,
+        spec.virtual_mac,
+        spec.node_selector,
+        (spec.base_priority, &spec.preferred_nodes),
+        spec.node_health,
+    ))
 }
 
 /// Plans what `node` runs.
@@ -243,7 +273,12 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
 
         // Conflicts depend only on the resources, never on the node, so every node reaches the
         // same verdict without coordination.
-        let vrid = match choose_vrid(&spec, &name, &families, &taken) {
+        let signature = sharing_signature(&spec);
+        let leader = signature
+            .as_ref()
+            .and_then(|sig| taken.groups.get(sig).cloned());
+        let seed = signature.as_deref().unwrap_or(&name);
+        let vrid = match choose_vrid(&spec, seed, &families, &taken, leader.as_deref()) {
             Ok(v) => v,
             Err(reason) => {
                 desired.refuse(name, spec.vrid, reason);
@@ -262,10 +297,14 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
             desired.refuse(name, Some(vrid), reason);
             continue;
         }
+        let owner = leader.clone().unwrap_or_else(|| name.clone());
+        if let Some(sig) = signature {
+            taken.groups.entry(sig).or_insert_with(|| name.clone());
+        }
         for family in &families {
             taken
                 .vrids
-                .insert((spec.interface.clone(), *family, vrid), name.clone());
+                .insert((spec.interface.clone(), *family, vrid), owner.clone());
         }
         for a in &spec.addresses {
             taken.addresses.insert(a.addr(), name.clone());
@@ -319,9 +358,6 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
                 .filter(|a| Family::of(&a.addr()) == family)
                 .copied()
                 .collect();
-            if family == Family::V6 {
-                link_local_first(&mut addresses, vrid);
-            }
             let unicast_peers = spec
                 .unicast_peers
                 .iter()
@@ -329,29 +365,37 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
                 .filter(|p| Family::of(p) == family)
                 .copied()
                 .collect();
-            desired
-                .instances
-                .entry(spec.interface.clone())
-                .or_default()
-                .insert(
-                    InstanceKey { family, vrid },
-                    InstanceSpec {
-                        resource: name.clone(),
-                        interface: spec.interface.clone(),
-                        family,
-                        vrid,
-                        version: spec.version,
-                        priority,
-                        priority_reasons: priority_reasons.clone(),
-                        advert_interval: spec.advert_interval,
-                        preempt: spec.preempt,
-                        preempt_delay: spec.preempt_delay,
-                        addresses,
-                        unicast_peers,
-                        checksum: spec.checksum,
-                        virtual_mac: spec.virtual_mac,
-                    },
-                );
+            let instances = desired.instances.entry(spec.interface.clone()).or_default();
+            let key = InstanceKey { family, vrid };
+            if let Some(shared) = instances.get_mut(&key) {
+                // A later member of a sharing group: same settings, more addresses.
+                shared.addresses.extend(addresses);
+                shared.members.push(name.clone());
+                continue;
+            }
+            if family == Family::V6 {
+                link_local_first(&mut addresses, vrid);
+            }
+            instances.insert(
+                key,
+                InstanceSpec {
+                    resource: name.clone(),
+                    members: vec![name.clone()],
+                    interface: spec.interface.clone(),
+                    family,
+                    vrid,
+                    version: spec.version,
+                    priority,
+                    priority_reasons: priority_reasons.clone(),
+                    advert_interval: spec.advert_interval,
+                    preempt: spec.preempt,
+                    preempt_delay: spec.preempt_delay,
+                    addresses,
+                    unicast_peers,
+                    checksum: spec.checksum,
+                    virtual_mac: spec.virtual_mac,
+                },
+            );
         }
         desired.resources.insert(
             name,
@@ -367,22 +411,42 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
     desired
 }
 
-/// The explicit VRID, or one derived from the name: a hash of the name, then the next free
-/// ID on the interface. Derived IDs stay put while older resources stay.
+/// The explicit VRID, or one derived from `seed` (the name, or the sharing signature): a
+/// hash, then the next free ID on the interface. Derived IDs stay put while older resources
+/// stay. IDs held by `group` (the sharing group this resource joins) count as free.
 fn choose_vrid(
     spec: &ValidSpec,
-    name: &str,
+    seed: &str,
     families: &[Family],
     taken: &Taken,
+    group: Option<&str>,
 ) -> Result<u8, RefusalReason> {
     let user = |vrid: u8| {
         families.iter().find_map(|f| {
             taken
                 .vrids
                 .get(&(spec.interface.clone(), *f, vrid))
+                .filter(|owner| Some(owner.as_str()) != group)
                 .map(|other| (*f, other.clone()))
         })
     };
+    if let Some(leader) = group {
+        // Join the group's instance when every family is free there.
+        let existing = families.iter().find_map(|f| {
+            taken
+                .vrids
+                .iter()
+                .find(|((i, fam, _), owner)| {
+                    *i == spec.interface && fam == f && owner.as_str() == leader
+                })
+                .map(|((_, _, v), _)| *v)
+        });
+        if let Some(vrid) = existing
+            && user(vrid).is_none()
+        {
+            return Ok(vrid);
+        }
+    }
     if let Some(vrid) = spec.vrid {
         return match user(vrid) {
             None => Ok(vrid),
@@ -394,7 +458,7 @@ fn choose_vrid(
             }),
         };
     }
-    let start = derived_vrid(name);
+    let start = derived_vrid(seed);
     (0..255u16)
         .map(|i| ((u16::from(start) - 1 + i) % 255 + 1) as u8)
         .find(|v| user(*v).is_none())
@@ -696,10 +760,27 @@ mod tests {
 
     #[test]
     fn derived_vrids_are_stable_and_avoid_older_ones() {
-        let mut a = vip("alpha", 1, &["192.0.2.100/24"]);
-        a.spec.virtual_router_id = None;
-        let mut b = vip("beta", 1, &["192.0.2.101/24"]);
-        b.spec.virtual_router_id = None;
+        // Health checks keep these out of sharing, so their IDs derive from their names.
+        let solo = |name: &str, addr: &str| {
+            let mut v = vip(name, 1, &[addr]);
+            v.spec.virtual_router_id = None;
+            v.spec.priority.checks = vec![crate::crd::HealthCheck {
+                name: "port".into(),
+                tcp: Some(crate::crd::TcpCheck {
+                    host: None,
+                    port: 80,
+                }),
+                http: None,
+                weight: 10,
+                interval: "1s".into(),
+                timeout: "1s".into(),
+                rise: 1,
+                fall: 1,
+            }];
+            v
+        };
+        let a = solo("alpha", "192.0.2.100/24");
+        let b = solo("beta", "192.0.2.101/24");
         let d = plan(&snapshot(vec![a.clone(), b.clone()]), "node-a");
         let va = d.resources["alpha"].vrid.unwrap();
         let vb = d.resources["beta"].vrid.unwrap();
@@ -710,9 +791,8 @@ mod tests {
         let d = plan(&snapshot(vec![a.clone(), b.clone(), explicit]), "node-b");
         assert_eq!(d.resources["alpha"].vrid, Some(va));
         assert!(d.resources["gamma"].refused.as_ref().unwrap().is_conflict());
-        // Two names that hash alike still get distinct IDs.
-        let mut c = vip("alpha-twin", 1, &["192.0.2.103/24"]);
-        c.spec.virtual_router_id = None;
+        // An ID already taken pushes the derived one to the next free.
+        let c = solo("alpha-twin", "192.0.2.103/24");
         let taken_first = vip(
             "first",
             i64::from(derived_vrid("alpha-twin")),
@@ -885,5 +965,60 @@ mod tests {
             &labels
         ));
         assert!(selector_matches(&LabelSelector::default(), &labels));
+    }
+
+    #[test]
+    fn virtual_ips_with_identical_settings_share_one_instance() {
+        let auto = |name: &str, addr: &str| {
+            let mut v = vip(name, 1, &[addr]);
+            v.spec.virtual_router_id = None;
+            v
+        };
+        let mut slow = auto("slow", "192.0.2.104/24");
+        slow.spec.vrrp.advertisement_interval = "1s".into();
+        let s = snapshot(vec![
+            auto("a", "192.0.2.101/24"),
+            auto("b", "192.0.2.102/24"),
+            slow,
+            auto("c", "192.0.2.103/24"),
+            auto("dup", "192.0.2.101/24"),
+        ]);
+        let d = plan(&s, "node-a");
+        let instances: Vec<_> = d.iter().collect();
+        assert_eq!(instances.len(), 2, "{instances:#?}");
+        let shared = instances.iter().find(|i| i.members.len() > 1).unwrap();
+        assert_eq!(shared.members, ["a", "b", "c"]);
+        assert_eq!(shared.addresses.len(), 3);
+        assert_eq!(d.resources["a"].vrid, d.resources["c"].vrid);
+        assert_ne!(d.resources["a"].vrid, d.resources["slow"].vrid);
+        assert_eq!(d.refused[0].resource, "dup");
+        // Same plan on every node, and a member leaving keeps the others in place.
+        let without_b = snapshot(vec![
+            auto("a", "192.0.2.101/24"),
+            auto("c", "192.0.2.103/24"),
+        ]);
+        assert_eq!(
+            plan(&without_b, "node-b").resources["c"].vrid,
+            d.resources["c"].vrid
+        );
+    }
+
+    #[test]
+    fn a_thousand_virtual_ips_fit_in_one_segment() {
+        let vips: Vec<VirtualIP> = (0..1000)
+            .map(|i| {
+                let mut v = vip(
+                    &format!("vip-{i}"),
+                    1,
+                    &[&format!("10.{}.{}.1/32", i / 250, i % 250)],
+                );
+                v.spec.virtual_router_id = None;
+                v
+            })
+            .collect();
+        let d = plan(&snapshot(vips), "node-a");
+        assert!(d.refused.is_empty(), "{:?}", d.refused.first());
+        assert_eq!(d.iter().count(), 1);
+        assert_eq!(d.iter().next().unwrap().addresses.len(), 1000);
     }
 }

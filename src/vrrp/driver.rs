@@ -97,13 +97,15 @@ impl Stats {
 /// What the engine reports about each instance, for status and events.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observed {
-    /// Keyed by (VirtualIP name, family).
+    /// Keyed by (name of the instance's first VirtualIP, family); `members` lists them all.
     pub instances: BTreeMap<(String, Family), InstanceStatus>,
 }
 
 /// One instance as this node sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceStatus {
+    /// The VirtualIPs this instance serves.
+    pub members: Arc<[String]>,
     pub interface: String,
     pub vrid: u8,
     pub state: State,
@@ -453,11 +455,15 @@ impl Engine {
                     if e.state == state
                         && e.master == master
                         && e.priority == priority
-                        && e.fault.is_none() =>
+                        && e.fault.is_none()
+                        && *e.members == *slot.spec.members =>
                 {
                     false
                 }
                 (Some(e), None) => {
+                    if *e.members != *slot.spec.members {
+                        e.members = slot.spec.members.clone().into();
+                    }
                     e.state = state;
                     e.master = master;
                     e.priority = priority;
@@ -468,6 +474,7 @@ impl Engine {
                     o.instances.insert(
                         key,
                         InstanceStatus {
+                            members: slot.spec.members.clone().into(),
                             interface: slot.spec.interface.clone(),
                             vrid: slot.spec.vrid,
                             state,
@@ -505,6 +512,7 @@ impl Engine {
                 o.instances.insert(
                     key,
                     InstanceStatus {
+                        members: spec.members.clone().into(),
                         interface: spec.interface.clone(),
                         vrid: spec.vrid,
                         state: State::Initialize,

@@ -34,6 +34,18 @@ const V3_INTERVAL_CENTISECONDS: std::ops::RangeInclusive<u16> = 1..=4095;
 /// Range of the VRRPv2 Adver Int field, in seconds (an 8-bit field).
 const V2_INTERVAL_SECONDS: std::ops::RangeInclusive<u16> = 1..=255;
 
+/// Most addresses an advertisement lists. An instance may hold many more (one election for
+/// thousands of VIPs, since only 255 VRIDs exist); the advertisement then lists the first
+/// ones, which keeps it in one unfragmented packet (IPv4: 20 + 8 + 4 × 255 bytes; IPv6:
+/// 40 + 8 + 16 × 80). Receivers accept a list that differs from theirs (RFC 5798 §7.1 only
+/// asks them to log it), as keepalived does.
+pub fn max_advertised(family: Family) -> usize {
+    match family {
+        Family::V4 => 255,
+        Family::V6 => 80,
+    }
+}
+
 /// What one virtual router should do. Changing `vrid` or `version` makes it a different virtual
 /// router: the driver creates a new [`Instance`] for that instead of sending
 /// [`Input::Reconfigure`].
@@ -600,10 +612,15 @@ impl Instance {
     }
 
     fn same_addresses(&self, advertised: &[IpAddr]) -> bool {
-        advertised.len() == self.config.addresses.len()
+        let ours = &self.config.addresses[..self
+            .config
+            .addresses
+            .len()
+            .min(max_advertised(self.config.family()))];
+        advertised.len() == ours.len()
             && advertised
                 .iter()
-                .all(|ip| self.config.addresses.iter().any(|net| net.addr() == *ip))
+                .all(|ip| ours.iter().any(|net| net.addr() == *ip))
     }
 
     fn timer(&mut self, now: Instant, out: &mut Vec<Output>) {
@@ -737,7 +754,13 @@ impl Instance {
             vrid: self.config.vrid,
             priority,
             interval: self.config.wire_interval(),
-            addresses: self.config.addresses.iter().map(IpNet::addr).collect(),
+            addresses: self
+                .config
+                .addresses
+                .iter()
+                .take(max_advertised(self.config.family()))
+                .map(IpNet::addr)
+                .collect(),
         }));
     }
 
