@@ -38,6 +38,13 @@ pub struct AgentArgs {
     /// How often manifest files are checked for changes (SIGHUP reloads at once).
     #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
     pub manifest_poll: Duration,
+    /// On SIGTERM, keep the addresses this node is master for up to this long, and tell
+    /// the backups to wait as long, so that a restarted agent takes them over without the
+    /// VIPs moving (VRRPv3, no virtual MAC). `0s` releases them at once with priority 0,
+    /// which fails over within Skew_Time: right for a node going away. SIGINT always
+    /// releases.
+    #[arg(long, env = "FERROVIP_RESTART_HOLD", default_value = "0s", value_parser = parse_duration_arg)]
+    pub restart_hold: Duration,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -144,6 +151,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut carrier: BTreeMap<String, bool> = BTreeMap::new();
     let mut last: Option<Desired> = None;
     let mut refused_checks: Vec<String> = Vec::new();
+    let mut hold = Duration::ZERO;
     loop {
         snapshot.local.carrier = carrier.clone();
         snapshot.local.failing_checks = failing_checks(&health_rx.borrow_and_update());
@@ -176,7 +184,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
 
         tokio::select! {
-            _ = terminate.recv() => break,
+            _ = terminate.recv() => {
+                hold = args.restart_hold;
+                break;
+            }
             _ = interrupt.recv() => break,
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading");
@@ -193,9 +204,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
     }
 
-    info!("shutting down: sending priority 0 and releasing addresses");
     let (done, wait) = oneshot::channel();
-    if commands.send(Command::Shutdown(done)).await.is_ok() {
+    let command = if hold.is_zero() {
+        info!("shutting down: sending priority 0 and releasing addresses");
+        Command::Shutdown(done)
+    } else {
+        info!(hold = ?hold, "stopping for a restart: holding the addresses for the next agent");
+        Command::Hold(hold, done)
+    };
+    if commands.send(command).await.is_ok() {
         let _ = wait.await;
     }
     let _ = engine_task.await;

@@ -24,12 +24,13 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol, CacheInfo,
 };
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::Handle;
@@ -169,6 +170,8 @@ struct KernelAddress {
     net: IpNet,
     owned: bool,
     flags: AddressFlags,
+    /// Valid lifetime in seconds; `None` for forever.
+    valid_lifetime: Option<u32>,
     message: AddressMessage,
 }
 
@@ -177,6 +180,7 @@ impl KernelAddress {
         let mut local = None;
         let mut address = None;
         let mut owned = false;
+        let mut valid_lifetime = None;
         let mut flags = AddressFlags::from_bits_retain(u32::from(message.header.flags.bits()));
         for attribute in &message.attributes {
             match attribute {
@@ -186,6 +190,9 @@ impl KernelAddress {
                     owned = u8::from(*proto) == FERROVIP_ADDR_PROTO;
                 }
                 AddressAttribute::Flags(all) => flags = *all,
+                AddressAttribute::CacheInfo(info) if info.ifa_valid != u32::MAX => {
+                    valid_lifetime = Some(info.ifa_valid)
+                }
                 _ => {}
             }
         }
@@ -197,6 +204,7 @@ impl KernelAddress {
             net,
             owned,
             flags,
+            valid_lifetime,
             message,
         })
     }
@@ -299,6 +307,38 @@ impl AddressManager {
     /// succeeds; if that address was not added by ferrovip it stays foreign, so
     /// [`remove`](Self::remove) will leave it alone.
     pub async fn add(&self, index: u32, net: IpNet) -> Result<(), AddrError> {
+        self.add_with_lifetime(index, net, None, false).await
+    }
+
+    /// Gives one of our addresses a finite valid lifetime (the kernel removes it when that
+    /// runs out), or makes it permanent again with `None`. A restarting agent holds its
+    /// addresses this way, so they cannot outlive it by more than the hold.
+    pub async fn set_lifetime(
+        &self,
+        index: u32,
+        net: IpNet,
+        lifetime: Option<Duration>,
+    ) -> Result<(), AddrError> {
+        self.add_with_lifetime(index, net, lifetime, true).await
+    }
+
+    /// Our addresses that carry a finite lifetime: those a restarting predecessor held.
+    pub async fn list_held(&self) -> Result<Vec<(u32, IpNet)>, AddrError> {
+        let addresses = self.addresses(None, AddressFamily::Unspec).await?;
+        Ok(addresses
+            .into_iter()
+            .filter(|address| address.owned && address.valid_lifetime.is_some())
+            .map(|address| (address.index, address.net))
+            .collect())
+    }
+
+    async fn add_with_lifetime(
+        &self,
+        index: u32,
+        net: IpNet,
+        lifetime: Option<Duration>,
+        replace: bool,
+    ) -> Result<(), AddrError> {
         if net.addr().is_ipv4() {
             self.ensure_promote_secondaries(index).await?;
         }
@@ -317,6 +357,16 @@ impl AddressManager {
             message
                 .attributes
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        if replace {
+            let seconds = lifetime.map_or(u32::MAX, |d| {
+                u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX - 1)
+            });
+            let mut info = CacheInfo::default();
+            info.ifa_preferred = seconds;
+            info.ifa_valid = seconds;
+            message.attributes.push(AddressAttribute::CacheInfo(info));
+            request = request.replace();
         }
         match request.execute().await {
             Ok(()) => Ok(()),

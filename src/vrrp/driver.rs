@@ -127,6 +127,9 @@ pub enum Command {
     Apply(Desired),
     /// Leave gracefully (priority 0, release addresses) and stop. Answers when done.
     Shutdown(oneshot::Sender<()>),
+    /// Stop for a restart: masters keep their addresses for at most this long and tell the
+    /// backups to wait as long (see [`Input::Hold`]); the next agent adopts them.
+    Hold(Duration, oneshot::Sender<()>),
 }
 
 /// A decoded advertisement from a reader task.
@@ -155,6 +158,12 @@ enum Effect {
     },
     DeleteLink {
         name: Arc<str>,
+    },
+    /// Set (or clear, with `None`) the valid lifetime of our addresses.
+    Lifetime {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+        lifetime: Option<Duration>,
     },
     Barrier(oneshot::Sender<()>),
 }
@@ -220,13 +229,30 @@ pub struct Engine {
     outputs: Vec<Output>,
     observed: watch::Sender<Observed>,
     drain_buf: Vec<u8>,
+    /// Addresses a restarting predecessor held for us, until the first plan adopts them.
+    held: HashSet<(u32, IpNet)>,
 }
 
 impl Engine {
     /// Creates the engine and its effects task. Removes addresses a crashed predecessor left
     /// behind (marked as ours) before anything starts.
     pub async fn start(node: String, addresses: AddressManager) -> Engine {
-        match addresses.remove_all_owned_except(&HashSet::new()).await {
+        // Addresses a restarting predecessor held (finite lifetime) wait for adoption; all
+        // other marked addresses are crash leftovers.
+        let held: HashSet<(u32, IpNet)> = match addresses.list_held().await {
+            Ok(held) => held.into_iter().collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot list addresses held by a previous agent");
+                HashSet::new()
+            }
+        };
+        if !held.is_empty() {
+            info!(
+                count = held.len(),
+                "addresses held by the previous agent wait for adoption"
+            );
+        }
+        match addresses.remove_all_owned_except(&held).await {
             Ok(removed) if !removed.is_empty() => {
                 info!(
                     count = removed.len(),
@@ -267,6 +293,7 @@ impl Engine {
             outputs: Vec::new(),
             observed: watch::Sender::new(Observed::default()),
             drain_buf: Vec::new(),
+            held,
         }
     }
 
@@ -298,6 +325,11 @@ impl Engine {
                     Some(Command::Apply(desired)) => self.apply(desired).await,
                     Some(Command::Shutdown(done)) => {
                         self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(Command::Hold(hold, done)) => {
+                        self.hold(hold).await;
                         let _ = done.send(());
                         return;
                     }
@@ -586,6 +618,16 @@ impl Engine {
             }
         }
 
+        if !self.held.is_empty() {
+            // Held for a resource this node no longer runs: release now rather than at expiry.
+            let mut by_link: HashMap<u32, Vec<IpNet>> = HashMap::new();
+            for (index, net) in self.held.drain() {
+                by_link.entry(index).or_default().push(net);
+            }
+            for (ifindex, nets) in by_link {
+                let _ = self.io.effects.send(Effect::Remove { ifindex, nets });
+            }
+        }
         let used: HashSet<Arc<str>> = self.slots.keys().map(|(i, _)| i.clone()).collect();
         self.links.retain(|name, _| used.contains(name));
     }
@@ -646,8 +688,75 @@ impl Engine {
             },
         );
         if started {
-            self.handle(&key, now, Input::Startup);
+            let ifindex = self.links.get(&key.0).map(|l| l.index);
+            let adopt = match (ifindex, self.slots.get(&key)) {
+                (Some(index), Some(slot)) if slot.vmac.is_none() => slot
+                    .spec
+                    .addresses
+                    .iter()
+                    .all(|a| self.held.contains(&(index, *a))),
+                _ => false,
+            };
+            if adopt && let (Some(ifindex), Some(slot)) = (ifindex, self.slots.get(&key)) {
+                let nets = slot.spec.addresses.clone();
+                for net in &nets {
+                    self.held.remove(&(ifindex, *net));
+                }
+                let _ = self.io.effects.send(Effect::Lifetime {
+                    ifindex,
+                    nets,
+                    lifetime: None,
+                });
+                self.handle(&key, now, Input::Adopt);
+            } else {
+                self.handle(&key, now, Input::Startup);
+            }
         }
+    }
+
+    /// Stops every instance for a restart: masters of VRRPv3 instances (without a virtual
+    /// MAC) keep their addresses for `hold` and tell the backups to wait; the rest leave as
+    /// on shutdown.
+    async fn hold(&mut self, hold: Duration) {
+        let now = Instant::now();
+        let keys: Vec<SlotKey> = self.slots.keys().cloned().collect();
+        let mut held = 0;
+        for key in keys {
+            let Some(slot) = self.slots.get(&key) else {
+                continue;
+            };
+            let holds = slot.vmac.is_none()
+                && slot.spec.version == super::Version::V3
+                && slot
+                    .instance
+                    .as_ref()
+                    .is_some_and(|i| i.state() == State::Master);
+            if !holds {
+                self.stop(&key, now);
+                continue;
+            }
+            let nets = slot.spec.addresses.clone();
+            let ifindex = self.links.get(&key.0).map(|l| l.index);
+            self.handle(&key, now, Input::Hold(hold));
+            if let Some(ifindex) = ifindex {
+                held += nets.len();
+                let _ = self.io.effects.send(Effect::Lifetime {
+                    ifindex,
+                    nets,
+                    lifetime: Some(hold),
+                });
+            }
+            if let Some(slot) = self.slots.remove(&key)
+                && let Some(at) = slot.armed
+            {
+                self.timers.remove(&(at, key.clone()));
+            }
+        }
+        let (done, wait) = oneshot::channel();
+        if self.io.effects.send(Effect::Barrier(done)).is_ok() {
+            let _ = wait.await;
+        }
+        info!(node = %self.io.node, addresses = held, hold = ?hold, "stopped for a restart; addresses held for the next agent");
     }
 
     fn stop(&mut self, key: &SlotKey, now: Instant) {
@@ -1048,6 +1157,17 @@ async fn run_effects(
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => warn!(interface = %interface, error = %e, "announcement failed"),
                     Err(e) => warn!(interface = %interface, error = %e, "announcement task failed"),
+                }
+            }
+            Effect::Lifetime {
+                ifindex,
+                nets,
+                lifetime,
+            } => {
+                for net in nets {
+                    if let Err(e) = addresses.set_lifetime(ifindex, net, lifetime).await {
+                        warn!(address = %net, error = %e, "cannot set the lifetime of a virtual address");
+                    }
                 }
             }
             Effect::DeleteLink { name } => {

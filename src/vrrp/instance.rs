@@ -256,6 +256,14 @@ pub enum Input {
     /// A new configuration for the same VRID and version (see [`Config`]).
     Reconfigure(Config),
     Shutdown,
+    /// Restart hand-off, outgoing side: a Master keeps its addresses and, instead of
+    /// priority 0, advertises an interval of a third of this duration (capped at the v3
+    /// maximum), so the backups wait about that long (3 × interval + skew) for the next
+    /// agent. VRRPv2 cannot announce another interval and leaves as on Shutdown.
+    Hold(Duration),
+    /// Restart hand-off, incoming side: start as Master at once, for addresses a held
+    /// predecessor left on the interface.
+    Adopt,
 }
 
 /// What the driver must do, in the order given.
@@ -296,6 +304,10 @@ pub enum Reason {
     Shutdown,
     /// → Initialize: the configuration changed VRID or version, so the instance starts over.
     Reconfigured,
+    /// Master → Initialize keeping the addresses, for a restarting agent.
+    Held,
+    /// Initialize → Master: the previous agent held the addresses for us.
+    Adopted,
 }
 
 impl Reason {
@@ -311,6 +323,8 @@ impl Reason {
             Reason::TieBreak { .. } => "tie_break",
             Reason::Shutdown => "shutdown",
             Reason::Reconfigured => "reconfigured",
+            Reason::Held => "held",
+            Reason::Adopted => "adopted",
         }
     }
 }
@@ -339,6 +353,8 @@ impl fmt::Display for Reason {
             }
             Reason::Shutdown => f.write_str("shutdown"),
             Reason::Reconfigured => f.write_str("VRID or version reconfigured"),
+            Reason::Held => f.write_str("agent restarting; addresses held"),
+            Reason::Adopted => f.write_str("addresses held by the previous agent"),
         }
     }
 }
@@ -418,6 +434,13 @@ impl Instance {
             Input::SetPriority(priority) => self.config.priority = priority.max(1),
             Input::Reconfigure(config) => self.reconfigure(now, config, out),
             Input::Shutdown => self.leave(Reason::Shutdown, out),
+            Input::Hold(duration) => self.hold(duration, out),
+            Input::Adopt => {
+                if self.state == State::Initialize {
+                    self.preempt_hold_since = Some(now);
+                    self.become_master(now, Reason::Adopted, out);
+                }
+            }
         }
     }
 
@@ -742,6 +765,39 @@ impl Instance {
         self.leaving_master = None;
         self.preempting = None;
         self.transition(from, State::Initialize, reason, out);
+    }
+
+    fn hold(&mut self, duration: Duration, out: &mut Vec<Output>) {
+        if self.state != State::Master || self.config.version == Version::V2 {
+            let reason = if self.state == State::Master {
+                Reason::Shutdown
+            } else {
+                Reason::Held
+            };
+            return self.leave(reason, out);
+        }
+        let centiseconds =
+            (duration.as_millis() / 30).clamp(1, u128::from(*V3_INTERVAL_CENTISECONDS.end()));
+        self.counters.adverts_sent += 1;
+        out.push(Output::Send(Advertisement {
+            version: self.config.version,
+            vrid: self.config.vrid,
+            priority: self.config.priority,
+            interval: centiseconds as u16,
+            addresses: self
+                .config
+                .addresses
+                .iter()
+                .take(max_advertised(self.config.family()))
+                .map(IpNet::addr)
+                .collect(),
+        }));
+        self.state = State::Initialize;
+        self.deadline = None;
+        self.master = None;
+        self.leaving_master = None;
+        self.preempting = None;
+        self.transition(State::Master, State::Initialize, Reason::Held, out);
     }
 
     fn send(&mut self, priority: u8, out: &mut Vec<Output>) {

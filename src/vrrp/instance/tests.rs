@@ -883,3 +883,72 @@ fn handle_only_appends() {
     assert_eq!(out.len(), 5);
     assert_eq!(out[0], Output::Announce(vec![]));
 }
+
+#[test]
+fn hold_keeps_the_addresses_and_announces_a_long_interval() {
+    let mut h = Harness::started(config(150));
+    h.input(ms(400), Input::Timer);
+    assert_eq!(h.instance.state(), State::Master);
+    let out = h.input(ms(450), Input::Hold(Duration::from_secs(9)));
+    assert_eq!(out.len(), 2, "{out:?}");
+    match &out[0] {
+        // 9 s / 3 = 3 s = 300 cs; priority unchanged, not 0.
+        Output::Send(a) => assert_eq!((a.priority, a.interval), (150, 300)),
+        other => panic!("expected an advertisement, got {other:?}"),
+    }
+    assert_eq!(
+        out[1],
+        transition(State::Master, State::Initialize, Reason::Held)
+    );
+    assert!(!out.iter().any(|o| matches!(o, Output::RemoveAddresses(_))));
+    assert_eq!(h.instance.deadline(), None);
+}
+
+#[test]
+fn a_backup_learns_the_held_interval_and_waits_for_the_next_agent() {
+    let mut h = Harness::started(config(100));
+    let mut held = advert(150, 300);
+    held.addresses = vec![VIP];
+    h.receive(ms(50), HIGHER, held);
+    // Master_Down_Interval = 3 × 3 s + skew (156/256 × 3 s = 1.828125 s).
+    assert_eq!(
+        h.deadline(),
+        Some(ms(50) + Duration::from_micros(10_828_125))
+    );
+}
+
+#[test]
+fn hold_as_backup_or_with_v2_is_an_ordinary_departure() {
+    let mut h = Harness::started(config(100));
+    let out = h.input(ms(10), Input::Hold(Duration::from_secs(9)));
+    assert_eq!(
+        out,
+        [transition(State::Backup, State::Initialize, Reason::Held)]
+    );
+
+    let mut v2 = Harness::started(v2_config(150, 1));
+    v2.input(Duration::from_secs(4), Input::Timer);
+    assert_eq!(v2.instance.state(), State::Master);
+    let out = v2.input(Duration::from_secs(4), Input::Hold(Duration::from_secs(9)));
+    assert_eq!(sent_priority(&out), [0]);
+    assert!(out.iter().any(|o| matches!(o, Output::RemoveAddresses(_))));
+}
+
+#[test]
+fn adopt_starts_as_master_at_once() {
+    let mut h = Harness::new(config(100));
+    let out = h.input(ms(3), Input::Adopt);
+    assert_eq!(h.instance.state(), State::Master);
+    assert_eq!(sent_priority(&out), [100]);
+    assert_eq!(
+        out.last(),
+        Some(&transition(
+            State::Initialize,
+            State::Master,
+            Reason::Adopted
+        ))
+    );
+    assert_eq!(h.deadline(), Some(ms(103)));
+    // Adopt only applies to a fresh instance.
+    assert!(h.input(ms(4), Input::Adopt).is_empty());
+}
