@@ -182,6 +182,8 @@ struct Cluster {
     debug: bool,
     /// Sources of hand-made adverts, left out of the mastership checks.
     rogues: Vec<IpAddr>,
+    /// Extra agent arguments per node.
+    extra: Vec<Vec<String>>,
 }
 
 impl Cluster {
@@ -211,6 +213,7 @@ impl Cluster {
             poll: "200ms".into(),
             debug: false,
             rogues: Vec::new(),
+            extra: vec![Vec::new(); nodes],
         }
     }
 
@@ -247,27 +250,22 @@ impl Cluster {
             "FERROVIP_LOG=info"
         };
         let manifests = self.manifests.to_string_lossy().into_owned();
-        let id = self
-            .lab
-            .spawn(
-                node,
-                &[
-                    "env",
-                    filter,
-                    AGENT,
-                    "--log-format",
-                    "json",
-                    "agent",
-                    "--node-name",
-                    &name,
-                    "--manifests",
-                    &manifests,
-                    "--manifest-poll",
-                    &self.poll,
-                ],
-                log,
-            )
-            .expect("spawn agent");
+        let mut args = vec![
+            "env",
+            filter,
+            AGENT,
+            "--log-format",
+            "json",
+            "agent",
+            "--node-name",
+            &name,
+            "--manifests",
+            &manifests,
+            "--manifest-poll",
+            &self.poll,
+        ];
+        args.extend(self.extra[node].iter().map(String::as_str));
+        let id = self.lab.spawn(node, &args, log).expect("spawn agent");
         self.agents[node] = Some(id);
         self.history.push((node, id));
         id
@@ -1670,4 +1668,73 @@ fn a_virtual_mac_vip_lives_on_a_macvlan_that_follows_the_master() {
         Duration::from_secs(1),
         || on_macvlan(&c, 2),
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Restart hand-off
+
+#[test]
+fn a_restart_with_hold_keeps_the_vip_on_the_master_and_the_next_agent_adopts_it() {
+    let web = VipDoc::new("web", VIP_NET, 51);
+    let mut c = Cluster::with(3, false, &[&web]);
+    c.extra[0] = vec!["--restart-hold".into(), "6s".into()];
+    c.start_all();
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.assert_only_holder(0, VIP);
+    let before: Vec<usize> = [1, 2]
+        .iter()
+        .map(|&n| c.transitions_of(n, "web").len())
+        .collect();
+
+    let stopped_at = c.signal(0, Signal::SIGTERM);
+    let status = c.wait_exit(0, Duration::from_secs(2));
+    assert!(status.success(), "agent exited with {status}");
+    // The last word of the old agent: its own priority with a 2 s interval (6 s / 3), not 0.
+    let last = c.adverts(VRID, c.v4(0), stopped_at);
+    let (_, held) = last.last().expect("an advert after SIGTERM");
+    assert_eq!(held.priority, PRIO_A);
+    assert_eq!(held.interval, Duration::from_secs(2));
+    assert!(last.iter().all(|(_, a)| a.priority != 0), "{last:?}");
+    // The address stays, with a finite lifetime, and nobody takes over meanwhile.
+    assert!(c.has(0, VIP), "the held VIP was released");
+    let shown = c
+        .lab
+        .exec(0, &["ip", "-d", "addr", "show", "dev", "eth0"])
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("dynamic"), "no finite lifetime: {shown}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let others = masters_since(&c.wire(stopped_at), VRID, stopped_at);
+    assert!(
+        others.iter().all(|m| *m == c.v4(0)),
+        "a backup took over during the hold: {others:?}"
+    );
+
+    let restarted = Instant::now();
+    c.start(0);
+    c.wait_log(0, "the adoption", Duration::from_secs(3), |l| {
+        l["event"] == "transition" && l["reason"] == "adopted"
+    });
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(3));
+    c.assert_only_holder(0, VIP);
+    let shown = c
+        .lab
+        .exec(0, &["ip", "-d", "addr", "show", "dev", "eth0"])
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        !shown.contains("dynamic"),
+        "lifetime not made permanent again: {shown}"
+    );
+    // The backups never left Backup, and the new agent's adverts are back to 100 ms.
+    for (node, before) in [1, 2].into_iter().zip(before) {
+        let t = c.transitions_of(node, "web");
+        assert_eq!(
+            t.len(),
+            before,
+            "node {node} moved during the restart: {t:?}"
+        );
+    }
+    let fresh = c.adverts(VRID, c.v4(0), restarted);
+    assert!(fresh.iter().any(|(_, a)| a.interval == FAST), "{fresh:?}");
 }
