@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::Family;
 use super::instance::{Config, Input, Instance, Output, State};
 use super::packet::{Advertisement, DecodeError, virtual_mac};
-use super::socket::{VrrpSocket, group};
+use super::socket::{PreciseTimer, VrrpSocket, group};
 use crate::dataplane::addr::AddressManager;
 use crate::dataplane::link::{MacvlanManager, vmac_name};
 use crate::model::{Desired, InstanceKey, InstanceSpec};
@@ -308,17 +308,44 @@ impl Engine {
 
     /// Runs until a `Shutdown` command (or until every sender is gone, which also shuts down).
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        // A timerfd fires on the microsecond; tokio's sleep (whole milliseconds) is the
+        // fallback should the timerfd be unavailable.
+        let precise = match PreciseTimer::new() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!(error = %e, "no timerfd; deadlines fall back to millisecond timers");
+                None
+            }
+        };
         let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
         let sleep = tokio::time::sleep_until(far());
         tokio::pin!(sleep);
+        let mut armed: Option<Instant> = None;
         let mut refresh = tokio::time::interval(LINK_REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = self.timers.first().map(|(t, _)| *t);
-            let target = next.map(tokio::time::Instant::from_std).unwrap_or_else(far);
-            if sleep.deadline() != target {
-                sleep.as_mut().reset(target);
+            if next != armed {
+                match &precise {
+                    Some(timer) => {
+                        if let Err(e) = timer.arm(next) {
+                            warn!(error = %e, "cannot arm the timerfd");
+                        }
+                    }
+                    None => sleep
+                        .as_mut()
+                        .reset(next.map(tokio::time::Instant::from_std).unwrap_or_else(far)),
+                }
+                armed = next;
             }
+            let due = async {
+                match &precise {
+                    Some(timer) => {
+                        let _ = timer.wait().await;
+                    }
+                    None => (&mut sleep).await,
+                }
+            };
             tokio::select! {
                 biased;
                 command = commands.recv() => match command {
@@ -338,11 +365,14 @@ impl Engine {
                         return;
                     }
                 },
-                () = &mut sleep, if next.is_some() => {
+                () = due, if next.is_some() => {
                     // After a stall the timer and the advertisement that should have reset
                     // it can both be pending: hear everything queued before acting on time.
                     self.drain_pending();
                     self.fire_due(Instant::now());
+                    // The timerfd is one-shot: re-arm on the next turn even if the first
+                    // deadline is unchanged (it was not due yet, e.g. a spurious wake-up).
+                    armed = None;
                 }
                 Some(incoming) = self.incoming_rx.recv() => self.receive(incoming),
                 _ = refresh.tick() => self.refresh_links().await,

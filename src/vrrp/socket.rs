@@ -346,6 +346,82 @@ fn sender_socket(interface: &str, ifindex: u32, family: Family) -> io::Result<So
     Ok(socket)
 }
 
+/// A timer with microsecond precision on the monotonic clock (a timerfd), for the engine's
+/// next deadline. tokio's timers round up to whole milliseconds, which would make every
+/// takeover up to a millisecond late.
+pub struct PreciseTimer {
+    fd: AsyncFd<TimerFdHandle>,
+}
+
+struct TimerFdHandle(nix::sys::timerfd::TimerFd);
+
+impl AsRawFd for TimerFdHandle {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl PreciseTimer {
+    /// Must run inside a tokio runtime.
+    pub fn new() -> io::Result<Self> {
+        use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        // SAFETY: the AsyncFd owns the TimerFd and so its descriptor, which stays open and
+        // unchanged for as long as the registration exists.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(TimerFdHandle(timer), tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)?;
+        Ok(PreciseTimer { fd })
+    }
+
+    /// Fires at `deadline` (at once if it has passed); `None` disarms.
+    pub fn arm(&self, deadline: Option<std::time::Instant>) -> io::Result<()> {
+        use nix::sys::time::TimeSpec;
+        use nix::sys::timerfd::{Expiration, TimerSetTimeFlags};
+        use nix::time::{ClockId, clock_gettime};
+        let timer = &self.fd.get_ref().0;
+        let Some(deadline) = deadline else {
+            return timer.unset().map_err(io::Error::from);
+        };
+        // std's Instant is CLOCK_MONOTONIC on Linux; translate through "now" on both.
+        let now = std::time::Instant::now();
+        let mono = clock_gettime(ClockId::CLOCK_MONOTONIC).map_err(io::Error::from)?;
+        let ahead = deadline.saturating_duration_since(now);
+        let mut at = std::time::Duration::new(mono.tv_sec() as u64, mono.tv_nsec() as u32) + ahead;
+        // An all-zero expiration would disarm instead of firing.
+        at = at.max(std::time::Duration::from_nanos(1));
+        timer
+            .set(
+                Expiration::OneShot(TimeSpec::from_duration(at)),
+                TimerSetTimeFlags::TFD_TIMER_ABSTIME,
+            )
+            .map_err(io::Error::from)
+    }
+
+    /// Waits until the armed deadline has passed.
+    pub async fn wait(&self) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let read = guard.try_io(|inner| {
+                let mut expirations = [0u8; 8];
+                nix::unistd::read(&inner.get_ref().0, &mut expirations)
+                    .map(drop)
+                    .map_err(io::Error::from)
+            });
+            match read {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 /// The VRRP group of a family.
 pub fn group(family: Family) -> IpAddr {
     match family {
