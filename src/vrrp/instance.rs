@@ -778,20 +778,7 @@ impl Instance {
         }
         let centiseconds =
             (duration.as_millis() / 30).clamp(1, u128::from(*V3_INTERVAL_CENTISECONDS.end()));
-        self.counters.adverts_sent += 1;
-        out.push(Output::Send(Advertisement {
-            version: self.config.version,
-            vrid: self.config.vrid,
-            priority: self.config.priority,
-            interval: centiseconds as u16,
-            addresses: self
-                .config
-                .addresses
-                .iter()
-                .take(max_advertised(self.config.family()))
-                .map(IpNet::addr)
-                .collect(),
-        }));
+        self.send_with_interval(self.config.priority, centiseconds as u16, out);
         self.state = State::Initialize;
         self.deadline = None;
         self.master = None;
@@ -801,6 +788,10 @@ impl Instance {
     }
 
     fn send(&mut self, priority: u8, out: &mut Vec<Output>) {
+        self.send_with_interval(priority, self.config.wire_interval(), out);
+    }
+
+    fn send_with_interval(&mut self, priority: u8, interval: u16, out: &mut Vec<Output>) {
         self.counters.adverts_sent += 1;
         if priority == PRIORITY_LEAVING {
             self.counters.priority_zero_sent += 1;
@@ -809,7 +800,7 @@ impl Instance {
             version: self.config.version,
             vrid: self.config.vrid,
             priority,
-            interval: self.config.wire_interval(),
+            interval,
             addresses: self
                 .config
                 .addresses

@@ -110,7 +110,9 @@ impl VrrpSocket {
             family,
             source,
         };
-        let socket = sender_socket(interface, ifindex, family).map_err(open_err)?;
+        let socket = sender_socket(interface, ifindex, family)
+            .and_then(|s| s.set_recv_buffer_size(0).map(|()| s))
+            .map_err(open_err)?;
         // SAFETY: as in `open`: the AsyncFd owns the socket and so its descriptor.
         let fd = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
             .map_err(|e| open_err(io::Error::from(e)))?;
@@ -271,18 +273,10 @@ fn needs_scope(dst: &Ipv6Addr) -> bool {
     s0 & 0xffc0 == 0xfe80 || (s0 & 0xff00 == 0xff00 && s0 & 0x000f == 0x2)
 }
 
+/// Receiving socket: the sending options, plus group membership and (IPv6) the ancillary
+/// data that carries hop limit and destination.
 fn open_v4(interface: &str, ifindex: u32) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::IPV4,
-        Type::RAW,
-        Some(Protocol::from(i32::from(IPPROTO_VRRP))),
-    )?;
-    socket.bind_device(Some(interface.as_bytes()))?;
-    socket.set_nonblocking(true)?;
-    socket.set_multicast_ttl_v4(u32::from(HOP_LIMIT))?;
-    socket.set_ttl_v4(u32::from(HOP_LIMIT))?;
-    socket.set_tos_v4(u32::from(TOS_NETWORK_CONTROL))?;
-    socket.set_multicast_loop_v4(false)?;
+    let socket = sender_socket(interface, ifindex, Family::V4)?;
     socket.join_multicast_v4_n(
         &MULTICAST_V4,
         &socket2::InterfaceIndexOrAddress::Index(ifindex),
@@ -294,27 +288,16 @@ fn open_v4(interface: &str, ifindex: u32) -> io::Result<Socket> {
 }
 
 fn open_v6(interface: &str, ifindex: u32) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::IPV6,
-        Type::RAW,
-        Some(Protocol::from(i32::from(IPPROTO_VRRP))),
-    )?;
-    socket.bind_device(Some(interface.as_bytes()))?;
-    socket.set_nonblocking(true)?;
-    socket.set_multicast_hops_v6(u32::from(HOP_LIMIT))?;
-    socket.set_unicast_hops_v6(u32::from(HOP_LIMIT))?;
-    socket.set_multicast_if_v6(ifindex)?;
-    socket.set_multicast_loop_v6(false)?;
+    let socket = sender_socket(interface, ifindex, Family::V6)?;
     socket.set_recv_hoplimit_v6(true)?;
     setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true).map_err(io::Error::from)?;
-    // Traffic class CS6, like IPv4's TOS.
-    socket.set_tclass_v6(u32::from(TOS_NETWORK_CONTROL))?;
     socket.join_multicast_v6(&MULTICAST_V6, ifindex)?;
     socket.set_recv_buffer_size(4 << 20)?;
     socket.set_send_buffer_size(4 << 20)?;
     Ok(socket)
 }
 
+/// Bound to the device, TTL / hop limit 255, DSCP CS6, no multicast loopback; joins no group.
 fn sender_socket(interface: &str, ifindex: u32, family: Family) -> io::Result<Socket> {
     let domain = match family {
         Family::V4 => Domain::IPV4,
@@ -342,7 +325,6 @@ fn sender_socket(interface: &str, ifindex: u32, family: Family) -> io::Result<So
             socket.set_tclass_v6(u32::from(TOS_NETWORK_CONTROL))?;
         }
     }
-    socket.set_recv_buffer_size(0)?;
     Ok(socket)
 }
 
