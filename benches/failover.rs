@@ -472,8 +472,9 @@ spec:
                     &[
                         "keepalived",
                         "--dont-fork",
+                        // Without --log-detail: keepalived would log every gratuitous ARP it
+                        // sends, a cost our agent does not pay.
                         "--log-console",
-                        "--log-detail",
                         "--vrrp",
                         "-f",
                         &conf,
@@ -1216,272 +1217,205 @@ impl Report {
         }
     }
 
-    /// The human table: one column per implementation, median [min–max] in milliseconds.
+    /// The human table: one column per implementation (ours first), median [min–max] in
+    /// milliseconds.
     fn table(&self) -> String {
         let mut names: Vec<&'static str> = self.raw.keys().copied().collect();
-        // Ours first, the reference second.
         names.sort_by_key(|name| *name != Implementation::Ours.label());
-        let mut out = String::new();
-        let width = 44;
-        let col = 26;
-        let header = |out: &mut String, title: &str| {
-            let _ = write!(out, "{title:<width$}");
-            for name in &names {
-                let _ = write!(out, "{name:>col$}");
-            }
-            out.push('\n');
-        };
-        let row = |out: &mut String, label: &str, cells: Vec<String>| {
-            let _ = write!(out, "{label:<width$}");
-            for cell in cells {
-                let _ = write!(out, "{cell:>col$}");
-            }
-            out.push('\n');
-        };
-        let stats_cell = |s: Option<&Stats>| match s {
-            Some(s) => format!("{:.1} [{:.1}–{:.1}]", s.median_ms, s.min_ms, s.max_ms),
-            None => "—".into(),
-        };
-        let signed = |v: Option<f64>| v.map_or_else(|| "—".into(), |v| format!("{v:+.1}"));
-        let verdict = |v: Option<bool>| match v {
-            Some(true) => "yes".to_owned(),
-            Some(false) => "NO".to_owned(),
-            None => "—".to_owned(),
-        };
+        let mut t = Table::default();
 
-        let _ = writeln!(
-            out,
-            "Crash failover (SIGKILL), {} rounds, ms: median [min–max]; Master_Down_Interval = {:.1}",
-            self.rounds, self.master_down_interval_ms
+        t.heading(
+            &format!(
+                "Crash failover (SIGKILL), {} rounds, ms: median [min–max]; Master_Down_Interval = {:.1}",
+                self.rounds, self.master_down_interval_ms
+            ),
+            &names,
         );
-        header(&mut out, "");
         let crash: Vec<&CrashSummary> = names.iter().map(|n| &self.crash[n]).collect();
-        row(
-            &mut out,
-            "kill → new master's first advert",
-            crash
-                .iter()
-                .map(|c| stats_cell(c.signal_to_advert.as_ref()))
-                .collect(),
-        );
-        row(
-            &mut out,
-            "kill → first GARP",
-            crash
-                .iter()
-                .map(|c| stats_cell(c.signal_to_garp.as_ref()))
-                .collect(),
-        );
-        row(
-            &mut out,
-            "last advert → first advert (gap)",
-            crash.iter().map(|c| stats_cell(c.gap.as_ref())).collect(),
-        );
-        row(
-            &mut out,
-            "median gap − MDI",
-            crash
-                .iter()
-                .map(|c| signed(c.gap_median_minus_mdi_ms))
-                .collect(),
-        );
-        row(
-            &mut out,
-            &format!("within ±{:.0} ms of MDI", millis(CRASH_TOLERANCE)),
-            crash.iter().map(|c| verdict(c.within_target)).collect(),
-        );
-        row(
-            &mut out,
-            "rounds without GARP",
-            crash.iter().map(|c| c.missing_garp.to_string()).collect(),
-        );
+        t.row("kill → new master's first advert", &crash, |c| {
+            stats_cell(c.signal_to_advert.as_ref())
+        });
+        t.row("kill → first GARP", &crash, |c| {
+            stats_cell(c.signal_to_garp.as_ref())
+        });
+        t.row("last advert → first advert (gap)", &crash, |c| {
+            stats_cell(c.gap.as_ref())
+        });
+        t.row("median gap − MDI", &crash, |c| {
+            signed(c.gap_median_minus_mdi_ms)
+        });
+        let label = format!("within ±{:.0} ms of MDI", millis(CRASH_TOLERANCE));
+        t.row(&label, &crash, |c| verdict(c.within_target));
+        t.row("rounds measured / without GARP", &crash, |c| {
+            format!(
+                "{} / {}",
+                c.signal_to_advert.as_ref().map_or(0, |s| s.n),
+                c.missing_garp
+            )
+        });
 
-        let _ = writeln!(
-            out,
-            "\nGraceful handover (SIGTERM), {} rounds, ms; Skew_Time = {:.1}",
-            self.rounds, self.skew_time_ms
+        t.heading(
+            &format!(
+                "\nGraceful handover (SIGTERM), {} rounds, ms; Skew_Time = {:.1}",
+                self.rounds, self.skew_time_ms
+            ),
+            &names,
         );
-        header(&mut out, "");
         let graceful: Vec<&GracefulSummary> = names.iter().map(|n| &self.graceful[n]).collect();
-        row(
-            &mut out,
-            "signal → priority-0 advert",
-            graceful
-                .iter()
-                .map(|g| stats_cell(g.signal_to_release.as_ref()))
-                .collect(),
-        );
-        row(
-            &mut out,
-            "priority 0 → new master's first advert",
-            graceful
-                .iter()
-                .map(|g| stats_cell(g.release_to_takeover.as_ref()))
-                .collect(),
-        );
-        row(
-            &mut out,
-            "signal → new master's first advert",
-            graceful
-                .iter()
-                .map(|g| stats_cell(g.signal_to_advert.as_ref()))
-                .collect(),
-        );
-        row(
-            &mut out,
-            "signal → first GARP",
-            graceful
-                .iter()
-                .map(|g| stats_cell(g.signal_to_garp.as_ref()))
-                .collect(),
-        );
-        row(
-            &mut out,
-            "median handover − Skew_Time",
-            graceful
-                .iter()
-                .map(|g| signed(g.release_to_takeover_median_minus_skew_ms))
-                .collect(),
-        );
-        row(
-            &mut out,
-            &format!("within Skew_Time + {:.0} ms", millis(GRACEFUL_TOLERANCE)),
-            graceful.iter().map(|g| verdict(g.within_target)).collect(),
-        );
-        row(
-            &mut out,
-            "rounds without priority 0",
-            graceful
-                .iter()
-                .map(|g| g.missing_release.to_string())
-                .collect(),
-        );
+        t.row("signal → priority-0 advert", &graceful, |g| {
+            stats_cell(g.signal_to_release.as_ref())
+        });
+        t.row("priority 0 → new master's first advert", &graceful, |g| {
+            stats_cell(g.release_to_takeover.as_ref())
+        });
+        t.row("signal → new master's first advert", &graceful, |g| {
+            stats_cell(g.signal_to_advert.as_ref())
+        });
+        t.row("signal → first GARP", &graceful, |g| {
+            stats_cell(g.signal_to_garp.as_ref())
+        });
+        t.row("median handover − Skew_Time", &graceful, |g| {
+            signed(g.release_to_takeover_median_minus_skew_ms)
+        });
+        let label = format!("within Skew_Time + {:.0} ms", millis(GRACEFUL_TOLERANCE));
+        t.row(&label, &graceful, |g| verdict(g.within_target));
+        t.row("rounds measured / without priority 0", &graceful, |g| {
+            format!(
+                "{} / {}",
+                g.signal_to_advert.as_ref().map_or(0, |s| s.n),
+                g.missing_release
+            )
+        });
 
         if let Some(ratio) = &self.ratio_ours_over_keepalived {
-            let r = |v: Option<f64>| v.map_or_else(|| "—".into(), |v| format!("{v:.3}"));
-            let _ = writeln!(
-                out,
-                "\nRatio of medians, ours / keepalived (target ≤ 1.0 within noise)"
+            t.heading(
+                "\nRatio of medians, ours / keepalived (target ≤ 1.0 within noise)",
+                &[],
             );
-            let _ = writeln!(
-                out,
-                "{:<width$}{:>col$}",
+            let r = |v: Option<f64>| [v.map_or_else(|| "—".into(), |v| format!("{v:.3}"))];
+            t.row(
                 "crash kill → advert",
-                r(ratio.crash_signal_to_advert)
+                &r(ratio.crash_signal_to_advert),
+                String::clone,
             );
-            let _ = writeln!(out, "{:<width$}{:>col$}", "crash gap", r(ratio.crash_gap));
-            let _ = writeln!(
-                out,
-                "{:<width$}{:>col$}",
+            t.row("crash gap", &r(ratio.crash_gap), String::clone);
+            t.row(
                 "crash kill → GARP",
-                r(ratio.crash_signal_to_garp)
+                &r(ratio.crash_signal_to_garp),
+                String::clone,
             );
-            let _ = writeln!(
-                out,
-                "{:<width$}{:>col$}",
+            t.row(
                 "graceful signal → advert",
-                r(ratio.graceful_signal_to_advert)
+                &r(ratio.graceful_signal_to_advert),
+                String::clone,
             );
-            let _ = writeln!(
-                out,
-                "{:<width$}{:>col$}",
+            t.row(
                 "graceful priority 0 → advert",
-                r(ratio.graceful_release_to_takeover)
+                &r(ratio.graceful_release_to_takeover),
+                String::clone,
             );
         }
 
-        if !self.idle.is_empty() {
-            let mut idle_names: Vec<&'static str> = self.idle.keys().copied().collect();
-            idle_names.sort_by_key(|name| *name != Implementation::Ours.label());
-            let vips = self.idle.values().next().map_or(0, |i| i.vips);
-            let window = self.idle.values().next().map_or(0.0, |i| i.window_s);
-            let _ = writeln!(
-                out,
-                "\nIdle cost: {vips} VIPs at {} ms, over {window:.1} s (targets: CPU < {CPU_TARGET_PERCENT}% of one core, RSS < {} MiB)",
-                self.interval_ms,
-                RSS_TARGET_KIB / 1024
+        let mut idle_names: Vec<&'static str> = self.idle.keys().copied().collect();
+        idle_names.sort_by_key(|name| *name != Implementation::Ours.label());
+        let idle: Vec<&IdleReport> = idle_names.iter().map(|n| &self.idle[n]).collect();
+        if let Some(first) = idle.first() {
+            t.heading(
+                &format!(
+                    "\nIdle cost: {} VIPs at {} ms, over {:.1} s (targets: CPU < {CPU_TARGET_PERCENT}% of one core, RSS < {} MiB)",
+                    first.vips,
+                    self.interval_ms,
+                    first.window_s,
+                    RSS_TARGET_KIB / 1024
+                ),
+                &idle_names,
             );
-            let _ = write!(out, "{:<width$}", "");
-            for name in &idle_names {
-                let _ = write!(out, "{name:>col$}");
-            }
-            out.push('\n');
-            let idle: Vec<&IdleReport> = idle_names.iter().map(|n| &self.idle[n]).collect();
             let cpu = |c: &DaemonCost| format!("{:.2}%", c.cpu_percent_of_one_core);
             let rss = |c: &DaemonCost| format!("{:.1} MiB", c.rss_kib as f64 / 1024.0);
-            for (label, cells) in [
-                (
-                    "master CPU (% of one core)",
-                    idle.iter().map(|i| cpu(&i.master)).collect::<Vec<_>>(),
-                ),
-                ("master RSS", idle.iter().map(|i| rss(&i.master)).collect()),
-                (
-                    "backup CPU (% of one core)",
-                    idle.iter().map(|i| cpu(&i.backup)).collect(),
-                ),
-                ("backup RSS", idle.iter().map(|i| rss(&i.backup)).collect()),
-                (
-                    "processes (master + backup)",
-                    idle.iter()
-                        .map(|i| {
-                            format!(
-                                "{} + {}",
-                                i.master.processes.len(),
-                                i.backup.processes.len()
-                            )
-                        })
-                        .collect(),
-                ),
-                (
-                    "master adverts / s on the wire",
-                    idle.iter()
-                        .map(|i| {
-                            format!(
-                                "{:.0}",
-                                i.adverts_per_second
-                                    .get(&i.master.node)
-                                    .copied()
-                                    .unwrap_or(0.0)
-                            )
-                        })
-                        .collect(),
-                ),
-                (
-                    "start → single master of all VIPs",
-                    idle.iter()
-                        .map(|i| {
-                            i.time_to_settle_s
-                                .map_or_else(|| "not settled".into(), |s| format!("{s:.2} s"))
-                        })
-                        .collect(),
-                ),
-                (
-                    "VRIDs that moved during the window",
-                    idle.iter().map(|i| i.unstable_vrids.to_string()).collect(),
-                ),
-                (
-                    "pid measured is the daemon",
-                    idle.iter()
-                        .map(|i| verdict(Some(i.agent_pid_is_the_daemon)))
-                        .collect(),
-                ),
-            ] {
-                row(&mut out, label, cells);
-            }
-            if let Some(ours) = self.idle.get("ours") {
-                let ok = ours.master.cpu_percent_of_one_core < CPU_TARGET_PERCENT
-                    && ours.backup.cpu_percent_of_one_core < CPU_TARGET_PERCENT
-                    && ours.master.rss_kib < RSS_TARGET_KIB
-                    && ours.backup.rss_kib < RSS_TARGET_KIB;
-                let _ = writeln!(
-                    out,
-                    "{:<width$}{:>col$}",
-                    "ours within the idle targets",
-                    verdict(Some(ok))
-                );
+            t.row("master CPU (% of one core)", &idle, |i| cpu(&i.master));
+            t.row("master RSS", &idle, |i| rss(&i.master));
+            t.row("backup CPU (% of one core)", &idle, |i| cpu(&i.backup));
+            t.row("backup RSS", &idle, |i| rss(&i.backup));
+            t.row("processes (master + backup)", &idle, |i| {
+                format!(
+                    "{} + {}",
+                    i.master.processes.len(),
+                    i.backup.processes.len()
+                )
+            });
+            t.row("master adverts / s on the wire", &idle, |i| {
+                let rate = i.adverts_per_second.get(&i.master.node);
+                format!("{:.0}", rate.copied().unwrap_or(0.0))
+            });
+            t.row("start → single master of all VIPs", &idle, |i| {
+                i.time_to_settle_s
+                    .map_or_else(|| "not settled".into(), |s| format!("{s:.2} s"))
+            });
+            t.row("VRIDs that moved during the window", &idle, |i| {
+                i.unstable_vrids.to_string()
+            });
+            t.row("pid measured is the daemon", &idle, |i| {
+                verdict(Some(i.agent_pid_is_the_daemon))
+            });
+            if let Some(ours) = self.idle.get(Implementation::Ours.label()) {
+                let ok = [&ours.master, &ours.backup].iter().all(|c| {
+                    c.cpu_percent_of_one_core < CPU_TARGET_PERCENT && c.rss_kib < RSS_TARGET_KIB
+                });
+                t.row("ours within the idle targets", &[ok], |ok| {
+                    verdict(Some(*ok))
+                });
             }
         }
-        out
+        t.out
+    }
+}
+
+/// Fixed-width text table: a label column, then one column per implementation.
+#[derive(Default)]
+struct Table {
+    out: String,
+}
+
+impl Table {
+    const LABEL: usize = 44;
+    const CELL: usize = 26;
+
+    fn heading(&mut self, title: &str, columns: &[&str]) {
+        let _ = writeln!(self.out, "{title}");
+        if !columns.is_empty() {
+            let _ = write!(self.out, "{:<width$}", "", width = Table::LABEL);
+            for column in columns {
+                let _ = write!(self.out, "{column:>width$}", width = Table::CELL);
+            }
+            self.out.push('\n');
+        }
+    }
+
+    fn row<T>(&mut self, label: &str, items: &[T], cell: impl Fn(&T) -> String) {
+        let _ = write!(self.out, "{label:<width$}", width = Table::LABEL);
+        for item in items {
+            let _ = write!(self.out, "{:>width$}", cell(item), width = Table::CELL);
+        }
+        self.out.push('\n');
+    }
+}
+
+fn stats_cell(stats: Option<&Stats>) -> String {
+    match stats {
+        Some(s) => format!("{:.1} [{:.1}–{:.1}]", s.median_ms, s.min_ms, s.max_ms),
+        None => "—".into(),
+    }
+}
+
+fn signed(value: Option<f64>) -> String {
+    value.map_or_else(|| "—".into(), |v| format!("{v:+.1}"))
+}
+
+fn verdict(ok: Option<bool>) -> String {
+    match ok {
+        Some(true) => "yes".into(),
+        Some(false) => "NO".into(),
+        None => "—".into(),
     }
 }
 

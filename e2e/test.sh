@@ -15,6 +15,10 @@ command -v tshark >/dev/null || need+=(tshark)
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
+command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
+command -v python3 >/dev/null || need+=(python3)
+command -v arping >/dev/null || need+=(arping)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -23,6 +27,10 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+echo "== real kube-apiserver (built once from Debian's source package, cached in ~/.cache/ferrovip)"
+FERROVIP_APISERVER="$(bash e2e/apiserver/build.sh)"
+export FERROVIP_APISERVER
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

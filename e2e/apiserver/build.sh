@@ -5,7 +5,9 @@
 set -euo pipefail
 
 cache="${FERROVIP_CACHE:-$HOME/.cache/ferrovip}"
-bin="$cache/kube-apiserver-v1.20.2"
+# The suffix names our patch level: bump it whenever the patches below change, so a cached
+# binary built without them is never used.
+bin="$cache/kube-apiserver-v1.20.2-ferrovip1"
 mkdir -p "$cache"
 
 export DEBIAN_FRONTEND=noninteractive
@@ -56,6 +58,19 @@ rm -f "$vendored"/*.go "$vendored"/*.s
 cp "$packaged"/*.go "$vendored"/
 cp "$packaged"/*.s "$vendored"/ 2>/dev/null || true
 rm -f "$vendored"/*_test.go
+
+# kube-openapi's validator treats a value equal to its type's zero value as null; with Go >=
+# 1.19 that comparison holds for "" (both sides share reflect's zero value), so every empty
+# string in a custom resource (a condition's message, say) is refused as null. Upstream's fix
+# is to test for nil only.
+patched=0
+while IFS= read -r f; do
+  if grep -q 'if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {' "$f"; then
+    sed -i 's/if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {/if data == nil {/' "$f"
+    patched=$((patched + 1))
+  fi
+done < <(find "$src/vendor" -path '*validate/type.go')
+[ "$patched" -gt 0 ] || { echo "the empty-string validation patch found nothing to change" >&2; exit 1; }
 
 echo "building kube-apiserver (several minutes)" >&2
 cd "$src"

@@ -287,14 +287,25 @@ spec:
     #[test]
     fn the_samples_parse_and_validate() {
         for (name, text) in [
-            ("virtualip-web.yaml", include_str!("../../config/samples/virtualip-web.yaml")),
-            ("virtualip-health.yaml", include_str!("../../config/samples/virtualip-health.yaml")),
-            ("virtualip-v2.yaml", include_str!("../../config/samples/virtualip-v2.yaml")),
+            (
+                "virtualip-web.yaml",
+                include_str!("../../config/samples/virtualip-web.yaml"),
+            ),
+            (
+                "virtualip-health.yaml",
+                include_str!("../../config/samples/virtualip-health.yaml"),
+            ),
+            (
+                "virtualip-v2.yaml",
+                include_str!("../../config/samples/virtualip-v2.yaml"),
+            ),
         ] {
             let m = parse(text);
             assert!(m.errors.is_empty(), "{name}: {:?}", m.errors);
             for vip in &m.virtual_ips {
-                vip.spec.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+                vip.spec
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
             }
         }
     }

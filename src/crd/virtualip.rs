@@ -404,11 +404,12 @@ pub struct VirtualIPStatus {
     pub virtual_router_id: Option<i64>,
     /// Per-node VRRP state; each node writes its own entry (server-side apply, keyed by name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    // nullable: when the last node drops its entry, server-side apply (1.20) leaves null.
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"], "nullable" = true))]
     pub nodes: Vec<NodeStatus>,
     /// `Ready`, `Conflict`, `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"], "nullable" = true))]
     pub conditions: Vec<Condition>,
 }
 

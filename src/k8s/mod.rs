@@ -72,10 +72,10 @@ impl ClusterSource {
             spawn_reflector(Api::<VirtualIP>::all(client.clone()), changed.clone(), None);
         let nodes = spawn_reflector(Api::<Node>::all(client.clone()), changed.clone(), None);
         let services = spawn_reflector(Api::<Service>::all(client.clone()), changed.clone(), None);
-        let slices = spawn_reflector(
+        let slices = spawn_optional_reflector(
             Api::<EndpointSlice>::all(client),
             changed.clone(),
-            Some(endpoints_known.clone()),
+            endpoints_known.clone(),
         );
         info!("waiting for the first list of VirtualIPs and Nodes");
         let _ = virtual_ips.wait_until_ready().await;
@@ -184,6 +184,51 @@ where
     reader
 }
 
+/// How often a resource the API server does not serve is looked for again.
+const UNSERVED_RECHECK: Duration = Duration::from_secs(300);
+
+/// A reflector for a resource the API server may not serve (EndpointSlice v1 before 1.21):
+/// it starts once a probe finds the resource, instead of re-listing a 404 every second.
+fn spawn_optional_reflector<K>(
+    api: Api<K>,
+    changed: watch::Sender<u64>,
+    served: Arc<AtomicBool>,
+) -> Store<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let kind = std::any::type_name::<K>();
+    tokio::spawn(async move {
+        let mut warned = false;
+        loop {
+            match api
+                .list_metadata(&kube::api::ListParams::default().limit(1))
+                .await
+            {
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    if !warned {
+                        warn!(
+                            kind = kind.rsplit("::").next().unwrap_or(kind),
+                            "the API server does not serve this resource (EndpointSlice discovery.k8s.io/v1 needs Kubernetes 1.21+); local endpoint health is not used"
+                        );
+                        warned = true;
+                        changed.send_modify(|g| *g += 1);
+                    }
+                    tokio::time::sleep(UNSERVED_RECHECK).await;
+                }
+                // Served, or the server is unreachable: the watcher's own backoff takes over.
+                _ => break,
+            }
+        }
+        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff();
+        drive(stream, changed, Some(served), kind).await;
+    });
+    reader
+}
+
 async fn drive<S, K>(
     stream: S,
     changed: watch::Sender<u64>,
@@ -198,6 +243,10 @@ async fn drive<S, K>(
     while let Some(item) = stream.next().await {
         match item {
             Ok(event) => {
+                // `Init` only announces a list attempt; it is no sign the server answers.
+                if matches!(event, watcher::Event::Init) {
+                    continue;
+                }
                 if failing {
                     info!(kind, "watch re-established");
                     failing = false;
@@ -216,11 +265,9 @@ async fn drive<S, K>(
             Err(e) => {
                 let not_served = is_not_found(&e);
                 if let (Some(s), true) = (&served, not_served) {
-                    if s.swap(false, Ordering::Relaxed) || !failing {
-                        warn!(
-                            kind,
-                            "the API server does not serve this resource (EndpointSlice discovery.k8s.io/v1 needs Kubernetes 1.21+); local endpoint health is not used"
-                        );
+                    // Served once, gone now (a downgrade): stop counting on it.
+                    if s.swap(false, Ordering::Relaxed) {
+                        warn!(kind, "the API server stopped serving this resource");
                         changed.send_modify(|g| *g += 1);
                     }
                 } else if !failing {

@@ -137,9 +137,13 @@ impl StatusWriter {
                     self.written.insert(name, body);
                 }
                 Err(e) => {
+                    // The first failure after a success is a warning; repeats while the API
+                    // server stays away are debug noise.
                     if !self.outage_logged {
                         warn!(vip = %name, error = %e, "cannot write VirtualIP status; retrying (VRRP is not affected)");
                         self.outage_logged = true;
+                    } else {
+                        debug!(vip = %name, error = %e, "status write failed again");
                     }
                     self.failed_at.insert(name, now);
                 }
@@ -340,7 +344,7 @@ pub fn desired_status(
                 Some(r) => condition(previous, "Conflict", true, r, &message),
                 None => condition(previous, "Conflict", false, "NoConflict", ""),
             });
-            (summary, conds)
+            (Some(summary), conds)
         }
         None => {
             let master = ours.iter().find_map(|s| {
@@ -366,48 +370,30 @@ pub fn desired_status(
                 });
                 return body;
             }
-            let ready = match &master {
-                Some(m) => condition(
+            let faults: Vec<String> = ours.iter().filter_map(|s| s.fault.clone()).collect();
+            let mut conds = Vec::new();
+            // Cluster-wide fields come only from a node that knows the master: a node that
+            // has just started (or lost track) would otherwise overwrite the others' view
+            // with "no master" until it hears the first advertisement.
+            if let Some(m) = &master {
+                status.insert("master".into(), json!(m));
+                conds.push(condition(
                     previous,
                     "Ready",
                     true,
                     "MasterElected",
                     &format!("{m} holds the addresses"),
-                ),
-                None => condition(
-                    previous,
-                    "Ready",
-                    false,
-                    "NoMaster",
-                    "no node holds the addresses yet",
-                ),
-            };
-            let faults: Vec<String> = ours.iter().filter_map(|s| s.fault.clone()).collect();
-            let degraded = if faults.is_empty() {
-                condition(previous, "Degraded", false, "AsExpected", "")
-            } else {
-                condition(
+                ));
+                conds.push(condition(previous, "Conflict", false, "NoConflict", ""));
+            }
+            if !faults.is_empty() {
+                conds.push(condition(
                     previous,
                     "Degraded",
                     true,
                     "NodeFault",
                     &format!("{node}: {}", faults.join("; ")),
-                )
-            };
-            if let Some(m) = &master {
-                status.insert("master".into(), json!(m));
-            }
-            let summary = if master.is_some() {
-                "Active"
-            } else {
-                "NoMaster"
-            };
-            let mut conds = vec![
-                ready,
-                condition(previous, "Conflict", false, "NoConflict", ""),
-            ];
-            if !faults.is_empty() {
-                conds.push(degraded);
+                ));
             }
             let since = ours.iter().map(|s| s.since).max();
             let entry = NodeStatus {
@@ -418,11 +404,15 @@ pub fn desired_status(
                 last_transition_time: since.map(rfc3339),
             };
             status.insert("nodes".into(), json!([entry]));
-            (summary, conds)
+            (master.is_some().then_some("Active"), conds)
         }
     };
-    status.insert("state".into(), json!(state));
-    status.insert("conditions".into(), json!(conditions));
+    if let Some(state) = state {
+        status.insert("state".into(), json!(state));
+    }
+    if !conditions.is_empty() {
+        status.insert("conditions".into(), json!(conditions));
+    }
     json!({
         "apiVersion": "ferrovip.io/v1alpha1",
         "kind": "VirtualIP",
@@ -550,8 +540,12 @@ mod tests {
         assert_eq!(body["status"]["master"], "192.0.2.99");
         let none = instance(State::Backup, None);
         let body = desired_status(&vip(), "node-b", &plan(true, None), &[&none], &addresses());
-        assert_eq!(body["status"]["state"], "NoMaster");
-        assert!(body["status"].get("master").is_none());
+        // A node that knows no master writes only its own entry.
+        let s = body["status"].as_object().unwrap();
+        assert_eq!(
+            s.keys().collect::<Vec<_>>(),
+            ["nodes", "observedGeneration", "virtualRouterId"]
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ use super::LabError;
 use super::netns::{log_tail, open_netns};
 
 /// The Kubernetes version [`ApiServer`] runs.
-pub const APISERVER_VERSION: &str = "v1.20.2";
+pub const APISERVER_VERSION: &str = "v1.20.2-ferrovip1";
 /// Group of every node identity ([`node_user`]); bind the agent's ClusterRole to it with
 /// [`ApiServer::bind_agent_group`].
 pub const AGENT_GROUP: &str = "ferrovip-agents";
@@ -165,6 +165,10 @@ pub struct ApiServerOptions {
     pub build_script: Option<PathBuf>,
     /// How long kube-apiserver may take to report ready.
     pub ready_timeout: Duration,
+    /// Record every request at Metadata level (who, verb, resource, response code) in
+    /// [`ApiServer::audit_log_path`], one JSON line per request, e.g. to count each node's
+    /// writes.
+    pub audit_log: bool,
 }
 
 impl Default for ApiServerOptions {
@@ -181,6 +185,7 @@ impl Default for ApiServerOptions {
             node_users: Vec::new(),
             build_script: None,
             ready_timeout: Duration::from_secs(90),
+            audit_log: false,
         }
     }
 }
@@ -449,6 +454,12 @@ impl ApiServer {
             self.advertise,
             port,
         );
+        if opts.audit_log {
+            let policy = self.dir.join("audit-policy.yaml");
+            write_file(&policy, AUDIT_POLICY)?;
+            self.apiserver_args
+                .extend(audit_args(&policy, &self.audit_log_path()));
+        }
         self.etcd_ports = (etcd_client, etcd_peer);
         Ok(())
     }
@@ -638,6 +649,11 @@ impl ApiServer {
 
     pub fn etcd_log(&self) -> PathBuf {
         self.dir.join("etcd.log")
+    }
+
+    /// The audit log (JSON lines) when [`ApiServerOptions::audit_log`] is set.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.dir.join("audit.log")
     }
 
     /// From spawning kube-apiserver to ready, for the latest start or restart.
@@ -832,6 +848,25 @@ fn apiserver_args(
         format!("--service-account-signing-key-file={}", file("sa.key")),
         format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
         "--profiling=false".to_owned(),
+    ]
+}
+
+/// Every request at Metadata level. Only the stage after the response is kept, so that each
+/// request is one line (long-running watches also log `ResponseStarted`).
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+";
+
+fn audit_args(policy: &Path, log: &Path) -> Vec<String> {
+    vec![
+        format!("--audit-policy-file={}", policy.display()),
+        format!("--audit-log-path={}", log.display()),
+        // The log is read while the server runs: no rotation, no batching delay.
+        "--audit-log-maxsize=0".to_owned(),
+        "--audit-log-mode=blocking".to_owned(),
     ]
 }
 
@@ -1332,6 +1367,18 @@ mod tests {
                 "{want} missing from {args:?}"
             );
         }
+    }
+
+    #[test]
+    fn audit_flags_name_the_policy_and_the_log() {
+        let args = audit_args(
+            Path::new("/tmp/x/policy.yaml"),
+            Path::new("/tmp/x/audit.log"),
+        );
+        assert!(args.contains(&"--audit-policy-file=/tmp/x/policy.yaml".to_owned()));
+        assert!(args.contains(&"--audit-log-path=/tmp/x/audit.log".to_owned()));
+        assert!(AUDIT_POLICY.contains("level: Metadata"));
+        assert!(!ApiServerOptions::default().audit_log);
     }
 
     #[test]

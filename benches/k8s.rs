@@ -1,0 +1,2143 @@
+//! Kubernetes-mode benchmark: the real `ferrovip agent` on three lab nodes (network
+//! namespaces), each with its node's least-privilege identity, against a real kube-apiserver
+//! v1.20 with etcd and an audit log.
+//!
+//! Run as root: `cargo bench --bench k8s [-- --apply-rounds N --vips N --groups G --window S
+//! --skip-failover]`. Prints a table and writes the same figures to `target/bench-k8s.json`.
+//!
+//! 1. Apply latency: `kubectl apply` of one new VirtualIP (fresh address, 100 ms adverts) →
+//!    gratuitous ARP on the bridge, first ping reply from another node (node-c), and
+//!    `status.master` set. Once as a new VRRP instance (explicit VRID), once joining a shared
+//!    instance that already runs. Target: the VIP answers within 1 s.
+//! 2. Scale: `--vips` VirtualIPs (no VRID, identical settings → one shared instance; and
+//!    `--groups` groups with distinct base priorities → that many instances). Time until all
+//!    have `status.master`, the write burst while they settle, then over `--window` seconds
+//!    the write requests per node (counted in the API server's audit log by user
+//!    `ferrovip:<node>`; target ≤ 1/s per node), and each agent's RSS (target ≤ 40 MiB) and
+//!    CPU.
+//! 3. Failover at scale: SIGKILL the master's agent with every VIP in one shared instance;
+//!    the takeover on the wire, and until the new master holds (and announced) every address.
+//!
+//! Priorities follow tests/e2e_k8s.rs: base 100, node-a +50, node-b +40, node-c −40.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+use ferrovip::crd::VirtualIP;
+use ferrovip::lab::{
+    ApiServer, ApiServerOptions, FailoverQuery, Lab, LabSpec, ProcId, Sniffer, log_tail,
+    master_down_interval, masters_since, measure_failover,
+};
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{WatchStreamExt, watcher};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+const AGENT_BINARY: &str = env!("CARGO_BIN_EXE_ferrovip");
+const BUILD_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/apiserver/build.sh");
+const CRD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/crds/ferrovip.io_virtualips.yaml"
+);
+const RBAC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/rbac");
+const AGENT_ROLE: &str = "ferrovip-agent";
+/// The lab's subnet is 192.0.2.0/24 with nodes from .11; the API server takes .1 on the bridge.
+const BRIDGE: &str = "192.0.2.1/24";
+const NODES: usize = 3;
+/// node-a (priority 150): master of everything.
+const MASTER: usize = 0;
+/// node-b (priority 140): takes over when node-a's agent dies.
+const SUCCESSOR: usize = 1;
+/// node-c pings the applied VIPs: "another node".
+const PINGER: usize = 2;
+const PRIORITY_BASE: u8 = 100;
+const SUCCESSOR_PRIORITY: u8 = 140;
+const INTERVAL: Duration = Duration::from_millis(100);
+/// Apply-latency VIPs: .100 + round (own VRID 10 + round), .150 + round (shared), seed .149.
+const APPLY_OWN_HOST: u8 = 100;
+const APPLY_SHARED_HOST: u8 = 150;
+const APPLY_SEED_HOST: u8 = 149;
+const APPLY_FIRST_VRID: u8 = 10;
+const MAX_APPLY_ROUNDS: usize = 40;
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+const APPLY_PAUSE: Duration = Duration::from_millis(300);
+/// Bulk VIPs are /32s from the benchmarking range 198.18.0.0/15, 250 per third octet.
+const BULK_OCTETS: [u8; 2] = [198, 18];
+const BULK_PER_OCTET: usize = 250;
+const MAX_BULK: usize = BULK_PER_OCTET * 256;
+const CREATE_CONCURRENCY: usize = 16;
+/// Settled means no VirtualIP changed for this long.
+const QUIET: Duration = Duration::from_secs(3);
+const QUIET_TIMEOUT: Duration = Duration::from_secs(20);
+const AGENT_LISTED_TIMEOUT: Duration = Duration::from_secs(30);
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(60);
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(20);
+const LOG_LINES: usize = 25;
+const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
+/// The targets.
+const APPLY_TARGET: Duration = Duration::from_secs(1);
+const WRITES_TARGET_PER_NODE_PER_S: f64 = 1.0;
+const RSS_TARGET_KIB: u64 = 40 * 1024;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// One instant and the wall clock at the same moment: audit entries carry wall-clock time,
+/// everything else here is measured with `Instant`.
+static ANCHOR: LazyLock<(Instant, SystemTime)> =
+    LazyLock::new(|| (Instant::now(), SystemTime::now()));
+
+/// Apply latency, scale and failover of the agent in Kubernetes mode.
+#[derive(Parser, Debug)]
+#[command(name = "k8s")]
+struct Args {
+    /// VirtualIPs applied one after another, per variant (own instance / shared instance).
+    #[arg(long, default_value_t = 7)]
+    apply_rounds: usize,
+    /// VirtualIPs of the scale phases (0 skips them and the failover).
+    #[arg(long, default_value_t = 1000)]
+    vips: usize,
+    /// Second scale variant: this many groups of distinct settings (0 or 1 skips it).
+    #[arg(long, default_value_t = 10)]
+    groups: usize,
+    /// Steady-state measurement window, seconds.
+    #[arg(long, default_value_t = 30)]
+    window: u64,
+    /// How long the VIPs of a scale phase may take to settle, seconds.
+    #[arg(long, default_value_t = 120)]
+    settle_timeout: u64,
+    /// Skip killing the master with every VIP in one instance.
+    #[arg(long)]
+    skip_failover: bool,
+    /// Added by `cargo bench`; `cargo test --benches` runs the binary without it.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !args.bench {
+        println!("k8s: a root benchmark of real daemons; run it with `cargo bench --bench k8s`");
+        return Ok(());
+    }
+    ensure!(
+        args.apply_rounds <= MAX_APPLY_ROUNDS,
+        "--apply-rounds is at most {MAX_APPLY_ROUNDS}"
+    );
+    ensure!(args.vips <= MAX_BULK, "--vips is at most {MAX_BULK}");
+    ensure!(
+        args.groups <= args.vips.max(1),
+        "--groups must not exceed --vips"
+    );
+    ensure!(args.window > 0, "--window must be positive");
+    LazyLock::force(&ANCHOR);
+    watch_for_interrupts()?;
+    let started = Instant::now();
+    let removed = Lab::cleanup_stale()?;
+    if !removed.is_empty() {
+        println!(
+            "removed {} namespaces left behind by earlier labs",
+            removed.len()
+        );
+    }
+    let clock_ticks = clock_ticks_per_second();
+    println!(
+        "ferrovip Kubernetes-mode benchmark: {NODES} nodes, kube-apiserver {}, VRRPv3 every {} ms, priorities 150 / 140 / 60",
+        ferrovip::lab::apiserver::APISERVER_VERSION,
+        INTERVAL.as_millis()
+    );
+    let mut cluster = Cluster::create()?;
+    let mut report = Report::new(&args);
+
+    if args.apply_rounds > 0 {
+        let outcome = apply_latency(&mut cluster, args.apply_rounds, &mut report.apply_rounds);
+        note_failure(&mut report.errors, "apply", outcome)?;
+        report.apply = ApplySummary::of(&report.apply_rounds);
+    }
+    if args.vips > 0 {
+        let settle_timeout = Duration::from_secs(args.settle_timeout);
+        let window = Duration::from_secs(args.window);
+        // The shared variant runs last so that the failover finds it in place.
+        let mut variants = Vec::new();
+        if args.groups > 1 {
+            variants.push(Layout::Groups(args.groups));
+        }
+        variants.push(Layout::Shared);
+        for layout in variants {
+            let outcome = scale(
+                &mut cluster,
+                layout,
+                args.vips,
+                settle_timeout,
+                window,
+                clock_ticks,
+            );
+            if let Some(bulk) = note_failure(&mut report.errors, &layout.label(), outcome)? {
+                report.scale.push(bulk);
+            }
+        }
+        let shared_ready = report
+            .scale
+            .last()
+            .is_some_and(|s| s.layout == "shared" && s.instances == 1);
+        if !args.skip_failover && shared_ready {
+            let outcome = failover_at_scale(&mut cluster, args.vips);
+            report.failover = note_failure(&mut report.errors, "failover", outcome)?;
+        }
+    }
+    report.runtime_s = round3(started.elapsed().as_secs_f64());
+    drop(cluster);
+
+    println!("\n{}", report.table());
+    let json_path = json_path();
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    println!("figures written to {}", json_path.display());
+    if !report.errors.is_empty() {
+        let first: Vec<&str> = report
+            .errors
+            .iter()
+            .filter_map(|e| e.lines().next())
+            .collect();
+        bail!(
+            "{} phase(s) failed:\n  {}",
+            report.errors.len(),
+            first.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// A failed phase is reported and the others still run; an interruption stops everything.
+fn note_failure<T>(
+    errors: &mut Vec<String>,
+    phase: &str,
+    outcome: anyhow::Result<T>,
+) -> anyhow::Result<Option<T>> {
+    match outcome {
+        Ok(value) => Ok(Some(value)),
+        Err(e) => {
+            check_interrupted()?;
+            eprintln!("  {phase} failed: {e:#}");
+            errors.push(format!("{phase}: {e:#}"));
+            Ok(None)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interrupts, clocks, paths
+
+/// SIGINT/SIGTERM set a flag instead of killing the benchmark, so that the lab and the API
+/// server are dropped (processes stopped, namespaces deleted) at the next check.
+fn watch_for_interrupts() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal runtime")?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let handlers = signal(SignalKind::interrupt())
+                    .and_then(|int| Ok((int, signal(SignalKind::terminate())?)));
+                let (mut interrupt, mut terminate) = match handlers {
+                    Ok(handlers) => {
+                        let _ = ready_tx.send(Ok(()));
+                        handlers
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                loop {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                    eprintln!("interrupted: stopping the lab");
+                    INTERRUPTED.store(true, Ordering::Relaxed);
+                }
+            })
+        })
+        .context("starting the signal thread")?;
+    ready_rx
+        .recv()
+        .context("the signal thread ended early")?
+        .context("installing the SIGINT/SIGTERM handlers")
+}
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps in short steps so that Ctrl-C is honoured promptly.
+fn sleep(duration: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + duration;
+    loop {
+        check_interrupted()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+/// The wall-clock time of `at`.
+fn wall(at: Instant) -> SystemTime {
+    let (instant, system) = *ANCHOR;
+    if at >= instant {
+        system + at.duration_since(instant)
+    } else {
+        system - instant.duration_since(at)
+    }
+}
+
+/// `target/bench-k8s.json`, found from the agent binary Cargo built for this bench
+/// (`target/<profile>/ferrovip`), so CARGO_TARGET_DIR is honoured.
+fn json_path() -> PathBuf {
+    Path::new(AGENT_BINARY)
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("target"))
+        .join("bench-k8s.json")
+}
+
+fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+// ---------------------------------------------------------------------------------------------
+// VirtualIP documents
+
+/// A VirtualIP with the lab defaults: VRRPv3 every 100 ms, base `base`, node-a +50, node-b
+/// +40, node-c −40.
+fn vip_doc(name: &str, address: &str, vrid: Option<u8>, base: u8, label: &str) -> Value {
+    let mut spec = json!({
+        "addresses": [address],
+        "interface": "eth0",
+        "vrrp": {"advertisementInterval": format!("{}ms", INTERVAL.as_millis())},
+        "priority": {
+            "base": base,
+            "preferredNodes": [
+                {"nodeName": "node-a", "weight": 50},
+                {"nodeName": "node-b", "weight": 40},
+                {"nodeName": "node-c", "weight": -40},
+            ],
+        },
+    });
+    if let Some(vrid) = vrid {
+        spec["virtualRouterId"] = json!(vrid);
+    }
+    json!({
+        "apiVersion": "ferrovip.io/v1alpha1",
+        "kind": "VirtualIP",
+        "metadata": {"name": name, "labels": {"bench": label}},
+        "spec": spec,
+    })
+}
+
+fn bulk_address(i: usize) -> Ipv4Addr {
+    let [a, b] = BULK_OCTETS;
+    Ipv4Addr::new(
+        a,
+        b,
+        (i / BULK_PER_OCTET) as u8,
+        (i % BULK_PER_OCTET + 1) as u8,
+    )
+}
+
+fn lab_address(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, host)
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the harness sees of VirtualIP status (a watch of its own)
+
+/// One VirtualIP as the harness's watch saw it.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    resource_version: Option<String>,
+    master: Option<String>,
+    /// When `status.master` last took its current value.
+    master_since: Option<Instant>,
+    /// When `status.master` was first set.
+    first_master_at: Option<Instant>,
+    /// When the status first showed an active master and every node's entry.
+    complete_at: Option<Instant>,
+    vrid: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+struct WatchState {
+    vips: HashMap<String, Seen>,
+    /// Every change of any VirtualIP (new resourceVersion), and the last one.
+    changes: u64,
+    last_change: Option<Instant>,
+    /// The first list is complete.
+    listed: bool,
+    error: Option<String>,
+}
+
+impl WatchState {
+    fn observe(&mut self, vip: &VirtualIP, at: Instant) {
+        let Some(name) = vip.metadata.name.clone() else {
+            return;
+        };
+        let seen = self.vips.entry(name).or_default();
+        // A re-list repeats objects it already delivered.
+        if seen.resource_version.is_some() && seen.resource_version == vip.metadata.resource_version
+        {
+            return;
+        }
+        seen.resource_version = vip.metadata.resource_version.clone();
+        self.changes += 1;
+        self.last_change = Some(at);
+        let status = vip.status.clone().unwrap_or_default();
+        if status.master != seen.master {
+            seen.master = status.master.clone();
+            seen.master_since = Some(at);
+        }
+        if seen.master.is_some() && seen.first_master_at.is_none() {
+            seen.first_master_at = Some(at);
+        }
+        seen.vrid = status.virtual_router_id;
+        let masters = status.nodes.iter().filter(|n| n.state == "Master").count();
+        let backups = status.nodes.iter().filter(|n| n.state == "Backup").count();
+        let complete = status.state.as_deref() == Some("Active")
+            && status.master.is_some()
+            && masters == 1
+            && masters + backups == NODES;
+        if complete && seen.complete_at.is_none() {
+            seen.complete_at = Some(at);
+        }
+    }
+}
+
+/// A watch of every VirtualIP, run on the cluster's runtime.
+struct StatusWatch {
+    state: Arc<Mutex<WatchState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StatusWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StatusWatch {
+    fn start(runtime: &tokio::runtime::Runtime, client: kube::Client) -> StatusWatch {
+        let state = Arc::new(Mutex::new(WatchState::default()));
+        let task = runtime.spawn({
+            let state = state.clone();
+            async move {
+                let api: Api<VirtualIP> = Api::all(client);
+                let stream = watcher(api, watcher::Config::default()).default_backoff();
+                let mut stream = std::pin::pin!(stream);
+                while let Some(event) = stream.next().await {
+                    let at = Instant::now();
+                    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                    match event {
+                        Ok(watcher::Event::Apply(vip) | watcher::Event::InitApply(vip)) => {
+                            state.observe(&vip, at);
+                        }
+                        Ok(watcher::Event::Delete(vip)) => {
+                            if let Some(name) = &vip.metadata.name {
+                                state.vips.remove(name);
+                            }
+                            state.changes += 1;
+                            state.last_change = Some(at);
+                        }
+                        Ok(watcher::Event::InitDone) => state.listed = true,
+                        Ok(watcher::Event::Init) => {}
+                        Err(e) => state.error = Some(e.to_string()),
+                    }
+                }
+            }
+        });
+        StatusWatch { state, task }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, name: &str) -> Option<Seen> {
+        self.lock().vips.get(name).cloned()
+    }
+
+    fn wait_listed(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            check_interrupted()?;
+            let state = self.lock();
+            if state.listed {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the harness's VirtualIP watch did not list within {timeout:?}: {:?}",
+                    state.error
+                );
+            }
+            drop(state);
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The API server's audit log
+
+#[derive(Debug, Clone)]
+struct AuditEntry {
+    at: SystemTime,
+    user: String,
+    verb: String,
+    /// `resource` or `resource/subresource`.
+    resource: String,
+    code: u16,
+}
+
+/// Reads the audit log incrementally (it only grows: rotation is off).
+struct AuditLog {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    entries: Vec<AuditEntry>,
+}
+
+impl AuditLog {
+    fn new(path: PathBuf) -> AuditLog {
+        AuditLog {
+            path,
+            offset: 0,
+            partial: String::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    fn refresh(&mut self) -> anyhow::Result<()> {
+        let mut file = match std::fs::File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("opening {}", self.path.display())),
+        };
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        self.offset += bytes.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&bytes));
+        let Some(end) = self.partial.rfind('\n') else {
+            return Ok(());
+        };
+        let complete: String = self.partial.drain(..=end).collect();
+        for line in complete.lines() {
+            if let Some(entry) = parse_audit_line(line) {
+                self.entries.push(entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// Write requests by node identity received in `[from, to)`.
+    fn node_writes(&mut self, from: SystemTime, to: SystemTime) -> anyhow::Result<NodeWrites> {
+        self.refresh()?;
+        let span = to.duration_since(from).unwrap_or_default().as_secs_f64();
+        let mut per_node: BTreeMap<String, WriteCount> = BTreeMap::new();
+        let mut per_second: BTreeMap<(String, u64), u64> = BTreeMap::new();
+        for entry in self
+            .entries
+            .iter()
+            .filter(|e| e.at >= from && e.at < to)
+            .filter(|e| WRITE_VERBS.contains(&e.verb.as_str()))
+        {
+            let Some(node) = entry.user.strip_prefix("ferrovip:") else {
+                continue;
+            };
+            let count = per_node.entry(node.to_owned()).or_default();
+            count.total += 1;
+            *count
+                .by_request
+                .entry(format!("{} {}", entry.verb, entry.resource))
+                .or_default() += 1;
+            if !(200..300).contains(&entry.code) {
+                count.failed += 1;
+            }
+            let second = entry.at.duration_since(from).unwrap_or_default().as_secs();
+            *per_second.entry((node.to_owned(), second)).or_default() += 1;
+        }
+        for ((node, _), n) in per_second {
+            let count = per_node.entry(node).or_default();
+            count.peak_per_second = count.peak_per_second.max(n);
+        }
+        for count in per_node.values_mut() {
+            count.per_second = if span > 0.0 {
+                round3(count.total as f64 / span)
+            } else {
+                0.0
+            };
+        }
+        Ok(NodeWrites {
+            span_s: round3(span),
+            per_node,
+        })
+    }
+}
+
+fn parse_audit_line(line: &str) -> Option<AuditEntry> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    if v["stage"] != "ResponseComplete" {
+        return None;
+    }
+    let at =
+        k8s_openapi::jiff::Timestamp::from_str(v["requestReceivedTimestamp"].as_str()?).ok()?;
+    let object = &v["objectRef"];
+    let mut resource = object["resource"].as_str().unwrap_or("-").to_owned();
+    if let Some(sub) = object["subresource"].as_str() {
+        resource = format!("{resource}/{sub}");
+    }
+    Some(AuditEntry {
+        at: SystemTime::from(at),
+        user: v["user"]["username"].as_str()?.to_owned(),
+        verb: v["verb"].as_str()?.to_owned(),
+        resource,
+        code: v["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
+    })
+}
+
+/// Write requests of one node over a span.
+#[derive(Debug, Clone, Default, Serialize)]
+struct WriteCount {
+    total: u64,
+    per_second: f64,
+    /// The most writes in any one second of the span.
+    peak_per_second: u64,
+    /// Answered with a non-2xx code.
+    failed: u64,
+    /// `verb resource[/subresource]` → count.
+    by_request: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct NodeWrites {
+    span_s: f64,
+    per_node: BTreeMap<String, WriteCount>,
+}
+
+impl NodeWrites {
+    fn of(&self, node: &str) -> WriteCount {
+        self.per_node.get(node).cloned().unwrap_or_default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process cost
+
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    at: Instant,
+    ticks: u64,
+}
+
+fn cpu_sample(pid: i32) -> Option<CpuSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = stat.rfind(')')?;
+    let fields: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    // fields[0] is field 3 (state); utime is field 14, stime 15 (all threads).
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(CpuSample {
+        at: Instant::now(),
+        ticks: utime + stime,
+    })
+}
+
+fn cpu_percent(before: Option<CpuSample>, after: Option<CpuSample>, clock_ticks: u64) -> f64 {
+    match (before, after) {
+        (Some(b), Some(a)) if a.at > b.at => round3(
+            a.ticks.saturating_sub(b.ticks) as f64
+                / clock_ticks as f64
+                / a.at.duration_since(b.at).as_secs_f64()
+                * 100.0,
+        ),
+        _ => 0.0,
+    }
+}
+
+/// `VmRSS` and `VmHWM` (peak RSS) in KiB.
+fn memory_kib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn exe_is_agent(pid: i32) -> bool {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let agent = Path::new(AGENT_BINARY).canonicalize().ok();
+    exe.is_some() && exe == agent
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cluster: lab, API server, capture, agents, an admin client
+
+struct Cluster {
+    // Field order is drop order: the harness's client and watch go before the server, the
+    // capture and the server before the namespaces.
+    watch: StatusWatch,
+    client: kube::Client,
+    runtime: tokio::runtime::Runtime,
+    audit: AuditLog,
+    sniffer: Sniffer,
+    api: ApiServer,
+    lab: Lab,
+    agents: Vec<Option<ProcId>>,
+    starts: Vec<usize>,
+    manifests: usize,
+}
+
+impl Cluster {
+    fn create() -> anyhow::Result<Cluster> {
+        let started = Instant::now();
+        let lab = Lab::create(LabSpec {
+            nodes: NODES,
+            ipv6: false,
+            bridge_ipv4: Some(BRIDGE.parse().context("bridge prefix")?),
+            ..LabSpec::default()
+        })?;
+        let api = ApiServer::start(ApiServerOptions {
+            netns: Some(lab.switch_netns().to_owned()),
+            bind: lab.bridge_ipv4().context("bridge address")?.into(),
+            dir: lab.dir().join("apiserver"),
+            node_users: lab.nodes().iter().map(|n| n.name.clone()).collect(),
+            build_script: Some(BUILD_SCRIPT.into()),
+            audit_log: true,
+            ..ApiServerOptions::default()
+        })?;
+        let sniffer = Sniffer::start(&lab)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("harness runtime")?;
+        let kubeconfig = api.host_admin_kubeconfig().to_owned();
+        let client = runtime.block_on(async move {
+            let kubeconfig = Kubeconfig::read_from(&kubeconfig)?;
+            let config =
+                kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await?;
+            anyhow::Ok(kube::Client::try_from(config)?)
+        })?;
+        let audit = AuditLog::new(api.audit_log_path());
+        // A stand-in until the CRD is installed: a watch started before would back off.
+        let idle = runtime.spawn(async {});
+        let mut cluster = Cluster {
+            watch: StatusWatch {
+                state: Arc::default(),
+                task: idle,
+            },
+            client,
+            runtime,
+            audit,
+            sniffer,
+            api,
+            lab,
+            agents: vec![None; NODES],
+            starts: vec![0; NODES],
+            manifests: 0,
+        };
+        cluster.install()?;
+        cluster.watch = StatusWatch::start(&cluster.runtime, cluster.client.clone());
+        cluster.watch.wait_listed(AGENT_LISTED_TIMEOUT)?;
+        cluster.start_agents()?;
+        println!(
+            "lab {} and API server {} (audit log on) ready, agents listening, after {:.1} s",
+            cluster.lab.prefix(),
+            cluster.api.url(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(cluster)
+    }
+
+    fn name(&self, i: usize) -> &str {
+        &self.lab.node(i).name
+    }
+
+    fn ip(&self, i: usize) -> IpAddr {
+        IpAddr::V4(self.lab.node(i).ipv4)
+    }
+
+    fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        Ok(self.api.kubectl_ok(args)?)
+    }
+
+    /// Writes `doc` to a file and `kubectl apply`s it; returns how long kubectl ran.
+    fn apply(&mut self, doc: &Value) -> anyhow::Result<Duration> {
+        self.manifests += 1;
+        let path = self
+            .api
+            .dir()
+            .join(format!("manifest-{}.json", self.manifests));
+        std::fs::write(&path, doc.to_string())?;
+        let started = Instant::now();
+        self.kubectl(&["apply", "-f", &path.display().to_string()])?;
+        Ok(started.elapsed())
+    }
+
+    /// The CRD, the agent's RBAC bound to the node identities, one Ready Node per lab node
+    /// with its address as InternalIP (there is no kubelet).
+    fn install(&mut self) -> anyhow::Result<()> {
+        self.kubectl(&["apply", "-f", CRD])?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=established",
+            "--timeout=30s",
+            "crd/virtualips.ferrovip.io",
+        ])?;
+        self.kubectl(&["apply", "-f", RBAC])?;
+        self.api.bind_agent_group(AGENT_ROLE)?;
+        let nodes: Vec<Value> = self
+            .lab
+            .nodes()
+            .iter()
+            .map(|n| {
+                json!({
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": n.name, "labels": {"kubernetes.io/hostname": n.name}},
+                    "status": {
+                        "conditions": [{
+                            "type": "Ready", "status": "True",
+                            "reason": "KubeletReady", "message": "lab node is ready",
+                        }],
+                        "addresses": [
+                            {"type": "InternalIP", "address": n.ipv4.to_string()},
+                            {"type": "Hostname", "address": n.name},
+                        ],
+                    },
+                })
+            })
+            .collect();
+        self.apply(&json!({"apiVersion": "v1", "kind": "List", "items": nodes}))?;
+        Ok(())
+    }
+
+    fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        self.starts[i] += 1;
+        let name = self.name(i).to_owned();
+        let kubeconfig = format!("KUBECONFIG={}", self.api.node_kubeconfig(&name).display());
+        let id = self.lab.spawn(
+            i,
+            &[
+                "env",
+                &kubeconfig,
+                "FERROVIP_LOG=info",
+                AGENT_BINARY,
+                "--log-format",
+                "json",
+                "agent",
+                "--node-name",
+                &name,
+            ],
+            format!("{name}.{}.log", self.starts[i]),
+        )?;
+        self.agents[i] = Some(id);
+        Ok(())
+    }
+
+    fn start_agents(&mut self) -> anyhow::Result<()> {
+        for i in 0..NODES {
+            self.start_agent(i)?;
+        }
+        for i in 0..NODES {
+            self.wait_listed(i)?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM every agent, then start fresh ones: each scale phase measures memory of an
+    /// agent that saw only that phase.
+    fn restart_agents(&mut self) -> anyhow::Result<()> {
+        for i in 0..NODES {
+            if let Some(id) = self.agents[i].take() {
+                self.lab.kill(id, Signal::SIGTERM)?;
+                if self.lab.wait(id, Duration::from_secs(5))?.is_none() {
+                    self.lab.kill(id, Signal::SIGKILL)?;
+                    self.lab.wait(id, Duration::from_secs(5))?;
+                }
+            }
+        }
+        self.start_agents()
+    }
+
+    fn agent(&self, i: usize) -> anyhow::Result<ProcId> {
+        self.agents[i].with_context(|| format!("no agent runs on {}", self.name(i)))
+    }
+
+    fn pid(&self, i: usize) -> anyhow::Result<i32> {
+        Ok(self.lab.pid(self.agent(i)?)? as i32)
+    }
+
+    fn log_path(&self, i: usize) -> anyhow::Result<PathBuf> {
+        Ok(self.lab.proc_info(self.agent(i)?)?.1)
+    }
+
+    fn wait_listed(&self, i: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + AGENT_LISTED_TIMEOUT;
+        let path = self.log_path(i)?;
+        loop {
+            check_interrupted()?;
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            if log.contains("\"cluster state listed\"") {
+                return Ok(());
+            }
+            self.check_alive()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not list the cluster within {AGENT_LISTED_TIMEOUT:?}\n{}",
+                    self.name(i),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn check_alive(&self) -> anyhow::Result<()> {
+        for i in 0..NODES {
+            if let Some(id) = self.agents[i]
+                && let Some(status) = self.lab.exit_status(id)?
+            {
+                bail!(
+                    "the agent on {} exited ({status})\n{}",
+                    self.name(i),
+                    self.logs()
+                );
+            }
+        }
+        if let Some(failure) = self.sniffer.failure() {
+            bail!("the capture stopped: {failure}");
+        }
+        Ok(())
+    }
+
+    /// The agents' log tails for an error message; the lab directory is kept for the rest.
+    fn logs(&self) -> String {
+        self.lab.keep_dir(true);
+        self.api.keep_dir(true);
+        let mut out = format!(
+            "(logs kept in {}, API server files in {})\n",
+            self.lab.dir().display(),
+            self.api.dir().display()
+        );
+        for i in 0..NODES {
+            if let Some(Ok((_, log))) = self.agents[i].map(|id| self.lab.proc_info(id)) {
+                let _ = writeln!(
+                    out,
+                    "--- {} ({}) ---\n{}",
+                    self.name(i),
+                    log.display(),
+                    log_tail(&log, LOG_LINES)
+                );
+            }
+        }
+        out
+    }
+
+    /// Addresses on node `i`'s eth0 other than its own.
+    fn vip_addresses(&self, i: usize) -> anyhow::Result<HashSet<Ipv4Addr>> {
+        let node = self.lab.node(i);
+        let out = Command::new("ip")
+            .args(["-n", &node.netns, "-o", "-4", "addr", "show", "dev", "eth0"])
+            .stdin(Stdio::null())
+            .output()
+            .context("ip addr")?;
+        ensure!(out.status.success(), "ip addr failed on {}", node.name);
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                words.find(|w| *w == "inet")?;
+                words.next()?.split('/').next()?.parse::<Ipv4Addr>().ok()
+            })
+            .filter(|a| *a != node.ipv4)
+            .collect())
+    }
+
+    /// Deletes the VirtualIPs labelled `bench=label` and waits until no node holds any
+    /// address `theirs` matches.
+    fn delete_all(
+        &mut self,
+        label: &str,
+        theirs: fn(&Ipv4Addr) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let api: Api<VirtualIP> = Api::all(self.client.clone());
+        let selector = format!("bench={label}");
+        self.runtime.block_on(async {
+            api.delete_collection(
+                &DeleteParams::default(),
+                &ListParams::default().labels(&selector),
+            )
+            .await
+        })?;
+        let deadline = started + RELEASE_TIMEOUT;
+        loop {
+            check_interrupted()?;
+            let mut held = 0;
+            for i in 0..NODES {
+                if self.agents[i].is_some() {
+                    held += self.vip_addresses(i)?.iter().filter(|a| theirs(a)).count();
+                }
+            }
+            if held == 0 {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{held} addresses still held {RELEASE_TIMEOUT:?} after deleting the VirtualIPs\n{}",
+                    self.logs()
+                );
+            }
+            sleep(Duration::from_millis(100))?;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Apply latency
+
+/// A ping from node `PINGER` every 20 ms that exits at the first reply.
+struct Pinger {
+    child: Child,
+}
+
+impl Pinger {
+    fn spawn(netns: &str, addr: Ipv4Addr, deadline: Duration) -> anyhow::Result<Pinger> {
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", netns, "ping", "-n", "-q", "-c", "1", "-i", "0.02",
+            ])
+            .arg("-w")
+            .arg(deadline.as_secs().max(1).to_string())
+            .arg(addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn ping")?;
+        Ok(Pinger { child })
+    }
+
+    /// Waits for ping to exit: the instant it did and whether it got a reply.
+    fn wait(&mut self) -> anyhow::Result<(Instant, bool)> {
+        loop {
+            check_interrupted()?;
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((Instant::now(), status.success()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum ApplyVariant {
+    /// An explicit VRID: a new VRRP instance, which waits Master_Down_Interval in Backup.
+    NewInstance,
+    /// No VRID, settings of a running shared instance: the VIP joins it.
+    JoinsSharedInstance,
+}
+
+impl ApplyVariant {
+    fn label(self) -> &'static str {
+        match self {
+            ApplyVariant::NewInstance => "new instance (own VRID)",
+            ApplyVariant::JoinsSharedInstance => "joins a shared instance",
+        }
+    }
+}
+
+/// One `kubectl apply`, all times from just before kubectl started, in ms.
+#[derive(Debug, Clone, Serialize)]
+struct ApplyRound {
+    variant: ApplyVariant,
+    name: String,
+    address: Ipv4Addr,
+    kubectl_ms: f64,
+    garp_ms: Option<f64>,
+    /// First echo reply at node-c (ping every 20 ms from before the apply).
+    ping_ms: Option<f64>,
+    status_master_ms: Option<f64>,
+    /// `status.master`, Active and every node's entry.
+    status_complete_ms: Option<f64>,
+    master: Option<String>,
+    garp_from_master: bool,
+}
+
+fn apply_rounds(
+    cluster: &mut Cluster,
+    rounds: usize,
+    results: &mut Vec<ApplyRound>,
+) -> anyhow::Result<()> {
+    let mdi = master_down_interval(150, INTERVAL);
+    println!(
+        "\n== 1. kubectl apply → VIP answers ({rounds} VIPs per variant; a new instance waits Master_Down_Interval(150) = {:.1} ms in Backup first)",
+        millis(mdi)
+    );
+    for variant in [ApplyVariant::NewInstance, ApplyVariant::JoinsSharedInstance] {
+        if variant == ApplyVariant::JoinsSharedInstance {
+            // The instance the measured VIPs join: running, node-a master.
+            let seed = "apply-shared-seed";
+            let address = format!("{}/24", lab_address(APPLY_SEED_HOST));
+            cluster.apply(&vip_doc(seed, &address, None, PRIORITY_BASE, "apply"))?;
+            wait_status(cluster, seed, APPLY_TIMEOUT, |s| s.complete_at.is_some())?;
+            sleep(APPLY_PAUSE)?;
+        }
+        for round in 0..rounds {
+            check_interrupted()?;
+            cluster.check_alive()?;
+            let record = apply_round(cluster, variant, round)?;
+            println!(
+                "  {:<24} {}/{rounds} {:<15} kubectl {:>6.1}  GARP {:>7}  ping {:>7}  status.master {:>7}  complete {:>7}",
+                variant.label(),
+                round + 1,
+                record.address,
+                record.kubectl_ms,
+                opt_ms(record.garp_ms),
+                opt_ms(record.ping_ms),
+                opt_ms(record.status_master_ms),
+                opt_ms(record.status_complete_ms),
+            );
+            results.push(record);
+            sleep(APPLY_PAUSE)?;
+        }
+    }
+    Ok(())
+}
+
+fn is_apply_address(a: &Ipv4Addr) -> bool {
+    let [a, b, c, d] = a.octets();
+    [a, b, c] == [192, 0, 2] && d >= APPLY_OWN_HOST
+}
+
+fn is_bulk_address(a: &Ipv4Addr) -> bool {
+    let [a, b, ..] = a.octets();
+    [a, b] == BULK_OCTETS
+}
+
+/// The apply rounds, then the VIPs are deleted whether the rounds succeeded or not.
+fn apply_latency(
+    cluster: &mut Cluster,
+    rounds: usize,
+    results: &mut Vec<ApplyRound>,
+) -> anyhow::Result<()> {
+    let outcome = apply_rounds(cluster, rounds, results);
+    check_interrupted()?;
+    let took = cluster.delete_all("apply", is_apply_address)?;
+    println!(
+        "  deleted the apply VIPs; every address released {:.2} s after the delete started",
+        took.as_secs_f64()
+    );
+    outcome
+}
+
+fn apply_round(
+    cluster: &mut Cluster,
+    variant: ApplyVariant,
+    round: usize,
+) -> anyhow::Result<ApplyRound> {
+    let (name, address, vrid) = match variant {
+        ApplyVariant::NewInstance => (
+            format!("apply-own-{round}"),
+            lab_address(APPLY_OWN_HOST + round as u8),
+            Some(APPLY_FIRST_VRID + round as u8),
+        ),
+        ApplyVariant::JoinsSharedInstance => (
+            format!("apply-shared-{round}"),
+            lab_address(APPLY_SHARED_HOST + round as u8),
+            None,
+        ),
+    };
+    let doc = vip_doc(
+        &name,
+        &format!("{address}/24"),
+        vrid,
+        PRIORITY_BASE,
+        "apply",
+    );
+    let mut pinger = Pinger::spawn(&cluster.lab.node(PINGER).netns, address, APPLY_TIMEOUT)?;
+    // ping sends its first request right after it starts; the apply must come later.
+    std::thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    let kubectl = cluster.apply(&doc)?;
+    let garp = cluster.sniffer.wait_for(
+        |e| e.at >= started && e.announced() == Some(IpAddr::V4(address)),
+        APPLY_TIMEOUT,
+    );
+    let (ping_done, replied) = pinger.wait()?;
+    let seen = wait_status(cluster, &name, APPLY_TIMEOUT, |s| s.complete_at.is_some()).ok();
+    let since = |at: Instant| millis(at.saturating_duration_since(started));
+    Ok(ApplyRound {
+        variant,
+        name,
+        address,
+        kubectl_ms: millis(kubectl),
+        garp_from_master: garp
+            .as_ref()
+            .is_some_and(|g| g.src_mac == cluster.lab.node(MASTER).mac),
+        garp_ms: garp.map(|g| since(g.at)),
+        ping_ms: replied.then(|| since(ping_done)),
+        status_master_ms: seen.as_ref().and_then(|s| s.first_master_at).map(since),
+        status_complete_ms: seen.as_ref().and_then(|s| s.complete_at).map(since),
+        master: seen.and_then(|s| s.master),
+    })
+}
+
+/// Waits until the harness's watch shows VirtualIP `name` satisfying `pred`.
+fn wait_status(
+    cluster: &Cluster,
+    name: &str,
+    timeout: Duration,
+    pred: impl Fn(&Seen) -> bool,
+) -> anyhow::Result<Seen> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        if let Some(seen) = cluster.watch.get(name).filter(|s| pred(s)) {
+            return Ok(seen);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "VirtualIP {name}: status not complete within {timeout:?} (watch error: {:?})",
+                cluster.watch.lock().error
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ApplySummary {
+    variant: ApplyVariant,
+    rounds: usize,
+    kubectl: Option<Stats>,
+    garp: Option<Stats>,
+    ping: Option<Stats>,
+    status_master: Option<Stats>,
+    status_complete: Option<Stats>,
+    /// Rounds without a ping reply / without a GARP / announced by another node than node-a.
+    no_reply: usize,
+    no_garp: usize,
+    wrong_master: usize,
+    /// Every round answered within the 1 s target.
+    within_target: bool,
+}
+
+impl ApplySummary {
+    fn of(rounds: &[ApplyRound]) -> Vec<ApplySummary> {
+        [ApplyVariant::NewInstance, ApplyVariant::JoinsSharedInstance]
+            .into_iter()
+            .filter_map(|variant| {
+                let rs: Vec<&ApplyRound> = rounds.iter().filter(|r| r.variant == variant).collect();
+                if rs.is_empty() {
+                    return None;
+                }
+                let no_reply = rs.iter().filter(|r| r.ping_ms.is_none()).count();
+                Some(ApplySummary {
+                    variant,
+                    rounds: rs.len(),
+                    kubectl: Stats::of(rs.iter().map(|r| r.kubectl_ms)),
+                    garp: Stats::of(rs.iter().filter_map(|r| r.garp_ms)),
+                    ping: Stats::of(rs.iter().filter_map(|r| r.ping_ms)),
+                    status_master: Stats::of(rs.iter().filter_map(|r| r.status_master_ms)),
+                    status_complete: Stats::of(rs.iter().filter_map(|r| r.status_complete_ms)),
+                    no_reply,
+                    no_garp: rs.iter().filter(|r| r.garp_ms.is_none()).count(),
+                    wrong_master: rs
+                        .iter()
+                        .filter(|r| !r.garp_from_master || r.master.as_deref() != Some("node-a"))
+                        .count(),
+                    within_target: no_reply == 0
+                        && rs
+                            .iter()
+                            .all(|r| r.ping_ms.is_some_and(|p| p < millis(APPLY_TARGET))),
+                })
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Scale
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Identical settings, no VRID: one shared instance.
+    Shared,
+    /// This many groups, each with its own base priority: one instance per group.
+    Groups(usize),
+}
+
+impl Layout {
+    fn label(self) -> String {
+        match self {
+            Layout::Shared => "shared".into(),
+            Layout::Groups(n) => format!("{n}-groups"),
+        }
+    }
+
+    /// Name and base priority of VIP `i` of `count`.
+    fn vip(self, i: usize, count: usize) -> (String, u8) {
+        match self {
+            Layout::Shared => (format!("bulk-{i:05}"), PRIORITY_BASE),
+            Layout::Groups(groups) => {
+                let per_group = count.div_ceil(groups);
+                let group = i / per_group;
+                (
+                    format!("bulk-g{group:02}-{i:05}"),
+                    PRIORITY_BASE + group as u8,
+                )
+            }
+        }
+    }
+}
+
+/// CPU and memory of one agent.
+#[derive(Debug, Clone, Serialize)]
+struct AgentCost {
+    node: String,
+    pid: i32,
+    pid_is_the_agent: bool,
+    cpu_percent_of_one_core: f64,
+    rss_kib: u64,
+    /// Peak RSS since the agent started (settling included).
+    peak_rss_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct SteadyReport {
+    window_s: f64,
+    writes: NodeWrites,
+    /// VirtualIP changes (new resourceVersions) the harness's watch saw in the window.
+    virtualip_changes: u64,
+    agents: Vec<AgentCost>,
+    /// Adverts with priority > 0 per second, by source node.
+    adverts_per_second: BTreeMap<String, f64>,
+    /// node-a alone advertised every VRID over the whole window.
+    single_master_on_wire: bool,
+    writes_within_target: bool,
+    rss_within_target: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ScaleReport {
+    layout: String,
+    vips: usize,
+    /// Distinct VRIDs in status: VRRP instances.
+    instances: usize,
+    vrids: Vec<i64>,
+    /// The harness creating every VirtualIP (16 requests in flight).
+    create_s: f64,
+    /// From the first create to every VirtualIP showing `status.master`.
+    to_all_status_master_s: Option<f64>,
+    /// … to every VirtualIP showing Active with every node's entry.
+    to_all_status_complete_s: Option<f64>,
+    /// … to node-a holding every address (polled every ~100 ms).
+    to_all_addresses_on_master_s: Option<f64>,
+    /// … to the last VirtualIP change before 3 s of quiet.
+    to_quiet_s: Option<f64>,
+    settle_problem: Option<String>,
+    /// Writes per node from the first create to the quiet point.
+    settle_writes: NodeWrites,
+    /// CPU per node over the same span, % of one core.
+    settle_cpu_percent: BTreeMap<String, f64>,
+    steady: SteadyReport,
+}
+
+fn scale(
+    cluster: &mut Cluster,
+    layout: Layout,
+    count: usize,
+    settle_timeout: Duration,
+    window: Duration,
+    clock_ticks: u64,
+) -> anyhow::Result<ScaleReport> {
+    println!(
+        "\n== 2. {count} VirtualIPs, layout {} (fresh agents)",
+        layout.label()
+    );
+    if cluster
+        .watch
+        .lock()
+        .vips
+        .keys()
+        .any(|n| n.starts_with("bulk-"))
+    {
+        let took = cluster.delete_all("bulk", is_bulk_address)?;
+        println!(
+            "  deleted the previous VirtualIPs; released after {:.1} s",
+            took.as_secs_f64()
+        );
+    }
+    cluster.restart_agents()?;
+    cluster.audit.refresh()?;
+    sleep(Duration::from_secs(1))?;
+
+    let docs: Vec<VirtualIP> = (0..count)
+        .map(|i| {
+            let (name, base) = layout.vip(i, count);
+            let doc = vip_doc(
+                &name,
+                &format!("{}/32", bulk_address(i)),
+                None,
+                base,
+                "bulk",
+            );
+            serde_json::from_value(doc).context("VirtualIP document")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let names: Vec<String> = docs
+        .iter()
+        .filter_map(|d| d.metadata.name.clone())
+        .collect();
+    let pids: Vec<i32> = (0..NODES)
+        .map(|i| cluster.pid(i))
+        .collect::<anyhow::Result<_>>()?;
+    let cpu_start: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
+
+    let started = Instant::now();
+    let api: Api<VirtualIP> = Api::all(cluster.client.clone());
+    cluster.runtime.block_on(async {
+        futures::stream::iter(docs)
+            .map(|doc| {
+                let api = api.clone();
+                async move { api.create(&PostParams::default(), &doc).await }
+            })
+            .buffer_unordered(CREATE_CONCURRENCY)
+            .try_for_each(|_| async { Ok(()) })
+            .await
+    })?;
+    let create = started.elapsed();
+    println!(
+        "  created {count} VirtualIPs in {:.2} s",
+        create.as_secs_f64()
+    );
+
+    // Settling: status on every VirtualIP, every address on node-a.
+    let deadline = started + settle_timeout;
+    let mut addresses_at = None;
+    let mut next_address_poll = Instant::now();
+    let mut last_print = Instant::now();
+    let (mut all_master_at, mut all_complete_at) = (None, None);
+    let mut settle_problem = None;
+    loop {
+        check_interrupted()?;
+        cluster.check_alive()?;
+        let now = Instant::now();
+        if addresses_at.is_none() && now >= next_address_poll {
+            let held = cluster.vip_addresses(MASTER)?.len();
+            if held >= count {
+                addresses_at = Some(Instant::now());
+            }
+            next_address_poll = now + Duration::from_millis(100);
+        }
+        let (with_master, complete, latest_master, latest_complete) = {
+            let state = cluster.watch.lock();
+            let seen: Vec<&Seen> = names.iter().filter_map(|n| state.vips.get(n)).collect();
+            (
+                seen.iter().filter(|s| s.first_master_at.is_some()).count(),
+                seen.iter().filter(|s| s.complete_at.is_some()).count(),
+                seen.iter().filter_map(|s| s.first_master_at).max(),
+                seen.iter().filter_map(|s| s.complete_at).max(),
+            )
+        };
+        if with_master == count && all_master_at.is_none() {
+            all_master_at = latest_master;
+        }
+        if complete == count && all_complete_at.is_none() {
+            all_complete_at = latest_complete;
+        }
+        if all_master_at.is_some() && all_complete_at.is_some() && addresses_at.is_some() {
+            break;
+        }
+        if now.duration_since(last_print) >= Duration::from_secs(5) {
+            println!(
+                "  … {:.0} s: {with_master} with status.master, {complete} complete, node-a holds {} addresses",
+                started.elapsed().as_secs_f64(),
+                cluster.vip_addresses(MASTER)?.len()
+            );
+            last_print = now;
+        }
+        if now >= deadline {
+            let problem = format!(
+                "not settled after {settle_timeout:?}: {with_master}/{count} with status.master, {complete}/{count} complete, node-a holds {} of {count} addresses",
+                cluster.vip_addresses(MASTER)?.len()
+            );
+            eprintln!("  warning: {problem}; measuring anyway");
+            settle_problem = Some(problem);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Quiet: no VirtualIP changed for QUIET.
+    let quiet_deadline = Instant::now() + QUIET_TIMEOUT;
+    let quiet_at = loop {
+        check_interrupted()?;
+        let last = cluster.watch.lock().last_change;
+        let now = Instant::now();
+        if let Some(last) = last
+            && now.duration_since(last) >= QUIET
+        {
+            break Some(last);
+        }
+        if now >= quiet_deadline {
+            eprintln!("  warning: VirtualIPs still change {QUIET_TIMEOUT:?} after settling");
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let cpu_settled: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
+    let settle_end = quiet_at.unwrap_or_else(Instant::now) + Duration::from_millis(1);
+    let settle_writes = cluster.audit.node_writes(wall(started), wall(settle_end))?;
+    let since = |at: Option<Instant>| at.map(|at| round3(at.duration_since(started).as_secs_f64()));
+    let mut vrids: Vec<i64> = {
+        let state = cluster.watch.lock();
+        names
+            .iter()
+            .filter_map(|n| state.vips.get(n)?.vrid)
+            .collect()
+    };
+    vrids.sort();
+    vrids.dedup();
+    println!(
+        "  all status.master after {}, all complete after {}, {count} addresses on node-a after {}, quiet after {} (s); {} instance(s), VRIDs {:?}",
+        opt_s(since(all_master_at)),
+        opt_s(since(all_complete_at)),
+        opt_s(since(addresses_at)),
+        opt_s(since(quiet_at)),
+        vrids.len(),
+        vrids
+    );
+    for i in 0..NODES {
+        let w = settle_writes.of(cluster.name(i));
+        println!(
+            "  settling writes {}: {} (peak {}/s) {:?}",
+            cluster.name(i),
+            w.total,
+            w.peak_per_second,
+            w.by_request
+        );
+    }
+    let settle_cpu_percent = (0..NODES)
+        .map(|i| {
+            (
+                cluster.name(i).to_owned(),
+                cpu_percent(cpu_start[i], cpu_settled[i], clock_ticks),
+            )
+        })
+        .collect();
+
+    let steady = steady_window(cluster, &pids, &vrids, window, clock_ticks)?;
+    Ok(ScaleReport {
+        layout: layout.label(),
+        vips: count,
+        instances: vrids.len(),
+        vrids,
+        create_s: round3(create.as_secs_f64()),
+        to_all_status_master_s: since(all_master_at),
+        to_all_status_complete_s: since(all_complete_at),
+        to_all_addresses_on_master_s: since(addresses_at),
+        to_quiet_s: since(quiet_at),
+        settle_problem,
+        settle_writes,
+        settle_cpu_percent,
+        steady,
+    })
+}
+
+fn steady_window(
+    cluster: &mut Cluster,
+    pids: &[i32],
+    vrids: &[i64],
+    window: Duration,
+    clock_ticks: u64,
+) -> anyhow::Result<SteadyReport> {
+    let changes_before = cluster.watch.lock().changes;
+    let before: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
+    let start = Instant::now();
+    sleep(window)?;
+    let after: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
+    let end = Instant::now();
+    cluster.check_alive()?;
+    let changes = cluster.watch.lock().changes - changes_before;
+    // Blocking audit mode writes before answering; the margin covers the file system.
+    sleep(Duration::from_millis(300))?;
+    let writes = cluster.audit.node_writes(wall(start), wall(end))?;
+    let span = end.duration_since(start);
+    let agents: Vec<AgentCost> = (0..NODES)
+        .map(|i| {
+            let (rss, peak) = memory_kib(pids[i]);
+            AgentCost {
+                node: cluster.name(i).to_owned(),
+                pid: pids[i],
+                pid_is_the_agent: exe_is_agent(pids[i]),
+                cpu_percent_of_one_core: cpu_percent(before[i], after[i], clock_ticks),
+                rss_kib: rss,
+                peak_rss_kib: peak,
+            }
+        })
+        .collect();
+    let events: Vec<_> = cluster
+        .sniffer
+        .events_since(start)
+        .into_iter()
+        .filter(|e| e.at <= end)
+        .collect();
+    let mut adverts: BTreeMap<String, u64> = BTreeMap::new();
+    for advert in events.iter().filter_map(|e| e.advert()) {
+        if advert.priority > 0 {
+            let name = cluster
+                .lab
+                .node_by_addr(advert.source)
+                .map_or_else(|| advert.source.to_string(), |n| n.name.clone());
+            *adverts.entry(name).or_default() += 1;
+        }
+    }
+    let adverts_per_second = adverts
+        .into_iter()
+        .map(|(n, c)| (n, round3(c as f64 / span.as_secs_f64())))
+        .collect();
+    let expected = [cluster.ip(MASTER)];
+    let single_master_on_wire = !vrids.is_empty()
+        && vrids
+            .iter()
+            .all(|v| masters_since(&events, *v as u8, start)[..] == expected);
+    let writes_within_target = (0..NODES).all(|i| {
+        writes.of(cluster.name(i)).total as f64 / span.as_secs_f64() <= WRITES_TARGET_PER_NODE_PER_S
+    });
+    let rss_within_target = agents.iter().all(|a| a.rss_kib <= RSS_TARGET_KIB);
+    for a in &agents {
+        let w = writes.of(&a.node);
+        println!(
+            "  steady {:.0} s, {}: writes {} ({:.2}/s) {:?}; CPU {:.2}% of one core; RSS {:.1} MiB (peak {:.1} MiB)",
+            span.as_secs_f64(),
+            a.node,
+            w.total,
+            w.per_second,
+            w.by_request,
+            a.cpu_percent_of_one_core,
+            a.rss_kib as f64 / 1024.0,
+            a.peak_rss_kib as f64 / 1024.0
+        );
+    }
+    Ok(SteadyReport {
+        window_s: round3(span.as_secs_f64()),
+        writes,
+        virtualip_changes: changes,
+        agents,
+        adverts_per_second,
+        single_master_on_wire,
+        writes_within_target,
+        rss_within_target,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Failover at scale
+
+#[derive(Debug, Clone, Serialize)]
+struct FailoverReport {
+    vips: usize,
+    vrid: u8,
+    new_master: String,
+    kill_to_advert_ms: f64,
+    /// node-a's last advert → node-b's first: Master_Down_Interval(140) by the RFC.
+    last_advert_to_takeover_ms: Option<f64>,
+    master_down_interval_ms: f64,
+    kill_to_first_garp_ms: Option<f64>,
+    /// node-b holds every address (`ip -o addr`, polled every ~20 ms).
+    kill_to_all_addresses_ms: Option<f64>,
+    /// node-b announced every address (gratuitous ARP on the bridge).
+    kill_to_all_garps_ms: Option<f64>,
+    garped_addresses: usize,
+    /// Every VirtualIP's `status.master` is node-b.
+    kill_to_all_status_master_s: Option<f64>,
+    /// Writes per node from the kill to that point.
+    writes: NodeWrites,
+}
+
+fn failover_at_scale(cluster: &mut Cluster, count: usize) -> anyhow::Result<FailoverReport> {
+    let (vrid, names) = {
+        let state = cluster.watch.lock();
+        let names: Vec<String> = state
+            .vips
+            .keys()
+            .filter(|n| n.starts_with("bulk-"))
+            .cloned()
+            .collect();
+        let vrid = state
+            .vips
+            .get(&Layout::Shared.vip(0, count).0)
+            .and_then(|s| s.vrid)
+            .context("the shared instance's VRID")?;
+        (u8::try_from(vrid).context("VRID")?, names)
+    };
+    ensure!(
+        names.len() == count,
+        "{} of {count} VirtualIPs",
+        names.len()
+    );
+    let mdi = master_down_interval(SUCCESSOR_PRIORITY, INTERVAL);
+    println!(
+        "\n== 3. SIGKILL node-a's agent, master of {count} VIPs in VRID {vrid} (Master_Down_Interval(140) = {:.1} ms)",
+        millis(mdi)
+    );
+    let bulk: HashSet<Ipv4Addr> = (0..count).map(bulk_address).collect();
+    let successor_mac = cluster.lab.node(SUCCESSOR).mac;
+    let stopped_at = Instant::now();
+    cluster.lab.kill(cluster.agent(MASTER)?, Signal::SIGKILL)?;
+    let query = FailoverQuery {
+        vrid,
+        old_master: cluster.ip(MASTER),
+        stopped_at,
+        vip: Some(IpAddr::V4(bulk_address(0))),
+    };
+    let failover = measure_failover(&cluster.sniffer, &query, Duration::from_secs(5))?;
+    let new_master = cluster
+        .lab
+        .node_by_addr(failover.new_master)
+        .map_or_else(|| failover.new_master.to_string(), |n| n.name.clone());
+
+    let deadline = stopped_at + FAILOVER_TIMEOUT;
+    let addresses_at = loop {
+        check_interrupted()?;
+        if cluster.vip_addresses(SUCCESSOR)?.len() >= count {
+            break Some(Instant::now());
+        }
+        if Instant::now() >= deadline {
+            eprintln!("  warning: node-b does not hold every address after {FAILOVER_TIMEOUT:?}");
+            break None;
+        }
+        std::thread::sleep(POLL);
+    };
+    // Announcements may trail the addresses by a little.
+    sleep(Duration::from_secs(1))?;
+    let mut garped = HashSet::new();
+    let mut all_garps_at = None;
+    for event in cluster.sniffer.events_since(stopped_at) {
+        if event.src_mac != successor_mac {
+            continue;
+        }
+        if let Some(IpAddr::V4(a)) = event.announced()
+            && bulk.contains(&a)
+        {
+            garped.insert(a);
+            if garped.len() == count && all_garps_at.is_none() {
+                all_garps_at = Some(event.at);
+            }
+        }
+    }
+    let status_at = loop {
+        check_interrupted()?;
+        let (moved, latest) = {
+            let state = cluster.watch.lock();
+            let seen: Vec<&Seen> = names.iter().filter_map(|n| state.vips.get(n)).collect();
+            (
+                seen.iter()
+                    .filter(|s| s.master.as_deref() == Some("node-b"))
+                    .count(),
+                seen.iter().filter_map(|s| s.master_since).max(),
+            )
+        };
+        if moved == count {
+            break latest;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "  warning: {moved}/{count} VirtualIPs show status.master node-b after {FAILOVER_TIMEOUT:?}"
+            );
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let writes_end = status_at.unwrap_or_else(Instant::now) + Duration::from_millis(1);
+    sleep(Duration::from_millis(300))?;
+    let writes = cluster
+        .audit
+        .node_writes(wall(stopped_at), wall(writes_end))?;
+    let since = |at: Instant| millis(at.saturating_duration_since(stopped_at));
+    let report = FailoverReport {
+        vips: count,
+        vrid,
+        new_master,
+        kill_to_advert_ms: millis(failover.death_to_advert),
+        last_advert_to_takeover_ms: failover.last_advert_to_takeover.map(millis),
+        master_down_interval_ms: millis(mdi),
+        kill_to_first_garp_ms: failover.death_to_garp.map(millis),
+        kill_to_all_addresses_ms: addresses_at.map(since),
+        kill_to_all_garps_ms: all_garps_at.map(since),
+        garped_addresses: garped.len(),
+        kill_to_all_status_master_s: status_at
+            .map(|at| round3(at.saturating_duration_since(stopped_at).as_secs_f64())),
+        writes,
+    };
+    println!(
+        "  {} took over: kill → advert {:.1} ms (gap {} ms), first GARP {} ms, all {count} addresses {} ms, all GARPs {} ms ({} addresses), all status.master {} s",
+        report.new_master,
+        report.kill_to_advert_ms,
+        opt_ms(report.last_advert_to_takeover_ms),
+        opt_ms(report.kill_to_first_garp_ms),
+        opt_ms(report.kill_to_all_addresses_ms),
+        opt_ms(report.kill_to_all_garps_ms),
+        report.garped_addresses,
+        opt_s(report.kill_to_all_status_master_s)
+    );
+    Ok(report)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+#[derive(Debug, Clone, Serialize)]
+struct Stats {
+    n: usize,
+    median_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+}
+
+impl Stats {
+    fn of(values: impl IntoIterator<Item = f64>) -> Option<Stats> {
+        let mut values: Vec<f64> = values.into_iter().collect();
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        };
+        Some(Stats {
+            n,
+            median_ms: round3(median),
+            min_ms: values[0],
+            max_ms: values[n - 1],
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Targets {
+    apply_to_answer_ms: f64,
+    writes_per_node_per_second: f64,
+    rss_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Report {
+    command: String,
+    nodes: usize,
+    interval_ms: f64,
+    apiserver: &'static str,
+    targets: Targets,
+    apply: Vec<ApplySummary>,
+    scale: Vec<ScaleReport>,
+    failover: Option<FailoverReport>,
+    apply_rounds: Vec<ApplyRound>,
+    runtime_s: f64,
+    errors: Vec<String>,
+}
+
+impl Report {
+    fn new(args: &Args) -> Report {
+        let mut command = String::from("cargo bench --bench k8s");
+        let mut extra = vec![
+            format!("--apply-rounds {}", args.apply_rounds),
+            format!("--vips {}", args.vips),
+            format!("--groups {}", args.groups),
+            format!("--window {}", args.window),
+            format!("--settle-timeout {}", args.settle_timeout),
+        ];
+        if args.skip_failover {
+            extra.push("--skip-failover".into());
+        }
+        let _ = write!(command, " -- {}", extra.join(" "));
+        Report {
+            command,
+            nodes: NODES,
+            interval_ms: millis(INTERVAL),
+            apiserver: ferrovip::lab::apiserver::APISERVER_VERSION,
+            targets: Targets {
+                apply_to_answer_ms: millis(APPLY_TARGET),
+                writes_per_node_per_second: WRITES_TARGET_PER_NODE_PER_S,
+                rss_kib: RSS_TARGET_KIB,
+            },
+            apply: Vec::new(),
+            scale: Vec::new(),
+            failover: None,
+            apply_rounds: Vec::new(),
+            runtime_s: 0.0,
+            errors: Vec::new(),
+        }
+    }
+
+    fn table(&self) -> String {
+        let mut t = Table::default();
+        let _ = writeln!(t.out, "{}", self.command);
+        if !self.apply.is_empty() {
+            let names: Vec<&str> = self.apply.iter().map(|a| a.variant.label()).collect();
+            t.heading(
+                "\n1. kubectl apply → VIP, ms from kubectl's start: median [min–max]",
+                &names,
+            );
+            t.row("kubectl apply returned", &self.apply, |a| {
+                stats_cell(a.kubectl.as_ref())
+            });
+            t.row("gratuitous ARP on the bridge", &self.apply, |a| {
+                stats_cell(a.garp.as_ref())
+            });
+            t.row("first ping reply at node-c", &self.apply, |a| {
+                stats_cell(a.ping.as_ref())
+            });
+            t.row("status.master set", &self.apply, |a| {
+                stats_cell(a.status_master.as_ref())
+            });
+            t.row("status complete (all 3 entries)", &self.apply, |a| {
+                stats_cell(a.status_complete.as_ref())
+            });
+            t.row(
+                "rounds / no reply / no GARP / wrong master",
+                &self.apply,
+                |a| {
+                    format!(
+                        "{} / {} / {} / {}",
+                        a.rounds, a.no_reply, a.no_garp, a.wrong_master
+                    )
+                },
+            );
+            t.row("every VIP answers < 1 s", &self.apply, |a| {
+                verdict(a.within_target)
+            });
+        }
+        if !self.scale.is_empty() {
+            let names: Vec<String> = self
+                .scale
+                .iter()
+                .map(|s| format!("{} × {}", s.vips, s.layout))
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            t.heading("\n2. Scale (s from the first create)", &names);
+            let s = &self.scale;
+            t.row("VRRP instances", s, |r| r.instances.to_string());
+            t.row("create all (harness, 16 in flight)", s, |r| {
+                format!("{:.2} s", r.create_s)
+            });
+            t.row("→ all status.master set", s, |r| {
+                opt_s(r.to_all_status_master_s)
+            });
+            t.row("→ all status complete", s, |r| {
+                opt_s(r.to_all_status_complete_s)
+            });
+            t.row("→ all addresses on node-a", s, |r| {
+                opt_s(r.to_all_addresses_on_master_s)
+            });
+            t.row("→ last VirtualIP change (3 s quiet)", s, |r| {
+                opt_s(r.to_quiet_s)
+            });
+            for node in ["node-a", "node-b", "node-c"] {
+                t.row(&format!("settling writes {node} (peak/s)"), s, |r| {
+                    let w = r.settle_writes.of(node);
+                    format!("{} ({})", w.total, w.peak_per_second)
+                });
+            }
+            for node in ["node-a", "node-b", "node-c"] {
+                t.row(&format!("settling CPU {node}"), s, |r| {
+                    format!(
+                        "{:.1}%",
+                        r.settle_cpu_percent.get(node).copied().unwrap_or(0.0)
+                    )
+                });
+            }
+            let window = s.first().map_or(0.0, |r| r.steady.window_s);
+            let _ = writeln!(
+                t.out,
+                "steady state over {window:.0} s (targets: ≤ {WRITES_TARGET_PER_NODE_PER_S} write/s per node, RSS ≤ {} MiB)",
+                RSS_TARGET_KIB / 1024
+            );
+            for node in ["node-a", "node-b", "node-c"] {
+                t.row(&format!("  writes/s {node}"), s, |r| {
+                    let w = r.steady.writes.of(node);
+                    format!("{:.2} ({})", w.per_second, w.total)
+                });
+            }
+            for (i, node) in ["node-a", "node-b", "node-c"].iter().enumerate() {
+                t.row(&format!("  CPU {node} (% of one core)"), s, |r| {
+                    r.steady.agents.get(i).map_or("—".into(), |a| {
+                        format!("{:.2}%", a.cpu_percent_of_one_core)
+                    })
+                });
+            }
+            for (i, node) in ["node-a", "node-b", "node-c"].iter().enumerate() {
+                t.row(&format!("  RSS {node} (peak)"), s, |r| {
+                    r.steady.agents.get(i).map_or("—".into(), |a| {
+                        format!(
+                            "{:.1} ({:.1}) MiB",
+                            a.rss_kib as f64 / 1024.0,
+                            a.peak_rss_kib as f64 / 1024.0
+                        )
+                    })
+                });
+            }
+            t.row("  VirtualIP changes in the window", s, |r| {
+                r.steady.virtualip_changes.to_string()
+            });
+            t.row("  node-a sole master on the wire", s, |r| {
+                verdict(r.steady.single_master_on_wire)
+            });
+            t.row("  writes within target", s, |r| {
+                verdict(r.steady.writes_within_target)
+            });
+            t.row("  RSS within target", s, |r| {
+                verdict(r.steady.rss_within_target)
+            });
+        }
+        if let Some(f) = &self.failover {
+            let _ = writeln!(
+                t.out,
+                "\n3. SIGKILL the master of {} VIPs in one instance (VRID {}); ms from the kill",
+                f.vips, f.vrid
+            );
+            let one = [f];
+            t.row("new master", &one, |f| f.new_master.clone());
+            t.row("→ new master's first advert", &one, |f| {
+                format!("{:.1}", f.kill_to_advert_ms)
+            });
+            t.row("last advert → first advert (gap)", &one, |f| {
+                format!(
+                    "{} (MDI {:.1})",
+                    opt_ms(f.last_advert_to_takeover_ms),
+                    f.master_down_interval_ms
+                )
+            });
+            t.row("→ first GARP", &one, |f| opt_ms(f.kill_to_first_garp_ms));
+            t.row("→ all addresses on the new master", &one, |f| {
+                opt_ms(f.kill_to_all_addresses_ms)
+            });
+            t.row("→ all addresses announced", &one, |f| {
+                format!(
+                    "{} ({} seen)",
+                    opt_ms(f.kill_to_all_garps_ms),
+                    f.garped_addresses
+                )
+            });
+            t.row("→ all status.master = new master", &one, |f| {
+                opt_s(f.kill_to_all_status_master_s)
+            });
+            for node in ["node-b", "node-c"] {
+                t.row(&format!("writes {node} until then"), &one, |f| {
+                    f.writes.of(node).total.to_string()
+                });
+            }
+        }
+        let _ = writeln!(t.out, "\nruntime {:.0} s", self.runtime_s);
+        t.out
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    out: String,
+}
+
+impl Table {
+    const LABEL: usize = 44;
+    const CELL: usize = 28;
+
+    fn heading(&mut self, title: &str, columns: &[&str]) {
+        let _ = writeln!(self.out, "{title}");
+        let _ = write!(self.out, "{:<width$}", "", width = Table::LABEL);
+        for column in columns {
+            let _ = write!(self.out, "{column:>width$}", width = Table::CELL);
+        }
+        self.out.push('\n');
+    }
+
+    fn row<T>(&mut self, label: &str, items: &[T], cell: impl Fn(&T) -> String) {
+        let _ = write!(self.out, "{label:<width$}", width = Table::LABEL);
+        for item in items {
+            let _ = write!(self.out, "{:>width$}", cell(item), width = Table::CELL);
+        }
+        self.out.push('\n');
+    }
+}
+
+fn stats_cell(stats: Option<&Stats>) -> String {
+    match stats {
+        Some(s) => format!("{:.1} [{:.1}–{:.1}]", s.median_ms, s.min_ms, s.max_ms),
+        None => "—".into(),
+    }
+}
+
+fn verdict(ok: bool) -> String {
+    if ok { "yes".into() } else { "NO".into() }
+}
+
+/// Milliseconds to the microsecond: finer digits would be noise in the JSON.
+fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "—".into(), |v| format!("{v:.1}"))
+}
+
+fn opt_s(v: Option<f64>) -> String {
+    v.map_or_else(|| "—".into(), |v| format!("{v:.2} s"))
+}
