@@ -22,8 +22,9 @@ use crate::vrrp::driver::{Command, Engine, Observed};
 
 /// How often interface carrier is read.
 const CARRIER_POLL: Duration = Duration::from_secs(1);
-/// Status is re-applied at least this often while writes fail.
-const STATUS_RETRY: Duration = Duration::from_secs(5);
+/// How often status is compared with the objects (and failed writes retried) even when
+/// nothing signals a change; only differences cause writes.
+const STATUS_RETRY: Duration = Duration::from_secs(1);
 
 /// Settings of the agent process (what users ask for lives in VirtualIP resources).
 #[derive(Debug, Clone, clap::Args)]
@@ -82,7 +83,7 @@ enum Source {
 }
 
 impl Source {
-    /// Resolves when the source may have changed.
+    /// Resolves when the source may have changed. Cancel-safe: it races other wake-ups.
     async fn changed(&mut self) {
         match self {
             Source::Files { files, poll, .. } => loop {
@@ -193,7 +194,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 info!("SIGHUP: reloading");
                 snapshot = source.snapshot();
             }
-            () = source.changed() => snapshot = source.snapshot(),
+            () = source.changed() => {
+                if let Source::Cluster(c) = &mut source {
+                    c.settle().await;
+                }
+                snapshot = source.snapshot();
+            }
             _ = health_rx.changed() => {}
             _ = carrier_poll.tick() => {
                 let interfaces = last.iter().flat_map(|d| d.instances.keys());

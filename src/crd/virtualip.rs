@@ -403,12 +403,20 @@ pub struct VirtualIPStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_router_id: Option<i64>,
     /// Per-node VRRP state; each node writes its own entry (server-side apply, keyed by name).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     // nullable: when the last node drops its entry, server-side apply (1.20) leaves null.
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"], "nullable" = true))]
     pub nodes: Vec<NodeStatus>,
     /// `Ready`, `Conflict`, `Degraded`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"], "nullable" = true))]
     pub conditions: Vec<Condition>,
 }
@@ -426,6 +434,16 @@ pub struct NodeStatus {
     pub reasons: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<String>,
+}
+
+/// A list the API server may hand back as `null` (server-side apply leaves null when the last
+/// owner drops its items).
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
 fn default_version() -> i64 {

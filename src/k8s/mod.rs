@@ -98,12 +98,18 @@ impl ClusterSource {
         }
     }
 
-    /// Resolves after the next change (debounced).
+    /// Resolves after the next change. Cancel-safe (it is raced against other wake-ups): a
+    /// change is only marked seen when this resolves. Call [`ClusterSource::settle`] after.
     pub async fn changed(&mut self) {
         if self.seen.changed().await.is_err() {
             // The watcher tasks never end; if they did, there is nothing left to wait for.
             std::future::pending::<()>().await;
         }
+    }
+
+    /// Lets a burst of changes (an initial list, `kubectl apply` of many objects) arrive, so
+    /// that it plans once.
+    pub async fn settle(&mut self) {
         tokio::time::sleep(DEBOUNCE).await;
         self.seen.mark_unchanged();
     }

@@ -29,6 +29,8 @@ use crate::vrrp::instance::State;
 const EVENT_REPEAT: Duration = Duration::from_secs(600);
 /// After a failed write, wait this long before trying that resource again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// A write the object does not reflect is repeated at most this often.
+const REWRITE_AFTER: Duration = Duration::from_secs(1);
 
 /// Event severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,7 @@ pub struct StatusWriter {
     /// What was last applied successfully, per VirtualIP.
     written: HashMap<String, serde_json::Value>,
     failed_at: HashMap<String, Instant>,
+    applied_at: HashMap<String, Instant>,
     warned: HashMap<(String, String), Instant>,
     /// Per (VirtualIP, family): whether we were master at the last look.
     was_master: HashMap<String, bool>,
@@ -65,6 +68,7 @@ impl StatusWriter {
             node,
             written: HashMap::new(),
             failed_at: HashMap::new(),
+            applied_at: HashMap::new(),
             warned: HashMap::new(),
             was_master: HashMap::new(),
             outage_logged: false,
@@ -112,7 +116,18 @@ impl StatusWriter {
             .await;
 
             let body = desired_status(&vip, &self.node, plan, &ours, &addresses);
-            if self.written.get(&name) == Some(&body) {
+            let unchanged = self.written.get(&name) == Some(&body);
+            if unchanged && reflected(&vip, &body, &self.node) {
+                continue;
+            }
+            // Written, but the object does not show it (another node's apply removed what we
+            // co-owned, say): write again, though not more often than once a second.
+            if unchanged
+                && self
+                    .applied_at
+                    .get(&name)
+                    .is_some_and(|t| now.duration_since(*t) < REWRITE_AFTER)
+            {
                 continue;
             }
             if self
@@ -134,6 +149,7 @@ impl StatusWriter {
                         self.outage_logged = false;
                     }
                     self.failed_at.remove(&name);
+                    self.applied_at.insert(name.clone(), now);
                     self.written.insert(name, body);
                 }
                 Err(e) => {
@@ -151,6 +167,7 @@ impl StatusWriter {
         }
         self.written.retain(|k, _| live.contains(k));
         self.failed_at.retain(|k, _| live.contains(k));
+        self.applied_at.retain(|k, _| live.contains(k));
         self.was_master.retain(|k, _| live.contains(k));
     }
 
@@ -256,6 +273,61 @@ impl StatusWriter {
             }
         }
     }
+}
+
+/// Whether the object shows what `body` applies: our node entry (or its absence), the
+/// cluster-wide fields and the conditions we set.
+fn reflected(vip: &VirtualIP, body: &serde_json::Value, node: &str) -> bool {
+    let Ok(current) = serde_json::to_value(vip.status.clone().unwrap_or_default()) else {
+        return false;
+    };
+    let Some(wanted) = body["status"].as_object() else {
+        return true;
+    };
+    for key in ["master", "state", "virtualRouterId", "observedGeneration"] {
+        if let Some(v) = wanted.get(key)
+            && current.get(key) != Some(v)
+        {
+            return false;
+        }
+    }
+    let entries = |v: &serde_json::Value| {
+        v.get("nodes")
+            .and_then(|n| n.as_array())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let ours = entries(&body["status"]);
+    let theirs = entries(&current);
+    match ours.first() {
+        Some(entry) => {
+            if !theirs.contains(entry) {
+                return false;
+            }
+        }
+        None => {
+            if theirs.iter().any(|e| e["name"] == node) {
+                return false;
+            }
+        }
+    }
+    let conditions = current
+        .get("conditions")
+        .and_then(|c| c.as_array())
+        .cloned()
+        .unwrap_or_default();
+    wanted
+        .get("conditions")
+        .and_then(|c| c.as_array())
+        .into_iter()
+        .flatten()
+        .all(|w| {
+            conditions.iter().any(|c| {
+                ["type", "status", "reason", "message"]
+                    .iter()
+                    .all(|k| c.get(k) == w.get(k))
+            })
+        })
 }
 
 fn truncate(mut s: String, max: usize) -> String {
@@ -602,5 +674,28 @@ mod tests {
             second["status"]["conditions"],
             first["status"]["conditions"]
         );
+    }
+
+    #[test]
+    fn a_write_another_node_undid_is_noticed() {
+        let i = instance(State::Master, Some("192.0.2.11"));
+        let body = desired_status(&vip(), "node-a", &plan(true, None), &[&i], &addresses());
+        let mut seen = vip();
+        assert!(
+            !reflected(&seen, &body, "node-a"),
+            "empty status reflects nothing"
+        );
+        seen.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
+        assert!(reflected(&seen, &body, "node-a"));
+        // Conditions dropped to null by another manager's apply.
+        let mut undone = body["status"].clone();
+        undone["conditions"] = serde_json::Value::Null;
+        seen.status = Some(serde_json::from_value(undone).unwrap());
+        assert!(!reflected(&seen, &body, "node-a"));
+        // An ineligible node's body is reflected only once its entry is gone.
+        let gone = desired_status(&vip(), "node-a", &plan(false, None), &[], &addresses());
+        seen.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
+        assert!(!reflected(&seen, &gone, "node-a"));
+        assert!(reflected(&seen, &gone, "node-z"));
     }
 }
