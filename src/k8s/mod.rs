@@ -131,10 +131,6 @@ impl ClusterSource {
         &self.nodes
     }
 
-    pub fn services(&self) -> &Store<Service> {
-        &self.services
-    }
-
     /// The snapshot to plan from. Local facts other than endpoints are the caller's.
     pub fn snapshot(&self) -> Snapshot {
         let mut virtual_ips: Vec<VirtualIP> = self
@@ -169,6 +165,17 @@ impl ClusterSource {
         snapshot.local.endpoints_known = self.endpoints_known.load(Ordering::Relaxed);
         snapshot.local.local_ready_endpoints =
             local_ready_endpoints(&self.slices.state(), &self.node);
+        snapshot.local.services = self
+            .services
+            .state()
+            .iter()
+            .filter_map(|svc| {
+                Some(ServiceRef {
+                    namespace: svc.metadata.namespace.clone()?,
+                    name: svc.metadata.name.clone()?,
+                })
+            })
+            .collect();
         snapshot
     }
 }

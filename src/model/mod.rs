@@ -57,6 +57,8 @@ pub struct LocalFacts {
     /// Whether `local_ready_endpoints` is known (the cluster serves EndpointSlice v1); when
     /// not, the local-endpoints penalty does not apply and the reasons say so.
     pub endpoints_known: bool,
+    /// The Services that exist (Kubernetes mode), so a reference to a missing one is named.
+    pub services: BTreeSet<ServiceRef>,
 }
 
 /// One VRRP instance: a (interface, family, VRID) triple is unique on a node.
@@ -568,20 +570,30 @@ fn priority_with_health(
         w.carrier_down,
         format!("{} carrier down", spec.interface),
     );
+    let mut unknown = None;
     if let Some((service, weight)) = &spec.local_endpoints {
         let ready = local
             .local_ready_endpoints
             .get(service)
             .copied()
             .unwrap_or(0);
-        penalty(
-            ready == 0,
-            *weight,
-            format!(
-                "no ready local endpoints of {}/{}",
+        let why = if local.services.contains(service) {
+            "no ready local endpoints of"
+        } else {
+            "no such Service"
+        };
+        if local.endpoints_known {
+            penalty(
+                ready == 0,
+                *weight,
+                format!("{why} {}/{}", service.namespace, service.name),
+            );
+        } else {
+            unknown = Some(format!(
+                "local endpoints of {}/{} unknown (no EndpointSlice v1)",
                 service.namespace, service.name
-            ),
-        );
+            ));
+        }
     }
     for check in &spec.checks {
         let failing = local
@@ -593,6 +605,7 @@ fn priority_with_health(
             format!("check {} failing", check.name),
         );
     }
+    reasons.extend(unknown);
     clamp_priority(total, reasons)
 }
 
@@ -897,6 +910,10 @@ mod tests {
         };
         s.local.carrier.insert("eth0".into(), false);
         s.local.endpoints_known = true;
+        s.local.services.insert(ServiceRef {
+            namespace: "web".into(),
+            name: "frontend".into(),
+        });
         s.local.failing_checks.insert(("web".into(), "api".into()));
         let d = plan(&s, "node-a");
         let plan_a = &d.resources["web"];
@@ -1020,5 +1037,37 @@ mod tests {
         assert!(d.refused.is_empty(), "{:?}", d.refused.first());
         assert_eq!(d.iter().count(), 1);
         assert_eq!(d.iter().next().unwrap().addresses.len(), 1000);
+    }
+
+    #[test]
+    fn local_endpoints_unknown_or_missing_service() {
+        let mut v = vip("web", 51, &["192.0.2.100/24"]);
+        v.spec.priority.local_endpoints = Some(crate::crd::LocalEndpoints {
+            service: ServiceRef {
+                namespace: "web".into(),
+                name: "frontend".into(),
+            },
+            weight: 20,
+        });
+        let mut s = Snapshot {
+            virtual_ips: vec![v],
+            cluster: true,
+            nodes: cluster(&[("node-b", &[], true, "192.0.2.12")]),
+            ..Snapshot::default()
+        };
+        // Kubernetes 1.20: no EndpointSlice v1, so no penalty, and the reasons say why.
+        let d = plan(&s, "node-b");
+        assert_eq!(d.resources["web"].priority, Some(100));
+        assert_eq!(
+            d.resources["web"].priority_reasons.last().unwrap(),
+            "local endpoints of web/frontend unknown (no EndpointSlice v1)"
+        );
+        s.local.endpoints_known = true;
+        let d = plan(&s, "node-b");
+        assert_eq!(d.resources["web"].priority, Some(80));
+        assert_eq!(
+            d.resources["web"].priority_reasons.last().unwrap(),
+            "no such Service web/frontend -20"
+        );
     }
 }
