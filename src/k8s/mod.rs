@@ -191,10 +191,29 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(slim::<K>),
+    )
+    .default_backoff();
     tokio::spawn(drive(stream, changed, served, std::any::type_name::<K>()));
     reader
+}
+
+/// Drops what the agent never reads before an object enters a store: managed fields and
+/// kubectl's last-applied copy (together often larger than the object), and a Node's image
+/// list. With a thousand VirtualIPs this is most of the agent's memory.
+fn slim<K: Resource + 'static>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    if let Some(node) = (object as &mut dyn std::any::Any).downcast_mut::<Node>()
+        && let Some(status) = node.status.as_mut()
+    {
+        status.images = None;
+    }
 }
 
 /// How often a resource the API server does not serve is looked for again.
@@ -235,8 +254,11 @@ where
                 _ => break,
             }
         }
-        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff();
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).modify(slim::<K>),
+        )
+        .default_backoff();
         drive(stream, changed, Some(served), kind).await;
     });
     reader

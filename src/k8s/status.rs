@@ -29,6 +29,10 @@ use crate::vrrp::instance::State;
 const EVENT_REPEAT: Duration = Duration::from_secs(600);
 /// After a failed write, wait this long before trying that resource again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Events a node may publish in a burst, and how many more per second after it: a failover
+/// of a thousand VIPs in one instance would otherwise create a thousand Events at once.
+const EVENT_BURST: f64 = 20.0;
+const EVENTS_PER_SECOND: f64 = 2.0;
 /// A write the object does not reflect is repeated at most this often.
 const REWRITE_AFTER: Duration = Duration::from_secs(1);
 
@@ -53,6 +57,9 @@ pub struct StatusWriter {
     failed_at: HashMap<String, Instant>,
     applied_at: HashMap<String, Instant>,
     warned: HashMap<(String, String), Instant>,
+    /// Token bucket for Events: (tokens, last refill), and how many were dropped.
+    event_tokens: (f64, Instant),
+    events_dropped: u64,
     /// Per (VirtualIP, family): whether we were master at the last look.
     was_master: HashMap<String, bool>,
     outage_logged: bool,
@@ -65,6 +72,8 @@ impl StatusWriter {
             client,
             params: PatchParams::apply(&format!("ferrovip-{node}")).force(),
             event_namespace: "default",
+            event_tokens: (EVENT_BURST, Instant::now()),
+            events_dropped: 0,
             node,
             written: HashMap::new(),
             failed_at: HashMap::new(),
@@ -212,9 +221,13 @@ impl StatusWriter {
                 .get(&key)
                 .is_none_or(|t| now.duration_since(*t) >= EVENT_REPEAT)
             {
-                self.warned.insert(key, now);
-                self.publish(vip, EventType::Warning, event_reason, action, note)
-                    .await;
+                // Remembered only once published, so a rate-limited warning comes later.
+                if self
+                    .publish(vip, EventType::Warning, event_reason, action, note)
+                    .await
+                {
+                    self.warned.insert(key, now);
+                }
             }
         }
     }
@@ -226,7 +239,22 @@ impl StatusWriter {
         reason: &str,
         action: &str,
         note: String,
-    ) {
+    ) -> bool {
+        let (tokens, refilled) = self.event_tokens;
+        let elapsed = refilled.elapsed().as_secs_f64();
+        let tokens = (tokens + elapsed * EVENTS_PER_SECOND).min(EVENT_BURST);
+        if tokens < 1.0 {
+            self.event_tokens = (tokens, Instant::now());
+            self.events_dropped += 1;
+            if self.events_dropped.is_power_of_two() {
+                info!(
+                    dropped = self.events_dropped,
+                    "Events rate-limited; status still shows every change"
+                );
+            }
+            return false;
+        }
+        self.event_tokens = (tokens - 1.0, Instant::now());
         let now = Timestamp::now();
         let name = vip.metadata.name.clone().unwrap_or_default();
         let event = |namespace: &str| K8sEvent {
@@ -257,7 +285,7 @@ impl StatusWriter {
                 .create(&PostParams::default(), &event(self.event_namespace))
                 .await
             {
-                Ok(_) => return,
+                Ok(_) => return true,
                 Err(kube::Error::Api(status))
                     if status.code == 422 && self.event_namespace == "default" =>
                 {
@@ -268,7 +296,7 @@ impl StatusWriter {
                 }
                 Err(e) => {
                     debug!(error = %e, reason, "event not published");
-                    return;
+                    return false;
                 }
             }
         }
