@@ -3,7 +3,8 @@
 //! v1.20 with etcd and an audit log.
 //!
 //! Run as root: `cargo bench --bench k8s [-- --apply-rounds N --vips N --groups G --window S
-//! --skip-failover]`. Prints a table and writes the same figures to `target/bench-k8s.json`.
+//! --skip-shared --skip-failover --keep]` (about 3-4 minutes with the defaults). Prints a table
+//! and writes the same figures to `target/bench-k8s.json`.
 //!
 //! 1. Apply latency: `kubectl apply` of one new VirtualIP (fresh address, 100 ms adverts) →
 //!    gratuitous ARP on the bridge, first ping reply from another node (node-c), and
@@ -121,6 +122,12 @@ struct Args {
     /// Skip killing the master with every VIP in one instance.
     #[arg(long)]
     skip_failover: bool,
+    /// Skip the shared-instance scale variant (and so the failover).
+    #[arg(long)]
+    skip_shared: bool,
+    /// Keep the lab directory (agent logs, API server audit log) for a post-mortem.
+    #[arg(long)]
+    keep: bool,
     /// Added by `cargo bench`; `cargo test --benches` runs the binary without it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -159,6 +166,11 @@ fn main() -> anyhow::Result<()> {
         INTERVAL.as_millis()
     );
     let mut cluster = Cluster::create()?;
+    if args.keep {
+        cluster.lab.keep_dir(true);
+        cluster.api.keep_dir(true);
+        println!("keeping {}", cluster.lab.dir().display());
+    }
     let mut report = Report::new(&args);
 
     if args.apply_rounds > 0 {
@@ -174,7 +186,9 @@ fn main() -> anyhow::Result<()> {
         if args.groups > 1 {
             variants.push(Layout::Groups(args.groups));
         }
-        variants.push(Layout::Shared);
+        if !args.skip_shared {
+            variants.push(Layout::Shared);
+        }
         for layout in variants {
             let outcome = scale(
                 &mut cluster,
@@ -391,6 +405,11 @@ struct Seen {
     /// When the status first showed an active master and every node's entry.
     complete_at: Option<Instant>,
     vrid: Option<i64>,
+    /// Changes (new resourceVersions) seen.
+    changes: u64,
+    /// The last two statuses, to show what changes.
+    status: Option<Value>,
+    previous_status: Option<Value>,
 }
 
 #[derive(Debug, Default)]
@@ -416,8 +435,11 @@ impl WatchState {
             return;
         }
         seen.resource_version = vip.metadata.resource_version.clone();
+        seen.changes += 1;
         self.changes += 1;
         self.last_change = Some(at);
+        seen.previous_status = seen.status.take();
+        seen.status = serde_json::to_value(&vip.status).ok();
         let status = vip.status.clone().unwrap_or_default();
         if status.master != seen.master {
             seen.master = status.master.clone();
@@ -691,8 +713,19 @@ fn cpu_percent(before: Option<CpuSample>, after: Option<CpuSample>, clock_ticks:
     }
 }
 
-/// `VmRSS` and `VmHWM` (peak RSS) in KiB.
-fn memory_kib(pid: i32) -> (u64, u64) {
+/// Resident memory of a process, KiB.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Memory {
+    rss_kib: u64,
+    /// Peak RSS since the process started (`VmHWM`).
+    peak_rss_kib: u64,
+    /// Heap and other private memory (`RssAnon`); the rest is the mapped binary and libraries.
+    anon_kib: u64,
+    file_kib: u64,
+    threads: u64,
+}
+
+fn memory(pid: i32) -> Memory {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -701,7 +734,81 @@ fn memory_kib(pid: i32) -> (u64, u64) {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    Memory {
+        rss_kib: field("VmRSS:"),
+        peak_rss_kib: field("VmHWM:"),
+        anon_kib: field("RssAnon:"),
+        file_kib: field("RssFile:"),
+        threads: field("Threads:"),
+    }
+}
+
+/// Transitions an agent logged (`event = "transition"`) with a wall-clock time in
+/// `[from, to)`, as `vip vrid from→to`.
+fn logged_transitions(log: &Path, from: SystemTime, to: SystemTime) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["event"] == "transition")
+        .filter(|l| {
+            l["timestamp"]
+                .as_str()
+                .and_then(|t| k8s_openapi::jiff::Timestamp::from_str(t).ok())
+                .map(SystemTime::from)
+                .is_some_and(|t| t >= from && t < to)
+        })
+        .map(|l| {
+            format!(
+                "{} vrid {} {}→{} ({})",
+                l["vip"].as_str().unwrap_or("?"),
+                l["vrid"],
+                l["from"].as_str().unwrap_or("?"),
+                l["to"].as_str().unwrap_or("?"),
+                l["reason"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+/// Paths whose values differ between two JSON values (at most `limit`).
+fn changed_paths(a: &Value, b: &Value, path: &str, limit: usize, out: &mut Vec<String>) {
+    if out.len() >= limit || a == b {
+        return;
+    }
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let null = Value::Null;
+                changed_paths(
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    &format!("{path}.{k}"),
+                    limit,
+                    out,
+                );
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                changed_paths(p, q, &format!("{path}[{i}]"), limit, out);
+            }
+        }
+        _ => out.push(format!("{path}: {a} → {b}")),
+    }
+}
+
+/// eth0's transmitted frames and drops on node `node`.
+fn tx_counters(netns: &str) -> Option<(u64, u64)> {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-j", "-s", "link", "show", "eth0"])
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let tx = &v[0]["stats64"]["tx"];
+    Some((tx["packets"].as_u64()?, tx["dropped"].as_u64().unwrap_or(0)))
 }
 
 fn exe_is_agent(pid: i32) -> bool {
@@ -976,6 +1083,30 @@ impl Cluster {
         out
     }
 
+    /// What the API server and the agents say about VirtualIP `name`.
+    fn diagnose(&self, name: &str) -> String {
+        let status = self
+            .api
+            .kubectl(&["get", "vip", name, "-o", "jsonpath={.status}"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mut out = format!("status {status}");
+        for i in 0..NODES {
+            let Ok(log) = self.log_path(i) else {
+                continue;
+            };
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains(name)).collect();
+            let _ = write!(
+                out,
+                "\n      {}: {}",
+                self.name(i),
+                lines[lines.len().saturating_sub(3)..].join("\n        ")
+            );
+        }
+        out
+    }
+
     /// Addresses on node `i`'s eth0 other than its own.
     fn vip_addresses(&self, i: usize) -> anyhow::Result<HashSet<Ipv4Addr>> {
         let node = self.lab.node(i);
@@ -1114,6 +1245,8 @@ struct ApplyRound {
     master: Option<String>,
     /// The node whose gratuitous ARP came first.
     garp_from: Option<String>,
+    /// When the VIP did not answer: its status and the agents' log lines naming it.
+    problem: Option<String>,
     /// Nodes that advertised the VIP's VRID with priority > 0 during the round, in order: a
     /// new instance starts in Backup on every node, and whoever's Master_Down_Interval runs
     /// out first advertises first.
@@ -1154,6 +1287,9 @@ fn apply_rounds(
                 opt_ms(record.status_master_ms),
                 opt_ms(record.status_complete_ms),
             );
+            if let Some(problem) = &record.problem {
+                println!("    did not answer: {problem}");
+            }
             if record.garp_from.as_deref() != Some("node-a")
                 || record.masters_on_wire.iter().any(|m| m != "node-a")
             {
@@ -1256,7 +1392,9 @@ fn apply_round(
                 .collect()
         })
         .unwrap_or_default();
+    let problem = (!replied || garp.is_none()).then(|| cluster.diagnose(&name));
     Ok(ApplyRound {
+        problem,
         variant,
         name,
         address,
@@ -1394,6 +1532,10 @@ struct AgentCost {
     rss_kib: u64,
     /// Peak RSS since the agent started (settling included).
     peak_rss_kib: u64,
+    rss_at_window_start_kib: u64,
+    memory: Memory,
+    /// VRRP transitions the agent logged during the window.
+    transitions: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1407,6 +1549,11 @@ struct SteadyReport {
     adverts_per_second: BTreeMap<String, f64>,
     /// node-a alone advertised every VRID over the whole window.
     single_master_on_wire: bool,
+    /// VRIDs with other masters than node-a alone in the window → who advertised, in order.
+    unstable_vrids: BTreeMap<u8, Vec<String>>,
+    /// The VirtualIPs that changed most in the window: `name (VRID): changes; what changed
+    /// last`.
+    most_changed: Vec<String>,
     writes_within_target: bool,
     rss_within_target: bool,
 }
@@ -1644,28 +1791,78 @@ fn steady_window(
     window: Duration,
     clock_ticks: u64,
 ) -> anyhow::Result<SteadyReport> {
-    let changes_before = cluster.watch.lock().changes;
+    let (changes_before, per_vip_before): (u64, HashMap<String, u64>) = {
+        let state = cluster.watch.lock();
+        (
+            state.changes,
+            state
+                .vips
+                .iter()
+                .map(|(n, s)| (n.clone(), s.changes))
+                .collect(),
+        )
+    };
+    let memory_before: Vec<Memory> = pids.iter().map(|p| memory(*p)).collect();
     let before: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
     let start = Instant::now();
     sleep(window)?;
     let after: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
     let end = Instant::now();
     cluster.check_alive()?;
-    let changes = cluster.watch.lock().changes - changes_before;
+    let (changes, mut most_changed) = {
+        let state = cluster.watch.lock();
+        let mut changed: Vec<(u64, String, &Seen)> = state
+            .vips
+            .iter()
+            .map(|(n, s)| {
+                let before = per_vip_before.get(n).copied().unwrap_or(0);
+                (s.changes - before, n.clone(), s)
+            })
+            .filter(|(c, ..)| *c > 0)
+            .collect();
+        changed.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let described: Vec<(u64, String)> = changed
+            .iter()
+            .take(5)
+            .map(|(c, name, seen)| {
+                let mut paths = Vec::new();
+                if let (Some(a), Some(b)) = (&seen.previous_status, &seen.status) {
+                    changed_paths(a, b, "status", 6, &mut paths);
+                }
+                (
+                    *c,
+                    format!(
+                        "{name} (VRID {}): {c} changes; last: {}",
+                        seen.vrid.unwrap_or(0),
+                        paths.join(", ")
+                    ),
+                )
+            })
+            .collect();
+        (state.changes - changes_before, described)
+    };
+    let most_changed: Vec<String> = most_changed.drain(..).map(|(_, d)| d).collect();
     // Blocking audit mode writes before answering; the margin covers the file system.
     sleep(Duration::from_millis(300))?;
     let writes = cluster.audit.node_writes(wall(start), wall(end))?;
     let span = end.duration_since(start);
     let agents: Vec<AgentCost> = (0..NODES)
         .map(|i| {
-            let (rss, peak) = memory_kib(pids[i]);
+            let memory = memory(pids[i]);
+            let transitions = cluster
+                .log_path(i)
+                .map(|log| logged_transitions(&log, wall(start), wall(end)))
+                .unwrap_or_default();
             AgentCost {
                 node: cluster.name(i).to_owned(),
                 pid: pids[i],
                 pid_is_the_agent: exe_is_agent(pids[i]),
                 cpu_percent_of_one_core: cpu_percent(before[i], after[i], clock_ticks),
-                rss_kib: rss,
-                peak_rss_kib: peak,
+                rss_kib: memory.rss_kib,
+                peak_rss_kib: memory.peak_rss_kib,
+                rss_at_window_start_kib: memory_before[i].rss_kib,
+                memory,
+                transitions,
             }
         })
         .collect();
@@ -1690,10 +1887,24 @@ fn steady_window(
         .map(|(n, c)| (n, round3(c as f64 / span.as_secs_f64())))
         .collect();
     let expected = [cluster.ip(MASTER)];
-    let single_master_on_wire = !vrids.is_empty()
-        && vrids
-            .iter()
-            .all(|v| masters_since(&events, *v as u8, start)[..] == expected);
+    let unstable_vrids: BTreeMap<u8, Vec<String>> = vrids
+        .iter()
+        .map(|v| (*v as u8, masters_since(&events, *v as u8, start)))
+        .filter(|(_, masters)| masters[..] != expected)
+        .map(|(v, masters)| {
+            let names = masters
+                .into_iter()
+                .map(|ip| {
+                    cluster
+                        .lab
+                        .node_by_addr(ip)
+                        .map_or_else(|| ip.to_string(), |n| n.name.clone())
+                })
+                .collect();
+            (v, names)
+        })
+        .collect();
+    let single_master_on_wire = !vrids.is_empty() && unstable_vrids.is_empty();
     let writes_within_target = (0..NODES).all(|i| {
         writes.of(cluster.name(i)).total as f64 / span.as_secs_f64() <= WRITES_TARGET_PER_NODE_PER_S
     });
@@ -1711,6 +1922,21 @@ fn steady_window(
             a.rss_kib as f64 / 1024.0,
             a.peak_rss_kib as f64 / 1024.0
         );
+        println!(
+            "    memory: anon {:.1} MiB, file {:.1} MiB, {} threads; RSS {:.1} MiB at the window's start; {} VRRP transitions in the window {:?}",
+            a.memory.anon_kib as f64 / 1024.0,
+            a.memory.file_kib as f64 / 1024.0,
+            a.memory.threads,
+            a.rss_at_window_start_kib as f64 / 1024.0,
+            a.transitions.len(),
+            a.transitions.iter().take(4).collect::<Vec<_>>()
+        );
+    }
+    if !unstable_vrids.is_empty() {
+        println!("  VRIDs without node-a as sole master in the window: {unstable_vrids:?}");
+    }
+    for line in &most_changed {
+        println!("  changed: {line}");
     }
     Ok(SteadyReport {
         window_s: round3(span.as_secs_f64()),
@@ -1719,6 +1945,8 @@ fn steady_window(
         agents,
         adverts_per_second,
         single_master_on_wire,
+        unstable_vrids,
+        most_changed,
         writes_within_target,
         rss_within_target,
     })
@@ -1741,7 +1969,13 @@ struct FailoverReport {
     kill_to_all_addresses_ms: Option<f64>,
     /// node-b announced every address (gratuitous ARP on the bridge).
     kill_to_all_garps_ms: Option<f64>,
+    /// Distinct addresses the capture saw node-b announce. The capture drops frames in a
+    /// burst of thousands, so this can fall short of what was sent: see `frames_sent`.
     garped_addresses: usize,
+    /// Frames node-b's eth0 transmitted from the kill to 1 s after it held every address
+    /// (adverts, announcements, ARP replies), and its transmit drops.
+    frames_sent: Option<u64>,
+    frames_dropped: Option<u64>,
     /// Every VirtualIP's `status.master` is node-b.
     kill_to_all_status_master_s: Option<f64>,
     /// Writes per node from the kill to that point.
@@ -1776,6 +2010,8 @@ fn failover_at_scale(cluster: &mut Cluster, count: usize) -> anyhow::Result<Fail
     );
     let bulk: HashSet<Ipv4Addr> = (0..count).map(bulk_address).collect();
     let successor_mac = cluster.lab.node(SUCCESSOR).mac;
+    let successor_netns = cluster.lab.node(SUCCESSOR).netns.clone();
+    let tx_before = tx_counters(&successor_netns);
     let stopped_at = Instant::now();
     cluster.lab.kill(cluster.agent(MASTER)?, Signal::SIGKILL)?;
     let query = FailoverQuery {
@@ -1804,6 +2040,11 @@ fn failover_at_scale(cluster: &mut Cluster, count: usize) -> anyhow::Result<Fail
     };
     // Announcements may trail the addresses by a little.
     sleep(Duration::from_secs(1))?;
+    let tx_after = tx_counters(&successor_netns);
+    let (frames_sent, frames_dropped) = match (tx_before, tx_after) {
+        (Some((p0, d0)), Some((p1, d1))) => (Some(p1 - p0), Some(d1 - d0)),
+        _ => (None, None),
+    };
     let mut garped = HashSet::new();
     let mut all_garps_at = None;
     for event in cluster.sniffer.events_since(stopped_at) {
@@ -1859,6 +2100,8 @@ fn failover_at_scale(cluster: &mut Cluster, count: usize) -> anyhow::Result<Fail
         kill_to_all_addresses_ms: addresses_at.map(since),
         kill_to_all_garps_ms: all_garps_at.map(since),
         garped_addresses: garped.len(),
+        frames_sent,
+        frames_dropped,
         kill_to_all_status_master_s: status_at
             .map(|at| round3(at.saturating_duration_since(stopped_at).as_secs_f64())),
         writes,
@@ -1944,6 +2187,12 @@ impl Report {
         ];
         if args.skip_failover {
             extra.push("--skip-failover".into());
+        }
+        if args.skip_shared {
+            extra.push("--skip-shared".into());
+        }
+        if args.keep {
+            extra.push("--keep".into());
         }
         let _ = write!(command, " -- {}", extra.join(" "));
         Report {
@@ -2103,11 +2352,18 @@ impl Report {
             t.row("→ all addresses on the new master", &one, |f| {
                 opt_ms(f.kill_to_all_addresses_ms)
             });
-            t.row("→ all addresses announced", &one, |f| {
+            t.row("→ all addresses announced (capture)", &one, |f| {
                 format!(
                     "{} ({} seen)",
                     opt_ms(f.kill_to_all_garps_ms),
                     f.garped_addresses
+                )
+            });
+            t.row("frames node-b sent / dropped (eth0)", &one, |f| {
+                format!(
+                    "{} / {}",
+                    f.frames_sent.map_or("—".into(), |n| n.to_string()),
+                    f.frames_dropped.map_or("—".into(), |n| n.to_string())
                 )
             });
             t.row("→ all status.master = new master", &one, |f| {
