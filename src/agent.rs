@@ -153,11 +153,19 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut last: Option<Desired> = None;
     let mut refused_checks: Vec<String> = Vec::new();
     let mut hold = Duration::ZERO;
+    let mut replan = true;
     loop {
         snapshot.local.carrier = carrier.clone();
         snapshot.local.failing_checks = failing_checks(&health_rx.borrow_and_update());
-        let desired = plan(&snapshot, &args.node_name);
-        if last.as_ref() != Some(&desired) {
+        let desired = if replan {
+            Some(plan(&snapshot, &args.node_name))
+        } else {
+            None
+        };
+        replan = true;
+        if let Some(desired) = desired
+            && last.as_ref() != Some(&desired)
+        {
             if let Source::Files { reported, .. } = &mut source {
                 reported.refusals(&desired);
             }
@@ -203,9 +211,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             _ = health_rx.changed() => {}
             _ = carrier_poll.tick() => {
                 let interfaces = last.iter().flat_map(|d| d.instances.keys());
-                carrier = interfaces
+                let now: BTreeMap<String, bool> = interfaces
                     .filter_map(|i| health::carrier_up(i).map(|up| (i.clone(), up)))
                     .collect();
+                // Plan again only when a carrier changed.
+                replan = now != carrier;
+                carrier = now;
             }
         }
     }
@@ -283,11 +294,13 @@ async fn write_status(
         writer
             .reconcile(&stores.virtual_ips, &stores.nodes, &plan, &seen)
             .await;
-        tokio::select! {
-            r = desired.changed() => if r.is_err() { return },
-            r = observed.changed() => if r.is_err() { return },
-            r = stores.changes.changed() => if r.is_err() { return },
-            _ = retry.tick() => {}
+        loop {
+            tokio::select! {
+                r = desired.changed() => if r.is_err() { return } else { break },
+                r = observed.changed() => if r.is_err() { return } else { break },
+                r = stores.changes.changed() => if r.is_err() { return } else { break },
+                _ = retry.tick() => if writer.pending() { break },
+            }
         }
         // Let a burst of changes settle into one round of writes.
         tokio::time::sleep(Duration::from_millis(20)).await;

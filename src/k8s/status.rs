@@ -59,6 +59,8 @@ pub struct StatusWriter {
     warned: HashMap<(String, String), Instant>,
     /// Token bucket for Events: (tokens, last refill), and how many were dropped.
     event_tokens: (f64, Instant),
+    /// Something was left for later (a failed write, a write to repeat).
+    pending: bool,
     events_dropped: u64,
     /// Per (VirtualIP, family): whether we were master at the last look.
     was_master: HashMap<String, bool>,
@@ -73,6 +75,7 @@ impl StatusWriter {
             params: PatchParams::apply(&format!("ferrovip-{node}")).force(),
             event_namespace: "default",
             event_tokens: (EVENT_BURST, Instant::now()),
+            pending: false,
             events_dropped: 0,
             node,
             written: HashMap::new(),
@@ -82,6 +85,12 @@ impl StatusWriter {
             was_master: HashMap::new(),
             outage_logged: false,
         }
+    }
+
+    /// Whether the last pass left writes to retry or repeat: the periodic pass is skipped
+    /// otherwise (with a thousand VIPs it is most of the agent's idle CPU).
+    pub fn pending(&self) -> bool {
+        self.pending
     }
 
     /// Brings every VirtualIP's status up to date with what this node knows now.
@@ -101,7 +110,8 @@ impl StatusWriter {
                 by_member.entry(member.as_str()).or_default().push(status);
             }
         }
-        let mut live = Vec::new();
+        let mut live = std::collections::HashSet::new();
+        self.pending = false;
         for vip in virtual_ips.state() {
             let Some(name) = vip.metadata.name.clone() else {
                 continue;
@@ -109,7 +119,7 @@ impl StatusWriter {
             if vip.metadata.deletion_timestamp.is_some() {
                 continue;
             }
-            live.push(name.clone());
+            live.insert(name.clone());
             let Some(plan) = desired.resources.get(&name) else {
                 continue;
             };
@@ -137,6 +147,7 @@ impl StatusWriter {
                     .get(&name)
                     .is_some_and(|t| now.duration_since(*t) < REWRITE_AFTER)
             {
+                self.pending = true;
                 continue;
             }
             if self
@@ -144,6 +155,7 @@ impl StatusWriter {
                 .get(&name)
                 .is_some_and(|t| now.duration_since(*t) < RETRY_AFTER)
             {
+                self.pending = true;
                 continue;
             }
             match self
@@ -171,6 +183,7 @@ impl StatusWriter {
                         debug!(vip = %name, error = %e, "status write failed again");
                     }
                     self.failed_at.insert(name, now);
+                    self.pending = true;
                 }
             }
         }
