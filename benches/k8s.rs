@@ -21,6 +21,8 @@
 //!
 //! Priorities follow tests/e2e_k8s.rs: base 100, node-a +50, node-b +40, node-c −40.
 
+mod common;
+use common::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom};
@@ -28,7 +30,6 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -47,7 +48,6 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-const AGENT_BINARY: &str = env!("CARGO_BIN_EXE_ferrovip");
 const BUILD_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/apiserver/build.sh");
 const CRD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -94,7 +94,6 @@ const APPLY_TARGET: Duration = Duration::from_secs(1);
 const WRITES_TARGET_PER_NODE_PER_S: f64 = 1.0;
 const RSS_TARGET_KIB: u64 = 40 * 1024;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// One instant and the wall clock at the same moment: audit entries carry wall-clock time,
 /// everything else here is measured with `Instant`.
 static ANCHOR: LazyLock<(Instant, SystemTime)> =
@@ -234,87 +233,8 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A failed phase is reported and the others still run; an interruption stops everything.
-fn note_failure<T>(
-    errors: &mut Vec<String>,
-    phase: &str,
-    outcome: anyhow::Result<T>,
-) -> anyhow::Result<Option<T>> {
-    match outcome {
-        Ok(value) => Ok(Some(value)),
-        Err(e) => {
-            check_interrupted()?;
-            eprintln!("  {phase} failed: {e:#}");
-            errors.push(format!("{phase}: {e:#}"));
-            Ok(None)
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Interrupts, clocks, paths
-
-/// SIGINT/SIGTERM set a flag instead of killing the benchmark, so that the lab and the API
-/// server are dropped (processes stopped, namespaces deleted) at the next check.
-fn watch_for_interrupts() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the signal runtime")?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                use tokio::signal::unix::{SignalKind, signal};
-                let handlers = signal(SignalKind::interrupt())
-                    .and_then(|int| Ok((int, signal(SignalKind::terminate())?)));
-                let (mut interrupt, mut terminate) = match handlers {
-                    Ok(handlers) => {
-                        let _ = ready_tx.send(Ok(()));
-                        handlers
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                loop {
-                    tokio::select! {
-                        _ = interrupt.recv() => {}
-                        _ = terminate.recv() => {}
-                    }
-                    eprintln!("interrupted: stopping the lab");
-                    INTERRUPTED.store(true, Ordering::Relaxed);
-                }
-            })
-        })
-        .context("starting the signal thread")?;
-    ready_rx
-        .recv()
-        .context("the signal thread ended early")?
-        .context("installing the SIGINT/SIGTERM handlers")
-}
-
-fn check_interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Sleeps in short steps so that Ctrl-C is honoured promptly.
-fn sleep(duration: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + duration;
-    loop {
-        check_interrupted()?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(());
-        }
-        std::thread::sleep(left.min(Duration::from_millis(50)));
-    }
-}
 
 /// The wall-clock time of `at`.
 fn wall(at: Instant) -> SystemTime {
@@ -2124,36 +2044,6 @@ fn failover_at_scale(cluster: &mut Cluster, count: usize) -> anyhow::Result<Fail
 // Report
 
 #[derive(Debug, Clone, Serialize)]
-struct Stats {
-    n: usize,
-    median_ms: f64,
-    min_ms: f64,
-    max_ms: f64,
-}
-
-impl Stats {
-    fn of(values: impl IntoIterator<Item = f64>) -> Option<Stats> {
-        let mut values: Vec<f64> = values.into_iter().collect();
-        if values.is_empty() {
-            return None;
-        }
-        values.sort_by(f64::total_cmp);
-        let n = values.len();
-        let median = if n % 2 == 1 {
-            values[n / 2]
-        } else {
-            (values[n / 2 - 1] + values[n / 2]) / 2.0
-        };
-        Some(Stats {
-            n,
-            median_ms: round3(median),
-            min_ms: values[0],
-            max_ms: values[n - 1],
-        })
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
 struct Targets {
     apply_to_answer_ms: f64,
     writes_per_node_per_second: f64,
@@ -2407,28 +2297,8 @@ impl Table {
     }
 }
 
-fn stats_cell(stats: Option<&Stats>) -> String {
-    match stats {
-        Some(s) => format!("{:.1} [{:.1}–{:.1}]", s.median_ms, s.min_ms, s.max_ms),
-        None => "—".into(),
-    }
-}
-
 fn verdict(ok: bool) -> String {
     if ok { "yes".into() } else { "NO".into() }
-}
-
-/// Milliseconds to the microsecond: finer digits would be noise in the JSON.
-fn millis(d: Duration) -> f64 {
-    d.as_micros() as f64 / 1000.0
-}
-
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
-}
-
-fn opt_ms(v: Option<f64>) -> String {
-    v.map_or_else(|| "—".into(), |v| format!("{v:.1}"))
 }
 
 fn opt_s(v: Option<f64>) -> String {

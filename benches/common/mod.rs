@@ -1,0 +1,141 @@
+//! What both benchmarks share: interruption handling, phases that may fail, statistics.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+pub const AGENT_BINARY: &str = env!("CARGO_BIN_EXE_ferrovip");
+
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// A phase that fails is reported and the others still run: one daemon misbehaving must not
+/// throw away the figures of the other. An interruption still stops everything.
+pub fn note_failure<T>(
+    errors: &mut Vec<String>,
+    phase: &str,
+    outcome: anyhow::Result<T>,
+) -> anyhow::Result<Option<T>> {
+    match outcome {
+        Ok(value) => Ok(Some(value)),
+        Err(e) => {
+            check_interrupted()?;
+            eprintln!("  {phase} failed: {e:#}");
+            errors.push(format!("{phase}: {e:#}"));
+            Ok(None)
+        }
+    }
+}
+
+/// SIGINT/SIGTERM set a flag instead of killing the benchmark, so that the lab in progress is
+/// dropped (agents stopped, namespaces deleted) at the next check.
+pub fn watch_for_interrupts() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal runtime")?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let handlers = signal(SignalKind::interrupt())
+                    .and_then(|int| Ok((int, signal(SignalKind::terminate())?)));
+                let (mut interrupt, mut terminate) = match handlers {
+                    Ok(handlers) => {
+                        let _ = ready_tx.send(Ok(()));
+                        handlers
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                loop {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                    eprintln!("interrupted: stopping the lab");
+                    INTERRUPTED.store(true, Ordering::Relaxed);
+                }
+            })
+        })
+        .context("starting the signal thread")?;
+    ready_rx
+        .recv()
+        .context("the signal thread ended early")?
+        .context("installing the SIGINT/SIGTERM handlers")
+}
+
+pub fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps in short steps so that Ctrl-C is honoured promptly.
+pub fn sleep(duration: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + duration;
+    loop {
+        check_interrupted()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub n: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Stats {
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Stats> {
+        let mut values: Vec<f64> = values.into_iter().collect();
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        };
+        Some(Stats {
+            n,
+            median_ms: round3(median),
+            min_ms: values[0],
+            max_ms: values[n - 1],
+        })
+    }
+}
+
+pub fn stats_cell(stats: Option<&Stats>) -> String {
+    match stats {
+        Some(s) => format!("{:.1} [{:.1}–{:.1}]", s.median_ms, s.min_ms, s.max_ms),
+        None => "—".into(),
+    }
+}
+
+/// Milliseconds to the microsecond: finer digits would be noise in the JSON.
+pub fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+pub fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+pub fn opt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "—".into(), |v| format!("{v:.1}"))
+}
