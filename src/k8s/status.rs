@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time};
@@ -33,6 +34,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// of a thousand VIPs in one instance would otherwise create a thousand Events at once.
 const EVENT_BURST: f64 = 20.0;
 const EVENTS_PER_SECOND: f64 = 2.0;
+/// Status writes in flight at once.
+const WRITES_IN_FLIGHT: usize = 8;
 /// A write the object does not reflect is repeated at most this often.
 const REWRITE_AFTER: Duration = Duration::from_secs(1);
 
@@ -111,6 +114,7 @@ impl StatusWriter {
             }
         }
         let mut live = std::collections::HashSet::new();
+        let mut writes = Vec::new();
         self.pending = false;
         for vip in virtual_ips.state() {
             let Some(name) = vip.metadata.name.clone() else {
@@ -158,11 +162,23 @@ impl StatusWriter {
                 self.pending = true;
                 continue;
             }
-            match self
-                .api
-                .patch_status(&name, &self.params, &Patch::Apply(&body))
-                .await
-            {
+            writes.push((name, body));
+        }
+
+        // Writes go out a few at a time: after a failover of a thousand VIPs, one at a time
+        // would take the API server's round trip a thousand times.
+        let api = &self.api;
+        let params = &self.params;
+        let results: Vec<_> = futures::stream::iter(writes)
+            .map(|(name, body)| async move {
+                let result = api.patch_status(&name, params, &Patch::Apply(&body)).await;
+                (name, body, result)
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        for (name, body, result) in results {
+            match result {
                 Ok(_) => {
                     debug!(vip = %name, "status applied");
                     if self.outage_logged {
