@@ -171,7 +171,12 @@ impl StatusWriter {
         let params = &self.params;
         let results: Vec<_> = futures::stream::iter(writes)
             .map(|(name, body)| async move {
-                let result = api.patch_status(&name, params, &Patch::Apply(&body)).await;
+                let result = api
+                    .patch_status(&name, params, &Patch::Apply(&body))
+                    .await
+                    // Keep only the outcome: holding a thousand returned objects at once would
+                    // set the agent's memory high-water mark.
+                    .map(drop);
                 (name, body, result)
             })
             .buffer_unordered(WRITES_IN_FLIGHT)
