@@ -28,3 +28,27 @@ pub fn crds_yaml() -> Result<String, serde_saphyr::SerializeError> {
     }
     Ok(out)
 }
+
+/// The contract example of the issue (`web`: VRID 51, 100 ms, node-a preferred by 50) with
+/// other addresses and VRID, for the tests of every module.
+#[cfg(test)]
+pub(crate) fn sample_spec(addresses: &[&str], vrid: i64) -> VirtualIPSpec {
+    VirtualIPSpec {
+        addresses: addresses.iter().map(|s| s.to_string()).collect(),
+        interface: "eth0".into(),
+        virtual_router_id: Some(vrid),
+        node_selector: None,
+        vrrp: VrrpSpec {
+            advertisement_interval: "100ms".into(),
+            ..VrrpSpec::default()
+        },
+        priority: PrioritySpec {
+            base: 100,
+            preferred_nodes: vec![PreferredNode {
+                node_name: "node-a".into(),
+                weight: 50,
+            }],
+            ..PrioritySpec::default()
+        },
+    }
+}

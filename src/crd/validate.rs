@@ -535,27 +535,9 @@ fn check_interval(version: Version, d: Duration, text: &str, errors: &mut Collec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{PreferredNode, PrioritySpec, VrrpSpec};
 
     fn contract() -> VirtualIPSpec {
-        VirtualIPSpec {
-            addresses: vec!["192.0.2.100/24".into()],
-            interface: "eth0".into(),
-            virtual_router_id: Some(51),
-            node_selector: None,
-            vrrp: VrrpSpec {
-                advertisement_interval: "100ms".into(),
-                ..VrrpSpec::default()
-            },
-            priority: PrioritySpec {
-                base: 100,
-                preferred_nodes: vec![PreferredNode {
-                    node_name: "node-a".into(),
-                    weight: 50,
-                }],
-                ..PrioritySpec::default()
-            },
-        }
+        crate::crd::sample_spec(&["192.0.2.100/24"], 51)
     }
 
     fn fields(spec: &VirtualIPSpec) -> Vec<String> {

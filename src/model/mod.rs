@@ -637,30 +637,9 @@ fn link_local_first(addresses: &mut Vec<IpNet>, vrid: u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{PreferredNode, PrioritySpec, VirtualIPSpec, VrrpSpec};
 
     fn vip(name: &str, vrid: i64, addresses: &[&str]) -> VirtualIP {
-        VirtualIP::new(
-            name,
-            VirtualIPSpec {
-                addresses: addresses.iter().map(|s| s.to_string()).collect(),
-                interface: "eth0".into(),
-                virtual_router_id: Some(vrid),
-                node_selector: None,
-                vrrp: VrrpSpec {
-                    advertisement_interval: "100ms".into(),
-                    ..VrrpSpec::default()
-                },
-                priority: PrioritySpec {
-                    base: 100,
-                    preferred_nodes: vec![PreferredNode {
-                        node_name: "node-a".into(),
-                        weight: 50,
-                    }],
-                    ..PrioritySpec::default()
-                },
-            },
-        )
+        VirtualIP::new(name, crate::crd::sample_spec(addresses, vrid))
     }
 
     fn snapshot(vips: Vec<VirtualIP>) -> Snapshot {
