@@ -11,5 +11,6 @@ pub mod dataplane;
 pub mod health;
 pub mod k8s;
 pub mod lab;
+pub mod metrics;
 pub mod model;
 pub mod vrrp;

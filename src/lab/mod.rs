@@ -19,6 +19,7 @@ pub mod measure;
 pub mod netns;
 pub mod run;
 pub mod sniffer;
+pub mod vm;
 pub mod wire;
 
 #[cfg(test)]

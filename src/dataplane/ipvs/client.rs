@@ -1,0 +1,1 @@
+//! IPVS netlink client (being written).

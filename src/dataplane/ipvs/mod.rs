@@ -1,0 +1,4 @@
+//! IPVS over generic netlink: the codec, a pipelining client, and the converging dataplane.
+
+pub mod client;
+pub mod netlink;

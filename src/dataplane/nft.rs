@@ -1,0 +1,1 @@
+//! nftables rules for the IPVS return path (being written).
