@@ -3,10 +3,12 @@
 
 mod duration;
 pub mod manifest;
+mod services;
 mod validate;
 mod virtualip;
 
 pub use duration::{DurationError, parse_duration};
+pub use services::{SCHEDULERS, ServiceMatch, ValidBackends, ValidService};
 pub use validate::{CheckKind, FieldError, ValidCheck, ValidSpec, ValidationErrors};
 pub use virtualip::*;
 
@@ -50,5 +52,6 @@ pub(crate) fn sample_spec(addresses: &[&str], vrid: i64) -> VirtualIPSpec {
             }],
             ..PrioritySpec::default()
         },
+        services: Vec::new(),
     }
 }

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::duration::parse_duration;
+use super::services::{ValidService, validate_services};
 use super::virtualip::{Ipv4Checksum, NodeHealthWeights, ServiceRef, UnicastPeers, VirtualIPSpec};
 use crate::vrrp::{ChecksumMode, Version};
 
@@ -68,6 +69,7 @@ pub struct ValidSpec {
     /// The Service whose local ready endpoints count, and the penalty without any.
     pub local_endpoints: Option<(ServiceRef, i64)>,
     pub checks: Vec<ValidCheck>,
+    pub services: Vec<ValidService>,
 }
 
 /// A validated health check.
@@ -98,10 +100,10 @@ pub enum CheckKind {
 
 const MAX_PREEMPT_DELAY: Duration = Duration::from_secs(3600);
 
-struct Collector(Vec<FieldError>);
+pub(super) struct Collector(Vec<FieldError>);
 
 impl Collector {
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError {
             field: field.into(),
             message: message.into(),
@@ -275,6 +277,7 @@ impl VirtualIPSpec {
             (l.service.clone(), l.weight)
         });
         let checks = validate_checks(&self.priority.checks, &mut errors);
+        let services = validate_services(&self.services, &addresses, &mut errors);
 
         if !errors.0.is_empty() {
             return Err(ValidationErrors(errors.0));
@@ -300,6 +303,7 @@ impl VirtualIPSpec {
             node_health: self.priority.node_health.clone(),
             local_endpoints,
             checks,
+            services,
         })
     }
 }
@@ -366,7 +370,7 @@ fn check_weight(field: &str, value: i64, errors: &mut Collector) {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
+pub(super) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

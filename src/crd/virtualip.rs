@@ -76,6 +76,155 @@ pub struct VirtualIPSpec {
     /// How each node's VRRP priority is derived.
     #[serde(default)]
     pub priority: PrioritySpec,
+
+    /// Virtual services: traffic arriving at the addresses is balanced over backends with
+    /// IPVS. Every eligible node programs them (only the master holds the addresses), so a new
+    /// master forwards at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub services: Vec<VirtualService>,
+}
+
+/// One virtual service on every address of the VirtualIP: `port` and `protocol`, or a firewall
+/// mark set by your own rules (`fwmark`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualService {
+    /// Port on the virtual addresses (exactly one of `port` and `fwmark`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i64>,
+
+    /// `TCP`, `UDP` or `SCTP`.
+    #[serde(default)]
+    pub protocol: ServiceProtocol,
+
+    /// Match packets carrying this firewall mark instead of an address and port (the marks
+    /// are set by your own nftables or iptables rules); one service per address family.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4294967295u32))]
+    pub fwmark: Option<i64>,
+
+    /// IPVS scheduler: `rr`, `wrr`, `lc`, `wlc`, `lblc`, `lblcr`, `dh`, `sh`, `sed`, `nq`,
+    /// `fo`, `ovf`, `mh` or `twos`.
+    #[serde(default = "default_scheduler")]
+    pub scheduler: String,
+
+    /// Scheduler flags: `sh-fallback`/`sh-port` for `sh`, `mh-fallback`/`mh-port` for `mh`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scheduler_flags: Vec<String>,
+
+    /// How packets reach the backends: `masquerade` (NAT; backends may be anywhere routed),
+    /// `direct` (direct routing: backends on the segment, holding the address on a loopback
+    /// without answering ARP for it) or `tunnel` (IP-in-IP to the backends).
+    #[serde(default)]
+    pub forwarding: Forwarding,
+
+    /// With `masquerade`: also rewrite the client's address to the node's, so replies come
+    /// back through it without the backends routing via the node (like kube-proxy). Turn off
+    /// when the backends' default route is the virtual address (classic LVS-NAT), to keep the
+    /// client address.
+    #[serde(default = "default_true")]
+    pub source_nat: bool,
+
+    /// Send a client to the same backend for this long after its last connection, e.g.
+    /// `300s` (IPVS persistence). Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m)$"))]
+    pub persistence: Option<String>,
+
+    /// Where the traffic goes (exactly one of `endpoints` and `serviceRef`).
+    pub backends: Backends,
+}
+
+/// The backends of a virtual service.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backends {
+    /// Static backends (standalone mode, or servers outside the cluster).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub endpoints: Vec<StaticEndpoint>,
+
+    /// The ready endpoints of a Kubernetes Service (Kubernetes mode): endpoints that are not
+    /// ready leave the table, terminating ones drain at weight 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_ref: Option<BackendServiceRef>,
+}
+
+/// A fixed backend.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StaticEndpoint {
+    pub address: String,
+    /// Defaults to the service's port (required for `fwmark` services with `masquerade`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i64>,
+    /// Relative share of new connections for weighted schedulers; 0 drains the backend (no
+    /// new connections, existing ones continue).
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub weight: i64,
+}
+
+/// A Service port whose endpoints are the backends.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendServiceRef {
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// The Service port: its name, or its number. May be omitted when the Service has one
+    /// port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+}
+
+/// Transport protocol of a virtual service.
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    JsonSchema,
+)]
+pub enum ServiceProtocol {
+    #[default]
+    TCP,
+    UDP,
+    SCTP,
+}
+
+/// IPVS forwarding method.
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    #[default]
+    Masquerade,
+    Direct,
+    Tunnel,
 }
 
 /// VRRP protocol settings of one VirtualIP.
@@ -457,6 +606,12 @@ fn default_zero() -> String {
 }
 fn default_true() -> bool {
     true
+}
+fn default_scheduler() -> String {
+    "rr".to_string()
+}
+fn default_weight() -> i64 {
+    1
 }
 fn default_base() -> i64 {
     100

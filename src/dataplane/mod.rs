@@ -5,3 +5,4 @@ pub mod addr;
 pub mod ipvs;
 pub mod link;
 pub mod nft;
+pub mod service;

@@ -11,7 +11,11 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv6Net};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::crd::{ServiceRef, ValidCheck, ValidSpec, ValidationErrors, VirtualIP};
+use crate::crd::{
+    ServiceMatch, ServiceRef, ValidBackends, ValidCheck, ValidService, ValidSpec, ValidationErrors,
+    VirtualIP,
+};
+use crate::dataplane::service::{BackendKey, Forwarding, ServiceKey, ServiceSet, ServiceSpec};
 use crate::vrrp::{ChecksumMode, Family, Version};
 
 /// Nodes carrying this label never hold addresses (the Kubernetes convention for external
@@ -30,6 +34,29 @@ pub struct Snapshot {
     pub nodes: BTreeMap<String, NodeFacts>,
     /// What this node observes itself.
     pub local: LocalFacts,
+    /// Kubernetes mode: the endpoints of the Services that `spec.services[].backends.serviceRef`
+    /// names (all nodes' endpoints: every node forwards to all of them).
+    pub service_endpoints: BTreeMap<ServiceRef, ServiceEndpoints>,
+}
+
+/// A Service's ports and endpoints, as its EndpointSlices describe them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceEndpoints {
+    /// The Service's ports: (name, number). The name is empty for an unnamed single port.
+    pub ports: Vec<(String, u16)>,
+    pub endpoints: Vec<EndpointFacts>,
+}
+
+/// One endpoint address of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointFacts {
+    pub address: IpAddr,
+    /// The slice's ports: (name, target port number).
+    pub ports: Vec<(String, u16)>,
+    /// Ready for new connections (serving and not terminating).
+    pub ready: bool,
+    /// Terminating but still serving: drains at weight 0.
+    pub draining: bool,
 }
 
 /// What the planner needs to know about a Node.
@@ -121,7 +148,7 @@ pub enum RefusalReason {
     )]
     NoFreeVrid { interface: String },
     #[error("{field}: needs Kubernetes mode (standalone agents know no other nodes)")]
-    NeedsCluster { field: &'static str },
+    NeedsCluster { field: String },
     #[error("metadata.name: required")]
     Unnamed,
 }
@@ -172,6 +199,11 @@ pub struct Desired {
     pub resources: BTreeMap<String, ResourcePlan>,
     /// The health checks this node must run: (VirtualIP name, check name) → check.
     pub checks: BTreeMap<(String, String), ValidCheck>,
+    /// The virtual services this node forwards (every eligible node programs them).
+    pub services: ServiceSet,
+    /// VirtualIP name → why some of its services have no or fewer backends (a missing
+    /// Service, an unknown port, a clashing fwmark), for status.
+    pub service_notes: BTreeMap<String, Vec<String>>,
 }
 
 impl Desired {
@@ -231,6 +263,147 @@ fn sharing_signature(spec: &ValidSpec) -> Option<String> {
     ))
 }
 
+/// Adds the virtual services of one eligible VirtualIP: each service on each of its addresses
+/// (once per family for fwmark services).
+fn plan_services(name: &str, spec: &ValidSpec, snapshot: &Snapshot, desired: &mut Desired) {
+    for service in &spec.services {
+        let (backends, note) = match &service.backends {
+            ValidBackends::Static(list) => (
+                list.iter()
+                    .map(|&(addr, port, weight)| (BackendKey { addr, port }, weight))
+                    .collect(),
+                None,
+            ),
+            ValidBackends::Service(r) => service_ref_backends(service, r, snapshot),
+        };
+        if let Some(note) = note {
+            desired
+                .service_notes
+                .entry(name.to_string())
+                .or_default()
+                .push(note);
+        }
+        let keys: Vec<ServiceKey> = match service.matches {
+            ServiceMatch::Port { protocol, port } => spec
+                .addresses
+                .iter()
+                .map(|a| ServiceKey::Port {
+                    addr: a.addr(),
+                    protocol,
+                    port,
+                })
+                .collect(),
+            ServiceMatch::Fwmark(mark) => [Family::V4, Family::V6]
+                .into_iter()
+                .filter(|f| spec.addresses.iter().any(|a| Family::of(&a.addr()) == *f))
+                .map(|family| ServiceKey::Fwmark { family, mark })
+                .collect(),
+        };
+        for key in keys {
+            if let Some(other) = desired.services.get(&key) {
+                let note = format!(
+                    "spec.services[{}]: {key} is already forwarded by VirtualIP {:?}",
+                    service.index, other.owner
+                );
+                desired
+                    .service_notes
+                    .entry(name.to_string())
+                    .or_default()
+                    .push(note);
+                continue;
+            }
+            let family = key.family();
+            let backends = backends
+                .iter()
+                .filter(|(b, _)| {
+                    service.forwarding == Forwarding::Tunnel || Family::of(&b.addr) == family
+                })
+                .map(|(b, w)| (*b, *w))
+                .collect();
+            desired.services.insert(
+                key,
+                ServiceSpec {
+                    owner: name.to_string(),
+                    scheduler: service.scheduler.clone(),
+                    scheduler_flags: service.scheduler_flags,
+                    persistence: service.persistence,
+                    forwarding: service.forwarding,
+                    source_nat: service.source_nat,
+                    backends,
+                },
+            );
+        }
+    }
+}
+
+/// The backends a `serviceRef` resolves to: ready endpoints at weight 1, terminating ones
+/// still serving at weight 0 (they drain), others left out.
+fn service_ref_backends(
+    service: &ValidService,
+    r: &crate::crd::BackendServiceRef,
+    snapshot: &Snapshot,
+) -> (BTreeMap<BackendKey, u32>, Option<String>) {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let field = format!("spec.services[{}].backends.serviceRef", service.index);
+    let key = ServiceRef {
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+    };
+    let Some(found) = snapshot.service_endpoints.get(&key) else {
+        return (
+            BTreeMap::new(),
+            Some(format!(
+                "{field}: Service {}/{} not found (no backends)",
+                r.namespace, r.name
+            )),
+        );
+    };
+    let port_name = match &r.port {
+        None if found.ports.len() <= 1 => found.ports.first().map(|(n, _)| n.clone()),
+        None => None,
+        Some(IntOrString::String(n)) => found
+            .ports
+            .iter()
+            .find(|(name, _)| name == n)
+            .map(|(n, _)| n.clone()),
+        Some(IntOrString::Int(p)) => found
+            .ports
+            .iter()
+            .find(|(_, port)| i64::from(*port) == i64::from(*p))
+            .map(|(n, _)| n.clone()),
+    };
+    let Some(port_name) = port_name else {
+        let why = match &r.port {
+            None => "the Service has several ports: name one in port".to_string(),
+            Some(IntOrString::String(n)) => format!("the Service has no port named {n:?}"),
+            Some(IntOrString::Int(p)) => format!("the Service has no port {p}"),
+        };
+        return (BTreeMap::new(), Some(format!("{field}.port: {why}")));
+    };
+    let mut backends = BTreeMap::new();
+    for e in &found.endpoints {
+        let Some(&(_, port)) = e.ports.iter().find(|(n, _)| *n == port_name) else {
+            continue;
+        };
+        let weight = if e.ready {
+            1
+        } else if e.draining {
+            0
+        } else {
+            continue;
+        };
+        // An address in two slices (while kube moves it) counts once, ready winning.
+        let entry = backends
+            .entry(BackendKey {
+                addr: e.address,
+                port,
+            })
+            .or_insert(weight);
+        *entry = (*entry).max(weight);
+    }
+    (backends, None)
+}
+
 /// Plans what `node` runs.
 pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
     let mut desired = Desired::default();
@@ -254,11 +427,17 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
         };
         if !cluster {
             let field = if spec.node_selector.is_some() {
-                Some("spec.nodeSelector")
+                Some("spec.nodeSelector".to_string())
             } else if spec.unicast_auto {
-                Some("spec.vrrp.unicastPeers: auto")
+                Some("spec.vrrp.unicastPeers: auto".to_string())
             } else if spec.local_endpoints.is_some() {
-                Some("spec.priority.localEndpoints")
+                Some("spec.priority.localEndpoints".to_string())
+            } else if let Some(s) = spec
+                .services
+                .iter()
+                .find(|s| matches!(s.backends, ValidBackends::Service(_)))
+            {
+                Some(format!("spec.services[{}].backends.serviceRef", s.index))
             } else {
                 None
             };
@@ -353,6 +532,7 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
         } else {
             Vec::new()
         };
+        plan_services(&name, &spec, snapshot, &mut desired);
         for family in families {
             let mut addresses: Vec<IpNet> = spec
                 .addresses
@@ -1047,6 +1227,151 @@ mod tests {
         assert_eq!(
             d.resources["web"].priority_reasons.last().unwrap(),
             "no such Service web/frontend -20"
+        );
+    }
+
+    fn with_services(mut v: VirtualIP, yaml: &str) -> VirtualIP {
+        v.spec.services = serde_saphyr::from_str(yaml).unwrap();
+        v
+    }
+
+    fn port_key(addr: &str, port: u16) -> ServiceKey {
+        ServiceKey::Port {
+            addr: addr.parse().unwrap(),
+            protocol: crate::crd::ServiceProtocol::TCP,
+            port,
+        }
+    }
+
+    #[test]
+    fn static_services_are_planned_per_address_and_family() {
+        let v = with_services(
+            vip(
+                "web",
+                51,
+                &["192.0.2.100/24", "192.0.2.101/24", "2001:db8::100/64"],
+            ),
+            "- port: 80\n  scheduler: wrr\n  backends:\n    endpoints:\n      - {address: 10.1.0.1, port: 8080, weight: 3}\n      - {address: 'fd00::1', port: 8080}\n- fwmark: 7\n  forwarding: tunnel\n  backends: {endpoints: [{address: 10.1.0.9}]}\n",
+        );
+        let d = plan(&snapshot(vec![v]), "node-a");
+        assert!(d.refused.is_empty(), "{:?}", d.refused);
+        let keys: Vec<String> = d.services.keys().map(|k| k.to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "TCP 192.0.2.100:80",
+                "TCP 192.0.2.101:80",
+                "TCP [2001:db8::100]:80",
+                "fwmark 7 (ipv4)",
+                "fwmark 7 (ipv6)"
+            ]
+        );
+        let v4 = &d.services[&port_key("192.0.2.100", 80)];
+        assert_eq!(v4.owner, "web");
+        assert_eq!(v4.scheduler, "wrr");
+        assert_eq!(
+            v4.backends
+                .iter()
+                .map(|(b, w)| (b.to_string(), *w))
+                .collect::<Vec<_>>(),
+            [("10.1.0.1:8080".to_string(), 3)]
+        );
+        let v6 = &d.services[&port_key("2001:db8::100", 80)];
+        assert_eq!(
+            v6.backends
+                .keys()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>(),
+            ["[fd00::1]:8080"]
+        );
+        // Tunnels carry either family; port 0 keeps the packet's port.
+        let fw6 = &d.services[&ServiceKey::Fwmark {
+            family: Family::V6,
+            mark: 7,
+        }];
+        assert_eq!(
+            fw6.backends
+                .keys()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>(),
+            ["10.1.0.9:0"]
+        );
+    }
+
+    #[test]
+    fn service_refs_need_the_cluster_and_resolve_ready_endpoints() {
+        let v = with_services(
+            vip("web", 51, &["192.0.2.100/24"]),
+            "- port: 80\n  backends:\n    serviceRef: {namespace: shop, name: frontend, port: http}\n",
+        );
+        let d = plan(&snapshot(vec![v.clone()]), "node-a");
+        assert_eq!(
+            d.refused[0].reason.to_string(),
+            "spec.services[0].backends.serviceRef: needs Kubernetes mode (standalone agents know no other nodes)"
+        );
+
+        let mut s = snapshot(vec![v]);
+        s.cluster = true;
+        s.nodes = cluster(&[("node-a", &[], true, "10.0.0.1")]);
+        let d = plan(&s, "node-a");
+        assert!(d.services[&port_key("192.0.2.100", 80)].backends.is_empty());
+        assert_eq!(
+            d.service_notes["web"],
+            ["spec.services[0].backends.serviceRef: Service shop/frontend not found (no backends)"]
+        );
+
+        let endpoint = |addr: &str, ready: bool, draining: bool| EndpointFacts {
+            address: addr.parse().unwrap(),
+            ports: vec![("http".into(), 8080), ("metrics".into(), 9090)],
+            ready,
+            draining,
+        };
+        s.service_endpoints.insert(
+            ServiceRef {
+                namespace: "shop".into(),
+                name: "frontend".into(),
+            },
+            ServiceEndpoints {
+                ports: vec![("http".into(), 80), ("metrics".into(), 9090)],
+                endpoints: vec![
+                    endpoint("10.1.0.1", true, false),
+                    endpoint("10.1.0.2", false, true),
+                    endpoint("10.1.0.3", false, false),
+                    endpoint("10.1.0.1", true, false),
+                ],
+            },
+        );
+        let d = plan(&s, "node-a");
+        assert!(!d.service_notes.contains_key("web"));
+        assert_eq!(
+            d.services[&port_key("192.0.2.100", 80)]
+                .backends
+                .iter()
+                .map(|(b, w)| (b.to_string(), *w))
+                .collect::<Vec<_>>(),
+            [
+                ("10.1.0.1:8080".to_string(), 1),
+                ("10.1.0.2:8080".to_string(), 0)
+            ],
+            "ready at weight 1, terminating drains at 0, not ready left out"
+        );
+
+        // A node that may not hold the addresses forwards nothing.
+        s.nodes = cluster(&[("node-a", &[(EXCLUDE_LABEL, "")], true, "10.0.0.1")]);
+        assert!(plan(&s, "node-a").services.is_empty());
+    }
+
+    #[test]
+    fn a_clashing_fwmark_stays_with_the_older_virtual_ip() {
+        let svc = "- fwmark: 7\n  backends: {endpoints: [{address: 10.1.0.1, port: 80}]}\n";
+        let a = with_services(vip("a", 51, &["192.0.2.100/24"]), svc);
+        let b = with_services(vip("b", 52, &["192.0.2.101/24"]), svc);
+        let d = plan(&snapshot(vec![a, b]), "node-a");
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(d.services.values().next().unwrap().owner, "a");
+        assert_eq!(
+            d.service_notes["b"],
+            ["spec.services[0]: fwmark 7 (ipv4) is already forwarded by VirtualIP \"a\""]
         );
     }
 }

@@ -1,0 +1,458 @@
+//! Validation of `spec.services`: the virtual services IPVS (or a later nftables dataplane)
+//! programs for a VirtualIP.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::duration::parse_duration;
+use super::validate::Collector;
+use super::virtualip::{BackendServiceRef, Forwarding, ServiceProtocol, VirtualService};
+
+/// Schedulers of the Linux IPVS implementation (`ip_vs_<name>` modules).
+pub const SCHEDULERS: &[&str] = &[
+    "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos",
+];
+
+/// Longest persistence IPVS accepts is far beyond this; a day is what anyone means.
+const MAX_PERSISTENCE: Duration = Duration::from_secs(86_400);
+/// Backends' weight limit, as ipvsadm enforces it.
+const MAX_WEIGHT: i64 = 65_535;
+
+/// What a virtual service matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServiceMatch {
+    Port {
+        protocol: ServiceProtocol,
+        port: u16,
+    },
+    Fwmark(u32),
+}
+
+/// A validated entry of `spec.services`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidService {
+    /// Position in `spec.services`, for messages.
+    pub index: usize,
+    pub matches: ServiceMatch,
+    pub scheduler: String,
+    /// IPVS scheduler flags 1-3 (`sh-fallback`/`mh-fallback`, `sh-port`/`mh-port`).
+    pub scheduler_flags: [bool; 3],
+    pub forwarding: Forwarding,
+    pub source_nat: bool,
+    /// Persistence timeout in whole seconds.
+    pub persistence: Option<u32>,
+    pub backends: ValidBackends,
+}
+
+/// Where a service's traffic goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValidBackends {
+    /// (address, port — 0: the packet's own port, weight)
+    Static(Vec<(IpAddr, u16, u32)>),
+    Service(BackendServiceRef),
+}
+
+impl ServiceProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceProtocol::TCP => "TCP",
+            ServiceProtocol::UDP => "UDP",
+            ServiceProtocol::SCTP => "SCTP",
+        }
+    }
+}
+
+pub(super) fn validate_services(
+    services: &[VirtualService],
+    addresses: &[IpNet],
+    errors: &mut Collector,
+) -> Vec<ValidService> {
+    let mut out = Vec::with_capacity(services.len());
+    let mut seen = HashSet::new();
+    for (i, s) in services.iter().enumerate() {
+        let field = |f: &str| format!("spec.services[{i}].{f}");
+        let matches = match (s.port, s.fwmark) {
+            (Some(p), None) => match u16::try_from(p) {
+                Ok(port) if port >= 1 => Some(ServiceMatch::Port {
+                    protocol: s.protocol,
+                    port,
+                }),
+                _ => {
+                    errors.push(
+                        field("port"),
+                        format!("must be between 1 and 65535, got {p}"),
+                    );
+                    None
+                }
+            },
+            (None, Some(m)) => match u32::try_from(m) {
+                Ok(mark) if mark >= 1 => Some(ServiceMatch::Fwmark(mark)),
+                _ => {
+                    errors.push(
+                        field("fwmark"),
+                        format!("must be between 1 and 4294967295, got {m}"),
+                    );
+                    None
+                }
+            },
+            _ => {
+                errors.push(
+                    format!("spec.services[{i}]"),
+                    "set exactly one of port, fwmark",
+                );
+                None
+            }
+        };
+        if let Some(m) = matches
+            && !seen.insert(m)
+        {
+            let what = match m {
+                ServiceMatch::Port { protocol, port } => format!("{} port {port}", protocol.name()),
+                ServiceMatch::Fwmark(mark) => format!("fwmark {mark}"),
+            };
+            errors.push(field("port"), format!("{what} is listed twice"));
+        }
+
+        if !SCHEDULERS.contains(&s.scheduler.as_str()) {
+            errors.push(
+                field("scheduler"),
+                format!(
+                    "{:?} is not an IPVS scheduler (one of {})",
+                    s.scheduler,
+                    SCHEDULERS.join(", ")
+                ),
+            );
+        }
+        let mut scheduler_flags = [false; 3];
+        for (j, flag) in s.scheduler_flags.iter().enumerate() {
+            let (scheduler, bit) = match flag.split_once('-') {
+                Some((sched, "fallback")) => (sched, 0),
+                Some((sched, "port")) => (sched, 1),
+                _ => (flag.as_str(), usize::MAX),
+            };
+            if bit == usize::MAX || !matches!(scheduler, "sh" | "mh") {
+                errors.push(
+                    field(&format!("schedulerFlags[{j}]")),
+                    format!("{flag:?} is not a scheduler flag (sh-fallback, sh-port, mh-fallback, mh-port)"),
+                );
+            } else if scheduler != s.scheduler {
+                errors.push(
+                    field(&format!("schedulerFlags[{j}]")),
+                    format!("{flag:?} needs scheduler {scheduler}, not {}", s.scheduler),
+                );
+            } else {
+                scheduler_flags[bit] = true;
+            }
+        }
+
+        let persistence = s.persistence.as_deref().and_then(|text| {
+            match parse_duration(text) {
+                Ok(d) if d >= Duration::from_secs(1) && d <= MAX_PERSISTENCE => {
+                    // IPVS counts whole seconds; round up so `1.5s` never means less.
+                    Some(d.as_secs() as u32 + u32::from(d.subsec_nanos() > 0))
+                }
+                Ok(_) => {
+                    errors.push(
+                        field("persistence"),
+                        format!("{text} is out of range (1s to 1440m)"),
+                    );
+                    None
+                }
+                Err(e) => {
+                    errors.push(field("persistence"), e.to_string());
+                    None
+                }
+            }
+        });
+
+        let service_port = match matches {
+            Some(ServiceMatch::Port { port, .. }) => port,
+            _ => 0,
+        };
+        let backends = match (&s.backends.endpoints[..], &s.backends.service_ref) {
+            ([], Some(r)) => {
+                for (f, value) in [("namespace", &r.namespace), ("name", &r.name)] {
+                    if !super::validate::is_dns_label(value) {
+                        errors.push(
+                            field(&format!("backends.serviceRef.{f}")),
+                            format!("{value:?} is not a valid name (lowercase DNS label)"),
+                        );
+                    }
+                }
+                ValidBackends::Service(r.clone())
+            }
+            (endpoints, None) if !endpoints.is_empty() => {
+                ValidBackends::Static(validate_endpoints(i, s, service_port, addresses, errors))
+            }
+            _ => {
+                errors.push(
+                    field("backends"),
+                    "set exactly one of endpoints (a non-empty list), serviceRef",
+                );
+                ValidBackends::Static(Vec::new())
+            }
+        };
+
+        if let Some(matches) = matches {
+            out.push(ValidService {
+                index: i,
+                matches,
+                scheduler: s.scheduler.clone(),
+                scheduler_flags,
+                forwarding: s.forwarding,
+                source_nat: s.source_nat,
+                persistence,
+                backends,
+            });
+        }
+    }
+    out
+}
+
+fn validate_endpoints(
+    i: usize,
+    s: &VirtualService,
+    service_port: u16,
+    addresses: &[IpNet],
+    errors: &mut Collector,
+) -> Vec<(IpAddr, u16, u32)> {
+    let mut out = Vec::with_capacity(s.backends.endpoints.len());
+    let mut seen = HashSet::new();
+    for (j, e) in s.backends.endpoints.iter().enumerate() {
+        let field = |f: &str| format!("spec.services[{i}].backends.endpoints[{j}].{f}");
+        let address = match e.address.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+                errors.push(
+                    field("address"),
+                    format!("{} is not a unicast address", e.address),
+                );
+                continue;
+            }
+            Ok(ip) => ip,
+            Err(_) => {
+                errors.push(
+                    field("address"),
+                    format!("{:?} is not an IP address", e.address),
+                );
+                continue;
+            }
+        };
+        // Only tunnels carry one family inside another.
+        if s.forwarding != Forwarding::Tunnel
+            && !addresses
+                .iter()
+                .any(|a| a.addr().is_ipv4() == address.is_ipv4())
+        {
+            errors.push(
+                field("address"),
+                format!(
+                    "{address}: no address in spec.addresses has this family (only tunnel forwarding mixes families)"
+                ),
+            );
+        }
+        let port = match e.port {
+            None => service_port,
+            Some(p) => match u16::try_from(p) {
+                Ok(p) if p >= 1 => p,
+                _ => {
+                    errors.push(
+                        field("port"),
+                        format!("must be between 1 and 65535, got {p}"),
+                    );
+                    continue;
+                }
+            },
+        };
+        if s.forwarding != Forwarding::Masquerade && service_port != 0 && port != service_port {
+            errors.push(
+                field("port"),
+                format!(
+                    "{port} differs from the service port {service_port}: only masquerade forwarding translates ports"
+                ),
+            );
+        }
+        if !(0..=MAX_WEIGHT).contains(&e.weight) {
+            errors.push(
+                field("weight"),
+                format!("must be between 0 and {MAX_WEIGHT}, got {}", e.weight),
+            );
+        }
+        if !seen.insert((address, port)) {
+            errors.push(
+                field("address"),
+                format!("{address} port {port} is listed twice"),
+            );
+        }
+        out.push((address, port, e.weight.clamp(0, MAX_WEIGHT) as u32));
+    }
+    if s.forwarding != Forwarding::Tunnel {
+        for family_v4 in [true, false] {
+            let has_address = addresses.iter().any(|a| a.addr().is_ipv4() == family_v4);
+            let has_backend = out.iter().any(|(a, _, _)| a.is_ipv4() == family_v4);
+            if has_address && !has_backend && !out.is_empty() {
+                errors.push(
+                    format!("spec.services[{i}].backends.endpoints"),
+                    format!(
+                        "no {} endpoint for the {} virtual addresses",
+                        if family_v4 { "IPv4" } else { "IPv6" },
+                        if family_v4 { "IPv4" } else { "IPv6" },
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{Backends, StaticEndpoint, VirtualIPSpec};
+
+    /// The example of the issue: TCP 80, rr, masquerade, one static backend.
+    fn contract() -> VirtualIPSpec {
+        let mut spec = crate::crd::sample_spec(&["192.0.2.100/24"], 51);
+        spec.services = serde_saphyr::from_str(
+            "- port: 80\n  protocol: TCP\n  scheduler: rr\n  forwarding: masquerade\n  backends:\n    endpoints:\n      - {address: 10.1.0.1, port: 8080, weight: 1}\n",
+        )
+        .unwrap();
+        spec
+    }
+
+    fn errors(spec: &VirtualIPSpec) -> Vec<String> {
+        match spec.validate() {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    fn endpoint(address: &str, port: Option<i64>, weight: i64) -> StaticEndpoint {
+        StaticEndpoint {
+            address: address.into(),
+            port,
+            weight,
+        }
+    }
+
+    #[test]
+    fn the_contract_is_valid() {
+        let valid = contract().validate().unwrap();
+        assert_eq!(
+            valid.services,
+            vec![ValidService {
+                index: 0,
+                matches: ServiceMatch::Port {
+                    protocol: ServiceProtocol::TCP,
+                    port: 80
+                },
+                scheduler: "rr".into(),
+                scheduler_flags: [false; 3],
+                forwarding: Forwarding::Masquerade,
+                source_nat: true,
+                persistence: None,
+                backends: ValidBackends::Static(vec![("10.1.0.1".parse().unwrap(), 8080, 1)]),
+            }]
+        );
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut spec = contract();
+        let s = &mut spec.services[0];
+        s.scheduler = "fastest".into();
+        s.port = Some(70000);
+        s.persistence = Some("forever".into());
+        s.scheduler_flags = vec!["sh-port".into(), "bogus".into()];
+        s.backends.endpoints = vec![
+            endpoint("10.1.0.1", Some(0), 1),
+            endpoint("10.1.0.2", None, 70000),
+            endpoint("not-an-ip", None, 1),
+            endpoint("2001:db8::1", None, 1),
+        ];
+        let got = errors(&spec);
+        for want in [
+            "spec.services[0].port: must be between 1 and 65535, got 70000",
+            "spec.services[0].scheduler: \"fastest\" is not an IPVS scheduler",
+            "spec.services[0].schedulerFlags[0]: \"sh-port\" needs scheduler sh, not fastest",
+            "spec.services[0].schedulerFlags[1]: \"bogus\" is not a scheduler flag",
+            "spec.services[0].persistence: \"forever\" is not a duration",
+            "spec.services[0].backends.endpoints[0].port: must be between 1 and 65535, got 0",
+            "spec.services[0].backends.endpoints[1].weight: must be between 0 and 65535, got 70000",
+            "spec.services[0].backends.endpoints[2].address: \"not-an-ip\" is not an IP address",
+            "spec.services[0].backends.endpoints[3].address: 2001:db8::1: no address in spec.addresses has this family",
+        ] {
+            assert!(
+                got.iter().any(|g| g.starts_with(want)),
+                "missing {want:?} in {got:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_forwarding_is_refused_naming_the_field() {
+        let text = "apiVersion: ferrovip.io/v1alpha1\nkind: VirtualIP\nmetadata: {name: web}\nspec:\n  addresses: [192.0.2.100/24]\n  interface: eth0\n  services:\n    - port: 80\n      forwarding: teleport\n      backends: {endpoints: [{address: 10.1.0.1}]}\n";
+        let mut out = crate::crd::manifest::Manifests::default();
+        crate::crd::manifest::parse_into(std::path::Path::new("web.yaml"), text, &mut out);
+        assert!(out.virtual_ips.is_empty());
+        let err = out.errors[0].to_string();
+        assert!(
+            err.contains("spec.services[0].forwarding") && err.contains("teleport"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn direct_routing_cannot_translate_ports_and_needs_each_family() {
+        let mut spec = crate::crd::sample_spec(&["192.0.2.100/24", "2001:db8::100/64"], 51);
+        spec.services = vec![VirtualService {
+            port: Some(80),
+            protocol: ServiceProtocol::TCP,
+            fwmark: None,
+            scheduler: "wlc".into(),
+            scheduler_flags: Vec::new(),
+            forwarding: Forwarding::Direct,
+            source_nat: true,
+            persistence: Some("1.5s".into()),
+            backends: Backends {
+                endpoints: vec![endpoint("10.1.0.1", Some(8080), 1)],
+                service_ref: None,
+            },
+        }];
+        let got = errors(&spec);
+        assert!(got.iter().any(|g| g.starts_with(
+            "spec.services[0].backends.endpoints[0].port: 8080 differs from the service port 80"
+        )));
+        assert!(got.iter().any(|g| g
+            == "spec.services[0].backends.endpoints: no IPv6 endpoint for the IPv6 virtual addresses"));
+
+        spec.services[0].backends.endpoints = vec![
+            endpoint("10.1.0.1", None, 1),
+            endpoint("2001:db8::5", None, 0),
+        ];
+        let valid = spec.validate().unwrap();
+        assert_eq!(valid.services[0].persistence, Some(2), "rounded up");
+    }
+
+    #[test]
+    fn exactly_one_match_and_one_backend_source() {
+        let mut spec = contract();
+        spec.services[0].fwmark = Some(7);
+        spec.services[0].backends.endpoints.clear();
+        let got = errors(&spec);
+        assert!(got.contains(&"spec.services[0]: set exactly one of port, fwmark".to_string()));
+        assert!(got.contains(
+            &"spec.services[0].backends: set exactly one of endpoints (a non-empty list), serviceRef"
+                .to_string()
+        ));
+
+        let mut spec = contract();
+        spec.services.push(spec.services[0].clone());
+        assert_eq!(
+            errors(&spec),
+            vec!["spec.services[1].port: TCP port 80 is listed twice".to_string()]
+        );
+    }
+}
