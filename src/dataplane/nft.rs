@@ -1,1 +1,391 @@
-//! nftables rules for the IPVS return path (being written).
+//! The nftables rules the IPVS NAT return path needs.
+//!
+//! With masquerade (NAT) forwarding, IPVS rewrites the destination to a backend but keeps the
+//! client as the source, so the backend would answer the client directly and the client would
+//! drop the reply. As kube-proxy does in IPVS mode, the agent source-NATs (masquerades) the
+//! connections IPVS forwards, so that replies come back through the director. The match is on
+//! the connection's ORIGINAL destination (the VIP, protocol and port the client used), which
+//! conntrack keeps after IPVS changed the packet; that needs `net.ipv4.vs.conntrack=1`, which
+//! the IPVS dataplane sets.
+//!
+//! This module owns exactly one table, `table inet ferrovip`, and never touches anything else.
+//! Every change is one atomic `nft -f -` transaction that deletes and re-creates that table, so
+//! what the kernel holds is exactly what [`render`] produced, with no window where the rules are
+//! half there. nft runs as a child process, like kube-proxy's nftables mode (knftables).
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tracing::debug;
+
+/// The table's family and name.
+pub const TABLE: &str = "inet ferrovip";
+
+/// The longest an nft run may take; a hung nft must not stall the dataplane forever.
+const NFT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of nft's error output an error keeps.
+const STDERR_LIMIT: usize = 2048;
+/// How much of an offending script line an error keeps.
+const EXCERPT_LIMIT: usize = 200;
+
+/// Transport protocol of a virtual service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number. Rendered as a number because nft resolves names through
+    /// /etc/protocols, which minimal images (the test VM's initramfs) lack.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// nft's name, which also gives `ct original proto-dst` its type (see [`render`]).
+    fn nft_name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+
+    const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+}
+
+/// Connections to masquerade: those originally sent to a virtual service, or carrying the
+/// firewall mark of a fwmark service. Only masquerade-forwarded services belong here; direct
+/// routing and tunnelling must keep the client's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MasqueradeMatch {
+    Service {
+        addr: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    },
+    Fwmark(u32),
+}
+
+/// Errors running nft.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run {program:?} (is nftables installed?): {source}")]
+    Missing {
+        program: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot run {program:?}: {source}")]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("nft failed ({status}): {stderr} [script line: {excerpt}]")]
+    Failed {
+        status: ExitStatus,
+        stderr: String,
+        /// The script line nft complained about (or the first one), shortened.
+        excerpt: String,
+    },
+    #[error("nft did not finish within {0:?}")]
+    Timeout(Duration),
+    /// Mark 0 is every unmarked packet: masquerading it would NAT all traffic the node forwards.
+    #[error("fwmark 0 cannot select a virtual service")]
+    ZeroFwmark,
+}
+
+impl NftError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            NftError::Missing { .. } => "nft_missing",
+            NftError::Spawn { .. } => "nft_spawn",
+            NftError::Failed { .. } => "nft_failed",
+            NftError::Timeout(_) => "nft_timeout",
+            NftError::ZeroFwmark => "zero_fwmark",
+        }
+    }
+}
+
+/// The whole nft script that converges the table to `wanted`: the one place the ruleset is
+/// written. An empty `wanted` deletes the table, so a node without NAT services keeps no nat
+/// hook registered for nothing.
+///
+/// - `add table` before `delete table` makes the delete succeed when the table is absent
+///   (nft 1.0.6 has no `destroy`); deleting and re-creating it in one transaction replaces
+///   everything in it atomically, including anything someone added by hand.
+/// - nft 1.0.6 cannot type `ct original proto-dst` in a concatenation without a protocol in
+///   context ("can not use variable sized data types"), hence one rule per protocol, each
+///   preceded by `meta l4proto <proto>`. The chain runs only for a connection's first packet.
+/// - `ct original ip daddr` does not match IPv6 connections (the kernel's ct expression
+///   breaks on a family mismatch), so the IPv4 rules never look at IPv6 traffic.
+pub fn render(wanted: &BTreeSet<MasqueradeMatch>) -> String {
+    let mut script = String::with_capacity(512 + 40 * wanted.len());
+    script.push_str("add table inet ferrovip\ndelete table inet ferrovip\n");
+    if wanted.is_empty() {
+        return script;
+    }
+    let (mut v4, mut v6, mut marks) = (Vec::new(), Vec::new(), Vec::new());
+    for item in wanted {
+        match *item {
+            MasqueradeMatch::Service {
+                addr,
+                protocol,
+                port,
+            } => {
+                let element = format!("{addr} . {} . {port}", protocol.number());
+                match addr {
+                    IpAddr::V4(_) => v4.push(element),
+                    IpAddr::V6(_) => v6.push(element),
+                }
+            }
+            MasqueradeMatch::Fwmark(mark) => marks.push(format!("{mark:#x}")),
+        }
+    }
+    script.push_str("table inet ferrovip {\n");
+    render_set(
+        &mut script,
+        "services_v4",
+        "ipv4_addr . inet_proto . inet_service",
+        &v4,
+    );
+    render_set(
+        &mut script,
+        "services_v6",
+        "ipv6_addr . inet_proto . inet_service",
+        &v6,
+    );
+    render_set(&mut script, "fwmarks", "mark", &marks);
+    script.push_str(
+        "\tchain nat_postrouting {\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n",
+    );
+    for (ip, set) in [("ip", "services_v4"), ("ip6", "services_v6")] {
+        for protocol in Protocol::ALL {
+            let _ = writeln!(
+                script,
+                "\t\tmeta l4proto {proto} ct original {ip} daddr . meta l4proto . \
+                 ct original proto-dst @{set} masquerade",
+                proto = protocol.nft_name(),
+            );
+        }
+    }
+    script.push_str("\t\tmeta mark @fwmarks masquerade\n\t}\n}\n");
+    script
+}
+
+fn render_set(script: &mut String, name: &str, key: &str, elements: &[String]) {
+    let _ = writeln!(script, "\tset {name} {{\n\t\ttype {key}");
+    // nft rejects `elements = { }`: an empty set is declared without the line.
+    if let Some((last, rest)) = elements.split_last() {
+        script.push_str("\t\telements = {\n");
+        for element in rest {
+            let _ = writeln!(script, "\t\t\t{element},");
+        }
+        let _ = writeln!(script, "\t\t\t{last}\n\t\t}}");
+    }
+    script.push_str("\t}\n");
+}
+
+/// Runs nft to keep `table inet ferrovip` equal to the wanted masquerade matches.
+#[derive(Debug)]
+pub struct NftRules {
+    binary: PathBuf,
+    /// Program and arguments nft runs under (`ip netns exec <ns>` in tests).
+    prefix: Vec<OsString>,
+    /// What the table holds, when known; `None` until the first successful run.
+    applied: Option<BTreeSet<MasqueradeMatch>>,
+    invocations: u64,
+}
+
+impl NftRules {
+    /// `binary` is the nft executable (`"nft"` looks it up in `PATH`).
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: binary.into(),
+            prefix: Vec::new(),
+            applied: None,
+            invocations: 0,
+        }
+    }
+
+    /// Runs nft under a wrapper command, e.g. `["nsenter", "--net=/proc/1/ns/net"]`.
+    pub fn with_command_prefix<I, S>(mut self, prefix: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.prefix = prefix.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Runs nft in the named network namespace (`ip netns exec <name> nft ...`).
+    pub fn in_netns(self, name: &str) -> Self {
+        self.with_command_prefix(["ip", "netns", "exec", name])
+    }
+
+    /// Converges the table to `wanted` (an empty set removes it). Makes no nft call when
+    /// `wanted` equals what the last successful call applied; the first call always runs.
+    /// Returns whether nft ran. A failed run leaves the table as it was (the transaction is
+    /// atomic) and forgets what was applied, so the next call runs again.
+    pub async fn apply(&mut self, wanted: &BTreeSet<MasqueradeMatch>) -> Result<bool, NftError> {
+        if wanted.contains(&MasqueradeMatch::Fwmark(0)) {
+            return Err(NftError::ZeroFwmark);
+        }
+        if self.applied.as_ref() == Some(wanted) {
+            return Ok(false);
+        }
+        let script = render(wanted);
+        let started = Instant::now();
+        self.applied = None;
+        self.run(&["-f", "-"], &script).await?;
+        debug!(
+            matches = wanted.len(),
+            elapsed = ?started.elapsed(),
+            "nftables masquerade rules applied"
+        );
+        self.applied = Some(wanted.clone());
+        Ok(true)
+    }
+
+    /// Deletes the table if it is there.
+    pub async fn remove(&mut self) -> Result<(), NftError> {
+        self.applied = None;
+        self.run(&["-f", "-"], &render(&BTreeSet::new())).await?;
+        self.applied = Some(BTreeSet::new());
+        Ok(())
+    }
+
+    /// Checks that nft runs and that the kernel accepts the ruleset (nf_tables with nat,
+    /// conntrack and masquerade), without changing anything: `nft --check` takes the
+    /// transaction through the kernel and aborts it.
+    pub async fn available(&self) -> Result<(), NftError> {
+        let probe = BTreeSet::from([
+            MasqueradeMatch::Service {
+                addr: IpAddr::from([192, 0, 2, 1]),
+                protocol: Protocol::Tcp,
+                port: 80,
+            },
+            MasqueradeMatch::Fwmark(1),
+        ]);
+        self.run_checked(&["--check", "-f", "-"], &render(&probe))
+            .await
+    }
+
+    /// Forgets what was applied, so the next [`apply`](Self::apply) rewrites the table even
+    /// if nothing changed (a periodic resync repairs changes made behind the agent's back).
+    pub fn forget(&mut self) {
+        self.applied = None;
+    }
+
+    /// How many times nft ran (including failed runs and checks).
+    pub fn invocations(&self) -> u64 {
+        self.invocations
+    }
+
+    async fn run(&mut self, args: &[&str], script: &str) -> Result<(), NftError> {
+        self.invocations += 1;
+        self.run_checked(args, script).await
+    }
+
+    async fn run_checked(&self, args: &[&str], script: &str) -> Result<(), NftError> {
+        let mut command = match self.prefix.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
+        command
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            // A timed-out run is killed when its future is dropped.
+            .kill_on_drop(true);
+        let program = PathBuf::from(
+            self.prefix
+                .first()
+                .cloned()
+                .unwrap_or_else(|| self.binary.clone().into_os_string()),
+        );
+        let mut child = command.spawn().map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => NftError::Missing {
+                program: program.clone(),
+                source,
+            },
+            _ => NftError::Spawn {
+                program: program.clone(),
+                source,
+            },
+        })?;
+        let mut stdin = child.stdin.take().ok_or_else(|| NftError::Spawn {
+            program: program.clone(),
+            source: io::Error::other("no pipe to nft's standard input"),
+        })?;
+        let feed = async move {
+            let written = stdin.write_all(script.as_bytes()).await;
+            // Closing stdin is what tells nft the script is complete.
+            drop(stdin);
+            written
+        };
+        let (written, output) =
+            tokio::time::timeout(NFT_TIMEOUT, async { tokio::join!(feed, child.wait_with_output()) })
+                .await
+                .map_err(|_| NftError::Timeout(NFT_TIMEOUT))?;
+        let output = output.map_err(|source| NftError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(NftError::Failed {
+                status: output.status,
+                stderr: truncate(stderr.trim(), STDERR_LIMIT),
+                excerpt: excerpt(script, &stderr),
+            });
+        }
+        // nft succeeded yet did not take the whole script: it cannot have applied it.
+        written.map_err(|source| NftError::Spawn { program, source })
+    }
+}
+
+/// The script line nft's error names (`/dev/stdin:LINE:COLUMNS: Error: ...`), else the first.
+fn excerpt(script: &str, stderr: &str) -> String {
+    let line_number = stderr.split("/dev/stdin:").nth(1).and_then(|rest| {
+        rest.split(':')
+            .next()
+            .and_then(|n| n.parse::<usize>().ok())
+    });
+    let line = line_number
+        .and_then(|n| script.lines().nth(n.checked_sub(1)?))
+        .or_else(|| script.lines().next())
+        .unwrap_or_default();
+    truncate(line.trim(), EXCERPT_LIMIT)
+}
+
+fn truncate(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_owned();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}

@@ -7,7 +7,7 @@
 
 pub mod status;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::crd::{ServiceRef, VirtualIP};
-use crate::model::{NodeFacts, Snapshot};
+use crate::model::{EndpointFacts, NodeFacts, ServiceEndpoints, Snapshot};
 
 /// How long after a change more changes are awaited before planning, so that a burst (an
 /// initial list, `kubectl apply` of many objects) plans once.
@@ -165,6 +165,11 @@ impl ClusterSource {
         snapshot.local.endpoints_known = self.endpoints_known.load(Ordering::Relaxed);
         snapshot.local.local_ready_endpoints =
             local_ready_endpoints(&self.slices.state(), &self.node);
+        snapshot.service_endpoints = service_endpoints(
+            &snapshot.virtual_ips,
+            &self.services.state(),
+            &self.slices.state(),
+        );
         snapshot.local.services = self
             .services
             .state()
@@ -387,6 +392,106 @@ pub fn local_ready_endpoints(
             name: service.clone(),
         })
         .or_insert(0) += ready;
+    }
+    out
+}
+
+/// Ports and endpoints of the Services that VirtualIPs forward to (`backends.serviceRef`).
+pub fn service_endpoints(
+    virtual_ips: &[VirtualIP],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+) -> BTreeMap<ServiceRef, ServiceEndpoints> {
+    let wanted: BTreeSet<ServiceRef> = virtual_ips
+        .iter()
+        .flat_map(|v| &v.spec.services)
+        .filter_map(|s| s.backends.service_ref.as_ref())
+        .map(|r| ServiceRef {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    if wanted.is_empty() {
+        return out;
+    }
+    for svc in services {
+        let (Some(namespace), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) else {
+            continue;
+        };
+        let key = ServiceRef {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+        if !wanted.contains(&key) {
+            continue;
+        }
+        let ports = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter_map(|p| {
+                Some((
+                    p.name.clone().unwrap_or_default(),
+                    u16::try_from(p.port).ok()?,
+                ))
+            })
+            .collect();
+        out.insert(
+            key,
+            ServiceEndpoints {
+                ports,
+                endpoints: Vec::new(),
+            },
+        );
+    }
+    for slice in slices {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        else {
+            continue;
+        };
+        let Some(namespace) = slice.metadata.namespace.clone() else {
+            continue;
+        };
+        let Some(entry) = out.get_mut(&ServiceRef {
+            namespace,
+            name: service.clone(),
+        }) else {
+            continue;
+        };
+        let ports: Vec<(String, u16)> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    p.name.clone().unwrap_or_default(),
+                    u16::try_from(p.port?).ok()?,
+                ))
+            })
+            .collect();
+        for e in &slice.endpoints {
+            let c = e.conditions.as_ref();
+            // API conventions: an absent `ready` means ready; absent `serving` follows ready.
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let ready = c.and_then(|c| c.ready).unwrap_or(true) && !terminating;
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            for address in &e.addresses {
+                let Ok(address) = address.parse() else {
+                    continue;
+                };
+                entry.endpoints.push(EndpointFacts {
+                    address,
+                    ports: ports.clone(),
+                    ready,
+                    draining: terminating && serving,
+                });
+            }
+        }
     }
     out
 }
