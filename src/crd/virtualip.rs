@@ -583,6 +583,10 @@ pub struct NodeStatus {
     pub reasons: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<String>,
+    /// What this node forwards for the VirtualIP's `spec.services`, or why it does not
+    /// (e.g. `ipvs: 2 services programmed`, `ipvs: not forwarding: IPVS is not available`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<String>,
 }
 
 /// A list the API server may hand back as `null` (server-side apply leaves null when the last

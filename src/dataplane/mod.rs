@@ -11,6 +11,7 @@ pub mod ipvs;
 pub mod link;
 pub mod nft;
 pub mod service;
+pub mod worker;
 
 use std::future::Future;
 
@@ -26,6 +27,10 @@ pub trait Dataplane: Send {
     /// Applying the same set twice writes nothing. One failing service never stops the
     /// others; failures are reported for a later retry.
     fn apply(&mut self, desired: &ServiceSet) -> impl Future<Output = ApplyReport> + Send;
+
+    /// Forgets what is known of the kernel, so that the next apply reads it again and repairs
+    /// changes made behind the agent's back.
+    fn invalidate(&mut self);
 }
 
 /// The outcome of one [`Dataplane::apply`].

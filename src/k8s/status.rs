@@ -68,6 +68,8 @@ pub struct StatusWriter {
     /// Per (VirtualIP, family): whether we were master at the last look.
     was_master: HashMap<String, bool>,
     outage_logged: bool,
+    /// Per VirtualIP, what this node forwards for its `spec.services`.
+    services: HashMap<String, String>,
 }
 
 impl StatusWriter {
@@ -87,6 +89,7 @@ impl StatusWriter {
             warned: HashMap::new(),
             was_master: HashMap::new(),
             outage_logged: false,
+            services: HashMap::new(),
         }
     }
 
@@ -94,6 +97,32 @@ impl StatusWriter {
     /// otherwise (with a thousand VIPs it is most of the agent's idle CPU).
     pub fn pending(&self) -> bool {
         self.pending
+    }
+
+    /// What the dataplane forwards per VirtualIP (shown in the node's status entry) from the
+    /// last outcome and the planner's notes.
+    pub fn set_services(
+        &mut self,
+        dataplane: Option<&crate::dataplane::worker::DataplaneStatus>,
+        desired: &Desired,
+    ) {
+        self.services.clear();
+        if let Some(d) = dataplane {
+            for owner in d.desired_per_owner.keys() {
+                if let Some(summary) = d.summary_for(owner) {
+                    self.services.insert(owner.clone(), summary);
+                }
+            }
+        }
+        for (owner, notes) in &desired.service_notes {
+            let line = self.services.entry(owner.clone()).or_default();
+            for note in notes {
+                if !line.is_empty() {
+                    line.push_str("; ");
+                }
+                line.push_str(note);
+            }
+        }
     }
 
     /// Brings every VirtualIP's status up to date with what this node knows now.
@@ -138,7 +167,8 @@ impl StatusWriter {
             )
             .await;
 
-            let body = desired_status(&vip, &self.node, plan, &ours, &addresses);
+            let services = self.services.get(&name).map(String::as_str);
+            let body = desired_status(&vip, &self.node, plan, &ours, &addresses, services);
             let unchanged = self.written.get(&name) == Some(&body);
             if unchanged && reflected(&vip, &body, &self.node) {
                 continue;
@@ -453,6 +483,7 @@ pub fn desired_status(
     plan: &ResourcePlan,
     ours: &[&InstanceStatus],
     addresses: &BTreeMap<IpAddr, String>,
+    services: Option<&str>,
 ) -> serde_json::Value {
     let name = vip.metadata.name.clone().unwrap_or_default();
     let mut status = serde_json::Map::new();
@@ -536,6 +567,7 @@ pub fn desired_status(
                 priority: i64::from(plan.priority.unwrap_or(0)),
                 reasons: plan.priority_reasons.clone(),
                 last_transition_time: since.map(rfc3339),
+                services: services.map(str::to_string),
             };
             status.insert("nodes".into(), json!([entry]));
             (master.is_some().then_some("Active"), conds)
@@ -641,7 +673,14 @@ mod tests {
     #[test]
     fn a_master_reports_itself_and_its_entry() {
         let i = instance(State::Master, Some("192.0.2.11"));
-        let body = desired_status(&vip(), "node-a", &plan(true, None), &[&i], &addresses());
+        let body = desired_status(
+            &vip(),
+            "node-a",
+            &plan(true, None),
+            &[&i],
+            &addresses(),
+            None,
+        );
         let s = &body["status"];
         assert_eq!(s["master"], "node-a");
         assert_eq!(s["state"], "Active");
@@ -660,7 +699,14 @@ mod tests {
     #[test]
     fn a_backup_names_the_master_node_from_its_address() {
         let i = instance(State::Backup, Some("192.0.2.11"));
-        let body = desired_status(&vip(), "node-b", &plan(true, None), &[&i], &addresses());
+        let body = desired_status(
+            &vip(),
+            "node-b",
+            &plan(true, None),
+            &[&i],
+            &addresses(),
+            None,
+        );
         assert_eq!(body["status"]["master"], "node-a");
         assert_eq!(body["status"]["nodes"][0]["state"], "Backup");
         let unknown = instance(State::Backup, Some("192.0.2.99"));
@@ -670,10 +716,18 @@ mod tests {
             &plan(true, None),
             &[&unknown],
             &addresses(),
+            None,
         );
         assert_eq!(body["status"]["master"], "192.0.2.99");
         let none = instance(State::Backup, None);
-        let body = desired_status(&vip(), "node-b", &plan(true, None), &[&none], &addresses());
+        let body = desired_status(
+            &vip(),
+            "node-b",
+            &plan(true, None),
+            &[&none],
+            &addresses(),
+            None,
+        );
         // A node that knows no master writes only its own entry.
         let s = body["status"].as_object().unwrap();
         assert_eq!(
@@ -710,7 +764,14 @@ mod tests {
         assert!(conflict["message"].as_str().unwrap().contains("\"api\""));
         assert!(s.get("nodes").is_none());
 
-        let body = desired_status(&vip(), "node-c", &plan(false, None), &[], &addresses());
+        let body = desired_status(
+            &vip(),
+            "node-c",
+            &plan(false, None),
+            &[],
+            &addresses(),
+            None,
+        );
         let s = body["status"].as_object().unwrap();
         assert_eq!(
             s.keys().collect::<Vec<_>>(),
@@ -721,7 +782,14 @@ mod tests {
     #[test]
     fn unchanged_conditions_keep_their_time_so_nodes_agree() {
         let i = instance(State::Master, Some("192.0.2.11"));
-        let first = desired_status(&vip(), "node-a", &plan(true, None), &[&i], &addresses());
+        let first = desired_status(
+            &vip(),
+            "node-a",
+            &plan(true, None),
+            &[&i],
+            &addresses(),
+            None,
+        );
         let conditions: Vec<Condition> =
             serde_json::from_value(first["status"]["conditions"].clone()).unwrap();
         let mut seen = vip();
@@ -731,7 +799,14 @@ mod tests {
         });
         std::thread::sleep(Duration::from_millis(5));
         let b = instance(State::Backup, Some("192.0.2.11"));
-        let second = desired_status(&seen, "node-b", &plan(true, None), &[&b], &addresses());
+        let second = desired_status(
+            &seen,
+            "node-b",
+            &plan(true, None),
+            &[&b],
+            &addresses(),
+            None,
+        );
         assert_eq!(
             second["status"]["conditions"],
             first["status"]["conditions"]
@@ -741,7 +816,14 @@ mod tests {
     #[test]
     fn a_write_another_node_undid_is_noticed() {
         let i = instance(State::Master, Some("192.0.2.11"));
-        let body = desired_status(&vip(), "node-a", &plan(true, None), &[&i], &addresses());
+        let body = desired_status(
+            &vip(),
+            "node-a",
+            &plan(true, None),
+            &[&i],
+            &addresses(),
+            None,
+        );
         let mut seen = vip();
         assert!(
             !reflected(&seen, &body, "node-a"),
@@ -755,7 +837,14 @@ mod tests {
         seen.status = Some(serde_json::from_value(undone).unwrap());
         assert!(!reflected(&seen, &body, "node-a"));
         // An ineligible node's body is reflected only once its entry is gone.
-        let gone = desired_status(&vip(), "node-a", &plan(false, None), &[], &addresses());
+        let gone = desired_status(
+            &vip(),
+            "node-a",
+            &plan(false, None),
+            &[],
+            &addresses(),
+            None,
+        );
         seen.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
         assert!(!reflected(&seen, &gone, "node-a"));
         assert!(reflected(&seen, &gone, "node-z"));

@@ -1,0 +1,209 @@
+//! Runs a [`Dataplane`] on its own thread: kernel writes (thousands of netlink requests when
+//! a large table is first programmed) never delay VRRP or planning. It applies the latest
+//! desired set, retries what failed with backoff, re-reads the kernel now and then to repair
+//! drift, and publishes the outcome for status and metrics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::service::{ServiceKey, ServiceSet};
+use super::{ApplyReport, Dataplane};
+use crate::metrics::Metrics;
+
+/// First retry of a failed service; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a dataplane that is missing (no IPVS module) is looked for again.
+const UNAVAILABLE_RECHECK: Duration = Duration::from_secs(60);
+
+/// The last outcome, for status and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataplaneStatus {
+    pub name: &'static str,
+    pub report: ApplyReport,
+    /// Services desired, per VirtualIP.
+    pub desired_per_owner: BTreeMap<String, usize>,
+}
+
+impl DataplaneStatus {
+    /// One line for a VirtualIP's status entry: what this node forwards for it.
+    pub fn summary_for(&self, owner: &str) -> Option<String> {
+        let wanted = *self.desired_per_owner.get(owner)?;
+        if let Some(why) = &self.report.unavailable {
+            return Some(format!("{}: not forwarding: {why}", self.name));
+        }
+        let failed: Vec<&str> = self
+            .report
+            .failures
+            .iter()
+            .filter(|f| f.owner == owner)
+            .map(|f| f.error.as_str())
+            .collect();
+        Some(match failed.as_slice() {
+            [] => format!("{}: {wanted} services programmed", self.name),
+            [one] => format!(
+                "{}: {} of {wanted} services programmed; {one}",
+                self.name,
+                wanted - 1
+            ),
+            [first, ..] => format!(
+                "{}: {} of {wanted} services programmed; {first} (and {} more)",
+                self.name,
+                wanted.saturating_sub(failed.len()),
+                failed.len() - 1
+            ),
+        })
+    }
+}
+
+/// Starts the worker thread. It stops when `desired`'s sender is dropped.
+pub fn spawn<D: Dataplane + 'static>(
+    mut dataplane: D,
+    mut desired: watch::Receiver<Arc<ServiceSet>>,
+    metrics: Metrics,
+    resync: Duration,
+) -> watch::Receiver<Option<Arc<DataplaneStatus>>> {
+    let (status_tx, status_rx) = watch::channel(None);
+    let name = dataplane.name();
+    let spawned = std::thread::Builder::new()
+        .name(format!("dataplane-{name}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(dataplane = name, error = %e, "cannot start the dataplane thread's runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let mut log = Logged::default();
+                let mut backoff = FIRST_BACKOFF;
+                let mut next_resync = Instant::now() + resync;
+                loop {
+                    let set = desired.borrow_and_update().clone();
+                    if Instant::now() >= next_resync {
+                        dataplane.invalidate();
+                        next_resync = Instant::now() + resync;
+                    }
+                    let started = Instant::now();
+                    let report = dataplane.apply(&set).await;
+                    let took = started.elapsed();
+                    metrics.dataplane_available(name, report.unavailable.is_none());
+                    if report.unavailable.is_none() {
+                        metrics.dataplane_applied(name, report.result_label(), took, report.writes);
+                        metrics.ipvs_table(report.services as u64, report.backends as u64);
+                    }
+                    for f in &report.failures {
+                        metrics.dataplane_error(name, f.reason);
+                    }
+                    log.report(name, &set, &report, took);
+                    let wait = if report.unavailable.is_some() {
+                        UNAVAILABLE_RECHECK
+                    } else if !report.failures.is_empty() {
+                        let wait = if report.retry_soon() { FIRST_BACKOFF } else { backoff };
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        wait
+                    } else {
+                        backoff = FIRST_BACKOFF;
+                        next_resync.saturating_duration_since(Instant::now())
+                    };
+                    let mut per_owner = BTreeMap::new();
+                    for spec in set.values() {
+                        *per_owner.entry(spec.owner.clone()).or_insert(0) += 1;
+                    }
+                    let status = DataplaneStatus {
+                        name,
+                        report,
+                        desired_per_owner: per_owner,
+                    };
+                    status_tx.send_if_modified(|current| {
+                        if current.as_deref() == Some(&status) {
+                            false
+                        } else {
+                            *current = Some(Arc::new(status));
+                            true
+                        }
+                    });
+                    tokio::select! {
+                        changed = desired.changed() => if changed.is_err() { return },
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        warn!(dataplane = name, error = %e, "cannot start the dataplane thread");
+    }
+    status_rx
+}
+
+/// What has been logged, so that each problem is said once and its end is said too.
+#[derive(Default)]
+struct Logged {
+    unavailable: Option<String>,
+    failures: BTreeMap<ServiceKey, String>,
+}
+
+impl Logged {
+    fn report(&mut self, name: &str, set: &ServiceSet, report: &ApplyReport, took: Duration) {
+        match (&report.unavailable, &self.unavailable) {
+            (Some(why), None) if !set.is_empty() => {
+                warn!(
+                    dataplane = name,
+                    services = set.len(),
+                    "{why}: virtual services are not forwarded on this node (VRRP keeps running)"
+                );
+                self.unavailable = Some(why.clone());
+            }
+            (Some(why), None) => {
+                debug!(dataplane = name, "{why} (no virtual services are needed)");
+            }
+            (None, Some(_)) => {
+                info!(dataplane = name, "available again");
+                self.unavailable = None;
+            }
+            _ => {}
+        }
+        if report.unavailable.is_some() {
+            return;
+        }
+        let mut now = BTreeMap::new();
+        for f in &report.failures {
+            if self.failures.get(&f.key) != Some(&f.error) {
+                warn!(
+                    dataplane = name,
+                    virtualip = %f.owner,
+                    service = %f.key,
+                    reason = f.reason,
+                    transient = f.transient,
+                    "{}",
+                    f.error
+                );
+            }
+            now.insert(f.key, f.error.clone());
+        }
+        for key in self.failures.keys() {
+            if !now.contains_key(key) {
+                info!(dataplane = name, service = %key, "service converged after earlier failures");
+            }
+        }
+        self.failures = now;
+        if report.writes > 0 {
+            info!(
+                dataplane = name,
+                writes = report.writes,
+                services = report.services,
+                backends = report.backends,
+                took_us = took.as_micros() as u64,
+                "dataplane applied"
+            );
+        }
+    }
+}
