@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -49,7 +50,7 @@ pub struct ClusterSource {
     virtual_ips: Store<VirtualIP>,
     nodes: Store<Node>,
     services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    slices: Slices,
     /// Bumped on every change of any store.
     changes: watch::Sender<u64>,
     seen: watch::Receiver<u64>,
@@ -72,11 +73,41 @@ impl ClusterSource {
             spawn_reflector(Api::<VirtualIP>::all(client.clone()), changed.clone(), None);
         let nodes = spawn_reflector(Api::<Node>::all(client.clone()), changed.clone(), None);
         let services = spawn_reflector(Api::<Service>::all(client.clone()), changed.clone(), None);
-        let slices = spawn_optional_reflector(
-            Api::<EndpointSlice>::all(client),
-            changed.clone(),
-            endpoints_known.clone(),
-        );
+        let slices = match client
+            .list_api_group_resources("discovery.k8s.io/v1beta1")
+            .await
+        {
+            // Kubernetes 1.19/1.20 serve EndpointSlices only as v1beta1, whose fields the
+            // agent reads (addresses, conditions, nodeName, ports) are those of v1.
+            Ok(list)
+                if list.resources.iter().any(|r| r.name == "endpointslices")
+                    && client
+                        .list_api_group_resources("discovery.k8s.io/v1")
+                        .await
+                        .is_err() =>
+            {
+                info!(
+                    "the API server serves EndpointSlice discovery.k8s.io/v1beta1 only: using it"
+                );
+                Slices::V1beta1(spawn_dynamic_reflector(
+                    client,
+                    ApiResource {
+                        group: "discovery.k8s.io".into(),
+                        version: "v1beta1".into(),
+                        api_version: "discovery.k8s.io/v1beta1".into(),
+                        kind: "EndpointSlice".into(),
+                        plural: "endpointslices".into(),
+                    },
+                    changed.clone(),
+                    endpoints_known.clone(),
+                ))
+            }
+            _ => Slices::V1(spawn_optional_reflector(
+                Api::<EndpointSlice>::all(client),
+                changed.clone(),
+                endpoints_known.clone(),
+            )),
+        };
         info!("waiting for the first list of VirtualIPs and Nodes");
         let _ = virtual_ips.wait_until_ready().await;
         let _ = nodes.wait_until_ready().await;
@@ -163,13 +194,10 @@ impl ClusterSource {
             ..Snapshot::default()
         };
         snapshot.local.endpoints_known = self.endpoints_known.load(Ordering::Relaxed);
-        snapshot.local.local_ready_endpoints =
-            local_ready_endpoints(&self.slices.state(), &self.node);
-        snapshot.service_endpoints = service_endpoints(
-            &snapshot.virtual_ips,
-            &self.services.state(),
-            &self.slices.state(),
-        );
+        let slices = self.slices.state();
+        snapshot.local.local_ready_endpoints = local_ready_endpoints(&slices, &self.node);
+        snapshot.service_endpoints =
+            service_endpoints(&snapshot.virtual_ips, &self.services.state(), &slices);
         snapshot.local.services = self
             .services
             .state()
@@ -183,6 +211,56 @@ impl ClusterSource {
             .collect();
         snapshot
     }
+}
+
+/// The EndpointSlice store, in the version the API server serves.
+enum Slices {
+    V1(Store<EndpointSlice>),
+    V1beta1(Store<DynamicObject>),
+}
+
+impl Slices {
+    fn state(&self) -> Vec<Arc<EndpointSlice>> {
+        match self {
+            Slices::V1(store) => store.state(),
+            Slices::V1beta1(store) => store
+                .state()
+                .iter()
+                .filter_map(|o| {
+                    let mut value = serde_json::to_value(&**o).ok()?;
+                    value["apiVersion"] = "discovery.k8s.io/v1".into();
+                    // v1beta1 names the node in `topology` (its `nodeName` is feature-gated).
+                    for e in value["endpoints"].as_array_mut().into_iter().flatten() {
+                        if e.get("nodeName").is_none()
+                            && let Some(host) = e["topology"]["kubernetes.io/hostname"].as_str()
+                        {
+                            e["nodeName"] = host.to_string().into();
+                        }
+                    }
+                    serde_json::from_value(value).ok().map(Arc::new)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A reflector for a resource known only at run time (EndpointSlice v1beta1).
+fn spawn_dynamic_reflector(
+    client: Client,
+    resource: ApiResource,
+    changed: watch::Sender<u64>,
+    served: Arc<AtomicBool>,
+) -> Store<DynamicObject> {
+    let api = Api::<DynamicObject>::all_with(client, &resource);
+    let writer = reflector::store::Writer::new(resource);
+    let reader = writer.as_reader();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(slim::<DynamicObject>),
+    )
+    .default_backoff();
+    tokio::spawn(drive(stream, changed, Some(served), "EndpointSlice"));
+    reader
 }
 
 /// Runs one reflector in its own task; every applied change wakes the planner.
