@@ -3,6 +3,7 @@
 //! health checks), and hands the plan to the VRRP engine.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,9 +15,13 @@ use tracing::{info, warn};
 use crate::crd::manifest::{self, ManifestError, Manifests};
 use crate::crd::{CheckKind, ValidCheck, VirtualIP};
 use crate::dataplane::addr::{AddrError, AddressManager};
+use crate::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
+use crate::dataplane::service::ServiceSet;
+use crate::dataplane::worker::{self, DataplaneStatus};
 use crate::health::{self, CheckKey, CheckSpec, HealthMonitor, HealthReport};
 use crate::k8s::status::StatusWriter;
 use crate::k8s::{ClusterSource, K8sError};
+use crate::metrics::Metrics;
 use crate::model::{Desired, Snapshot, plan};
 use crate::vrrp::driver::{Command, Engine, Observed};
 
@@ -46,6 +51,27 @@ pub struct AgentArgs {
     /// releases.
     #[arg(long, env = "FERROVIP_RESTART_HOLD", default_value = "0s", value_parser = parse_duration_arg)]
     pub restart_hold: Duration,
+    /// Which dataplane forwards `spec.services`: `ipvs`, or `none` to program nothing.
+    #[arg(long, env = "FERROVIP_DATAPLANE", default_value = "ipvs")]
+    pub dataplane: DataplaneKind,
+    /// Where the agent records what it created in the kernel (IPVS services), so that a
+    /// restarted agent adopts them. Keep it on tmpfs: the kernel's tables do not survive a
+    /// reboot either.
+    #[arg(long, env = "FERROVIP_STATE_DIR", default_value = "/run/ferrovip")]
+    pub state_dir: PathBuf,
+    /// How often the dataplane re-reads the kernel to repair changes made behind its back.
+    #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
+    pub dataplane_resync: Duration,
+    /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`) here; `off` disables.
+    #[arg(long, env = "FERROVIP_METRICS_ADDR", default_value = "0.0.0.0:9646")]
+    pub metrics_addr: String,
+}
+
+/// The dataplane for virtual services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataplaneKind {
+    Ipvs,
+    None,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -60,6 +86,8 @@ pub enum AgentError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Kubernetes(#[from] K8sError),
+    #[error("--metrics-addr {0:?} is not an address:port (or `off`)")]
+    MetricsAddr(String),
 }
 
 impl AgentError {
@@ -68,6 +96,7 @@ impl AgentError {
             AgentError::Netlink(_) => "netlink",
             AgentError::Signals(_) => "signals",
             AgentError::Kubernetes(e) => e.metric_label(),
+            AgentError::MetricsAddr(_) => "metrics_addr",
         }
     }
 }
@@ -116,6 +145,38 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let addresses = AddressManager::connect().map_err(AgentError::Netlink)?;
     let engine = Engine::start(args.node_name.clone(), addresses).await;
     let observed = engine.observe();
+    let metrics = Metrics::new();
+    metrics.attach_vrrp_stats(engine.stats());
+    let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
+    if args.metrics_addr != "off" {
+        let addr: SocketAddr = args
+            .metrics_addr
+            .parse()
+            .map_err(|_| AgentError::MetricsAddr(args.metrics_addr.clone()))?;
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(e) = crate::metrics::serve(addr, m, stopped).await {
+                warn!(error = %e, "metrics are not served");
+            }
+        });
+    }
+    tokio::spawn(observe_vrrp(observed.clone(), metrics.clone()));
+    let (services_tx, services_rx) = watch::channel(Arc::new(ServiceSet::new()));
+    let dataplane_status = match args.dataplane {
+        DataplaneKind::Ipvs => Some(worker::spawn(
+            IpvsDataplane::new(IpvsOptions {
+                state_dir: args.state_dir.clone(),
+                ..IpvsOptions::default()
+            }),
+            services_rx,
+            metrics.clone(),
+            args.dataplane_resync,
+        )),
+        DataplaneKind::None => None,
+    };
     let (commands, commands_rx) = mpsc::channel(16);
     let engine_task = tokio::spawn(engine.run(commands_rx));
     let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
@@ -140,6 +201,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 cluster.clone_stores(),
                 desired_rx,
                 observed.clone(),
+                dataplane_status.clone(),
             ));
             Source::Cluster(cluster)
         }
@@ -188,6 +250,22 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 warn!("the VRRP engine stopped unexpectedly");
                 break;
             }
+            services_tx.send_if_modified(|s| {
+                if **s == desired.services {
+                    false
+                } else {
+                    *s = Arc::new(desired.services.clone());
+                    true
+                }
+            });
+            metrics.virtualips(
+                desired
+                    .resources
+                    .values()
+                    .filter(|r| r.refused.is_none())
+                    .count() as u64,
+                desired.refused.len() as u64,
+            );
             let _ = desired_tx.send(Arc::new(desired.clone()));
             last = Some(desired);
         }
@@ -233,7 +311,20 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let _ = wait.await;
     }
     let _ = engine_task.await;
+    let _ = stop_metrics.send(());
+    // The IPVS table stays: forwarding continues through a restart, and the next agent
+    // adopts it.
     Ok(())
+}
+
+/// Feeds the VRRP metrics from the engine's observations.
+async fn observe_vrrp(mut observed: watch::Receiver<Observed>, metrics: Metrics) {
+    loop {
+        metrics.observe_vrrp(&observed.borrow_and_update());
+        if observed.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 fn failing_checks(report: &HealthReport) -> std::collections::BTreeSet<(String, String)> {
@@ -285,12 +376,19 @@ async fn write_status(
     mut stores: crate::k8s::Stores,
     mut desired: watch::Receiver<Arc<Desired>>,
     mut observed: watch::Receiver<Observed>,
+    dataplane: Option<watch::Receiver<Option<Arc<DataplaneStatus>>>>,
 ) {
     let mut retry = tokio::time::interval(STATUS_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut dataplane, has_dataplane) = match dataplane {
+        Some(rx) => (rx, true),
+        None => (watch::channel(None).1, false),
+    };
     loop {
         let plan = desired.borrow_and_update().clone();
         let seen = observed.borrow_and_update().clone();
+        let forwarding = dataplane.borrow_and_update().clone();
+        writer.set_services(forwarding.as_deref(), &plan);
         writer
             .reconcile(&stores.virtual_ips, &stores.nodes, &plan, &seen)
             .await;
@@ -299,6 +397,7 @@ async fn write_status(
                 r = desired.changed() => if r.is_err() { return } else { break },
                 r = observed.changed() => if r.is_err() { return } else { break },
                 r = stores.changes.changed() => if r.is_err() { return } else { break },
+                r = dataplane.changed(), if has_dataplane => if r.is_err() { return } else { break },
                 _ = retry.tick() => if writer.pending() { break },
             }
         }

@@ -750,6 +750,7 @@ mod tests {
             &plan(false, Some(reason)),
             &[],
             &addresses(),
+            None,
         );
         let s = &body["status"];
         assert_eq!(s["state"], "Conflict");

@@ -1,5 +1,8 @@
 //! IPVS over generic netlink: the codec, a pipelining client, and the converging dataplane.
 
 pub mod client;
+mod dataplane;
 pub mod diff;
 pub mod netlink;
+
+pub use dataplane::{IpvsDataplane, IpvsOptions};

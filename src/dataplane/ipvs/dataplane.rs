@@ -1,0 +1,688 @@
+//! The IPVS implementation of [`Dataplane`]: converges the kernel's IPVS table to the desired
+//! services by difference, owning only what it created.
+//!
+//! Ownership: IPVS services carry no owner mark, so the keys of the services this node
+//! created are kept in a state file (`<state dir>/ipvs-services`, on tmpfs like the IPVS table
+//! itself, so both vanish on reboot). Services in the kernel that are not in it are foreign
+//! and never touched; a desired service whose key is taken by a foreign one is reported, not
+//! overwritten. Without a state file (first start), existing services with a desired key are
+//! adopted.
+//!
+//! Cost: the kernel is read once (and again after [`Dataplane::invalidate`]); afterwards an
+//! apply is one comparison pass over the desired set against what was programmed, and
+//! writes go out pipelined in one batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use tracing::{info, warn};
+
+use super::client::{IpvsClient, IpvsError, Op};
+use super::diff::{Change, DestConf, Programmed, ServiceConf, diff};
+use super::netlink;
+use crate::dataplane::nft::{MasqueradeMatch, NftRules};
+use crate::dataplane::service::{
+    BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
+};
+use crate::dataplane::{ApplyReport, Dataplane, ServiceFailure};
+use crate::vrrp::Family;
+
+/// Where the IPVS dataplane keeps its state and finds its tools.
+#[derive(Debug, Clone)]
+pub struct IpvsOptions {
+    /// Holds the file listing the services this node created.
+    pub state_dir: PathBuf,
+    /// The `nft` binary, for the masquerade rules of the NAT return path.
+    pub nft: PathBuf,
+}
+
+impl Default for IpvsOptions {
+    fn default() -> Self {
+        IpvsOptions {
+            state_dir: PathBuf::from("/run/ferrovip"),
+            nft: PathBuf::from("nft"),
+        }
+    }
+}
+
+/// Sysctls set while this node has virtual services (kube-proxy's IPVS mode sets the same):
+/// connections to a removed backend fail at once instead of hanging, and persistence
+/// templates of drained backends expire.
+const SERVICE_SYSCTLS: &[(&str, &str)] = &[
+    ("/proc/sys/net/ipv4/vs/expire_nodest_conn", "1"),
+    ("/proc/sys/net/ipv4/vs/expire_quiescent_template", "1"),
+];
+
+/// Sysctls the NAT return path needs while a service masquerades.
+const NAT_SYSCTLS: &[(&str, &str)] = &[
+    // Let conntrack see IPVS connections, so that nftables can masquerade them.
+    ("/proc/sys/net/ipv4/vs/conntrack", "1"),
+    // Replies, de-masqueraded back to the client's address, are forwarded.
+    ("/proc/sys/net/ipv4/ip_forward", "1"),
+];
+
+pub struct IpvsDataplane {
+    options: IpvsOptions,
+    client: Option<IpvsClient>,
+    /// Our services as the kernel holds them (after the last read and the writes since).
+    programmed: BTreeMap<ServiceKey, Programmed>,
+    /// Services found in the kernel that are not ours.
+    foreign: BTreeSet<ServiceKey>,
+    /// Whether `programmed`/`foreign` reflect a read of the kernel.
+    synced: bool,
+    /// Ours, but not known how they look (a write failed): read before the next diff.
+    uncertain: BTreeSet<ServiceKey>,
+    nft: NftRules,
+    /// The masquerade matches currently installed.
+    masquerading: BTreeSet<MasqueradeMatch>,
+    /// Sysctl path → the value before we changed it.
+    saved_sysctls: BTreeMap<&'static str, String>,
+    /// What the state file says, to write it only on change.
+    persisted: Option<BTreeSet<ServiceKey>>,
+}
+
+impl IpvsDataplane {
+    pub fn new(options: IpvsOptions) -> IpvsDataplane {
+        let nft = NftRules::new(options.nft.clone());
+        IpvsDataplane {
+            options,
+            client: None,
+            programmed: BTreeMap::new(),
+            foreign: BTreeSet::new(),
+            synced: false,
+            uncertain: BTreeSet::new(),
+            nft,
+            masquerading: BTreeSet::new(),
+            saved_sysctls: BTreeMap::new(),
+            persisted: None,
+        }
+    }
+
+    /// Write requests sent to the kernel so far.
+    pub fn writes(&self) -> u64 {
+        self.client.as_ref().map_or(0, IpvsClient::writes)
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.options.state_dir.join("ipvs-services")
+    }
+
+    /// Reads the whole IPVS table: our services (per the state file) into `programmed`, the
+    /// rest into `foreign`.
+    fn sync(&mut self, desired: &ServiceSet) -> Result<(), IpvsError> {
+        let owned = read_state(&self.state_file());
+        let client = self.client.as_mut().expect("connected");
+        let services = client.services()?;
+        self.programmed.clear();
+        self.foreign.clear();
+        self.uncertain.clear();
+        let mut adopted = 0usize;
+        for service in services {
+            let Some(key) = key_from_netlink(&service.key) else {
+                continue;
+            };
+            let ours = match &owned {
+                Some(owned) => owned.contains(&key),
+                None => desired.contains_key(&key),
+            };
+            if !ours {
+                self.foreign.insert(key);
+                continue;
+            }
+            let dests = client.destinations(&service.key)?;
+            self.programmed
+                .insert(key, programmed_from_netlink(&service.config, &dests));
+            adopted += 1;
+        }
+        if adopted > 0 {
+            info!(
+                services = adopted,
+                foreign = self.foreign.len(),
+                "adopted the IPVS services of an earlier run"
+            );
+        }
+        self.persisted = owned;
+        self.synced = true;
+        Ok(())
+    }
+
+    /// Reads back services whose state is unknown after a failed write.
+    fn refresh_uncertain(&mut self) -> Result<(), IpvsError> {
+        if self.uncertain.is_empty() {
+            return Ok(());
+        }
+        let client = self.client.as_mut().expect("connected");
+        let services = client.services()?;
+        let by_key: BTreeMap<ServiceKey, &netlink::Service> = services
+            .iter()
+            .filter_map(|s| Some((key_from_netlink(&s.key)?, s)))
+            .collect();
+        for key in std::mem::take(&mut self.uncertain) {
+            match by_key.get(&key) {
+                Some(service) => {
+                    let dests = client.destinations(&service.key)?;
+                    self.programmed
+                        .insert(key, programmed_from_netlink(&service.config, &dests));
+                }
+                None => {
+                    self.programmed.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn persist(&mut self) {
+        let now: BTreeSet<ServiceKey> = self.programmed.keys().copied().collect();
+        if self.persisted.as_ref() == Some(&now) {
+            return;
+        }
+        let path = self.state_file();
+        match write_state(&path, &now) {
+            Ok(()) => self.persisted = Some(now),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot record the IPVS services this node owns")
+            }
+        }
+    }
+
+    /// Sets the sysctls in `wanted` (remembering the values found) and puts back the
+    /// others this dataplane changed.
+    fn sysctls(&mut self, wanted: &[(&'static str, &'static str)]) -> Result<(), String> {
+        for (path, value) in wanted {
+            if self.saved_sysctls.contains_key(path) {
+                continue;
+            }
+            let before =
+                std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+            std::fs::write(path, value).map_err(|e| format!("cannot set {path}: {e}"))?;
+            self.saved_sysctls.insert(path, before.trim().to_string());
+        }
+        let stale: Vec<&'static str> = self
+            .saved_sysctls
+            .keys()
+            .filter(|p| !wanted.iter().any(|(w, _)| w == *p))
+            .copied()
+            .collect();
+        for path in stale {
+            if let Some(before) = self.saved_sysctls.remove(path)
+                && let Err(e) = std::fs::write(path, &before)
+            {
+                warn!(path, error = %e, "cannot restore a sysctl");
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs exactly `wanted` masquerade matches (and the sysctls they and the services
+    /// need).
+    async fn return_path(
+        &mut self,
+        wanted: BTreeSet<MasqueradeMatch>,
+        services: bool,
+    ) -> Result<(), String> {
+        let mut sysctls: Vec<(&'static str, &'static str)> = Vec::new();
+        if services {
+            sysctls.extend_from_slice(SERVICE_SYSCTLS);
+        }
+        if !wanted.is_empty() {
+            sysctls.extend_from_slice(NAT_SYSCTLS);
+        }
+        self.sysctls(&sysctls)?;
+        if wanted == self.masquerading {
+            return Ok(());
+        }
+        let applied = if wanted.is_empty() {
+            self.nft.remove().await
+        } else {
+            self.nft.apply(&wanted).await.map(|_| ())
+        };
+        applied.map_err(|e| format!("nftables masquerade rules: {e}"))?;
+        self.masquerading = wanted;
+        Ok(())
+    }
+}
+
+impl Dataplane for IpvsDataplane {
+    fn name(&self) -> &'static str {
+        "ipvs"
+    }
+
+    fn invalidate(&mut self) {
+        self.synced = false;
+    }
+
+    async fn apply(&mut self, desired: &ServiceSet) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        if self.client.is_none() {
+            match IpvsClient::connect() {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    report.unavailable = Some(e.to_string());
+                    return report;
+                }
+            }
+        }
+        let writes_before = self.writes();
+        let read = if self.synced {
+            self.refresh_uncertain()
+        } else {
+            self.sync(desired)
+        };
+        if let Err(e) = read {
+            // The table cannot even be read: nothing can be diffed safely.
+            self.synced = false;
+            if matches!(e, IpvsError::Unavailable) {
+                self.client = None;
+                report.unavailable = Some(e.to_string());
+                return report;
+            }
+            report.failures.push(ServiceFailure {
+                key: ServiceKey::Fwmark {
+                    family: Family::V4,
+                    mark: 0,
+                },
+                owner: String::new(),
+                error: format!("cannot read the IPVS table: {e}"),
+                reason: e.metric_label(),
+                transient: true,
+            });
+            return report;
+        }
+
+        let foreign = &self.foreign;
+        let changes = diff(&self.programmed, desired, |k| foreign.contains(k));
+        for key in desired.keys().filter(|k| foreign.contains(k)) {
+            report.failures.push(ServiceFailure {
+                key: *key,
+                owner: desired[key].owner.clone(),
+                error: format!(
+                    "IPVS service {key} already exists and was not created by ferrovip: left alone"
+                ),
+                reason: "foreign_service",
+                transient: false,
+            });
+        }
+
+        // Masquerade rules first for new services (their first connection must already be
+        // source-NATed), and removed only after the services are gone.
+        let wanted_masq = masquerade_matches(desired.iter());
+        let before_masq: BTreeSet<MasqueradeMatch> =
+            wanted_masq.union(&self.masquerading).cloned().collect();
+        let any_services = !desired.is_empty() || !self.programmed.is_empty();
+        let mut nft_error = self.return_path(before_masq, any_services).await.err();
+
+        if !changes.is_empty() {
+            let ops: Vec<Op> = changes.iter().map(|c| op_for(c, desired)).collect();
+            let client = self.client.as_mut().expect("connected");
+            let results = client.execute(&ops);
+            let mut failed: BTreeMap<ServiceKey, IpvsError> = BTreeMap::new();
+            for (change, result) in changes.iter().zip(results) {
+                if let Err(e) = result {
+                    failed.entry(change.service()).or_insert(e);
+                }
+            }
+            for change in &changes {
+                let key = change.service();
+                if failed.contains_key(&key) {
+                    continue;
+                }
+                record(&mut self.programmed, change, desired);
+            }
+            for (key, e) in failed {
+                // A partly applied service is read back before the next attempt.
+                self.uncertain.insert(key);
+                if matches!(e, IpvsError::Unavailable) {
+                    self.client = None;
+                    self.synced = false;
+                }
+                report.failures.push(ServiceFailure {
+                    key,
+                    owner: desired
+                        .get(&key)
+                        .map(|s| s.owner.clone())
+                        .unwrap_or_default(),
+                    error: e.to_string(),
+                    reason: e.metric_label(),
+                    transient: e.is_transient(),
+                });
+            }
+        }
+        self.persist();
+
+        if nft_error.is_none() {
+            nft_error = self
+                .return_path(wanted_masq, !self.programmed.is_empty())
+                .await
+                .err();
+        }
+        if let Some(error) = nft_error {
+            for (key, spec) in desired
+                .iter()
+                .filter(|(_, s)| s.forwarding == Forwarding::Masquerade && s.source_nat)
+            {
+                report.failures.push(ServiceFailure {
+                    key: *key,
+                    owner: spec.owner.clone(),
+                    error: error.clone(),
+                    reason: "nftables",
+                    transient: false,
+                });
+            }
+        }
+
+        report.writes = self.writes() - writes_before;
+        report.services = self.programmed.len();
+        report.backends = self.programmed.values().map(|p| p.dests.len()).sum();
+        report
+    }
+}
+
+/// Updates the record of what is programmed after a successful write.
+fn record(
+    programmed: &mut BTreeMap<ServiceKey, Programmed>,
+    change: &Change,
+    desired: &ServiceSet,
+) {
+    match *change {
+        Change::AddService(k) | Change::EditService(k) => {
+            let spec = &desired[&k];
+            let entry = programmed.entry(k).or_insert_with(|| Programmed {
+                conf: None,
+                dests: BTreeMap::new(),
+            });
+            entry.conf = Some(ServiceConf::of(spec));
+        }
+        Change::DelService(k) => {
+            programmed.remove(&k);
+        }
+        Change::AddDest(k, b) | Change::EditDest(k, b) => {
+            let spec = &desired[&k];
+            if let Some(p) = programmed.get_mut(&k) {
+                p.dests.insert(b, DestConf::of(spec, spec.backends[&b]));
+            }
+        }
+        Change::DelDest(k, b) => {
+            if let Some(p) = programmed.get_mut(&k) {
+                p.dests.remove(&b);
+            }
+        }
+    }
+}
+
+fn masquerade_matches<'a>(
+    services: impl Iterator<Item = (&'a ServiceKey, &'a ServiceSpec)>,
+) -> BTreeSet<MasqueradeMatch> {
+    services
+        .filter(|(_, s)| s.forwarding == Forwarding::Masquerade && s.source_nat)
+        .map(|(k, _)| match *k {
+            ServiceKey::Port {
+                addr,
+                protocol,
+                port,
+            } => MasqueradeMatch::Service {
+                addr,
+                protocol: nft_protocol(protocol),
+                port,
+            },
+            ServiceKey::Fwmark { mark, .. } => MasqueradeMatch::Fwmark(mark),
+        })
+        .collect()
+}
+
+fn nft_protocol(p: ServiceProtocol) -> crate::dataplane::nft::Protocol {
+    match p {
+        ServiceProtocol::TCP => crate::dataplane::nft::Protocol::Tcp,
+        ServiceProtocol::UDP => crate::dataplane::nft::Protocol::Udp,
+        ServiceProtocol::SCTP => crate::dataplane::nft::Protocol::Sctp,
+    }
+}
+
+// ---- translation to and from the netlink codec's types ----
+
+fn key_to_netlink(key: &ServiceKey) -> netlink::ServiceKey {
+    match *key {
+        ServiceKey::Port {
+            addr,
+            protocol,
+            port,
+        } => netlink::ServiceKey::Addr {
+            protocol: match protocol {
+                ServiceProtocol::TCP => netlink::Protocol::Tcp,
+                ServiceProtocol::UDP => netlink::Protocol::Udp,
+                ServiceProtocol::SCTP => netlink::Protocol::Sctp,
+            },
+            addr,
+            port,
+        },
+        ServiceKey::Fwmark { family, mark } => netlink::ServiceKey::Fwmark {
+            family: match family {
+                Family::V4 => netlink::AddrFamily::V4,
+                Family::V6 => netlink::AddrFamily::V6,
+            },
+            mark,
+        },
+    }
+}
+
+/// `None` for services ferrovip never creates (other protocols): always foreign.
+fn key_from_netlink(key: &netlink::ServiceKey) -> Option<ServiceKey> {
+    Some(match *key {
+        netlink::ServiceKey::Addr {
+            protocol,
+            addr,
+            port,
+        } => ServiceKey::Port {
+            addr,
+            protocol: match protocol {
+                netlink::Protocol::Tcp => ServiceProtocol::TCP,
+                netlink::Protocol::Udp => ServiceProtocol::UDP,
+                netlink::Protocol::Sctp => ServiceProtocol::SCTP,
+                netlink::Protocol::Other(_) => return None,
+            },
+            port,
+        },
+        netlink::ServiceKey::Fwmark { family, mark } => ServiceKey::Fwmark {
+            family: match family {
+                netlink::AddrFamily::V4 => Family::V4,
+                netlink::AddrFamily::V6 => Family::V6,
+            },
+            mark,
+        },
+    })
+}
+
+fn service_to_netlink(key: &ServiceKey, spec: &ServiceSpec) -> netlink::Service {
+    let full_mask = match key.family() {
+        Family::V4 => u32::MAX,
+        Family::V6 => 128,
+    };
+    netlink::Service {
+        key: key_to_netlink(key),
+        config: netlink::ServiceConfig {
+            scheduler: spec.scheduler.clone(),
+            flags: netlink::ServiceFlags {
+                persistent: spec.persistence.is_some(),
+                one_packet: false,
+                sched_flag_1: spec.scheduler_flags[0],
+                sched_flag_2: spec.scheduler_flags[1],
+                sched_flag_3: spec.scheduler_flags[2],
+            },
+            timeout: spec.persistence.unwrap_or(0),
+            netmask: full_mask,
+            pe_name: None,
+        },
+    }
+}
+
+fn dest_to_netlink(spec: &ServiceSpec, backend: &BackendKey) -> netlink::Destination {
+    netlink::Destination {
+        key: netlink::DestKey {
+            addr: backend.addr,
+            port: backend.port,
+        },
+        config: netlink::DestConfig {
+            forwarding: match spec.forwarding {
+                Forwarding::Masquerade => netlink::Forwarding::Masquerade,
+                Forwarding::Direct => netlink::Forwarding::DirectRoute,
+                Forwarding::Tunnel => netlink::Forwarding::Tunnel(netlink::Tunnel::default()),
+            },
+            weight: spec.backends[backend],
+            upper_threshold: 0,
+            lower_threshold: 0,
+        },
+    }
+}
+
+fn programmed_from_netlink(
+    config: &netlink::ServiceConfig,
+    dests: &[netlink::Destination],
+) -> Programmed {
+    let f = &config.flags;
+    Programmed {
+        conf: Some(ServiceConf {
+            scheduler: config.scheduler.clone(),
+            scheduler_flags: [f.sched_flag_1, f.sched_flag_2, f.sched_flag_3],
+            persistence: f.persistent.then_some(config.timeout),
+        }),
+        dests: dests
+            .iter()
+            .map(|d| {
+                let c = &d.config;
+                (
+                    BackendKey {
+                        addr: d.key.addr,
+                        port: d.key.port,
+                    },
+                    DestConf {
+                        forwarding: match c.forwarding {
+                            netlink::Forwarding::Masquerade => Some(Forwarding::Masquerade),
+                            netlink::Forwarding::DirectRoute => Some(Forwarding::Direct),
+                            netlink::Forwarding::Tunnel(_) => Some(Forwarding::Tunnel),
+                            _ => None,
+                        },
+                        weight: c.weight,
+                        extras: c.upper_threshold != 0
+                            || c.lower_threshold != 0
+                            || matches!(c.forwarding, netlink::Forwarding::Tunnel(t) if t != netlink::Tunnel::default()),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+fn op_for(change: &Change, desired: &ServiceSet) -> Op {
+    match *change {
+        Change::AddService(k) => Op::AddService(service_to_netlink(&k, &desired[&k])),
+        Change::EditService(k) => Op::EditService(service_to_netlink(&k, &desired[&k])),
+        Change::DelService(k) => Op::DelService(key_to_netlink(&k)),
+        Change::AddDest(k, b) => Op::AddDest(key_to_netlink(&k), dest_to_netlink(&desired[&k], &b)),
+        Change::EditDest(k, b) => {
+            Op::EditDest(key_to_netlink(&k), dest_to_netlink(&desired[&k], &b))
+        }
+        Change::DelDest(k, b) => Op::DelDest(
+            key_to_netlink(&k),
+            netlink::DestKey {
+                addr: b.addr,
+                port: b.port,
+            },
+        ),
+    }
+}
+
+// ---- the state file: one service key per line ----
+
+fn format_key(key: &ServiceKey) -> String {
+    match key {
+        ServiceKey::Port {
+            addr,
+            protocol,
+            port,
+        } => format!("{} {addr} {port}", protocol.name()),
+        ServiceKey::Fwmark { family, mark } => format!("fwmark {family} {mark}"),
+    }
+}
+
+fn parse_key(line: &str) -> Option<ServiceKey> {
+    let mut parts = line.split_whitespace();
+    let kind = parts.next()?;
+    let a = parts.next()?;
+    let b: u32 = parts.next()?.parse().ok()?;
+    let protocol = match kind {
+        "fwmark" => {
+            let family = match a {
+                "ipv4" => Family::V4,
+                "ipv6" => Family::V6,
+                _ => return None,
+            };
+            return Some(ServiceKey::Fwmark { family, mark: b });
+        }
+        "TCP" => ServiceProtocol::TCP,
+        "UDP" => ServiceProtocol::UDP,
+        "SCTP" => ServiceProtocol::SCTP,
+        _ => return None,
+    };
+    Some(ServiceKey::Port {
+        addr: a.parse::<IpAddr>().ok()?,
+        protocol,
+        port: u16::try_from(b).ok()?,
+    })
+}
+
+/// The keys the state file lists; `None` when there is no file (first start).
+fn read_state(path: &std::path::Path) -> Option<BTreeSet<ServiceKey>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(text.lines().filter_map(parse_key).collect())
+}
+
+fn write_state(path: &std::path::Path, keys: &BTreeSet<ServiceKey>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut text = String::with_capacity(keys.len() * 32);
+    for k in keys {
+        text.push_str(&format_key(k));
+        text.push('\n');
+    }
+    // Written aside and renamed, so a crash never leaves half a list (which would turn our
+    // own services foreign).
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_file_keys_round_trip() {
+        let keys: BTreeSet<ServiceKey> = [
+            ServiceKey::Port {
+                addr: "192.0.2.1".parse().unwrap(),
+                protocol: ServiceProtocol::TCP,
+                port: 80,
+            },
+            ServiceKey::Port {
+                addr: "2001:db8::1".parse().unwrap(),
+                protocol: ServiceProtocol::SCTP,
+                port: 9,
+            },
+            ServiceKey::Fwmark {
+                family: Family::V6,
+                mark: 4_000_000_000,
+            },
+        ]
+        .into();
+        let dir = std::env::temp_dir().join(format!("ferrovip-state-{}", std::process::id()));
+        let path = dir.join("ipvs-services");
+        assert_eq!(read_state(&path), None);
+        write_state(&path, &keys).unwrap();
+        assert_eq!(read_state(&path), Some(keys));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(parse_key("TCP not-an-ip 80"), None);
+        assert_eq!(parse_key("fwmark ipv5 1"), None);
+    }
+}

@@ -1,0 +1,745 @@
+//! The IPVS dataplane and the agent on a real IPVS kernel (the VM of `e2e/vm/build.sh`; see
+//! tests/vm/mod.rs for how the binary reruns itself there). `cargo test --test vm_dataplane --
+//! converge` runs the cases matching "converge".
+
+mod vm;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ferrovip::dataplane::ipvs::client::{IpvsClient, IpvsError, Op};
+use ferrovip::dataplane::ipvs::netlink;
+use ferrovip::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
+use ferrovip::dataplane::service::{
+    BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
+};
+use ferrovip::dataplane::{ApplyReport, Dataplane};
+use ferrovip::lab::vm::{GuestBridge, GuestNetns, TcpNameServer, tcp_request, tcp_spread};
+use ferrovip::vrrp::Family;
+use vm::{Case, CaseResult, ensure};
+
+const CASES: &[Case] = &[
+    ("client_speaks_every_kind", client_speaks_every_kind),
+    (
+        "dataplane_converges_by_difference",
+        dataplane_converges_by_difference,
+    ),
+    (
+        "dataplane_isolates_a_bad_service",
+        dataplane_isolates_a_bad_service,
+    ),
+    (
+        "agent_forwards_through_changes_and_failover",
+        agent_forwards_through_changes_and_failover,
+    ),
+];
+
+fn main() -> ExitCode {
+    vm::main(CASES)
+}
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn tcp(addr: IpAddr, port: u16) -> ServiceKey {
+    ServiceKey::Port {
+        addr,
+        protocol: ServiceProtocol::TCP,
+        port,
+    }
+}
+
+fn spec(forwarding: Forwarding, backends: &[(IpAddr, u16, u32)]) -> ServiceSpec {
+    ServiceSpec {
+        owner: "test".into(),
+        scheduler: "rr".into(),
+        scheduler_flags: [false; 3],
+        persistence: None,
+        forwarding,
+        source_nat: false,
+        backends: backends
+            .iter()
+            .map(|&(addr, port, w)| (BackendKey { addr, port }, w))
+            .collect(),
+    }
+}
+
+/// `ipvsadm -Sn` of a namespace, sorted.
+fn saved(ns: &GuestNetns) -> Result<Vec<String>, vm::CaseError> {
+    let mut lines: Vec<String> = ns
+        .exec("ipvsadm", &["-Sn"])?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    Ok(lines)
+}
+
+fn apply(
+    ns: &GuestNetns,
+    dp: &mut IpvsDataplane,
+    set: &ServiceSet,
+) -> Result<ApplyReport, vm::CaseError> {
+    let report = ns.run(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(dp.apply(set))
+    })?;
+    Ok(report)
+}
+
+/// The client programs every service kind, forwarding method, scheduler flag and
+/// persistence through netlink, and ipvsadm (libnl, the reference reader) lists exactly that
+/// back; kernel errors arrive typed.
+fn client_speaks_every_kind() -> CaseResult {
+    let ns = GuestNetns::create("client")?;
+    let svc = |key: netlink::ServiceKey,
+               scheduler: &str,
+               flags: netlink::ServiceFlags,
+               timeout: u32,
+               netmask: u32| netlink::Service {
+        key,
+        config: netlink::ServiceConfig {
+            scheduler: scheduler.into(),
+            flags,
+            timeout,
+            netmask,
+            pe_name: None,
+        },
+    };
+    let dest = |addr: IpAddr, port: u16, forwarding: netlink::Forwarding, weight: u32| {
+        netlink::Destination {
+            key: netlink::DestKey { addr, port },
+            config: netlink::DestConfig {
+                forwarding,
+                weight,
+                upper_threshold: 0,
+                lower_threshold: 0,
+            },
+        }
+    };
+    let tcp4 = netlink::ServiceKey::Addr {
+        protocol: netlink::Protocol::Tcp,
+        addr: v4(10, 0, 0, 1),
+        port: 80,
+    };
+    let udp4 = netlink::ServiceKey::Addr {
+        protocol: netlink::Protocol::Udp,
+        addr: v4(10, 0, 0, 1),
+        port: 53,
+    };
+    let sctp4 = netlink::ServiceKey::Addr {
+        protocol: netlink::Protocol::Sctp,
+        addr: v4(10, 0, 0, 1),
+        port: 3868,
+    };
+    let tcp6 = netlink::ServiceKey::Addr {
+        protocol: netlink::Protocol::Tcp,
+        addr: "2001:db8::1".parse().unwrap(),
+        port: 443,
+    };
+    let mark = netlink::ServiceKey::Fwmark {
+        family: netlink::AddrFamily::V4,
+        mark: 7,
+    };
+    let persistent = netlink::ServiceFlags {
+        persistent: true,
+        ..Default::default()
+    };
+    let sh_flags = netlink::ServiceFlags {
+        sched_flag_1: true,
+        sched_flag_2: true,
+        ..Default::default()
+    };
+    let ops = vec![
+        Op::AddService(svc(tcp4, "rr", Default::default(), 0, u32::MAX)),
+        Op::AddService(svc(udp4, "wlc", persistent, 300, u32::MAX)),
+        Op::AddService(svc(sctp4, "lc", Default::default(), 0, u32::MAX)),
+        Op::AddService(svc(tcp6, "sh", sh_flags, 0, 128)),
+        Op::AddService(svc(mark, "mh", Default::default(), 0, u32::MAX)),
+        Op::AddDest(
+            tcp4,
+            dest(v4(10, 1, 0, 1), 8080, netlink::Forwarding::Masquerade, 3),
+        ),
+        Op::AddDest(
+            tcp4,
+            dest(v4(10, 1, 0, 2), 80, netlink::Forwarding::DirectRoute, 1),
+        ),
+        Op::AddDest(
+            tcp4,
+            dest(
+                v4(10, 1, 0, 3),
+                80,
+                netlink::Forwarding::Tunnel(Default::default()),
+                0,
+            ),
+        ),
+        Op::AddDest(
+            udp4,
+            dest(v4(10, 1, 0, 1), 53, netlink::Forwarding::Masquerade, 1),
+        ),
+        Op::AddDest(
+            tcp6,
+            dest(
+                "2001:db8::10".parse().unwrap(),
+                8443,
+                netlink::Forwarding::Masquerade,
+                2,
+            ),
+        ),
+        Op::AddDest(
+            mark,
+            dest(v4(10, 1, 0, 5), 0, netlink::Forwarding::DirectRoute, 1),
+        ),
+    ];
+    let results = ns.run(|| -> Result<Vec<Result<(), IpvsError>>, IpvsError> {
+        let mut c = IpvsClient::connect()?;
+        Ok(c.execute(&ops))
+    })??;
+    for (op, r) in ops.iter().zip(&results) {
+        ensure(r.is_ok(), || format!("{op:?}: {r:?}"))?;
+    }
+    let got = saved(&ns)?;
+    let mut want: Vec<String> = [
+        "-A -t 10.0.0.1:80 -s rr",
+        "-a -t 10.0.0.1:80 -r 10.1.0.1:8080 -m -w 3",
+        "-a -t 10.0.0.1:80 -r 10.1.0.2:80 -g -w 1",
+        "-a -t 10.0.0.1:80 -r 10.1.0.3:80 -i -w 0",
+        "-A -u 10.0.0.1:53 -s wlc -p 300",
+        "-a -u 10.0.0.1:53 -r 10.1.0.1:53 -m -w 1",
+        "--sctp-service 10.0.0.1:3868 -s lc",
+        "-A -t [2001:db8::1]:443 -s sh -b sh-fallback,sh-port",
+        "-a -t [2001:db8::1]:443 -r [2001:db8::10]:8443 -m -w 2",
+        "-A -f 7 -s mh",
+        "-a -f 7 -r 10.1.0.5:0 -g -w 1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    want.sort();
+    // ipvsadm prints the SCTP service with -A; compare what both say.
+    let normal = |l: &str| l.replace("-A --sctp-service", "--sctp-service");
+    let got_n: Vec<String> = got.iter().map(|l| normal(l)).collect();
+    let missing: Vec<&String> = want
+        .iter()
+        .filter(|w| {
+            !got_n
+                .iter()
+                .any(|g| g == *w || g.starts_with(&format!("{w} ")))
+        })
+        .collect();
+    ensure(missing.is_empty(), || {
+        format!("ipvsadm -Sn lacks {missing:#?}\ngot {got:#?}")
+    })?;
+
+    // Read back with the client: the same services and destinations.
+    let (services, dests) = ns.run(|| -> Result<_, IpvsError> {
+        let mut c = IpvsClient::connect()?;
+        let services = c.services()?;
+        let dests = c.destinations(&tcp4)?;
+        Ok((services, dests))
+    })??;
+    ensure(services.len() == 5, || {
+        format!("read {} services", services.len())
+    })?;
+    let udp = services
+        .iter()
+        .find(|s| s.key == udp4)
+        .ok_or("udp service not read")?;
+    ensure(
+        udp.config.flags.persistent && udp.config.timeout == 300,
+        || format!("persistence read back as {:?}", udp.config),
+    )?;
+    ensure(dests.len() == 3, || {
+        format!("read {} destinations", dests.len())
+    })?;
+
+    // Typed kernel errors, one per failing request; the others in the batch still apply.
+    let errors = ns.run(|| -> Result<_, IpvsError> {
+        let mut c = IpvsClient::connect()?;
+        Ok(c.execute(&[
+            Op::AddService(svc(tcp4, "rr", Default::default(), 0, u32::MAX)),
+            Op::DelDest(
+                tcp4,
+                netlink::DestKey {
+                    addr: v4(10, 9, 9, 9),
+                    port: 1,
+                },
+            ),
+            Op::AddService(svc(
+                netlink::ServiceKey::Addr {
+                    protocol: netlink::Protocol::Tcp,
+                    addr: v4(10, 0, 0, 2),
+                    port: 80,
+                },
+                "nosuch",
+                Default::default(),
+                0,
+                u32::MAX,
+            )),
+            Op::DelService(tcp6),
+        ]))
+    })??;
+    let names: Vec<Option<&'static str>> = errors
+        .iter()
+        .map(|r| match r {
+            Ok(()) => None,
+            Err(IpvsError::Kernel { name, .. }) => Some(*name),
+            Err(_) => Some("other"),
+        })
+        .collect();
+    ensure(
+        names == [Some("EEXIST"), Some("ENOENT"), Some("ENOENT"), None],
+        || format!("kernel errors: {errors:?}"),
+    )?;
+    let msg = errors[0].as_ref().unwrap_err().to_string();
+    ensure(msg.contains("10.0.0.1:80"), || {
+        format!("error does not name the object: {msg}")
+    })
+}
+
+/// apply() writes only the difference, adopts its own services after a restart, repairs
+/// what was changed behind its back after invalidate(), and never touches a foreign service.
+fn dataplane_converges_by_difference() -> CaseResult {
+    let ns = GuestNetns::create("converge")?;
+    ns.exec("ipvsadm", &["-A", "-t", "10.9.9.9:80", "-s", "rr"])?;
+    ns.exec(
+        "ipvsadm",
+        &["-a", "-t", "10.9.9.9:80", "-r", "10.1.9.1:80", "-m"],
+    )?;
+    let state = PathBuf::from("/run/converge-state");
+    let new_dp = || {
+        IpvsDataplane::new(IpvsOptions {
+            state_dir: state.clone(),
+            ..IpvsOptions::default()
+        })
+    };
+
+    let vip = v4(192, 0, 2, 100);
+    let mut set: ServiceSet = BTreeMap::new();
+    set.insert(
+        tcp(vip, 80),
+        spec(
+            Forwarding::Masquerade,
+            &[(v4(10, 1, 0, 1), 8080, 1), (v4(10, 1, 0, 2), 8080, 1)],
+        ),
+    );
+    let mut dr = spec(Forwarding::Direct, &[(v4(10, 1, 0, 3), 443, 5)]);
+    dr.scheduler = "wlc".into();
+    dr.persistence = Some(600);
+    set.insert(tcp(vip, 443), dr);
+    set.insert(
+        ServiceKey::Port {
+            addr: "2001:db8::100".parse().unwrap(),
+            protocol: ServiceProtocol::UDP,
+            port: 53,
+        },
+        spec(
+            Forwarding::Masquerade,
+            &[("2001:db8:1::1".parse().unwrap(), 53, 1)],
+        ),
+    );
+    let mut mh = spec(Forwarding::Tunnel, &[(v4(10, 1, 0, 4), 0, 1)]);
+    mh.scheduler = "mh".into();
+    mh.scheduler_flags = [true, true, false];
+    set.insert(
+        ServiceKey::Fwmark {
+            family: Family::V4,
+            mark: 42,
+        },
+        mh,
+    );
+
+    let mut dp = new_dp();
+    let r = apply(&ns, &mut dp, &set)?;
+    ensure(
+        r.failures.is_empty() && r.writes == 9 && r.services == 4 && r.backends == 5,
+        || format!("first apply: {r:?}"),
+    )?;
+    let first = saved(&ns)?;
+    ensure(
+        first
+            .iter()
+            .any(|l| l == "-A -t 192.0.2.100:443 -s wlc -p 600"),
+        || format!("{first:#?}"),
+    )?;
+    ensure(
+        first
+            .iter()
+            .any(|l| l == "-A -f 42 -s mh -b mh-fallback,mh-port"),
+        || format!("{first:#?}"),
+    )?;
+
+    let r = apply(&ns, &mut dp, &set)?;
+    ensure(r.writes == 0, || {
+        format!("a second identical apply wrote: {r:?}")
+    })?;
+
+    // One backend drained, one removed, one added: three writes, one each.
+    let web = set.get_mut(&tcp(vip, 80)).unwrap();
+    web.backends.insert(
+        BackendKey {
+            addr: v4(10, 1, 0, 1),
+            port: 8080,
+        },
+        0,
+    );
+    web.backends.remove(&BackendKey {
+        addr: v4(10, 1, 0, 2),
+        port: 8080,
+    });
+    web.backends.insert(
+        BackendKey {
+            addr: v4(10, 1, 0, 7),
+            port: 8080,
+        },
+        2,
+    );
+    let r = apply(&ns, &mut dp, &set)?;
+    ensure(r.writes == 3 && r.failures.is_empty(), || {
+        format!("three backend changes: {r:?}")
+    })?;
+    let now = saved(&ns)?;
+    for want in [
+        "-a -t 192.0.2.100:80 -r 10.1.0.1:8080 -m -w 0",
+        "-a -t 192.0.2.100:80 -r 10.1.0.7:8080 -m -w 2",
+    ] {
+        ensure(now.iter().any(|l| l == want), || {
+            format!("{want} missing: {now:#?}")
+        })?;
+    }
+    ensure(!now.iter().any(|l| l.contains("10.1.0.2:8080")), || {
+        "removed backend still there".into()
+    })?;
+
+    // A restarted agent adopts its services: nothing is recreated.
+    let mut dp = new_dp();
+    let r = apply(&ns, &mut dp, &set)?;
+    ensure(r.writes == 0 && r.services == 4, || {
+        format!("adoption after restart: {r:?}")
+    })?;
+
+    // Somebody deletes one of ours: the next resync repairs exactly that.
+    ns.exec(
+        "ipvsadm",
+        &["-d", "-t", "192.0.2.100:80", "-r", "10.1.0.7:8080"],
+    )?;
+    dp.invalidate();
+    let r = apply(&ns, &mut dp, &set)?;
+    ensure(r.writes == 1, || format!("repair after tampering: {r:?}"))?;
+
+    // A desired service whose key a foreign service holds is reported and left alone.
+    set.insert(
+        tcp(v4(10, 9, 9, 9), 80),
+        spec(Forwarding::Masquerade, &[(v4(10, 1, 0, 1), 80, 1)]),
+    );
+    let r = apply(&ns, &mut dp, &set)?;
+    ensure(
+        r.writes == 0 && r.failures.len() == 1 && r.failures[0].reason == "foreign_service",
+        || format!("foreign clash: {r:?}"),
+    )?;
+    set.remove(&tcp(v4(10, 9, 9, 9), 80));
+
+    // Everything gone: ours are deleted, the foreign service stays as it was.
+    let r = apply(&ns, &mut dp, &BTreeMap::new())?;
+    ensure(r.writes == 4 && r.services == 0, || {
+        format!("removal: {r:?}")
+    })?;
+    let left = saved(&ns)?;
+    ensure(
+        left == [
+            "-A -t 10.9.9.9:80 -s rr",
+            "-a -t 10.9.9.9:80 -r 10.1.9.1:80 -m -w 1",
+        ],
+        || format!("left behind: {left:#?}"),
+    )
+}
+
+/// A service the kernel refuses (no such scheduler module) fails alone: the others are
+/// programmed, the failure names the service and the kernel's error, and it converges once
+/// it is fixed. The masquerade rules and sysctls follow the services.
+fn dataplane_isolates_a_bad_service() -> CaseResult {
+    let ns = GuestNetns::create("isolate")?;
+    let state = PathBuf::from("/run/isolate-state");
+    let mut dp = IpvsDataplane::new(IpvsOptions {
+        state_dir: state,
+        ..IpvsOptions::default()
+    });
+    let vip = v4(192, 0, 2, 50);
+    let mut set: ServiceSet = (1..=5u16)
+        .map(|p| {
+            let mut s = spec(Forwarding::Masquerade, &[(v4(10, 1, 0, 1), 8000 + p, 1)]);
+            s.source_nat = true;
+            (tcp(vip, p), s)
+        })
+        .collect();
+    set.get_mut(&tcp(vip, 3)).unwrap().scheduler = "no-such".into();
+    let r = apply(&ns, &mut dp, &set)?;
+    ensure(r.failures.len() == 1 && r.services == 4, || {
+        format!("{r:?}")
+    })?;
+    let f = &r.failures[0];
+    ensure(
+        f.key == tcp(vip, 3) && f.error.contains("192.0.2.50:3") && f.error.contains("ENOENT"),
+        || format!("failure: {f:?}"),
+    )?;
+    let ruleset = ns.exec("nft", &["list", "table", "inet", "ferrovip"])?;
+    ensure(
+        ruleset.contains("192.0.2.50 . tcp . 1") && ruleset.contains("masquerade"),
+        || ruleset.clone(),
+    )?;
+    let conntrack = ns.exec("cat", &["/proc/sys/net/ipv4/vs/conntrack"])?;
+    ensure(conntrack.trim() == "1", || {
+        format!("vs.conntrack is {conntrack}")
+    })?;
+
+    set.get_mut(&tcp(vip, 3)).unwrap().scheduler = "rr".into();
+    let r = apply(&ns, &mut dp, &set)?;
+    ensure(
+        r.failures.is_empty() && r.services == 5 && r.writes == 2,
+        || format!("after the fix: {r:?}"),
+    )?;
+
+    let r = apply(&ns, &mut dp, &BTreeMap::new())?;
+    ensure(r.services == 0, || format!("{r:?}"))?;
+    let gone = ns.exec("nft", &["list", "tables"])?;
+    ensure(!gone.contains("ferrovip"), || {
+        format!("table left behind: {gone}")
+    })?;
+    let conntrack = ns.exec("cat", &["/proc/sys/net/ipv4/vs/conntrack"])?;
+    ensure(conntrack.trim() == "0", || {
+        format!("vs.conntrack left at {conntrack}")
+    })
+}
+
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(ns: &GuestNetns, node: &str, manifest: &str) -> Result<Agent, vm::CaseError> {
+        let log = PathBuf::from(format!("/tmp/agent-{node}.log"));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns.name(),
+                &vm::agent(),
+                "agent",
+                "--node-name",
+                node,
+            ])
+            .args([
+                "--manifests",
+                manifest,
+                "--metrics-addr",
+                "127.0.0.1:9646",
+                "--log-format",
+                "json",
+            ])
+            .args(["--state-dir", &format!("/run/ferrovip-{node}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        Ok(Agent { child, log })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> CaseResult {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("timed out after {timeout:?} waiting for {what}").into())
+}
+
+fn manifest(backends: &[(&str, u32)]) -> String {
+    let mut eps = String::new();
+    for (addr, w) in backends {
+        eps.push_str(&format!(
+            "          - {{address: {addr}, port: 8080, weight: {w}}}\n"
+        ));
+    }
+    format!(
+        "apiVersion: ferrovip.io/v1alpha1\nkind: VirtualIP\nmetadata: {{name: web}}\nspec:\n  addresses: [198.51.100.100/24]\n  interface: eth0\n  virtualRouterId: 51\n  vrrp: {{advertisementInterval: 100ms}}\n  priority:\n    preferredNodes: [{{nodeName: d1, weight: 50}}]\n  services:\n    - port: 80\n      scheduler: wrr\n      backends:\n        endpoints:\n{eps}"
+    )
+}
+
+/// Two directors run the agent: both program the service, the master holds the VIP.
+/// Traffic through the VIP reaches every backend by weight; backends change while a client
+/// keeps connecting; the master is killed and the backup forwards at once.
+fn agent_forwards_through_changes_and_failover() -> CaseResult {
+    let client = GuestNetns::create("af-client")?;
+    let d1 = GuestNetns::create("af-d1")?;
+    let d2 = GuestNetns::create("af-d2")?;
+    let backends = (1..=3)
+        .map(|i| GuestNetns::create(&format!("af-b{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let front = GuestBridge::create("af-front")?;
+    let back = GuestBridge::create("af-back")?;
+    front.attach(&client, "eth0", &["198.51.100.2/24"])?;
+    front.attach(&d1, "eth0", &["198.51.100.11/24"])?;
+    front.attach(&d2, "eth0", &["198.51.100.12/24"])?;
+    back.attach(&d1, "eth1", &["203.0.113.1/24"])?;
+    back.attach(&d2, "eth1", &["203.0.113.2/24"])?;
+    for (i, b) in backends.iter().enumerate() {
+        back.attach(b, "eth0", &[&format!("203.0.113.{}/24", 11 + i)])?;
+    }
+    let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
+    let _servers: Vec<TcpNameServer> = backends
+        .iter()
+        .map(|b| TcpNameServer::start(b, any, b.name()))
+        .collect::<Result<_, _>>()?;
+
+    let path = "/tmp/af-web.yaml";
+    std::fs::write(
+        path,
+        manifest(&[
+            ("203.0.113.11", 1),
+            ("203.0.113.12", 1),
+            ("203.0.113.13", 2),
+        ]),
+    )?;
+    let a1 = Agent::start(&d1, "d1", path)?;
+    let a2 = Agent::start(&d2, "d2", path)?;
+    let vip = SocketAddr::from((Ipv4Addr::new(198, 51, 100, 100), 80));
+    let has_vip = |ns: &GuestNetns| {
+        ns.ip(&["-4", "addr", "show", "dev", "eth0"])
+            .is_ok_and(|o| o.contains("198.51.100.100/"))
+    };
+    wait_for("d1 to hold the VIP", Duration::from_secs(10), || {
+        has_vip(&d1)
+    })
+    .map_err(|e| format!("{e}\nd1 log:\n{}", a1.log()))?;
+    // Both directors program the service; only the master holds the address.
+    for ns in [&d1, &d2] {
+        wait_for(
+            "the service on both directors",
+            Duration::from_secs(10),
+            || {
+                saved(ns).is_ok_and(|l| {
+                    l.iter()
+                        .filter(|l| l.starts_with("-a -t 198.51.100.100:80"))
+                        .count()
+                        == 3
+                })
+            },
+        )
+        .map_err(|e| format!("{e} ({}): {:?}\nlog:\n{}", ns.name(), saved(ns), a2.log()))?;
+    }
+    ensure(!has_vip(&d2), || "both directors hold the VIP".into())?;
+
+    let mut a1 = a1;
+    // wrr with weights 1:1:2 over 40 connections.
+    let replies = tcp_spread(&client, vip, 40, TIMEOUT)?;
+    ensure(
+        replies.get("af-b1") == Some(&10)
+            && replies.get("af-b2") == Some(&10)
+            && replies.get("af-b3") == Some(&20),
+        || format!("wrr 1:1:2 gave {replies:?}"),
+    )?;
+
+    // A client connects all the time while the backends change and the master dies.
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let mut changed_at = Duration::ZERO;
+    let (applied, killed_at, takeover, (ok, failed)) = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| {
+            let mut ok = 0usize;
+            let mut failed = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match tcp_request(&client, vip, Duration::from_millis(500)) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push((started.elapsed(), e.to_string())),
+                }
+            }
+            (ok, failed)
+        });
+        let result = (|| -> Result<(Duration, Duration, Duration), vm::CaseError> {
+            std::thread::sleep(Duration::from_millis(500));
+            // b3 leaves, b1 drains (weight 0): new connections go to b2 only.
+            let changed = Instant::now();
+            changed_at = changed.duration_since(started);
+            std::fs::write(path, manifest(&[("203.0.113.11", 0), ("203.0.113.12", 1)]))?;
+            wait_for("the change on d1", Duration::from_secs(5), || {
+                saved(&d1).is_ok_and(|l| {
+                    l.iter()
+                        .filter(|l| l.starts_with("-a -t 198.51.100.100:80"))
+                        .count()
+                        == 2
+                })
+            })?;
+            let applied = changed.elapsed();
+            std::thread::sleep(Duration::from_millis(500));
+            // Kill the master: the backup already has the service and forwards as soon as it
+            // holds the address.
+            let killed = Instant::now();
+            a1.kill();
+            wait_for("d2 to take over", Duration::from_secs(5), || has_vip(&d2))?;
+            let takeover = killed.elapsed();
+            std::thread::sleep(Duration::from_millis(1000));
+            Ok((applied, killed.duration_since(started), takeover))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let traffic = traffic.join().expect("traffic thread");
+        result.map(|(a, k, t)| (a, k, t, traffic))
+    })?;
+    let after = tcp_spread(&client, vip, 10, TIMEOUT)?;
+    ensure(after.get("af-b2") == Some(&10), || {
+        format!("through d2 after the change: {after:?}")
+    })?;
+    println!(
+        "config change on d1 applied after {applied:.2?}; d2 took over {takeover:.2?} after the kill; \
+         {ok} connections served, {} failed at {:?}",
+        failed.len(),
+        failed.iter().map(|(t, _)| *t).collect::<Vec<_>>()
+    );
+    ensure(ok > 20, || format!("only {ok} connections succeeded"))?;
+    // Connections may fail only when they were in flight to the removed backend as it left,
+    // and between the kill and the takeover (each window plus one attempt's timeout).
+    let slack = Duration::from_millis(600);
+    let windows = [
+        changed_at..changed_at + applied + slack,
+        killed_at..killed_at + takeover + slack,
+    ];
+    let outside: Vec<&(Duration, String)> = failed
+        .iter()
+        .filter(|(t, _)| !windows.iter().any(|w| w.contains(t)))
+        .collect();
+    ensure(outside.is_empty(), || {
+        format!(
+            "connections failed outside the change and failover windows {windows:?}: {outside:?}"
+        )
+    })?;
+    drop(a2);
+    Ok(())
+}
