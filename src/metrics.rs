@@ -696,6 +696,16 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> io::Result<H
     let mut deadline = (!buffer.is_empty()).then(|| Instant::now() + IO_TIMEOUT);
     let mut scanned = 0;
     loop {
+        // RFC 9112 §2.2: empty lines before a request line are ignored (some clients send a
+        // CRLF after a body).
+        let blank = buffer
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        if blank > 0 {
+            buffer.drain(..blank);
+            scanned = 0;
+        }
         if let Some(end) = head_end(buffer, scanned) {
             let rest = buffer.split_off(end);
             let head = std::mem::replace(buffer, rest);
@@ -1444,7 +1454,7 @@ mod tests {
                 b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0\r\n\r\n\
                   GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\
                   HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n\
-                  GET /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody\
+                  GET /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody\r\n\
                   POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
             )
             .await

@@ -36,36 +36,29 @@ const STDERR_LIMIT: usize = 2048;
 /// How much of an offending script line an error keeps.
 const EXCERPT_LIMIT: usize = 200;
 
-/// Transport protocol of a virtual service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
+/// The transport protocol of a virtual service (the VirtualIP's `protocol` field).
+pub use crate::dataplane::service::ServiceProtocol as Protocol;
+
+/// The IP protocol number. Rendered as a number because nft resolves names through
+/// /etc/protocols, which minimal images (the test VM's initramfs) lack.
+fn number(p: Protocol) -> u8 {
+    match p {
+        Protocol::TCP => 6,
+        Protocol::UDP => 17,
+        Protocol::SCTP => 132,
+    }
 }
 
-impl Protocol {
-    /// The IP protocol number. Rendered as a number because nft resolves names through
-    /// /etc/protocols, which minimal images (the test VM's initramfs) lack.
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
-            Protocol::Sctp => 132,
-        }
+/// nft's name, which also gives `ct original proto-dst` its type (see [`render`]).
+fn nft_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::TCP => "tcp",
+        Protocol::UDP => "udp",
+        Protocol::SCTP => "sctp",
     }
-
-    /// nft's name, which also gives `ct original proto-dst` its type (see [`render`]).
-    fn nft_name(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-        }
-    }
-
-    const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 }
+
+const ALL_PROTOCOLS: [Protocol; 3] = [Protocol::TCP, Protocol::UDP, Protocol::SCTP];
 
 /// Connections to masquerade: those originally sent to a virtual service, or carrying the
 /// firewall mark of a fwmark service. Only masquerade-forwarded services belong here; direct
@@ -147,7 +140,7 @@ pub fn render(wanted: &BTreeSet<MasqueradeMatch>) -> String {
                 protocol,
                 port,
             } => {
-                let element = format!("{addr} . {} . {port}", protocol.number());
+                let element = format!("{addr} . {} . {port}", number(protocol));
                 match addr {
                     IpAddr::V4(_) => v4.push(element),
                     IpAddr::V6(_) => v6.push(element),
@@ -175,12 +168,12 @@ pub fn render(wanted: &BTreeSet<MasqueradeMatch>) -> String {
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n",
     );
     for (ip, set) in [("ip", "services_v4"), ("ip6", "services_v6")] {
-        for protocol in Protocol::ALL {
+        for protocol in ALL_PROTOCOLS {
             let _ = writeln!(
                 script,
                 "\t\tmeta l4proto {proto} ct original {ip} daddr . meta l4proto . \
                  ct original proto-dst @{set} masquerade",
-                proto = protocol.nft_name(),
+                proto = nft_name(protocol),
             );
         }
     }
@@ -277,7 +270,7 @@ impl NftRules {
         let probe = BTreeSet::from([
             MasqueradeMatch::Service {
                 addr: IpAddr::from([192, 0, 2, 1]),
-                protocol: Protocol::Tcp,
+                protocol: Protocol::TCP,
                 port: 80,
             },
             MasqueradeMatch::Fwmark(1),
@@ -344,10 +337,11 @@ impl NftRules {
             drop(stdin);
             written
         };
-        let (written, output) =
-            tokio::time::timeout(NFT_TIMEOUT, async { tokio::join!(feed, child.wait_with_output()) })
-                .await
-                .map_err(|_| NftError::Timeout(NFT_TIMEOUT))?;
+        let (written, output) = tokio::time::timeout(NFT_TIMEOUT, async {
+            tokio::join!(feed, child.wait_with_output())
+        })
+        .await
+        .map_err(|_| NftError::Timeout(NFT_TIMEOUT))?;
         let output = output.map_err(|source| NftError::Spawn {
             program: program.clone(),
             source,
@@ -367,11 +361,10 @@ impl NftRules {
 
 /// The script line nft's error names (`/dev/stdin:LINE:COLUMNS: Error: ...`), else the first.
 fn excerpt(script: &str, stderr: &str) -> String {
-    let line_number = stderr.split("/dev/stdin:").nth(1).and_then(|rest| {
-        rest.split(':')
-            .next()
-            .and_then(|n| n.parse::<usize>().ok())
-    });
+    let line_number = stderr
+        .split("/dev/stdin:")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next().and_then(|n| n.parse::<usize>().ok()));
     let line = line_number
         .and_then(|n| script.lines().nth(n.checked_sub(1)?))
         .or_else(|| script.lines().next())
@@ -388,4 +381,203 @@ fn truncate(text: &str, limit: usize) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(addr: &str, protocol: Protocol, port: u16) -> MasqueradeMatch {
+        MasqueradeMatch::Service {
+            addr: addr.parse().unwrap(),
+            protocol,
+            port,
+        }
+    }
+
+    #[test]
+    fn renders_sets_and_one_rule_per_family_and_protocol() {
+        let wanted = BTreeSet::from([
+            service("192.0.2.10", Protocol::TCP, 80),
+            service("192.0.2.10", Protocol::UDP, 53),
+            service("198.51.100.1", Protocol::SCTP, 3868),
+            service("2001:db8::10", Protocol::TCP, 443),
+            MasqueradeMatch::Fwmark(16),
+        ]);
+        let expected = "\
+add table inet ferrovip
+delete table inet ferrovip
+table inet ferrovip {
+\tset services_v4 {
+\t\ttype ipv4_addr . inet_proto . inet_service
+\t\telements = {
+\t\t\t192.0.2.10 . 6 . 80,
+\t\t\t192.0.2.10 . 17 . 53,
+\t\t\t198.51.100.1 . 132 . 3868
+\t\t}
+\t}
+\tset services_v6 {
+\t\ttype ipv6_addr . inet_proto . inet_service
+\t\telements = {
+\t\t\t2001:db8::10 . 6 . 443
+\t\t}
+\t}
+\tset fwmarks {
+\t\ttype mark
+\t\telements = {
+\t\t\t0x10
+\t\t}
+\t}
+\tchain nat_postrouting {
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tmeta l4proto tcp ct original ip daddr . meta l4proto . ct original proto-dst @services_v4 masquerade
+\t\tmeta l4proto udp ct original ip daddr . meta l4proto . ct original proto-dst @services_v4 masquerade
+\t\tmeta l4proto sctp ct original ip daddr . meta l4proto . ct original proto-dst @services_v4 masquerade
+\t\tmeta l4proto tcp ct original ip6 daddr . meta l4proto . ct original proto-dst @services_v6 masquerade
+\t\tmeta l4proto udp ct original ip6 daddr . meta l4proto . ct original proto-dst @services_v6 masquerade
+\t\tmeta l4proto sctp ct original ip6 daddr . meta l4proto . ct original proto-dst @services_v6 masquerade
+\t\tmeta mark @fwmarks masquerade
+\t}
+}
+";
+        assert_eq!(render(&wanted), expected);
+    }
+
+    #[test]
+    fn empty_sets_have_no_elements_line_and_nothing_wanted_deletes_the_table() {
+        let only_v6 = render(&BTreeSet::from([service("2001:db8::1", Protocol::UDP, 53)]));
+        assert!(only_v6.contains(
+            "\tset services_v4 {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t}\n"
+        ));
+        assert!(only_v6.contains("\tset fwmarks {\n\t\ttype mark\n\t}\n"));
+        assert!(only_v6.contains("\t\t\t2001:db8::1 . 17 . 53\n"));
+        assert_eq!(
+            render(&BTreeSet::new()),
+            "add table inet ferrovip\ndelete table inet ferrovip\n"
+        );
+    }
+
+    #[test]
+    fn excerpt_picks_the_line_nft_names() {
+        let script = "add table inet ferrovip\nbogus line here\nthird\n";
+        let stderr =
+            "/dev/stdin:2:1-5: Error: syntax error, unexpected string\nbogus line here\n^^^^^";
+        assert_eq!(excerpt(script, stderr), "bogus line here");
+        assert_eq!(
+            excerpt(script, "Error: Operation not permitted"),
+            "add table inet ferrovip"
+        );
+        assert_eq!(
+            excerpt(script, "/dev/stdin:99:1: Error"),
+            "add table inet ferrovip"
+        );
+        let long = "é".repeat(300);
+        let cut = excerpt(&long, "");
+        assert!(cut.len() <= EXCERPT_LIMIT + "…".len() && cut.ends_with('…'));
+    }
+
+    /// A stand-in for nft: `sh -c` gets the binary path as `$0`, so each fake writes what it
+    /// was given next to that path.
+    struct Fake {
+        base: PathBuf,
+    }
+
+    impl Fake {
+        fn new(tag: &str) -> Self {
+            let base =
+                std::env::temp_dir().join(format!("ferrovip-nft-{tag}-{}", std::process::id()));
+            Self { base }
+        }
+
+        fn rules(&self, shell: &str) -> NftRules {
+            NftRules::new(&self.base).with_command_prefix(["sh", "-c", shell])
+        }
+
+        fn read(&self, suffix: &str) -> String {
+            let mut path = self.base.clone().into_os_string();
+            path.push(suffix);
+            std::fs::read_to_string(path).unwrap_or_default()
+        }
+    }
+
+    impl Drop for Fake {
+        fn drop(&mut self) {
+            for suffix in [".script", ".log"] {
+                let mut path = self.base.clone().into_os_string();
+                path.push(suffix);
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    const RECORDER: &str = r#"cat > "$0.script"; echo "$@" >> "$0.log""#;
+
+    #[tokio::test]
+    async fn apply_runs_nft_only_when_the_wanted_set_changes() {
+        let fake = Fake::new("record");
+        let mut rules = fake.rules(RECORDER);
+        let first = BTreeSet::from([service("192.0.2.10", Protocol::TCP, 80)]);
+        assert!(rules.apply(&first).await.unwrap());
+        assert_eq!(fake.read(".script"), render(&first));
+        assert!(!rules.apply(&first).await.unwrap());
+        assert_eq!(rules.invocations(), 1);
+
+        let second = BTreeSet::from([
+            service("192.0.2.10", Protocol::TCP, 80),
+            MasqueradeMatch::Fwmark(7),
+        ]);
+        assert!(rules.apply(&second).await.unwrap());
+        assert!(fake.read(".script").contains("\t\t\t0x7\n"));
+        rules.forget();
+        assert!(rules.apply(&second).await.unwrap());
+        assert_eq!(rules.invocations(), 3);
+
+        rules.remove().await.unwrap();
+        assert_eq!(fake.read(".script"), render(&BTreeSet::new()));
+        // The table is known to be gone: asking for nothing needs no run.
+        assert!(!rules.apply(&BTreeSet::new()).await.unwrap());
+
+        rules.available().await.unwrap();
+        assert!(fake.read(".script").contains("192.0.2.1 . 6 . 80"));
+        assert_eq!(rules.invocations(), 4, "checks are not counted as writes");
+        assert_eq!(fake.read(".log"), "-f -\n-f -\n-f -\n-f -\n--check -f -\n");
+    }
+
+    #[tokio::test]
+    async fn failures_are_typed_and_retried() {
+        let fake = Fake::new("fail");
+        let mut rules = fake.rules(
+            "cat > /dev/null; echo '/dev/stdin:3:1-5: Error: Could not process rule' >&2; exit 1",
+        );
+        let wanted = BTreeSet::from([service("192.0.2.10", Protocol::TCP, 80)]);
+        let error = rules.apply(&wanted).await.unwrap_err();
+        assert_eq!(error.metric_label(), "nft_failed");
+        let NftError::Failed {
+            status,
+            stderr,
+            excerpt,
+        } = &error
+        else {
+            panic!("{error:?}");
+        };
+        assert_eq!(status.code(), Some(1));
+        assert!(stderr.contains("Could not process rule"));
+        assert_eq!(excerpt, "table inet ferrovip {");
+        assert!(rules.apply(&wanted).await.is_err());
+        assert_eq!(rules.invocations(), 2, "a failed apply is retried");
+
+        let missing = NftRules::new("/nonexistent/ferrovip/nft")
+            .available()
+            .await
+            .unwrap_err();
+        assert_eq!(missing.metric_label(), "nft_missing");
+        assert!(missing.to_string().contains("/nonexistent/ferrovip/nft"));
+
+        let zero = rules
+            .apply(&BTreeSet::from([MasqueradeMatch::Fwmark(0)]))
+            .await
+            .unwrap_err();
+        assert_eq!(zero.metric_label(), "zero_fwmark");
+        assert_eq!(rules.invocations(), 2);
+    }
 }

@@ -432,14 +432,11 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
                 Some("spec.vrrp.unicastPeers: auto".to_string())
             } else if spec.local_endpoints.is_some() {
                 Some("spec.priority.localEndpoints".to_string())
-            } else if let Some(s) = spec
-                .services
-                .iter()
-                .find(|s| matches!(s.backends, ValidBackends::Service(_)))
-            {
-                Some(format!("spec.services[{}].backends.serviceRef", s.index))
             } else {
-                None
+                spec.services
+                    .iter()
+                    .find(|s| matches!(s.backends, ValidBackends::Service(_)))
+                    .map(|s| format!("spec.services[{}].backends.serviceRef", s.index))
             };
             if let Some(field) = field {
                 desired.refuse(name, None, RefusalReason::NeedsCluster { field });

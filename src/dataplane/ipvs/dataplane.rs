@@ -423,20 +423,12 @@ fn masquerade_matches<'a>(
                 port,
             } => MasqueradeMatch::Service {
                 addr,
-                protocol: nft_protocol(protocol),
+                protocol,
                 port,
             },
             ServiceKey::Fwmark { mark, .. } => MasqueradeMatch::Fwmark(mark),
         })
         .collect()
-}
-
-fn nft_protocol(p: ServiceProtocol) -> crate::dataplane::nft::Protocol {
-    match p {
-        ServiceProtocol::TCP => crate::dataplane::nft::Protocol::Tcp,
-        ServiceProtocol::UDP => crate::dataplane::nft::Protocol::Udp,
-        ServiceProtocol::SCTP => crate::dataplane::nft::Protocol::Sctp,
-    }
 }
 
 // ---- translation to and from the netlink codec's types ----
