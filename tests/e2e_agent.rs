@@ -67,6 +67,8 @@ struct VipDoc {
     preferred: Vec<(String, i64)>,
     unicast_peers: Vec<String>,
     virtual_mac: bool,
+    /// Raw YAML appended to the spec (e.g. `  services: ...`).
+    extra: String,
 }
 
 impl VipDoc {
@@ -85,6 +87,7 @@ impl VipDoc {
             ],
             unicast_peers: Vec::new(),
             virtual_mac: false,
+            extra: String::new(),
         }
     }
 
@@ -137,6 +140,7 @@ spec:
                 text += &format!("      - {{nodeName: {node}, weight: {weight}}}\n");
             }
         }
+        text += &self.extra;
         text
     }
 }
@@ -1737,4 +1741,64 @@ fn a_restart_with_hold_keeps_the_vip_on_the_master_and_the_next_agent_adopts_it(
     }
     let fresh = c.adverts(VRID, c.v4(0), restarted);
     assert!(fresh.iter().any(|(_, a)| a.interval == FAST), "{fresh:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Virtual services where the kernel has no IPVS (this host's kernel; the VM tests have it)
+
+#[test]
+fn without_ipvs_the_agent_says_so_once_reports_it_in_metrics_and_keeps_vrrp_running() {
+    // The agent must report what the kernel really offers.
+    let ipvs = Path::new("/proc/net/ip_vs").exists();
+    let mut web = VipDoc::new("web", VIP_NET, 51);
+    web.extra = "  services:\n    - port: 80\n      scheduler: wrr\n      backends:\n        endpoints: [{address: 10.1.0.1, port: 8080, weight: 2}]\n".into();
+    let mut c = Cluster::with(2, false, &[&web]);
+    c.start_all();
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+
+    // A manifest change plans again: still one warning.
+    let mut changed = web;
+    changed.extra = changed.extra.replace("weight: 2", "weight: 3");
+    c.write(&[&changed]);
+    std::thread::sleep(Duration::from_millis(800));
+    let scrape = |n: usize| c.exec_ok(n, &["curl", "-sf", "http://127.0.0.1:9646/metrics"]);
+    for n in 0..2 {
+        let warnings: Vec<String> = c
+            .log(n)
+            .iter()
+            .filter(|l| l["level"] == "WARN" && msg(l).contains("IPVS is not available"))
+            .map(|l| msg(l).to_owned())
+            .collect();
+        let metrics = scrape(n);
+        if ipvs {
+            assert!(warnings.is_empty(), "{warnings:?}");
+            assert!(metrics.contains("ferrovip_dataplane_available{dataplane=\"ipvs\"} 1"));
+        } else {
+            assert_eq!(
+                warnings,
+                [
+                    "IPVS is not available in this kernel (module ip_vs not loaded?): virtual \
+                  services are not forwarded on this node (VRRP keeps running)"
+                ],
+                "node {n}"
+            );
+            assert!(
+                metrics.contains("ferrovip_dataplane_available{dataplane=\"ipvs\"} 0"),
+                "{metrics}"
+            );
+        }
+        assert!(metrics.contains("ferrovip_vrrp_state{"), "{metrics}");
+    }
+    let master = scrape(0);
+    assert!(
+        master
+            .lines()
+            .any(|l| l.starts_with("ferrovip_vrrp_state{") && l.ends_with(" 2")),
+        "node-a's metrics do not show it as master:\n{master}"
+    );
+
+    // VRRP goes on regardless: the master's crash still fails over.
+    let (failover, _) = c.crash_failover(0, VRID, Some(ip(VIP)));
+    assert_eq!(failover.new_master, c.v4(1));
+    c.assert_running(1);
 }
