@@ -32,6 +32,10 @@ echo "== real kube-apiserver (built once from Debian's source package, cached in
 FERROVIP_APISERVER="$(bash e2e/apiserver/build.sh)"
 export FERROVIP_APISERVER
 
+echo "== VM image for the IPVS tests (Debian cloud kernel + initramfs, cached in ~/.cache/ferrovip)"
+FERROVIP_VM_DIR="$(bash e2e/vm/build.sh)"
+export FERROVIP_VM_DIR
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -1023,3 +1023,139 @@ fn e2e_k8s_node_health_checks_eligibility_and_unicast_auto() {
     assert!(failover.death_to_advert <= mdi_b + LATE);
     c.wait_master(54, 1, Duration::from_secs(2));
 }
+
+/// Virtual services in Kubernetes mode, on an API server of 1.20 (EndpointSlice v1beta1) and a
+/// kernel without IPVS: the backends come from the Service's ready endpoints, every eligible
+/// node says in its status entry what it would program and why it cannot, a bad scheduler is
+/// refused by field, and VRRP is unaffected.
+#[test]
+fn e2e_k8s_virtual_services_from_endpoint_slices() {
+    let mut c = K8sLab::new(2);
+    c.install();
+    c.start_agents();
+    c.apply(&json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "frontend", "namespace": "default"},
+        "spec": {"clusterIP": "None", "ports": [
+            {"name": "http", "port": 80, "targetPort": 8080},
+            {"name": "metrics", "port": 9090},
+        ]},
+    }));
+    let endpoint = |addr: &str, ready: bool| {
+        json!({"addresses": [addr], "conditions": {"ready": ready},
+               "topology": {"kubernetes.io/hostname": "node-a"}})
+    };
+    let slice = |endpoints: Vec<Value>| {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+            "metadata": {"name": "frontend-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "frontend"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "metrics", "port": 9090, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        })
+    };
+    c.apply(&slice(vec![
+        endpoint("10.1.0.1", true),
+        endpoint("10.1.0.2", true),
+        endpoint("10.1.0.3", false),
+    ]));
+    let mut web = vip_doc("web", &["192.0.2.100/24"], Some(51));
+    web["spec"]["services"] = json!([
+        {"port": 80, "scheduler": "wlc",
+         "backends": {"serviceRef": {"namespace": "default", "name": "frontend", "port": "http"}}},
+        {"port": 9090, "protocol": "UDP",
+         "backends": {"serviceRef": {"namespace": "default", "name": "missing"}}},
+    ]);
+    c.apply(&web);
+    c.wait_master(51, 0, Duration::from_secs(5));
+
+    let ipvs = std::path::Path::new("/proc/net/ip_vs").exists();
+    let expect = |backends: usize| {
+        if ipvs {
+            format!("ipvs: 2 services, {backends} backends programmed")
+        } else {
+            format!(
+                "ipvs: 2 services, {backends} backends not programmed: IPVS is not available in \
+                 this kernel (module ip_vs not loaded?); spec.services[1].backends.serviceRef: \
+                 Service default/missing not found (no backends)"
+            )
+        }
+    };
+    let each_node_says = |v: &Value, want: &str| {
+        ["node-a", "node-b"]
+            .iter()
+            .all(|n| node_entry(v, n).is_some_and(|e| e["services"] == want))
+    };
+    let want = expect(2);
+    let (_, took) = c.wait_vip(
+        "web",
+        "the services in status",
+        Duration::from_secs(10),
+        |v| active_with(v, "node-a") && each_node_says(v, &want),
+    );
+    eprintln!("services reported in status after {}", ms(took));
+
+    // An endpoint turns ready, another one not: the backends follow.
+    let changed = Instant::now();
+    c.apply(&slice(vec![
+        endpoint("10.1.0.1", false),
+        endpoint("10.1.0.2", true),
+        endpoint("10.1.0.3", true),
+        endpoint("10.1.0.4", true),
+    ]));
+    let want = expect(3);
+    c.wait_vip(
+        "web",
+        "the new endpoints in status",
+        Duration::from_secs(10),
+        |v| each_node_says(v, &want),
+    );
+    eprintln!(
+        "endpoint change reflected in status after {}",
+        ms(changed.elapsed())
+    );
+
+    // A scheduler IPVS does not have is refused, naming the resource's field.
+    let mut bad = vip_doc("bad", &["192.0.2.110/24"], Some(52));
+    bad["spec"]["services"] = json!([
+        {"port": 80, "scheduler": "fastest", "backends": {"endpoints": [{"address": "10.1.0.1"}]}},
+    ]);
+    c.apply(&bad);
+    let (vip, _) = c.wait_vip("bad", "Invalid", Duration::from_secs(10), |v| {
+        v["status"]["state"] == "Invalid"
+    });
+    let message = condition(&vip, "Ready").expect("Ready condition")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.starts_with("spec.services[0].scheduler: \"fastest\" is not an IPVS scheduler"),
+        "{message}"
+    );
+    // And a forwarding method the schema does not know never gets in.
+    let mut worse = vip_doc("worse", &["192.0.2.120/24"], Some(53));
+    worse["spec"]["services"] = json!([
+        {"port": 80, "forwarding": "teleport", "backends": {"endpoints": [{"address": "10.1.0.1"}]}},
+    ]);
+    let path = std::env::temp_dir().join(format!("ferrovip-worse-{}.json", std::process::id()));
+    std::fs::write(&path, worse.to_string()).expect("write manifest");
+    let out = c.kubectl_output(&["apply", "-f", &path.display().to_string()]);
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        // 1.20 names the field without the list index: spec.services.forwarding.
+        !out.status.success()
+            && stderr.contains("\"worse\"")
+            && stderr.contains("spec.services")
+            && stderr.contains("forwarding: Unsupported value: \"teleport\""),
+        "{stderr}"
+    );
+
+    // None of it disturbed the election.
+    for i in 0..2 {
+        c.assert_running(i);
+    }
+    c.wait_master(51, 0, Duration::from_secs(1));
+}

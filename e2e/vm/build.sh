@@ -5,7 +5,12 @@
 # run appends its own small cpio archive (binaries, command) to base.cpio; see src/lab/vm.rs.
 #
 # Cached under ~/.cache/ferrovip/vm-<kernel version>-<harness revision>/ (vmlinuz, base.cpio,
-# a `ready` stamp); a second run only checks the packages. Prints that directory on stdout.
+# a `ready` stamp); a second run only checks the packages. Prints that directory on stdout;
+# sourced instead, it exports it as FERROVIP_VM_DIR.
+if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
+  FERROVIP_VM_DIR="$(bash "${BASH_SOURCE[0]}")" && export FERROVIP_VM_DIR
+  return
+fi
 set -euo pipefail
 
 # Bump whenever what goes into the image (files, /init, module list) changes, so an image
@@ -51,12 +56,18 @@ fi
 
 started=$(date +%s)
 log "building $dir from $package"
-work="$cache/vm-build.$$"
+work="$cache/tmp-vm-build.$$"
 rm -rf "$work"
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/deb"
-(cd "$work/deb" && apt-get download -q "$package" >&2 2>/dev/null) ||
-  (cd "$work/deb" && apt-get download "$package" >&2)
+if ! (cd "$work/deb" && apt-get download -q "$package") >&2; then
+  # The package lists may name a kernel the archive has since replaced: refresh them and
+  # start over once (the newest package, and so the cache directory, may change).
+  [ -z "${FERROVIP_VM_REFRESHED:-}" ] || exit 1
+  apt-get update -qq >&2
+  rm -rf "$work"
+  FERROVIP_VM_REFRESHED=1 exec bash "$0" "$@"
+fi
 dpkg -x "$work"/deb/*.deb "$work/kernel"
 modules="$work/kernel/lib/modules/$version"
 [ -f "$work/kernel/boot/vmlinuz-$version" ] && [ -d "$modules" ] ||
@@ -70,7 +81,7 @@ while IFS= read -r ko; do
   wanted+=("$(basename "$ko" .ko)")
 done < <(cd "$modules/kernel" && find net/netfilter net/ipv4 net/ipv6 net/bridge net/sched \
   net/8021q net/sctp net/packet net/llc net/802 -name '*.ko' 2>/dev/null)
-for m in veth macvlan ipvlan dummy ifb vxlan tun; do
+for m in veth macvlan ipvlan dummy ifb vxlan tun nlmon; do
   [ -n "$(find "$modules/kernel/drivers/net" -name "$m.ko" -print -quit)" ] && wanted+=("$m")
 done
 
@@ -159,5 +170,9 @@ mv "$work/base.cpio" "$dir/base.cpio"
 echo "$version" >"$dir/kernel-version"
 printf '%s\n' "${boot_modules[@]}" >"$dir/boot-modules"
 touch "$dir/ready"
+# Images of older kernels or harness revisions are never used again.
+for old in "$cache"/vm-*; do
+  [ "$old" = "$dir" ] || [ ! -d "$old" ] || rm -rf "$old"
+done
 log "built in $(($(date +%s) - started)) s: $(du -sh "$dir/base.cpio" | cut -f1) base.cpio"
 echo "$dir"

@@ -179,7 +179,19 @@ pub struct BackendServiceRef {
     /// The Service port: its name, or its number. May be omitted when the Service has one
     /// port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "int_or_string_schema")]
     pub port: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+}
+
+/// A name or a number. Not `x-kubernetes-int-or-string`: API servers before 1.21 fail to build
+/// the OpenAPI models of a CRD holding one, and then treat every list of the resource as
+/// atomic, so server-side apply of one node's status entry would drop the other nodes'. The
+/// agent validates the value.
+fn int_or_string_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "The Service port: its name, or its number. May be omitted when the Service has one port.",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
 }
 
 /// Transport protocol of a virtual service.

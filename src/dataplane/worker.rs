@@ -25,16 +25,22 @@ const UNAVAILABLE_RECHECK: Duration = Duration::from_secs(60);
 pub struct DataplaneStatus {
     pub name: &'static str,
     pub report: ApplyReport,
-    /// Services desired, per VirtualIP.
-    pub desired_per_owner: BTreeMap<String, usize>,
+    /// Services and backends desired, per VirtualIP.
+    pub desired_per_owner: BTreeMap<String, (usize, usize)>,
 }
 
 impl DataplaneStatus {
     /// One line for a VirtualIP's status entry: what this node forwards for it.
     pub fn summary_for(&self, owner: &str) -> Option<String> {
-        let wanted = *self.desired_per_owner.get(owner)?;
+        let (services, backends) = *self.desired_per_owner.get(owner)?;
+        let name = self.name;
+        let what = format!(
+            "{services} service{}, {backends} backend{}",
+            plural(services),
+            plural(backends)
+        );
         if let Some(why) = &self.report.unavailable {
-            return Some(format!("{}: not forwarding: {why}", self.name));
+            return Some(format!("{name}: {what} not programmed: {why}"));
         }
         let failed: Vec<&str> = self
             .report
@@ -44,20 +50,21 @@ impl DataplaneStatus {
             .map(|f| f.error.as_str())
             .collect();
         Some(match failed.as_slice() {
-            [] => format!("{}: {wanted} services programmed", self.name),
-            [one] => format!(
-                "{}: {} of {wanted} services programmed; {one}",
-                self.name,
-                wanted - 1
-            ),
-            [first, ..] => format!(
-                "{}: {} of {wanted} services programmed; {first} (and {} more)",
-                self.name,
-                wanted.saturating_sub(failed.len()),
-                failed.len() - 1
-            ),
+            [] => format!("{name}: {what} programmed"),
+            [first, rest @ ..] => {
+                let more = if rest.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (and {} more)", rest.len())
+                };
+                format!("{name}: {what}, {} failed: {first}{more}", failed.len())
+            }
         })
     }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 /// Starts the worker thread. It stops when `desired`'s sender is dropped.
@@ -116,7 +123,10 @@ pub fn spawn<D: Dataplane + 'static>(
                     };
                     let mut per_owner = BTreeMap::new();
                     for spec in set.values() {
-                        *per_owner.entry(spec.owner.clone()).or_insert(0) += 1;
+                        let entry: &mut (usize, usize) =
+                            per_owner.entry(spec.owner.clone()).or_default();
+                        entry.0 += 1;
+                        entry.1 += spec.backends.len();
                     }
                     let status = DataplaneStatus {
                         name,
@@ -205,5 +215,66 @@ impl Logged {
                 "dataplane applied"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::ServiceFailure;
+    use crate::vrrp::Family;
+
+    fn status(report: ApplyReport) -> DataplaneStatus {
+        DataplaneStatus {
+            name: "ipvs",
+            report,
+            desired_per_owner: [("web".to_string(), (2, 3)), ("db".to_string(), (1, 1))].into(),
+        }
+    }
+
+    #[test]
+    fn summaries_say_what_is_forwarded_and_why_not() {
+        let ok = status(ApplyReport::default());
+        assert_eq!(
+            ok.summary_for("web").unwrap(),
+            "ipvs: 2 services, 3 backends programmed"
+        );
+        assert_eq!(
+            ok.summary_for("db").unwrap(),
+            "ipvs: 1 service, 1 backend programmed"
+        );
+        assert_eq!(ok.summary_for("other"), None);
+
+        let missing = status(ApplyReport {
+            unavailable: Some("IPVS is not available".into()),
+            ..ApplyReport::default()
+        });
+        assert_eq!(
+            missing.summary_for("web").unwrap(),
+            "ipvs: 2 services, 3 backends not programmed: IPVS is not available"
+        );
+
+        let failure = |error: &str| ServiceFailure {
+            key: ServiceKey::Fwmark {
+                family: Family::V4,
+                mark: 1,
+            },
+            owner: "web".into(),
+            error: error.into(),
+            reason: "ENOENT",
+            transient: false,
+        };
+        let partial = status(ApplyReport {
+            failures: vec![failure("first"), failure("second")],
+            ..ApplyReport::default()
+        });
+        assert_eq!(
+            partial.summary_for("web").unwrap(),
+            "ipvs: 2 services, 3 backends, 2 failed: first (and 1 more)"
+        );
+        assert_eq!(
+            partial.summary_for("db").unwrap(),
+            "ipvs: 1 service, 1 backend programmed"
+        );
     }
 }
