@@ -33,6 +33,10 @@ const CASES: &[Case] = &[
         dataplane_isolates_a_bad_service,
     ),
     (
+        "dataplane_nat_traffic_tcp_udp_ipv4_ipv6",
+        dataplane_nat_traffic_tcp_udp_ipv4_ipv6,
+    ),
+    (
         "agent_forwards_through_changes_and_failover",
         agent_forwards_through_changes_and_failover,
     ),
@@ -741,5 +745,159 @@ fn agent_forwards_through_changes_and_failover() -> CaseResult {
         )
     })?;
     drop(a2);
+    Ok(())
+}
+
+/// A UDP server in a namespace answering every datagram with its name.
+fn udp_name_server(
+    ns: &GuestNetns,
+    name: &str,
+) -> Result<std::thread::JoinHandle<()>, vm::CaseError> {
+    let socket = ns.run(|| std::net::UdpSocket::bind("[::]:5353"))??;
+    socket.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let reply = name.to_owned();
+    Ok(std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(reply.as_bytes(), peer);
+        }
+    }))
+}
+
+fn udp_spread(
+    ns: &GuestNetns,
+    target: SocketAddr,
+    n: usize,
+) -> Result<BTreeMap<String, usize>, vm::CaseError> {
+    let replies = ns.run(|| -> std::io::Result<BTreeMap<String, usize>> {
+        let mut replies = BTreeMap::new();
+        for _ in 0..n {
+            // A new source port per query: IPVS schedules each as a new connection.
+            let any: SocketAddr = if target.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .unwrap();
+            let socket = std::net::UdpSocket::bind(any)?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            socket.send_to(b"who", target)?;
+            let mut buf = [0u8; 64];
+            let (len, _) = socket.recv_from(&mut buf)?;
+            *replies
+                .entry(String::from_utf8_lossy(&buf[..len]).into_owned())
+                .or_insert(0) += 1;
+        }
+        Ok(replies)
+    })??;
+    Ok(replies)
+}
+
+/// Traffic through services the dataplane programmed, over a NAT return path it set up
+/// itself (nftables masquerade and sysctls): TCP over IPv4 and IPv6 and UDP, to backends
+/// that have no route to the client, spread evenly by rr.
+fn dataplane_nat_traffic_tcp_udp_ipv4_ipv6() -> CaseResult {
+    let client = GuestNetns::create("nt-client")?;
+    let director = GuestNetns::create("nt-director")?;
+    let backends = (1..=2)
+        .map(|i| GuestNetns::create(&format!("nt-b{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let lan = GuestBridge::create("nt-lan")?;
+    client.veth("eth0", &director, "eth0")?;
+    for (ns, cidr) in [
+        (&client, "198.51.100.2/24"),
+        (&client, "2001:db8:c::2/64"),
+        (&director, "198.51.100.1/24"),
+        (&director, "2001:db8:c::1/64"),
+        (&director, "198.51.100.100/32"),
+        (&director, "2001:db8:c::100/128"),
+    ] {
+        ns.add_address(cidr, "eth0")?;
+    }
+    lan.attach(&director, "eth1", &["203.0.113.1/24", "fd00:b::1/64"])?;
+    for (i, b) in backends.iter().enumerate() {
+        lan.attach(
+            b,
+            "eth0",
+            &[
+                &format!("203.0.113.{}/24", 11 + i),
+                &format!("fd00:b::{}/64", 11 + i),
+            ],
+        )?;
+    }
+    let any = SocketAddr::new("::".parse().unwrap(), 8080);
+    let _tcp: Vec<TcpNameServer> = backends
+        .iter()
+        .map(|b| TcpNameServer::start(b, any, b.name()))
+        .collect::<Result<_, _>>()?;
+    for b in &backends {
+        udp_name_server(b, b.name())?;
+    }
+
+    let nat = |backends: Vec<(IpAddr, u16)>| {
+        let mut s = spec(
+            Forwarding::Masquerade,
+            &backends.iter().map(|&(a, p)| (a, p, 1)).collect::<Vec<_>>(),
+        );
+        s.source_nat = true;
+        s
+    };
+    let v4b = |port| vec![(v4(203, 0, 113, 11), port), (v4(203, 0, 113, 12), port)];
+    let v6b = |port| {
+        vec![
+            ("fd00:b::11".parse().unwrap(), port),
+            ("fd00:b::12".parse().unwrap(), port),
+        ]
+    };
+    let vip4 = v4(198, 51, 100, 100);
+    let vip6: IpAddr = "2001:db8:c::100".parse()?;
+    let set: ServiceSet = [
+        (tcp(vip4, 80), nat(v4b(8080))),
+        (tcp(vip6, 80), nat(v6b(8080))),
+        (
+            ServiceKey::Port {
+                addr: vip4,
+                protocol: ServiceProtocol::UDP,
+                port: 53,
+            },
+            nat(v4b(5353)),
+        ),
+    ]
+    .into();
+    let mut dp = IpvsDataplane::new(IpvsOptions {
+        state_dir: "/run/nt-state".into(),
+        ..IpvsOptions::default()
+    });
+    let r = apply(&director, &mut dp, &set)?;
+    ensure(r.failures.is_empty() && r.services == 3, || {
+        format!("{r:?}")
+    })?;
+
+    let even = |replies: &BTreeMap<String, usize>, n: usize| {
+        replies.get("nt-b1") == Some(&(n / 2)) && replies.get("nt-b2") == Some(&(n / 2))
+    };
+    let tcp4 = tcp_spread(&client, SocketAddr::new(vip4, 80), 20, TIMEOUT)?;
+    ensure(even(&tcp4, 20), || format!("TCP over IPv4: {tcp4:?}"))?;
+    let tcp6 = tcp_spread(&client, SocketAddr::new(vip6, 80), 20, TIMEOUT)?;
+    ensure(even(&tcp6, 20), || format!("TCP over IPv6: {tcp6:?}"))?;
+    let udp4 = udp_spread(&client, SocketAddr::new(vip4, 53), 20)?;
+    ensure(even(&udp4, 20), || format!("UDP over IPv4: {udp4:?}"))?;
+
+    // Without the return path the same traffic dies: remove the services, and a fresh set
+    // without source NAT leaves replies with no route back.
+    let r = apply(&director, &mut dp, &BTreeMap::new())?;
+    ensure(r.services == 0, || format!("{r:?}"))?;
+    let mut plain = set.clone();
+    for s in plain.values_mut() {
+        s.source_nat = false;
+    }
+    let r = apply(&director, &mut dp, &plain)?;
+    ensure(r.failures.is_empty(), || format!("{r:?}"))?;
+    let lost = tcp_request(&client, SocketAddr::new(vip4, 80), Duration::from_secs(1));
+    ensure(lost.is_err(), || {
+        format!("a reply came back without source NAT: {lost:?}")
+    })?;
+    apply(&director, &mut dp, &BTreeMap::new())?;
     Ok(())
 }

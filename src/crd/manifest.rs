@@ -299,6 +299,10 @@ spec:
                 "virtualip-v2.yaml",
                 include_str!("../../config/samples/virtualip-v2.yaml"),
             ),
+            (
+                "virtualip-services.yaml",
+                include_str!("../../config/samples/virtualip-services.yaml"),
+            ),
         ] {
             let m = parse(text);
             assert!(m.errors.is_empty(), "{name}: {:?}", m.errors);

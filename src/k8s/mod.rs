@@ -436,6 +436,19 @@ pub fn node_facts(node: &Node) -> NodeFacts {
     }
 }
 
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
+fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
+    Some(ServiceRef {
+        namespace: slice.metadata.namespace.clone()?,
+        name: slice
+            .metadata
+            .labels
+            .as_ref()?
+            .get("kubernetes.io/service-name")?
+            .clone(),
+    })
+}
+
 /// Ready (and not terminating) endpoints on `node`, per Service.
 pub fn local_ready_endpoints(
     slices: &[Arc<EndpointSlice>],
@@ -443,15 +456,7 @@ pub fn local_ready_endpoints(
 ) -> BTreeMap<ServiceRef, usize> {
     let mut out = BTreeMap::new();
     for slice in slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name"))
-        else {
-            continue;
-        };
-        let Some(namespace) = slice.metadata.namespace.clone() else {
+        let Some(service) = slice_service(slice) else {
             continue;
         };
         let ready = slice
@@ -465,11 +470,7 @@ pub fn local_ready_endpoints(
                     && !c.and_then(|c| c.terminating).unwrap_or(false)
             })
             .count();
-        *out.entry(ServiceRef {
-            namespace,
-            name: service.clone(),
-        })
-        .or_insert(0) += ready;
+        *out.entry(service).or_insert(0) += ready;
     }
     out
 }
@@ -524,21 +525,7 @@ pub fn service_endpoints(
         );
     }
     for slice in slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name"))
-        else {
-            continue;
-        };
-        let Some(namespace) = slice.metadata.namespace.clone() else {
-            continue;
-        };
-        let Some(entry) = out.get_mut(&ServiceRef {
-            namespace,
-            name: service.clone(),
-        }) else {
+        let Some(entry) = slice_service(slice).and_then(|svc| out.get_mut(&svc)) else {
             continue;
         };
         let ports: Vec<(String, u16)> = slice
@@ -698,5 +685,93 @@ mod tests {
         };
         assert_eq!(counts[&key("frontend")], 3);
         assert_eq!(counts[&key("other")], 0);
+    }
+
+    #[test]
+    fn service_endpoints_give_each_address_its_state_and_the_slice_ports() {
+        let endpoint =
+            |addr: &str, ready: Option<bool>, serving: Option<bool>, terminating| Endpoint {
+                addresses: vec![addr.into()],
+                conditions: Some(EndpointConditions {
+                    ready,
+                    serving,
+                    terminating,
+                }),
+                ..Endpoint::default()
+            };
+        let slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some("frontend-1".into()),
+                namespace: Some("web".into()),
+                labels: Some(
+                    [(
+                        "kubernetes.io/service-name".to_string(),
+                        "frontend".to_string(),
+                    )]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: vec![
+                endpoint("10.1.0.1", Some(true), None, None),
+                endpoint("10.1.0.2", Some(false), Some(true), Some(true)),
+                endpoint("10.1.0.3", Some(false), Some(false), Some(true)),
+                endpoint("10.1.0.4", None, None, None),
+                endpoint("not-an-address", Some(true), None, None),
+            ],
+            ports: Some(vec![k8s_openapi::api::discovery::v1::EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                ..Default::default()
+            }]),
+        };
+        let service = Service {
+            metadata: ObjectMeta {
+                name: Some("frontend".into()),
+                namespace: Some("web".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+                ports: Some(vec![k8s_openapi::api::core::v1::ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Service::default()
+        };
+        let mut vip = VirtualIP::new("web", crate::crd::sample_spec(&["192.0.2.1/24"], 1));
+        vip.spec.services = serde_saphyr::from_str(
+            "- port: 80\n  backends: {serviceRef: {namespace: web, name: frontend}}\n",
+        )
+        .unwrap();
+        let out = service_endpoints(&[vip], &[Arc::new(service)], &[Arc::new(slice)]);
+        let found = &out[&ServiceRef {
+            namespace: "web".into(),
+            name: "frontend".into(),
+        }];
+        assert_eq!(found.ports, [("http".to_string(), 80)]);
+        let states: Vec<(String, bool, bool)> = found
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.ready, e.draining))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("10.1.0.1".to_string(), true, false),
+                ("10.1.0.2".to_string(), false, true),
+                ("10.1.0.3".to_string(), false, false),
+                ("10.1.0.4".to_string(), true, false),
+            ]
+        );
+        assert!(
+            found
+                .endpoints
+                .iter()
+                .all(|e| e.ports == [("http".to_string(), 8080)])
+        );
     }
 }

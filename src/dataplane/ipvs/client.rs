@@ -6,7 +6,7 @@
 //! with an `NLMSG_ERROR` even when no acknowledgement was asked for. So only the last message
 //! of a batch asks for one: when it arrives, every earlier message without an error has
 //! succeeded. A batch of N messages thus costs one `sendmsg` and, on success, one `recvmsg`
-//! (`ipvsadm -R` pays a socket, a family lookup and two round trips per line).
+//! (`ipvsadm -R` pays a new socket, a family lookup and a request-reply round trip per line).
 //!
 //! Errors and the final acknowledgement are queued while `sendmsg` runs, before anything is
 //! read, so a batch is limited to as many messages as the receive buffer holds error messages

@@ -54,6 +54,9 @@ const SERVICE_SYSCTLS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/vs/expire_quiescent_template", "1"),
 ];
 
+/// IPv6 replies, de-masqueraded back to the client's address, are forwarded.
+const NAT6_FORWARDING: (&str, &str) = ("/proc/sys/net/ipv6/conf/all/forwarding", "1");
+
 /// Sysctls the NAT return path needs while a service masquerades.
 const NAT_SYSCTLS: &[(&str, &str)] = &[
     // Let conntrack see IPVS connections, so that nftables can masquerade them.
@@ -80,6 +83,8 @@ pub struct IpvsDataplane {
     saved_sysctls: BTreeMap<&'static str, String>,
     /// What the state file says, to write it only on change.
     persisted: Option<BTreeSet<ServiceKey>>,
+    /// Whether a masquerading fwmark service is IPv6 (the nft match does not say).
+    fwmark_v6: bool,
 }
 
 impl IpvsDataplane {
@@ -96,6 +101,7 @@ impl IpvsDataplane {
             masquerading: BTreeSet::new(),
             saved_sysctls: BTreeMap::new(),
             persisted: None,
+            fwmark_v6: false,
         }
     }
 
@@ -229,6 +235,14 @@ impl IpvsDataplane {
         if !wanted.is_empty() {
             sysctls.extend_from_slice(NAT_SYSCTLS);
         }
+        // IPv6 forwarding makes the host ignore router advertisements: only while an IPv6
+        // service masquerades.
+        if wanted.iter().any(|m| match m {
+            MasqueradeMatch::Service { addr, .. } => addr.is_ipv6(),
+            MasqueradeMatch::Fwmark(_) => self.fwmark_v6,
+        }) {
+            sysctls.push(NAT6_FORWARDING);
+        }
         self.sysctls(&sysctls)?;
         if wanted == self.masquerading {
             return Ok(());
@@ -308,6 +322,16 @@ impl Dataplane for IpvsDataplane {
         // Masquerade rules first for new services (their first connection must already be
         // source-NATed), and removed only after the services are gone.
         let wanted_masq = masquerade_matches(desired.iter());
+        self.fwmark_v6 = desired.iter().any(|(k, s)| {
+            matches!(
+                k,
+                ServiceKey::Fwmark {
+                    family: Family::V6,
+                    ..
+                }
+            ) && s.forwarding == Forwarding::Masquerade
+                && s.source_nat
+        });
         let before_masq: BTreeSet<MasqueradeMatch> =
             wanted_masq.union(&self.masquerading).cloned().collect();
         let any_services = !desired.is_empty() || !self.programmed.is_empty();

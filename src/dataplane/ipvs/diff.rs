@@ -7,7 +7,6 @@
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
-use std::iter::Peekable;
 
 use crate::dataplane::service::{BackendKey, Forwarding, ServiceKey, ServiceSet, ServiceSpec};
 
@@ -110,61 +109,29 @@ pub fn diff(
     blocked: impl Fn(&ServiceKey) -> bool,
 ) -> Vec<Change> {
     let mut out = Vec::new();
-    let mut have = programmed.iter().peekable();
-    let mut want = desired.iter().peekable();
-    loop {
-        let order = match (have.peek(), want.peek()) {
-            (None, None) => break,
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (Some((h, _)), Some((w, _))) => h.cmp(w),
-        };
-        match order {
-            Ordering::Less => {
-                let (key, _) = next(&mut have);
-                out.push(Change::DelService(*key));
-            }
-            Ordering::Greater => {
-                let (key, spec) = next(&mut want);
-                if blocked(key) {
-                    continue;
-                }
+    for pair in merge_join(programmed.iter(), desired.iter()) {
+        match pair {
+            Pair::Left(key, _) => out.push(Change::DelService(*key)),
+            Pair::Right(key, _) if blocked(key) => {}
+            Pair::Right(key, spec) => {
                 out.push(Change::AddService(*key));
                 out.extend(spec.backends.keys().map(|b| Change::AddDest(*key, *b)));
             }
-            Ordering::Equal => {
-                let (key, prog) = next(&mut have);
-                let (_, spec) = next(&mut want);
-                diff_service(*key, prog, spec, &mut out);
-            }
+            Pair::Both(key, prog, spec) => diff_service(*key, prog, spec, &mut out),
         }
     }
     out
-}
-
-fn next<I: Iterator>(it: &mut Peekable<I>) -> I::Item {
-    it.next().expect("peeked")
 }
 
 fn diff_service(key: ServiceKey, prog: &Programmed, spec: &ServiceSpec, out: &mut Vec<Change>) {
     if !prog.conf.as_ref().is_some_and(|c| c.matches(spec)) {
         out.push(Change::EditService(key));
     }
-    let mut have = prog.dests.iter().peekable();
-    let mut want = spec.backends.iter().peekable();
-    loop {
-        let order = match (have.peek(), want.peek()) {
-            (None, None) => break,
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (Some((h, _)), Some((w, _))) => h.cmp(w),
-        };
-        match order {
-            Ordering::Less => out.push(Change::DelDest(key, *next(&mut have).0)),
-            Ordering::Greater => out.push(Change::AddDest(key, *next(&mut want).0)),
-            Ordering::Equal => {
-                let (backend, conf) = next(&mut have);
-                let (_, weight) = next(&mut want);
+    for pair in merge_join(prog.dests.iter(), spec.backends.iter()) {
+        match pair {
+            Pair::Left(backend, _) => out.push(Change::DelDest(key, *backend)),
+            Pair::Right(backend, _) => out.push(Change::AddDest(key, *backend)),
+            Pair::Both(backend, conf, weight) => {
                 if conf.forwarding != Some(spec.forwarding) || conf.weight != *weight || conf.extras
                 {
                     out.push(Change::EditDest(key, *backend));
@@ -172,6 +139,45 @@ fn diff_service(key: ServiceKey, prog: &Programmed, spec: &ServiceSpec, out: &mu
             }
         }
     }
+}
+
+/// An entry of one or both of two maps walked together.
+enum Pair<'a, K, A, B> {
+    Left(&'a K, &'a A),
+    Right(&'a K, &'a B),
+    Both(&'a K, &'a A, &'a B),
+}
+
+/// Walks two iterators sorted by key together, pairing equal keys.
+fn merge_join<'a, K: Ord + 'a, A: 'a, B: 'a>(
+    left: impl Iterator<Item = (&'a K, &'a A)>,
+    right: impl Iterator<Item = (&'a K, &'a B)>,
+) -> impl Iterator<Item = Pair<'a, K, A, B>> {
+    let mut left = left.peekable();
+    let mut right = right.peekable();
+    std::iter::from_fn(move || {
+        let order = match (left.peek(), right.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((l, _)), Some((r, _))) => l.cmp(r),
+        };
+        Some(match order {
+            Ordering::Less => {
+                let (k, a) = left.next()?;
+                Pair::Left(k, a)
+            }
+            Ordering::Greater => {
+                let (k, b) = right.next()?;
+                Pair::Right(k, b)
+            }
+            Ordering::Equal => {
+                let (k, a) = left.next()?;
+                let (_, b) = right.next()?;
+                Pair::Both(k, a, b)
+            }
+        })
+    })
 }
 
 #[cfg(test)]
