@@ -111,7 +111,7 @@ pub fn diff(
     let mut out = Vec::new();
     for pair in merge_join(programmed.iter(), desired.iter()) {
         match pair {
-            Pair::Left(key, _) => out.push(Change::DelService(*key)),
+            Pair::Left(key) => out.push(Change::DelService(*key)),
             Pair::Right(key, _) if blocked(key) => {}
             Pair::Right(key, spec) => {
                 out.push(Change::AddService(*key));
@@ -129,7 +129,7 @@ fn diff_service(key: ServiceKey, prog: &Programmed, spec: &ServiceSpec, out: &mu
     }
     for pair in merge_join(prog.dests.iter(), spec.backends.iter()) {
         match pair {
-            Pair::Left(backend, _) => out.push(Change::DelDest(key, *backend)),
+            Pair::Left(backend) => out.push(Change::DelDest(key, *backend)),
             Pair::Right(backend, _) => out.push(Change::AddDest(key, *backend)),
             Pair::Both(backend, conf, weight) => {
                 if conf.forwarding != Some(spec.forwarding) || conf.weight != *weight || conf.extras
@@ -143,7 +143,7 @@ fn diff_service(key: ServiceKey, prog: &Programmed, spec: &ServiceSpec, out: &mu
 
 /// An entry of one or both of two maps walked together.
 enum Pair<'a, K, A, B> {
-    Left(&'a K, &'a A),
+    Left(&'a K),
     Right(&'a K, &'a B),
     Both(&'a K, &'a A, &'a B),
 }
@@ -164,8 +164,8 @@ fn merge_join<'a, K: Ord + 'a, A: 'a, B: 'a>(
         };
         Some(match order {
             Ordering::Less => {
-                let (k, a) = left.next()?;
-                Pair::Left(k, a)
+                let (k, _) = left.next()?;
+                Pair::Left(k)
             }
             Ordering::Greater => {
                 let (k, b) = right.next()?;
