@@ -22,7 +22,7 @@ use ferrovip::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use ferrovip::dataplane::service::{
     BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
 };
-use ferrovip::lab::vm::{GUEST_BIN_DIR, IN_VM_ENV, VmImage, VmRun, in_guest};
+use ferrovip::lab::vm::{GUEST_BIN_DIR, GuestNetns, IN_VM_ENV, VmImage, VmRun, in_guest};
 
 struct Options {
     rounds: usize,
@@ -167,8 +167,10 @@ fn restore_script(o: &Options) -> String {
     s
 }
 
-fn sh(program: &str, args: &[&str], input: Option<&str>) -> Result<String, String> {
-    let mut child = Command::new(program)
+/// Runs `program` in network namespace `netns`.
+fn sh(netns: &str, program: &str, args: &[&str], input: Option<&str>) -> Result<String, String> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, program])
         .args(args)
         .stdin(if input.is_some() {
             Stdio::piped()
@@ -201,8 +203,8 @@ fn sh(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Strin
 }
 
 /// `ipvsadm -Sn`, sorted, for comparing tables.
-fn table() -> Result<Vec<String>, String> {
-    let mut lines: Vec<String> = sh("ipvsadm", &["-Sn"], None)?
+fn table(netns: &str) -> Result<Vec<String>, String> {
+    let mut lines: Vec<String> = sh(netns, "ipvsadm", &["-Sn"], None)?
         .lines()
         .map(str::to_owned)
         .collect();
@@ -233,38 +235,47 @@ fn guest(o: &Options) -> Result<(), String> {
         o.services, o.backends
     );
 
+    // Every measurement gets a fresh network namespace, i.e. a fresh IPVS instance: the
+    // kernel keeps deleted destinations in a trash list that each add searches linearly for
+    // minutes, so a table programmed after a flush would measure that list, not the tool.
     let mut restore = Vec::new();
     let mut ours = Vec::new();
-    let mut reference_table = None;
+    let mut last = None;
     for round in 0..o.rounds {
-        sh("ipvsadm", &["-C"], None)?;
+        let theirs_ns =
+            GuestNetns::create(&format!("ipvsadm-{round}")).map_err(|e| e.to_string())?;
         let t = Instant::now();
-        sh("ipvsadm", &["-R"], Some(&script))?;
+        sh(theirs_ns.name(), "ipvsadm", &["-R"], Some(&script))?;
         let took = t.elapsed();
         restore.push(took);
-        let their = table()?;
+        let their = table(theirs_ns.name())?;
         if their.len() != entries {
             return Err(format!("ipvsadm -R left {} entries", their.len()));
         }
-        sh("ipvsadm", &["-C"], None)?;
+        drop(theirs_ns);
 
+        let ours_ns =
+            GuestNetns::create(&format!("ferrovip-{round}")).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_dir_all(&state_root);
         let mut dp = IpvsDataplane::new(IpvsOptions {
             state_dir: state_root.clone(),
             ..IpvsOptions::default()
         });
-        let t = Instant::now();
-        let report = runtime.block_on(dp.apply(&desired));
-        let took_ours = t.elapsed();
+        let (report, took_ours) = ours_ns
+            .run(|| {
+                let t = Instant::now();
+                let report = runtime.block_on(dp.apply(&desired));
+                (report, t.elapsed())
+            })
+            .map_err(|e| e.to_string())?;
         if !report.failures.is_empty() || report.unavailable.is_some() {
             return Err(format!("apply failed: {report:?}"));
         }
         ours.push(took_ours);
-        let mine = table()?;
+        let mine = table(ours_ns.name())?;
         if mine != their {
             return Err("the dataplane's table differs from ipvsadm -R's".into());
         }
-        reference_table.get_or_insert(mine);
         println!(
             "round {}: ipvsadm -R {}, apply {} ({} writes)",
             round + 1,
@@ -272,16 +283,23 @@ fn guest(o: &Options) -> Result<(), String> {
             ms(took_ours),
             report.writes
         );
+        last = Some(ours_ns);
     }
+    let netns = last.ok_or("no rounds")?;
 
-    // The last round's table stays programmed: now the small changes.
+    // The last round's table stays programmed: now a restarted agent adopts it, then the
+    // small changes. The dataplane's netlink socket lives in that namespace from here on.
     let mut dp = IpvsDataplane::new(IpvsOptions {
         state_dir: state_root.clone(),
         ..IpvsOptions::default()
     });
-    let t = Instant::now();
-    let adopt = runtime.block_on(dp.apply(&desired));
-    let adopt_took = t.elapsed();
+    let (adopt, adopt_took) = netns
+        .run(|| {
+            let t = Instant::now();
+            let r = runtime.block_on(dp.apply(&desired));
+            (r, t.elapsed())
+        })
+        .map_err(|e| e.to_string())?;
     if adopt.writes != 0 || !adopt.failures.is_empty() {
         return Err(format!("adopting the table wrote: {adopt:?}"));
     }
@@ -327,7 +345,7 @@ fn guest(o: &Options) -> Result<(), String> {
         .flat_map(|s| s.backends.values())
         .filter(|w| **w == 0)
         .count();
-    let listed = sh("ipvsadm", &["-Sn"], None)?;
+    let listed = sh(netns.name(), "ipvsadm", &["-Sn"], None)?;
     let zero = listed.lines().filter(|l| l.ends_with(" -w 0")).count();
     if zero != expected_weight_zero {
         return Err(format!(
@@ -376,6 +394,5 @@ fn guest(o: &Options) -> Result<(), String> {
         ms(adopt_took)
     );
     let _ = std::fs::remove_dir_all(&state_root);
-    sh("ipvsadm", &["-C"], None)?;
     Ok(())
 }
