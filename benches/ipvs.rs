@@ -240,7 +240,9 @@ fn guest(o: &Options) -> Result<(), String> {
     // minutes, so a table programmed after a flush would measure that list, not the tool.
     let mut restore = Vec::new();
     let mut ours = Vec::new();
-    let mut last = None;
+    // Namespaces stay until the end: deleting one with 110,000 destinations keeps the
+    // kernel busy for a while, which would land in the next measurement.
+    let mut namespaces = Vec::new();
     for round in 0..o.rounds {
         let theirs_ns =
             GuestNetns::create(&format!("ipvsadm-{round}")).map_err(|e| e.to_string())?;
@@ -252,7 +254,7 @@ fn guest(o: &Options) -> Result<(), String> {
         if their.len() != entries {
             return Err(format!("ipvsadm -R left {} entries", their.len()));
         }
-        drop(theirs_ns);
+        namespaces.push(theirs_ns);
 
         let ours_ns =
             GuestNetns::create(&format!("ferrovip-{round}")).map_err(|e| e.to_string())?;
@@ -283,9 +285,9 @@ fn guest(o: &Options) -> Result<(), String> {
             ms(took_ours),
             report.writes
         );
-        last = Some(ours_ns);
+        namespaces.push(ours_ns);
     }
-    let netns = last.ok_or("no rounds")?;
+    let netns = namespaces.last().ok_or("no rounds")?;
 
     // The last round's table stays programmed: now a restarted agent adopts it, then the
     // small changes. The dataplane's netlink socket lives in that namespace from here on.

@@ -119,7 +119,7 @@ impl IpvsDataplane {
     fn sync(&mut self, desired: &ServiceSet) -> Result<(), IpvsError> {
         let owned = read_state(&self.state_file());
         let client = self.client.as_mut().expect("connected");
-        let services = client.services()?;
+        let services = read_services(client)?;
         self.programmed.clear();
         self.foreign.clear();
         self.uncertain.clear();
@@ -159,7 +159,7 @@ impl IpvsDataplane {
             return Ok(());
         }
         let client = self.client.as_mut().expect("connected");
-        let services = client.services()?;
+        let services = read_services(client)?;
         let by_key: BTreeMap<ServiceKey, &netlink::Service> = services
             .iter()
             .filter_map(|s| Some((key_from_netlink(&s.key)?, s)))
@@ -401,6 +401,30 @@ impl Dataplane for IpvsDataplane {
         report.backends = self.programmed.values().map(|p| p.dests.len()).sum();
         report
     }
+}
+
+/// How many service dumps a read may take to see a stable table.
+const DUMP_ROUNDS: usize = 4;
+
+/// Every IPVS service of the namespace. A dump is not a snapshot: the kernel resumes each
+/// chunk by position in a hash table shared by all network namespaces, so services added or
+/// removed anywhere meanwhile (a namespace being torn down, say) shift it and entries are
+/// skipped, without the dump being flagged as interrupted. Skips can only lose or repeat
+/// entries, never invent them: dump again until a dump adds nothing, and keep the union.
+fn read_services(client: &mut IpvsClient) -> Result<Vec<netlink::Service>, IpvsError> {
+    let mut seen: BTreeMap<netlink::ServiceKey, netlink::Service> = BTreeMap::new();
+    for round in 0..DUMP_ROUNDS {
+        let before = seen.len();
+        let dump = client.services()?;
+        let complete = dump.len() == before;
+        for service in dump {
+            seen.insert(service.key, service);
+        }
+        if round > 0 && complete && seen.len() == before {
+            break;
+        }
+    }
+    Ok(seen.into_values().collect())
 }
 
 /// Updates the record of what is programmed after a successful write.
