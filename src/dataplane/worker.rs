@@ -20,13 +20,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often a dataplane that is missing (no IPVS module) is looked for again.
 const UNAVAILABLE_RECHECK: Duration = Duration::from_secs(60);
 
+/// VirtualIP name → (services, backends) it wants.
+type PerOwner = BTreeMap<String, (usize, usize)>;
+
 /// The last outcome, for status and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataplaneStatus {
     pub name: &'static str,
     pub report: ApplyReport,
     /// Services and backends desired, per VirtualIP.
-    pub desired_per_owner: BTreeMap<String, (usize, usize)>,
+    pub desired_per_owner: PerOwner,
 }
 
 impl DataplaneStatus {
@@ -93,6 +96,7 @@ pub fn spawn<D: Dataplane + 'static>(
                 let mut log = Logged::default();
                 let mut backoff = FIRST_BACKOFF;
                 let mut next_resync = Instant::now() + resync;
+                let mut counted: Option<(Arc<ServiceSet>, PerOwner)> = None;
                 loop {
                     let set = desired.borrow_and_update().clone();
                     if Instant::now() >= next_resync {
@@ -121,13 +125,23 @@ pub fn spawn<D: Dataplane + 'static>(
                         backoff = FIRST_BACKOFF;
                         next_resync.saturating_duration_since(Instant::now())
                     };
-                    let mut per_owner = BTreeMap::new();
-                    for spec in set.values() {
-                        let entry: &mut (usize, usize) =
-                            per_owner.entry(spec.owner.clone()).or_default();
-                        entry.0 += 1;
-                        entry.1 += spec.backends.len();
-                    }
+                    // Counted again only for a new set, not for every retry or resync.
+                    let per_owner = match &counted {
+                        Some((counted_set, per_owner)) if Arc::ptr_eq(counted_set, &set) => {
+                            per_owner.clone()
+                        }
+                        _ => {
+                            let mut per_owner = BTreeMap::new();
+                            for spec in set.values() {
+                                let entry: &mut (usize, usize) =
+                                    per_owner.entry(spec.owner.clone()).or_default();
+                                entry.0 += 1;
+                                entry.1 += spec.backends.len();
+                            }
+                            counted = Some((set.clone(), per_owner.clone()));
+                            per_owner
+                        }
+                    };
                     let status = DataplaneStatus {
                         name,
                         report,

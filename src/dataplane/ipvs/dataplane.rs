@@ -179,11 +179,15 @@ impl IpvsDataplane {
         Ok(())
     }
 
+    /// Records the keys of our services, when they changed.
     fn persist(&mut self) {
-        let now: BTreeSet<ServiceKey> = self.programmed.keys().copied().collect();
-        if self.persisted.as_ref() == Some(&now) {
+        let unchanged = self.persisted.as_ref().is_some_and(|p| {
+            p.len() == self.programmed.len() && p.iter().eq(self.programmed.keys())
+        });
+        if unchanged {
             return;
         }
+        let now: BTreeSet<ServiceKey> = self.programmed.keys().copied().collect();
         let path = self.state_file();
         match write_state(&path, &now) {
             Ok(()) => self.persisted = Some(now),
@@ -279,6 +283,8 @@ impl Dataplane for IpvsDataplane {
             }
         }
         let writes_before = self.writes();
+        // Which services are ours can change only by a read or a write.
+        let keys_may_change = !self.synced || !self.uncertain.is_empty();
         let read = if self.synced {
             self.refresh_uncertain()
         } else {
@@ -373,7 +379,9 @@ impl Dataplane for IpvsDataplane {
                 });
             }
         }
-        self.persist();
+        if keys_may_change || !changes.is_empty() {
+            self.persist();
+        }
 
         if nft_error.is_none() {
             nft_error = self

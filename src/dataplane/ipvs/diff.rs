@@ -123,8 +123,25 @@ pub fn diff(
     out
 }
 
+/// Whether a destination is programmed as the spec wants it.
+fn dest_matches(conf: &DestConf, spec: &ServiceSpec, weight: u32) -> bool {
+    conf.forwarding == Some(spec.forwarding) && conf.weight == weight && !conf.extras
+}
+
 fn diff_service(key: ServiceKey, prog: &Programmed, spec: &ServiceSpec, out: &mut Vec<Change>) {
-    if !prog.conf.as_ref().is_some_and(|c| c.matches(spec)) {
+    let conf_matches = prog.conf.as_ref().is_some_and(|c| c.matches(spec));
+    // The common case, nothing changed, in one tight pass over both maps.
+    if conf_matches
+        && prog.dests.len() == spec.backends.len()
+        && prog
+            .dests
+            .iter()
+            .zip(&spec.backends)
+            .all(|((b, conf), (k, w))| b == k && dest_matches(conf, spec, *w))
+    {
+        return;
+    }
+    if !conf_matches {
         out.push(Change::EditService(key));
     }
     for pair in merge_join(prog.dests.iter(), spec.backends.iter()) {
@@ -132,8 +149,7 @@ fn diff_service(key: ServiceKey, prog: &Programmed, spec: &ServiceSpec, out: &mu
             Pair::Left(backend) => out.push(Change::DelDest(key, *backend)),
             Pair::Right(backend, _) => out.push(Change::AddDest(key, *backend)),
             Pair::Both(backend, conf, weight) => {
-                if conf.forwarding != Some(spec.forwarding) || conf.weight != *weight || conf.extras
-                {
+                if !dest_matches(conf, spec, *weight) {
                     out.push(Change::EditDest(key, *backend));
                 }
             }
