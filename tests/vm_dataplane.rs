@@ -37,6 +37,10 @@ const CASES: &[Case] = &[
         dataplane_nat_traffic_tcp_udp_ipv4_ipv6,
     ),
     (
+        "dataplane_tunnel_and_fwmark_traffic",
+        dataplane_tunnel_and_fwmark_traffic,
+    ),
+    (
         "agent_forwards_through_changes_and_failover",
         agent_forwards_through_changes_and_failover,
     ),
@@ -575,6 +579,20 @@ impl Drop for Agent {
     }
 }
 
+/// The agent's metrics, fetched over HTTP inside its namespace.
+fn scrape(ns: &GuestNetns) -> Result<String, vm::CaseError> {
+    let text = ns.run(|| -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect("127.0.0.1:9646")?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text)
+    })??;
+    Ok(text)
+}
+
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> CaseResult {
     let start = Instant::now();
     while start.elapsed() < timeout {
@@ -661,6 +679,25 @@ fn agent_forwards_through_changes_and_failover() -> CaseResult {
         .map_err(|e| format!("{e} ({}): {:?}\nlog:\n{}", ns.name(), saved(ns), a2.log()))?;
     }
     ensure(!has_vip(&d2), || "both directors hold the VIP".into())?;
+    // Both export the table they programmed; d1 is master.
+    for (ns, state) in [(&d1, "2"), (&d2, "1")] {
+        let metrics = scrape(ns)?;
+        for want in [
+            "ferrovip_dataplane_available{dataplane=\"ipvs\"} 1",
+            "ferrovip_ipvs_services 1",
+            "ferrovip_ipvs_destinations 3",
+        ] {
+            ensure(metrics.contains(want), || {
+                format!("{}: {want} missing:\n{metrics}", ns.name())
+            })?;
+        }
+        ensure(
+            metrics.lines().any(|l| {
+                l.starts_with("ferrovip_vrrp_state{") && l.ends_with(&format!(" {state}"))
+            }),
+            || format!("{}: VRRP state {state} missing:\n{metrics}", ns.name()),
+        )?;
+    }
 
     let mut a1 = a1;
     // wrr with weights 1:1:2 over 40 connections.
@@ -898,6 +935,101 @@ fn dataplane_nat_traffic_tcp_udp_ipv4_ipv6() -> CaseResult {
     ensure(lost.is_err(), || {
         format!("a reply came back without source NAT: {lost:?}")
     })?;
+    apply(&director, &mut dp, &BTreeMap::new())?;
+    Ok(())
+}
+
+/// IP-in-IP tunnelling keeps the client's address (backends answer it directly, holding the
+/// VIP on tunl0), and a fwmark service balances what the director's own nftables rule marks,
+/// masqueraded through the dataplane's fwmark rule.
+fn dataplane_tunnel_and_fwmark_traffic() -> CaseResult {
+    let client = GuestNetns::create("tf-client")?;
+    let director = GuestNetns::create("tf-director")?;
+    let backends = (1..=2)
+        .map(|i| GuestNetns::create(&format!("tf-b{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let lan = GuestBridge::create("tf-lan")?;
+    lan.attach(&client, "eth0", &["192.0.2.2/24"])?;
+    lan.attach(&director, "eth0", &["192.0.2.1/24", "192.0.2.100/32"])?;
+    for (i, b) in backends.iter().enumerate() {
+        lan.attach(b, "eth0", &[&format!("192.0.2.{}/24", 11 + i)])?;
+        for key in [
+            "net.ipv4.conf.all.rp_filter",
+            "net.ipv4.conf.default.rp_filter",
+            "net.ipv4.conf.eth0.rp_filter",
+        ] {
+            b.sysctl(key, "0")?;
+        }
+        b.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+        b.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+        b.ip(&["link", "set", "tunl0", "up"])?;
+        b.sysctl("net/ipv4/conf/tunl0/rp_filter", "0")?;
+        b.ip(&["addr", "add", "192.0.2.100/32", "dev", "tunl0"])?;
+    }
+    let servers: Vec<TcpNameServer> = backends
+        .iter()
+        .flat_map(|b| [80u16, 8080].map(|port| (b, port)))
+        .map(|(b, port)| {
+            TcpNameServer::start(b, SocketAddr::new("::".parse().unwrap(), port), b.name())
+        })
+        .collect::<Result<_, _>>()?;
+
+    // The director marks what reaches the VIP on port 8080.
+    std::fs::write(
+        "/tmp/tf-mark.nft",
+        "table ip tf-mark {\n\tchain pre {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\tip daddr 192.0.2.100 tcp dport 8080 meta mark set 5\n\t}\n}\n",
+    )?;
+    director.exec("nft", &["-f", "/tmp/tf-mark.nft"])?;
+
+    let vip = v4(192, 0, 2, 100);
+    let backends_at = |port| [(v4(192, 0, 2, 11), port, 1), (v4(192, 0, 2, 12), port, 1)];
+    let mut marked = spec(Forwarding::Masquerade, &backends_at(0));
+    marked.source_nat = true;
+    let set: ServiceSet = [
+        (tcp(vip, 80), spec(Forwarding::Tunnel, &backends_at(80))),
+        (
+            ServiceKey::Fwmark {
+                family: Family::V4,
+                mark: 5,
+            },
+            marked,
+        ),
+    ]
+    .into();
+    let mut dp = IpvsDataplane::new(IpvsOptions {
+        state_dir: "/run/tf-state".into(),
+        ..IpvsOptions::default()
+    });
+    let r = apply(&director, &mut dp, &set)?;
+    ensure(r.failures.is_empty() && r.services == 2, || {
+        format!("{r:?}")
+    })?;
+
+    let even = |replies: &BTreeMap<String, usize>| {
+        replies.get("tf-b1") == Some(&10) && replies.get("tf-b2") == Some(&10)
+    };
+    let tunnelled = tcp_spread(&client, SocketAddr::new(vip, 80), 20, TIMEOUT)?;
+    ensure(even(&tunnelled), || format!("tunnel: {tunnelled:?}"))?;
+    let by_mark = tcp_spread(&client, SocketAddr::new(vip, 8080), 20, TIMEOUT)?;
+    ensure(even(&by_mark), || format!("fwmark: {by_mark:?}"))?;
+    let sources = |port: u16| -> Vec<IpAddr> {
+        servers
+            .iter()
+            .filter(|s| s.local_addr().port() == port)
+            .flat_map(|s| s.peers())
+            .map(|p| p.ip().to_canonical())
+            .collect()
+    };
+    let through_tunnel = sources(80);
+    ensure(
+        through_tunnel.iter().all(|ip| *ip == v4(192, 0, 2, 2)),
+        || format!("tunnelled connections should keep the client's address: {through_tunnel:?}"),
+    )?;
+    let marked_sources = sources(8080);
+    ensure(
+        marked_sources.iter().all(|ip| *ip == v4(192, 0, 2, 1)),
+        || format!("marked connections should be masqueraded to the director: {marked_sources:?}"),
+    )?;
     apply(&director, &mut dp, &BTreeMap::new())?;
     Ok(())
 }
