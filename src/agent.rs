@@ -317,6 +317,39 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Removes what agents put in this node's kernel, for a node that stops running ferrovip
+/// (the agent itself leaves IPVS in place across restarts): the IPVS services listed in
+/// `state_dir`, the nftables table (restoring the sysctls recorded there) and the addresses
+/// marked as ours. Returns one line per thing done.
+pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
+    use crate::dataplane::Dataplane;
+    let mut done = Vec::new();
+    let mut dataplane = IpvsDataplane::new(IpvsOptions {
+        state_dir,
+        ..IpvsOptions::default()
+    });
+    let report = dataplane.apply(&ServiceSet::new()).await;
+    match &report.unavailable {
+        Some(why) => done.push(format!("ipvs: nothing to remove ({why})")),
+        None => done.push(format!(
+            "ipvs: {} write(s), {} service(s) of ours left",
+            report.writes, report.services
+        )),
+    }
+    for failure in &report.failures {
+        done.push(format!("ipvs: {}", failure.error));
+    }
+    let addresses = AddressManager::connect().map_err(AgentError::Netlink)?;
+    let removed = addresses
+        .remove_all_owned_except(&Default::default())
+        .await
+        .map_err(AgentError::Netlink)?;
+    for (index, net) in removed {
+        done.push(format!("address {net} removed from interface {index}"));
+    }
+    Ok(done)
+}
+
 /// Feeds the VRRP metrics from the engine's observations.
 async fn observe_vrrp(mut observed: watch::Receiver<Observed>, metrics: Metrics) {
     loop {

@@ -31,6 +31,14 @@ enum Cmd {
     Agent(ferrovip::agent::AgentArgs),
     /// Build a multi-node VRRP lab in network namespaces, kill the master, measure failover.
     Lab(LabArgs),
+    /// Remove what the agent put in this node's kernel (IPVS services, its nftables table,
+    /// changed sysctls, its addresses): for a node that stops running ferrovip. Stop the
+    /// agent first.
+    Cleanup {
+        /// The agent's --state-dir.
+        #[arg(long, env = "FERROVIP_STATE_DIR", default_value = "/run/ferrovip")]
+        state_dir: PathBuf,
+    },
     /// Print the CustomResourceDefinitions (or check that a file matches them).
     Crdgen {
         /// Compare with this file instead of printing; exits 1 when it differs.
@@ -96,6 +104,17 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the runtime")?;
             runtime.block_on(ferrovip::agent::run(args))?;
+            Ok(())
+        }
+        Cmd::Cleanup { state_dir } => {
+            init_logging(cli.log_format);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            for line in runtime.block_on(ferrovip::agent::cleanup(state_dir))? {
+                println!("{line}");
+            }
             Ok(())
         }
         Cmd::Lab(args) => {

@@ -41,6 +41,10 @@ const CASES: &[Case] = &[
         dataplane_tunnel_and_fwmark_traffic,
     ),
     (
+        "cleanup_removes_what_an_earlier_run_left",
+        cleanup_removes_what_an_earlier_run_left,
+    ),
+    (
         "agent_forwards_through_changes_and_failover",
         agent_forwards_through_changes_and_failover,
     ),
@@ -1081,4 +1085,56 @@ fn dataplane_tunnel_and_fwmark_traffic() -> CaseResult {
     )?;
     apply(&director, &mut dp, &BTreeMap::new())?;
     Ok(())
+}
+
+/// An agent leaves IPVS, its nftables table and the sysctls in place when it stops (so
+/// forwarding survives a restart); `ferrovip cleanup` removes exactly that afterwards, from
+/// the state directory alone, and leaves a foreign service alone.
+fn cleanup_removes_what_an_earlier_run_left() -> CaseResult {
+    let ns = GuestNetns::create("cleanup")?;
+    ns.exec("ipvsadm", &["-A", "-u", "10.9.9.9:53", "-s", "rr"])?;
+    let read = |path: &str| -> Result<String, vm::CaseError> {
+        Ok(ns.exec("cat", &[path])?.trim().to_owned())
+    };
+    let sysctls = [
+        "/proc/sys/net/ipv4/vs/conntrack",
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv4/vs/expire_nodest_conn",
+    ];
+    let before: Vec<String> = sysctls.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
+    let state = "/run/cleanup-state";
+    {
+        let mut dp = IpvsDataplane::new(IpvsOptions {
+            state_dir: state.into(),
+            ..IpvsOptions::default()
+        });
+        let mut web = spec(Forwarding::Masquerade, &[(v4(10, 1, 0, 1), 8080, 1)]);
+        web.source_nat = true;
+        let set: ServiceSet = [(tcp(v4(192, 0, 2, 7), 80), web)].into();
+        let r = apply(&ns, &mut dp, &set)?;
+        ensure(r.failures.is_empty(), || format!("{r:?}"))?;
+    }
+    let during: Vec<String> = sysctls.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
+    ensure(during == ["1", "1", "1"], || {
+        format!("sysctls while forwarding: {during:?}")
+    })?;
+    ensure(
+        ns.exec("nft", &["list", "tables"])?
+            .contains("inet ferrovip"),
+        || "no masquerade table while forwarding".into(),
+    )?;
+
+    let out = ns.exec(&vm::agent(), &["cleanup", "--state-dir", state])?;
+    let left = saved(&ns)?;
+    ensure(left == ["-A -u 10.9.9.9:53 -s rr"], || {
+        format!("after cleanup ({out}): {left:#?}")
+    })?;
+    let tables = ns.exec("nft", &["list", "tables"])?;
+    ensure(!tables.contains("ferrovip"), || {
+        format!("table left: {tables}")
+    })?;
+    let after: Vec<String> = sysctls.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
+    ensure(after == before, || {
+        format!("sysctls not restored: before {before:?}, after {after:?} ({out})")
+    })
 }

@@ -77,14 +77,17 @@ pub struct IpvsDataplane {
     /// Ours, but not known how they look (a write failed): read before the next diff.
     uncertain: BTreeSet<ServiceKey>,
     nft: NftRules,
-    /// The masquerade matches currently installed.
-    masquerading: BTreeSet<MasqueradeMatch>,
+    /// The masquerade matches currently installed; `None` until the first apply, since an
+    /// earlier run may have left a table.
+    masquerading: Option<BTreeSet<MasqueradeMatch>>,
     /// Sysctl path → the value before we changed it.
     saved_sysctls: BTreeMap<&'static str, String>,
     /// What the state file says, to write it only on change.
     persisted: Option<BTreeSet<ServiceKey>>,
     /// Whether a masquerading fwmark service is IPv6 (the nft match does not say).
     fwmark_v6: bool,
+    /// Whether the sysctls an earlier run changed have been read from the state dir.
+    sysctls_loaded: bool,
 }
 
 impl IpvsDataplane {
@@ -98,10 +101,11 @@ impl IpvsDataplane {
             synced: false,
             uncertain: BTreeSet::new(),
             nft,
-            masquerading: BTreeSet::new(),
+            masquerading: None,
             saved_sysctls: BTreeMap::new(),
             persisted: None,
             fwmark_v6: false,
+            sysctls_loaded: false,
         }
     }
 
@@ -197,9 +201,27 @@ impl IpvsDataplane {
         }
     }
 
-    /// Sets the sysctls in `wanted` (remembering the values found) and puts back the
-    /// others this dataplane changed.
+    fn sysctl_file(&self) -> PathBuf {
+        self.options.state_dir.join("sysctls")
+    }
+
+    /// Sets the sysctls in `wanted` (remembering the values found, also on disk so that a
+    /// restarted agent can put them back) and puts back the others this dataplane changed.
     fn sysctls(&mut self, wanted: &[(&'static str, &'static str)]) -> Result<(), String> {
+        if !self.sysctls_loaded {
+            self.sysctls_loaded = true;
+            for (path, value) in read_sysctls(&self.sysctl_file()) {
+                if let Some((known, _)) = SERVICE_SYSCTLS
+                    .iter()
+                    .chain(NAT_SYSCTLS)
+                    .chain([&NAT6_FORWARDING])
+                    .find(|(p, _)| *p == path)
+                {
+                    self.saved_sysctls.insert(known, value);
+                }
+            }
+        }
+        let saved_before = self.saved_sysctls.clone();
         for (path, value) in wanted {
             if self.saved_sysctls.contains_key(path) {
                 continue;
@@ -220,6 +242,17 @@ impl IpvsDataplane {
                 && let Err(e) = std::fs::write(path, &before)
             {
                 warn!(path, error = %e, "cannot restore a sysctl");
+            }
+        }
+        if self.saved_sysctls != saved_before {
+            let text: String = self
+                .saved_sysctls
+                .iter()
+                .map(|(p, v)| format!("{p} {v}\n"))
+                .collect();
+            let path = self.sysctl_file();
+            if let Err(e) = write_atomically(&path, &text) {
+                warn!(path = %path.display(), error = %e, "cannot record the sysctls to restore");
             }
         }
         Ok(())
@@ -248,7 +281,7 @@ impl IpvsDataplane {
             sysctls.push(NAT6_FORWARDING);
         }
         self.sysctls(&sysctls)?;
-        if wanted == self.masquerading {
+        if self.masquerading.as_ref() == Some(&wanted) {
             return Ok(());
         }
         let applied = if wanted.is_empty() {
@@ -257,7 +290,7 @@ impl IpvsDataplane {
             self.nft.apply(&wanted).await.map(|_| ())
         };
         applied.map_err(|e| format!("nftables masquerade rules: {e}"))?;
-        self.masquerading = wanted;
+        self.masquerading = Some(wanted);
         Ok(())
     }
 }
@@ -338,8 +371,10 @@ impl Dataplane for IpvsDataplane {
             ) && s.forwarding == Forwarding::Masquerade
                 && s.source_nat
         });
-        let before_masq: BTreeSet<MasqueradeMatch> =
-            wanted_masq.union(&self.masquerading).cloned().collect();
+        let before_masq: BTreeSet<MasqueradeMatch> = wanted_masq
+            .union(self.masquerading.as_ref().unwrap_or(&BTreeSet::new()))
+            .cloned()
+            .collect();
         let any_services = !desired.is_empty() || !self.programmed.is_empty();
         let mut nft_error = self.return_path(before_masq, any_services).await.err();
 
@@ -686,19 +721,35 @@ fn read_state(path: &std::path::Path) -> Option<BTreeSet<ServiceKey>> {
 }
 
 fn write_state(path: &std::path::Path, keys: &BTreeSet<ServiceKey>) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     let mut text = String::with_capacity(keys.len() * 32);
     for k in keys {
         text.push_str(&format_key(k));
         text.push('\n');
     }
-    // Written aside and renamed, so a crash never leaves half a list (which would turn our
-    // own services foreign).
+    write_atomically(path, &text)
+}
+
+/// Written aside and renamed, so a crash never leaves half a file (half a list of services
+/// would turn our own services foreign).
+fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
+}
+
+/// The sysctl values an earlier run recorded before changing them.
+fn read_sysctls(path: &std::path::Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (p, v) = l.split_once(' ')?;
+            Some((p.to_string(), v.to_string()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
