@@ -285,7 +285,12 @@ impl IpvsDataplane {
             return Ok(());
         }
         let applied = if wanted.is_empty() {
-            self.nft.remove().await
+            match self.nft.remove().await {
+                // Without nft no table can have been made: nothing to remove, and nodes
+                // that masquerade nothing need no nft.
+                Err(crate::dataplane::nft::NftError::Missing { .. }) => Ok(()),
+                other => other,
+            }
         } else {
             self.nft.apply(&wanted).await.map(|_| ())
         };
