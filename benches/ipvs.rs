@@ -144,6 +144,8 @@ fn desired(o: &Options) -> ServiceSet {
                 forwarding: Forwarding::Masquerade,
                 // ipvsadm sets up no return path: compare like with like.
                 source_nat: false,
+                tunnel: None,
+                connection_limit: (0, 0),
                 backends,
             };
             (key, spec)

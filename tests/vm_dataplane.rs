@@ -45,6 +45,10 @@ const CASES: &[Case] = &[
         cleanup_removes_what_an_earlier_run_left,
     ),
     (
+        "tunnel_options_and_connection_limits_round_trip",
+        tunnel_options_and_connection_limits_round_trip,
+    ),
+    (
         "agent_forwards_through_changes_and_failover",
         agent_forwards_through_changes_and_failover,
     ),
@@ -76,6 +80,8 @@ fn spec(forwarding: Forwarding, backends: &[(IpAddr, u16, u32)]) -> ServiceSpec 
         persistence: None,
         forwarding,
         source_nat: false,
+        tunnel: None,
+        connection_limit: (0, 0),
         backends: backends
             .iter()
             .map(|&(addr, port, w)| (BackendKey { addr, port }, w))
@@ -1137,4 +1143,57 @@ fn cleanup_removes_what_an_earlier_run_left() -> CaseResult {
     ensure(after == before, || {
         format!("sysctls not restored: before {before:?}, after {after:?} ({out})")
     })
+}
+
+/// GUE and GRE encapsulation and connection thresholds are programmed as asked, read back
+/// equal (a second apply and a restarted dataplane write nothing), and edited in place.
+fn tunnel_options_and_connection_limits_round_trip() -> CaseResult {
+    use ferrovip::dataplane::service::{Encapsulation, TunnelKind};
+    let ns = GuestNetns::create("tunopts")?;
+    let state = PathBuf::from("/run/tunopts-state");
+    let new_dp = || {
+        IpvsDataplane::new(IpvsOptions {
+            state_dir: state.clone(),
+            ..IpvsOptions::default()
+        })
+    };
+    let mut gue = spec(Forwarding::Tunnel, &[(v4(10, 1, 0, 1), 80, 1)]);
+    gue.tunnel = Some(Encapsulation {
+        kind: TunnelKind::Gue,
+        port: 6080,
+        checksum: true,
+        remote_checksum: false,
+    });
+    gue.connection_limit = (100, 50);
+    let mut gre = spec(Forwarding::Tunnel, &[(v4(10, 1, 0, 2), 443, 1)]);
+    gre.tunnel = Some(Encapsulation {
+        kind: TunnelKind::Gre,
+        ..Encapsulation::default()
+    });
+    let vip = v4(192, 0, 2, 9);
+    let mut set: ServiceSet = [(tcp(vip, 80), gue), (tcp(vip, 443), gre)].into();
+    let mut dp = new_dp();
+    let r = apply(&ns, &mut dp, &set)?;
+    ensure(r.failures.is_empty() && r.writes == 4, || format!("{r:?}"))?;
+    let listed = saved(&ns)?;
+    for want in [
+        "-a -t 192.0.2.9:80 -r 10.1.0.1:80 -i -w 1 --tun-type gue --tun-port 6080 --tun-csum",
+        "-a -t 192.0.2.9:443 -r 10.1.0.2:443 -i -w 1 --tun-type gre --tun-nocsum",
+    ] {
+        ensure(listed.iter().any(|l| l == want), || {
+            format!("{want:?} not in {listed:#?}")
+        })?;
+    }
+    let r = apply(&ns, &mut dp, &set)?;
+    ensure(r.writes == 0, || {
+        format!("the settings do not read back equal: {r:?}")
+    })?;
+    let mut restarted = new_dp();
+    let r = apply(&ns, &mut restarted, &set)?;
+    ensure(r.writes == 0, || format!("adoption rewrote: {r:?}"))?;
+    set.get_mut(&tcp(vip, 80)).unwrap().connection_limit = (0, 0);
+    let r = apply(&ns, &mut restarted, &set)?;
+    ensure(r.writes == 1, || format!("one edit expected: {r:?}"))?;
+    apply(&ns, &mut restarted, &BTreeMap::new())?;
+    Ok(())
 }

@@ -8,7 +8,7 @@ mod validate;
 mod virtualip;
 
 pub use duration::{DurationError, parse_duration};
-pub use services::{SCHEDULERS, ServiceMatch, ValidBackends, ValidService};
+pub use services::{Encapsulation, SCHEDULERS, ServiceMatch, ValidBackends, ValidService};
 pub use validate::{CheckKind, FieldError, ValidCheck, ValidSpec, ValidationErrors};
 pub use virtualip::*;
 

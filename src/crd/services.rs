@@ -9,7 +9,9 @@ use ipnet::IpNet;
 
 use super::duration::parse_duration;
 use super::validate::Collector;
-use super::virtualip::{BackendServiceRef, Forwarding, ServiceProtocol, VirtualService};
+use super::virtualip::{
+    BackendServiceRef, Forwarding, ServiceProtocol, TunnelKind, VirtualService,
+};
 
 /// Schedulers of the Linux IPVS implementation (`ip_vs_<name>` modules).
 pub const SCHEDULERS: &[&str] = &[
@@ -44,7 +46,21 @@ pub struct ValidService {
     pub source_nat: bool,
     /// Persistence timeout in whole seconds.
     pub persistence: Option<u32>,
+    /// Encapsulation, with `tunnel` forwarding.
+    pub tunnel: Option<Encapsulation>,
+    /// (upper, lower) connection thresholds per backend; 0 means none.
+    pub connection_limit: (u32, u32),
     pub backends: ValidBackends,
+}
+
+/// How `tunnel` forwarding encapsulates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Encapsulation {
+    pub kind: TunnelKind,
+    /// GUE's UDP port (0 otherwise).
+    pub port: u16,
+    pub checksum: bool,
+    pub remote_checksum: bool,
 }
 
 /// Where a service's traffic goes.
@@ -168,6 +184,80 @@ pub(super) fn validate_services(
             }
         });
 
+        let tunnel = match (&s.tunnel, s.forwarding) {
+            (None, Forwarding::Tunnel) => Some(Encapsulation::default()),
+            (None, _) => None,
+            (Some(_), f) if f != Forwarding::Tunnel => {
+                errors.push(field("tunnel"), "only with forwarding: tunnel");
+                None
+            }
+            (Some(t), _) => {
+                let port = match (t.kind, t.port) {
+                    (TunnelKind::Gue, Some(p)) => match u16::try_from(p) {
+                        Ok(p) if p >= 1 => p,
+                        _ => {
+                            errors.push(
+                                field("tunnel.port"),
+                                format!("must be between 1 and 65535, got {p}"),
+                            );
+                            0
+                        }
+                    },
+                    (TunnelKind::Gue, None) => {
+                        errors.push(field("tunnel.port"), "gue needs the backends' UDP port");
+                        0
+                    }
+                    (_, Some(_)) => {
+                        errors.push(field("tunnel.port"), "only with type: gue");
+                        0
+                    }
+                    (_, None) => 0,
+                };
+                if t.checksum && t.kind == TunnelKind::Ipip {
+                    errors.push(field("tunnel.checksum"), "only with type: gue or gre");
+                }
+                if t.remote_checksum && t.kind != TunnelKind::Gue {
+                    errors.push(field("tunnel.remoteChecksum"), "only with type: gue");
+                }
+                Some(Encapsulation {
+                    kind: t.kind,
+                    port,
+                    checksum: t.checksum,
+                    remote_checksum: t.remote_checksum,
+                })
+            }
+        };
+        let connection_limit = match &s.connection_limit {
+            None => (0, 0),
+            Some(limit) => {
+                let max = match u32::try_from(limit.max) {
+                    Ok(m) if (1..=i32::MAX as u32).contains(&m) => m,
+                    _ => {
+                        errors.push(
+                            field("connectionLimit.max"),
+                            format!("must be between 1 and 2147483647, got {}", limit.max),
+                        );
+                        1
+                    }
+                };
+                let resume = match limit.resume_below.map(u32::try_from) {
+                    None => 0,
+                    Some(Ok(r)) if r <= max => r,
+                    Some(_) => {
+                        errors.push(
+                            field("connectionLimit.resumeBelow"),
+                            format!(
+                                "must be between 0 and max ({max}), got {}",
+                                limit.resume_below.unwrap_or_default()
+                            ),
+                        );
+                        0
+                    }
+                };
+                (max, resume)
+            }
+        };
+
         let service_port = match matches {
             Some(ServiceMatch::Port { port, .. }) => port,
             _ => 0,
@@ -205,6 +295,8 @@ pub(super) fn validate_services(
                 forwarding: s.forwarding,
                 source_nat: s.source_nat,
                 persistence,
+                tunnel,
+                connection_limit,
                 backends,
             });
         }
@@ -311,6 +403,7 @@ fn validate_endpoints(
 mod tests {
     use super::*;
     use crate::crd::{Backends, StaticEndpoint, VirtualIPSpec};
+    use crate::crd::{ConnectionLimit, TunnelSpec};
 
     /// The example of the issue: TCP 80, rr, masquerade, one static backend.
     fn contract() -> VirtualIPSpec {
@@ -353,6 +446,8 @@ mod tests {
                 forwarding: Forwarding::Masquerade,
                 source_nat: true,
                 persistence: None,
+                tunnel: None,
+                connection_limit: (0, 0),
                 backends: ValidBackends::Static(vec![("10.1.0.1".parse().unwrap(), 8080, 1)]),
             }]
         );
@@ -416,6 +511,8 @@ mod tests {
             forwarding: Forwarding::Direct,
             source_nat: true,
             persistence: Some("1.5s".into()),
+            tunnel: None,
+            connection_limit: None,
             backends: Backends {
                 endpoints: vec![endpoint("10.1.0.1", Some(8080), 1)],
                 service_ref: None,
@@ -454,5 +551,56 @@ mod tests {
             errors(&spec),
             vec!["spec.services[1].port: TCP port 80 is listed twice".to_string()]
         );
+    }
+
+    #[test]
+    fn tunnels_and_connection_limits_are_checked() {
+        let mut spec = contract();
+        let s = &mut spec.services[0];
+        s.tunnel = Some(TunnelSpec {
+            kind: TunnelKind::Gre,
+            port: Some(6080),
+            checksum: true,
+            remote_checksum: true,
+        });
+        s.connection_limit = Some(ConnectionLimit {
+            max: 100,
+            resume_below: Some(200),
+        });
+        let got = errors(&spec);
+        assert_eq!(
+            got,
+            [
+                "spec.services[0].tunnel: only with forwarding: tunnel",
+                "spec.services[0].connectionLimit.resumeBelow: must be between 0 and max (100), got 200",
+            ]
+        );
+        let s = &mut spec.services[0];
+        s.forwarding = Forwarding::Tunnel;
+        s.backends.endpoints[0].port = None;
+        s.connection_limit = Some(ConnectionLimit {
+            max: 100,
+            resume_below: None,
+        });
+        assert_eq!(
+            errors(&spec),
+            [
+                "spec.services[0].tunnel.port: only with type: gue",
+                "spec.services[0].tunnel.remoteChecksum: only with type: gue",
+            ]
+        );
+        let t = spec.services[0].tunnel.as_mut().unwrap();
+        t.kind = TunnelKind::Gue;
+        let valid = spec.validate().unwrap();
+        assert_eq!(
+            valid.services[0].tunnel,
+            Some(Encapsulation {
+                kind: TunnelKind::Gue,
+                port: 6080,
+                checksum: true,
+                remote_checksum: true
+            })
+        );
+        assert_eq!(valid.services[0].connection_limit, (100, 0));
     }
 }

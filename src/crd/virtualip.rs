@@ -133,8 +133,72 @@ pub struct VirtualService {
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m)$"))]
     pub persistence: Option<String>,
 
+    /// With `tunnel` forwarding: how packets are encapsulated (IP-in-IP by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelSpec>,
+
+    /// Limit on each backend's connections (IPVS thresholds): a backend at `max` gets no new
+    /// connections until it has fewer than `resumeBelow` (by default three quarters of `max`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_limit: Option<ConnectionLimit>,
+
     /// Where the traffic goes (exactly one of `endpoints` and `serviceRef`).
     pub backends: Backends,
+}
+
+/// Encapsulation of `tunnel` forwarding.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TunnelSpec {
+    /// `ipip` (default), `gue` (IP in UDP, needs `port`) or `gre`.
+    #[serde(default, rename = "type")]
+    pub kind: TunnelKind,
+    /// UDP port of GUE on the backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i64>,
+    /// Checksum the outer header (`gue`, `gre`).
+    #[serde(default)]
+    pub checksum: bool,
+    /// GUE remote checksum offload.
+    #[serde(default)]
+    pub remote_checksum: bool,
+}
+
+/// Tunnel encapsulation.
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelKind {
+    #[default]
+    Ipip,
+    Gue,
+    Gre,
+}
+
+/// Per-backend connection thresholds.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionLimit {
+    /// Connections (active and inactive) at which a backend stops getting new ones.
+    #[schemars(range(min = 1, max = 2147483647))]
+    pub max: i64,
+    /// A full backend gets new connections again below this many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub resume_below: Option<i64>,
 }
 
 /// The backends of a virtual service.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-pub use crate::crd::{Forwarding, ServiceProtocol};
+pub use crate::crd::{Encapsulation, Forwarding, ServiceProtocol, TunnelKind};
 use crate::vrrp::Family;
 
 /// What identifies a virtual service in the kernel.
@@ -78,6 +78,10 @@ pub struct ServiceSpec {
     pub forwarding: Forwarding,
     /// Masquerade the client's address too, so replies return through this node.
     pub source_nat: bool,
+    /// Encapsulation, with `Forwarding::Tunnel`.
+    pub tunnel: Option<Encapsulation>,
+    /// (upper, lower) connection thresholds of every backend; 0 means none.
+    pub connection_limit: (u32, u32),
     /// Backend → weight. Weight 0 drains: no new connections, existing ones continue.
     pub backends: BTreeMap<BackendKey, u32>,
 }

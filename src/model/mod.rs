@@ -329,6 +329,8 @@ fn plan_services(name: &str, spec: &ValidSpec, snapshot: &Snapshot, desired: &mu
                     persistence: service.persistence,
                     forwarding: service.forwarding,
                     source_nat: service.source_nat,
+                    tunnel: service.tunnel,
+                    connection_limit: service.connection_limit,
                     backends,
                 },
             );

@@ -23,7 +23,8 @@ use super::diff::{Change, DestConf, Programmed, ServiceConf, diff};
 use super::netlink;
 use crate::dataplane::nft::{MasqueradeMatch, NftRules};
 use crate::dataplane::service::{
-    BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
+    BackendKey, Encapsulation, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
+    TunnelKind,
 };
 use crate::dataplane::{ApplyReport, Dataplane, ServiceFailure};
 use crate::vrrp::Family;
@@ -614,13 +615,44 @@ fn dest_to_netlink(spec: &ServiceSpec, backend: &BackendKey) -> netlink::Destina
             forwarding: match spec.forwarding {
                 Forwarding::Masquerade => netlink::Forwarding::Masquerade,
                 Forwarding::Direct => netlink::Forwarding::DirectRoute,
-                Forwarding::Tunnel => netlink::Forwarding::Tunnel(netlink::Tunnel::default()),
+                Forwarding::Tunnel => {
+                    netlink::Forwarding::Tunnel(tunnel_to_netlink(spec.tunnel.unwrap_or_default()))
+                }
             },
             weight: spec.backends[backend],
-            upper_threshold: 0,
-            lower_threshold: 0,
+            upper_threshold: spec.connection_limit.0,
+            lower_threshold: spec.connection_limit.1,
         },
     }
+}
+
+fn tunnel_to_netlink(e: Encapsulation) -> netlink::Tunnel {
+    let flag = |on: bool, bit: u16| if on { bit } else { 0 };
+    netlink::Tunnel {
+        kind: match e.kind {
+            TunnelKind::Ipip => netlink::TunnelType::Ipip,
+            TunnelKind::Gue => netlink::TunnelType::Gue,
+            TunnelKind::Gre => netlink::TunnelType::Gre,
+        },
+        port: e.port,
+        flags: flag(e.checksum, netlink::TUNNEL_FLAG_CSUM)
+            | flag(e.remote_checksum, netlink::TUNNEL_FLAG_REMCSUM),
+    }
+}
+
+/// `None` for an encapsulation ferrovip does not know (it is rewritten).
+fn tunnel_from_netlink(t: netlink::Tunnel) -> Option<Encapsulation> {
+    Some(Encapsulation {
+        kind: match t.kind {
+            netlink::TunnelType::Ipip => TunnelKind::Ipip,
+            netlink::TunnelType::Gue => TunnelKind::Gue,
+            netlink::TunnelType::Gre => TunnelKind::Gre,
+            netlink::TunnelType::Other(_) => return None,
+        },
+        port: t.port,
+        checksum: t.flags & netlink::TUNNEL_FLAG_CSUM != 0,
+        remote_checksum: t.flags & netlink::TUNNEL_FLAG_REMCSUM != 0,
+    })
 }
 
 fn programmed_from_netlink(
@@ -647,13 +679,17 @@ fn programmed_from_netlink(
                         forwarding: match c.forwarding {
                             netlink::Forwarding::Masquerade => Some(Forwarding::Masquerade),
                             netlink::Forwarding::DirectRoute => Some(Forwarding::Direct),
-                            netlink::Forwarding::Tunnel(_) => Some(Forwarding::Tunnel),
+                            netlink::Forwarding::Tunnel(t) => {
+                                tunnel_from_netlink(t).map(|_| Forwarding::Tunnel)
+                            }
                             _ => None,
                         },
                         weight: c.weight,
-                        extras: c.upper_threshold != 0
-                            || c.lower_threshold != 0
-                            || matches!(c.forwarding, netlink::Forwarding::Tunnel(t) if t != netlink::Tunnel::default()),
+                        thresholds: (c.upper_threshold, c.lower_threshold),
+                        tunnel: match c.forwarding {
+                            netlink::Forwarding::Tunnel(t) => tunnel_from_netlink(t),
+                            _ => None,
+                        },
                     },
                 )
             })

@@ -8,7 +8,9 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use crate::dataplane::service::{BackendKey, Forwarding, ServiceKey, ServiceSet, ServiceSpec};
+use crate::dataplane::service::{
+    BackendKey, Encapsulation, Forwarding, ServiceKey, ServiceSet, ServiceSpec,
+};
 
 /// A service's settings as the kernel holds them (the part a SET can change).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,11 +40,13 @@ impl ServiceConf {
 /// How the kernel forwards to one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DestConf {
-    /// `None`: a method ferrovip never sets (local node, bypass).
+    /// `None`: a method ferrovip never sets (local node, bypass, an unknown encapsulation).
     pub forwarding: Option<Forwarding>,
     pub weight: u32,
-    /// Connection thresholds or tunnel settings other than the defaults ferrovip writes.
-    pub extras: bool,
+    /// (upper, lower) connection thresholds.
+    pub thresholds: (u32, u32),
+    /// With tunnel forwarding.
+    pub tunnel: Option<Encapsulation>,
 }
 
 impl DestConf {
@@ -50,7 +54,10 @@ impl DestConf {
         DestConf {
             forwarding: Some(spec.forwarding),
             weight,
-            extras: false,
+            thresholds: spec.connection_limit,
+            tunnel: spec
+                .tunnel
+                .filter(|_| spec.forwarding == Forwarding::Tunnel),
         }
     }
 }
@@ -125,7 +132,7 @@ pub fn diff(
 
 /// Whether a destination is programmed as the spec wants it.
 fn dest_matches(conf: &DestConf, spec: &ServiceSpec, weight: u32) -> bool {
-    conf.forwarding == Some(spec.forwarding) && conf.weight == weight && !conf.extras
+    *conf == DestConf::of(spec, weight)
 }
 
 fn diff_service(key: ServiceKey, prog: &Programmed, spec: &ServiceSpec, out: &mut Vec<Change>) {
@@ -224,6 +231,8 @@ mod tests {
             persistence: None,
             forwarding: Forwarding::Masquerade,
             source_nat: true,
+            tunnel: None,
+            connection_limit: (0, 0),
             backends: backends.iter().map(|(b, w)| (backend(*b), *w)).collect(),
         }
     }
@@ -307,7 +316,7 @@ mod tests {
         let mut prog = programmed(&desired);
         let p = prog.get_mut(&key(1)).unwrap();
         p.conf = None;
-        p.dests.get_mut(&backend(1)).unwrap().extras = true;
+        p.dests.get_mut(&backend(1)).unwrap().thresholds = (10, 5);
         p.dests.get_mut(&backend(2)).unwrap().forwarding = None;
         assert_eq!(
             diff(&prog, &desired, |_| false),
