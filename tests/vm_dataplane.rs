@@ -490,9 +490,13 @@ fn dataplane_converges_by_difference() -> CaseResult {
 
     // A restarted agent adopts its services: nothing is recreated.
     let mut dp = new_dp();
+    let before_adoption = saved(&ns)?;
     let r = apply(&ns, &mut dp, &set)?;
+    let after_adoption = saved(&ns)?;
     ensure(r.writes == 0 && r.services == 4, || {
-        format!("adoption after restart: {r:?}")
+        format!(
+            "adoption after restart: {r:?}\nbefore {before_adoption:#?}\nafter {after_adoption:#?}"
+        )
     })?;
 
     // Somebody deletes one of ours: the next resync repairs exactly that.

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::client::{IpvsClient, IpvsError, Op};
 use super::diff::{Change, DestConf, Programmed, ServiceConf, diff};
@@ -385,6 +385,11 @@ impl Dataplane for IpvsDataplane {
         let mut nft_error = self.return_path(before_masq, any_services).await.err();
 
         if !changes.is_empty() {
+            if changes.len() <= 16 {
+                debug!(?changes, "IPVS changes");
+            } else {
+                debug!(changes = changes.len(), "IPVS changes");
+            }
             let ops: Vec<Op> = changes.iter().map(|c| op_for(c, desired)).collect();
             let client = self.client.as_mut().expect("connected");
             let results = client.execute(&ops);
@@ -824,5 +829,44 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(parse_key("TCP not-an-ip 80"), None);
         assert_eq!(parse_key("fwmark ipv5 1"), None);
+    }
+    /// What the kernel reports for a default tunnel destination is what the spec asks: an
+    /// adopted table needs no rewrite.
+    #[test]
+    fn a_tunnel_destination_reads_back_as_specified() {
+        let d = netlink::Destination {
+            key: netlink::DestKey {
+                addr: "10.1.0.4".parse().unwrap(),
+                port: 0,
+            },
+            config: netlink::DestConfig {
+                forwarding: netlink::Forwarding::Tunnel(netlink::Tunnel::default()),
+                weight: 1,
+                upper_threshold: 0,
+                lower_threshold: 0,
+            },
+        };
+        let cfg = netlink::ServiceConfig::new("mh", netlink::AddrFamily::V4);
+        let p = programmed_from_netlink(&cfg, &[d]);
+        let spec = ServiceSpec {
+            owner: "t".into(),
+            scheduler: "mh".into(),
+            scheduler_flags: [false; 3],
+            persistence: None,
+            forwarding: Forwarding::Tunnel,
+            source_nat: false,
+            tunnel: None,
+            connection_limit: (0, 0),
+            backends: [(
+                BackendKey {
+                    addr: "10.1.0.4".parse().unwrap(),
+                    port: 0,
+                },
+                1,
+            )]
+            .into(),
+        };
+        let want = crate::dataplane::ipvs::diff::DestConf::of(&spec, 1);
+        assert_eq!(p.dests.values().next().unwrap(), &want);
     }
 }

@@ -55,9 +55,9 @@ impl DestConf {
             forwarding: Some(spec.forwarding),
             weight,
             thresholds: spec.connection_limit,
-            tunnel: spec
-                .tunnel
-                .filter(|_| spec.forwarding == Forwarding::Tunnel),
+            // Tunnel destinations always carry an encapsulation (IPIP by default).
+            tunnel: (spec.forwarding == Forwarding::Tunnel)
+                .then(|| spec.tunnel.unwrap_or_default()),
         }
     }
 }
