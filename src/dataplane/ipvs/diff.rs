@@ -130,13 +130,18 @@ pub fn diff(
     out
 }
 
-/// Whether a destination is programmed as the spec wants it.
-fn dest_matches(conf: &DestConf, spec: &ServiceSpec, weight: u32) -> bool {
-    *conf == DestConf::of(spec, weight)
+/// Whether a destination is programmed as `wanted` (a service's destination settings, built
+/// once per service) with `weight`.
+fn dest_matches(conf: &DestConf, wanted: &DestConf, weight: u32) -> bool {
+    conf.weight == weight
+        && conf.forwarding == wanted.forwarding
+        && conf.thresholds == wanted.thresholds
+        && conf.tunnel == wanted.tunnel
 }
 
 fn diff_service(key: ServiceKey, prog: &Programmed, spec: &ServiceSpec, out: &mut Vec<Change>) {
     let conf_matches = prog.conf.as_ref().is_some_and(|c| c.matches(spec));
+    let wanted = DestConf::of(spec, 0);
     // The common case, nothing changed, in one tight pass over both maps.
     if conf_matches
         && prog.dests.len() == spec.backends.len()
@@ -144,7 +149,7 @@ fn diff_service(key: ServiceKey, prog: &Programmed, spec: &ServiceSpec, out: &mu
             .dests
             .iter()
             .zip(&spec.backends)
-            .all(|((b, conf), (k, w))| b == k && dest_matches(conf, spec, *w))
+            .all(|((b, conf), (k, w))| b == k && dest_matches(conf, &wanted, *w))
     {
         return;
     }
@@ -156,7 +161,7 @@ fn diff_service(key: ServiceKey, prog: &Programmed, spec: &ServiceSpec, out: &mu
             Pair::Left(backend) => out.push(Change::DelDest(key, *backend)),
             Pair::Right(backend, _) => out.push(Change::AddDest(key, *backend)),
             Pair::Both(backend, conf, weight) => {
-                if !dest_matches(conf, spec, *weight) {
+                if !dest_matches(conf, &wanted, *weight) {
                     out.push(Change::EditDest(key, *backend));
                 }
             }
