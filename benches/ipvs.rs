@@ -237,64 +237,24 @@ fn guest(o: &Options) -> Result<(), String> {
         o.services, o.backends
     );
 
-    // Every measurement gets a fresh network namespace, i.e. a fresh IPVS instance: the
-    // kernel keeps deleted destinations in a trash list that each add searches linearly for
-    // minutes, so a table programmed after a flush would measure that list, not the tool.
-    let mut restore = Vec::new();
-    let mut ours = Vec::new();
-    // Namespaces stay until the end: deleting one with 110,000 destinations keeps the
-    // kernel busy for a while, which would land in the next measurement.
-    let mut namespaces = Vec::new();
-    for round in 0..o.rounds {
-        let theirs_ns =
-            GuestNetns::create(&format!("ipvsadm-{round}")).map_err(|e| e.to_string())?;
-        let t = Instant::now();
-        sh(theirs_ns.name(), "ipvsadm", &["-R"], Some(&script))?;
-        let took = t.elapsed();
-        restore.push(took);
-        let their = table(theirs_ns.name())?;
-        if their.len() != entries {
-            return Err(format!("ipvsadm -R left {} entries", their.len()));
-        }
-        namespaces.push(theirs_ns);
-
-        let ours_ns =
-            GuestNetns::create(&format!("ferrovip-{round}")).map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_dir_all(&state_root);
-        let mut dp = IpvsDataplane::new(IpvsOptions {
-            state_dir: state_root.clone(),
-            ..IpvsOptions::default()
-        });
-        let (report, took_ours) = ours_ns
-            .run(|| {
-                let t = Instant::now();
-                let report = runtime.block_on(dp.apply(&desired));
-                (report, t.elapsed())
-            })
-            .map_err(|e| e.to_string())?;
-        if !report.failures.is_empty() || report.unavailable.is_some() {
-            return Err(format!("apply failed: {report:?}"));
-        }
-        ours.push(took_ours);
-        let mine = table(ours_ns.name())?;
-        if mine != their {
-            return Err("the dataplane's table differs from ipvsadm -R's".into());
-        }
-        println!(
-            "round {}: ipvsadm -R {}, apply {} ({} writes)",
-            round + 1,
-            ms(took),
-            ms(took_ours),
-            report.writes
-        );
-        namespaces.push(ours_ns);
+    // First the steady state of a node: one table, programmed once, then a restarted agent
+    // adopts it, and the small changes follow. (Before the rounds, whose namespaces would
+    // otherwise share the kernel and the VM's memory with these measurements.) The
+    // dataplane's netlink socket lives in that namespace from here on.
+    let steady_state = std::path::PathBuf::from("/run/ferrovip-bench-steady");
+    let netns = GuestNetns::create("steady").map_err(|e| e.to_string())?;
+    let mut first = IpvsDataplane::new(IpvsOptions {
+        state_dir: steady_state.clone(),
+        ..IpvsOptions::default()
+    });
+    let programmed = netns
+        .run(|| runtime.block_on(first.apply(&desired)))
+        .map_err(|e| e.to_string())?;
+    if !programmed.failures.is_empty() || programmed.unavailable.is_some() {
+        return Err(format!("apply failed: {programmed:?}"));
     }
-    let netns = namespaces.last().ok_or("no rounds")?;
-
-    // The last round's table stays programmed: now a restarted agent adopts it, then the
-    // small changes. The dataplane's netlink socket lives in that namespace from here on.
     let mut dp = IpvsDataplane::new(IpvsOptions {
-        state_dir: state_root.clone(),
+        state_dir: steady_state.clone(),
         ..IpvsOptions::default()
     });
     let (adopt, adopt_took) = netns
@@ -357,6 +317,58 @@ fn guest(o: &Options) -> Result<(), String> {
         ));
     }
 
+    // Every measurement gets a fresh network namespace, i.e. a fresh IPVS instance: the
+    // kernel keeps deleted destinations in a trash list that each add searches linearly for
+    // minutes, so a table programmed after a flush would measure that list, not the tool.
+    let mut restore = Vec::new();
+    let mut ours = Vec::new();
+    // Namespaces stay until the end: deleting one with 110,000 destinations keeps the
+    // kernel busy for a while, which would land in the next measurement.
+    let mut namespaces = Vec::new();
+    for round in 0..o.rounds {
+        let theirs_ns =
+            GuestNetns::create(&format!("ipvsadm-{round}")).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        sh(theirs_ns.name(), "ipvsadm", &["-R"], Some(&script))?;
+        let took = t.elapsed();
+        restore.push(took);
+        let their = table(theirs_ns.name())?;
+        if their.len() != entries {
+            return Err(format!("ipvsadm -R left {} entries", their.len()));
+        }
+        namespaces.push(theirs_ns);
+
+        let ours_ns =
+            GuestNetns::create(&format!("ferrovip-{round}")).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(&state_root);
+        let mut dp = IpvsDataplane::new(IpvsOptions {
+            state_dir: state_root.clone(),
+            ..IpvsOptions::default()
+        });
+        let (report, took_ours) = ours_ns
+            .run(|| {
+                let t = Instant::now();
+                let report = runtime.block_on(dp.apply(&desired));
+                (report, t.elapsed())
+            })
+            .map_err(|e| e.to_string())?;
+        if !report.failures.is_empty() || report.unavailable.is_some() {
+            return Err(format!("apply failed: {report:?}"));
+        }
+        ours.push(took_ours);
+        let mine = table(ours_ns.name())?;
+        if mine != their {
+            return Err("the dataplane's table differs from ipvsadm -R's".into());
+        }
+        println!(
+            "round {}: ipvsadm -R {}, apply {} ({} writes)",
+            round + 1,
+            ms(took),
+            ms(took_ours),
+            report.writes
+        );
+        namespaces.push(ours_ns);
+    }
     let r = median(restore.clone());
     let a = median(ours.clone());
     println!();
