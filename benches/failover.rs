@@ -1110,7 +1110,7 @@ impl Report {
     fn table(&self) -> String {
         let mut names: Vec<&'static str> = self.raw.keys().copied().collect();
         names.sort_by_key(|name| *name != Implementation::Ours.label());
-        let mut t = Table::default();
+        let mut t = Table::new(26);
 
         t.heading(
             &format!(
@@ -1255,36 +1255,6 @@ impl Report {
             }
         }
         t.out
-    }
-}
-
-/// Fixed-width text table: a label column, then one column per implementation.
-#[derive(Default)]
-struct Table {
-    out: String,
-}
-
-impl Table {
-    const LABEL: usize = 44;
-    const CELL: usize = 26;
-
-    fn heading(&mut self, title: &str, columns: &[&str]) {
-        let _ = writeln!(self.out, "{title}");
-        if !columns.is_empty() {
-            let _ = write!(self.out, "{:<width$}", "", width = Table::LABEL);
-            for column in columns {
-                let _ = write!(self.out, "{column:>width$}", width = Table::CELL);
-            }
-            self.out.push('\n');
-        }
-    }
-
-    fn row<T>(&mut self, label: &str, items: &[T], cell: impl Fn(&T) -> String) {
-        let _ = write!(self.out, "{label:<width$}", width = Table::LABEL);
-        for item in items {
-            let _ = write!(self.out, "{:>width$}", cell(item), width = Table::CELL);
-        }
-        self.out.push('\n');
     }
 }
 

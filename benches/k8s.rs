@@ -2105,7 +2105,7 @@ impl Report {
     }
 
     fn table(&self) -> String {
-        let mut t = Table::default();
+        let mut t = Table::new(28);
         let _ = writeln!(t.out, "{}", self.command);
         if !self.apply.is_empty() {
             let names: Vec<&str> = self.apply.iter().map(|a| a.variant.label()).collect();
@@ -2267,33 +2267,6 @@ impl Report {
         }
         let _ = writeln!(t.out, "\nruntime {:.0} s", self.runtime_s);
         t.out
-    }
-}
-
-#[derive(Default)]
-struct Table {
-    out: String,
-}
-
-impl Table {
-    const LABEL: usize = 44;
-    const CELL: usize = 28;
-
-    fn heading(&mut self, title: &str, columns: &[&str]) {
-        let _ = writeln!(self.out, "{title}");
-        let _ = write!(self.out, "{:<width$}", "", width = Table::LABEL);
-        for column in columns {
-            let _ = write!(self.out, "{column:>width$}", width = Table::CELL);
-        }
-        self.out.push('\n');
-    }
-
-    fn row<T>(&mut self, label: &str, items: &[T], cell: impl Fn(&T) -> String) {
-        let _ = write!(self.out, "{label:<width$}", width = Table::LABEL);
-        for item in items {
-            let _ = write!(self.out, "{:>width$}", cell(item), width = Table::CELL);
-        }
-        self.out.push('\n');
     }
 }
 

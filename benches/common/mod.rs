@@ -1,4 +1,4 @@
-//! What both benchmarks share: interruption handling, phases that may fail, statistics.
+//! What both benchmarks share: interruption handling, phases that may fail, statistics, the report table.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -138,4 +138,44 @@ pub fn round3(v: f64) -> f64 {
 
 pub fn opt_ms(v: Option<f64>) -> String {
     v.map_or_else(|| "—".into(), |v| format!("{v:.1}"))
+}
+
+/// Fixed-width text table: a label column, then one column per implementation or variant.
+pub struct Table {
+    pub out: String,
+    cell: usize,
+}
+
+impl Table {
+    const LABEL: usize = 44;
+
+    /// A table whose value columns are `cell` characters wide.
+    pub fn new(cell: usize) -> Table {
+        Table {
+            out: String::new(),
+            cell,
+        }
+    }
+
+    /// A title line, then the column names (none: the title alone).
+    pub fn heading(&mut self, title: &str, columns: &[&str]) {
+        use std::fmt::Write;
+        let _ = writeln!(self.out, "{title}");
+        if !columns.is_empty() {
+            let _ = write!(self.out, "{:<width$}", "", width = Table::LABEL);
+            for column in columns {
+                let _ = write!(self.out, "{column:>width$}", width = self.cell);
+            }
+            self.out.push('\n');
+        }
+    }
+
+    pub fn row<T>(&mut self, label: &str, items: &[T], cell: impl Fn(&T) -> String) {
+        use std::fmt::Write;
+        let _ = write!(self.out, "{label:<width$}", width = Table::LABEL);
+        for item in items {
+            let _ = write!(self.out, "{:>width$}", cell(item), width = self.cell);
+        }
+        self.out.push('\n');
+    }
 }
