@@ -38,7 +38,7 @@ use clap::Parser;
 use ferrovip::crd::VirtualIP;
 use ferrovip::lab::{
     ApiServer, ApiServerOptions, FailoverQuery, Lab, LabSpec, ProcId, Sniffer, log_tail,
-    master_down_interval, masters_since, measure_failover,
+    master_down_interval, masters_since, measure_failover, node_object,
 };
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -855,28 +855,7 @@ impl Cluster {
         ])?;
         self.kubectl(&["apply", "-f", RBAC])?;
         self.api.bind_agent_group(AGENT_ROLE)?;
-        let nodes: Vec<Value> = self
-            .lab
-            .nodes()
-            .iter()
-            .map(|n| {
-                json!({
-                    "apiVersion": "v1",
-                    "kind": "Node",
-                    "metadata": {"name": n.name, "labels": {"kubernetes.io/hostname": n.name}},
-                    "status": {
-                        "conditions": [{
-                            "type": "Ready", "status": "True",
-                            "reason": "KubeletReady", "message": "lab node is ready",
-                        }],
-                        "addresses": [
-                            {"type": "InternalIP", "address": n.ipv4.to_string()},
-                            {"type": "Hostname", "address": n.name},
-                        ],
-                    },
-                })
-            })
-            .collect();
+        let nodes: Vec<Value> = self.lab.nodes().iter().map(node_object).collect();
         self.apply(&json!({"apiVersion": "v1", "kind": "List", "items": nodes}))?;
         Ok(())
     }

@@ -61,6 +61,34 @@ const LOG_TAIL_LINES: usize = 30;
 static SERVER_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
 
 /// The user name of node `node`'s identity: `ferrovip:<node>`, in group [`AGENT_GROUP`].
+/// The Node object of a lab node as a kubelet would register it: Ready, with its address as
+/// InternalIP (what `unicastPeers: auto` uses).
+pub fn node_object(node: &super::netns::NodeInfo) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name}},
+        // A Node's status may be set on create (kubelets register that way).
+        "status": {
+            "conditions": [node_ready_condition(true)],
+            "addresses": [
+                {"type": "InternalIP", "address": node.ipv4.to_string()},
+                {"type": "Hostname", "address": node.name},
+            ],
+        },
+    })
+}
+
+/// A Node's `Ready` condition as the lab sets it.
+pub fn node_ready_condition(ready: bool) -> serde_json::Value {
+    serde_json::json!({
+        "type": "Ready",
+        "status": if ready { "True" } else { "False" },
+        "reason": if ready { "KubeletReady" } else { "KubeletNotReady" },
+        "message": if ready { "lab node is ready" } else { "set not ready by the test" },
+    })
+}
+
 pub fn node_user(node: &str) -> String {
     format!("ferrovip:{node}")
 }

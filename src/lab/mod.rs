@@ -30,7 +30,8 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 pub use apiserver::{
-    AGENT_GROUP, ApiServer, ApiServerError, ApiServerOptions, in_netns, node_user,
+    AGENT_GROUP, ApiServer, ApiServerError, ApiServerOptions, in_netns, node_object,
+    node_ready_condition, node_user,
 };
 pub use measure::{
     Failover, FailoverQuery, Preemption, analyze_failover, analyze_preemption, current_master,

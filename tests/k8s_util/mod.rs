@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferrovip::lab::{
     ApiServer, ApiServerOptions, Lab, LabSpec, NodeInfo, ProcId, Sniffer, log_tail, masters_since,
+    node_object, node_ready_condition,
 };
 use futures::StreamExt;
 use kube::api::WatchParams;
@@ -181,26 +182,7 @@ impl K8sLab {
         self.api
             .bind_agent_group(AGENT_ROLE)
             .expect("bind the agent group");
-        let nodes: Vec<Value> = self
-            .lab
-            .nodes()
-            .iter()
-            .map(|n| {
-                json!({
-                    "apiVersion": "v1",
-                    "kind": "Node",
-                    "metadata": {"name": n.name, "labels": {"kubernetes.io/hostname": n.name}},
-                    // A Node's status may be set on create (kubelets register that way).
-                    "status": {
-                        "conditions": [ready_condition(true)],
-                        "addresses": [
-                            {"type": "InternalIP", "address": n.ipv4.to_string()},
-                            {"type": "Hostname", "address": n.name},
-                        ],
-                    },
-                })
-            })
-            .collect();
+        let nodes: Vec<Value> = self.lab.nodes().iter().map(node_object).collect();
         self.apply(&json!({"apiVersion": "v1", "kind": "List", "items": nodes}));
         for i in 0..self.node_count() {
             let ready = self.kubectl(&[
@@ -261,7 +243,7 @@ impl K8sLab {
     /// Sets node `i`'s Ready condition through the status subresource, as a kubelet (or the
     /// node lifecycle controller) would.
     pub fn set_node_ready(&self, i: usize, ready: bool) {
-        let patch = json!({"status": {"conditions": [ready_condition(ready)]}}).to_string();
+        let patch = json!({"status": {"conditions": [node_ready_condition(ready)]}}).to_string();
         self.kubectl(&[
             "patch",
             "node",
@@ -724,15 +706,6 @@ impl Drop for Pinger {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn ready_condition(ready: bool) -> Value {
-    json!({
-        "type": "Ready",
-        "status": if ready { "True" } else { "False" },
-        "reason": if ready { "KubeletReady" } else { "KubeletNotReady" },
-        "message": if ready { "lab node is ready" } else { "set not ready by the test" },
-    })
 }
 
 async fn client_from(kubeconfig: &Path) -> Client {
