@@ -39,6 +39,9 @@ pub struct ApplyReport {
     /// Set when the dataplane cannot run at all (e.g. no IPVS in the kernel); nothing else
     /// in the report is meaningful then.
     pub unavailable: Option<String>,
+    /// Set when the kernel's tables could not be read this time (retried); nothing was
+    /// changed then.
+    pub error: Option<ApplyError>,
     /// Write requests sent to the kernel.
     pub writes: u64,
     /// Services and backends this node has programmed after the apply.
@@ -52,6 +55,8 @@ impl ApplyReport {
     pub fn result_label(&self) -> &'static str {
         if self.unavailable.is_some() {
             "unavailable"
+        } else if self.error.is_some() {
+            "error"
         } else if self.failures.is_empty() {
             "ok"
         } else {
@@ -63,6 +68,19 @@ impl ApplyReport {
     pub fn retry_soon(&self) -> bool {
         self.failures.iter().any(|f| f.transient)
     }
+
+    /// Whether something is left to converge.
+    pub fn incomplete(&self) -> bool {
+        self.error.is_some() || !self.failures.is_empty()
+    }
+}
+
+/// A failure of the whole apply, not of one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyError {
+    pub message: String,
+    /// A bounded label for metrics.
+    pub reason: &'static str,
 }
 
 /// One service that failed to converge.

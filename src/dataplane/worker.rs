@@ -45,6 +45,9 @@ impl DataplaneStatus {
         if let Some(why) = &self.report.unavailable {
             return Some(format!("{name}: {what} not programmed: {why}"));
         }
+        if let Some(e) = &self.report.error {
+            return Some(format!("{name}: {what}, not converged: {}", e.message));
+        }
         let failed: Vec<&str> = self
             .report
             .failures
@@ -111,13 +114,14 @@ pub fn spawn<D: Dataplane + 'static>(
                         metrics.dataplane_applied(name, report.result_label(), took, report.writes);
                         metrics.ipvs_table(report.services as u64, report.backends as u64);
                     }
-                    for f in &report.failures {
-                        metrics.dataplane_error(name, f.reason);
+                    let reasons = report.failures.iter().map(|f| f.reason);
+                    for reason in reasons.chain(report.error.as_ref().map(|e| e.reason)) {
+                        metrics.dataplane_error(name, reason);
                     }
                     log.report(name, &set, &report, took);
                     let wait = if report.unavailable.is_some() {
                         UNAVAILABLE_RECHECK
-                    } else if !report.failures.is_empty() {
+                    } else if report.incomplete() {
                         let wait = if report.retry_soon() { FIRST_BACKOFF } else { backoff };
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         wait
@@ -172,6 +176,7 @@ pub fn spawn<D: Dataplane + 'static>(
 #[derive(Default)]
 struct Logged {
     unavailable: Option<String>,
+    error: Option<String>,
     failures: BTreeMap<ServiceKey, String>,
 }
 
@@ -197,6 +202,14 @@ impl Logged {
         }
         if report.unavailable.is_some() {
             return;
+        }
+        let error = report.error.as_ref().map(|e| e.message.clone());
+        if error != self.error {
+            match &error {
+                Some(message) => warn!(dataplane = name, "{message}"),
+                None => info!(dataplane = name, "the kernel's table is readable again"),
+            }
+            self.error = error;
         }
         let mut now = BTreeMap::new();
         for f in &report.failures {
@@ -266,6 +279,17 @@ mod tests {
         assert_eq!(
             missing.summary_for("web").unwrap(),
             "ipvs: 2 services, 3 backends not programmed: IPVS is not available"
+        );
+        let unreadable = status(ApplyReport {
+            error: Some(crate::dataplane::ApplyError {
+                message: "cannot read the IPVS table: EBUSY".into(),
+                reason: "EBUSY",
+            }),
+            ..ApplyReport::default()
+        });
+        assert_eq!(
+            unreadable.summary_for("web").unwrap(),
+            "ipvs: 2 services, 3 backends, not converged: cannot read the IPVS table: EBUSY"
         );
 
         let failure = |error: &str| ServiceFailure {

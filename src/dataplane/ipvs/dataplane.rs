@@ -26,7 +26,7 @@ use crate::dataplane::service::{
     BackendKey, Encapsulation, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
     TunnelKind,
 };
-use crate::dataplane::{ApplyReport, Dataplane, ServiceFailure};
+use crate::dataplane::{ApplyError, ApplyReport, Dataplane, ServiceFailure};
 use crate::vrrp::Family;
 
 /// Where the IPVS dataplane keeps its state and finds its tools.
@@ -54,6 +54,9 @@ const SERVICE_SYSCTLS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/vs/expire_nodest_conn", "1"),
     ("/proc/sys/net/ipv4/vs/expire_quiescent_template", "1"),
 ];
+
+/// In the state dir: the sysctl values found before this dataplane changed them.
+const SYSCTL_FILE: &str = "sysctls";
 
 /// IPv6 replies, de-masqueraded back to the client's address, are forwarded.
 const NAT6_FORWARDING: (&str, &str) = ("/proc/sys/net/ipv6/conf/all/forwarding", "1");
@@ -85,15 +88,23 @@ pub struct IpvsDataplane {
     saved_sysctls: BTreeMap<&'static str, String>,
     /// What the state file says, to write it only on change.
     persisted: Option<BTreeSet<ServiceKey>>,
-    /// Whether a masquerading fwmark service is IPv6 (the nft match does not say).
-    fwmark_v6: bool,
-    /// Whether the sysctls an earlier run changed have been read from the state dir.
-    sysctls_loaded: bool,
 }
 
 impl IpvsDataplane {
     pub fn new(options: IpvsOptions) -> IpvsDataplane {
         let nft = NftRules::new(options.nft.clone());
+        // What an earlier run changed and recorded, to be put back when no longer needed.
+        let saved_sysctls = read_sysctls(&options.state_dir.join(SYSCTL_FILE))
+            .into_iter()
+            .filter_map(|(path, value)| {
+                let known = SERVICE_SYSCTLS
+                    .iter()
+                    .chain(NAT_SYSCTLS)
+                    .chain([&NAT6_FORWARDING])
+                    .find(|(p, _)| *p == path)?;
+                Some((known.0, value))
+            })
+            .collect();
         IpvsDataplane {
             options,
             client: None,
@@ -103,10 +114,8 @@ impl IpvsDataplane {
             uncertain: BTreeSet::new(),
             nft,
             masquerading: None,
-            saved_sysctls: BTreeMap::new(),
+            saved_sysctls,
             persisted: None,
-            fwmark_v6: false,
-            sysctls_loaded: false,
         }
     }
 
@@ -202,26 +211,9 @@ impl IpvsDataplane {
         }
     }
 
-    fn sysctl_file(&self) -> PathBuf {
-        self.options.state_dir.join("sysctls")
-    }
-
     /// Sets the sysctls in `wanted` (remembering the values found, also on disk so that a
     /// restarted agent can put them back) and puts back the others this dataplane changed.
     fn sysctls(&mut self, wanted: &[(&'static str, &'static str)]) -> Result<(), String> {
-        if !self.sysctls_loaded {
-            self.sysctls_loaded = true;
-            for (path, value) in read_sysctls(&self.sysctl_file()) {
-                if let Some((known, _)) = SERVICE_SYSCTLS
-                    .iter()
-                    .chain(NAT_SYSCTLS)
-                    .chain([&NAT6_FORWARDING])
-                    .find(|(p, _)| *p == path)
-                {
-                    self.saved_sysctls.insert(known, value);
-                }
-            }
-        }
         let saved_before = self.saved_sysctls.clone();
         for (path, value) in wanted {
             if self.saved_sysctls.contains_key(path) {
@@ -251,7 +243,7 @@ impl IpvsDataplane {
                 .iter()
                 .map(|(p, v)| format!("{p} {v}\n"))
                 .collect();
-            let path = self.sysctl_file();
+            let path = self.options.state_dir.join(SYSCTL_FILE);
             if let Err(e) = write_atomically(&path, &text) {
                 warn!(path = %path.display(), error = %e, "cannot record the sysctls to restore");
             }
@@ -265,6 +257,7 @@ impl IpvsDataplane {
         &mut self,
         wanted: BTreeSet<MasqueradeMatch>,
         services: bool,
+        ipv6: bool,
     ) -> Result<(), String> {
         let mut sysctls: Vec<(&'static str, &'static str)> = Vec::new();
         if services {
@@ -275,10 +268,7 @@ impl IpvsDataplane {
         }
         // IPv6 forwarding makes the host ignore router advertisements: only while an IPv6
         // service masquerades.
-        if wanted.iter().any(|m| match m {
-            MasqueradeMatch::Service { addr, .. } => addr.is_ipv6(),
-            MasqueradeMatch::Fwmark(_) => self.fwmark_v6,
-        }) {
+        if ipv6 {
             sysctls.push(NAT6_FORWARDING);
         }
         self.sysctls(&sysctls)?;
@@ -337,22 +327,16 @@ impl Dataplane for IpvsDataplane {
                 report.unavailable = Some(e.to_string());
                 return report;
             }
-            report.failures.push(ServiceFailure {
-                key: ServiceKey::Fwmark {
-                    family: Family::V4,
-                    mark: 0,
-                },
-                owner: String::new(),
-                error: format!("cannot read the IPVS table: {e}"),
+            report.error = Some(ApplyError {
+                message: format!("cannot read the IPVS table: {e}"),
                 reason: e.metric_label(),
-                transient: true,
             });
             return report;
         }
 
         let foreign = &self.foreign;
         let changes = diff(&self.programmed, desired, |k| foreign.contains(k));
-        for key in desired.keys().filter(|k| foreign.contains(k)) {
+        for key in foreign.iter().filter(|k| desired.contains_key(k)) {
             report.failures.push(ServiceFailure {
                 key: *key,
                 owner: desired[key].owner.clone(),
@@ -366,23 +350,18 @@ impl Dataplane for IpvsDataplane {
 
         // Masquerade rules first for new services (their first connection must already be
         // source-NATed), and removed only after the services are gone.
-        let wanted_masq = masquerade_matches(desired.iter());
-        self.fwmark_v6 = desired.iter().any(|(k, s)| {
-            matches!(
-                k,
-                ServiceKey::Fwmark {
-                    family: Family::V6,
-                    ..
-                }
-            ) && s.forwarding == Forwarding::Masquerade
-                && s.source_nat
-        });
+        let (wanted_masq, wanted_ipv6) = masquerade_matches(desired);
         let before_masq: BTreeSet<MasqueradeMatch> = wanted_masq
             .union(self.masquerading.as_ref().unwrap_or(&BTreeSet::new()))
             .cloned()
             .collect();
         let any_services = !desired.is_empty() || !self.programmed.is_empty();
-        let mut nft_error = self.return_path(before_masq, any_services).await.err();
+        // Until the old services are gone, what they needed stays too.
+        let ipv6_now = self.saved_sysctls.contains_key(NAT6_FORWARDING.0);
+        let mut nft_error = self
+            .return_path(before_masq, any_services, wanted_ipv6 || ipv6_now)
+            .await
+            .err();
 
         if !changes.is_empty() {
             if changes.len() <= 16 {
@@ -431,7 +410,7 @@ impl Dataplane for IpvsDataplane {
 
         if nft_error.is_none() {
             nft_error = self
-                .return_path(wanted_masq, !self.programmed.is_empty())
+                .return_path(wanted_masq, !self.programmed.is_empty(), wanted_ipv6)
                 .await
                 .err();
         }
@@ -513,24 +492,29 @@ fn record(
     }
 }
 
-fn masquerade_matches<'a>(
-    services: impl Iterator<Item = (&'a ServiceKey, &'a ServiceSpec)>,
-) -> BTreeSet<MasqueradeMatch> {
-    services
+/// The connections to masquerade, and whether one of them is IPv6.
+fn masquerade_matches(desired: &ServiceSet) -> (BTreeSet<MasqueradeMatch>, bool) {
+    let mut ipv6 = false;
+    let matches = desired
+        .iter()
         .filter(|(_, s)| s.forwarding == Forwarding::Masquerade && s.source_nat)
-        .map(|(k, _)| match *k {
-            ServiceKey::Port {
-                addr,
-                protocol,
-                port,
-            } => MasqueradeMatch::Service {
-                addr,
-                protocol,
-                port,
-            },
-            ServiceKey::Fwmark { mark, .. } => MasqueradeMatch::Fwmark(mark),
+        .map(|(k, _)| {
+            ipv6 |= k.family() == Family::V6;
+            match *k {
+                ServiceKey::Port {
+                    addr,
+                    protocol,
+                    port,
+                } => MasqueradeMatch::Service {
+                    addr,
+                    protocol,
+                    port,
+                },
+                ServiceKey::Fwmark { mark, .. } => MasqueradeMatch::Fwmark(mark),
+            }
         })
-        .collect()
+        .collect();
+    (matches, ipv6)
 }
 
 // ---- translation to and from the netlink codec's types ----
