@@ -13,4 +13,5 @@ pub mod k8s;
 pub mod lab;
 pub mod metrics;
 pub mod model;
+pub mod vocab;
 pub mod vrrp;

@@ -47,7 +47,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
-use crate::vrrp::Family as IpFamily;
+use crate::vocab::Family as IpFamily;
 use crate::vrrp::driver::{InstanceStatus, Observed, Stats};
 use crate::vrrp::instance::State;
 

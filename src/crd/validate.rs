@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use super::duration::parse_duration;
 use super::services::{ValidService, validate_services};
 use super::virtualip::{Ipv4Checksum, NodeHealthWeights, ServiceRef, UnicastPeers, VirtualIPSpec};
-use crate::vrrp::{ChecksumMode, Version};
+use crate::vocab::{ChecksumMode, Version};
 
 /// One problem with one field.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -35,7 +35,7 @@ use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage,
 use rtnetlink::{Handle, LinkMacVlan, LinkUnspec};
 
 use super::addr::{ensure_ipv4_conf, ipv4_conf_path, netlink_errno};
-use crate::vrrp::Family;
+use crate::vocab::Family;
 
 /// Names of ferrovip's macvlans start with this.
 pub const VMAC_PREFIX: &str = "fv";

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 pub use crate::crd::{Encapsulation, Forwarding, ServiceProtocol, TunnelKind};
-use crate::vrrp::Family;
+use crate::vocab::Family;
 
 /// What identifies a virtual service in the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

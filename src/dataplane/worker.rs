@@ -249,7 +249,7 @@ impl Logged {
 mod tests {
     use super::*;
     use crate::dataplane::ServiceFailure;
-    use crate::vrrp::Family;
+    use crate::vocab::Family;
 
     fn status(report: ApplyReport) -> DataplaneStatus {
         DataplaneStatus {

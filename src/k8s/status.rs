@@ -625,7 +625,7 @@ fn condition(
 mod tests {
     use super::*;
     use crate::crd::{VirtualIPSpec, VirtualIPStatus};
-    use crate::vrrp::Family;
+    use crate::vocab::Family;
 
     fn vip() -> VirtualIP {
         let spec: VirtualIPSpec = serde_json::from_value(json!({

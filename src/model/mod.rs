@@ -16,7 +16,7 @@ use crate::crd::{
     VirtualIP,
 };
 use crate::dataplane::service::{BackendKey, Forwarding, ServiceKey, ServiceSet, ServiceSpec};
-use crate::vrrp::{ChecksumMode, Family, Version};
+use crate::vocab::{ChecksumMode, Family, Version};
 
 /// Nodes carrying this label never hold addresses (the Kubernetes convention for external
 /// load balancers).

@@ -27,7 +27,7 @@ use crate::dataplane::service::{
     TunnelKind,
 };
 use crate::dataplane::{ApplyError, ApplyReport, Dataplane, ServiceFailure};
-use crate::vrrp::Family;
+use crate::vocab::Family;
 
 /// Where the IPVS dataplane keeps its state and finds its tools.
 #[derive(Debug, Clone)]
