@@ -14,16 +14,17 @@ use tracing::{info, warn};
 
 use crate::crd::manifest::{self, ManifestError, Manifests};
 use crate::crd::{CheckKind, ValidCheck, VirtualIP};
-use crate::dataplane::addr::{AddrError, AddressManager};
 use crate::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use crate::dataplane::service::ServiceSet;
 use crate::dataplane::worker::{self, DataplaneStatus};
+use crate::driver::{Command, Driver};
+use crate::engine::Observed;
 use crate::health::{self, CheckKey, CheckSpec, HealthMonitor, HealthReport};
 use crate::k8s::status::StatusWriter;
 use crate::k8s::{ClusterSource, K8sError};
 use crate::metrics::Metrics;
 use crate::model::{Desired, Snapshot, plan};
-use crate::vrrp::driver::{Command, Engine, Observed};
+use crate::node::addr::{AddrError, AddressManager};
 
 /// How often interface carrier is read.
 const CARRIER_POLL: Duration = Duration::from_secs(1);
@@ -143,7 +144,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
 
     let addresses = AddressManager::connect().map_err(AgentError::Netlink)?;
-    let engine = Engine::start(args.node_name.clone(), addresses).await;
+    let engine = Driver::start(args.node_name.clone(), addresses).await;
     let observed = engine.observe();
     let metrics = Metrics::new();
     metrics.attach_vrrp_stats(engine.stats());
@@ -243,7 +244,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 refused_checks = refused;
             }
             if commands
-                .send(Command::Apply(desired.clone()))
+                .send(Command::Apply(desired.instances.clone()))
                 .await
                 .is_err()
             {

@@ -5,13 +5,15 @@
 //! node; the [`vrrp`] engine runs them and the [`dataplane`] converges the kernel.
 
 pub mod agent;
-pub mod announce;
 pub mod crd;
 pub mod dataplane;
+pub mod driver;
+pub mod engine;
 pub mod health;
 pub mod k8s;
 pub mod lab;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod vocab;
 pub mod vrrp;

@@ -47,8 +47,8 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
+use crate::engine::{InstanceStatus, Observed, Stats};
 use crate::vocab::Family as IpFamily;
-use crate::vrrp::driver::{InstanceStatus, Observed, Stats};
 use crate::vrrp::instance::State;
 
 /// Upper bounds of the apply-duration histogram: 1-2.5-5 per decade from 100 µs to 10 s, so

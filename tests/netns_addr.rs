@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use ferrovip::dataplane::addr::{AddressManager, LinkInfo};
+use ferrovip::node::addr::{AddressManager, LinkInfo};
 use ipnet::IpNet;
 use netns_util::{Netns, ifindex};
 

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ferrovip::announce::{Announcer, garp_frame, unsolicited_na_frame};
+use ferrovip::node::announce::{Announcer, garp_frame, unsolicited_na_frame};
 use netns_util::Netns;
 use pnet_datalink::Channel;
 

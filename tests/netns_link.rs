@@ -6,9 +6,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ferrovip::announce::{Announcer, garp_frame};
-use ferrovip::dataplane::addr::AddressManager;
-use ferrovip::dataplane::link::{ArpSettings, MacvlanManager, VmacLink, vmac_name};
+use ferrovip::node::addr::AddressManager;
+use ferrovip::node::announce::{Announcer, garp_frame};
+use ferrovip::node::link::{ArpSettings, MacvlanManager, VmacLink, vmac_name};
 use ferrovip::vrrp::Family;
 use netns_util::{Netns, ifindex};
 use pnet_datalink::Channel;

@@ -6,9 +6,7 @@
 //! is the implementation today; an nftables one (kube-proxy's IPVS mode is deprecated) fits
 //! the same trait.
 
-pub mod addr;
 pub mod ipvs;
-pub mod link;
 pub mod nft;
 pub mod service;
 pub mod worker;

@@ -22,8 +22,8 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::crd::{NodeStatus, VirtualIP};
+use crate::engine::{InstanceStatus, Observed};
 use crate::model::{Desired, RefusalReason, ResourcePlan};
-use crate::vrrp::driver::{InstanceStatus, Observed};
 use crate::vrrp::instance::State;
 
 /// The same Warning about the same resource is not repeated more often than this.

@@ -2,15 +2,12 @@
 //!
 //! - [`packet`]: the advertisement codec (sans-IO, golden-vector tested).
 //! - [`instance`]: the per-virtual-router state machine (sans-IO, time is an argument).
-//! - [`socket`]: the raw IP socket (the only module allowed `unsafe`).
-//! - [`driver`]: owns sockets, timers and the clock, and executes the state machines' outputs.
+//!
+//! Both are pure; the node engine (`crate::engine`) runs the instances of a node and the driver
+//! (`crate::driver`) does their I/O.
 
-pub mod driver;
 pub mod instance;
 pub mod packet;
-#[cfg(test)]
-mod sim;
-pub mod socket;
 
 pub use crate::vocab::{ChecksumMode, Family, Version};
 
@@ -21,3 +18,11 @@ pub const MULTICAST_V6: std::net::Ipv6Addr =
     std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x12);
 /// IP protocol number of VRRP.
 pub const IPPROTO_VRRP: u8 = 112;
+
+/// The VRRP group of a family.
+pub fn group(family: Family) -> std::net::IpAddr {
+    match family {
+        Family::V4 => std::net::IpAddr::V4(MULTICAST_V4),
+        Family::V6 => std::net::IpAddr::V6(MULTICAST_V6),
+    }
+}

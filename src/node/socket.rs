@@ -19,8 +19,9 @@ use nix::sys::socket::{
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
-use super::packet::parse_ipv4;
-use super::{Family, IPPROTO_VRRP, MULTICAST_V4, MULTICAST_V6};
+use crate::vocab::Family;
+use crate::vrrp::packet::parse_ipv4;
+use crate::vrrp::{IPPROTO_VRRP, MULTICAST_V4, MULTICAST_V6};
 
 /// DSCP CS6 ("network control"), as keepalived and routers send VRRP.
 const TOS_NETWORK_CONTROL: u8 = 0xc0;
@@ -401,13 +402,5 @@ impl PreciseTimer {
                 Err(_would_block) => continue,
             }
         }
-    }
-}
-
-/// The VRRP group of a family.
-pub fn group(family: Family) -> IpAddr {
-    match family {
-        Family::V4 => IpAddr::V4(MULTICAST_V4),
-        Family::V6 => IpAddr::V6(MULTICAST_V6),
     }
 }

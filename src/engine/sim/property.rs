@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::{Lan, NodeId, Rng};
-use crate::vrrp::Version;
+use crate::vocab::Version;
 use crate::vrrp::instance::{Config, Input, State};
 
 const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 9, 0, 100));

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::{Lan, NodeId};
-use crate::vrrp::Version;
+use crate::vocab::Version;
 use crate::vrrp::instance::{Config, Input, Reason, State};
 
 const LATENCY: Duration = Duration::from_millis(1);

@@ -6,19 +6,24 @@
 //! timers by node id). A partition assigns nodes to segments; a packet is delivered only when
 //! sender and receiver share a segment both when it is sent and when it arrives.
 //!
-//! The LAN plays the driver: it executes every [`Output`] (addresses held per node, announce
-//! bursts counted, transitions and sends logged) and checks the instance's own consistency:
-//! transitions chain, and a timer always moves the deadline forward.
+//! Every node runs the real [`NodeEngine`] with one instance on `eth0`; the LAN plays the
+//! driver: it executes every [`Output`] (addresses held per node, announce bursts counted,
+//! transitions and sends logged) and checks the engine's consistency: transitions chain, an
+//! announcement never precedes its address, and a timer always moves the deadline forward.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashSet};
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 
-use super::instance::{Config, Input, Instance, Output, Reason, State};
-use super::packet::Advertisement;
+use super::{Environment, Input as EngineInput, LinkEnv, LinkFacts, NodeEngine, Output, Stats};
+use crate::model::{InstanceKey, InstanceSpec};
+use crate::vocab::{ChecksumMode, Family};
+use crate::vrrp::instance::{Config, Input, Instance, Reason, State};
+use crate::vrrp::packet::Advertisement;
 
 mod property;
 mod scenarios;
@@ -41,11 +46,13 @@ pub(crate) struct SentRecord {
     pub advertisement: Advertisement,
 }
 
-#[derive(Debug)]
+/// The one interface of every simulated node.
+const INTERFACE: &str = "eth0";
+
 struct Node {
     /// Kept up to date by [`Lan::input`] so that a restart comes back with the latest one.
     config: Config,
-    instance: Instance,
+    engine: NodeEngine,
     alive: bool,
     segment: usize,
     held: BTreeSet<IpNet>,
@@ -153,7 +160,7 @@ impl Lan {
     /// Adds a powered-on node in segment 0 whose instance waits for [`Lan::start`].
     pub fn add(&mut self, config: Config) -> NodeId {
         self.nodes.push(Node {
-            instance: Instance::new(config.clone()),
+            engine: self.engine(self.nodes.len()),
             config,
             alive: true,
             segment: 0,
@@ -165,7 +172,7 @@ impl Lan {
     }
 
     pub fn start(&mut self, node: NodeId) {
-        self.input(node, Input::Startup);
+        self.apply(node);
     }
 
     pub fn start_all(&mut self) {
@@ -186,22 +193,57 @@ impl Lan {
         let n = &mut self.nodes[node];
         n.alive = true;
         n.held.clear();
-        n.instance = Instance::new(n.config.clone());
         n.logged_state = State::Initialize;
+        let engine = self.engine(node);
+        self.nodes[node].engine = engine;
         self.start(node);
     }
 
-    /// Delivers one input at the current time and carries out the outputs.
+    /// Delivers one input at the current time, as the agent would: a new priority or
+    /// configuration is a new plan for the engine, `Shutdown` stops the node's engine.
     pub fn input(&mut self, node: NodeId, input: Input) {
-        assert!(self.nodes[node].alive, "input to crashed node {node}");
-        match &input {
-            Input::SetPriority(priority) => self.nodes[node].config.priority = *priority,
-            Input::Reconfigure(config) => self.nodes[node].config = config.clone(),
-            _ => {}
+        match input {
+            Input::SetPriority(priority) => {
+                self.nodes[node].config.priority = priority;
+                self.apply(node);
+            }
+            Input::Reconfigure(config) => {
+                self.nodes[node].config = config;
+                self.apply(node);
+            }
+            Input::Shutdown => self.handle(node, EngineInput::Shutdown),
+            other => panic!("the simulated agent does not send {other:?}"),
         }
+    }
+
+    /// A fresh engine for `node` (what a (re)started agent has).
+    fn engine(&self, node: NodeId) -> NodeEngine {
+        NodeEngine::new(
+            format!("node-{node}"),
+            HashSet::new(),
+            Arc::new(Stats::default()),
+            (self.epoch, SystemTime::UNIX_EPOCH),
+        )
+    }
+
+    /// Hands the node's engine the plan of its current configuration.
+    fn apply(&mut self, node: NodeId) {
+        let config = &self.nodes[node].config;
+        let spec = spec_of(config);
+        let key = InstanceKey {
+            family: spec.family,
+            vrid: spec.vrid,
+        };
+        let instances = BTreeMap::from([(INTERFACE.to_string(), BTreeMap::from([(key, spec)]))]);
+        let env = environment(node, config);
+        self.handle(node, EngineInput::Apply { instances, env });
+    }
+
+    fn handle(&mut self, node: NodeId, input: EngineInput) {
+        assert!(self.nodes[node].alive, "input to crashed node {node}");
         let mut out = std::mem::take(&mut self.scratch);
         let now = self.instant(self.now);
-        self.nodes[node].instance.handle(now, input, &mut out);
+        self.nodes[node].engine.handle(now, input, &mut out);
         self.execute(node, &mut out);
         self.scratch = out;
     }
@@ -256,8 +298,8 @@ impl Lan {
             match next {
                 Next::Packet => self.deliver(),
                 Next::Timer(node) => {
-                    self.input(node, Input::Timer);
-                    let deadline = self.nodes[node].instance.deadline();
+                    self.handle(node, EngineInput::Timer);
+                    let deadline = self.nodes[node].engine.deadline();
                     assert!(
                         deadline.is_none_or(|d| d > self.instant(at)),
                         "node {node}: Timer at {at:?} left the deadline at {deadline:?}"
@@ -280,12 +322,24 @@ impl Lan {
         instant.saturating_duration_since(self.epoch)
     }
 
+    /// The node's instance (it must be running).
     pub fn instance(&self, node: NodeId) -> &Instance {
-        &self.nodes[node].instance
+        self.running(node)
+            .unwrap_or_else(|| panic!("node {node} runs no instance"))
+    }
+
+    fn running(&self, node: NodeId) -> Option<&Instance> {
+        let n = &self.nodes[node];
+        let key = InstanceKey {
+            family: n.config.family(),
+            vrid: n.config.vrid,
+        };
+        n.engine.instance(INTERFACE, key)
     }
 
     pub fn state(&self, node: NodeId) -> State {
-        self.nodes[node].instance.state()
+        self.running(node)
+            .map_or(State::Initialize, Instance::state)
     }
 
     pub fn is_alive(&self, node: NodeId) -> bool {
@@ -362,7 +416,7 @@ impl Lan {
             .enumerate()
             .filter(|(_, n)| n.alive)
             .filter_map(|(id, n)| {
-                let deadline = n.instance.deadline()?;
+                let deadline = n.engine.deadline()?;
                 Some((self.offset(deadline).max(self.now), id))
             })
             .min()
@@ -375,9 +429,12 @@ impl Lan {
         if !self.nodes[packet.to].alive || !self.connected(packet.from, packet.to) {
             return;
         }
-        self.input(
+        let family = Family::of(&packet.source);
+        self.handle(
             packet.to,
-            Input::Advertisement {
+            EngineInput::Advertisement {
+                interface: Arc::from(INTERFACE),
+                family,
                 source: packet.source,
                 advertisement: packet.advertisement,
             },
@@ -387,16 +444,19 @@ impl Lan {
     fn execute(&mut self, node: NodeId, out: &mut Vec<Output>) {
         for output in out.drain(..) {
             match output {
-                Output::Send(advertisement) => self.broadcast(node, advertisement),
-                Output::AddAddresses(nets) => self.nodes[node].held.extend(nets),
-                Output::RemoveAddresses(nets) => {
+                Output::Send(transmit) => {
+                    assert_eq!(transmit.source, self.nodes[node].config.primary_address);
+                    self.broadcast(node, transmit.advertisement)
+                }
+                Output::AddAddresses { nets, .. } => self.nodes[node].held.extend(nets),
+                Output::RemoveAddresses { nets, .. } => {
                     for net in nets {
                         self.nodes[node].held.remove(&net);
                     }
                 }
-                Output::Announce(addresses) => {
+                Output::Announce { addrs, .. } => {
                     let held = &self.nodes[node].held;
-                    for address in addresses {
+                    for address in addrs {
                         assert!(
                             held.iter().any(|net| net.addr() == address),
                             "node {node} announced {address} before adding it"
@@ -404,7 +464,9 @@ impl Lan {
                     }
                     self.nodes[node].announcements += 1;
                 }
-                Output::Transition { from, to, reason } => {
+                Output::Transition {
+                    from, to, reason, ..
+                } => {
                     let logged = self.nodes[node].logged_state;
                     assert_eq!(from, logged, "node {node}: transition from {from}");
                     self.nodes[node].logged_state = to;
@@ -416,25 +478,26 @@ impl Lan {
                         reason,
                     });
                 }
+                Output::SetLifetime { .. } | Output::DeleteVmac { .. } => {
+                    panic!("node {node}: unexpected {output:?}")
+                }
             }
         }
-        let instance = &self.nodes[node].instance;
+        let state = self.state(node);
         assert_eq!(
-            self.nodes[node].logged_state,
-            instance.state(),
+            self.nodes[node].logged_state, state,
             "node {node}: state changed without a transition"
         );
-        let holds_all = instance
-            .config()
+        let holds_all = self.nodes[node]
+            .config
             .addresses
             .iter()
             .all(|net| self.nodes[node].held.contains(net));
-        match instance.state() {
+        match state {
             State::Master => assert!(holds_all, "node {node}: master without its addresses"),
             _ => assert!(
                 self.nodes[node].held.is_empty(),
-                "node {node}: {} still holds addresses",
-                instance.state()
+                "node {node}: {state} still holds addresses"
             ),
         }
     }
@@ -466,5 +529,47 @@ impl Lan {
                 advertisement: advertisement.clone(),
             }));
         }
+    }
+}
+
+/// The plan an agent makes of one router's configuration.
+fn spec_of(config: &Config) -> InstanceSpec {
+    InstanceSpec {
+        resource: "vip".into(),
+        members: vec!["vip".into()],
+        interface: INTERFACE.into(),
+        family: config.family(),
+        vrid: config.vrid,
+        version: config.version,
+        priority: config.priority,
+        priority_reasons: Vec::new(),
+        advert_interval: config.advert_interval,
+        preempt: config.preempt,
+        preempt_delay: config.preempt_delay,
+        addresses: config.addresses.clone(),
+        unicast_peers: Vec::new(),
+        checksum: ChecksumMode::default(),
+        virtual_mac: false,
+    }
+}
+
+/// `eth0` of a simulated node, with its address and an open socket.
+fn environment(node: NodeId, config: &Config) -> Environment {
+    let (primary_v4, link_local_v6) = match config.primary_address {
+        IpAddr::V4(a) => (Some(a), None),
+        IpAddr::V6(a) => (None, Some(a)),
+    };
+    let link = LinkEnv {
+        facts: Ok(LinkFacts {
+            index: 2,
+            mac: [2, 0, 0, 0, 0, u8::try_from(node).unwrap_or(u8::MAX)],
+            primary_v4,
+            link_local_v6,
+        }),
+        sockets: BTreeMap::from([(config.family(), Ok(()))]),
+        vmacs: BTreeMap::new(),
+    };
+    Environment {
+        links: BTreeMap::from([(Arc::from(INTERFACE), link)]),
     }
 }

@@ -1,0 +1,683 @@
+//! The VRRP driver: the I/O around the sans-IO [`NodeEngine`].
+//!
+//! One task runs the engine: it owns the clock and one precise timer for the engine's
+//! earliest deadline, reads the node's links and sets up what the instances need (VRRP
+//! sockets, virtual-MAC interfaces) before handing the engine a plan, sends advertisements at
+//! once, and queues address changes and announcements, in order, on a separate effects task
+//! so that a slow netlink call never delays an advertisement. One reader task per interface
+//! and family checks the TTL, decodes and hands packets over. Deciding anything is the
+//! engine's job.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::engine::{
+    DropReason, Environment, Input, Instances, LinkEnv, LinkFacts, NodeEngine, Observed, Output,
+    Requirement, Stats, Transmit, VmacFacts, requirements,
+};
+use crate::node::addr::AddressManager;
+use crate::node::link::{MacvlanManager, vmac_name};
+use crate::node::socket::{PreciseTimer, Received, SocketError, VrrpSocket};
+use crate::vocab::Family;
+use crate::vrrp::packet::{Advertisement, virtual_mac};
+
+/// How often links are re-read (index, MAC, primary address) and instances that could not
+/// start (missing interface or address) are retried.
+const LINK_REFRESH: Duration = Duration::from_secs(2);
+/// Largest VRRP datagram we read: 20-byte IPv4 header (60 with options) + 8 + 255 × 16.
+const RECV_BUFFER: usize = 4200;
+
+/// Commands to the driver.
+pub enum Command {
+    /// Converge to these instances (`Desired::instances`).
+    Apply(Instances),
+    /// Leave gracefully (priority 0, release addresses) and stop. Answers when done.
+    Shutdown(oneshot::Sender<()>),
+    /// Stop for a restart: masters keep their addresses for at most this long and tell the
+    /// backups to wait as long (see [`Input::Hold`]); the next agent adopts them.
+    Hold(Duration, oneshot::Sender<()>),
+}
+
+/// A decoded advertisement from a reader task.
+struct Incoming {
+    interface: Arc<str>,
+    family: Family,
+    source: IpAddr,
+    advertisement: Advertisement,
+}
+
+/// Address and announcement work, executed in order by the effects task.
+enum Effect {
+    Add {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+    },
+    Remove {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+    },
+    Announce {
+        interface: Arc<str>,
+        mac: [u8; 6],
+        addrs: Vec<IpAddr>,
+        source_v6: Option<Ipv6Addr>,
+    },
+    DeleteLink {
+        name: Arc<str>,
+    },
+    Lifetime {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+        lifetime: Option<Duration>,
+    },
+    Barrier(oneshot::Sender<()>),
+}
+
+/// An interface with instances on it: what was last read of it and its receive sockets.
+struct LinkIo {
+    facts: LinkFacts,
+    sockets: HashMap<Family, Arc<VrrpSocket>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::ops::Drop for LinkIo {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
+}
+
+/// A virtual-MAC interface and its send socket.
+struct VmacIo {
+    facts: VmacFacts,
+    parent: u32,
+    socket: Arc<VrrpSocket>,
+}
+
+/// Runs the node's [`NodeEngine`] on sockets, timers and netlink.
+pub struct Driver {
+    engine: NodeEngine,
+    addresses: AddressManager,
+    macvlans: MacvlanManager,
+    links: HashMap<Arc<str>, LinkIo>,
+    vmacs: HashMap<Arc<str>, VmacIo>,
+    incoming_tx: mpsc::Sender<Incoming>,
+    incoming_rx: mpsc::Receiver<Incoming>,
+    effects: mpsc::UnboundedSender<Effect>,
+    outputs: Vec<Output>,
+    encode_buf: Vec<u8>,
+    observed: watch::Sender<Observed>,
+    drain_buf: Vec<u8>,
+    stats: Arc<Stats>,
+    node: String,
+}
+
+impl Driver {
+    /// Creates the driver, its engine and its effects task. Removes addresses a crashed
+    /// predecessor left behind (marked as ours) before anything starts.
+    pub async fn start(node: String, addresses: AddressManager) -> Driver {
+        // Addresses a restarting predecessor held (finite lifetime) wait for adoption; all
+        // other marked addresses are crash leftovers.
+        let held: HashSet<(u32, IpNet)> = match addresses.list_held().await {
+            Ok(held) => held.into_iter().collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot list addresses held by a previous agent");
+                HashSet::new()
+            }
+        };
+        if !held.is_empty() {
+            info!(
+                count = held.len(),
+                "addresses held by the previous agent wait for adoption"
+            );
+        }
+        match addresses.remove_all_owned_except(&held).await {
+            Ok(removed) if !removed.is_empty() => {
+                info!(
+                    count = removed.len(),
+                    "removed addresses left behind by a previous agent"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not clean up addresses left behind"),
+        }
+        let macvlans = MacvlanManager::new(addresses.handle().clone());
+        match macvlans.list_owned().await {
+            Ok(stale) => {
+                for link in stale {
+                    if let Err(e) = macvlans.delete_link(&link.name).await {
+                        warn!(interface = %link.name, error = %e, "cannot remove a virtual-MAC interface left behind");
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list virtual-MAC interfaces left behind"),
+        }
+        let (effects, effects_rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_effects(addresses.clone(), macvlans.clone(), effects_rx));
+        let (incoming_tx, incoming_rx) = mpsc::channel(4096);
+        let stats = Arc::new(Stats::default());
+        let engine = NodeEngine::new(
+            node.clone(),
+            held,
+            stats.clone(),
+            (Instant::now(), SystemTime::now()),
+        );
+        Driver {
+            engine,
+            addresses,
+            macvlans,
+            links: HashMap::new(),
+            vmacs: HashMap::new(),
+            incoming_tx,
+            incoming_rx,
+            effects,
+            outputs: Vec::new(),
+            encode_buf: Vec::with_capacity(1500),
+            observed: watch::Sender::new(Observed::default()),
+            drain_buf: Vec::new(),
+            stats,
+            node,
+        }
+    }
+
+    /// Instance states as they change (state, master, priority, faults).
+    pub fn observe(&self) -> watch::Receiver<Observed> {
+        self.observed.subscribe()
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Runs until a `Shutdown` command (or until every sender is gone, which also shuts down).
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        // A timerfd fires on the microsecond; tokio's sleep (whole milliseconds) is the
+        // fallback should the timerfd be unavailable.
+        let precise = match PreciseTimer::new() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!(error = %e, "no timerfd; deadlines fall back to millisecond timers");
+                None
+            }
+        };
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let sleep = tokio::time::sleep_until(far());
+        tokio::pin!(sleep);
+        let mut armed: Option<Instant> = None;
+        let mut refresh = tokio::time::interval(LINK_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next = self.engine.deadline();
+            if next != armed {
+                match &precise {
+                    Some(timer) => {
+                        if let Err(e) = timer.arm(next) {
+                            warn!(error = %e, "cannot arm the timerfd");
+                        }
+                    }
+                    None => sleep
+                        .as_mut()
+                        .reset(next.map(tokio::time::Instant::from_std).unwrap_or_else(far)),
+                }
+                armed = next;
+            }
+            let due = async {
+                match &precise {
+                    Some(timer) => {
+                        let _ = timer.wait().await;
+                    }
+                    None => (&mut sleep).await,
+                }
+            };
+            tokio::select! {
+                biased;
+                command = commands.recv() => match command {
+                    Some(Command::Apply(instances)) => self.apply(instances).await,
+                    Some(Command::Shutdown(done)) => {
+                        self.stop(Input::Shutdown).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(Command::Hold(hold, done)) => {
+                        self.stop(Input::Hold(hold)).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => {
+                        self.stop(Input::Shutdown).await;
+                        return;
+                    }
+                },
+                () = due, if next.is_some() => {
+                    // After a stall the timer and the advertisement that should have reset
+                    // it can both be pending: hear everything queued before acting on time.
+                    self.drain_pending();
+                    self.handle(Instant::now(), Input::Timer);
+                    // The timerfd is one-shot: re-arm on the next turn even if the first
+                    // deadline is unchanged (it was not due yet, e.g. a spurious wake-up).
+                    armed = None;
+                }
+                Some(incoming) = self.incoming_rx.recv() => self.receive(incoming),
+                _ = refresh.tick() => self.refresh().await,
+            }
+        }
+    }
+
+    /// Feeds the engine one input and carries out what it asks for.
+    fn handle(&mut self, now: Instant, input: Input) {
+        let mut outputs = std::mem::take(&mut self.outputs);
+        self.engine.handle(now, input, &mut outputs);
+        for output in outputs.drain(..) {
+            self.execute(output);
+        }
+        self.outputs = outputs;
+        if self.engine.take_observed_change() {
+            self.observed.send_replace(self.engine.observed().clone());
+        }
+    }
+
+    fn receive(&mut self, incoming: Incoming) {
+        self.handle(
+            Instant::now(),
+            Input::Advertisement {
+                interface: incoming.interface,
+                family: incoming.family,
+                source: incoming.source,
+                advertisement: incoming.advertisement,
+            },
+        );
+    }
+
+    async fn apply(&mut self, instances: Instances) {
+        // Links of instances about to stop stay in the environment: their leaving needs them.
+        let mut wanted = requirements(&instances);
+        wanted.extend(self.engine.requirements());
+        let env = self.prepare(&wanted, false).await;
+        self.handle(Instant::now(), Input::Apply { instances, env });
+        self.close_unused();
+    }
+
+    async fn refresh(&mut self) {
+        let wanted = self.engine.requirements();
+        let env = self.prepare(&wanted, true).await;
+        self.handle(Instant::now(), Input::Refresh(env));
+        self.close_unused();
+    }
+
+    async fn stop(&mut self, input: Input) {
+        let shutdown = matches!(input, Input::Shutdown);
+        self.handle(Instant::now(), input);
+        let (done, wait) = oneshot::channel();
+        if self.effects.send(Effect::Barrier(done)).is_ok() {
+            let _ = wait.await;
+        }
+        if shutdown {
+            info!(node = %self.node, "all instances stopped, addresses released");
+        }
+    }
+
+    /// Reads the links the requirements name (known ones again only with `reread`) and sets
+    /// up their sockets and virtual-MAC interfaces; what could not be done is in the result.
+    async fn prepare(&mut self, wanted: &[Requirement], reread: bool) -> Environment {
+        let mut env = Environment::default();
+        let names: BTreeSet<&Arc<str>> = wanted.iter().map(|r| &r.interface).collect();
+        for name in names {
+            let facts = self.read_link(name, reread).await;
+            env.links.insert(
+                name.clone(),
+                LinkEnv {
+                    facts,
+                    sockets: BTreeMap::new(),
+                    vmacs: BTreeMap::new(),
+                },
+            );
+        }
+        for req in wanted {
+            let Some(link) = env.links.get_mut(&req.interface) else {
+                continue;
+            };
+            let Ok(facts) = link.facts else {
+                continue;
+            };
+            let socket = self.ensure_socket(&req.interface, req.family);
+            let socket_ok = socket.is_ok();
+            link.sockets.insert(req.family, socket);
+            let Some(primary) = facts.primary(req.family) else {
+                continue;
+            };
+            if req.virtual_mac && socket_ok {
+                let vmac = self.ensure_vmac(&facts, req, primary).await;
+                link.vmacs.insert((req.family, req.vrid), vmac);
+            }
+        }
+        env
+    }
+
+    async fn read_link(&mut self, name: &Arc<str>, reread: bool) -> Result<LinkFacts, String> {
+        if !reread && let Some(link) = self.links.get(name) {
+            return Ok(link.facts);
+        }
+        let info = match self.addresses.link(name).await {
+            Ok(info) => info,
+            // A known link keeps its last facts through a failed re-read.
+            Err(e) => return self.links.get(name).map(|l| l.facts).ok_or(e.to_string()),
+        };
+        let facts = LinkFacts {
+            index: info.index,
+            mac: info.mac,
+            primary_v4: self.addresses.primary_ipv4(info.index).await.ok().flatten(),
+            link_local_v6: self
+                .addresses
+                .link_local_v6(info.index)
+                .await
+                .ok()
+                .flatten(),
+        };
+        match self.links.get_mut(name) {
+            Some(link) if link.facts.index == info.index => link.facts = facts,
+            _ => {
+                // New, or recreated: sockets bound to the old index are useless, and the
+                // kernel removed the old interface's macvlans with it.
+                if let Some(old) = self.links.remove(name) {
+                    self.vmacs.retain(|_, v| v.parent != old.facts.index);
+                }
+                self.links.insert(
+                    name.clone(),
+                    LinkIo {
+                        facts,
+                        sockets: HashMap::new(),
+                        readers: Vec::new(),
+                    },
+                );
+            }
+        }
+        Ok(facts)
+    }
+
+    fn ensure_socket(&mut self, name: &Arc<str>, family: Family) -> Result<(), String> {
+        let Some(link) = self.links.get_mut(name) else {
+            return Err("interface vanished".into());
+        };
+        if link.sockets.contains_key(&family) {
+            return Ok(());
+        }
+        let socket =
+            Arc::new(VrrpSocket::open(name, link.facts.index, family).map_err(|e| e.to_string())?);
+        link.readers.push(tokio::spawn(read_loop(
+            name.clone(),
+            family,
+            socket.clone(),
+            self.incoming_tx.clone(),
+            self.stats.clone(),
+        )));
+        link.sockets.insert(family, socket);
+        Ok(())
+    }
+
+    /// Creates (or adopts) an instance's virtual-MAC macvlan and its send socket. For IPv6
+    /// the macvlan also gets the parent's link-local address, the advertisements' source.
+    async fn ensure_vmac(
+        &mut self,
+        parent: &LinkFacts,
+        req: &Requirement,
+        primary: IpAddr,
+    ) -> Result<VmacFacts, String> {
+        let name: Arc<str> = Arc::from(vmac_name(parent.index, req.family, req.vrid).as_str());
+        if let Some(vmac) = self.vmacs.get(&name) {
+            return Ok(vmac.facts.clone());
+        }
+        let mac = virtual_mac(req.family, req.vrid);
+        let index = self
+            .macvlans
+            .ensure_macvlan(parent.index, &name, mac)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let IpAddr::V6(ll) = primary {
+            let net = IpNet::V6(ipnet::Ipv6Net::new(ll, 64).map_err(|e| e.to_string())?);
+            self.addresses
+                .add(index, net)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let socket =
+            VrrpSocket::open_sender(&name, index, req.family).map_err(|e| e.to_string())?;
+        let facts = VmacFacts { name, index, mac };
+        self.vmacs.insert(
+            facts.name.clone(),
+            VmacIo {
+                facts: facts.clone(),
+                parent: parent.index,
+                socket: Arc::new(socket),
+            },
+        );
+        Ok(facts)
+    }
+
+    /// Closes the sockets of interfaces no instance uses any more.
+    fn close_unused(&mut self) {
+        let used = self.engine.interfaces();
+        self.links.retain(|name, _| used.contains(name));
+    }
+
+    fn execute(&mut self, output: Output) {
+        let effect = match output {
+            Output::Send(transmit) => return self.send(&transmit),
+            Output::AddAddresses { ifindex, nets } => Effect::Add { ifindex, nets },
+            Output::RemoveAddresses { ifindex, nets } => Effect::Remove { ifindex, nets },
+            Output::SetLifetime {
+                ifindex,
+                nets,
+                lifetime,
+            } => Effect::Lifetime {
+                ifindex,
+                nets,
+                lifetime,
+            },
+            Output::Announce {
+                interface,
+                mac,
+                addrs,
+                source_v6,
+            } => Effect::Announce {
+                interface,
+                mac,
+                addrs,
+                source_v6,
+            },
+            Output::DeleteVmac { name } => {
+                self.vmacs.remove(&name);
+                Effect::DeleteLink { name }
+            }
+            // Logged by the engine.
+            Output::Transition { .. } => return,
+        };
+        let _ = self.effects.send(effect);
+    }
+
+    fn send(&mut self, transmit: &Transmit) {
+        let socket = match &transmit.vmac {
+            Some(name) => self.vmacs.get(name).map(|v| &v.socket),
+            None => self
+                .links
+                .get(&transmit.interface)
+                .and_then(|l| l.sockets.get(&transmit.family)),
+        };
+        let Some(socket) = socket else {
+            return;
+        };
+        for &destination in transmit.destinations.iter() {
+            self.encode_buf.clear();
+            if let Err(e) = transmit.advertisement.encode_into(
+                transmit.source,
+                destination,
+                transmit.checksum,
+                &mut self.encode_buf,
+            ) {
+                warn!(interface = %transmit.interface, vrid = transmit.advertisement.vrid, error = %e, "cannot encode advertisement");
+                return;
+            }
+            match socket.send(transmit.source, destination, &self.encode_buf) {
+                Ok(()) => {
+                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(interface = %transmit.interface, vrid = transmit.advertisement.vrid, error = %e, "advertisement not sent");
+                }
+            }
+        }
+    }
+
+    /// Handles every advertisement already queued, in the channel or in the sockets.
+    fn drain_pending(&mut self) {
+        while let Ok(incoming) = self.incoming_rx.try_recv() {
+            self.receive(incoming);
+        }
+        let sockets: Vec<(Arc<str>, Family, Arc<VrrpSocket>)> = self
+            .links
+            .iter()
+            .flat_map(|(name, l)| l.sockets.iter().map(|(f, s)| (name.clone(), *f, s.clone())))
+            .collect();
+        let mut buf = std::mem::take(&mut self.drain_buf);
+        buf.resize(RECV_BUFFER, 0);
+        for (interface, family, socket) in sockets {
+            // Bounded, so a flood cannot hold the timers off for long.
+            for _ in 0..1024 {
+                let Some(received) = socket.try_recv(&mut buf) else {
+                    break;
+                };
+                if let Some(incoming) = accept(&interface, family, received, &buf, &self.stats) {
+                    self.receive(incoming);
+                }
+            }
+        }
+        self.drain_buf = buf;
+    }
+}
+
+/// Reads one socket until aborted: checks TTL, decodes, drops our own packets.
+async fn read_loop(
+    interface: Arc<str>,
+    family: Family,
+    socket: Arc<VrrpSocket>,
+    tx: mpsc::Sender<Incoming>,
+    stats: Arc<Stats>,
+) {
+    let mut buf = vec![0u8; RECV_BUFFER];
+    loop {
+        let received = socket.recv(&mut buf).await;
+        if let Some(incoming) = accept(&interface, family, received, &buf, &stats)
+            && tx.send(incoming).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Checks one received datagram (TTL, then the codec) and turns it into an `Incoming`.
+fn accept(
+    interface: &Arc<str>,
+    family: Family,
+    received: Result<Received, SocketError>,
+    buf: &[u8],
+    stats: &Stats,
+) -> Option<Incoming> {
+    let received = match received {
+        Ok(r) => r,
+        Err(e) => {
+            stats.count_drop(DropReason::Decode);
+            debug!(interface = %interface, error = %e, "receive error");
+            return None;
+        }
+    };
+    stats.received.fetch_add(1, Ordering::Relaxed);
+    if received.ttl != 255 {
+        stats.count_drop(DropReason::Ttl);
+        debug!(interface = %interface, source = %received.source, ttl = received.ttl, "dropped advertisement: TTL is not 255");
+        return None;
+    }
+    let message = &buf[received.offset..received.offset + received.len];
+    match Advertisement::decode(message, received.source, received.destination) {
+        Ok(decoded) => Some(Incoming {
+            interface: interface.clone(),
+            family,
+            source: received.source,
+            advertisement: decoded.advertisement,
+        }),
+        Err(e) => {
+            stats.count_drop(DropReason::Decode);
+            debug!(interface = %interface, source = %received.source, reason = e.metric_label(), error = %e, "dropped invalid VRRP packet");
+            None
+        }
+    }
+}
+
+/// Executes address changes and announcements in order.
+async fn run_effects(
+    addresses: AddressManager,
+    macvlans: MacvlanManager,
+    mut rx: mpsc::UnboundedReceiver<Effect>,
+) {
+    while let Some(effect) = rx.recv().await {
+        match effect {
+            Effect::Add { ifindex, nets } => {
+                for net in nets {
+                    if let Err(e) = addresses.add(ifindex, net).await {
+                        warn!(address = %net, error = %e, "cannot add virtual address");
+                    }
+                }
+            }
+            Effect::Remove { ifindex, nets } => {
+                for net in nets {
+                    if let Err(e) = addresses.remove(ifindex, net).await {
+                        warn!(address = %net, error = %e, "cannot remove virtual address");
+                    }
+                }
+            }
+            Effect::Announce {
+                interface,
+                mac,
+                addrs,
+                source_v6,
+            } => {
+                let name = interface.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    crate::node::announce::announce(&name, mac, &addrs, source_v6)
+                })
+                .await;
+                match result {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(interface = %interface, error = %e, "announcement failed"),
+                    Err(e) => warn!(interface = %interface, error = %e, "announcement task failed"),
+                }
+            }
+            Effect::Lifetime {
+                ifindex,
+                nets,
+                lifetime,
+            } => {
+                for net in nets {
+                    if let Err(e) = addresses.set_lifetime(ifindex, net, lifetime).await {
+                        warn!(address = %net, error = %e, "cannot set the lifetime of a virtual address");
+                    }
+                }
+            }
+            Effect::DeleteLink { name } => {
+                if let Err(e) = macvlans.delete_link(&name).await {
+                    warn!(interface = %name, error = %e, "cannot remove virtual-MAC interface");
+                }
+            }
+            Effect::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}

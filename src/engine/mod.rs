@@ -1,0 +1,1093 @@
+//! The node engine: every VRRP instance of one node, sans-IO.
+//!
+//! [`NodeEngine::handle`] takes the current time and one [`Input`] and appends the
+//! [`Output`]s the driver must carry out, in order; after every call the driver reads
+//! [`NodeEngine::deadline`] and delivers [`Input::Timer`] once that instant has passed. The
+//! same shape as [`Instance`] one level up: the engine never reads a clock, opens a socket or
+//! talks netlink, which is what lets the simulated LAN (`engine::sim`) run this very code.
+//!
+//! It owns what is node-wide: one slot per (interface, family, VRID) with its instance, one
+//! ordered set of deadlines for all of them (thousands of instances cost one wake-up per
+//! deadline), demultiplexing of received advertisements by VRID with the node's filters
+//! (own packets, version, unicast peers), converging to a new plan without disturbing
+//! unchanged instances, adopting addresses a restarting predecessor held, the restart hold,
+//! virtual-MAC bookkeeping, and the observed state reported to status and metrics.
+//!
+//! What it needs to know about the node's links (index, MAC, primary addresses, whether the
+//! VRRP sockets and virtual-MAC interfaces could be set up) comes in as an [`Environment`]
+//! that the driver reads before [`Input::Apply`] and every few seconds ([`Input::Refresh`]);
+//! [`requirements`] tells the driver what to read and set up.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+use tracing::{debug, info, warn};
+
+use crate::model::{InstanceKey, InstanceSpec};
+use crate::vocab::{ChecksumMode, Family, Version};
+use crate::vrrp::group;
+use crate::vrrp::instance::{self, Config, Instance, Reason, State};
+use crate::vrrp::packet::Advertisement;
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+/// Timer lateness treated as "on time".
+pub const TIMER_SLACK: Duration = Duration::from_millis(5);
+
+/// The instances of a plan: per interface, keyed by family and VRID (`Desired::instances`).
+pub type Instances = BTreeMap<String, BTreeMap<InstanceKey, InstanceSpec>>;
+
+/// Why a received packet was dropped (a bounded label set for counters and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    Ttl,
+    Decode,
+    UnknownVrid,
+    VersionMismatch,
+    UnexpectedSource,
+    Own,
+}
+
+impl DropReason {
+    const ALL: [DropReason; 6] = [
+        DropReason::Ttl,
+        DropReason::Decode,
+        DropReason::UnknownVrid,
+        DropReason::VersionMismatch,
+        DropReason::UnexpectedSource,
+        DropReason::Own,
+    ];
+
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            DropReason::Ttl => "ttl",
+            DropReason::Decode => "decode",
+            DropReason::UnknownVrid => "unknown_vrid",
+            DropReason::VersionMismatch => "version_mismatch",
+            DropReason::UnexpectedSource => "unexpected_source",
+            DropReason::Own => "own",
+        }
+    }
+}
+
+/// Node-wide packet counters, shared with the driver's readers and the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+    pub send_errors: AtomicU64,
+    dropped: [AtomicU64; 6],
+}
+
+impl Stats {
+    pub fn count_drop(&self, why: DropReason) {
+        self.dropped[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drop counts by label.
+    pub fn dropped(&self) -> Vec<(&'static str, u64)> {
+        DropReason::ALL
+            .iter()
+            .map(|d| {
+                (
+                    d.metric_label(),
+                    self.dropped[*d as usize].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+}
+
+/// What the engine reports about each instance, for status and events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    /// Keyed by (name of the instance's first VirtualIP, family); `members` lists them all.
+    pub instances: BTreeMap<(String, Family), InstanceStatus>,
+}
+
+/// One instance as this node sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceStatus {
+    /// The VirtualIPs this instance serves.
+    pub members: Arc<[String]>,
+    pub interface: String,
+    pub vrid: u8,
+    pub state: State,
+    pub priority: u8,
+    /// The current master's address (ours when Master), as learned from advertisements.
+    pub master: Option<IpAddr>,
+    /// When this node last changed state for this instance.
+    pub since: SystemTime,
+    /// Why, in words (`Reason`'s display), and as a bounded code.
+    pub reason: String,
+    pub reason_code: &'static str,
+    /// Set while the instance cannot run (interface or its address missing).
+    pub fault: Option<String>,
+}
+
+/// What the driver read about one interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkFacts {
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub primary_v4: Option<Ipv4Addr>,
+    pub link_local_v6: Option<Ipv6Addr>,
+}
+
+impl LinkFacts {
+    /// The advertisement source for `family`: the primary IPv4 address, the IPv6 link-local.
+    pub fn primary(&self, family: Family) -> Option<IpAddr> {
+        match family {
+            Family::V4 => self.primary_v4.map(IpAddr::V4),
+            Family::V6 => self.link_local_v6.map(IpAddr::V6),
+        }
+    }
+}
+
+/// A virtual-MAC macvlan the driver set up: the addresses, announcements and advertisements
+/// of one instance go through it, so they carry 00:00:5e:00:0{1,2}:VRID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmacFacts {
+    pub name: Arc<str>,
+    pub index: u32,
+    pub mac: [u8; 6],
+}
+
+/// One interface as the driver found it, with the outcome of what it set up there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkEnv {
+    pub facts: Result<LinkFacts, String>,
+    /// The receive socket of each family asked for (an error when it could not be opened).
+    pub sockets: BTreeMap<Family, Result<(), String>>,
+    /// The virtual-MAC interface of each (family, VRID) asked for.
+    pub vmacs: BTreeMap<(Family, u8), Result<VmacFacts, String>>,
+}
+
+impl LinkEnv {
+    fn socket(&self, family: Family) -> Result<(), String> {
+        match self.sockets.get(&family) {
+            Some(result) => result.clone(),
+            None => Err(format!("no {family} VRRP socket")),
+        }
+    }
+}
+
+/// The node's links as far as the instances need them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Environment {
+    pub links: BTreeMap<Arc<str>, LinkEnv>,
+}
+
+/// What an instance needs the driver to set up: the interface read, a receive socket for the
+/// family, and, with `virtual_mac`, the macvlan of (family, VRID) once the interface has a
+/// usable address of that family.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Requirement {
+    pub interface: Arc<str>,
+    pub family: Family,
+    pub vrid: u8,
+    pub virtual_mac: bool,
+}
+
+/// What the instances of `instances` need from the driver.
+pub fn requirements(instances: &Instances) -> Vec<Requirement> {
+    instances
+        .iter()
+        .flat_map(|(interface, specs)| {
+            let interface: Arc<str> = Arc::from(interface.as_str());
+            specs.values().map(move |spec| Requirement {
+                interface: interface.clone(),
+                family: spec.family,
+                vrid: spec.vrid,
+                virtual_mac: spec.virtual_mac,
+            })
+        })
+        .collect()
+}
+
+/// Inputs to the engine.
+#[derive(Debug)]
+pub enum Input {
+    /// Converge to these instances, with the links as the driver just read them.
+    Apply {
+        instances: Instances,
+        env: Environment,
+    },
+    /// The links as re-read: a recreated interface restarts its instances, a changed primary
+    /// address reconfigures them, and instances that could not start are retried.
+    Refresh(Environment),
+    /// A decoded advertisement that passed the TTL check.
+    Advertisement {
+        interface: Arc<str>,
+        family: Family,
+        source: IpAddr,
+        advertisement: Advertisement,
+    },
+    /// [`NodeEngine::deadline`] has passed: fire every timer due.
+    Timer,
+    /// Leave gracefully: priority 0 from masters, addresses released, virtual MACs removed.
+    Shutdown,
+    /// Stop for a restart: masters of VRRPv3 instances (without a virtual MAC) keep their
+    /// addresses for at most this long and tell the backups to wait as long; the next agent
+    /// adopts them. The rest leave as on shutdown.
+    Hold(Duration),
+}
+
+/// One advertisement to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transmit {
+    pub interface: Arc<str>,
+    pub family: Family,
+    /// Send through this virtual-MAC interface's socket instead of the interface's.
+    pub vmac: Option<Arc<str>>,
+    pub source: IpAddr,
+    /// The group, or the unicast peers other than ourselves.
+    pub destinations: Arc<[IpAddr]>,
+    pub checksum: ChecksumMode,
+    pub advertisement: Advertisement,
+}
+
+/// What the driver carries out, in order. Sends are immediate; address and link changes and
+/// announcements may run on a slower path, but in this order (an announcement never precedes
+/// its address).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Send(Transmit),
+    AddAddresses {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+    },
+    RemoveAddresses {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+    },
+    /// Set (or clear, with `None`) the valid lifetime of our addresses.
+    SetLifetime {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+        lifetime: Option<Duration>,
+    },
+    Announce {
+        interface: Arc<str>,
+        mac: [u8; 6],
+        addrs: Vec<IpAddr>,
+        source_v6: Option<Ipv6Addr>,
+    },
+    /// No instance uses this virtual-MAC interface any more.
+    DeleteVmac {
+        name: Arc<str>,
+    },
+    /// A state change (also logged by the engine).
+    Transition {
+        interface: Arc<str>,
+        key: InstanceKey,
+        from: State,
+        to: State,
+        reason: Reason,
+    },
+}
+
+type SlotKey = (Arc<str>, InstanceKey);
+
+struct Slot {
+    spec: InstanceSpec,
+    /// `None` while the instance cannot run (interface or its address missing).
+    instance: Option<Instance>,
+    armed: Option<Instant>,
+    vmac: Option<VmacFacts>,
+    /// Where advertisements go: the group, or the unicast peers other than ourselves.
+    destinations: Arc<[IpAddr]>,
+}
+
+/// Every VRRP instance of one node.
+pub struct NodeEngine {
+    node: String,
+    env: Environment,
+    slots: HashMap<SlotKey, Slot>,
+    timers: BTreeSet<(Instant, SlotKey)>,
+    /// Addresses a restarting predecessor held for us, until the first plan adopts them.
+    held: HashSet<(u32, IpNet)>,
+    observed: Observed,
+    observed_changed: bool,
+    stats: Arc<Stats>,
+    /// A monotonic instant and the wall-clock time it corresponds to, for `since`.
+    wall: (Instant, SystemTime),
+    scratch: Vec<instance::Output>,
+    /// Virtual-MAC interfaces released during one input, deleted at its end unless reused.
+    released_vmacs: Vec<Arc<str>>,
+}
+
+impl NodeEngine {
+    /// `held`: addresses (interface index, address) a restarting predecessor left with a
+    /// finite lifetime for us to adopt. `wall`: an instant and the wall-clock time at it.
+    pub fn new(
+        node: String,
+        held: HashSet<(u32, IpNet)>,
+        stats: Arc<Stats>,
+        wall: (Instant, SystemTime),
+    ) -> NodeEngine {
+        NodeEngine {
+            node,
+            env: Environment::default(),
+            slots: HashMap::new(),
+            timers: BTreeSet::new(),
+            held,
+            observed: Observed::default(),
+            observed_changed: false,
+            stats,
+            wall,
+            scratch: Vec::new(),
+            released_vmacs: Vec::new(),
+        }
+    }
+
+    /// The earliest instant at which [`Input::Timer`] is due.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+
+    /// The observed state of every instance.
+    pub fn observed(&self) -> &Observed {
+        &self.observed
+    }
+
+    /// Whether [`NodeEngine::observed`] changed since the last call.
+    pub fn take_observed_change(&mut self) -> bool {
+        std::mem::take(&mut self.observed_changed)
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// What the running (and waiting) instances need from the driver.
+    pub fn requirements(&self) -> Vec<Requirement> {
+        let mut reqs: Vec<Requirement> = self
+            .slots
+            .iter()
+            .map(|((interface, key), slot)| Requirement {
+                interface: interface.clone(),
+                family: key.family,
+                vrid: key.vrid,
+                virtual_mac: slot.spec.virtual_mac,
+            })
+            .collect();
+        reqs.sort();
+        reqs
+    }
+
+    /// The interfaces with instances on them (the driver closes the sockets of the others).
+    pub fn interfaces(&self) -> BTreeSet<Arc<str>> {
+        self.slots.keys().map(|(i, _)| i.clone()).collect()
+    }
+
+    /// The instance of `interface`/`key`, if it runs.
+    pub fn instance(&self, interface: &str, key: InstanceKey) -> Option<&Instance> {
+        self.slots
+            .get(&(Arc::from(interface), key))
+            .and_then(|s| s.instance.as_ref())
+    }
+
+    pub fn handle(&mut self, now: Instant, input: Input, out: &mut Vec<Output>) {
+        match input {
+            Input::Apply { instances, env } => self.apply(now, instances, env, out),
+            Input::Refresh(env) => self.refresh(now, env, out),
+            Input::Advertisement {
+                interface,
+                family,
+                source,
+                advertisement,
+            } => self.receive(now, interface, family, source, advertisement, out),
+            Input::Timer => self.fire_due(now, out),
+            Input::Shutdown => {
+                for key in self.slot_keys() {
+                    self.stop(&key, now, out);
+                }
+            }
+            Input::Hold(hold) => self.hold(now, hold, out),
+        }
+        self.delete_released_vmacs(out);
+    }
+
+    fn slot_keys(&self) -> Vec<SlotKey> {
+        let mut keys: Vec<SlotKey> = self.slots.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    fn fire_due(&mut self, now: Instant, out: &mut Vec<Output>) {
+        while let Some((deadline, key)) = self.timers.first().cloned() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(slot) = self.slots.get_mut(&key) {
+                slot.armed = None;
+            }
+            // Hand the instance its deadline rather than the (slightly later) wake-up time, so
+            // advertisement intervals do not drift by the timer latency; after a real stall the
+            // wake-up time is used so that no burst of catch-up advertisements follows.
+            let at = if now - deadline < TIMER_SLACK {
+                deadline
+            } else {
+                now
+            };
+            self.feed(&key, at, instance::Input::Timer, out);
+        }
+    }
+
+    fn receive(
+        &mut self,
+        now: Instant,
+        interface: Arc<str>,
+        family: Family,
+        source: IpAddr,
+        advertisement: Advertisement,
+        out: &mut Vec<Output>,
+    ) {
+        let own = self
+            .env
+            .links
+            .get(&interface)
+            .and_then(|l| l.facts.as_ref().ok())
+            .and_then(|f| f.primary(family));
+        if own == Some(source) {
+            self.stats.count_drop(DropReason::Own);
+            return;
+        }
+        let key: SlotKey = (
+            interface,
+            InstanceKey {
+                family,
+                vrid: advertisement.vrid,
+            },
+        );
+        let Some(slot) = self.slots.get(&key) else {
+            self.stats.count_drop(DropReason::UnknownVrid);
+            debug!(interface = %key.0, vrid = advertisement.vrid, %source, "dropped advertisement: VRID not configured");
+            return;
+        };
+        if slot.spec.version != advertisement.version {
+            self.stats.count_drop(DropReason::VersionMismatch);
+            debug!(vip = %slot.spec.resource, %source, "dropped advertisement: version {} but configured {}", advertisement.version, slot.spec.version);
+            return;
+        }
+        if !slot.spec.unicast_peers.is_empty() && !slot.spec.unicast_peers.contains(&source) {
+            self.stats.count_drop(DropReason::UnexpectedSource);
+            debug!(vip = %slot.spec.resource, %source, "dropped advertisement: source is not a configured unicast peer");
+            return;
+        }
+        self.feed(
+            &key,
+            now,
+            instance::Input::Advertisement {
+                source,
+                advertisement,
+            },
+            out,
+        );
+    }
+
+    /// Feeds one input to one instance, re-arms its timer, updates the observed state and
+    /// translates what the instance asks for into node-level outputs.
+    fn feed(&mut self, key: &SlotKey, now: Instant, input: instance::Input, out: &mut Vec<Output>) {
+        let since = self.wall_time(now);
+        let NodeEngine {
+            node,
+            slots,
+            env,
+            timers,
+            scratch,
+            observed,
+            observed_changed,
+            ..
+        } = self;
+        let Some(slot) = slots.get_mut(key) else {
+            return;
+        };
+        let Some(instance) = slot.instance.as_mut() else {
+            return;
+        };
+        scratch.clear();
+        instance.handle(now, input, scratch);
+        let deadline = instance.deadline();
+        if slot.armed != deadline {
+            if let Some(old) = slot.armed.take() {
+                timers.remove(&(old, key.clone()));
+            }
+            if let Some(new) = deadline {
+                timers.insert((new, key.clone()));
+            }
+            slot.armed = deadline;
+        }
+        let seen = Seen {
+            state: instance.state(),
+            master: instance.master(),
+            priority: instance.config().priority,
+            transition: scratch.iter().rev().find_map(|o| match o {
+                instance::Output::Transition { reason, .. } => Some(*reason),
+                _ => None,
+            }),
+            since,
+        };
+        if let Some(link) = env.links.get(&key.0).and_then(|l| l.facts.as_ref().ok()) {
+            for output in scratch.drain(..) {
+                translate(node, key, slot, link, seen.priority, output, out);
+            }
+        }
+        *observed_changed |= observe_instance(observed, &slot.spec, seen);
+    }
+
+    fn wall_time(&self, now: Instant) -> SystemTime {
+        let (instant, wall) = self.wall;
+        match now.checked_duration_since(instant) {
+            Some(after) => wall + after,
+            None => wall - instant.duration_since(now),
+        }
+    }
+
+    /// Records an instance that cannot run, or forgets one that is gone.
+    fn observe_fault(&mut self, now: Instant, spec: &InstanceSpec, fault: Option<String>) {
+        let key = (spec.resource.clone(), spec.family);
+        let changed = match fault {
+            None => self.observed.instances.remove(&key).is_some(),
+            Some(f) => {
+                if self
+                    .observed
+                    .instances
+                    .get(&key)
+                    .is_some_and(|e| e.fault.as_ref() == Some(&f))
+                {
+                    false
+                } else {
+                    let since = self.wall_time(now);
+                    self.observed.instances.insert(
+                        key,
+                        InstanceStatus {
+                            members: spec.members.clone().into(),
+                            interface: spec.interface.clone(),
+                            vrid: spec.vrid,
+                            state: State::Initialize,
+                            priority: spec.priority,
+                            master: None,
+                            since,
+                            reason: f.clone(),
+                            reason_code: "fault",
+                            fault: Some(f),
+                        },
+                    );
+                    true
+                }
+            }
+        };
+        self.observed_changed |= changed;
+    }
+
+    /// Converges the running instances to `instances` without disturbing unchanged ones.
+    fn apply(
+        &mut self,
+        now: Instant,
+        instances: Instances,
+        env: Environment,
+        out: &mut Vec<Output>,
+    ) {
+        self.env = env;
+        let mut wanted: BTreeMap<SlotKey, InstanceSpec> = BTreeMap::new();
+        for (interface, specs) in instances {
+            let interface: Arc<str> = self
+                .env
+                .links
+                .get_key_value(interface.as_str())
+                .map(|(k, _)| k.clone())
+                .unwrap_or_else(|| Arc::from(interface.as_str()));
+            for (key, spec) in specs {
+                wanted.insert((interface.clone(), key), spec);
+            }
+        }
+
+        for key in self.slot_keys() {
+            if !wanted.contains_key(&key) {
+                self.stop(&key, now, out);
+            }
+        }
+
+        for (key, spec) in wanted {
+            match self.slots.get(&key) {
+                Some(slot) if slot.spec == spec => {}
+                Some(slot) if slot.spec.version != spec.version || slot.instance.is_none() => {
+                    self.stop(&key, now, out);
+                    self.begin(key, spec, now, out);
+                }
+                Some(slot) => self.change(key, spec, slot.spec.clone(), now, out),
+                None => self.begin(key, spec, now, out),
+            }
+        }
+
+        let used = self.interfaces();
+        self.env.links.retain(|name, _| used.contains(name));
+        if !self.held.is_empty() {
+            // Held for a resource this node no longer runs: release now rather than at expiry.
+            let mut by_link: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
+            for (index, net) in self.held.drain() {
+                by_link.entry(index).or_default().push(net);
+            }
+            for (ifindex, mut nets) in by_link {
+                nets.sort();
+                out.push(Output::RemoveAddresses { ifindex, nets });
+            }
+        }
+    }
+
+    /// A running instance whose spec changed in place: a priority change is applied as such,
+    /// anything else reconfigures it.
+    fn change(
+        &mut self,
+        key: SlotKey,
+        spec: InstanceSpec,
+        old: InstanceSpec,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) {
+        let only_priority = InstanceSpec {
+            priority: spec.priority,
+            priority_reasons: spec.priority_reasons.clone(),
+            ..old
+        } == spec;
+        let input = if only_priority {
+            instance::Input::SetPriority(spec.priority)
+        } else {
+            match self.primary(&key.0, spec.family) {
+                Some(p) => instance::Input::Reconfigure(instance_config(&spec, p)),
+                None => return,
+            }
+        };
+        info!(vip = %spec.resource, interface = %key.0, vrid = spec.vrid, priority = spec.priority, "configuration changed");
+        let own = self.primary(&key.0, spec.family);
+        if let Some(slot) = self.slots.get_mut(&key) {
+            slot.destinations = destinations(&spec, own);
+            slot.spec = spec;
+        }
+        self.feed(&key, now, input, out);
+    }
+
+    fn primary(&self, interface: &str, family: Family) -> Option<IpAddr> {
+        self.env
+            .links
+            .get(interface)
+            .and_then(|l| l.facts.as_ref().ok())
+            .and_then(|f| f.primary(family))
+    }
+
+    /// Starts one instance, or parks it (with the reason in the observed state) while its
+    /// interface, socket, address or virtual MAC is not usable; refreshes retry it.
+    fn begin(&mut self, key: SlotKey, spec: InstanceSpec, now: Instant, out: &mut Vec<Output>) {
+        let link = self.env.links.get(&key.0);
+        let usable = match link {
+            None => Err(format!("interface {}: not found", key.0)),
+            Some(l) => match (&l.facts, l.socket(spec.family)) {
+                (Err(e), _) => Err(format!("interface {}: {e}", key.0)),
+                (Ok(_), Err(e)) => Err(format!("interface {}: {e}", key.0)),
+                (Ok(facts), Ok(())) => Ok((facts, l)),
+            },
+        };
+        let mut fault = None;
+        let mut vmac = None;
+        let primary = match usable {
+            Err(e) => {
+                warn!(vip = %spec.resource, interface = %key.0, error = %e, "cannot run VRRP on this interface yet; retrying");
+                fault = Some(e);
+                None
+            }
+            Ok((facts, link)) => match facts.primary(spec.family) {
+                None => {
+                    let what = if spec.family == Family::V4 {
+                        "IPv4"
+                    } else {
+                        "IPv6 link-local"
+                    };
+                    warn!(vip = %spec.resource, interface = %key.0, family = %spec.family, "interface has no usable {what} address; instance waits");
+                    fault = Some(format!("interface {} has no usable {what} address", key.0));
+                    None
+                }
+                Some(p) if !spec.virtual_mac => Some(p),
+                Some(p) => match link.vmacs.get(&(spec.family, spec.vrid)) {
+                    Some(Ok(v)) => {
+                        vmac = Some(v.clone());
+                        Some(p)
+                    }
+                    Some(Err(e)) => {
+                        warn!(vip = %spec.resource, interface = %key.0, error = %e, "cannot set up the virtual MAC; retrying");
+                        fault = Some(format!("virtual MAC: {e}"));
+                        None
+                    }
+                    None => {
+                        fault = Some("virtual MAC: not set up yet".to_string());
+                        None
+                    }
+                },
+            },
+        };
+        let instance = primary.map(|p| Instance::new(instance_config(&spec, p)));
+        let started = instance.is_some();
+        if !started {
+            self.observe_fault(now, &spec, fault);
+        }
+        let ifindex = self
+            .env
+            .links
+            .get(&key.0)
+            .and_then(|l| l.facts.as_ref().ok())
+            .map(|f| f.index);
+        // Adopt only when every address of the instance was held on this interface.
+        let adopt = started
+            && vmac.is_none()
+            && ifindex.is_some_and(|index| {
+                spec.addresses
+                    .iter()
+                    .all(|a| self.held.contains(&(index, *a)))
+            });
+        let nets = spec.addresses.clone();
+        self.slots.insert(
+            key.clone(),
+            Slot {
+                destinations: destinations(&spec, primary),
+                spec,
+                instance,
+                armed: None,
+                vmac,
+            },
+        );
+        if !started {
+            return;
+        }
+        if adopt && let Some(ifindex) = ifindex {
+            for net in &nets {
+                self.held.remove(&(ifindex, *net));
+            }
+            out.push(Output::SetLifetime {
+                ifindex,
+                nets,
+                lifetime: None,
+            });
+            self.feed(&key, now, instance::Input::Adopt, out);
+        } else {
+            self.feed(&key, now, instance::Input::Startup, out);
+        }
+    }
+
+    fn stop(&mut self, key: &SlotKey, now: Instant, out: &mut Vec<Output>) {
+        self.feed(key, now, instance::Input::Shutdown, out);
+        if let Some(slot) = self.slots.remove(key) {
+            self.observe_fault(now, &slot.spec, None);
+            if let Some(at) = slot.armed {
+                self.timers.remove(&(at, key.clone()));
+            }
+            if let Some(vmac) = slot.vmac {
+                self.released_vmacs.push(vmac.name);
+            }
+        }
+    }
+
+    /// Virtual-MAC interfaces of stopped instances go (after their addresses, queued before),
+    /// unless an instance started in the same step uses the same one.
+    fn delete_released_vmacs(&mut self, out: &mut Vec<Output>) {
+        if self.released_vmacs.is_empty() {
+            return;
+        }
+        let in_use: HashSet<&str> = self
+            .slots
+            .values()
+            .filter_map(|s| s.vmac.as_ref().map(|v| &*v.name))
+            .collect();
+        let mut released = std::mem::take(&mut self.released_vmacs);
+        released.sort();
+        released.dedup();
+        for name in released {
+            if !in_use.contains(&*name) {
+                out.push(Output::DeleteVmac { name });
+            }
+        }
+    }
+
+    fn hold(&mut self, now: Instant, hold: Duration, out: &mut Vec<Output>) {
+        let mut held = 0;
+        for key in self.slot_keys() {
+            let Some(slot) = self.slots.get(&key) else {
+                continue;
+            };
+            let holds = slot.vmac.is_none()
+                && slot.spec.version == Version::V3
+                && slot
+                    .instance
+                    .as_ref()
+                    .is_some_and(|i| i.state() == State::Master);
+            if !holds {
+                self.stop(&key, now, out);
+                continue;
+            }
+            let nets = slot.spec.addresses.clone();
+            let ifindex = self
+                .env
+                .links
+                .get(&key.0)
+                .and_then(|l| l.facts.as_ref().ok())
+                .map(|f| f.index);
+            self.feed(&key, now, instance::Input::Hold(hold), out);
+            if let Some(ifindex) = ifindex {
+                held += nets.len();
+                out.push(Output::SetLifetime {
+                    ifindex,
+                    nets,
+                    lifetime: Some(hold),
+                });
+            }
+            if let Some(slot) = self.slots.remove(&key)
+                && let Some(at) = slot.armed
+            {
+                self.timers.remove(&(at, key.clone()));
+            }
+        }
+        info!(node = %self.node, addresses = held, hold = ?hold, "stopped for a restart; addresses held for the next agent");
+    }
+
+    /// Takes a re-read of the links: a recreated interface (new index) restarts its instances
+    /// on the new sockets; a changed primary address reconfigures the instances of that family
+    /// (or parks them when it is gone); instances that could not start are retried.
+    fn refresh(&mut self, now: Instant, env: Environment, out: &mut Vec<Output>) {
+        let keys = self.slot_keys();
+        let mut recreated = Vec::new();
+        let mut readdressed = Vec::new();
+        for (name, link) in &self.env.links {
+            let (Ok(before), Some(Ok(after))) =
+                (&link.facts, env.links.get(name).map(|l| l.facts.as_ref()))
+            else {
+                continue;
+            };
+            if before.index != after.index {
+                recreated.push(name.clone());
+                continue;
+            }
+            for family in [Family::V4, Family::V6] {
+                if before.primary(family) != after.primary(family) {
+                    readdressed.push((name.clone(), family, after.primary(family)));
+                }
+            }
+        }
+        // Instances of a recreated interface leave on the old one (its index, its addresses)
+        // and start over on the new one.
+        let mut restart = Vec::new();
+        for name in &recreated {
+            info!(interface = %name, "interface was recreated; reopening its VRRP sockets");
+            for key in keys.iter().filter(|(i, _)| i == name) {
+                if let Some(spec) = self.slots.get(key).map(|s| s.spec.clone()) {
+                    self.stop(key, now, out);
+                    restart.push((key.clone(), spec));
+                }
+            }
+        }
+        self.env = env;
+        for (key, spec) in restart {
+            self.begin(key, spec, now, out);
+        }
+        for (name, family, primary) in readdressed {
+            let of_family: Vec<&SlotKey> = keys
+                .iter()
+                .filter(|(i, k)| *i == name && k.family == family)
+                .collect();
+            if !of_family.is_empty() {
+                info!(interface = %name, %family, primary = ?primary, "primary address of the interface changed");
+            }
+            for key in of_family {
+                let Some(slot) = self.slots.get_mut(key) else {
+                    continue;
+                };
+                match (primary, slot.instance.is_some()) {
+                    (Some(p), true) => {
+                        let config = instance_config(&slot.spec, p);
+                        slot.destinations = destinations(&slot.spec, Some(p));
+                        self.feed(key, now, instance::Input::Reconfigure(config), out);
+                    }
+                    (None, true) => {
+                        let spec = slot.spec.clone();
+                        self.stop(key, now, out);
+                        self.slots.insert(
+                            key.clone(),
+                            Slot {
+                                destinations: destinations(&spec, None),
+                                spec,
+                                instance: None,
+                                armed: None,
+                                vmac: None,
+                            },
+                        );
+                    }
+                    // Parked instances are retried below.
+                    (_, false) => {}
+                }
+            }
+        }
+        let parked: Vec<SlotKey> = self
+            .slot_keys()
+            .into_iter()
+            .filter(|k| self.slots[k].instance.is_none())
+            .collect();
+        for key in parked {
+            if let Some(slot) = self.slots.remove(&key) {
+                self.begin(key, slot.spec, now, out);
+            }
+        }
+    }
+}
+
+/// What one instance looks like after an input.
+struct Seen {
+    state: State,
+    master: Option<IpAddr>,
+    priority: u8,
+    transition: Option<Reason>,
+    since: SystemTime,
+}
+
+/// Updates the observed entry of one running instance; whether it changed.
+fn observe_instance(observed: &mut Observed, spec: &InstanceSpec, seen: Seen) -> bool {
+    let key = (spec.resource.clone(), spec.family);
+    match (observed.instances.get_mut(&key), seen.transition) {
+        (Some(e), None)
+            if e.state == seen.state
+                && e.master == seen.master
+                && e.priority == seen.priority
+                && e.fault.is_none()
+                && *e.members == *spec.members =>
+        {
+            false
+        }
+        (Some(e), None) => {
+            if *e.members != *spec.members {
+                e.members = spec.members.clone().into();
+            }
+            e.state = seen.state;
+            e.master = seen.master;
+            e.priority = seen.priority;
+            e.fault = None;
+            true
+        }
+        (_, reason) => {
+            observed.instances.insert(
+                key,
+                InstanceStatus {
+                    members: spec.members.clone().into(),
+                    interface: spec.interface.clone(),
+                    vrid: spec.vrid,
+                    state: seen.state,
+                    priority: seen.priority,
+                    master: seen.master,
+                    since: seen.since,
+                    reason: reason.map(|r| r.to_string()).unwrap_or_default(),
+                    reason_code: reason.map_or("", |r| r.code()),
+                    fault: None,
+                },
+            );
+            true
+        }
+    }
+}
+
+/// Where an instance's advertisements go: the group, or its unicast peers other than
+/// `own` (one manifest usually lists every node as a peer, this one included).
+fn destinations(spec: &InstanceSpec, own: Option<IpAddr>) -> Arc<[IpAddr]> {
+    if spec.unicast_peers.is_empty() {
+        return Arc::from([group(spec.family)]);
+    }
+    spec.unicast_peers
+        .iter()
+        .copied()
+        .filter(|p| Some(*p) != own)
+        .collect()
+}
+
+/// One instance output as a node-level output (addresses on the virtual MAC when it has one).
+fn translate(
+    node: &str,
+    key: &SlotKey,
+    slot: &Slot,
+    link: &LinkFacts,
+    priority: u8,
+    output: instance::Output,
+    out: &mut Vec<Output>,
+) {
+    let spec = &slot.spec;
+    let ifindex = slot.vmac.as_ref().map_or(link.index, |v| v.index);
+    match output {
+        instance::Output::Send(advertisement) => {
+            let Some(source) = link.primary(spec.family) else {
+                return;
+            };
+            out.push(Output::Send(Transmit {
+                interface: key.0.clone(),
+                family: spec.family,
+                vmac: slot.vmac.as_ref().map(|v| v.name.clone()),
+                source,
+                destinations: slot.destinations.clone(),
+                checksum: spec.checksum,
+                advertisement,
+            }));
+        }
+        instance::Output::AddAddresses(nets) => out.push(Output::AddAddresses { ifindex, nets }),
+        instance::Output::RemoveAddresses(nets) => {
+            out.push(Output::RemoveAddresses { ifindex, nets })
+        }
+        instance::Output::Announce(addrs) => out.push(Output::Announce {
+            interface: slot
+                .vmac
+                .as_ref()
+                .map_or_else(|| key.0.clone(), |v| v.name.clone()),
+            mac: slot.vmac.as_ref().map_or(link.mac, |v| v.mac),
+            addrs,
+            source_v6: link.link_local_v6,
+        }),
+        instance::Output::Transition { from, to, reason } => {
+            info!(
+                event = "transition",
+                node = %node,
+                vip = %spec.resource,
+                interface = %key.0,
+                family = %spec.family,
+                vrid = spec.vrid,
+                from = %from,
+                to = %to,
+                reason = reason.code(),
+                priority,
+                "{} {from} -> {to}: {reason}",
+                spec.resource,
+            );
+            out.push(Output::Transition {
+                interface: key.0.clone(),
+                key: key.1,
+                from,
+                to,
+                reason,
+            });
+        }
+    }
+}
+
+fn instance_config(spec: &InstanceSpec, primary: IpAddr) -> Config {
+    Config {
+        vrid: spec.vrid,
+        version: spec.version,
+        priority: spec.priority,
+        advert_interval: spec.advert_interval,
+        preempt: spec.preempt,
+        preempt_delay: spec.preempt_delay,
+        accept_mode: true,
+        addresses: spec.addresses.clone(),
+        primary_address: primary,
+    }
+}
