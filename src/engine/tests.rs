@@ -1,1 +1,766 @@
+//! Unit tests of the node engine: what only the root tests on two cores covered before
+//! (demultiplexing, the shared deadline set, converging a plan, parking and retrying,
+//! adoption, the restart hold, virtual MACs), on a virtual clock.
 
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+
+use super::*;
+use crate::model::{InstanceKey, InstanceSpec};
+use crate::vocab::{ChecksumMode, Family, Version};
+use crate::vrrp::instance::{Reason, State};
+use crate::vrrp::packet::Advertisement;
+
+const OWN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const PEER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const ETH0_INDEX: u32 = 2;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+/// A VirtualIP's instance as the planner makes it: VRRPv3, 100 ms, IPv4 on eth0.
+fn spec(name: &str, vrid: u8, priority: u8) -> InstanceSpec {
+    InstanceSpec {
+        resource: name.into(),
+        members: vec![name.into()],
+        interface: "eth0".into(),
+        family: Family::V4,
+        vrid,
+        version: Version::V3,
+        priority,
+        priority_reasons: vec![format!("base {priority}")],
+        advert_interval: ms(100),
+        preempt: true,
+        preempt_delay: Duration::ZERO,
+        addresses: vec![net(&format!("192.0.2.{}/24", 100 + vrid))],
+        unicast_peers: Vec::new(),
+        checksum: ChecksumMode::PseudoHeader,
+        virtual_mac: false,
+    }
+}
+
+fn key(vrid: u8) -> InstanceKey {
+    InstanceKey {
+        family: Family::V4,
+        vrid,
+    }
+}
+
+fn facts(index: u32, primary: Option<Ipv4Addr>) -> LinkFacts {
+    LinkFacts {
+        index,
+        mac: [2, 0, 0, 0, 0, 1],
+        primary_v4: primary,
+        link_local_v6: None,
+    }
+}
+
+/// eth0 as the driver reads it, with an open IPv4 socket and the given virtual MACs.
+fn env(link: LinkFacts, vmacs: &[(u8, VmacFacts)]) -> Environment {
+    Environment {
+        links: BTreeMap::from([(
+            Arc::from("eth0"),
+            LinkEnv {
+                facts: Ok(link),
+                sockets: BTreeMap::from([(Family::V4, Ok(()))]),
+                vmacs: vmacs
+                    .iter()
+                    .map(|(vrid, v)| ((Family::V4, *vrid), Ok(v.clone())))
+                    .collect(),
+            },
+        )]),
+    }
+}
+
+fn eth0() -> Environment {
+    env(facts(ETH0_INDEX, Some(OWN)), &[])
+}
+
+fn plan(specs: &[InstanceSpec]) -> Instances {
+    let mut instances = Instances::new();
+    for s in specs {
+        instances
+            .entry(s.interface.clone())
+            .or_default()
+            .insert(key(s.vrid), s.clone());
+    }
+    instances
+}
+
+fn advert(vrid: u8, priority: u8) -> Advertisement {
+    Advertisement {
+        version: Version::V3,
+        vrid,
+        priority,
+        interval: 10,
+        addresses: vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 100 + vrid))],
+    }
+}
+
+/// One engine on a virtual clock.
+struct Rig {
+    engine: NodeEngine,
+    epoch: Instant,
+    now: Instant,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        Rig::with_held(HashSet::new())
+    }
+
+    fn with_held(held: HashSet<(u32, IpNet)>) -> Rig {
+        let epoch = Instant::now();
+        Rig {
+            engine: NodeEngine::new(
+                "node-a".into(),
+                held,
+                Arc::new(Stats::default()),
+                (epoch, SystemTime::UNIX_EPOCH),
+            ),
+            epoch,
+            now: epoch,
+        }
+    }
+
+    fn input(&mut self, input: Input) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.engine.handle(self.now, input, &mut out);
+        out
+    }
+
+    fn apply(&mut self, specs: &[InstanceSpec]) -> Vec<Output> {
+        self.apply_in(specs, eth0())
+    }
+
+    fn apply_in(&mut self, specs: &[InstanceSpec], env: Environment) -> Vec<Output> {
+        self.input(Input::Apply {
+            instances: plan(specs),
+            env,
+        })
+    }
+
+    fn hear(&mut self, source: Ipv4Addr, advertisement: Advertisement) -> Vec<Output> {
+        self.input(Input::Advertisement {
+            interface: Arc::from("eth0"),
+            family: Family::V4,
+            source: IpAddr::V4(source),
+            advertisement,
+        })
+    }
+
+    /// Moves the clock to `at` (from the epoch) and fires what is due.
+    fn at(&mut self, at: Duration) -> Vec<Output> {
+        self.now = self.epoch + at;
+        self.input(Input::Timer)
+    }
+
+    /// Runs until `vrid` is master (its Master_Down_Interval at most 400 ms).
+    fn make_master(&mut self, vrid: u8) {
+        let deadline = self.engine.deadline().expect("a timer");
+        self.at(deadline - self.epoch);
+        assert_eq!(self.state(vrid), State::Master);
+    }
+
+    fn state(&self, vrid: u8) -> State {
+        self.engine
+            .instance("eth0", key(vrid))
+            .map_or(State::Initialize, |i| i.state())
+    }
+
+    fn dropped(&self, label: &str) -> u64 {
+        self.engine
+            .stats()
+            .dropped()
+            .into_iter()
+            .find(|(l, _)| *l == label)
+            .map(|(_, n)| n)
+            .unwrap()
+    }
+}
+
+fn sends(out: &[Output]) -> Vec<&Transmit> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send(t) => Some(t),
+            _ => None,
+        })
+        .collect()
+}
+
+fn transitions(out: &[Output]) -> Vec<(u8, State, State, Reason)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Transition {
+                key,
+                from,
+                to,
+                reason,
+                ..
+            } => Some((key.vrid, *from, *to, *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn position(out: &[Output], pred: impl Fn(&Output) -> bool) -> usize {
+    out.iter().position(pred).expect("output present")
+}
+
+#[test]
+fn instances_share_one_deadline_set_and_the_earliest_is_the_engines() {
+    let mut rig = Rig::new();
+    let slow = InstanceSpec {
+        advert_interval: ms(1000),
+        ..spec("slow", 1, 100)
+    };
+    let out = rig.apply(&[slow, spec("fast", 2, 100)]);
+    assert_eq!(
+        transitions(&out)
+            .iter()
+            .map(|t| (t.0, t.2))
+            .collect::<Vec<_>>(),
+        vec![(1, State::Backup), (2, State::Backup)]
+    );
+    let fast = rig.engine.instance("eth0", key(2)).unwrap();
+    assert_eq!(rig.engine.deadline(), fast.deadline());
+    assert_eq!(
+        rig.engine.deadline(),
+        Some(rig.epoch + fast.master_down_interval())
+    );
+    // The fast one takes over; the slow one is untouched and still waits.
+    rig.make_master(2);
+    assert_eq!(rig.state(1), State::Backup);
+    let slow = rig.engine.instance("eth0", key(1)).unwrap();
+    assert_eq!(
+        slow.deadline(),
+        Some(rig.epoch + slow.master_down_interval())
+    );
+}
+
+#[test]
+fn taking_over_adds_before_announcing_and_advertises_to_the_group() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 7, 100)]);
+    let deadline = rig.engine.deadline().unwrap() - rig.epoch;
+    let out = rig.at(deadline);
+    let add = position(
+        &out,
+        |o| matches!(o, Output::AddAddresses { ifindex: ETH0_INDEX, nets } if nets == &[net("192.0.2.107/24")]),
+    );
+    let announce = position(&out, |o| matches!(o, Output::Announce { .. }));
+    assert!(add < announce, "address before its announcement: {out:?}");
+    let sent = sends(&out);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].source, IpAddr::V4(OWN));
+    assert_eq!(&*sent[0].destinations, &[crate::vrrp::group(Family::V4)]);
+    assert_eq!(sent[0].advertisement.priority, 100);
+    let observed = &rig.engine.observed().instances[&("web".to_string(), Family::V4)];
+    assert_eq!(observed.state, State::Master);
+    assert_eq!(observed.master, Some(IpAddr::V4(OWN)));
+    assert_eq!(observed.reason_code, "master_down");
+    assert!(rig.engine.take_observed_change());
+    assert!(!rig.engine.take_observed_change());
+}
+
+#[test]
+fn advertisements_are_demultiplexed_by_vrid_through_the_node_filters() {
+    let mut rig = Rig::new();
+    let unicast = InstanceSpec {
+        unicast_peers: vec![IpAddr::V4(PEER)],
+        ..spec("unicast", 2, 100)
+    };
+    rig.apply(&[spec("web", 1, 100), unicast]);
+    let before = rig.engine.instance("eth0", key(1)).unwrap().deadline();
+
+    assert!(rig.hear(OWN, advert(1, 200)).is_empty());
+    assert_eq!(rig.dropped("own"), 1);
+    assert!(rig.hear(PEER, advert(9, 200)).is_empty());
+    assert_eq!(rig.dropped("unknown_vrid"), 1);
+    let v2 = Advertisement {
+        version: Version::V2,
+        interval: 1,
+        ..advert(1, 200)
+    };
+    assert!(rig.hear(PEER, v2).is_empty());
+    assert_eq!(rig.dropped("version_mismatch"), 1);
+    assert!(
+        rig.hear(Ipv4Addr::new(192, 0, 2, 66), advert(2, 200))
+            .is_empty()
+    );
+    assert_eq!(rig.dropped("unexpected_source"), 1);
+    assert_eq!(
+        rig.engine.instance("eth0", key(1)).unwrap().deadline(),
+        before,
+        "no filtered packet reached the instance"
+    );
+
+    // A master's advertisement reaches its VRID only, and restarts that backup's timer.
+    rig.now += ms(50);
+    rig.hear(PEER, advert(1, 200));
+    let web = rig.engine.instance("eth0", key(1)).unwrap();
+    assert_eq!(web.master(), Some(IpAddr::V4(PEER)));
+    assert_eq!(web.deadline(), Some(rig.now + web.master_down_interval()));
+    assert_eq!(rig.engine.instance("eth0", key(2)).unwrap().master(), None);
+    rig.hear(PEER, advert(2, 200));
+    assert_eq!(
+        rig.engine.instance("eth0", key(2)).unwrap().master(),
+        Some(IpAddr::V4(PEER))
+    );
+}
+
+#[test]
+fn a_timer_late_within_the_slack_keeps_the_advertisement_schedule() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100)]);
+    rig.make_master(1);
+    let first = rig.engine.deadline().unwrap();
+    // Woken 3 ms late: the next advertisement is due one interval after the deadline.
+    let out = rig.at(first - rig.epoch + ms(3));
+    assert_eq!(sends(&out).len(), 1);
+    assert_eq!(rig.engine.deadline(), Some(first + ms(100)));
+    // After a real stall, one advertisement and the schedule restarts from now: no burst.
+    let stalled = first + ms(100) + ms(250) - rig.epoch;
+    let out = rig.at(stalled);
+    assert_eq!(sends(&out).len(), 1);
+    assert_eq!(rig.engine.deadline(), Some(rig.now + ms(100)));
+}
+
+#[test]
+fn after_a_stall_an_advertisement_heard_before_the_timer_keeps_the_backup() {
+    // What the driver's drain-before-fire relies on: the master's advertisement and the
+    // master-down timer are both pending after a stall; heard first, the advertisement wins.
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100)]);
+    rig.hear(PEER, advert(1, 200));
+    let deadline = rig.engine.deadline().unwrap();
+    rig.now = deadline + ms(40);
+    rig.hear(PEER, advert(1, 200));
+    let out = rig.input(Input::Timer);
+    assert!(transitions(&out).is_empty(), "{out:?}");
+    assert_eq!(rig.state(1), State::Backup);
+    assert!(rig.engine.deadline().unwrap() > rig.now);
+}
+
+#[test]
+fn an_unchanged_plan_does_nothing_and_a_priority_change_applies_in_place() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100)]);
+    rig.make_master(1);
+    rig.engine.take_observed_change();
+    assert!(rig.apply(&[spec("web", 1, 100)]).is_empty());
+    assert!(!rig.engine.take_observed_change());
+
+    let out = rig.apply(&[spec("web", 1, 150)]);
+    assert!(transitions(&out).is_empty(), "{out:?}");
+    assert_eq!(rig.state(1), State::Master);
+    let instance = rig.engine.instance("eth0", key(1)).unwrap();
+    assert_eq!(instance.config().priority, 150);
+    assert!(rig.engine.take_observed_change());
+    assert_eq!(
+        rig.engine.observed().instances[&("web".to_string(), Family::V4)].priority,
+        150
+    );
+}
+
+#[test]
+fn a_changed_version_restarts_the_instance_and_other_changes_reconfigure_it() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100)]);
+    rig.make_master(1);
+    let moved = InstanceSpec {
+        addresses: vec![net("192.0.2.200/24")],
+        ..spec("web", 1, 100)
+    };
+    let out = rig.apply(std::slice::from_ref(&moved));
+    assert!(
+        transitions(&out).is_empty(),
+        "reconfigured in place: {out:?}"
+    );
+    assert!(out.contains(&Output::RemoveAddresses {
+        ifindex: ETH0_INDEX,
+        nets: vec![net("192.0.2.101/24")]
+    }));
+    assert!(out.contains(&Output::AddAddresses {
+        ifindex: ETH0_INDEX,
+        nets: vec![net("192.0.2.200/24")]
+    }));
+
+    let v2 = InstanceSpec {
+        version: Version::V2,
+        advert_interval: Duration::from_secs(1),
+        ..moved
+    };
+    let out = rig.apply(&[v2]);
+    assert_eq!(
+        transitions(&out)
+            .iter()
+            .map(|t| (t.1, t.2))
+            .collect::<Vec<_>>(),
+        vec![
+            (State::Master, State::Initialize),
+            (State::Initialize, State::Backup)
+        ]
+    );
+}
+
+#[test]
+fn a_removed_master_leaves_with_priority_zero_and_releases_its_addresses() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100), spec("api", 2, 100)]);
+    rig.make_master(1);
+    assert_eq!(rig.state(2), State::Master);
+    let out = rig.apply(&[spec("api", 2, 100)]);
+    let sent = sends(&out);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].advertisement.vrid, sent[0].advertisement.priority),
+        (1, 0)
+    );
+    assert!(out.contains(&Output::RemoveAddresses {
+        ifindex: ETH0_INDEX,
+        nets: vec![net("192.0.2.101/24")]
+    }));
+    assert_eq!(rig.state(1), State::Initialize);
+    assert_eq!(rig.state(2), State::Master);
+    assert!(
+        !rig.engine
+            .observed()
+            .instances
+            .contains_key(&("web".to_string(), Family::V4))
+    );
+    // Only api's timer is left.
+    assert_eq!(
+        rig.engine.deadline(),
+        rig.engine.instance("eth0", key(2)).unwrap().deadline()
+    );
+    rig.apply(&[]);
+    assert_eq!(rig.engine.deadline(), None);
+    assert!(rig.engine.interfaces().is_empty());
+}
+
+#[test]
+fn the_restart_hold_keeps_master_addresses_with_a_lifetime_and_stops_the_rest() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100)]);
+    rig.make_master(1);
+    rig.apply(&[spec("web", 1, 100), spec("api", 2, 100)]);
+    assert_eq!(rig.state(2), State::Backup);
+    let out = rig.input(Input::Hold(Duration::from_secs(9)));
+    assert!(out.contains(&Output::SetLifetime {
+        ifindex: ETH0_INDEX,
+        nets: vec![net("192.0.2.101/24")],
+        lifetime: Some(Duration::from_secs(9)),
+    }));
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Output::RemoveAddresses { .. })),
+        "{out:?}"
+    );
+    let sent = sends(&out);
+    assert_eq!(sent.len(), 1, "the master announces the hold: {out:?}");
+    assert_eq!(sent[0].advertisement.interval, 300, "a third of 9 s");
+    assert_ne!(sent[0].advertisement.priority, 0);
+    assert_eq!(
+        transitions(&out)
+            .iter()
+            .map(|t| (t.0, t.2))
+            .collect::<Vec<_>>(),
+        vec![(1, State::Initialize), (2, State::Initialize)],
+        "both stop; only the master's addresses stay, for the next agent"
+    );
+    assert_eq!(rig.engine.deadline(), None);
+}
+
+#[test]
+fn held_addresses_are_adopted_without_an_election_and_the_others_released() {
+    let held = HashSet::from([
+        (ETH0_INDEX, net("192.0.2.101/24")),
+        (ETH0_INDEX, net("192.0.2.250/24")),
+    ]);
+    let mut rig = Rig::with_held(held);
+    let out = rig.apply(&[spec("web", 1, 100)]);
+    let adopt = position(
+        &out,
+        |o| matches!(o, Output::SetLifetime { nets, lifetime: None, .. } if nets == &[net("192.0.2.101/24")]),
+    );
+    assert_eq!(
+        transitions(&out),
+        vec![(1, State::Initialize, State::Master, Reason::Adopted)]
+    );
+    let release = position(
+        &out,
+        |o| matches!(o, Output::RemoveAddresses { nets, .. } if nets == &[net("192.0.2.250/24")]),
+    );
+    assert!(adopt < release);
+    assert_eq!(rig.state(1), State::Master);
+    // Adoption happens once: the next plan releases nothing.
+    assert!(rig.apply(&[spec("web", 1, 100)]).is_empty());
+}
+
+#[test]
+fn an_instance_waits_for_its_interface_and_starts_when_it_appears() {
+    let mut rig = Rig::new();
+    let missing = Environment {
+        links: BTreeMap::from([(
+            Arc::from("eth0"),
+            LinkEnv {
+                facts: Err("no such device".into()),
+                sockets: BTreeMap::new(),
+                vmacs: BTreeMap::new(),
+            },
+        )]),
+    };
+    assert!(rig.apply_in(&[spec("web", 1, 100)], missing).is_empty());
+    let status = &rig.engine.observed().instances[&("web".to_string(), Family::V4)];
+    assert_eq!(
+        status.fault.as_deref(),
+        Some("interface eth0: no such device")
+    );
+    assert_eq!(rig.engine.deadline(), None);
+    // The driver keeps the interface's requirements alive while it waits.
+    assert_eq!(rig.engine.requirements().len(), 1);
+
+    // Up, but without an address yet.
+    let bare = env(facts(ETH0_INDEX, None), &[]);
+    rig.input(Input::Refresh(bare));
+    let status = &rig.engine.observed().instances[&("web".to_string(), Family::V4)];
+    assert_eq!(
+        status.fault.as_deref(),
+        Some("interface eth0 has no usable IPv4 address")
+    );
+
+    let out = rig.input(Input::Refresh(eth0()));
+    assert_eq!(
+        transitions(&out),
+        vec![(1, State::Initialize, State::Backup, Reason::Startup)]
+    );
+    let status = &rig.engine.observed().instances[&("web".to_string(), Family::V4)];
+    assert_eq!(status.fault, None);
+    assert!(rig.engine.deadline().is_some());
+}
+
+#[test]
+fn a_changed_primary_address_reconfigures_and_a_lost_one_parks_the_instance() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100)]);
+    rig.make_master(1);
+    let renumbered = Ipv4Addr::new(192, 0, 2, 9);
+    rig.input(Input::Refresh(env(
+        facts(ETH0_INDEX, Some(renumbered)),
+        &[],
+    )));
+    assert_eq!(rig.state(1), State::Master);
+    let deadline = rig.engine.deadline().unwrap() - rig.epoch;
+    let out = rig.at(deadline);
+    assert_eq!(sends(&out)[0].source, IpAddr::V4(renumbered));
+    // An advertisement from our old address is someone else's now.
+    rig.hear(OWN, advert(1, 50));
+    assert_eq!(rig.dropped("own"), 0);
+
+    let out = rig.input(Input::Refresh(env(facts(ETH0_INDEX, None), &[])));
+    assert!(out.contains(&Output::RemoveAddresses {
+        ifindex: ETH0_INDEX,
+        nets: vec![net("192.0.2.101/24")]
+    }));
+    assert_eq!(rig.state(1), State::Initialize);
+    assert!(
+        rig.engine.observed().instances[&("web".to_string(), Family::V4)]
+            .fault
+            .is_some()
+    );
+}
+
+#[test]
+fn a_recreated_interface_restarts_its_instances_on_the_new_index() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100)]);
+    rig.make_master(1);
+    let out = rig.input(Input::Refresh(env(facts(7, Some(OWN)), &[])));
+    let removed = position(&out, |o| {
+        matches!(
+            o,
+            Output::RemoveAddresses {
+                ifindex: ETH0_INDEX,
+                ..
+            }
+        )
+    });
+    let restarted = position(&out, |o| {
+        matches!(
+            o,
+            Output::Transition {
+                to: State::Backup,
+                ..
+            }
+        )
+    });
+    assert!(removed < restarted, "{out:?}");
+    rig.make_master(1);
+    let deadline = rig.engine.deadline().unwrap() - rig.epoch;
+    let out = rig.at(deadline);
+    assert!(sends(&out).len() == 1);
+    assert!(
+        rig.engine.requirements()[0].interface.as_ref() == "eth0",
+        "still on eth0"
+    );
+}
+
+#[test]
+fn virtual_mac_instances_use_their_macvlan_and_it_goes_with_the_last_of_them() {
+    let vmac = VmacFacts {
+        name: Arc::from("fv4.2.1"),
+        index: 40,
+        mac: [0, 0, 0x5e, 0, 1, 1],
+    };
+    let with_vmac = env(facts(ETH0_INDEX, Some(OWN)), &[(1, vmac.clone())]);
+    let web = InstanceSpec {
+        virtual_mac: true,
+        ..spec("web", 1, 100)
+    };
+    let mut rig = Rig::new();
+    rig.apply_in(std::slice::from_ref(&web), with_vmac.clone());
+    let deadline = rig.engine.deadline().unwrap() - rig.epoch;
+    let out = rig.at(deadline);
+    assert!(out.contains(&Output::AddAddresses {
+        ifindex: 40,
+        nets: vec![net("192.0.2.101/24")]
+    }));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Announce { interface, mac, .. } if &**interface == "fv4.2.1" && *mac == vmac.mac
+    )));
+    assert_eq!(sends(&out)[0].vmac.as_deref(), Some("fv4.2.1"));
+    assert_eq!(sends(&out)[0].source, IpAddr::V4(OWN));
+
+    // A restart of the instance (new version) keeps its macvlan.
+    let v2 = InstanceSpec {
+        version: Version::V2,
+        advert_interval: Duration::from_secs(1),
+        ..web
+    };
+    let out = rig.apply_in(std::slice::from_ref(&v2), with_vmac.clone());
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::DeleteVmac { .. })),
+        "{out:?}"
+    );
+    // Removed: the macvlan goes after the instance released its addresses.
+    rig.make_master(1);
+    let out = rig.apply_in(&[], with_vmac);
+    let removed = position(&out, |o| {
+        matches!(o, Output::RemoveAddresses { ifindex: 40, .. })
+    });
+    let deleted = position(
+        &out,
+        |o| matches!(o, Output::DeleteVmac { name } if &**name == "fv4.2.1"),
+    );
+    assert!(removed < deleted, "{out:?}");
+}
+
+#[test]
+fn a_virtual_mac_that_cannot_be_set_up_parks_the_instance_with_the_reason() {
+    let mut rig = Rig::new();
+    let mut broken = eth0();
+    broken
+        .links
+        .get_mut("eth0")
+        .unwrap()
+        .vmacs
+        .insert((Family::V4, 1), Err("operation not supported".into()));
+    let web = InstanceSpec {
+        virtual_mac: true,
+        ..spec("web", 1, 100)
+    };
+    rig.apply_in(&[web], broken);
+    assert_eq!(rig.state(1), State::Initialize);
+    assert_eq!(
+        rig.engine.observed().instances[&("web".to_string(), Family::V4)]
+            .fault
+            .as_deref(),
+        Some("virtual MAC: operation not supported")
+    );
+}
+
+#[test]
+fn unicast_advertisements_go_to_the_other_peers_only() {
+    let mut rig = Rig::new();
+    let third = Ipv4Addr::new(192, 0, 2, 3);
+    let web = InstanceSpec {
+        unicast_peers: vec![IpAddr::V4(OWN), IpAddr::V4(PEER), IpAddr::V4(third)],
+        ..spec("web", 1, 100)
+    };
+    rig.apply(&[web]);
+    let deadline = rig.engine.deadline().unwrap() - rig.epoch;
+    let out = rig.at(deadline);
+    assert_eq!(
+        &*sends(&out)[0].destinations,
+        &[IpAddr::V4(PEER), IpAddr::V4(third)]
+    );
+}
+
+#[test]
+fn a_shared_instance_reports_every_member_under_its_first_name() {
+    let mut rig = Rig::new();
+    let shared = InstanceSpec {
+        members: vec!["a".into(), "b".into(), "c".into()],
+        addresses: vec![
+            net("192.0.2.101/24"),
+            net("192.0.2.102/24"),
+            net("192.0.2.103/24"),
+        ],
+        ..spec("a", 1, 100)
+    };
+    rig.apply(std::slice::from_ref(&shared));
+    rig.make_master(1);
+    let status = &rig.engine.observed().instances[&("a".to_string(), Family::V4)];
+    assert_eq!(&*status.members, &["a", "b", "c"]);
+    // A member joins: the instance keeps running, the members are updated.
+    let grown = InstanceSpec {
+        members: vec!["a".into(), "b".into(), "c".into(), "d".into()],
+        addresses: [shared.addresses.clone(), vec![net("192.0.2.104/24")]].concat(),
+        ..shared
+    };
+    let out = rig.apply(&[grown]);
+    assert!(transitions(&out).is_empty());
+    assert!(out.contains(&Output::AddAddresses {
+        ifindex: ETH0_INDEX,
+        nets: vec![net("192.0.2.104/24")]
+    }));
+    let status = &rig.engine.observed().instances[&("a".to_string(), Family::V4)];
+    assert_eq!(status.members.len(), 4);
+}
+
+#[test]
+fn requirements_name_what_the_driver_must_set_up() {
+    let web = InstanceSpec {
+        virtual_mac: true,
+        ..spec("web", 3, 100)
+    };
+    let reqs = requirements(&plan(&[spec("api", 1, 100), web]));
+    assert_eq!(
+        reqs,
+        vec![
+            Requirement {
+                interface: Arc::from("eth0"),
+                family: Family::V4,
+                vrid: 1,
+                virtual_mac: false
+            },
+            Requirement {
+                interface: Arc::from("eth0"),
+                family: Family::V4,
+                vrid: 3,
+                virtual_mac: true
+            },
+        ]
+    );
+}
