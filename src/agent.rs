@@ -15,7 +15,6 @@ use tracing::{info, warn};
 use crate::crd::manifest::{self, ManifestError, Manifests};
 use crate::crd::{CheckKind, ValidCheck, VirtualIP};
 use crate::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
-use crate::dataplane::service::ServiceSet;
 use crate::dataplane::worker::{self, DataplaneStatus};
 use crate::driver::{Command, Driver};
 use crate::engine::Observed;
@@ -23,6 +22,7 @@ use crate::health::{self, CheckKey, CheckSpec, HealthMonitor, HealthReport};
 use crate::k8s::status::StatusWriter;
 use crate::k8s::{ClusterSource, K8sError};
 use crate::metrics::Metrics;
+use crate::model::service::ServiceSet;
 use crate::model::{Desired, Snapshot, plan};
 use crate::node::addr::{AddrError, AddressManager};
 

@@ -47,6 +47,8 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
+use crate::dataplane::ApplyReport;
+use crate::dataplane::worker::ApplyObserver;
 use crate::engine::{InstanceStatus, Observed, Stats};
 use crate::vocab::Family as IpFamily;
 use crate::vrrp::instance::State;
@@ -470,6 +472,20 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.inner.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+impl ApplyObserver for Metrics {
+    fn applied(&self, dataplane: &'static str, report: &ApplyReport, took: Duration) {
+        self.dataplane_available(dataplane, report.unavailable.is_none());
+        if report.unavailable.is_none() {
+            self.dataplane_applied(dataplane, report.result_label(), took, report.writes);
+            self.ipvs_table(report.services as u64, report.backends as u64);
+        }
+        let reasons = report.failures.iter().map(|f| f.reason);
+        for reason in reasons.chain(report.error.as_ref().map(|e| e.reason)) {
+            self.dataplane_error(dataplane, reason);
+        }
     }
 }
 

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use ferrovip::dataplane::ipvs::client::{IpvsClient, IpvsError, Op};
 use ferrovip::dataplane::ipvs::netlink;
 use ferrovip::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
-use ferrovip::dataplane::service::{
-    BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
-};
 use ferrovip::dataplane::{ApplyReport, Dataplane};
 use ferrovip::lab::vm::{GuestBridge, GuestNetns, TcpNameServer, tcp_request, tcp_spread};
+use ferrovip::model::service::{
+    BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
+};
 use ferrovip::vrrp::Family;
 use vm::{Case, CaseResult, ensure};
 
@@ -1152,7 +1152,7 @@ fn cleanup_removes_what_an_earlier_run_left() -> CaseResult {
 /// GUE and GRE encapsulation and connection thresholds are programmed as asked, read back
 /// equal (a second apply and a restarted dataplane write nothing), and edited in place.
 fn tunnel_options_and_connection_limits_round_trip() -> CaseResult {
-    use ferrovip::dataplane::service::{Encapsulation, TunnelKind};
+    use ferrovip::model::service::{Encapsulation, TunnelKind};
     let ns = GuestNetns::create("tunopts")?;
     let state = PathBuf::from("/run/tunopts-state");
     let new_dp = || {

@@ -8,12 +8,11 @@
 
 pub mod ipvs;
 pub mod nft;
-pub mod service;
 pub mod worker;
 
 use std::future::Future;
 
-use service::{ServiceKey, ServiceSet};
+use crate::model::service::{ServiceKey, ServiceSet};
 
 /// Converges the kernel's virtual services to a desired set.
 pub trait Dataplane: Send {

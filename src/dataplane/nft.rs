@@ -37,7 +37,7 @@ const STDERR_LIMIT: usize = 2048;
 const EXCERPT_LIMIT: usize = 200;
 
 /// The transport protocol of a virtual service (the VirtualIP's `protocol` field).
-pub use crate::dataplane::service::ServiceProtocol as Protocol;
+pub use crate::model::service::ServiceProtocol as Protocol;
 
 /// The IP protocol number. Rendered as a number because nft resolves names through
 /// /etc/protocols, which minimal images (the test VM's initramfs) lack.

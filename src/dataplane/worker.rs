@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::service::{ServiceKey, ServiceSet};
 use super::{ApplyReport, Dataplane};
-use crate::metrics::Metrics;
+use crate::model::service::{ServiceKey, ServiceSet};
 
 /// First retry of a failed service; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -73,11 +72,17 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
+/// Hears the outcome of every apply (the agent's metrics). The dataplane layer names no
+/// observer of its own, so the imports point down: metrics knows the report, not the reverse.
+pub trait ApplyObserver: Send + 'static {
+    fn applied(&self, dataplane: &'static str, report: &ApplyReport, took: Duration);
+}
+
 /// Starts the worker thread. It stops when `desired`'s sender is dropped.
 pub fn spawn<D: Dataplane + 'static>(
     mut dataplane: D,
     mut desired: watch::Receiver<Arc<ServiceSet>>,
-    metrics: Metrics,
+    observer: impl ApplyObserver,
     resync: Duration,
 ) -> watch::Receiver<Option<Arc<DataplaneStatus>>> {
     let (status_tx, status_rx) = watch::channel(None);
@@ -109,15 +114,7 @@ pub fn spawn<D: Dataplane + 'static>(
                     let started = Instant::now();
                     let report = dataplane.apply(&set).await;
                     let took = started.elapsed();
-                    metrics.dataplane_available(name, report.unavailable.is_none());
-                    if report.unavailable.is_none() {
-                        metrics.dataplane_applied(name, report.result_label(), took, report.writes);
-                        metrics.ipvs_table(report.services as u64, report.backends as u64);
-                    }
-                    let reasons = report.failures.iter().map(|f| f.reason);
-                    for reason in reasons.chain(report.error.as_ref().map(|e| e.reason)) {
-                        metrics.dataplane_error(name, reason);
-                    }
+                    observer.applied(name, &report, took);
                     log.report(name, &set, &report, took);
                     let wait = if report.unavailable.is_some() {
                         UNAVAILABLE_RECHECK

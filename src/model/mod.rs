@@ -4,6 +4,8 @@
 //! [`Snapshot`]; [`plan`] decides which VRRP instances this node runs, with which priority,
 //! and which resources are refused and why.
 
+pub mod service;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
@@ -15,8 +17,8 @@ use crate::crd::{
     ServiceMatch, ServiceRef, ValidBackends, ValidCheck, ValidService, ValidSpec, ValidationErrors,
     VirtualIP,
 };
-use crate::dataplane::service::{BackendKey, Forwarding, ServiceKey, ServiceSet, ServiceSpec};
 use crate::vocab::{ChecksumMode, Family, Version};
+use service::{BackendKey, Forwarding, ServiceKey, ServiceSet, ServiceSpec};
 
 /// Nodes carrying this label never hold addresses (the Kubernetes convention for external
 /// load balancers).

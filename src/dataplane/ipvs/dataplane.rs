@@ -22,11 +22,11 @@ use super::client::{IpvsClient, IpvsError, Op};
 use super::diff::{Change, DestConf, Programmed, ServiceConf, diff};
 use super::netlink;
 use crate::dataplane::nft::{MasqueradeMatch, NftRules};
-use crate::dataplane::service::{
+use crate::dataplane::{ApplyError, ApplyReport, Dataplane, ServiceFailure};
+use crate::model::service::{
     BackendKey, Encapsulation, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
     TunnelKind,
 };
-use crate::dataplane::{ApplyError, ApplyReport, Dataplane, ServiceFailure};
 use crate::vocab::Family;
 
 /// Where the IPVS dataplane keeps its state and finds its tools.

@@ -8,7 +8,7 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use crate::dataplane::service::{
+use crate::model::service::{
     BackendKey, Encapsulation, Forwarding, ServiceKey, ServiceSet, ServiceSpec,
 };
 
@@ -211,7 +211,7 @@ fn merge_join<'a, K: Ord + 'a, A: 'a, B: 'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::service::ServiceProtocol;
+    use crate::model::service::ServiceProtocol;
 
     fn key(port: u16) -> ServiceKey {
         ServiceKey::Port {
