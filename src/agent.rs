@@ -4,27 +4,27 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::crd::manifest::{self, ManifestError, Manifests};
-use crate::crd::{CheckKind, ValidCheck, VirtualIP};
+use crate::crd::{CheckKind, ValidCheck};
 use crate::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use crate::dataplane::worker::{self, DataplaneStatus};
 use crate::driver::{Command, Driver};
 use crate::engine::Observed;
 use crate::health::{self, CheckKey, CheckSpec, HealthMonitor, HealthReport};
 use crate::k8s::status::StatusWriter;
-use crate::k8s::{ClusterSource, K8sError};
 use crate::metrics::Metrics;
 use crate::model::service::ServiceSet;
-use crate::model::{Desired, Snapshot, plan};
+use crate::model::{Desired, plan};
 use crate::node::addr::{AddrError, AddressManager};
+use crate::source::Source;
+use crate::source::cluster::{self, ClusterSource, K8sError};
 
 /// How often interface carrier is read.
 const CARRIER_POLL: Duration = Duration::from_secs(1);
@@ -102,220 +102,240 @@ impl AgentError {
     }
 }
 
-/// Where VirtualIPs come from.
-enum Source {
-    Files {
-        files: ManifestSource,
-        poll: tokio::time::Interval,
-        reported: Reported,
-    },
-    Cluster(ClusterSource),
-}
-
-impl Source {
-    /// Resolves when the source may have changed. Cancel-safe: it races other wake-ups.
-    async fn changed(&mut self) {
-        match self {
-            Source::Files { files, poll, .. } => loop {
-                poll.tick().await;
-                if files.changed() {
-                    return;
-                }
-            },
-            Source::Cluster(c) => c.changed().await,
-        }
-    }
-
-    fn snapshot(&mut self) -> Snapshot {
-        match self {
-            Source::Files {
-                files, reported, ..
-            } => files.load(reported),
-            Source::Cluster(c) => c.snapshot(),
-        }
-    }
-}
-
 /// Runs the agent until SIGTERM or SIGINT, then leaves gracefully (priority 0, addresses
-/// released).
+/// released), or, on SIGTERM with `--restart-hold`, holds the addresses for the next agent.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
-    let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
+    let mut signals = Signals::install()?;
+    let mut agent = Agent::start(&args).await?;
+    let hold = agent.run(&args, &mut signals).await;
+    agent.stop(hold).await;
+    Ok(())
+}
 
-    let addresses = AddressManager::connect().map_err(AgentError::Netlink)?;
-    let engine = Driver::start(args.node_name.clone(), addresses).await;
-    let observed = engine.observe();
-    let metrics = Metrics::new();
-    metrics.attach_vrrp_stats(engine.stats());
-    let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
-    if args.metrics_addr != "off" {
-        let addr: SocketAddr = args
-            .metrics_addr
-            .parse()
-            .map_err(|_| AgentError::MetricsAddr(args.metrics_addr.clone()))?;
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            let stopped = async {
-                let _ = metrics_stopped.await;
-            };
-            if let Err(e) = crate::metrics::serve(addr, m, stopped).await {
-                warn!(error = %e, "metrics are not served");
+/// The signals the agent acts on.
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, AgentError> {
+        let install = |kind| signal(kind).map_err(AgentError::Signals);
+        Ok(Signals {
+            terminate: install(SignalKind::terminate())?,
+            interrupt: install(SignalKind::interrupt())?,
+            hangup: install(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// A running agent: the VRRP driver, the dataplane worker, metrics and the source.
+struct Agent {
+    commands: mpsc::Sender<Command>,
+    driver_task: tokio::task::JoinHandle<()>,
+    stop_metrics: oneshot::Sender<()>,
+    metrics: Metrics,
+    services: watch::Sender<Arc<ServiceSet>>,
+    desired: watch::Sender<Arc<Desired>>,
+    source: Source,
+    monitor: HealthMonitor,
+    health: watch::Receiver<HealthReport>,
+}
+
+impl Agent {
+    /// Sets everything up: the driver (which first removes what a crashed predecessor left),
+    /// metrics, the dataplane thread, the source (and in Kubernetes mode the status writer).
+    async fn start(args: &AgentArgs) -> Result<Agent, AgentError> {
+        let addresses = AddressManager::connect().map_err(AgentError::Netlink)?;
+        let driver = Driver::start(args.node_name.clone(), addresses).await;
+        let observed = driver.observe();
+        let metrics = Metrics::new();
+        metrics.attach_vrrp_stats(driver.stats());
+        let stop_metrics = serve_metrics(args, &metrics)?;
+        tokio::spawn(observe_vrrp(observed.clone(), metrics.clone()));
+        let (services, services_rx) = watch::channel(Arc::new(ServiceSet::new()));
+        let dataplane_status = match args.dataplane {
+            DataplaneKind::Ipvs => Some(worker::spawn(
+                IpvsDataplane::new(IpvsOptions {
+                    state_dir: args.state_dir.clone(),
+                    ..IpvsOptions::default()
+                }),
+                services_rx,
+                metrics.clone(),
+                args.dataplane_resync,
+            )),
+            DataplaneKind::None => None,
+        };
+        let (commands, commands_rx) = mpsc::channel(16);
+        let driver_task = tokio::spawn(driver.run(commands_rx));
+        let (desired, desired_rx) = watch::channel(Arc::new(Desired::default()));
+        let source = match &args.manifests {
+            Some(path) => {
+                info!(node = %args.node_name, manifests = %path.display(), "agent started in standalone mode");
+                Source::files(path.clone(), args.manifest_poll)
+            }
+            None => {
+                info!(node = %args.node_name, "agent started in Kubernetes mode");
+                let client = cluster::client().await?;
+                let cluster = ClusterSource::start(client.clone(), args.node_name.clone()).await;
+                tokio::spawn(write_status(
+                    StatusWriter::new(client, args.node_name.clone()),
+                    cluster.clone_stores(),
+                    desired_rx,
+                    observed,
+                    dataplane_status,
+                ));
+                Source::Cluster(cluster)
+            }
+        };
+        let (monitor, health) = HealthMonitor::new();
+        Ok(Agent {
+            commands,
+            driver_task,
+            stop_metrics,
+            metrics,
+            services,
+            desired,
+            source,
+            monitor,
+            health,
+        })
+    }
+
+    /// Plans on every change of the source, the health checks or an interface's carrier,
+    /// and publishes each new plan. Returns how long to hold the addresses on the way out
+    /// (zero: release them).
+    async fn run(&mut self, args: &AgentArgs, signals: &mut Signals) -> Duration {
+        let mut carrier_poll = tokio::time::interval(CARRIER_POLL);
+        carrier_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut snapshot = self.source.snapshot();
+        let mut carrier: BTreeMap<String, bool> = BTreeMap::new();
+        let mut last: Option<Desired> = None;
+        let mut refused_checks: Vec<String> = Vec::new();
+        let mut replan = true;
+        loop {
+            if replan {
+                snapshot.local.carrier = carrier.clone();
+                snapshot.local.failing_checks = failing_checks(&self.health.borrow_and_update());
+                let desired = plan(&snapshot, &args.node_name);
+                if last.as_ref() != Some(&desired) {
+                    if !self.publish(&desired, &mut refused_checks).await {
+                        warn!("the VRRP engine stopped unexpectedly");
+                        return Duration::ZERO;
+                    }
+                    last = Some(desired);
+                }
+            }
+            replan = true;
+            tokio::select! {
+                _ = signals.terminate.recv() => return args.restart_hold,
+                _ = signals.interrupt.recv() => return Duration::ZERO,
+                _ = signals.hangup.recv() => {
+                    info!("SIGHUP: reloading");
+                    snapshot = self.source.snapshot();
+                }
+                () = self.source.changed() => {
+                    self.source.settle().await;
+                    snapshot = self.source.snapshot();
+                }
+                _ = self.health.changed() => {}
+                _ = carrier_poll.tick() => {
+                    let interfaces = last.iter().flat_map(|d| d.instances.keys());
+                    let now: BTreeMap<String, bool> = interfaces
+                        .filter_map(|i| health::carrier_up(i).map(|up| (i.clone(), up)))
+                        .collect();
+                    // Plan again only when a carrier changed.
+                    replan = now != carrier;
+                    carrier = now;
+                }
+            }
+        }
+    }
+
+    /// Hands a new plan to the driver, the health monitor, the dataplane, metrics and status.
+    /// False when the driver is gone.
+    async fn publish(&mut self, desired: &Desired, refused_checks: &mut Vec<String>) -> bool {
+        self.source.report_refusals(desired);
+        let refused: Vec<String> = self
+            .monitor
+            .set_checks(check_specs(desired))
+            .into_iter()
+            .map(|(key, e)| format!("check {key}: {e}"))
+            .collect();
+        if refused != *refused_checks {
+            for r in &refused {
+                warn!("{r}");
+            }
+            *refused_checks = refused;
+        }
+        if self
+            .commands
+            .send(Command::Apply(desired.instances.clone()))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.services.send_if_modified(|s| {
+            if **s == desired.services {
+                false
+            } else {
+                *s = Arc::new(desired.services.clone());
+                true
             }
         });
+        self.metrics.virtualips(
+            desired
+                .resources
+                .values()
+                .filter(|r| r.refused.is_none())
+                .count() as u64,
+            desired.refused.len() as u64,
+        );
+        let _ = self.desired.send(Arc::new(desired.clone()));
+        true
     }
-    tokio::spawn(observe_vrrp(observed.clone(), metrics.clone()));
-    let (services_tx, services_rx) = watch::channel(Arc::new(ServiceSet::new()));
-    let dataplane_status = match args.dataplane {
-        DataplaneKind::Ipvs => Some(worker::spawn(
-            IpvsDataplane::new(IpvsOptions {
-                state_dir: args.state_dir.clone(),
-                ..IpvsOptions::default()
-            }),
-            services_rx,
-            metrics.clone(),
-            args.dataplane_resync,
-        )),
-        DataplaneKind::None => None,
-    };
-    let (commands, commands_rx) = mpsc::channel(16);
-    let engine_task = tokio::spawn(engine.run(commands_rx));
-    let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
 
-    let mut source = match &args.manifests {
-        Some(path) => {
-            info!(node = %args.node_name, manifests = %path.display(), "agent started in standalone mode");
-            let mut poll = tokio::time::interval(args.manifest_poll);
-            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            Source::Files {
-                files: ManifestSource::new(path.clone()),
-                poll,
-                reported: Reported::default(),
-            }
-        }
-        None => {
-            info!(node = %args.node_name, "agent started in Kubernetes mode");
-            let client = crate::k8s::client().await?;
-            let cluster = ClusterSource::start(client.clone(), args.node_name.clone()).await;
-            tokio::spawn(write_status(
-                StatusWriter::new(client, args.node_name.clone()),
-                cluster.clone_stores(),
-                desired_rx,
-                observed.clone(),
-                dataplane_status.clone(),
-            ));
-            Source::Cluster(cluster)
-        }
-    };
-
-    let (mut monitor, mut health_rx) = HealthMonitor::new();
-    let mut carrier_poll = tokio::time::interval(CARRIER_POLL);
-    carrier_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut snapshot = source.snapshot();
-    let mut carrier: BTreeMap<String, bool> = BTreeMap::new();
-    let mut last: Option<Desired> = None;
-    let mut refused_checks: Vec<String> = Vec::new();
-    let mut hold = Duration::ZERO;
-    let mut replan = true;
-    loop {
-        snapshot.local.carrier = carrier.clone();
-        snapshot.local.failing_checks = failing_checks(&health_rx.borrow_and_update());
-        let desired = if replan {
-            Some(plan(&snapshot, &args.node_name))
+    /// Leaves: priority 0 and addresses released, or held for `hold`. The IPVS table stays:
+    /// forwarding continues through a restart, and the next agent adopts it.
+    async fn stop(self, hold: Duration) {
+        let (done, wait) = oneshot::channel();
+        let command = if hold.is_zero() {
+            info!("shutting down: sending priority 0 and releasing addresses");
+            Command::Shutdown(done)
         } else {
-            None
+            info!(hold = ?hold, "stopping for a restart: holding the addresses for the next agent");
+            Command::Hold(hold, done)
         };
-        replan = true;
-        if let Some(desired) = desired
-            && last.as_ref() != Some(&desired)
-        {
-            if let Source::Files { reported, .. } = &mut source {
-                reported.refusals(&desired);
-            }
-            let refused: Vec<String> = monitor
-                .set_checks(check_specs(&desired))
-                .into_iter()
-                .map(|(key, e)| format!("check {key}: {e}"))
-                .collect();
-            if refused != refused_checks {
-                for r in &refused {
-                    warn!("{r}");
-                }
-                refused_checks = refused;
-            }
-            if commands
-                .send(Command::Apply(desired.instances.clone()))
-                .await
-                .is_err()
-            {
-                warn!("the VRRP engine stopped unexpectedly");
-                break;
-            }
-            services_tx.send_if_modified(|s| {
-                if **s == desired.services {
-                    false
-                } else {
-                    *s = Arc::new(desired.services.clone());
-                    true
-                }
-            });
-            metrics.virtualips(
-                desired
-                    .resources
-                    .values()
-                    .filter(|r| r.refused.is_none())
-                    .count() as u64,
-                desired.refused.len() as u64,
-            );
-            let _ = desired_tx.send(Arc::new(desired.clone()));
-            last = Some(desired);
+        if self.commands.send(command).await.is_ok() {
+            let _ = wait.await;
         }
+        let _ = self.driver_task.await;
+        let _ = self.stop_metrics.send(());
+    }
+}
 
-        tokio::select! {
-            _ = terminate.recv() => {
-                hold = args.restart_hold;
-                break;
-            }
-            _ = interrupt.recv() => break,
-            _ = hangup.recv() => {
-                info!("SIGHUP: reloading");
-                snapshot = source.snapshot();
-            }
-            () = source.changed() => {
-                if let Source::Cluster(c) = &mut source {
-                    c.settle().await;
-                }
-                snapshot = source.snapshot();
-            }
-            _ = health_rx.changed() => {}
-            _ = carrier_poll.tick() => {
-                let interfaces = last.iter().flat_map(|d| d.instances.keys());
-                let now: BTreeMap<String, bool> = interfaces
-                    .filter_map(|i| health::carrier_up(i).map(|up| (i.clone(), up)))
-                    .collect();
-                // Plan again only when a carrier changed.
-                replan = now != carrier;
-                carrier = now;
-            }
+/// Serves metrics unless `--metrics-addr off`; the sender stops the server.
+fn serve_metrics(args: &AgentArgs, metrics: &Metrics) -> Result<oneshot::Sender<()>, AgentError> {
+    let (stop, stopped) = oneshot::channel::<()>();
+    if args.metrics_addr == "off" {
+        return Ok(stop);
+    }
+    let addr: SocketAddr = args
+        .metrics_addr
+        .parse()
+        .map_err(|_| AgentError::MetricsAddr(args.metrics_addr.clone()))?;
+    let m = metrics.clone();
+    tokio::spawn(async move {
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = crate::metrics::serve(addr, m, stopped).await {
+            warn!(error = %e, "metrics are not served");
         }
-    }
-
-    let (done, wait) = oneshot::channel();
-    let command = if hold.is_zero() {
-        info!("shutting down: sending priority 0 and releasing addresses");
-        Command::Shutdown(done)
-    } else {
-        info!(hold = ?hold, "stopping for a restart: holding the addresses for the next agent");
-        Command::Hold(hold, done)
-    };
-    if commands.send(command).await.is_ok() {
-        let _ = wait.await;
-    }
-    let _ = engine_task.await;
-    let _ = stop_metrics.send(());
-    // The IPVS table stays: forwarding continues through a restart, and the next agent
-    // adopts it.
-    Ok(())
+    });
+    Ok(stop)
 }
 
 /// Removes what agents put in this node's kernel, for a node that stops running ferrovip
@@ -407,7 +427,7 @@ fn check_spec(check: &ValidCheck) -> CheckSpec {
 /// failed writes, in its own task so that a slow API server never delays planning.
 async fn write_status(
     mut writer: StatusWriter,
-    mut stores: crate::k8s::Stores,
+    mut stores: cluster::Stores,
     mut desired: watch::Receiver<Arc<Desired>>,
     mut observed: watch::Receiver<Observed>,
     dataplane: Option<watch::Receiver<Option<Arc<DataplaneStatus>>>>,
@@ -437,143 +457,5 @@ async fn write_status(
         }
         // Let a burst of changes settle into one round of writes.
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The manifest files, with change detection and the last good content of each file.
-struct ManifestSource {
-    path: PathBuf,
-    fingerprint: Option<Vec<(PathBuf, Option<SystemTime>, u64)>>,
-    /// Per file, the VirtualIPs of its last successful parse: a file that becomes unreadable
-    /// or stops being valid YAML keeps its previous VIPs running instead of dropping them.
-    last_good: BTreeMap<PathBuf, Vec<VirtualIP>>,
-}
-
-impl ManifestSource {
-    fn new(path: PathBuf) -> Self {
-        ManifestSource {
-            path,
-            fingerprint: None,
-            last_good: BTreeMap::new(),
-        }
-    }
-
-    /// Whether the files changed since the last load (true before the first load).
-    fn changed(&mut self) -> bool {
-        let now = fingerprint(&self.path);
-        if self.fingerprint.as_ref() == Some(&now) {
-            return false;
-        }
-        self.fingerprint = Some(now);
-        true
-    }
-
-    fn load(&mut self, reported: &mut Reported) -> Snapshot {
-        self.fingerprint = Some(fingerprint(&self.path));
-        let files = match manifest::manifest_files(&self.path) {
-            Ok(files) => files,
-            Err(e) => {
-                reported.manifest_errors(&[e], "keeping the VirtualIPs loaded before");
-                return self.snapshot();
-            }
-        };
-        let mut errors = Vec::new();
-        let mut fresh = BTreeMap::new();
-        for file in files {
-            let text = match std::fs::read_to_string(&file) {
-                Ok(t) => t,
-                Err(source) => {
-                    errors.push(ManifestError::Read {
-                        path: file.clone(),
-                        source,
-                    });
-                    if let Some(prev) = self.last_good.remove(&file) {
-                        fresh.insert(file, prev);
-                    }
-                    continue;
-                }
-            };
-            let mut parsed = Manifests::default();
-            manifest::parse_into(&file, &text, &mut parsed);
-            let whole_file_broken = parsed
-                .errors
-                .iter()
-                .any(|e| matches!(e, ManifestError::Yaml { .. }));
-            if whole_file_broken && let Some(prev) = self.last_good.remove(&file) {
-                fresh.insert(file, prev);
-            } else {
-                fresh.insert(file, parsed.virtual_ips);
-            }
-            errors.extend(parsed.errors);
-        }
-        self.last_good = fresh;
-        reported.manifest_errors(&errors, "the other VirtualIPs keep running");
-        self.snapshot()
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        // Names must be unique across files too: the first definition wins.
-        let mut seen = std::collections::HashSet::new();
-        let mut virtual_ips = Vec::new();
-        for (file, vips) in &self.last_good {
-            for vip in vips {
-                let name = vip.metadata.name.clone().unwrap_or_default();
-                if seen.insert(name.clone()) {
-                    virtual_ips.push(vip.clone());
-                } else {
-                    warn!(resource = %format!("VirtualIP {name:?}"), file = %file.display(), "metadata.name: defined in more than one file; the first definition is used");
-                }
-            }
-        }
-        Snapshot {
-            virtual_ips,
-            ..Snapshot::default()
-        }
-    }
-}
-
-fn fingerprint(path: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    let files = manifest::manifest_files(path).unwrap_or_default();
-    files
-        .into_iter()
-        .map(|f| {
-            let meta = std::fs::metadata(&f).ok();
-            let mtime = meta.as_ref().and_then(|m| m.modified().ok());
-            let len = meta.map(|m| m.len()).unwrap_or(0);
-            (f, mtime, len)
-        })
-        .collect()
-}
-
-/// Logs problems once per change instead of on every reload.
-#[derive(Default)]
-struct Reported {
-    manifest: Vec<String>,
-    refused: Vec<String>,
-}
-
-impl Reported {
-    fn manifest_errors(&mut self, errors: &[ManifestError], consequence: &str) {
-        let now: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-        if now != self.manifest {
-            for e in &now {
-                warn!(error = %e, "manifest refused; {consequence}");
-            }
-            self.manifest = now;
-        }
-    }
-
-    fn refusals(&mut self, desired: &crate::model::Desired) {
-        let now: Vec<String> = desired
-            .refused
-            .iter()
-            .map(|r| format!("VirtualIP {:?}: {}", r.resource, r.reason))
-            .collect();
-        if now != self.refused {
-            for (r, text) in desired.refused.iter().zip(&now) {
-                warn!(resource = %r.resource, reason = r.reason.metric_label(), "refused {text}; the other VirtualIPs keep running");
-            }
-            self.refused = now;
-        }
     }
 }

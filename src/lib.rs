@@ -15,5 +15,6 @@ pub mod lab;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod source;
 pub mod vocab;
 pub mod vrrp;

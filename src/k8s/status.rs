@@ -440,7 +440,7 @@ fn node_addresses(nodes: &Store<Node>) -> BTreeMap<IpAddr, String> {
         let Some(name) = n.metadata.name.clone() else {
             continue;
         };
-        for ip in crate::k8s::node_facts(&n).internal_ips {
+        for ip in crate::source::cluster::node_facts(&n).internal_ips {
             out.insert(ip, name.clone());
         }
     }
@@ -453,7 +453,7 @@ fn reporting_node(nodes: &Store<Node>) -> Option<String> {
     nodes
         .state()
         .iter()
-        .filter(|n| crate::k8s::node_facts(n).ready == Some(true))
+        .filter(|n| crate::source::cluster::node_facts(n).ready == Some(true))
         .filter_map(|n| n.metadata.name.clone())
         .min()
 }

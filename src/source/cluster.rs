@@ -1,0 +1,776 @@
+//! The cluster source (Kubernetes mode): reflectors for VirtualIP, Node, Service and
+//! EndpointSlice feed the same [`Snapshot`] the manifest files feed in standalone mode;
+//! `crate::k8s::status` reports back.
+//!
+//! The stores keep their last contents while the API server is unreachable, so planning (and
+//! VRRP) carry on unchanged through an outage; the watchers re-list with backoff and the
+//! agent resyncs without flapping because an identical snapshot plans identically.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::crd::{ServiceRef, VirtualIP};
+use crate::model::{EndpointFacts, NodeFacts, ServiceEndpoints, Snapshot};
+
+/// How long after a change more changes are awaited before planning, so that a burst (an
+/// initial list, `kubectl apply` of many objects) plans once.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    #[error("cannot build a Kubernetes client (in-cluster config or KUBECONFIG): {0}")]
+    Client(#[source] kube::Error),
+}
+
+impl K8sError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            K8sError::Client(_) => "client",
+        }
+    }
+}
+
+/// The cluster as the agent sees it.
+pub struct ClusterSource {
+    node: String,
+    virtual_ips: Store<VirtualIP>,
+    nodes: Store<Node>,
+    services: Store<Service>,
+    slices: Slices,
+    /// Bumped on every change of any store.
+    changes: watch::Sender<u64>,
+    seen: watch::Receiver<u64>,
+    endpoints_known: Arc<AtomicBool>,
+}
+
+/// What the status writer reads: the stores and a change signal of its own.
+pub struct Stores {
+    pub virtual_ips: Store<VirtualIP>,
+    pub nodes: Store<Node>,
+    pub changes: watch::Receiver<u64>,
+}
+
+impl ClusterSource {
+    /// Starts the watchers and waits until VirtualIPs and Nodes are listed once.
+    pub async fn start(client: Client, node: String) -> ClusterSource {
+        let changed = watch::Sender::new(0u64);
+        let endpoints_known = Arc::new(AtomicBool::new(false));
+        let virtual_ips =
+            spawn_reflector(Api::<VirtualIP>::all(client.clone()), changed.clone(), None);
+        let nodes = spawn_reflector(Api::<Node>::all(client.clone()), changed.clone(), None);
+        let services = spawn_reflector(Api::<Service>::all(client.clone()), changed.clone(), None);
+        let slices = match client
+            .list_api_group_resources("discovery.k8s.io/v1beta1")
+            .await
+        {
+            // Kubernetes 1.19/1.20 serve EndpointSlices only as v1beta1, whose fields the
+            // agent reads (addresses, conditions, nodeName, ports) are those of v1.
+            Ok(list)
+                if list.resources.iter().any(|r| r.name == "endpointslices")
+                    && client
+                        .list_api_group_resources("discovery.k8s.io/v1")
+                        .await
+                        .is_err() =>
+            {
+                info!(
+                    "the API server serves EndpointSlice discovery.k8s.io/v1beta1 only: using it"
+                );
+                Slices::V1beta1(spawn_dynamic_reflector(
+                    client,
+                    ApiResource {
+                        group: "discovery.k8s.io".into(),
+                        version: "v1beta1".into(),
+                        api_version: "discovery.k8s.io/v1beta1".into(),
+                        kind: "EndpointSlice".into(),
+                        plural: "endpointslices".into(),
+                    },
+                    changed.clone(),
+                    endpoints_known.clone(),
+                ))
+            }
+            _ => Slices::V1(spawn_optional_reflector(
+                Api::<EndpointSlice>::all(client),
+                changed.clone(),
+                endpoints_known.clone(),
+            )),
+        };
+        info!("waiting for the first list of VirtualIPs and Nodes");
+        let _ = virtual_ips.wait_until_ready().await;
+        let _ = nodes.wait_until_ready().await;
+        info!(
+            virtual_ips = virtual_ips.len(),
+            nodes = nodes.len(),
+            "cluster state listed"
+        );
+        let seen = changed.subscribe();
+        ClusterSource {
+            node,
+            virtual_ips,
+            nodes,
+            services,
+            slices,
+            changes: changed,
+            seen,
+            endpoints_known,
+        }
+    }
+
+    /// Resolves after the next change. Cancel-safe (it is raced against other wake-ups): a
+    /// change is only marked seen when this resolves. Call [`ClusterSource::settle`] after.
+    pub async fn changed(&mut self) {
+        if self.seen.changed().await.is_err() {
+            // The watcher tasks never end; if they did, there is nothing left to wait for.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Lets a burst of changes (an initial list, `kubectl apply` of many objects) arrive, so
+    /// that it plans once.
+    pub async fn settle(&mut self) {
+        tokio::time::sleep(DEBOUNCE).await;
+        self.seen.mark_unchanged();
+    }
+
+    /// The stores for the status writer.
+    pub fn clone_stores(&self) -> Stores {
+        Stores {
+            virtual_ips: self.virtual_ips.clone(),
+            nodes: self.nodes.clone(),
+            changes: self.changes.subscribe(),
+        }
+    }
+
+    pub fn virtual_ips(&self) -> &Store<VirtualIP> {
+        &self.virtual_ips
+    }
+
+    pub fn nodes(&self) -> &Store<Node> {
+        &self.nodes
+    }
+
+    /// The snapshot to plan from. Local facts other than endpoints are the caller's.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut virtual_ips: Vec<VirtualIP> = self
+            .virtual_ips
+            .state()
+            .iter()
+            .filter(|v| v.meta().deletion_timestamp.is_none())
+            .map(|v| (**v).clone())
+            .collect();
+        // Oldest first: earlier resources win conflicts, everywhere alike.
+        virtual_ips.sort_by(|a, b| {
+            let key = |v: &VirtualIP| {
+                (
+                    v.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    v.metadata.name.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        let nodes = self
+            .nodes
+            .state()
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, node_facts(n))))
+            .collect();
+        let mut snapshot = Snapshot {
+            virtual_ips,
+            cluster: true,
+            nodes,
+            ..Snapshot::default()
+        };
+        snapshot.local.endpoints_known = self.endpoints_known.load(Ordering::Relaxed);
+        let slices = self.slices.state();
+        snapshot.local.local_ready_endpoints = local_ready_endpoints(&slices, &self.node);
+        snapshot.service_endpoints =
+            service_endpoints(&snapshot.virtual_ips, &self.services.state(), &slices);
+        snapshot.local.services = self
+            .services
+            .state()
+            .iter()
+            .filter_map(|svc| {
+                Some(ServiceRef {
+                    namespace: svc.metadata.namespace.clone()?,
+                    name: svc.metadata.name.clone()?,
+                })
+            })
+            .collect();
+        snapshot
+    }
+}
+
+/// The EndpointSlice store, in the version the API server serves.
+enum Slices {
+    V1(Store<EndpointSlice>),
+    V1beta1(Store<DynamicObject>),
+}
+
+impl Slices {
+    fn state(&self) -> Vec<Arc<EndpointSlice>> {
+        match self {
+            Slices::V1(store) => store.state(),
+            Slices::V1beta1(store) => store
+                .state()
+                .iter()
+                .filter_map(|o| {
+                    let mut value = serde_json::to_value(&**o).ok()?;
+                    value["apiVersion"] = "discovery.k8s.io/v1".into();
+                    // v1beta1 names the node in `topology` (its `nodeName` is feature-gated).
+                    for e in value["endpoints"].as_array_mut().into_iter().flatten() {
+                        if e.get("nodeName").is_none()
+                            && let Some(host) = e["topology"]["kubernetes.io/hostname"].as_str()
+                        {
+                            e["nodeName"] = host.to_string().into();
+                        }
+                    }
+                    serde_json::from_value(value).ok().map(Arc::new)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A reflector for a resource known only at run time (EndpointSlice v1beta1).
+fn spawn_dynamic_reflector(
+    client: Client,
+    resource: ApiResource,
+    changed: watch::Sender<u64>,
+    served: Arc<AtomicBool>,
+) -> Store<DynamicObject> {
+    let api = Api::<DynamicObject>::all_with(client, &resource);
+    let writer = reflector::store::Writer::new(resource);
+    let reader = writer.as_reader();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(slim::<DynamicObject>),
+    )
+    .default_backoff();
+    tokio::spawn(drive(stream, changed, Some(served), "EndpointSlice"));
+    reader
+}
+
+/// Runs one reflector in its own task; every applied change wakes the planner.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    changed: watch::Sender<u64>,
+    served: Option<Arc<AtomicBool>>,
+) -> Store<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(slim::<K>),
+    )
+    .default_backoff();
+    tokio::spawn(drive(stream, changed, served, std::any::type_name::<K>()));
+    reader
+}
+
+/// Drops what the agent never reads before an object enters a store: managed fields and
+/// kubectl's last-applied copy (together often larger than the object), and a Node's image
+/// list. With a thousand VirtualIPs this is most of the agent's memory.
+fn slim<K: Resource + 'static>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    if let Some(node) = (object as &mut dyn std::any::Any).downcast_mut::<Node>()
+        && let Some(status) = node.status.as_mut()
+    {
+        status.images = None;
+    }
+}
+
+/// How often a resource the API server does not serve is looked for again.
+const UNSERVED_RECHECK: Duration = Duration::from_secs(300);
+
+/// A reflector for a resource the API server may not serve (EndpointSlice v1 before 1.21):
+/// it starts once a probe finds the resource, instead of re-listing a 404 every second.
+fn spawn_optional_reflector<K>(
+    api: Api<K>,
+    changed: watch::Sender<u64>,
+    served: Arc<AtomicBool>,
+) -> Store<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let kind = std::any::type_name::<K>();
+    tokio::spawn(async move {
+        let mut warned = false;
+        loop {
+            match api
+                .list_metadata(&kube::api::ListParams::default().limit(1))
+                .await
+            {
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    if !warned {
+                        warn!(
+                            kind = kind.rsplit("::").next().unwrap_or(kind),
+                            "the API server does not serve this resource (EndpointSlice discovery.k8s.io/v1 needs Kubernetes 1.21+); local endpoint health is not used"
+                        );
+                        warned = true;
+                        changed.send_modify(|g| *g += 1);
+                    }
+                    tokio::time::sleep(UNSERVED_RECHECK).await;
+                }
+                // Served, or the server is unreachable: the watcher's own backoff takes over.
+                _ => break,
+            }
+        }
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).modify(slim::<K>),
+        )
+        .default_backoff();
+        drive(stream, changed, Some(served), kind).await;
+    });
+    reader
+}
+
+async fn drive<S, K>(
+    stream: S,
+    changed: watch::Sender<u64>,
+    served: Option<Arc<AtomicBool>>,
+    kind: &'static str,
+) where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let kind = kind.rsplit("::").next().unwrap_or(kind);
+    let mut failing = false;
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(event) => {
+                // `Init` only announces a list attempt; it is no sign the server answers.
+                if matches!(event, watcher::Event::Init) {
+                    continue;
+                }
+                if failing {
+                    info!(kind, "watch re-established");
+                    failing = false;
+                }
+                if let Some(s) = &served {
+                    s.store(true, Ordering::Relaxed);
+                }
+                // Bookmarks and the start of a re-list change nothing yet.
+                if matches!(
+                    event,
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone
+                ) {
+                    changed.send_modify(|g| *g += 1);
+                }
+            }
+            Err(e) => {
+                let not_served = is_not_found(&e);
+                if let (Some(s), true) = (&served, not_served) {
+                    // Served once, gone now (a downgrade): stop counting on it.
+                    if s.swap(false, Ordering::Relaxed) {
+                        warn!(kind, "the API server stopped serving this resource");
+                        changed.send_modify(|g| *g += 1);
+                    }
+                } else if !failing {
+                    warn!(kind, error = %e, "watch failed; VRRP carries on with the last known state and the watch retries with backoff");
+                } else {
+                    debug!(kind, error = %e, "watch still failing");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    }
+}
+
+/// The parts of a Node the planner uses.
+pub fn node_facts(node: &Node) -> NodeFacts {
+    let status = node.status.as_ref();
+    let condition = |kind: &str| {
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == kind))
+            .map(|c| c.status == "True")
+    };
+    let internal_ips = status
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .collect();
+    NodeFacts {
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+        ready: condition("Ready"),
+        network_unavailable: condition("NetworkUnavailable"),
+        unschedulable: node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false),
+        internal_ips,
+    }
+}
+
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
+fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
+    Some(ServiceRef {
+        namespace: slice.metadata.namespace.clone()?,
+        name: slice
+            .metadata
+            .labels
+            .as_ref()?
+            .get("kubernetes.io/service-name")?
+            .clone(),
+    })
+}
+
+/// Ready (and not terminating) endpoints on `node`, per Service.
+pub fn local_ready_endpoints(
+    slices: &[Arc<EndpointSlice>],
+    node: &str,
+) -> BTreeMap<ServiceRef, usize> {
+    let mut out = BTreeMap::new();
+    for slice in slices {
+        let Some(service) = slice_service(slice) else {
+            continue;
+        };
+        let ready = slice
+            .endpoints
+            .iter()
+            .filter(|e| e.node_name.as_deref() == Some(node))
+            .filter(|e| {
+                let c = e.conditions.as_ref();
+                // Absent `ready` means ready (API convention); terminating ones do not count.
+                c.and_then(|c| c.ready).unwrap_or(true)
+                    && !c.and_then(|c| c.terminating).unwrap_or(false)
+            })
+            .count();
+        *out.entry(service).or_insert(0) += ready;
+    }
+    out
+}
+
+/// Ports and endpoints of the Services that VirtualIPs forward to (`backends.serviceRef`).
+pub fn service_endpoints(
+    virtual_ips: &[VirtualIP],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+) -> BTreeMap<ServiceRef, ServiceEndpoints> {
+    let wanted: BTreeSet<ServiceRef> = virtual_ips
+        .iter()
+        .flat_map(|v| &v.spec.services)
+        .filter_map(|s| s.backends.service_ref.as_ref())
+        .map(|r| ServiceRef {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    if wanted.is_empty() {
+        return out;
+    }
+    for svc in services {
+        let (Some(namespace), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) else {
+            continue;
+        };
+        let key = ServiceRef {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+        if !wanted.contains(&key) {
+            continue;
+        }
+        let ports = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter_map(|p| {
+                Some((
+                    p.name.clone().unwrap_or_default(),
+                    u16::try_from(p.port).ok()?,
+                ))
+            })
+            .collect();
+        out.insert(
+            key,
+            ServiceEndpoints {
+                ports,
+                endpoints: Vec::new(),
+            },
+        );
+    }
+    for slice in slices {
+        let Some(entry) = slice_service(slice).and_then(|svc| out.get_mut(&svc)) else {
+            continue;
+        };
+        let ports: Vec<(String, u16)> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    p.name.clone().unwrap_or_default(),
+                    u16::try_from(p.port?).ok()?,
+                ))
+            })
+            .collect();
+        for e in &slice.endpoints {
+            let c = e.conditions.as_ref();
+            // API conventions: an absent `ready` means ready; absent `serving` follows ready.
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let ready = c.and_then(|c| c.ready).unwrap_or(true) && !terminating;
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            for address in &e.addresses {
+                let Ok(address) = address.parse() else {
+                    continue;
+                };
+                entry.endpoints.push(EndpointFacts {
+                    address,
+                    ports: ports.clone(),
+                    ready,
+                    draining: terminating && serving,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A client from the in-cluster service account or KUBECONFIG.
+pub async fn client() -> Result<Client, K8sError> {
+    Client::try_default().await.map_err(K8sError::Client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeCondition, NodeSpec, NodeStatus};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    use kube::api::ObjectMeta;
+
+    #[test]
+    fn node_facts_read_conditions_labels_and_addresses() {
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some("node-a".into()),
+                labels: Some([("zone".to_string(), "a".to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec {
+                unschedulable: Some(true),
+                ..NodeSpec::default()
+            }),
+            status: Some(NodeStatus {
+                conditions: Some(vec![
+                    NodeCondition {
+                        type_: "Ready".into(),
+                        status: "False".into(),
+                        ..NodeCondition::default()
+                    },
+                    NodeCondition {
+                        type_: "NetworkUnavailable".into(),
+                        status: "True".into(),
+                        ..NodeCondition::default()
+                    },
+                ]),
+                addresses: Some(vec![
+                    NodeAddress {
+                        type_: "Hostname".into(),
+                        address: "node-a".into(),
+                    },
+                    NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: "192.0.2.11".into(),
+                    },
+                    NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: "2001:db8::11".into(),
+                    },
+                ]),
+                ..NodeStatus::default()
+            }),
+        };
+        let f = node_facts(&node);
+        assert_eq!(f.ready, Some(false));
+        assert_eq!(f.network_unavailable, Some(true));
+        assert!(f.unschedulable);
+        assert_eq!(f.labels["zone"], "a");
+        assert_eq!(f.internal_ips.len(), 2);
+        assert_eq!(node_facts(&Node::default()).ready, None);
+    }
+
+    #[test]
+    fn local_endpoints_count_ready_ones_on_this_node() {
+        let endpoint = |node: &str, ready: Option<bool>, terminating: Option<bool>| Endpoint {
+            addresses: vec!["10.1.0.1".into()],
+            node_name: Some(node.into()),
+            conditions: Some(EndpointConditions {
+                ready,
+                serving: None,
+                terminating,
+            }),
+            ..Endpoint::default()
+        };
+        let slice = |name: &str, service: &str, endpoints| {
+            Arc::new(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some("web".into()),
+                    labels: Some(
+                        [(
+                            "kubernetes.io/service-name".to_string(),
+                            service.to_string(),
+                        )]
+                        .into(),
+                    ),
+                    ..ObjectMeta::default()
+                },
+                address_type: "IPv4".into(),
+                endpoints,
+                ports: None,
+            })
+        };
+        let slices = vec![
+            slice(
+                "frontend-1",
+                "frontend",
+                vec![
+                    endpoint("node-a", Some(true), None),
+                    endpoint("node-a", None, None),
+                    endpoint("node-a", Some(false), None),
+                    endpoint("node-a", Some(true), Some(true)),
+                    endpoint("node-b", Some(true), None),
+                ],
+            ),
+            slice(
+                "frontend-2",
+                "frontend",
+                vec![endpoint("node-a", Some(true), None)],
+            ),
+            slice(
+                "other-1",
+                "other",
+                vec![endpoint("node-b", Some(true), None)],
+            ),
+        ];
+        let counts = local_ready_endpoints(&slices, "node-a");
+        let key = |n: &str| ServiceRef {
+            namespace: "web".into(),
+            name: n.into(),
+        };
+        assert_eq!(counts[&key("frontend")], 3);
+        assert_eq!(counts[&key("other")], 0);
+    }
+
+    #[test]
+    fn service_endpoints_give_each_address_its_state_and_the_slice_ports() {
+        let endpoint =
+            |addr: &str, ready: Option<bool>, serving: Option<bool>, terminating| Endpoint {
+                addresses: vec![addr.into()],
+                conditions: Some(EndpointConditions {
+                    ready,
+                    serving,
+                    terminating,
+                }),
+                ..Endpoint::default()
+            };
+        let slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some("frontend-1".into()),
+                namespace: Some("web".into()),
+                labels: Some(
+                    [(
+                        "kubernetes.io/service-name".to_string(),
+                        "frontend".to_string(),
+                    )]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: vec![
+                endpoint("10.1.0.1", Some(true), None, None),
+                endpoint("10.1.0.2", Some(false), Some(true), Some(true)),
+                endpoint("10.1.0.3", Some(false), Some(false), Some(true)),
+                endpoint("10.1.0.4", None, None, None),
+                endpoint("not-an-address", Some(true), None, None),
+            ],
+            ports: Some(vec![k8s_openapi::api::discovery::v1::EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                ..Default::default()
+            }]),
+        };
+        let service = Service {
+            metadata: ObjectMeta {
+                name: Some("frontend".into()),
+                namespace: Some("web".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+                ports: Some(vec![k8s_openapi::api::core::v1::ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Service::default()
+        };
+        let mut vip = VirtualIP::new("web", crate::crd::sample_spec(&["192.0.2.1/24"], 1));
+        vip.spec.services = serde_saphyr::from_str(
+            "- port: 80\n  backends: {serviceRef: {namespace: web, name: frontend}}\n",
+        )
+        .unwrap();
+        let out = service_endpoints(&[vip], &[Arc::new(service)], &[Arc::new(slice)]);
+        let found = &out[&ServiceRef {
+            namespace: "web".into(),
+            name: "frontend".into(),
+        }];
+        assert_eq!(found.ports, [("http".to_string(), 80)]);
+        let states: Vec<(String, bool, bool)> = found
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.ready, e.draining))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("10.1.0.1".to_string(), true, false),
+                ("10.1.0.2".to_string(), false, true),
+                ("10.1.0.3".to_string(), false, false),
+                ("10.1.0.4".to_string(), true, false),
+            ]
+        );
+        assert!(
+            found
+                .endpoints
+                .iter()
+                .all(|e| e.ports == [("http".to_string(), 8080)])
+        );
+    }
+}

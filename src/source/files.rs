@@ -1,0 +1,150 @@
+//! The file source (standalone mode): VirtualIP manifests in a file or a directory of
+//! `*.yaml`, polled for changes, each file keeping its last good content.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use tracing::warn;
+
+use crate::crd::VirtualIP;
+use crate::crd::manifest::{self, ManifestError, Manifests};
+use crate::model::{Desired, Snapshot};
+
+/// The manifest files, with change detection and the last good content of each file.
+pub struct ManifestSource {
+    path: PathBuf,
+    fingerprint: Option<Vec<(PathBuf, Option<SystemTime>, u64)>>,
+    /// Per file, the VirtualIPs of its last successful parse: a file that becomes unreadable
+    /// or stops being valid YAML keeps its previous VIPs running instead of dropping them.
+    last_good: BTreeMap<PathBuf, Vec<VirtualIP>>,
+}
+
+impl ManifestSource {
+    pub fn new(path: PathBuf) -> Self {
+        ManifestSource {
+            path,
+            fingerprint: None,
+            last_good: BTreeMap::new(),
+        }
+    }
+
+    /// Whether the files changed since the last load (true before the first load).
+    pub fn changed(&mut self) -> bool {
+        let now = fingerprint(&self.path);
+        if self.fingerprint.as_ref() == Some(&now) {
+            return false;
+        }
+        self.fingerprint = Some(now);
+        true
+    }
+
+    pub fn load(&mut self, reported: &mut Reported) -> Snapshot {
+        self.fingerprint = Some(fingerprint(&self.path));
+        let files = match manifest::manifest_files(&self.path) {
+            Ok(files) => files,
+            Err(e) => {
+                reported.manifest_errors(&[e], "keeping the VirtualIPs loaded before");
+                return self.snapshot();
+            }
+        };
+        let mut errors = Vec::new();
+        let mut fresh = BTreeMap::new();
+        for file in files {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(source) => {
+                    errors.push(ManifestError::Read {
+                        path: file.clone(),
+                        source,
+                    });
+                    if let Some(prev) = self.last_good.remove(&file) {
+                        fresh.insert(file, prev);
+                    }
+                    continue;
+                }
+            };
+            let mut parsed = Manifests::default();
+            manifest::parse_into(&file, &text, &mut parsed);
+            let whole_file_broken = parsed
+                .errors
+                .iter()
+                .any(|e| matches!(e, ManifestError::Yaml { .. }));
+            if whole_file_broken && let Some(prev) = self.last_good.remove(&file) {
+                fresh.insert(file, prev);
+            } else {
+                fresh.insert(file, parsed.virtual_ips);
+            }
+            errors.extend(parsed.errors);
+        }
+        self.last_good = fresh;
+        reported.manifest_errors(&errors, "the other VirtualIPs keep running");
+        self.snapshot()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        // Names must be unique across files too: the first definition wins.
+        let mut seen = std::collections::HashSet::new();
+        let mut virtual_ips = Vec::new();
+        for (file, vips) in &self.last_good {
+            for vip in vips {
+                let name = vip.metadata.name.clone().unwrap_or_default();
+                if seen.insert(name.clone()) {
+                    virtual_ips.push(vip.clone());
+                } else {
+                    warn!(resource = %format!("VirtualIP {name:?}"), file = %file.display(), "metadata.name: defined in more than one file; the first definition is used");
+                }
+            }
+        }
+        Snapshot {
+            virtual_ips,
+            ..Snapshot::default()
+        }
+    }
+}
+
+fn fingerprint(path: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let files = manifest::manifest_files(path).unwrap_or_default();
+    files
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let mtime = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.map(|m| m.len()).unwrap_or(0);
+            (f, mtime, len)
+        })
+        .collect()
+}
+
+/// Logs problems once per change instead of on every reload.
+#[derive(Default)]
+pub struct Reported {
+    manifest: Vec<String>,
+    refused: Vec<String>,
+}
+
+impl Reported {
+    fn manifest_errors(&mut self, errors: &[ManifestError], consequence: &str) {
+        let now: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        if now != self.manifest {
+            for e in &now {
+                warn!(error = %e, "manifest refused; {consequence}");
+            }
+            self.manifest = now;
+        }
+    }
+
+    pub fn refusals(&mut self, desired: &Desired) {
+        let now: Vec<String> = desired
+            .refused
+            .iter()
+            .map(|r| format!("VirtualIP {:?}: {}", r.resource, r.reason))
+            .collect();
+        if now != self.refused {
+            for (r, text) in desired.refused.iter().zip(&now) {
+                warn!(resource = %r.resource, reason = r.reason.metric_label(), "refused {text}; the other VirtualIPs keep running");
+            }
+            self.refused = now;
+        }
+    }
+}
