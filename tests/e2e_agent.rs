@@ -31,10 +31,11 @@ use ferrovip::lab::{
     Event, EventKind, Failover, FailoverQuery, Lab, LabSpec, NodeInfo, ProcId, SeenAdvert, Sniffer,
     log_tail, master_down_interval, masters_since, measure_failover, skew_time,
 };
+use ferrovip::vocab::{ChecksumMode, Version};
+use ferrovip::vrrp::MULTICAST_V4;
 use ferrovip::vrrp::packet::{
     Advertisement, ETHERTYPE_IPV4, ethernet_frame, ipv4_header, multicast_mac,
 };
-use ferrovip::vrrp::{ChecksumMode, MULTICAST_V4, Version};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 

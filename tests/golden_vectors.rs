@@ -10,11 +10,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use ferrovip::vocab::{ChecksumMode, Family, Version};
 use ferrovip::vrrp::packet::{
     Advertisement, Decoded, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Ipv4Info, ethernet_frame, ipv4_header,
     ipv6_header, multicast_mac, parse_ipv4, virtual_mac,
 };
-use ferrovip::vrrp::{ChecksumMode, Family, IPPROTO_VRRP, MULTICAST_V4, MULTICAST_V6, Version};
+use ferrovip::vrrp::{IPPROTO_VRRP, MULTICAST_V4, MULTICAST_V6};
 
 fn hex(s: &str) -> Vec<u8> {
     assert_eq!(s.len() % 2, 0);

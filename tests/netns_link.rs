@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ferrovip::node::addr::AddressManager;
 use ferrovip::node::announce::{Announcer, garp_frame};
 use ferrovip::node::link::{ArpSettings, MacvlanManager, VmacLink, vmac_name};
-use ferrovip::vrrp::Family;
+use ferrovip::vocab::Family;
 use netns_util::{Netns, ifindex};
 use pnet_datalink::Channel;
 

@@ -19,7 +19,7 @@ use ferrovip::lab::vm::{GuestBridge, GuestNetns, TcpNameServer, tcp_request, tcp
 use ferrovip::model::service::{
     BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
 };
-use ferrovip::vrrp::Family;
+use ferrovip::vocab::Family;
 use vm::{Case, CaseResult, ensure};
 
 const CASES: &[Case] = &[

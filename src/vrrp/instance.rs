@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 
 use super::packet::Advertisement;
-use super::{Family, Version};
+use crate::vocab::{Family, Version};
 
 /// Priority of the router that owns the virtual addresses: always master, always preempts.
 pub const PRIORITY_OWNER: u8 = 255;

@@ -9,7 +9,7 @@
 pub mod instance;
 pub mod packet;
 
-pub use crate::vocab::{ChecksumMode, Family, Version};
+use crate::vocab::Family;
 
 /// IPv4 VRRP multicast group.
 pub const MULTICAST_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(224, 0, 0, 18);

@@ -39,7 +39,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use super::{ChecksumMode, Family, IPPROTO_VRRP, Version};
+use super::IPPROTO_VRRP;
+use crate::vocab::{ChecksumMode, Family, Version};
 
 /// Fixed part of every VRRP message: version/type, VRID, priority, count, interval, checksum.
 const FIXED_HEADER_LEN: usize = 8;
