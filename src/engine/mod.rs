@@ -452,12 +452,7 @@ impl NodeEngine {
         advertisement: Advertisement,
         out: &mut Vec<Output>,
     ) {
-        let own = self
-            .env
-            .links
-            .get(&interface)
-            .and_then(|l| l.facts.as_ref().ok())
-            .and_then(|f| f.primary(family));
+        let own = self.primary(&interface, family);
         if own == Some(source) {
             self.stats.count_drop(DropReason::Own);
             return;
@@ -677,12 +672,19 @@ impl NodeEngine {
         self.feed(&key, now, input, out);
     }
 
-    fn primary(&self, interface: &str, family: Family) -> Option<IpAddr> {
+    fn facts(&self, interface: &str) -> Option<&LinkFacts> {
         self.env
             .links
             .get(interface)
             .and_then(|l| l.facts.as_ref().ok())
-            .and_then(|f| f.primary(family))
+    }
+
+    fn primary(&self, interface: &str, family: Family) -> Option<IpAddr> {
+        self.facts(interface).and_then(|f| f.primary(family))
+    }
+
+    fn ifindex(&self, interface: &str) -> Option<u32> {
+        self.facts(interface).map(|f| f.index)
     }
 
     /// Starts one instance, or parks it (with the reason in the observed state) while its
@@ -739,12 +741,7 @@ impl NodeEngine {
         if !started {
             self.observe_fault(now, &spec, fault);
         }
-        let ifindex = self
-            .env
-            .links
-            .get(&key.0)
-            .and_then(|l| l.facts.as_ref().ok())
-            .map(|f| f.index);
+        let ifindex = self.ifindex(&key.0);
         // Adopt only when every address of the instance was held on this interface.
         let adopt = started
             && vmac.is_none()
@@ -833,12 +830,7 @@ impl NodeEngine {
                 continue;
             }
             let nets = slot.spec.addresses.clone();
-            let ifindex = self
-                .env
-                .links
-                .get(&key.0)
-                .and_then(|l| l.facts.as_ref().ok())
-                .map(|f| f.index);
+            let ifindex = self.ifindex(&key.0);
             self.feed(&key, now, instance::Input::Hold(hold), out);
             if let Some(ifindex) = ifindex {
                 held += nets.len();

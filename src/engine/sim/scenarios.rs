@@ -52,6 +52,22 @@ fn router(last: u8, priority: u8) -> Config {
     }
 }
 
+/// Every router started at once.
+fn started(configs: impl IntoIterator<Item = Config>) -> Lan {
+    let mut lan = lan_of(configs);
+    lan.start_all();
+    lan
+}
+
+/// Router 0 alone until `at`, when router 1 joins it.
+fn joining(configs: impl IntoIterator<Item = Config>, at: Duration) -> Lan {
+    let mut lan = lan_of(configs);
+    lan.start(0);
+    lan.run_until(at);
+    lan.start(1);
+    lan
+}
+
 fn lan_of(configs: impl IntoIterator<Item = Config>) -> Lan {
     let mut lan = Lan::new(LATENCY);
     for config in configs {
@@ -118,8 +134,7 @@ fn timer_figures_match_the_rfc_example() {
 
 #[test]
 fn election_highest_priority_wins() {
-    let mut lan = lan_of([router(1, 100), router(2, 200), router(3, 150)]);
-    lan.start_all();
+    let mut lan = started([router(1, 100), router(2, 200), router(3, 150)]);
     lan.run_for(ms(5000));
     assert_sole_master(&lan, 1);
     // The best backup's timer fires first and its advert stops the others: one election only.
@@ -140,8 +155,7 @@ fn election_highest_priority_wins() {
 
 #[test]
 fn election_equal_priority_highest_address_wins() {
-    let mut lan = lan_of([router(1, 100), router(3, 100), router(2, 100)]);
-    lan.start_all();
+    let mut lan = started([router(1, 100), router(3, 100), router(2, 100)]);
     lan.run_for(ms(5000));
     assert_sole_master(&lan, 1);
     // All three timers fire together; the two lower addresses yield on the first advert.
@@ -156,10 +170,7 @@ fn election_equal_priority_highest_address_wins() {
 
 #[test]
 fn equal_priority_does_not_preempt_an_established_master() {
-    let mut lan = lan_of([router(1, 100), router(3, 100)]);
-    lan.start(0);
-    lan.run_for(ms(2000));
-    lan.start(1);
+    let mut lan = joining([router(1, 100), router(3, 100)], ms(2000));
     lan.run_for(ms(8000));
     // RFC 5798 §6.4.2: a backup accepts adverts of priority >= its own; the address only
     // breaks ties between two masters.
@@ -169,8 +180,7 @@ fn equal_priority_does_not_preempt_an_established_master() {
 
 #[test]
 fn crash_failover_at_last_advert_plus_master_down_interval() {
-    let mut lan = lan_of([router(1, 200), router(2, 100)]);
-    lan.start_all();
+    let mut lan = started([router(1, 200), router(2, 100)]);
     lan.run_until(ms(1050));
     assert_sole_master(&lan, 0);
     assert_eq!(lan.instance(1).master_down_interval(), ns(360_937_500));
@@ -229,16 +239,16 @@ fn higher_priority_backup_preempts() {
 
 #[test]
 fn higher_priority_backup_without_preemption_waits_for_a_failure() {
-    let mut lan = lan_of([
-        router(1, 100),
-        Config {
-            preempt: false,
-            ..router(2, 200)
-        },
-    ]);
-    lan.start(0);
-    lan.run_until(ms(1000));
-    lan.start(1);
+    let mut lan = joining(
+        [
+            router(1, 100),
+            Config {
+                preempt: false,
+                ..router(2, 200)
+            },
+        ],
+        ms(1000),
+    );
     lan.run_until(ms(10_000));
     assert_sole_master(&lan, 0);
     assert_eq!(lan.instance(1).counters().discarded_lower_priority, 0);
@@ -253,16 +263,16 @@ fn higher_priority_backup_without_preemption_waits_for_a_failure() {
 
 #[test]
 fn preempt_delay_holds_off_from_startup() {
-    let mut lan = lan_of([
-        router(1, 100),
-        Config {
-            preempt_delay: ms(2000),
-            ..router(2, 200)
-        },
-    ]);
-    lan.start(0);
-    lan.run_until(ms(1000));
-    lan.start(1);
+    let mut lan = joining(
+        [
+            router(1, 100),
+            Config {
+                preempt_delay: ms(2000),
+                ..router(2, 200)
+            },
+        ],
+        ms(1000),
+    );
     lan.run_until(ms(6000));
     let hold_ends = ms(3000);
     let last_accepted = last_arrival(&lan, 0, hold_ends);
@@ -283,7 +293,7 @@ fn preempt_delay_holds_off_from_startup() {
 #[test]
 fn preempt_delay_restarts_on_first_seeing_a_lower_master() {
     // A (250) is master; B (200) has a 1 s preempt delay; C (100) preempts at once.
-    let mut lan = lan_of([
+    let mut lan = started([
         router(1, 250),
         Config {
             preempt_delay: ms(1000),
@@ -291,7 +301,6 @@ fn preempt_delay_restarts_on_first_seeing_a_lower_master() {
         },
         router(3, 100),
     ]);
-    lan.start_all();
     lan.run_until(ms(5000));
     assert_sole_master(&lan, 0);
     // B's startup hold has long expired, but seeing A (higher) reset it.
@@ -336,8 +345,7 @@ fn preempt_delay_restarts_on_first_seeing_a_lower_master() {
 
 #[test]
 fn graceful_shutdown_hands_over_within_skew_time() {
-    let mut lan = lan_of([router(1, 200), router(2, 150), router(3, 100)]);
-    lan.start_all();
+    let mut lan = started([router(1, 200), router(2, 150), router(3, 100)]);
     lan.run_until(ms(2050));
     assert_sole_master(&lan, 0);
     lan.input(0, Input::Shutdown);
@@ -362,8 +370,7 @@ fn graceful_shutdown_hands_over_within_skew_time() {
 
 #[test]
 fn partition_makes_two_masters_and_healing_keeps_the_right_one() {
-    let mut lan = lan_of([router(1, 200), router(2, 150), router(3, 100)]);
-    lan.start_all();
+    let mut lan = started([router(1, 200), router(2, 150), router(3, 100)]);
     lan.run_until(ms(2000));
     assert_sole_master(&lan, 0);
     lan.partition(&[&[0], &[1, 2]]);
@@ -398,8 +405,7 @@ fn partition_makes_two_masters_and_healing_keeps_the_right_one() {
 
 #[test]
 fn isolating_everyone_makes_everyone_master() {
-    let mut lan = lan_of([router(1, 200), router(2, 150), router(3, 100)]);
-    lan.start_all();
+    let mut lan = started([router(1, 200), router(2, 150), router(3, 100)]);
     lan.run_until(ms(1000));
     lan.partition(&[]);
     lan.run_until(ms(2000));
@@ -411,8 +417,7 @@ fn isolating_everyone_makes_everyone_master() {
 
 #[test]
 fn raising_a_backup_moves_mastership_within_master_down_interval() {
-    let mut lan = lan_of([router(1, 200), router(2, 100)]);
-    lan.start_all();
+    let mut lan = started([router(1, 200), router(2, 100)]);
     lan.run_until(ms(2000));
     lan.input(1, Input::SetPriority(250));
     lan.run_until(ms(4000));
@@ -444,8 +449,7 @@ fn raising_a_backup_moves_mastership_within_master_down_interval() {
 
 #[test]
 fn lowering_the_master_moves_mastership_to_a_preempting_backup() {
-    let mut lan = lan_of([router(1, 200), router(2, 100)]);
-    lan.start_all();
+    let mut lan = started([router(1, 200), router(2, 100)]);
     lan.run_until(ms(2000));
     lan.input(0, Input::SetPriority(50));
     lan.run_until(ms(4000));
@@ -476,14 +480,13 @@ fn lowering_the_master_moves_mastership_to_a_preempting_backup() {
 
 #[test]
 fn lowering_the_master_changes_nothing_without_preemption() {
-    let mut lan = lan_of([
+    let mut lan = started([
         router(1, 200),
         Config {
             preempt: false,
             ..router(2, 100)
         },
     ]);
-    lan.start_all();
     lan.run_until(ms(2000));
     lan.input(0, Input::SetPriority(50));
     lan.run_until(ms(5000));
@@ -492,16 +495,16 @@ fn lowering_the_master_changes_nothing_without_preemption() {
 
 #[test]
 fn owner_takes_over_at_once_and_never_yields_to_lower() {
-    let mut lan = lan_of([
-        router(1, 100),
-        Config {
-            preempt: false,
-            ..router(2, 255)
-        },
-    ]);
-    lan.start(0);
-    lan.run_until(ms(1000));
-    lan.start(1);
+    let mut lan = joining(
+        [
+            router(1, 100),
+            Config {
+                preempt: false,
+                ..router(2, 255)
+            },
+        ],
+        ms(1000),
+    );
     assert_eq!(became_master(&lan, 1), vec![(ms(1000), Reason::Owner)]);
     lan.run_until(ms(2000));
     assert_eq!(
@@ -536,8 +539,7 @@ fn v2_failover_uses_seconds_and_the_v2_skew() {
         advert_interval: ms(1000),
         ..router(last, priority)
     };
-    let mut lan = lan_of([v2(1, 200), v2(2, 100)]);
-    lan.start_all();
+    let mut lan = started([v2(1, 200), v2(2, 100)]);
     lan.run_until(ms(10_500));
     // Priority 200 in v2: 3 s + 56/256 s.
     assert_eq!(became_master(&lan, 0)[0].0, ns(3_218_750_000));
@@ -551,7 +553,7 @@ fn v2_failover_uses_seconds_and_the_v2_skew() {
 
 #[test]
 fn v2_interval_mismatch_is_discarded_on_both_sides() {
-    let mut lan = lan_of([
+    let mut lan = started([
         Config {
             version: Version::V2,
             advert_interval: ms(1000),
@@ -563,7 +565,6 @@ fn v2_interval_mismatch_is_discarded_on_both_sides() {
             ..router(2, 100)
         },
     ]);
-    lan.start_all();
     lan.run_until(ms(20_000));
     // RFC 3768 §7.1: misconfigured peers do not see each other, so both are master.
     assert_eq!(lan.masters(), vec![0, 1]);
@@ -579,16 +580,16 @@ fn v2_interval_mismatch_is_discarded_on_both_sides() {
 
 #[test]
 fn v3_backup_learns_a_slower_masters_interval() {
-    let mut lan = lan_of([
-        Config {
-            advert_interval: ms(1000),
-            ..router(1, 200)
-        },
-        router(2, 100),
-    ]);
-    lan.start(0);
-    lan.run_until(ms(5000));
-    lan.start(1);
+    let mut lan = joining(
+        [
+            Config {
+                advert_interval: ms(1000),
+                ..router(1, 200)
+            },
+            router(2, 100),
+        ],
+        ms(5000),
+    );
     lan.run_until(ms(20_500));
     // With its own 100 ms it would declare the master down between every pair of adverts.
     assert_sole_master(&lan, 0);
@@ -608,13 +609,12 @@ fn v3_backup_learns_a_slower_masters_interval() {
 #[test]
 fn four_routers_fail_over_in_priority_order_and_recover() {
     let priorities = [250, 200, 150, 100];
-    let mut lan = lan_of(
+    let mut lan = started(
         priorities
             .iter()
             .zip(1..)
             .map(|(&priority, last)| router(last, priority)),
     );
-    lan.start_all();
     lan.run_until(ms(1000));
     assert_sole_master(&lan, 0);
     for failed in 0..3 {
@@ -656,8 +656,7 @@ fn ipv6_link_local_tie_break() {
         primary_address: IpAddr::V6(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, last)),
         ..router(1, 100)
     };
-    let mut lan = lan_of([v6(0x10), v6(0x0a), v6(0x0f)]);
-    lan.start_all();
+    let mut lan = started([v6(0x10), v6(0x0a), v6(0x0f)]);
     lan.run_until(ms(3000));
     assert_eq!(lan.masters(), vec![0]);
     let global: IpAddr = "2001:db8::100".parse().unwrap();
@@ -668,8 +667,7 @@ fn ipv6_link_local_tie_break() {
 
 #[test]
 fn reconfiguring_the_master_moves_addresses_without_an_election() {
-    let mut lan = lan_of([router(1, 200), router(2, 100)]);
-    lan.start_all();
+    let mut lan = started([router(1, 200), router(2, 100)]);
     lan.run_until(ms(1000));
     let extra: IpAddr = "10.0.0.101".parse().unwrap();
     let mut config = router(1, 200);
