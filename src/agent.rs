@@ -12,8 +12,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
+use crate::crd::VirtualIP;
 use crate::crd::manifest::{self, ManifestError, Manifests};
-use crate::crd::{CheckKind, ValidCheck, VirtualIP};
 use crate::dataplane::addr::{AddrError, AddressManager};
 use crate::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use crate::dataplane::service::ServiceSet;
@@ -373,33 +373,8 @@ fn check_specs(desired: &Desired) -> BTreeMap<CheckKey, CheckSpec> {
     desired
         .checks
         .iter()
-        .map(|((resource, name), check)| (CheckKey::new(resource, name), check_spec(check)))
+        .map(|((resource, name), check)| (CheckKey::new(resource, name), check.spec.clone()))
         .collect()
-}
-
-fn check_spec(check: &ValidCheck) -> CheckSpec {
-    let kind = match &check.kind {
-        CheckKind::Tcp { host, port } => health::CheckKind::Tcp {
-            host: *host,
-            port: *port,
-        },
-        CheckKind::Http { host, port, path } => health::CheckKind::Http {
-            host: *host,
-            port: *port,
-            path: path.clone(),
-            https: false,
-            expect_status: None,
-            host_header: None,
-        },
-    };
-    CheckSpec {
-        name: check.name.clone(),
-        kind,
-        interval: check.interval,
-        timeout: check.timeout,
-        rise: check.rise,
-        fall: check.fall,
-    }
 }
 
 /// Applies status whenever the plan, the instances or the resources change, and retries

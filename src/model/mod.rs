@@ -519,7 +519,7 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
         for check in &spec.checks {
             desired
                 .checks
-                .insert((name.clone(), check.name.clone()), check.clone());
+                .insert((name.clone(), check.spec.name.clone()), check.clone());
         }
         let auto_peers: Vec<IpAddr> = if spec.unicast_auto {
             snapshot
@@ -777,11 +777,11 @@ fn priority_with_health(
     for check in &spec.checks {
         let failing = local
             .failing_checks
-            .contains(&(name.to_string(), check.name.clone()));
+            .contains(&(name.to_string(), check.spec.name.clone()));
         penalty(
             failing,
             check.weight,
-            format!("check {} failing", check.name),
+            format!("check {} failing", check.spec.name),
         );
     }
     reasons.extend(unknown);
