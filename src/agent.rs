@@ -12,7 +12,6 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::crd::{CheckKind, ValidCheck};
 use crate::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use crate::dataplane::worker::{self, DataplaneStatus};
 use crate::driver::{Command, Driver};
@@ -394,33 +393,8 @@ fn check_specs(desired: &Desired) -> BTreeMap<CheckKey, CheckSpec> {
     desired
         .checks
         .iter()
-        .map(|((resource, name), check)| (CheckKey::new(resource, name), check_spec(check)))
+        .map(|((resource, name), check)| (CheckKey::new(resource, name), check.spec.clone()))
         .collect()
-}
-
-fn check_spec(check: &ValidCheck) -> CheckSpec {
-    let kind = match &check.kind {
-        CheckKind::Tcp { host, port } => health::CheckKind::Tcp {
-            host: *host,
-            port: *port,
-        },
-        CheckKind::Http { host, port, path } => health::CheckKind::Http {
-            host: *host,
-            port: *port,
-            path: path.clone(),
-            https: false,
-            expect_status: None,
-            host_header: None,
-        },
-    };
-    CheckSpec {
-        name: check.name.clone(),
-        kind,
-        interval: check.interval,
-        timeout: check.timeout,
-        rise: check.rise,
-        fall: check.fall,
-    }
 }
 
 /// Applies status whenever the plan, the instances or the resources change, and retries

@@ -1,15 +1,23 @@
 //! The API contract: `VirtualIP` (and later `LoadBalancerPool`) types, their validation, and
 //! the manifest reader used by standalone mode.
+//!
+//! Validation turns a spec into the engines' types ([`ValidSpec`]). Its modules import one
+//! way: `validate` uses `check` and `services`, and all of them use `field` (how problems
+//! are reported) and `duration`.
 
+mod check;
 mod duration;
+mod field;
 pub mod manifest;
 mod services;
 mod validate;
 mod virtualip;
 
+pub use check::{CheckKind, CheckProblem, CheckSpec, DEFAULT_EXPECT_STATUS, ValidCheck};
 pub use duration::{DurationError, parse_duration};
+pub use field::{FieldError, ValidationErrors};
 pub use services::{Encapsulation, SCHEDULERS, ServiceMatch, ValidBackends, ValidService};
-pub use validate::{CheckKind, FieldError, ValidCheck, ValidSpec, ValidationErrors};
+pub use validate::ValidSpec;
 pub use virtualip::*;
 
 use kube::CustomResourceExt;

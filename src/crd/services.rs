@@ -8,9 +8,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::duration::parse_duration;
-use super::validate::Collector;
+use super::field::{Collector, check_object_ref, port};
 use super::virtualip::{
-    BackendServiceRef, Forwarding, ServiceProtocol, TunnelKind, VirtualService,
+    BackendServiceRef, ConnectionLimit, Forwarding, ServiceProtocol, StaticEndpoint, TunnelKind,
+    VirtualService,
 };
 
 /// Schedulers of the Linux IPVS implementation (`ip_vs_<name>` modules).
@@ -86,317 +87,360 @@ pub(super) fn validate_services(
     addresses: &[IpNet],
     errors: &mut Collector,
 ) -> Vec<ValidService> {
-    let mut out = Vec::with_capacity(services.len());
     let mut seen = HashSet::new();
-    for (i, s) in services.iter().enumerate() {
-        let field = |f: &str| format!("spec.services[{i}].{f}");
-        let matches = match (s.port, s.fwmark) {
-            (Some(p), None) => match u16::try_from(p) {
-                Ok(port) if port >= 1 => Some(ServiceMatch::Port {
-                    protocol: s.protocol,
-                    port,
-                }),
-                _ => {
-                    errors.push(
-                        field("port"),
-                        format!("must be between 1 and 65535, got {p}"),
-                    );
-                    None
-                }
-            },
-            (None, Some(m)) => match u32::try_from(m) {
-                Ok(mark) if mark >= 1 => Some(ServiceMatch::Fwmark(mark)),
-                _ => {
-                    errors.push(
-                        field("fwmark"),
-                        format!("must be between 1 and 4294967295, got {m}"),
-                    );
-                    None
-                }
-            },
-            _ => {
-                errors.push(
-                    format!("spec.services[{i}]"),
-                    "set exactly one of port, fwmark",
-                );
-                None
-            }
-        };
-        if let Some(m) = matches
-            && !seen.insert(m)
-        {
-            let what = match m {
-                ServiceMatch::Port { protocol, port } => format!("{} port {port}", protocol.name()),
-                ServiceMatch::Fwmark(mark) => format!("fwmark {mark}"),
-            };
-            errors.push(field("port"), format!("{what} is listed twice"));
-        }
-
-        if !SCHEDULERS.contains(&s.scheduler.as_str()) {
-            errors.push(
-                field("scheduler"),
-                format!(
-                    "{:?} is not an IPVS scheduler (one of {})",
-                    s.scheduler,
-                    SCHEDULERS.join(", ")
-                ),
-            );
-        }
-        let mut scheduler_flags = [false; 3];
-        for (j, flag) in s.scheduler_flags.iter().enumerate() {
-            let (scheduler, bit) = match flag.split_once('-') {
-                Some((sched, "fallback")) => (sched, 0),
-                Some((sched, "port")) => (sched, 1),
-                _ => (flag.as_str(), usize::MAX),
-            };
-            if bit == usize::MAX || !matches!(scheduler, "sh" | "mh") {
-                errors.push(
-                    field(&format!("schedulerFlags[{j}]")),
-                    format!("{flag:?} is not a scheduler flag (sh-fallback, sh-port, mh-fallback, mh-port)"),
-                );
-            } else if scheduler != s.scheduler {
-                errors.push(
-                    field(&format!("schedulerFlags[{j}]")),
-                    format!("{flag:?} needs scheduler {scheduler}, not {}", s.scheduler),
-                );
-            } else {
-                scheduler_flags[bit] = true;
-            }
-        }
-
-        let persistence = s.persistence.as_deref().and_then(|text| {
-            match parse_duration(text) {
-                Ok(d) if d >= Duration::from_secs(1) && d <= MAX_PERSISTENCE => {
-                    // IPVS counts whole seconds; round up so `1.5s` never means less.
-                    Some(d.as_secs() as u32 + u32::from(d.subsec_nanos() > 0))
-                }
-                Ok(_) => {
-                    errors.push(
-                        field("persistence"),
-                        format!("{text} is out of range (1s to 1440m)"),
-                    );
-                    None
-                }
-                Err(e) => {
-                    errors.push(field("persistence"), e.to_string());
-                    None
-                }
-            }
-        });
-
-        let tunnel = match (&s.tunnel, s.forwarding) {
-            (None, Forwarding::Tunnel) => Some(Encapsulation::default()),
-            (None, _) => None,
-            (Some(_), f) if f != Forwarding::Tunnel => {
-                errors.push(field("tunnel"), "only with forwarding: tunnel");
-                None
-            }
-            (Some(t), _) => {
-                let port = match (t.kind, t.port) {
-                    (TunnelKind::Gue, Some(p)) => match u16::try_from(p) {
-                        Ok(p) if p >= 1 => p,
-                        _ => {
-                            errors.push(
-                                field("tunnel.port"),
-                                format!("must be between 1 and 65535, got {p}"),
-                            );
-                            0
-                        }
-                    },
-                    (TunnelKind::Gue, None) => {
-                        errors.push(field("tunnel.port"), "gue needs the backends' UDP port");
-                        0
-                    }
-                    (_, Some(_)) => {
-                        errors.push(field("tunnel.port"), "only with type: gue");
-                        0
-                    }
-                    (_, None) => 0,
-                };
-                if t.checksum && t.kind == TunnelKind::Ipip {
-                    errors.push(field("tunnel.checksum"), "only with type: gue or gre");
-                }
-                if t.remote_checksum && t.kind != TunnelKind::Gue {
-                    errors.push(field("tunnel.remoteChecksum"), "only with type: gue");
-                }
-                Some(Encapsulation {
-                    kind: t.kind,
-                    port,
-                    checksum: t.checksum,
-                    remote_checksum: t.remote_checksum,
-                })
-            }
-        };
-        let connection_limit = match &s.connection_limit {
-            None => (0, 0),
-            Some(limit) => {
-                let max = match u32::try_from(limit.max) {
-                    Ok(m) if (1..=i32::MAX as u32).contains(&m) => m,
-                    _ => {
-                        errors.push(
-                            field("connectionLimit.max"),
-                            format!("must be between 1 and 2147483647, got {}", limit.max),
-                        );
-                        1
-                    }
-                };
-                let resume = match limit.resume_below.map(u32::try_from) {
-                    None => 0,
-                    Some(Ok(r)) if r <= max => r,
-                    Some(_) => {
-                        errors.push(
-                            field("connectionLimit.resumeBelow"),
-                            format!(
-                                "must be between 0 and max ({max}), got {}",
-                                limit.resume_below.unwrap_or_default()
-                            ),
-                        );
-                        0
-                    }
-                };
-                (max, resume)
-            }
-        };
-
-        let service_port = match matches {
-            Some(ServiceMatch::Port { port, .. }) => port,
-            _ => 0,
-        };
-        let backends = match (&s.backends.endpoints[..], &s.backends.service_ref) {
-            ([], Some(r)) => {
-                for (f, value) in [("namespace", &r.namespace), ("name", &r.name)] {
-                    if !super::validate::is_dns_label(value) {
-                        errors.push(
-                            field(&format!("backends.serviceRef.{f}")),
-                            format!("{value:?} is not a valid name (lowercase DNS label)"),
-                        );
-                    }
-                }
-                ValidBackends::Service(r.clone())
-            }
-            (endpoints, None) if !endpoints.is_empty() => {
-                ValidBackends::Static(validate_endpoints(i, s, service_port, addresses, errors))
-            }
-            _ => {
-                errors.push(
-                    field("backends"),
-                    "set exactly one of endpoints (a non-empty list), serviceRef",
-                );
-                ValidBackends::Static(Vec::new())
-            }
-        };
-
-        if let Some(matches) = matches {
-            out.push(ValidService {
-                index: i,
-                matches,
-                scheduler: s.scheduler.clone(),
-                scheduler_flags,
-                forwarding: s.forwarding,
-                source_nat: s.source_nat,
-                persistence,
-                tunnel,
-                connection_limit,
-                backends,
-            });
-        }
-    }
-    out
+    services
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| validate_service(i, s, addresses, &mut seen, errors))
+        .collect()
 }
 
+/// Entry `index` of `spec.services`, whose match must not be in `seen` yet; `None` without a
+/// valid match.
+fn validate_service(
+    index: usize,
+    s: &VirtualService,
+    addresses: &[IpNet],
+    seen: &mut HashSet<ServiceMatch>,
+    errors: &mut Collector,
+) -> Option<ValidService> {
+    let at = format!("spec.services[{index}]");
+    let field = |f: &str| format!("{at}.{f}");
+    let matches = validate_match(&at, s, errors);
+    if let Some(m) = matches
+        && !seen.insert(m)
+    {
+        let what = match m {
+            ServiceMatch::Port { protocol, port } => format!("{} port {port}", protocol.name()),
+            ServiceMatch::Fwmark(mark) => format!("fwmark {mark}"),
+        };
+        errors.push(field("port"), format!("{what} is listed twice"));
+    }
+    let scheduler_flags = validate_scheduler(&at, s, errors);
+    let persistence = s
+        .persistence
+        .as_deref()
+        .and_then(|text| validate_persistence(field("persistence"), text, errors));
+    let tunnel = validate_tunnel(&at, s, errors);
+    let connection_limit = s.connection_limit.as_ref().map_or((0, 0), |limit| {
+        validate_connection_limit(&at, limit, errors)
+    });
+    let service_port = match matches {
+        Some(ServiceMatch::Port { port, .. }) => port,
+        _ => 0,
+    };
+    let backends = validate_backends(index, s, service_port, addresses, errors);
+    Some(ValidService {
+        index,
+        matches: matches?,
+        scheduler: s.scheduler.clone(),
+        scheduler_flags,
+        forwarding: s.forwarding,
+        source_nat: s.source_nat,
+        persistence,
+        tunnel,
+        connection_limit,
+        backends,
+    })
+}
+
+/// Exactly one of `port` and `fwmark`, of service `at`.
+fn validate_match(at: &str, s: &VirtualService, errors: &mut Collector) -> Option<ServiceMatch> {
+    match (s.port, s.fwmark) {
+        (Some(p), None) => port(format!("{at}.port"), p, errors).map(|port| ServiceMatch::Port {
+            protocol: s.protocol,
+            port,
+        }),
+        (None, Some(m)) => match u32::try_from(m) {
+            Ok(mark) if mark >= 1 => Some(ServiceMatch::Fwmark(mark)),
+            _ => {
+                errors.push(
+                    format!("{at}.fwmark"),
+                    format!("must be between 1 and 4294967295, got {m}"),
+                );
+                None
+            }
+        },
+        _ => {
+            errors.push(at, "set exactly one of port, fwmark");
+            None
+        }
+    }
+}
+
+/// `scheduler` and `schedulerFlags` of service `at`: the flags as IPVS numbers them.
+fn validate_scheduler(at: &str, s: &VirtualService, errors: &mut Collector) -> [bool; 3] {
+    if !SCHEDULERS.contains(&s.scheduler.as_str()) {
+        errors.push(
+            format!("{at}.scheduler"),
+            format!(
+                "{:?} is not an IPVS scheduler (one of {})",
+                s.scheduler,
+                SCHEDULERS.join(", ")
+            ),
+        );
+    }
+    let mut scheduler_flags = [false; 3];
+    for (j, flag) in s.scheduler_flags.iter().enumerate() {
+        let field = format!("{at}.schedulerFlags[{j}]");
+        let (scheduler, bit) = match flag.split_once('-') {
+            Some((sched, "fallback")) => (sched, 0),
+            Some((sched, "port")) => (sched, 1),
+            _ => (flag.as_str(), usize::MAX),
+        };
+        if bit == usize::MAX || !matches!(scheduler, "sh" | "mh") {
+            errors.push(
+                field,
+                format!(
+                    "{flag:?} is not a scheduler flag (sh-fallback, sh-port, mh-fallback, mh-port)"
+                ),
+            );
+        } else if scheduler != s.scheduler {
+            errors.push(
+                field,
+                format!("{flag:?} needs scheduler {scheduler}, not {}", s.scheduler),
+            );
+        } else {
+            scheduler_flags[bit] = true;
+        }
+    }
+    scheduler_flags
+}
+
+/// Persistence in whole seconds.
+fn validate_persistence(field: String, text: &str, errors: &mut Collector) -> Option<u32> {
+    match parse_duration(text) {
+        Ok(d) if d >= Duration::from_secs(1) && d <= MAX_PERSISTENCE => {
+            // IPVS counts whole seconds; round up so `1.5s` never means less.
+            Some(d.as_secs() as u32 + u32::from(d.subsec_nanos() > 0))
+        }
+        Ok(_) => {
+            errors.push(field, format!("{text} is out of range (1s to 1440m)"));
+            None
+        }
+        Err(e) => {
+            errors.push(field, e.to_string());
+            None
+        }
+    }
+}
+
+/// `tunnel` of service `at`: only with tunnel forwarding, which defaults to IP-in-IP.
+fn validate_tunnel(at: &str, s: &VirtualService, errors: &mut Collector) -> Option<Encapsulation> {
+    let field = |f: &str| format!("{at}.{f}");
+    let t = match (&s.tunnel, s.forwarding) {
+        (None, Forwarding::Tunnel) => return Some(Encapsulation::default()),
+        (None, _) => return None,
+        (Some(_), f) if f != Forwarding::Tunnel => {
+            errors.push(field("tunnel"), "only with forwarding: tunnel");
+            return None;
+        }
+        (Some(t), _) => t,
+    };
+    let port = match (t.kind, t.port) {
+        (TunnelKind::Gue, Some(p)) => port(field("tunnel.port"), p, errors).unwrap_or(0),
+        (TunnelKind::Gue, None) => {
+            errors.push(field("tunnel.port"), "gue needs the backends' UDP port");
+            0
+        }
+        (_, Some(_)) => {
+            errors.push(field("tunnel.port"), "only with type: gue");
+            0
+        }
+        (_, None) => 0,
+    };
+    if t.checksum && t.kind == TunnelKind::Ipip {
+        errors.push(field("tunnel.checksum"), "only with type: gue or gre");
+    }
+    if t.remote_checksum && t.kind != TunnelKind::Gue {
+        errors.push(field("tunnel.remoteChecksum"), "only with type: gue");
+    }
+    Some(Encapsulation {
+        kind: t.kind,
+        port,
+        checksum: t.checksum,
+        remote_checksum: t.remote_checksum,
+    })
+}
+
+/// (upper, lower) connection thresholds of service `at`.
+fn validate_connection_limit(
+    at: &str,
+    limit: &ConnectionLimit,
+    errors: &mut Collector,
+) -> (u32, u32) {
+    let max = match u32::try_from(limit.max) {
+        Ok(m) if (1..=i32::MAX as u32).contains(&m) => m,
+        _ => {
+            errors.push(
+                format!("{at}.connectionLimit.max"),
+                format!("must be between 1 and 2147483647, got {}", limit.max),
+            );
+            1
+        }
+    };
+    let resume = match limit.resume_below.map(u32::try_from) {
+        None => 0,
+        Some(Ok(r)) if r <= max => r,
+        Some(_) => {
+            errors.push(
+                format!("{at}.connectionLimit.resumeBelow"),
+                format!(
+                    "must be between 0 and max ({max}), got {}",
+                    limit.resume_below.unwrap_or_default()
+                ),
+            );
+            0
+        }
+    };
+    (max, resume)
+}
+
+/// Exactly one of `endpoints` and `serviceRef` of service `index`.
+fn validate_backends(
+    index: usize,
+    s: &VirtualService,
+    service_port: u16,
+    addresses: &[IpNet],
+    errors: &mut Collector,
+) -> ValidBackends {
+    match (&s.backends.endpoints[..], &s.backends.service_ref) {
+        ([], Some(r)) => {
+            let field = format!("spec.services[{index}].backends.serviceRef");
+            check_object_ref(&field, &r.namespace, &r.name, errors);
+            ValidBackends::Service(r.clone())
+        }
+        (endpoints, None) if !endpoints.is_empty() => ValidBackends::Static(validate_endpoints(
+            index,
+            s,
+            service_port,
+            addresses,
+            errors,
+        )),
+        _ => {
+            errors.push(
+                format!("spec.services[{index}].backends"),
+                "set exactly one of endpoints (a non-empty list), serviceRef",
+            );
+            ValidBackends::Static(Vec::new())
+        }
+    }
+}
+
+/// The static endpoints of service `index`, whose port is `service_port` (0 for fwmark).
 fn validate_endpoints(
-    i: usize,
+    index: usize,
     s: &VirtualService,
     service_port: u16,
     addresses: &[IpNet],
     errors: &mut Collector,
 ) -> Vec<(IpAddr, u16, u32)> {
-    let mut out = Vec::with_capacity(s.backends.endpoints.len());
     let mut seen = HashSet::new();
-    for (j, e) in s.backends.endpoints.iter().enumerate() {
-        let field = |f: &str| format!("spec.services[{i}].backends.endpoints[{j}].{f}");
-        let address = match e.address.parse::<IpAddr>() {
-            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+    let out: Vec<(IpAddr, u16, u32)> = s
+        .backends
+        .endpoints
+        .iter()
+        .enumerate()
+        .filter_map(|(j, e)| {
+            let at = format!("spec.services[{index}].backends.endpoints[{j}]");
+            let endpoint = validate_endpoint(&at, e, s.forwarding, service_port, addresses, errors);
+            if let Some((address, port, _)) = endpoint
+                && !seen.insert((address, port))
+            {
                 errors.push(
-                    field("address"),
-                    format!("{} is not a unicast address", e.address),
-                );
-                continue;
-            }
-            Ok(ip) => ip,
-            Err(_) => {
-                errors.push(
-                    field("address"),
-                    format!("{:?} is not an IP address", e.address),
-                );
-                continue;
-            }
-        };
-        // Only tunnels carry one family inside another.
-        if s.forwarding != Forwarding::Tunnel
-            && !addresses
-                .iter()
-                .any(|a| a.addr().is_ipv4() == address.is_ipv4())
-        {
-            errors.push(
-                field("address"),
-                format!(
-                    "{address}: no address in spec.addresses has this family (only tunnel forwarding mixes families)"
-                ),
-            );
-        }
-        let port = match e.port {
-            None => service_port,
-            Some(p) => match u16::try_from(p) {
-                Ok(p) if p >= 1 => p,
-                _ => {
-                    errors.push(
-                        field("port"),
-                        format!("must be between 1 and 65535, got {p}"),
-                    );
-                    continue;
-                }
-            },
-        };
-        if s.forwarding != Forwarding::Masquerade && service_port != 0 && port != service_port {
-            errors.push(
-                field("port"),
-                format!(
-                    "{port} differs from the service port {service_port}: only masquerade forwarding translates ports"
-                ),
-            );
-        }
-        if !(0..=MAX_WEIGHT).contains(&e.weight) {
-            errors.push(
-                field("weight"),
-                format!("must be between 0 and {MAX_WEIGHT}, got {}", e.weight),
-            );
-        }
-        if !seen.insert((address, port)) {
-            errors.push(
-                field("address"),
-                format!("{address} port {port} is listed twice"),
-            );
-        }
-        out.push((address, port, e.weight.clamp(0, MAX_WEIGHT) as u32));
-    }
-    if s.forwarding != Forwarding::Tunnel {
-        for family_v4 in [true, false] {
-            let has_address = addresses.iter().any(|a| a.addr().is_ipv4() == family_v4);
-            let has_backend = out.iter().any(|(a, _, _)| a.is_ipv4() == family_v4);
-            if has_address && !has_backend && !out.is_empty() {
-                errors.push(
-                    format!("spec.services[{i}].backends.endpoints"),
-                    format!(
-                        "no {} endpoint for the {} virtual addresses",
-                        if family_v4 { "IPv4" } else { "IPv6" },
-                        if family_v4 { "IPv4" } else { "IPv6" },
-                    ),
+                    format!("{at}.address"),
+                    format!("{address} port {port} is listed twice"),
                 );
             }
-        }
+            endpoint
+        })
+        .collect();
+    if s.forwarding != Forwarding::Tunnel && !out.is_empty() {
+        check_endpoint_families(index, &out, addresses, errors);
     }
     out
+}
+
+/// One static endpoint at `at`: (address, port, weight); `None` without a usable address
+/// and port.
+fn validate_endpoint(
+    at: &str,
+    e: &StaticEndpoint,
+    forwarding: Forwarding,
+    service_port: u16,
+    addresses: &[IpNet],
+    errors: &mut Collector,
+) -> Option<(IpAddr, u16, u32)> {
+    let field = |f: &str| format!("{at}.{f}");
+    let address = match e.address.parse::<IpAddr>() {
+        Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+            errors.push(
+                field("address"),
+                format!("{} is not a unicast address", e.address),
+            );
+            return None;
+        }
+        Ok(ip) => ip,
+        Err(_) => {
+            errors.push(
+                field("address"),
+                format!("{:?} is not an IP address", e.address),
+            );
+            return None;
+        }
+    };
+    // Only tunnels carry one family inside another.
+    if forwarding != Forwarding::Tunnel
+        && !addresses
+            .iter()
+            .any(|a| a.addr().is_ipv4() == address.is_ipv4())
+    {
+        errors.push(
+            field("address"),
+            format!(
+                "{address}: no address in spec.addresses has this family (only tunnel forwarding mixes families)"
+            ),
+        );
+    }
+    let port = match e.port {
+        None => service_port,
+        Some(p) => port(field("port"), p, errors)?,
+    };
+    if forwarding != Forwarding::Masquerade && service_port != 0 && port != service_port {
+        errors.push(
+            field("port"),
+            format!(
+                "{port} differs from the service port {service_port}: only masquerade forwarding translates ports"
+            ),
+        );
+    }
+    if !(0..=MAX_WEIGHT).contains(&e.weight) {
+        errors.push(
+            field("weight"),
+            format!("must be between 0 and {MAX_WEIGHT}, got {}", e.weight),
+        );
+    }
+    Some((address, port, e.weight.clamp(0, MAX_WEIGHT) as u32))
+}
+
+/// Without a tunnel, each family of the virtual addresses needs an endpoint of its own.
+fn check_endpoint_families(
+    index: usize,
+    endpoints: &[(IpAddr, u16, u32)],
+    addresses: &[IpNet],
+    errors: &mut Collector,
+) {
+    for family_v4 in [true, false] {
+        let has_address = addresses.iter().any(|a| a.addr().is_ipv4() == family_v4);
+        let has_backend = endpoints.iter().any(|(a, _, _)| a.is_ipv4() == family_v4);
+        if has_address && !has_backend {
+            let family = if family_v4 { "IPv4" } else { "IPv6" };
+            errors.push(
+                format!("spec.services[{index}].backends.endpoints"),
+                format!("no {family} endpoint for the {family} virtual addresses"),
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,7 @@
 //! Semantic validation of a `VirtualIP` spec: everything the schema cannot say, with messages
-//! that name the field.
+//! that name the field. The checks and the services have modules of their own.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -10,40 +9,15 @@ use ipnet::IpNet;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+use super::check::{ValidCheck, validate_checks};
 use super::duration::parse_duration;
+use super::field::{Collector, ValidationErrors, check_object_ref, check_weight};
 use super::services::{ValidService, validate_services};
-use super::virtualip::{Ipv4Checksum, NodeHealthWeights, ServiceRef, UnicastPeers, VirtualIPSpec};
-use crate::vocab::{ChecksumMode, Version};
-
-/// One problem with one field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// JSON path of the field, e.g. `spec.vrrp.advertisementInterval`.
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-/// All problems found in one spec (never empty).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ValidationErrors(pub Vec<FieldError>);
-
-impl fmt::Display for ValidationErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
+use super::virtualip::{
+    Ipv4Checksum, LocalEndpoints, NodeHealthWeights, PreferredNode, ServiceRef, UnicastPeers,
+    VirtualIPSpec,
+};
+use crate::vocab::{ChecksumMode, Family, NON_OWNER_PRIORITIES, VRIDS, Version};
 
 /// A spec that passed validation, in the engine's types.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,217 +46,36 @@ pub struct ValidSpec {
     pub services: Vec<ValidService>,
 }
 
-/// A validated health check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidCheck {
-    pub name: String,
-    pub kind: CheckKind,
-    pub weight: i64,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub rise: u32,
-    pub fall: u32,
-}
-
-/// What a check probes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckKind {
-    Tcp {
-        host: IpAddr,
-        port: u16,
-    },
-    Http {
-        host: IpAddr,
-        port: u16,
-        path: String,
-    },
-}
-
 const MAX_PREEMPT_DELAY: Duration = Duration::from_secs(3600);
 
-pub(super) struct Collector(Vec<FieldError>);
-
-impl Collector {
-    pub(super) fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError {
-            field: field.into(),
-            message: message.into(),
-        });
-    }
-}
-
 impl VirtualIPSpec {
-    /// Checks the whole spec and reports every problem at once.
+    /// Checks the whole spec and reports every problem at once, in the order of the fields.
     pub fn validate(&self) -> Result<ValidSpec, ValidationErrors> {
-        let mut errors = Collector(Vec::new());
-
+        let mut errors = Collector::default();
         let addresses = validate_addresses(&self.addresses, &mut errors);
-
-        if self.interface.is_empty()
-            || self.interface.len() > 15
-            || self
-                .interface
-                .bytes()
-                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
-        {
-            errors.push(
-                "spec.interface",
-                format!(
-                    "{:?} is not an interface name (1-15 characters, no '/', ':' or spaces)",
-                    self.interface
-                ),
-            );
-        }
-
-        let vrid = match self.virtual_router_id.map(u8::try_from) {
-            None => None,
-            Some(Ok(v)) if v >= 1 => Some(v),
-            Some(_) => {
-                errors.push(
-                    "spec.virtualRouterId",
-                    format!(
-                        "must be between 1 and 255, got {}",
-                        self.virtual_router_id.unwrap_or_default()
-                    ),
-                );
-                None
-            }
-        };
-
-        let version = match self.vrrp.version {
-            2 => Version::V2,
-            3 => Version::V3,
-            other => {
-                errors.push("spec.vrrp.version", format!("must be 2 or 3, got {other}"));
-                Version::V3
-            }
-        };
-        if version == Version::V2
-            && let Some(i) = addresses.iter().position(|a| a.addr().is_ipv6())
-        {
-            errors.push(
-                "spec.vrrp.version",
-                format!(
-                    "VRRP version 2 carries IPv4 only, but spec.addresses[{i}] is IPv6: use version 3"
-                ),
-            );
-        }
-
-        let advert_interval = match parse_duration(&self.vrrp.advertisement_interval) {
-            Ok(d) => {
-                check_interval(version, d, &self.vrrp.advertisement_interval, &mut errors);
-                d
-            }
-            Err(e) => {
-                errors.push("spec.vrrp.advertisementInterval", e.to_string());
-                Duration::from_secs(1)
-            }
-        };
-
-        let preempt_delay = match parse_duration(&self.vrrp.preempt_delay) {
-            Ok(d) if d <= MAX_PREEMPT_DELAY => d,
-            Ok(_) => {
-                errors.push("spec.vrrp.preemptDelay", "must be at most 1h (60m)");
-                Duration::ZERO
-            }
-            Err(e) => {
-                errors.push("spec.vrrp.preemptDelay", e.to_string());
-                Duration::ZERO
-            }
-        };
-
-        let (listed, unicast_auto) = match &self.vrrp.unicast_peers {
-            UnicastPeers::Auto => (&[][..], true),
-            UnicastPeers::List(l) => (&l[..], false),
-        };
-        let mut unicast_peers = Vec::with_capacity(listed.len());
-        for (i, peer) in listed.iter().enumerate() {
-            let field = format!("spec.vrrp.unicastPeers[{i}]");
-            match peer.parse::<IpAddr>() {
-                Ok(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() => {
-                    errors.push(field, format!("{peer} is not a unicast peer address"))
-                }
-                Ok(ip) if !addresses.iter().any(|a| a.addr().is_ipv4() == ip.is_ipv4()) => errors
-                    .push(
-                        field,
-                        format!("{peer}: no address in spec.addresses has this family"),
-                    ),
-                Ok(ip) if unicast_peers.contains(&ip) => {
-                    errors.push(field, format!("{peer} is listed twice"))
-                }
-                Ok(ip) => unicast_peers.push(ip),
-                Err(_) => errors.push(field, format!("{peer:?} is not an IP address")),
-            }
-        }
-
-        if !(1..=254).contains(&self.priority.base) {
-            errors.push(
-                "spec.priority.base",
-                format!("must be between 1 and 254, got {}", self.priority.base),
-            );
-        }
-        let mut preferred_nodes = Vec::with_capacity(self.priority.preferred_nodes.len());
-        let mut seen = HashSet::new();
-        for (i, p) in self.priority.preferred_nodes.iter().enumerate() {
-            if p.node_name.is_empty() {
-                errors.push(
-                    format!("spec.priority.preferredNodes[{i}].nodeName"),
-                    "must not be empty",
-                );
-            } else if !seen.insert(p.node_name.as_str()) {
-                errors.push(
-                    format!("spec.priority.preferredNodes[{i}].nodeName"),
-                    format!("{:?} is listed twice", p.node_name),
-                );
-            }
-            if !(-254..=254).contains(&p.weight) {
-                errors.push(
-                    format!("spec.priority.preferredNodes[{i}].weight"),
-                    format!("must be between -254 and 254, got {}", p.weight),
-                );
-            }
-            preferred_nodes.push((p.node_name.clone(), p.weight));
-        }
-
+        check_interface(&self.interface, &mut errors);
+        let vrid = validate_vrid(self.virtual_router_id, &mut errors);
+        let version = validate_version(self.vrrp.version, &addresses, &mut errors);
+        let advert_interval =
+            validate_advert_interval(&self.vrrp.advertisement_interval, version, &mut errors);
+        let preempt_delay = validate_preempt_delay(&self.vrrp.preempt_delay, &mut errors);
+        let (unicast_peers, unicast_auto) =
+            validate_unicast_peers(&self.vrrp.unicast_peers, &addresses, &mut errors);
+        check_base_priority(self.priority.base, &mut errors);
+        let preferred_nodes = validate_preferred_nodes(&self.priority.preferred_nodes, &mut errors);
         if let Some(selector) = &self.node_selector {
             validate_selector(selector, &mut errors);
         }
-
-        let h = &self.priority.node_health;
-        for (field, value) in [
-            ("notReady", h.not_ready),
-            ("networkUnavailable", h.network_unavailable),
-            ("unschedulable", h.unschedulable),
-            ("carrierDown", h.carrier_down),
-        ] {
-            check_weight(
-                &format!("spec.priority.nodeHealth.{field}"),
-                value,
-                &mut errors,
-            );
-        }
-        let local_endpoints = self.priority.local_endpoints.as_ref().map(|l| {
-            check_weight("spec.priority.localEndpoints.weight", l.weight, &mut errors);
-            for (field, value) in [
-                ("namespace", &l.service.namespace),
-                ("name", &l.service.name),
-            ] {
-                if !is_dns_label(value) {
-                    errors.push(
-                        format!("spec.priority.localEndpoints.service.{field}"),
-                        format!("{value:?} is not a valid name (lowercase DNS label)"),
-                    );
-                }
-            }
-            (l.service.clone(), l.weight)
-        });
+        check_node_health(&self.priority.node_health, &mut errors);
+        let local_endpoints = self
+            .priority
+            .local_endpoints
+            .as_ref()
+            .map(|l| validate_local_endpoints(l, &mut errors));
         let checks = validate_checks(&self.priority.checks, &mut errors);
         let services = validate_services(&self.services, &addresses, &mut errors);
 
-        if !errors.0.is_empty() {
-            return Err(ValidationErrors(errors.0));
-        }
-        Ok(ValidSpec {
+        errors.finish(ValidSpec {
             addresses,
             interface: self.interface.clone(),
             vrid,
@@ -308,75 +101,237 @@ impl VirtualIPSpec {
     }
 }
 
+fn check_interface(interface: &str, errors: &mut Collector) {
+    if interface.is_empty()
+        || interface.len() > 15
+        || interface
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
+    {
+        errors.push(
+            "spec.interface",
+            format!(
+                "{interface:?} is not an interface name (1-15 characters, no '/', ':' or spaces)"
+            ),
+        );
+    }
+}
+
+fn validate_vrid(vrid: Option<i64>, errors: &mut Collector) -> Option<u8> {
+    let vrid = vrid?;
+    match u8::try_from(vrid) {
+        Ok(v) if VRIDS.contains(&v) => Some(v),
+        _ => {
+            errors.push(
+                "spec.virtualRouterId",
+                format!(
+                    "must be between {} and {}, got {vrid}",
+                    VRIDS.start(),
+                    VRIDS.end()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `spec.vrrp.version`, which must carry every address.
+fn validate_version(version: i64, addresses: &[IpNet], errors: &mut Collector) -> Version {
+    let version = match version {
+        2 => Version::V2,
+        3 => Version::V3,
+        other => {
+            errors.push("spec.vrrp.version", format!("must be 2 or 3, got {other}"));
+            Version::V3
+        }
+    };
+    if let Some(i) = addresses
+        .iter()
+        .position(|a| !version.carries(Family::of(&a.addr())))
+    {
+        errors.push(
+            "spec.vrrp.version",
+            format!(
+                "VRRP version 2 carries IPv4 only, but spec.addresses[{i}] is IPv6: use version 3"
+            ),
+        );
+    }
+    version
+}
+
+fn validate_advert_interval(text: &str, version: Version, errors: &mut Collector) -> Duration {
+    let field = "spec.vrrp.advertisementInterval";
+    match parse_duration(text) {
+        Ok(d) => {
+            if let Err(e) = version.check_interval(d) {
+                errors.push(field, format!("{text} is {e}"));
+            }
+            d
+        }
+        Err(e) => {
+            errors.push(field, e.to_string());
+            Duration::from_secs(1)
+        }
+    }
+}
+
+fn validate_preempt_delay(text: &str, errors: &mut Collector) -> Duration {
+    match parse_duration(text) {
+        Ok(d) if d <= MAX_PREEMPT_DELAY => d,
+        Ok(_) => {
+            errors.push("spec.vrrp.preemptDelay", "must be at most 1h (60m)");
+            Duration::ZERO
+        }
+        Err(e) => {
+            errors.push("spec.vrrp.preemptDelay", e.to_string());
+            Duration::ZERO
+        }
+    }
+}
+
+/// The listed peers, each of a family of the addresses and listed once; and whether the
+/// peers are `auto`.
+fn validate_unicast_peers(
+    peers: &UnicastPeers,
+    addresses: &[IpNet],
+    errors: &mut Collector,
+) -> (Vec<IpAddr>, bool) {
+    let listed = match peers {
+        UnicastPeers::Auto => return (Vec::new(), true),
+        UnicastPeers::List(l) => l,
+    };
+    let mut unicast_peers = Vec::with_capacity(listed.len());
+    for (i, peer) in listed.iter().enumerate() {
+        let field = format!("spec.vrrp.unicastPeers[{i}]");
+        match peer.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() => {
+                errors.push(field, format!("{peer} is not a unicast peer address"))
+            }
+            Ok(ip) if !addresses.iter().any(|a| a.addr().is_ipv4() == ip.is_ipv4()) => errors.push(
+                field,
+                format!("{peer}: no address in spec.addresses has this family"),
+            ),
+            Ok(ip) if unicast_peers.contains(&ip) => {
+                errors.push(field, format!("{peer} is listed twice"))
+            }
+            Ok(ip) => unicast_peers.push(ip),
+            Err(_) => errors.push(field, format!("{peer:?} is not an IP address")),
+        }
+    }
+    (unicast_peers, false)
+}
+
+fn check_base_priority(base: i64, errors: &mut Collector) {
+    let (min, max) = (
+        i64::from(*NON_OWNER_PRIORITIES.start()),
+        i64::from(*NON_OWNER_PRIORITIES.end()),
+    );
+    if !(min..=max).contains(&base) {
+        errors.push(
+            "spec.priority.base",
+            format!("must be between {min} and {max}, got {base}"),
+        );
+    }
+}
+
+/// (node name, weight) of each entry; a weight can move a priority across the whole range.
+fn validate_preferred_nodes(
+    preferred: &[PreferredNode],
+    errors: &mut Collector,
+) -> Vec<(String, i64)> {
+    let max = i64::from(*NON_OWNER_PRIORITIES.end());
+    let mut seen = HashSet::new();
+    for (i, p) in preferred.iter().enumerate() {
+        let field = |f: &str| format!("spec.priority.preferredNodes[{i}].{f}");
+        if p.node_name.is_empty() {
+            errors.push(field("nodeName"), "must not be empty");
+        } else if !seen.insert(p.node_name.as_str()) {
+            errors.push(
+                field("nodeName"),
+                format!("{:?} is listed twice", p.node_name),
+            );
+        }
+        if !(-max..=max).contains(&p.weight) {
+            errors.push(
+                field("weight"),
+                format!("must be between -{max} and {max}, got {}", p.weight),
+            );
+        }
+    }
+    preferred
+        .iter()
+        .map(|p| (p.node_name.clone(), p.weight))
+        .collect()
+}
+
+fn check_node_health(h: &NodeHealthWeights, errors: &mut Collector) {
+    for (field, value) in [
+        ("notReady", h.not_ready),
+        ("networkUnavailable", h.network_unavailable),
+        ("unschedulable", h.unschedulable),
+        ("carrierDown", h.carrier_down),
+    ] {
+        check_weight(&format!("spec.priority.nodeHealth.{field}"), value, errors);
+    }
+}
+
+fn validate_local_endpoints(l: &LocalEndpoints, errors: &mut Collector) -> (ServiceRef, i64) {
+    check_weight("spec.priority.localEndpoints.weight", l.weight, errors);
+    check_object_ref(
+        "spec.priority.localEndpoints.service",
+        &l.service.namespace,
+        &l.service.name,
+        errors,
+    );
+    (l.service.clone(), l.weight)
+}
+
+/// `spec.addresses`: at least one, each usable and listed once.
 fn validate_addresses(raw: &[String], errors: &mut Collector) -> Vec<IpNet> {
     if raw.is_empty() {
         errors.push("spec.addresses", "must list at least one address");
     }
     let mut out: Vec<IpNet> = Vec::with_capacity(raw.len());
     for (i, text) in raw.iter().enumerate() {
-        let field = format!("spec.addresses[{i}]");
-        // A bare address means a host route: /32 or /128.
-        let parsed = text
-            .parse::<IpNet>()
-            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
-        let net = match parsed {
-            Ok(net) => net,
-            Err(_) => {
-                errors.push(
-                    field,
-                    format!("{text:?} is not an address with prefix, e.g. 192.0.2.100/24"),
-                );
-                continue;
-            }
+        let message = match parse_virtual_address(text) {
+            Ok(net) => match out.iter().position(|o| o.addr() == net.addr()) {
+                Some(j) => format!("{} is already listed as spec.addresses[{j}]", net.addr()),
+                None => {
+                    out.push(net);
+                    continue;
+                }
+            },
+            Err(message) => message,
         };
-        let ip = net.addr();
-        if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || is_broadcast(&ip) {
-            errors.push(field, format!("{ip} cannot be a virtual address"));
-            continue;
-        }
-        let host_prefix = if ip.is_ipv4() { 32 } else { 128 };
-        if net.prefix_len() < host_prefix - 1 && ip == net.network() {
-            errors.push(
-                field,
-                format!("{text} is the network address of its prefix, not a host address"),
-            );
-            continue;
-        }
-        if let IpNet::V4(v4) = net
-            && net.prefix_len() < 31
-            && v4.addr() == v4.broadcast()
-        {
-            errors.push(
-                field,
-                format!("{text} is the broadcast address of its prefix"),
-            );
-            continue;
-        }
-        if let Some(j) = out.iter().position(|o| o.addr() == ip) {
-            errors.push(
-                field,
-                format!("{ip} is already listed as spec.addresses[{j}]"),
-            );
-            continue;
-        }
-        out.push(net);
+        errors.push(format!("spec.addresses[{i}]"), message);
     }
     out
 }
 
-fn check_weight(field: &str, value: i64, errors: &mut Collector) {
-    if !(0..=254).contains(&value) {
-        errors.push(field, format!("must be between 0 and 254, got {value}"));
+/// An address with its prefix that a node can hold as a host address. A bare address means a
+/// host route: /32 or /128.
+fn parse_virtual_address(text: &str) -> Result<IpNet, String> {
+    let net = text
+        .parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{text:?} is not an address with prefix, e.g. 192.0.2.100/24"))?;
+    let ip = net.addr();
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || is_broadcast(&ip) {
+        return Err(format!("{ip} cannot be a virtual address"));
     }
-}
-
-pub(super) fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    let host_prefix = if ip.is_ipv4() { 32 } else { 128 };
+    if net.prefix_len() < host_prefix - 1 && ip == net.network() {
+        return Err(format!(
+            "{text} is the network address of its prefix, not a host address"
+        ));
+    }
+    if let IpNet::V4(v4) = net
+        && net.prefix_len() < 31
+        && v4.addr() == v4.broadcast()
+    {
+        return Err(format!("{text} is the broadcast address of its prefix"));
+    }
+    Ok(net)
 }
 
 fn validate_selector(selector: &LabelSelector, errors: &mut Collector) {
@@ -404,136 +359,8 @@ fn validate_selector(selector: &LabelSelector, errors: &mut Collector) {
     }
 }
 
-fn validate_checks(checks: &[super::HealthCheck], errors: &mut Collector) -> Vec<ValidCheck> {
-    let mut out = Vec::with_capacity(checks.len());
-    let mut names = HashSet::new();
-    for (i, c) in checks.iter().enumerate() {
-        let field = |f: &str| format!("spec.priority.checks[{i}].{f}");
-        if !is_dns_label(&c.name) {
-            errors.push(
-                field("name"),
-                format!("{:?} is not a lowercase DNS label", c.name),
-            );
-        } else if !names.insert(c.name.as_str()) {
-            errors.push(field("name"), format!("{:?} is used twice", c.name));
-        }
-        check_weight(&field("weight"), c.weight, errors);
-        let mut duration = |f: &str, text: &str| match parse_duration(text) {
-            Ok(d) if d >= Duration::from_millis(10) && d <= Duration::from_secs(3600) => d,
-            Ok(_) => {
-                errors.push(field(f), format!("{text} is out of range (10ms to 1h)"));
-                Duration::from_secs(1)
-            }
-            Err(e) => {
-                errors.push(field(f), e.to_string());
-                Duration::from_secs(1)
-            }
-        };
-        let interval = duration("interval", &c.interval);
-        let timeout = duration("timeout", &c.timeout);
-        if timeout > interval {
-            errors.push(
-                field("timeout"),
-                format!("{} is longer than the interval {}", c.timeout, c.interval),
-            );
-        }
-        let threshold = |f: &str, v: i64, errors: &mut Collector| match u32::try_from(v) {
-            Ok(v) if (1..=100).contains(&v) => v,
-            _ => {
-                errors.push(field(f), format!("must be between 1 and 100, got {v}"));
-                1
-            }
-        };
-        let rise = threshold("rise", c.rise, errors);
-        let fall = threshold("fall", c.fall, errors);
-        let host = |f: &str, h: &Option<String>, errors: &mut Collector| match h {
-            None => IpAddr::from([127, 0, 0, 1]),
-            Some(h) => h.parse().unwrap_or_else(|_| {
-                errors.push(field(f), format!("{h:?} is not an IP address"));
-                IpAddr::from([127, 0, 0, 1])
-            }),
-        };
-        let port = |f: &str, p: i64, errors: &mut Collector| match u16::try_from(p) {
-            Ok(p) if p >= 1 => p,
-            _ => {
-                errors.push(field(f), format!("must be between 1 and 65535, got {p}"));
-                1
-            }
-        };
-        let kind = match (&c.tcp, &c.http) {
-            (Some(t), None) => CheckKind::Tcp {
-                host: host("tcp.host", &t.host, errors),
-                port: port("tcp.port", t.port, errors),
-            },
-            (None, Some(h)) => {
-                if !h.path.starts_with('/')
-                    || h.path
-                        .bytes()
-                        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-                {
-                    errors.push(
-                        field("http.path"),
-                        format!("{:?} must start with '/' and contain no spaces", h.path),
-                    );
-                }
-                CheckKind::Http {
-                    host: host("http.host", &h.host, errors),
-                    port: port("http.port", h.port, errors),
-                    path: h.path.clone(),
-                }
-            }
-            _ => {
-                errors.push(
-                    format!("spec.priority.checks[{i}]"),
-                    "set exactly one of tcp, http",
-                );
-                continue;
-            }
-        };
-        out.push(ValidCheck {
-            name: c.name.clone(),
-            kind,
-            weight: c.weight,
-            interval,
-            timeout,
-            rise,
-            fall,
-        });
-    }
-    out
-}
-
 fn is_broadcast(ip: &IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
-}
-
-fn check_interval(version: Version, d: Duration, text: &str, errors: &mut Collector) {
-    let field = "spec.vrrp.advertisementInterval";
-    match version {
-        Version::V3 => {
-            if d < Duration::from_millis(10) || d > Duration::from_millis(40_950) {
-                errors.push(
-                    field,
-                    format!("{text} is out of range: VRRPv3 allows 10ms to 40.95s"),
-                );
-            } else if !d.as_nanos().is_multiple_of(10_000_000) {
-                errors.push(
-                    field,
-                    format!("{text} is not a multiple of 10ms (VRRPv3 counts in centiseconds)"),
-                );
-            }
-        }
-        Version::V2 => {
-            if d < Duration::from_secs(1) || d > Duration::from_secs(255) {
-                errors.push(
-                    field,
-                    format!("{text} is out of range: VRRPv2 allows 1s to 255s"),
-                );
-            } else if d.subsec_nanos() != 0 {
-                errors.push(field, format!("{text} is not whole seconds (VRRPv2)"));
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -636,6 +463,20 @@ mod tests {
                 "spec.priority.preferredNodes[0].weight"
             ]
         );
+    }
+
+    #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("## The VirtualIP resource").unwrap()..];
+        let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
+        let example = &section[start..start + section[start..].find("```").unwrap()];
+        let mut out = crate::crd::manifest::Manifests::default();
+        crate::crd::manifest::parse_into(std::path::Path::new("README.md"), example, &mut out);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        let valid = out.virtual_ips[0].spec.validate().unwrap();
+        assert_eq!(valid.checks.len(), 1);
+        assert_eq!(valid.services.len(), 1);
     }
 
     #[test]

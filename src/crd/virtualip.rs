@@ -586,17 +586,31 @@ pub struct TcpCheck {
     pub port: i64,
 }
 
-/// `GET http://host:port/path`; passes on a 2xx or 3xx answer.
+/// `GET http://host:port/path`; passes on a 2xx or 3xx answer unless `expectStatus` says
+/// otherwise.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpCheck {
-    /// Defaults to 127.0.0.1.
+    /// Address to connect to. Defaults to 127.0.0.1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     #[schemars(range(min = 1, max = 65535))]
     pub port: i64,
+    /// Request path, with its query if any: printable ASCII, no spaces (percent-encode them).
     #[serde(default = "default_path")]
     pub path: String,
+    /// Probe over TLS. Not supported yet: the agent refuses `true`.
+    #[serde(default)]
+    pub https: bool,
+    /// Statuses that pass: one (`"200"`) or an inclusive range (`"200-299"`), within
+    /// 100-599. A string, quoted in YAML. Defaults to 200-399.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{3}(-[0-9]{3})?$"))]
+    pub expect_status: Option<String>,
+    /// Value of the `Host` header, e.g. `app.example.com`. Defaults to `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub host_header: Option<String>,
 }
 
 /// A priority adjustment for one node.

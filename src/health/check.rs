@@ -1,14 +1,12 @@
-//! What a health check probes, and the rules a spec must follow before it runs.
+//! The checks the monitor runs: what to probe is the contract's [`CheckSpec`] (built by the
+//! VirtualIP's validation), identified here by a [`CheckKey`], and refused by [`validate`] when
+//! it breaks one of the contract's rules.
 
 use std::fmt;
-use std::net::IpAddr;
-use std::ops::RangeInclusive;
-use std::time::Duration;
 
 use super::HealthError;
-
-/// HTTP statuses that pass when a check names none: 2xx and 3xx, as HAProxy's `httpchk`.
-pub const DEFAULT_EXPECT_STATUS: RangeInclusive<u16> = 200..=399;
+use crate::crd::CheckProblem;
+pub use crate::crd::{CheckKind, CheckSpec, DEFAULT_EXPECT_STATUS};
 
 /// Identifies a running check: the VirtualIP it belongs to and its name within it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -32,126 +30,28 @@ impl fmt::Display for CheckKey {
     }
 }
 
-/// One check: what to probe, how often, and how many results in a row change its state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckSpec {
-    pub name: String,
-    pub kind: CheckKind,
-    /// Time between the starts of two probes.
-    pub interval: Duration,
-    /// A probe that takes longer fails.
-    pub timeout: Duration,
-    /// Consecutive successes that make a failing check pass.
-    pub rise: u32,
-    /// Consecutive failures that make a passing check fail.
-    pub fall: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckKind {
-    /// Passes when a TCP connection is established.
-    Tcp { host: IpAddr, port: u16 },
-    /// `GET path` over HTTP/1.1; passes when the status is in `expect_status`.
-    Http {
-        host: IpAddr,
-        port: u16,
-        path: String,
-        /// Refused for now: TLS would need a new dependency.
-        https: bool,
-        /// [`DEFAULT_EXPECT_STATUS`] when `None`.
-        expect_status: Option<RangeInclusive<u16>>,
-        /// `Host` header; `host:port` when `None`.
-        host_header: Option<String>,
-    },
-}
-
-impl CheckKind {
-    pub fn target(&self) -> (IpAddr, u16) {
-        match self {
-            CheckKind::Tcp { host, port } | CheckKind::Http { host, port, .. } => (*host, *port),
-        }
-    }
-}
-
-impl CheckSpec {
-    /// Refuses what cannot run: zero durations or thresholds (a zero interval would spin),
-    /// port 0, https, and HTTP fields that could break or inject into the request.
-    pub fn validate(&self) -> Result<(), HealthError> {
-        let invalid = |field, reason| HealthError::InvalidSpec {
-            check: self.name.clone(),
+/// Refuses what cannot run (the rules of [`CheckSpec::problem`]): zero durations or
+/// thresholds (a zero interval would spin), port 0, https, and HTTP fields that could break or
+/// inject into the request.
+pub fn validate(spec: &CheckSpec) -> Result<(), HealthError> {
+    match spec.problem() {
+        None => Ok(()),
+        Some(CheckProblem::HttpsUnsupported) => Err(HealthError::HttpsUnsupported {
+            check: spec.name.clone(),
+        }),
+        Some(CheckProblem::Invalid { field, reason }) => Err(HealthError::InvalidSpec {
+            check: spec.name.clone(),
             field,
             reason,
-        };
-        if self.name.is_empty() {
-            return Err(invalid("name", "must not be empty"));
-        }
-        if self.interval.is_zero() {
-            return Err(invalid("interval", "must be greater than zero"));
-        }
-        if self.timeout.is_zero() {
-            return Err(invalid("timeout", "must be greater than zero"));
-        }
-        if self.rise == 0 {
-            return Err(invalid("rise", "must be at least 1"));
-        }
-        if self.fall == 0 {
-            return Err(invalid("fall", "must be at least 1"));
-        }
-        if self.kind.target().1 == 0 {
-            return Err(invalid("port", "must be 1-65535"));
-        }
-        if let CheckKind::Http {
-            path,
-            https,
-            expect_status,
-            host_header,
-            ..
-        } = &self.kind
-        {
-            if *https {
-                return Err(HealthError::HttpsUnsupported {
-                    check: self.name.clone(),
-                });
-            }
-            if !path.starts_with('/') {
-                return Err(invalid("path", "must start with '/'"));
-            }
-            if !is_request_token(path) {
-                return Err(invalid(
-                    "path",
-                    "must be printable ASCII without spaces (percent-encode them)",
-                ));
-            }
-            if let Some(range) = expect_status
-                && (range.is_empty() || *range.start() < 100 || *range.end() > 599)
-            {
-                return Err(invalid(
-                    "expectStatus",
-                    "must be a non-empty range within 100-599",
-                ));
-            }
-            if let Some(header) = host_header
-                && !is_request_token(header)
-            {
-                return Err(invalid(
-                    "hostHeader",
-                    "must be non-empty printable ASCII without spaces",
-                ));
-            }
-        }
-        Ok(())
+        }),
     }
-}
-
-/// Request-line and header values go on the wire verbatim: CR, LF or a space would let a
-/// spec split the request or smuggle headers.
-fn is_request_token(text: &str) -> bool {
-    !text.is_empty() && text.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::ops::RangeInclusive;
+    use std::time::Duration;
 
     use super::*;
 
@@ -174,7 +74,7 @@ mod tests {
     }
 
     fn field_of(spec: &CheckSpec) -> Option<&'static str> {
-        match spec.validate() {
+        match validate(spec) {
             Ok(()) => None,
             Err(HealthError::InvalidSpec { field, .. }) => Some(field),
             Err(HealthError::HttpsUnsupported { .. }) => Some("https"),

@@ -2,7 +2,8 @@
 //! interface carrier. Kubernetes-free: the model turns these facts (plus Node conditions and
 //! local endpoints from the API) into priority penalties and reasons.
 //!
-//! - [`check`]: what to probe ([`CheckSpec`], [`CheckKind`]) and its validation.
+//! - [`check`]: what to probe ([`CheckSpec`], [`CheckKind`]: the contract's, `crate::crd`) and
+//!   the refusal of what cannot run.
 //! - [`tracker`]: the pure rise/fall state machine ([`CheckTracker`]).
 //! - [`probe`]: one TCP connect or hand-written HTTP/1.1 GET.
 //! - [`monitor`]: the async runner ([`HealthMonitor`]) publishing a [`HealthReport`].

@@ -20,7 +20,7 @@ use tokio::time::MissedTickBehavior;
 use tracing::{debug, info};
 
 use super::HealthError;
-use super::check::{CheckKey, CheckSpec};
+use super::check::{CheckKey, CheckSpec, validate};
 use super::probe::probe;
 use super::tracker::{CheckState, CheckTracker};
 
@@ -141,7 +141,7 @@ impl HealthMonitor {
     /// restarts changed ones, and leaves identical ones (and their state) alone. A changed
     /// check whose target ([`CheckSpec::kind`]) is unchanged keeps its state, so retuning the
     /// interval or thresholds does not reset a failing check to unknown; a new target starts
-    /// unknown. Returns the checks refused by [`CheckSpec::validate`], which do not run.
+    /// unknown. Returns the checks refused by [`validate`], which do not run.
     ///
     /// Must be called within a tokio runtime (it spawns the probe tasks).
     #[must_use = "refused checks do not run"]
@@ -152,7 +152,7 @@ impl HealthMonitor {
         let mut refused = Vec::new();
         let mut wanted = BTreeMap::new();
         for (key, spec) in checks {
-            match spec.validate() {
+            match validate(&spec) {
                 Ok(()) => {
                     wanted.insert(key, spec);
                 }

@@ -17,7 +17,7 @@ use crate::crd::{
     ServiceMatch, ServiceRef, ValidBackends, ValidCheck, ValidService, ValidSpec, ValidationErrors,
     VirtualIP,
 };
-use crate::vocab::{ChecksumMode, Family, Version};
+use crate::vocab::{ChecksumMode, Family, NON_OWNER_PRIORITIES, VRIDS, Version};
 use service::{BackendKey, Forwarding, ServiceKey, ServiceSet, ServiceSpec};
 
 /// Nodes carrying this label never hold addresses (the Kubernetes convention for external
@@ -191,6 +191,25 @@ pub struct ResourcePlan {
     pub refused: Option<RefusalReason>,
 }
 
+impl ResourcePlan {
+    /// A resource this node does not refuse: with its priority and reasons where the node is
+    /// eligible.
+    fn accepted(vrid: u8, priority: Option<(u8, Vec<String>)>) -> Self {
+        let eligible = priority.is_some();
+        let (priority, priority_reasons) = match priority {
+            Some((p, reasons)) => (Some(p), reasons),
+            None => (None, Vec::new()),
+        };
+        ResourcePlan {
+            vrid: Some(vrid),
+            eligible,
+            priority,
+            priority_reasons,
+            refused: None,
+        }
+    }
+}
+
 /// The desired state of one node.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
@@ -227,10 +246,6 @@ impl Desired {
         self.refused.push(Refusal { resource, reason });
     }
 }
-
-/// Lowest and highest priority a non-owner may have.
-const MIN_PRIORITY: i64 = 1;
-const MAX_PRIORITY: i64 = 254;
 
 /// What earlier (higher-precedence) resources already use.
 #[derive(Default)]
@@ -412,186 +427,212 @@ fn service_ref_backends(
 pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
     let mut desired = Desired::default();
     let mut taken = Taken::default();
-    let cluster = snapshot.cluster;
-
     for vip in &snapshot.virtual_ips {
-        let Some(name) = vip.metadata.name.clone() else {
-            desired.refused.push(Refusal {
-                resource: String::new(),
-                reason: RefusalReason::Unnamed,
-            });
-            continue;
-        };
-        let spec = match vip.spec.validate() {
-            Ok(s) => s,
-            Err(errors) => {
-                desired.refuse(name, None, RefusalReason::Invalid(errors));
-                continue;
-            }
-        };
-        if !cluster {
-            let field = if spec.node_selector.is_some() {
-                Some("spec.nodeSelector".to_string())
-            } else if spec.unicast_auto {
-                Some("spec.vrrp.unicastPeers: auto".to_string())
-            } else if spec.local_endpoints.is_some() {
-                Some("spec.priority.localEndpoints".to_string())
-            } else {
-                spec.services
-                    .iter()
-                    .find(|s| matches!(s.backends, ValidBackends::Service(_)))
-                    .map(|s| format!("spec.services[{}].backends.serviceRef", s.index))
-            };
-            if let Some(field) = field {
-                desired.refuse(name, None, RefusalReason::NeedsCluster { field });
-                continue;
-            }
-        }
+        plan_resource(vip, snapshot, node, &mut taken, &mut desired);
+    }
+    desired
+}
 
-        let families: Vec<Family> = [Family::V4, Family::V6]
-            .into_iter()
-            .filter(|f| spec.addresses.iter().any(|a| Family::of(&a.addr()) == *f))
+/// Plans one VirtualIP, after the resources that take precedence over it (`taken`).
+fn plan_resource(
+    vip: &VirtualIP,
+    snapshot: &Snapshot,
+    node: &str,
+    taken: &mut Taken,
+    desired: &mut Desired,
+) {
+    let Some(name) = vip.metadata.name.clone() else {
+        desired.refused.push(Refusal {
+            resource: String::new(),
+            reason: RefusalReason::Unnamed,
+        });
+        return;
+    };
+    let spec = match vip.spec.validate() {
+        Ok(s) => s,
+        Err(errors) => return desired.refuse(name, None, RefusalReason::Invalid(errors)),
+    };
+    if !snapshot.cluster
+        && let Some(field) = needs_cluster(&spec)
+    {
+        return desired.refuse(name, None, RefusalReason::NeedsCluster { field });
+    }
+    let vrid = match claim(&name, &spec, taken) {
+        Ok(vrid) => vrid,
+        Err((vrid, reason)) => return desired.refuse(name, vrid, reason),
+    };
+
+    let eligible = !snapshot.cluster
+        || snapshot
+            .nodes
+            .get(node)
+            .is_some_and(|facts| is_eligible(&spec, facts));
+    if !eligible {
+        desired
+            .resources
+            .insert(name, ResourcePlan::accepted(vrid, None));
+        return;
+    }
+
+    let (priority, priority_reasons) = priority_with_health(
+        &name,
+        &spec,
+        node,
+        snapshot.nodes.get(node),
+        &snapshot.local,
+    );
+    for check in &spec.checks {
+        desired
+            .checks
+            .insert((name.clone(), check.spec.name.clone()), check.clone());
+    }
+    plan_services(&name, &spec, snapshot, desired);
+    plan_instances(
+        &name,
+        &spec,
+        vrid,
+        (priority, &priority_reasons),
+        snapshot,
+        desired,
+    );
+    desired.resources.insert(
+        name,
+        ResourcePlan::accepted(vrid, Some((priority, priority_reasons))),
+    );
+}
+
+/// The first field of `spec` that only Kubernetes mode can serve, if any.
+fn needs_cluster(spec: &ValidSpec) -> Option<String> {
+    if spec.node_selector.is_some() {
+        Some("spec.nodeSelector".to_string())
+    } else if spec.unicast_auto {
+        Some("spec.vrrp.unicastPeers: auto".to_string())
+    } else if spec.local_endpoints.is_some() {
+        Some("spec.priority.localEndpoints".to_string())
+    } else {
+        spec.services
+            .iter()
+            .find(|s| matches!(s.backends, ValidBackends::Service(_)))
+            .map(|s| format!("spec.services[{}].backends.serviceRef", s.index))
+    }
+}
+
+/// The address families of `spec`, IPv4 first.
+fn families(spec: &ValidSpec) -> Vec<Family> {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .filter(|f| spec.addresses.iter().any(|a| Family::of(&a.addr()) == *f))
+        .collect()
+}
+
+/// Takes a VRID and the addresses for `name` unless an earlier resource holds them: on a
+/// refusal, the VRID it would have had (if chosen) and why. Conflicts depend only on the
+/// resources, never on the node, so every node reaches the same verdict without coordination.
+fn claim(
+    name: &str,
+    spec: &ValidSpec,
+    taken: &mut Taken,
+) -> Result<u8, (Option<u8>, RefusalReason)> {
+    let families = families(spec);
+    let signature = sharing_signature(spec);
+    let leader = signature
+        .as_ref()
+        .and_then(|sig| taken.groups.get(sig).cloned());
+    let seed = signature.as_deref().unwrap_or(name);
+    let vrid = choose_vrid(spec, seed, &families, taken, leader.as_deref())
+        .map_err(|reason| (spec.vrid, reason))?;
+    if let Some(reason) = spec.addresses.iter().find_map(|a| {
+        taken
+            .addresses
+            .get(&a.addr())
+            .map(|other| RefusalReason::DuplicateAddress {
+                address: a.addr(),
+                other: other.clone(),
+            })
+    }) {
+        return Err((Some(vrid), reason));
+    }
+    let owner = leader.unwrap_or_else(|| name.to_string());
+    if let Some(sig) = signature {
+        taken.groups.entry(sig).or_insert_with(|| name.to_string());
+    }
+    for family in &families {
+        taken
+            .vrids
+            .insert((spec.interface.clone(), *family, vrid), owner.clone());
+    }
+    for a in &spec.addresses {
+        taken.addresses.insert(a.addr(), name.to_string());
+    }
+    Ok(vrid)
+}
+
+/// The VRRP instances of an eligible VirtualIP, one per family: a new instance, or more
+/// addresses for the instance of the sharing group it joins.
+fn plan_instances(
+    name: &str,
+    spec: &ValidSpec,
+    vrid: u8,
+    (priority, priority_reasons): (u8, &[String]),
+    snapshot: &Snapshot,
+    desired: &mut Desired,
+) {
+    let auto_peers: Vec<IpAddr> = if spec.unicast_auto {
+        snapshot
+            .nodes
+            .values()
+            .filter(|facts| is_eligible(spec, facts))
+            .flat_map(|facts| facts.internal_ips.iter().copied())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for family in families(spec) {
+        let mut addresses: Vec<IpNet> = spec
+            .addresses
+            .iter()
+            .filter(|a| Family::of(&a.addr()) == family)
+            .copied()
             .collect();
-
-        // Conflicts depend only on the resources, never on the node, so every node reaches the
-        // same verdict without coordination.
-        let signature = sharing_signature(&spec);
-        let leader = signature
-            .as_ref()
-            .and_then(|sig| taken.groups.get(sig).cloned());
-        let seed = signature.as_deref().unwrap_or(&name);
-        let vrid = match choose_vrid(&spec, seed, &families, &taken, leader.as_deref()) {
-            Ok(v) => v,
-            Err(reason) => {
-                desired.refuse(name, spec.vrid, reason);
-                continue;
-            }
-        };
-        if let Some(reason) = spec.addresses.iter().find_map(|a| {
-            taken
-                .addresses
-                .get(&a.addr())
-                .map(|other| RefusalReason::DuplicateAddress {
-                    address: a.addr(),
-                    other: other.clone(),
-                })
-        }) {
-            desired.refuse(name, Some(vrid), reason);
+        let unicast_peers = spec
+            .unicast_peers
+            .iter()
+            .chain(&auto_peers)
+            .filter(|p| Family::of(p) == family)
+            .copied()
+            .collect();
+        let instances = desired.instances.entry(spec.interface.clone()).or_default();
+        let key = InstanceKey { family, vrid };
+        if let Some(shared) = instances.get_mut(&key) {
+            // A later member of a sharing group: same settings, more addresses.
+            shared.addresses.extend(addresses);
+            shared.members.push(name.to_string());
             continue;
         }
-        let owner = leader.clone().unwrap_or_else(|| name.clone());
-        if let Some(sig) = signature {
-            taken.groups.entry(sig).or_insert_with(|| name.clone());
+        if family == Family::V6 {
+            link_local_first(&mut addresses, vrid);
         }
-        for family in &families {
-            taken
-                .vrids
-                .insert((spec.interface.clone(), *family, vrid), owner.clone());
-        }
-        for a in &spec.addresses {
-            taken.addresses.insert(a.addr(), name.clone());
-        }
-
-        let eligible = !cluster
-            || snapshot
-                .nodes
-                .get(node)
-                .is_some_and(|facts| is_eligible(&spec, facts));
-        if !eligible {
-            desired.resources.insert(
-                name,
-                ResourcePlan {
-                    vrid: Some(vrid),
-                    eligible: false,
-                    priority: None,
-                    priority_reasons: Vec::new(),
-                    refused: None,
-                },
-            );
-            continue;
-        }
-
-        let (priority, priority_reasons) = priority_with_health(
-            &name,
-            &spec,
-            node,
-            snapshot.nodes.get(node),
-            &snapshot.local,
-        );
-        for check in &spec.checks {
-            desired
-                .checks
-                .insert((name.clone(), check.name.clone()), check.clone());
-        }
-        let auto_peers: Vec<IpAddr> = if spec.unicast_auto {
-            snapshot
-                .nodes
-                .values()
-                .filter(|facts| is_eligible(&spec, facts))
-                .flat_map(|facts| facts.internal_ips.iter().copied())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        plan_services(&name, &spec, snapshot, &mut desired);
-        for family in families {
-            let mut addresses: Vec<IpNet> = spec
-                .addresses
-                .iter()
-                .filter(|a| Family::of(&a.addr()) == family)
-                .copied()
-                .collect();
-            let unicast_peers = spec
-                .unicast_peers
-                .iter()
-                .chain(&auto_peers)
-                .filter(|p| Family::of(p) == family)
-                .copied()
-                .collect();
-            let instances = desired.instances.entry(spec.interface.clone()).or_default();
-            let key = InstanceKey { family, vrid };
-            if let Some(shared) = instances.get_mut(&key) {
-                // A later member of a sharing group: same settings, more addresses.
-                shared.addresses.extend(addresses);
-                shared.members.push(name.clone());
-                continue;
-            }
-            if family == Family::V6 {
-                link_local_first(&mut addresses, vrid);
-            }
-            instances.insert(
-                key,
-                InstanceSpec {
-                    resource: name.clone(),
-                    members: vec![name.clone()],
-                    interface: spec.interface.clone(),
-                    family,
-                    vrid,
-                    version: spec.version,
-                    priority,
-                    priority_reasons: priority_reasons.clone(),
-                    advert_interval: spec.advert_interval,
-                    preempt: spec.preempt,
-                    preempt_delay: spec.preempt_delay,
-                    addresses,
-                    unicast_peers,
-                    checksum: spec.checksum,
-                    virtual_mac: spec.virtual_mac,
-                },
-            );
-        }
-        desired.resources.insert(
-            name,
-            ResourcePlan {
-                vrid: Some(vrid),
-                eligible: true,
-                priority: Some(priority),
-                priority_reasons,
-                refused: None,
+        instances.insert(
+            key,
+            InstanceSpec {
+                resource: name.to_string(),
+                members: vec![name.to_string()],
+                interface: spec.interface.clone(),
+                family,
+                vrid,
+                version: spec.version,
+                priority,
+                priority_reasons: priority_reasons.to_vec(),
+                advert_interval: spec.advert_interval,
+                preempt: spec.preempt,
+                preempt_delay: spec.preempt_delay,
+                addresses,
+                unicast_peers,
+                checksum: spec.checksum,
+                virtual_mac: spec.virtual_mac,
             },
         );
     }
-    desired
 }
 
 /// The explicit VRID, or one derived from `seed` (the name, or the sharing signature): a
@@ -641,23 +682,25 @@ fn choose_vrid(
             }),
         };
     }
+    // From the derived ID up, then around.
     let start = derived_vrid(seed);
-    (0..255u16)
-        .map(|i| ((u16::from(start) - 1 + i) % 255 + 1) as u8)
+    (start..=*VRIDS.end())
+        .chain(*VRIDS.start()..start)
         .find(|v| user(*v).is_none())
         .ok_or_else(|| RefusalReason::NoFreeVrid {
             interface: spec.interface.clone(),
         })
 }
 
-/// FNV-1a of the name, folded into 1-255: the same on every node and every run.
+/// FNV-1a of the name, folded into the VRIDs (1-255): the same on every node and every run.
 pub fn derived_vrid(name: &str) -> u8 {
     let mut hash: u32 = 0x811c_9dc5;
     for b in name.bytes() {
         hash ^= u32::from(b);
         hash = hash.wrapping_mul(0x0100_0193);
     }
-    (hash % 255 + 1) as u8
+    let count = u32::from(*VRIDS.end() - *VRIDS.start()) + 1;
+    (hash % count) as u8 + *VRIDS.start()
 }
 
 /// Node selector and exclusion label.
@@ -709,7 +752,10 @@ fn unclamped_priority(node: &str, base: i64, preferred: &[(String, i64)]) -> (i6
 }
 
 fn clamp_priority(total: i64, mut reasons: Vec<String>) -> (u8, Vec<String>) {
-    let clamped = total.clamp(MIN_PRIORITY, MAX_PRIORITY);
+    let clamped = total.clamp(
+        i64::from(*NON_OWNER_PRIORITIES.start()),
+        i64::from(*NON_OWNER_PRIORITIES.end()),
+    );
     if clamped != total {
         reasons.push(format!("clamped from {total} to {clamped}"));
     }
@@ -779,11 +825,11 @@ fn priority_with_health(
     for check in &spec.checks {
         let failing = local
             .failing_checks
-            .contains(&(name.to_string(), check.name.clone()));
+            .contains(&(name.to_string(), check.spec.name.clone()));
         penalty(
             failing,
             check.weight,
-            format!("check {} failing", check.name),
+            format!("check {} failing", check.spec.name),
         );
     }
     reasons.extend(unknown);

@@ -22,17 +22,12 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 
 use super::packet::Advertisement;
-use crate::vocab::{Family, Version};
+use crate::vocab::{Family, IntervalError, Version};
 
 /// Priority of the router that owns the virtual addresses: always master, always preempts.
 pub const PRIORITY_OWNER: u8 = 255;
 /// Priority carried by the advertisement of a master that is leaving.
 pub const PRIORITY_LEAVING: u8 = 0;
-
-/// Range of the VRRPv3 Max Adver Int field, in centiseconds.
-const V3_INTERVAL_CENTISECONDS: std::ops::RangeInclusive<u16> = 1..=4095;
-/// Range of the VRRPv2 Adver Int field, in seconds (an 8-bit field).
-const V2_INTERVAL_SECONDS: std::ops::RangeInclusive<u16> = 1..=255;
 
 /// Most addresses an advertisement lists. An instance may hold many more (one election for
 /// thousands of VIPs, since only 255 VRIDs exist); the advertisement then lists the first
@@ -80,22 +75,13 @@ impl Config {
     /// The interval as carried in the advertisement: centiseconds (v3) or seconds (v2),
     /// truncated and clamped to the field's range.
     pub fn wire_interval(&self) -> u16 {
-        match self.version {
-            Version::V3 => {
-                let centis = self.advert_interval.as_millis() / 10;
-                clamp_u128(centis, V3_INTERVAL_CENTISECONDS)
-            }
-            Version::V2 => clamp_u128(
-                u128::from(self.advert_interval.as_secs()),
-                V2_INTERVAL_SECONDS,
-            ),
-        }
+        self.version.interval_to_wire(self.advert_interval)
     }
 
     /// The advertisement interval actually used: [`Config::advert_interval`] quantised to
     /// [`Config::wire_interval`].
     pub fn effective_advert_interval(&self) -> Duration {
-        interval_duration(self.version, self.wire_interval())
+        self.version.interval_from_wire(self.wire_interval())
     }
 
     /// Checks what [`Instance::new`] would otherwise silently quantise, clamp or tolerate.
@@ -124,43 +110,24 @@ impl Config {
                 primary: self.primary_address,
             });
         }
-        let (min, max) = match self.version {
-            Version::V3 => (
-                interval_duration(Version::V3, *V3_INTERVAL_CENTISECONDS.start()),
-                interval_duration(Version::V3, *V3_INTERVAL_CENTISECONDS.end()),
-            ),
-            Version::V2 => (
-                interval_duration(Version::V2, *V2_INTERVAL_SECONDS.start()),
-                interval_duration(Version::V2, *V2_INTERVAL_SECONDS.end()),
-            ),
-        };
-        if self.advert_interval < min || self.advert_interval > max {
-            return Err(ConfigError::IntervalOutOfRange {
-                interval: self.advert_interval,
-                version: self.version,
-                min,
-                max,
-            });
+        match self.version.check_interval(self.advert_interval) {
+            Ok(()) => Ok(()),
+            Err(IntervalError::OutOfRange(version)) => {
+                let limits = version.interval_limits();
+                Err(ConfigError::IntervalOutOfRange {
+                    interval: self.advert_interval,
+                    version,
+                    min: *limits.start(),
+                    max: *limits.end(),
+                })
+            }
+            Err(IntervalError::NotWholeUnits(version)) => {
+                Err(ConfigError::IntervalNotRepresentable {
+                    interval: self.advert_interval,
+                    version,
+                })
+            }
         }
-        if self.effective_advert_interval() != self.advert_interval {
-            return Err(ConfigError::IntervalNotRepresentable {
-                interval: self.advert_interval,
-                version: self.version,
-            });
-        }
-        Ok(())
-    }
-}
-
-fn clamp_u128(value: u128, range: std::ops::RangeInclusive<u16>) -> u16 {
-    let clamped = value.clamp(u128::from(*range.start()), u128::from(*range.end()));
-    u16::try_from(clamped).unwrap_or(*range.end())
-}
-
-fn interval_duration(version: Version, wire: u16) -> Duration {
-    match version {
-        Version::V3 => Duration::from_millis(u64::from(wire) * 10),
-        Version::V2 => Duration::from_secs(u64::from(wire)),
     }
 }
 
@@ -776,9 +743,9 @@ impl Instance {
             };
             return self.leave(reason, out);
         }
-        let centiseconds =
-            (duration.as_millis() / 30).clamp(1, u128::from(*V3_INTERVAL_CENTISECONDS.end()));
-        self.send_with_interval(self.config.priority, centiseconds as u16, out);
+        // A third of the hold, as the backups learn it from the wire.
+        let centiseconds = Version::V3.interval_to_wire(duration / 3);
+        self.send_with_interval(self.config.priority, centiseconds, out);
         self.state = State::Initialize;
         self.deadline = None;
         self.master = None;

@@ -485,3 +485,35 @@ async fn dropping_the_monitor_stops_the_probes() {
     assert_eq!(listener.count(), count);
     assert!(rx.has_changed().is_err(), "the sender is gone");
 }
+
+#[tokio::test]
+async fn checks_validated_from_a_resource_probe_with_their_http_options() {
+    let (port, mut requests) = http_server(b"HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+    let mut resource = crate::crd::sample_spec(&["192.0.2.100/24"], 51);
+    resource.priority.checks = serde_saphyr::from_str(&format!(
+        "- name: maintenance\n  http: {{port: {port}, path: /ready, expectStatus: \"500-503\", hostHeader: app.example}}\n  interval: 50ms\n  timeout: 50ms\n  rise: 1\n  fall: 1\n\
+         - name: plain\n  http: {{port: {port}, path: /ready}}\n  interval: 50ms\n  timeout: 50ms\n  rise: 1\n  fall: 1\n"
+    ))
+    .unwrap();
+    let valid = resource.validate().unwrap();
+    let specs: Vec<&CheckSpec> = valid.checks.iter().map(|c| &c.spec).collect();
+    let (mut monitor, mut rx) = HealthMonitor::new();
+    start(&mut monitor, &specs);
+
+    wait_state(&mut rx, "maintenance", CheckState::Passing).await;
+    let status = wait_state(&mut rx, "plain", CheckState::Failing).await;
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some("HTTP status 503, expected 200-399")
+    );
+    let mut host_headers = BTreeSet::new();
+    while let Ok(request) = requests.try_recv() {
+        assert!(request.starts_with("GET /ready HTTP/1.1\r\n"), "{request}");
+        let host = request.lines().find_map(|l| l.strip_prefix("Host: "));
+        host_headers.insert(host.unwrap().to_owned());
+    }
+    assert_eq!(
+        host_headers,
+        BTreeSet::from(["app.example".to_owned(), format!("127.0.0.1:{port}")])
+    );
+}
