@@ -87,13 +87,11 @@ pub enum CheckProblem {
         field: &'static str,
         reason: &'static str,
     },
-    /// An `https` check: probing over TLS is not implemented.
-    HttpsUnsupported,
 }
 
 impl CheckSpec {
     /// The first rule the spec breaks, if any: what cannot run, such as zero durations or
-    /// thresholds (a zero interval would spin), port 0, https, and HTTP fields that could
+    /// thresholds (a zero interval would spin), port 0, and HTTP fields that could
     /// break or inject into the request. A spec built by [`crate::crd::VirtualIPSpec::validate`]
     /// breaks none.
     pub fn problem(&self) -> Option<CheckProblem> {
@@ -118,15 +116,11 @@ impl CheckSpec {
         }
         if let CheckKind::Http {
             path,
-            https,
             expect_status,
             host_header,
             ..
         } = &self.kind
         {
-            if *https {
-                return Some(CheckProblem::HttpsUnsupported);
-            }
             if let Some(reason) = path_problem(path) {
                 return invalid("path", reason);
             }
@@ -168,8 +162,6 @@ fn host_header_problem(header: &str) -> Option<&'static str> {
 fn is_request_token(text: &str) -> bool {
     !text.is_empty() && text.bytes().all(|b| b.is_ascii_graphic())
 }
-
-const HTTPS_UNSUPPORTED: &str = "HTTPS checks are not supported yet: use http on a plain port";
 
 /// `spec.priority.checks`: every entry, with unique names.
 pub(super) fn validate_checks(checks: &[HealthCheck], errors: &mut Collector) -> Vec<ValidCheck> {
@@ -240,9 +232,6 @@ fn http_kind(field: &str, h: &HttpCheck, errors: &mut Collector) -> CheckKind {
     let at = |f: &str| format!("{field}.{f}");
     if let Some(reason) = path_problem(&h.path) {
         errors.push(at("path"), format!("{:?} {reason}", h.path));
-    }
-    if h.https {
-        errors.push(at("https"), HTTPS_UNSUPPORTED);
     }
     let expect_status = h.expect_status.as_deref().and_then(|text| {
         parse_expect_status(text)
@@ -431,12 +420,10 @@ mod tests {
         let mut http = http_check();
         http.host_header = Some("a.example\r\nX-Evil: 1".into());
         http.path = "/caf\u{e9}".into();
-        http.https = true;
         assert_eq!(
             errors(&with_check(http)),
             [
                 "spec.priority.checks[0].http.path: \"/café\" must be printable ASCII without spaces (percent-encode them)",
-                "spec.priority.checks[0].http.https: HTTPS checks are not supported yet: use http on a plain port",
                 "spec.priority.checks[0].http.hostHeader: \"a.example\\r\\nX-Evil: 1\" must be non-empty printable ASCII without spaces",
             ]
         );
@@ -497,10 +484,7 @@ mod tests {
             host_header: None,
         };
         assert_eq!(spec(http(false, Some(100..=599))).problem(), None);
-        assert_eq!(
-            spec(http(true, None)).problem(),
-            Some(CheckProblem::HttpsUnsupported)
-        );
+        assert_eq!(spec(http(true, None)).problem(), None);
         assert_eq!(
             spec(http(false, Some(200..=600))).problem(),
             Some(CheckProblem::Invalid {

@@ -599,7 +599,9 @@ pub struct HttpCheck {
     /// Request path, with its query if any: printable ASCII, no spaces (percent-encode them).
     #[serde(default = "default_path")]
     pub path: String,
-    /// Probe over TLS. Not supported yet: the agent refuses `true`.
+    /// Probe over TLS. Like the kubelet's HTTPS probes, the server's certificate is not
+    /// verified (the check asks whether the service answers, not who it is); the TLS server
+    /// name is the `hostHeader`'s host when it is a DNS name.
     #[serde(default)]
     pub https: bool,
     /// Statuses that pass: one (`"200"`) or an inclusive range (`"200-299"`), within

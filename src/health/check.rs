@@ -31,14 +31,11 @@ impl fmt::Display for CheckKey {
 }
 
 /// Refuses what cannot run (the rules of [`CheckSpec::problem`]): zero durations or
-/// thresholds (a zero interval would spin), port 0, https, and HTTP fields that could break or
+/// thresholds (a zero interval would spin), port 0, and HTTP fields that could break or
 /// inject into the request.
 pub fn validate(spec: &CheckSpec) -> Result<(), HealthError> {
     match spec.problem() {
         None => Ok(()),
-        Some(CheckProblem::HttpsUnsupported) => Err(HealthError::HttpsUnsupported {
-            check: spec.name.clone(),
-        }),
         Some(CheckProblem::Invalid { field, reason }) => Err(HealthError::InvalidSpec {
             check: spec.name.clone(),
             field,
@@ -77,7 +74,6 @@ mod tests {
         match validate(spec) {
             Ok(()) => None,
             Err(HealthError::InvalidSpec { field, .. }) => Some(field),
-            Err(HealthError::HttpsUnsupported { .. }) => Some("https"),
             Err(other) => panic!("unexpected {other:?}"),
         }
     }
@@ -128,7 +124,7 @@ mod tests {
                 *https = true;
             }
         };
-        assert_eq!(with(&https), Some("https"));
+        assert_eq!(with(&https), None, "https checks run");
         for (range, want) in [
             (200..=299, None),
             (100..=599, None),

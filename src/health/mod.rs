@@ -46,12 +46,12 @@ pub enum HealthError {
         field: &'static str,
         reason: &'static str,
     },
-    #[error("check {check:?}: https checks are not supported yet")]
-    HttpsUnsupported { check: String },
     #[error("connect failed")]
     Connect(#[source] io::Error),
     #[error("no answer within {}ms", .after.as_millis())]
     Timeout { after: Duration },
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
     #[error("sending the request failed")]
     Send(#[source] io::Error),
     #[error("reading the response failed")]
@@ -71,7 +71,7 @@ impl HealthError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::InvalidSpec { .. } => "invalid_spec",
-            Self::HttpsUnsupported { .. } => "https_unsupported",
+            Self::Tls(_) => "tls",
             Self::Connect(_) => "connect",
             Self::Timeout { .. } => "timeout",
             Self::Send(_) => "send",

@@ -448,14 +448,14 @@ async fn set_checks_converges_and_keeps_unchanged_checks() {
 #[tokio::test]
 async fn refused_specs_are_returned_and_the_others_run() {
     let listener = Accepting::new().await;
-    let mut https = http("secure", listener.port, "/");
-    if let CheckKind::Http { https: flag, .. } = &mut https.kind {
-        *flag = true;
+    let mut injecting = http("injecting", listener.port, "/");
+    if let CheckKind::Http { host_header, .. } = &mut injecting.kind {
+        *host_header = Some("a\r\nX-Evil: 1".into());
     }
     let mut spinning = tcp("spinning", listener.port);
     spinning.interval = Duration::ZERO;
     let (mut monitor, mut rx) = HealthMonitor::new();
-    let refused = monitor.set_checks(checks(&[&tcp("ok", listener.port), &https, &spinning]));
+    let refused = monitor.set_checks(checks(&[&tcp("ok", listener.port), &injecting, &spinning]));
     let refused: Vec<(String, &str)> = refused
         .iter()
         .map(|(key, error)| (key.check.clone(), error.metric_label()))
@@ -463,7 +463,7 @@ async fn refused_specs_are_returned_and_the_others_run() {
     assert_eq!(
         refused,
         [
-            ("secure".to_owned(), "https_unsupported"),
+            ("injecting".to_owned(), "invalid_spec"),
             ("spinning".to_owned(), "invalid_spec")
         ]
     );
