@@ -834,33 +834,15 @@ fn idle_cost(implementation: Implementation, clock_ticks: u64) -> anyhow::Result
         clock_ticks,
     );
 
-    let window_end = window_start + elapsed;
-    let events: Vec<_> = bed
-        .sniffer
-        .events_since(window_start)
-        .into_iter()
-        .filter(|e| e.at <= window_end)
-        .collect();
-    let mut adverts: BTreeMap<String, u64> = BTreeMap::new();
-    for advert in events.iter().filter_map(|e| e.advert()) {
-        if advert.priority > 0 {
-            let name = bed
-                .lab
-                .node_by_addr(advert.source)
-                .map_or_else(|| advert.source.to_string(), |n| n.name.clone());
-            *adverts.entry(name).or_default() += 1;
-        }
-    }
-    let adverts_per_second = adverts
-        .into_iter()
-        .map(|(name, count)| (name, round3(count as f64 / elapsed.as_secs_f64())))
-        .collect();
-    let expected = [bed.node_addr(MASTER)];
-    let unstable_vrids = bed
-        .vips
-        .iter()
-        .filter(|vip| masters_since(&events, vip.vrid, window_start)[..] != expected)
-        .count();
+    let wire = WireWindow::capture(&bed.sniffer, &bed.lab, window_start, window_start + elapsed);
+    let unstable_vrids = wire
+        .unstable_vrids(
+            &bed.lab,
+            bed.vips.iter().map(|vip| vip.vrid),
+            window_start,
+            bed.node_addr(MASTER),
+        )
+        .len();
     let stable = unstable_vrids == 0;
     let agent_pid_is_the_daemon = match implementation {
         // `ip netns exec` execs the program, so the spawned pid must be the agent itself.
@@ -918,7 +900,7 @@ fn idle_cost(implementation: Implementation, clock_ticks: u64) -> anyhow::Result
         settle_problem,
         master,
         backup,
-        adverts_per_second,
+        adverts_per_second: wire.adverts_per_second,
         stable,
         unstable_vrids,
         agent_pid_is_the_daemon,

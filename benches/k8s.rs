@@ -1274,12 +1274,7 @@ fn apply_round(
             .find(|n| n.mac == mac)
             .map_or_else(|| mac.to_string(), |n| n.name.clone())
     };
-    let node_of_ip = |ip: IpAddr| {
-        cluster
-            .lab
-            .node_by_addr(ip)
-            .map_or_else(|| ip.to_string(), |n| n.name.clone())
-    };
+    let node_of_ip = |ip: IpAddr| node_name(&cluster.lab, ip);
     let masters_on_wire = seen
         .as_ref()
         .and_then(|s| s.vrid)
@@ -1765,44 +1760,13 @@ fn steady_window(
             }
         })
         .collect();
-    let events: Vec<_> = cluster
-        .sniffer
-        .events_since(start)
-        .into_iter()
-        .filter(|e| e.at <= end)
-        .collect();
-    let mut adverts: BTreeMap<String, u64> = BTreeMap::new();
-    for advert in events.iter().filter_map(|e| e.advert()) {
-        if advert.priority > 0 {
-            let name = cluster
-                .lab
-                .node_by_addr(advert.source)
-                .map_or_else(|| advert.source.to_string(), |n| n.name.clone());
-            *adverts.entry(name).or_default() += 1;
-        }
-    }
-    let adverts_per_second = adverts
-        .into_iter()
-        .map(|(n, c)| (n, round3(c as f64 / span.as_secs_f64())))
-        .collect();
-    let expected = [cluster.ip(MASTER)];
-    let unstable_vrids: BTreeMap<u8, Vec<String>> = vrids
-        .iter()
-        .map(|v| (*v as u8, masters_since(&events, *v as u8, start)))
-        .filter(|(_, masters)| masters[..] != expected)
-        .map(|(v, masters)| {
-            let names = masters
-                .into_iter()
-                .map(|ip| {
-                    cluster
-                        .lab
-                        .node_by_addr(ip)
-                        .map_or_else(|| ip.to_string(), |n| n.name.clone())
-                })
-                .collect();
-            (v, names)
-        })
-        .collect();
+    let wire = WireWindow::capture(&cluster.sniffer, &cluster.lab, start, end);
+    let unstable_vrids = wire.unstable_vrids(
+        &cluster.lab,
+        vrids.iter().map(|v| *v as u8),
+        start,
+        cluster.ip(MASTER),
+    );
     let single_master_on_wire = !vrids.is_empty() && unstable_vrids.is_empty();
     let writes_within_target = (0..NODES).all(|i| {
         writes.of(cluster.name(i)).total as f64 / span.as_secs_f64() <= WRITES_TARGET_PER_NODE_PER_S
@@ -1842,7 +1806,7 @@ fn steady_window(
         writes,
         virtualip_changes: changes,
         agents,
-        adverts_per_second,
+        adverts_per_second: wire.adverts_per_second,
         single_master_on_wire,
         unstable_vrids,
         most_changed,
@@ -1920,10 +1884,7 @@ fn failover_at_scale(cluster: &mut Cluster, count: usize) -> anyhow::Result<Fail
         vip: Some(IpAddr::V4(bulk_address(0))),
     };
     let failover = measure_failover(&cluster.sniffer, &query, Duration::from_secs(5))?;
-    let new_master = cluster
-        .lab
-        .node_by_addr(failover.new_master)
-        .map_or_else(|| failover.new_master.to_string(), |n| n.name.clone());
+    let new_master = node_name(&cluster.lab, failover.new_master);
 
     let deadline = stopped_at + FAILOVER_TIMEOUT;
     let addresses_at = loop {

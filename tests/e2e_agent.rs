@@ -92,6 +92,44 @@ impl VipDoc {
         }
     }
 
+    /// `web`: 192.0.2.100/24 on VRID 51, the VirtualIP most tests run.
+    fn web() -> VipDoc {
+        VipDoc::new("web", VIP_NET, i64::from(VRID))
+    }
+
+    /// VRRPv2, whose intervals are whole seconds: one second.
+    fn version_2(mut self) -> VipDoc {
+        self.version = 2;
+        self.interval = "1s".into();
+        self
+    }
+
+    fn virtual_mac(mut self) -> VipDoc {
+        self.virtual_mac = true;
+        self
+    }
+
+    fn unicast_peers(mut self, peers: Vec<String>) -> VipDoc {
+        self.unicast_peers = peers;
+        self
+    }
+
+    fn without_preemption(mut self) -> VipDoc {
+        self.preempt = false;
+        self
+    }
+
+    fn also(mut self, address: &str) -> VipDoc {
+        self.addresses.push(address.to_owned());
+        self
+    }
+
+    /// Raw YAML appended to the spec.
+    fn extra(mut self, yaml: &str) -> VipDoc {
+        self.extra = yaml.to_owned();
+        self
+    }
+
     fn preferring(mut self, preferred: &[(&str, i64)]) -> VipDoc {
         self.preferred = preferred
             .iter()
@@ -286,6 +324,13 @@ impl Cluster {
         for n in 0..self.agents.len() {
             self.start(n);
         }
+    }
+
+    /// The usual opening: every agent started, node-a (the preferred node) the only master
+    /// of VRID 51 within 5 s.
+    fn start_all_and_elect_node_a(&mut self) {
+        self.start_all();
+        self.wait_master(VRID, self.v4(0), FAST, Duration::from_secs(5));
     }
 
     fn agent(&self, node: usize) -> ProcId {
@@ -791,11 +836,9 @@ fn multicast_frame(from: &NodeInfo, ttl: u8, msg: &[u8]) -> Vec<u8> {
 
 #[test]
 fn agents_elect_the_preferred_node_which_alone_holds_and_answers_for_the_vip() {
-    let web = VipDoc::new("web", VIP_NET, 51);
-    let mut c = Cluster::with(3, false, &[&web]);
+    let mut c = Cluster::with(3, false, &[&VipDoc::web()]);
     let started = Instant::now();
-    c.start_all();
-    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.start_all_and_elect_node_a();
     let first = c.adverts(VRID, c.v4(0), started)[0]
         .0
         .duration_since(started);
@@ -861,10 +904,8 @@ fn agents_elect_the_preferred_node_which_alone_holds_and_answers_for_the_vip() {
 
 #[test]
 fn a_crashed_master_is_replaced_within_the_master_down_interval_and_preempts_on_return() {
-    let web = VipDoc::new("web", VIP_NET, 51);
-    let mut c = Cluster::with(3, false, &[&web]);
-    c.start_all();
-    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    let mut c = Cluster::with(3, false, &[&VipDoc::web()]);
+    c.start_all_and_elect_node_a();
     c.assert_only_holder(0, VIP);
     // node-c talks to the VIP, so its neighbour cache holds node-a's MAC.
     assert!(c.ping(2, VIP));
@@ -921,10 +962,8 @@ fn a_crashed_master_is_replaced_within_the_master_down_interval_and_preempts_on_
 
 #[test]
 fn sigterm_hands_over_with_priority_zero_after_skew_time_and_releases_the_vip() {
-    let web = VipDoc::new("web", VIP_NET, 51);
-    let mut c = Cluster::with(3, false, &[&web]);
-    c.start_all();
-    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    let mut c = Cluster::with(3, false, &[&VipDoc::web()]);
+    c.start_all_and_elect_node_a();
     c.assert_only_holder(0, VIP);
     assert!(c.ping(2, VIP));
     assert_eq!(c.neighbour_mac(2, VIP), Some(mac_string(c.mac(0))));
@@ -977,11 +1016,10 @@ fn sigterm_hands_over_with_priority_zero_after_skew_time_and_releases_the_vip() 
 
 #[test]
 fn editing_the_manifest_file_adds_a_vip_without_disturbing_the_first_and_moves_priority() {
-    let web = VipDoc::new("web", VIP_NET, 51);
+    let web = VipDoc::web();
     let api = VipDoc::new("api", "192.0.2.101/24", 52).preferring(&[("node-b", 50)]);
     let mut c = Cluster::with(3, false, &[&web]);
-    c.start_all();
-    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.start_all_and_elect_node_a();
     let web_before = c.transition_counts("web");
 
     let edited = Instant::now();
@@ -1046,10 +1084,10 @@ fn editing_the_manifest_file_adds_a_vip_without_disturbing_the_first_and_moves_p
 
     // With preempt off, a backup raised above the master does not take over, and turning
     // preemption off does not disturb the running master either.
-    let mut calm = web
+    let calm = web
         .clone()
-        .preferring(&[("node-a", 50), ("node-b", 100), ("node-c", 80)]);
-    calm.preempt = false;
+        .preferring(&[("node-a", 50), ("node-b", 100), ("node-c", 80)])
+        .without_preemption();
     c.wait_master(VRID, c.v4(2), FAST, Duration::from_secs(2));
     let web_before = c.transition_counts("web");
     let edited = Instant::now();
@@ -1065,7 +1103,7 @@ fn editing_the_manifest_file_adds_a_vip_without_disturbing_the_first_and_moves_p
 
 #[test]
 fn sighup_reloads_a_manifest_directory_without_disturbing_running_vips() {
-    let web = VipDoc::new("web", VIP_NET, 51);
+    let web = VipDoc::web();
     let api = VipDoc::new("api", "192.0.2.102/24", 53);
     let mut c = Cluster::new(3, false);
     let dir = c.lab.dir().join("manifests.d");
@@ -1074,8 +1112,7 @@ fn sighup_reloads_a_manifest_directory_without_disturbing_running_vips() {
     c.manifests = dir.clone();
     // Only SIGHUP may reload: the poll would come after the test ends.
     c.poll = "60m".into();
-    c.start_all();
-    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.start_all_and_elect_node_a();
     let web_before = c.transition_counts("web");
 
     let written = Instant::now();
@@ -1115,14 +1152,11 @@ fn sighup_reloads_a_manifest_directory_without_disturbing_running_vips() {
 #[test]
 fn invalid_virtual_ips_are_refused_by_name_and_field_and_the_valid_one_runs() {
     let bad_vrid = VipDoc::new("bad-vrid", "192.0.2.101/24", 300);
-    let web = VipDoc::new("web", VIP_NET, 51);
+    let web = VipDoc::web();
     let dup_vrid = VipDoc::new("dup-vrid", "192.0.2.102/24", 51);
-    let mut v6_on_v2 = VipDoc::new("v6-on-v2", "fd66:7670::100/64", 60);
-    v6_on_v2.version = 2;
-    v6_on_v2.interval = "1s".into();
+    let v6_on_v2 = VipDoc::new("v6-on-v2", "fd66:7670::100/64", 60).version_2();
     let mut c = Cluster::with(2, false, &[&bad_vrid, &web, &dup_vrid, &v6_on_v2]);
-    c.start_all();
-    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.start_all_and_elect_node_a();
     c.assert_only_holder(0, VIP);
     // A few polls, so that a refusal logged on every poll would show.
     std::thread::sleep(Duration::from_millis(700));
@@ -1194,8 +1228,7 @@ fn invalid_virtual_ips_are_refused_by_name_and_field_and_the_valid_one_runs() {
 
 #[test]
 fn malformed_or_foreign_adverts_are_dropped_and_logged_without_disturbing_the_master() {
-    let web = VipDoc::new("web", VIP_NET, 51);
-    let mut c = Cluster::with(3, false, &[&web]);
+    let mut c = Cluster::with(3, false, &[&VipDoc::web()]);
     c.debug = true;
     // node-c runs no agent: it plays a rogue peer.
     c.start_nodes(&[0, 1]);
@@ -1345,8 +1378,7 @@ fn malformed_or_foreign_adverts_are_dropped_and_logged_without_disturbing_the_ma
 
 #[test]
 fn a_new_agent_removes_marked_leftovers_and_never_touches_foreign_addresses() {
-    let web = VipDoc::new("web", VIP_NET, 51);
-    let mut c = Cluster::with(1, false, &[&web]);
+    let mut c = Cluster::with(1, false, &[&VipDoc::web()]);
     // iproute2 6.1 cannot set an address protocol (`ip addr add … proto` came later), so the
     // marked leftover comes from the real thing: an agent killed while master.
     c.start(0);
@@ -1359,8 +1391,7 @@ fn a_new_agent_removes_marked_leftovers_and_never_touches_foreign_addresses() {
     // Foreign addresses: one unrelated, one equal to an address the next agent serves.
     c.exec_ok(0, &["ip", "addr", "add", "192.0.2.200/24", "dev", "eth0"]);
     c.exec_ok(0, &["ip", "addr", "add", "192.0.2.201/24", "dev", "eth0"]);
-    let mut other = VipDoc::new("other", "192.0.2.101/24", 52);
-    other.addresses.push("192.0.2.201/24".into());
+    let other = VipDoc::new("other", "192.0.2.101/24", 52).also("192.0.2.201/24");
     c.write(&[&other]);
     c.start(0);
     let line = c.wait_log(0, "the cleanup", Duration::from_secs(2), |l| {
@@ -1391,8 +1422,7 @@ fn a_new_agent_removes_marked_leftovers_and_never_touches_foreign_addresses() {
 fn unicast_peers_elect_and_fail_over_without_multicast_and_ignore_strangers() {
     let mut c = Cluster::new(4, false);
     c.debug = true;
-    let mut web = VipDoc::new("web", VIP_NET, 51);
-    web.unicast_peers = (0..3).map(|n| c.node(n).ipv4.to_string()).collect();
+    let web = VipDoc::web().unicast_peers((0..3).map(|n| c.node(n).ipv4.to_string()).collect());
     c.write(&[&web]);
     // No VRRP multicast in or out of any node.
     for n in 0..4 {
@@ -1551,10 +1581,7 @@ fn an_ipv6_vip_elects_fails_over_and_is_announced_with_an_unsolicited_na() {
 
 #[test]
 fn vrrp_version_2_at_one_second_elects_and_fails_over() {
-    let mut web = VipDoc::new("web", VIP_NET, 51);
-    web.version = 2;
-    web.interval = "1s".into();
-    let mut c = Cluster::with(2, false, &[&web]);
+    let mut c = Cluster::with(2, false, &[&VipDoc::web().version_2()]);
     let second = Duration::from_secs(1);
     let started = Instant::now();
     c.start_all();
@@ -1579,11 +1606,8 @@ fn vrrp_version_2_at_one_second_elects_and_fails_over() {
 
 #[test]
 fn a_virtual_mac_vip_lives_on_a_macvlan_that_follows_the_master() {
-    let mut web = VipDoc::new("web", VIP_NET, 51);
-    web.virtual_mac = true;
-    let mut c = Cluster::with(3, false, &[&web]);
-    c.start_all();
-    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    let mut c = Cluster::with(3, false, &[&VipDoc::web().virtual_mac()]);
+    c.start_all_and_elect_node_a();
     let vmac = mac_string(VMAC_51);
     let holders = |c: &Cluster, n: usize| -> Vec<(String, String, String)> {
         c.all_addresses(n)
@@ -1680,11 +1704,9 @@ fn a_virtual_mac_vip_lives_on_a_macvlan_that_follows_the_master() {
 
 #[test]
 fn a_restart_with_hold_keeps_the_vip_on_the_master_and_the_next_agent_adopts_it() {
-    let web = VipDoc::new("web", VIP_NET, 51);
-    let mut c = Cluster::with(3, false, &[&web]);
+    let mut c = Cluster::with(3, false, &[&VipDoc::web()]);
     c.extra[0] = vec!["--restart-hold".into(), "6s".into()];
-    c.start_all();
-    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.start_all_and_elect_node_a();
     c.assert_only_holder(0, VIP);
     let before: Vec<usize> = [1, 2]
         .iter()
@@ -1751,11 +1773,9 @@ fn a_restart_with_hold_keeps_the_vip_on_the_master_and_the_next_agent_adopts_it(
 fn without_ipvs_the_agent_says_so_once_reports_it_in_metrics_and_keeps_vrrp_running() {
     // The agent must report what the kernel really offers.
     let ipvs = Path::new("/proc/net/ip_vs").exists();
-    let mut web = VipDoc::new("web", VIP_NET, 51);
-    web.extra = "  services:\n    - port: 80\n      scheduler: wrr\n      backends:\n        endpoints: [{address: 10.1.0.1, port: 8080, weight: 2}]\n".into();
+    let web = VipDoc::web().extra("  services:\n    - port: 80\n      scheduler: wrr\n      backends:\n        endpoints: [{address: 10.1.0.1, port: 8080, weight: 2}]\n");
     let mut c = Cluster::with(2, false, &[&web]);
-    c.start_all();
-    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.start_all_and_elect_node_a();
 
     // A manifest change plans again: still one warning.
     let mut changed = web;

@@ -61,6 +61,11 @@ fn vip_doc(name: &str, addresses: &[&str], vrid: Option<u8>) -> Value {
     })
 }
 
+/// `web`: 192.0.2.100/24 on VRID 51, the VirtualIP every test starts with.
+fn web_doc() -> Value {
+    vip_doc("web", &["192.0.2.100/24"], Some(51))
+}
+
 fn list(items: Vec<Value>) -> Value {
     json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
@@ -90,6 +95,19 @@ fn entries_are(vip: &Value, states: &[(&str, &str)]) -> bool {
         && states
             .iter()
             .all(|(n, s)| node_entry(vip, n).is_some_and(|e| e["state"] == *s))
+}
+
+/// Active with node-a as master, and node-b and node-c as its backups, as every node reports it.
+fn led_by_node_a_of_three(vip: &Value) -> bool {
+    active_with(vip, "node-a")
+        && entries_are(
+            vip,
+            &[
+                ("node-a", "Master"),
+                ("node-b", "Backup"),
+                ("node-c", "Backup"),
+            ],
+        )
 }
 
 /// Writes per second per field manager over `window`, for the report.
@@ -136,15 +154,13 @@ impl Findings {
 fn e2e_k8s_apply_status_conflicts_sharing_and_deletion() {
     let mut findings = Findings::default();
     let started = Instant::now();
-    let mut c = K8sLab::new(3);
-    c.install();
-    c.start_agents();
+    let mut c = K8sLab::running(3);
 
     // --- 1. kubectl apply → the preferred node holds the VIP and it answers.
     let web = "192.0.2.100";
     let mut pinger = c.spawn_ping(web, Duration::from_secs(10));
     let applied = Instant::now();
-    c.apply(&vip_doc("web", &["192.0.2.100/24"], Some(51)));
+    c.apply(&web_doc());
     let kubectl_took = applied.elapsed();
     let garp = c
         .sniffer
@@ -155,17 +171,12 @@ fn e2e_k8s_apply_status_conflicts_sharing_and_deletion() {
         .expect("a gratuitous ARP for the VIP");
     let (answered, replied) = pinger.wait();
     assert!(replied, "{web} never answered a ping");
-    let (vip, _) = c.wait_vip("web", "Active on node-a", Duration::from_secs(5), |v| {
-        active_with(v, "node-a")
-            && entries_are(
-                v,
-                &[
-                    ("node-a", "Master"),
-                    ("node-b", "Backup"),
-                    ("node-c", "Backup"),
-                ],
-            )
-    });
+    let (vip, _) = c.wait_vip(
+        "web",
+        "Active on node-a",
+        Duration::from_secs(5),
+        led_by_node_a_of_three,
+    );
     let apply_to_status = applied.elapsed();
     let apply_to_garp = garp.at.duration_since(applied);
     let apply_to_ping = answered.duration_since(applied);
@@ -326,17 +337,12 @@ fn e2e_k8s_apply_status_conflicts_sharing_and_deletion() {
     assert_eq!(c.transitions(0), before[0], "node-a changed state");
     assert_eq!(c.transitions(2), before[2], "node-c changed state");
     assert_eq!(c.holders(web), [0]);
-    let (_, took) = c.wait_vip("web", "node-b back", Duration::from_secs(5), |v| {
-        active_with(v, "node-a")
-            && entries_are(
-                v,
-                &[
-                    ("node-a", "Master"),
-                    ("node-b", "Backup"),
-                    ("node-c", "Backup"),
-                ],
-            )
-    });
+    let (_, took) = c.wait_vip(
+        "web",
+        "node-b back",
+        Duration::from_secs(5),
+        led_by_node_a_of_three,
+    );
     eprintln!(
         "backup restart: mastership stayed on node-a; status settled {}",
         ms(took)
@@ -585,11 +591,9 @@ fn e2e_k8s_apply_status_conflicts_sharing_and_deletion() {
 /// further VRRP transition.
 #[test]
 fn e2e_k8s_failover_and_api_outage() {
-    let mut c = K8sLab::new(3);
-    c.install();
-    c.start_agents();
+    let mut c = K8sLab::running(3);
     let web = "192.0.2.100";
-    c.apply(&vip_doc("web", &["192.0.2.100/24"], Some(51)));
+    c.apply(&web_doc());
     c.wait_master(51, 0, Duration::from_secs(5));
     c.wait_vip("web", "Active on node-a", Duration::from_secs(5), |v| {
         active_with(v, "node-a")
@@ -633,17 +637,12 @@ fn e2e_k8s_failover_and_api_outage() {
     c.wait_listed(0);
     c.wait_master(51, 0, Duration::from_secs(5));
     c.wait_holders(web, &[0], Duration::from_secs(2));
-    c.wait_vip("web", "master node-a again", Duration::from_secs(10), |v| {
-        active_with(v, "node-a")
-            && entries_are(
-                v,
-                &[
-                    ("node-a", "Master"),
-                    ("node-b", "Backup"),
-                    ("node-c", "Backup"),
-                ],
-            )
-    });
+    c.wait_vip(
+        "web",
+        "master node-a again",
+        Duration::from_secs(10),
+        led_by_node_a_of_three,
+    );
 
     // --- 7. API outage: VRRP does not need the API server.
     let stop_took = c.api.stop().expect("stop kube-apiserver");
@@ -724,11 +723,9 @@ fn e2e_k8s_failover_and_api_outage() {
 /// `unicastPeers: auto` elects without multicast.
 #[test]
 fn e2e_k8s_node_health_checks_eligibility_and_unicast_auto() {
-    let mut c = K8sLab::new(3);
-    c.install();
-    c.start_agents();
+    let mut c = K8sLab::running(3);
     let web = "192.0.2.100";
-    c.apply(&vip_doc("web", &["192.0.2.100/24"], Some(51)));
+    c.apply(&web_doc());
     c.wait_master(51, 0, Duration::from_secs(5));
 
     // --- 4a. The master's Node turns NotReady: its priority drops by the notReady weight (50).
@@ -954,17 +951,12 @@ fn e2e_k8s_node_health_checks_eligibility_and_unicast_auto() {
     c.wait_master(54, 0, Duration::from_secs(5));
     c.wait_holders(uni, &[0], Duration::from_secs(1));
     assert!(c.ping(uni), "{uni} does not answer");
-    c.wait_vip("uni", "node-a master", Duration::from_secs(5), |v| {
-        active_with(v, "node-a")
-            && entries_are(
-                v,
-                &[
-                    ("node-a", "Master"),
-                    ("node-b", "Backup"),
-                    ("node-c", "Backup"),
-                ],
-            )
-    });
+    c.wait_vip(
+        "uni",
+        "node-a master",
+        Duration::from_secs(5),
+        led_by_node_a_of_three,
+    );
     let adverts: Vec<(IpAddr, IpAddr)> = c
         .sniffer
         .events_since(since)
@@ -1030,9 +1022,7 @@ fn e2e_k8s_node_health_checks_eligibility_and_unicast_auto() {
 /// refused by field, and VRRP is unaffected.
 #[test]
 fn e2e_k8s_virtual_services_from_endpoint_slices() {
-    let mut c = K8sLab::new(2);
-    c.install();
-    c.start_agents();
+    let mut c = K8sLab::running(2);
     c.apply(&json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "frontend", "namespace": "default"},
@@ -1061,7 +1051,7 @@ fn e2e_k8s_virtual_services_from_endpoint_slices() {
         endpoint("10.1.0.2", true),
         endpoint("10.1.0.3", false),
     ]));
-    let mut web = vip_doc("web", &["192.0.2.100/24"], Some(51));
+    let mut web = web_doc();
     web["spec"]["services"] = json!([
         {"port": 80, "scheduler": "wlc",
          "backends": {"serviceRef": {"namespace": "default", "name": "frontend", "port": "http"}}},

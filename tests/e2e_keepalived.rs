@@ -54,6 +54,40 @@ fn stop_and_measure(ix: &Interop, id: ProcId, node: usize, signal: Signal) -> Fa
     failover
 }
 
+/// SIGKILLs the master, process `id` on `node`; the other node (priority 100) must take over
+/// after its Master_Down_Interval, announce the VIP and hold it.
+fn crash_takeover(ix: &Interop, id: ProcId, node: usize) -> Failover {
+    let (new_node, new_addr) = if node == OURS {
+        (THEIRS, ix.theirs())
+    } else {
+        (OURS, ix.ours())
+    };
+    // Who is who in the messages.
+    let (old_who, old_whose, new_who, new_whom) = if node == OURS {
+        ("we", "our", "keepalived", "keepalived")
+    } else {
+        ("keepalived", "keepalived's", "we", "us")
+    };
+    let f = stop_and_measure(ix, id, node, Signal::SIGKILL);
+    assert_eq!(f.new_master, new_addr);
+    assert_eq!(f.new_master_priority, 100);
+    assert_eq!(f.advert_interval, V3_INTERVAL, "{old_who} advertised 10 cs");
+    let gap = f.last_advert_to_takeover.unwrap();
+    let expected = master_down_interval(100, V3_INTERVAL);
+    assert!(
+        within(gap, expected),
+        "{new_who} took over {} after {old_whose} last advert; Master_Down_Interval is {}",
+        ms(gap),
+        ms(expected)
+    );
+    assert!(
+        f.death_to_garp.is_some(),
+        "no gratuitous ARP for the VIP from {new_whom}"
+    );
+    ix.wait_address(new_node, IpAddr::V4(VIP), true, Duration::from_secs(1));
+    f
+}
+
 /// Phase one of the two-way checks: keepalived (priority 150) and our agent (100) start
 /// together and keepalived must end up the only master. That needs our agent to accept its
 /// adverts: otherwise our Master_Down_Interval expires and we stay master next to it, so the
@@ -145,6 +179,21 @@ fn keepalived_rejoins_below_us(
     }
 }
 
+/// The three phases in a row: keepalived (`ka`, above us) leads, hands over gracefully, and
+/// rejoins at priority 50. Returns our takeover and what happened at the rejoin.
+fn keepalived_leads_leaves_and_rejoins_below_us(
+    ix: &Interop,
+    ka: &KeepalivedConf,
+    ours: &AgentConf,
+    interval: Duration,
+    during_rejoin: impl FnOnce(),
+) -> (Failover, Rejoin) {
+    let ka_id = keepalived_leads(ix, ka, ours, interval);
+    let takeover = graceful_handover_to_us(ix, ka_id, interval);
+    let rejoin = keepalived_rejoins_below_us(ix, &ka.clone().priority(50), interval, during_rejoin);
+    (takeover, rejoin)
+}
+
 fn assert_keepalived_stayed_backup(ix: &Interop, rejoin: &Rejoin) {
     assert_eq!(
         rejoin.masters,
@@ -230,34 +279,15 @@ fn netns_keepalived_master_crash_fails_over_to_us_and_preempts_back() {
     let ka = KeepalivedConf::v3(150);
     let ka_id = keepalived_leads(&ix, &ka, &AgentConf::v3(100), V3_INTERVAL);
 
-    let f = stop_and_measure(&ix, ka_id, THEIRS, Signal::SIGKILL);
-    assert_eq!(f.new_master, ix.ours());
-    assert_eq!(f.new_master_priority, 100);
-    assert_eq!(
-        f.advert_interval, V3_INTERVAL,
-        "keepalived advertised 10 cs"
-    );
+    let f = crash_takeover(&ix, ka_id, THEIRS);
     assert_eq!(
         f.death_to_release, None,
         "SIGKILL leaves no priority-0 advert"
     );
-    let gap = f.last_advert_to_takeover.unwrap();
-    let expected = master_down_interval(100, V3_INTERVAL);
-    assert!(
-        within(gap, expected),
-        "we took over {} after keepalived's last advert; Master_Down_Interval is {}",
-        ms(gap),
-        ms(expected)
-    );
-    assert!(
-        f.death_to_garp.is_some(),
-        "no gratuitous ARP for the VIP from us"
-    );
-    ix.wait_address(OURS, IpAddr::V4(VIP), true, Duration::from_secs(1));
     println!(
         "our takeover after keepalived's SIGKILL: {} after its last advert (MDI {}), {} after the kill, GARP {} after the kill",
-        ms(gap),
-        ms(expected),
+        ms(f.last_advert_to_takeover.unwrap()),
+        ms(master_down_interval(100, V3_INTERVAL)),
         ms(f.death_to_advert),
         ms(f.death_to_garp.unwrap())
     );
@@ -296,27 +326,11 @@ fn netns_keepalived_takes_over_when_we_crash_or_leave_and_we_preempt_back() {
     );
 
     // Crash: keepalived takes over after its Master_Down_Interval.
-    let f = stop_and_measure(&ix, our_id, OURS, Signal::SIGKILL);
-    assert_eq!(f.new_master, ix.theirs());
-    assert_eq!(f.new_master_priority, 100);
-    assert_eq!(f.advert_interval, V3_INTERVAL, "we advertised 10 cs");
-    let gap = f.last_advert_to_takeover.unwrap();
-    let crash_expected = master_down_interval(100, V3_INTERVAL);
-    assert!(
-        within(gap, crash_expected),
-        "keepalived took over {} after our last advert; Master_Down_Interval is {}",
-        ms(gap),
-        ms(crash_expected)
-    );
-    assert!(
-        f.death_to_garp.is_some(),
-        "no gratuitous ARP from keepalived"
-    );
-    ix.wait_address(THEIRS, IpAddr::V4(VIP), true, Duration::from_secs(1));
+    let f = crash_takeover(&ix, our_id, OURS);
     println!(
         "keepalived takeover after our SIGKILL: {} after our last advert (MDI {})",
-        ms(gap),
-        ms(crash_expected)
+        ms(f.last_advert_to_takeover.unwrap()),
+        ms(master_down_interval(100, V3_INTERVAL))
     );
 
     // We come back with the higher priority and preempt; keepalived releases the VIP.
@@ -368,17 +382,12 @@ fn netns_keepalived_takes_over_when_we_crash_or_leave_and_we_preempt_back() {
 #[test]
 fn netns_keepalived_rejects_our_message_only_checksum_but_we_follow_it() {
     let ix = Interop::new(false);
-    let ours = AgentConf {
-        message_only: true,
-        ..AgentConf::v3(100)
-    };
-    let ka = KeepalivedConf::v3(150);
+    let ours = AgentConf::v3(100).message_only();
     // We accept keepalived's pseudo-header adverts while sending message-only ones.
-    let ka_id = keepalived_leads(&ix, &ka, &ours, V3_INTERVAL);
-    graceful_handover_to_us(&ix, ka_id, V3_INTERVAL);
-    let rejoin = keepalived_rejoins_below_us(
+    let (_, rejoin) = keepalived_leads_leaves_and_rejoins_below_us(
         &ix,
-        &KeepalivedConf { priority: 50, ..ka },
+        &KeepalivedConf::v3(150),
+        &ours,
         V3_INTERVAL,
         || (),
     );
@@ -473,14 +482,8 @@ fn netns_we_accept_message_only_adverts_from_a_peer() {
 #[test]
 fn netns_keepalived_v3_checksum_as_v2_matches_our_message_only() {
     let ix = Interop::new(false);
-    let ka = KeepalivedConf {
-        checksum_as_v2: true,
-        ..KeepalivedConf::v3(150)
-    };
-    let ours = AgentConf {
-        message_only: true,
-        ..AgentConf::v3(100)
-    };
+    let ka = KeepalivedConf::v3(150).checksum_as_v2();
+    let ours = AgentConf::v3(100).message_only();
     if keepalived_version() < (2, 2, 8) {
         // Debian bookworm's 2.2.7 predates the keyword: it says so, ignores it, and keeps
         // sending the pseudo-header form, so the two-way check cannot run against it.
@@ -498,33 +501,18 @@ fn netns_keepalived_v3_checksum_as_v2_matches_our_message_only() {
         assert!(pseudo.iter().all(|s| s == "1"), "{pseudo:?}");
         return;
     }
-    let ka_id = keepalived_leads(&ix, &ka, &ours, V3_INTERVAL);
-    graceful_handover_to_us(&ix, ka_id, V3_INTERVAL);
-    let rejoin = keepalived_rejoins_below_us(
-        &ix,
-        &KeepalivedConf { priority: 50, ..ka },
-        V3_INTERVAL,
-        || (),
-    );
+    let (_, rejoin) =
+        keepalived_leads_leaves_and_rejoins_below_us(&ix, &ka, &ours, V3_INTERVAL, || ());
     assert_keepalived_stayed_backup(&ix, &rejoin);
 }
 
 #[test]
 fn netns_keepalived_unicast_interoperates_both_ways() {
     let ix = Interop::new(false);
-    let ka = KeepalivedConf {
-        unicast: true,
-        ..KeepalivedConf::v3(150)
-    };
-    let ours = AgentConf {
-        unicast: true,
-        ..AgentConf::v3(100)
-    };
-    let ka_id = keepalived_leads(&ix, &ka, &ours, V3_INTERVAL);
-    graceful_handover_to_us(&ix, ka_id, V3_INTERVAL);
-    let rejoin = keepalived_rejoins_below_us(
+    let (_, rejoin) = keepalived_leads_leaves_and_rejoins_below_us(
         &ix,
-        &KeepalivedConf { priority: 50, ..ka },
+        &KeepalivedConf::v3(150).unicast(),
+        &AgentConf::v3(100).unicast(),
         V3_INTERVAL,
         || (),
     );
@@ -558,29 +546,18 @@ fn netns_keepalived_unicast_interoperates_both_ways() {
 fn netns_keepalived_vrrpv2_interoperates_and_tshark_decodes_v2() {
     let interval = Duration::from_secs(1);
     let ix = Interop::new(false);
-    let ka = KeepalivedConf {
-        version: 2,
-        advert_int: "1",
-        ..KeepalivedConf::v3(150)
-    };
-    let ours = AgentConf {
-        version: 2,
-        interval: "1s",
-        ..AgentConf::v3(100)
-    };
-    let ka_id = keepalived_leads(&ix, &ka, &ours, interval);
-    let f = graceful_handover_to_us(&ix, ka_id, interval);
+    let mut capture = None;
+    let (f, rejoin) = keepalived_leads_leaves_and_rejoins_below_us(
+        &ix,
+        &KeepalivedConf::v3(150).version_2(),
+        &AgentConf::v3(100).version_2(),
+        interval,
+        || capture = Some(ix.tshark_capture(3)),
+    );
     println!(
         "v2: our takeover {} after keepalived's priority-0 advert (Skew_Time {})",
         ms(f.last_advert_to_takeover.unwrap()),
         ms(skew_time(100, interval))
-    );
-    let mut capture = None;
-    let rejoin = keepalived_rejoins_below_us(
-        &ix,
-        &KeepalivedConf { priority: 50, ..ka },
-        interval,
-        || capture = Some(ix.tshark_capture(3)),
     );
     assert_keepalived_stayed_backup(&ix, &rejoin);
 
@@ -630,10 +607,7 @@ fn netns_keepalived_vrrpv2_interoperates_and_tshark_decodes_v2() {
 fn netns_tshark_decodes_our_v3_adverts_with_good_checksums() {
     let ix = Interop::new(true);
     let started = Instant::now();
-    ix.start_agent(&AgentConf {
-        ipv6: true,
-        ..AgentConf::v3(100)
-    });
+    ix.start_agent(&AgentConf::v3(100).ipv6());
     ix.wait_master(OURS, started, STARTUP);
     // 3 s so the capture spans one of the agent's periodic interface refreshes (every 2 s)
     // after it took the VIPs: the advert source must survive it.

@@ -115,6 +115,25 @@ fn apply(
     Ok(report)
 }
 
+/// [`apply`], which must program every service.
+fn apply_cleanly(
+    ns: &GuestNetns,
+    dp: &mut IpvsDataplane,
+    set: &ServiceSet,
+) -> Result<ApplyReport, vm::CaseError> {
+    let report = apply(ns, dp, set)?;
+    ensure(report.failures.is_empty(), || format!("{report:?}"))?;
+    Ok(report)
+}
+
+/// A dataplane keeping its record of owned services in `state_dir`.
+fn dataplane(state_dir: impl Into<PathBuf>) -> IpvsDataplane {
+    IpvsDataplane::new(IpvsOptions {
+        state_dir: state_dir.into(),
+        ..IpvsOptions::default()
+    })
+}
+
 /// The client programs every service kind, forwarding method, scheduler flag and
 /// persistence through netlink, and ipvsadm (libnl, the reference reader) lists exactly that
 /// back; kernel errors arrive typed.
@@ -384,12 +403,7 @@ fn dataplane_converges_by_difference() -> CaseResult {
         &["-a", "-t", "10.9.9.9:80", "-r", "10.1.9.1:80", "-m"],
     )?;
     let state = PathBuf::from("/run/converge-state");
-    let new_dp = || {
-        IpvsDataplane::new(IpvsOptions {
-            state_dir: state.clone(),
-            ..IpvsOptions::default()
-        })
-    };
+    let new_dp = || dataplane(&state);
 
     let vip = v4(192, 0, 2, 100);
     let mut set: ServiceSet = BTreeMap::new();
@@ -541,10 +555,7 @@ fn dataplane_converges_by_difference() -> CaseResult {
 fn dataplane_isolates_a_bad_service() -> CaseResult {
     let ns = GuestNetns::create("isolate")?;
     let state = PathBuf::from("/run/isolate-state");
-    let mut dp = IpvsDataplane::new(IpvsOptions {
-        state_dir: state,
-        ..IpvsOptions::default()
-    });
+    let mut dp = dataplane(state);
     let vip = v4(192, 0, 2, 50);
     let mut set: ServiceSet = (1..=5u16)
         .map(|p| {
@@ -965,14 +976,9 @@ fn dataplane_nat_traffic_tcp_udp_ipv4_ipv6() -> CaseResult {
         ),
     ]
     .into();
-    let mut dp = IpvsDataplane::new(IpvsOptions {
-        state_dir: "/run/nt-state".into(),
-        ..IpvsOptions::default()
-    });
-    let r = apply(&director, &mut dp, &set)?;
-    ensure(r.failures.is_empty() && r.services == 3, || {
-        format!("{r:?}")
-    })?;
+    let mut dp = dataplane("/run/nt-state");
+    let r = apply_cleanly(&director, &mut dp, &set)?;
+    ensure(r.services == 3, || format!("{r:?}"))?;
 
     let even = |replies: &BTreeMap<String, usize>, n: usize| {
         replies.get("nt-b1") == Some(&(n / 2)) && replies.get("nt-b2") == Some(&(n / 2))
@@ -992,8 +998,7 @@ fn dataplane_nat_traffic_tcp_udp_ipv4_ipv6() -> CaseResult {
     for s in plain.values_mut() {
         s.source_nat = false;
     }
-    let r = apply(&director, &mut dp, &plain)?;
-    ensure(r.failures.is_empty(), || format!("{r:?}"))?;
+    apply_cleanly(&director, &mut dp, &plain)?;
     let lost = tcp_request(&client, SocketAddr::new(vip4, 80), Duration::from_secs(1));
     ensure(lost.is_err(), || {
         format!("a reply came back without source NAT: {lost:?}")
@@ -1059,14 +1064,9 @@ fn dataplane_tunnel_and_fwmark_traffic() -> CaseResult {
         ),
     ]
     .into();
-    let mut dp = IpvsDataplane::new(IpvsOptions {
-        state_dir: "/run/tf-state".into(),
-        ..IpvsOptions::default()
-    });
-    let r = apply(&director, &mut dp, &set)?;
-    ensure(r.failures.is_empty() && r.services == 2, || {
-        format!("{r:?}")
-    })?;
+    let mut dp = dataplane("/run/tf-state");
+    let r = apply_cleanly(&director, &mut dp, &set)?;
+    ensure(r.services == 2, || format!("{r:?}"))?;
 
     let even = |replies: &BTreeMap<String, usize>| {
         replies.get("tf-b1") == Some(&10) && replies.get("tf-b2") == Some(&10)
@@ -1114,15 +1114,11 @@ fn cleanup_removes_what_an_earlier_run_left() -> CaseResult {
     let before: Vec<String> = sysctls.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
     let state = "/run/cleanup-state";
     {
-        let mut dp = IpvsDataplane::new(IpvsOptions {
-            state_dir: state.into(),
-            ..IpvsOptions::default()
-        });
+        let mut dp = dataplane(state);
         let mut web = spec(Forwarding::Masquerade, &[(v4(10, 1, 0, 1), 8080, 1)]);
         web.source_nat = true;
         let set: ServiceSet = [(tcp(v4(192, 0, 2, 7), 80), web)].into();
-        let r = apply(&ns, &mut dp, &set)?;
-        ensure(r.failures.is_empty(), || format!("{r:?}"))?;
+        apply_cleanly(&ns, &mut dp, &set)?;
     }
     let during: Vec<String> = sysctls.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
     ensure(during == ["1", "1", "1"], || {
@@ -1155,12 +1151,7 @@ fn tunnel_options_and_connection_limits_round_trip() -> CaseResult {
     use ferrovip::model::service::{Encapsulation, TunnelKind};
     let ns = GuestNetns::create("tunopts")?;
     let state = PathBuf::from("/run/tunopts-state");
-    let new_dp = || {
-        IpvsDataplane::new(IpvsOptions {
-            state_dir: state.clone(),
-            ..IpvsOptions::default()
-        })
-    };
+    let new_dp = || dataplane(&state);
     let mut gue = spec(Forwarding::Tunnel, &[(v4(10, 1, 0, 1), 80, 1)]);
     gue.tunnel = Some(Encapsulation {
         kind: TunnelKind::Gue,
@@ -1177,8 +1168,8 @@ fn tunnel_options_and_connection_limits_round_trip() -> CaseResult {
     let vip = v4(192, 0, 2, 9);
     let mut set: ServiceSet = [(tcp(vip, 80), gue), (tcp(vip, 443), gre)].into();
     let mut dp = new_dp();
-    let r = apply(&ns, &mut dp, &set)?;
-    ensure(r.failures.is_empty() && r.writes == 4, || format!("{r:?}"))?;
+    let r = apply_cleanly(&ns, &mut dp, &set)?;
+    ensure(r.writes == 4, || format!("{r:?}"))?;
     let listed = saved(&ns)?;
     for want in [
         "-a -t 192.0.2.9:80 -r 10.1.0.1:80 -i -w 1 --tun-type gue --tun-port 6080 --tun-csum",

@@ -1,9 +1,13 @@
-//! What both benchmarks share: interruption handling, phases that may fail, statistics, the report table.
+//! What both benchmarks share: interruption handling, phases that may fail, statistics, the
+//! wire during an idle window, the report table.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use ferrovip::lab::{Event, Lab, Sniffer, masters_since};
 use serde::Serialize;
 
 pub const AGENT_BINARY: &str = env!("CARGO_BIN_EXE_ferrovip");
@@ -138,6 +142,65 @@ pub fn round3(v: f64) -> f64 {
 
 pub fn opt_ms(v: Option<f64>) -> String {
     v.map_or_else(|| "—".into(), |v| format!("{v:.1}"))
+}
+
+/// The lab node holding `addr`, by name, or the address itself for a stranger.
+pub fn node_name(lab: &Lab, addr: IpAddr) -> String {
+    lab.node_by_addr(addr)
+        .map_or_else(|| addr.to_string(), |n| n.name.clone())
+}
+
+/// What the capture saw during a measurement window.
+pub struct WireWindow {
+    /// Every event from the window's start to its end.
+    pub events: Vec<Event>,
+    /// Adverts with priority > 0 per second over the window, by source node.
+    pub adverts_per_second: BTreeMap<String, f64>,
+}
+
+impl WireWindow {
+    pub fn capture(sniffer: &Sniffer, lab: &Lab, start: Instant, end: Instant) -> WireWindow {
+        let events: Vec<Event> = sniffer
+            .events_since(start)
+            .into_iter()
+            .filter(|e| e.at <= end)
+            .collect();
+        let mut adverts: BTreeMap<String, u64> = BTreeMap::new();
+        for advert in events.iter().filter_map(|e| e.advert()) {
+            if advert.priority > 0 {
+                *adverts.entry(node_name(lab, advert.source)).or_default() += 1;
+            }
+        }
+        let span = end.duration_since(start).as_secs_f64();
+        let adverts_per_second = adverts
+            .into_iter()
+            .map(|(name, count)| (name, round3(count as f64 / span)))
+            .collect();
+        WireWindow {
+            events,
+            adverts_per_second,
+        }
+    }
+
+    /// The VRIDs among `vrids` whose masters since `since` were not `expected` alone, with
+    /// the nodes that did advertise (none, or several), in order.
+    pub fn unstable_vrids(
+        &self,
+        lab: &Lab,
+        vrids: impl IntoIterator<Item = u8>,
+        since: Instant,
+        expected: IpAddr,
+    ) -> BTreeMap<u8, Vec<String>> {
+        vrids
+            .into_iter()
+            .map(|vrid| (vrid, masters_since(&self.events, vrid, since)))
+            .filter(|(_, masters)| masters[..] != [expected])
+            .map(|(vrid, masters)| {
+                let names = masters.into_iter().map(|ip| node_name(lab, ip)).collect();
+                (vrid, names)
+            })
+            .collect()
+    }
 }
 
 /// Fixed-width text table: a label column, then one column per implementation or variant.

@@ -670,17 +670,58 @@ mod tests {
         [("192.0.2.11".parse().unwrap(), "node-a".to_string())].into()
     }
 
+    /// The status one node applies for `web`: a builder over `desired_status`'s arguments.
+    /// Starts eligible, with no instance, from the unwritten `vip()`.
+    struct Status {
+        vip: VirtualIP,
+        node: &'static str,
+        plan: ResourcePlan,
+        ours: Vec<InstanceStatus>,
+    }
+
+    impl Status {
+        fn on(node: &'static str) -> Self {
+            Status {
+                vip: vip(),
+                node,
+                plan: plan(true, None),
+                ours: Vec::new(),
+            }
+        }
+
+        /// One of this node's instances serving `web`.
+        fn instance(mut self, state: State, master: Option<&str>) -> Self {
+            self.ours.push(instance(state, master));
+            self
+        }
+
+        fn ineligible(mut self) -> Self {
+            self.plan = plan(false, None);
+            self
+        }
+
+        fn refused(mut self, reason: RefusalReason) -> Self {
+            self.plan = plan(false, Some(reason));
+            self
+        }
+
+        /// The VirtualIP as this node read it (with another node's status, say).
+        fn seeing(mut self, vip: VirtualIP) -> Self {
+            self.vip = vip;
+            self
+        }
+
+        fn body(&self) -> serde_json::Value {
+            let ours: Vec<&InstanceStatus> = self.ours.iter().collect();
+            desired_status(&self.vip, self.node, &self.plan, &ours, &addresses(), None)
+        }
+    }
+
     #[test]
     fn a_master_reports_itself_and_its_entry() {
-        let i = instance(State::Master, Some("192.0.2.11"));
-        let body = desired_status(
-            &vip(),
-            "node-a",
-            &plan(true, None),
-            &[&i],
-            &addresses(),
-            None,
-        );
+        let body = Status::on("node-a")
+            .instance(State::Master, Some("192.0.2.11"))
+            .body();
         let s = &body["status"];
         assert_eq!(s["master"], "node-a");
         assert_eq!(s["state"], "Active");
@@ -698,36 +739,16 @@ mod tests {
 
     #[test]
     fn a_backup_names_the_master_node_from_its_address() {
-        let i = instance(State::Backup, Some("192.0.2.11"));
-        let body = desired_status(
-            &vip(),
-            "node-b",
-            &plan(true, None),
-            &[&i],
-            &addresses(),
-            None,
-        );
+        let body = Status::on("node-b")
+            .instance(State::Backup, Some("192.0.2.11"))
+            .body();
         assert_eq!(body["status"]["master"], "node-a");
         assert_eq!(body["status"]["nodes"][0]["state"], "Backup");
-        let unknown = instance(State::Backup, Some("192.0.2.99"));
-        let body = desired_status(
-            &vip(),
-            "node-b",
-            &plan(true, None),
-            &[&unknown],
-            &addresses(),
-            None,
-        );
+        let body = Status::on("node-b")
+            .instance(State::Backup, Some("192.0.2.99"))
+            .body();
         assert_eq!(body["status"]["master"], "192.0.2.99");
-        let none = instance(State::Backup, None);
-        let body = desired_status(
-            &vip(),
-            "node-b",
-            &plan(true, None),
-            &[&none],
-            &addresses(),
-            None,
-        );
+        let body = Status::on("node-b").instance(State::Backup, None).body();
         // A node that knows no master writes only its own entry.
         let s = body["status"].as_object().unwrap();
         assert_eq!(
@@ -744,14 +765,7 @@ mod tests {
             vrid: 51,
             other: "api".into(),
         };
-        let body = desired_status(
-            &vip(),
-            "node-a",
-            &plan(false, Some(reason)),
-            &[],
-            &addresses(),
-            None,
-        );
+        let body = Status::on("node-a").refused(reason).body();
         let s = &body["status"];
         assert_eq!(s["state"], "Conflict");
         let conflict = s["conditions"]
@@ -765,14 +779,7 @@ mod tests {
         assert!(conflict["message"].as_str().unwrap().contains("\"api\""));
         assert!(s.get("nodes").is_none());
 
-        let body = desired_status(
-            &vip(),
-            "node-c",
-            &plan(false, None),
-            &[],
-            &addresses(),
-            None,
-        );
+        let body = Status::on("node-c").ineligible().body();
         let s = body["status"].as_object().unwrap();
         assert_eq!(
             s.keys().collect::<Vec<_>>(),
@@ -782,15 +789,9 @@ mod tests {
 
     #[test]
     fn unchanged_conditions_keep_their_time_so_nodes_agree() {
-        let i = instance(State::Master, Some("192.0.2.11"));
-        let first = desired_status(
-            &vip(),
-            "node-a",
-            &plan(true, None),
-            &[&i],
-            &addresses(),
-            None,
-        );
+        let first = Status::on("node-a")
+            .instance(State::Master, Some("192.0.2.11"))
+            .body();
         let conditions: Vec<Condition> =
             serde_json::from_value(first["status"]["conditions"].clone()).unwrap();
         let mut seen = vip();
@@ -799,15 +800,10 @@ mod tests {
             ..VirtualIPStatus::default()
         });
         std::thread::sleep(Duration::from_millis(5));
-        let b = instance(State::Backup, Some("192.0.2.11"));
-        let second = desired_status(
-            &seen,
-            "node-b",
-            &plan(true, None),
-            &[&b],
-            &addresses(),
-            None,
-        );
+        let second = Status::on("node-b")
+            .seeing(seen)
+            .instance(State::Backup, Some("192.0.2.11"))
+            .body();
         assert_eq!(
             second["status"]["conditions"],
             first["status"]["conditions"]
@@ -816,15 +812,9 @@ mod tests {
 
     #[test]
     fn a_write_another_node_undid_is_noticed() {
-        let i = instance(State::Master, Some("192.0.2.11"));
-        let body = desired_status(
-            &vip(),
-            "node-a",
-            &plan(true, None),
-            &[&i],
-            &addresses(),
-            None,
-        );
+        let body = Status::on("node-a")
+            .instance(State::Master, Some("192.0.2.11"))
+            .body();
         let mut seen = vip();
         assert!(
             !reflected(&seen, &body, "node-a"),
@@ -838,14 +828,7 @@ mod tests {
         seen.status = Some(serde_json::from_value(undone).unwrap());
         assert!(!reflected(&seen, &body, "node-a"));
         // An ineligible node's body is reflected only once its entry is gone.
-        let gone = desired_status(
-            &vip(),
-            "node-a",
-            &plan(false, None),
-            &[],
-            &addresses(),
-            None,
-        );
+        let gone = Status::on("node-a").ineligible().body();
         seen.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
         assert!(!reflected(&seen, &gone, "node-a"));
         assert!(reflected(&seen, &gone, "node-z"));

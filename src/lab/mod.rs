@@ -12,7 +12,9 @@
 //! - [`run`]: [`run_lab`], the human-facing demonstration behind `ferrovip lab`.
 //!
 //! Everything here needs root (network namespaces, AF_PACKET). The harness drives the
-//! `ip` binary from iproute2 because it is the harness, not the agent.
+//! `ip` binary from iproute2 because it is the harness, not the agent; it is the only program
+//! the lab itself runs (sysctls are written through /proc/sys, pings are the lab's own ICMP
+//! echo), and [`Lab::create`] says which package to install when it is missing.
 
 pub mod apiserver;
 pub mod measure;
@@ -47,6 +49,11 @@ pub use wire::{Event, EventKind, SeenAdvert, parse_frame};
 pub enum LabError {
     #[error("the lab needs root (network namespaces, veth, AF_PACKET); run it with sudo")]
     NotRoot,
+    #[error("the lab needs `{program}` on PATH: install the Debian/Ubuntu package {package}")]
+    MissingTool {
+        program: &'static str,
+        package: &'static str,
+    },
     #[error("invalid lab setup: {0}")]
     InvalidSpec(String),
     #[error("could not run `{command}`")]
@@ -80,6 +87,12 @@ pub enum LabError {
     PacketSocket {
         netns: String,
         interface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ICMP echo socket in {netns} failed")]
+    Icmp {
+        netns: String,
         #[source]
         source: std::io::Error,
     },
@@ -130,6 +143,7 @@ impl LabError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             LabError::NotRoot => "not_root",
+            LabError::MissingTool { .. } => "missing_tool",
             LabError::InvalidSpec(_) => "invalid_spec",
             LabError::Spawn { .. } => "spawn",
             LabError::Command { .. } => "command",
@@ -137,6 +151,7 @@ impl LabError {
             LabError::Io { .. } => "io",
             LabError::Setns { .. } => "setns",
             LabError::PacketSocket { .. } => "packet_socket",
+            LabError::Icmp { .. } => "icmp",
             LabError::Signal { .. } => "signal",
             LabError::UnknownProcess(_) => "unknown_process",
             LabError::SignalHandler { .. } => "signal_handler",

@@ -7,19 +7,22 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::io::Read as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use nix::errno::Errno;
+use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use pnet_datalink::MacAddr;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::LabError;
 
@@ -37,6 +40,8 @@ const NODE_INTERFACE: &str = "eth0";
 const TERM_GRACE: Duration = Duration::from_millis(1500);
 
 static LAB_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
+/// Sequence numbers of the lab's ICMP echo requests, so a late reply never answers a later one.
+static ECHO_SEQUENCE: AtomicU16 = AtomicU16::new(0);
 
 /// What to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +166,7 @@ impl Lab {
         if !effective_uid_is_root() {
             return Err(LabError::NotRoot);
         }
+        require_ip()?;
         if spec.nodes == 0 || spec.nodes > MAX_NODES {
             return Err(LabError::InvalidSpec(format!(
                 "nodes must be 1..={MAX_NODES}, got {}",
@@ -226,8 +232,8 @@ impl Lab {
         sysctl(
             &sw,
             &[
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
+                ("net.ipv6.conf.all.disable_ipv6", "1"),
+                ("net.ipv6.conf.default.disable_ipv6", "1"),
             ],
         )?;
         ip(&[
@@ -277,15 +283,15 @@ impl Lab {
         self.add_netns(&netns)?;
         // Set before eth0 exists so that it inherits them from `default`: with DAD off the
         // link-local and ULA are usable the moment the link is up.
-        let sysctls: &[&str] = if ipv6 {
+        let sysctls: &[(&str, &str)] = if ipv6 {
             &[
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
+                ("net.ipv6.conf.all.accept_dad", "0"),
+                ("net.ipv6.conf.default.accept_dad", "0"),
             ]
         } else {
             &[
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
+                ("net.ipv6.conf.all.disable_ipv6", "1"),
+                ("net.ipv6.conf.default.disable_ipv6", "1"),
             ]
         };
         sysctl(&netns, sysctls)?;
@@ -592,6 +598,7 @@ impl Lab {
 
     /// Runs `args` inside node `node` to completion. A non-zero exit is not an error here:
     /// the caller reads `Output::status` (arping, ping and friends use it to report).
+    /// The program must be installed: the lab's own checks use [`Lab::ping`] instead.
     pub fn exec(&self, node: usize, args: &[&str]) -> Result<Output, LabError> {
         exec_in(&self.node(node).netns, args)
     }
@@ -599,6 +606,21 @@ impl Lab {
     /// Like [`Lab::exec`], in the switch namespace.
     pub fn exec_switch(&self, args: &[&str]) -> Result<Output, LabError> {
         exec_in(&self.switch_netns, args)
+    }
+
+    /// Sends one ICMP echo request from node `node` to `target` and waits up to `timeout` for
+    /// its reply: `Ok(true)` when it came, `Ok(false)` when it did not or the target is
+    /// unreachable (as `ping` would exit non-zero). The lab's own echo, not the `ping`
+    /// binary, which a fresh machine may lack. An IPv6 link-local target is reached through
+    /// the node's `eth0`.
+    pub fn ping(&self, node: usize, target: IpAddr, timeout: Duration) -> Result<bool, LabError> {
+        let netns = &self.node(node).netns;
+        on_thread_in(netns, || {
+            echo(target, timeout).map_err(|source| LabError::Icmp {
+                netns: netns.clone(),
+                source,
+            })
+        })
     }
 
     /// Whether `addr` is configured on node `node`'s `eth0` (as the kernel reports it).
@@ -762,10 +784,39 @@ fn exec_in(netns: &str, args: &[&str]) -> Result<Output, LabError> {
         })
 }
 
-fn sysctl(netns: &str, settings: &[&str]) -> Result<(), LabError> {
-    let mut args = vec!["netns", "exec", netns, "sysctl", "-q", "-w"];
-    args.extend_from_slice(settings);
-    ip(&args).map(drop)
+/// Sets `(key, value)` sysctls of namespace `netns` through /proc/sys, from a thread inside
+/// it (the `sysctl` binary, from procps, is not on every machine).
+fn sysctl(netns: &str, settings: &[(&str, &str)]) -> Result<(), LabError> {
+    on_thread_in(netns, || {
+        for (key, value) in settings {
+            let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+            std::fs::write(&path, value).map_err(|source| LabError::Io {
+                context: "writing a sysctl in a lab namespace",
+                path,
+                source,
+            })?;
+        }
+        Ok(())
+    })
+}
+
+/// Checks for the one program the lab runs, iproute2's `ip`, before anything is built, so
+/// that a machine without it is told which package to install (busybox's `ip` has no
+/// `netns`, hence the version check).
+pub(crate) fn require_ip() -> Result<(), LabError> {
+    let missing = LabError::MissingTool {
+        program: "ip",
+        package: "iproute2",
+    };
+    match Command::new("ip").arg("-V").stdin(Stdio::null()).output() {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).contains("iproute2") => Ok(()),
+        Ok(_) => Err(missing),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(missing),
+        Err(source) => Err(LabError::Spawn {
+            command: "ip -V".into(),
+            source,
+        }),
+    }
 }
 
 /// Runs `ip ARGS`, returning stdout, or an error carrying stderr.
@@ -795,6 +846,138 @@ fn ip_json(args: &[&str]) -> Result<serde_json::Value, LabError> {
         command: format!("ip {}", args.join(" ")),
         detail: e.to_string(),
     })
+}
+
+/// Runs `work` on a short-lived thread that alone enters namespace `netns` (`setns` moves
+/// only the calling thread, so the rest of the process stays where it was).
+fn on_thread_in<T: Send>(
+    netns: &str,
+    work: impl FnOnce() -> Result<T, LabError> + Send,
+) -> Result<T, LabError> {
+    let handle = open_netns(netns)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                setns(&handle, CloneFlags::CLONE_NEWNET).map_err(|source| LabError::Setns {
+                    netns: netns.to_owned(),
+                    source,
+                })?;
+                work()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+const ECHO_PAYLOAD: &[u8] = b"ferrovip lab echo";
+
+/// One ICMP echo from the calling thread's namespace. An error is the harness's (no socket);
+/// a target that cannot be reached or does not answer in time is `Ok(false)`.
+fn echo(target: IpAddr, timeout: Duration) -> std::io::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    let (domain, protocol, request, reply) = match target {
+        IpAddr::V4(_) => (
+            Domain::IPV4,
+            Protocol::ICMPV4,
+            ICMP_ECHO_REQUEST,
+            ICMP_ECHO_REPLY,
+        ),
+        IpAddr::V6(_) => (
+            Domain::IPV6,
+            Protocol::ICMPV6,
+            ICMPV6_ECHO_REQUEST,
+            ICMPV6_ECHO_REPLY,
+        ),
+    };
+    // Raw, not an unprivileged ping socket: a new namespace starts with
+    // net.ipv4.ping_group_range empty. The kernel fills in the ICMPv6 checksum.
+    let mut socket = Socket::new(domain, Type::RAW, Some(protocol))?;
+    let to = match target {
+        IpAddr::V4(v4) => SocketAddr::from((v4, 0)),
+        IpAddr::V6(v6) => {
+            let scope = if v6.is_unicast_link_local() {
+                nix::net::if_::if_nametoindex(NODE_INTERFACE).map_err(std::io::Error::from)?
+            } else {
+                0
+            };
+            SocketAddr::V6(SocketAddrV6::new(v6, 0, 0, scope))
+        }
+    };
+    let identifier = std::process::id() as u16;
+    let sequence = ECHO_SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    let message = echo_message(request, identifier, sequence, target.is_ipv4());
+    // Connected, the socket receives only what `target` sends, and reads need no unsafe.
+    if socket.connect(&to.into()).is_err() || socket.send(&message).is_err() {
+        return Ok(false);
+    }
+    let mut buf = [0u8; 1500];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        socket.set_read_timeout(Some(left))?;
+        let len = match socket.read(&mut buf) {
+            Ok(len) => len,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // Timed out, or an ICMP error (unreachable) reported on the socket.
+            Err(_) => return Ok(false),
+        };
+        // An IPv4 raw socket hands over the IP header too; an IPv6 one does not.
+        let received = match target {
+            IpAddr::V4(_) => without_ipv4_header(&buf[..len]),
+            IpAddr::V6(_) => Some(&buf[..len]),
+        };
+        if received.is_some_and(|m| is_echo_reply(m, reply, identifier, sequence)) {
+            return Ok(true);
+        }
+    }
+}
+
+/// An echo request: type, code 0, checksum, identifier, sequence, payload. The checksum is
+/// filled in for ICMPv4 only (the kernel computes ICMPv6's, which covers a pseudo-header).
+fn echo_message(kind: u8, identifier: u16, sequence: u16, checksum: bool) -> Vec<u8> {
+    let mut message = vec![kind, 0, 0, 0];
+    message.extend_from_slice(&identifier.to_be_bytes());
+    message.extend_from_slice(&sequence.to_be_bytes());
+    message.extend_from_slice(ECHO_PAYLOAD);
+    if checksum {
+        let sum = internet_checksum(&message);
+        message[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    message
+}
+
+/// RFC 1071: the one's complement of the one's complement sum of 16-bit words.
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn without_ipv4_header(packet: &[u8]) -> Option<&[u8]> {
+    let first = *packet.first()?;
+    if first >> 4 != 4 {
+        return None;
+    }
+    packet.get(usize::from(first & 0x0f) * 4..)
+}
+
+fn is_echo_reply(message: &[u8], reply: u8, identifier: u16, sequence: u16) -> bool {
+    message.len() >= 8
+        && message[0] == reply
+        && message[1] == 0
+        && message[4..6] == identifier.to_be_bytes()
+        && message[6..8] == sequence.to_be_bytes()
 }
 
 /// Opens a namespace handle for `setns`.
@@ -840,6 +1023,34 @@ mod tests {
             ula_for_host(136),
             "fd66:7670::136".parse::<Ipv6Addr>().unwrap()
         );
+    }
+
+    #[test]
+    fn echo_requests_carry_a_valid_checksum_and_replies_are_matched() {
+        let request = echo_message(ICMP_ECHO_REQUEST, 0x1234, 7, true);
+        assert_eq!(&request[..2], [8, 0]);
+        assert_eq!(&request[4..8], [0x12, 0x34, 0, 7]);
+        assert_eq!(&request[8..], ECHO_PAYLOAD);
+        // Summing a message with its checksum in place gives 0 (RFC 1071).
+        assert_eq!(internet_checksum(&request), 0);
+        assert_eq!(internet_checksum(&[0x45, 0x00, 0x00, 0x1c, 0xff]), 0xbbe2);
+        let v6 = echo_message(ICMPV6_ECHO_REQUEST, 0x1234, 7, false);
+        assert_eq!(&v6[..4], [128, 0, 0, 0]);
+
+        let mut reply = request.clone();
+        reply[0] = ICMP_ECHO_REPLY;
+        assert!(is_echo_reply(&reply, ICMP_ECHO_REPLY, 0x1234, 7));
+        assert!(!is_echo_reply(&reply, ICMP_ECHO_REPLY, 0x1234, 8));
+        assert!(!is_echo_reply(&reply, ICMP_ECHO_REPLY, 0x4321, 7));
+        assert!(!is_echo_reply(&request, ICMP_ECHO_REPLY, 0x1234, 7));
+        assert!(!is_echo_reply(&reply[..7], ICMP_ECHO_REPLY, 0x1234, 7));
+
+        let mut packet = vec![0x46, 0, 0, 0];
+        packet.extend_from_slice(&[0; 20]);
+        packet.extend_from_slice(&reply);
+        assert_eq!(without_ipv4_header(&packet), Some(&reply[..]));
+        assert_eq!(without_ipv4_header(&[0x60, 0, 0, 0]), None);
+        assert_eq!(without_ipv4_header(&[]), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::measure::{
     Failover, FailoverQuery, Preemption, analyze_preemption, current_master, master_down_interval,
     masters_since, measure_failover_async, skew_time,
 };
-use super::netns::{Lab, LabSpec, ProcId, log_tail};
+use super::netns::{Lab, LabSpec, ProcId, log_tail, require_ip};
 use super::sniffer::Sniffer;
 
 const VRID: u8 = 51;
@@ -128,6 +128,8 @@ pub struct Rejoin {
 /// Needs a Tokio runtime with I/O and time enabled. Blocking `ip` calls are short.
 pub async fn run_lab(opts: LabOptions) -> Result<LabReport, LabError> {
     validate(&opts)?;
+    // Before cleaning up stale labs, which already runs `ip`.
+    require_ip()?;
     // Installed before anything exists, so a Ctrl-C during setup is not lost.
     let mut signals = Signals::install()?;
     let out = Out { quiet: opts.quiet };
@@ -586,8 +588,10 @@ impl Driver<'_> {
         let from = (master + 1) % self.opts.nodes;
         let vip = self.vip.to_string();
         for _ in 0..3 {
-            let out = self.lab.exec(from, &["ping", "-c", "1", "-W", "1", &vip])?;
-            if out.status.success() {
+            if self
+                .lab
+                .ping(from, IpAddr::V4(self.vip), Duration::from_secs(1))?
+            {
                 self.out.line(format!(
                     "VIP {vip} answers ping from {}\n",
                     self.lab.node(from).name

@@ -28,10 +28,6 @@ fn lab_namespaces(prefix: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn ok(out: &std::process::Output) -> bool {
-    out.status.success()
-}
-
 #[test]
 fn netns_lab_create_wires_nodes_and_drop_removes_everything() {
     let lab = Lab::create(LabSpec::default()).unwrap();
@@ -52,23 +48,30 @@ fn netns_lab_create_wires_nodes_and_drop_removes_everything() {
         assert!(netns_exists(&node.netns), "{}", node.netns);
     }
 
-    // IPv4, the ULA and the link-local all work at once (no DAD delay) across the bridge.
-    let v4 = lab
-        .exec(0, &["ping", "-c", "1", "-W", "2", &c.ipv4.to_string()])
-        .unwrap();
-    assert!(ok(&v4), "{v4:?}");
-    let ula = c.ipv6.unwrap().to_string();
-    let v6 = lab
-        .exec(0, &["ping", "-6", "-c", "1", "-W", "2", &ula])
-        .unwrap();
-    assert!(ok(&v6), "{v6:?}");
-    let scoped = format!("{ll}%eth0");
-    let v6_ll = lab
-        .exec(0, &["ping", "-6", "-c", "1", "-W", "2", &scoped])
-        .unwrap();
-    assert!(ok(&v6_ll), "{v6_ll:?}");
+    // IPv4, the ULA and the link-local all work at once (no DAD delay) across the bridge,
+    // checked with the lab's own ICMP echo (what `ferrovip lab` pings the VIP with).
+    let answers = |target: IpAddr| lab.ping(0, target, Duration::from_secs(2)).unwrap();
+    assert!(answers(IpAddr::V4(c.ipv4)), "IPv4 {}", c.ipv4);
+    let ula = c.ipv6.unwrap();
+    assert!(answers(IpAddr::V6(ula)), "ULA {ula}");
+    assert!(answers(IpAddr::V6(ll)), "link-local {ll} via eth0");
     assert!(lab.has_address(2, IpAddr::V4(c.ipv4)).unwrap());
     assert!(!lab.has_address(2, "192.0.2.100".parse().unwrap()).unwrap());
+    // An address nobody holds does not answer, and the echo gives up after its timeout.
+    let asked = Instant::now();
+    assert!(
+        !lab.ping(
+            0,
+            "192.0.2.100".parse().unwrap(),
+            Duration::from_millis(300)
+        )
+        .unwrap()
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
 
     // A process that ignores SIGTERM must still be gone after drop (SIGKILL after grace).
     let stubborn = lab

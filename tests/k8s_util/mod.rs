@@ -166,6 +166,15 @@ impl K8sLab {
         self.kubectl(&["apply", "-f", &path.display().to_string()]);
     }
 
+    /// The usual opening: [`K8sLab::new`], [`K8sLab::install`], then every agent started and
+    /// listing.
+    pub fn running(nodes: usize) -> K8sLab {
+        let mut lab = K8sLab::new(nodes);
+        lab.install();
+        lab.start_agents();
+        lab
+    }
+
     /// The CRD, the agent's RBAC bound to the node identities, and one Ready Node object per
     /// lab node with its address as InternalIP.
     pub fn install(&mut self) {

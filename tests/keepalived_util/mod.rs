@@ -60,6 +60,33 @@ impl KeepalivedConf {
         }
     }
 
+    pub fn priority(self, priority: u8) -> Self {
+        KeepalivedConf { priority, ..self }
+    }
+
+    /// VRRPv2 with `advert_int 1` (whole seconds only).
+    pub fn version_2(self) -> Self {
+        KeepalivedConf {
+            version: 2,
+            advert_int: "1",
+            ..self
+        }
+    }
+
+    pub fn checksum_as_v2(self) -> Self {
+        KeepalivedConf {
+            checksum_as_v2: true,
+            ..self
+        }
+    }
+
+    pub fn unicast(self) -> Self {
+        KeepalivedConf {
+            unicast: true,
+            ..self
+        }
+    }
+
     fn render(&self, own: Ipv4Addr, peer: Ipv4Addr) -> String {
         let mut extra = String::new();
         if self.checksum_as_v2 {
@@ -118,6 +145,34 @@ impl AgentConf {
             unicast: false,
             ipv6: false,
         }
+    }
+
+    /// VRRPv2 every second (whole seconds only).
+    pub fn version_2(self) -> Self {
+        AgentConf {
+            version: 2,
+            interval: "1s",
+            ..self
+        }
+    }
+
+    /// `ipv4Checksum: MessageOnly`.
+    pub fn message_only(self) -> Self {
+        AgentConf {
+            message_only: true,
+            ..self
+        }
+    }
+
+    pub fn unicast(self) -> Self {
+        AgentConf {
+            unicast: true,
+            ..self
+        }
+    }
+
+    pub fn ipv6(self) -> Self {
+        AgentConf { ipv6: true, ..self }
     }
 
     fn render(&self, peer: Ipv4Addr) -> String {
