@@ -642,7 +642,7 @@ impl Lab {
         let netns = &self.node(node).netns;
         let links = ip_json(&["-n", netns, "-j", "link", "show", NODE_INTERFACE])?;
         let ifindex = ifindex_of(&links[0], netns)?;
-        super::sniffer::send_frame(netns, NODE_INTERFACE, ifindex, frame)
+        send_frame(netns, NODE_INTERFACE, ifindex, frame)
     }
 
     fn procs(&self) -> std::sync::MutexGuard<'_, BTreeMap<ProcId, Proc>> {
@@ -866,6 +866,40 @@ fn on_thread_in<T: Send>(
             })
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Sends one raw Ethernet frame out of `interface` (index `ifindex`) in namespace `netns`. For
+/// tests that play a VRRP peer or inject a rogue announcement.
+fn send_frame(netns: &str, interface: &str, ifindex: u32, frame: &[u8]) -> Result<(), LabError> {
+    on_thread_in(netns, || {
+        let iface = pnet_datalink::NetworkInterface {
+            name: interface.to_owned(),
+            description: String::new(),
+            index: ifindex,
+            mac: None,
+            ips: Vec::new(),
+            flags: 0,
+        };
+        let config = pnet_datalink::Config {
+            promiscuous: false,
+            ..pnet_datalink::Config::default()
+        };
+        let send_error = |source| LabError::PacketSocket {
+            netns: netns.to_owned(),
+            interface: interface.to_owned(),
+            source,
+        };
+        let pnet_datalink::Channel::Ethernet(mut tx, _rx) =
+            pnet_datalink::channel(&iface, config).map_err(send_error)?
+        else {
+            return Err(send_error(std::io::Error::other(
+                "AF_PACKET channel is not Ethernet",
+            )));
+        };
+        tx.send_to(frame, None)
+            .unwrap_or_else(|| Err(std::io::Error::other("no send buffer")))
+            .map_err(send_error)
     })
 }
 

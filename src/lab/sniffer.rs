@@ -300,59 +300,6 @@ fn open_capture(
     }
 }
 
-/// Sends one raw Ethernet frame out of `interface` (index `ifindex`) in namespace `netns`,
-/// from a short-lived thread that alone enters the namespace. For tests that play a VRRP
-/// peer or inject a rogue announcement.
-pub fn send_frame(
-    netns: &str,
-    interface: &str,
-    ifindex: u32,
-    frame: &[u8],
-) -> Result<(), LabError> {
-    let netns = netns.to_owned();
-    let interface = interface.to_owned();
-    let frame = frame.to_vec();
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let handle = open_netns(&netns)?;
-                setns(&handle, CloneFlags::CLONE_NEWNET).map_err(|source| LabError::Setns {
-                    netns: netns.clone(),
-                    source,
-                })?;
-                let iface = NetworkInterface {
-                    name: interface.clone(),
-                    description: String::new(),
-                    index: ifindex,
-                    mac: None,
-                    ips: Vec::new(),
-                    flags: 0,
-                };
-                let config = Config {
-                    promiscuous: false,
-                    ..Config::default()
-                };
-                let send_error = |source| LabError::PacketSocket {
-                    netns: netns.clone(),
-                    interface: interface.clone(),
-                    source,
-                };
-                let Channel::Ethernet(mut tx, _rx) =
-                    pnet_datalink::channel(&iface, config).map_err(send_error)?
-                else {
-                    return Err(send_error(std::io::Error::other(
-                        "AF_PACKET channel is not Ethernet",
-                    )));
-                };
-                tx.send_to(&frame, None)
-                    .unwrap_or_else(|| Err(std::io::Error::other("no send buffer")))
-                    .map_err(send_error)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(LabError::SnifferDied("frame sender panicked".into())))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
