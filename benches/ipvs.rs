@@ -22,7 +22,7 @@ use ferrovip::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use ferrovip::dataplane::service::{
     BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
 };
-use ferrovip::lab::vm::{GUEST_BIN_DIR, GuestNetns, IN_VM_ENV, VmImage, VmRun, in_guest};
+use ferrovip_e2e::vm::{GUEST_BIN_DIR, GuestNetns, IN_VM_ENV, VmImage, VmRun, in_guest};
 
 struct Options {
     rounds: usize,

@@ -18,8 +18,8 @@ use ferrovip::dataplane::service::{
     BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
 };
 use ferrovip::dataplane::{ApplyReport, Dataplane};
-use ferrovip::lab::vm::{GuestBridge, GuestNetns, TcpNameServer, tcp_request, tcp_spread};
 use ferrovip::vrrp::Family;
+use ferrovip_e2e::vm::{GuestBridge, GuestNetns, TcpNameServer, tcp_request, tcp_spread};
 use vm::{Case, CaseResult, ensure};
 
 const CASES: &[Case] = &[

@@ -797,8 +797,8 @@ fn ip_json(args: &[&str]) -> Result<serde_json::Value, LabError> {
     })
 }
 
-/// Opens a namespace handle for `setns`.
-pub(crate) fn open_netns(netns: &str) -> Result<File, LabError> {
+/// Opens a handle on network namespace `netns` (a name under `/run/netns`) for `setns`.
+pub fn open_netns(netns: &str) -> Result<File, LabError> {
     let path = Path::new(NETNS_DIR).join(netns);
     File::open(&path).map_err(|source| LabError::Io {
         context: "opening the network namespace",
