@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use ferrovip::dataplane::Dataplane;
 use ferrovip::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
-use ferrovip::lab::vm::{GUEST_BIN_DIR, GuestNetns, IN_VM_ENV, VmImage, VmRun, in_guest};
 use ferrovip::model::service::{
     BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
 };
+use ferrovip_e2e::vm::{GUEST_BIN_DIR, GuestNetns, IN_VM_ENV, VmImage, VmRun, in_guest};
 
 struct Options {
     rounds: usize,

@@ -37,9 +37,10 @@ use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use ferrovip::crd::VirtualIP;
 use ferrovip::lab::{
-    ApiServer, ApiServerOptions, FailoverQuery, Lab, LabSpec, ProcId, Sniffer, log_tail,
-    master_down_interval, masters_since, measure_failover, node_object,
+    FailoverQuery, Lab, LabSpec, ProcId, Sniffer, log_tail, master_down_interval, masters_since,
+    measure_failover,
 };
+use ferrovip_e2e::{ApiServer, ApiServerOptions, node_object};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -161,7 +162,7 @@ fn main() -> anyhow::Result<()> {
     let clock_ticks = clock_ticks_per_second();
     println!(
         "ferrovip Kubernetes-mode benchmark: {NODES} nodes, kube-apiserver {}, VRRPv3 every {} ms, priorities 150 / 140 / 60",
-        ferrovip::lab::apiserver::APISERVER_VERSION,
+        ferrovip_e2e::APISERVER_VERSION,
         INTERVAL.as_millis()
     );
     let mut cluster = Cluster::create()?;
@@ -2029,7 +2030,7 @@ impl Report {
             command,
             nodes: NODES,
             interval_ms: millis(INTERVAL),
-            apiserver: ferrovip::lab::apiserver::APISERVER_VERSION,
+            apiserver: ferrovip_e2e::APISERVER_VERSION,
             targets: Targets {
                 apply_to_answer_ms: millis(APPLY_TARGET),
                 writes_per_node_per_second: WRITES_TARGET_PER_NODE_PER_S,

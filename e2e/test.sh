@@ -39,14 +39,14 @@ export FERROVIP_VM_DIR
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== cargo clippy -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo clippy -D warnings (ferrovip and the test harness crate, e2e/harness)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== CRDs in crds/ match src/crd"
 cargo run --quiet --locked -- crdgen --check crds/ferrovip.io_virtualips.yaml
 
-echo "== unit tests"
-cargo test --locked --lib --bins
+echo "== unit tests (ferrovip, and the harnesses in e2e/harness, whose tests boot the VM)"
+cargo test --locked --workspace --lib --bins
 
 echo "== integration tests (root, network namespaces, keepalived, tshark)"
 # One test at a time: they measure timing and share the two cores.

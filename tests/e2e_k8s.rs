@@ -1,7 +1,7 @@
 //! End-to-end tests of the agent in Kubernetes mode: the real `ferrovip agent` binary in every
 //! node of a lab of network namespaces, each with its node's least-privilege identity
 //! (config/rbac bound to the agents' group), against a real kube-apiserver v1.20 with etcd
-//! (`ferrovip::lab::ApiServer`). Observed four ways: `kubectl` (status, printer columns,
+//! (`ferrovip_e2e::ApiServer`). Observed four ways: `kubectl` (status, printer columns,
 //! Events), a capture on the lab bridge (adverts, gratuitous ARP), the kernel (`ip addr`,
 //! ping) and the agents' JSON transition log lines.
 //!

@@ -1,4 +1,4 @@
-//! The real API server harness (`ferrovip::lab::ApiServer`): kube-apiserver v1.20.2 with etcd,
+//! The real API server harness (`ferrovip_e2e::ApiServer`): kube-apiserver v1.20.2 with etcd,
 //! running in a lab's switch namespace at the bridge address, reached from node namespaces with
 //! per-node token identities limited by the agent's RBAC (config/rbac).
 //!
@@ -13,7 +13,8 @@ use std::process::Output;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ferrovip::lab::{ApiServer, ApiServerOptions, Lab, LabSpec, in_netns};
+use ferrovip::lab::{Lab, LabSpec};
+use ferrovip_e2e::{ApiServer, ApiServerOptions, in_netns};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::events::v1::Event as K8sEvent;

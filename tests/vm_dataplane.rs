@@ -15,11 +15,11 @@ use ferrovip::dataplane::ipvs::client::{IpvsClient, IpvsError, Op};
 use ferrovip::dataplane::ipvs::netlink;
 use ferrovip::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use ferrovip::dataplane::{ApplyReport, Dataplane};
-use ferrovip::lab::vm::{GuestBridge, GuestNetns, TcpNameServer, tcp_request, tcp_spread};
 use ferrovip::model::service::{
     BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
 };
 use ferrovip::vocab::Family;
+use ferrovip_e2e::vm::{GuestBridge, GuestNetns, TcpNameServer, tcp_request, tcp_spread};
 use vm::{Case, CaseResult, ensure};
 
 const CASES: &[Case] = &[

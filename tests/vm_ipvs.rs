@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ferrovip::lab::vm::{GuestBridge, GuestNetns, TcpNameServer, tcp_request, tcp_spread};
+use ferrovip_e2e::vm::{GuestBridge, GuestNetns, TcpNameServer, tcp_request, tcp_spread};
 use vm::{Case, CaseResult, ensure};
 
 const CASES: &[Case] = &[

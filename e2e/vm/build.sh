@@ -2,7 +2,8 @@
 # Builds the qemu image that runs ferrovip's IPVS tests on a real Debian kernel (this host's
 # kernel has no IPVS): the newest linux-image-6.1.0-*-cloud-amd64 from Debian, and a base
 # initramfs with busybox, the network modules, ipvsadm, iproute2, nft and strace. Each test
-# run appends its own small cpio archive (binaries, command) to base.cpio; see src/lab/vm.rs.
+# run appends its own small cpio archive (binaries, command) to base.cpio; see
+# e2e/harness/src/vm.rs.
 #
 # Cached under ~/.cache/ferrovip/vm-<kernel version>-<harness revision>/ (vmlinuz, base.cpio,
 # a `ready` stamp); a second run only checks the packages. Prints that directory on stdout;

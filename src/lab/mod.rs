@@ -15,13 +15,15 @@
 //! `ip` binary from iproute2 because it is the harness, not the agent; it is the only program
 //! the lab itself runs (sysctls are written through /proc/sys, pings are the lab's own ICMP
 //! echo), and [`Lab::create`] says which package to install when it is missing.
+//!
+//! The harnesses only tests and benchmarks use (a real kube-apiserver, a qemu VM with IPVS)
+//! are not here but in the dev-only crate `ferrovip-e2e` (`e2e/harness`), so release builds
+//! do not compile them.
 
-pub mod apiserver;
 pub mod measure;
 pub mod netns;
 pub mod run;
 pub mod sniffer;
-pub mod vm;
 pub mod wire;
 
 #[cfg(test)]
@@ -31,10 +33,6 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-pub use apiserver::{
-    AGENT_GROUP, ApiServer, ApiServerError, ApiServerOptions, in_netns, node_object,
-    node_ready_condition, node_user,
-};
 pub use measure::{
     Failover, FailoverQuery, Preemption, analyze_failover, analyze_preemption, current_master,
     master_down_interval, masters_since, measure_failover, measure_failover_async, skew_time,

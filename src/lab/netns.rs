@@ -1014,8 +1014,8 @@ fn is_echo_reply(message: &[u8], reply: u8, identifier: u16, sequence: u16) -> b
         && message[6..8] == sequence.to_be_bytes()
 }
 
-/// Opens a namespace handle for `setns`.
-pub(crate) fn open_netns(netns: &str) -> Result<File, LabError> {
+/// Opens a handle on network namespace `netns` (a name under `/run/netns`) for `setns`.
+pub fn open_netns(netns: &str) -> Result<File, LabError> {
     let path = Path::new(NETNS_DIR).join(netns);
     File::open(&path).map_err(|source| LabError::Io {
         context: "opening the network namespace",

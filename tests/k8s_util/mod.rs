@@ -13,10 +13,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ferrovip::lab::{
-    ApiServer, ApiServerOptions, Lab, LabSpec, NodeInfo, ProcId, Sniffer, log_tail, masters_since,
-    node_object, node_ready_condition,
-};
+use ferrovip::lab::{Lab, LabSpec, NodeInfo, ProcId, Sniffer, log_tail, masters_since};
+use ferrovip_e2e::{ApiServer, ApiServerOptions, node_object, node_ready_condition};
 use futures::StreamExt;
 use kube::api::WatchParams;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, WatchEvent};

@@ -16,7 +16,7 @@ use std::error::Error;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ferrovip::lab::vm::{GUEST_BIN_DIR, VmImage, VmRun, in_guest};
+use ferrovip_e2e::vm::{GUEST_BIN_DIR, VmImage, VmRun, in_guest};
 
 /// What a case returns: any error, or a message (`Err("...".into())`).
 pub type CaseError = Box<dyn Error + Send + Sync>;
@@ -140,7 +140,7 @@ fn run_host(filters: &[String]) -> ExitCode {
     }
 }
 
-fn boot(filters: &[String]) -> Result<ferrovip::lab::vm::VmOutput, Box<dyn Error>> {
+fn boot(filters: &[String]) -> Result<ferrovip_e2e::vm::VmOutput, Box<dyn Error>> {
     let image = VmImage::locate()?;
     let me = std::env::current_exe()?;
     let name = me

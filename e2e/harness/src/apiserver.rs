@@ -34,8 +34,8 @@ use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use super::LabError;
-use super::netns::{log_tail, open_netns};
+use ferrovip::lab::LabError;
+use ferrovip::lab::netns::{NodeInfo, log_tail, open_netns};
 
 /// The Kubernetes version [`ApiServer`] runs.
 pub const APISERVER_VERSION: &str = "v1.20.2-ferrovip1";
@@ -60,10 +60,9 @@ const LOG_TAIL_LINES: usize = 30;
 
 static SERVER_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
 
-/// The user name of node `node`'s identity: `ferrovip:<node>`, in group [`AGENT_GROUP`].
 /// The Node object of a lab node as a kubelet would register it: Ready, with its address as
 /// InternalIP (what `unicastPeers: auto` uses).
-pub fn node_object(node: &super::netns::NodeInfo) -> serde_json::Value {
+pub fn node_object(node: &NodeInfo) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -89,6 +88,7 @@ pub fn node_ready_condition(ready: bool) -> serde_json::Value {
     })
 }
 
+/// The user name of node `node`'s identity: `ferrovip:<node>`, in group [`AGENT_GROUP`].
 pub fn node_user(node: &str) -> String {
     format!("ferrovip:{node}")
 }
@@ -176,7 +176,7 @@ impl From<LabError> for ApiServerError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiServerOptions {
     /// Run etcd and kube-apiserver inside this network namespace (e.g.
-    /// [`super::Lab::switch_netns`]); `None` runs them where the caller runs.
+    /// [`ferrovip::lab::Lab::switch_netns`]); `None` runs them where the caller runs.
     pub netns: Option<String>,
     /// Address to serve on; also the advertised address and the one in every kubeconfig.
     /// An unspecified address serves on all interfaces and advertises loopback.

@@ -256,7 +256,7 @@ impl VmOutput {
 /// One boot of the image with files added and a shell command to run.
 ///
 /// ```no_run
-/// # use ferrovip::lab::vm::{VmImage, VmRun, VmError};
+/// # use ferrovip_e2e::vm::{VmImage, VmRun, VmError};
 /// # fn main() -> Result<(), VmError> {
 /// let image = VmImage::locate()?;
 /// let out = VmRun::new(&image).run("ipvsadm -Ln")?;
