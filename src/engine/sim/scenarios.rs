@@ -68,6 +68,14 @@ fn joining(configs: impl IntoIterator<Item = Config>, at: Duration) -> Lan {
     lan
 }
 
+/// A router that does not preempt a lower-priority master.
+fn patient(last: u8, priority: u8) -> Config {
+    Config {
+        preempt: false,
+        ..router(last, priority)
+    }
+}
+
 fn lan_of(configs: impl IntoIterator<Item = Config>) -> Lan {
     let mut lan = Lan::new(LATENCY);
     for config in configs {
@@ -239,16 +247,7 @@ fn higher_priority_backup_preempts() {
 
 #[test]
 fn higher_priority_backup_without_preemption_waits_for_a_failure() {
-    let mut lan = joining(
-        [
-            router(1, 100),
-            Config {
-                preempt: false,
-                ..router(2, 200)
-            },
-        ],
-        ms(1000),
-    );
+    let mut lan = joining([router(1, 100), patient(2, 200)], ms(1000));
     lan.run_until(ms(10_000));
     assert_sole_master(&lan, 0);
     assert_eq!(lan.instance(1).counters().discarded_lower_priority, 0);
@@ -480,13 +479,7 @@ fn lowering_the_master_moves_mastership_to_a_preempting_backup() {
 
 #[test]
 fn lowering_the_master_changes_nothing_without_preemption() {
-    let mut lan = started([
-        router(1, 200),
-        Config {
-            preempt: false,
-            ..router(2, 100)
-        },
-    ]);
+    let mut lan = started([router(1, 200), patient(2, 100)]);
     lan.run_until(ms(2000));
     lan.input(0, Input::SetPriority(50));
     lan.run_until(ms(5000));
@@ -495,16 +488,7 @@ fn lowering_the_master_changes_nothing_without_preemption() {
 
 #[test]
 fn owner_takes_over_at_once_and_never_yields_to_lower() {
-    let mut lan = joining(
-        [
-            router(1, 100),
-            Config {
-                preempt: false,
-                ..router(2, 255)
-            },
-        ],
-        ms(1000),
-    );
+    let mut lan = joining([router(1, 100), patient(2, 255)], ms(1000));
     assert_eq!(became_master(&lan, 1), vec![(ms(1000), Reason::Owner)]);
     lan.run_until(ms(2000));
     assert_eq!(
