@@ -681,3 +681,79 @@ async fn run_effects(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::vocab::{ChecksumMode, Version};
+
+    const SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+
+    /// An encoded advertisement as a socket would hand it over, after `offset` bytes.
+    fn datagram(ttl: u8, offset: usize) -> (Received, Vec<u8>) {
+        let advertisement = Advertisement {
+            version: Version::V3,
+            vrid: 7,
+            priority: 200,
+            interval: 10,
+            addresses: vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 100))],
+        };
+        let group = crate::vrrp::group(Family::V4);
+        let mut buf = vec![0u8; offset];
+        advertisement
+            .encode_into(SOURCE, group, ChecksumMode::PseudoHeader, &mut buf)
+            .unwrap();
+        let received = Received {
+            source: SOURCE,
+            destination: group,
+            ttl,
+            offset,
+            len: buf.len() - offset,
+        };
+        (received, buf)
+    }
+
+    fn dropped(stats: &Stats, label: &str) -> u64 {
+        stats
+            .dropped()
+            .into_iter()
+            .find(|(l, _)| *l == label)
+            .unwrap()
+            .1
+    }
+
+    #[test]
+    fn accepted_datagrams_are_decoded_from_their_offset() {
+        let stats = Stats::default();
+        let (received, buf) = datagram(255, 20);
+        let incoming = accept(&Arc::from("eth0"), Family::V4, Ok(received), &buf, &stats).unwrap();
+        assert_eq!(&*incoming.interface, "eth0");
+        assert_eq!(incoming.source, SOURCE);
+        assert_eq!(incoming.advertisement.vrid, 7);
+        assert_eq!(incoming.advertisement.priority, 200);
+        assert_eq!(stats.received.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_datagram_that_crossed_a_router_is_dropped_before_decoding() {
+        let stats = Stats::default();
+        let (received, buf) = datagram(254, 0);
+        assert!(accept(&Arc::from("eth0"), Family::V4, Ok(received), &buf, &stats).is_none());
+        assert_eq!(dropped(&stats, "ttl"), 1);
+        assert_eq!(dropped(&stats, "decode"), 0);
+    }
+
+    #[test]
+    fn a_corrupt_datagram_or_a_receive_error_counts_as_a_decode_drop() {
+        let stats = Stats::default();
+        let (received, mut buf) = datagram(255, 0);
+        *buf.last_mut().unwrap() ^= 0xff;
+        assert!(accept(&Arc::from("eth0"), Family::V4, Ok(received), &buf, &stats).is_none());
+        let error = SocketError::Receive(std::io::Error::other("boom"));
+        assert!(accept(&Arc::from("eth0"), Family::V4, Err(error), &buf, &stats).is_none());
+        assert_eq!(dropped(&stats, "decode"), 2);
+        assert_eq!(stats.received.load(Ordering::Relaxed), 1);
+    }
+}
