@@ -733,8 +733,10 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
     labels_ok && expressions_ok
 }
 
-/// `base` plus the weights of the preferred-node entries naming `node`, clamped to 1-254.
-pub fn priority_for(node: &str, base: i64, preferred: &[(String, i64)]) -> (u8, Vec<String>) {
+/// `base` plus the weights of the preferred-node entries naming `node`, clamped to 1-254 (the
+/// health-free part of what `plan` computes; the tests state the rule through it).
+#[cfg(test)]
+fn priority_for(node: &str, base: i64, preferred: &[(String, i64)]) -> (u8, Vec<String>) {
     let (total, reasons) = unclamped_priority(node, base, preferred);
     clamp_priority(total, reasons)
 }
