@@ -96,7 +96,7 @@ impl Config {
             return Err(ConfigError::NoAddresses);
         }
         let family = self.family();
-        if self.version == Version::V2 && family == Family::V6 {
+        if !self.version.carries(family) {
             return Err(ConfigError::V2IsIpv4Only);
         }
         if let Some(address) = self

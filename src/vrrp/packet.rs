@@ -48,10 +48,6 @@ const FIXED_HEADER_LEN: usize = 8;
 const V2_AUTH_DATA_LEN: usize = 8;
 const TYPE_ADVERTISEMENT: u8 = 1;
 const V2_AUTH_NONE: u8 = 0;
-/// v3 Max Adver Int is 12 bits of centiseconds.
-const V3_MAX_INTERVAL: u16 = 0x0fff;
-/// v2 Adver Int is one byte of seconds.
-const V2_MAX_INTERVAL: u16 = 0xff;
 /// The count field is one byte.
 const MAX_ADDRESSES: usize = 255;
 const CHECKSUM_OFFSET: usize = 6;
@@ -255,10 +251,7 @@ fn fold(mut acc: u64) -> u16 {
 impl Advertisement {
     /// The advertisement interval as a duration (centiseconds in v3, seconds in v2).
     pub fn interval_duration(&self) -> Duration {
-        match self.version {
-            Version::V3 => Duration::from_millis(u64::from(self.interval) * 10),
-            Version::V2 => Duration::from_secs(u64::from(self.interval)),
-        }
+        self.version.interval_from_wire(self.interval)
     }
 
     /// The family of the first address, `None` when there are none.
@@ -361,12 +354,12 @@ impl Advertisement {
                 src: Family::of(&src),
                 dst: Family::of(&dst),
             })?;
-        let max = match (self.version, family) {
-            (Version::V2, Family::V6) => return Err(EncodeError::V2OverIpv6),
-            (Version::V2, Family::V4) => V2_MAX_INTERVAL,
-            (Version::V3, _) => V3_MAX_INTERVAL,
-        };
-        if self.interval == 0 || self.interval > max {
+        if !self.version.carries(family) {
+            return Err(EncodeError::V2OverIpv6);
+        }
+        let wire = self.version.wire_intervals();
+        let max = *wire.end();
+        if !wire.contains(&self.interval) {
             return Err(EncodeError::IntervalOutOfRange {
                 version: self.version,
                 interval: self.interval,
