@@ -79,14 +79,12 @@ impl CheckKind {
     }
 }
 
-/// A rule that a [`CheckSpec`] breaks.
+/// A rule that a [`CheckSpec`] breaks: `field` (named as in the resource, e.g.
+/// `expectStatus`) and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckProblem {
-    /// `field` (named as in the resource, e.g. `expectStatus`) breaks a rule.
-    Invalid {
-        field: &'static str,
-        reason: &'static str,
-    },
+pub struct CheckProblem {
+    pub field: &'static str,
+    pub reason: &'static str,
 }
 
 impl CheckSpec {
@@ -95,7 +93,7 @@ impl CheckSpec {
     /// break or inject into the request. A spec built by [`crate::crd::VirtualIPSpec::validate`]
     /// breaks none.
     pub fn problem(&self) -> Option<CheckProblem> {
-        let invalid = |field, reason| Some(CheckProblem::Invalid { field, reason });
+        let invalid = |field, reason| Some(CheckProblem { field, reason });
         if self.name.is_empty() {
             return invalid("name", "must not be empty");
         }
@@ -487,7 +485,7 @@ mod tests {
         assert_eq!(spec(http(true, None)).problem(), None);
         assert_eq!(
             spec(http(false, Some(200..=600))).problem(),
-            Some(CheckProblem::Invalid {
+            Some(CheckProblem {
                 field: "expectStatus",
                 reason: "must be a non-empty range within 100-599"
             })

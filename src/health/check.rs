@@ -36,7 +36,7 @@ impl fmt::Display for CheckKey {
 pub fn validate(spec: &CheckSpec) -> Result<(), HealthError> {
     match spec.problem() {
         None => Ok(()),
-        Some(CheckProblem::Invalid { field, reason }) => Err(HealthError::InvalidSpec {
+        Some(CheckProblem { field, reason }) => Err(HealthError::InvalidSpec {
             check: spec.name.clone(),
             field,
             reason,
