@@ -873,34 +873,55 @@ fn on_thread_in<T: Send>(
 /// tests that play a VRRP peer or inject a rogue announcement.
 fn send_frame(netns: &str, interface: &str, ifindex: u32, frame: &[u8]) -> Result<(), LabError> {
     on_thread_in(netns, || {
-        let iface = pnet_datalink::NetworkInterface {
-            name: interface.to_owned(),
-            description: String::new(),
-            index: ifindex,
-            mac: None,
-            ips: Vec::new(),
-            flags: 0,
-        };
         let config = pnet_datalink::Config {
             promiscuous: false,
             ..pnet_datalink::Config::default()
         };
-        let send_error = |source| LabError::PacketSocket {
-            netns: netns.to_owned(),
-            interface: interface.to_owned(),
-            source,
-        };
-        let pnet_datalink::Channel::Ethernet(mut tx, _rx) =
-            pnet_datalink::channel(&iface, config).map_err(send_error)?
-        else {
-            return Err(send_error(std::io::Error::other(
-                "AF_PACKET channel is not Ethernet",
-            )));
-        };
+        let (mut tx, _rx) = ethernet_channel(netns, interface, ifindex, config)?;
         tx.send_to(frame, None)
             .unwrap_or_else(|| Err(std::io::Error::other("no send buffer")))
-            .map_err(send_error)
+            .map_err(|source| LabError::PacketSocket {
+                netns: netns.to_owned(),
+                interface: interface.to_owned(),
+                source,
+            })
     })
+}
+
+/// The sending and receiving halves of an AF_PACKET channel.
+pub(crate) type EthernetChannel = (
+    Box<dyn pnet_datalink::DataLinkSender>,
+    Box<dyn pnet_datalink::DataLinkReceiver>,
+);
+
+/// An AF_PACKET channel on `interface` (index `ifindex`) of the namespace the calling thread
+/// is in (`netns` names it in errors). The interface is described by hand: pnet's interface
+/// listing would need the namespace's /sys, and only the index matters for binding.
+pub(crate) fn ethernet_channel(
+    netns: &str,
+    interface: &str,
+    ifindex: u32,
+    config: pnet_datalink::Config,
+) -> Result<EthernetChannel, LabError> {
+    let iface = pnet_datalink::NetworkInterface {
+        name: interface.to_owned(),
+        description: String::new(),
+        index: ifindex,
+        mac: None,
+        ips: Vec::new(),
+        flags: 0,
+    };
+    let error = |source| LabError::PacketSocket {
+        netns: netns.to_owned(),
+        interface: interface.to_owned(),
+        source,
+    };
+    match pnet_datalink::channel(&iface, config).map_err(error)? {
+        pnet_datalink::Channel::Ethernet(tx, rx) => Ok((tx, rx)),
+        _ => Err(error(std::io::Error::other(
+            "AF_PACKET channel is not Ethernet",
+        ))),
+    }
 }
 
 const ICMP_ECHO_REPLY: u8 = 0;

@@ -13,9 +13,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
-use pnet_datalink::{Channel, Config, NetworkInterface};
+use pnet_datalink::Config;
 
-use super::netns::open_netns;
+use super::netns::{ethernet_channel, open_netns};
 use super::wire::{Event, parse_frame};
 use super::{Lab, LabError};
 
@@ -271,33 +271,14 @@ fn open_capture(
         netns: netns.to_owned(),
         source,
     })?;
-    // Built by hand: pnet's interface listing would need the namespace's /sys, and only
-    // the index matters for binding.
-    let iface = NetworkInterface {
-        name: interface.to_owned(),
-        description: String::new(),
-        index: ifindex,
-        mac: None,
-        ips: Vec::new(),
-        flags: 0,
-    };
     let config = Config {
         read_timeout: Some(READ_TIMEOUT),
         // Unicast between two nodes does not reach br0 itself otherwise.
         promiscuous: true,
         ..Config::default()
     };
-    let capture_error = |source| LabError::PacketSocket {
-        netns: netns.to_owned(),
-        interface: interface.to_owned(),
-        source,
-    };
-    match pnet_datalink::channel(&iface, config).map_err(capture_error)? {
-        Channel::Ethernet(_tx, rx) => Ok(rx),
-        _ => Err(capture_error(std::io::Error::other(
-            "AF_PACKET channel is not Ethernet",
-        ))),
-    }
+    let (_tx, rx) = ethernet_channel(netns, interface, ifindex, config)?;
+    Ok(rx)
 }
 
 #[cfg(test)]
