@@ -1,6 +1,7 @@
 //! Where VirtualIPs come from: manifest files ([`files`], standalone mode) or the API server
 //! ([`cluster`], Kubernetes mode). Both produce the same [`Snapshot`] for the planner.
 
+pub mod cache;
 pub mod cluster;
 pub mod files;
 

@@ -385,6 +385,7 @@ impl K8sLab {
         let name = self.name(i).to_owned();
         let starts = self.history.iter().filter(|(n, _)| *n == i).count();
         let kubeconfig = format!("KUBECONFIG={}", self.api.node_kubeconfig(&name).display());
+        let state_dir = self.state_dir(i).display().to_string();
         let id = self
             .lab
             .spawn(
@@ -399,6 +400,9 @@ impl K8sLab {
                     "agent",
                     "--node-name",
                     &name,
+                    // Per node (one host, one /run): the saved cluster snapshot above all.
+                    "--state-dir",
+                    &state_dir,
                 ],
                 format!("{name}.{}.log", starts + 1),
             )
@@ -423,6 +427,11 @@ impl K8sLab {
         self.wait_log(i, "the first list", Duration::from_secs(20), |l| {
             l["message"] == "cluster state listed"
         });
+    }
+
+    /// Node `i`'s state directory (kept across its agent's restarts).
+    pub fn state_dir(&self, i: usize) -> std::path::PathBuf {
+        self.lab.dir().join(format!("state-{}", self.name(i)))
     }
 
     fn agent(&self, i: usize) -> ProcId {
