@@ -18,7 +18,7 @@ use kube::api::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::crd::{ServiceRef, VirtualIP};
+use crate::crd::{ServiceRef, VirtualIP, VirtualIPSpec};
 use crate::model::{Completeness, LocalFacts, NodeFacts, ServiceEndpoints, Snapshot};
 
 /// Bumped whenever the file's meaning changes; other versions are ignored.
@@ -89,12 +89,19 @@ struct CacheFile {
 #[serde(rename_all = "camelCase")]
 struct ClusterFacts {
     /// Names and specs only, in precedence order.
-    virtual_ips: Vec<VirtualIP>,
+    virtual_ips: Vec<NamedSpec>,
     nodes: BTreeMap<String, NodeFacts>,
     services: BTreeSet<ServiceRef>,
     service_endpoints: Vec<(ServiceRef, ServiceEndpoints)>,
     local_ready_endpoints: Vec<(ServiceRef, usize)>,
     endpoints_known: bool,
+}
+
+/// A VirtualIP as the planner reads it: its name and spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct NamedSpec {
+    name: Option<String>,
+    spec: VirtualIPSpec,
 }
 
 impl ClusterFacts {
@@ -103,13 +110,9 @@ impl ClusterFacts {
             virtual_ips: snapshot
                 .virtual_ips
                 .iter()
-                .map(|v| VirtualIP {
-                    metadata: ObjectMeta {
-                        name: v.metadata.name.clone(),
-                        ..ObjectMeta::default()
-                    },
+                .map(|v| NamedSpec {
+                    name: v.metadata.name.clone(),
                     spec: v.spec.clone(),
-                    status: None,
                 })
                 .collect(),
             nodes: snapshot.nodes.clone(),
@@ -131,7 +134,18 @@ impl ClusterFacts {
 
     fn into_snapshot(self) -> Snapshot {
         Snapshot {
-            virtual_ips: self.virtual_ips,
+            virtual_ips: self
+                .virtual_ips
+                .into_iter()
+                .map(|v| VirtualIP {
+                    metadata: ObjectMeta {
+                        name: v.name,
+                        ..ObjectMeta::default()
+                    },
+                    spec: v.spec,
+                    status: None,
+                })
+                .collect(),
             cluster: true,
             nodes: self.nodes,
             local: LocalFacts {

@@ -148,39 +148,7 @@ impl ClusterSource {
             Api::<Service>::all(client.clone()),
             flags(&listed.services, None),
         );
-        let slices = match client
-            .list_api_group_resources("discovery.k8s.io/v1beta1")
-            .await
-        {
-            // Kubernetes 1.19/1.20 serve EndpointSlices only as v1beta1, whose fields the
-            // agent reads (addresses, conditions, nodeName, ports) are those of v1.
-            Ok(list)
-                if list.resources.iter().any(|r| r.name == "endpointslices")
-                    && client
-                        .list_api_group_resources("discovery.k8s.io/v1")
-                        .await
-                        .is_err() =>
-            {
-                info!(
-                    "the API server serves EndpointSlice discovery.k8s.io/v1beta1 only: using it"
-                );
-                Slices::V1beta1(spawn_dynamic_reflector(
-                    client,
-                    ApiResource {
-                        group: "discovery.k8s.io".into(),
-                        version: "v1beta1".into(),
-                        api_version: "discovery.k8s.io/v1beta1".into(),
-                        kind: "EndpointSlice".into(),
-                        plural: "endpointslices".into(),
-                    },
-                    flags(&listed.slices, Some(endpoints_known.clone())),
-                ))
-            }
-            _ => Slices::V1(spawn_optional_reflector(
-                Api::<EndpointSlice>::all(client),
-                flags(&listed.slices, Some(endpoints_known.clone())),
-            )),
-        };
+        let slices = spawn_slices(client, flags(&listed.slices, Some(endpoints_known.clone())));
         let mut cache = cache.map(|path| SnapshotCache::new(path, node.clone()));
         let cached = match cache.as_mut().map(SnapshotCache::load) {
             Some(Ok(Some(cached))) => Some(cached),
@@ -381,53 +349,134 @@ impl ClusterSource {
     }
 }
 
-/// The EndpointSlice store, in the version the API server serves.
-enum Slices {
-    V1(Store<EndpointSlice>),
-    V1beta1(Store<DynamicObject>),
+/// The EndpointSlice stores: one per version, only the one the API server serves is filled.
+struct Slices {
+    v1: Store<EndpointSlice>,
+    v1beta1: Store<DynamicObject>,
 }
 
 impl Slices {
     fn state(&self) -> Vec<Arc<EndpointSlice>> {
-        match self {
-            Slices::V1(store) => store.state(),
-            Slices::V1beta1(store) => store
-                .state()
-                .iter()
-                .filter_map(|o| {
-                    let mut value = serde_json::to_value(&**o).ok()?;
-                    value["apiVersion"] = "discovery.k8s.io/v1".into();
-                    // v1beta1 names the node in `topology` (its `nodeName` is feature-gated).
-                    for e in value["endpoints"].as_array_mut().into_iter().flatten() {
-                        if e.get("nodeName").is_none()
-                            && let Some(host) = e["topology"]["kubernetes.io/hostname"].as_str()
-                        {
-                            e["nodeName"] = host.to_string().into();
-                        }
-                    }
-                    serde_json::from_value(value).ok().map(Arc::new)
-                })
-                .collect(),
-        }
+        let mut slices = self.v1.state();
+        slices.extend(self.v1beta1.state().iter().filter_map(|o| {
+            let mut value = serde_json::to_value(&**o).ok()?;
+            value["apiVersion"] = "discovery.k8s.io/v1".into();
+            // v1beta1 names the node in `topology` (its `nodeName` is feature-gated).
+            for e in value["endpoints"].as_array_mut().into_iter().flatten() {
+                if e.get("nodeName").is_none()
+                    && let Some(host) = e["topology"]["kubernetes.io/hostname"].as_str()
+                {
+                    e["nodeName"] = host.to_string().into();
+                }
+            }
+            serde_json::from_value(value).ok().map(Arc::new)
+        }));
+        slices
     }
 }
 
-/// A reflector for a resource known only at run time (EndpointSlice v1beta1).
-fn spawn_dynamic_reflector(
-    client: Client,
-    resource: ApiResource,
-    flags: Flags,
-) -> Store<DynamicObject> {
-    let api = Api::<DynamicObject>::all_with(client, &resource);
-    let writer = reflector::store::Writer::new(resource);
-    let reader = writer.as_reader();
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(slim::<DynamicObject>),
-    )
-    .default_backoff();
-    tokio::spawn(drive(stream, flags, "EndpointSlice"));
-    reader
+/// Which EndpointSlice version the API server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SliceVersion {
+    V1,
+    /// Kubernetes 1.19/1.20 serve EndpointSlices only as v1beta1, whose fields the agent
+    /// reads (addresses, conditions, nodeName, ports) are those of v1.
+    V1beta1,
+}
+
+/// The served EndpointSlice version (`None`: neither), or why the server could not tell.
+async fn slice_version(client: &Client) -> Result<Option<SliceVersion>, kube::Error> {
+    for (group, version) in [
+        ("discovery.k8s.io/v1", SliceVersion::V1),
+        ("discovery.k8s.io/v1beta1", SliceVersion::V1beta1),
+    ] {
+        match client.list_api_group_resources(group).await {
+            Ok(list) if list.resources.iter().any(|r| r.name == "endpointslices") => {
+                return Ok(Some(version));
+            }
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// How often a resource the API server does not serve is looked for again.
+const UNSERVED_RECHECK: Duration = Duration::from_secs(300);
+/// Retries of the version discovery while the server cannot be reached.
+const DISCOVERY_RETRY: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(500)..=Duration::from_secs(30);
+
+/// The EndpointSlice reflector, in the version the server serves. Which one is found out
+/// first, retried while the server is unreachable (an agent started during an outage must
+/// not settle on the wrong version), and rechecked now and then while neither is served
+/// (that it is not served counts as listed: the planner then knows no local endpoints).
+fn spawn_slices(client: Client, flags: Flags) -> Slices {
+    let (v1, v1_writer) = reflector::store();
+    let resource = ApiResource {
+        group: "discovery.k8s.io".into(),
+        version: "v1beta1".into(),
+        api_version: "discovery.k8s.io/v1beta1".into(),
+        kind: "EndpointSlice".into(),
+        plural: "endpointslices".into(),
+    };
+    let v1beta1_writer = reflector::store::Writer::new(resource.clone());
+    let v1beta1 = v1beta1_writer.as_reader();
+    tokio::spawn(async move {
+        let mut warned = false;
+        let mut retry = *DISCOVERY_RETRY.start();
+        let version = loop {
+            match slice_version(&client).await {
+                Ok(Some(version)) => break version,
+                Ok(None) => {
+                    if !warned {
+                        warn!(
+                            "the API server serves no EndpointSlices (discovery.k8s.io/v1 needs Kubernetes 1.21+, v1beta1 1.17+); local endpoint health and serviceRef backends are not used"
+                        );
+                        warned = true;
+                        flags.listed.store(true, Ordering::Relaxed);
+                        flags.changed.send_modify(|g| *g += 1);
+                    }
+                    tokio::time::sleep(UNSERVED_RECHECK).await;
+                }
+                Err(e) => {
+                    if !flags.listed.load(Ordering::Relaxed)
+                        && !flags.failed.swap(true, Ordering::Relaxed)
+                    {
+                        flags.changed.send_modify(|g| *g += 1);
+                    }
+                    debug!(error = %e, "cannot tell which EndpointSlice version is served; retrying");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(*DISCOVERY_RETRY.end());
+                }
+            }
+        };
+        match version {
+            SliceVersion::V1 => {
+                let api = Api::<EndpointSlice>::all(client);
+                let stream = reflector::reflector(
+                    v1_writer,
+                    watcher(api, watcher::Config::default()).modify(slim::<EndpointSlice>),
+                )
+                .default_backoff();
+                drive(stream, flags, "EndpointSlice").await;
+            }
+            SliceVersion::V1beta1 => {
+                info!(
+                    "the API server serves EndpointSlice discovery.k8s.io/v1beta1 only: using it"
+                );
+                let api = Api::<DynamicObject>::all_with(client, &resource);
+                let stream = reflector::reflector(
+                    v1beta1_writer,
+                    watcher(api, watcher::Config::default()).modify(slim::<DynamicObject>),
+                )
+                .default_backoff();
+                drive(stream, flags, "EndpointSlice").await;
+            }
+        }
+    });
+    Slices { v1, v1beta1 }
 }
 
 /// Runs one reflector in its own task; every applied change wakes the planner.
@@ -460,58 +509,6 @@ fn slim<K: Resource + 'static>(object: &mut K) {
     {
         status.images = None;
     }
-}
-
-/// How often a resource the API server does not serve is looked for again.
-const UNSERVED_RECHECK: Duration = Duration::from_secs(300);
-
-/// A reflector for a resource the API server may not serve (EndpointSlice v1 before 1.21):
-/// it starts once a probe finds the resource, instead of re-listing a 404 every second.
-fn spawn_optional_reflector<K>(api: Api<K>, flags: Flags) -> Store<K>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (reader, writer) = reflector::store();
-    let kind = std::any::type_name::<K>();
-    tokio::spawn(async move {
-        let mut warned = false;
-        loop {
-            match api
-                .list_metadata(&kube::api::ListParams::default().limit(1))
-                .await
-            {
-                Err(kube::Error::Api(status)) if status.code == 404 => {
-                    if !warned {
-                        warn!(
-                            kind = kind.rsplit("::").next().unwrap_or(kind),
-                            "the API server does not serve this resource (EndpointSlice discovery.k8s.io/v1 needs Kubernetes 1.21+); local endpoint health is not used"
-                        );
-                        warned = true;
-                        // That it is not served is all there is to list.
-                        flags.listed.store(true, Ordering::Relaxed);
-                        flags.changed.send_modify(|g| *g += 1);
-                    }
-                    tokio::time::sleep(UNSERVED_RECHECK).await;
-                }
-                // Served, or the server is unreachable: the watcher's own backoff takes over.
-                Ok(_) => break,
-                Err(_) => {
-                    if !flags.failed.swap(true, Ordering::Relaxed) {
-                        flags.changed.send_modify(|g| *g += 1);
-                    }
-                    break;
-                }
-            }
-        }
-        let stream = reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default()).modify(slim::<K>),
-        )
-        .default_backoff();
-        drive(stream, flags, kind).await;
-    });
-    reader
 }
 
 async fn drive<S, K>(stream: S, flags: Flags, kind: &'static str)
