@@ -190,9 +190,12 @@ impl Agent {
                     .cluster_snapshot
                     .clone()
                     .unwrap_or_else(|| args.state_dir.join(crate::source::cache::CACHE_FILE));
-                let cluster =
-                    ClusterSource::start(client.clone(), args.node_name.clone(), Some(snapshot_file))
-                        .await;
+                let cluster = ClusterSource::start(
+                    client.clone(),
+                    args.node_name.clone(),
+                    Some(snapshot_file),
+                )
+                .await;
                 tokio::spawn(write_status(
                     StatusWriter::new(client, args.node_name.clone()),
                     cluster.clone_stores(),

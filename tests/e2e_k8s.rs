@@ -1206,9 +1206,12 @@ fn e2e_k8s_restarts_during_an_api_outage_rejoin_from_the_saved_snapshot() {
     c.wait_exit(2);
     c.start_agent(2);
     c.wait_listed(2);
-    let first = c.wait_log(2, "the dataplane's first plan", Duration::from_secs(10), |l| {
-        l["message"] == first_plan
-    });
+    let first = c.wait_log(
+        2,
+        "the dataplane's first plan",
+        Duration::from_secs(10),
+        |l| l["message"] == first_plan,
+    );
     assert_eq!(
         (first["services"].as_u64(), first["backends"].as_u64()),
         (Some(1), Some(2)),
@@ -1241,7 +1244,12 @@ fn e2e_k8s_restarts_during_an_api_outage_rejoin_from_the_saved_snapshot() {
         c.wait_exit(i);
         let started = Instant::now();
         c.start_agent(i);
-        let line = c.wait_log(i, "the start from the snapshot", Duration::from_secs(10), saved_snapshot);
+        let line = c.wait_log(
+            i,
+            "the start from the snapshot",
+            Duration::from_secs(10),
+            saved_snapshot,
+        );
         let want = if i == 0 { "MASTER" } else { "BACKUP" };
         c.wait_log(i, want, Duration::from_secs(10), |l| {
             l["event"] == "transition" && l["to"] == want
@@ -1254,9 +1262,12 @@ fn e2e_k8s_restarts_during_an_api_outage_rejoin_from_the_saved_snapshot() {
             line["nodes"],
             ms(started.elapsed())
         );
-        let first = c.wait_log(i, "the dataplane's first plan", Duration::from_secs(5), |l| {
-            l["message"] == first_plan
-        });
+        let first = c.wait_log(
+            i,
+            "the dataplane's first plan",
+            Duration::from_secs(5),
+            |l| l["message"] == first_plan,
+        );
         assert_eq!(
             (first["services"].as_u64(), first["backends"].as_u64()),
             (Some(1), Some(2)),
@@ -1283,11 +1294,17 @@ fn e2e_k8s_restarts_during_an_api_outage_rejoin_from_the_saved_snapshot() {
         Duration::from_secs(30),
         led_by_node_a_of_three,
     );
-    eprintln!("status written again {} after the API server returned", ms(took));
+    eprintln!(
+        "status written again {} after the API server returned",
+        ms(took)
+    );
     for i in [0, 1] {
-        c.wait_log(i, "the switch to the stores", Duration::from_secs(30), |l| {
-            l["message"] == "cluster state listed"
-        });
+        c.wait_log(
+            i,
+            "the switch to the stores",
+            Duration::from_secs(30),
+            |l| l["message"] == "cluster state listed",
+        );
     }
     std::thread::sleep(Duration::from_secs(2));
     for (i, log) in settled.iter().enumerate() {
@@ -1315,7 +1332,10 @@ fn e2e_k8s_restarts_during_an_api_outage_rejoin_from_the_saved_snapshot() {
                 && entries_are(v, &[("node-a", "Master"), ("node-b", "Backup")])
         },
     );
-    eprintln!("node-c's status entry removed {} after its Node was deleted", ms(took));
+    eprintln!(
+        "node-c's status entry removed {} after its Node was deleted",
+        ms(took)
+    );
 
     // --- 5. No node may hold the addresses: the agents, none of them eligible, say so.
     let mut nowhere = c.vip("web");

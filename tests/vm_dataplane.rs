@@ -935,12 +935,16 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
     let hold = ["--restart-hold", "3s"];
     let mut d1_agent = Agent::start_with(&d1, "d1", path, &hold, ".0")?;
     let mut d2_agent = Agent::start_with(&d2, "d2", path, &hold, ".0")?;
-    wait_for("d1 to hold the VIP", Duration::from_secs(10), || has_vip(&d1))
-        .map_err(|e| format!("{e}\nd1 log:\n{}", d1_agent.log()))?;
+    wait_for("d1 to hold the VIP", Duration::from_secs(10), || {
+        has_vip(&d1)
+    })
+    .map_err(|e| format!("{e}\nd1 log:\n{}", d1_agent.log()))?;
     for ns in [&d1, &d2] {
-        wait_for("the service on both directors", Duration::from_secs(10), || {
-            programmed(ns)
-        })?;
+        wait_for(
+            "the service on both directors",
+            Duration::from_secs(10),
+            || programmed(ns),
+        )?;
     }
     // The kernel's view, to compare after each restart: the table, the nft table with its
     // handle (a rewritten table gets a new one) and the sysctls.
@@ -993,12 +997,8 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
         let result = (|| -> Result<Vec<String>, vm::CaseError> {
             let mut restarts = Vec::new();
             std::thread::sleep(Duration::from_millis(500));
-            let steps: [(&str, bool); 4] = [
-                ("d2", true),
-                ("d1", true),
-                ("d2", false),
-                ("d1", false),
-            ];
+            let steps: [(&str, bool); 4] =
+                [("d2", true), ("d1", true), ("d2", false), ("d1", false)];
             for (run, (node, with_hold)) in steps.into_iter().enumerate() {
                 let (ns, agent) = if node == "d1" {
                     (&d1, &mut d1_agent)
@@ -1012,9 +1012,11 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
                 let restarted = Instant::now();
                 *agent = Agent::start_with(ns, node, path, args, &format!(".{}", run + 1))?;
                 let applied = r#"ferrovip_dataplane_apply_total{dataplane="ipvs",result="ok"}"#;
-                wait_for("the new agent's first apply", Duration::from_secs(15), || {
-                    metric(ns, applied).is_ok_and(|v| v.is_some_and(|v| v >= 1.0))
-                })
+                wait_for(
+                    "the new agent's first apply",
+                    Duration::from_secs(15),
+                    || metric(ns, applied).is_ok_and(|v| v.is_some_and(|v| v >= 1.0)),
+                )
                 .map_err(|e| format!("{e}\n{node} log:\n{}", agent.log()))?;
                 let took = restarted.elapsed();
                 let writes = metric(ns, r#"ferrovip_dataplane_writes_total{dataplane="ipvs"}"#)?;
@@ -1030,12 +1032,13 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
                 })?;
                 let counted_after = connections(ns)?;
                 ensure(counted_after >= counted, || {
-                    format!("{node}: the service's counters went from {counted} to {counted_after}: it was re-created")
+                    format!(
+                        "{node}: the service's counters went from {counted} to {counted_after}: it was re-created"
+                    )
                 })?;
-                ensure(
-                    !agent.log().contains("dataplane applied"),
-                    || format!("{node} logged a dataplane write:\n{}", agent.log()),
-                )?;
+                ensure(!agent.log().contains("dataplane applied"), || {
+                    format!("{node} logged a dataplane write:\n{}", agent.log())
+                })?;
                 // Let VRRP settle (the master preempts back after a restart without hold).
                 wait_for("d1 to hold the VIP again", Duration::from_secs(10), || {
                     has_vip(&d1) && !has_vip(&d2)

@@ -367,7 +367,10 @@ impl NftRules {
     /// The table as nft lists it (`nft list table inet ferrovip`), `None` when there is none.
     /// A read: it changes nothing.
     pub async fn listing(&self) -> Result<Option<String>, NftError> {
-        match self.run_output(&["list", "table", "inet", "ferrovip"], "").await {
+        match self
+            .run_output(&["list", "table", "inet", "ferrovip"], "")
+            .await
+        {
             Ok(listing) => Ok(Some(listing)),
             // "No such file or directory": no table.
             Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(None),

@@ -302,8 +302,12 @@ impl StatusWriter {
             .patch_status(vip, &PatchParams::default(), &patch)
             .await
         {
-            Ok(_) => info!(vip, nodes = ?nodes, "removed the status entries of nodes that left or are no longer eligible"),
-            Err(e) => debug!(vip, nodes = ?nodes, error = %e, "stale status entries not removed this time"),
+            Ok(_) => {
+                info!(vip, nodes = ?nodes, "removed the status entries of nodes that left or are no longer eligible")
+            }
+            Err(e) => {
+                debug!(vip, nodes = ?nodes, error = %e, "stale status entries not removed this time")
+            }
         }
     }
 
@@ -1031,7 +1035,10 @@ mod tests {
         let p = plan(true, None);
         assert_eq!(
             stale_entries(&seen, &p, "node-a"),
-            [(1, "node-gone".to_string()), (3, "node-excluded".to_string())]
+            [
+                (1, "node-gone".to_string()),
+                (3, "node-excluded".to_string())
+            ]
         );
         // A refused resource has no eligible nodes to judge by.
         let refused = plan(

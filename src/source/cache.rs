@@ -358,7 +358,8 @@ mod tests {
     }
 
     fn dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("ferrovip-cache-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("ferrovip-cache-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
     }

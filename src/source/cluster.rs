@@ -289,7 +289,9 @@ impl ClusterSource {
         }
         self.log_complete();
         if self.cached.take().is_some() {
-            info!("every watch has listed: planning from the API server again instead of the saved snapshot");
+            info!(
+                "every watch has listed: planning from the API server again instead of the saved snapshot"
+            );
         }
         let snapshot = self.stores_snapshot(Completeness::Complete);
         if let Some(cache) = self.cache.as_mut() {
