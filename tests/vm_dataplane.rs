@@ -935,14 +935,14 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
     let hold = ["--restart-hold", "3s"];
     let mut d1_agent = Agent::start_with(&d1, "d1", path, &hold, ".0")?;
     let mut d2_agent = Agent::start_with(&d2, "d2", path, &hold, ".0")?;
-    wait_for("d1 to hold the VIP", Duration::from_secs(10), || {
+    wait_for("d1 to hold the VIP", Duration::from_secs(30), || {
         has_vip(&d1)
     })
     .map_err(|e| format!("{e}\nd1 log:\n{}", d1_agent.log()))?;
     for ns in [&d1, &d2] {
         wait_for(
             "the service on both directors",
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || programmed(ns),
         )?;
     }
@@ -1014,7 +1014,7 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
                 let applied = r#"ferrovip_dataplane_apply_total{dataplane="ipvs",result="ok"}"#;
                 wait_for(
                     "the new agent's first apply",
-                    Duration::from_secs(15),
+                    Duration::from_secs(30),
                     || metric(ns, applied).is_ok_and(|v| v.is_some_and(|v| v >= 1.0)),
                 )
                 .map_err(|e| format!("{e}\n{node} log:\n{}", agent.log()))?;
@@ -1040,7 +1040,7 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
                     format!("{node} logged a dataplane write:\n{}", agent.log())
                 })?;
                 // Let VRRP settle (the master preempts back after a restart without hold).
-                wait_for("d1 to hold the VIP again", Duration::from_secs(10), || {
+                wait_for("d1 to hold the VIP again", Duration::from_secs(30), || {
                     has_vip(&d1) && !has_vip(&d2)
                 })?;
                 std::thread::sleep(Duration::from_millis(700));
