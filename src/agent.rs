@@ -203,7 +203,7 @@ impl Agent {
                     observed,
                     dataplane_status,
                 ));
-                Source::Cluster(cluster)
+                Source::Cluster(Box::new(cluster))
             }
         };
         let (monitor, health) = HealthMonitor::new();

@@ -16,7 +16,8 @@ pub enum Source {
         poll: tokio::time::Interval,
         reported: Reported,
     },
-    Cluster(ClusterSource),
+    /// Boxed: the cluster source (stores, cache, a saved snapshot) is much the larger.
+    Cluster(Box<ClusterSource>),
 }
 
 impl Source {
