@@ -644,7 +644,8 @@ impl Agent {
                 "--log-format",
                 "json",
             ])
-            .args(["--state-dir", &format!("/run/ferrovip-{node}")])
+            // Per namespace: a state directory describes one kernel's tables and sysctls.
+            .args(["--state-dir", &format!("/run/ferrovip-{}", ns.name())])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
