@@ -1229,6 +1229,56 @@ fn e2e_k8s_restarts_during_an_api_outage_rejoin_from_the_saved_snapshot() {
         "node-c's dataplane was handed more than one first plan"
     );
 
+    // --- 1b. The master's agent restarts with `--restart-hold` (API server up): the new
+    // agent adopts the held VIP, which never moves; nobody else changes state.
+    c.signal(0, Signal::SIGTERM);
+    c.wait_exit(0);
+    c.start_agent_with(0, &["--restart-hold", "10s"]);
+    c.wait_listed(0);
+    c.wait_master(51, 0, Duration::from_secs(5));
+    c.wait_vip(
+        "web",
+        "node-a master of three",
+        Duration::from_secs(10),
+        led_by_node_a_of_three,
+    );
+    let before_hold = c.all_transitions();
+    let hold_at = Instant::now();
+    c.signal(0, Signal::SIGTERM);
+    c.wait_exit(0);
+    c.start_agent(0);
+    c.wait_listed(0);
+    let first = c.wait_log(
+        0,
+        "the dataplane's first plan",
+        Duration::from_secs(10),
+        |l| l["message"] == first_plan,
+    );
+    assert_eq!(
+        (first["services"].as_u64(), first["backends"].as_u64()),
+        (Some(1), Some(2)),
+        "node-a's first dataplane plan after a held restart: {first}"
+    );
+    c.wait_log(0, "MASTER", Duration::from_secs(10), |l| {
+        l["event"] == "transition" && l["to"] == "MASTER"
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.holders("192.0.2.100"), [0]);
+    for i in [1, 2] {
+        assert_eq!(
+            c.transitions(i),
+            before_hold[i],
+            "{} changed state during node-a's held restart",
+            c.name(i)
+        );
+    }
+    let masters = c.masters_since(51, hold_at);
+    assert!(
+        masters.iter().all(|m| *m == c.ip(0)),
+        "another node advertised as master during node-a's held restart: {masters:?}"
+    );
+    eprintln!("node-a restarted with --restart-hold: the VIP stayed, first plan after every list");
+
     // --- 2. The API server stops; node-b's and then the master's agent restart. Both start
     // from their saved snapshot, within the grace period, and take the state their priority
     // gives them: node-b backup, node-a master again (it preempts node-b, which took over
