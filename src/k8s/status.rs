@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::crd::{NodeStatus, VirtualIP};
 use crate::engine::{InstanceStatus, Observed};
-use crate::model::{Desired, RefusalReason, ResourcePlan};
+use crate::model::{Completeness, Desired, RefusalReason, ResourcePlan};
 use crate::vrrp::instance::State;
 
 /// The same Warning about the same resource is not repeated more often than this.
@@ -172,7 +172,10 @@ impl StatusWriter {
             )
             .await;
 
-            if ours.iter().any(|s| s.state == State::Master)
+            // Judged only from listed Nodes: a saved snapshot does not know nodes that joined
+            // since, and their entries are not stale.
+            if desired.completeness == Completeness::Complete
+                && ours.iter().any(|s| s.state == State::Master)
                 && self
                     .stale_tried
                     .get(&name)
