@@ -16,7 +16,7 @@
 //! whole seconds, 1-255) so that our timers agree with what the backups learn from us.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -58,8 +58,11 @@ pub struct Config {
     /// Whether the master accepts packets addressed to the virtual addresses when it is not the
     /// owner (RFC 5798 §6.1). The state machine carries it for the driver; elections ignore it.
     pub accept_mode: bool,
-    /// The virtual addresses, with the prefix to add them to the interface with. For IPv6 the
-    /// first one is the link-local virtual address (RFC 5798 §5.2.9); it goes first on the wire.
+    /// The virtual addresses, with the prefix to add them to the interface with. An IPv6
+    /// link-local among them (the user listed one) goes first, and first on the wire (RFC 5798
+    /// §5.2.9). Without one the advertisement lists only these addresses, as keepalived
+    /// configured without a link-local does, until a peer's advertisement teaches the
+    /// instance a link-local (see [`Instance::advertised_addresses`]).
     pub addresses: Vec<IpNet>,
     /// Our own advertisement source (IPv4 primary address / IPv6 link-local): the tie-breaker
     /// between masters of equal priority.
@@ -347,6 +350,8 @@ pub struct Counters {
     pub discarded_invalid: u64,
     /// Accepted, but the advertised addresses differ from ours (RFC 5798 §7.1: log, not drop).
     pub address_list_mismatch: u64,
+    /// IPv6: 1 once a peer's advertisement taught us the link-local to list first.
+    pub link_local_learned: u64,
     pub transitions: u64,
     pub became_master: u64,
     pub became_backup: u64,
@@ -368,6 +373,10 @@ pub struct Instance {
     /// master is first seen after a higher-priority one. Stored as a start rather than an end so
     /// that a huge delay cannot overflow `Instant`.
     preempt_hold_since: Option<Instant>,
+    /// IPv6 without a configured link-local: the link-local a peer of this VRID listed first,
+    /// which our advertisements then list first too. Kept for the life of the instance
+    /// (Reconfigure included, a new VRID or version excluded).
+    learned_link_local: Option<Ipv6Addr>,
     counters: Counters,
 }
 
@@ -385,6 +394,7 @@ impl Instance {
             leaving_master: None,
             preempting: None,
             preempt_hold_since: None,
+            learned_link_local: None,
             counters: Counters::default(),
         }
     }
@@ -455,6 +465,58 @@ impl Instance {
         &self.counters
     }
 
+    /// The link-local a peer's advertisement taught this instance (IPv6 without a configured
+    /// link-local only), if any.
+    pub fn learned_link_local(&self) -> Option<Ipv6Addr> {
+        self.learned_link_local
+    }
+
+    /// The IPvX address list of our advertisements, at most [`max_advertised`] long.
+    ///
+    /// IPv6 (RFC 5798 / RFC 9568 §5.2.9: the first address is the virtual router's
+    /// link-local): a configured link-local is first already. Without one, the list starts
+    /// with the link-local a peer's advertisement listed first, once one has been heard, and
+    /// otherwise holds the configured addresses only. That is what keepalived sends when
+    /// configured the way its users write it (`virtual_ipaddress { 2001:db8::100/64 }`), and
+    /// keepalived up to 2.3.2 drops every advertisement whose address count differs from its
+    /// own list ("received an unexpected ip number count"); a leading link-local nobody
+    /// configured made it a second master.
+    pub fn advertised_addresses(&self) -> Vec<IpAddr> {
+        self.advertised().collect()
+    }
+
+    fn advertised(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let learned = self
+            .learned_link_local
+            .filter(|_| !self.link_local_configured())
+            .map(IpAddr::V6);
+        learned
+            .into_iter()
+            .chain(self.config.addresses.iter().map(IpNet::addr))
+            .take(max_advertised(self.config.family()))
+    }
+
+    /// IPv6 and the configuration's first address is a link-local.
+    fn link_local_configured(&self) -> bool {
+        matches!(self.config.addresses.first().map(IpNet::addr), Some(IpAddr::V6(a)) if a.is_unicast_link_local())
+    }
+
+    /// Learns the link-local an IPv6 peer of this VRID lists first, when ours has none.
+    fn learn_link_local(&mut self, advertisement: &Advertisement) {
+        if self.learned_link_local.is_some()
+            || self.config.family() != Family::V6
+            || self.link_local_configured()
+        {
+            return;
+        }
+        if let Some(IpAddr::V6(first)) = advertisement.addresses.first()
+            && first.is_unicast_link_local()
+        {
+            self.learned_link_local = Some(*first);
+            self.counters.link_local_learned += 1;
+        }
+    }
+
     fn is_owner(&self) -> bool {
         self.config.priority == PRIORITY_OWNER
     }
@@ -496,6 +558,9 @@ impl Instance {
             self.counters.discarded_not_running += 1;
             return;
         }
+        // Before any discard below: an owner or a master hears its peers' lists too, and a peer
+        // that drops our list would otherwise stay a second master.
+        self.learn_link_local(advertisement);
         if self.config.version == Version::V2
             && advertisement.interval != self.config.wire_interval()
         {
@@ -602,15 +667,10 @@ impl Instance {
     }
 
     fn same_addresses(&self, advertised: &[IpAddr]) -> bool {
-        let ours = &self.config.addresses[..self
-            .config
-            .addresses
-            .len()
-            .min(max_advertised(self.config.family()))];
-        advertised.len() == ours.len()
+        advertised.len() == self.advertised().count()
             && advertised
                 .iter()
-                .all(|ip| ours.iter().any(|net| net.addr() == *ip))
+                .all(|ip| self.advertised().any(|ours| ours == *ip))
     }
 
     fn timer(&mut self, now: Instant, out: &mut Vec<Output>) {
@@ -768,13 +828,7 @@ impl Instance {
             vrid: self.config.vrid,
             priority,
             interval,
-            addresses: self
-                .config
-                .addresses
-                .iter()
-                .take(max_advertised(self.config.family()))
-                .map(IpNet::addr)
-                .collect(),
+            addresses: self.advertised_addresses(),
         }));
     }
 
