@@ -115,7 +115,11 @@ fn keepalived_leads(
 
 /// Phase two: keepalived leaves (SIGTERM, priority-0 adverts); we take over every family
 /// Skew_Time after its priority 0 of that family. Returns when SIGTERM was sent.
-fn graceful_handover_to_us(ix: &Interop, ka_id: ferrovip::lab::ProcId, families: &[Family]) -> Instant {
+fn graceful_handover_to_us(
+    ix: &Interop,
+    ka_id: ferrovip::lab::ProcId,
+    families: &[Family],
+) -> Instant {
     let stopped_at = Instant::now();
     ix.lab.kill(ka_id, Signal::SIGTERM).expect("signal");
     for family in families {
@@ -147,7 +151,10 @@ fn graceful_handover_to_us(ix: &Interop, ka_id: ferrovip::lab::ProcId, families:
         ix.wait_address(OURS, vip_of(*family), true, Duration::from_secs(1));
     }
     assert!(
-        ix.lab.wait(ka_id, Duration::from_secs(5)).unwrap().is_some(),
+        ix.lab
+            .wait(ka_id, Duration::from_secs(5))
+            .unwrap()
+            .is_some(),
         "keepalived did not exit on SIGTERM"
     );
     stopped_at
@@ -189,7 +196,10 @@ fn netns_keepalived_plain_ipv6_peer_interoperates_both_ways() {
     let ix = Interop::new(true);
     let ka = KeepalivedConf::v3(150).ipv6_only();
     let (ka_id, our_id) = keepalived_leads(&ix, &ka, &AgentConf::v3(100).ipv6_only(), V6);
-    assert_eq!(v6_lists(&ix, THEIRS, ix.sniffer.started_at()), [vec![vip6()]].into());
+    assert_eq!(
+        v6_lists(&ix, THEIRS, ix.sniffer.started_at()),
+        [vec![vip6()]].into()
+    );
     let stopped_at = graceful_handover_to_us(&ix, ka_id, V6);
     keepalived_stays_backup_below_us(&ix, &ka, V6);
     // We listed the VIP alone, as keepalived does, and learned no link-local.
@@ -225,7 +235,10 @@ fn netns_keepalived_with_the_ipv6_link_local_teaches_it_to_us() {
     assert!(learned[0].contains(&LL6.to_string()), "{}", learned[0]);
     let stopped_at = graceful_handover_to_us(&ix, ka_id, V6);
     keepalived_stays_backup_below_us(&ix, &ka, V6);
-    assert_eq!(v6_lists(&ix, OURS, stopped_at), [vec![ll6(), vip6()]].into());
+    assert_eq!(
+        v6_lists(&ix, OURS, stopped_at),
+        [vec![ll6(), vip6()]].into()
+    );
     // Learned for the wire, not held: the VirtualIP did not ask for it.
     assert!(!ix.lab.has_address(OURS, ll6()).unwrap());
     assert_eq!(learned_lines(&ix, our_id).len(), 1);
@@ -241,7 +254,10 @@ fn netns_keepalived_dual_stack_with_the_link_local_listed_on_both_sides() {
     for family in DUAL {
         ix.wait_master_of(OURS, *family, started, STARTUP);
     }
-    assert!(ix.lab.has_address(OURS, ll6()).unwrap(), "a listed link-local is held");
+    assert!(
+        ix.lab.has_address(OURS, ll6()).unwrap(),
+        "a listed link-local is held"
+    );
     let ka = KeepalivedConf::v3(100).dual_stack().with_link_local();
     let ka_id = ix.start_keepalived(&ka);
     assert!(ix.wait_log(ka_id, "Entering BACKUP STATE", STARTUP));

@@ -252,7 +252,11 @@ fn b_is_what_a_router_with_the_link_local_sends_and_teaches_one_without() {
     let encode = |advert: &Advertisement| {
         hexify(
             &advert
-                .encode(B_SRC.into(), MULTICAST_V6.into(), ChecksumMode::PseudoHeader)
+                .encode(
+                    B_SRC.into(),
+                    MULTICAST_V6.into(),
+                    ChecksumMode::PseudoHeader,
+                )
                 .unwrap(),
         )
     };

@@ -479,7 +479,10 @@ impl NodeEngine {
             debug!(vip = %slot.spec.resource, %source, "dropped advertisement: source is not a configured unicast peer");
             return;
         }
-        let knew = slot.instance.as_ref().and_then(Instance::learned_link_local);
+        let knew = slot
+            .instance
+            .as_ref()
+            .and_then(Instance::learned_link_local);
         self.feed(
             &key,
             now,
@@ -1003,7 +1006,10 @@ fn log_learned_link_local(
     source: IpAddr,
 ) {
     let Some(slot) = slot else { return };
-    let learned = slot.instance.as_ref().and_then(Instance::learned_link_local);
+    let learned = slot
+        .instance
+        .as_ref()
+        .and_then(Instance::learned_link_local);
     if let Some(link_local) = learned
         && knew.is_none()
     {

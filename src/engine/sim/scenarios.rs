@@ -677,7 +677,11 @@ fn ipv6_a_link_local_is_listed_first_only_once_a_router_of_the_lan_is_configured
         }
     };
     // Plain routers (the default plan): every advert lists the global address alone.
-    let mut lan = started([v6(0x10, 200, false), v6(0x0a, 150, false), v6(0x0f, 100, false)]);
+    let mut lan = started([
+        v6(0x10, 200, false),
+        v6(0x0a, 150, false),
+        v6(0x0f, 100, false),
+    ]);
     lan.run_until(ms(1000));
     assert_eq!(lan.masters(), vec![0]);
     assert_eq!(lan.holders(global), vec![0]);
@@ -690,7 +694,11 @@ fn ipv6_a_link_local_is_listed_first_only_once_a_router_of_the_lan_is_configured
     lan.run_until(ms(2000));
     assert_eq!(lan.masters(), vec![joined]);
     assert_eq!(lan.holders(global), vec![joined]);
-    assert_eq!(lan.holders(virtual_ll), vec![joined], "it holds what it lists");
+    assert_eq!(
+        lan.holders(virtual_ll),
+        vec![joined],
+        "it holds what it lists"
+    );
     for node in 0..3 {
         assert_eq!(
             lan.instance(node).learned_link_local(),
