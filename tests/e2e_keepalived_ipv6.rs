@@ -233,6 +233,7 @@ fn netns_keepalived_with_the_ipv6_link_local_teaches_it_to_us() {
     let learned = learned_lines(&ix, our_id);
     assert_eq!(learned.len(), 1, "logged once: {learned:?}");
     assert!(learned[0].contains(&LL6.to_string()), "{}", learned[0]);
+    println!("our agent: {}", learned[0]);
     let stopped_at = graceful_handover_to_us(&ix, ka_id, V6);
     keepalived_stays_backup_below_us(&ix, &ka, V6);
     assert_eq!(
