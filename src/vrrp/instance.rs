@@ -41,6 +41,15 @@ pub fn max_advertised(family: Family) -> usize {
     }
 }
 
+/// After a master learned the link-local from a peer, it announces its addresses at once and
+/// again with its first advertisements at least this long after: the peer may have become a
+/// second master meanwhile, and keepalived sends its own announcement burst before it reads
+/// our answer and yields (tens of milliseconds later on a busy host), leaving the neighbours
+/// with its MAC. keepalived's `garp_lower_prio_repeat` answers a lower-priority master the
+/// same way.
+pub const REANNOUNCE_AFTER_TEACHING: [Duration; 2] =
+    [Duration::from_millis(250), Duration::from_secs(1)];
+
 /// What one virtual router should do. Changing `vrid` or `version` makes it a different virtual
 /// router: the driver creates a new [`Instance`] for that instead of sending
 /// [`Input::Reconfigure`].
@@ -377,6 +386,9 @@ pub struct Instance {
     /// which our advertisements then list first too. Kept for the life of the instance
     /// (Reconfigure included, a new VRID or version excluded).
     learned_link_local: Option<Ipv6Addr>,
+    /// As Master, after learning the link-local: when, and the next of
+    /// [`REANNOUNCE_AFTER_TEACHING`] still to do.
+    reannounce: Option<(Instant, usize)>,
     counters: Counters,
 }
 
@@ -395,6 +407,7 @@ impl Instance {
             preempting: None,
             preempt_hold_since: None,
             learned_link_local: None,
+            reannounce: None,
             counters: Counters::default(),
         }
     }
@@ -501,19 +514,22 @@ impl Instance {
         matches!(self.config.addresses.first().map(IpNet::addr), Some(IpAddr::V6(a)) if a.is_unicast_link_local())
     }
 
-    /// Learns the link-local an IPv6 peer of this VRID lists first, when ours has none.
-    fn learn_link_local(&mut self, advertisement: &Advertisement) {
+    /// Learns the link-local an IPv6 peer of this VRID lists first, when ours has none; true
+    /// when this advertisement taught it.
+    fn learn_link_local(&mut self, advertisement: &Advertisement) -> bool {
         if self.learned_link_local.is_some()
             || self.config.family() != Family::V6
             || self.link_local_configured()
         {
-            return;
+            return false;
         }
-        if let Some(IpAddr::V6(first)) = advertisement.addresses.first()
-            && first.is_unicast_link_local()
-        {
-            self.learned_link_local = Some(*first);
-            self.counters.link_local_learned += 1;
+        match advertisement.addresses.first() {
+            Some(IpAddr::V6(first)) if first.is_unicast_link_local() => {
+                self.learned_link_local = Some(*first);
+                self.counters.link_local_learned += 1;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -560,7 +576,7 @@ impl Instance {
         }
         // Before any discard below: an owner or a master hears its peers' lists too, and a peer
         // that drops our list would otherwise stay a second master.
-        self.learn_link_local(advertisement);
+        let taught = self.learn_link_local(advertisement);
         if self.config.version == Version::V2
             && advertisement.interval != self.config.wire_interval()
         {
@@ -569,19 +585,57 @@ impl Instance {
         }
         if self.is_owner() {
             self.counters.discarded_as_owner += 1;
+        } else {
+            if advertisement.priority == PRIORITY_LEAVING {
+                self.counters.priority_zero_received += 1;
+            }
+            if !self.same_addresses(&advertisement.addresses) {
+                self.counters.address_list_mismatch += 1;
+            }
+            match self.state {
+                State::Backup => self.receive_as_backup(now, source, advertisement),
+                State::Master => self.receive_as_master(now, source, advertisement, out),
+                State::Initialize => {}
+            }
+        }
+        if taught && self.state == State::Master {
+            self.reassert_taught_list(now, advertisement, out);
+        }
+    }
+
+    /// A master just learned the link-local from a peer's advertisement: that peer may be a
+    /// second master because it dropped our list (keepalived up to 2.3.2). Advertise the list
+    /// it accepts now rather than an interval later, and announce our addresses again, since
+    /// its announcements moved the neighbours to it.
+    fn reassert_taught_list(
+        &mut self,
+        now: Instant,
+        advertisement: &Advertisement,
+        out: &mut Vec<Output>,
+    ) {
+        if advertisement.priority != PRIORITY_LEAVING {
+            // (A priority 0 was answered at once already.)
+            self.send(self.config.priority, out);
+            self.deadline = Some(now + self.config.effective_advert_interval());
+        }
+        out.push(Output::Announce(
+            self.config.addresses.iter().map(IpNet::addr).collect(),
+        ));
+        self.reannounce = Some((now, 0));
+    }
+
+    /// The later announcements of [`REANNOUNCE_AFTER_TEACHING`], with a master's advert.
+    fn reannounce_if_due(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let Some((since, next)) = self.reannounce else {
+            return;
+        };
+        if now.saturating_duration_since(since) < REANNOUNCE_AFTER_TEACHING[next] {
             return;
         }
-        if advertisement.priority == PRIORITY_LEAVING {
-            self.counters.priority_zero_received += 1;
-        }
-        if !self.same_addresses(&advertisement.addresses) {
-            self.counters.address_list_mismatch += 1;
-        }
-        match self.state {
-            State::Backup => self.receive_as_backup(now, source, advertisement),
-            State::Master => self.receive_as_master(now, source, advertisement, out),
-            State::Initialize => {}
-        }
+        out.push(Output::Announce(
+            self.config.addresses.iter().map(IpNet::addr).collect(),
+        ));
+        self.reannounce = (next + 1 < REANNOUNCE_AFTER_TEACHING.len()).then_some((since, next + 1));
     }
 
     fn receive_as_backup(&mut self, now: Instant, source: IpAddr, advertisement: &Advertisement) {
@@ -681,6 +735,7 @@ impl Instance {
         match self.state {
             State::Master => {
                 self.send(self.config.priority, out);
+                self.reannounce_if_due(now, out);
                 self.deadline = Some(now + self.config.effective_advert_interval());
             }
             State::Backup => {
@@ -772,6 +827,7 @@ impl Instance {
         self.state = State::Backup;
         self.leaving_master = None;
         self.preempting = None;
+        self.reannounce = None;
         self.deadline = Some(now + self.master_down_interval());
         self.transition(from, State::Backup, reason, out);
     }
@@ -791,6 +847,7 @@ impl Instance {
         self.master = None;
         self.leaving_master = None;
         self.preempting = None;
+        self.reannounce = None;
         self.transition(from, State::Initialize, reason, out);
     }
 
@@ -811,6 +868,7 @@ impl Instance {
         self.master = None;
         self.leaving_master = None;
         self.preempting = None;
+        self.reannounce = None;
         self.transition(State::Master, State::Initialize, Reason::Held, out);
     }
 

@@ -1084,19 +1084,84 @@ fn ipv6_backup_learns_the_masters_link_local_and_lists_it_first_when_it_takes_ov
 #[test]
 fn ipv6_a_master_learns_from_a_lower_priority_peer_that_drops_its_adverts() {
     // keepalived (with the link-local) joined below us, dropped our one-address adverts and
-    // became master too: its lower-priority advert is discarded, but our next one lists the
-    // link-local, which keepalived accepts, and it steps down.
+    // became master too: its lower-priority advert is discarded, but teaches us the
+    // link-local; we advertise the list it accepts at once (it steps down) and announce our
+    // addresses again (its announcements had moved the neighbours to it).
     let mut h = v6_master(v6_config(200));
-    let next = h.deadline().unwrap();
-    assert!(
-        h.receive(next - ms(30), PEER6, v6_advert(100, &[VIRTUAL_LL, GLOBAL6]))
-            .is_empty()
+    let now = h.deadline().unwrap() - ms(30);
+    let out = h.receive(now, PEER6, v6_advert(100, &[VIRTUAL_LL, GLOBAL6]));
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(v6_advert(200, &[VIRTUAL_LL, GLOBAL6])),
+            Output::Announce(vec![ip(GLOBAL6)]),
+        ]
     );
     assert_eq!(h.instance.state(), State::Master);
     assert_eq!(h.instance.counters().discarded_lower_priority, 1);
-    assert_eq!(h.deadline(), Some(next), "the advert timer is untouched");
-    let out = h.input(next, Input::Timer);
-    assert_eq!(sent_lists(&out), vec![vec![ip(VIRTUAL_LL), ip(GLOBAL6)]]);
+    assert_eq!(h.deadline(), Some(now + ms(100)));
+    // Once only: its next advert (still lower) is simply discarded.
+    assert!(
+        h.receive(now + ms(1), PEER6, v6_advert(100, &[VIRTUAL_LL, GLOBAL6]))
+            .is_empty()
+    );
+    let out = h.input(now + ms(100), Input::Timer);
+    assert_eq!(
+        out,
+        vec![Output::Send(v6_advert(200, &[VIRTUAL_LL, GLOBAL6]))]
+    );
+    // keepalived announces before it reads our answer: we announce again with the first
+    // adverts 250 ms and 1 s after, then no more.
+    let announced_at: Vec<Duration> = (2..=15)
+        .filter_map(|n| {
+            let at = now + ms(100) * n;
+            let out = h.input(at, Input::Timer);
+            assert_eq!(sent_priority(&out), vec![200]);
+            out.contains(&Output::Announce(vec![ip(GLOBAL6)]))
+                .then_some(at - now)
+        })
+        .collect();
+    assert_eq!(announced_at, vec![ms(300), ms(1000)]);
+}
+
+#[test]
+fn ipv6_later_announcements_stop_when_the_master_steps_down() {
+    let mut h = v6_master(v6_config(200));
+    let now = h.deadline().unwrap() - ms(30);
+    h.receive(now, PEER6, v6_advert(100, &[VIRTUAL_LL, GLOBAL6]));
+    h.receive(now + ms(50), PEER6, v6_advert(250, &[VIRTUAL_LL, GLOBAL6]));
+    assert_eq!(h.instance.state(), State::Backup);
+    h.receive(now + ms(60), PEER6, v6_advert(0, &[VIRTUAL_LL, GLOBAL6]));
+    let out = h.input(h.deadline().unwrap(), Input::Timer);
+    assert_eq!(h.instance.state(), State::Master);
+    assert_eq!(
+        out.iter()
+            .filter(|o| matches!(o, Output::Announce(_)))
+            .count(),
+        1,
+        "the takeover's own announcement only: {out:?}"
+    );
+    for n in 1..=12 {
+        let out = h.input(h.deadline().unwrap(), Input::Timer);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Announce(_))),
+            "advert {n}: {out:?}"
+        );
+    }
+}
+
+#[test]
+fn ipv6_a_master_taught_by_a_leaving_peer_announces_after_its_usual_answer() {
+    let mut h = v6_master(v6_config(200));
+    let now = h.deadline().unwrap() - ms(30);
+    let out = h.receive(now, PEER6, v6_advert(0, &[VIRTUAL_LL, GLOBAL6]));
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(v6_advert(200, &[VIRTUAL_LL, GLOBAL6])),
+            Output::Announce(vec![ip(GLOBAL6)]),
+        ]
+    );
 }
 
 #[test]
@@ -1150,8 +1215,13 @@ fn ipv6_an_owner_learns_too_and_a_full_list_stays_within_the_limit() {
         .map(|i| format!("2001:db8::{:x}/64", 0x100 + i).parse().unwrap())
         .collect();
     let mut h = v6_master(config);
-    h.receive(ms(5), PEER6, v6_advert(100, &[VIRTUAL_LL, GLOBAL6]));
+    let out = h.receive(ms(5), PEER6, v6_advert(100, &[VIRTUAL_LL, GLOBAL6]));
     assert_eq!(h.instance.counters().discarded_as_owner, 1);
+    assert_eq!(
+        sent_priority(&out),
+        vec![PRIORITY_OWNER],
+        "reasserted at once"
+    );
     let list = h.instance.advertised_addresses();
     assert_eq!(list.len(), max_advertised(Family::V6));
     assert_eq!(list[0], ip(VIRTUAL_LL));
