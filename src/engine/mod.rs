@@ -479,6 +479,10 @@ impl NodeEngine {
             debug!(vip = %slot.spec.resource, %source, "dropped advertisement: source is not a configured unicast peer");
             return;
         }
+        let knew = slot
+            .instance
+            .as_ref()
+            .and_then(Instance::learned_link_local);
         self.feed(
             &key,
             now,
@@ -488,6 +492,7 @@ impl NodeEngine {
             },
             out,
         );
+        log_learned_link_local(&self.node, &key, self.slots.get(&key), knew, source);
     }
 
     /// Feeds one input to one instance, re-arms its timer, updates the observed state and
@@ -988,6 +993,37 @@ fn observe_instance(observed: &mut Observed, spec: &InstanceSpec, seen: Seen) ->
             );
             true
         }
+    }
+}
+
+/// Says once per instance that a peer's advertisement taught it the link-local to list first
+/// (IPv6 without a configured link-local, see `Instance::advertised_addresses`).
+fn log_learned_link_local(
+    node: &str,
+    key: &SlotKey,
+    slot: Option<&Slot>,
+    knew: Option<Ipv6Addr>,
+    source: IpAddr,
+) {
+    let Some(slot) = slot else { return };
+    let learned = slot
+        .instance
+        .as_ref()
+        .and_then(Instance::learned_link_local);
+    if let Some(link_local) = learned
+        && knew.is_none()
+    {
+        info!(
+            event = "link_local_learned",
+            node = %node,
+            vip = %slot.spec.resource,
+            interface = %key.0,
+            vrid = slot.spec.vrid,
+            %link_local,
+            peer = %source,
+            "{}: peer {source} lists the link-local {link_local} first; our IPv6 advertisements list it first too from now on",
+            slot.spec.resource,
+        );
     }
 }
 

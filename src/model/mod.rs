@@ -7,10 +7,10 @@
 pub mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv6Net};
+use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::crd::{
@@ -606,12 +606,11 @@ fn plan_instances(
         if let Some(shared) = instances.get_mut(&key) {
             // A later member of a sharing group: same settings, more addresses.
             shared.addresses.extend(addresses);
+            link_local_first(&mut shared.addresses);
             shared.members.push(name.to_string());
             continue;
         }
-        if family == Family::V6 {
-            link_local_first(&mut addresses, vrid);
-        }
+        link_local_first(&mut addresses);
         instances.insert(
             key,
             InstanceSpec {
@@ -839,27 +838,15 @@ fn priority_with_health(
 }
 
 /// RFC 5798 §5.2.9: an IPv6 advertisement's first address is the virtual router's link-local
-/// address. When the user lists none, use the one derived from the virtual MAC
-/// 00:00:5e:00:02:VRID (modified EUI-64), as routers do.
-fn link_local_first(addresses: &mut Vec<IpNet>, vrid: u8) {
-    let is_ll =
-        |a: &IpNet| matches!(a.addr(), IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+/// address. A link-local the user lists goes first (held and advertised like the others).
+/// None is made up when the user lists none: keepalived configured the usual way lists none
+/// either and drops advertisements whose address count differs from its own; the VRRP
+/// instance lists a link-local first only once a peer's advertisement shows one
+/// (`vrrp::instance::Instance::advertised_addresses`).
+fn link_local_first(addresses: &mut [IpNet]) {
+    let is_ll = |a: &IpNet| matches!(a.addr(), IpAddr::V6(v6) if v6.is_unicast_link_local());
     if let Some(i) = addresses.iter().position(is_ll) {
-        let ll = addresses.remove(i);
-        addresses.insert(0, ll);
-    } else {
-        let ll = Ipv6Addr::new(
-            0xfe80,
-            0,
-            0,
-            0,
-            0x0200,
-            0x5eff,
-            0xfe00,
-            0x0200 | u16::from(vrid),
-        );
-        let net = Ipv6Net::new(ll, 64).expect("64 is a valid IPv6 prefix length");
-        addresses.insert(0, IpNet::V6(net));
+        addresses[..=i].rotate_right(1);
     }
 }
 
@@ -902,7 +889,7 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_splits_by_family_with_link_local_first() {
+    fn dual_stack_splits_by_family_and_makes_up_no_link_local() {
         let s = snapshot(vec![vip(
             "web",
             10,
@@ -910,10 +897,40 @@ mod tests {
         )]);
         let d = plan(&s, "node-b");
         let v6 = d.iter().find(|i| i.family == Family::V6).unwrap();
-        assert_eq!(v6.addresses[0].to_string(), "fe80::200:5eff:fe00:20a/64");
-        assert_eq!(v6.addresses[1].to_string(), "2001:db8::100/64");
+        let v6: Vec<String> = v6.addresses.iter().map(ToString::to_string).collect();
+        assert_eq!(v6, ["2001:db8::100/64"]);
         let v4 = d.iter().find(|i| i.family == Family::V4).unwrap();
         assert_eq!(v4.addresses.len(), 1);
+    }
+
+    #[test]
+    fn a_listed_link_local_goes_first_and_the_others_keep_their_order() {
+        let s = snapshot(vec![vip(
+            "web",
+            10,
+            &[
+                "2001:db8::100/64",
+                "2001:db8::101/64",
+                "fe80::200:5eff:fe00:20a/64",
+            ],
+        )]);
+        let d = plan(&s, "node-b");
+        let v6: Vec<String> = d
+            .iter()
+            .next()
+            .unwrap()
+            .addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            v6,
+            [
+                "fe80::200:5eff:fe00:20a/64",
+                "2001:db8::100/64",
+                "2001:db8::101/64"
+            ]
+        );
     }
 
     #[test]
