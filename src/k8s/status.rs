@@ -271,11 +271,13 @@ impl StatusWriter {
             self.publish(vip, EventType::Normal, "MasterElected", "Elect", note)
                 .await;
         }
-        if let (Some(reason), true) = (&plan.refused, reporter) {
-            let (event_reason, action) = if reason.is_conflict() {
-                ("Conflict", "Refuse")
-            } else {
-                ("Invalid", "Validate")
+        // A refused instance (one family) is reported like a refused resource.
+        let refusals = plan.refused.iter().chain(&plan.refused_instances);
+        for reason in refusals.filter(|_| reporter) {
+            let (event_reason, action) = match reason {
+                r if r.is_conflict() => ("Conflict", "Refuse"),
+                RefusalReason::NoUnicastPeers { .. } => ("NoUnicastPeers", "Refuse"),
+                _ => ("Invalid", "Validate"),
             };
             let note = reason.to_string();
             let key = (name.to_string(), note.clone());
@@ -501,6 +503,7 @@ pub fn desired_status(
         Some(reason) => {
             let (summary, ready_reason, conflict) = match reason {
                 r if r.is_conflict() => ("Conflict", "Conflict", Some(conflict_reason(r))),
+                RefusalReason::NoUnicastPeers { .. } => ("Invalid", "NoUnicastPeers", None),
                 _ => ("Invalid", "Invalid", None),
             };
             let message = reason.to_string();
@@ -551,13 +554,27 @@ pub fn desired_status(
                 ));
                 conds.push(condition(previous, "Conflict", false, "NoConflict", ""));
             }
+            // Refused instances (one family) are the cluster's verdict, faults this node's.
+            let mut degraded: Vec<String> = plan
+                .refused_instances
+                .iter()
+                .map(|r| r.to_string())
+                .collect();
             if !faults.is_empty() {
+                degraded.push(format!("{node}: {}", faults.join("; ")));
+            }
+            if !degraded.is_empty() {
+                let reason = if plan.refused_instances.is_empty() {
+                    "NodeFault"
+                } else {
+                    "NoUnicastPeers"
+                };
                 conds.push(condition(
                     previous,
                     "Degraded",
                     true,
-                    "NodeFault",
-                    &format!("{node}: {}", faults.join("; ")),
+                    reason,
+                    &degraded.join("; "),
                 ));
             }
             let since = ours.iter().map(|s| s.since).max();
@@ -648,6 +665,7 @@ mod tests {
                 vec![]
             },
             refused,
+            refused_instances: Vec::new(),
         }
     }
 
@@ -832,5 +850,34 @@ mod tests {
         seen.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
         assert!(!reflected(&seen, &gone, "node-a"));
         assert!(reflected(&seen, &gone, "node-z"));
+    }
+
+    #[test]
+    fn a_refused_family_degrades_the_resource_with_the_reason() {
+        let reason = RefusalReason::NoUnicastPeers {
+            family: Family::V6,
+            auto: false,
+        };
+        let mut status = Status::on("node-a").instance(State::Master, Some("192.0.2.11"));
+        status.plan.refused_instances = vec![reason.clone()];
+        let body = status.body();
+        let s = &body["status"];
+        assert_eq!(s["state"], "Active", "the IPv4 instance runs");
+        let degraded = s["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Degraded")
+            .unwrap();
+        assert_eq!(degraded["status"], "True");
+        assert_eq!(degraded["reason"], "NoUnicastPeers");
+        assert_eq!(degraded["message"], reason.to_string());
+
+        // Every family refused: the resource is, with the same reason.
+        let body = Status::on("node-a").refused(reason.clone()).body();
+        let ready = &body["status"]["conditions"][0];
+        assert_eq!(ready["type"], "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "NoUnicastPeers");
     }
 }
