@@ -52,9 +52,8 @@ fn conf(ns: &Netns, key: &str) -> String {
 #[test]
 fn netns_ipv6_forwarding_keeps_router_advertisements_accepted_and_puts_them_back() {
     let ns = Netns::new("ra");
-    for link in ["d0", "d1"] {
-        ns.ip(&["link", "add", link, "type", "dummy"]);
-    }
+    // No dummy module on every kernel: a veth pair gives two interfaces.
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
     // d0 was told to ignore router advertisements: that stays as it is.
     ns.enter(|| std::fs::write("/proc/sys/net/ipv6/conf/d0/accept_ra", "0").unwrap());
     assert_eq!(conf(&ns, "all/forwarding"), "0");
@@ -106,7 +105,8 @@ fn netns_ipv6_forwarding_keeps_router_advertisements_accepted_and_puts_them_back
 #[test]
 fn netns_cleanup_without_ipvs_removes_table_macvlans_and_addresses_and_restores_sysctls() {
     let ns = Netns::new("clean");
-    ns.ip(&["link", "add", "eth0", "type", "dummy"]);
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "peer0"]);
+    ns.ip(&["link", "set", "peer0", "up"]);
     ns.ip(&["link", "set", "eth0", "up"]);
     ns.ip(&["addr", "add", "192.0.2.11/24", "dev", "eth0"]);
     let index = ifindex(&ns, "eth0");
