@@ -105,7 +105,9 @@ fn netns_ipv6_forwarding_keeps_router_advertisements_accepted_and_puts_them_back
 #[test]
 fn netns_cleanup_without_ipvs_removes_table_macvlans_and_addresses_and_restores_sysctls() {
     let ns = Netns::new("clean");
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "peer0"]);
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+    ]);
     ns.ip(&["link", "set", "peer0", "up"]);
     ns.ip(&["link", "set", "eth0", "up"]);
     ns.ip(&["addr", "add", "192.0.2.11/24", "dev", "eth0"]);
