@@ -734,9 +734,8 @@ impl NodeEngine {
                 .ok()
                 .and_then(|(facts, _)| wide_prefix(&spec, &key.0, facts))
         });
-        let primary = match usable {
-            _ if refused.is_some() => {
-                let why = refused.expect("checked");
+        let primary = match (refused, usable) {
+            (Some(why), _) => {
                 let known = self
                     .observed
                     .instances
@@ -748,12 +747,12 @@ impl NodeEngine {
                 fault = Some(why);
                 None
             }
-            Err(e) => {
+            (None, Err(e)) => {
                 warn!(vip = %spec.resource, interface = %key.0, error = %e, "cannot run VRRP on this interface yet; retrying");
                 fault = Some(e);
                 None
             }
-            Ok((facts, link)) => match facts.primary(spec.family) {
+            (None, Ok((facts, link))) => match facts.primary(spec.family) {
                 None => {
                     let what = if spec.family == Family::V4 {
                         "IPv4"
