@@ -1061,8 +1061,57 @@ fn e2e_k8s_node_health_checks_eligibility_and_unicast_auto() {
             .is_none_or(|n| n.is_empty())
     );
     c.wait_event("closed6", "NoUnicastPeers", Duration::from_secs(5));
+    // The refusals are the same on every node: no node overwrites another's status.
+    std::thread::sleep(Duration::from_secs(2));
+    let mark = c.audit_mark();
+    std::thread::sleep(Duration::from_secs(3));
+    let requests = c.status_requests_since(mark);
+    eprintln!("status writes in 3 s with closed and closed6 refused: {requests:?}");
+    assert!(requests.is_empty(), "status churn: {requests:?}");
     c.kubectl(&["delete", "vip", "closed", "closed6"]);
     c.wait_holders(closed, &[], Duration::from_secs(2));
+
+    // A prefix wider than eth0's /24 is every node's own refusal: each entry says Fault and
+    // why, naming the address and the field that would allow it.
+    c.apply(&vip_doc("wide", &["192.0.2.107/16"], Some(57)));
+    let (vip, _) = c.wait_vip(
+        "wide",
+        "refused on every node",
+        Duration::from_secs(5),
+        |v| {
+            ["node-a", "node-b", "node-c"]
+                .iter()
+                .all(|n| node_entry(v, n).is_some_and(|e| e["state"] == "Fault"))
+        },
+    );
+    for (i, node) in ["node-a", "node-b", "node-c"].iter().enumerate() {
+        let fault = text(&node_entry(&vip, node).expect("entry")["fault"]);
+        eprintln!("wide prefix: {node} fault: {fault}");
+        assert_eq!(
+            fault,
+            format!(
+                "spec.addresses: 192.0.2.107/16 has a shorter prefix than interface eth0's \
+                 subnet {}/24 and would route the whole range through it; use /24 or longer, \
+                 or set spec.allowWidePrefix: true",
+                c.ip(i)
+            )
+        );
+    }
+    for i in 0..3 {
+        assert!(
+            !c.has(i, "192.0.2.107"),
+            "{} holds the wide address",
+            c.name(i)
+        );
+    }
+    // Every node refusing it does not make the nodes overwrite each other's status.
+    std::thread::sleep(Duration::from_secs(2));
+    let mark = c.audit_mark();
+    std::thread::sleep(Duration::from_secs(3));
+    let requests = c.status_requests_since(mark);
+    eprintln!("status writes in 3 s with every node refusing wide: {requests:?}");
+    assert!(requests.is_empty(), "status churn: {requests:?}");
+    c.kubectl(&["delete", "vip", "wide"]);
 
     let stopped_at = c.signal(0, Signal::SIGKILL);
     let failover = measure_failover(

@@ -690,6 +690,12 @@ pub struct NodeStatus {
     /// (e.g. `ipvs: 2 services programmed`, `ipvs: not forwarding: IPVS is not available`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<String>,
+    /// Why this node does not run the VirtualIP (state `Fault`): its interface or address is
+    /// missing, or it refuses it, e.g. an address wider than the interface's subnet. Kept in
+    /// the node's own entry: a condition holds one message, and nodes with different faults
+    /// would overwrite each other's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 /// A list the API server may hand back as `null` (server-side apply leaves null when the last

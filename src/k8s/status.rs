@@ -554,27 +554,20 @@ pub fn desired_status(
                 ));
                 conds.push(condition(previous, "Conflict", false, "NoConflict", ""));
             }
-            // Refused instances (one family) are the cluster's verdict, faults this node's.
-            let mut degraded: Vec<String> = plan
-                .refused_instances
-                .iter()
-                .map(|r| r.to_string())
-                .collect();
-            if !faults.is_empty() {
-                degraded.push(format!("{node}: {}", faults.join("; ")));
-            }
-            if !degraded.is_empty() {
-                let reason = if plan.refused_instances.is_empty() {
-                    "NodeFault"
-                } else {
-                    "NoUnicastPeers"
-                };
+            // Refused instances (one family) are the cluster's verdict, the same on every
+            // node, so a condition they co-own; a node's faults go in its own entry.
+            if !plan.refused_instances.is_empty() {
+                let why: Vec<String> = plan
+                    .refused_instances
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect();
                 conds.push(condition(
                     previous,
                     "Degraded",
                     true,
-                    reason,
-                    &degraded.join("; "),
+                    "NoUnicastPeers",
+                    &why.join("; "),
                 ));
             }
             let since = ours.iter().map(|s| s.since).max();
@@ -585,6 +578,7 @@ pub fn desired_status(
                 reasons: plan.priority_reasons.clone(),
                 last_transition_time: since.map(rfc3339),
                 services: services.map(str::to_string),
+                fault: (!faults.is_empty()).then(|| faults.join("; ")),
             };
             status.insert("nodes".into(), json!([entry]));
             (master.is_some().then_some("Active"), conds)
@@ -879,5 +873,22 @@ mod tests {
         assert_eq!(ready["type"], "Ready");
         assert_eq!(ready["status"], "False");
         assert_eq!(ready["reason"], "NoUnicastPeers");
+    }
+
+    #[test]
+    fn a_fault_goes_in_the_nodes_own_entry_not_a_shared_condition() {
+        let mut fault = instance(State::Initialize, None);
+        fault.fault = Some("spec.addresses: 192.0.2.100/16 has a shorter prefix".into());
+        let mut status = Status::on("node-b");
+        status.ours.push(fault);
+        let body = status.body();
+        let entry = &body["status"]["nodes"][0];
+        assert_eq!(entry["state"], "Fault");
+        assert_eq!(
+            entry["fault"],
+            "spec.addresses: 192.0.2.100/16 has a shorter prefix"
+        );
+        // Every node with a fault of its own writing one condition would overwrite the others'.
+        assert!(body["status"].get("conditions").is_none(), "{body}");
     }
 }
