@@ -14,11 +14,11 @@ use tracing::{info, warn};
 
 use crate::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use crate::dataplane::worker::{self, DataplaneStatus};
-use crate::driver::{Command, Driver};
+use crate::driver::{self, Command, DriverError};
 use crate::engine::Observed;
 use crate::health::{self, CheckKey, CheckSpec, HealthMonitor, HealthReport};
 use crate::k8s::status::StatusWriter;
-use crate::metrics::Metrics;
+use crate::metrics::{Health, Metrics};
 use crate::model::service::ServiceSet;
 use crate::model::{Desired, plan};
 use crate::node::addr::{AddrError, AddressManager};
@@ -70,9 +70,18 @@ pub struct AgentArgs {
     /// How often the dataplane re-reads the kernel to repair changes made behind its back.
     #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
     pub dataplane_resync: Duration,
-    /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`) here; `off` disables.
+    /// Serve Prometheus metrics (`/metrics`), liveness (`/healthz`) and readiness
+    /// (`/readyz`) here; `off` disables. All addresses by default: the agent runs in the
+    /// host network and is scraped at the node's address by Prometheus and probed there by
+    /// the kubelet, whichever interface that is; it serves nothing but read-only figures.
+    /// Bind it to one address (e.g. the node's, from the downward API) to narrow that.
     #[arg(long, env = "FERROVIP_METRICS_ADDR", default_value = "0.0.0.0:9646")]
     pub metrics_addr: String,
+    /// Run the VRRP engine thread in the real-time class SCHED_FIFO at this priority (1-99),
+    /// like keepalived's `vrrp_rt_priority`, so that busy CPUs cannot delay advertisements.
+    /// Needs CAP_SYS_NICE; without it the agent warns and runs at normal priority.
+    #[arg(long, env = "FERROVIP_VRRP_RT_PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub vrrp_rt_priority: Option<u8>,
 }
 
 /// The dataplane for virtual services.
@@ -94,6 +103,8 @@ pub enum AgentError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Kubernetes(#[from] K8sError),
+    #[error(transparent)]
+    Engine(#[from] DriverError),
     #[error("--metrics-addr {0:?} is not an address:port (or `off`)")]
     MetricsAddr(String),
 }
@@ -104,6 +115,7 @@ impl AgentError {
             AgentError::Netlink(_) => "netlink",
             AgentError::Signals(_) => "signals",
             AgentError::Kubernetes(e) => e.metric_label(),
+            AgentError::Engine(e) => e.metric_label(),
             AgentError::MetricsAddr(_) => "metrics_addr",
         }
     }
@@ -140,8 +152,11 @@ impl Signals {
 /// A running agent: the VRRP driver, the dataplane worker, metrics and the source.
 struct Agent {
     commands: mpsc::Sender<Command>,
-    driver_task: tokio::task::JoinHandle<()>,
+    /// Resolves when the engine thread has ended.
+    engine_finished: oneshot::Receiver<()>,
     stop_metrics: oneshot::Sender<()>,
+    /// What `/healthz` and `/readyz` answer from.
+    endpoint_health: Health,
     metrics: Metrics,
     /// `None` until the first complete plan: the dataplane applies nothing before it.
     services: watch::Sender<Option<Arc<ServiceSet>>>,
@@ -152,15 +167,16 @@ struct Agent {
 }
 
 impl Agent {
-    /// Sets everything up: the driver (which first removes what a crashed predecessor left),
-    /// metrics, the dataplane thread, the source (and in Kubernetes mode the status writer).
+    /// Sets everything up: the engine thread (whose driver first removes what a crashed
+    /// predecessor left), metrics, the dataplane thread, the source (and in Kubernetes mode
+    /// the status writer).
     async fn start(args: &AgentArgs) -> Result<Agent, AgentError> {
-        let addresses = AddressManager::connect().map_err(AgentError::Netlink)?;
-        let driver = Driver::start(args.node_name.clone(), addresses).await;
-        let observed = driver.observe();
+        let engine = driver::spawn(args.node_name.clone(), args.vrrp_rt_priority).await?;
+        let observed = engine.observed;
         let metrics = Metrics::new();
-        metrics.attach_vrrp_stats(driver.stats());
-        let stop_metrics = serve_metrics(args, &metrics)?;
+        metrics.attach_vrrp_stats(engine.stats);
+        let endpoint_health = Health::new(engine.heartbeat, engine.readiness);
+        let stop_metrics = serve_metrics(args, &metrics, &endpoint_health)?;
         tokio::spawn(observe_vrrp(observed.clone(), metrics.clone()));
         let (services, services_rx) = watch::channel(None);
         let dataplane_status = match args.dataplane {
@@ -175,8 +191,6 @@ impl Agent {
             )),
             DataplaneKind::None => None,
         };
-        let (commands, commands_rx) = mpsc::channel(16);
-        let driver_task = tokio::spawn(driver.run(commands_rx));
         let (desired, desired_rx) = watch::channel(Arc::new(Desired::default()));
         let source = match &args.manifests {
             Some(path) => {
@@ -208,9 +222,10 @@ impl Agent {
         };
         let (monitor, health) = HealthMonitor::new();
         Ok(Agent {
-            commands,
-            driver_task,
+            commands: engine.commands,
+            engine_finished: engine.finished,
             stop_metrics,
+            endpoint_health,
             metrics,
             services,
             desired,
@@ -244,6 +259,11 @@ impl Agent {
                         return Duration::ZERO;
                     }
                     last = Some(desired);
+                }
+                // Files are read whole; a cluster's snapshot is complete once the
+                // EndpointSlices are listed too (VirtualIPs and Nodes are before it starts).
+                if !snapshot.cluster || snapshot.local.endpoints_known {
+                    self.endpoint_health.plan_published();
                 }
             }
             replan = true;
@@ -330,13 +350,17 @@ impl Agent {
         if self.commands.send(command).await.is_ok() {
             let _ = wait.await;
         }
-        let _ = self.driver_task.await;
+        let _ = self.engine_finished.await;
         let _ = self.stop_metrics.send(());
     }
 }
 
 /// Serves metrics unless `--metrics-addr off`; the sender stops the server.
-fn serve_metrics(args: &AgentArgs, metrics: &Metrics) -> Result<oneshot::Sender<()>, AgentError> {
+fn serve_metrics(
+    args: &AgentArgs,
+    metrics: &Metrics,
+    health: &Health,
+) -> Result<oneshot::Sender<()>, AgentError> {
     let (stop, stopped) = oneshot::channel::<()>();
     if args.metrics_addr == "off" {
         return Ok(stop);
@@ -346,11 +370,12 @@ fn serve_metrics(args: &AgentArgs, metrics: &Metrics) -> Result<oneshot::Sender<
         .parse()
         .map_err(|_| AgentError::MetricsAddr(args.metrics_addr.clone()))?;
     let m = metrics.clone();
+    let health = health.clone();
     tokio::spawn(async move {
         let stopped = async {
             let _ = stopped.await;
         };
-        if let Err(e) = crate::metrics::serve(addr, m, stopped).await {
+        if let Err(e) = crate::metrics::serve(addr, m, health, stopped).await {
             warn!(error = %e, "metrics are not served");
         }
     });

@@ -1,5 +1,8 @@
 //! The VRRP driver: the I/O around the sans-IO [`NodeEngine`].
 //!
+//! The engine runs on its own OS thread with its own current-thread runtime ([`spawn`]), so
+//! planning, watches, status writes and metrics (on the agent's runtime) never delay an
+//! advertisement; optionally at real-time priority (`--vrrp-rt-priority`, SCHED_FIFO).
 //! One task runs the engine: it owns the clock and one precise timer for the engine's
 //! earliest deadline, reads the node's links and sets up what the instances need (VRRP
 //! sockets, virtual-MAC interfaces) before handing the engine a plan, sends advertisements at
@@ -11,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
@@ -22,9 +25,9 @@ use crate::engine::{
     DropReason, Environment, Input, Instances, LinkEnv, LinkFacts, NodeEngine, Observed, Output,
     Requirement, Stats, Transmit, VmacFacts, requirements,
 };
-use crate::node::addr::AddressManager;
+use crate::node::addr::{AddrError, AddressManager};
 use crate::node::link::{MacvlanManager, vmac_name};
-use crate::node::socket::{PreciseTimer, Received, SocketError, VrrpSocket};
+use crate::node::socket::{PreciseTimer, Received, SocketError, VrrpSocket, set_realtime_priority};
 use crate::vocab::Family;
 use crate::vrrp::packet::{Advertisement, virtual_mac};
 
@@ -33,6 +36,146 @@ use crate::vrrp::packet::{Advertisement, virtual_mac};
 const LINK_REFRESH: Duration = Duration::from_secs(2);
 /// Largest VRRP datagram we read: 20-byte IPv4 header (60 with options) + 8 + 255 × 16.
 const RECV_BUFFER: usize = 4200;
+
+/// The engine loop turns at least this often, even with nothing to do, so that its
+/// [`Heartbeat`] proves it is alive.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+
+/// Proof that the engine loop turns: the driver stamps it on every turn of its loop (at
+/// least every [`HEARTBEAT`]); `/healthz` fails when the stamp gets old.
+#[derive(Debug)]
+pub struct Heartbeat {
+    origin: Instant,
+    /// Microseconds from `origin` to the last turn.
+    last: AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        let micros = self.origin.elapsed().as_micros() as u64;
+        self.last.store(micros, Ordering::Relaxed);
+    }
+
+    /// How long ago the engine loop last turned.
+    pub fn age(&self) -> Duration {
+        let last = Duration::from_micros(self.last.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(last)
+    }
+}
+
+/// What readiness needs from the engine: whether it has a plan, and what of its VRRP I/O
+/// could not be set up for it (an interface missing, a socket that did not open).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineReadiness {
+    /// The engine applied a plan (the first `Apply` command).
+    pub applied: bool,
+    /// One line per interface and family the plan needs whose socket is not open.
+    pub missing_sockets: Vec<String>,
+}
+
+/// Errors starting the engine thread.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("cannot start the VRRP engine thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("cannot reach the kernel over netlink from the VRRP engine thread: {0}")]
+    Netlink(#[source] AddrError),
+    #[error("the VRRP engine thread ended while starting")]
+    Died,
+}
+
+impl DriverError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            DriverError::Thread(_) => "thread",
+            DriverError::Netlink(_) => "netlink",
+            DriverError::Died => "died",
+        }
+    }
+}
+
+/// The running engine thread, as the agent sees it.
+pub struct EngineThread {
+    pub commands: mpsc::Sender<Command>,
+    pub observed: watch::Receiver<Observed>,
+    pub stats: Arc<Stats>,
+    pub heartbeat: Arc<Heartbeat>,
+    pub readiness: watch::Receiver<EngineReadiness>,
+    /// Resolves (with an error) when the thread has ended.
+    pub finished: oneshot::Receiver<()>,
+}
+
+/// Starts the engine on its own OS thread, with its own current-thread runtime and netlink
+/// connection, at SCHED_FIFO `rt_priority` when given (a failure to get it is logged, not
+/// fatal). Returns once the driver has cleaned up what a predecessor left and runs.
+pub async fn spawn(node: String, rt_priority: Option<u8>) -> Result<EngineThread, DriverError> {
+    let (started_tx, started_rx) = oneshot::channel();
+    let (finished_tx, finished) = oneshot::channel::<()>();
+    let (commands, commands_rx) = mpsc::channel(16);
+    std::thread::Builder::new()
+        .name("vrrp-engine".into())
+        .spawn(move || {
+            let _finished = finished_tx;
+            if let Some(priority) = rt_priority {
+                match set_realtime_priority(priority) {
+                    Ok(()) => info!(priority, "VRRP engine thread runs at SCHED_FIFO priority"),
+                    Err(e) => {
+                        warn!(priority, error = %e, "cannot give the VRRP engine thread real-time priority (needs CAP_SYS_NICE); it runs at normal priority")
+                    }
+                }
+            }
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = started_tx.send(Err(DriverError::Thread(e)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let addresses = match AddressManager::connect() {
+                    Ok(addresses) => addresses,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(DriverError::Netlink(e)));
+                        return;
+                    }
+                };
+                let driver = Driver::start(node, addresses).await;
+                let handles = (
+                    driver.observe(),
+                    driver.stats(),
+                    driver.heartbeat(),
+                    driver.readiness(),
+                );
+                if started_tx.send(Ok(handles)).is_err() {
+                    return;
+                }
+                driver.run(commands_rx).await;
+            });
+        })
+        .map_err(DriverError::Thread)?;
+    let (observed, stats, heartbeat, readiness) =
+        started_rx.await.map_err(|_| DriverError::Died)??;
+    Ok(EngineThread {
+        commands,
+        observed,
+        stats,
+        heartbeat,
+        readiness,
+        finished,
+    })
+}
 
 /// Commands to the driver.
 pub enum Command {
@@ -117,6 +260,8 @@ pub struct Driver {
     observed: watch::Sender<Observed>,
     drain_buf: Vec<u8>,
     stats: Arc<Stats>,
+    heartbeat: Arc<Heartbeat>,
+    readiness: watch::Sender<EngineReadiness>,
     node: String,
 }
 
@@ -184,6 +329,8 @@ impl Driver {
             observed: watch::Sender::new(Observed::default()),
             drain_buf: Vec::new(),
             stats,
+            heartbeat: Arc::new(Heartbeat::default()),
+            readiness: watch::Sender::new(EngineReadiness::default()),
             node,
         }
     }
@@ -195,6 +342,16 @@ impl Driver {
 
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// Stamped on every turn of [`Driver::run`]'s loop.
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.heartbeat.clone()
+    }
+
+    /// Whether a plan was applied and its sockets are open.
+    pub fn readiness(&self) -> watch::Receiver<EngineReadiness> {
+        self.readiness.subscribe()
     }
 
     /// Runs until a `Shutdown` command (or until every sender is gone, which also shuts down).
@@ -214,7 +371,10 @@ impl Driver {
         let mut armed: Option<Instant> = None;
         let mut refresh = tokio::time::interval(LINK_REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.heartbeat.beat();
             let next = self.engine.deadline();
             if next != armed {
                 match &precise {
@@ -267,6 +427,7 @@ impl Driver {
                 }
                 Some(incoming) = self.incoming_rx.recv() => self.receive(incoming),
                 _ = refresh.tick() => self.refresh().await,
+                _ = heartbeat.tick() => {}
             }
         }
     }
@@ -301,15 +462,29 @@ impl Driver {
         let mut wanted = requirements(&instances);
         wanted.extend(self.engine.requirements());
         let env = self.prepare(&wanted, false).await;
+        let missing_sockets = missing_sockets(&requirements(&instances), &env);
         self.handle(Instant::now(), Input::Apply { instances, env });
         self.close_unused();
+        self.readiness.send_if_modified(|r| {
+            let new = EngineReadiness {
+                applied: true,
+                missing_sockets,
+            };
+            std::mem::replace(r, new.clone()) != new
+        });
     }
 
     async fn refresh(&mut self) {
         let wanted = self.engine.requirements();
         let env = self.prepare(&wanted, true).await;
+        let missing = missing_sockets(&wanted, &env);
         self.handle(Instant::now(), Input::Refresh(env));
         self.close_unused();
+        self.readiness.send_if_modified(|r| {
+            let changed = r.missing_sockets != missing;
+            r.missing_sockets = missing;
+            changed
+        });
     }
 
     async fn stop(&mut self, input: Input) {
@@ -568,6 +743,29 @@ impl Driver {
         }
         self.drain_buf = buf;
     }
+}
+
+/// The interfaces and families of `wanted` without an open socket, in words.
+fn missing_sockets(wanted: &[Requirement], env: &Environment) -> Vec<String> {
+    let needed: BTreeSet<(&Arc<str>, Family)> =
+        wanted.iter().map(|r| (&r.interface, r.family)).collect();
+    needed
+        .into_iter()
+        .filter_map(|(interface, family)| {
+            let why = match env
+                .links
+                .get(interface)
+                .map(|l| (&l.facts, l.sockets.get(&family)))
+            {
+                None => "not set up".to_owned(),
+                Some((Err(e), _)) => e.clone(),
+                Some((Ok(_), Some(Ok(())))) => return None,
+                Some((Ok(_), Some(Err(e)))) => e.clone(),
+                Some((Ok(_), None)) => "no socket".to_owned(),
+            };
+            Some(format!("{interface} {family}: {why}"))
+        })
+        .collect()
 }
 
 /// Reads one socket until aborted: checks TTL, decodes, drops our own packets.

@@ -1888,4 +1888,125 @@ fn wide_prefixes_and_allowlists_without_a_peer_of_a_family_are_refused_and_logge
         vrids.contains(&(53, false)) && !vrids.iter().any(|v| v.0 == 52 || *v == (54, true)),
         "no advert of the refused wide VIP nor of closed's IPv6 instance: {vrids:?}"
     );
+
+// Probes and the engine thread
+
+/// Status and body of one GET to the agent's endpoint on `node`, with its latency.
+fn probe(c: &Cluster, node: usize, path: &str) -> (String, String, Duration) {
+    let started = Instant::now();
+    let out = c
+        .lab
+        .exec(
+            node,
+            &[
+                "curl",
+                "-s",
+                "-m",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:9646{path}"),
+            ],
+        )
+        .expect("curl");
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_owned(), body.to_owned(), took)
+}
+
+/// The scheduling policy and real-time priority of the agent's thread named `name`
+/// (/proc/<pid>/task/<tid>/stat fields 41 and 40).
+fn thread_policy(pid: u32, name: &str) -> Option<(u32, u32)> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // Fields after the parenthesised command name, which may hold spaces.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        // `rest` starts at field 3 (state): field n is fields[n - 3].
+        return Some((fields[41 - 3].parse().ok()?, fields[40 - 3].parse().ok()?));
+    }
+    None
+}
+
+#[test]
+fn probes_reflect_sockets_outlast_idle_clients_and_the_engine_thread_runs_at_rt_priority() {
+    let web = VipDoc::web();
+    // A second VirtualIP on an interface the node does not have yet.
+    let side = VipDoc::new("side", "198.51.100.10/24", 52)
+        .yaml()
+        .replace("interface: eth0", "interface: eth1");
+    let mut c = Cluster::new(1, false);
+    write_atomic(&c.manifests, &format!("{}---\n{side}", web.yaml()));
+    c.extra[0] = vec!["--vrrp-rt-priority".into(), "10".into()];
+    c.start(0);
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+
+    // The engine thread, and only it, is SCHED_FIFO (policy 1) at priority 10.
+    let pid = c.lab.pid(c.agent(0)).expect("agent pid");
+    assert_eq!(thread_policy(pid, "vrrp-engine"), Some((1, 10)));
+    assert_eq!(thread_policy(pid, "ferrovip"), Some((0, 0)));
+    assert_eq!(
+        c.count_log(0, &|l| msg(l)
+            == "VRRP engine thread runs at SCHED_FIFO priority"),
+        1
+    );
+
+    // Live, but not ready: eth1 has no VRRP socket.
+    let (code, body, _) = probe(&c, 0, "/healthz");
+    assert_eq!((code.as_str(), body.as_str()), ("200", "ok\n"));
+    let (code, body, _) = probe(&c, 0, "/readyz");
+    assert_eq!(code, "503", "{body}");
+    assert!(body.starts_with("no VRRP socket on eth1 IPv4: "), "{body}");
+    // Once eth1 exists, the next link refresh opens its socket: ready.
+    c.exec_ok(0, &["ip", "link", "add", "eth1", "type", "dummy"]);
+    c.exec_ok(0, &["ip", "addr", "add", "198.51.100.1/24", "dev", "eth1"]);
+    c.exec_ok(0, &["ip", "link", "set", "eth1", "up"]);
+    wait_until("/readyz turns 200", Duration::from_secs(6), || {
+        probe(&c, 0, "/readyz").0 == "200"
+    });
+
+    // Clients holding idle connections (silent, half a request head, or kept alive after a
+    // request), five times the server's 64 slots, do not keep probes out.
+    let netns = c.node(0).netns.clone();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let ns = ferrovip::lab::netns::open_netns(&netns).expect("open the node's netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let mut held = Vec::new();
+        for i in 0..320 {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9646").expect("connect");
+            match i % 3 {
+                0 => {}
+                1 => s.write_all(b"GET /metrics HTTP/1.1\r\nHo").unwrap(),
+                _ => {
+                    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                        .unwrap();
+                    let mut buf = [0u8; 512];
+                    let _ = s.read(&mut buf).unwrap();
+                }
+            }
+            held.push(s);
+        }
+        held_tx.send(held.len()).unwrap();
+        let _ = release_rx.recv();
+    });
+    assert_eq!(held_rx.recv().unwrap(), 320);
+    for _ in 0..5 {
+        let (code, body, took) = probe(&c, 0, "/healthz");
+        assert_eq!((code.as_str(), body.as_str()), ("200", "ok\n"));
+        // curl's own start in the namespace is most of this.
+        assert!(took < Duration::from_millis(1500), "probe took {took:?}");
+    }
+    assert_eq!(probe(&c, 0, "/readyz").0, "200");
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    c.assert_running(0);
 }

@@ -4,7 +4,8 @@
 //! bound to the device, joins the VRRP group, sends with TTL / hop limit 255 and reports the
 //! received TTL so the driver can drop packets that crossed a router (RFC 5798 §7.1). Our own
 //! multicast is not looped back. Options and messages go through socket2's and nix's safe
-//! wrappers; the one `unsafe` is tokio's fd registration.
+//! wrappers; the `unsafe` is tokio's fd registration, and `sched_setscheduler` for the
+//! engine thread's real-time priority (neither nix nor std wraps it).
 #![allow(unsafe_code)]
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -327,6 +328,24 @@ fn sender_socket(interface: &str, ifindex: u32, family: Family) -> io::Result<So
         }
     }
     Ok(socket)
+}
+
+/// Puts the calling thread (only it: Linux schedules threads, and `pid` 0 names the caller)
+/// in the real-time class SCHED_FIFO at `priority` (1-99), as keepalived's
+/// `vrrp_rt_priority` does for its VRRP process: it then runs as soon as it wakes, ahead of
+/// every normal thread, so CPU-bound work elsewhere cannot delay an advertisement.
+pub fn set_realtime_priority(priority: u8) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
+    // SAFETY: sched_setscheduler reads the sched_param it is given for the duration of the
+    // call only, and `param` lives until the call returns.
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A timer with microsecond precision on the monotonic clock (a timerfd), for the engine's
