@@ -1543,12 +1543,12 @@ mod tests {
         health.plan_published();
         engine.send_replace(EngineReadiness {
             applied: true,
-            missing_sockets: vec!["eth1 IPv4: interface not found".into()],
+            missing_sockets: vec!["eth1 ipv4: interface eth1 not found".into()],
         });
         let socketless = get(server.addr, "/readyz").await;
         assert_eq!(
             (socketless.status, socketless.body.as_str()),
-            (503, "no VRRP socket on eth1 IPv4: interface not found\n")
+            (503, "no VRRP socket on eth1 ipv4: interface eth1 not found\n")
         );
         engine.send_replace(EngineReadiness {
             applied: true,

@@ -1962,10 +1962,14 @@ fn probes_reflect_sockets_outlast_idle_clients_and_the_engine_thread_runs_at_rt_
     assert_eq!((code.as_str(), body.as_str()), ("200", "ok\n"));
     let (code, body, _) = probe(&c, 0, "/readyz");
     assert_eq!(code, "503", "{body}");
-    assert!(body.starts_with("no VRRP socket on eth1 IPv4: "), "{body}");
+    assert!(body.starts_with("no VRRP socket on eth1 ipv4: "), "{body}");
     // Once eth1 exists, the next link refresh opens its socket: ready.
-    c.exec_ok(0, &["ip", "link", "add", "eth1", "type", "dummy"]);
+    c.exec_ok(
+        0,
+        &["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p"],
+    );
     c.exec_ok(0, &["ip", "addr", "add", "198.51.100.1/24", "dev", "eth1"]);
+    c.exec_ok(0, &["ip", "link", "set", "eth1p", "up"]);
     c.exec_ok(0, &["ip", "link", "set", "eth1", "up"]);
     wait_until("/readyz turns 200", Duration::from_secs(6), || {
         probe(&c, 0, "/readyz").0 == "200"
