@@ -371,14 +371,34 @@ fn serve_metrics(
         .map_err(|_| AgentError::MetricsAddr(args.metrics_addr.clone()))?;
     let m = metrics.clone();
     let health = health.clone();
-    tokio::spawn(async move {
-        let stopped = async {
-            let _ = stopped.await;
-        };
-        if let Err(e) = crate::metrics::serve(addr, m, health, stopped).await {
-            warn!(error = %e, "metrics are not served");
-        }
-    });
+    // Its own thread and runtime: planning a large snapshot runs on the agent's runtime for
+    // as long as it takes, and a probe must not wait for it (the kubelet would restart a
+    // busy agent). Ends with its runtime when `stop` is sent or dropped.
+    let spawned = std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    warn!(error = %e, "metrics are not served: cannot start their runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let stopped = async {
+                    let _ = stopped.await;
+                };
+                if let Err(e) = crate::metrics::serve(addr, m, health, stopped).await {
+                    warn!(error = %e, "metrics are not served");
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "metrics are not served: cannot start their thread");
+    }
     Ok(stop)
 }
 

@@ -1548,7 +1548,10 @@ mod tests {
         let socketless = get(server.addr, "/readyz").await;
         assert_eq!(
             (socketless.status, socketless.body.as_str()),
-            (503, "no VRRP socket on eth1 ipv4: interface eth1 not found\n")
+            (
+                503,
+                "no VRRP socket on eth1 ipv4: interface eth1 not found\n"
+            )
         );
         engine.send_replace(EngineReadiness {
             applied: true,

@@ -1966,7 +1966,9 @@ fn probes_reflect_sockets_outlast_idle_clients_and_the_engine_thread_runs_at_rt_
     // Once eth1 exists, the next link refresh opens its socket: ready.
     c.exec_ok(
         0,
-        &["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p"],
+        &[
+            "ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p",
+        ],
     );
     c.exec_ok(0, &["ip", "addr", "add", "198.51.100.1/24", "dev", "eth1"]);
     c.exec_ok(0, &["ip", "link", "set", "eth1p", "up"]);
