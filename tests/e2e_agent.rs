@@ -1888,7 +1888,9 @@ fn wide_prefixes_and_allowlists_without_a_peer_of_a_family_are_refused_and_logge
         vrids.contains(&(53, false)) && !vrids.iter().any(|v| v.0 == 52 || *v == (54, true)),
         "no advert of the refused wide VIP nor of closed's IPv6 instance: {vrids:?}"
     );
+}
 
+// ---------------------------------------------------------------------------------------------
 // Probes and the engine thread
 
 /// Status and body of one GET to the agent's endpoint on `node`, with its latency.
