@@ -27,7 +27,6 @@
 
 mod common;
 use common::*;
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -288,7 +287,7 @@ struct Report {
 
 impl Report {
     fn table(&self) -> String {
-        let mut table = Table::new(16);
+        let mut table = Table::new(21);
         let columns: Vec<String> = self
             .results
             .iter()

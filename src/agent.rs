@@ -254,7 +254,10 @@ impl Agent {
                 snapshot.local.failing_checks = failing_checks(&self.health.borrow_and_update());
                 let desired = plan(&snapshot, &args.node_name);
                 if last.as_ref() != Some(&desired) {
-                    if !self.publish(&desired, &mut refused_checks).await {
+                    if !self
+                        .publish(&desired, last.as_ref(), &mut refused_checks)
+                        .await
+                    {
                         warn!("the VRRP engine stopped unexpectedly");
                         return Duration::ZERO;
                     }
@@ -294,7 +297,12 @@ impl Agent {
 
     /// Hands a new plan to the driver, the health monitor, the dataplane, metrics and status.
     /// False when the driver is gone.
-    async fn publish(&mut self, desired: &Desired, refused_checks: &mut Vec<String>) -> bool {
+    async fn publish(
+        &mut self,
+        desired: &Desired,
+        previous: Option<&Desired>,
+        refused_checks: &mut Vec<String>,
+    ) -> bool {
         self.source.report_refusals(desired);
         let refused: Vec<String> = self
             .monitor
@@ -308,11 +316,16 @@ impl Agent {
             }
             *refused_checks = refused;
         }
-        if self
-            .commands
-            .send(Command::Apply(desired.instances.clone()))
-            .await
-            .is_err()
+        // The engine thread hears of a plan only when its instances changed: a storm of
+        // changes to services, checks or refusals costs it nothing (with 1,000 VirtualIPs,
+        // converging to an identical plan delayed adverts by milliseconds).
+        let instances_changed = previous.is_none_or(|p| p.instances != desired.instances);
+        if instances_changed
+            && self
+                .commands
+                .send(Command::Apply(desired.instances.clone()))
+                .await
+                .is_err()
         {
             return false;
         }
