@@ -25,6 +25,8 @@
 //! Variants: `ours` and `keepalived` at normal priority; `ours-rt` runs the agent with
 //! `--vrrp-rt-priority N`, `keepalived-rt` keepalived with `vrrp_rt_priority N` (SCHED_FIFO).
 
+// Shared with the other benchmarks; this one uses part of it.
+#[allow(dead_code)]
 mod common;
 use common::*;
 use std::fmt::Write as _;
