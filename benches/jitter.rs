@@ -89,6 +89,10 @@ struct Args {
     /// Leave out the status storm (ours).
     #[arg(long)]
     no_storm: bool,
+    /// Extra environment for our agent, `KEY=VALUE` (e.g. glibc malloc tunables), to test
+    /// what changes the jitter.
+    #[arg(long)]
+    agent_env: Vec<String>,
     /// Added by `cargo bench`; `cargo test --benches` runs the binary without it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -709,7 +713,9 @@ impl Bed {
             let id = if variant.ours() {
                 let dir = dir.to_string_lossy().into_owned();
                 let rt = rt.map(|p| p.to_string());
-                let mut argv = vec![
+                let mut argv = vec!["env"];
+                argv.extend(args.agent_env.iter().map(String::as_str));
+                argv.extend([
                     AGENT_BINARY,
                     "agent",
                     "--node-name",
@@ -720,7 +726,7 @@ impl Bed {
                     STORM_POLL,
                     "--dataplane",
                     "none",
-                ];
+                ]);
                 if let Some(rt) = &rt {
                     argv.extend(["--vrrp-rt-priority", rt]);
                 }
