@@ -263,11 +263,9 @@ impl Agent {
                     }
                     last = Some(desired);
                 }
-                // Files are read whole; a cluster's snapshot is complete once the
-                // EndpointSlices are listed too (VirtualIPs and Nodes are before it starts).
-                if !snapshot.cluster || snapshot.local.endpoints_known {
-                    self.endpoint_health.plan_published();
-                }
+                // Ready for /readyz: a plan from a usable snapshot (every watch listed, the
+                // manifests read, or the saved one during an API outage) was published.
+                self.endpoint_health.plan_published();
             }
             replan = true;
             tokio::select! {
