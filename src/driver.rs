@@ -27,7 +27,9 @@ use crate::engine::{
 };
 use crate::node::addr::{AddrError, AddressManager};
 use crate::node::link::{MacvlanManager, vmac_name};
-use crate::node::socket::{PreciseTimer, Received, SocketError, VrrpSocket, set_realtime_priority};
+use crate::node::socket::{
+    PreciseTimer, Received, SocketError, VrrpSocket, pin_memory, set_realtime_priority,
+};
 use crate::vocab::Family;
 use crate::vrrp::packet::{Advertisement, virtual_mac};
 
@@ -126,6 +128,11 @@ pub async fn spawn(node: String, rt_priority: Option<u8>) -> Result<EngineThread
         .spawn(move || {
             let _finished = finished_tx;
             if let Some(priority) = rt_priority {
+                for problem in pin_memory() {
+                    warn!(%problem, "the VRRP engine may stall on memory-map locks under load");
+                }
+                // Touch the stack the engine will use, so its pages are locked before it runs.
+                std::hint::black_box([0u8; 64 * 1024]);
                 match set_realtime_priority(priority) {
                     Ok(()) => info!(priority, "VRRP engine thread runs at SCHED_FIFO priority"),
                     Err(e) => {

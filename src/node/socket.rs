@@ -4,8 +4,8 @@
 //! bound to the device, joins the VRRP group, sends with TTL / hop limit 255 and reports the
 //! received TTL so the driver can drop packets that crossed a router (RFC 5798 §7.1). Our own
 //! multicast is not looped back. Options and messages go through socket2's and nix's safe
-//! wrappers; the `unsafe` is tokio's fd registration, and `sched_setscheduler` for the
-//! engine thread's real-time priority (neither nix nor std wraps it).
+//! wrappers; the `unsafe` is tokio's fd registration, and `sched_setscheduler`, `mlockall`
+//! and `mallopt` for the engine thread's real-time priority (neither nix nor std wraps them).
 #![allow(unsafe_code)]
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -346,6 +346,44 @@ pub fn set_realtime_priority(priority: u8) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// For a real-time engine thread, as keepalived does with its realtime priority: locks the
+/// process's pages in memory as they are touched (`mlockall(MCL_CURRENT | MCL_FUTURE |
+/// MCL_ONFAULT)`, so nothing the engine uses is swapped out, without faulting in every
+/// mapping up front) and stops glibc from handing freed memory back to the kernel (trim and
+/// mmap thresholds raised). Unmapping and trimming take the process's memory-map lock for
+/// writing; a normal-priority thread preempted while holding it stalls a real-time thread
+/// that page-faults or allocates meanwhile. Returns what could not be done.
+pub fn pin_memory() -> Vec<String> {
+    let mut failed = Vec::new();
+    // SAFETY: mlockall takes flags only and touches no memory of ours.
+    let locked =
+        unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+    if locked != 0 {
+        failed.push(format!(
+            "mlockall: {} (needs CAP_IPC_LOCK or a large RLIMIT_MEMLOCK)",
+            io::Error::last_os_error()
+        ));
+    }
+    #[cfg(target_env = "gnu")]
+    for (param, name) in [
+        (libc::M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD"),
+        (libc::M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD"),
+    ] {
+        // 64 MiB: glibc caps the mmap threshold at 32 MiB on 64-bit (HEAP_MAX/2) and refuses
+        // more, so that one is set to its maximum.
+        let value = if param == libc::M_MMAP_THRESHOLD {
+            32 << 20
+        } else {
+            64 << 20
+        };
+        // SAFETY: mallopt takes two integers; glibc serialises it with its arena locks.
+        if unsafe { libc::mallopt(param, value) } != 1 {
+            failed.push(format!("mallopt({name}) refused"));
+        }
+    }
+    failed
 }
 
 /// A timer with microsecond precision on the monotonic clock (a timerfd), for the engine's
