@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::model::service::ServiceSet;
 use crate::model::{Desired, plan};
 use crate::node::addr::{AddrError, AddressManager};
+use crate::node::ownership::OwnershipMode;
 use crate::source::Source;
 use crate::source::cluster::{self, ClusterSource, K8sError};
 
@@ -62,9 +63,37 @@ pub struct AgentArgs {
     /// How often the dataplane re-reads the kernel to repair changes made behind its back.
     #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
     pub dataplane_resync: Duration,
+    /// The lifetime the master gives its virtual addresses and renews (whole seconds), so
+    /// that the kernel removes them by itself within about this long when the agent dies or
+    /// hangs. `0s` keeps them forever (as keepalived does).
+    #[arg(long, env = "FERROVIP_ADDRESS_LIFETIME", default_value = "1s", value_parser = parse_duration_arg)]
+    pub address_lifetime: Duration,
+    /// How the agent recognises its addresses: `auto` (the kernel's IFA_PROTO mark where the
+    /// kernel keeps it, Linux ≥ 6.1, else the state directory's record), or forced. Hidden:
+    /// for tests of the fallback on a new kernel.
+    #[arg(long, env = "FERROVIP_ADDRESS_OWNERSHIP", default_value = "auto", hide = true)]
+    pub address_ownership: AddressOwnership,
     /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`) here; `off` disables.
     #[arg(long, env = "FERROVIP_METRICS_ADDR", default_value = "0.0.0.0:9646")]
     pub metrics_addr: String,
+}
+
+/// `--address-ownership`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AddressOwnership {
+    Auto,
+    KernelMark,
+    StateDir,
+}
+
+impl AddressOwnership {
+    fn mode(self) -> Option<OwnershipMode> {
+        match self {
+            AddressOwnership::Auto => None,
+            AddressOwnership::KernelMark => Some(OwnershipMode::KernelMark),
+            AddressOwnership::StateDir => Some(OwnershipMode::StateDir),
+        }
+    }
 }
 
 /// The dataplane for virtual services.
@@ -146,8 +175,19 @@ impl Agent {
     /// Sets everything up: the driver (which first removes what a crashed predecessor left),
     /// metrics, the dataplane thread, the source (and in Kubernetes mode the status writer).
     async fn start(args: &AgentArgs) -> Result<Agent, AgentError> {
-        let addresses = AddressManager::connect().map_err(AgentError::Netlink)?;
-        let driver = Driver::start(args.node_name.clone(), addresses).await;
+        let addresses =
+            AddressManager::connect_with_record(&args.state_dir, args.address_ownership.mode())
+                .await
+                .map_err(AgentError::Netlink)?;
+        info!(
+            ownership = addresses.mode().as_str(),
+            record = %addresses.record_path().unwrap_or_default().display(),
+            "how this agent recognises its addresses"
+        );
+        let lifetime = Some(args.address_lifetime).filter(|l| !l.is_zero());
+        let driver = Driver::start(args.node_name.clone(), addresses)
+            .await
+            .with_address_lifetime(lifetime);
         let observed = driver.observe();
         let metrics = Metrics::new();
         metrics.attach_vrrp_stats(driver.stats());
@@ -340,10 +380,11 @@ fn serve_metrics(args: &AgentArgs, metrics: &Metrics) -> Result<oneshot::Sender<
 /// Removes what agents put in this node's kernel, for a node that stops running ferrovip
 /// (the agent itself leaves IPVS in place across restarts): the IPVS services listed in
 /// `state_dir`, the nftables table (restoring the sysctls recorded there) and the addresses
-/// marked as ours. Returns one line per thing done.
+/// that are ours (marked, or recorded in `state_dir`). Returns one line per thing done.
 pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
     use crate::dataplane::Dataplane;
     let mut done = Vec::new();
+    let state_dir_of_addresses = state_dir.clone();
     let mut dataplane = IpvsDataplane::new(IpvsOptions {
         state_dir,
         ..IpvsOptions::default()
@@ -359,7 +400,9 @@ pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
     for failure in &report.failures {
         done.push(format!("ipvs: {}", failure.error));
     }
-    let addresses = AddressManager::connect().map_err(AgentError::Netlink)?;
+    let addresses = AddressManager::connect_with_record(&state_dir_of_addresses, None)
+        .await
+        .map_err(AgentError::Netlink)?;
     let removed = addresses
         .remove_all_owned_except(&Default::default())
         .await

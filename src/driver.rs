@@ -22,7 +22,7 @@ use crate::engine::{
     DropReason, Environment, Input, Instances, LinkEnv, LinkFacts, NodeEngine, Observed, Output,
     Requirement, Stats, Transmit, VmacFacts, requirements,
 };
-use crate::node::addr::AddressManager;
+use crate::node::addr::{AddressEvent, AddressManager, AddressWatcher};
 use crate::node::link::{MacvlanManager, vmac_name};
 use crate::node::socket::{PreciseTimer, Received, SocketError, VrrpSocket};
 use crate::vocab::Family;
@@ -58,6 +58,7 @@ enum Effect {
     Add {
         ifindex: u32,
         nets: Vec<IpNet>,
+        lifetime: Option<Duration>,
     },
     Remove {
         ifindex: u32,
@@ -71,11 +72,21 @@ enum Effect {
     },
     DeleteLink {
         name: Arc<str>,
+        index: Option<u32>,
     },
     Lifetime {
         ifindex: u32,
         nets: Vec<IpNet>,
         lifetime: Option<Duration>,
+    },
+    Hold {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+        hold: Duration,
+    },
+    Renew {
+        lifetime: Duration,
+        addresses: Vec<(u32, IpNet)>,
     },
     Barrier(oneshot::Sender<()>),
 }
@@ -118,18 +129,28 @@ pub struct Driver {
     drain_buf: Vec<u8>,
     stats: Arc<Stats>,
     node: String,
+    /// Removed addresses (notifications) and failed adds (effects task), for the engine.
+    address_events: mpsc::UnboundedReceiver<AddressEvent>,
 }
 
 impl Driver {
     /// Creates the driver, its engine and its effects task. Removes addresses a crashed
     /// predecessor left behind (marked as ours) before anything starts.
     pub async fn start(node: String, addresses: AddressManager) -> Driver {
-        // Addresses a restarting predecessor held (finite lifetime) wait for adoption; all
-        // other marked addresses are crash leftovers.
-        let held: HashSet<(u32, IpNet)> = match addresses.list_held().await {
-            Ok(held) => held.into_iter().collect(),
+        // Addresses a restarting predecessor recorded as held wait for adoption; all other
+        // addresses of ours are crash leftovers.
+        let held: HashSet<(u32, IpNet)> = match addresses.take_over(SystemTime::now()).await {
+            Ok((held, removed)) => {
+                if !removed.is_empty() {
+                    info!(
+                        count = removed.len(),
+                        "removed addresses left behind by a previous agent"
+                    );
+                }
+                held
+            }
             Err(e) => {
-                warn!(error = %e, "cannot list addresses held by a previous agent");
+                warn!(error = %e, "could not clean up addresses left behind");
                 HashSet::new()
             }
         };
@@ -139,15 +160,9 @@ impl Driver {
                 "addresses held by the previous agent wait for adoption"
             );
         }
-        match addresses.remove_all_owned_except(&held).await {
-            Ok(removed) if !removed.is_empty() => {
-                info!(
-                    count = removed.len(),
-                    "removed addresses left behind by a previous agent"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "could not clean up addresses left behind"),
+        let (address_tx, address_events) = mpsc::unbounded_channel();
+        if let Err(e) = AddressWatcher::spawn(address_tx.clone()) {
+            warn!(error = %e, "cannot read address notifications: a virtual address that disappears is not put back until its next renewal");
         }
         let macvlans = MacvlanManager::new(addresses.handle().clone());
         match macvlans.list_owned().await {
@@ -161,7 +176,12 @@ impl Driver {
             Err(e) => warn!(error = %e, "cannot list virtual-MAC interfaces left behind"),
         }
         let (effects, effects_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_effects(addresses.clone(), macvlans.clone(), effects_rx));
+        tokio::spawn(run_effects(
+            addresses.clone(),
+            macvlans.clone(),
+            effects_rx,
+            address_tx,
+        ));
         let (incoming_tx, incoming_rx) = mpsc::channel(4096);
         let stats = Arc::new(Stats::default());
         let engine = NodeEngine::new(
@@ -185,7 +205,15 @@ impl Driver {
             drain_buf: Vec::new(),
             stats,
             node,
+            address_events,
         }
+    }
+
+    /// Masters' addresses get this lifetime and the engine renews it (see
+    /// [`NodeEngine::set_address_lifetime`]); `None` keeps them forever.
+    pub fn with_address_lifetime(mut self, lifetime: Option<Duration>) -> Driver {
+        self.engine.set_address_lifetime(lifetime);
+        self
     }
 
     /// Instance states as they change (state, master, priority, faults).
@@ -266,6 +294,7 @@ impl Driver {
                     armed = None;
                 }
                 Some(incoming) = self.incoming_rx.recv() => self.receive(incoming),
+                Some(event) = self.address_events.recv() => self.address_event(event),
                 _ = refresh.tick() => self.refresh().await,
             }
         }
@@ -294,6 +323,22 @@ impl Driver {
                 advertisement: incoming.advertisement,
             },
         );
+    }
+
+    fn address_event(&mut self, event: AddressEvent) {
+        let input = match event {
+            AddressEvent::Removed { index, net } => Input::AddressRemoved {
+                ifindex: index,
+                net,
+            },
+            AddressEvent::Failed { index, net, error } => Input::AddressFailed {
+                ifindex: index,
+                net,
+                error,
+            },
+            AddressEvent::Lost => Input::AddressEventsLost,
+        };
+        self.handle(Instant::now(), input);
     }
 
     async fn apply(&mut self, instances: Instances) {
@@ -470,7 +515,27 @@ impl Driver {
     fn execute(&mut self, output: Output) {
         let effect = match output {
             Output::Send(transmit) => return self.send(&transmit),
-            Output::AddAddresses { ifindex, nets } => Effect::Add { ifindex, nets },
+            Output::AddAddresses { ifindex, nets } => Effect::Add {
+                ifindex,
+                nets,
+                lifetime: self.engine.address_lifetime(),
+            },
+            Output::HoldAddresses {
+                ifindex,
+                nets,
+                hold,
+            } => Effect::Hold {
+                ifindex,
+                nets,
+                hold,
+            },
+            Output::RenewAddresses {
+                lifetime,
+                addresses,
+            } => Effect::Renew {
+                lifetime,
+                addresses,
+            },
             Output::RemoveAddresses { ifindex, nets } => Effect::Remove { ifindex, nets },
             Output::SetLifetime {
                 ifindex,
@@ -493,8 +558,8 @@ impl Driver {
                 source_v6,
             },
             Output::DeleteVmac { name } => {
-                self.vmacs.remove(&name);
-                Effect::DeleteLink { name }
+                let index = self.vmacs.remove(&name).map(|v| v.facts.index);
+                Effect::DeleteLink { name, index }
             }
             // Logged by the engine.
             Output::Transition { .. } => return,
@@ -625,13 +690,58 @@ async fn run_effects(
     addresses: AddressManager,
     macvlans: MacvlanManager,
     mut rx: mpsc::UnboundedReceiver<Effect>,
+    failures: mpsc::UnboundedSender<AddressEvent>,
 ) {
+    let mut record_error = false;
     while let Some(effect) = rx.recv().await {
         match effect {
-            Effect::Add { ifindex, nets } => {
+            Effect::Add {
+                ifindex,
+                nets,
+                lifetime,
+            } => {
                 for net in nets {
-                    if let Err(e) = addresses.add(ifindex, net).await {
+                    if let Err(e) = addresses.add_with_lifetime(ifindex, net, lifetime).await {
                         warn!(address = %net, error = %e, "cannot add virtual address");
+                        let _ = failures.send(AddressEvent::Failed {
+                            index: ifindex,
+                            net,
+                            error: e.to_string(),
+                        });
+                    }
+                }
+            }
+            Effect::Renew {
+                lifetime,
+                addresses: wanted,
+            } => {
+                let manager = addresses.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || manager.renew(&wanted, lifetime)).await;
+                match result {
+                    Ok(Ok(report)) => {
+                        for (index, net, errno) in report.failed {
+                            let error = std::io::Error::from_raw_os_error(errno);
+                            warn!(address = %net, error = %error, "cannot renew virtual address");
+                            let _ = failures.send(AddressEvent::Failed {
+                                index,
+                                net,
+                                error: error.to_string(),
+                            });
+                        }
+                    }
+                    Ok(Err(e)) => warn!(error = %e, "cannot renew virtual addresses"),
+                    Err(e) => warn!(error = %e, "address renewal task failed"),
+                }
+            }
+            Effect::Hold {
+                ifindex,
+                nets,
+                hold,
+            } => {
+                for net in nets {
+                    if let Err(e) = addresses.hold(ifindex, net, hold).await {
+                        warn!(address = %net, error = %e, "cannot hold virtual address for the next agent");
                     }
                 }
             }
@@ -670,14 +780,30 @@ async fn run_effects(
                     }
                 }
             }
-            Effect::DeleteLink { name } => {
+            Effect::DeleteLink { name, index } => {
                 if let Err(e) = macvlans.delete_link(&name).await {
                     warn!(interface = %name, error = %e, "cannot remove virtual-MAC interface");
                 }
+                if let Some(index) = index {
+                    addresses.forget_interface(index);
+                }
             }
             Effect::Barrier(done) => {
+                // Everything before the barrier is done, its record included.
+                if let Err(e) = addresses.flush_record() {
+                    warn!(error = %e, "cannot record the agent's addresses");
+                }
                 let _ = done.send(());
             }
+        }
+        // The record follows every change of our addresses (a write only when it changed).
+        match addresses.flush_record() {
+            Ok(()) => record_error = false,
+            Err(e) if !record_error => {
+                warn!(error = %e, "cannot record the agent's addresses; a restarted agent may not recognise them");
+                record_error = true;
+            }
+            Err(_) => {}
         }
     }
 }

@@ -478,7 +478,10 @@ impl Lan {
                         reason,
                     });
                 }
-                Output::SetLifetime { .. } | Output::DeleteVmac { .. } => {
+                Output::RenewAddresses { .. } => {}
+                Output::SetLifetime { .. }
+                | Output::HoldAddresses { .. }
+                | Output::DeleteVmac { .. } => {
                     panic!("node {node}: unexpected {output:?}")
                 }
             }
