@@ -160,11 +160,12 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The inode of this process's network namespace: constant for the host's namespace
+/// The inode of the calling thread's network namespace: constant for the host's namespace
 /// (4026531840 on every boot) and unique among the namespaces that exist at one time.
 fn netns_id() -> String {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/net")
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .or_else(|_| std::fs::metadata("/proc/self/ns/net"))
         .map(|m| m.ino().to_string())
         .unwrap_or_else(|_| "unknown".into())
 }
