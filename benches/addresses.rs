@@ -206,13 +206,12 @@ fn inner(o: &Options) -> Result<(), String> {
             renew_ms.push(t);
         }
         println!(
-            "median of {} rounds: {:.1} sendmsg/s, {:.0} requests/s, renewal {:.2} ms, CPU {:.1}% of one core, {} notifications read",
+            "median of {} rounds: {:.1} sendmsg/s, {:.0} requests/s, renewal {:.2} ms, CPU {:.1}% of one core",
             o.rounds,
             median(&mut sendmsg_rate),
             median(&mut request_rate),
             median(&mut renew_ms),
             median(&mut cpu_share),
-            notified.load(Ordering::Relaxed)
         );
         let present: HashSet<(u32, IpNet)> = manager
             .list_owned()
@@ -259,6 +258,11 @@ fn inner(o: &Options) -> Result<(), String> {
                 times[times.len() - 1]
             );
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        println!(
+            "the notification reader reported {} removals",
+            notified.load(Ordering::Relaxed)
+        );
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     })
