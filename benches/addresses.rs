@@ -82,11 +82,23 @@ fn main() -> ExitCode {
         ip(&["-n", &ns, "link", "set", "bench0", "up"]);
         ip(&["-n", &ns, "link", "set", "bench1", "up"]);
         let me = std::env::current_exe().expect("own path");
-        let (vips, rounds, seconds) = (o.vips.to_string(), o.rounds.to_string(), o.seconds.to_string());
+        let (vips, rounds, seconds) = (
+            o.vips.to_string(),
+            o.rounds.to_string(),
+            o.seconds.to_string(),
+        );
         Command::new("ip")
             .args(["netns", "exec", &ns])
             .arg(me)
-            .args([INNER, "--vips", &vips, "--rounds", &rounds, "--seconds", &seconds])
+            .args([
+                INNER,
+                "--vips",
+                &vips,
+                "--rounds",
+                &rounds,
+                "--seconds",
+                &seconds,
+            ])
             .status()
             .map(|s| s.success())
             .unwrap_or(false)

@@ -71,7 +71,12 @@ pub struct AgentArgs {
     /// How the agent recognises its addresses: `auto` (the kernel's IFA_PROTO mark where the
     /// kernel keeps it, Linux ≥ 6.1, else the state directory's record), or forced. Hidden:
     /// for tests of the fallback on a new kernel.
-    #[arg(long, env = "FERROVIP_ADDRESS_OWNERSHIP", default_value = "auto", hide = true)]
+    #[arg(
+        long,
+        env = "FERROVIP_ADDRESS_OWNERSHIP",
+        default_value = "auto",
+        hide = true
+    )]
     pub address_ownership: AddressOwnership,
     /// Serve Prometheus metrics (`/metrics`) and health (`/healthz`) here; `off` disables.
     #[arg(long, env = "FERROVIP_METRICS_ADDR", default_value = "0.0.0.0:9646")]

@@ -1844,7 +1844,13 @@ fn without_ipvs_the_agent_says_so_once_reports_it_in_metrics_and_keeps_vrrp_runn
 
 /// When `vip` was last seen on `node` after `since`: polls until it is gone (at most
 /// `timeout`) and returns the time from `since`.
-fn time_until_gone(c: &Cluster, node: usize, vip: &str, since: Instant, timeout: Duration) -> Duration {
+fn time_until_gone(
+    c: &Cluster,
+    node: usize,
+    vip: &str,
+    since: Instant,
+    timeout: Duration,
+) -> Duration {
     loop {
         if !c.has(node, vip) {
             return since.elapsed();
@@ -1882,7 +1888,9 @@ fn a_deleted_vip_is_added_back_and_announced_within_one_advert_interval() {
         let a_mac = c.mac(0);
         c.sniffer
             .wait_for(
-                |e| e.at >= deleted && e.announced() == Some(ip(VIP)) && e.src_mac.octets() == a_mac,
+                |e| {
+                    e.at >= deleted && e.announced() == Some(ip(VIP)) && e.src_mac.octets() == a_mac
+                },
                 Duration::from_secs(1),
             )
             .expect("a gratuitous ARP for the VIP after its repair");
@@ -1935,14 +1943,20 @@ fn a_vip_that_keeps_disappearing_makes_the_master_step_down_and_the_backup_take_
     let b_first = c
         .sniffer
         .wait_for(
-            |e| e.at >= zero.0 && e.advert().is_some_and(|a| a.source == c.v4(1) && a.priority > 0),
+            |e| {
+                e.at >= zero.0
+                    && e.advert()
+                        .is_some_and(|a| a.source == c.v4(1) && a.priority > 0)
+            },
             Duration::from_secs(2),
         )
         .expect("node-b takes over");
     let gap = b_first.at.duration_since(zero.0);
     eprintln!("step-down to takeover: {gap:?}");
     assert!(gap < skew_time(PRIO_B, FAST) + LATE, "{gap:?}");
-    c.lab.wait(deleter, Duration::from_secs(5)).expect("deleter");
+    c.lab
+        .wait(deleter, Duration::from_secs(5))
+        .expect("deleter");
     c.wait_master(VRID, c.v4(1), FAST, Duration::from_secs(2));
     c.assert_only_holder(1, VIP);
     // node-a waits out its back-off (10 s) instead of preempting back at once.
@@ -1962,7 +1976,10 @@ fn a_killed_masters_vip_expires_within_two_seconds_while_the_backup_takes_over()
     c.assert_only_holder(0, VIP);
     // Renewed with a one-second lifetime, as the kernel shows it.
     let shown = c.exec_ok(0, &["ip", "addr", "show", "dev", "eth0"]);
-    assert!(shown.contains("valid_lft 1sec") || shown.contains("valid_lft 0sec"), "{shown}");
+    assert!(
+        shown.contains("valid_lft 1sec") || shown.contains("valid_lft 0sec"),
+        "{shown}"
+    );
 
     let (f, killed_at) = c.crash_failover(0, VRID, Some(ip(VIP)));
     assert_eq!(f.new_master, c.v4(1));
@@ -2080,13 +2097,24 @@ fn with_state_dir_ownership_a_demoted_master_releases_and_a_restart_removes_only
             .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
             .collect()
     };
-    assert!(record(&state_a).contains(" 192.0.2.100/24"), "{}", record(&state_a));
-    assert!(!record(&state_b).contains("192.0.2.100"), "{}", record(&state_b));
+    assert!(
+        record(&state_a).contains(" 192.0.2.100/24"),
+        "{}",
+        record(&state_a)
+    );
+    assert!(
+        !record(&state_b).contains("192.0.2.100"),
+        "{}",
+        record(&state_b)
+    );
 
     // node-a crashes and leaves its VIP; node-b takes over and then leaves too.
     c.signal(0, Signal::SIGKILL);
     c.wait_exit(0, Duration::from_secs(1));
-    assert!(c.has(0, VIP), "a killed agent without lifetimes cannot release its VIP");
+    assert!(
+        c.has(0, VIP),
+        "a killed agent without lifetimes cannot release its VIP"
+    );
     c.wait_master(VRID, c.v4(1), FAST, Duration::from_secs(3));
     c.signal(1, Signal::SIGTERM);
     assert!(c.wait_exit(1, Duration::from_secs(2)).success());
@@ -2109,7 +2137,10 @@ fn with_state_dir_ownership_a_demoted_master_releases_and_a_restart_removes_only
     assert!(c.has(0, "192.0.2.201"));
     let now = record(&state_a);
     assert!(now.contains(" 192.0.2.101/24"), "{now}");
-    assert!(!now.contains("192.0.2.201"), "a foreign address was recorded: {now}");
+    assert!(
+        !now.contains("192.0.2.201"),
+        "a foreign address was recorded: {now}"
+    );
 
     c.signal(0, Signal::SIGTERM);
     assert!(c.wait_exit(0, Duration::from_secs(2)).success());

@@ -240,7 +240,10 @@ fn netns_addr_this_kernel_keeps_the_mark_and_the_probe_leaves_nothing() {
     });
     // This host's kernel is ≥ 6.1 (the VM and CI run 6.x); a 5.x kernel answers false.
     let release = netns_util::run("uname", &["-r"]);
-    let mut numbers = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let mut numbers = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
     let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
     assert_eq!(keeps, version >= (6, 1), "kernel {release}");
     let lo = ns.ip(&["addr", "show", "dev", "lo"]);
@@ -268,8 +271,18 @@ fn netns_addr_state_dir_ownership_works_without_the_mark_and_hands_over_held_add
         }
         // The foreign twin stays foreign.
         manager.add(index, twin).await.unwrap();
-        assert!(manager.hold(index, held, Duration::from_secs(30)).await.unwrap());
-        assert!(!manager.hold(index, twin, Duration::from_secs(30)).await.unwrap());
+        assert!(
+            manager
+                .hold(index, held, Duration::from_secs(30))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !manager
+                .hold(index, twin, Duration::from_secs(30))
+                .await
+                .unwrap()
+        );
         manager.flush_record().unwrap();
         let mut listed = manager.list_owned().await.unwrap();
         listed.sort();
@@ -277,7 +290,13 @@ fn netns_addr_state_dir_ownership_works_without_the_mark_and_hands_over_held_add
     });
     assert_eq!(listed, vec![(index, vip), (index, held), (index, leftover)]);
     // No mark: a manager that trusts only the mark sees none of them.
-    let marked = ns.block_on(|| async { AddressManager::connect().unwrap().list_owned().await.unwrap() });
+    let marked = ns.block_on(|| async {
+        AddressManager::connect()
+            .unwrap()
+            .list_owned()
+            .await
+            .unwrap()
+    });
     assert!(marked.is_empty(), "{marked:?}");
 
     // The next agent: the held address waits for adoption, the rest of ours goes, the
@@ -286,14 +305,23 @@ fn netns_addr_state_dir_ownership_works_without_the_mark_and_hands_over_held_add
         let manager = AddressManager::connect_with_record(&dir, Some(OwnershipMode::StateDir))
             .await
             .unwrap();
-        manager.take_over(std::time::SystemTime::now()).await.unwrap()
+        manager
+            .take_over(std::time::SystemTime::now())
+            .await
+            .unwrap()
     });
     assert_eq!(held_now, HashSet::from([(index, held)]));
     let removed: HashSet<_> = removed.into_iter().collect();
     assert_eq!(removed, HashSet::from([(index, vip), (index, leftover)]));
     let shown = ns.ip(&["addr", "show", "dev", "va"]);
-    assert!(shown.contains("192.0.2.101/32") && shown.contains("192.0.2.50/24"), "{shown}");
-    assert!(!shown.contains("192.0.2.100/32") && !shown.contains("2001:db8::102"), "{shown}");
+    assert!(
+        shown.contains("192.0.2.101/32") && shown.contains("192.0.2.50/24"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("192.0.2.100/32") && !shown.contains("2001:db8::102"),
+        "{shown}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -331,7 +359,11 @@ fn netns_addr_renewal_batches_keep_our_lifetimes_and_leave_foreign_ones() {
             .await
             .unwrap()
             .unwrap();
-        let back = manager.list_owned().await.unwrap().contains(&(index, first));
+        let back = manager
+            .list_owned()
+            .await
+            .unwrap()
+            .contains(&(index, first));
         (report, back)
     });
     assert_eq!(report.renewed, 301, "ours only: {report:?}");
@@ -347,9 +379,18 @@ fn netns_addr_renewal_batches_keep_our_lifetimes_and_leave_foreign_ones() {
             .to_owned()
     };
     let ours = section("198.18.0.2/32");
-    assert!(ours.contains("valid_lft 7sec") || ours.contains("valid_lft 6sec"), "{ours}");
-    assert!(section("6 2001:db8::100/128").contains("valid_lft"), "{shown}");
-    assert!(section("192.0.2.50/24").contains("valid_lft forever"), "foreign renewed: {shown}");
+    assert!(
+        ours.contains("valid_lft 7sec") || ours.contains("valid_lft 6sec"),
+        "{ours}"
+    );
+    assert!(
+        section("6 2001:db8::100/128").contains("valid_lft"),
+        "{shown}"
+    );
+    assert!(
+        section("192.0.2.50/24").contains("valid_lft forever"),
+        "foreign renewed: {shown}"
+    );
 }
 
 #[test]

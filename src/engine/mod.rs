@@ -409,8 +409,7 @@ impl NodeEngine {
     /// every third of it, so the addresses of an agent that died or hangs expire within
     /// about the lifetime. `None` (the default) keeps addresses forever, as keepalived does.
     pub fn set_address_lifetime(&mut self, lifetime: Option<Duration>) {
-        self.address_lifetime =
-            lifetime.map(|l| Duration::from_secs(l.as_secs().max(1)));
+        self.address_lifetime = lifetime.map(|l| Duration::from_secs(l.as_secs().max(1)));
     }
 
     pub fn address_lifetime(&self) -> Option<Duration> {
@@ -1124,7 +1123,11 @@ impl NodeEngine {
             self.feed(&key, now, instance::Input::Hold(hold), out);
             if let Some(ifindex) = ifindex {
                 held += nets.len();
-                out.push(Output::HoldAddresses { ifindex, nets, hold });
+                out.push(Output::HoldAddresses {
+                    ifindex,
+                    nets,
+                    hold,
+                });
             }
             if let Some(slot) = self.slots.remove(&key)
                 && let Some(at) = slot.armed

@@ -840,7 +840,8 @@ fn without_a_lifetime_nothing_is_renewed_and_adoption_makes_addresses_permanent(
 
     let held = HashSet::from([(ETH0_INDEX, net("192.0.2.101/24"))]);
     let mut rig = Rig::with_held(held);
-    rig.engine.set_address_lifetime(Some(Duration::from_secs(2)));
+    rig.engine
+        .set_address_lifetime(Some(Duration::from_secs(2)));
     let out = rig.apply(&[spec("web", 1, 100)]);
     assert!(
         out.contains(&Output::SetLifetime {
@@ -870,9 +871,10 @@ fn a_master_adds_back_and_announces_an_address_that_disappeared() {
             nets: vec![vip],
         }
     });
-    let announce = position(&out, |o| {
-        matches!(o, Output::Announce { addrs, .. } if addrs == &[vip.addr()])
-    });
+    let announce = position(
+        &out,
+        |o| matches!(o, Output::Announce { addrs, .. } if addrs == &[vip.addr()]),
+    );
     assert!(add < announce);
     assert!(transitions(&out).is_empty(), "{out:?}");
     assert_eq!(rig.state(1), State::Master);
@@ -883,10 +885,7 @@ fn a_master_adds_back_and_announces_an_address_that_disappeared() {
         (ETH0_INDEX + 1, vip),
         (ETH0_INDEX, net("192.0.2.50/24")),
     ] {
-        let out = rig.input(Input::AddressRemoved {
-            ifindex,
-            net: gone,
-        });
+        let out = rig.input(Input::AddressRemoved { ifindex, net: gone });
         assert!(out.is_empty(), "{gone} on {ifindex}: {out:?}");
     }
 }
@@ -988,7 +987,11 @@ fn a_failed_add_on_a_master_steps_down_at_once_and_lost_notifications_reassert_e
         transitions(&out),
         vec![(2, State::Master, State::Initialize, Reason::AddressFault)]
     );
-    assert_eq!(rig.state(1), State::Master, "the other instance is untouched");
+    assert_eq!(
+        rig.state(1),
+        State::Master,
+        "the other instance is untouched"
+    );
     // A failure for an address no master holds changes nothing.
     let out = rig.input(Input::AddressFailed {
         ifindex: ETH0_INDEX,

@@ -506,7 +506,12 @@ impl AddressManager {
 
     /// The RTM_NEWADDR body for one of our addresses: the mark (when the kernel keeps it),
     /// no DAD for IPv6, and the lifetime (`None`: forever).
-    fn address_message(&self, index: u32, net: IpNet, lifetime: Option<Duration>) -> AddressMessage {
+    fn address_message(
+        &self,
+        index: u32,
+        net: IpNet,
+        lifetime: Option<Duration>,
+    ) -> AddressMessage {
         let mut request = self
             .handle
             .address()
@@ -657,10 +662,7 @@ impl AddressManager {
     ) -> Result<(HashSet<(u32, IpNet)>, Vec<(u32, IpNet)>), AddrError> {
         let addresses = self.addresses(None, AddressFamily::Unspec).await?;
         let legacy = self.mode == OwnershipMode::KernelMark
-            && self
-                .record()
-                .path()
-                .is_some_and(|p| !p.exists())
+            && self.record().path().is_some_and(|p| !p.exists())
             && self.record().is_empty();
         let mut held = HashSet::new();
         let mut leftovers = Vec::new();
@@ -856,7 +858,10 @@ impl Renewer {
     }
 
     /// One `sendmsg` with every request; returns the refused ones with their errno.
-    fn renew(&mut self, batch: &[(u32, IpNet, AddressMessage)]) -> io::Result<Vec<(u32, IpNet, i32)>> {
+    fn renew(
+        &mut self,
+        batch: &[(u32, IpNet, AddressMessage)],
+    ) -> io::Result<Vec<(u32, IpNet, i32)>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -869,10 +874,8 @@ impl Renewer {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(message.clone())),
             );
             let last = i + 1 == batch.len();
-            request.header.flags = NLM_F_REQUEST
-                | NLM_F_CREATE
-                | NLM_F_REPLACE
-                | if last { NLM_F_ACK } else { 0 };
+            request.header.flags =
+                NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE | if last { NLM_F_ACK } else { 0 };
             request.header.sequence_number = self.seq;
             request.finalize();
             let at = self.send_buf.len();
@@ -972,7 +975,9 @@ fn watch_addresses(socket: Socket, events: mpsc::UnboundedSender<AddressEvent>) 
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 continue;

@@ -698,8 +698,14 @@ fn a_hung_masters_address_expires_within_its_lifetime_and_after_resuming_one_mas
     lan.resume(0);
     lan.run_for(ms(500));
     assert_sole_master(&lan, 0);
-    assert!(lan.announcements(0) > announced, "the address put back was announced");
-    assert!(became_master(&lan, 0).len() == 1, "no new election on resume");
+    assert!(
+        lan.announcements(0) > announced,
+        "the address put back was announced"
+    );
+    assert!(
+        became_master(&lan, 0).len() == 1,
+        "no new election on resume"
+    );
     assert_eq!(
         became_backup(&lan, 1).last().map(|(_, r)| r.code()),
         Some("higher_priority")
@@ -730,7 +736,10 @@ fn a_deleted_address_is_put_back_and_one_that_keeps_vanishing_hands_over_to_the_
     lan.run_until(stepped_down + skew(100) + LATENCY + ms(1));
     assert_eq!(lan.masters(), vec![1]);
     let took_over = became_master(&lan, 1);
-    assert_eq!(took_over.last().map(|(_, r)| r.code()), Some("priority_zero"));
+    assert_eq!(
+        took_over.last().map(|(_, r)| r.code()),
+        Some("priority_zero")
+    );
     assert_eq!(lan.holders(VIP), vec![1]);
     assert!(
         lan.transitions()
