@@ -700,15 +700,13 @@ async fn run_effects(
                 nets,
                 lifetime,
             } => {
-                for net in nets {
-                    if let Err(e) = addresses.add_with_lifetime(ifindex, net, lifetime).await {
-                        warn!(address = %net, error = %e, "cannot add virtual address");
-                        let _ = failures.send(AddressEvent::Failed {
-                            index: ifindex,
-                            net,
-                            error: e.to_string(),
-                        });
-                    }
+                for (net, e) in addresses.add_all(ifindex, &nets, lifetime).await {
+                    warn!(address = %net, error = %e, "cannot add virtual address");
+                    let _ = failures.send(AddressEvent::Failed {
+                        index: ifindex,
+                        net,
+                        error: e.to_string(),
+                    });
                 }
             }
             Effect::Renew {

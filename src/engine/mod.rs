@@ -348,8 +348,8 @@ struct Slot {
 /// Trouble with an instance's addresses: recent disappearances, and the step-down back-off.
 #[derive(Debug, Clone, Default)]
 struct AddressFaults {
-    /// When addresses of this master disappeared, within [`LOSS_WINDOW`].
-    losses: Vec<Instant>,
+    /// Which addresses of this master disappeared when, within [`LOSS_WINDOW`].
+    losses: Vec<(IpNet, Instant)>,
     /// Step-downs in a row (reset after [`FAULT_MEMORY`] without one), and the last one.
     count: u32,
     last: Option<Instant>,
@@ -630,9 +630,11 @@ impl NodeEngine {
         };
         slot.faults
             .losses
-            .retain(|t| now.saturating_duration_since(*t) < LOSS_WINDOW);
-        slot.faults.losses.push(now);
-        let losses = slot.faults.losses.len();
+            .retain(|(_, t)| now.saturating_duration_since(*t) < LOSS_WINDOW);
+        slot.faults.losses.push((net, now));
+        // Counted per address: an interface flushed once is repaired, one address that
+        // keeps going is not.
+        let losses = slot.faults.losses.iter().filter(|(n, _)| *n == net).count();
         if losses > MAX_REPAIRS {
             let why = format!(
                 "address {net} keeps disappearing ({losses} times within {}s)",

@@ -1000,3 +1000,29 @@ fn a_failed_add_on_a_master_steps_down_at_once_and_lost_notifications_reassert_e
     });
     assert!(out.is_empty());
 }
+
+#[test]
+fn losses_are_counted_per_address_so_a_flushed_interface_is_repaired_not_abandoned() {
+    let mut rig = Rig::new();
+    let many = InstanceSpec {
+        addresses: (1..=20)
+            .map(|i| net(&format!("198.51.100.{i}/32")))
+            .collect(),
+        ..spec("many", 1, 100)
+    };
+    rig.apply(&[many.clone()]);
+    rig.make_master(1);
+    // `ip addr flush`: every address goes once.
+    for gone in &many.addresses {
+        let out = rig.input(Input::AddressRemoved {
+            ifindex: ETH0_INDEX,
+            net: *gone,
+        });
+        assert!(transitions(&out).is_empty(), "{out:?}");
+        assert!(out.contains(&Output::AddAddresses {
+            ifindex: ETH0_INDEX,
+            nets: vec![*gone],
+        }));
+    }
+    assert_eq!(rig.state(1), State::Master);
+}

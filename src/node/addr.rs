@@ -483,6 +483,43 @@ impl AddressManager {
         if net.addr().is_ipv4() {
             self.ensure_promote_secondaries(index).await?;
         }
+        self.add_one(index, net, lifetime).await
+    }
+
+    /// Adds many addresses to one interface (checking `promote_secondaries` once); returns
+    /// those that failed. A thousand take tens of milliseconds, well within one lifetime.
+    pub async fn add_all(
+        &self,
+        index: u32,
+        nets: &[IpNet],
+        lifetime: Option<Duration>,
+    ) -> Vec<(IpNet, AddrError)> {
+        if nets.iter().any(|n| n.addr().is_ipv4())
+            && let Err(e) = self.ensure_promote_secondaries(index).await
+        {
+            let mut failed = vec![(nets[0], e)];
+            for net in &nets[1..] {
+                if let Err(e) = self.add_with_lifetime(index, *net, lifetime).await {
+                    failed.push((*net, e));
+                }
+            }
+            return failed;
+        }
+        let mut failed = Vec::new();
+        for net in nets {
+            if let Err(e) = self.add_one(index, *net, lifetime).await {
+                failed.push((*net, e));
+            }
+        }
+        failed
+    }
+
+    async fn add_one(
+        &self,
+        index: u32,
+        net: IpNet,
+        lifetime: Option<Duration>,
+    ) -> Result<(), AddrError> {
         let mut request = self
             .handle
             .address()
