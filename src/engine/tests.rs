@@ -1010,7 +1010,7 @@ fn losses_are_counted_per_address_so_a_flushed_interface_is_repaired_not_abandon
             .collect(),
         ..spec("many", 1, 100)
     };
-    rig.apply(&[many.clone()]);
+    rig.apply(std::slice::from_ref(&many));
     rig.make_master(1);
     // `ip addr flush`: every address goes once.
     for gone in &many.addresses {
