@@ -384,8 +384,9 @@ fn serve_metrics(args: &AgentArgs, metrics: &Metrics) -> Result<oneshot::Sender<
 
 /// Removes what agents put in this node's kernel, for a node that stops running ferrovip
 /// (the agent itself leaves IPVS in place across restarts): the IPVS services listed in
-/// `state_dir`, the nftables table (restoring the sysctls recorded there) and the addresses
-/// that are ours (marked, or recorded in `state_dir`). Returns one line per thing done.
+/// `state_dir`, the nftables table and the sysctls recorded there (also where the kernel has
+/// no IPVS), the addresses that are ours (marked, or recorded in `state_dir`) and the
+/// virtual-MAC interfaces. Returns one line per thing done.
 pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
     use crate::dataplane::Dataplane;
     let mut done = Vec::new();
@@ -405,6 +406,7 @@ pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
     for failure in &report.failures {
         done.push(format!("ipvs: {}", failure.error));
     }
+    done.extend(dataplane.remove_return_path().await);
     let addresses = AddressManager::connect_with_record(&state_dir_of_addresses, None)
         .await
         .map_err(AgentError::Netlink)?;
@@ -414,6 +416,18 @@ pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
         .map_err(AgentError::Netlink)?;
     for (index, net) in removed {
         done.push(format!("address {net} removed from interface {index}"));
+    }
+    let macvlans = crate::node::link::MacvlanManager::new(addresses.handle().clone());
+    match macvlans.list_owned().await {
+        Ok(links) => {
+            for link in links {
+                match macvlans.delete_link(&link.name).await {
+                    Ok(_) => done.push(format!("virtual-MAC interface {} removed", link.name)),
+                    Err(e) => done.push(format!("virtual-MAC interface {}: {e}", link.name)),
+                }
+            }
+        }
+        Err(e) => done.push(format!("virtual-MAC interfaces: {e}")),
     }
     Ok(done)
 }

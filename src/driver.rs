@@ -415,6 +415,11 @@ impl Driver {
             // A known link keeps its last facts through a failed re-read.
             Err(e) => return self.links.get(name).map(|l| l.facts).ok_or(e.to_string()),
         };
+        let (subnet_v4, subnet_v6) = self
+            .addresses
+            .own_subnets(info.index)
+            .await
+            .unwrap_or_default();
         let facts = LinkFacts {
             index: info.index,
             mac: info.mac,
@@ -425,6 +430,8 @@ impl Driver {
                 .await
                 .ok()
                 .flatten(),
+            subnet_v4,
+            subnet_v6,
         };
         match self.links.get_mut(name) {
             Some(link) if link.facts.index == info.index => link.facts = facts,

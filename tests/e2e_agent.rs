@@ -1531,10 +1531,9 @@ fn an_ipv6_vip_elects_fails_over_and_is_announced_with_an_unsolicited_na() {
     assert_eq!(seen.destination, ip("ff02::12"));
     assert_eq!(seen.ttl, 255);
     assert_eq!(seen.priority, PRIO_A);
-    // RFC 5798 §5.2.9: the first address is the virtual router's link-local.
-    assert_eq!(seen.addresses.len(), 2, "{:?}", seen.addresses);
-    assert!(matches!(seen.addresses[0], IpAddr::V6(a) if a.is_unicast_link_local()));
-    assert_eq!(seen.addresses[1], ip(VIP6));
+    // No link-local is listed or learned, so none is made up (keepalived configured without
+    // one drops a longer list): the advert lists the VIP alone.
+    assert_eq!(seen.addresses, vec![ip(VIP6)]);
     assert!(c.ping(2, VIP6), "the IPv6 VIP does not answer ping");
     assert_eq!(c.neighbour_mac(2, VIP6), Some(mac_string(c.mac(0))));
 
@@ -2228,4 +2227,71 @@ fn with_state_dir_ownership_a_restart_hold_is_adopted_and_a_crash_leftover_is_no
     );
     c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
     c.assert_only_holder(0, VIP);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusals that keep the node safe (issue 9)
+
+/// A node refuses, and logs by field, an address with a shorter prefix than eth0's own /24
+/// (it would route a /16 through eth0) unless `allowWidePrefix` says it is meant; and a
+/// dual-stack VirtualIP whose unicast allowlist lists IPv4 peers only runs its IPv4 instance
+/// alone: the IPv6 one is not run, rather than falling back to multicast and accepting
+/// advertisements from anyone.
+#[test]
+fn wide_prefixes_and_allowlists_without_a_peer_of_a_family_are_refused_and_logged() {
+    let web = VipDoc::web();
+    let wide = VipDoc::new("wide", "192.0.2.101/16", 52);
+    let allowed = VipDoc::new("allowed", "192.0.2.102/16", 53).extra("  allowWidePrefix: true\n");
+    let closed = VipDoc::new("closed", "192.0.2.103/24", 54)
+        .also("fd66:7670::103/64")
+        .unicast_peers(vec!["192.0.2.11".into(), "192.0.2.12".into()]);
+    let mut c = Cluster::with(2, true, &[&web, &wide, &allowed, &closed]);
+    let since = Instant::now();
+    c.start_all_and_elect_node_a();
+    c.assert_only_holder(0, VIP);
+    c.assert_only_holder(0, "192.0.2.102");
+    c.assert_only_holder(0, "192.0.2.103");
+    // A few refreshes, so that a refusal logged on every retry would show.
+    std::thread::sleep(Duration::from_millis(3000));
+    for n in 0..2 {
+        c.assert_running(n);
+        let wide_refusals = c.count_log(n, &|l| {
+            l["level"] == "WARN"
+                && l["vip"] == "wide"
+                && msg(l)
+                    == "refused on this node: spec.addresses: 192.0.2.101/16 has a shorter \
+                        prefix than interface eth0's subnet 192.0.2.0/24 and would route the \
+                        whole range through it; use /24 or longer, or set \
+                        spec.allowWidePrefix: true"
+                        .replace("192.0.2.0/24", &format!("{}/24", c.node(n).ipv4))
+        });
+        assert_eq!(wide_refusals, 1, "{}: one refusal of wide", c.node(n).name);
+        let closed_refusals = c.count_log(n, &|l| {
+            l["level"] == "WARN"
+                && l["resource"] == "closed"
+                && msg(l).contains(
+                    "spec.vrrp.unicastPeers: lists no ipv6 peer; the ipv6 instance is not run",
+                )
+                && msg(l).contains("its other address family keeps running")
+        });
+        assert_eq!(
+            closed_refusals,
+            1,
+            "{}: one refusal of closed's IPv6",
+            c.node(n).name
+        );
+        for addr in ["192.0.2.101", "fd66:7670::103"] {
+            assert!(!c.has(n, addr), "refused {addr} is on {}", c.node(n).name);
+        }
+    }
+    let vrids: BTreeSet<(u8, bool)> = c
+        .sniffer
+        .events_since(since)
+        .iter()
+        .filter_map(|e| e.advert().map(|a| (a.vrid, a.source.is_ipv6())))
+        .collect();
+    assert!(
+        vrids.contains(&(53, false)) && !vrids.iter().any(|v| v.0 == 52 || *v == (54, true)),
+        "no advert of the refused wide VIP nor of closed's IPv6 instance: {vrids:?}"
+    );
 }

@@ -997,6 +997,122 @@ fn e2e_k8s_node_health_checks_eligibility_and_unicast_auto() {
             c.name(i)
         );
     }
+    // --- 3 (issue 9). The allowlist fails closed: the Nodes have IPv4 InternalIPs only, so
+    // `auto` has no IPv6 peer. A dual-stack VirtualIP runs its IPv4 instance only, and says
+    // why in its Degraded condition and an Event; an IPv6-only one is refused outright.
+    let closed = "192.0.2.105";
+    let mut doc = vip_doc("closed", &["192.0.2.105/24", "2001:db8::105/64"], Some(55));
+    doc["spec"]["vrrp"]["unicastPeers"] = json!("auto");
+    let since = Instant::now();
+    c.apply(&doc);
+    c.wait_master(55, 0, Duration::from_secs(5));
+    c.wait_holders(closed, &[0], Duration::from_secs(1));
+    let why = "spec.vrrp.unicastPeers: auto found no eligible node with an ipv6 InternalIP \
+               address; the ipv6 instance is not run (an empty allowlist would accept \
+               advertisements from anyone): give the nodes ipv6 InternalIP addresses or list \
+               the peers";
+    let (vip, _) = c.wait_vip(
+        "closed",
+        "IPv4 active, IPv6 refused",
+        Duration::from_secs(5),
+        |v| {
+            active_with(v, "node-a")
+                && condition(v, "Degraded").is_some_and(|d| d["reason"] == "NoUnicastPeers")
+        },
+    );
+    let degraded = condition(&vip, "Degraded").expect("Degraded");
+    eprintln!("Degraded condition: {degraded}");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(text(&degraded["message"]), why);
+    let warning = c.wait_event("closed", "NoUnicastPeers", Duration::from_secs(5));
+    eprintln!("Event: {} {}", warning["type"], warning["note"]);
+    assert_eq!(warning["type"], "Warning");
+    assert_eq!(text(&warning["note"]), why);
+    let v6_adverts = c
+        .sniffer
+        .events_since(since)
+        .iter()
+        .filter(|e| {
+            e.advert()
+                .is_some_and(|a| a.vrid == 55 && a.source.is_ipv6())
+        })
+        .count();
+    assert_eq!(v6_adverts, 0, "an IPv6 instance advertised without peers");
+    for i in 0..3 {
+        assert!(
+            !c.exec_ok(i, &["ip", "-6", "addr", "show", "dev", "eth0"])
+                .contains("2001:db8::105"),
+            "{} holds the refused IPv6 address",
+            c.name(i)
+        );
+    }
+    let mut doc = vip_doc("closed6", &["2001:db8::106/64"], Some(56));
+    doc["spec"]["vrrp"]["unicastPeers"] = json!("auto");
+    c.apply(&doc);
+    let (vip, _) = c.wait_vip("closed6", "refused", Duration::from_secs(5), |v| {
+        condition(v, "Ready").is_some_and(|r| r["status"] == "False")
+    });
+    let ready = condition(&vip, "Ready").expect("Ready");
+    assert_eq!(ready["reason"], "NoUnicastPeers");
+    assert!(text(&ready["message"]).starts_with("spec.vrrp.unicastPeers: auto found no"));
+    assert!(
+        vip["status"]["nodes"]
+            .as_array()
+            .is_none_or(|n| n.is_empty())
+    );
+    c.wait_event("closed6", "NoUnicastPeers", Duration::from_secs(5));
+    // The refusals are the same on every node: no node overwrites another's status.
+    std::thread::sleep(Duration::from_secs(2));
+    let mark = c.audit_mark();
+    std::thread::sleep(Duration::from_secs(3));
+    let requests = c.status_requests_since(mark);
+    eprintln!("status writes in 3 s with closed and closed6 refused: {requests:?}");
+    assert!(requests.is_empty(), "status churn: {requests:?}");
+    c.kubectl(&["delete", "vip", "closed", "closed6"]);
+    c.wait_holders(closed, &[], Duration::from_secs(2));
+
+    // A prefix wider than eth0's /24 is every node's own refusal: each entry says Fault and
+    // why, naming the address and the field that would allow it.
+    c.apply(&vip_doc("wide", &["192.0.2.107/16"], Some(57)));
+    let (vip, _) = c.wait_vip(
+        "wide",
+        "refused on every node",
+        Duration::from_secs(5),
+        |v| {
+            ["node-a", "node-b", "node-c"]
+                .iter()
+                .all(|n| node_entry(v, n).is_some_and(|e| e["state"] == "Fault"))
+        },
+    );
+    for (i, node) in ["node-a", "node-b", "node-c"].iter().enumerate() {
+        let fault = text(&node_entry(&vip, node).expect("entry")["fault"]);
+        eprintln!("wide prefix: {node} fault: {fault}");
+        assert_eq!(
+            fault,
+            format!(
+                "spec.addresses: 192.0.2.107/16 has a shorter prefix than interface eth0's \
+                 subnet {}/24 and would route the whole range through it; use /24 or longer, \
+                 or set spec.allowWidePrefix: true",
+                c.ip(i)
+            )
+        );
+    }
+    for i in 0..3 {
+        assert!(
+            !c.has(i, "192.0.2.107"),
+            "{} holds the wide address",
+            c.name(i)
+        );
+    }
+    // Every node refusing it does not make the nodes overwrite each other's status.
+    std::thread::sleep(Duration::from_secs(2));
+    let mark = c.audit_mark();
+    std::thread::sleep(Duration::from_secs(3));
+    let requests = c.status_requests_since(mark);
+    eprintln!("status writes in 3 s with every node refusing wide: {requests:?}");
+    assert!(requests.is_empty(), "status churn: {requests:?}");
+    c.kubectl(&["delete", "vip", "wide"]);
+
     let stopped_at = c.signal(0, Signal::SIGKILL);
     let failover = measure_failover(
         &c.sniffer,

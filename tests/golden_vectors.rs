@@ -204,6 +204,77 @@ fn b_ipv6_header() {
     assert_eq!(&frame[14..], header.as_slice());
 }
 
+/// The first advertisement an instance sends: started, its Master_Down_Interval passes with
+/// nothing heard (or `heard` only), and it takes over.
+fn first_advert_of(addresses: &[&str], heard: Option<&Advertisement>) -> Advertisement {
+    use ferrovip::vrrp::instance::{Config, Input, Instance, Output};
+    let at = std::time::Instant::now();
+    let mut instance = Instance::new(Config {
+        vrid: 10,
+        version: Version::V3,
+        priority: 200,
+        advert_interval: std::time::Duration::from_secs(1),
+        preempt: true,
+        preempt_delay: std::time::Duration::ZERO,
+        accept_mode: false,
+        addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        primary_address: IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xb)),
+    });
+    let mut out = Vec::new();
+    instance.handle(at, Input::Startup, &mut out);
+    if let Some(advert) = heard {
+        let advertisement = advert.clone();
+        instance.handle(
+            at,
+            Input::Advertisement {
+                source: B_SRC.into(),
+                advertisement,
+            },
+            &mut out,
+        );
+    }
+    let deadline = instance.deadline().expect("backup timer");
+    instance.handle(deadline, Input::Timer, &mut out);
+    out.into_iter()
+        .find_map(|o| match o {
+            Output::Send(advert) => Some(advert),
+            _ => None,
+        })
+        .expect("an advertisement")
+}
+
+/// The IPv6 address-list choice against vector B (encoded from fe80::a, so the checksums
+/// match): an instance listing fe80::1 sends exactly B; one listing 2001:db8::100 alone (what
+/// keepalived users write) sends B's header with that one address, until it hears B, after
+/// which it sends B.
+#[test]
+fn b_is_what_a_router_with_the_link_local_sends_and_teaches_one_without() {
+    let encode = |advert: &Advertisement| {
+        hexify(
+            &advert
+                .encode(
+                    B_SRC.into(),
+                    MULTICAST_V6.into(),
+                    ChecksumMode::PseudoHeader,
+                )
+                .unwrap(),
+        )
+    };
+    let with_ll = first_advert_of(&["fe80::1/64", "2001:db8::100/64"], None);
+    assert_eq!(encode(&with_ll), B_MESSAGE);
+
+    let plain = first_advert_of(&["2001:db8::100/64"], None);
+    let bytes = encode(&plain);
+    assert_eq!(&bytes[..8], "310ac801", "count 1");
+    assert_eq!(&bytes[16..], &B_MESSAGE[48..], "2001:db8::100 alone");
+
+    let b = Advertisement::decode(&hex(B_MESSAGE), B_SRC.into(), MULTICAST_V6.into())
+        .unwrap()
+        .advertisement;
+    let taught = first_advert_of(&["2001:db8::100/64"], Some(&b));
+    assert_eq!(encode(&taught), B_MESSAGE);
+}
+
 // C. v2, VRID 51, priority 100, 1 s, no auth, VIP 192.168.1.100 (192.168.1.10 → 224.0.0.18)
 const C_MESSAGE: &str = "213364010001b8bdc0a801640000000000000000";
 

@@ -264,6 +264,108 @@ fn status_code(result: Result<impl Sized, kube::Error>) -> Option<u16> {
 // ---------------------------------------------------------------------------------------------
 // Tests
 
+/// What kube-controller-manager's ClusterRole aggregation controller does (this harness runs
+/// the API server alone): sets an aggregated role's rules to the union of the rules of the
+/// ClusterRoles its own `aggregationRule` selects, as the server returns them.
+fn aggregate(c: &Cluster, role: &str) {
+    let json = |args: &[&str]| -> Value { serde_json::from_str(&c.admin(args)).unwrap() };
+    let target = json(&["get", "clusterrole", role, "-o", "json"]);
+    let selectors = target["aggregationRule"]["clusterRoleSelectors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{role} is an aggregated role"))
+        .clone();
+    let mut rules: Vec<Value> = Vec::new();
+    for selector in selectors {
+        let labels: Vec<String> = selector["matchLabels"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+            .collect();
+        let selected = json(&["get", "clusterroles", "-l", &labels.join(","), "-o", "json"]);
+        for r in selected["items"].as_array().unwrap() {
+            for rule in r["rules"].as_array().into_iter().flatten() {
+                if !rules.contains(rule) {
+                    rules.push(rule.clone());
+                }
+            }
+        }
+    }
+    let patch = json!({ "rules": rules }).to_string();
+    c.admin(&["patch", "clusterrole", role, "--type=merge", "-p", &patch]);
+}
+
+/// config/rbac's roles for people: `ferrovip-view` reaches the built-in `view` (and `edit`,
+/// `admin`) through the labels the real server's aggregation rules select; writing VirtualIPs
+/// is never aggregated, only granted by binding `ferrovip-admin`.
+fn people_roles_delegate_reading_only(c: &Cluster) {
+    // view first: edit aggregates view, admin aggregates edit.
+    for role in ["view", "edit", "admin"] {
+        aggregate(c, role);
+    }
+    for (user, role) in [
+        ("viewer", "view"),
+        ("editor", "edit"),
+        ("namespace-admin", "admin"),
+        ("vip-admin", "ferrovip-admin"),
+    ] {
+        c.admin(&[
+            "create",
+            "clusterrolebinding",
+            &format!("test-{user}"),
+            &format!("--clusterrole={role}"),
+            &format!("--user={user}"),
+        ]);
+    }
+    let vips = "virtualips.ferrovip.io";
+    for (user, verb, resource, allowed) in [
+        ("viewer", "list", vips, "yes"),
+        ("viewer", "watch", vips, "yes"),
+        (
+            "viewer",
+            "get",
+            "virtualips.ferrovip.io --subresource=status",
+            "yes",
+        ),
+        ("viewer", "create", vips, "no"),
+        ("viewer", "delete", vips, "no"),
+        ("viewer", "patch", vips, "no"),
+        ("editor", "list", vips, "yes"),
+        ("editor", "create", vips, "no"),
+        ("namespace-admin", "get", vips, "yes"),
+        ("namespace-admin", "update", vips, "no"),
+        ("vip-admin", "create", vips, "yes"),
+        ("vip-admin", "delete", vips, "yes"),
+        (
+            "vip-admin",
+            "patch",
+            "virtualips.ferrovip.io --subresource=status",
+            "no",
+        ),
+    ] {
+        let as_user = format!("--as={user}");
+        let mut args = vec!["auth", "can-i", verb, as_user.as_str()];
+        args.extend(resource.split(' '));
+        let out = c.api.kubectl(&args).expect("run kubectl");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            allowed,
+            "can {user} ({verb} {resource})? {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // And for real: the viewer lists, and is refused a create.
+    let listed = c.admin(&["get", "vip", "-o", "name", "--as=viewer"]);
+    assert_eq!(listed.trim(), "virtualip.ferrovip.io/api");
+    let other = c.api.dir().join("viewer-vip.yaml");
+    std::fs::write(&other, VIP_MANIFEST.replace("name: api", "name: viewers")).unwrap();
+    let out = c
+        .api
+        .kubectl(&["create", "--as=viewer", "-f", &other.display().to_string()])
+        .expect("run kubectl");
+    assert_forbidden(out, "a viewer creating a VirtualIP");
+}
+
 #[test]
 fn netns_apiserver_serves_lab_nodes_within_the_agent_rbac() {
     let c = cluster(2);
@@ -395,6 +497,8 @@ fn netns_apiserver_serves_lab_nodes_within_the_agent_rbac() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+
+    people_roles_delegate_reading_only(&c);
 
     // The kubeconfigs name the CA, not insecure-skip-tls-verify.
     let kubeconfig = std::fs::read_to_string(c.api.node_kubeconfig("node-a")).unwrap();

@@ -1110,18 +1110,31 @@ fn cleanup_removes_what_an_earlier_run_left() -> CaseResult {
         "/proc/sys/net/ipv4/vs/conntrack",
         "/proc/sys/net/ipv4/ip_forward",
         "/proc/sys/net/ipv4/vs/expire_nodest_conn",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+        // IPv6 forwarding must not end SLAAC: accept_ra 1 becomes 2 meanwhile.
+        "/proc/sys/net/ipv6/conf/lo/accept_ra",
+        "/proc/sys/net/ipv6/conf/default/accept_ra",
     ];
     let before: Vec<String> = sysctls.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
+    ensure(before[3..] == ["0", "1", "1"], || {
+        format!("a fresh namespace's IPv6 settings: {before:?}")
+    })?;
     let state = "/run/cleanup-state";
     {
         let mut dp = dataplane(state);
         let mut web = spec(Forwarding::Masquerade, &[(v4(10, 1, 0, 1), 8080, 1)]);
         web.source_nat = true;
-        let set: ServiceSet = [(tcp(v4(192, 0, 2, 7), 80), web)].into();
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        let mut web6 = spec(
+            Forwarding::Masquerade,
+            &[("2001:db8:1::1".parse().unwrap(), 8080, 1)],
+        );
+        web6.source_nat = true;
+        let set: ServiceSet = [(tcp(v4(192, 0, 2, 7), 80), web), (tcp(v6, 80), web6)].into();
         apply_cleanly(&ns, &mut dp, &set)?;
     }
     let during: Vec<String> = sysctls.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
-    ensure(during == ["1", "1", "1"], || {
+    ensure(during == ["1", "1", "1", "1", "2", "2"], || {
         format!("sysctls while forwarding: {during:?}")
     })?;
     ensure(

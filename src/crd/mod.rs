@@ -45,6 +45,7 @@ pub fn crds_yaml() -> Result<String, serde_saphyr::SerializeError> {
 pub(crate) fn sample_spec(addresses: &[&str], vrid: i64) -> VirtualIPSpec {
     VirtualIPSpec {
         addresses: addresses.iter().map(|s| s.to_string()).collect(),
+        allow_wide_prefix: false,
         interface: "eth0".into(),
         virtual_router_id: Some(vrid),
         node_selector: None,

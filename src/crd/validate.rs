@@ -35,6 +35,8 @@ pub struct ValidSpec {
     pub unicast_auto: bool,
     pub checksum: ChecksumMode,
     pub virtual_mac: bool,
+    /// `spec.allowWidePrefix`.
+    pub allow_wide_prefix: bool,
     pub node_selector: Option<LabelSelector>,
     pub base_priority: i64,
     /// (node name, weight)
@@ -90,6 +92,7 @@ impl VirtualIPSpec {
                 Ipv4Checksum::MessageOnly => ChecksumMode::MessageOnly,
             },
             virtual_mac: self.vrrp.virtual_mac,
+            allow_wide_prefix: self.allow_wide_prefix,
             node_selector: self.node_selector.clone(),
             base_priority: self.priority.base,
             preferred_nodes,

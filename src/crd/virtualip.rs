@@ -53,6 +53,17 @@ pub struct VirtualIPSpec {
     #[schemars(length(min = 1, max = 1024))]
     pub addresses: Vec<String>,
 
+    /// Allow `addresses` with a shorter prefix than the interface's own subnet, e.g.
+    /// `10.0.0.100/8` on an interface holding `10.0.0.1/24`. An address's prefix becomes a
+    /// route on every master: a short one sends traffic for a whole range out of this
+    /// interface, which is rarely what was meant, so each node refuses such an address
+    /// (status `Fault` naming the address) unless this is true. One switch for the resource
+    /// rather than a per-address form keeps `addresses` a plain list and makes the exception
+    /// easy to find in review and to forbid with admission policy. Use `/32` (`/128`) or the
+    /// subnet's own prefix otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_wide_prefix: bool,
+
     /// Network interface that carries the addresses and the VRRP advertisements.
     #[schemars(length(min = 1, max = 15))]
     pub interface: String,
@@ -679,6 +690,12 @@ pub struct NodeStatus {
     /// (e.g. `ipvs: 2 services programmed`, `ipvs: not forwarding: IPVS is not available`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<String>,
+    /// Why this node does not run the VirtualIP (state `Fault`): its interface or address is
+    /// missing, or it refuses it, e.g. an address wider than the interface's subnet. Kept in
+    /// the node's own entry: a condition holds one message, and nodes with different faults
+    /// would overwrite each other's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 /// A list the API server may hand back as `null` (server-side apply leaves null when the last

@@ -8,6 +8,7 @@
 
 pub mod ipvs;
 pub mod nft;
+pub mod sysctl;
 pub mod worker;
 
 use std::future::Future;

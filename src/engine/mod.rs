@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
 use crate::model::{InstanceKey, InstanceSpec};
@@ -151,6 +151,11 @@ pub struct LinkFacts {
     pub mac: [u8; 6],
     pub primary_v4: Option<Ipv4Addr>,
     pub link_local_v6: Option<Ipv6Addr>,
+    /// The interface's own subnet per family, as its address with the prefix: the primary
+    /// IPv4 address, the first global IPv6 address (else the link-local one). Addresses with
+    /// a shorter prefix are refused unless `allow_wide_prefix`.
+    pub subnet_v4: Option<Ipv4Net>,
+    pub subnet_v6: Option<Ipv6Net>,
 }
 
 impl LinkFacts {
@@ -159,6 +164,14 @@ impl LinkFacts {
         match family {
             Family::V4 => self.primary_v4.map(IpAddr::V4),
             Family::V6 => self.link_local_v6.map(IpAddr::V6),
+        }
+    }
+
+    /// The interface's own subnet of `family`.
+    pub fn subnet(&self, family: Family) -> Option<IpNet> {
+        match family {
+            Family::V4 => self.subnet_v4.map(IpNet::V4),
+            Family::V6 => self.subnet_v6.map(IpNet::V6),
         }
     }
 }
@@ -764,11 +777,17 @@ impl NodeEngine {
             debug!(vip = %slot.spec.resource, %source, "dropped advertisement: version {} but configured {}", advertisement.version, slot.spec.version);
             return;
         }
-        if !slot.spec.unicast_peers.is_empty() && !slot.spec.unicast_peers.contains(&source) {
+        if let Some(peers) = &slot.spec.unicast_peers
+            && !peers.contains(&source)
+        {
             self.stats.count_drop(DropReason::UnexpectedSource);
             debug!(vip = %slot.spec.resource, %source, "dropped advertisement: source is not a configured unicast peer");
             return;
         }
+        let knew = slot
+            .instance
+            .as_ref()
+            .and_then(Instance::learned_link_local);
         self.feed(
             &key,
             now,
@@ -778,6 +797,7 @@ impl NodeEngine {
             },
             out,
         );
+        log_learned_link_local(&self.node, &key, self.slots.get(&key), knew, source);
     }
 
     /// Feeds one input to one instance, re-arms its timer, updates the observed state and
@@ -906,7 +926,11 @@ impl NodeEngine {
         for (key, spec) in wanted {
             match self.slots.get(&key) {
                 Some(slot) if slot.spec == spec => {}
-                Some(slot) if slot.spec.version != spec.version || slot.instance.is_none() => {
+                Some(slot)
+                    if slot.spec.version != spec.version
+                        || slot.instance.is_none()
+                        || self.must_not_run(&key, &spec) =>
+                {
                     self.stop(&key, now, out);
                     self.begin(key, spec, now, out);
                 }
@@ -962,6 +986,14 @@ impl NodeEngine {
         self.feed(&key, now, input, out);
     }
 
+    /// Whether `spec` is refused on its interface as the engine knows it now.
+    fn must_not_run(&self, key: &SlotKey, spec: &InstanceSpec) -> bool {
+        empty_allowlist(spec).is_some()
+            || self
+                .facts(&key.0)
+                .is_some_and(|f| wide_prefix(spec, &key.0, f).is_some())
+    }
+
     fn facts(&self, interface: &str) -> Option<&LinkFacts> {
         self.env
             .links
@@ -991,13 +1023,31 @@ impl NodeEngine {
         };
         let mut fault = None;
         let mut vmac = None;
-        let primary = match usable {
-            Err(e) => {
+        let refused = empty_allowlist(&spec).or_else(|| {
+            usable
+                .as_ref()
+                .ok()
+                .and_then(|(facts, _)| wide_prefix(&spec, &key.0, facts))
+        });
+        let primary = match (refused, usable) {
+            (Some(why), _) => {
+                let known = self
+                    .observed
+                    .instances
+                    .get(&(spec.resource.clone(), spec.family))
+                    .and_then(|e| e.fault.as_ref());
+                if known != Some(&why) {
+                    warn!(vip = %spec.resource, members = spec.members.len(), interface = %key.0, family = %spec.family, "refused on this node: {why}");
+                }
+                fault = Some(why);
+                None
+            }
+            (None, Err(e)) => {
                 warn!(vip = %spec.resource, interface = %key.0, error = %e, "cannot run VRRP on this interface yet; retrying");
                 fault = Some(e);
                 None
             }
-            Ok((facts, link)) => match facts.primary(spec.family) {
+            (None, Ok((facts, link))) => match facts.primary(spec.family) {
                 None => {
                     let what = if spec.family == Family::V4 {
                         "IPv4"
@@ -1217,6 +1267,28 @@ impl NodeEngine {
                 }
             }
         }
+        // A running instance that the interface's subnet now refuses (it was renumbered
+        // to a longer prefix) stops, and is parked like the others.
+        for key in self.slot_keys() {
+            let Some(slot) = self.slots.get(&key) else {
+                continue;
+            };
+            if slot.instance.is_some() && self.must_not_run(&key, &slot.spec) {
+                let spec = slot.spec.clone();
+                self.stop(&key, now, out);
+                self.slots.insert(
+                    key,
+                    Slot {
+                        destinations: destinations(&spec, None),
+                        spec,
+                        instance: None,
+                        armed: None,
+                        vmac: None,
+                        faults: AddressFaults::default(),
+                    },
+                );
+            }
+        }
         // Instances waiting out an address fault's back-off are left to their timer.
         let parked: Vec<SlotKey> = self
             .slot_keys()
@@ -1287,17 +1359,82 @@ fn observe_instance(observed: &mut Observed, spec: &InstanceSpec, seen: Seen) ->
     }
 }
 
+/// Says once per instance that a peer's advertisement taught it the link-local to list first
+/// (IPv6 without a configured link-local, see `Instance::advertised_addresses`).
+fn log_learned_link_local(
+    node: &str,
+    key: &SlotKey,
+    slot: Option<&Slot>,
+    knew: Option<Ipv6Addr>,
+    source: IpAddr,
+) {
+    let Some(slot) = slot else { return };
+    let learned = slot
+        .instance
+        .as_ref()
+        .and_then(Instance::learned_link_local);
+    if let Some(link_local) = learned
+        && knew.is_none()
+    {
+        info!(
+            event = "link_local_learned",
+            node = %node,
+            vip = %slot.spec.resource,
+            interface = %key.0,
+            vrid = slot.spec.vrid,
+            %link_local,
+            peer = %source,
+            "{}: peer {source} lists the link-local {link_local} first; our IPv6 advertisements list it first too from now on",
+            slot.spec.resource,
+        );
+    }
+}
+
 /// Where an instance's advertisements go: the group, or its unicast peers other than
 /// `own` (one manifest usually lists every node as a peer, this one included).
 fn destinations(spec: &InstanceSpec, own: Option<IpAddr>) -> Arc<[IpAddr]> {
-    if spec.unicast_peers.is_empty() {
-        return Arc::from([group(spec.family)]);
+    match &spec.unicast_peers {
+        None => Arc::from([group(spec.family)]),
+        Some(peers) => peers.iter().copied().filter(|p| Some(*p) != own).collect(),
     }
-    spec.unicast_peers
+}
+
+/// Why `spec` must not run at all (whatever the interface): an allowlist with no peer would
+/// accept advertisements from anyone, so it fails closed.
+fn empty_allowlist(spec: &InstanceSpec) -> Option<String> {
+    match &spec.unicast_peers {
+        Some(peers) if peers.is_empty() => Some(format!(
+            "spec.vrrp.unicastPeers: no {} peer; the instance does not run (an empty allowlist would accept advertisements from anyone)",
+            spec.family
+        )),
+        _ => None,
+    }
+}
+
+/// Why `spec` must not run on the interface `link`, if it must not: an address whose prefix
+/// is shorter than the interface's own subnet would route a wider range through it than the
+/// subnet the interface is on (`10.0.0.100/8` on `10.0.0.1/24`), unless the resource allows it.
+/// The virtual router's link-local address (IPv6) is link-scoped and never checked.
+pub fn wide_prefix(spec: &InstanceSpec, interface: &str, link: &LinkFacts) -> Option<String> {
+    if spec.allow_wide_prefix {
+        return None;
+    }
+    let subnet = link.subnet(spec.family)?;
+    let wide: Vec<String> = spec
+        .addresses
         .iter()
-        .copied()
-        .filter(|p| Some(*p) != own)
-        .collect()
+        .filter(|a| !matches!(a, IpNet::V6(v6) if v6.addr().is_unicast_link_local()))
+        .filter(|a| a.prefix_len() < subnet.prefix_len())
+        .map(IpNet::to_string)
+        .collect();
+    if wide.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "spec.addresses: {} has a shorter prefix than interface {interface}'s subnet {subnet} and would route the whole range through it; use /{} or longer, or set spec.allowWidePrefix: true",
+        wide.join(", "),
+        subnet.prefix_len()
+    ))
 }
 
 /// One instance output as a node-level output (addresses on the virtual MAC when it has one).

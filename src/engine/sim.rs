@@ -644,9 +644,10 @@ fn spec_of(config: &Config) -> InstanceSpec {
         preempt: config.preempt,
         preempt_delay: config.preempt_delay,
         addresses: config.addresses.clone(),
-        unicast_peers: Vec::new(),
+        unicast_peers: None,
         checksum: ChecksumMode::default(),
         virtual_mac: false,
+        allow_wide_prefix: false,
     }
 }
 
@@ -662,6 +663,8 @@ fn environment(node: NodeId, config: &Config) -> Environment {
             mac: [2, 0, 0, 0, 0, u8::try_from(node).unwrap_or(u8::MAX)],
             primary_v4,
             link_local_v6,
+            subnet_v4: None,
+            subnet_v6: None,
         }),
         sockets: BTreeMap::from([(config.family(), Ok(()))]),
         vmacs: BTreeMap::new(),

@@ -42,9 +42,10 @@ fn spec(name: &str, vrid: u8, priority: u8) -> InstanceSpec {
         preempt: true,
         preempt_delay: Duration::ZERO,
         addresses: vec![net(&format!("192.0.2.{}/24", 100 + vrid))],
-        unicast_peers: Vec::new(),
+        unicast_peers: None,
         checksum: ChecksumMode::PseudoHeader,
         virtual_mac: false,
+        allow_wide_prefix: false,
     }
 }
 
@@ -61,6 +62,8 @@ fn facts(index: u32, primary: Option<Ipv4Addr>) -> LinkFacts {
         mac: [2, 0, 0, 0, 0, 1],
         primary_v4: primary,
         link_local_v6: None,
+        subnet_v4: primary.map(|p| ipnet::Ipv4Net::new(p, 24).unwrap()),
+        subnet_v6: None,
     }
 }
 
@@ -276,7 +279,7 @@ fn taking_over_adds_before_announcing_and_advertises_to_the_group() {
 fn advertisements_are_demultiplexed_by_vrid_through_the_node_filters() {
     let mut rig = Rig::new();
     let unicast = InstanceSpec {
-        unicast_peers: vec![IpAddr::V4(PEER)],
+        unicast_peers: Some(vec![IpAddr::V4(PEER)]),
         ..spec("unicast", 2, 100)
     };
     rig.apply(&[spec("web", 1, 100), unicast]);
@@ -695,7 +698,7 @@ fn unicast_advertisements_go_to_the_other_peers_only() {
     let mut rig = Rig::new();
     let third = Ipv4Addr::new(192, 0, 2, 3);
     let web = InstanceSpec {
-        unicast_peers: vec![IpAddr::V4(OWN), IpAddr::V4(PEER), IpAddr::V4(third)],
+        unicast_peers: Some(vec![IpAddr::V4(OWN), IpAddr::V4(PEER), IpAddr::V4(third)]),
         ..spec("web", 1, 100)
     };
     rig.apply(&[web]);
@@ -1025,4 +1028,106 @@ fn losses_are_counted_per_address_so_a_flushed_interface_is_repaired_not_abandon
         }));
     }
     assert_eq!(rig.state(1), State::Master);
+}
+
+fn fault_of(rig: &Rig, name: &str) -> Option<String> {
+    rig.engine.observed().instances[&(name.to_string(), Family::V4)]
+        .fault
+        .clone()
+}
+
+fn touches(out: &[Output], vrid: u8) -> bool {
+    let addr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 100 + vrid));
+    out.iter().any(|o| match o {
+        Output::Send(t) => t.advertisement.vrid == vrid,
+        Output::AddAddresses { nets, .. } => nets.iter().any(|n| n.addr() == addr),
+        Output::Transition { key, .. } => key.vrid == vrid,
+        _ => false,
+    })
+}
+
+#[test]
+fn an_empty_requested_allowlist_is_never_run() {
+    let mut rig = Rig::new();
+    let closed = InstanceSpec {
+        unicast_peers: Some(Vec::new()),
+        ..spec("closed", 2, 200)
+    };
+    let out = rig.apply(&[spec("web", 1, 100), closed]);
+    assert!(!touches(&out, 2), "{out:?}");
+    assert!(rig.engine.instance("eth0", key(2)).is_none());
+    assert!(rig.engine.instance("eth0", key(1)).is_some());
+    let fault = fault_of(&rig, "closed").expect("a fault in status");
+    assert!(
+        fault.contains("spec.vrrp.unicastPeers: no ipv4 peer"),
+        "{fault}"
+    );
+    assert_eq!(fault_of(&rig, "web"), None);
+    // Advertisements from anyone are dropped, and it never takes over, however long.
+    assert!(rig.hear(PEER, advert(2, 50)).is_empty());
+    assert_eq!(rig.dropped("unexpected_source"), 1);
+    for second in 1..=5 {
+        let out = rig.at(Duration::from_secs(second));
+        assert!(!touches(&out, 2), "{out:?}");
+        let out = rig.input(Input::Refresh(eth0()));
+        assert!(!touches(&out, 2), "{out:?}");
+    }
+    assert_eq!(rig.state(1), State::Master);
+    // A running instance whose allowlist becomes empty stops and gives up its addresses.
+    let emptied = InstanceSpec {
+        unicast_peers: Some(Vec::new()),
+        ..spec("web", 1, 100)
+    };
+    let out = rig.apply(&[emptied]);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::RemoveAddresses { .. })),
+        "{out:?}"
+    );
+    assert!(rig.engine.instance("eth0", key(1)).is_none());
+    assert!(fault_of(&rig, "web").is_some());
+}
+
+#[test]
+fn an_address_wider_than_the_interface_subnet_is_refused_unless_allowed() {
+    let mut rig = Rig::new();
+    let wide = InstanceSpec {
+        addresses: vec![net("192.0.2.102/16")],
+        ..spec("wide", 2, 200)
+    };
+    let out = rig.apply(&[spec("web", 1, 100), wide.clone()]);
+    assert!(!touches(&out, 2), "{out:?}");
+    assert!(rig.engine.instance("eth0", key(2)).is_none());
+    assert_eq!(
+        fault_of(&rig, "wide").unwrap(),
+        "spec.addresses: 192.0.2.102/16 has a shorter prefix than interface eth0's subnet \
+         192.0.2.1/24 and would route the whole range through it; use /24 or longer, or set \
+         spec.allowWidePrefix: true"
+    );
+    // Allowed explicitly: runs.
+    let allowed = InstanceSpec {
+        allow_wide_prefix: true,
+        ..wide
+    };
+    rig.apply(&[spec("web", 1, 100), allowed]);
+    assert!(rig.engine.instance("eth0", key(2)).is_some());
+    assert_eq!(fault_of(&rig, "wide"), None);
+
+    // The interface renumbered to a longer prefix: the running master of a /24 steps down.
+    rig.at(Duration::from_secs(1));
+    assert_eq!(rig.state(1), State::Master);
+    let mut narrower = facts(ETH0_INDEX, Some(OWN));
+    narrower.subnet_v4 = Some("192.0.2.1/28".parse().unwrap());
+    let out = rig.input(Input::Refresh(env(narrower, &[])));
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::RemoveAddresses { nets, .. } if nets == &[net("192.0.2.101/24")])),
+        "{out:?}"
+    );
+    assert!(rig.engine.instance("eth0", key(1)).is_none());
+    assert!(fault_of(&rig, "web").unwrap().contains("use /28 or longer"));
+    assert!(
+        rig.engine.instance("eth0", key(2)).is_some(),
+        "allowed one keeps running"
+    );
 }

@@ -271,11 +271,13 @@ impl StatusWriter {
             self.publish(vip, EventType::Normal, "MasterElected", "Elect", note)
                 .await;
         }
-        if let (Some(reason), true) = (&plan.refused, reporter) {
-            let (event_reason, action) = if reason.is_conflict() {
-                ("Conflict", "Refuse")
-            } else {
-                ("Invalid", "Validate")
+        // A refused instance (one family) is reported like a refused resource.
+        let refusals = plan.refused.iter().chain(&plan.refused_instances);
+        for reason in refusals.filter(|_| reporter) {
+            let (event_reason, action) = match reason {
+                r if r.is_conflict() => ("Conflict", "Refuse"),
+                RefusalReason::NoUnicastPeers { .. } => ("NoUnicastPeers", "Refuse"),
+                _ => ("Invalid", "Validate"),
             };
             let note = reason.to_string();
             let key = (name.to_string(), note.clone());
@@ -501,6 +503,7 @@ pub fn desired_status(
         Some(reason) => {
             let (summary, ready_reason, conflict) = match reason {
                 r if r.is_conflict() => ("Conflict", "Conflict", Some(conflict_reason(r))),
+                RefusalReason::NoUnicastPeers { .. } => ("Invalid", "NoUnicastPeers", None),
                 _ => ("Invalid", "Invalid", None),
             };
             let message = reason.to_string();
@@ -551,13 +554,20 @@ pub fn desired_status(
                 ));
                 conds.push(condition(previous, "Conflict", false, "NoConflict", ""));
             }
-            if !faults.is_empty() {
+            // Refused instances (one family) are the cluster's verdict, the same on every
+            // node, so a condition they co-own; a node's faults go in its own entry.
+            if !plan.refused_instances.is_empty() {
+                let why: Vec<String> = plan
+                    .refused_instances
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect();
                 conds.push(condition(
                     previous,
                     "Degraded",
                     true,
-                    "NodeFault",
-                    &format!("{node}: {}", faults.join("; ")),
+                    "NoUnicastPeers",
+                    &why.join("; "),
                 ));
             }
             let since = ours.iter().map(|s| s.since).max();
@@ -568,6 +578,7 @@ pub fn desired_status(
                 reasons: plan.priority_reasons.clone(),
                 last_transition_time: since.map(rfc3339),
                 services: services.map(str::to_string),
+                fault: (!faults.is_empty()).then(|| faults.join("; ")),
             };
             status.insert("nodes".into(), json!([entry]));
             (master.is_some().then_some("Active"), conds)
@@ -648,6 +659,7 @@ mod tests {
                 vec![]
             },
             refused,
+            refused_instances: Vec::new(),
         }
     }
 
@@ -832,5 +844,51 @@ mod tests {
         seen.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
         assert!(!reflected(&seen, &gone, "node-a"));
         assert!(reflected(&seen, &gone, "node-z"));
+    }
+
+    #[test]
+    fn a_refused_family_degrades_the_resource_with_the_reason() {
+        let reason = RefusalReason::NoUnicastPeers {
+            family: Family::V6,
+            auto: false,
+        };
+        let mut status = Status::on("node-a").instance(State::Master, Some("192.0.2.11"));
+        status.plan.refused_instances = vec![reason.clone()];
+        let body = status.body();
+        let s = &body["status"];
+        assert_eq!(s["state"], "Active", "the IPv4 instance runs");
+        let degraded = s["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Degraded")
+            .unwrap();
+        assert_eq!(degraded["status"], "True");
+        assert_eq!(degraded["reason"], "NoUnicastPeers");
+        assert_eq!(degraded["message"], reason.to_string());
+
+        // Every family refused: the resource is, with the same reason.
+        let body = Status::on("node-a").refused(reason.clone()).body();
+        let ready = &body["status"]["conditions"][0];
+        assert_eq!(ready["type"], "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "NoUnicastPeers");
+    }
+
+    #[test]
+    fn a_fault_goes_in_the_nodes_own_entry_not_a_shared_condition() {
+        let mut fault = instance(State::Initialize, None);
+        fault.fault = Some("spec.addresses: 192.0.2.100/16 has a shorter prefix".into());
+        let mut status = Status::on("node-b");
+        status.ours.push(fault);
+        let body = status.body();
+        let entry = &body["status"]["nodes"][0];
+        assert_eq!(entry["state"], "Fault");
+        assert_eq!(
+            entry["fault"],
+            "spec.addresses: 192.0.2.100/16 has a shorter prefix"
+        );
+        // Every node with a fault of its own writing one condition would overwrite the others'.
+        assert!(body["status"].get("conditions").is_none(), "{body}");
     }
 }

@@ -268,6 +268,10 @@ vip=$(sed -n 's/.*addresses: \["\(.*\)"\].*/\1/p' "$manifest")
 ms=$(sed -n 's/.*advertisementInterval: \([0-9]*\)ms.*/\1/p' "$manifest")
 weight=$(sed -n "s/.*nodeName: $name, weight: \([0-9]*\).*/\1/p" "$manifest")
 prio=$((100 + ${weight:-0}))
+# The lab's 140 and 130 put the two backups' timers 3.9 ms apart, which a loaded machine
+# reorders; the test asserts which backup wins, so the third node is given a clearly lower
+# priority (60: its Master_Down_Interval is 31 ms longer).
+[ "$prio" -lt 140 ] && prio=60
 interval=$(awk "BEGIN { print $ms / 1000 }")
 conf="$dir/$name.keepalived.conf"
 cat > "$conf" <<EOF

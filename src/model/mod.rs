@@ -7,10 +7,10 @@
 pub mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv6Net};
+use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::crd::{
@@ -118,9 +118,16 @@ pub struct InstanceSpec {
     pub preempt_delay: Duration,
     /// The addresses to hold as master. For IPv6 the first one is link-local (RFC 5798 §5.2.9).
     pub addresses: Vec<IpNet>,
-    pub unicast_peers: Vec<IpAddr>,
+    /// `None`: multicast, advertisements accepted from any source. `Some`: the unicast
+    /// allowlist, the only sources accepted and the destinations of advertisements. An
+    /// allowlist fails closed: the planner never plans an empty one (the family is refused
+    /// instead) and the engine never runs one.
+    pub unicast_peers: Option<Vec<IpAddr>>,
     pub checksum: ChecksumMode,
     pub virtual_mac: bool,
+    /// `spec.allowWidePrefix`: the addresses may have a shorter prefix than the interface's
+    /// own subnet (the engine refuses them otherwise, per node).
+    pub allow_wide_prefix: bool,
 }
 
 /// A resource (or part of it) this node does not run, and why.
@@ -153,6 +160,14 @@ pub enum RefusalReason {
     NeedsCluster { field: String },
     #[error("metadata.name: required")]
     Unnamed,
+    /// A unicast allowlist was asked for, but it has no peer of this family: the family's
+    /// instance is not run (an empty allowlist must not fall back to accepting anyone).
+    #[error(
+        "spec.vrrp.unicastPeers: {}; the {family} instance is not run (an empty allowlist would accept advertisements from anyone): {}",
+        if *auto { format!("auto found no eligible node with an {family} InternalIP address") } else { format!("lists no {family} peer") },
+        if *auto { format!("give the nodes {family} InternalIP addresses or list the peers") } else { format!("list the {family} peers too") }
+    )]
+    NoUnicastPeers { family: Family, auto: bool },
 }
 
 impl RefusalReason {
@@ -164,6 +179,7 @@ impl RefusalReason {
             RefusalReason::NoFreeVrid { .. } => "no_free_vrid",
             RefusalReason::NeedsCluster { .. } => "needs_cluster",
             RefusalReason::Unnamed => "unnamed",
+            RefusalReason::NoUnicastPeers { .. } => "no_unicast_peers",
         }
     }
 
@@ -189,6 +205,9 @@ pub struct ResourcePlan {
     pub priority: Option<u8>,
     pub priority_reasons: Vec<String>,
     pub refused: Option<RefusalReason>,
+    /// Instances of an otherwise accepted resource that are not run (one address family),
+    /// and why. Decided from the resources and the cluster, the same on every node.
+    pub refused_instances: Vec<RefusalReason>,
 }
 
 impl ResourcePlan {
@@ -206,6 +225,7 @@ impl ResourcePlan {
             priority,
             priority_reasons,
             refused: None,
+            refused_instances: Vec::new(),
         }
     }
 }
@@ -241,6 +261,7 @@ impl Desired {
                 priority: None,
                 priority_reasons: Vec::new(),
                 refused: Some(reason.clone()),
+                refused_instances: Vec::new(),
             },
         );
         self.refused.push(Refusal { resource, reason });
@@ -278,6 +299,20 @@ fn sharing_signature(spec: &ValidSpec) -> Option<String> {
         (spec.base_priority, &spec.preferred_nodes),
         spec.node_health,
     ))
+}
+
+/// Which sharing group a VirtualIP joins: its signature, plus what the engine's per-node
+/// wide-prefix check looks at (the prefix lengths and `allowWidePrefix`), so that every member
+/// of a group gets the same verdict and a VirtualIP refused on a node never takes the others
+/// of its group down with it. Not part of the seed of derived VRIDs, which stays the
+/// signature.
+fn group_key(signature: &str, spec: &ValidSpec) -> String {
+    let prefixes: BTreeSet<(bool, u8)> = spec
+        .addresses
+        .iter()
+        .map(|a| (a.addr().is_ipv4(), a.prefix_len()))
+        .collect();
+    format!("{signature}|{}|{prefixes:?}", spec.allow_wide_prefix)
 }
 
 /// Adds the virtual services of one eligible VirtualIP: each service on each of its addresses
@@ -462,15 +497,34 @@ fn plan_resource(
         Err((vrid, reason)) => return desired.refuse(name, vrid, reason),
     };
 
+    // Node-independent, so decided before eligibility: every node reports the same verdict.
+    let mut peers = Vec::new();
+    let mut refused_instances = Vec::new();
+    for (family, allowlist) in allowlists(&spec, snapshot) {
+        match allowlist {
+            Ok(list) => peers.push((family, list)),
+            Err(reason) => refused_instances.push(reason),
+        }
+    }
+    if peers.is_empty()
+        && let Some(reason) = refused_instances.first()
+    {
+        return desired.refuse(name, Some(vrid), reason.clone());
+    }
+
     let eligible = !snapshot.cluster
         || snapshot
             .nodes
             .get(node)
             .is_some_and(|facts| is_eligible(&spec, facts));
     if !eligible {
-        desired
-            .resources
-            .insert(name, ResourcePlan::accepted(vrid, None));
+        desired.resources.insert(
+            name,
+            ResourcePlan {
+                refused_instances,
+                ..ResourcePlan::accepted(vrid, None)
+            },
+        );
         return;
     }
 
@@ -492,13 +546,62 @@ fn plan_resource(
         &spec,
         vrid,
         (priority, &priority_reasons),
-        snapshot,
+        &peers,
         desired,
     );
     desired.resources.insert(
         name,
-        ResourcePlan::accepted(vrid, Some((priority, priority_reasons))),
+        ResourcePlan {
+            refused_instances,
+            ..ResourcePlan::accepted(vrid, Some((priority, priority_reasons)))
+        },
     );
+}
+
+/// Per family of the addresses, IPv4 first: `None` for multicast, or the unicast allowlist
+/// (the listed peers of the family, plus with `auto` the eligible nodes' InternalIPs of the
+/// family). An allowlist that comes out empty is a refusal of that family: it must not fall
+/// back to multicast and accept advertisements from anyone.
+type Allowlist = Result<Option<Vec<IpAddr>>, RefusalReason>;
+
+fn allowlists(spec: &ValidSpec, snapshot: &Snapshot) -> Vec<(Family, Allowlist)> {
+    let unicast = spec.unicast_auto || !spec.unicast_peers.is_empty();
+    let auto_peers: Vec<IpAddr> = if spec.unicast_auto {
+        snapshot
+            .nodes
+            .values()
+            .filter(|facts| is_eligible(spec, facts))
+            .flat_map(|facts| facts.internal_ips.iter().copied())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    families(spec)
+        .into_iter()
+        .map(|family| {
+            if !unicast {
+                return (family, Ok(None));
+            }
+            let mut peers: Vec<IpAddr> = spec
+                .unicast_peers
+                .iter()
+                .chain(&auto_peers)
+                .filter(|p| Family::of(p) == family)
+                .copied()
+                .collect();
+            let mut seen = BTreeSet::new();
+            peers.retain(|p| seen.insert(*p));
+            let allowlist = if peers.is_empty() {
+                Err(RefusalReason::NoUnicastPeers {
+                    family,
+                    auto: spec.unicast_auto,
+                })
+            } else {
+                Ok(Some(peers))
+            };
+            (family, allowlist)
+        })
+        .collect()
 }
 
 /// The first field of `spec` that only Kubernetes mode can serve, if any.
@@ -535,9 +638,8 @@ fn claim(
 ) -> Result<u8, (Option<u8>, RefusalReason)> {
     let families = families(spec);
     let signature = sharing_signature(spec);
-    let leader = signature
-        .as_ref()
-        .and_then(|sig| taken.groups.get(sig).cloned());
+    let group = signature.as_deref().map(|sig| group_key(sig, spec));
+    let leader = group.as_ref().and_then(|g| taken.groups.get(g).cloned());
     let seed = signature.as_deref().unwrap_or(name);
     let vrid = choose_vrid(spec, seed, &families, taken, leader.as_deref())
         .map_err(|reason| (spec.vrid, reason))?;
@@ -553,8 +655,8 @@ fn claim(
         return Err((Some(vrid), reason));
     }
     let owner = leader.unwrap_or_else(|| name.to_string());
-    if let Some(sig) = signature {
-        taken.groups.entry(sig).or_insert_with(|| name.to_string());
+    if let Some(g) = group {
+        taken.groups.entry(g).or_insert_with(|| name.to_string());
     }
     for family in &families {
         taken
@@ -567,38 +669,23 @@ fn claim(
     Ok(vrid)
 }
 
-/// The VRRP instances of an eligible VirtualIP, one per family: a new instance, or more
-/// addresses for the instance of the sharing group it joins.
+/// The VRRP instances of an eligible VirtualIP, one per family that is not refused (`peers`
+/// lists those, with their allowlists): a new instance, or more addresses for the instance of
+/// the sharing group it joins.
 fn plan_instances(
     name: &str,
     spec: &ValidSpec,
     vrid: u8,
     (priority, priority_reasons): (u8, &[String]),
-    snapshot: &Snapshot,
+    peers: &[(Family, Option<Vec<IpAddr>>)],
     desired: &mut Desired,
 ) {
-    let auto_peers: Vec<IpAddr> = if spec.unicast_auto {
-        snapshot
-            .nodes
-            .values()
-            .filter(|facts| is_eligible(spec, facts))
-            .flat_map(|facts| facts.internal_ips.iter().copied())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    for family in families(spec) {
+    for (family, unicast_peers) in peers {
+        let (family, unicast_peers) = (*family, unicast_peers.clone());
         let mut addresses: Vec<IpNet> = spec
             .addresses
             .iter()
             .filter(|a| Family::of(&a.addr()) == family)
-            .copied()
-            .collect();
-        let unicast_peers = spec
-            .unicast_peers
-            .iter()
-            .chain(&auto_peers)
-            .filter(|p| Family::of(p) == family)
             .copied()
             .collect();
         let instances = desired.instances.entry(spec.interface.clone()).or_default();
@@ -606,12 +693,11 @@ fn plan_instances(
         if let Some(shared) = instances.get_mut(&key) {
             // A later member of a sharing group: same settings, more addresses.
             shared.addresses.extend(addresses);
+            link_local_first(&mut shared.addresses);
             shared.members.push(name.to_string());
             continue;
         }
-        if family == Family::V6 {
-            link_local_first(&mut addresses, vrid);
-        }
+        link_local_first(&mut addresses);
         instances.insert(
             key,
             InstanceSpec {
@@ -630,6 +716,7 @@ fn plan_instances(
                 unicast_peers,
                 checksum: spec.checksum,
                 virtual_mac: spec.virtual_mac,
+                allow_wide_prefix: spec.allow_wide_prefix,
             },
         );
     }
@@ -839,27 +926,15 @@ fn priority_with_health(
 }
 
 /// RFC 5798 §5.2.9: an IPv6 advertisement's first address is the virtual router's link-local
-/// address. When the user lists none, use the one derived from the virtual MAC
-/// 00:00:5e:00:02:VRID (modified EUI-64), as routers do.
-fn link_local_first(addresses: &mut Vec<IpNet>, vrid: u8) {
-    let is_ll =
-        |a: &IpNet| matches!(a.addr(), IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+/// address. A link-local the user lists goes first (held and advertised like the others).
+/// None is made up when the user lists none: keepalived configured the usual way lists none
+/// either and drops advertisements whose address count differs from its own; the VRRP
+/// instance lists a link-local first only once a peer's advertisement shows one
+/// (`vrrp::instance::Instance::advertised_addresses`).
+fn link_local_first(addresses: &mut [IpNet]) {
+    let is_ll = |a: &IpNet| matches!(a.addr(), IpAddr::V6(v6) if v6.is_unicast_link_local());
     if let Some(i) = addresses.iter().position(is_ll) {
-        let ll = addresses.remove(i);
-        addresses.insert(0, ll);
-    } else {
-        let ll = Ipv6Addr::new(
-            0xfe80,
-            0,
-            0,
-            0,
-            0x0200,
-            0x5eff,
-            0xfe00,
-            0x0200 | u16::from(vrid),
-        );
-        let net = Ipv6Net::new(ll, 64).expect("64 is a valid IPv6 prefix length");
-        addresses.insert(0, IpNet::V6(net));
+        addresses[..=i].rotate_right(1);
     }
 }
 
@@ -902,7 +977,7 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_splits_by_family_with_link_local_first() {
+    fn dual_stack_splits_by_family_and_makes_up_no_link_local() {
         let s = snapshot(vec![vip(
             "web",
             10,
@@ -910,10 +985,40 @@ mod tests {
         )]);
         let d = plan(&s, "node-b");
         let v6 = d.iter().find(|i| i.family == Family::V6).unwrap();
-        assert_eq!(v6.addresses[0].to_string(), "fe80::200:5eff:fe00:20a/64");
-        assert_eq!(v6.addresses[1].to_string(), "2001:db8::100/64");
+        let v6: Vec<String> = v6.addresses.iter().map(ToString::to_string).collect();
+        assert_eq!(v6, ["2001:db8::100/64"]);
         let v4 = d.iter().find(|i| i.family == Family::V4).unwrap();
         assert_eq!(v4.addresses.len(), 1);
+    }
+
+    #[test]
+    fn a_listed_link_local_goes_first_and_the_others_keep_their_order() {
+        let s = snapshot(vec![vip(
+            "web",
+            10,
+            &[
+                "2001:db8::100/64",
+                "2001:db8::101/64",
+                "fe80::200:5eff:fe00:20a/64",
+            ],
+        )]);
+        let d = plan(&s, "node-b");
+        let v6: Vec<String> = d
+            .iter()
+            .next()
+            .unwrap()
+            .addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            v6,
+            [
+                "fe80::200:5eff:fe00:20a/64",
+                "2001:db8::100/64",
+                "2001:db8::101/64"
+            ]
+        );
     }
 
     #[test]
@@ -1071,7 +1176,12 @@ mod tests {
         };
         let a = plan(&s, "node-a");
         let inst = a.iter().next().unwrap();
-        let peers: Vec<String> = inst.unicast_peers.iter().map(|p| p.to_string()).collect();
+        let peers: Vec<String> = inst
+            .unicast_peers
+            .iter()
+            .flatten()
+            .map(|p| p.to_string())
+            .collect();
         assert_eq!(peers, ["192.0.2.11", "192.0.2.12"]);
         assert_eq!(plan(&s, "node-c").iter().count(), 0);
         // A node without a Node object is not eligible in cluster mode.
@@ -1422,5 +1532,159 @@ mod tests {
             d.service_notes["b"],
             ["spec.services[0]: fwmark 7 (ipv4) is already forwarded by VirtualIP \"a\""]
         );
+    }
+
+    #[test]
+    fn an_allowlist_without_a_peer_of_a_family_refuses_that_family_only() {
+        use crate::crd::UnicastPeers;
+        let list = |p: &[&str]| UnicastPeers::List(p.iter().map(|s| s.to_string()).collect());
+        let dual = ["192.0.2.100/24", "2001:db8::100/64"];
+        // (case, peers, addresses, cluster, running families with their allowlists,
+        //  refused families of a running resource, whole resource refused)
+        type Case<'a> = (
+            &'a str,
+            UnicastPeers,
+            &'a [&'a str],
+            bool,
+            &'a [(Family, Option<&'a [&'a str]>)],
+            &'a [Family],
+            Option<Family>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "multicast",
+                list(&[]),
+                &dual,
+                false,
+                &[(Family::V4, None), (Family::V6, None)],
+                &[],
+                None,
+            ),
+            (
+                "IPv4 peers only",
+                list(&["192.0.2.12"]),
+                &dual,
+                false,
+                &[(Family::V4, Some(&["192.0.2.12"]))],
+                &[Family::V6],
+                None,
+            ),
+            (
+                "both families listed",
+                list(&["192.0.2.12", "2001:db8::12"]),
+                &dual,
+                false,
+                &[
+                    (Family::V4, Some(&["192.0.2.12"])),
+                    (Family::V6, Some(&["2001:db8::12"])),
+                ],
+                &[],
+                None,
+            ),
+            (
+                "auto, nodes without IPv6",
+                UnicastPeers::Auto,
+                &dual,
+                true,
+                &[(Family::V4, Some(&["192.0.2.11", "192.0.2.12"]))],
+                &[Family::V6],
+                None,
+            ),
+            (
+                "auto, IPv6 only, nodes without IPv6",
+                UnicastPeers::Auto,
+                &["2001:db8::100/64"],
+                true,
+                &[],
+                &[],
+                Some(Family::V6),
+            ),
+        ];
+        for (case, peers, addresses, in_cluster, running, partly, whole) in cases {
+            let mut v = vip("web", 51, addresses);
+            v.spec.vrrp.unicast_peers = peers;
+            let mut s = snapshot(vec![v]);
+            if in_cluster {
+                s.cluster = true;
+                s.nodes = cluster(&[
+                    ("node-a", &[], true, "192.0.2.11"),
+                    ("node-b", &[], true, "192.0.2.12"),
+                    ("node-c", &[(EXCLUDE_LABEL, "")], true, "192.0.2.13"),
+                ]);
+            }
+            let d = plan(&s, "node-a");
+            let got: Vec<(Family, Option<Vec<IpAddr>>)> = d
+                .iter()
+                .map(|i| (i.family, i.unicast_peers.clone()))
+                .collect();
+            let want: Vec<(Family, Option<Vec<IpAddr>>)> = running
+                .iter()
+                .map(|(f, p)| {
+                    (
+                        *f,
+                        p.map(|p| p.iter().map(|a| a.parse().unwrap()).collect()),
+                    )
+                })
+                .collect();
+            assert_eq!(got, want, "{case}");
+            let plan_web = &d.resources["web"];
+            let refused_families: Vec<Family> = plan_web
+                .refused_instances
+                .iter()
+                .map(|r| match r {
+                    RefusalReason::NoUnicastPeers { family, .. } => *family,
+                    other => panic!("{case}: {other}"),
+                })
+                .collect();
+            assert_eq!(refused_families, partly, "{case}");
+            assert_eq!(
+                plan_web.refused.as_ref().map(|r| r.metric_label()),
+                whole.map(|_| "no_unicast_peers"),
+                "{case}"
+            );
+            // The verdict is the cluster's, not the node's: an excluded node reaches it too.
+            if in_cluster {
+                let c = plan(&s, "node-c");
+                assert_eq!(c.resources["web"].refused, plan_web.refused, "{case}");
+                assert_eq!(
+                    c.resources["web"].refused_instances, plan_web.refused_instances,
+                    "{case}"
+                );
+            }
+        }
+        let mut v = vip("web", 51, &dual);
+        v.spec.vrrp.unicast_peers = list(&["192.0.2.12"]);
+        let d = plan(&snapshot(vec![v]), "node-a");
+        assert_eq!(
+            d.resources["web"].refused_instances[0].to_string(),
+            "spec.vrrp.unicastPeers: lists no ipv6 peer; the ipv6 instance is not run (an empty \
+             allowlist would accept advertisements from anyone): list the ipv6 peers too"
+        );
+    }
+
+    #[test]
+    fn sharing_groups_agree_on_prefix_lengths_and_wide_prefixes() {
+        let auto = |name: &str, addr: &str| {
+            let mut v = vip(name, 1, &[addr]);
+            v.spec.virtual_router_id = None;
+            v
+        };
+        let mut allowed = auto("allowed", "192.0.2.104/24");
+        allowed.spec.allow_wide_prefix = true;
+        let s = snapshot(vec![
+            auto("a", "192.0.2.101/24"),
+            auto("wide", "10.0.0.1/8"),
+            auto("b", "192.0.2.102/24"),
+            allowed,
+            auto("host", "192.0.2.103/32"),
+        ]);
+        let d = plan(&s, "node-a");
+        let members: Vec<Vec<String>> = d.iter().map(|i| i.members.clone()).collect();
+        assert_eq!(members.len(), 4, "{members:?}");
+        assert!(members.contains(&vec!["a".to_string(), "b".to_string()]));
+        // The first group keeps the VRID derived from the settings alone.
+        assert_eq!(d.resources["a"].vrid, d.resources["b"].vrid);
+        let only_a = plan(&snapshot(vec![auto("a", "192.0.2.101/24")]), "node-a");
+        assert_eq!(only_a.resources["a"].vrid, d.resources["a"].vrid);
     }
 }

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use futures::TryStreamExt;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkMessage,
     NetlinkPayload,
@@ -463,6 +463,30 @@ impl AddressManager {
                 }
                 _ => None,
             }))
+    }
+
+    /// The interface's own subnets (not ours), as address and prefix: the first primary IPv4
+    /// address, and the first global IPv6 address, else the first link-local one.
+    pub async fn own_subnets(
+        &self,
+        index: u32,
+    ) -> Result<(Option<Ipv4Net>, Option<Ipv6Net>), AddrError> {
+        let addresses = self.addresses(Some(index), AddressFamily::Unspec).await?;
+        let mut v4 = None;
+        let (mut global, mut link_local) = (None, None);
+        for address in addresses.iter().filter(|a| !self.is_ours(a)) {
+            match address.net {
+                IpNet::V4(net) if !address.flags.contains(AddressFlags::Secondary) => {
+                    v4 = v4.or(Some(net))
+                }
+                IpNet::V6(net) if net.addr().is_unicast_link_local() => {
+                    link_local = link_local.or(Some(net))
+                }
+                IpNet::V6(net) => global = global.or(Some(net)),
+                IpNet::V4(_) => {}
+            }
+        }
+        Ok((v4, global.or(link_local)))
     }
 
     /// Adds `net` to the interface, as ours, without a lifetime. Adding an address that is

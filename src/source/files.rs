@@ -134,15 +134,25 @@ impl Reported {
         }
     }
 
+    /// Refused resources, and refused instances (one family) of running ones.
     pub fn refusals(&mut self, desired: &Desired) {
-        let now: Vec<String> = desired
+        let whole = desired
             .refused
             .iter()
-            .map(|r| format!("VirtualIP {:?}: {}", r.resource, r.reason))
+            .map(|r| (&r.resource, &r.reason, "the other VirtualIPs keep running"));
+        let partly = desired.resources.iter().flat_map(|(name, plan)| {
+            plan.refused_instances
+                .iter()
+                .map(move |r| (name, r, "its other address family keeps running"))
+        });
+        let all: Vec<_> = whole.chain(partly).collect();
+        let now: Vec<String> = all
+            .iter()
+            .map(|(name, reason, _)| format!("VirtualIP {name:?}: {reason}"))
             .collect();
         if now != self.refused {
-            for (r, text) in desired.refused.iter().zip(&now) {
-                warn!(resource = %r.resource, reason = r.reason.metric_label(), "refused {text}; the other VirtualIPs keep running");
+            for ((name, reason, rest), text) in all.iter().zip(&now) {
+                warn!(resource = %name, reason = reason.metric_label(), "refused {text}; {rest}");
             }
             self.refused = now;
         }

@@ -16,7 +16,7 @@
 //! whole seconds, 1-255) so that our timers agree with what the backups learn from us.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -41,6 +41,15 @@ pub fn max_advertised(family: Family) -> usize {
     }
 }
 
+/// After a master learned the link-local from a peer, it announces its addresses at once and
+/// again with its first advertisements at least this long after: the peer may have become a
+/// second master meanwhile, and keepalived sends its own announcement burst before it reads
+/// our answer and yields (tens of milliseconds later on a busy host), leaving the neighbours
+/// with its MAC. keepalived's `garp_lower_prio_repeat` answers a lower-priority master the
+/// same way.
+pub const REANNOUNCE_AFTER_TEACHING: [Duration; 2] =
+    [Duration::from_millis(250), Duration::from_secs(1)];
+
 /// What one virtual router should do. Changing `vrid` or `version` makes it a different virtual
 /// router: the driver creates a new [`Instance`] for that instead of sending
 /// [`Input::Reconfigure`].
@@ -58,8 +67,11 @@ pub struct Config {
     /// Whether the master accepts packets addressed to the virtual addresses when it is not the
     /// owner (RFC 5798 §6.1). The state machine carries it for the driver; elections ignore it.
     pub accept_mode: bool,
-    /// The virtual addresses, with the prefix to add them to the interface with. For IPv6 the
-    /// first one is the link-local virtual address (RFC 5798 §5.2.9); it goes first on the wire.
+    /// The virtual addresses, with the prefix to add them to the interface with. An IPv6
+    /// link-local among them (the user listed one) goes first, and first on the wire (RFC 5798
+    /// §5.2.9). Without one the advertisement lists only these addresses, as keepalived
+    /// configured without a link-local does, until a peer's advertisement teaches the
+    /// instance a link-local (see [`Instance::advertised_addresses`]).
     pub addresses: Vec<IpNet>,
     /// Our own advertisement source (IPv4 primary address / IPv6 link-local): the tie-breaker
     /// between masters of equal priority.
@@ -354,6 +366,8 @@ pub struct Counters {
     pub discarded_invalid: u64,
     /// Accepted, but the advertised addresses differ from ours (RFC 5798 §7.1: log, not drop).
     pub address_list_mismatch: u64,
+    /// IPv6: 1 once a peer's advertisement taught us the link-local to list first.
+    pub link_local_learned: u64,
     pub transitions: u64,
     pub became_master: u64,
     pub became_backup: u64,
@@ -375,6 +389,13 @@ pub struct Instance {
     /// master is first seen after a higher-priority one. Stored as a start rather than an end so
     /// that a huge delay cannot overflow `Instant`.
     preempt_hold_since: Option<Instant>,
+    /// IPv6 without a configured link-local: the link-local a peer of this VRID listed first,
+    /// which our advertisements then list first too. Kept for the life of the instance
+    /// (Reconfigure included, a new VRID or version excluded).
+    learned_link_local: Option<Ipv6Addr>,
+    /// As Master, after learning the link-local: when, and the next of
+    /// [`REANNOUNCE_AFTER_TEACHING`] still to do.
+    reannounce: Option<(Instant, usize)>,
     counters: Counters,
 }
 
@@ -392,6 +413,8 @@ impl Instance {
             leaving_master: None,
             preempting: None,
             preempt_hold_since: None,
+            learned_link_local: None,
+            reannounce: None,
             counters: Counters::default(),
         }
     }
@@ -463,6 +486,61 @@ impl Instance {
         &self.counters
     }
 
+    /// The link-local a peer's advertisement taught this instance (IPv6 without a configured
+    /// link-local only), if any.
+    pub fn learned_link_local(&self) -> Option<Ipv6Addr> {
+        self.learned_link_local
+    }
+
+    /// The IPvX address list of our advertisements, at most [`max_advertised`] long.
+    ///
+    /// IPv6 (RFC 5798 / RFC 9568 §5.2.9: the first address is the virtual router's
+    /// link-local): a configured link-local is first already. Without one, the list starts
+    /// with the link-local a peer's advertisement listed first, once one has been heard, and
+    /// otherwise holds the configured addresses only. That is what keepalived sends when
+    /// configured the way its users write it (`virtual_ipaddress { 2001:db8::100/64 }`), and
+    /// keepalived up to 2.3.2 drops every advertisement whose address count differs from its
+    /// own list ("received an unexpected ip number count"); a leading link-local nobody
+    /// configured made it a second master.
+    pub fn advertised_addresses(&self) -> Vec<IpAddr> {
+        self.advertised().collect()
+    }
+
+    fn advertised(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let learned = self
+            .learned_link_local
+            .filter(|_| !self.link_local_configured())
+            .map(IpAddr::V6);
+        learned
+            .into_iter()
+            .chain(self.config.addresses.iter().map(IpNet::addr))
+            .take(max_advertised(self.config.family()))
+    }
+
+    /// IPv6 and the configuration's first address is a link-local.
+    fn link_local_configured(&self) -> bool {
+        matches!(self.config.addresses.first().map(IpNet::addr), Some(IpAddr::V6(a)) if a.is_unicast_link_local())
+    }
+
+    /// Learns the link-local an IPv6 peer of this VRID lists first, when ours has none; true
+    /// when this advertisement taught it.
+    fn learn_link_local(&mut self, advertisement: &Advertisement) -> bool {
+        if self.learned_link_local.is_some()
+            || self.config.family() != Family::V6
+            || self.link_local_configured()
+        {
+            return false;
+        }
+        match advertisement.addresses.first() {
+            Some(IpAddr::V6(first)) if first.is_unicast_link_local() => {
+                self.learned_link_local = Some(*first);
+                self.counters.link_local_learned += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn is_owner(&self) -> bool {
         self.config.priority == PRIORITY_OWNER
     }
@@ -504,6 +582,9 @@ impl Instance {
             self.counters.discarded_not_running += 1;
             return;
         }
+        // Before any discard below: an owner or a master hears its peers' lists too, and a peer
+        // that drops our list would otherwise stay a second master.
+        let taught = self.learn_link_local(advertisement);
         if self.config.version == Version::V2
             && advertisement.interval != self.config.wire_interval()
         {
@@ -512,19 +593,57 @@ impl Instance {
         }
         if self.is_owner() {
             self.counters.discarded_as_owner += 1;
+        } else {
+            if advertisement.priority == PRIORITY_LEAVING {
+                self.counters.priority_zero_received += 1;
+            }
+            if !self.same_addresses(&advertisement.addresses) {
+                self.counters.address_list_mismatch += 1;
+            }
+            match self.state {
+                State::Backup => self.receive_as_backup(now, source, advertisement),
+                State::Master => self.receive_as_master(now, source, advertisement, out),
+                State::Initialize => {}
+            }
+        }
+        if taught && self.state == State::Master {
+            self.reassert_taught_list(now, advertisement, out);
+        }
+    }
+
+    /// A master just learned the link-local from a peer's advertisement: that peer may be a
+    /// second master because it dropped our list (keepalived up to 2.3.2). Advertise the list
+    /// it accepts now rather than an interval later, and announce our addresses again, since
+    /// its announcements moved the neighbours to it.
+    fn reassert_taught_list(
+        &mut self,
+        now: Instant,
+        advertisement: &Advertisement,
+        out: &mut Vec<Output>,
+    ) {
+        if advertisement.priority != PRIORITY_LEAVING {
+            // (A priority 0 was answered at once already.)
+            self.send(self.config.priority, out);
+            self.deadline = Some(now + self.config.effective_advert_interval());
+        }
+        out.push(Output::Announce(
+            self.config.addresses.iter().map(IpNet::addr).collect(),
+        ));
+        self.reannounce = Some((now, 0));
+    }
+
+    /// The later announcements of [`REANNOUNCE_AFTER_TEACHING`], with a master's advert.
+    fn reannounce_if_due(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let Some((since, next)) = self.reannounce else {
+            return;
+        };
+        if now.saturating_duration_since(since) < REANNOUNCE_AFTER_TEACHING[next] {
             return;
         }
-        if advertisement.priority == PRIORITY_LEAVING {
-            self.counters.priority_zero_received += 1;
-        }
-        if !self.same_addresses(&advertisement.addresses) {
-            self.counters.address_list_mismatch += 1;
-        }
-        match self.state {
-            State::Backup => self.receive_as_backup(now, source, advertisement),
-            State::Master => self.receive_as_master(now, source, advertisement, out),
-            State::Initialize => {}
-        }
+        out.push(Output::Announce(
+            self.config.addresses.iter().map(IpNet::addr).collect(),
+        ));
+        self.reannounce = (next + 1 < REANNOUNCE_AFTER_TEACHING.len()).then_some((since, next + 1));
     }
 
     fn receive_as_backup(&mut self, now: Instant, source: IpAddr, advertisement: &Advertisement) {
@@ -610,15 +729,10 @@ impl Instance {
     }
 
     fn same_addresses(&self, advertised: &[IpAddr]) -> bool {
-        let ours = &self.config.addresses[..self
-            .config
-            .addresses
-            .len()
-            .min(max_advertised(self.config.family()))];
-        advertised.len() == ours.len()
+        advertised.len() == self.advertised().count()
             && advertised
                 .iter()
-                .all(|ip| ours.iter().any(|net| net.addr() == *ip))
+                .all(|ip| self.advertised().any(|ours| ours == *ip))
     }
 
     fn timer(&mut self, now: Instant, out: &mut Vec<Output>) {
@@ -629,6 +743,7 @@ impl Instance {
         match self.state {
             State::Master => {
                 self.send(self.config.priority, out);
+                self.reannounce_if_due(now, out);
                 self.deadline = Some(now + self.config.effective_advert_interval());
             }
             State::Backup => {
@@ -720,6 +835,7 @@ impl Instance {
         self.state = State::Backup;
         self.leaving_master = None;
         self.preempting = None;
+        self.reannounce = None;
         self.deadline = Some(now + self.master_down_interval());
         self.transition(from, State::Backup, reason, out);
     }
@@ -739,6 +855,7 @@ impl Instance {
         self.master = None;
         self.leaving_master = None;
         self.preempting = None;
+        self.reannounce = None;
         self.transition(from, State::Initialize, reason, out);
     }
 
@@ -759,6 +876,7 @@ impl Instance {
         self.master = None;
         self.leaving_master = None;
         self.preempting = None;
+        self.reannounce = None;
         self.transition(State::Master, State::Initialize, Reason::Held, out);
     }
 
@@ -776,13 +894,7 @@ impl Instance {
             vrid: self.config.vrid,
             priority,
             interval,
-            addresses: self
-                .config
-                .addresses
-                .iter()
-                .take(max_advertised(self.config.family()))
-                .map(IpNet::addr)
-                .collect(),
+            addresses: self.advertised_addresses(),
         }));
     }
 

@@ -19,10 +19,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ferrovip::lab::{Event, Lab, LabSpec, ProcId, Sniffer, log_tail, masters_since};
+use ferrovip::vocab::Family;
 
 pub const VRID: u8 = 51;
 pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd66, 0x7670, 0, 0, 0, 0, 0, 0x100);
+/// The virtual router's link-local for VRID 51 (modified EUI-64 of 00:00:5e:00:02:33), the one
+/// RFC 5798 §5.2.9 users list first in keepalived's `virtual_ipaddress`.
+pub const LL6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0x0200, 0x5eff, 0xfe00, 0x0233);
 /// Node index of our agent (node-a, 192.0.2.11).
 pub const OURS: usize = 0;
 /// Node index of keepalived (node-b, 192.0.2.12).
@@ -43,8 +47,14 @@ pub struct KeepalivedConf {
     /// keepalived's `advert_int`, in seconds (`0.1` is legal in v3 only).
     pub advert_int: &'static str,
     pub checksum_as_v2: bool,
-    /// `unicast_src_ip` = its own address, `unicast_peer { our address }`.
+    /// `unicast_src_ip` = its own address, `unicast_peer { our address }` (IPv4 only).
     pub unicast: bool,
+    /// Which `vrrp_instance`s: `interop` (IPv4, [`VIP`]) and/or `interop6` (IPv6, [`VIP6`]),
+    /// both VRID 51, as a user writes a dual-stack pair.
+    pub families: &'static [Family],
+    /// `interop6` lists [`LL6`] before [`VIP6`] (RFC style) rather than [`VIP6`] alone (the
+    /// usual keepalived configuration).
+    pub link_local: bool,
 }
 
 impl KeepalivedConf {
@@ -57,6 +67,32 @@ impl KeepalivedConf {
             advert_int: "0.1",
             checksum_as_v2: false,
             unicast: false,
+            families: &[Family::V4],
+            link_local: false,
+        }
+    }
+
+    /// The IPv6 instance only.
+    pub fn ipv6_only(self) -> Self {
+        KeepalivedConf {
+            families: &[Family::V6],
+            ..self
+        }
+    }
+
+    /// Both instances.
+    pub fn dual_stack(self) -> Self {
+        KeepalivedConf {
+            families: &[Family::V4, Family::V6],
+            ..self
+        }
+    }
+
+    /// [`LL6`] first in the IPv6 instance's `virtual_ipaddress`.
+    pub fn with_link_local(self) -> Self {
+        KeepalivedConf {
+            link_local: true,
+            ..self
         }
     }
 
@@ -88,6 +124,10 @@ impl KeepalivedConf {
     }
 
     fn render(&self, own: Ipv4Addr, peer: Ipv4Addr) -> String {
+        assert!(
+            !self.unicast || self.families == [Family::V4],
+            "unicast is written for IPv4 only"
+        );
         let mut extra = String::new();
         if self.checksum_as_v2 {
             extra.push_str("  v3_checksum_as_v2\n");
@@ -98,26 +138,40 @@ impl KeepalivedConf {
                 "  unicast_src_ip {own}\n  unicast_peer {{\n    {peer}\n  }}\n"
             );
         }
-        format!(
+        let mut text = format!(
             "global_defs {{
   router_id interop
   vrrp_version {version}
 }}
-vrrp_instance interop {{
+",
+            version = self.version,
+        );
+        for family in self.families {
+            let (name, addresses) = match family {
+                Family::V4 => ("interop", format!("    {VIP}/24 dev eth0\n")),
+                Family::V6 if self.link_local => (
+                    "interop6",
+                    format!("    {LL6}/64 dev eth0\n    {VIP6}/64 dev eth0\n"),
+                ),
+                Family::V6 => ("interop6", format!("    {VIP6}/64 dev eth0\n")),
+            };
+            let _ = write!(
+                text,
+                "vrrp_instance {name} {{
   state BACKUP
   interface eth0
   virtual_router_id {VRID}
   priority {priority}
   advert_int {advert_int}
 {extra}  virtual_ipaddress {{
-    {VIP}/24 dev eth0
-  }}
+{addresses}  }}
 }}
 ",
-            version = self.version,
-            priority = self.priority,
-            advert_int = self.advert_int,
-        )
+                priority = self.priority,
+                advert_int = self.advert_int,
+            );
+        }
+        text
     }
 }
 
@@ -131,8 +185,12 @@ pub struct AgentConf {
     pub message_only: bool,
     /// `spec.vrrp.unicastPeers: [keepalived's address]`.
     pub unicast: bool,
+    /// Hold [`VIP`] (an IPv4 instance).
+    pub ipv4: bool,
     /// Also hold [`VIP6`] (a second, IPv6, VRRPv3 instance with the same VRID).
     pub ipv6: bool,
+    /// List [`LL6`] among the addresses too.
+    pub link_local: bool,
 }
 
 impl AgentConf {
@@ -143,7 +201,9 @@ impl AgentConf {
             interval: "100ms",
             message_only: false,
             unicast: false,
+            ipv4: true,
             ipv6: false,
+            link_local: false,
         }
     }
 
@@ -175,11 +235,35 @@ impl AgentConf {
         AgentConf { ipv6: true, ..self }
     }
 
-    fn render(&self, peer: Ipv4Addr) -> String {
-        let mut addresses = format!("\"{VIP}/24\"");
-        if self.ipv6 {
-            let _ = write!(addresses, ", \"{VIP6}/64\"");
+    /// [`VIP6`] alone.
+    pub fn ipv6_only(self) -> Self {
+        AgentConf {
+            ipv4: false,
+            ipv6: true,
+            ..self
         }
+    }
+
+    /// [`LL6`] listed after [`VIP6`] (the plan puts it first).
+    pub fn with_link_local(self) -> Self {
+        AgentConf {
+            link_local: true,
+            ..self
+        }
+    }
+
+    fn render(&self, peer: Ipv4Addr) -> String {
+        let mut addresses = Vec::new();
+        if self.ipv4 {
+            addresses.push(format!("\"{VIP}/24\""));
+        }
+        if self.ipv6 {
+            addresses.push(format!("\"{VIP6}/64\""));
+        }
+        if self.link_local {
+            addresses.push(format!("\"{LL6}/64\""));
+        }
+        let addresses = addresses.join(", ");
         let mut vrrp = format!(
             "    version: {}\n    advertisementInterval: {}\n",
             self.version, self.interval
@@ -240,6 +324,14 @@ impl Interop {
 
     pub fn theirs(&self) -> IpAddr {
         IpAddr::V4(self.lab.node(THEIRS).ipv4)
+    }
+
+    /// The source of `node`'s adverts of `family`: its IPv4 address, its IPv6 link-local.
+    pub fn source(&self, node: usize, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => IpAddr::V4(self.lab.node(node).ipv4),
+            Family::V6 => IpAddr::V6(self.lab.node(node).ipv6_ll.expect("an IPv6 lab")),
+        }
     }
 
     fn procs(&self) -> std::sync::MutexGuard<'_, Vec<(String, ProcId)>> {
@@ -345,7 +437,18 @@ impl Interop {
 
     /// The first advert with priority > 0 from `node` captured at or after `since`.
     pub fn wait_master(&self, node: usize, since: Instant, timeout: Duration) -> Event {
-        let source = IpAddr::V4(self.lab.node(node).ipv4);
+        self.wait_master_of(node, Family::V4, since, timeout)
+    }
+
+    /// The first advert of `family` with priority > 0 from `node` captured at or after `since`.
+    pub fn wait_master_of(
+        &self,
+        node: usize,
+        family: Family,
+        since: Instant,
+        timeout: Duration,
+    ) -> Event {
+        let source = self.source(node, family);
         self.sniffer
             .wait_for(
                 |e| {
@@ -357,7 +460,7 @@ impl Interop {
             )
             .unwrap_or_else(|| {
                 panic!(
-                    "{} did not advertise as master within {timeout:?}",
+                    "{} did not advertise as {family} master within {timeout:?}",
                     self.lab.node(node).name
                 )
             })
@@ -396,25 +499,38 @@ impl Interop {
     /// Asserts that for `window` only `node` advertises as master, and that it alone holds
     /// the VIP at the end.
     pub fn assert_sole_master(&self, node: usize, window: Duration) {
+        self.assert_sole_master_of(node, &[Family::V4], window);
+    }
+
+    /// [`Interop::assert_sole_master`] for the instances of each of `families` (one window).
+    pub fn assert_sole_master_of(&self, node: usize, families: &[Family], window: Duration) {
         let masters = self.masters_during(window);
-        let expected = IpAddr::V4(self.lab.node(node).ipv4);
-        assert_eq!(
-            masters,
-            vec![expected],
-            "expected only {} as master for {window:?}",
-            self.lab.node(node).name
-        );
-        let other = 1 - node;
-        assert!(
-            self.lab.has_address(node, IpAddr::V4(VIP)).unwrap(),
-            "master {} lacks the VIP",
-            self.lab.node(node).name
-        );
-        assert!(
-            !self.lab.has_address(other, IpAddr::V4(VIP)).unwrap(),
-            "backup {} holds the VIP",
-            self.lab.node(other).name
-        );
+        for family in families {
+            let expected = self.source(node, *family);
+            let of_family: Vec<IpAddr> = masters
+                .iter()
+                .copied()
+                .filter(|m| Family::of(m) == *family)
+                .collect();
+            assert_eq!(
+                of_family,
+                vec![expected],
+                "expected only {} as {family} master for {window:?}",
+                self.lab.node(node).name
+            );
+            let vip = vip_of(*family);
+            let other = 1 - node;
+            assert!(
+                self.lab.has_address(node, vip).unwrap(),
+                "master {} lacks {vip}",
+                self.lab.node(node).name
+            );
+            assert!(
+                !self.lab.has_address(other, vip).unwrap(),
+                "backup {} holds {vip}",
+                self.lab.node(other).name
+            );
+        }
     }
 
     /// The tail of every process log, for assertion messages.
@@ -461,6 +577,14 @@ impl Drop for Interop {
         if std::thread::panicking() {
             eprintln!("process logs at failure:\n{}", self.report());
         }
+    }
+}
+
+/// The VIP of `family`: [`VIP`] or [`VIP6`].
+pub fn vip_of(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(VIP),
+        Family::V6 => IpAddr::V6(VIP6),
     }
 }
 

@@ -22,6 +22,7 @@ use super::client::{IpvsClient, IpvsError, Op};
 use super::diff::{Change, DestConf, Programmed, ServiceConf, diff};
 use super::netlink;
 use crate::dataplane::nft::{MasqueradeMatch, NftRules};
+use crate::dataplane::sysctl::{IPV6_FORWARDING, Sysctls, write_atomically};
 use crate::dataplane::{ApplyError, ApplyReport, Dataplane, ServiceFailure};
 use crate::model::service::{
     BackendKey, Encapsulation, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
@@ -55,11 +56,9 @@ const SERVICE_SYSCTLS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/vs/expire_quiescent_template", "1"),
 ];
 
-/// In the state dir: the sysctl values found before this dataplane changed them.
-const SYSCTL_FILE: &str = "sysctls";
-
-/// IPv6 replies, de-masqueraded back to the client's address, are forwarded.
-const NAT6_FORWARDING: (&str, &str) = ("/proc/sys/net/ipv6/conf/all/forwarding", "1");
+/// IPv6 replies, de-masqueraded back to the client's address, are forwarded (interfaces
+/// keep accepting router advertisements: see `dataplane::sysctl`).
+const NAT6_FORWARDING: (&str, &str) = (IPV6_FORWARDING, "1");
 
 /// Sysctls the NAT return path needs while a service masquerades.
 const NAT_SYSCTLS: &[(&str, &str)] = &[
@@ -84,8 +83,8 @@ pub struct IpvsDataplane {
     /// The masquerade matches currently installed; `None` until the first apply, since an
     /// earlier run may have left a table.
     masquerading: Option<BTreeSet<MasqueradeMatch>>,
-    /// Sysctl path → the value before we changed it.
-    saved_sysctls: BTreeMap<&'static str, String>,
+    /// The sysctls we changed, with the values before (also in the state dir).
+    sysctls: Sysctls,
     /// What the state file says, to write it only on change.
     persisted: Option<BTreeSet<ServiceKey>>,
 }
@@ -94,17 +93,13 @@ impl IpvsDataplane {
     pub fn new(options: IpvsOptions) -> IpvsDataplane {
         let nft = NftRules::new(options.nft.clone());
         // What an earlier run changed and recorded, to be put back when no longer needed.
-        let saved_sysctls = read_sysctls(&options.state_dir.join(SYSCTL_FILE))
-            .into_iter()
-            .filter_map(|(path, value)| {
-                let known = SERVICE_SYSCTLS
-                    .iter()
-                    .chain(NAT_SYSCTLS)
-                    .chain([&NAT6_FORWARDING])
-                    .find(|(p, _)| *p == path)?;
-                Some((known.0, value))
-            })
+        let known: Vec<&str> = SERVICE_SYSCTLS
+            .iter()
+            .chain(NAT_SYSCTLS)
+            .chain([&NAT6_FORWARDING])
+            .map(|(p, _)| *p)
             .collect();
+        let sysctls = Sysctls::load(&options.state_dir, &known);
         IpvsDataplane {
             options,
             client: None,
@@ -114,7 +109,7 @@ impl IpvsDataplane {
             uncertain: BTreeSet::new(),
             nft,
             masquerading: None,
-            saved_sysctls,
+            sysctls,
             persisted: None,
         }
     }
@@ -211,46 +206,6 @@ impl IpvsDataplane {
         }
     }
 
-    /// Sets the sysctls in `wanted` (remembering the values found, also on disk so that a
-    /// restarted agent can put them back) and puts back the others this dataplane changed.
-    fn sysctls(&mut self, wanted: &[(&'static str, &'static str)]) -> Result<(), String> {
-        let saved_before = self.saved_sysctls.clone();
-        for (path, value) in wanted {
-            if self.saved_sysctls.contains_key(path) {
-                continue;
-            }
-            let before =
-                std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-            std::fs::write(path, value).map_err(|e| format!("cannot set {path}: {e}"))?;
-            self.saved_sysctls.insert(path, before.trim().to_string());
-        }
-        let stale: Vec<&'static str> = self
-            .saved_sysctls
-            .keys()
-            .filter(|p| !wanted.iter().any(|(w, _)| w == *p))
-            .copied()
-            .collect();
-        for path in stale {
-            if let Some(before) = self.saved_sysctls.remove(path)
-                && let Err(e) = std::fs::write(path, &before)
-            {
-                warn!(path, error = %e, "cannot restore a sysctl");
-            }
-        }
-        if self.saved_sysctls != saved_before {
-            let text: String = self
-                .saved_sysctls
-                .iter()
-                .map(|(p, v)| format!("{p} {v}\n"))
-                .collect();
-            let path = self.options.state_dir.join(SYSCTL_FILE);
-            if let Err(e) = write_atomically(&path, &text) {
-                warn!(path = %path.display(), error = %e, "cannot record the sysctls to restore");
-            }
-        }
-        Ok(())
-    }
-
     /// Installs exactly `wanted` masquerade matches (and the sysctls they and the services
     /// need).
     async fn return_path(
@@ -271,7 +226,7 @@ impl IpvsDataplane {
         if ipv6 {
             sysctls.push(NAT6_FORWARDING);
         }
-        self.sysctls(&sysctls)?;
+        self.sysctls.set(&sysctls)?;
         if self.masquerading.as_ref() == Some(&wanted) {
             return Ok(());
         }
@@ -288,6 +243,34 @@ impl IpvsDataplane {
         applied.map_err(|e| format!("nftables masquerade rules: {e}"))?;
         self.masquerading = Some(wanted);
         Ok(())
+    }
+}
+
+impl IpvsDataplane {
+    /// For `ferrovip cleanup`: removes the nftables table and puts back every sysctl recorded
+    /// in the state directory, also where the kernel has no IPVS (the earlier run may have
+    /// had it, or the module was unloaded since). One line per thing done.
+    pub async fn remove_return_path(&mut self) -> Vec<String> {
+        let mut done = Vec::new();
+        match self.nft.remove().await {
+            Ok(()) => done.push("nftables: no table inet ferrovip left".to_string()),
+            // Without nft no table can have been made.
+            Err(crate::dataplane::nft::NftError::Missing { .. }) => {
+                done.push("nftables: nft is not installed, so no table to remove".to_string())
+            }
+            Err(e) => done.push(format!("nftables: {e}")),
+        }
+        self.masquerading = Some(BTreeSet::new());
+        let recorded = self.sysctls.recorded();
+        match self.sysctls.set(&[]) {
+            Ok(()) => done.extend(
+                recorded
+                    .into_iter()
+                    .map(|(path, value)| format!("sysctl {path} restored to {value}")),
+            ),
+            Err(e) => done.push(format!("sysctls: {e}")),
+        }
+        done
     }
 }
 
@@ -357,7 +340,7 @@ impl Dataplane for IpvsDataplane {
             .collect();
         let any_services = !desired.is_empty() || !self.programmed.is_empty();
         // Until the old services are gone, what they needed stays too.
-        let ipv6_now = self.saved_sysctls.contains_key(NAT6_FORWARDING.0);
+        let ipv6_now = self.sysctls.is_set(NAT6_FORWARDING.0);
         let mut nft_error = self
             .return_path(before_masq, any_services, wanted_ipv6 || ipv6_now)
             .await
@@ -757,29 +740,6 @@ fn write_state(path: &std::path::Path, keys: &BTreeSet<ServiceKey>) -> std::io::
         text.push('\n');
     }
     write_atomically(path, &text)
-}
-
-/// Written aside and renamed, so a crash never leaves half a file (half a list of services
-/// would turn our own services foreign).
-fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// The sysctl values an earlier run recorded before changing them.
-fn read_sysctls(path: &std::path::Path) -> Vec<(String, String)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (p, v) = l.split_once(' ')?;
-            Some((p.to_string(), v.to_string()))
-        })
-        .collect()
 }
 
 #[cfg(test)]

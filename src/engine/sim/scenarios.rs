@@ -4,6 +4,7 @@
 //! Timer figures (RFC 5798 §6.1): Master_Down_Interval = 300 ms + (256 − priority)/256 × 100 ms,
 //! i.e. 321.875 ms at priority 200, 341.40625 ms at 150, 360.9375 ms at 100.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -647,6 +648,81 @@ fn ipv6_link_local_tie_break() {
     assert_eq!(lan.holders(global), vec![0]);
     let advert = &lan.sent_by(0)[0].advertisement;
     assert_eq!(advert.addresses[0], "fe80::100".parse::<IpAddr>().unwrap());
+}
+
+/// The IPvX lists of every advert `node` sent at or after `since`.
+fn lists_sent(lan: &Lan, node: NodeId, since: Duration) -> BTreeSet<Vec<IpAddr>> {
+    lan.sent_by(node)
+        .iter()
+        .filter(|s| s.at >= since && s.advertisement.priority > 0)
+        .map(|s| s.advertisement.addresses.clone())
+        .collect()
+}
+
+#[test]
+fn ipv6_a_link_local_is_listed_first_only_once_a_router_of_the_lan_is_configured_with_it() {
+    let global: IpAddr = "2001:db8::100".parse().unwrap();
+    // fe80::200:5eff:fe00:207: VRID 7's virtual link-local, as an older ferrovip made it up
+    // and as keepalived users who follow the RFC list it.
+    let virtual_ll: IpAddr = "fe80::200:5eff:fe00:207".parse().unwrap();
+    let v6 = |last: u16, priority: u8, link_local: bool| {
+        let mut addresses = vec![IpNet::new(global, 64).unwrap()];
+        if link_local {
+            addresses.insert(0, IpNet::new(virtual_ll, 64).unwrap());
+        }
+        Config {
+            addresses,
+            primary_address: IpAddr::V6(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, last)),
+            ..router(1, priority)
+        }
+    };
+    // Plain routers (the default plan): every advert lists the global address alone.
+    let mut lan = started([
+        v6(0x10, 200, false),
+        v6(0x0a, 150, false),
+        v6(0x0f, 100, false),
+    ]);
+    lan.run_until(ms(1000));
+    assert_eq!(lan.masters(), vec![0]);
+    assert_eq!(lan.holders(global), vec![0]);
+    assert_eq!(lists_sent(&lan, 0, ms(0)), [vec![global]].into());
+
+    // A router configured with the link-local joins above them and preempts: the others
+    // accept its longer list, and learn the link-local from it.
+    let joined = lan.add(v6(0x20, 250, true));
+    lan.start(joined);
+    lan.run_until(ms(2000));
+    assert_eq!(lan.masters(), vec![joined]);
+    assert_eq!(lan.holders(global), vec![joined]);
+    assert_eq!(
+        lan.holders(virtual_ll),
+        vec![joined],
+        "it holds what it lists"
+    );
+    for node in 0..3 {
+        assert_eq!(
+            lan.instance(node).learned_link_local(),
+            Some("fe80::200:5eff:fe00:207".parse().unwrap()),
+            "node {node}"
+        );
+    }
+
+    // It crashes: the highest plain router takes over listing the link-local first (so a
+    // keepalived peer configured like the crashed one accepts it), holding only its own
+    // addresses; every election stayed single-mastered.
+    let crashed = lan.now();
+    lan.crash(joined);
+    lan.run_until(crashed + ms(1000));
+    assert_eq!(lan.masters(), vec![0]);
+    assert_eq!(lan.holders(global), vec![0]);
+    assert!(lan.holders(virtual_ll).is_empty());
+    assert_eq!(
+        lists_sent(&lan, 0, crashed),
+        [vec![virtual_ll, global]].into()
+    );
+    assert_eq!(became_master(&lan, 0).len(), 2);
+    assert_eq!(became_master(&lan, joined).len(), 1);
+    assert!(became_master(&lan, 1).is_empty() && became_master(&lan, 2).is_empty());
 }
 
 #[test]

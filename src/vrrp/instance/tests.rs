@@ -978,3 +978,288 @@ fn adopt_starts_as_master_at_once() {
     // Adopt only applies to a fresh instance.
     assert!(h.input(ms(4), Input::Adopt).is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// IPv6: the advertisement's address list and the virtual router's link-local.
+
+const OWN6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x10));
+const PEER6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x0b));
+const GLOBAL6: &str = "2001:db8::100";
+/// fe80::200:5eff:fe00:233, the link-local of virtual MAC 00:00:5e:00:02:33 (VRID 51).
+const VIRTUAL_LL: &str = "fe80::200:5eff:fe00:233";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// IPv6 router configured like keepalived's users write it: the global address only.
+fn v6_config(priority: u8) -> Config {
+    Config {
+        addresses: vec![format!("{GLOBAL6}/64").parse().unwrap()],
+        primary_address: OWN6,
+        ..config(priority)
+    }
+}
+
+/// IPv6 router that lists a link-local, first (as the plan orders a listed one).
+fn v6_config_with_link_local(priority: u8, link_local: &str) -> Config {
+    Config {
+        addresses: vec![
+            format!("{link_local}/64").parse().unwrap(),
+            format!("{GLOBAL6}/64").parse().unwrap(),
+        ],
+        ..v6_config(priority)
+    }
+}
+
+fn v6_advert(priority: u8, addresses: &[&str]) -> Advertisement {
+    Advertisement {
+        addresses: addresses.iter().map(|a| ip(a)).collect(),
+        ..advert(priority, 10)
+    }
+}
+
+fn sent_lists(outputs: &[Output]) -> Vec<Vec<IpAddr>> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send(a) => Some(a.addresses.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn v6_master(config: Config) -> Harness {
+    let mut h = Harness::started(config);
+    let down = h.deadline().unwrap();
+    h.input(down, Input::Timer);
+    assert_eq!(h.instance.state(), State::Master);
+    h
+}
+
+#[test]
+fn ipv6_without_a_configured_link_local_advertises_the_configured_list_only() {
+    // keepalived ≤ 2.3.2 with `virtual_ipaddress { 2001:db8::100/64 }` drops any other count.
+    let mut h = v6_master(v6_config(100));
+    let out = h.input(h.deadline().unwrap(), Input::Timer);
+    assert_eq!(sent_lists(&out), vec![vec![ip(GLOBAL6)]]);
+    assert_eq!(h.instance.learned_link_local(), None);
+    // A peer listing no link-local teaches nothing and matches our list.
+    h.receive(
+        h.deadline().unwrap() - ms(1),
+        PEER6,
+        v6_advert(50, &[GLOBAL6]),
+    );
+    assert_eq!(h.instance.learned_link_local(), None);
+    assert_eq!(h.instance.counters().address_list_mismatch, 0);
+    assert_eq!(h.instance.counters().link_local_learned, 0);
+}
+
+#[test]
+fn ipv6_a_configured_link_local_goes_first_and_is_never_replaced() {
+    let mut h = v6_master(v6_config_with_link_local(100, "fe80::1"));
+    let out = h.input(h.deadline().unwrap(), Input::Timer);
+    assert_eq!(sent_lists(&out), vec![vec![ip("fe80::1"), ip(GLOBAL6)]]);
+    // A peer with another link-local (or none) does not change what we send.
+    h.receive(
+        h.deadline().unwrap() - ms(1),
+        PEER6,
+        v6_advert(50, &[VIRTUAL_LL, GLOBAL6]),
+    );
+    assert_eq!(h.instance.learned_link_local(), None);
+    let out = h.input(h.deadline().unwrap(), Input::Timer);
+    assert_eq!(sent_lists(&out), vec![vec![ip("fe80::1"), ip(GLOBAL6)]]);
+    assert_eq!(h.instance.counters().address_list_mismatch, 1);
+}
+
+#[test]
+fn ipv6_backup_learns_the_masters_link_local_and_lists_it_first_when_it_takes_over() {
+    let mut h = Harness::started(v6_config(100));
+    // keepalived configured with the link-local, as master: accepted (timer reset) although
+    // its list differs from ours at the time.
+    assert!(
+        h.receive(ms(50), PEER6, v6_advert(150, &[VIRTUAL_LL, GLOBAL6]))
+            .is_empty()
+    );
+    assert_eq!(h.instance.master(), Some(PEER6));
+    assert_eq!(
+        h.deadline(),
+        Some(ms(50) + Duration::from_nanos(360_937_500))
+    );
+    assert_eq!(
+        h.instance.learned_link_local(),
+        Some(VIRTUAL_LL.parse().unwrap())
+    );
+    assert_eq!(h.instance.counters().link_local_learned, 1);
+    // Learned before the comparison: its list is ours now.
+    assert_eq!(h.instance.counters().address_list_mismatch, 0);
+    h.receive(ms(150), PEER6, v6_advert(150, &[VIRTUAL_LL, GLOBAL6]));
+    assert_eq!(h.instance.counters().address_list_mismatch, 0);
+    // It crashes; we take over and advertise the learned link-local first. Held and announced
+    // are the configured addresses only: the link-local is the virtual router's name on the
+    // wire, not an address the user asked this node to hold.
+    let down = h.deadline().unwrap();
+    let out = h.input(down, Input::Timer);
+    assert_eq!(sent_lists(&out), vec![vec![ip(VIRTUAL_LL), ip(GLOBAL6)]]);
+    assert!(out.contains(&Output::AddAddresses(vec![
+        format!("{GLOBAL6}/64").parse().unwrap()
+    ])));
+    assert!(out.contains(&Output::Announce(vec![ip(GLOBAL6)])));
+}
+
+#[test]
+fn ipv6_a_master_learns_from_a_lower_priority_peer_that_drops_its_adverts() {
+    // keepalived (with the link-local) joined below us, dropped our one-address adverts and
+    // became master too: its lower-priority advert is discarded, but teaches us the
+    // link-local; we advertise the list it accepts at once (it steps down) and announce our
+    // addresses again (its announcements had moved the neighbours to it).
+    let mut h = v6_master(v6_config(200));
+    let now = h.deadline().unwrap() - ms(30);
+    let out = h.receive(now, PEER6, v6_advert(100, &[VIRTUAL_LL, GLOBAL6]));
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(v6_advert(200, &[VIRTUAL_LL, GLOBAL6])),
+            Output::Announce(vec![ip(GLOBAL6)]),
+        ]
+    );
+    assert_eq!(h.instance.state(), State::Master);
+    assert_eq!(h.instance.counters().discarded_lower_priority, 1);
+    assert_eq!(h.deadline(), Some(now + ms(100)));
+    // Once only: its next advert (still lower) is simply discarded.
+    assert!(
+        h.receive(now + ms(1), PEER6, v6_advert(100, &[VIRTUAL_LL, GLOBAL6]))
+            .is_empty()
+    );
+    let out = h.input(now + ms(100), Input::Timer);
+    assert_eq!(
+        out,
+        vec![Output::Send(v6_advert(200, &[VIRTUAL_LL, GLOBAL6]))]
+    );
+    // keepalived announces before it reads our answer: we announce again with the first
+    // adverts 250 ms and 1 s after, then no more.
+    let announced_at: Vec<Duration> = (2..=15)
+        .filter_map(|n| {
+            let at = now + ms(100) * n;
+            let out = h.input(at, Input::Timer);
+            assert_eq!(sent_priority(&out), vec![200]);
+            out.contains(&Output::Announce(vec![ip(GLOBAL6)]))
+                .then_some(at - now)
+        })
+        .collect();
+    assert_eq!(announced_at, vec![ms(300), ms(1000)]);
+}
+
+#[test]
+fn ipv6_later_announcements_stop_when_the_master_steps_down() {
+    let mut h = v6_master(v6_config(200));
+    let now = h.deadline().unwrap() - ms(30);
+    h.receive(now, PEER6, v6_advert(100, &[VIRTUAL_LL, GLOBAL6]));
+    h.receive(now + ms(50), PEER6, v6_advert(250, &[VIRTUAL_LL, GLOBAL6]));
+    assert_eq!(h.instance.state(), State::Backup);
+    h.receive(now + ms(60), PEER6, v6_advert(0, &[VIRTUAL_LL, GLOBAL6]));
+    let out = h.input(h.deadline().unwrap(), Input::Timer);
+    assert_eq!(h.instance.state(), State::Master);
+    assert_eq!(
+        out.iter()
+            .filter(|o| matches!(o, Output::Announce(_)))
+            .count(),
+        1,
+        "the takeover's own announcement only: {out:?}"
+    );
+    for n in 1..=12 {
+        let out = h.input(h.deadline().unwrap(), Input::Timer);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Announce(_))),
+            "advert {n}: {out:?}"
+        );
+    }
+}
+
+#[test]
+fn ipv6_a_master_taught_by_a_leaving_peer_announces_after_its_usual_answer() {
+    let mut h = v6_master(v6_config(200));
+    let now = h.deadline().unwrap() - ms(30);
+    let out = h.receive(now, PEER6, v6_advert(0, &[VIRTUAL_LL, GLOBAL6]));
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(v6_advert(200, &[VIRTUAL_LL, GLOBAL6])),
+            Output::Announce(vec![ip(GLOBAL6)]),
+        ]
+    );
+}
+
+#[test]
+fn ipv6_the_learned_link_local_is_kept_for_the_life_of_the_instance() {
+    let mut h = Harness::started(v6_config(100));
+    h.receive(ms(10), PEER6, v6_advert(150, &["fe80::1", GLOBAL6]));
+    // A later peer with another link-local, or none, changes nothing: learned once, logged
+    // once (the engine logs on the first).
+    h.receive(ms(20), PEER6, v6_advert(150, &["fe80::2", GLOBAL6]));
+    h.receive(ms(30), PEER6, v6_advert(150, &[GLOBAL6]));
+    assert_eq!(
+        h.instance.learned_link_local(),
+        Some("fe80::1".parse().unwrap())
+    );
+    assert_eq!(h.instance.counters().link_local_learned, 1);
+    // Across a restart of the state machine and a reconfiguration of the same router.
+    h.input(ms(40), Input::Shutdown);
+    h.input(ms(50), Input::Startup);
+    let mut more = v6_config(120);
+    more.addresses.push("2001:db8::101/64".parse().unwrap());
+    h.input(ms(60), Input::Reconfigure(more));
+    assert_eq!(
+        h.instance.advertised_addresses(),
+        vec![ip("fe80::1"), ip(GLOBAL6), ip("2001:db8::101")]
+    );
+    // A configured link-local takes precedence over the learned one.
+    h.input(
+        ms(70),
+        Input::Reconfigure(v6_config_with_link_local(120, "fe80::9")),
+    );
+    assert_eq!(
+        h.instance.advertised_addresses(),
+        vec![ip("fe80::9"), ip(GLOBAL6)]
+    );
+    // A new VRID is a new virtual router: nothing learned.
+    h.input(
+        ms(80),
+        Input::Reconfigure(Config {
+            vrid: 52,
+            ..v6_config(120)
+        }),
+    );
+    assert_eq!(h.instance.learned_link_local(), None);
+    assert_eq!(h.instance.advertised_addresses(), vec![ip(GLOBAL6)]);
+}
+
+#[test]
+fn ipv6_an_owner_learns_too_and_a_full_list_stays_within_the_limit() {
+    let mut config = v6_config(PRIORITY_OWNER);
+    config.addresses = (0..100)
+        .map(|i| format!("2001:db8::{:x}/64", 0x100 + i).parse().unwrap())
+        .collect();
+    let mut h = v6_master(config);
+    let out = h.receive(ms(5), PEER6, v6_advert(100, &[VIRTUAL_LL, GLOBAL6]));
+    assert_eq!(h.instance.counters().discarded_as_owner, 1);
+    assert_eq!(
+        sent_priority(&out),
+        vec![PRIORITY_OWNER],
+        "reasserted at once"
+    );
+    let list = h.instance.advertised_addresses();
+    assert_eq!(list.len(), max_advertised(Family::V6));
+    assert_eq!(list[0], ip(VIRTUAL_LL));
+    assert_eq!(list[1], ip("2001:db8::100"));
+}
+
+#[test]
+fn ipv4_never_learns_a_link_local() {
+    let mut h = Harness::started(config(100));
+    let mut odd = advert(150, 10);
+    odd.addresses = vec![ip(VIRTUAL_LL)];
+    h.receive(ms(10), HIGHER, odd);
+    assert_eq!(h.instance.learned_link_local(), None);
+    assert_eq!(h.instance.advertised_addresses(), vec![VIP]);
+}
