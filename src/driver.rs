@@ -134,8 +134,9 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// Creates the driver, its engine and its effects task. Removes addresses a crashed
-    /// predecessor left behind (marked as ours) before anything starts.
+    /// Creates the driver, its engine, its effects task and the address-notification
+    /// reader. Removes addresses a crashed predecessor left behind (ours by mark or record,
+    /// not recorded as held) before anything starts.
     pub async fn start(node: String, addresses: AddressManager) -> Driver {
         // Addresses a restarting predecessor recorded as held wait for adoption; all other
         // addresses of ours are crash leftovers.

@@ -393,8 +393,8 @@ pub struct NodeEngine {
 }
 
 impl NodeEngine {
-    /// `held`: addresses (interface index, address) a restarting predecessor left with a
-    /// finite lifetime for us to adopt. `wall`: an instant and the wall-clock time at it.
+    /// `held`: addresses (interface index, address) a restarting predecessor recorded as held
+    /// for us to adopt. `wall`: an instant and the wall-clock time at it.
     pub fn new(
         node: String,
         held: HashSet<(u32, IpNet)>,

@@ -702,16 +702,6 @@ impl AddressManager {
         Ok(report)
     }
 
-    /// Our addresses that carry a finite lifetime.
-    pub async fn list_held(&self) -> Result<Vec<(u32, IpNet)>, AddrError> {
-        let addresses = self.addresses(None, AddressFamily::Unspec).await?;
-        Ok(addresses
-            .into_iter()
-            .filter(|address| self.is_ours(address) && address.valid_lifetime.is_some())
-            .map(|address| (address.index, address.net))
-            .collect())
-    }
-
     /// Start-up: the addresses a restarting predecessor held for us (the record says so and
     /// the hold has not run out) stay, to be adopted; every other address of ours is what a
     /// crashed predecessor left behind and is removed. Returns (held, removed). With the
