@@ -865,6 +865,9 @@ impl Cluster {
         self.starts[i] += 1;
         let name = self.name(i).to_owned();
         let kubeconfig = format!("KUBECONFIG={}", self.api.node_kubeconfig(&name).display());
+        // Per node (one host, one /run): the saved cluster snapshot above all.
+        let state_dir = self.lab.dir().join(format!("state-{name}"));
+        let state_dir = state_dir.display().to_string();
         let id = self.lab.spawn(
             i,
             &[
@@ -877,6 +880,8 @@ impl Cluster {
                 "agent",
                 "--node-name",
                 &name,
+                "--state-dir",
+                &state_dir,
             ],
             format!("{name}.{}.log", self.starts[i]),
         )?;

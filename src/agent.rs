@@ -60,6 +60,14 @@ pub struct AgentArgs {
     /// reboot either.
     #[arg(long, env = "FERROVIP_STATE_DIR", default_value = "/run/ferrovip")]
     pub state_dir: PathBuf,
+    /// Kubernetes mode: where the last complete cluster snapshot is saved, so that an agent
+    /// started while the API server is unreachable joins the election from it (default:
+    /// `cluster-snapshot.json` in the state directory). The state directory is tmpfs, which
+    /// survives an agent restart but not a reboot: point this at persistent storage (a
+    /// hostPath such as `/var/lib/ferrovip`) for nodes that must rejoin after rebooting
+    /// during an outage, e.g. those holding the API server's own VIP.
+    #[arg(long, env = "FERROVIP_CLUSTER_SNAPSHOT")]
+    pub cluster_snapshot: Option<PathBuf>,
     /// How often the dataplane re-reads the kernel to repair changes made behind its back.
     #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
     pub dataplane_resync: Duration,
@@ -169,7 +177,8 @@ struct Agent {
     driver_task: tokio::task::JoinHandle<()>,
     stop_metrics: oneshot::Sender<()>,
     metrics: Metrics,
-    services: watch::Sender<Arc<ServiceSet>>,
+    /// `None` until the first complete plan: the dataplane applies nothing before it.
+    services: watch::Sender<Option<Arc<ServiceSet>>>,
     desired: watch::Sender<Arc<Desired>>,
     source: Source,
     monitor: HealthMonitor,
@@ -198,7 +207,7 @@ impl Agent {
         metrics.attach_vrrp_stats(driver.stats());
         let stop_metrics = serve_metrics(args, &metrics)?;
         tokio::spawn(observe_vrrp(observed.clone(), metrics.clone()));
-        let (services, services_rx) = watch::channel(Arc::new(ServiceSet::new()));
+        let (services, services_rx) = watch::channel(None);
         let dataplane_status = match args.dataplane {
             DataplaneKind::Ipvs => Some(worker::spawn(
                 IpvsDataplane::new(IpvsOptions {
@@ -222,7 +231,16 @@ impl Agent {
             None => {
                 info!(node = %args.node_name, "agent started in Kubernetes mode");
                 let client = cluster::client().await?;
-                let cluster = ClusterSource::start(client.clone(), args.node_name.clone()).await;
+                let snapshot_file = args
+                    .cluster_snapshot
+                    .clone()
+                    .unwrap_or_else(|| args.state_dir.join(crate::source::cache::CACHE_FILE));
+                let cluster = ClusterSource::start(
+                    client.clone(),
+                    args.node_name.clone(),
+                    Some(snapshot_file),
+                )
+                .await;
                 tokio::spawn(write_status(
                     StatusWriter::new(client, args.node_name.clone()),
                     cluster.clone_stores(),
@@ -230,7 +248,7 @@ impl Agent {
                     observed,
                     dataplane_status,
                 ));
-                Source::Cluster(cluster)
+                Source::Cluster(Box::new(cluster))
             }
         };
         let (monitor, health) = HealthMonitor::new();
@@ -259,7 +277,9 @@ impl Agent {
         let mut refused_checks: Vec<String> = Vec::new();
         let mut replan = true;
         loop {
-            if replan {
+            // A partial snapshot (watches not all listed) is never planned from: its plan
+            // would drop what the missing lists describe.
+            if replan && snapshot.completeness.is_usable() {
                 snapshot.local.carrier = carrier.clone();
                 snapshot.local.failing_checks = failing_checks(&self.health.borrow_and_update());
                 let desired = plan(&snapshot, &args.node_name);
@@ -322,10 +342,10 @@ impl Agent {
             return false;
         }
         self.services.send_if_modified(|s| {
-            if **s == desired.services {
+            if s.as_deref() == Some(&desired.services) {
                 false
             } else {
-                *s = Arc::new(desired.services.clone());
+                *s = Some(Arc::new(desired.services.clone()));
                 true
             }
         });
@@ -478,10 +498,13 @@ async fn write_status(
         let plan = desired.borrow_and_update().clone();
         let seen = observed.borrow_and_update().clone();
         let forwarding = dataplane.borrow_and_update().clone();
-        writer.set_services(forwarding.as_deref(), &plan);
-        writer
-            .reconcile(&stores.virtual_ips, &stores.nodes, &plan, &seen)
-            .await;
+        // Before the first plan this node would report itself with no entry at all.
+        if plan.completeness.is_usable() {
+            writer.set_services(forwarding.as_deref(), &plan);
+            writer
+                .reconcile(&stores.virtual_ips, &stores.nodes, &plan, &seen)
+                .await;
+        }
         loop {
             tokio::select! {
                 r = desired.changed() => if r.is_err() { return } else { break },

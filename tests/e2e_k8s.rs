@@ -1268,3 +1268,264 @@ fn e2e_k8s_virtual_services_from_endpoint_slices() {
     }
     c.wait_master(51, 0, Duration::from_secs(1));
 }
+
+/// Restarts and an API outage (issue 9, items 1 and 6): an agent restarted with the API server
+/// up hands the dataplane nothing before every watch has listed (its first plan has the
+/// Service's backends); agents restarted while the API server is down rejoin the election from
+/// the snapshot saved in their state directory, each in the state its priority gives; when the
+/// API server returns, the resync moves nothing and status is written again. Then the master
+/// removes the status entry of a node that left, and every agent says `Ready=False` when no
+/// node may hold the addresses.
+#[test]
+fn e2e_k8s_restarts_during_an_api_outage_rejoin_from_the_saved_snapshot() {
+    let mut c = K8sLab::running(3);
+    c.apply(&json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "frontend", "namespace": "default"},
+        "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }));
+    c.apply(&json!({
+        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+        "metadata": {"name": "frontend-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "frontend"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["10.1.0.1"], "conditions": {"ready": true}},
+            {"addresses": ["10.1.0.2"], "conditions": {"ready": true}},
+        ],
+    }));
+    let mut web = web_doc();
+    web["spec"]["services"] = json!([{"port": 80,
+        "backends": {"serviceRef": {"namespace": "default", "name": "frontend", "port": "http"}}}]);
+    c.apply(&web);
+    c.wait_master(51, 0, Duration::from_secs(5));
+    c.wait_vip(
+        "web",
+        "node-a master of three",
+        Duration::from_secs(10),
+        led_by_node_a_of_three,
+    );
+    let first_plan = "first complete plan: converging the kernel to it";
+    let snapshot_file = |i: usize| c.state_dir(i).join("cluster-snapshot.json");
+    for i in 0..3 {
+        assert!(
+            snapshot_file(i).is_file(),
+            "{} saved no cluster snapshot",
+            c.name(i)
+        );
+    }
+
+    // --- 1. node-c restarts with the API server up: the dataplane's first plan comes after
+    // every watch (Services and EndpointSlices too) has listed, with the Service's backends.
+    c.signal(2, Signal::SIGTERM);
+    c.wait_exit(2);
+    c.start_agent(2);
+    c.wait_listed(2);
+    let first = c.wait_log(
+        2,
+        "the dataplane's first plan",
+        Duration::from_secs(10),
+        |l| l["message"] == first_plan,
+    );
+    assert_eq!(
+        (first["services"].as_u64(), first["backends"].as_u64()),
+        (Some(1), Some(2)),
+        "node-c's first dataplane plan: {first}"
+    );
+    let log = c.log(2);
+    let at = |message: &str| log.iter().position(|l| l["message"] == message);
+    assert!(
+        at("cluster state listed") < at(first_plan),
+        "the dataplane got a plan before every watch listed"
+    );
+    assert_eq!(
+        log.iter().filter(|l| l["message"] == first_plan).count(),
+        1,
+        "node-c's dataplane was handed more than one first plan"
+    );
+
+    // --- 1b. The master's agent restarts with `--restart-hold` (API server up): the new
+    // agent adopts the held VIP, which never moves; nobody else changes state.
+    c.signal(0, Signal::SIGTERM);
+    c.wait_exit(0);
+    c.start_agent_with(0, &["--restart-hold", "10s"]);
+    c.wait_listed(0);
+    c.wait_master(51, 0, Duration::from_secs(5));
+    c.wait_vip(
+        "web",
+        "node-a master of three",
+        Duration::from_secs(10),
+        led_by_node_a_of_three,
+    );
+    let before_hold = c.all_transitions();
+    let hold_at = Instant::now();
+    c.signal(0, Signal::SIGTERM);
+    c.wait_exit(0);
+    c.start_agent(0);
+    c.wait_listed(0);
+    let first = c.wait_log(
+        0,
+        "the dataplane's first plan",
+        Duration::from_secs(10),
+        |l| l["message"] == first_plan,
+    );
+    assert_eq!(
+        (first["services"].as_u64(), first["backends"].as_u64()),
+        (Some(1), Some(2)),
+        "node-a's first dataplane plan after a held restart: {first}"
+    );
+    c.wait_log(0, "MASTER", Duration::from_secs(10), |l| {
+        l["event"] == "transition" && l["to"] == "MASTER"
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.holders("192.0.2.100"), [0]);
+    for i in [1, 2] {
+        assert_eq!(
+            c.transitions(i),
+            before_hold[i],
+            "{} changed state during node-a's held restart",
+            c.name(i)
+        );
+    }
+    let masters = c.masters_since(51, hold_at);
+    assert!(
+        masters.iter().all(|m| *m == c.ip(0)),
+        "another node advertised as master during node-a's held restart: {masters:?}"
+    );
+    eprintln!("node-a restarted with --restart-hold: the VIP stayed, first plan after every list");
+
+    // --- 2. The API server stops; node-b's and then the master's agent restart. Both start
+    // from their saved snapshot, within the grace period, and take the state their priority
+    // gives them: node-b backup, node-a master again (it preempts node-b, which took over
+    // when node-a's agent left).
+    let stop_took = c.api.stop().expect("stop kube-apiserver");
+    eprintln!("kube-apiserver stopped in {stop_took:?}");
+    let saved_snapshot = |l: &Value| {
+        l["message"]
+            == "the API server cannot be listed: starting from the saved cluster snapshot until it can"
+    };
+    for i in [1, 0] {
+        c.signal(i, Signal::SIGTERM);
+        c.wait_exit(i);
+        let started = Instant::now();
+        c.start_agent(i);
+        let line = c.wait_log(
+            i,
+            "the start from the snapshot",
+            Duration::from_secs(10),
+            saved_snapshot,
+        );
+        let want = if i == 0 { "MASTER" } else { "BACKUP" };
+        c.wait_log(i, want, Duration::from_secs(10), |l| {
+            l["event"] == "transition" && l["to"] == want
+        });
+        eprintln!(
+            "{} restarted during the outage: from the snapshot ({} VirtualIPs, {} nodes), {want} \
+             {} after its start",
+            c.name(i),
+            line["virtual_ips"],
+            line["nodes"],
+            ms(started.elapsed())
+        );
+        let first = c.wait_log(
+            i,
+            "the dataplane's first plan",
+            Duration::from_secs(5),
+            |l| l["message"] == first_plan,
+        );
+        assert_eq!(
+            (first["services"].as_u64(), first["backends"].as_u64()),
+            (Some(1), Some(2)),
+            "{}: the saved snapshot carries the Service's backends: {first}",
+            c.name(i)
+        );
+    }
+    c.wait_master(51, 0, Duration::from_secs(5));
+    c.wait_holders("192.0.2.100", &[0], Duration::from_secs(2));
+    for i in 0..3 {
+        c.assert_running(i);
+    }
+    let settled = c.all_transitions();
+    assert_eq!(settled[1].last().map(|t| t.to.as_str()), Some("BACKUP"));
+
+    // --- 3. The API server returns: status is written again, and the resync (every
+    // watch listing again, the planner switching from the snapshots to the stores) moves
+    // nothing.
+    c.api.restart().expect("restart kube-apiserver");
+    let restarted = Instant::now();
+    let (_, took) = c.wait_vip(
+        "web",
+        "node-a master of three again",
+        Duration::from_secs(30),
+        led_by_node_a_of_three,
+    );
+    eprintln!(
+        "status written again {} after the API server returned",
+        ms(took)
+    );
+    for i in [0, 1] {
+        c.wait_log(
+            i,
+            "the switch to the stores",
+            Duration::from_secs(30),
+            |l| l["message"] == "cluster state listed",
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, log) in settled.iter().enumerate() {
+        c.assert_running(i);
+        assert_eq!(
+            &c.transitions(i),
+            log,
+            "{} changed VRRP state after the API server came back",
+            c.name(i)
+        );
+    }
+    assert_eq!(c.masters_since(51, restarted), [c.ip(0)]);
+
+    // --- 4. node-c leaves the cluster (its agent dies, its Node is deleted): the master
+    // removes its status entry; node-b's stays.
+    c.signal(2, Signal::SIGKILL);
+    c.wait_exit(2);
+    c.kubectl(&["delete", "node", c.name(2)]);
+    let (_, took) = c.wait_vip(
+        "web",
+        "node-c's entry removed",
+        Duration::from_secs(15),
+        |v| {
+            active_with(v, "node-a")
+                && entries_are(v, &[("node-a", "Master"), ("node-b", "Backup")])
+        },
+    );
+    eprintln!(
+        "node-c's status entry removed {} after its Node was deleted",
+        ms(took)
+    );
+
+    // --- 5. No node may hold the addresses: the agents, none of them eligible, say so.
+    let mut nowhere = c.vip("web");
+    nowhere["spec"]["nodeSelector"] = json!({"matchLabels": {"ferrovip-test": "nowhere"}});
+    for key in ["status", "metadata"] {
+        nowhere.as_object_mut().unwrap().remove(key);
+    }
+    nowhere["metadata"] = json!({"name": "web"});
+    c.apply(&nowhere);
+    let (vip, took) = c.wait_vip(
+        "web",
+        "Ready=False NoEligibleNode",
+        Duration::from_secs(15),
+        |v| {
+            condition(v, "Ready")
+                .is_some_and(|r| r["status"] == "False" && r["reason"] == "NoEligibleNode")
+                && v["status"]["state"] == "NoMaster"
+                && entry_names(v).is_empty()
+        },
+    );
+    eprintln!(
+        "Ready=False ({}) {} after the selector matched no node",
+        text(&condition(&vip, "Ready").unwrap()["message"]),
+        ms(took)
+    );
+    c.wait_holders("192.0.2.100", &[], Duration::from_secs(5));
+}

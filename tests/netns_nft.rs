@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use ferrovip::dataplane::nft::{MasqueradeMatch, NftRules, Protocol};
+use ferrovip::dataplane::nft::{MasqueradeMatch, NftRecord, NftRules, Protocol};
 use netns_util::Netns;
 use serde_json::Value;
 
@@ -366,4 +366,45 @@ fn netns_nft_masquerades_by_original_destination_and_mark() {
         client4
     );
     assert!(tables(&director).contains("table inet standin"));
+}
+
+/// A restarted agent takes over the table its predecessor applied, with no nft write, when
+/// the table is exactly what was recorded after that apply and the wanted set is the same;
+/// a different wanted set, or a table changed behind the agent's back, is rewritten.
+#[test]
+fn netns_nft_a_restart_adopts_the_recorded_table_without_a_write() {
+    let ns = Netns::new("nftad");
+    let wanted = BTreeSet::from([
+        service("192.0.2.10", Protocol::TCP, 80),
+        MasqueradeMatch::Fwmark(0x10),
+    ]);
+    let mut before = NftRules::new("nft").in_netns(&ns.name);
+    let none = block_on(before.record(&BTreeSet::new())).expect("record without a table");
+    assert_eq!(none.listing, None);
+    block_on(before.apply(&wanted)).expect("apply");
+    // Through the file format the state directory keeps.
+    let text = block_on(before.record(&wanted)).expect("record").to_text();
+    let record = NftRecord::from_text(&text).expect("a record reads back");
+    let with_handles = || ns.exec(&["nft", "-a", "list", "table", "inet", "ferrovip"]);
+    let handles = with_handles();
+
+    let mut after = NftRules::new("nft").in_netns(&ns.name);
+    assert!(block_on(after.adopt(&wanted, &record)).expect("adopt"));
+    assert!(!block_on(after.apply(&wanted)).expect("apply"), "nft ran");
+    assert_eq!(after.invocations(), 0, "adopting wrote");
+    assert_eq!(with_handles(), handles, "the table was re-created");
+
+    let fewer = BTreeSet::from([service("192.0.2.10", Protocol::TCP, 80)]);
+    let mut other = NftRules::new("nft").in_netns(&ns.name);
+    assert!(!block_on(other.adopt(&fewer, &record)).expect("adopt"));
+    ns.exec(&[
+        "nft", "add", "element", "inet", "ferrovip", "fwmarks", "{ 0x20 }",
+    ]);
+    let mut changed = NftRules::new("nft").in_netns(&ns.name);
+    assert!(!block_on(changed.adopt(&wanted, &record)).expect("adopt"));
+    assert!(
+        block_on(changed.apply(&wanted)).expect("apply"),
+        "the change is repaired"
+    );
+    assert_eq!(listed(&ns).0, wanted);
 }

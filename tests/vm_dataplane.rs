@@ -52,6 +52,10 @@ const CASES: &[Case] = &[
         "agent_forwards_through_changes_and_failover",
         agent_forwards_through_changes_and_failover,
     ),
+    (
+        "agent_restarts_adopt_the_dataplane_without_a_write",
+        agent_restarts_adopt_the_dataplane_without_a_write,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -610,7 +614,18 @@ struct Agent {
 
 impl Agent {
     fn start(ns: &GuestNetns, node: &str, manifest: &str) -> Result<Agent, vm::CaseError> {
-        let log = PathBuf::from(format!("/tmp/agent-{node}.log"));
+        Agent::start_with(ns, node, manifest, &[], "")
+    }
+
+    /// An agent with extra arguments; `run` tells the log files of restarts apart.
+    fn start_with(
+        ns: &GuestNetns,
+        node: &str,
+        manifest: &str,
+        extra: &[&str],
+        run: &str,
+    ) -> Result<Agent, vm::CaseError> {
+        let log = PathBuf::from(format!("/tmp/agent-{node}{run}.log"));
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -629,7 +644,9 @@ impl Agent {
                 "--log-format",
                 "json",
             ])
-            .args(["--state-dir", &format!("/run/ferrovip-{node}")])
+            // Per namespace: a state directory describes one kernel's tables and sysctls.
+            .args(["--state-dir", &format!("/run/ferrovip-{}", ns.name())])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
@@ -639,6 +656,21 @@ impl Agent {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM (a restart: with `--restart-hold` the addresses are held), then waits.
+    fn terminate(&mut self) -> CaseResult {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status()?;
+        ensure(status.success(), || format!("kill -TERM {pid} failed"))?;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("the agent did not exit after SIGTERM:\n{}", self.log()).into())
     }
 
     fn log(&self) -> String {
@@ -856,6 +888,221 @@ fn agent_forwards_through_changes_and_failover() -> CaseResult {
         )
     })?;
     drop(a2);
+    Ok(())
+}
+
+/// Restarts of the backup's and the master's agent (with and without `--restart-hold`) while
+/// a client connects through the VIP all the time: the new agent adopts the IPVS services,
+/// the nft table and the sysctls its predecessor left with no write at all (its write counter
+/// stays 0; the kernel's table, the nft table's handle and the services' connection counters
+/// show the same), and no connection fails. The one exception allowed (and counted) is the
+/// master's restart without a hold: VRRP then hands the VIP to the backup and takes it back
+/// by design, and on a loaded emulated guest a connection may fail while the address moves.
+fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
+    let client = GuestNetns::create("rs-client")?;
+    let d1 = GuestNetns::create("rs-d1")?;
+    let d2 = GuestNetns::create("rs-d2")?;
+    let backends = (1..=2)
+        .map(|i| GuestNetns::create(&format!("rs-b{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let front = GuestBridge::create("rs-front")?;
+    let back = GuestBridge::create("rs-back")?;
+    front.attach(&client, "eth0", &["198.51.100.2/24"])?;
+    front.attach(&d1, "eth0", &["198.51.100.11/24"])?;
+    front.attach(&d2, "eth0", &["198.51.100.12/24"])?;
+    back.attach(&d1, "eth1", &["203.0.113.1/24"])?;
+    back.attach(&d2, "eth1", &["203.0.113.2/24"])?;
+    for (i, b) in backends.iter().enumerate() {
+        back.attach(b, "eth0", &[&format!("203.0.113.{}/24", 11 + i)])?;
+    }
+    let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
+    let _servers: Vec<TcpNameServer> = backends
+        .iter()
+        .map(|b| TcpNameServer::start(b, any, b.name()))
+        .collect::<Result<_, _>>()?;
+    let path = "/tmp/rs-web.yaml";
+    std::fs::write(path, manifest(&[("203.0.113.11", 1), ("203.0.113.12", 1)]))?;
+    let vip = SocketAddr::from((Ipv4Addr::new(198, 51, 100, 100), 80));
+    let has_vip = |ns: &GuestNetns| {
+        ns.ip(&["-4", "addr", "show", "dev", "eth0"])
+            .is_ok_and(|o| o.contains("198.51.100.100/"))
+    };
+    let programmed = |ns: &GuestNetns| {
+        saved(ns).is_ok_and(|l| {
+            l.iter()
+                .filter(|l| l.starts_with("-a -t 198.51.100.100:80"))
+                .count()
+                == 2
+        })
+    };
+    // Long enough for a debug agent to start on a loaded TCG guest (5-9 s seen).
+    let hold = ["--restart-hold", "15s"];
+    let mut d1_agent = Agent::start_with(&d1, "d1", path, &hold, ".0")?;
+    let mut d2_agent = Agent::start_with(&d2, "d2", path, &hold, ".0")?;
+    wait_for("d1 to hold the VIP", Duration::from_secs(30), || {
+        has_vip(&d1)
+    })
+    .map_err(|e| format!("{e}\nd1 log:\n{}", d1_agent.log()))?;
+    for ns in [&d1, &d2] {
+        wait_for(
+            "the service on both directors",
+            Duration::from_secs(30),
+            || programmed(ns),
+        )?;
+    }
+    // The kernel's view, to compare after each restart: the table, the nft table with its
+    // handle (a rewritten table gets a new one) and the sysctls.
+    let kernel_view = |ns: &GuestNetns| -> Result<String, vm::CaseError> {
+        let mut view = saved(ns)?.join("\n");
+        view.push('\n');
+        view.push_str(&ns.exec("nft", &["-a", "list", "table", "inet", "ferrovip"])?);
+        for sysctl in [
+            "/proc/sys/net/ipv4/vs/conntrack",
+            "/proc/sys/net/ipv4/vs/expire_nodest_conn",
+            "/proc/sys/net/ipv4/ip_forward",
+        ] {
+            view.push_str(&format!("{sysctl} {}", ns.exec("cat", &[sysctl])?));
+        }
+        Ok(view)
+    };
+    // Connections the service counted so far (reset if it were deleted and re-added).
+    let connections = |ns: &GuestNetns| -> Result<u64, vm::CaseError> {
+        let stats = ns.exec("ipvsadm", &["-Ln", "--stats", "-t", "198.51.100.100:80"])?;
+        stats
+            .lines()
+            .find(|l| l.starts_with("TCP"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("no service stats in {stats}").into())
+    };
+    let metric = |ns: &GuestNetns, name: &str| -> Result<Option<f64>, vm::CaseError> {
+        Ok(scrape(ns)?
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok()))
+    };
+
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    // What happened, when (from the SIGTERM to the VIP settled back on d1), whether the VIP
+    // moves by design.
+    type Restart = (String, std::ops::Range<Duration>, bool);
+    let (restarts, (ok, failed)) = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| {
+            let mut ok = 0usize;
+            let mut failed = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                // A client with a usual connect timeout: a SYN lost and retransmitted after
+                // 1 s (an emulated guest starved of CPU) is not a failed connection.
+                // Failures are timed by when the attempt began: a restart can fail only the
+                // attempts made while it is under way.
+                let attempt = started.elapsed();
+                match tcp_request(&client, vip, Duration::from_secs(2)) {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        let cause = std::error::Error::source(&e)
+                            .map(|c| format!(": {c}"))
+                            .unwrap_or_default();
+                        failed.push((attempt, format!("{e}{cause}")))
+                    }
+                }
+            }
+            (ok, failed)
+        });
+        let result = (|| -> Result<Vec<Restart>, vm::CaseError> {
+            let mut restarts = Vec::new();
+            std::thread::sleep(Duration::from_millis(500));
+            let steps: [(&str, bool); 4] =
+                [("d2", true), ("d1", true), ("d2", false), ("d1", false)];
+            for (run, (node, with_hold)) in steps.into_iter().enumerate() {
+                let (ns, agent) = if node == "d1" {
+                    (&d1, &mut d1_agent)
+                } else {
+                    (&d2, &mut d2_agent)
+                };
+                let before = kernel_view(ns)?;
+                let counted = connections(ns)?;
+                // From just before the SIGTERM (an attempt a few milliseconds old is still in
+                // flight) to the VIP settled on d1 again.
+                let window_start = started.elapsed().saturating_sub(Duration::from_millis(100));
+                agent.terminate()?;
+                let args: &[&str] = if with_hold { &hold } else { &[] };
+                let restarted = Instant::now();
+                *agent = Agent::start_with(ns, node, path, args, &format!(".{}", run + 1))?;
+                let applied = r#"ferrovip_dataplane_apply_total{dataplane="ipvs",result="ok"}"#;
+                wait_for(
+                    "the new agent's first apply",
+                    Duration::from_secs(30),
+                    || metric(ns, applied).is_ok_and(|v| v.is_some_and(|v| v >= 1.0)),
+                )
+                .map_err(|e| format!("{e}\n{node} log:\n{}", agent.log()))?;
+                let took = restarted.elapsed();
+                let writes = metric(ns, r#"ferrovip_dataplane_writes_total{dataplane="ipvs"}"#)?;
+                ensure(writes == Some(0.0), || {
+                    format!(
+                        "{node} restarted (hold {with_hold}): {writes:?} IPVS writes\nlog:\n{}",
+                        agent.log()
+                    )
+                })?;
+                let after = kernel_view(ns)?;
+                ensure(before == after, || {
+                    format!("{node}'s kernel changed across the restart:\n{before}\n----\n{after}")
+                })?;
+                let counted_after = connections(ns)?;
+                ensure(counted_after >= counted, || {
+                    format!(
+                        "{node}: the service's counters went from {counted} to {counted_after}: it was re-created"
+                    )
+                })?;
+                ensure(!agent.log().contains("dataplane applied"), || {
+                    format!("{node} logged a dataplane write:\n{}", agent.log())
+                })?;
+                // Let VRRP settle (the master preempts back after a restart without hold).
+                wait_for("d1 to hold the VIP again", Duration::from_secs(30), || {
+                    has_vip(&d1) && !has_vip(&d2)
+                })?;
+                let window = window_start..started.elapsed();
+                std::thread::sleep(Duration::from_millis(700));
+                restarts.push((
+                    format!(
+                        "{node} (restart-hold {with_hold}): first apply {took:.2?} after the start, 0 writes, window {window:.2?}"
+                    ),
+                    window,
+                    // The master's agent leaving without a hold hands the VIP over (priority
+                    // 0) and takes it back: the one restart where VRRP moves the address.
+                    node == "d1" && !with_hold,
+                ));
+            }
+            Ok(restarts)
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let traffic = traffic.join().expect("traffic thread");
+        result.map(|r| (r, traffic))
+    })?;
+    let during = |t: &Duration, moves: bool| {
+        restarts
+            .iter()
+            .any(|(_, window, m)| *m == moves && window.contains(t))
+    };
+    let moved = failed.iter().filter(|(t, _)| during(t, true)).count();
+    let unexpected: Vec<_> = failed.iter().filter(|(t, _)| during(t, false)).collect();
+    println!(
+        "restarts: {}; {ok} connections served, {} failed, attempts begun at {:?} ({moved} while \
+         VRRP moved the VIP for the master's restart without a hold, the others outside every \
+         restart)",
+        restarts
+            .iter()
+            .map(|(s, _, _)| s.as_str())
+            .collect::<Vec<_>>()
+            .join("; "),
+        failed.len(),
+        failed.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+    );
+    ensure(ok > 20, || format!("only {ok} connections succeeded"))?;
+    ensure(unexpected.is_empty(), || {
+        format!("connections failed during restarts that keep the VIP in place: {unexpected:?}")
+    })?;
     Ok(())
 }
 

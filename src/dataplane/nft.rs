@@ -296,6 +296,11 @@ impl NftRules {
     }
 
     async fn run_checked(&self, args: &[&str], script: &str) -> Result<(), NftError> {
+        self.run_output(args, script).await.map(drop)
+    }
+
+    /// Runs nft with `script` on its standard input; returns its standard output.
+    async fn run_output(&self, args: &[&str], script: &str) -> Result<String, NftError> {
         let mut command = match self.prefix.split_first() {
             Some((program, rest)) => {
                 let mut command = Command::new(program);
@@ -307,7 +312,7 @@ impl NftRules {
         command
             .args(args)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // A timed-out run is killed when its future is dropped.
             .kill_on_drop(true);
@@ -355,7 +360,86 @@ impl NftRules {
             });
         }
         // nft succeeded yet did not take the whole script: it cannot have applied it.
-        written.map_err(|source| NftError::Spawn { program, source })
+        written.map_err(|source| NftError::Spawn { program, source })?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The table as nft lists it (`nft list table inet ferrovip`), `None` when there is none.
+    /// A read: it changes nothing.
+    pub async fn listing(&self) -> Result<Option<String>, NftError> {
+        match self
+            .run_output(&["list", "table", "inet", "ferrovip"], "")
+            .await
+        {
+            Ok(listing) => Ok(Some(listing)),
+            // "No such file or directory": no table.
+            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes over the table an earlier run left, without writing, when it is exactly what
+    /// that run recorded (`recorded`: the script it applied and the listing it read back)
+    /// and that script is the one `wanted` renders. Returns whether it adopted; if not, the
+    /// next [`apply`](Self::apply) writes as usual.
+    pub async fn adopt(
+        &mut self,
+        wanted: &BTreeSet<MasqueradeMatch>,
+        recorded: &NftRecord,
+    ) -> Result<bool, NftError> {
+        if recorded.script != render(wanted) {
+            return Ok(false);
+        }
+        let now = self.listing().await?;
+        let adopted = match (&now, &recorded.listing) {
+            (Some(now), Some(then)) => now == then,
+            // No table, and none was wanted.
+            (None, None) => wanted.is_empty(),
+            _ => false,
+        };
+        if adopted {
+            self.applied = Some(wanted.clone());
+        }
+        Ok(adopted)
+    }
+
+    /// What a later run needs to adopt the table as it is now: the script for `wanted` and
+    /// the table's listing (one read).
+    pub async fn record(&self, wanted: &BTreeSet<MasqueradeMatch>) -> Result<NftRecord, NftError> {
+        Ok(NftRecord {
+            script: render(wanted),
+            listing: self.listing().await?,
+        })
+    }
+}
+
+/// The table as this dataplane left it: the script applied and nft's listing after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftRecord {
+    pub script: String,
+    pub listing: Option<String>,
+}
+
+/// Separates the script from the listing in [`NftRecord::to_text`].
+const RECORD_SEPARATOR: &str = "\n#### listing ####\n";
+/// Stands for "no table" in a record.
+const NO_TABLE: &str = "(no table)";
+
+impl NftRecord {
+    pub fn to_text(&self) -> String {
+        format!(
+            "{}{RECORD_SEPARATOR}{}",
+            self.script,
+            self.listing.as_deref().unwrap_or(NO_TABLE)
+        )
+    }
+
+    pub fn from_text(text: &str) -> Option<NftRecord> {
+        let (script, listing) = text.split_once(RECORD_SEPARATOR)?;
+        Some(NftRecord {
+            script: script.to_owned(),
+            listing: (listing != NO_TABLE).then(|| listing.to_owned()),
+        })
     }
 }
 

@@ -79,9 +79,14 @@ pub trait ApplyObserver: Send + 'static {
 }
 
 /// Starts the worker thread. It stops when `desired`'s sender is dropped.
+///
+/// `desired` holds `None` until the first complete plan: until then the worker touches
+/// nothing, not even to read the kernel. Applying an empty set there would remove every
+/// service an earlier run left (and the nft table and sysctls) only to rebuild them when the
+/// plan arrives; a restarted agent must instead adopt them with no write at all.
 pub fn spawn<D: Dataplane + 'static>(
     mut dataplane: D,
-    mut desired: watch::Receiver<Arc<ServiceSet>>,
+    mut desired: watch::Receiver<Option<Arc<ServiceSet>>>,
     observer: impl ApplyObserver,
     resync: Duration,
 ) -> watch::Receiver<Option<Arc<DataplaneStatus>>> {
@@ -106,7 +111,21 @@ pub fn spawn<D: Dataplane + 'static>(
                 let mut next_resync = Instant::now() + resync;
                 let mut counted: Option<(Arc<ServiceSet>, PerOwner)> = None;
                 loop {
-                    let set = desired.borrow_and_update().clone();
+                    let Some(set) = desired.borrow_and_update().clone() else {
+                        // No complete plan yet.
+                        if desired.changed().await.is_err() {
+                            return;
+                        }
+                        continue;
+                    };
+                    if counted.is_none() {
+                        info!(
+                            dataplane = name,
+                            services = set.len(),
+                            backends = set.values().map(|s| s.backends.len()).sum::<usize>(),
+                            "first complete plan: converging the kernel to it"
+                        );
+                    }
                     if Instant::now() >= next_resync {
                         dataplane.invalidate();
                         next_resync = Instant::now() + resync;
@@ -311,5 +330,46 @@ mod tests {
             partial.summary_for("db").unwrap(),
             "ipvs: 1 service, 1 backend programmed"
         );
+    }
+
+    /// Counts applies and the sets it was handed.
+    struct Counting(std::sync::mpsc::Sender<usize>);
+
+    impl Dataplane for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        async fn apply(&mut self, desired: &ServiceSet) -> ApplyReport {
+            let _ = self.0.send(desired.len());
+            ApplyReport::default()
+        }
+        fn invalidate(&mut self) {}
+    }
+
+    struct Quiet;
+    impl ApplyObserver for Quiet {
+        fn applied(&self, _: &'static str, _: &ApplyReport, _: Duration) {}
+    }
+
+    #[test]
+    fn nothing_is_applied_before_the_first_plan_not_even_an_empty_set() {
+        let (applied_tx, applied) = std::sync::mpsc::channel();
+        let (desired, desired_rx) = watch::channel(None);
+        let status = spawn(
+            Counting(applied_tx),
+            desired_rx,
+            Quiet,
+            Duration::from_secs(300),
+        );
+        assert!(
+            applied.recv_timeout(Duration::from_millis(300)).is_err(),
+            "applied before any plan"
+        );
+        assert!(status.borrow().is_none());
+        // The first plan, even one without services, is applied (it removes what an
+        // earlier run left and the plan no longer wants).
+        desired.send_replace(Some(Arc::new(ServiceSet::new())));
+        assert_eq!(applied.recv_timeout(Duration::from_secs(5)), Ok(0));
+        drop(desired);
     }
 }

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::crd::{NodeStatus, VirtualIP};
 use crate::engine::{InstanceStatus, Observed};
-use crate::model::{Desired, RefusalReason, ResourcePlan};
+use crate::model::{Completeness, Desired, RefusalReason, ResourcePlan};
 use crate::vrrp::instance::State;
 
 /// The same Warning about the same resource is not repeated more often than this.
@@ -70,6 +70,9 @@ pub struct StatusWriter {
     outage_logged: bool,
     /// Per VirtualIP, what this node forwards for its `spec.services`.
     services: HashMap<String, String>,
+    /// Per VirtualIP, when stale entries were last removed (or tried): the watch shows the
+    /// removal a moment later, and a failed try waits like a failed write.
+    stale_tried: HashMap<String, Instant>,
 }
 
 impl StatusWriter {
@@ -90,6 +93,7 @@ impl StatusWriter {
             was_master: HashMap::new(),
             outage_logged: false,
             services: HashMap::new(),
+            stale_tried: HashMap::new(),
         }
     }
 
@@ -144,6 +148,7 @@ impl StatusWriter {
         }
         let mut live = std::collections::HashSet::new();
         let mut writes = Vec::new();
+        let mut stale_removals = Vec::new();
         self.pending = false;
         for vip in virtual_ips.state() {
             let Some(name) = vip.metadata.name.clone() else {
@@ -166,6 +171,21 @@ impl StatusWriter {
                 reporter.as_deref() == Some(self.node.as_str()),
             )
             .await;
+
+            // Judged only from listed Nodes: a saved snapshot does not know nodes that joined
+            // since, and their entries are not stale.
+            if desired.completeness == Completeness::Complete
+                && ours.iter().any(|s| s.state == State::Master)
+                && self
+                    .stale_tried
+                    .get(&name)
+                    .is_none_or(|t| now.duration_since(*t) >= RETRY_AFTER)
+            {
+                let stale = stale_entries(&vip, plan, &self.node);
+                if !stale.is_empty() {
+                    stale_removals.push((name.clone(), stale));
+                }
+            }
 
             let services = self.services.get(&name).map(String::as_str);
             let body = desired_status(&vip, &self.node, plan, &ours, &addresses, services);
@@ -238,10 +258,60 @@ impl StatusWriter {
                 }
             }
         }
+        for (name, stale) in stale_removals {
+            self.stale_tried.insert(name.clone(), now);
+            self.remove_stale_entries(&name, &stale).await;
+        }
+        self.stale_tried.retain(|k, _| live.contains(k));
         self.written.retain(|k, _| live.contains(k));
         self.failed_at.retain(|k, _| live.contains(k));
         self.applied_at.retain(|k, _| live.contains(k));
         self.was_master.retain(|k, _| live.contains(k));
+    }
+
+    /// Removes other nodes' entries from `status.nodes[]`: the only code path that touches
+    /// another node's entry. Only the master of the VirtualIP calls it, for entries of nodes
+    /// that are gone or no longer eligible ([`stale_entries`]).
+    ///
+    /// Server-side apply lets a manager drop only its own fields, so this is a JSON patch on
+    /// the status subresource (the `patch` verb the agent already has): a `test` of each
+    /// entry's name at its index, then the removals from the back. If the list changed
+    /// meanwhile, a test fails, nothing is removed (422), and the next pass tries again on
+    /// what the watch shows. Unlike applying an empty status under the dead node's manager
+    /// name, it removes exactly the entry, never the co-owned fields that node also applied,
+    /// and no agent ever writes under another node's identity.
+    async fn remove_stale_entries(&mut self, vip: &str, stale: &[(usize, String)]) {
+        let mut ops: Vec<serde_json::Value> = stale
+            .iter()
+            .map(|(i, node)| json!({"op": "test", "path": format!("/status/nodes/{i}/name"), "value": node}))
+            .collect();
+        let mut indices: Vec<usize> = stale.iter().map(|(i, _)| *i).collect();
+        indices.sort_unstable_by(|a, b| b.cmp(a));
+        ops.extend(
+            indices
+                .iter()
+                .map(|i| json!({"op": "remove", "path": format!("/status/nodes/{i}")})),
+        );
+        let patch = match serde_json::from_value(serde_json::Value::Array(ops)) {
+            Ok(p) => Patch::Json::<()>(p),
+            Err(e) => {
+                warn!(vip, error = %e, "cannot build the patch that removes stale status entries");
+                return;
+            }
+        };
+        let nodes: Vec<&str> = stale.iter().map(|(_, n)| n.as_str()).collect();
+        match self
+            .api
+            .patch_status(vip, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => {
+                info!(vip, nodes = ?nodes, "removed the status entries of nodes that left or are no longer eligible")
+            }
+            Err(e) => {
+                debug!(vip, nodes = ?nodes, error = %e, "stale status entries not removed this time")
+            }
+        }
     }
 
     async fn events_for(
@@ -367,6 +437,22 @@ impl StatusWriter {
             }
         }
     }
+}
+
+/// The entries of `status.nodes[]` (index, node) that the master removes: those of nodes
+/// that may not hold the addresses (deleted Node objects, node selector, exclusion label).
+/// Not those of Nodes that are merely not Ready: their agent may still run and would put its
+/// entry back; without a heartbeat of each agent (a Lease) that is not known.
+fn stale_entries(vip: &VirtualIP, plan: &ResourcePlan, node: &str) -> Vec<(usize, String)> {
+    if plan.refused.is_some() {
+        return Vec::new();
+    }
+    vip.status
+        .iter()
+        .flat_map(|s| s.nodes.iter().enumerate())
+        .filter(|(_, e)| e.name != node && !plan.eligible_nodes.contains(&e.name))
+        .map(|(i, e)| (i, e.name.clone()))
+        .collect()
 }
 
 /// Whether the object shows what `body` applies: our node entry (or its absence), the
@@ -527,23 +613,48 @@ pub fn desired_status(
                     })
                 }
             });
+            // No eligible node is Ready: every agent that runs says so alike (derived from
+            // the Node objects only, so eligible and ineligible nodes never disagree), also
+            // when no agent is eligible at all.
+            let unready = (!plan.eligible_ready).then(|| no_eligible_node(plan));
             if !plan.eligible {
                 // This node has no view of the election: it writes nothing but the fields
                 // derived from the resource, and drops its node entry.
+                let mut status = json!({"observedGeneration": vip.metadata.generation, "virtualRouterId": plan.vrid});
+                if let Some(message) = &unready {
+                    status["state"] = json!("NoMaster");
+                    status["conditions"] = json!([
+                        condition(previous, "Ready", false, "NoEligibleNode", message),
+                        condition(previous, "Conflict", false, "NoConflict", ""),
+                    ]);
+                }
                 let body = json!({
                     "apiVersion": "ferrovip.io/v1alpha1",
                     "kind": "VirtualIP",
                     "metadata": {"name": name},
-                    "status": {"observedGeneration": vip.metadata.generation, "virtualRouterId": plan.vrid},
+                    "status": status,
                 });
                 return body;
             }
             let faults: Vec<String> = ours.iter().filter_map(|s| s.fault.clone()).collect();
             let mut conds = Vec::new();
+            if let Some(message) = &unready {
+                // Possibly still held (by a node whose kubelet is down), but not Ready.
+                if let Some(m) = &master {
+                    status.insert("master".into(), json!(m));
+                }
+                conds.push(condition(
+                    previous,
+                    "Ready",
+                    false,
+                    "NoEligibleNode",
+                    message,
+                ));
+                conds.push(condition(previous, "Conflict", false, "NoConflict", ""));
             // Cluster-wide fields come only from a node that knows the master: a node that
             // has just started (or lost track) would otherwise overwrite the others' view
             // with "no master" until it hears the first advertisement.
-            if let Some(m) = &master {
+            } else if let Some(m) = &master {
                 status.insert("master".into(), json!(m));
                 conds.push(condition(
                     previous,
@@ -581,7 +692,12 @@ pub fn desired_status(
                 fault: (!faults.is_empty()).then(|| faults.join("; ")),
             };
             status.insert("nodes".into(), json!([entry]));
-            (master.is_some().then_some("Active"), conds)
+            let state = if unready.is_some() {
+                Some("NoMaster")
+            } else {
+                master.is_some().then_some("Active")
+            };
+            (state, conds)
         }
     };
     if let Some(state) = state {
@@ -596,6 +712,32 @@ pub fn desired_status(
         "metadata": {"name": name},
         "status": status,
     })
+}
+
+/// The message of `Ready=False` when no eligible node is Ready (identical on every node).
+fn no_eligible_node(plan: &ResourcePlan) -> String {
+    const NAMED: usize = 5;
+    if plan.eligible_nodes.is_empty() {
+        return "no node may hold the addresses: none matches spec.nodeSelector without the \
+                exclusion label"
+            .into();
+    }
+    let names: Vec<&str> = plan
+        .eligible_nodes
+        .iter()
+        .take(NAMED)
+        .map(String::as_str)
+        .collect();
+    let more = plan.eligible_nodes.len().saturating_sub(NAMED);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!(
+        "none of the nodes that may hold the addresses is Ready: {}{more}",
+        names.join(", ")
+    )
 }
 
 fn conflict_reason(r: &RefusalReason) -> &'static str {
@@ -659,6 +801,8 @@ mod tests {
                 vec![]
             },
             refused,
+            eligible_nodes: ["node-a".to_string(), "node-b".to_string()].into(),
+            eligible_ready: true,
             refused_instances: Vec::new(),
         }
     }
@@ -844,6 +988,81 @@ mod tests {
         seen.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
         assert!(!reflected(&seen, &gone, "node-a"));
         assert!(reflected(&seen, &gone, "node-z"));
+    }
+
+    #[test]
+    fn no_ready_eligible_node_is_said_alike_by_eligible_and_ineligible_nodes() {
+        let unready = |mut st: Status, eligible: &[&str]| {
+            st.plan.eligible_ready = false;
+            st.plan.eligible_nodes = eligible.iter().map(|n| n.to_string()).collect();
+            st
+        };
+        let ready_of = |body: &serde_json::Value| {
+            body["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Ready")
+                .cloned()
+                .unwrap()
+        };
+        // No node matches the selector: the agents that run (none eligible) say so.
+        let c = unready(Status::on("node-c").ineligible(), &[]).body();
+        assert_eq!(c["status"]["state"], "NoMaster");
+        assert_eq!(ready_of(&c)["status"], "False");
+        assert_eq!(ready_of(&c)["reason"], "NoEligibleNode");
+        assert!(c["status"].get("nodes").is_none());
+        // Eligible nodes exist but none is Ready: an eligible agent that still runs (and
+        // may hold the addresses) writes the very same condition and state as the others.
+        let a = unready(Status::on("node-a"), &["node-a", "node-b"])
+            .instance(State::Master, None)
+            .body();
+        let c = unready(Status::on("node-c").ineligible(), &["node-a", "node-b"]).body();
+        let strip = |mut v: serde_json::Value| {
+            v.as_object_mut().unwrap().remove("lastTransitionTime");
+            v
+        };
+        assert_eq!(strip(ready_of(&a)), strip(ready_of(&c)));
+        assert_eq!(a["status"]["state"], c["status"]["state"]);
+        assert_eq!(a["status"]["master"], "node-a");
+        assert!(
+            ready_of(&a)["message"]
+                .as_str()
+                .unwrap()
+                .contains("node-a, node-b"),
+            "{a}"
+        );
+        assert_eq!(a["status"]["nodes"][0]["name"], "node-a");
+    }
+
+    #[test]
+    fn the_master_finds_the_entries_of_nodes_that_left() {
+        let mut seen = vip();
+        seen.status = Some(
+            serde_json::from_value(json!({"nodes": [
+                {"name": "node-a", "state": "Master", "priority": 150},
+                {"name": "node-gone", "state": "Backup", "priority": 100},
+                {"name": "node-b", "state": "Backup", "priority": 100},
+                {"name": "node-excluded", "state": "Backup", "priority": 100},
+            ]}))
+            .unwrap(),
+        );
+        let p = plan(true, None);
+        assert_eq!(
+            stale_entries(&seen, &p, "node-a"),
+            [
+                (1, "node-gone".to_string()),
+                (3, "node-excluded".to_string())
+            ]
+        );
+        // A refused resource has no eligible nodes to judge by.
+        let refused = plan(
+            false,
+            Some(RefusalReason::NoFreeVrid {
+                interface: "eth0".into(),
+            }),
+        );
+        assert!(stale_entries(&seen, &refused, "node-a").is_empty());
     }
 
     #[test]

@@ -39,10 +39,33 @@ pub struct Snapshot {
     /// Kubernetes mode: the endpoints of the Services that `spec.services[].backends.serviceRef`
     /// names (all nodes' endpoints: every node forwards to all of them).
     pub service_endpoints: BTreeMap<ServiceRef, ServiceEndpoints>,
+    /// Whether the snapshot may be planned from at all, and from what it was made.
+    pub completeness: Completeness,
+}
+
+/// How complete a snapshot (and the plan made from it) is. Nothing acts on a `Partial` one:
+/// a plan from half-listed watches would remove what the missing half describes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Completeness {
+    /// Not every source has been read once yet (and the default of [`Desired`]: no plan yet).
+    #[default]
+    Partial,
+    /// Kubernetes mode, the API server unreachable at start: the last complete snapshot,
+    /// saved on disk by an earlier run. The watches take over once they have listed.
+    Cached,
+    /// Every watch listed at least once (Kubernetes mode), or the manifests read.
+    Complete,
+}
+
+impl Completeness {
+    /// Whether a plan may act (program the dataplane, count as the first complete plan).
+    pub fn is_usable(self) -> bool {
+        self != Completeness::Partial
+    }
 }
 
 /// A Service's ports and endpoints, as its EndpointSlices describe them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceEndpoints {
     /// The Service's ports: (name, number). The name is empty for an unnamed single port.
     pub ports: Vec<(String, u16)>,
@@ -50,7 +73,7 @@ pub struct ServiceEndpoints {
 }
 
 /// One endpoint address of an EndpointSlice.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EndpointFacts {
     pub address: IpAddr,
     /// The slice's ports: (name, target port number).
@@ -62,7 +85,7 @@ pub struct EndpointFacts {
 }
 
 /// What the planner needs to know about a Node.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeFacts {
     pub labels: BTreeMap<String, String>,
     /// The `Ready` condition (`None`: not reported).
@@ -196,7 +219,7 @@ impl RefusalReason {
 }
 
 /// The plan for one VirtualIP on this node, for status reporting.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResourcePlan {
     /// The VRID in use (explicit or derived); `None` when refused before one was chosen.
     pub vrid: Option<u8>,
@@ -205,6 +228,14 @@ pub struct ResourcePlan {
     pub priority: Option<u8>,
     pub priority_reasons: Vec<String>,
     pub refused: Option<RefusalReason>,
+    /// Kubernetes mode, accepted resources: every node that may hold the addresses (node
+    /// selector, exclusion label), this one or not. Status uses it to drop the entries of
+    /// nodes that left. Empty otherwise.
+    pub eligible_nodes: BTreeSet<String>,
+    /// Kubernetes mode, accepted resources: whether one of `eligible_nodes` is Ready.
+    /// Every node derives it alike, so `Ready=False` for "no eligible node runs" is written
+    /// by whichever agents run, without a fight.
+    pub eligible_ready: bool,
     /// Instances of an otherwise accepted resource that are not run (one address family),
     /// and why. Decided from the resources and the cluster, the same on every node.
     pub refused_instances: Vec<RefusalReason>,
@@ -225,6 +256,8 @@ impl ResourcePlan {
             priority,
             priority_reasons,
             refused: None,
+            eligible_nodes: BTreeSet::new(),
+            eligible_ready: false,
             refused_instances: Vec::new(),
         }
     }
@@ -245,6 +278,9 @@ pub struct Desired {
     /// VirtualIP name → why some of its services have no or fewer backends (a missing
     /// Service, an unknown port, a clashing fwmark), for status.
     pub service_notes: BTreeMap<String, Vec<String>>,
+    /// That of the snapshot planned from: `Partial` only in `Desired::default()`, which
+    /// stands for "no plan yet" (readiness and the dataplane wait for a usable one).
+    pub completeness: Completeness,
 }
 
 impl Desired {
@@ -261,6 +297,8 @@ impl Desired {
                 priority: None,
                 priority_reasons: Vec::new(),
                 refused: Some(reason.clone()),
+                eligible_nodes: BTreeSet::new(),
+                eligible_ready: false,
                 refused_instances: Vec::new(),
             },
         );
@@ -460,7 +498,10 @@ fn service_ref_backends(
 
 /// Plans what `node` runs.
 pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
-    let mut desired = Desired::default();
+    let mut desired = Desired {
+        completeness: snapshot.completeness,
+        ..Desired::default()
+    };
     let mut taken = Taken::default();
     for vip in &snapshot.virtual_ips {
         plan_resource(vip, snapshot, node, &mut taken, &mut desired);
@@ -517,13 +558,24 @@ fn plan_resource(
             .nodes
             .get(node)
             .is_some_and(|facts| is_eligible(&spec, facts));
+    let cluster_view = |mut plan: ResourcePlan| {
+        if snapshot.cluster {
+            for (name, facts) in &snapshot.nodes {
+                if is_eligible(&spec, facts) {
+                    plan.eligible_nodes.insert(name.clone());
+                    plan.eligible_ready |= facts.ready == Some(true);
+                }
+            }
+        }
+        plan
+    };
     if !eligible {
         desired.resources.insert(
             name,
-            ResourcePlan {
+            cluster_view(ResourcePlan {
                 refused_instances,
                 ..ResourcePlan::accepted(vrid, None)
-            },
+            }),
         );
         return;
     }
@@ -551,10 +603,10 @@ fn plan_resource(
     );
     desired.resources.insert(
         name,
-        ResourcePlan {
+        cluster_view(ResourcePlan {
             refused_instances,
             ..ResourcePlan::accepted(vrid, Some((priority, priority_reasons)))
-        },
+        }),
     );
 }
 

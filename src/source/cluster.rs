@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -22,8 +23,9 @@ use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::cache::SnapshotCache;
 use crate::crd::{ServiceRef, VirtualIP};
-use crate::model::{EndpointFacts, NodeFacts, ServiceEndpoints, Snapshot};
+use crate::model::{Completeness, EndpointFacts, NodeFacts, ServiceEndpoints, Snapshot};
 
 /// How long after a change more changes are awaited before planning, so that a burst (an
 /// initial list, `kubectl apply` of many objects) plans once.
@@ -54,7 +56,66 @@ pub struct ClusterSource {
     changes: watch::Sender<u64>,
     seen: watch::Receiver<u64>,
     endpoints_known: Arc<AtomicBool>,
+    /// Which watches have listed once.
+    listed: Listed,
+    /// The last complete snapshot on disk: read at start, written on every change of a
+    /// complete one.
+    cache: Option<SnapshotCache>,
+    cache_warned: bool,
+    /// Planned from until every watch has listed (an API outage at start).
+    cached: Option<Snapshot>,
+    /// Whether the first complete list has been logged.
+    complete_logged: bool,
 }
+
+/// Per watch, whether it has listed once (a resource the server does not serve counts as
+/// listed: that it is absent is known).
+#[derive(Clone, Default)]
+struct Listed {
+    virtual_ips: Arc<AtomicBool>,
+    nodes: Arc<AtomicBool>,
+    services: Arc<AtomicBool>,
+    slices: Arc<AtomicBool>,
+    /// Some watch failed before listing: the API server is unreachable or refuses.
+    failed: Arc<AtomicBool>,
+}
+
+impl Listed {
+    fn missing(&self) -> Vec<&'static str> {
+        [
+            (&self.virtual_ips, "VirtualIP"),
+            (&self.nodes, "Node"),
+            (&self.services, "Service"),
+            (&self.slices, "EndpointSlice"),
+        ]
+        .into_iter()
+        .filter(|(flag, _)| !flag.load(Ordering::Relaxed))
+        .map(|(_, kind)| kind)
+        .collect()
+    }
+
+    fn complete(&self) -> bool {
+        self.missing().is_empty()
+    }
+}
+
+/// What one watch reports besides the store: listed once, failed, served.
+#[derive(Clone)]
+struct Flags {
+    changed: watch::Sender<u64>,
+    listed: Arc<AtomicBool>,
+    failed: Arc<AtomicBool>,
+    served: Option<Arc<AtomicBool>>,
+}
+
+/// With a saved snapshot, how long the first lists may take before the agent starts from
+/// the snapshot instead, when no list failed outright (a failed list uses it at once). An
+/// API server that answers lists a node's share of a cluster well within this; one that
+/// does not answer (its VIP held by nobody, packets dropped) would otherwise keep the node
+/// out of the election for a TCP timeout. Short, because with `--restart-hold` the held
+/// addresses wait for this agent, and because a snapshot identical to the lists that follow
+/// plans identically: starting from it early costs nothing when it is current.
+pub const CACHE_GRACE: Duration = Duration::from_secs(2);
 
 /// What the status writer reads: the stores and a change signal of its own.
 pub struct Stores {
@@ -64,59 +125,84 @@ pub struct Stores {
 }
 
 impl ClusterSource {
-    /// Starts the watchers and waits until VirtualIPs and Nodes are listed once.
-    pub async fn start(client: Client, node: String) -> ClusterSource {
+    /// Starts the watchers and waits until every one (VirtualIPs, Nodes, Services,
+    /// EndpointSlices) has listed once. With a snapshot saved in `cache` by an earlier run,
+    /// it waits only until a list fails or [`CACHE_GRACE`] passes, and then plans from the
+    /// snapshot until the lists complete.
+    pub async fn start(client: Client, node: String, cache: Option<PathBuf>) -> ClusterSource {
         let changed = watch::Sender::new(0u64);
         let endpoints_known = Arc::new(AtomicBool::new(false));
-        let virtual_ips =
-            spawn_reflector(Api::<VirtualIP>::all(client.clone()), changed.clone(), None);
-        let nodes = spawn_reflector(Api::<Node>::all(client.clone()), changed.clone(), None);
-        let services = spawn_reflector(Api::<Service>::all(client.clone()), changed.clone(), None);
-        let slices = match client
-            .list_api_group_resources("discovery.k8s.io/v1beta1")
-            .await
-        {
-            // Kubernetes 1.19/1.20 serve EndpointSlices only as v1beta1, whose fields the
-            // agent reads (addresses, conditions, nodeName, ports) are those of v1.
-            Ok(list)
-                if list.resources.iter().any(|r| r.name == "endpointslices")
-                    && client
-                        .list_api_group_resources("discovery.k8s.io/v1")
-                        .await
-                        .is_err() =>
-            {
-                info!(
-                    "the API server serves EndpointSlice discovery.k8s.io/v1beta1 only: using it"
-                );
-                Slices::V1beta1(spawn_dynamic_reflector(
-                    client,
-                    ApiResource {
-                        group: "discovery.k8s.io".into(),
-                        version: "v1beta1".into(),
-                        api_version: "discovery.k8s.io/v1beta1".into(),
-                        kind: "EndpointSlice".into(),
-                        plural: "endpointslices".into(),
-                    },
-                    changed.clone(),
-                    endpoints_known.clone(),
-                ))
-            }
-            _ => Slices::V1(spawn_optional_reflector(
-                Api::<EndpointSlice>::all(client),
-                changed.clone(),
-                endpoints_known.clone(),
-            )),
+        let listed = Listed::default();
+        let flags = |flag: &Arc<AtomicBool>, served: Option<Arc<AtomicBool>>| Flags {
+            changed: changed.clone(),
+            listed: flag.clone(),
+            failed: listed.failed.clone(),
+            served,
         };
-        info!("waiting for the first list of VirtualIPs and Nodes");
-        let _ = virtual_ips.wait_until_ready().await;
-        let _ = nodes.wait_until_ready().await;
-        info!(
-            virtual_ips = virtual_ips.len(),
-            nodes = nodes.len(),
-            "cluster state listed"
+        let virtual_ips = spawn_reflector(
+            Api::<VirtualIP>::all(client.clone()),
+            flags(&listed.virtual_ips, None),
         );
+        let nodes = spawn_reflector(Api::<Node>::all(client.clone()), flags(&listed.nodes, None));
+        let services = spawn_reflector(
+            Api::<Service>::all(client.clone()),
+            flags(&listed.services, None),
+        );
+        let slices = spawn_slices(client, flags(&listed.slices, Some(endpoints_known.clone())));
+        let mut cache = cache.map(|path| SnapshotCache::new(path, node.clone()));
+        let cached = match cache.as_mut().map(SnapshotCache::load) {
+            Some(Ok(Some(cached))) => Some(cached),
+            Some(Ok(None)) | None => None,
+            Some(Err(e)) => {
+                warn!(error = %e, "the saved cluster snapshot is not used");
+                None
+            }
+        };
+        let mut seen = changed.subscribe();
+        let started = tokio::time::Instant::now();
+        let mut waiting_logged = false;
+        let use_cache = loop {
+            if listed.complete() {
+                break false;
+            }
+            if cached.is_some()
+                && (listed.failed.load(Ordering::Relaxed) || started.elapsed() >= CACHE_GRACE)
+            {
+                break true;
+            }
+            if !waiting_logged {
+                info!(missing = ?listed.missing(), "waiting for the first list of the cluster state");
+                waiting_logged = true;
+            }
+            let wake = if cached.is_some() {
+                CACHE_GRACE.saturating_sub(started.elapsed())
+            } else {
+                // Say now and then what is still missing (RBAC, an unreachable server).
+                Duration::from_secs(30)
+            };
+            tokio::select! {
+                r = seen.changed() => if r.is_err() { std::future::pending::<()>().await },
+                () = tokio::time::sleep(wake) => if cached.is_none() {
+                    warn!(missing = ?listed.missing(), "still waiting for the first list of the cluster state (is the API server reachable, does RBAC allow list and watch?)");
+                },
+            }
+        };
+        let cached = match (use_cache, cached) {
+            (true, Some(c)) => {
+                warn!(
+                    path = %cache.as_ref().map(|c| c.path().display().to_string()).unwrap_or_default(),
+                    age_s = c.age.as_secs(),
+                    virtual_ips = c.snapshot.virtual_ips.len(),
+                    nodes = c.snapshot.nodes.len(),
+                    missing = ?listed.missing(),
+                    "the API server cannot be listed: starting from the saved cluster snapshot until it can"
+                );
+                Some(c.snapshot)
+            }
+            _ => None,
+        };
         let seen = changed.subscribe();
-        ClusterSource {
+        let mut source = ClusterSource {
             node,
             virtual_ips,
             nodes,
@@ -125,7 +211,34 @@ impl ClusterSource {
             changes: changed,
             seen,
             endpoints_known,
+            listed,
+            cache,
+            cache_warned: false,
+            cached,
+            complete_logged: false,
+        };
+        source.log_complete();
+        source
+    }
+
+    /// Whether every watch has listed once (the stores, not a saved snapshot, are planned
+    /// from).
+    pub fn complete(&self) -> bool {
+        self.listed.complete()
+    }
+
+    fn log_complete(&mut self) {
+        if self.complete_logged || !self.listed.complete() {
+            return;
         }
+        self.complete_logged = true;
+        info!(
+            virtual_ips = self.virtual_ips.state().len(),
+            nodes = self.nodes.state().len(),
+            services = self.services.state().len(),
+            endpoint_slices = self.slices.state().len(),
+            "cluster state listed"
+        );
     }
 
     /// Resolves after the next change. Cancel-safe (it is raced against other wake-ups): a
@@ -162,7 +275,32 @@ impl ClusterSource {
     }
 
     /// The snapshot to plan from. Local facts other than endpoints are the caller's.
-    pub fn snapshot(&self) -> Snapshot {
+    ///
+    /// Once every watch has listed: the stores (`Complete`), saved to the cache file when
+    /// they changed what the planner reads. Before: the saved snapshot (`Cached`) if the
+    /// agent started from one, otherwise the stores as far as listed (`Partial`, never
+    /// planned from).
+    pub fn snapshot(&mut self) -> Snapshot {
+        if !self.listed.complete() {
+            if let Some(cached) = &self.cached {
+                return cached.clone();
+            }
+            return self.stores_snapshot(Completeness::Partial);
+        }
+        self.log_complete();
+        if self.cached.take().is_some() {
+            info!(
+                "every watch has listed: planning from the API server again instead of the saved snapshot"
+            );
+        }
+        let snapshot = self.stores_snapshot(Completeness::Complete);
+        if let Some(cache) = self.cache.as_mut() {
+            cache.save_logged(&snapshot, &mut self.cache_warned);
+        }
+        snapshot
+    }
+
+    fn stores_snapshot(&self, completeness: Completeness) -> Snapshot {
         let mut virtual_ips: Vec<VirtualIP> = self
             .virtual_ips
             .state()
@@ -190,6 +328,7 @@ impl ClusterSource {
             virtual_ips,
             cluster: true,
             nodes,
+            completeness,
             ..Snapshot::default()
         };
         snapshot.local.endpoints_known = self.endpoints_known.load(Ordering::Relaxed);
@@ -212,62 +351,138 @@ impl ClusterSource {
     }
 }
 
-/// The EndpointSlice store, in the version the API server serves.
-enum Slices {
-    V1(Store<EndpointSlice>),
-    V1beta1(Store<DynamicObject>),
+/// The EndpointSlice stores: one per version, only the one the API server serves is filled.
+struct Slices {
+    v1: Store<EndpointSlice>,
+    v1beta1: Store<DynamicObject>,
 }
 
 impl Slices {
     fn state(&self) -> Vec<Arc<EndpointSlice>> {
-        match self {
-            Slices::V1(store) => store.state(),
-            Slices::V1beta1(store) => store
-                .state()
-                .iter()
-                .filter_map(|o| {
-                    let mut value = serde_json::to_value(&**o).ok()?;
-                    value["apiVersion"] = "discovery.k8s.io/v1".into();
-                    // v1beta1 names the node in `topology` (its `nodeName` is feature-gated).
-                    for e in value["endpoints"].as_array_mut().into_iter().flatten() {
-                        if e.get("nodeName").is_none()
-                            && let Some(host) = e["topology"]["kubernetes.io/hostname"].as_str()
-                        {
-                            e["nodeName"] = host.to_string().into();
-                        }
-                    }
-                    serde_json::from_value(value).ok().map(Arc::new)
-                })
-                .collect(),
-        }
+        let mut slices = self.v1.state();
+        slices.extend(self.v1beta1.state().iter().filter_map(|o| {
+            let mut value = serde_json::to_value(&**o).ok()?;
+            value["apiVersion"] = "discovery.k8s.io/v1".into();
+            // v1beta1 names the node in `topology` (its `nodeName` is feature-gated).
+            for e in value["endpoints"].as_array_mut().into_iter().flatten() {
+                if e.get("nodeName").is_none()
+                    && let Some(host) = e["topology"]["kubernetes.io/hostname"].as_str()
+                {
+                    e["nodeName"] = host.to_string().into();
+                }
+            }
+            serde_json::from_value(value).ok().map(Arc::new)
+        }));
+        slices
     }
 }
 
-/// A reflector for a resource known only at run time (EndpointSlice v1beta1).
-fn spawn_dynamic_reflector(
-    client: Client,
-    resource: ApiResource,
-    changed: watch::Sender<u64>,
-    served: Arc<AtomicBool>,
-) -> Store<DynamicObject> {
-    let api = Api::<DynamicObject>::all_with(client, &resource);
-    let writer = reflector::store::Writer::new(resource);
-    let reader = writer.as_reader();
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(slim::<DynamicObject>),
-    )
-    .default_backoff();
-    tokio::spawn(drive(stream, changed, Some(served), "EndpointSlice"));
-    reader
+/// Which EndpointSlice version the API server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SliceVersion {
+    V1,
+    /// Kubernetes 1.19/1.20 serve EndpointSlices only as v1beta1, whose fields the agent
+    /// reads (addresses, conditions, nodeName, ports) are those of v1.
+    V1beta1,
+}
+
+/// The served EndpointSlice version (`None`: neither), or why the server could not tell.
+async fn slice_version(client: &Client) -> Result<Option<SliceVersion>, kube::Error> {
+    for (group, version) in [
+        ("discovery.k8s.io/v1", SliceVersion::V1),
+        ("discovery.k8s.io/v1beta1", SliceVersion::V1beta1),
+    ] {
+        match client.list_api_group_resources(group).await {
+            Ok(list) if list.resources.iter().any(|r| r.name == "endpointslices") => {
+                return Ok(Some(version));
+            }
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// How often a resource the API server does not serve is looked for again.
+const UNSERVED_RECHECK: Duration = Duration::from_secs(300);
+/// Retries of the version discovery while the server cannot be reached.
+const DISCOVERY_RETRY: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(500)..=Duration::from_secs(30);
+
+/// The EndpointSlice reflector, in the version the server serves. Which one is found out
+/// first, retried while the server is unreachable (an agent started during an outage must
+/// not settle on the wrong version), and rechecked now and then while neither is served
+/// (that it is not served counts as listed: the planner then knows no local endpoints).
+fn spawn_slices(client: Client, flags: Flags) -> Slices {
+    let (v1, v1_writer) = reflector::store();
+    let resource = ApiResource {
+        group: "discovery.k8s.io".into(),
+        version: "v1beta1".into(),
+        api_version: "discovery.k8s.io/v1beta1".into(),
+        kind: "EndpointSlice".into(),
+        plural: "endpointslices".into(),
+    };
+    let v1beta1_writer = reflector::store::Writer::new(resource.clone());
+    let v1beta1 = v1beta1_writer.as_reader();
+    tokio::spawn(async move {
+        let mut warned = false;
+        let mut retry = *DISCOVERY_RETRY.start();
+        let version = loop {
+            match slice_version(&client).await {
+                Ok(Some(version)) => break version,
+                Ok(None) => {
+                    if !warned {
+                        warn!(
+                            "the API server serves no EndpointSlices (discovery.k8s.io/v1 needs Kubernetes 1.21+, v1beta1 1.17+); local endpoint health and serviceRef backends are not used"
+                        );
+                        warned = true;
+                        flags.listed.store(true, Ordering::Relaxed);
+                        flags.changed.send_modify(|g| *g += 1);
+                    }
+                    tokio::time::sleep(UNSERVED_RECHECK).await;
+                }
+                Err(e) => {
+                    if !flags.listed.load(Ordering::Relaxed)
+                        && !flags.failed.swap(true, Ordering::Relaxed)
+                    {
+                        flags.changed.send_modify(|g| *g += 1);
+                    }
+                    debug!(error = %e, "cannot tell which EndpointSlice version is served; retrying");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(*DISCOVERY_RETRY.end());
+                }
+            }
+        };
+        match version {
+            SliceVersion::V1 => {
+                let api = Api::<EndpointSlice>::all(client);
+                let stream = reflector::reflector(
+                    v1_writer,
+                    watcher(api, watcher::Config::default()).modify(slim::<EndpointSlice>),
+                )
+                .default_backoff();
+                drive(stream, flags, "EndpointSlice").await;
+            }
+            SliceVersion::V1beta1 => {
+                info!(
+                    "the API server serves EndpointSlice discovery.k8s.io/v1beta1 only: using it"
+                );
+                let api = Api::<DynamicObject>::all_with(client, &resource);
+                let stream = reflector::reflector(
+                    v1beta1_writer,
+                    watcher(api, watcher::Config::default()).modify(slim::<DynamicObject>),
+                )
+                .default_backoff();
+                drive(stream, flags, "EndpointSlice").await;
+            }
+        }
+    });
+    Slices { v1, v1beta1 }
 }
 
 /// Runs one reflector in its own task; every applied change wakes the planner.
-fn spawn_reflector<K>(
-    api: Api<K>,
-    changed: watch::Sender<u64>,
-    served: Option<Arc<AtomicBool>>,
-) -> Store<K>
+fn spawn_reflector<K>(api: Api<K>, flags: Flags) -> Store<K>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -278,7 +493,7 @@ where
         watcher(api, watcher::Config::default()).modify(slim::<K>),
     )
     .default_backoff();
-    tokio::spawn(drive(stream, changed, served, std::any::type_name::<K>()));
+    tokio::spawn(drive(stream, flags, std::any::type_name::<K>()));
     reader
 }
 
@@ -298,60 +513,8 @@ fn slim<K: Resource + 'static>(object: &mut K) {
     }
 }
 
-/// How often a resource the API server does not serve is looked for again.
-const UNSERVED_RECHECK: Duration = Duration::from_secs(300);
-
-/// A reflector for a resource the API server may not serve (EndpointSlice v1 before 1.21):
-/// it starts once a probe finds the resource, instead of re-listing a 404 every second.
-fn spawn_optional_reflector<K>(
-    api: Api<K>,
-    changed: watch::Sender<u64>,
-    served: Arc<AtomicBool>,
-) -> Store<K>
+async fn drive<S, K>(stream: S, flags: Flags, kind: &'static str)
 where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (reader, writer) = reflector::store();
-    let kind = std::any::type_name::<K>();
-    tokio::spawn(async move {
-        let mut warned = false;
-        loop {
-            match api
-                .list_metadata(&kube::api::ListParams::default().limit(1))
-                .await
-            {
-                Err(kube::Error::Api(status)) if status.code == 404 => {
-                    if !warned {
-                        warn!(
-                            kind = kind.rsplit("::").next().unwrap_or(kind),
-                            "the API server does not serve this resource (EndpointSlice discovery.k8s.io/v1 needs Kubernetes 1.21+); local endpoint health is not used"
-                        );
-                        warned = true;
-                        changed.send_modify(|g| *g += 1);
-                    }
-                    tokio::time::sleep(UNSERVED_RECHECK).await;
-                }
-                // Served, or the server is unreachable: the watcher's own backoff takes over.
-                _ => break,
-            }
-        }
-        let stream = reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default()).modify(slim::<K>),
-        )
-        .default_backoff();
-        drive(stream, changed, Some(served), kind).await;
-    });
-    reader
-}
-
-async fn drive<S, K>(
-    stream: S,
-    changed: watch::Sender<u64>,
-    served: Option<Arc<AtomicBool>>,
-    kind: &'static str,
-) where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     let kind = kind.rsplit("::").next().unwrap_or(kind);
@@ -368,24 +531,33 @@ async fn drive<S, K>(
                     info!(kind, "watch re-established");
                     failing = false;
                 }
-                if let Some(s) = &served {
+                if let Some(s) = &flags.served {
                     s.store(true, Ordering::Relaxed);
+                }
+                if matches!(event, watcher::Event::InitDone) {
+                    flags.listed.store(true, Ordering::Relaxed);
                 }
                 // Bookmarks and the start of a re-list change nothing yet.
                 if matches!(
                     event,
                     watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone
                 ) {
-                    changed.send_modify(|g| *g += 1);
+                    flags.changed.send_modify(|g| *g += 1);
                 }
             }
             Err(e) => {
                 let not_served = is_not_found(&e);
-                if let (Some(s), true) = (&served, not_served) {
+                if !flags.listed.load(Ordering::Relaxed)
+                    && !flags.failed.swap(true, Ordering::Relaxed)
+                {
+                    // Wakes an agent that waits to start from its saved snapshot.
+                    flags.changed.send_modify(|g| *g += 1);
+                }
+                if let (Some(s), true) = (&flags.served, not_served) {
                     // Served once, gone now (a downgrade): stop counting on it.
                     if s.swap(false, Ordering::Relaxed) {
                         warn!(kind, "the API server stopped serving this resource");
-                        changed.send_modify(|g| *g += 1);
+                        flags.changed.send_modify(|g| *g += 1);
                     }
                 } else if !failing {
                     warn!(kind, error = %e, "watch failed; VRRP carries on with the last known state and the watch retries with backoff");

@@ -9,7 +9,7 @@ use tracing::warn;
 
 use crate::crd::VirtualIP;
 use crate::crd::manifest::{self, ManifestError, Manifests};
-use crate::model::{Desired, Snapshot};
+use crate::model::{Completeness, Desired, Snapshot};
 
 /// The manifest files, with change detection and the last good content of each file.
 pub struct ManifestSource {
@@ -98,6 +98,7 @@ impl ManifestSource {
         }
         Snapshot {
             virtual_ips,
+            completeness: Completeness::Complete,
             ..Snapshot::default()
         }
     }

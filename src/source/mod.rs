@@ -1,6 +1,7 @@
 //! Where VirtualIPs come from: manifest files ([`files`], standalone mode) or the API server
 //! ([`cluster`], Kubernetes mode). Both produce the same [`Snapshot`] for the planner.
 
+pub mod cache;
 pub mod cluster;
 pub mod files;
 
@@ -15,7 +16,8 @@ pub enum Source {
         poll: tokio::time::Interval,
         reported: Reported,
     },
-    Cluster(ClusterSource),
+    /// Boxed: the cluster source (stores, cache, a saved snapshot) is much the larger.
+    Cluster(Box<ClusterSource>),
 }
 
 impl Source {

@@ -382,26 +382,33 @@ impl K8sLab {
 
     /// Starts the agent on node `i` in Kubernetes mode with that node's identity.
     pub fn start_agent(&mut self, i: usize) -> ProcId {
+        self.start_agent_with(i, &[])
+    }
+
+    /// [`K8sLab::start_agent`] with more arguments for `ferrovip agent`.
+    pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> ProcId {
         let name = self.name(i).to_owned();
         let starts = self.history.iter().filter(|(n, _)| *n == i).count();
         let kubeconfig = format!("KUBECONFIG={}", self.api.node_kubeconfig(&name).display());
+        let state_dir = self.state_dir(i).display().to_string();
+        let mut args = vec![
+            "env",
+            &kubeconfig,
+            "FERROVIP_LOG=info",
+            AGENT,
+            "--log-format",
+            "json",
+            "agent",
+            "--node-name",
+            &name,
+            // Per node (one host, one /run): the saved cluster snapshot above all.
+            "--state-dir",
+            &state_dir,
+        ];
+        args.extend_from_slice(extra);
         let id = self
             .lab
-            .spawn(
-                i,
-                &[
-                    "env",
-                    &kubeconfig,
-                    "FERROVIP_LOG=info",
-                    AGENT,
-                    "--log-format",
-                    "json",
-                    "agent",
-                    "--node-name",
-                    &name,
-                ],
-                format!("{name}.{}.log", starts + 1),
-            )
+            .spawn(i, &args, format!("{name}.{}.log", starts + 1))
             .expect("spawn agent");
         self.agents[i] = Some(id);
         self.history.push((i, id));
@@ -423,6 +430,11 @@ impl K8sLab {
         self.wait_log(i, "the first list", Duration::from_secs(20), |l| {
             l["message"] == "cluster state listed"
         });
+    }
+
+    /// Node `i`'s state directory (kept across its agent's restarts).
+    pub fn state_dir(&self, i: usize) -> std::path::PathBuf {
+        self.lab.dir().join(format!("state-{}", self.name(i)))
     }
 
     fn agent(&self, i: usize) -> ProcId {

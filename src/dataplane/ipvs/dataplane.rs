@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::client::{IpvsClient, IpvsError, Op};
 use super::diff::{Change, DestConf, Programmed, ServiceConf, diff};
 use super::netlink;
-use crate::dataplane::nft::{MasqueradeMatch, NftRules};
+use crate::dataplane::nft::{MasqueradeMatch, NftRecord, NftRules};
 use crate::dataplane::sysctl::{IPV6_FORWARDING, Sysctls, write_atomically};
 use crate::dataplane::{ApplyError, ApplyReport, Dataplane, ServiceFailure};
 use crate::model::service::{
@@ -227,6 +227,9 @@ impl IpvsDataplane {
             sysctls.push(NAT6_FORWARDING);
         }
         self.sysctls.set(&sysctls)?;
+        if self.masquerading.is_none() && self.adopt_table(&wanted).await {
+            self.masquerading = Some(wanted.clone());
+        }
         if self.masquerading.as_ref() == Some(&wanted) {
             return Ok(());
         }
@@ -241,10 +244,52 @@ impl IpvsDataplane {
             self.nft.apply(&wanted).await.map(|_| ())
         };
         applied.map_err(|e| format!("nftables masquerade rules: {e}"))?;
+        self.record_table(&wanted).await;
         self.masquerading = Some(wanted);
         Ok(())
     }
+
+    /// A restarted agent takes over the table its predecessor left, without rewriting it,
+    /// when the table is exactly what was recorded and what is wanted now.
+    async fn adopt_table(&mut self, wanted: &BTreeSet<MasqueradeMatch>) -> bool {
+        let path = self.options.state_dir.join(NFT_FILE);
+        let Some(recorded) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| NftRecord::from_text(&text))
+        else {
+            return false;
+        };
+        match self.nft.adopt(wanted, &recorded).await {
+            Ok(true) => {
+                debug!("adopted the nftables table of an earlier run");
+                true
+            }
+            Ok(false) => false,
+            // Without nft nothing can be adopted; the apply says why.
+            Err(e) => {
+                debug!(error = %e, "cannot read the nftables table");
+                false
+            }
+        }
+    }
+
+    /// Records the table as it is now, for the next run's [`Self::adopt_table`].
+    async fn record_table(&mut self, wanted: &BTreeSet<MasqueradeMatch>) {
+        let path = self.options.state_dir.join(NFT_FILE);
+        let written = match self.nft.record(wanted).await {
+            Ok(record) => write_atomically(&path, &record.to_text()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = written {
+            // The next run rewrites the table once instead of adopting it: no harm.
+            let _ = std::fs::remove_file(&path);
+            debug!(path = %path.display(), error = %e, "cannot record the nftables table");
+        }
+    }
 }
+
+/// In the state dir: the nftables script last applied and the table's listing after it.
+const NFT_FILE: &str = "nft-table";
 
 impl IpvsDataplane {
     /// For `ferrovip cleanup`: removes the nftables table and puts back every sysctl recorded
