@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use crate::dataplane::worker::{self, DataplaneStatus};
-use crate::driver::{self, Command, DriverError};
+use crate::driver::{self, AddressSettings, Command, DriverError};
 use crate::engine::Observed;
 use crate::health::{self, CheckKey, CheckSpec, HealthMonitor, HealthReport};
 use crate::k8s::status::StatusWriter;
@@ -22,6 +22,7 @@ use crate::metrics::{Health, Metrics};
 use crate::model::service::ServiceSet;
 use crate::model::{Desired, plan};
 use crate::node::addr::{AddrError, AddressManager};
+use crate::node::ownership::OwnershipMode;
 use crate::source::Source;
 use crate::source::cluster::{self, ClusterSource, K8sError};
 
@@ -70,6 +71,21 @@ pub struct AgentArgs {
     /// How often the dataplane re-reads the kernel to repair changes made behind its back.
     #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
     pub dataplane_resync: Duration,
+    /// The lifetime the master gives its virtual addresses and renews (whole seconds), so
+    /// that the kernel removes them by itself within about this long when the agent dies or
+    /// hangs. `0s` keeps them forever (as keepalived does).
+    #[arg(long, env = "FERROVIP_ADDRESS_LIFETIME", default_value = "1s", value_parser = parse_duration_arg)]
+    pub address_lifetime: Duration,
+    /// How the agent recognises its addresses: `auto` (the kernel's IFA_PROTO mark where the
+    /// kernel keeps it, Linux ≥ 6.1, else the state directory's record), or forced. Hidden:
+    /// for tests of the fallback on a new kernel.
+    #[arg(
+        long,
+        env = "FERROVIP_ADDRESS_OWNERSHIP",
+        default_value = "auto",
+        hide = true
+    )]
+    pub address_ownership: AddressOwnership,
     /// Serve Prometheus metrics (`/metrics`), liveness (`/healthz`) and readiness
     /// (`/readyz`) here; `off` disables. All addresses by default: the agent runs in the
     /// host network and is scraped at the node's address by Prometheus and probed there by
@@ -82,6 +98,24 @@ pub struct AgentArgs {
     /// Needs CAP_SYS_NICE; without it the agent warns and runs at normal priority.
     #[arg(long, env = "FERROVIP_VRRP_RT_PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
     pub vrrp_rt_priority: Option<u8>,
+}
+
+/// `--address-ownership`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AddressOwnership {
+    Auto,
+    KernelMark,
+    StateDir,
+}
+
+impl AddressOwnership {
+    fn mode(self) -> Option<OwnershipMode> {
+        match self {
+            AddressOwnership::Auto => None,
+            AddressOwnership::KernelMark => Some(OwnershipMode::KernelMark),
+            AddressOwnership::StateDir => Some(OwnershipMode::StateDir),
+        }
+    }
 }
 
 /// The dataplane for virtual services.
@@ -171,7 +205,16 @@ impl Agent {
     /// predecessor left), metrics, the dataplane thread, the source (and in Kubernetes mode
     /// the status writer).
     async fn start(args: &AgentArgs) -> Result<Agent, AgentError> {
-        let engine = driver::spawn(args.node_name.clone(), args.vrrp_rt_priority).await?;
+        let engine = driver::spawn(
+            args.node_name.clone(),
+            args.vrrp_rt_priority,
+            AddressSettings {
+                state_dir: args.state_dir.clone(),
+                ownership: args.address_ownership.mode(),
+                lifetime: Some(args.address_lifetime).filter(|l| !l.is_zero()),
+            },
+        )
+        .await?;
         let observed = engine.observed;
         let metrics = Metrics::new();
         metrics.attach_vrrp_stats(engine.stats);
@@ -416,11 +459,12 @@ fn serve_metrics(
 /// Removes what agents put in this node's kernel, for a node that stops running ferrovip
 /// (the agent itself leaves IPVS in place across restarts): the IPVS services listed in
 /// `state_dir`, the nftables table and the sysctls recorded there (also where the kernel has
-/// no IPVS), the addresses marked as ours and the virtual-MAC interfaces. Returns one line
-/// per thing done.
+/// no IPVS), the addresses that are ours (marked, or recorded in `state_dir`) and the
+/// virtual-MAC interfaces. Returns one line per thing done.
 pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
     use crate::dataplane::Dataplane;
     let mut done = Vec::new();
+    let state_dir_of_addresses = state_dir.clone();
     let mut dataplane = IpvsDataplane::new(IpvsOptions {
         state_dir,
         ..IpvsOptions::default()
@@ -437,7 +481,9 @@ pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
         done.push(format!("ipvs: {}", failure.error));
     }
     done.extend(dataplane.remove_return_path().await);
-    let addresses = AddressManager::connect().map_err(AgentError::Netlink)?;
+    let addresses = AddressManager::connect_with_record(&state_dir_of_addresses, None)
+        .await
+        .map_err(AgentError::Netlink)?;
     let removed = addresses
         .remove_all_owned_except(&Default::default())
         .await

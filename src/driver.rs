@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -25,8 +26,9 @@ use crate::engine::{
     DropReason, Environment, Input, Instances, LinkEnv, LinkFacts, NodeEngine, Observed, Output,
     Requirement, Stats, Transmit, VmacFacts, requirements,
 };
-use crate::node::addr::{AddrError, AddressManager};
+use crate::node::addr::{AddrError, AddressEvent, AddressManager, AddressWatcher};
 use crate::node::link::{MacvlanManager, vmac_name};
+use crate::node::ownership::OwnershipMode;
 use crate::node::socket::{
     PreciseTimer, Received, SocketError, VrrpSocket, pin_memory, set_realtime_priority,
 };
@@ -105,6 +107,14 @@ impl DriverError {
     }
 }
 
+/// How the engine's addresses are kept: where the ownership record lives, how addresses are
+/// recognised (`None`: ask the kernel), and the lifetime masters renew (`None`: forever).
+pub struct AddressSettings {
+    pub state_dir: PathBuf,
+    pub ownership: Option<OwnershipMode>,
+    pub lifetime: Option<Duration>,
+}
+
 /// The running engine thread, as the agent sees it.
 pub struct EngineThread {
     pub commands: mpsc::Sender<Command>,
@@ -119,7 +129,11 @@ pub struct EngineThread {
 /// Starts the engine on its own OS thread, with its own current-thread runtime and netlink
 /// connection, at SCHED_FIFO `rt_priority` when given (a failure to get it is logged, not
 /// fatal). Returns once the driver has cleaned up what a predecessor left and runs.
-pub async fn spawn(node: String, rt_priority: Option<u8>) -> Result<EngineThread, DriverError> {
+pub async fn spawn(
+    node: String,
+    rt_priority: Option<u8>,
+    settings: AddressSettings,
+) -> Result<EngineThread, DriverError> {
     let (started_tx, started_rx) = oneshot::channel();
     let (finished_tx, finished) = oneshot::channel::<()>();
     let (commands, commands_rx) = mpsc::channel(16);
@@ -151,14 +165,26 @@ pub async fn spawn(node: String, rt_priority: Option<u8>) -> Result<EngineThread
                 }
             };
             runtime.block_on(async move {
-                let addresses = match AddressManager::connect() {
+                let addresses = match AddressManager::connect_with_record(
+                    &settings.state_dir,
+                    settings.ownership,
+                )
+                .await
+                {
                     Ok(addresses) => addresses,
                     Err(e) => {
                         let _ = started_tx.send(Err(DriverError::Netlink(e)));
                         return;
                     }
                 };
-                let driver = Driver::start(node, addresses).await;
+                info!(
+                    ownership = addresses.mode().as_str(),
+                    record = %addresses.record_path().unwrap_or_default().display(),
+                    "how this agent recognises its addresses"
+                );
+                let driver = Driver::start(node, addresses)
+                    .await
+                    .with_address_lifetime(settings.lifetime);
                 let handles = (
                     driver.observe(),
                     driver.stats(),
@@ -208,6 +234,7 @@ enum Effect {
     Add {
         ifindex: u32,
         nets: Vec<IpNet>,
+        lifetime: Option<Duration>,
     },
     Remove {
         ifindex: u32,
@@ -221,11 +248,21 @@ enum Effect {
     },
     DeleteLink {
         name: Arc<str>,
+        index: Option<u32>,
     },
     Lifetime {
         ifindex: u32,
         nets: Vec<IpNet>,
         lifetime: Option<Duration>,
+    },
+    Hold {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+        hold: Duration,
+    },
+    Renew {
+        lifetime: Duration,
+        addresses: Vec<(u32, IpNet)>,
     },
     Barrier(oneshot::Sender<()>),
 }
@@ -270,18 +307,29 @@ pub struct Driver {
     heartbeat: Arc<Heartbeat>,
     readiness: watch::Sender<EngineReadiness>,
     node: String,
+    /// Removed addresses (notifications) and failed adds (effects task), for the engine.
+    address_events: mpsc::UnboundedReceiver<AddressEvent>,
 }
 
 impl Driver {
-    /// Creates the driver, its engine and its effects task. Removes addresses a crashed
-    /// predecessor left behind (marked as ours) before anything starts.
+    /// Creates the driver, its engine, its effects task and the address-notification
+    /// reader. Removes addresses a crashed predecessor left behind (ours by mark or record,
+    /// not recorded as held) before anything starts.
     pub async fn start(node: String, addresses: AddressManager) -> Driver {
-        // Addresses a restarting predecessor held (finite lifetime) wait for adoption; all
-        // other marked addresses are crash leftovers.
-        let held: HashSet<(u32, IpNet)> = match addresses.list_held().await {
-            Ok(held) => held.into_iter().collect(),
+        // Addresses a restarting predecessor recorded as held wait for adoption; all other
+        // addresses of ours are crash leftovers.
+        let held: HashSet<(u32, IpNet)> = match addresses.take_over(SystemTime::now()).await {
+            Ok((held, removed)) => {
+                if !removed.is_empty() {
+                    info!(
+                        count = removed.len(),
+                        "removed addresses left behind by a previous agent"
+                    );
+                }
+                held
+            }
             Err(e) => {
-                warn!(error = %e, "cannot list addresses held by a previous agent");
+                warn!(error = %e, "could not clean up addresses left behind");
                 HashSet::new()
             }
         };
@@ -291,15 +339,9 @@ impl Driver {
                 "addresses held by the previous agent wait for adoption"
             );
         }
-        match addresses.remove_all_owned_except(&held).await {
-            Ok(removed) if !removed.is_empty() => {
-                info!(
-                    count = removed.len(),
-                    "removed addresses left behind by a previous agent"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "could not clean up addresses left behind"),
+        let (address_tx, address_events) = mpsc::unbounded_channel();
+        if let Err(e) = AddressWatcher::spawn(address_tx.clone()) {
+            warn!(error = %e, "cannot read address notifications: a virtual address that disappears is not put back until its next renewal");
         }
         let macvlans = MacvlanManager::new(addresses.handle().clone());
         match macvlans.list_owned().await {
@@ -313,7 +355,12 @@ impl Driver {
             Err(e) => warn!(error = %e, "cannot list virtual-MAC interfaces left behind"),
         }
         let (effects, effects_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_effects(addresses.clone(), macvlans.clone(), effects_rx));
+        tokio::spawn(run_effects(
+            addresses.clone(),
+            macvlans.clone(),
+            effects_rx,
+            address_tx,
+        ));
         let (incoming_tx, incoming_rx) = mpsc::channel(4096);
         let stats = Arc::new(Stats::default());
         let engine = NodeEngine::new(
@@ -339,7 +386,15 @@ impl Driver {
             heartbeat: Arc::new(Heartbeat::default()),
             readiness: watch::Sender::new(EngineReadiness::default()),
             node,
+            address_events,
         }
+    }
+
+    /// Masters' addresses get this lifetime and the engine renews it (see
+    /// [`NodeEngine::set_address_lifetime`]); `None` keeps them forever.
+    pub fn with_address_lifetime(mut self, lifetime: Option<Duration>) -> Driver {
+        self.engine.set_address_lifetime(lifetime);
+        self
     }
 
     /// Instance states as they change (state, master, priority, faults).
@@ -433,6 +488,7 @@ impl Driver {
                     armed = None;
                 }
                 Some(incoming) = self.incoming_rx.recv() => self.receive(incoming),
+                Some(event) = self.address_events.recv() => self.address_event(event),
                 _ = refresh.tick() => self.refresh().await,
                 _ = heartbeat.tick() => {}
             }
@@ -462,6 +518,22 @@ impl Driver {
                 advertisement: incoming.advertisement,
             },
         );
+    }
+
+    fn address_event(&mut self, event: AddressEvent) {
+        let input = match event {
+            AddressEvent::Removed { index, net } => Input::AddressRemoved {
+                ifindex: index,
+                net,
+            },
+            AddressEvent::Failed { index, net, error } => Input::AddressFailed {
+                ifindex: index,
+                net,
+                error,
+            },
+            AddressEvent::Lost => Input::AddressEventsLost,
+        };
+        self.handle(Instant::now(), input);
     }
 
     async fn apply(&mut self, instances: Instances) {
@@ -659,7 +731,27 @@ impl Driver {
     fn execute(&mut self, output: Output) {
         let effect = match output {
             Output::Send(transmit) => return self.send(&transmit),
-            Output::AddAddresses { ifindex, nets } => Effect::Add { ifindex, nets },
+            Output::AddAddresses { ifindex, nets } => Effect::Add {
+                ifindex,
+                nets,
+                lifetime: self.engine.address_lifetime(),
+            },
+            Output::HoldAddresses {
+                ifindex,
+                nets,
+                hold,
+            } => Effect::Hold {
+                ifindex,
+                nets,
+                hold,
+            },
+            Output::RenewAddresses {
+                lifetime,
+                addresses,
+            } => Effect::Renew {
+                lifetime,
+                addresses,
+            },
             Output::RemoveAddresses { ifindex, nets } => Effect::Remove { ifindex, nets },
             Output::SetLifetime {
                 ifindex,
@@ -682,8 +774,8 @@ impl Driver {
                 source_v6,
             },
             Output::DeleteVmac { name } => {
-                self.vmacs.remove(&name);
-                Effect::DeleteLink { name }
+                let index = self.vmacs.remove(&name).map(|v| v.facts.index);
+                Effect::DeleteLink { name, index }
             }
             // Logged by the engine.
             Output::Transition { .. } => return,
@@ -837,13 +929,56 @@ async fn run_effects(
     addresses: AddressManager,
     macvlans: MacvlanManager,
     mut rx: mpsc::UnboundedReceiver<Effect>,
+    failures: mpsc::UnboundedSender<AddressEvent>,
 ) {
+    let mut record_error = false;
     while let Some(effect) = rx.recv().await {
         match effect {
-            Effect::Add { ifindex, nets } => {
+            Effect::Add {
+                ifindex,
+                nets,
+                lifetime,
+            } => {
+                for (net, e) in addresses.add_all(ifindex, &nets, lifetime).await {
+                    warn!(address = %net, error = %e, "cannot add virtual address");
+                    let _ = failures.send(AddressEvent::Failed {
+                        index: ifindex,
+                        net,
+                        error: e.to_string(),
+                    });
+                }
+            }
+            Effect::Renew {
+                lifetime,
+                addresses: wanted,
+            } => {
+                let manager = addresses.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || manager.renew(&wanted, lifetime)).await;
+                match result {
+                    Ok(Ok(report)) => {
+                        for (index, net, errno) in report.failed {
+                            let error = std::io::Error::from_raw_os_error(errno);
+                            warn!(address = %net, error = %error, "cannot renew virtual address");
+                            let _ = failures.send(AddressEvent::Failed {
+                                index,
+                                net,
+                                error: error.to_string(),
+                            });
+                        }
+                    }
+                    Ok(Err(e)) => warn!(error = %e, "cannot renew virtual addresses"),
+                    Err(e) => warn!(error = %e, "address renewal task failed"),
+                }
+            }
+            Effect::Hold {
+                ifindex,
+                nets,
+                hold,
+            } => {
                 for net in nets {
-                    if let Err(e) = addresses.add(ifindex, net).await {
-                        warn!(address = %net, error = %e, "cannot add virtual address");
+                    if let Err(e) = addresses.hold(ifindex, net, hold).await {
+                        warn!(address = %net, error = %e, "cannot hold virtual address for the next agent");
                     }
                 }
             }
@@ -882,14 +1017,30 @@ async fn run_effects(
                     }
                 }
             }
-            Effect::DeleteLink { name } => {
+            Effect::DeleteLink { name, index } => {
                 if let Err(e) = macvlans.delete_link(&name).await {
                     warn!(interface = %name, error = %e, "cannot remove virtual-MAC interface");
                 }
+                if let Some(index) = index {
+                    addresses.forget_interface(index);
+                }
             }
             Effect::Barrier(done) => {
+                // Everything before the barrier is done, its record included.
+                if let Err(e) = addresses.flush_record() {
+                    warn!(error = %e, "cannot record the agent's addresses");
+                }
                 let _ = done.send(());
             }
+        }
+        // The record follows every change of our addresses (a write only when it changed).
+        match addresses.flush_record() {
+            Ok(()) => record_error = false,
+            Err(e) if !record_error => {
+                warn!(error = %e, "cannot record the agent's addresses; a restarted agent may not recognise them");
+                record_error = true;
+            }
+            Err(_) => {}
         }
     }
 }

@@ -1380,7 +1380,9 @@ fn malformed_or_foreign_adverts_are_dropped_and_logged_without_disturbing_the_ma
 fn a_new_agent_removes_marked_leftovers_and_never_touches_foreign_addresses() {
     let mut c = Cluster::with(1, false, &[&VipDoc::web()]);
     // iproute2 6.1 cannot set an address protocol (`ip addr add … proto` came later), so the
-    // marked leftover comes from the real thing: an agent killed while master.
+    // marked leftover comes from the real thing: an agent killed while master, one that keeps
+    // its addresses forever (a renewed lifetime would let the kernel remove it within 1 s).
+    c.extra[0] = vec!["--address-lifetime".into(), "0s".into()];
     c.start(0);
     c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
     c.wait_address(0, VIP, true, Duration::from_secs(1));
@@ -1393,6 +1395,7 @@ fn a_new_agent_removes_marked_leftovers_and_never_touches_foreign_addresses() {
     c.exec_ok(0, &["ip", "addr", "add", "192.0.2.201/24", "dev", "eth0"]);
     let other = VipDoc::new("other", "192.0.2.101/24", 52).also("192.0.2.201/24");
     c.write(&[&other]);
+    c.extra[0].clear();
     c.start(0);
     let line = c.wait_log(0, "the cleanup", Duration::from_secs(2), |l| {
         msg(l).contains("left behind")
@@ -1403,6 +1406,15 @@ fn a_new_agent_removes_marked_leftovers_and_never_touches_foreign_addresses() {
     c.wait_address(0, "192.0.2.101", true, Duration::from_secs(1));
     assert!(c.has(0, "192.0.2.200"));
     assert!(c.has(0, "192.0.2.201"));
+    // The foreign twin of a VIP is never given our renewed lifetime.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(c.has(0, "192.0.2.201"), "foreign address expired");
+    let shown = c.exec_ok(0, &["ip", "addr", "show", "dev", "eth0"]);
+    let twin = shown
+        .split("inet ")
+        .find(|s| s.starts_with("192.0.2.201/24"))
+        .expect("the foreign twin");
+    assert!(twin.contains("valid_lft forever"), "{twin}");
 
     c.signal(0, Signal::SIGTERM);
     assert!(c.wait_exit(0, Duration::from_secs(2)).success());
@@ -1743,15 +1755,18 @@ fn a_restart_with_hold_keeps_the_vip_on_the_master_and_the_next_agent_adopts_it(
     });
     c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(3));
     c.assert_only_holder(0, VIP);
-    let shown = c
-        .lab
-        .exec(0, &["ip", "-d", "addr", "show", "dev", "eth0"])
-        .unwrap();
-    let shown = String::from_utf8_lossy(&shown.stdout);
+    // Adopted: back to the renewed one-second lifetime, not the hold's.
+    let shown = c.exec_ok(0, &["ip", "addr", "show", "dev", "eth0"]);
+    let vip = shown
+        .split("inet ")
+        .find(|s| s.starts_with(VIP_NET))
+        .expect("the VIP");
     assert!(
-        !shown.contains("dynamic"),
-        "lifetime not made permanent again: {shown}"
+        vip.contains("valid_lft 1sec") || vip.contains("valid_lft 0sec"),
+        "lifetime not back to the renewed one: {vip}"
     );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(c.has(0, VIP), "the adopted VIP is not renewed");
     // The backups never left Backup, and the new agent's adverts are back to 100 ms.
     for (node, before) in [1, 2].into_iter().zip(before) {
         let t = c.transitions_of(node, "web");
@@ -1821,6 +1836,397 @@ fn without_ipvs_the_agent_says_so_once_reports_it_in_metrics_and_keeps_vrrp_runn
     let (failover, _) = c.crash_failover(0, VRID, Some(ip(VIP)));
     assert_eq!(failover.new_master, c.v4(1));
     c.assert_running(1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses: repair, expiry of a dead or hung agent's addresses, ownership without the mark
+
+/// When `vip` was last seen on `node` after `since`: polls until it is gone (at most
+/// `timeout`) and returns the time from `since`.
+fn time_until_gone(
+    c: &Cluster,
+    node: usize,
+    vip: &str,
+    since: Instant,
+    timeout: Duration,
+) -> Duration {
+    loop {
+        if !c.has(node, vip) {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < timeout,
+            "{vip} still on {} {timeout:?} after the agent stopped",
+            c.node(node).name
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_deleted_vip_is_added_back_and_announced_within_one_advert_interval() {
+    let mut c = Cluster::with(2, false, &[&VipDoc::web()]);
+    c.start_all_and_elect_node_a();
+    c.assert_only_holder(0, VIP);
+    let before = c.transitions_of(0, "web").len();
+    for round in 0..2 {
+        let deleted = Instant::now();
+        c.exec_ok(0, &["ip", "addr", "del", VIP_NET, "dev", "eth0"]);
+        let mut back = None;
+        while deleted.elapsed() < Duration::from_secs(1) {
+            if c.has(0, VIP) {
+                back = Some(deleted.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let back = back.expect("the VIP back on node-a");
+        eprintln!("round {round}: VIP back {back:?} after `ip addr del` started");
+        assert!(back <= FAST, "the VIP came back after {back:?}");
+        // Announced again, from node-a.
+        let a_mac = c.mac(0);
+        c.sniffer
+            .wait_for(
+                |e| {
+                    e.at >= deleted && e.announced() == Some(ip(VIP)) && e.src_mac.octets() == a_mac
+                },
+                Duration::from_secs(1),
+            )
+            .expect("a gratuitous ARP for the VIP after its repair");
+        c.wait_log(0, "the repair", Duration::from_secs(1), |l| {
+            msg(l).contains("disappeared; adding it again")
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        c.assert_steady(VRID, c.v4(0), FAST, deleted);
+    }
+    assert_eq!(c.transitions_of(0, "web").len(), before, "no transition");
+    assert!(c.ping(1, VIP), "the VIP does not answer after its repair");
+}
+
+#[test]
+fn a_vip_that_keeps_disappearing_makes_the_master_step_down_and_the_backup_take_over() {
+    let mut c = Cluster::with(2, false, &[&VipDoc::web()]);
+    c.start_all_and_elect_node_a();
+    c.assert_only_holder(0, VIP);
+    // Something on node-a keeps deleting the VIP (say, a network manager that owns eth0).
+    let started = Instant::now();
+    let deleter = c
+        .lab
+        .spawn(
+            0,
+            &[
+                "sh",
+                "-c",
+                "for i in $(seq 1 40); do ip addr del 192.0.2.100/24 dev eth0 2>/dev/null; sleep 0.05; done",
+            ],
+            "deleter.log",
+        )
+        .expect("spawn the deleter");
+    let line = c.wait_log(0, "the step-down", Duration::from_secs(5), |l| {
+        l["event"] == "transition" && l["reason"] == "address_fault"
+    });
+    assert_eq!(line["from"], "MASTER", "{line}");
+    let warning = c.wait_log(0, "why", Duration::ZERO, |l| {
+        msg(l).contains("stepped down: the virtual addresses cannot be held")
+    });
+    assert!(
+        str_field(&warning, "reason").contains("192.0.2.100/24 keeps disappearing"),
+        "{warning}"
+    );
+    // It left with priority 0, so node-b took over within Skew_Time, not Master_Down_Interval.
+    let zero = c
+        .adverts(VRID, c.v4(0), started)
+        .into_iter()
+        .find(|(_, a)| a.priority == 0)
+        .expect("a priority-0 advert from node-a");
+    let b_first = c
+        .sniffer
+        .wait_for(
+            |e| {
+                e.at >= zero.0
+                    && e.advert()
+                        .is_some_and(|a| a.source == c.v4(1) && a.priority > 0)
+            },
+            Duration::from_secs(2),
+        )
+        .expect("node-b takes over");
+    let gap = b_first.at.duration_since(zero.0);
+    eprintln!("step-down to takeover: {gap:?}");
+    assert!(gap < skew_time(PRIO_B, FAST) + LATE, "{gap:?}");
+    c.lab
+        .wait(deleter, Duration::from_secs(5))
+        .expect("deleter");
+    c.wait_master(VRID, c.v4(1), FAST, Duration::from_secs(2));
+    c.assert_only_holder(1, VIP);
+    // node-a waits out its back-off (10 s) instead of preempting back at once.
+    let after = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        c.adverts(VRID, c.v4(0), after).is_empty(),
+        "node-a advertised during its back-off"
+    );
+    c.assert_running(0);
+}
+
+#[test]
+fn a_killed_masters_vip_expires_within_two_seconds_while_the_backup_takes_over() {
+    let mut c = Cluster::with(2, false, &[&VipDoc::web()]);
+    c.start_all_and_elect_node_a();
+    c.assert_only_holder(0, VIP);
+    // Renewed with a one-second lifetime, as the kernel shows it.
+    let shown = c.exec_ok(0, &["ip", "addr", "show", "dev", "eth0"]);
+    assert!(
+        shown.contains("valid_lft 1sec") || shown.contains("valid_lft 0sec"),
+        "{shown}"
+    );
+
+    let (f, killed_at) = c.crash_failover(0, VRID, Some(ip(VIP)));
+    assert_eq!(f.new_master, c.v4(1));
+    let gone = time_until_gone(&c, 0, VIP, killed_at, Duration::from_secs(3));
+    eprintln!("SIGKILL: VIP gone from node-a {gone:?} after the kill; takeover {f:?}");
+    assert!(gone < Duration::from_secs(2), "{gone:?}");
+    c.wait_address(1, VIP, true, Duration::from_millis(500));
+}
+
+#[test]
+fn a_stopped_masters_vip_expires_and_after_sigcont_one_master_holds_it() {
+    let mut c = Cluster::with(2, false, &[&VipDoc::web()]);
+    c.start_all_and_elect_node_a();
+    c.assert_only_holder(0, VIP);
+    assert!(c.ping(1, VIP));
+
+    let stopped_at = c.signal(0, Signal::SIGSTOP);
+    let query = FailoverQuery {
+        vrid: VRID,
+        old_master: c.v4(0),
+        stopped_at,
+        vip: Some(ip(VIP)),
+    };
+    let f = measure_failover(&c.sniffer, &query, Duration::from_secs(3)).expect("a takeover");
+    assert_eq!(f.new_master, c.v4(1));
+    let gone = time_until_gone(&c, 0, VIP, stopped_at, Duration::from_secs(3));
+    eprintln!("SIGSTOP: VIP gone from node-a {gone:?} after the stop; takeover {f:?}");
+    assert!(gone < Duration::from_secs(2), "{gone:?}");
+    c.wait_address(1, VIP, true, Duration::from_millis(500));
+    // node-b's neighbour entry for the VIP is its own; node-a's stale one would be a black hole.
+    std::thread::sleep(Duration::from_millis(500));
+
+    // node-a resumes with the higher priority: it advertises at once, node-b yields at that
+    // advert, and node-a puts its expired VIP back and announces it.
+    let resumed = c.signal(0, Signal::SIGCONT);
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(3));
+    let a_first = c
+        .adverts(VRID, c.v4(0), resumed)
+        .into_iter()
+        .find(|(_, a)| a.priority > 0)
+        .expect("node-a advertises after SIGCONT")
+        .0;
+    let b_last = c
+        .adverts(VRID, c.v4(1), resumed)
+        .into_iter()
+        .filter(|(_, a)| a.priority > 0)
+        .map(|(at, _)| at)
+        .next_back();
+    if let Some(b_last) = b_last {
+        let overlap = b_last.saturating_duration_since(a_first);
+        eprintln!("two masters for {overlap:?} after SIGCONT");
+        assert!(overlap <= FAST + LATE, "two masters for {overlap:?}");
+    }
+    c.assert_only_holder(0, VIP);
+    let a_mac = c.mac(0);
+    c.sniffer
+        .wait_for(
+            |e| e.at >= resumed && e.announced() == Some(ip(VIP)) && e.src_mac.octets() == a_mac,
+            Duration::from_secs(1),
+        )
+        .expect("node-a announces the VIP it put back");
+    c.wait_neighbour(1, VIP, &mac_string(a_mac));
+    assert!(c.ping(1, VIP), "the VIP does not answer after SIGCONT");
+    let t = c.transitions_of(1, "web");
+    assert_eq!(
+        t.last().map(|t| (t.to.as_str(), t.reason.as_str())),
+        Some(("BACKUP", "higher_priority"))
+    );
+}
+
+#[test]
+fn with_state_dir_ownership_a_demoted_master_releases_and_a_restart_removes_only_its_leftovers() {
+    let mut c = Cluster::with(2, false, &[&VipDoc::web()]);
+    let state = |n: usize| c.lab.dir().join(format!("state-{n}"));
+    let (state_a, state_b) = (state(0), state(1));
+    // The fallback for kernels before 6.1, forced on this one: no IFA_PROTO mark at all.
+    // node-a keeps its addresses forever so that its crash leaves one behind.
+    c.extra[0] = [
+        "--address-ownership",
+        "state-dir",
+        "--state-dir",
+        state_a.to_str().unwrap(),
+        "--address-lifetime",
+        "0s",
+    ]
+    .map(String::from)
+    .to_vec();
+    c.extra[1] = [
+        "--address-ownership",
+        "state-dir",
+        "--state-dir",
+        state_b.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+
+    // node-b starts alone and becomes master; node-a, preferred, preempts it: the demoted
+    // master finds its address through the record and removes it.
+    c.start(1);
+    c.wait_master(VRID, c.v4(1), FAST, Duration::from_secs(5));
+    c.wait_address(1, VIP, true, Duration::from_secs(1));
+    let line = c.wait_log(1, "the ownership mode", Duration::ZERO, |l| {
+        msg(l).contains("recognises its addresses")
+    });
+    assert_eq!(line["ownership"], "state-dir", "{line}");
+    c.start(0);
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.wait_address(1, VIP, false, Duration::from_secs(1));
+    c.assert_only_holder(0, VIP);
+    let record = |dir: &Path| -> String {
+        std::fs::read_dir(dir)
+            .expect("state dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("addresses-"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    };
+    assert!(
+        record(&state_a).contains(" 192.0.2.100/24"),
+        "{}",
+        record(&state_a)
+    );
+    assert!(
+        !record(&state_b).contains("192.0.2.100"),
+        "{}",
+        record(&state_b)
+    );
+
+    // node-a crashes and leaves its VIP; node-b takes over and then leaves too.
+    c.signal(0, Signal::SIGKILL);
+    c.wait_exit(0, Duration::from_secs(1));
+    assert!(
+        c.has(0, VIP),
+        "a killed agent without lifetimes cannot release its VIP"
+    );
+    c.wait_master(VRID, c.v4(1), FAST, Duration::from_secs(3));
+    c.signal(1, Signal::SIGTERM);
+    assert!(c.wait_exit(1, Duration::from_secs(2)).success());
+    assert!(!c.has(1, VIP));
+
+    // Foreign addresses: one unrelated, one equal to an address the next agent serves.
+    c.exec_ok(0, &["ip", "addr", "add", "192.0.2.200/24", "dev", "eth0"]);
+    c.exec_ok(0, &["ip", "addr", "add", "192.0.2.201/24", "dev", "eth0"]);
+    let other = VipDoc::new("other", "192.0.2.101/24", 52).also("192.0.2.201/24");
+    c.write(&[&other]);
+    c.start(0);
+    let line = c.wait_log(0, "the cleanup", Duration::from_secs(2), |l| {
+        msg(l).contains("left behind")
+    });
+    assert_eq!(line["count"], 1, "{line}");
+    c.wait_address(0, VIP, false, Duration::from_millis(500));
+    c.wait_master(52, c.v4(0), FAST, Duration::from_secs(5));
+    c.wait_address(0, "192.0.2.101", true, Duration::from_secs(1));
+    assert!(c.has(0, "192.0.2.200"));
+    assert!(c.has(0, "192.0.2.201"));
+    let now = record(&state_a);
+    assert!(now.contains(" 192.0.2.101/24"), "{now}");
+    assert!(
+        !now.contains("192.0.2.201"),
+        "a foreign address was recorded: {now}"
+    );
+
+    c.signal(0, Signal::SIGTERM);
+    assert!(c.wait_exit(0, Duration::from_secs(2)).success());
+    assert!(!c.has(0, "192.0.2.101"), "own VIP not released");
+    assert!(c.has(0, "192.0.2.200"), "foreign address removed");
+    assert!(
+        c.has(0, "192.0.2.201"),
+        "foreign address removed because a VIP had the same value"
+    );
+    assert_eq!(record(&state_a), "", "a clean exit leaves no record");
+}
+
+#[test]
+fn with_state_dir_ownership_a_restart_hold_is_adopted_and_a_crash_leftover_is_not() {
+    let mut c = Cluster::with(2, false, &[&VipDoc::web()]);
+    let state_a = c.lab.dir().join("state-0");
+    c.extra[0] = [
+        "--address-ownership",
+        "state-dir",
+        "--state-dir",
+        state_a.to_str().unwrap(),
+        "--restart-hold",
+        "6s",
+    ]
+    .map(String::from)
+    .to_vec();
+    c.start_all_and_elect_node_a();
+    c.assert_only_holder(0, VIP);
+    let b_before = c.transitions_of(1, "web").len();
+
+    // Held: the record says until when, and the next agent adopts without an election.
+    let stopped_at = c.signal(0, Signal::SIGTERM);
+    assert!(c.wait_exit(0, Duration::from_secs(2)).success());
+    assert!(c.has(0, VIP), "the held VIP was released");
+    let record: String = std::fs::read_dir(&state_a)
+        .expect("state dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("addresses-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    let line = record
+        .lines()
+        .find(|l| l.contains(" 192.0.2.100/24 "))
+        .unwrap_or_else(|| panic!("no held entry: {record}"));
+    let until: u64 = line
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("held-until");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        until > now_ms && until <= now_ms + 6_000,
+        "held until {until}, now {now_ms}"
+    );
+    c.start(0);
+    c.wait_log(0, "the adoption", Duration::from_secs(3), |l| {
+        l["event"] == "transition" && l["reason"] == "adopted"
+    });
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(3));
+    c.assert_only_holder(0, VIP);
+    assert_eq!(
+        c.transitions_of(1, "web").len(),
+        b_before,
+        "node-b moved during the hold"
+    );
+    let masters = masters_since(&c.wire(stopped_at), VRID, stopped_at);
+    assert_eq!(masters, vec![c.v4(0)], "a backup took over during the hold");
+
+    // Crashed: its VIP still has most of its one-second lifetime when the next agent starts,
+    // but nothing says it was held, so it is removed at once, not adopted.
+    c.signal(0, Signal::SIGKILL);
+    c.wait_exit(0, Duration::from_secs(1));
+    c.start(0);
+    let line = c.wait_log(0, "the cleanup", Duration::from_secs(2), |l| {
+        msg(l).contains("left behind")
+    });
+    assert_eq!(line["count"], 1, "{line}");
+    assert!(
+        c.count_log(0, &|l: &Value| l["reason"] == "adopted") == 0,
+        "a crash leftover was adopted"
+    );
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.assert_only_holder(0, VIP);
 }
 
 // ---------------------------------------------------------------------------------------------

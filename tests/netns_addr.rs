@@ -6,7 +6,8 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use ferrovip::node::addr::{AddressManager, LinkInfo};
+use ferrovip::node::addr::{AddressEvent, AddressManager, AddressWatcher, LinkInfo};
+use ferrovip::node::ownership::OwnershipMode;
 use ipnet::IpNet;
 use netns_util::{Netns, ifindex};
 
@@ -228,4 +229,207 @@ fn netns_addr_add_on_a_missing_interface_is_link_not_found() {
         manager.add(9999, net("2001:db8::1/128")).await.unwrap_err()
     });
     assert_eq!(error.metric_label(), "link_not_found", "{error:?}");
+}
+
+#[test]
+fn netns_addr_this_kernel_keeps_the_mark_and_the_probe_leaves_nothing() {
+    let (ns, _) = setup();
+    let keeps = ns.block_on(|| async {
+        let manager = AddressManager::connect().unwrap();
+        manager.kernel_keeps_mark().await.unwrap()
+    });
+    // This host's kernel is ≥ 6.1 (the VM and CI run 6.x); a 5.x kernel answers false.
+    let release = netns_util::run("uname", &["-r"]);
+    let mut numbers = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    assert_eq!(keeps, version >= (6, 1), "kernel {release}");
+    let lo = ns.ip(&["addr", "show", "dev", "lo"]);
+    assert!(!lo.contains("127.70.70.70"), "probe left behind: {lo}");
+}
+
+#[test]
+fn netns_addr_state_dir_ownership_works_without_the_mark_and_hands_over_held_addresses() {
+    let (ns, index) = setup();
+    let dir = std::env::temp_dir().join(format!("fv-netns-addr-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (vip, held, leftover, twin) = (
+        net("192.0.2.100/32"),
+        net("192.0.2.101/32"),
+        net("2001:db8::102/128"),
+        net("192.0.2.50/24"),
+    );
+    let listed = ns.block_on(|| async {
+        let manager = AddressManager::connect_with_record(&dir, Some(OwnershipMode::StateDir))
+            .await
+            .unwrap();
+        assert_eq!(manager.mode(), OwnershipMode::StateDir);
+        for v in [vip, held, leftover] {
+            manager.add(index, v).await.unwrap();
+        }
+        // The foreign twin stays foreign.
+        manager.add(index, twin).await.unwrap();
+        assert!(
+            manager
+                .hold(index, held, Duration::from_secs(30))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !manager
+                .hold(index, twin, Duration::from_secs(30))
+                .await
+                .unwrap()
+        );
+        manager.flush_record().unwrap();
+        let mut listed = manager.list_owned().await.unwrap();
+        listed.sort();
+        listed
+    });
+    assert_eq!(listed, vec![(index, vip), (index, held), (index, leftover)]);
+    // No mark: a manager that trusts only the mark sees none of them.
+    let marked = ns.block_on(|| async {
+        AddressManager::connect()
+            .unwrap()
+            .list_owned()
+            .await
+            .unwrap()
+    });
+    assert!(marked.is_empty(), "{marked:?}");
+
+    // The next agent: the held address waits for adoption, the rest of ours goes, the
+    // foreign twin stays.
+    let (held_now, removed) = ns.block_on(|| async {
+        let manager = AddressManager::connect_with_record(&dir, Some(OwnershipMode::StateDir))
+            .await
+            .unwrap();
+        manager
+            .take_over(std::time::SystemTime::now())
+            .await
+            .unwrap()
+    });
+    assert_eq!(held_now, HashSet::from([(index, held)]));
+    let removed: HashSet<_> = removed.into_iter().collect();
+    assert_eq!(removed, HashSet::from([(index, vip), (index, leftover)]));
+    let shown = ns.ip(&["addr", "show", "dev", "va"]);
+    assert!(
+        shown.contains("192.0.2.101/32") && shown.contains("192.0.2.50/24"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("192.0.2.100/32") && !shown.contains("2001:db8::102"),
+        "{shown}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn netns_addr_renewal_batches_keep_our_lifetimes_and_leave_foreign_ones() {
+    let (ns, index) = setup();
+    let vips: Vec<IpNet> = (1..=300)
+        .map(|i| net(&format!("198.18.{}.{}/32", i / 200, i % 200 + 1)))
+        .chain([net("2001:db8::100/128")])
+        .collect();
+    let foreign = net("192.0.2.50/24");
+    let (report, gone_back) = ns.block_on(|| async {
+        let manager = AddressManager::connect().unwrap();
+        for v in &vips {
+            manager.add(index, *v).await.unwrap();
+        }
+        let mut wanted: Vec<(u32, IpNet)> = vips.iter().map(|v| (index, *v)).collect();
+        wanted.push((index, foreign));
+        let m = manager.clone();
+        let w = wanted.clone();
+        let report = tokio::task::spawn_blocking(move || m.renew(&w, Duration::from_secs(7)))
+            .await
+            .unwrap()
+            .unwrap();
+        // A renewal puts back one of ours that vanished.
+        let first = vips[0];
+        let m = manager.clone();
+        let w = vec![(index, first)];
+        let out = std::process::Command::new("ip")
+            .args(["addr", "del", &first.to_string(), "dev", "va"])
+            .status()
+            .unwrap();
+        assert!(out.success());
+        tokio::task::spawn_blocking(move || m.renew(&w, Duration::from_secs(7)))
+            .await
+            .unwrap()
+            .unwrap();
+        let back = manager
+            .list_owned()
+            .await
+            .unwrap()
+            .contains(&(index, first));
+        (report, back)
+    });
+    assert_eq!(report.renewed, 301, "ours only: {report:?}");
+    assert_eq!(report.writes, 2, "256 requests per sendmsg: {report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert!(gone_back);
+    let shown = ns.ip(&["addr", "show", "dev", "va"]);
+    let section = |ip: &str| {
+        shown
+            .split("inet")
+            .find(|s| s.trim_start().starts_with(ip))
+            .unwrap_or_else(|| panic!("{ip} missing: {shown}"))
+            .to_owned()
+    };
+    let ours = section("198.18.0.2/32");
+    assert!(
+        ours.contains("valid_lft 7sec") || ours.contains("valid_lft 6sec"),
+        "{ours}"
+    );
+    assert!(
+        section("6 2001:db8::100/128").contains("valid_lft"),
+        "{shown}"
+    );
+    assert!(
+        section("192.0.2.50/24").contains("valid_lft forever"),
+        "foreign renewed: {shown}"
+    );
+}
+
+#[test]
+fn netns_addr_the_watcher_reports_removed_addresses() {
+    let (ns, index) = setup();
+    let events = ns.block_on(|| async {
+        let manager = AddressManager::connect().unwrap();
+        manager.add(index, net("192.0.2.100/32")).await.unwrap();
+        manager.add(index, net("2001:db8::100/128")).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        AddressWatcher::spawn(tx).unwrap();
+        for gone in ["192.0.2.100/32", "2001:db8::100/128"] {
+            let status = std::process::Command::new("ip")
+                .args(["addr", "del", gone, "dev", "va"])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let mut events = Vec::new();
+        while events.len() < 2 {
+            let event = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .expect("a notification within 2 s")
+                .unwrap();
+            events.push(event);
+        }
+        events
+    });
+    assert_eq!(
+        events,
+        vec![
+            AddressEvent::Removed {
+                index,
+                net: net("192.0.2.100/32")
+            },
+            AddressEvent::Removed {
+                index,
+                net: net("2001:db8::100/128")
+            },
+        ]
+    );
 }

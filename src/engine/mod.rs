@@ -41,6 +41,18 @@ mod tests;
 /// Timer lateness treated as "on time".
 pub const TIMER_SLACK: Duration = Duration::from_millis(5);
 
+/// A master re-adds an address that disappeared this many times within [`LOSS_WINDOW`];
+/// one more and it steps down.
+pub const MAX_REPAIRS: usize = 3;
+/// See [`MAX_REPAIRS`].
+pub const LOSS_WINDOW: Duration = Duration::from_secs(10);
+/// How long an instance that stepped down because of its addresses waits before it runs
+/// again; doubled for each further fault, up to [`FAULT_BACKOFF_MAX`].
+pub const FAULT_BACKOFF: Duration = Duration::from_secs(10);
+pub const FAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A fault this long after the previous one starts the back-off over.
+const FAULT_MEMORY: Duration = Duration::from_secs(600);
+
 /// The instances of a plan: per interface, keyed by family and VRID (`Desired::instances`).
 pub type Instances = BTreeMap<String, BTreeMap<InstanceKey, InstanceSpec>>;
 
@@ -251,6 +263,19 @@ pub enum Input {
     /// addresses for at most this long and tell the backups to wait as long; the next agent
     /// adopts them. The rest leave as on shutdown.
     Hold(Duration),
+    /// An address went away from an interface (deleted by someone, expired, removed with its
+    /// interface): the master holding it adds it again and announces it, or, when it keeps
+    /// disappearing, steps down.
+    AddressRemoved { ifindex: u32, net: IpNet },
+    /// Adding (or renewing) an address failed: the master holding it steps down.
+    AddressFailed {
+        ifindex: u32,
+        net: IpNet,
+        error: String,
+    },
+    /// Address notifications were lost: masters add (and announce) all their addresses
+    /// again, which changes nothing where they are present.
+    AddressEventsLost,
 }
 
 /// One advertisement to send.
@@ -287,6 +312,19 @@ pub enum Output {
         nets: Vec<IpNet>,
         lifetime: Option<Duration>,
     },
+    /// Restart hold: these addresses keep `hold` as their lifetime and are recorded as held
+    /// for the next agent.
+    HoldAddresses {
+        ifindex: u32,
+        nets: Vec<IpNet>,
+        hold: Duration,
+    },
+    /// Renew the lifetime of every address the masters hold (one batch), so that they
+    /// expire by themselves should this agent stop renewing (dead or hung).
+    RenewAddresses {
+        lifetime: Duration,
+        addresses: Vec<(u32, IpNet)>,
+    },
     Announce {
         interface: Arc<str>,
         mac: [u8; 6],
@@ -317,6 +355,19 @@ struct Slot {
     vmac: Option<VmacFacts>,
     /// Where advertisements go: the group, or the unicast peers other than ourselves.
     destinations: Arc<[IpAddr]>,
+    faults: AddressFaults,
+}
+
+/// Trouble with an instance's addresses: recent disappearances, and the step-down back-off.
+#[derive(Debug, Clone, Default)]
+struct AddressFaults {
+    /// Which addresses of this master disappeared when, within [`LOSS_WINDOW`].
+    losses: Vec<(IpNet, Instant)>,
+    /// Step-downs in a row (reset after [`FAULT_MEMORY`] without one), and the last one.
+    count: u32,
+    last: Option<Instant>,
+    /// Parked until then after a step-down.
+    until: Option<Instant>,
 }
 
 /// Every VRRP instance of one node.
@@ -335,11 +386,15 @@ pub struct NodeEngine {
     scratch: Vec<instance::Output>,
     /// Virtual-MAC interfaces released during one input, deleted at its end unless reused.
     released_vmacs: Vec<Arc<str>>,
+    /// The finite lifetime masters give their addresses and renew; `None`: forever.
+    address_lifetime: Option<Duration>,
+    /// When the masters' addresses are renewed next.
+    renew_at: Option<Instant>,
 }
 
 impl NodeEngine {
-    /// `held`: addresses (interface index, address) a restarting predecessor left with a
-    /// finite lifetime for us to adopt. `wall`: an instant and the wall-clock time at it.
+    /// `held`: addresses (interface index, address) a restarting predecessor recorded as held
+    /// for us to adopt. `wall`: an instant and the wall-clock time at it.
     pub fn new(
         node: String,
         held: HashSet<(u32, IpNet)>,
@@ -358,12 +413,33 @@ impl NodeEngine {
             wall,
             scratch: Vec::new(),
             released_vmacs: Vec::new(),
+            address_lifetime: None,
+            renew_at: None,
         }
+    }
+
+    /// Masters give their addresses this lifetime (whole seconds, at least 1) and renew it
+    /// every third of it, so the addresses of an agent that died or hangs expire within
+    /// about the lifetime. `None` (the default) keeps addresses forever, as keepalived does.
+    pub fn set_address_lifetime(&mut self, lifetime: Option<Duration>) {
+        self.address_lifetime = lifetime.map(|l| Duration::from_secs(l.as_secs().max(1)));
+    }
+
+    pub fn address_lifetime(&self) -> Option<Duration> {
+        self.address_lifetime
+    }
+
+    fn renew_period(&self) -> Option<Duration> {
+        self.address_lifetime.map(|l| l / 3)
     }
 
     /// The earliest instant at which [`Input::Timer`] is due.
     pub fn deadline(&self) -> Option<Instant> {
-        self.timers.first().map(|(t, _)| *t)
+        let timer = self.timers.first().map(|(t, _)| *t);
+        match (timer, self.renew_at) {
+            (Some(t), Some(r)) => Some(t.min(r)),
+            (t, r) => t.or(r),
+        }
     }
 
     /// The observed state of every instance.
@@ -409,6 +485,7 @@ impl NodeEngine {
     }
 
     pub fn handle(&mut self, now: Instant, input: Input, out: &mut Vec<Output>) {
+        let first_new = out.len();
         match input {
             Input::Apply { instances, env } => self.apply(now, instances, env, out),
             Input::Refresh(env) => self.refresh(now, env, out),
@@ -423,10 +500,35 @@ impl NodeEngine {
                 for key in self.slot_keys() {
                     self.stop(&key, now, out);
                 }
+                self.renew_at = None;
             }
-            Input::Hold(hold) => self.hold(now, hold, out),
+            Input::Hold(hold) => {
+                self.hold(now, hold, out);
+                self.renew_at = None;
+            }
+            Input::AddressRemoved { ifindex, net } => self.address_removed(now, ifindex, net, out),
+            Input::AddressFailed {
+                ifindex,
+                net,
+                error,
+            } => {
+                if let Some(key) = self.master_holding(ifindex, net) {
+                    let why = format!("cannot add address {net}: {error}");
+                    self.address_fault(key, now, why, out);
+                }
+            }
+            Input::AddressEventsLost => self.reassert_addresses(now, out),
         }
         self.delete_released_vmacs(out);
+        // A master's addresses are renewed from its first add on.
+        if self.renew_at.is_none()
+            && let Some(period) = self.renew_period()
+            && out[first_new..]
+                .iter()
+                .any(|o| matches!(o, Output::AddAddresses { .. }))
+        {
+            self.renew_at = Some(now + period);
+        }
     }
 
     fn slot_keys(&self) -> Vec<SlotKey> {
@@ -436,6 +538,13 @@ impl NodeEngine {
     }
 
     fn fire_due(&mut self, now: Instant, out: &mut Vec<Output>) {
+        if let Some(at) = self.renew_at
+            && at <= now
+        {
+            let at = if now - at < TIMER_SLACK { at } else { now };
+            self.renew(at, out);
+        }
+        let mut retry = Vec::new();
         while let Some((deadline, key)) = self.timers.first().cloned() {
             if deadline > now {
                 break;
@@ -443,6 +552,11 @@ impl NodeEngine {
             self.timers.pop_first();
             if let Some(slot) = self.slots.get_mut(&key) {
                 slot.armed = None;
+                if slot.instance.is_none() {
+                    // The back-off after an address fault ran out.
+                    retry.push(key);
+                    continue;
+                }
             }
             // Hand the instance its deadline rather than the (slightly later) wake-up time, so
             // advertisement intervals do not drift by the timer latency; after a real stall the
@@ -453,6 +567,182 @@ impl NodeEngine {
                 now
             };
             self.feed(&key, at, instance::Input::Timer, out);
+        }
+        for key in retry {
+            self.retry_after_fault(key, now, out);
+        }
+    }
+
+    /// Every address the masters hold, as (interface index, address).
+    fn master_addresses(&self) -> Vec<(u32, IpNet)> {
+        let mut all = Vec::new();
+        for ((interface, _), slot) in &self.slots {
+            if !slot
+                .instance
+                .as_ref()
+                .is_some_and(|i| i.state() == State::Master)
+            {
+                continue;
+            }
+            let Some(link) = self.facts(interface) else {
+                continue;
+            };
+            let ifindex = slot.vmac.as_ref().map_or(link.index, |v| v.index);
+            all.extend(slot.spec.addresses.iter().map(|net| (ifindex, *net)));
+        }
+        all.sort();
+        all
+    }
+
+    fn renew(&mut self, at: Instant, out: &mut Vec<Output>) {
+        let (Some(lifetime), Some(period)) = (self.address_lifetime, self.renew_period()) else {
+            self.renew_at = None;
+            return;
+        };
+        let addresses = self.master_addresses();
+        if addresses.is_empty() {
+            self.renew_at = None;
+            return;
+        }
+        out.push(Output::RenewAddresses {
+            lifetime,
+            addresses,
+        });
+        self.renew_at = Some(at + period);
+    }
+
+    /// The running master whose addresses include `net` on interface `ifindex`.
+    fn master_holding(&self, ifindex: u32, net: IpNet) -> Option<SlotKey> {
+        let mut keys: Vec<&SlotKey> = self
+            .slots
+            .iter()
+            .filter(|((interface, _), slot)| {
+                slot.instance
+                    .as_ref()
+                    .is_some_and(|i| i.state() == State::Master)
+                    && slot.spec.addresses.contains(&net)
+                    && self
+                        .facts(interface)
+                        .map(|l| slot.vmac.as_ref().map_or(l.index, |v| v.index))
+                        == Some(ifindex)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort();
+        keys.first().map(|k| (*k).clone())
+    }
+
+    /// An address went away: a master that holds it adds it again and announces it, unless
+    /// it went away too often lately, then the master steps down.
+    fn address_removed(&mut self, now: Instant, ifindex: u32, net: IpNet, out: &mut Vec<Output>) {
+        let Some(key) = self.master_holding(ifindex, net) else {
+            return;
+        };
+        let Some(slot) = self.slots.get_mut(&key) else {
+            return;
+        };
+        slot.faults
+            .losses
+            .retain(|(_, t)| now.saturating_duration_since(*t) < LOSS_WINDOW);
+        slot.faults.losses.push((net, now));
+        // Counted per address: an interface flushed once is repaired, one address that
+        // keeps going is not.
+        let losses = slot.faults.losses.iter().filter(|(n, _)| *n == net).count();
+        if losses > MAX_REPAIRS {
+            let why = format!(
+                "address {net} keeps disappearing ({losses} times within {}s)",
+                LOSS_WINDOW.as_secs()
+            );
+            return self.address_fault(key, now, why, out);
+        }
+        warn!(vip = %slot.spec.resource, interface = %key.0, address = %net, "a virtual address of this master disappeared; adding it again");
+        self.readd(&key, vec![net], out);
+    }
+
+    /// Adds (and announces) addresses of a master again.
+    fn readd(&self, key: &SlotKey, nets: Vec<IpNet>, out: &mut Vec<Output>) {
+        let (Some(slot), Some(link)) = (self.slots.get(key), self.facts(&key.0)) else {
+            return;
+        };
+        let priority = slot.spec.priority;
+        let announce = instance::Output::Announce(nets.iter().map(IpNet::addr).collect());
+        translate(
+            &self.node,
+            key,
+            slot,
+            link,
+            priority,
+            instance::Output::AddAddresses(nets),
+            out,
+        );
+        translate(&self.node, key, slot, link, priority, announce, out);
+    }
+
+    fn reassert_addresses(&mut self, _now: Instant, out: &mut Vec<Output>) {
+        warn!(node = %self.node, "address notifications were lost; adding every master's addresses again");
+        for key in self.slot_keys() {
+            let Some(slot) = self.slots.get(&key) else {
+                continue;
+            };
+            if slot
+                .instance
+                .as_ref()
+                .is_some_and(|i| i.state() == State::Master)
+            {
+                let nets = slot.spec.addresses.clone();
+                self.readd(&key, nets, out);
+            }
+        }
+    }
+
+    /// The master cannot hold its addresses here: it leaves with priority 0 (a backup takes
+    /// over at once), and the instance waits out a back-off before it runs again.
+    fn address_fault(&mut self, key: SlotKey, now: Instant, why: String, out: &mut Vec<Output>) {
+        self.feed(&key, now, instance::Input::Fault, out);
+        let Some(slot) = self.slots.get_mut(&key) else {
+            return;
+        };
+        let faults = &mut slot.faults;
+        if faults
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) > FAULT_MEMORY)
+        {
+            faults.count = 0;
+        }
+        faults.count += 1;
+        faults.last = Some(now);
+        faults.losses.clear();
+        let backoff = FAULT_BACKOFF
+            .saturating_mul(1 << (faults.count - 1).min(8))
+            .min(FAULT_BACKOFF_MAX);
+        let until = now + backoff;
+        faults.until = Some(until);
+        slot.instance = None;
+        if let Some(at) = slot.armed.take() {
+            self.timers.remove(&(at, key.clone()));
+        }
+        slot.armed = Some(until);
+        self.timers.insert((until, key.clone()));
+        warn!(vip = %slot.spec.resource, interface = %key.0, vrid = slot.spec.vrid, reason = %why, backoff = ?backoff, "stepped down: the virtual addresses cannot be held on this node");
+        let spec = slot.spec.clone();
+        let fault = format!(
+            "stepped down: {why}; running again in {}s",
+            backoff.as_secs()
+        );
+        self.observe_fault(now, &spec, Some(fault));
+    }
+
+    /// Runs an instance again once its back-off after an address fault ran out.
+    fn retry_after_fault(&mut self, key: SlotKey, now: Instant, out: &mut Vec<Output>) {
+        let Some(slot) = self.slots.remove(&key) else {
+            return;
+        };
+        let mut faults = slot.faults;
+        faults.until = None;
+        info!(vip = %slot.spec.resource, interface = %key.0, "running again after an address fault");
+        self.begin(key.clone(), slot.spec, now, out);
+        if let Some(slot) = self.slots.get_mut(&key) {
+            slot.faults = faults;
         }
     }
 
@@ -809,6 +1099,7 @@ impl NodeEngine {
                 instance,
                 armed: None,
                 vmac,
+                faults: AddressFaults::default(),
             },
         );
         if !started {
@@ -821,7 +1112,7 @@ impl NodeEngine {
             out.push(Output::SetLifetime {
                 ifindex,
                 nets,
-                lifetime: None,
+                lifetime: self.address_lifetime,
             });
             self.feed(&key, now, instance::Input::Adopt, out);
         } else {
@@ -884,10 +1175,10 @@ impl NodeEngine {
             self.feed(&key, now, instance::Input::Hold(hold), out);
             if let Some(ifindex) = ifindex {
                 held += nets.len();
-                out.push(Output::SetLifetime {
+                out.push(Output::HoldAddresses {
                     ifindex,
                     nets,
-                    lifetime: Some(hold),
+                    hold,
                 });
             }
             if let Some(slot) = self.slots.remove(&key)
@@ -967,6 +1258,7 @@ impl NodeEngine {
                                 instance: None,
                                 armed: None,
                                 vmac: None,
+                                faults: AddressFaults::default(),
                             },
                         );
                     }
@@ -992,17 +1284,22 @@ impl NodeEngine {
                         instance: None,
                         armed: None,
                         vmac: None,
+                        faults: AddressFaults::default(),
                     },
                 );
             }
         }
+        // Instances waiting out an address fault's back-off are left to their timer.
         let parked: Vec<SlotKey> = self
             .slot_keys()
             .into_iter()
-            .filter(|k| self.slots[k].instance.is_none())
+            .filter(|k| self.slots[k].instance.is_none() && self.slots[k].faults.until.is_none())
             .collect();
         for key in parked {
             if let Some(slot) = self.slots.remove(&key) {
+                if let Some(at) = slot.armed {
+                    self.timers.remove(&(at, key.clone()));
+                }
                 self.begin(key, slot.spec, now, out);
             }
         }

@@ -54,9 +54,15 @@ struct Node {
     config: Config,
     engine: NodeEngine,
     alive: bool,
+    /// Stopped (SIGSTOP, a hung agent): no inputs, but its addresses stay until they expire.
+    hung: bool,
     segment: usize,
     held: BTreeSet<IpNet>,
+    /// When each held address expires, as the kernel would remove it (finite lifetimes).
+    expires: BTreeMap<IpNet, Duration>,
     announcements: usize,
+    /// Addresses the kernel removed while the agent was hung, reported on resume.
+    expired_while_hung: Vec<IpNet>,
     /// The state the transition log says the instance is in, checked against each transition.
     logged_state: State,
 }
@@ -131,6 +137,7 @@ pub(crate) struct Lan {
     transitions: Vec<TransitionRecord>,
     sent: Vec<SentRecord>,
     scratch: Vec<Output>,
+    address_lifetime: Option<Duration>,
 }
 
 impl Lan {
@@ -154,6 +161,16 @@ impl Lan {
             transitions: Vec::new(),
             sent: Vec::new(),
             scratch: Vec::new(),
+            address_lifetime: None,
+        }
+    }
+
+    /// Engines created from now on give their addresses this lifetime and renew it; the LAN
+    /// expires addresses that are not renewed in time, as the kernel does.
+    pub fn set_address_lifetime(&mut self, lifetime: Option<Duration>) {
+        self.address_lifetime = lifetime;
+        for node in &mut self.nodes {
+            node.engine.set_address_lifetime(lifetime);
         }
     }
 
@@ -163,9 +180,12 @@ impl Lan {
             engine: self.engine(self.nodes.len()),
             config,
             alive: true,
+            hung: false,
             segment: 0,
             held: BTreeSet::new(),
+            expires: BTreeMap::new(),
             announcements: 0,
+            expired_while_hung: Vec::new(),
             logged_state: State::Initialize,
         });
         self.nodes.len() - 1
@@ -186,6 +206,52 @@ impl Lan {
         let node = &mut self.nodes[node];
         node.alive = false;
         node.held.clear();
+        node.expires.clear();
+    }
+
+    /// The agent stops (SIGSTOP, a hang): it neither hears nor sends, and does nothing, while
+    /// its addresses stay on the interface until their lifetime runs out.
+    pub fn hang(&mut self, node: NodeId) {
+        let node = &mut self.nodes[node];
+        node.alive = false;
+        node.hung = true;
+    }
+
+    /// The hung agent runs again (SIGCONT): it learns, as from the kernel's notifications,
+    /// which of its addresses expired meanwhile, then its overdue timers fire.
+    pub fn resume(&mut self, node: NodeId) {
+        self.expire(node);
+        let n = &mut self.nodes[node];
+        n.alive = true;
+        n.hung = false;
+        let expired = std::mem::take(&mut n.expired_while_hung);
+        for net in expired {
+            self.handle(node, EngineInput::AddressRemoved { ifindex: 2, net });
+        }
+    }
+
+    /// Someone deletes `net` from the node's interface; the engine hears of it.
+    pub fn delete_address(&mut self, node: NodeId, net: IpNet) {
+        self.nodes[node].held.remove(&net);
+        self.nodes[node].expires.remove(&net);
+        self.handle(node, EngineInput::AddressRemoved { ifindex: 2, net });
+    }
+
+    /// Drops the node's addresses whose lifetime ran out.
+    fn expire(&mut self, node: NodeId) {
+        let now = self.now;
+        let n = &mut self.nodes[node];
+        let expired: Vec<IpNet> = n
+            .expires
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(net, _)| *net)
+            .collect();
+        for net in expired {
+            n.held.remove(&net);
+            n.expires.remove(&net);
+            n.expired_while_hung.push(net);
+        }
     }
 
     /// Boots a crashed (or running) node with a fresh instance and its latest config.
@@ -218,12 +284,14 @@ impl Lan {
 
     /// A fresh engine for `node` (what a (re)started agent has).
     fn engine(&self, node: NodeId) -> NodeEngine {
-        NodeEngine::new(
+        let mut engine = NodeEngine::new(
             format!("node-{node}"),
             HashSet::new(),
             Arc::new(Stats::default()),
             (self.epoch, SystemTime::UNIX_EPOCH),
-        )
+        );
+        engine.set_address_lifetime(self.address_lifetime);
+        engine
     }
 
     /// Hands the node's engine the plan of its current configuration.
@@ -358,10 +426,16 @@ impl Lan {
     }
 
     /// Live nodes that hold `address` on their interface.
+    /// A hung node still holds its addresses until they expire.
     pub fn holders(&self, address: IpAddr) -> Vec<NodeId> {
         (0..self.nodes.len())
             .filter(|&n| {
-                self.nodes[n].alive && self.nodes[n].held.iter().any(|net| net.addr() == address)
+                let node = &self.nodes[n];
+                (node.alive || node.hung)
+                    && node.held.iter().any(|net| {
+                        net.addr() == address
+                            && node.expires.get(net).is_none_or(|at| *at > self.now)
+                    })
             })
             .collect()
     }
@@ -448,10 +522,21 @@ impl Lan {
                     assert_eq!(transmit.source, self.nodes[node].config.primary_address);
                     self.broadcast(node, transmit.advertisement)
                 }
-                Output::AddAddresses { nets, .. } => self.nodes[node].held.extend(nets),
+                Output::AddAddresses { nets, .. } => {
+                    let lifetime = self.nodes[node].engine.address_lifetime();
+                    for net in nets {
+                        // Adding an address that is there already changes nothing.
+                        if self.nodes[node].held.insert(net)
+                            && let Some(lifetime) = lifetime
+                        {
+                            self.nodes[node].expires.insert(net, self.now + lifetime);
+                        }
+                    }
+                }
                 Output::RemoveAddresses { nets, .. } => {
                     for net in nets {
                         self.nodes[node].held.remove(&net);
+                        self.nodes[node].expires.remove(&net);
                     }
                 }
                 Output::Announce { addrs, .. } => {
@@ -478,7 +563,19 @@ impl Lan {
                         reason,
                     });
                 }
-                Output::SetLifetime { .. } | Output::DeleteVmac { .. } => {
+                Output::RenewAddresses {
+                    lifetime,
+                    addresses,
+                } => {
+                    // A renewal re-creates an address that vanished, as the kernel does.
+                    for (_, net) in addresses {
+                        self.nodes[node].held.insert(net);
+                        self.nodes[node].expires.insert(net, self.now + lifetime);
+                    }
+                }
+                Output::SetLifetime { .. }
+                | Output::HoldAddresses { .. }
+                | Output::DeleteVmac { .. } => {
                     panic!("node {node}: unexpected {output:?}")
                 }
             }

@@ -459,10 +459,10 @@ fn the_restart_hold_keeps_master_addresses_with_a_lifetime_and_stops_the_rest() 
     rig.apply(&[spec("web", 1, 100), spec("api", 2, 100)]);
     assert_eq!(rig.state(2), State::Backup);
     let out = rig.input(Input::Hold(Duration::from_secs(9)));
-    assert!(out.contains(&Output::SetLifetime {
+    assert!(out.contains(&Output::HoldAddresses {
         ifindex: ETH0_INDEX,
         nets: vec![net("192.0.2.101/24")],
-        lifetime: Some(Duration::from_secs(9)),
+        hold: Duration::from_secs(9),
     }));
     assert!(
         !out.iter()
@@ -766,6 +766,268 @@ fn requirements_name_what_the_driver_must_set_up() {
             },
         ]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Address lifetimes, repair and step-down
+
+fn renewals(out: &[Output]) -> Vec<(Duration, Vec<(u32, IpNet)>)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::RenewAddresses {
+                lifetime,
+                addresses,
+            } => Some((*lifetime, addresses.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn masters_renew_their_addresses_every_third_of_the_lifetime_in_one_batch() {
+    let mut rig = Rig::new();
+    rig.engine.set_address_lifetime(Some(ms(1500)));
+    assert_eq!(
+        rig.engine.address_lifetime(),
+        Some(Duration::from_secs(1)),
+        "whole seconds, as IFA_CACHEINFO carries them"
+    );
+    rig.apply(&[spec("web", 1, 100), spec("api", 2, 100)]);
+    // Backups hold nothing: no renewal is due.
+    let backup_deadline = rig.engine.deadline().unwrap();
+    assert_eq!(
+        Some(backup_deadline),
+        rig.engine.instance("eth0", key(1)).unwrap().deadline()
+    );
+    rig.make_master(1);
+    rig.make_master(2);
+    let became = rig.now;
+    let renew = became + Duration::from_secs(1) / 3;
+    let out = rig.at(renew - rig.epoch);
+    assert_eq!(
+        renewals(&out),
+        vec![(
+            Duration::from_secs(1),
+            vec![
+                (ETH0_INDEX, net("192.0.2.101/24")),
+                (ETH0_INDEX, net("192.0.2.102/24"))
+            ]
+        )],
+        "one batch for every master"
+    );
+    // And again a period later, without drift.
+    let out = rig.at(renew + Duration::from_secs(1) / 3 - rig.epoch);
+    assert_eq!(renewals(&out).len(), 1);
+
+    // Once no instance is master, renewals stop and leave the deadline set.
+    rig.hear(PEER, advert(1, 200));
+    rig.hear(PEER, advert(2, 200));
+    assert_eq!(rig.state(1), State::Backup);
+    let out = rig.at(renew + 2 * (Duration::from_secs(1) / 3) - rig.epoch);
+    assert!(renewals(&out).is_empty(), "{out:?}");
+    assert_eq!(
+        rig.engine.deadline(),
+        rig.engine.instance("eth0", key(1)).unwrap().deadline()
+    );
+    rig.apply(&[]);
+    assert_eq!(rig.engine.deadline(), None);
+}
+
+#[test]
+fn without_a_lifetime_nothing_is_renewed_and_adoption_makes_addresses_permanent() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100)]);
+    rig.make_master(1);
+    let out = rig.at(Duration::from_secs(5));
+    assert!(renewals(&out).is_empty());
+
+    let held = HashSet::from([(ETH0_INDEX, net("192.0.2.101/24"))]);
+    let mut rig = Rig::with_held(held);
+    rig.engine
+        .set_address_lifetime(Some(Duration::from_secs(2)));
+    let out = rig.apply(&[spec("web", 1, 100)]);
+    assert!(
+        out.contains(&Output::SetLifetime {
+            ifindex: ETH0_INDEX,
+            nets: vec![net("192.0.2.101/24")],
+            lifetime: Some(Duration::from_secs(2)),
+        }),
+        "an adopted address joins the renewal: {out:?}"
+    );
+}
+
+#[test]
+fn a_master_adds_back_and_announces_an_address_that_disappeared() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100)]);
+    rig.make_master(1);
+    rig.apply(&[spec("web", 1, 100), spec("api", 2, 100)]);
+    assert_eq!(rig.state(2), State::Backup);
+    let vip = net("192.0.2.101/24");
+    let out = rig.input(Input::AddressRemoved {
+        ifindex: ETH0_INDEX,
+        net: vip,
+    });
+    let add = position(&out, |o| {
+        *o == Output::AddAddresses {
+            ifindex: ETH0_INDEX,
+            nets: vec![vip],
+        }
+    });
+    let announce = position(
+        &out,
+        |o| matches!(o, Output::Announce { addrs, .. } if addrs == &[vip.addr()]),
+    );
+    assert!(add < announce);
+    assert!(transitions(&out).is_empty(), "{out:?}");
+    assert_eq!(rig.state(1), State::Master);
+
+    // A backup's address, another interface's, or a foreign address: nothing to repair.
+    for (ifindex, gone) in [
+        (ETH0_INDEX, net("192.0.2.102/24")),
+        (ETH0_INDEX + 1, vip),
+        (ETH0_INDEX, net("192.0.2.50/24")),
+    ] {
+        let out = rig.input(Input::AddressRemoved { ifindex, net: gone });
+        assert!(out.is_empty(), "{gone} on {ifindex}: {out:?}");
+    }
+}
+
+#[test]
+fn a_master_whose_address_keeps_disappearing_steps_down_and_runs_again_after_a_back_off() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100)]);
+    rig.make_master(1);
+    let vip = net("192.0.2.101/24");
+    for _ in 0..MAX_REPAIRS {
+        rig.now += ms(500);
+        let out = rig.input(Input::AddressRemoved {
+            ifindex: ETH0_INDEX,
+            net: vip,
+        });
+        assert!(transitions(&out).is_empty());
+    }
+    rig.now += ms(500);
+    let stepped_down = rig.now;
+    let out = rig.input(Input::AddressRemoved {
+        ifindex: ETH0_INDEX,
+        net: vip,
+    });
+    // Priority 0 so that a backup takes over at once, the address released, and why.
+    let sent = sends(&out);
+    assert_eq!(sent.len(), 1, "{out:?}");
+    assert_eq!(sent[0].advertisement.priority, 0);
+    assert!(out.contains(&Output::RemoveAddresses {
+        ifindex: ETH0_INDEX,
+        nets: vec![vip],
+    }));
+    assert_eq!(
+        transitions(&out),
+        vec![(1, State::Master, State::Initialize, Reason::AddressFault)]
+    );
+    let status = &rig.engine.observed().instances[&("web".to_string(), Family::V4)];
+    let fault = status.fault.as_deref().unwrap();
+    assert!(
+        fault.contains("192.0.2.101/24 keeps disappearing (4 times within 10s)"),
+        "{fault}"
+    );
+    assert!(fault.contains("running again in 10s"), "{fault}");
+    assert_eq!(status.reason_code, "fault");
+
+    // Refreshes do not cut the back-off short; its timer ends it.
+    rig.input(Input::Refresh(eth0()));
+    assert_eq!(rig.state(1), State::Initialize);
+    assert_eq!(rig.engine.deadline(), Some(stepped_down + FAULT_BACKOFF));
+    let out = rig.at(stepped_down + FAULT_BACKOFF - rig.epoch);
+    assert_eq!(
+        transitions(&out),
+        vec![(1, State::Initialize, State::Backup, Reason::Startup)]
+    );
+    let status = &rig.engine.observed().instances[&("web".to_string(), Family::V4)];
+    assert_eq!(status.fault, None);
+
+    // A second fault soon after waits twice as long.
+    rig.make_master(1);
+    let out = rig.input(Input::AddressFailed {
+        ifindex: ETH0_INDEX,
+        net: vip,
+        error: "Permission denied".into(),
+    });
+    assert_eq!(
+        transitions(&out),
+        vec![(1, State::Master, State::Initialize, Reason::AddressFault)]
+    );
+    let status = &rig.engine.observed().instances[&("web".to_string(), Family::V4)];
+    let fault = status.fault.as_deref().unwrap();
+    assert!(
+        fault.contains("cannot add address 192.0.2.101/24: Permission denied")
+            && fault.contains("running again in 20s"),
+        "{fault}"
+    );
+    assert_eq!(rig.engine.deadline(), Some(rig.now + 2 * FAULT_BACKOFF));
+}
+
+#[test]
+fn a_failed_add_on_a_master_steps_down_at_once_and_lost_notifications_reassert_everything() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 1, 100), spec("api", 2, 100)]);
+    rig.make_master(1);
+    rig.make_master(2);
+    let out = rig.input(Input::AddressEventsLost);
+    let added: Vec<&Output> = out
+        .iter()
+        .filter(|o| matches!(o, Output::AddAddresses { .. }))
+        .collect();
+    assert_eq!(added.len(), 2, "{out:?}");
+    assert!(transitions(&out).is_empty());
+
+    let out = rig.input(Input::AddressFailed {
+        ifindex: ETH0_INDEX,
+        net: net("192.0.2.102/24"),
+        error: "No such device".into(),
+    });
+    assert_eq!(
+        transitions(&out),
+        vec![(2, State::Master, State::Initialize, Reason::AddressFault)]
+    );
+    assert_eq!(
+        rig.state(1),
+        State::Master,
+        "the other instance is untouched"
+    );
+    // A failure for an address no master holds changes nothing.
+    let out = rig.input(Input::AddressFailed {
+        ifindex: ETH0_INDEX,
+        net: net("192.0.2.102/24"),
+        error: "No such device".into(),
+    });
+    assert!(out.is_empty());
+}
+
+#[test]
+fn losses_are_counted_per_address_so_a_flushed_interface_is_repaired_not_abandoned() {
+    let mut rig = Rig::new();
+    let many = InstanceSpec {
+        addresses: (1..=20)
+            .map(|i| net(&format!("198.51.100.{i}/32")))
+            .collect(),
+        ..spec("many", 1, 100)
+    };
+    rig.apply(std::slice::from_ref(&many));
+    rig.make_master(1);
+    // `ip addr flush`: every address goes once.
+    for gone in &many.addresses {
+        let out = rig.input(Input::AddressRemoved {
+            ifindex: ETH0_INDEX,
+            net: *gone,
+        });
+        assert!(transitions(&out).is_empty(), "{out:?}");
+        assert!(out.contains(&Output::AddAddresses {
+            ifindex: ETH0_INDEX,
+            nets: vec![*gone],
+        }));
+    }
+    assert_eq!(rig.state(1), State::Master);
 }
 
 fn fault_of(rig: &Rig, name: &str) -> Option<String> {

@@ -5,4 +5,5 @@
 pub mod addr;
 pub mod announce;
 pub mod link;
+pub mod ownership;
 pub mod socket;

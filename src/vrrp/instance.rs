@@ -243,6 +243,9 @@ pub enum Input {
     /// Restart hand-off, incoming side: start as Master at once, for addresses a held
     /// predecessor left on the interface.
     Adopt,
+    /// The virtual addresses cannot be held on this node (adding fails, or they keep
+    /// disappearing): leave as on Shutdown (priority 0, so a backup takes over at once).
+    Fault,
 }
 
 /// What the driver must do, in the order given.
@@ -287,6 +290,8 @@ pub enum Reason {
     Held,
     /// Initialize → Master: the previous agent held the addresses for us.
     Adopted,
+    /// → Initialize: the virtual addresses could not be held on this node.
+    AddressFault,
 }
 
 impl Reason {
@@ -304,6 +309,7 @@ impl Reason {
             Reason::Reconfigured => "reconfigured",
             Reason::Held => "held",
             Reason::Adopted => "adopted",
+            Reason::AddressFault => "address_fault",
         }
     }
 }
@@ -334,6 +340,7 @@ impl fmt::Display for Reason {
             Reason::Reconfigured => f.write_str("VRID or version reconfigured"),
             Reason::Held => f.write_str("agent restarting; addresses held"),
             Reason::Adopted => f.write_str("addresses held by the previous agent"),
+            Reason::AddressFault => f.write_str("cannot hold the virtual addresses"),
         }
     }
 }
@@ -425,6 +432,7 @@ impl Instance {
             Input::Reconfigure(config) => self.reconfigure(now, config, out),
             Input::Shutdown => self.leave(Reason::Shutdown, out),
             Input::Hold(duration) => self.hold(duration, out),
+            Input::Fault => self.leave(Reason::AddressFault, out),
             Input::Adopt => {
                 if self.state == State::Initialize {
                     self.preempt_hold_since = Some(now);

@@ -741,3 +741,91 @@ fn reconfiguring_the_master_moves_addresses_without_an_election() {
     assert!(lan.instance(1).counters().address_list_mismatch > 0);
     assert_eq!(lan.transitions().len(), 3);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Address lifetimes and repair
+
+fn vip_net() -> IpNet {
+    IpNet::new(VIP, 24).unwrap()
+}
+
+#[test]
+fn a_hung_masters_address_expires_within_its_lifetime_and_after_resuming_one_master_holds_it() {
+    let mut lan = lan_of([router(1, 200), router(2, 100)]);
+    lan.set_address_lifetime(Some(Duration::from_secs(1)));
+    lan.start_all();
+    lan.run_for(ms(2000));
+    assert_sole_master(&lan, 0);
+
+    let hung_at = lan.now();
+    lan.hang(0);
+    // The backup takes over after Master_Down_Interval; meanwhile the hung node still holds
+    // the address: no more than a lifetime after its last renewal.
+    lan.run_until(hung_at + mdi(100) + ms(2));
+    assert_eq!(lan.masters(), vec![1]);
+    assert_eq!(lan.holders(VIP), vec![0, 1]);
+    lan.run_until(hung_at + Duration::from_secs(1));
+    assert_eq!(lan.holders(VIP), vec![1], "the hung node's address expired");
+
+    // Resumed with the higher priority: it reasserts at once, the backup yields, and the
+    // expired address is added back and announced.
+    lan.run_until(hung_at + Duration::from_secs(3));
+    let announced = lan.announcements(0);
+    lan.resume(0);
+    lan.run_for(ms(500));
+    assert_sole_master(&lan, 0);
+    assert!(
+        lan.announcements(0) > announced,
+        "the address put back was announced"
+    );
+    assert!(
+        became_master(&lan, 0).len() == 1,
+        "no new election on resume"
+    );
+    assert_eq!(
+        became_backup(&lan, 1).last().map(|(_, r)| r.code()),
+        Some("higher_priority")
+    );
+}
+
+#[test]
+fn a_deleted_address_is_put_back_and_one_that_keeps_vanishing_hands_over_to_the_backup() {
+    let mut lan = started([router(1, 200), router(2, 100)]);
+    lan.run_for(ms(1000));
+    assert_sole_master(&lan, 0);
+    let announced = lan.announcements(0);
+    lan.delete_address(0, vip_net());
+    assert_eq!(lan.holders(VIP), vec![0], "put back at once");
+    assert_eq!(lan.announcements(0), announced + 1);
+    lan.run_for(ms(300));
+    assert_sole_master(&lan, 0);
+
+    // Three more within the window: the master steps down with priority 0 and the backup
+    // takes over after Skew_Time.
+    for _ in 0..2 {
+        lan.delete_address(0, vip_net());
+        lan.run_for(ms(100));
+    }
+    let stepped_down = lan.now();
+    lan.delete_address(0, vip_net());
+    assert_eq!(lan.state(0), State::Initialize);
+    lan.run_until(stepped_down + skew(100) + LATENCY + ms(1));
+    assert_eq!(lan.masters(), vec![1]);
+    let took_over = became_master(&lan, 1);
+    assert_eq!(
+        took_over.last().map(|(_, r)| r.code()),
+        Some("priority_zero")
+    );
+    assert_eq!(lan.holders(VIP), vec![1]);
+    assert!(
+        lan.transitions()
+            .iter()
+            .any(|t| t.node == 0 && t.reason == Reason::AddressFault)
+    );
+
+    // Node 0 sits out its back-off, then runs again and, preferred, preempts.
+    lan.run_until(stepped_down + Duration::from_secs(9));
+    assert_eq!(lan.masters(), vec![1]);
+    lan.run_until(stepped_down + Duration::from_secs(11));
+    assert_sole_master(&lan, 0);
+}

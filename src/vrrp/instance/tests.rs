@@ -499,6 +499,32 @@ fn shutdown_as_master_sends_priority_zero_and_releases() {
 }
 
 #[test]
+fn an_address_fault_leaves_with_priority_zero_and_a_backup_only_stops() {
+    let mut h = master(100);
+    let now = h.deadline().unwrap();
+    let out = h.input(now, Input::Fault);
+    assert_eq!(
+        out,
+        vec![
+            Output::Send(advert(0, 10)),
+            Output::RemoveAddresses(vec![vip_net()]),
+            transition(State::Master, State::Initialize, Reason::AddressFault),
+        ]
+    );
+    assert_eq!(h.instance.deadline(), None);
+    assert_eq!(Reason::AddressFault.code(), "address_fault");
+    let mut b = Harness::started(config(100));
+    assert_eq!(
+        b.input(ms(1), Input::Fault),
+        vec![transition(
+            State::Backup,
+            State::Initialize,
+            Reason::AddressFault
+        )]
+    );
+}
+
+#[test]
 fn shutdown_as_backup_only_transitions() {
     let mut h = Harness::started(config(100));
     assert_eq!(
