@@ -33,6 +33,11 @@
 //! 5. agents alive (`agent_exited`), restarted agents running VRRP within
 //!    [`AGENT_READY_BOUND`] (`agent_not_ready`).
 //!
+//! Two checks run during a fault, for issue 9 items 5 and 6: at the end of a kill or stop
+//! held past 2 s (+ tolerance), the stopped node must hold no VIP any more
+//! (`dead_agent_address`: a dead or hung agent's addresses expire); an agent started during
+//! an API outage must run VRRP within 1 s, from its last snapshot (`agent_waits_for_api`).
+//!
 //! What H is, per fault (the moment from which the agents have all they need):
 //! - `kill` (SIGKILL, agent restarted after the hold) and every restart: the first VRRP
 //!   transition the new agent logs (its instance exists; RFC 5798 makes a starting router
@@ -41,9 +46,11 @@
 //!   advert timer is overdue, so it advertises at once and, having the highest priority,
 //!   stays master while the node that took over steps down on that advert (RFC 5798
 //!   6.4.3); a stopped backup drains the adverts queued meanwhile and stays backup.
-//! - `link` (the node's switch port down … up, a cable pull): link up, or the first
-//!   transition the node's agent logs within the agent's carrier poll (1 s) after it, since
-//!   the agent reads carrier only that often.
+//! - `link` (the node's switch port down … up, a cable pull): link up, or the last priority
+//!   change ("configuration changed") the node's agent logs within its carrier poll (1 s)
+//!   after it: the agent reads carrier only that often and lowers its priority (to the base,
+//!   100) while the carrier is down, so a node-a that noticed the outage preempts only once
+//!   it has noticed the return. Until then node-b is the single master.
 //! - `partition` (nft drop of VRRP in and out of the node): the rules deleted. Both sides
 //!   were masters; the lower one steps down on the first advert it hears.
 //! - `apiserver` (stop or crash, same etcd data; half the time an agent is restarted during
@@ -119,6 +126,12 @@ const STATUS_BOUND: Duration = Duration::from_secs(10);
 /// A restarted agent must run VRRP this long after it was started (or after the API server
 /// came back, when it was started during an outage).
 const AGENT_READY_BOUND: Duration = Duration::from_secs(30);
+/// During a fault: a killed or stopped agent's addresses must be gone this long after it
+/// stopped (issue 9 item 5), checked at the end of holds at least this long (+ tolerance).
+const DEAD_ADDRESS_BOUND: Duration = Duration::from_secs(2);
+/// During an API outage: an agent started then must run VRRP (from its last snapshot) within
+/// this (issue 9 item 6); checked when the outage lasts that long after the start.
+const OUTAGE_START_BOUND: Duration = Duration::from_secs(1);
 /// `--restart-hold` given to about half of the agents started.
 const RESTART_HOLD: &str = "2s";
 const SAMPLE: Duration = Duration::from_millis(100);
@@ -164,7 +177,9 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.bench {
-        println!("chaos: a root benchmark of real daemons; run it with `cargo bench --bench chaos`");
+        println!(
+            "chaos: a root benchmark of real daemons; run it with `cargo bench --bench chaos`"
+        );
         return Ok(());
     }
     let faults: Vec<FaultKind> = if args.faults.is_empty() {
@@ -231,10 +246,7 @@ fn main() -> anyhow::Result<()> {
         let cycle_started = Instant::now();
         match cluster.run_cycle(cycle, &fault, &mut rng) {
             Ok(outcome) => {
-                println!(
-                    "{}",
-                    outcome.line(args.cycles, cycle_started.elapsed())
-                );
+                println!("{}", outcome.line(args.cycles, cycle_started.elapsed()));
                 report.record(outcome);
             }
             Err(e) => {
@@ -252,13 +264,16 @@ fn main() -> anyhow::Result<()> {
     report.runtime_s = round3(started.elapsed().as_secs_f64());
     report.restarts_with_hold = cluster.restarts_with_hold;
     report.restarts = cluster.restarts;
-    let logs_kept = !report.violations.is_empty() || report.harness_error.is_some();
+    let logs_kept = args.keep || !report.violations.is_empty() || report.harness_error.is_some();
+    let etcd_data = cluster.api.dir().join("etcd");
     if logs_kept {
         cluster.lab.keep_dir(true);
         cluster.api.keep_dir(true);
         report.logs = Some(cluster.lab.dir().display().to_string());
     }
     drop(cluster);
+    // The logs are worth keeping, the etcd data is not.
+    let _ = std::fs::remove_dir_all(etcd_data);
 
     println!("\n{}", report.table());
     let json_path = json_path();
@@ -438,8 +453,8 @@ impl Fault {
         let hold = match kind {
             // Around Master_Down_Interval and past the 2 s an address of a dead agent may
             // live (issue 9 item 5).
-            FaultKind::Kill | FaultKind::Link | FaultKind::Partition => rng.millis(100, 2500),
-            FaultKind::Stop => rng.millis(100, 3500),
+            FaultKind::Link | FaultKind::Partition => rng.millis(100, 2500),
+            FaultKind::Kill | FaultKind::Stop => rng.millis(100, 3500),
             FaultKind::Apiserver => rng.millis(1000, 6000),
             FaultKind::RestartInPartition => rng.millis(200, 1500),
         };
@@ -494,7 +509,12 @@ impl Violation {
     fn is_leftover(&self) -> bool {
         matches!(
             self.kind,
-            "vip_on_backup" | "stray_address" | "nft_table" | "sysctl_changed" | "bench_leftover"
+            "vip_on_backup"
+                | "stray_address"
+                | "nft_table"
+                | "sysctl_changed"
+                | "bench_leftover"
+                | "dead_agent_address"
         )
     }
 }
@@ -787,6 +807,27 @@ impl Cluster {
             .collect()
     }
 
+    /// When node `i`'s current agent logged a new configuration of its instance (a priority
+    /// change, e.g. on carrier loss and return).
+    fn priority_changes(&self, i: usize) -> Vec<Instant> {
+        let Some(run) = &self.agents[i] else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(&run.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["message"] == "configuration changed")
+            .filter_map(|l| {
+                let at = l["timestamp"]
+                    .as_str()
+                    .and_then(|t| k8s_openapi::jiff::Timestamp::from_str(t).ok())
+                    .map(SystemTime::from)?;
+                Some(instant_of(at))
+            })
+            .collect()
+    }
+
     /// Waits until node `i`'s agent logged its first transition (its VRRP instance runs), at
     /// most [`AGENT_READY_BOUND`] from `from`. Returns when (from the log's timestamp), or
     /// `None` on timeout or when the agent exited.
@@ -878,7 +919,9 @@ impl Cluster {
         for link in links.as_array().into_iter().flatten() {
             let ifname = link["ifname"].as_str().unwrap_or("?");
             for info in link["addr_info"].as_array().into_iter().flatten() {
-                let Some(addr) = info["local"].as_str().and_then(|a| a.parse::<IpAddr>().ok())
+                let Some(addr) = info["local"]
+                    .as_str()
+                    .and_then(|a| a.parse::<IpAddr>().ok())
                 else {
                     continue;
                 };
@@ -934,7 +977,12 @@ impl Cluster {
     // -----------------------------------------------------------------------------------------
     // One cycle
 
-    fn run_cycle(&mut self, cycle: usize, fault: &Fault, rng: &mut Rng) -> anyhow::Result<CycleOutcome> {
+    fn run_cycle(
+        &mut self,
+        cycle: usize,
+        fault: &Fault,
+        rng: &mut Rng,
+    ) -> anyhow::Result<CycleOutcome> {
         let x = fault.node;
         let mut early = Vec::new();
         let mut restart_hold = None;
@@ -943,16 +991,24 @@ impl Cluster {
         let (heal, ready, react) = match fault.kind {
             FaultKind::Kill => {
                 self.stop_agent(x, Signal::SIGKILL)?;
+                let stopped = Instant::now();
                 sleep(fault.hold)?;
+                self.check_dead_addresses(cycle, fault, stopped, &mut early)?;
                 let hold = rng.chance();
                 self.start_agent(x, hold)?;
                 let heal = Instant::now();
-                (heal, Some(self.await_vrrp(cycle, fault, x, heal, &mut early)?), None)
+                (
+                    heal,
+                    Some(self.await_vrrp(cycle, fault, x, heal, &mut early)?),
+                    None,
+                )
             }
             FaultKind::Stop => {
                 let id = self.run(x)?.id;
                 self.lab.kill(id, Signal::SIGSTOP)?;
-                let slept = sleep(fault.hold);
+                let stopped = Instant::now();
+                let slept = sleep(fault.hold)
+                    .and_then(|()| self.check_dead_addresses(cycle, fault, stopped, &mut early));
                 self.lab.kill(id, Signal::SIGCONT)?;
                 slept?;
                 (Instant::now(), None, None)
@@ -995,7 +1051,23 @@ impl Cluster {
                     if fault.restart_during {
                         sleep(fault.hold / 4)?;
                         restart_hold = Some(self.restart_agent(x, rng)?);
+                        let started = Instant::now();
                         sleep(fault.hold - fault.hold / 4)?;
+                        if started.elapsed() >= OUTAGE_START_BOUND && self.transitions(x).is_empty()
+                        {
+                            early.push(Violation {
+                                cycle,
+                                kind: "agent_waits_for_api",
+                                fault: fault.label(),
+                                detail: format!(
+                                    "the agent started on {} during the API outage ran no VRRP \
+                                     instance in {:.1} s (bound {:.1} s)",
+                                    name_of(x),
+                                    started.elapsed().as_secs_f64(),
+                                    OUTAGE_START_BOUND.as_secs_f64()
+                                ),
+                            });
+                        }
                     } else {
                         sleep(fault.hold)?;
                     }
@@ -1013,13 +1085,60 @@ impl Cluster {
                 (heal, ready, None)
             }
         };
-        let mut outcome = self.settle_check(cycle, &fault.label(), heal, Some((ready, react, x)))?;
+        let mut outcome =
+            self.settle_check(cycle, &fault.label(), heal, Some((ready, react, x)))?;
         outcome.kind = Some(fault.kind);
         outcome.hold_ms = millis(fault.hold);
         outcome.restart_hold = restart_hold;
         early.append(&mut outcome.violations);
         outcome.violations = early;
         Ok(outcome)
+    }
+
+    /// During a kill or stop of node `x`'s agent held past [`DEAD_ADDRESS_BOUND`]: the node
+    /// must no longer hold a VIP (issue 9 item 5: a dead or hung agent's addresses expire).
+    fn check_dead_addresses(
+        &self,
+        cycle: usize,
+        fault: &Fault,
+        stopped: Instant,
+        violations: &mut Vec<Violation>,
+    ) -> anyhow::Result<()> {
+        let x = fault.node;
+        let since = stopped.elapsed();
+        if since < DEAD_ADDRESS_BOUND + TOLERANCE {
+            return Ok(());
+        }
+        let held: Vec<String> = self
+            .extra_addresses(x)?
+            .into_iter()
+            .map(|(a, _)| a.to_string())
+            .filter(|a| [VIP4, VIP6, VIP6_LL].contains(&a.as_str()))
+            .collect();
+        if !held.is_empty() {
+            let others: Vec<usize> = (0..NODES)
+                .filter(|i| *i != x)
+                .filter(|i| {
+                    self.extra_addresses(*i)
+                        .is_ok_and(|a| a.iter().any(|(a, _)| a.to_string() == VIP4))
+                })
+                .collect();
+            violations.push(Violation {
+                cycle,
+                kind: "dead_agent_address",
+                fault: fault.label(),
+                detail: format!(
+                    "{:.1} s after its agent was {}, {} still holds {} ({VIP4} also on {}); bound {:.0} s",
+                    since.as_secs_f64(),
+                    if fault.kind == FaultKind::Kill { "killed" } else { "stopped" },
+                    name_of(x),
+                    held.join(", "),
+                    names(&others),
+                    DEAD_ADDRESS_BOUND.as_secs_f64()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Waits for node `x`'s new agent to run VRRP; on timeout records `agent_not_ready` and
@@ -1101,10 +1220,13 @@ impl Cluster {
         // Effective heal.
         let mut effective = ready.map_or(heal, |r| r.max(heal));
         if let Some(react) = react {
-            if let Some((at, _)) = self
-                .transitions(x)
+            // The agent derives priority from carrier, read every CARRIER_POLL: the last
+            // priority change it logged in that time after the heal is when it knew.
+            if let Some(at) = self
+                .priority_changes(x)
                 .into_iter()
-                .find(|(at, _)| *at >= heal && *at <= heal + react)
+                .filter(|at| *at >= heal && *at <= heal + react)
+                .max()
             {
                 effective = effective.max(at);
             }
@@ -1112,7 +1234,9 @@ impl Cluster {
         let deadline = effective + mdi() + TOLERANCE;
 
         // 1. The wire.
-        let events = self.sniffer.events_since(effective.checked_sub(GAP).unwrap_or(effective));
+        let events = self
+            .sniffer
+            .events_since(effective.checked_sub(GAP).unwrap_or(effective));
         let mut single_master_ms = [None, None];
         let mut masters = [None, None];
         for (f, family) in ["IPv4", "IPv6"].into_iter().enumerate() {
@@ -1214,7 +1338,11 @@ impl Cluster {
                 if !strays.is_empty() && seen.insert("stray") {
                     violation(
                         "stray_address",
-                        format!("{} holds {} at +{when:.0} ms", name_of(i), strays.join(", ")),
+                        format!(
+                            "{} holds {} at +{when:.0} ms",
+                            name_of(i),
+                            strays.join(", ")
+                        ),
                     );
                 }
             }
@@ -1224,7 +1352,10 @@ impl Cluster {
         for i in 0..NODES {
             let tables = self.nft_tables(i)?;
             if tables.iter().any(|t| t == "inet ferrovip") {
-                violation("nft_table", format!("{} has table inet ferrovip", name_of(i)));
+                violation(
+                    "nft_table",
+                    format!("{} has table inet ferrovip", name_of(i)),
+                );
             }
             if tables.iter().any(|t| t == PARTITION_TABLE) {
                 violation(
@@ -1552,8 +1683,7 @@ impl Report {
         self.status = Stats::of(faulted().filter_map(|c| c.status_ms));
         let mut per_fault: BTreeMap<&'static str, FaultStats> = BTreeMap::new();
         for kind in FaultKind::ALL {
-            let cycles: Vec<&CycleOutcome> =
-                faulted().filter(|c| c.kind == Some(kind)).collect();
+            let cycles: Vec<&CycleOutcome> = faulted().filter(|c| c.kind == Some(kind)).collect();
             if cycles.is_empty() {
                 continue;
             }
@@ -1611,9 +1741,10 @@ impl Report {
             self.single_master
                 .as_ref()
                 .map_or_else(|| "—".into(), |s| format!("{:.1}", s.median_ms)),
-            self.single_master_worst
-                .as_ref()
-                .map_or_else(|| "—".into(), |(c, f, v)| format!("{v:.1} ms (cycle {c}, {f})"))
+            self.single_master_worst.as_ref().map_or_else(
+                || "—".into(),
+                |(c, f, v)| format!("{v:.1} ms (cycle {c}, {f})")
+            )
         );
         let _ = writeln!(
             out,
