@@ -568,6 +568,9 @@ impl CycleOutcome {
 // ---------------------------------------------------------------------------------------------
 // The cluster: lab, API server, capture, agents, an admin client
 
+/// Addresses on a node other than its own, with their interface.
+type NodeAddresses = Vec<(IpAddr, String)>;
+
 struct AgentRun {
     id: ProcId,
     log: PathBuf,
@@ -911,7 +914,7 @@ impl Cluster {
 
     /// Addresses on node `i` other than its own (loopback, eth0's IPv4, ULA and link-local),
     /// as `address@interface`.
-    fn extra_addresses(&self, i: usize) -> anyhow::Result<Vec<(IpAddr, String)>> {
+    fn extra_addresses(&self, i: usize) -> anyhow::Result<NodeAddresses> {
         let node = self.lab.node(i);
         let text = self.ip(&["-n", &node.netns, "-j", "addr", "show"])?;
         let links: Value = serde_json::from_str(&text).context("ip -j addr")?;
@@ -1194,7 +1197,7 @@ impl Cluster {
         let end = heal_max + mdi() + TOLERANCE + WINDOW;
 
         // Sample addresses and status until the end of the window.
-        let mut samples: Vec<(Instant, Vec<Vec<(IpAddr, String)>>)> = Vec::new();
+        let mut samples: Vec<(Instant, Vec<NodeAddresses>)> = Vec::new();
         let mut statuses: Vec<(Instant, bool, Option<Value>)> = Vec::new();
         loop {
             check_interrupted()?;
@@ -1456,7 +1459,7 @@ fn names(nodes: &[usize]) -> String {
 }
 
 /// The one node holding `vip` in a sample, if exactly one does.
-fn holder_of(per_node: &[Vec<(IpAddr, String)>], vip: &str) -> Option<usize> {
+fn holder_of(per_node: &[NodeAddresses], vip: &str) -> Option<usize> {
     let holders: Vec<usize> = (0..per_node.len())
         .filter(|i| per_node[*i].iter().any(|(a, _)| a.to_string() == vip))
         .collect();
