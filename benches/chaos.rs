@@ -2,7 +2,7 @@
 //! the invariants an operator relies on.
 //!
 //! Run as root: `cargo bench --bench chaos -- --cycles 200 [--seed N] [--faults kill,stop,...]
-//! [--keep]`. About 5-10 s per cycle (cycles that stop the API server take longer); prints a
+//! [--keep]`. About 7 s per cycle (cycles that stop the API server take 10-25 s); prints a
 //! line per cycle, then a report, and writes the figures to `target/bench-chaos.json`. Exits
 //! non-zero when any invariant was violated.
 //!
