@@ -509,13 +509,13 @@ impl Violation {
     fn is_leftover(&self) -> bool {
         matches!(
             self.kind,
-            "vip_on_backup"
-                | "stray_address"
-                | "nft_table"
-                | "sysctl_changed"
-                | "bench_leftover"
-                | "dead_agent_address"
+            "vip_on_backup" | "stray_address" | "nft_table" | "sysctl_changed" | "bench_leftover"
         )
+    }
+
+    /// Kinds checked during a fault rather than after its heal.
+    fn during_fault(&self) -> bool {
+        matches!(self.kind, "dead_agent_address" | "agent_waits_for_api")
     }
 }
 
@@ -1759,10 +1759,12 @@ impl Report {
             "agent restarts (SIGTERM + start): {}, {} of them with --restart-hold {RESTART_HOLD}",
             self.restarts, self.restarts_with_hold
         );
+        let during = self.violations.iter().filter(|v| v.during_fault()).count();
         let _ = writeln!(
             out,
-            "\nviolations: {} (target 0); leftovers: {} (target 0)",
+            "\nviolations: {} (target 0): {} after a heal, {during} during a fault; leftovers after a heal: {} (target 0)",
             self.violations.len(),
+            self.violations.len() - during,
             self.leftovers
         );
         for (kind, n) in &self.violations_by_kind {
