@@ -166,7 +166,8 @@ struct Args {
     /// restart-in-partition.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
-    /// Keep the lab directory (agent logs, API server files) for a post-mortem.
+    /// Copy the agents' and the API server's logs to target/chaos-logs/<pid> (done anyway
+    /// when an invariant was violated).
     #[arg(long)]
     keep: bool,
     /// Added by `cargo bench`; `cargo test --benches` runs the binary without it.
@@ -229,9 +230,7 @@ fn main() -> anyhow::Result<()> {
     println!("{}", ipvs_note(ipvs));
     let mut cluster = Cluster::create(&mut rng)?;
     if args.keep {
-        cluster.lab.keep_dir(true);
-        cluster.api.keep_dir(true);
-        println!("keeping {}", cluster.lab.dir().display());
+        println!("logs will be copied to {}", logs_dir().display());
     }
     let mut report = Report::new(seed, args.cycles, ipvs);
     let setup = cluster.settle_check(0, "setup", Instant::now(), None)?;
@@ -264,16 +263,15 @@ fn main() -> anyhow::Result<()> {
     report.runtime_s = round3(started.elapsed().as_secs_f64());
     report.restarts_with_hold = cluster.restarts_with_hold;
     report.restarts = cluster.restarts;
-    let logs_kept = args.keep || !report.violations.is_empty() || report.harness_error.is_some();
-    let etcd_data = cluster.api.dir().join("etcd");
-    if logs_kept {
-        cluster.lab.keep_dir(true);
-        cluster.api.keep_dir(true);
-        report.logs = Some(cluster.lab.dir().display().to_string());
+    if args.keep || !report.violations.is_empty() || report.harness_error.is_some() {
+        // Copied out of the lab directory, which the next lab's stale clean-up removes.
+        let saved = logs_dir();
+        match save_logs(&cluster, &saved) {
+            Ok(()) => report.logs = Some(saved.display().to_string()),
+            Err(e) => eprintln!("could not save the logs: {e:#}"),
+        }
     }
     drop(cluster);
-    // The logs are worth keeping, the etcd data is not.
-    let _ = std::fs::remove_dir_all(etcd_data);
 
     println!("\n{}", report.table());
     let json_path = json_path();
@@ -312,6 +310,28 @@ fn ipvs_note(ipvs: bool) -> String {
 /// Master_Down_Interval of the expected master.
 fn mdi() -> Duration {
     master_down_interval(PRIORITIES[EXPECTED], INTERVAL)
+}
+
+/// `target/chaos-logs/<pid>`: the agents' and the API server's logs of a run with violations.
+fn logs_dir() -> PathBuf {
+    json_path()
+        .with_file_name("chaos-logs")
+        .join(std::process::id().to_string())
+}
+
+/// Copies every agent log and the API server's and etcd's logs (not etcd's data) to `to`.
+fn save_logs(cluster: &Cluster, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for dir in [cluster.lab.dir(), cluster.api.dir()] {
+        for entry in std::fs::read_dir(dir)?.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                std::fs::copy(&path, to.join(entry.file_name()))
+                    .with_context(|| format!("copying {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `target/bench-chaos.json`, next to the agent binary's profile directory.
@@ -1775,7 +1795,7 @@ impl Report {
             let _ = writeln!(out, "  cycle {} [{}] {}: {first}", v.cycle, v.fault, v.kind);
         }
         if let Some(logs) = &self.logs {
-            let _ = writeln!(out, "agent and API server logs kept in {logs}");
+            let _ = writeln!(out, "agent and API server logs copied to {logs}");
         }
         out
     }
