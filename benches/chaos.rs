@@ -178,8 +178,9 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.bench {
+        wire_verdict_self_check();
         println!(
-            "chaos: a root benchmark of real daemons; run it with `cargo bench --bench chaos`"
+            "chaos: wire verdict self-check passed; a root benchmark of real daemons, run it with `cargo bench --bench chaos`"
         );
         return Ok(());
     }
@@ -1799,4 +1800,70 @@ impl Report {
         }
         out
     }
+}
+
+/// Table test of [`wire_verdict`], run by `cargo test --benches` (a harness-less bench runs its
+/// `main` there, without `--bench`): the verdicts the invariants rest on.
+fn wire_verdict_self_check() {
+    let heal = Instant::now() + Duration::from_secs(10);
+    let at = |ms: i64| {
+        if ms >= 0 {
+            heal + Duration::from_millis(ms as u64)
+        } else {
+            heal - Duration::from_millis(ms.unsigned_abs())
+        }
+    };
+    // Adverts of `node` every 100 ms over [from, to].
+    let run = |node: usize, from: i64, to: i64| -> Vec<(Instant, Option<usize>)> {
+        (0..)
+            .map(|k| from + 100 * k)
+            .take_while(|t| *t <= to)
+            .map(|t| (at(t), Some(node)))
+            .collect()
+    };
+    let merged = |parts: Vec<Vec<(Instant, Option<usize>)>>| {
+        let mut all: Vec<_> = parts.into_iter().flatten().collect();
+        all.sort_by_key(|(t, _)| *t);
+        all
+    };
+    let end = at(1500);
+    let ms = |v: &WireVerdict| v.single_at.map(|t| ms_since(t, heal).round() as i64);
+
+    // The master advertised alone through the heal: single at the heal.
+    let v = wire_verdict(&run(0, -300, 1500), heal, end);
+    assert_eq!((v.master, ms(&v)), (Some(Some(0)), Some(0)));
+    // Preemption: node-b until +300, node-a from +341: single after node-b's last advert.
+    let v = wire_verdict(
+        &merged(vec![run(1, -300, 300), run(0, 341, 1441)]),
+        heal,
+        end,
+    );
+    assert_eq!((v.master, ms(&v)), (Some(Some(0)), Some(300)));
+    // Nobody from -50 to +400: single from the advert that ended the gap.
+    let v = wire_verdict(
+        &merged(vec![run(0, -250, -50), run(0, 400, 1500)]),
+        heal,
+        end,
+    );
+    assert_eq!((v.master, ms(&v)), (Some(Some(0)), Some(400)));
+    // Silence at the end: no master.
+    let v = wire_verdict(&run(0, -300, 100), heal, end);
+    assert_eq!((v.master, ms(&v)), (None, None));
+    // Two masters to the end (node-b's last at +1350): single only after it.
+    let v = wire_verdict(
+        &merged(vec![run(0, -300, 1450), run(1, -250, 1400)]),
+        heal,
+        end,
+    );
+    assert_eq!((v.master, ms(&v)), (Some(Some(0)), Some(1350)));
+    // The other side's last advert before the heal does not count.
+    let v = wire_verdict(
+        &merged(vec![run(1, -300, -20), run(0, -290, 1500)]),
+        heal,
+        end,
+    );
+    assert_eq!((v.master, ms(&v)), (Some(Some(0)), Some(0)));
+    // Nothing before the heal, a master from +150: single from its first advert.
+    let v = wire_verdict(&run(2, 150, 1450), heal, end);
+    assert_eq!((v.master, ms(&v)), (Some(Some(2)), Some(150)));
 }
