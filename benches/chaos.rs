@@ -831,43 +831,42 @@ impl Cluster {
 
     /// Transitions node `i`'s current agent logged (wall clock → instant, to state).
     fn transitions(&self, i: usize) -> Vec<(Instant, String)> {
-        let Some(run) = &self.agents[i] else {
-            return Vec::new();
-        };
-        std::fs::read_to_string(&run.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|l| l["event"] == "transition")
-            .filter_map(|l| {
-                let at = l["timestamp"]
-                    .as_str()
-                    .and_then(|t| k8s_openapi::jiff::Timestamp::from_str(t).ok())
-                    .map(SystemTime::from)?;
-                Some((instant_of(at), l["to"].as_str().unwrap_or("?").to_owned()))
-            })
+        self.logged(i, |l| l["event"] == "transition")
+            .map(|(at, l)| (at, l["to"].as_str().unwrap_or("?").to_owned()))
             .collect()
     }
 
     /// When node `i`'s current agent logged a new configuration of its instance (a priority
     /// change, e.g. on carrier loss and return).
     fn priority_changes(&self, i: usize) -> Vec<Instant> {
-        let Some(run) = &self.agents[i] else {
-            return Vec::new();
+        self.logged(i, |l| l["message"] == "configuration changed")
+            .map(|(at, _)| at)
+            .collect()
+    }
+
+    /// The lines of node `i`'s current agent's JSON log that `wanted` picks, with when they
+    /// were logged.
+    fn logged(
+        &self,
+        i: usize,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> impl Iterator<Item = (Instant, Value)> {
+        let text = match &self.agents[i] {
+            Some(run) => std::fs::read_to_string(&run.log).unwrap_or_default(),
+            None => String::new(),
         };
-        std::fs::read_to_string(&run.log)
-            .unwrap_or_default()
+        let lines: Vec<Value> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|l| l["message"] == "configuration changed")
-            .filter_map(|l| {
-                let at = l["timestamp"]
-                    .as_str()
-                    .and_then(|t| k8s_openapi::jiff::Timestamp::from_str(t).ok())
-                    .map(SystemTime::from)?;
-                Some(instant_of(at))
-            })
-            .collect()
+            .filter(|l| wanted(l))
+            .collect();
+        lines.into_iter().filter_map(|l| {
+            let at = l["timestamp"]
+                .as_str()
+                .and_then(|t| k8s_openapi::jiff::Timestamp::from_str(t).ok())
+                .map(SystemTime::from)?;
+            Some((instant_of(at), l))
+        })
     }
 
     /// Waits until node `i`'s agent logged its first transition (its VRRP instance runs), at
