@@ -43,7 +43,7 @@ echo "== cargo clippy -D warnings (ferrovip and the test harness crate, e2e/harn
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== CRDs in crds/ match src/crd"
-cargo run --quiet --locked -- crdgen --check crds/ferrovip.io_virtualips.yaml
+cargo run --quiet --locked -- crdgen --check crds
 
 echo "== unit tests (ferrovip, and the harnesses in e2e/harness, whose tests boot the VM)"
 cargo test --locked --workspace --lib --bins

@@ -41,7 +41,12 @@ enum Cmd {
     },
     /// Print the CustomResourceDefinitions (or check that a file matches them).
     Crdgen {
-        /// Compare with this file instead of printing; exits 1 when it differs.
+        /// Write one file per CRD (`<group>_<plural>.yaml`) into this directory instead of
+        /// printing them all.
+        #[arg(long, conflicts_with = "check")]
+        write: Option<PathBuf>,
+        /// Compare this directory's CRD files with the generated ones; exits 1 when one
+        /// differs, is missing, or when the directory holds a CRD file that is not generated.
         #[arg(long)]
         check: Option<PathBuf>,
     },
@@ -79,21 +84,44 @@ fn init_logging(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Crdgen { check } => {
-            let yaml = ferrovip::crd::crds_yaml().context("serializing the CRDs")?;
-            match check {
-                None => print!("{yaml}"),
-                Some(path) => {
-                    let committed = std::fs::read_to_string(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    if committed != yaml {
-                        anyhow::bail!(
-                            "{} differs from the CRDs generated from src/crd: run `ferrovip crdgen > {}` and commit it",
-                            path.display(),
-                            path.display()
-                        );
+        Cmd::Crdgen { write, check } => {
+            let files = ferrovip::crd::crd_files().context("serializing the CRDs")?;
+            if let Some(dir) = write {
+                for (name, yaml) in &files {
+                    std::fs::write(dir.join(name), yaml)
+                        .with_context(|| format!("writing {}", dir.join(name).display()))?;
+                }
+            } else if let Some(dir) = check {
+                let mut problems = Vec::new();
+                for (name, yaml) in &files {
+                    let path = dir.join(name);
+                    match std::fs::read_to_string(&path) {
+                        Ok(committed) if committed == *yaml => {}
+                        Ok(_) => problems.push(format!("{} differs", path.display())),
+                        Err(e) => problems.push(format!("{}: {e}", path.display())),
                     }
                 }
+                for entry in
+                    std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+                {
+                    let name = entry?.file_name().to_string_lossy().into_owned();
+                    if name.ends_with(".yaml") && !files.iter().any(|(n, _)| *n == name) {
+                        problems.push(format!("{name} is not generated from src/crd"));
+                    }
+                }
+                if !problems.is_empty() {
+                    anyhow::bail!(
+                        "the CRDs in {} are not those generated from src/crd ({}): run `ferrovip crdgen --write {}` and commit them",
+                        dir.display(),
+                        problems.join("; "),
+                        dir.display()
+                    );
+                }
+            } else {
+                print!(
+                    "{}",
+                    ferrovip::crd::crds_yaml().context("serializing the CRDs")?
+                );
             }
             Ok(())
         }

@@ -9,6 +9,8 @@ mod check;
 mod duration;
 mod field;
 pub mod manifest;
+mod pool;
+pub mod service_lb;
 mod services;
 mod validate;
 mod virtualip;
@@ -16,6 +18,7 @@ mod virtualip;
 pub use check::{CheckKind, CheckProblem, CheckSpec, DEFAULT_EXPECT_STATUS, ValidCheck};
 pub use duration::{DurationError, parse_duration};
 pub use field::{FieldError, ValidationErrors};
+pub use pool::*;
 pub use services::{Encapsulation, SCHEDULERS, ServiceMatch, ValidBackends, ValidService};
 pub use validate::ValidSpec;
 pub use virtualip::*;
@@ -26,17 +29,23 @@ use kube::CustomResourceExt;
 pub fn all_crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![VirtualIP::crd()]
+    vec![VirtualIP::crd(), LoadBalancerPool::crd()]
 }
 
-/// The YAML that `ferrovip crdgen` writes to `crds/` (one document per CRD).
+/// The files of `crds/`: (`<group>_<plural>.yaml`, its YAML), in the order of [`all_crds`].
+pub fn crd_files() -> Result<Vec<(String, String)>, serde_saphyr::SerializeError> {
+    all_crds()
+        .into_iter()
+        .map(|crd| {
+            let name = format!("{}_{}.yaml", crd.spec.group, crd.spec.names.plural);
+            Ok((name, format!("---\n{}", serde_saphyr::to_string(&crd)?)))
+        })
+        .collect()
+}
+
+/// Every CRD as one YAML stream (what `ferrovip crdgen` prints).
 pub fn crds_yaml() -> Result<String, serde_saphyr::SerializeError> {
-    let mut out = String::new();
-    for crd in all_crds() {
-        out.push_str("---\n");
-        out.push_str(&serde_saphyr::to_string(&crd)?);
-    }
-    Ok(out)
+    Ok(crd_files()?.into_iter().map(|(_, yaml)| yaml).collect())
 }
 
 /// The contract example of the issue (`web`: VRID 51, 100 ms, node-a preferred by 50) with

@@ -1,0 +1,106 @@
+//! The Service side of the contract: which Services ferrovip serves, what users write on them
+//! (annotations), and what ferrovip writes back.
+//!
+//! The allocation's source of truth is the Service object itself: the leader writes the
+//! allocation record ([`ANNOTATION_ALLOCATED`], addresses with the pool each came from) and
+//! then `status.loadBalancer.ingress`. A new leader reads both, keeps every valid allocation,
+//! and never keeps state only in memory. Agents plan from the record (so a node holds the
+//! address even while the status write is pending, and keeps it through an API outage).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use thiserror::Error;
+
+/// `spec.loadBalancerClass` of the Services ferrovip serves. Class-less `type: LoadBalancer`
+/// Services are served too, unless the agent runs with `--ignore-classless-services`.
+pub const LOAD_BALANCER_CLASS: &str = "ferrovip.io/vrrp";
+
+/// User: the addresses wanted, comma separated, at most one per family
+/// (`192.0.2.10,2001:db8::10`). Replaces the deprecated `spec.loadBalancerIP`; both given and
+/// different is an error on the Service.
+pub const ANNOTATION_LOAD_BALANCER_IPS: &str = "ferrovip.io/load-balancer-ips";
+
+/// User: the pool to take addresses from (one name).
+pub const ANNOTATION_POOL: &str = "ferrovip.io/pool";
+
+/// User: Services with the same key share an address when their (protocol, port) sets are
+/// disjoint and their `externalTrafficPolicy` agrees (`Local`: same selector too).
+pub const ANNOTATION_SHARING_KEY: &str = "ferrovip.io/sharing-key";
+
+/// ferrovip (the leader): the allocation record, `<address>@<pool>` per family, comma
+/// separated, e.g. `192.0.2.10@web,2001:db8::10@web-v6`.
+pub const ANNOTATION_ALLOCATED: &str = "ferrovip.io/allocated";
+
+/// ferrovip (the master of each address): which node holds each address,
+/// `<address>=<node>` comma separated, so `kubectl get svc -o yaml` shows it.
+pub const ANNOTATION_MASTER: &str = "ferrovip.io/master";
+
+/// Field manager of the leader's writes on Services and pools.
+pub const CONTROLLER_MANAGER: &str = "ferrovip-controller";
+
+/// A malformed `ferrovip.io/allocated` record (a user edited it): the record is ignored as a
+/// whole and the leader rewrites it.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("annotation {ANNOTATION_ALLOCATED}: entry {0:?} is not <address>@<pool>")]
+    Entry(String),
+    #[error("annotation {ANNOTATION_ALLOCATED}: two addresses of one family")]
+    TwoOfOneFamily,
+}
+
+/// The parsed allocation record: address → pool name, at most one address per family.
+pub fn parse_allocated(value: &str) -> Result<BTreeMap<IpAddr, String>, RecordError> {
+    let mut out = BTreeMap::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (addr, pool) = entry
+            .split_once('@')
+            .ok_or_else(|| RecordError::Entry(entry.to_string()))?;
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| RecordError::Entry(entry.to_string()))?;
+        let pool = pool.trim();
+        if pool.is_empty() {
+            return Err(RecordError::Entry(entry.to_string()));
+        }
+        if out.keys().any(|a: &IpAddr| a.is_ipv4() == addr.is_ipv4()) {
+            return Err(RecordError::TwoOfOneFamily);
+        }
+        out.insert(addr, pool.to_string());
+    }
+    Ok(out)
+}
+
+/// The record's text: IPv4 first, then IPv6.
+pub fn format_allocated(record: &BTreeMap<IpAddr, String>) -> String {
+    record
+        .iter()
+        .map(|(a, p)| format!("{a}@{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_and_rejects_garbage() {
+        let r = parse_allocated("2001:db8::10@v6, 192.0.2.10@web").unwrap();
+        assert_eq!(format_allocated(&r), "192.0.2.10@web,2001:db8::10@v6");
+        assert!(parse_allocated("").unwrap().is_empty());
+        assert_eq!(
+            parse_allocated("192.0.2.10"),
+            Err(RecordError::Entry("192.0.2.10".into()))
+        );
+        assert_eq!(
+            parse_allocated("192.0.2.10@"),
+            Err(RecordError::Entry("192.0.2.10@".into()))
+        );
+        assert_eq!(
+            parse_allocated("192.0.2.10@a,192.0.2.11@a"),
+            Err(RecordError::TwoOfOneFamily)
+        );
+    }
+}
