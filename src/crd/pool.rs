@@ -203,3 +203,35 @@ fn default_true() -> bool {
 fn default_scheduler() -> String {
     "rr".to_string()
 }
+
+impl PoolTemplate {
+    /// The VirtualIP spec that an address set of this pool is held with: the template's
+    /// settings, the given addresses and services, a VRID derived like any VirtualIP's
+    /// without one. Validating it (`VirtualIPSpec::validate`) validates the template; a
+    /// problem's field names `spec.template.<field>` once [`template_field`] maps it.
+    pub fn virtual_ip_spec(
+        &self,
+        addresses: Vec<String>,
+        services: Vec<super::virtualip::VirtualService>,
+    ) -> super::virtualip::VirtualIPSpec {
+        super::virtualip::VirtualIPSpec {
+            addresses,
+            allow_wide_prefix: false,
+            interface: self.interface.clone(),
+            virtual_router_id: None,
+            node_selector: self.node_selector.clone(),
+            vrrp: self.vrrp.clone(),
+            priority: self.priority.clone(),
+            services,
+        }
+    }
+}
+
+/// A VirtualIP field path (`spec.vrrp.advertisementInterval`) as the pool field it comes from
+/// (`spec.template.vrrp.advertisementInterval`).
+pub fn template_field(virtual_ip_field: &str) -> String {
+    match virtual_ip_field.strip_prefix("spec.") {
+        Some(rest) => format!("spec.template.{rest}"),
+        None => virtual_ip_field.to_string(),
+    }
+}
