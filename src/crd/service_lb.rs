@@ -39,6 +39,33 @@ pub const ANNOTATION_MASTER: &str = "ferrovip.io/master";
 /// Field manager of the leader's writes on Services and pools.
 pub const CONTROLLER_MANAGER: &str = "ferrovip-controller";
 
+/// Whether ferrovip serves this Service: `type: LoadBalancer` with our class, or with no class
+/// when `serve_classless` (the default; `--ignore-classless-services` turns it off). Services
+/// of any other class are never touched, not even their status.
+pub fn served(svc: &k8s_openapi::api::core::v1::Service, serve_classless: bool) -> bool {
+    let Some(spec) = &svc.spec else {
+        return false;
+    };
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return false;
+    }
+    match spec.load_balancer_class.as_deref() {
+        Some(class) => class == LOAD_BALANCER_CLASS,
+        None => serve_classless,
+    }
+}
+
+/// The allocation record on a Service (`None`: no annotation), or why it cannot be read.
+pub fn allocation_record(
+    svc: &k8s_openapi::api::core::v1::Service,
+) -> Option<Result<BTreeMap<IpAddr, String>, RecordError>> {
+    svc.metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_ALLOCATED)
+        .map(|v| parse_allocated(v))
+}
+
 /// A malformed `ferrovip.io/allocated` record (a user edited it): the record is ignored as a
 /// whole and the leader rewrites it.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -84,6 +111,35 @@ pub fn format_allocated(record: &BTreeMap<IpAddr, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service(type_: &str, class: Option<&str>) -> k8s_openapi::api::core::v1::Service {
+        k8s_openapi::api::core::v1::Service {
+            spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+                type_: Some(type_.into()),
+                load_balancer_class: class.map(Into::into),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn serves_our_class_and_classless_unless_told_not_to() {
+        assert!(served(
+            &service("LoadBalancer", Some(LOAD_BALANCER_CLASS)),
+            false
+        ));
+        assert!(served(&service("LoadBalancer", None), true));
+        assert!(!served(&service("LoadBalancer", None), false));
+        assert!(!served(
+            &service("LoadBalancer", Some("metallb.io/metallb")),
+            true
+        ));
+        assert!(!served(
+            &service("ClusterIP", Some(LOAD_BALANCER_CLASS)),
+            true
+        ));
+    }
 
     #[test]
     fn record_round_trips_and_rejects_garbage() {
