@@ -19,7 +19,9 @@ use ferrovip::model::service::{
     BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
 };
 use ferrovip::vocab::Family;
-use ferrovip_e2e::vm::{GuestBridge, GuestNetns, TcpNameServer, tcp_request, tcp_spread};
+use ferrovip_e2e::vm::{
+    GuestBridge, GuestNetns, TcpNameServer, attach_uplink, tcp_request, tcp_spread,
+};
 use vm::{Case, CaseResult, ensure};
 
 const CASES: &[Case] = &[
@@ -56,10 +58,20 @@ const CASES: &[Case] = &[
         "agent_restarts_adopt_the_dataplane_without_a_write",
         agent_restarts_adopt_the_dataplane_without_a_write,
     ),
+    (
+        "k8s_agent_restarts_adopt_the_dataplane_without_a_write",
+        k8s_agent_restarts_adopt_the_dataplane_without_a_write,
+    ),
 ];
 
+/// The cases that run agents against the host's API server, and their nodes.
+const KUBE: vm::Kube = vm::Kube {
+    cases: &["k8s_agent_restarts_adopt_the_dataplane_without_a_write"],
+    nodes: &["d1", "d2"],
+};
+
 fn main() -> ExitCode {
-    vm::main(CASES)
+    vm::main_with_kube(CASES, &KUBE)
 }
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -612,33 +624,45 @@ struct Agent {
     log: PathBuf,
 }
 
+/// Where an agent reads its VirtualIPs from.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    /// Standalone mode: this manifest file.
+    Manifests(&'a str),
+    /// Kubernetes mode: the host's API server, as the node's identity.
+    Kubernetes,
+}
+
 impl Agent {
     fn start(ns: &GuestNetns, node: &str, manifest: &str) -> Result<Agent, vm::CaseError> {
-        Agent::start_with(ns, node, manifest, &[], "")
+        Agent::start_with(ns, node, Source::Manifests(manifest), &[], "")
     }
 
     /// An agent with extra arguments; `run` tells the log files of restarts apart.
     fn start_with(
         ns: &GuestNetns,
         node: &str,
-        manifest: &str,
+        source: Source,
         extra: &[&str],
         run: &str,
     ) -> Result<Agent, vm::CaseError> {
-        let log = PathBuf::from(format!("/tmp/agent-{node}{run}.log"));
-        let child = Command::new("ip")
+        let log = PathBuf::from(format!("/tmp/agent-{}-{node}{run}.log", ns.name()));
+        let mut command = Command::new("ip");
+        command.args([
+            "netns",
+            "exec",
+            ns.name(),
+            &vm::agent(),
+            "agent",
+            "--node-name",
+            node,
+        ]);
+        match source {
+            Source::Manifests(path) => command.args(["--manifests", path]),
+            Source::Kubernetes => command.env("KUBECONFIG", vm::cluster::node_kubeconfig(node)),
+        };
+        let child = command
             .args([
-                "netns",
-                "exec",
-                ns.name(),
-                &vm::agent(),
-                "agent",
-                "--node-name",
-                node,
-            ])
-            .args([
-                "--manifests",
-                manifest,
                 "--metrics-addr",
                 "127.0.0.1:9646",
                 "--log-format",
@@ -898,15 +922,70 @@ fn agent_forwards_through_changes_and_failover() -> CaseResult {
 /// show the same), and no connection fails. The one exception allowed (and counted) is the
 /// master's restart without a hold: VRRP then hands the VIP to the backup and takes it back
 /// by design, and on a loaded emulated guest a connection may fail while the address moves.
+/// Standalone mode: the backends are listed in the manifest.
 fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
-    let client = GuestNetns::create("rs-client")?;
-    let d1 = GuestNetns::create("rs-d1")?;
-    let d2 = GuestNetns::create("rs-d2")?;
+    restarts_adopt_the_dataplane_without_a_write(false)
+}
+
+/// [`agent_restarts_adopt_the_dataplane_without_a_write`] in Kubernetes mode (issue 9, item
+/// 1): the agents run against the host's API server (v1.20) with their nodes' identities,
+/// and the backends come from a `serviceRef` (a Service and its EndpointSlice, v1beta1).
+/// A restarted agent must hand the dataplane nothing before every watch (Services and
+/// EndpointSlices included) has listed: a plan made earlier resolves the `serviceRef` to no
+/// backends, which would delete both (writes, a changed table, failed connections, and the
+/// sampler seeing the backends gone).
+fn k8s_agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
+    restarts_adopt_the_dataplane_without_a_write(true)
+}
+
+/// The Kubernetes objects of the restart test: Nodes, the backends' Service and EndpointSlice,
+/// and the VirtualIP `web` forwarding to them through a `serviceRef`.
+fn restart_objects(admin: &vm::cluster::Admin) -> CaseResult {
+    admin.create(&vm::cluster::node("d1", "198.51.100.11"))?;
+    admin.create(&vm::cluster::node("d2", "198.51.100.12"))?;
+    admin.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web-backends", "namespace": "default"},
+        "spec": {"clusterIP": "None",
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+    }))?;
+    admin.apply(&serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-backends-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web-backends"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["203.0.113.11"], "conditions": {"ready": true}},
+            {"addresses": ["203.0.113.12"], "conditions": {"ready": true}},
+        ],
+    }))?;
+    admin.apply(&serde_json::json!({
+        "apiVersion": "ferrovip.io/v1alpha1", "kind": "VirtualIP",
+        "metadata": {"name": "web"},
+        "spec": {
+            "addresses": ["198.51.100.100/24"],
+            "interface": "eth0",
+            "virtualRouterId": 51,
+            "vrrp": {"advertisementInterval": "100ms"},
+            "priority": {"preferredNodes": [{"nodeName": "d1", "weight": 50}]},
+            "services": [{"port": 80, "scheduler": "wrr", "backends": {"serviceRef":
+                {"namespace": "default", "name": "web-backends", "port": "http"}}}],
+        },
+    }))?;
+    Ok(())
+}
+
+fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult {
+    let p = if kubernetes { "rk" } else { "rs" };
+    let client = GuestNetns::create(&format!("{p}-client"))?;
+    let d1 = GuestNetns::create(&format!("{p}-d1"))?;
+    let d2 = GuestNetns::create(&format!("{p}-d2"))?;
     let backends = (1..=2)
-        .map(|i| GuestNetns::create(&format!("rs-b{i}")))
+        .map(|i| GuestNetns::create(&format!("{p}-b{i}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let front = GuestBridge::create("rs-front")?;
-    let back = GuestBridge::create("rs-back")?;
+    let front = GuestBridge::create(&format!("{p}-front"))?;
+    let back = GuestBridge::create(&format!("{p}-back"))?;
     front.attach(&client, "eth0", &["198.51.100.2/24"])?;
     front.attach(&d1, "eth0", &["198.51.100.11/24"])?;
     front.attach(&d2, "eth0", &["198.51.100.12/24"])?;
@@ -921,7 +1000,16 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
         .map(|b| TcpNameServer::start(b, any, b.name()))
         .collect::<Result<_, _>>()?;
     let path = "/tmp/rs-web.yaml";
-    std::fs::write(path, manifest(&[("203.0.113.11", 1), ("203.0.113.12", 1)]))?;
+    let source = if kubernetes {
+        // The directors reach the host's API server through the uplink.
+        attach_uplink(&d1, "eth2", "100.64.0.11/24")?;
+        attach_uplink(&d2, "eth2", "100.64.0.12/24")?;
+        restart_objects(&vm::cluster::Admin::connect()?)?;
+        Source::Kubernetes
+    } else {
+        std::fs::write(path, manifest(&[("203.0.113.11", 1), ("203.0.113.12", 1)]))?;
+        Source::Manifests(path)
+    };
     let vip = SocketAddr::from((Ipv4Addr::new(198, 51, 100, 100), 80));
     let has_vip = |ns: &GuestNetns| {
         ns.ip(&["-4", "addr", "show", "dev", "eth0"])
@@ -937,8 +1025,8 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
     };
     // Long enough for a debug agent to start on a loaded TCG guest (5-9 s seen).
     let hold = ["--restart-hold", "15s"];
-    let mut d1_agent = Agent::start_with(&d1, "d1", path, &hold, ".0")?;
-    let mut d2_agent = Agent::start_with(&d2, "d2", path, &hold, ".0")?;
+    let mut d1_agent = Agent::start_with(&d1, "d1", source, &hold, ".0")?;
+    let mut d2_agent = Agent::start_with(&d2, "d2", source, &hold, ".0")?;
     wait_for("d1 to hold the VIP", Duration::from_secs(30), || {
         has_vip(&d1)
     })
@@ -988,7 +1076,20 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
     // What happened, when (from the SIGTERM to the VIP settled back on d1), whether the VIP
     // moves by design.
     type Restart = (String, std::ops::Range<Duration>, bool);
-    let (restarts, (ok, failed)) = std::thread::scope(|scope| {
+    let (restarts, (ok, failed), gaps) = std::thread::scope(|scope| {
+        // Both directors' tables, sampled throughout: the service with both backends.
+        let sampler = scope.spawn(|| {
+            let mut gaps = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                for ns in [&d1, &d2] {
+                    if !programmed(ns) {
+                        gaps.push((started.elapsed(), ns.name().to_owned()));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            gaps
+        });
         let traffic = scope.spawn(|| {
             let mut ok = 0usize;
             let mut failed = Vec::new();
@@ -1029,7 +1130,7 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
                 agent.terminate()?;
                 let args: &[&str] = if with_hold { &hold } else { &[] };
                 let restarted = Instant::now();
-                *agent = Agent::start_with(ns, node, path, args, &format!(".{}", run + 1))?;
+                *agent = Agent::start_with(ns, node, source, args, &format!(".{}", run + 1))?;
                 let applied = r#"ferrovip_dataplane_apply_total{dataplane="ipvs",result="ok"}"#;
                 wait_for(
                     "the new agent's first apply",
@@ -1078,7 +1179,8 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
         })();
         stop.store(true, Ordering::Relaxed);
         let traffic = traffic.join().expect("traffic thread");
-        result.map(|r| (r, traffic))
+        let gaps = sampler.join().expect("sampler thread");
+        result.map(|r| (r, traffic, gaps))
     })?;
     let during = |t: &Duration, moves: bool| {
         restarts
@@ -1100,6 +1202,9 @@ fn agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
         failed.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
     );
     ensure(ok > 20, || format!("only {ok} connections succeeded"))?;
+    ensure(gaps.is_empty(), || {
+        format!("a director's table lacked the service or a backend at (time, director): {gaps:?}")
+    })?;
     ensure(unexpected.is_empty(), || {
         format!("connections failed during restarts that keep the VIP in place: {unexpected:?}")
     })?;

@@ -16,7 +16,7 @@ set -euo pipefail
 
 # Bump whenever what goes into the image (files, /init, module list) changes, so an image
 # built by an older script is never reused.
-harness_revision=h1
+harness_revision=h2
 
 cache="${FERROVIP_CACHE:-$HOME/.cache/ferrovip}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -85,6 +85,9 @@ done < <(cd "$modules/kernel" && find net/netfilter net/ipv4 net/ipv6 net/bridge
 for m in veth macvlan ipvlan dummy ifb vxlan tun nlmon; do
   [ -n "$(find "$modules/kernel/drivers/net" -name "$m.ko" -print -quit)" ] && wanted+=("$m")
 done
+# The NIC of runs with a network (VmRun::network): virtio-net over qemu's virtio PCI
+# transport, both modules in Debian's cloud kernel.
+wanted+=(virtio_pci virtio_net)
 
 root="$work/root"
 mkdir -p "$root"
@@ -110,7 +113,7 @@ while IFS= read -r ko; do
 done < <(find "$root/usr/lib/modules/$version/kernel/net/netfilter/ipvs" -name 'ip_vs_*.ko' | sort)
 for m in veth bridge macvlan ipvlan dummy ipip ip6_tunnel nf_conntrack nf_nat nf_tables \
   nft_ct nft_nat nft_masq nft_chain_nat nft_redir nft_numgen nft_hash nft_limit nft_fib_inet \
-  nft_reject_inet nft_compat nfnetlink_queue sch_netem; do
+  nft_reject_inet nft_compat nfnetlink_queue sch_netem virtio_pci virtio_net; do
   [ -n "$(find "$root/usr/lib/modules/$version" -name "$m.ko" -print -quit)" ] && boot_modules+=("$m")
 done
 

@@ -9,14 +9,23 @@
 //! ```
 //! Arguments select cases by substring (`cargo test --test vm_ipvs -- nat`); `--list` lists
 //! them; other flags (cargo's `--test-threads=1`, ...) are ignored.
+//!
+//! Cases that need the Kubernetes API server are named in a [`Kube`] given to
+//! [`main_with_kube`]: when one of them is selected, the host starts a real kube-apiserver
+//! (v1.20) in a [`VmNetwork`] with the CRDs and the agents' RBAC installed, boots the guest on
+//! that network, and hands it kubeconfigs ([`cluster`] is the guest's side).
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::error::Error;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ferrovip_e2e::vm::{GUEST_BIN_DIR, VmImage, VmRun, in_guest};
+use ferrovip_e2e::vm::{GUEST_BIN_DIR, UPLINK_HOST, VmImage, VmNetwork, VmRun, in_guest};
+use ferrovip_e2e::{ApiServer, ApiServerOptions};
 
 /// What a case returns: any error, or a message (`Err("...".into())`).
 pub type CaseError = Box<dyn Error + Send + Sync>;
@@ -44,7 +53,25 @@ pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> CaseResult {
     }
 }
 
+/// The cases that need the API server, and the node identities they run agents as.
+pub struct Kube {
+    /// Case names; the host starts the API server only when one of them is selected.
+    pub cases: &'static [&'static str],
+    /// Nodes to make identities for (`ferrovip:<node>` in the agents' group): the guest
+    /// finds each one's kubeconfig at [`cluster::node_kubeconfig`].
+    pub nodes: &'static [&'static str],
+}
+
+const NO_KUBE: Kube = Kube {
+    cases: &[],
+    nodes: &[],
+};
+
 pub fn main(cases: &[Case]) -> ExitCode {
+    main_with_kube(cases, &NO_KUBE)
+}
+
+pub fn main_with_kube(cases: &[Case], kube: &Kube) -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--list") {
         for (name, _) in cases {
@@ -61,7 +88,10 @@ pub fn main(cases: &[Case]) -> ExitCode {
         return run_guest(cases, &filters);
     }
     let filters: Vec<String> = args.into_iter().filter(|a| !a.starts_with('-')).collect();
-    run_host(&filters)
+    let wants_kube = cases
+        .iter()
+        .any(|(name, _)| selected(name, &filters) && kube.cases.contains(name));
+    run_host(&filters, wants_kube.then_some(kube))
 }
 
 fn selected(name: &str, filters: &[String]) -> bool {
@@ -104,9 +134,9 @@ fn run_guest(cases: &[Case], filters: &[String]) -> ExitCode {
     }
 }
 
-fn run_host(filters: &[String]) -> ExitCode {
+fn run_host(filters: &[String], kube: Option<&Kube>) -> ExitCode {
     let started = Instant::now();
-    let outcome = boot(filters);
+    let outcome = boot(filters, kube);
     let total = started.elapsed();
     match outcome {
         Ok(output) => {
@@ -140,8 +170,65 @@ fn run_host(filters: &[String]) -> ExitCode {
     }
 }
 
-fn boot(filters: &[String]) -> Result<ferrovip_e2e::vm::VmOutput, Box<dyn Error>> {
+/// The API server on a VM network, ready for agents: CRDs, RBAC bound to the node identities.
+struct HostCluster {
+    // Field order is drop order: the server stops before its namespace goes.
+    api: ApiServer,
+    network: VmNetwork,
+}
+
+const BUILD_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/apiserver/build.sh");
+const CRDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds");
+const RBAC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/rbac");
+/// The agent's ClusterRole in config/rbac.
+const AGENT_ROLE: &str = "ferrovip-agent";
+
+impl HostCluster {
+    fn start(kube: &Kube) -> Result<HostCluster, Box<dyn Error>> {
+        let started = Instant::now();
+        let network = VmNetwork::create()?;
+        let api = ApiServer::start(ApiServerOptions {
+            netns: Some(network.netns().to_owned()),
+            bind: UPLINK_HOST.into(),
+            node_users: kube.nodes.iter().map(|n| n.to_string()).collect(),
+            build_script: Some(BUILD_SCRIPT.into()),
+            ..ApiServerOptions::default()
+        })?;
+        api.kubectl_ok(&["apply", "-f", CRDS])?;
+        api.kubectl_ok(&[
+            "wait",
+            "--for=condition=established",
+            "--timeout=30s",
+            "crd/virtualips.ferrovip.io",
+            "crd/loadbalancerpools.ferrovip.io",
+        ])?;
+        api.kubectl_ok(&["apply", "-f", RBAC])?;
+        api.bind_agent_group(AGENT_ROLE)?;
+        eprintln!(
+            "vm: API server {} in {} ready with CRDs and RBAC after {:.2?}",
+            api.url(),
+            network.netns(),
+            started.elapsed()
+        );
+        Ok(HostCluster { api, network })
+    }
+
+    /// A kubeconfig for the guest: the CA where [`cluster::CA`] puts it.
+    fn guest_kubeconfig(&self, host: &Path) -> Result<String, Box<dyn Error>> {
+        let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(host)?)?;
+        for c in config["clusters"].as_array_mut().into_iter().flatten() {
+            c["cluster"]["certificate-authority"] = cluster::ca().into();
+        }
+        Ok(config.to_string())
+    }
+}
+
+fn boot(
+    filters: &[String],
+    kube: Option<&Kube>,
+) -> Result<ferrovip_e2e::vm::VmOutput, Box<dyn Error>> {
     let image = VmImage::locate()?;
+    let host_cluster = kube.map(HostCluster::start).transpose()?;
     let me = std::env::current_exe()?;
     let name = me
         .file_name()
@@ -155,7 +242,23 @@ fn boot(filters: &[String]) -> Result<ferrovip_e2e::vm::VmOutput, Box<dyn Error>
         image.dir().display(),
         image.kernel_version()
     );
-    let output = VmRun::new(&image)
+    let mut run = VmRun::new(&image);
+    if let (Some(host), Some(kube)) = (&host_cluster, kube) {
+        run = run
+            .network(&host.network)
+            .file(&cluster::ca(), std::fs::read(host.api.ca_cert())?)
+            .file(
+                &cluster::admin_kubeconfig(),
+                host.guest_kubeconfig(host.api.admin_kubeconfig())?,
+            );
+        for node in kube.nodes {
+            run = run.file(
+                &cluster::node_kubeconfig(node),
+                host.guest_kubeconfig(host.api.node_kubeconfig(node))?,
+            );
+        }
+    }
+    let output = run
         .binary(&me, &guest_me)
         .binary(env!("CARGO_BIN_EXE_ferrovip"), &guest_agent)
         .env(AGENT_ENV, &guest_agent)
@@ -163,6 +266,12 @@ fn boot(filters: &[String]) -> Result<ferrovip_e2e::vm::VmOutput, Box<dyn Error>
         .env("RUST_BACKTRACE", "1")
         .timeout(VM_TIMEOUT)
         .echo_console(true)
-        .run(&guest_me)?;
-    Ok(output)
+        .run(&guest_me);
+    if let (Some(host), Err(_)) = (&host_cluster, &output) {
+        eprintln!(
+            "---- kube-apiserver:\n{}",
+            ferrovip::lab::log_tail(&host.api.apiserver_log(), 15)
+        );
+    }
+    Ok(output?)
 }

@@ -7,12 +7,14 @@
 //! which Linux accepts because concatenated newc archives unpack in order.
 //!
 //! Host side: [`VmImage::locate`] finds the image, [`VmRun`] boots it with a command and
-//! returns the console and the command's exit code ([`VmOutput`]).
+//! returns the console and the command's exit code ([`VmOutput`]). [`VmNetwork`] gives a run
+//! a NIC (virtio-net on a tap device) on a bridge in a host network namespace of its own, where
+//! servers the guest must reach (an [`crate::ApiServer`]) run on [`UPLINK_HOST`].
 //!
 //! Guest side (code running inside the VM, see [`in_guest`]): [`GuestNetns`] and
-//! [`GuestBridge`] build topologies of network namespaces, [`TcpNameServer`] answers every
-//! connection with its name, and [`tcp_request`] / [`tcp_spread`] open connections from a
-//! namespace.
+//! [`GuestBridge`] build topologies of network namespaces, [`attach_uplink`] plugs a namespace
+//! into the guest's side of a [`VmNetwork`], [`TcpNameServer`] answers every connection with
+//! its name, and [`tcp_request`] / [`tcp_spread`] open connections from a namespace.
 //!
 //! Inside the guest, scripts run under busybox `sh`, which prefers its own applets to `PATH`:
 //! the guest's `/init` defines an `ip` function so that scripts reach iproute2's `ip` (needed
@@ -21,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -52,7 +54,30 @@ const CONSOLE_TAIL_LINES: usize = 60;
 /// `/run/netns` is where `ip netns add` mounts its namespaces (the guest's /init creates it).
 const NETNS_DIR: &str = "/run/netns";
 
+/// The subnet shared by the host side of a [`VmNetwork`] and the guest (`100.64.0.0/24`,
+/// shared address space that no test topology uses). Each network lives in a namespace of its
+/// own, so every run uses the same addresses.
+pub const UPLINK_PREFIX_LEN: u8 = 24;
+/// The host's address on a [`VmNetwork`]'s bridge: where servers for the guest listen.
+pub const UPLINK_HOST: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+/// The guest's own address, on its bridge [`UPLINK_BRIDGE`] (the guest's root namespace).
+pub const UPLINK_GUEST: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+/// The guest's bridge holding the NIC ([`UPLINK_NIC`]); [`attach_uplink`] adds namespaces.
+pub const UPLINK_BRIDGE: &str = "up0";
+/// The guest's NIC (virtio-net), renamed from `eth0`.
+pub const UPLINK_NIC: &str = "nic0";
+/// Set to [`UPLINK_BRIDGE`] in the guest when the run has a [`VmNetwork`].
+pub const UPLINK_ENV: &str = "FERROVIP_VM_UPLINK";
+/// Namespaces of [`VmNetwork`]: `fvm-<pid>-<n>`, reclaimed by [`VmNetwork::cleanup_stale`]
+/// once that process is gone.
+const NETWORK_STEM: &str = "fvm-";
+const HOST_BRIDGE: &str = "br0";
+const HOST_TAP: &str = "tap0";
+const GUEST_MAC: &str = "52:54:00:fe:00:02";
+
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+static NETWORK_SEQUENCE: AtomicU32 = AtomicU32::new(0);
+static UPLINK_PORTS: AtomicU32 = AtomicU32::new(0);
 
 /// Everything that can go wrong building, booting or driving the VM, on either side.
 #[derive(Debug, thiserror::Error)]
@@ -275,6 +300,8 @@ pub struct VmRun<'a> {
     strip_debug: bool,
     echo_console: bool,
     kernel_args: Vec<String>,
+    /// The namespace of a [`VmNetwork`] whose tap device becomes the guest's `eth0`.
+    network: Option<String>,
 }
 
 impl<'a> VmRun<'a> {
@@ -291,6 +318,7 @@ impl<'a> VmRun<'a> {
             strip_debug: true,
             echo_console: false,
             kernel_args: Vec::new(),
+            network: None,
         }
     }
 
@@ -352,6 +380,15 @@ impl<'a> VmRun<'a> {
         self
     }
 
+    /// Gives the guest a NIC on `network`'s bridge: qemu runs in that namespace with its tap
+    /// device, and before the command starts the guest renames the NIC [`UPLINK_NIC`] and puts
+    /// it into bridge [`UPLINK_BRIDGE`] with address [`UPLINK_GUEST`] ([`attach_uplink`] adds
+    /// namespaces).
+    pub fn network(mut self, network: &VmNetwork) -> Self {
+        self.network = Some(network.netns.clone());
+        self
+    }
+
     /// Boots the VM, runs `command` with busybox `sh` in the guest (working directory
     /// `/ferrovip`), and waits for the guest to power off. A non-zero exit code is not an
     /// error: check [`VmOutput::exit_code`].
@@ -365,7 +402,23 @@ impl<'a> VmRun<'a> {
             append.push(' ');
             append.push_str(arg);
         }
-        let mut qemu = Command::new(QEMU);
+        let mut qemu = match &self.network {
+            // `ip netns exec` execs qemu, so the child is qemu itself.
+            Some(netns) => {
+                let mut qemu = Command::new("ip");
+                qemu.args(["netns", "exec", netns, QEMU]);
+                qemu
+            }
+            None => Command::new(QEMU),
+        };
+        if self.network.is_some() {
+            qemu.args([
+                "-netdev",
+                &format!("tap,id=uplink,ifname={HOST_TAP},script=no,downscript=no"),
+                "-device",
+                &format!("virtio-net-pci,netdev=uplink,mac={GUEST_MAC}"),
+            ]);
+        }
         qemu.args([
             "-accel",
             "tcg",
@@ -535,6 +588,19 @@ impl<'a> VmRun<'a> {
             }
             script.push_str(&format!("export {key}={}\n", shell_quote(value)));
         }
+        if self.network.is_some() {
+            // The NIC joins a bridge, so that namespaces can join the host's segment too. It
+            // leaves the name eth0 to the tests' namespaces: `ip link add eth0 netns x type
+            // veth ...` fails while the root namespace has an eth0.
+            let guest = format!("{UPLINK_GUEST}/{UPLINK_PREFIX_LEN}");
+            script.push_str(&format!(
+                "if ip link set eth0 name {UPLINK_NIC} && ip link add {UPLINK_BRIDGE} type bridge \
+                 && ip link set {UPLINK_NIC} master {UPLINK_BRIDGE} \
+                 && ip link set {UPLINK_NIC} up && ip link set {UPLINK_BRIDGE} up \
+                 && ip addr add {guest} dev {UPLINK_BRIDGE}; then export {UPLINK_ENV}={UPLINK_BRIDGE}; \
+                 else echo 'ferrovip-vm: no uplink: the NIC (virtio_net) is missing or could not be set up'; fi\n"
+            ));
+        }
         script.push_str(command);
         script.push('\n');
         Ok(script.into_bytes())
@@ -585,6 +651,89 @@ impl WorkDir {
 impl Drop for WorkDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A network for [`VmRun::network`]: a host network namespace `fvm-<pid>-<n>` holding bridge
+/// `br0` with [`UPLINK_HOST`] and the tap device qemu opens. Run servers for the guest in
+/// [`VmNetwork::netns`] (e.g. [`crate::ApiServerOptions::netns`] with `bind` [`UPLINK_HOST`]).
+/// Dropping it deletes the namespace, which removes the bridge and the tap with it: drop what
+/// runs inside first.
+#[derive(Debug)]
+pub struct VmNetwork {
+    netns: String,
+}
+
+impl VmNetwork {
+    pub fn create() -> Result<VmNetwork, VmError> {
+        let _ = VmNetwork::cleanup_stale();
+        let netns = format!(
+            "{NETWORK_STEM}{}-{}",
+            std::process::id(),
+            NETWORK_SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        );
+        run_command("ip", &["netns", "add", &netns])?;
+        // From here on Drop deletes it, also when the next command fails.
+        let network = VmNetwork { netns };
+        let host = format!("{UPLINK_HOST}/{UPLINK_PREFIX_LEN}");
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["link", "add", HOST_BRIDGE, "type", "bridge"],
+            &["addr", "add", &host, "dev", HOST_BRIDGE],
+            &["link", "set", HOST_BRIDGE, "up"],
+            &["tuntap", "add", "dev", HOST_TAP, "mode", "tap"],
+            &["link", "set", HOST_TAP, "master", HOST_BRIDGE],
+            &["link", "set", HOST_TAP, "up"],
+        ] {
+            network.ip(args)?;
+        }
+        Ok(network)
+    }
+
+    /// The host network namespace of the bridge and the tap.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// `ip -n <netns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> Result<String, VmError> {
+        let mut full = vec!["-n", self.netns.as_str()];
+        full.extend_from_slice(args);
+        run_command("ip", &full)
+    }
+
+    /// Deletes the namespaces of networks whose process is gone (killed before its Drop
+    /// ran); returns their names.
+    pub fn cleanup_stale() -> Result<Vec<String>, VmError> {
+        let dir = Path::new(NETNS_DIR);
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error("cannot list network namespaces", dir)(e)),
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(NETWORK_STEM)
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid.to_string()).exists()
+                && run_command("ip", &["netns", "del", &name]).is_ok()
+            {
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl Drop for VmNetwork {
+    fn drop(&mut self) {
+        let _ = run_command("ip", &["netns", "del", &self.netns]);
     }
 }
 
@@ -962,6 +1111,30 @@ impl GuestBridge {
         }
         Ok(())
     }
+}
+
+/// Plugs `netns` into the guest's uplink (a run with [`VmRun::network`]): a veth `interface`
+/// there, its peer a port of [`UPLINK_BRIDGE`] in the guest's root namespace, with `cidr` (in
+/// the uplink's subnet, e.g. `100.64.0.11/24`): the namespace then reaches [`UPLINK_HOST`].
+pub fn attach_uplink(netns: &GuestNetns, interface: &str, cidr: &str) -> Result<(), VmError> {
+    if std::env::var_os(UPLINK_ENV).is_none() {
+        return Err(VmError::InvalidRun(
+            "the guest has no uplink: the run has no network (VmRun::network), or the guest \
+             could not set it up (see the console; an image older than virtio_net?)"
+                .into(),
+        ));
+    }
+    let port = format!("upport{}", UPLINK_PORTS.fetch_add(1, Ordering::Relaxed));
+    run_command(
+        "ip",
+        &[
+            "link", "add", &port, "type", "veth", "peer", "name", interface, "netns", &netns.name,
+        ],
+    )?;
+    run_command("ip", &["link", "set", &port, "master", UPLINK_BRIDGE])?;
+    run_command("ip", &["link", "set", &port, "up"])?;
+    netns.ip(&["link", "set", interface, "up"])?;
+    netns.add_address(cidr, interface)
 }
 
 /// A TCP server in a namespace that answers every connection with `<reply>\n` and closes
