@@ -662,12 +662,7 @@ impl Agent {
             Source::Kubernetes => command.env("KUBECONFIG", vm::cluster::node_kubeconfig(node)),
         };
         let child = command
-            .args([
-                "--metrics-addr",
-                "127.0.0.1:9646",
-                "--log-format",
-                "json",
-            ])
+            .args(["--metrics-addr", "127.0.0.1:9646", "--log-format", "json"])
             // Per namespace: a state directory describes one kernel's tables and sysctls.
             .args(["--state-dir", &format!("/run/ferrovip-{}", ns.name())])
             .args(extra)

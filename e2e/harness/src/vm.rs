@@ -1128,7 +1128,16 @@ pub fn attach_uplink(netns: &GuestNetns, interface: &str, cidr: &str) -> Result<
     run_command(
         "ip",
         &[
-            "link", "add", &port, "type", "veth", "peer", "name", interface, "netns", &netns.name,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            interface,
+            "netns",
+            &netns.name,
         ],
     )?;
     run_command("ip", &["link", "set", &port, "master", UPLINK_BRIDGE])?;
@@ -1388,6 +1397,32 @@ mod tests {
             .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
             .filter(|cmdline| cmdline.contains(argument))
             .collect()
+    }
+
+    /// Host side only (root): the namespace holds the bridge with the host's address and the
+    /// tap as its port; dropping the network removes all of it, and the namespace of a process
+    /// that is gone is reclaimed while a live one is left alone.
+    #[test]
+    fn vm_network_builds_bridge_and_tap_and_leaves_nothing_behind() {
+        let network = VmNetwork::create().expect("create the network (needs root)");
+        let tap = network.ip(&["-o", "link", "show", HOST_TAP]).unwrap();
+        assert!(tap.contains(&format!("master {HOST_BRIDGE}")), "{tap}");
+        let addr = network
+            .ip(&["-4", "-o", "addr", "show", "dev", HOST_BRIDGE])
+            .unwrap();
+        assert!(
+            addr.contains(&format!("{UPLINK_HOST}/{UPLINK_PREFIX_LEN}")),
+            "{addr}"
+        );
+        // Above any pid_max: never a live process.
+        let stale = format!("{NETWORK_STEM}4294967295-0");
+        run_command("ip", &["netns", "add", &stale]).unwrap();
+        VmNetwork::cleanup_stale().unwrap();
+        assert!(!Path::new(NETNS_DIR).join(&stale).exists());
+        let name = network.netns().to_owned();
+        assert!(Path::new(NETNS_DIR).join(&name).exists());
+        drop(network);
+        assert!(!Path::new(NETNS_DIR).join(&name).exists());
     }
 
     #[test]
