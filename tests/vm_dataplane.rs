@@ -934,17 +934,17 @@ fn k8s_agent_restarts_adopt_the_dataplane_without_a_write() -> CaseResult {
 }
 
 /// The Kubernetes objects of the restart test: Nodes, the backends' Service and EndpointSlice,
-/// and the VirtualIP `web` forwarding to them through a `serviceRef`.
-fn restart_objects(admin: &vm::cluster::Admin) -> CaseResult {
-    admin.create(&vm::cluster::node("d1", "198.51.100.11"))?;
-    admin.create(&vm::cluster::node("d2", "198.51.100.12"))?;
-    admin.apply(&serde_json::json!({
+/// and the VirtualIP `web` forwarding to them through a `serviceRef`; deleted by `cleanup`.
+fn restart_objects(admin: &vm::cluster::Admin, cleanup: &mut vm::cluster::Cleanup) -> CaseResult {
+    admin.create_if_absent(&vm::cluster::node("d1", "198.51.100.11"))?;
+    admin.create_if_absent(&vm::cluster::node("d2", "198.51.100.12"))?;
+    admin.apply(&cleanup.track(serde_json::json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web-backends", "namespace": "default"},
         "spec": {"clusterIP": "None",
                  "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
-    }))?;
-    admin.apply(&serde_json::json!({
+    })))?;
+    admin.apply(&cleanup.track(serde_json::json!({
         "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
         "metadata": {"name": "web-backends-1", "namespace": "default",
                      "labels": {"kubernetes.io/service-name": "web-backends"}},
@@ -954,8 +954,8 @@ fn restart_objects(admin: &vm::cluster::Admin) -> CaseResult {
             {"addresses": ["203.0.113.11"], "conditions": {"ready": true}},
             {"addresses": ["203.0.113.12"], "conditions": {"ready": true}},
         ],
-    }))?;
-    admin.apply(&serde_json::json!({
+    })))?;
+    admin.apply(&cleanup.track(serde_json::json!({
         "apiVersion": "ferrovip.io/v1alpha1", "kind": "VirtualIP",
         "metadata": {"name": "web"},
         "spec": {
@@ -967,7 +967,7 @@ fn restart_objects(admin: &vm::cluster::Admin) -> CaseResult {
             "services": [{"port": 80, "scheduler": "wrr", "backends": {"serviceRef":
                 {"namespace": "default", "name": "web-backends", "port": "http"}}}],
         },
-    }))?;
+    })))?;
     Ok(())
 }
 
@@ -995,11 +995,13 @@ fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult 
         .map(|b| TcpNameServer::start(b, any, b.name()))
         .collect::<Result<_, _>>()?;
     let path = "/tmp/rs-web.yaml";
-    let source = if kubernetes {
+    let admin = kubernetes.then(vm::cluster::Admin::connect).transpose()?;
+    let mut cleanup = admin.as_ref().map(vm::cluster::Cleanup::new);
+    let source = if let (Some(admin), Some(cleanup)) = (&admin, &mut cleanup) {
         // The directors reach the host's API server through the uplink.
         attach_uplink(&d1, "eth2", "100.64.0.11/24")?;
         attach_uplink(&d2, "eth2", "100.64.0.12/24")?;
-        restart_objects(&vm::cluster::Admin::connect()?)?;
+        restart_objects(admin, cleanup)?;
         Source::Kubernetes
     } else {
         std::fs::write(path, manifest(&[("203.0.113.11", 1), ("203.0.113.12", 1)]))?;
@@ -1203,6 +1205,218 @@ fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult 
     ensure(unexpected.is_empty(), || {
         format!("connections failed during restarts that keep the VIP in place: {unexpected:?}")
     })?;
+    Ok(())
+}
+
+/// Issue 10's whole traffic path on real components: a LoadBalancerPool (`forwarding: IPVS`)
+/// and a Service of `type: LoadBalancer` created on the host's API server (v1.20), its
+/// allocation record, two agents in Kubernetes mode in guest namespaces: the master holds the
+/// address, and a client's TCP connections through it reach the Service's endpoints (from its
+/// EndpointSlice) through the guest's real IPVS, before and after the master's agent is killed
+/// (the backup takes the address over and forwards at once).
+fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
+    let client = GuestNetns::create("lb-client")?;
+    let d1 = GuestNetns::create("lb-d1")?;
+    let d2 = GuestNetns::create("lb-d2")?;
+    let backends = (1..=2)
+        .map(|i| GuestNetns::create(&format!("lb-b{i}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let front = GuestBridge::create("lb-front")?;
+    let back = GuestBridge::create("lb-back")?;
+    front.attach(&client, "eth0", &["198.51.100.2/24"])?;
+    front.attach(&d1, "eth0", &["198.51.100.11/24"])?;
+    front.attach(&d2, "eth0", &["198.51.100.12/24"])?;
+    back.attach(&d1, "eth1", &["203.0.113.1/24"])?;
+    back.attach(&d2, "eth1", &["203.0.113.2/24"])?;
+    for (i, b) in backends.iter().enumerate() {
+        back.attach(b, "eth0", &[&format!("203.0.113.{}/24", 11 + i)])?;
+    }
+    attach_uplink(&d1, "eth2", "100.64.0.11/24")?;
+    attach_uplink(&d2, "eth2", "100.64.0.12/24")?;
+    let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
+    let _servers: Vec<TcpNameServer> = backends
+        .iter()
+        .map(|b| TcpNameServer::start(b, any, b.name()))
+        .collect::<Result<_, _>>()?;
+
+    let admin = vm::cluster::Admin::connect()?;
+    let mut cleanup = vm::cluster::Cleanup::new(&admin);
+    admin.create_if_absent(&vm::cluster::node("d1", "198.51.100.11"))?;
+    admin.create_if_absent(&vm::cluster::node("d2", "198.51.100.12"))?;
+    let address = "198.51.100.200";
+    admin.apply(&cleanup.track(serde_json::json!({
+        "apiVersion": "ferrovip.io/v1alpha1", "kind": "LoadBalancerPool",
+        "metadata": {"name": "vm-pool"},
+        "spec": {
+            "addresses": ["198.51.100.200-198.51.100.209"],
+            "template": {
+                "interface": "eth0",
+                "vrrp": {"advertisementInterval": "100ms"},
+                "priority": {"preferredNodes": [{"nodeName": "d1", "weight": 50}]},
+                "forwarding": "IPVS",
+                "scheduler": "rr",
+            },
+        },
+    })))?;
+    // Class-less: v1.20 drops spec.loadBalancerClass, and class-less Services are served.
+    let service = cleanup.track(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web-lb", "namespace": "default"},
+        "spec": {"type": "LoadBalancer",
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+    }));
+    admin.apply(&service)?;
+    // No controller manager: the EndpointSlice is written as it would.
+    admin.apply(&cleanup.track(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-lb-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web-lb"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["203.0.113.11"], "conditions": {"ready": true}},
+            {"addresses": ["203.0.113.12"], "conditions": {"ready": true}},
+        ],
+    })))?;
+    let created = Instant::now();
+    allocate_as_the_controller(&admin, &service, address)?;
+
+    let mut d1_agent = Agent::start_with(&d1, "d1", Source::Kubernetes, &[], ".lb")?;
+    let d2_agent = Agent::start_with(&d2, "d2", Source::Kubernetes, &[], ".lb")?;
+    let vip = SocketAddr::new(address.parse()?, 80);
+    let has_vip = |ns: &GuestNetns| {
+        ns.ip(&["-4", "addr", "show", "dev", "eth0"])
+            .is_ok_and(|o| o.contains(&format!("{address}/32")))
+    };
+    let programmed = |ns: &GuestNetns| {
+        saved(ns).is_ok_and(|l| {
+            l.iter()
+                .filter(|l| l.starts_with(&format!("-a -t {address}:80 -r 203.0.113.1")))
+                .count()
+                == 2
+        })
+    };
+    wait_for(
+        "d1 to hold the Service's address",
+        Duration::from_secs(60),
+        || has_vip(&d1),
+    )
+    .map_err(|e| format!("{e}\nd1 log:\n{}", d1_agent.log()))?;
+    let held = created.elapsed();
+    for ns in [&d1, &d2] {
+        wait_for(
+            "the Service's port in IPVS with both endpoints",
+            Duration::from_secs(30),
+            || programmed(ns),
+        )
+        .map_err(|e| {
+            format!(
+                "{e} ({})\n{}",
+                ns.name(),
+                saved(ns).unwrap_or_default().join("\n")
+            )
+        })?;
+    }
+    ensure(!has_vip(&d2), || "d2 holds the address too".into())?;
+    let spread = tcp_spread(&client, vip, 10, TIMEOUT)?;
+    ensure(
+        spread.get("lb-b1") == Some(&5) && spread.get("lb-b2") == Some(&5),
+        || format!("connections through {vip} before the failover: {spread:?}"),
+    )?;
+    // The master says so on the Service (kubectl shows which node holds the address).
+    admin.wait(
+        &service,
+        "the master annotation naming d1",
+        Duration::from_secs(30),
+        |s| s["metadata"]["annotations"]["ferrovip.io/master"] == format!("{address}=d1"),
+    )?;
+
+    // The master's agent dies; a client keeps connecting.
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let (killed_at, took_over, (ok, failed)) = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| {
+            let mut ok = BTreeMap::<String, usize>::new();
+            let mut failed = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let attempt = started.elapsed();
+                match tcp_request(&client, vip, Duration::from_secs(2)) {
+                    Ok(reply) => *ok.entry(reply).or_insert(0) += 1,
+                    Err(e) => failed.push((attempt, e.to_string())),
+                }
+            }
+            (ok, failed)
+        });
+        let result = (|| -> Result<(Duration, Duration), vm::CaseError> {
+            std::thread::sleep(Duration::from_secs(1));
+            let killed_at = started.elapsed();
+            d1_agent.kill();
+            let killed = Instant::now();
+            wait_for(
+                "d2 to take the address over",
+                Duration::from_secs(10),
+                || has_vip(&d2),
+            )?;
+            let took_over = killed.elapsed();
+            // The dead agent's address expires by its lifetime (1 s by default).
+            wait_for("the address to leave d1", Duration::from_secs(10), || {
+                !has_vip(&d1)
+            })?;
+            std::thread::sleep(Duration::from_secs(2));
+            Ok((killed_at, took_over))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let traffic = traffic.join().expect("traffic thread");
+        result.map(|(k, t)| (k, t, traffic))
+    })?;
+    // Connections may fail only between the kill and the takeover (plus one attempt's
+    // timeout and the address leaving the dead master).
+    let window = killed_at..killed_at + took_over + Duration::from_secs(3);
+    let outside: Vec<_> = failed.iter().filter(|(t, _)| !window.contains(t)).collect();
+    println!(
+        "Service address held by d1 {held:.2?} after the allocation record; d1 killed, d2 took \
+         over after {took_over:.2?}; replies by backend {ok:?}, {} failed at {:?}",
+        failed.len(),
+        failed.iter().map(|(t, _)| *t).collect::<Vec<_>>()
+    );
+    ensure(outside.is_empty(), || {
+        format!("connections failed outside the failover window {window:?}: {outside:?}")
+    })?;
+    ensure(
+        ok.get("lb-b1").is_some_and(|n| *n > 3) && ok.get("lb-b2").is_some_and(|n| *n > 3),
+        || format!("both endpoints must serve through the failover: {ok:?}"),
+    )?;
+    let after = tcp_spread(&client, vip, 10, TIMEOUT)?;
+    ensure(
+        after.get("lb-b1") == Some(&5) && after.get("lb-b2") == Some(&5),
+        || format!("connections through {vip} after the failover: {after:?}"),
+    )?;
+    admin.wait(
+        &service,
+        "the master annotation naming d2",
+        Duration::from_secs(30),
+        |s| s["metadata"]["annotations"]["ferrovip.io/master"] == format!("{address}=d2"),
+    )?;
+    drop(d2_agent);
+    Ok(())
+}
+
+/// What the Service controller does for the Service (as the leader would, for runs without
+/// it): the allocation record naming the pool, then the ingress status.
+fn allocate_as_the_controller(
+    admin: &vm::cluster::Admin,
+    service: &serde_json::Value,
+    address: &str,
+) -> CaseResult {
+    admin.merge_patch(
+        service,
+        &serde_json::json!({"metadata": {"annotations":
+            {"ferrovip.io/allocated": format!("{address}@vm-pool")}}}),
+    )?;
+    admin.merge_patch_status(
+        service,
+        &serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": address}]}}}),
+    )?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -85,6 +85,27 @@ impl Admin {
         Ok(())
     }
 
+    /// [`Admin::create`], unless the object exists already (left by an earlier case).
+    pub fn create_if_absent(&self, doc: &Value) -> Result<(), CaseError> {
+        if self.get(doc)?.is_none() {
+            self.create(doc)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the object `doc` names; absent is fine.
+    pub fn delete(&self, doc: &Value) -> Result<(), CaseError> {
+        let (api, name) = self.api_of(doc)?;
+        match self
+            .runtime
+            .block_on(api.delete(&name, &DeleteParams::default()))
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Server-side apply of `doc` (creates or updates it).
     pub fn apply(&self, doc: &Value) -> Result<(), CaseError> {
         let (api, name) = self.api_of(doc)?;
@@ -142,6 +163,38 @@ impl Admin {
                 .into());
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Deletes the objects it names when dropped (a case's objects, so that later cases' agents,
+/// which may share node names, never see them), failed case or not.
+pub struct Cleanup<'a> {
+    admin: &'a Admin,
+    docs: Vec<Value>,
+}
+
+impl<'a> Cleanup<'a> {
+    pub fn new(admin: &'a Admin) -> Self {
+        Cleanup {
+            admin,
+            docs: Vec::new(),
+        }
+    }
+
+    /// Remembers `doc` for deletion and returns it.
+    pub fn track(&mut self, doc: Value) -> Value {
+        self.docs.push(doc.clone());
+        doc
+    }
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        for doc in self.docs.iter().rev() {
+            if let Err(e) = self.admin.delete(doc) {
+                eprintln!("cleanup of {}: {e}", doc["metadata"]["name"]);
+            }
         }
     }
 }
