@@ -18,6 +18,7 @@ use ferrovip::dataplane::{ApplyReport, Dataplane};
 use ferrovip::model::service::{
     BackendKey, Forwarding, ServiceKey, ServiceProtocol, ServiceSet, ServiceSpec,
 };
+use ferrovip::source::cache::CACHE_FILE;
 use ferrovip::vocab::Family;
 use ferrovip_e2e::vm::{
     GuestBridge, GuestNetns, TcpNameServer, attach_uplink, tcp_request, tcp_spread,
@@ -704,6 +705,28 @@ impl Drop for Agent {
     }
 }
 
+/// The transition lines of every agent log whose path starts with `prefix`, by file.
+fn transitions_logged(prefix: &str) -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir("/tmp")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().starts_with(prefix))
+        .collect();
+    files.sort();
+    let mut out = String::new();
+    for file in files {
+        out.push_str(&format!("{}:\n", file.display()));
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("\"transition\"")) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// The agent's metrics, fetched over HTTP inside its namespace.
 fn scrape(ns: &GuestNetns) -> Result<String, vm::CaseError> {
     let text = ns.run(|| -> std::io::Result<String> {
@@ -962,7 +985,10 @@ fn restart_objects(admin: &vm::cluster::Admin, cleanup: &mut vm::cluster::Cleanu
             "addresses": ["198.51.100.100/24"],
             "interface": "eth0",
             "virtualRouterId": 51,
-            "vrrp": {"advertisementInterval": "100ms"},
+            // Not 100 ms as in standalone mode: an agent starting in Kubernetes mode (TLS,
+            // lists) starves the emulated CPUs enough that a backup sometimes misses 350 ms of
+            // adverts, and a false failover moves the VIP, which is not what this measures.
+            "vrrp": {"advertisementInterval": "500ms"},
             "priority": {"preferredNodes": [{"nodeName": "d1", "weight": 50}]},
             "services": [{"port": 80, "scheduler": "wrr", "backends": {"serviceRef":
                 {"namespace": "default", "name": "web-backends", "port": "http"}}}],
@@ -1068,19 +1094,35 @@ fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult 
             .and_then(|v| v.parse().ok()))
     };
 
+    let connect_timeout = Duration::from_secs(if kubernetes { 4 } else { 2 });
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     // What happened, when (from the SIGTERM to the VIP settled back on d1), whether the VIP
     // moves by design.
     type Restart = (String, std::ops::Range<Duration>, bool);
     let (restarts, (ok, failed), gaps) = std::thread::scope(|scope| {
-        // Both directors' tables, sampled throughout: the service with both backends.
+        // Both directors' tables, sampled throughout over netlink (cheaper than ipvsadm on
+        // the emulated CPUs): the service with both backends.
         let sampler = scope.spawn(|| {
+            let key = netlink::ServiceKey::Addr {
+                protocol: netlink::Protocol::Tcp,
+                addr: v4(198, 51, 100, 100),
+                port: 80,
+            };
+            let backends = |ns: &GuestNetns| {
+                ns.run(|| {
+                    IpvsClient::connect()
+                        .and_then(|mut c| c.destinations(&key))
+                        .map_or(0, |d| d.len())
+                })
+                .unwrap_or(0)
+            };
             let mut gaps = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 for ns in [&d1, &d2] {
-                    if !programmed(ns) {
-                        gaps.push((started.elapsed(), ns.name().to_owned()));
+                    let n = backends(ns);
+                    if n != 2 {
+                        gaps.push((started.elapsed(), ns.name().to_owned(), n));
                     }
                 }
                 std::thread::sleep(Duration::from_millis(200));
@@ -1092,11 +1134,15 @@ fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult 
             let mut failed = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 // A client with a usual connect timeout: a SYN lost and retransmitted after
-                // 1 s (an emulated guest starved of CPU) is not a failed connection.
+                // 1 s (an emulated guest starved of CPU) is not a failed connection. In
+                // Kubernetes mode a starting agent (TLS, lists) starves the emulated CPUs
+                // longer, and restart windows are longer: the second retransmission (3 s) is
+                // waited for too. A dataplane that dropped the backends for a while is caught
+                // by the sampler, the write counter and the table comparison instead.
                 // Failures are timed by when the attempt began: a restart can fail only the
                 // attempts made while it is under way.
                 let attempt = started.elapsed();
-                match tcp_request(&client, vip, Duration::from_secs(2)) {
+                match tcp_request(&client, vip, connect_timeout) {
                     Ok(_) => ok += 1,
                     Err(e) => {
                         let cause = std::error::Error::source(&e)
@@ -1126,6 +1172,13 @@ fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult 
                 let window_start = started.elapsed().saturating_sub(Duration::from_millis(100));
                 agent.terminate()?;
                 let args: &[&str] = if with_hold { &hold } else { &[] };
+                if kubernetes && !with_hold {
+                    // Without a saved snapshot the new agent must wait until every watch has
+                    // listed (the path of issue 9); with one it may start from it when listing
+                    // takes longer than its grace, as it often does on this emulated guest.
+                    let saved = format!("/run/ferrovip-{}/{CACHE_FILE}", ns.name());
+                    std::fs::remove_file(&saved).map_err(|e| format!("{saved}: {e}"))?;
+                }
                 let restarted = Instant::now();
                 *agent = Agent::start_with(ns, node, source, args, &format!(".{}", run + 1))?;
                 let applied = r#"ferrovip_dataplane_apply_total{dataplane="ipvs",result="ok"}"#;
@@ -1136,6 +1189,27 @@ fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult 
                 )
                 .map_err(|e| format!("{e}\n{node} log:\n{}", agent.log()))?;
                 let took = restarted.elapsed();
+                let planned_from = if kubernetes {
+                    // A plan from a saved snapshot comes before the lists: the plan from the
+                    // listed state must write nothing either.
+                    wait_for(
+                        "the new agent to list the cluster state",
+                        Duration::from_secs(30),
+                        || agent.log().contains("cluster state listed"),
+                    )
+                    .map_err(|e| format!("{e}\n{node} log:\n{}", agent.log()))?;
+                    std::thread::sleep(Duration::from_secs(3));
+                    if agent
+                        .log()
+                        .contains("starting from the saved cluster snapshot")
+                    {
+                        "the saved snapshot, then the lists"
+                    } else {
+                        "the lists"
+                    }
+                } else {
+                    "the manifest"
+                };
                 let writes = metric(ns, r#"ferrovip_dataplane_writes_total{dataplane="ipvs"}"#)?;
                 ensure(writes == Some(0.0), || {
                     format!(
@@ -1164,7 +1238,7 @@ fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult 
                 std::thread::sleep(Duration::from_millis(700));
                 restarts.push((
                     format!(
-                        "{node} (restart-hold {with_hold}): first apply {took:.2?} after the start, 0 writes, window {window:.2?}"
+                        "{node} (restart-hold {with_hold}): first apply {took:.2?} after the start, planned from {planned_from}, 0 writes, window {window:.2?}"
                     ),
                     window,
                     // The master's agent leaving without a hold hands the VIP over (priority
@@ -1200,10 +1274,14 @@ fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult 
     );
     ensure(ok > 20, || format!("only {ok} connections succeeded"))?;
     ensure(gaps.is_empty(), || {
-        format!("a director's table lacked the service or a backend at (time, director): {gaps:?}")
+        format!("a director's table lacked a backend at (time, director, backends): {gaps:?}")
     })?;
     ensure(unexpected.is_empty(), || {
-        format!("connections failed during restarts that keep the VIP in place: {unexpected:?}")
+        format!(
+            "connections failed during restarts that keep the VIP in place: {unexpected:?}\n\
+             VRRP transitions of every agent:\n{}",
+            transitions_logged(&format!("/tmp/agent-{p}-"))
+        )
     })?;
     Ok(())
 }
