@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use ferrovip_e2e::vm::{GUEST_BIN_DIR, UPLINK_HOST, VmImage, VmNetwork, VmRun, in_guest};
-use ferrovip_e2e::{ApiServer, ApiServerOptions};
+use ferrovip_e2e::{AGENT_GROUP, ApiServer, ApiServerOptions};
 
 /// What a case returns: any error, or a message (`Err("...".into())`).
 pub type CaseError = Box<dyn Error + Send + Sync>;
@@ -182,6 +182,8 @@ const CRDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds");
 const RBAC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/rbac");
 /// The agent's ClusterRole in config/rbac.
 const AGENT_ROLE: &str = "ferrovip-agent";
+/// The agents' namespace in config/rbac (Roles there are bound to the node identities too).
+const AGENT_NAMESPACE: &str = "ferrovip-system";
 
 impl HostCluster {
     fn start(kube: &Kube) -> Result<HostCluster, Box<dyn Error>> {
@@ -204,6 +206,29 @@ impl HostCluster {
         ])?;
         api.kubectl_ok(&["apply", "-f", RBAC])?;
         api.bind_agent_group(AGENT_ROLE)?;
+        // The agents' Roles in their namespace (the Service controller's Lease), bound to the
+        // node identities as config/rbac binds them to the ServiceAccount.
+        let roles = api.kubectl_ok(&[
+            "get",
+            "roles",
+            "-n",
+            AGENT_NAMESPACE,
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])?;
+        for role in roles.split_whitespace() {
+            let binding = serde_json::json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": format!("{AGENT_GROUP}-{role}"), "namespace": AGENT_NAMESPACE},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                              "name": AGENT_GROUP}],
+            });
+            let path = api.dir().join(format!("binding-role-{role}.json"));
+            std::fs::write(&path, binding.to_string())?;
+            api.kubectl_ok(&["apply", "-f", &path.display().to_string()])?;
+        }
         eprintln!(
             "vm: API server {} in {} ready with CRDs and RBAC after {:.2?}",
             api.url(),
