@@ -300,7 +300,7 @@ pub struct VmRun<'a> {
     strip_debug: bool,
     echo_console: bool,
     kernel_args: Vec<String>,
-    /// The namespace of a [`VmNetwork`] whose tap device becomes the guest's `eth0`.
+    /// The namespace of a [`VmNetwork`] whose tap device becomes the guest's NIC.
     network: Option<String>,
 }
 
