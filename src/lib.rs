@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod driver;
 pub mod engine;
 pub mod health;
+pub mod ipam;
 pub mod k8s;
 pub mod lab;
 pub mod metrics;

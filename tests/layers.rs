@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&str] = &[
     "vocab",
     "crd",
+    "ipam",
     "model",
     "vrrp",
     "engine",
