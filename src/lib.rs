@@ -5,6 +5,7 @@
 //! node; the [`vrrp`] engine runs them and the [`dataplane`] converges the kernel.
 
 pub mod agent;
+pub mod controller;
 pub mod crd;
 pub mod dataplane;
 pub mod driver;

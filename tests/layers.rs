@@ -21,6 +21,7 @@ const LAYERS: &[&str] = &[
     "dataplane",
     "source",
     "k8s",
+    "controller",
     "metrics",
     "agent",
     "lab",
