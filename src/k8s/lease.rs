@@ -341,6 +341,8 @@ impl Elector {
                 s.valid_until = None;
                 s.holder = Some(holder);
             });
+            // A contender reads afresh every round (the holder may release or renew).
+            self.lease = None;
             // Look again at expiry, but at least every renew interval (it may be released).
             return Ok((*expires_in + Duration::from_millis(10)).min(self.settings.renew));
         }
