@@ -468,6 +468,22 @@ fn lease_election_takeover_release_and_theft() {
 #[test]
 fn allocation_survives_restarts_edits_deletions_and_fights() {
     let mut env = Env::start();
+    // The samples are accepted by this server (v1.20 knows no loadBalancerClass: the Service
+    // sample is checked without client-side validation, and the server drops the field).
+    let samples = concat!(env!("CARGO_MANIFEST_DIR"), "/config/samples");
+    env.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        &format!("{samples}/lbpool.yaml"),
+    ]);
+    env.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "--validate=false",
+        "-f",
+        &format!("{samples}/service-lb.yaml"),
+    ]);
     env.pool("small", &["198.51.100.10-198.51.100.12"]);
     env.start_controller("ctl-a");
     env.wait_holder(Some("ctl-a"), Duration::from_secs(10));
@@ -535,12 +551,36 @@ fn allocation_survives_restarts_edits_deletions_and_fights() {
     assert_eq!(shrunk["svc-1"], after["svc-1"]);
     assert_eq!(shrunk["svc-4"], after["svc-4"]);
     env.wait_event("svc-3", "AddressReleased", Duration::from_secs(5));
+    // The pool's status counts what it holds (written by the leader, at most once a second
+    // for counts alone).
+    let started = Instant::now();
+    loop {
+        let pool: Value =
+            serde_json::from_str(&env.kubectl(&["get", "lbpool", "small", "-o", "json"])).unwrap();
+        let status = &pool["status"];
+        let ready = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        if ready
+            && status["inUse"] == 3
+            && status["ipv4"]["total"] == 4
+            && status["ipv4"]["available"] == 1
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "pool status: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // --- A stolen Lease stops the old leader's writes: with a thief holding it, nobody
     // allocates.
     env.pool("big", &["198.51.100.128/25"]);
     let leader = env.holder().unwrap();
-    let thief = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     env.steal_lease("thief");
     std::thread::sleep(LEASE_RENEW * 2);
     env.create_service("svc-stolen");
@@ -554,7 +594,6 @@ fn allocation_survives_restarts_edits_deletions_and_fights() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    thief.store(false, std::sync::atomic::Ordering::Relaxed);
     env.wait_services(
         "svc-stolen allocated after the thief left",
         Duration::from_secs(10),
@@ -585,6 +624,11 @@ fn allocation_survives_restarts_edits_deletions_and_fights() {
                 .iter()
                 .all(|n| s.get(n).is_some_and(Allocation::settled))
         },
+    );
+    let lease = env.lease().unwrap().spec.unwrap();
+    eprintln!(
+        "after the fight: Lease held by {:?}, {:?} transitions",
+        lease.holder_identity, lease.lease_transitions
     );
     let dups = duplicates(&fought);
     assert!(dups.is_empty(), "duplicate addresses: {dups:?}");
