@@ -558,6 +558,9 @@ async fn write_status(
             writer
                 .reconcile(&stores.virtual_ips, &stores.nodes, &plan, &seen)
                 .await;
+            writer
+                .reconcile_load_balancers(&stores.services, &plan, &seen)
+                .await;
         }
         loop {
             tokio::select! {

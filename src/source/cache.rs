@@ -18,11 +18,23 @@ use kube::api::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::crd::{ServiceRef, VirtualIP, VirtualIPSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::crd::{PoolTemplate, ServiceRef, VirtualIP, VirtualIPSpec};
+use crate::model::lb::LbService;
 use crate::model::{Completeness, LocalFacts, NodeFacts, ServiceEndpoints, Snapshot};
 
-/// Bumped whenever the file's meaning changes; other versions are ignored.
-pub const CACHE_VERSION: u32 = 1;
+/// Bumped whenever the file's meaning changes; other versions are ignored, except those in
+/// [`READABLE_VERSIONS`].
+///
+/// Version 2 added the load-balancer facts (pools' templates, served Services with their
+/// allocation records, VirtualIPs' creationTimestamps, endpoints' nodes). A version-1 file
+/// reads as one without them (it was written by an agent that served no load-balancer
+/// addresses); an agent that reads only version 1 ignores a version-2 file with a warning.
+pub const CACHE_VERSION: u32 = 2;
+
+/// The versions this agent reads.
+pub const READABLE_VERSIONS: std::ops::RangeInclusive<u32> = 1..=CACHE_VERSION;
 
 /// The default file name in the state directory.
 pub const CACHE_FILE: &str = "cluster-snapshot.json";
@@ -95,12 +107,21 @@ struct ClusterFacts {
     service_endpoints: Vec<(ServiceRef, ServiceEndpoints)>,
     local_ready_endpoints: Vec<(ServiceRef, usize)>,
     endpoints_known: bool,
+    /// Version 2: pool name → template.
+    #[serde(default)]
+    pools: BTreeMap<String, PoolTemplate>,
+    /// Version 2: served Services with an allocation record.
+    #[serde(default)]
+    load_balancers: Vec<LbService>,
 }
 
 /// A VirtualIP as the planner reads it: its name and spec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct NamedSpec {
     name: Option<String>,
+    /// Version 2: the precedence among load-balancer addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created: Option<Time>,
     spec: VirtualIPSpec,
 }
 
@@ -112,6 +133,7 @@ impl ClusterFacts {
                 .iter()
                 .map(|v| NamedSpec {
                     name: v.metadata.name.clone(),
+                    created: v.metadata.creation_timestamp.clone(),
                     spec: v.spec.clone(),
                 })
                 .collect(),
@@ -129,6 +151,8 @@ impl ClusterFacts {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
             endpoints_known: snapshot.local.endpoints_known,
+            pools: snapshot.pools.clone(),
+            load_balancers: snapshot.load_balancers.clone(),
         }
     }
 
@@ -140,6 +164,7 @@ impl ClusterFacts {
                 .map(|v| VirtualIP {
                     metadata: ObjectMeta {
                         name: v.name,
+                        creation_timestamp: v.created,
                         ..ObjectMeta::default()
                     },
                     spec: v.spec,
@@ -156,6 +181,8 @@ impl ClusterFacts {
             },
             service_endpoints: self.service_endpoints.into_iter().collect(),
             completeness: Completeness::Cached,
+            pools: self.pools,
+            load_balancers: self.load_balancers,
         }
     }
 }
@@ -214,7 +241,7 @@ impl SnapshotCache {
             source,
         };
         let versioned: Versioned = serde_json::from_slice(&bytes).map_err(parse)?;
-        if versioned.version != CACHE_VERSION {
+        if !READABLE_VERSIONS.contains(&versioned.version) {
             return Err(CacheError::Version {
                 path: path.clone(),
                 found: versioned.version,
@@ -348,6 +375,7 @@ mod tests {
                     ports: vec![("http".into(), 8080)],
                     ready: true,
                     draining: false,
+                    node: Some("node-a".into()),
                 }],
             },
         );
