@@ -380,8 +380,32 @@ mod tests {
             },
         );
         s.local.services.insert(frontend.clone());
-        s.local.local_ready_endpoints.insert(frontend, 1);
+        s.local.local_ready_endpoints.insert(frontend.clone(), 1);
         s.local.endpoints_known = true;
+        // A load-balancer address, older than "db" and younger than "web".
+        let time = |secs: i64| {
+            Some(Time(
+                k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + secs).unwrap(),
+            ))
+        };
+        s.virtual_ips[0].metadata.creation_timestamp = time(0);
+        s.virtual_ips[1].metadata.creation_timestamp = time(20);
+        let template: PoolTemplate = serde_saphyr::from_str(
+            "interface: eth0\nforwarding: IPVS\nvrrp: {advertisementInterval: 100ms}\n",
+        )
+        .unwrap();
+        s.pools.insert("pool".into(), template);
+        s.load_balancers.push(LbService {
+            service: frontend,
+            created: time(10),
+            record: [("192.0.2.50".parse().unwrap(), "pool".to_string())].into(),
+            ports: vec![crate::model::lb::LbPort {
+                name: "http".into(),
+                protocol: crate::crd::ServiceProtocol::TCP,
+                port: 80,
+            }],
+            local: true,
+        });
         s
     }
 
@@ -414,6 +438,9 @@ mod tests {
             want.completeness = Completeness::Cached;
             assert_eq!(plan(&cached.snapshot, node), want, "{node}");
         }
+        let lb = plan(&cached.snapshot, "node-a");
+        assert_eq!(lb.load_balancers.len(), 1);
+        assert_eq!(lb.services.len(), 2, "{:?}", lb.services);
         // What was read counts as written: saving the same facts writes nothing.
         assert!(!reader.save(&original).unwrap());
 
@@ -426,6 +453,49 @@ mod tests {
             .unwrap();
         assert_eq!(again.snapshot.nodes["node-b"].ready, Some(false));
         assert!(!dir.join("cluster-snapshot.json.tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_file_is_read_without_load_balancer_facts() {
+        let dir = dir("v1");
+        let path = dir.join(CACHE_FILE);
+        SnapshotCache::new(path.clone(), "node-a".into())
+            .save(&snapshot())
+            .unwrap();
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(value["version"], CACHE_VERSION);
+        // What version 1 wrote: no pools, Services, timestamps or endpoint nodes.
+        value["version"] = 1.into();
+        let object = value.as_object_mut().unwrap();
+        object.remove("pools");
+        object.remove("loadBalancers");
+        for v in value["virtualIps"].as_array_mut().unwrap() {
+            v.as_object_mut().unwrap().remove("created");
+        }
+        for (_, eps) in value["serviceEndpoints"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .map(|e| {
+                let pair = e.as_array_mut().unwrap();
+                (0, &mut pair[1])
+            })
+        {
+            for e in eps["endpoints"].as_array_mut().unwrap() {
+                e.as_object_mut().unwrap().remove("node");
+            }
+        }
+        std::fs::write(&path, value.to_string()).unwrap();
+        let cached = SnapshotCache::new(path.clone(), "node-a".into())
+            .load()
+            .unwrap()
+            .expect("a version-1 file is read");
+        assert!(cached.snapshot.load_balancers.is_empty());
+        assert!(cached.snapshot.pools.is_empty());
+        assert_eq!(cached.snapshot.virtual_ips.len(), 2);
+        assert_eq!(plan(&cached.snapshot, "node-a").iter().count(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
