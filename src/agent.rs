@@ -253,6 +253,15 @@ impl Agent {
                     Some(snapshot_file),
                 )
                 .await;
+                // kube-proxy against the load-balancer addresses (log, Node Event, gauge).
+                let kube_proxy_metrics = metrics.clone();
+                tokio::spawn(crate::k8s::kube_proxy::run(
+                    crate::dataplane::kube_proxy::KubeProxyObserver::new(),
+                    client.clone(),
+                    args.node_name.clone(),
+                    desired_rx.clone(),
+                    move |problems| kube_proxy_metrics.kube_proxy_problems(problems),
+                ));
                 tokio::spawn(write_status(
                     StatusWriter::new(client, args.node_name.clone()),
                     cluster.clone_stores(),

@@ -2,4 +2,5 @@
 //! engine observes and the dataplane programs. The watchers that feed the planner are a
 //! source, beside the manifest files: `crate::source::cluster`.
 
+pub mod kube_proxy;
 pub mod status;

@@ -51,6 +51,10 @@ pub struct LbService {
     /// `externalTrafficPolicy: Local`.
     #[serde(default)]
     pub local: bool,
+    /// Every `status.loadBalancer.ingress` entry says `ipMode: Proxy` (servers 1.30+ keep
+    /// it): kube-proxy leaves the address to ferrovip's IPVS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_ip_mode: bool,
 }
 
 /// One port of a Service.
@@ -72,6 +76,8 @@ pub struct Synthetic {
     /// `externalTrafficPolicy: Local` (of the first Service; sharing Services agree).
     pub local: bool,
     pub forwarding: ServiceForwarding,
+    /// Every Service of the address has `ipMode: Proxy` in its ingress.
+    pub proxy_ip_mode: bool,
 }
 
 /// The synthetic VirtualIPs of every allocated address whose pool exists, in precedence order
@@ -157,6 +163,7 @@ pub fn synthesize(
                 services: b.members.iter().map(|(s, _)| s.service.clone()).collect(),
                 local: b.local,
                 forwarding,
+                proxy_ip_mode: b.members.iter().all(|(s, _)| s.proxy_ip_mode),
             }
         })
         .collect();
@@ -250,6 +257,7 @@ mod tests {
                 })
                 .collect(),
             local: false,
+            proxy_ip_mode: false,
         }
     }
 

@@ -4,6 +4,7 @@
 //! [`Snapshot`]; [`plan`] decides which VRRP instances this node runs, with which priority,
 //! and which resources are refused and why.
 
+pub mod kube_proxy;
 pub mod lb;
 pub mod service;
 
@@ -305,6 +306,8 @@ pub struct LbPlan {
     pub services: Vec<ServiceRef>,
     pub local: bool,
     pub forwarding: crate::crd::ServiceForwarding,
+    /// The Services' ingress says `ipMode: Proxy` (kube-proxy leaves the address alone).
+    pub proxy_ip_mode: bool,
 }
 
 impl Desired {
@@ -627,6 +630,7 @@ fn plan_resource(
                 services: s.services.clone(),
                 local: s.local,
                 forwarding: s.forwarding,
+                proxy_ip_mode: s.proxy_ip_mode,
             },
         );
         if let Some(other) = taken.reserved.get(&s.address) {

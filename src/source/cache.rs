@@ -405,6 +405,7 @@ mod tests {
                 port: 80,
             }],
             local: true,
+            proxy_ip_mode: false,
         });
         s
     }

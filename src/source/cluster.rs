@@ -760,6 +760,17 @@ pub fn load_balancers(services: &[Arc<Service>], serve_classless: bool) -> Vec<L
                 record,
                 ports,
                 local: spec.external_traffic_policy.as_deref() == Some("Local"),
+                proxy_ip_mode: svc
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.load_balancer.as_ref())
+                    .and_then(|lb| lb.ingress.as_ref())
+                    .is_some_and(|ingress| {
+                        !ingress.is_empty()
+                            && ingress
+                                .iter()
+                                .all(|i| i.ip_mode.as_deref() == Some("Proxy"))
+                    }),
             })
         })
         .collect()
