@@ -309,6 +309,15 @@ impl Agent {
                     Some(snapshot_file),
                 )
                 .await;
+                // kube-proxy against the load-balancer addresses (log, Node Event, gauge).
+                let kube_proxy_metrics = metrics.clone();
+                tokio::spawn(crate::k8s::kube_proxy::run(
+                    crate::dataplane::kube_proxy::KubeProxyObserver::new(),
+                    client.clone(),
+                    args.node_name.clone(),
+                    desired_rx.clone(),
+                    move |problems| kube_proxy_metrics.kube_proxy_problems(problems),
+                ));
                 tokio::spawn(write_status(
                     StatusWriter::new(client, args.node_name.clone()),
                     cluster.clone_stores(),
@@ -668,6 +677,9 @@ async fn write_status(
             writer.set_services(forwarding.as_deref(), &plan);
             writer
                 .reconcile(&stores.virtual_ips, &stores.nodes, &plan, &seen)
+                .await;
+            writer
+                .reconcile_load_balancers(&stores.services, &plan, &seen)
                 .await;
         }
         loop {

@@ -23,6 +23,7 @@
 //! | `ferrovip_dataplane_errors_total` | counter | `dataplane, reason` |
 //! | `ferrovip_ipvs_services`, `ferrovip_ipvs_destinations` | gauge | — |
 //! | `ferrovip_virtualips` | gauge | `state` (`active`, `refused`) |
+//! | `ferrovip_kube_proxy_problem` | gauge 0/1: a kube-proxy misconfiguration against the load-balancer addresses this node may hold | `problem` (`no_strict_arp`, `ipvs_bypassed`) |
 //! | `ferrovip_build_info` | gauge, always 1 | `version` |
 //! | `ferrovip_controller_leading` | gauge 0/1: this process is the Service controller's leader | — |
 //! | `ferrovip_pool_addresses`, `ferrovip_pool_addresses_in_use` | gauge (leader only) | `pool, family` |
@@ -167,6 +168,11 @@ struct VirtualIpLabels {
     state: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProblemLabels {
+    problem: &'static str,
+}
+
 /// What the last [`Metrics::observe_vrrp`] saw of one instance.
 #[derive(Debug)]
 struct Seen {
@@ -201,6 +207,7 @@ struct Inner {
     ipvs_services: Gauge,
     ipvs_destinations: Gauge,
     virtualips: Family<VirtualIpLabels, Gauge>,
+    kube_proxy_problem: Family<ProblemLabels, Gauge>,
 }
 
 /// The agent's metrics. Cheap to clone: clones share one registry.
@@ -292,6 +299,12 @@ impl Metrics {
             ipvs_destinations.clone(),
         );
 
+        let kube_proxy_problem = Family::<ProblemLabels, Gauge>::default();
+        registry.register(
+            "kube_proxy_problem",
+            "A kube-proxy misconfiguration against the load-balancer addresses this node may hold (1: present)",
+            kube_proxy_problem.clone(),
+        );
         let virtualips = Family::<VirtualIpLabels, Gauge>::default();
         registry.register(
             "virtualips",
@@ -322,6 +335,7 @@ impl Metrics {
                 ipvs_services,
                 ipvs_destinations,
                 virtualips,
+                kube_proxy_problem,
             }),
         }
     }
@@ -429,6 +443,17 @@ impl Metrics {
     }
 
     /// Whether a dataplane (`"ipvs"`, `"nftables"`) works on this node.
+    /// The kube-proxy problems present now (every other one shows 0).
+    pub fn kube_proxy_problems(&self, problems: &[crate::model::kube_proxy::Problem]) {
+        for label in crate::model::kube_proxy::Problem::LABELS {
+            let on = problems.iter().any(|p| p.metric_label() == label);
+            self.inner
+                .kube_proxy_problem
+                .get_or_create(&ProblemLabels { problem: label })
+                .set(i64::from(on));
+        }
+    }
+
     pub fn dataplane_available(&self, dataplane: &'static str, available: bool) {
         self.inner
             .dataplane_available

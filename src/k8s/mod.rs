@@ -3,4 +3,5 @@
 //! source, beside the manifest files: `crate::source::cluster`.
 
 pub mod lease;
+pub mod kube_proxy;
 pub mod status;
