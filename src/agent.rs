@@ -12,6 +12,10 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
+use crate::controller::{
+    self as service_controller, ControllerError, ControllerHandle, ControllerOptions,
+    ControllerStats,
+};
 use crate::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use crate::dataplane::worker::{self, DataplaneStatus};
 use crate::driver::{self, AddressSettings, Command, DriverError};
@@ -31,6 +35,9 @@ const CARRIER_POLL: Duration = Duration::from_secs(1);
 /// How often status is compared with the objects (and failed writes retried) even when
 /// nothing signals a change; only differences cause writes.
 const STATUS_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a stopping agent waits for the Service controller to release its Lease.
+const CONTROLLER_STOP: Duration = Duration::from_secs(2);
 
 /// Settings of the agent process (what users ask for lives in VirtualIP resources).
 #[derive(Debug, Clone, clap::Args)]
@@ -98,6 +105,34 @@ pub struct AgentArgs {
     /// Needs CAP_SYS_NICE; without it the agent warns and runs at normal priority.
     #[arg(long, env = "FERROVIP_VRRP_RT_PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
     pub vrrp_rt_priority: Option<u8>,
+    /// Kubernetes mode: run the Service controller (addresses for Services of type
+    /// LoadBalancer) in this agent; one agent of the cluster leads it through a Lease, the
+    /// others wait. VRRP, health and IPVS never wait for it. `--service-controller=false`
+    /// leaves allocation to a separate `ferrovip controller`.
+    #[arg(
+        long,
+        env = "FERROVIP_SERVICE_CONTROLLER",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub service_controller: bool,
+    #[command(flatten)]
+    pub controller: ControllerOptions,
+}
+
+/// Settings of `ferrovip controller`: the Service controller alone (Kubernetes only).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerArgs {
+    /// Who this instance is in the Lease (`holderIdentity`). Default: NODE_NAME, else the
+    /// host name.
+    #[arg(long, env = "FERROVIP_IDENTITY")]
+    pub identity: Option<String>,
+    /// Serve Prometheus metrics (`/metrics`, `/healthz`, `/readyz`) here; `off` (the
+    /// default) disables.
+    #[arg(long, env = "FERROVIP_METRICS_ADDR", default_value = "off")]
+    pub metrics_addr: String,
+    #[command(flatten)]
+    pub controller: ControllerOptions,
 }
 
 /// `--address-ownership`.
@@ -141,6 +176,8 @@ pub enum AgentError {
     Engine(#[from] DriverError),
     #[error("--metrics-addr {0:?} is not an address:port (or `off`)")]
     MetricsAddr(String),
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
 }
 
 impl AgentError {
@@ -151,6 +188,7 @@ impl AgentError {
             AgentError::Kubernetes(e) => e.metric_label(),
             AgentError::Engine(e) => e.metric_label(),
             AgentError::MetricsAddr(_) => "metrics_addr",
+            AgentError::Controller(e) => e.metric_label(),
         }
     }
 }
@@ -198,6 +236,8 @@ struct Agent {
     source: Source,
     monitor: HealthMonitor,
     health: watch::Receiver<HealthReport>,
+    /// The Service controller task (Kubernetes mode, `--service-controller`).
+    controller: Option<ControllerHandle>,
 }
 
 impl Agent {
@@ -205,6 +245,9 @@ impl Agent {
     /// predecessor left), metrics, the dataplane thread, the source (and in Kubernetes mode
     /// the status writer).
     async fn start(args: &AgentArgs) -> Result<Agent, AgentError> {
+        if args.manifests.is_none() && args.service_controller {
+            args.controller.validate()?;
+        }
         let engine = driver::spawn(
             args.node_name.clone(),
             args.vrrp_rt_priority,
@@ -219,7 +262,7 @@ impl Agent {
         let metrics = Metrics::new();
         metrics.attach_vrrp_stats(engine.stats);
         let endpoint_health = Health::new(engine.heartbeat, engine.readiness);
-        let stop_metrics = serve_metrics(args, &metrics, &endpoint_health)?;
+        let stop_metrics = serve_metrics(&args.metrics_addr, &metrics, &endpoint_health)?;
         tokio::spawn(observe_vrrp(observed.clone(), metrics.clone()));
         let (services, services_rx) = watch::channel(None);
         let dataplane_status = match args.dataplane {
@@ -235,6 +278,7 @@ impl Agent {
             DataplaneKind::None => None,
         };
         let (desired, desired_rx) = watch::channel(Arc::new(Desired::default()));
+        let mut controller = None;
         let source = match &args.manifests {
             Some(path) => {
                 info!(node = %args.node_name, manifests = %path.display(), "agent started in standalone mode");
@@ -243,6 +287,18 @@ impl Agent {
             None => {
                 info!(node = %args.node_name, "agent started in Kubernetes mode");
                 let client = cluster::client().await?;
+                if args.service_controller {
+                    // Its own task, fed by nothing of the agent's: planning, VRRP and IPVS
+                    // never wait for it.
+                    let stats = Arc::new(ControllerStats::default());
+                    metrics.attach_controller_stats(stats.clone());
+                    controller = Some(service_controller::spawn(
+                        client.clone(),
+                        args.controller.clone(),
+                        args.node_name.clone(),
+                        stats,
+                    ));
+                }
                 let snapshot_file = args
                     .cluster_snapshot
                     .clone()
@@ -253,6 +309,15 @@ impl Agent {
                     Some(snapshot_file),
                 )
                 .await;
+                // kube-proxy against the load-balancer addresses (log, Node Event, gauge).
+                let kube_proxy_metrics = metrics.clone();
+                tokio::spawn(crate::k8s::kube_proxy::run(
+                    crate::dataplane::kube_proxy::KubeProxyObserver::new(),
+                    client.clone(),
+                    args.node_name.clone(),
+                    desired_rx.clone(),
+                    move |problems| kube_proxy_metrics.kube_proxy_problems(problems),
+                ));
                 tokio::spawn(write_status(
                     StatusWriter::new(client, args.node_name.clone()),
                     cluster.clone_stores(),
@@ -275,6 +340,7 @@ impl Agent {
             source,
             monitor,
             health,
+            controller,
         })
     }
 
@@ -392,7 +458,13 @@ impl Agent {
 
     /// Leaves: priority 0 and addresses released, or held for `hold`. The IPVS table stays:
     /// forwarding continues through a restart, and the next agent adopts it.
-    async fn stop(self, hold: Duration) {
+    async fn stop(mut self, hold: Duration) {
+        // Releases the controller's Lease (another agent takes over at once) alongside the
+        // engine's shutdown, which never waits for it.
+        let controller = self
+            .controller
+            .take()
+            .map(|c| tokio::spawn(tokio::time::timeout(CONTROLLER_STOP, c.stop())));
         let (done, wait) = oneshot::channel();
         let command = if hold.is_zero() {
             info!("shutting down: sending priority 0 and releasing addresses");
@@ -405,24 +477,72 @@ impl Agent {
             let _ = wait.await;
         }
         let _ = self.engine_finished.await;
+        if let Some(controller) = controller {
+            let _ = controller.await;
+        }
         let _ = self.stop_metrics.send(());
     }
 }
 
-/// Serves metrics unless `--metrics-addr off`; the sender stops the server.
+/// Runs the Service controller alone (`ferrovip controller`) until SIGTERM or SIGINT, then
+/// releases its Lease.
+pub async fn run_controller(args: ControllerArgs) -> Result<(), AgentError> {
+    args.controller.validate()?;
+    let mut signals = Signals::install()?;
+    let identity = match args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+    {
+        Some(identity) => identity,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "ferrovip-controller".into()),
+    };
+    let client = cluster::client().await?;
+    let metrics = Metrics::new();
+    let stats = Arc::new(ControllerStats::default());
+    metrics.attach_controller_stats(stats.clone());
+    // No engine here: live while this loop turns, ready once started.
+    let heartbeat = Arc::new(crate::driver::Heartbeat::default());
+    let (_readiness, readiness) = watch::channel(crate::driver::EngineReadiness {
+        applied: true,
+        missing_sockets: Vec::new(),
+    });
+    let health = Health::new(heartbeat.clone(), readiness);
+    health.plan_published();
+    let stop_metrics = serve_metrics(&args.metrics_addr, &metrics, &health)?;
+    info!(identity = %identity, namespace = %args.controller.namespace, "Service controller started");
+    let controller = service_controller::spawn(client, args.controller.clone(), identity, stats);
+    let mut beat = tokio::time::interval(driver::HEARTBEAT);
+    loop {
+        heartbeat.beat();
+        tokio::select! {
+            _ = signals.terminate.recv() => break,
+            _ = signals.interrupt.recv() => break,
+            _ = signals.hangup.recv() => {}
+            _ = beat.tick() => {}
+        }
+    }
+    info!("stopping: releasing the Lease");
+    controller.stop().await;
+    let _ = stop_metrics.send(());
+    Ok(())
+}
+
+/// Serves metrics unless `addr` is `off`; the sender stops the server.
 fn serve_metrics(
-    args: &AgentArgs,
+    addr: &str,
     metrics: &Metrics,
     health: &Health,
 ) -> Result<oneshot::Sender<()>, AgentError> {
     let (stop, stopped) = oneshot::channel::<()>();
-    if args.metrics_addr == "off" {
+    if addr == "off" {
         return Ok(stop);
     }
-    let addr: SocketAddr = args
-        .metrics_addr
+    let addr: SocketAddr = addr
         .parse()
-        .map_err(|_| AgentError::MetricsAddr(args.metrics_addr.clone()))?;
+        .map_err(|_| AgentError::MetricsAddr(addr.to_string()))?;
     let m = metrics.clone();
     let health = health.clone();
     // Its own thread and runtime: planning a large snapshot runs on the agent's runtime for
@@ -557,6 +677,9 @@ async fn write_status(
             writer.set_services(forwarding.as_deref(), &plan);
             writer
                 .reconcile(&stores.virtual_ips, &stores.nodes, &plan, &seen)
+                .await;
+            writer
+                .reconcile_load_balancers(&stores.services, &plan, &seen)
                 .await;
         }
         loop {

@@ -5,11 +5,13 @@
 //! node; the [`vrrp`] engine runs them and the [`dataplane`] converges the kernel.
 
 pub mod agent;
+pub mod controller;
 pub mod crd;
 pub mod dataplane;
 pub mod driver;
 pub mod engine;
 pub mod health;
+pub mod ipam;
 pub mod k8s;
 pub mod lab;
 pub mod metrics;

@@ -29,6 +29,10 @@ enum LogFormat {
 enum Cmd {
     /// Run the node agent (standalone with --manifests).
     Agent(ferrovip::agent::AgentArgs),
+    /// Run the Service controller alone (addresses for Services of type LoadBalancer; one
+    /// leader per cluster through a Lease): for tests, benchmarks and deployments that run it
+    /// apart from the agents (`ferrovip agent --service-controller=false`).
+    Controller(ferrovip::agent::ControllerArgs),
     /// Build a multi-node VRRP lab in network namespaces, kill the master, measure failover.
     Lab(LabArgs),
     /// Remove what the agent put in this node's kernel (IPVS services, its nftables table,
@@ -132,6 +136,15 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the runtime")?;
             runtime.block_on(ferrovip::agent::run(args))?;
+            Ok(())
+        }
+        Cmd::Controller(args) => {
+            init_logging(cli.log_format);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            runtime.block_on(ferrovip::agent::run_controller(args))?;
             Ok(())
         }
         Cmd::Cleanup { state_dir } => {

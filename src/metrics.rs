@@ -23,7 +23,13 @@
 //! | `ferrovip_dataplane_errors_total` | counter | `dataplane, reason` |
 //! | `ferrovip_ipvs_services`, `ferrovip_ipvs_destinations` | gauge | — |
 //! | `ferrovip_virtualips` | gauge | `state` (`active`, `refused`) |
+//! | `ferrovip_kube_proxy_problem` | gauge 0/1: a kube-proxy misconfiguration against the load-balancer addresses this node may hold | `problem` (`no_strict_arp`, `ipvs_bypassed`) |
 //! | `ferrovip_build_info` | gauge, always 1 | `version` |
+//! | `ferrovip_controller_leading` | gauge 0/1: this process is the Service controller's leader | — |
+//! | `ferrovip_pool_addresses`, `ferrovip_pool_addresses_in_use` | gauge (leader only) | `pool, family` |
+//! | `ferrovip_allocation_failures_total` | counter: a Service's failure reason changed to `reason` | `reason` |
+//! | `ferrovip_allocation_latency_seconds` | histogram: a Service first seen without an address → its allocation record written | — |
+//! | `ferrovip_controller_writes_total` | counter | `kind` (`record`, `status`, `pool_status`, `event`), `result` |
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -47,7 +53,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
@@ -56,6 +62,7 @@ use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, info, warn};
 
+use crate::controller::{ControllerStats, PoolFigures};
 use crate::dataplane::ApplyReport;
 use crate::dataplane::worker::ApplyObserver;
 use crate::driver::{EngineReadiness, HEARTBEAT, Heartbeat};
@@ -161,6 +168,11 @@ struct VirtualIpLabels {
     state: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProblemLabels {
+    problem: &'static str,
+}
+
 /// What the last [`Metrics::observe_vrrp`] saw of one instance.
 #[derive(Debug)]
 struct Seen {
@@ -186,6 +198,7 @@ struct Inner {
     vrrp_master_changes: Family<InstanceLabels, Counter>,
     vrrp_seen: Mutex<HashMap<(String, IpFamily), Seen>>,
     vrrp_stats: Arc<VrrpPacketCollector>,
+    controller: Arc<ControllerCollector>,
     dataplane_available: Family<DataplaneLabels, Gauge>,
     dataplane_apply: Family<ApplyLabels, Counter>,
     dataplane_apply_duration: HistogramFamily<DataplaneLabels>,
@@ -194,6 +207,7 @@ struct Inner {
     ipvs_services: Gauge,
     ipvs_destinations: Gauge,
     virtualips: Family<VirtualIpLabels, Gauge>,
+    kube_proxy_problem: Family<ProblemLabels, Gauge>,
 }
 
 /// The agent's metrics. Cheap to clone: clones share one registry.
@@ -237,6 +251,8 @@ impl Metrics {
         );
         let vrrp_stats = Arc::new(VrrpPacketCollector::default());
         registry.register_collector(Box::new(vrrp_stats.clone()));
+        let controller = Arc::new(ControllerCollector::default());
+        registry.register_collector(Box::new(controller.clone()));
 
         let dataplane_available = Family::<DataplaneLabels, Gauge>::default();
         registry.register(
@@ -283,6 +299,12 @@ impl Metrics {
             ipvs_destinations.clone(),
         );
 
+        let kube_proxy_problem = Family::<ProblemLabels, Gauge>::default();
+        registry.register(
+            "kube_proxy_problem",
+            "A kube-proxy misconfiguration against the load-balancer addresses this node may hold (1: present)",
+            kube_proxy_problem.clone(),
+        );
         let virtualips = Family::<VirtualIpLabels, Gauge>::default();
         registry.register(
             "virtualips",
@@ -304,6 +326,7 @@ impl Metrics {
                 vrrp_master_changes,
                 vrrp_seen: Mutex::new(HashMap::new()),
                 vrrp_stats,
+                controller,
                 dataplane_available,
                 dataplane_apply,
                 dataplane_apply_duration,
@@ -312,6 +335,7 @@ impl Metrics {
                 ipvs_services,
                 ipvs_destinations,
                 virtualips,
+                kube_proxy_problem,
             }),
         }
     }
@@ -410,7 +434,26 @@ impl Metrics {
         }
     }
 
+    /// Exports the Service controller's figures (read at scrape time). Only the first call
+    /// counts: one controller runs per process.
+    pub fn attach_controller_stats(&self, stats: Arc<ControllerStats>) {
+        if self.inner.controller.stats.set(stats).is_err() {
+            warn!("controller figures attached twice; keeping the first");
+        }
+    }
+
     /// Whether a dataplane (`"ipvs"`, `"nftables"`) works on this node.
+    /// The kube-proxy problems present now (every other one shows 0).
+    pub fn kube_proxy_problems(&self, problems: &[crate::model::kube_proxy::Problem]) {
+        for label in crate::model::kube_proxy::Problem::LABELS {
+            let on = problems.iter().any(|p| p.metric_label() == label);
+            self.inner
+                .kube_proxy_problem
+                .get_or_create(&ProblemLabels { problem: label })
+                .set(i64::from(on));
+        }
+    }
+
     pub fn dataplane_available(&self, dataplane: &'static str, available: bool) {
         self.inner
             .dataplane_available
@@ -563,6 +606,75 @@ impl Collector for VrrpPacketCollector {
         for (reason, value) in stats.dropped() {
             let labels = [("reason", reason)];
             ConstCounter::new(value).encode(dropped.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the Service controller's figures at scrape time.
+#[derive(Debug, Default)]
+struct ControllerCollector {
+    stats: OnceLock<Arc<ControllerStats>>,
+}
+
+impl Collector for ControllerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(stats) = self.stats.get() else {
+            return Ok(());
+        };
+        ConstGauge::new(i64::from(stats.leading())).encode(encoder.encode_descriptor(
+            "controller_leading",
+            "Whether this process leads the Service controller (holds its Lease)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let pools = stats.pools();
+        for (name, help, value) in [
+            (
+                "pool_addresses",
+                "Addresses a LoadBalancerPool can hand out, per family (from the leader)",
+                (|f: &PoolFigures| f.total) as fn(&PoolFigures) -> i64,
+            ),
+            (
+                "pool_addresses_in_use",
+                "Addresses of a LoadBalancerPool held by Services, per family (from the leader)",
+                |f: &PoolFigures| f.in_use,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for ((pool, ip_family), figures) in &pools {
+                let labels = [("pool", pool.as_str()), ("family", *ip_family)];
+                ConstGauge::new(value(figures)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let failures = stats.failures();
+        let mut family = encoder.encode_descriptor(
+            "allocation_failures",
+            "Services whose allocation failed, counted when a Service's reason changes",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in crate::ipam::FailureReason::ALL.map(|r| r.metric_label()) {
+            let labels = [("reason", reason)];
+            ConstCounter::new(failures.get(reason).copied().unwrap_or(0))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        stats.latency().encode(encoder.encode_descriptor(
+            "allocation_latency",
+            "From the controller first seeing a Service without an address to its allocation record written",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?)?;
+        let writes = stats.writes();
+        let mut family = encoder.encode_descriptor(
+            "controller_writes",
+            "Writes of the Service controller, by kind and result",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((kind, result), count) in &writes {
+            let labels = [("kind", *kind), ("result", *result)];
+            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&str] = &[
     "vocab",
     "crd",
+    "ipam",
     "model",
     "vrrp",
     "engine",
@@ -20,6 +21,7 @@ const LAYERS: &[&str] = &[
     "dataplane",
     "source",
     "k8s",
+    "controller",
     "metrics",
     "agent",
     "lab",

@@ -7,6 +7,7 @@
 //! the same trait.
 
 pub mod ipvs;
+pub mod kube_proxy;
 pub mod nft;
 pub mod sysctl;
 pub mod worker;

@@ -21,7 +21,8 @@ use kube::{Api, Client, Resource};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::crd::{NodeStatus, VirtualIP};
+use crate::crd::service_lb::{ANNOTATION_MASTER, allocation_record};
+use crate::crd::{NodeStatus, ServiceRef, VirtualIP};
 use crate::engine::{InstanceStatus, Observed};
 use crate::model::{Completeness, Desired, RefusalReason, ResourcePlan};
 use crate::vrrp::instance::State;
@@ -73,6 +74,22 @@ pub struct StatusWriter {
     /// Per VirtualIP, when stale entries were last removed (or tried): the watch shows the
     /// removal a moment later, and a failed try waits like a failed write.
     stale_tried: HashMap<String, Instant>,
+    /// Load-balancer addresses: see [`StatusWriter::reconcile_load_balancers`].
+    lb: LbMasters,
+}
+
+/// What the master of load-balancer addresses still has to write on Services.
+#[derive(Default)]
+struct LbMasters {
+    /// Per synthetic VirtualIP (`lb/<addr>`): whether this node was master at the last look.
+    was_master: HashMap<String, bool>,
+    /// (Service, address) whose `ferrovip.io/master` should name this node: added on a
+    /// transition to master, removed once written (or found written, or no longer master).
+    pending: std::collections::BTreeSet<(ServiceRef, IpAddr)>,
+    /// Per Service, when a write last failed.
+    failed_at: HashMap<ServiceRef, Instant>,
+    /// Token bucket of annotation writes: (tokens, last refill).
+    tokens: Option<(f64, Instant)>,
 }
 
 impl StatusWriter {
@@ -94,6 +111,7 @@ impl StatusWriter {
             outage_logged: false,
             services: HashMap::new(),
             stale_tried: HashMap::new(),
+            lb: LbMasters::default(),
         }
     }
 
@@ -158,6 +176,11 @@ impl StatusWriter {
                 continue;
             }
             live.insert(name.clone());
+            // Never a synthetic (load-balancer) resource: their names cannot be VirtualIP
+            // names, and their status goes on the Service.
+            if crate::model::lb::is_synthetic(&name) {
+                continue;
+            }
             let Some(plan) = desired.resources.get(&name) else {
                 continue;
             };
@@ -376,6 +399,32 @@ impl StatusWriter {
         action: &str,
         note: String,
     ) -> bool {
+        let name = vip.metadata.name.clone().unwrap_or_default();
+        self.publish_about(
+            vip.object_ref(&()),
+            &name,
+            None,
+            type_,
+            reason,
+            action,
+            note,
+        )
+        .await
+    }
+
+    /// An Event about any object: in `namespace` (a namespaced object's own), or for a
+    /// cluster-scoped one in `default` (`kube-system` on servers that take no other).
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_about(
+        &mut self,
+        regarding: k8s_openapi::api::core::v1::ObjectReference,
+        name: &str,
+        namespace: Option<&str>,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) -> bool {
         let (tokens, refilled) = self.event_tokens;
         let elapsed = refilled.elapsed().as_secs_f64();
         let tokens = (tokens + elapsed * EVENTS_PER_SECOND).min(EVENT_BURST);
@@ -392,7 +441,6 @@ impl StatusWriter {
         }
         self.event_tokens = (tokens - 1.0, Instant::now());
         let now = Timestamp::now();
-        let name = vip.metadata.name.clone().unwrap_or_default();
         let event = |namespace: &str| K8sEvent {
             metadata: ObjectMeta {
                 name: Some(format!("{name}.{:x}", now.as_nanosecond())),
@@ -403,7 +451,7 @@ impl StatusWriter {
             action: Some(action.into()),
             reason: Some(reason.into()),
             note: Some(truncate(note.clone(), 1024)),
-            regarding: Some(vip.object_ref(&())),
+            regarding: Some(regarding.clone()),
             reporting_controller: Some("ferrovip.io/agent".into()),
             reporting_instance: Some(self.node.clone()),
             type_: Some(
@@ -416,14 +464,14 @@ impl StatusWriter {
             ..K8sEvent::default()
         };
         loop {
-            let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), self.event_namespace);
-            match api
-                .create(&PostParams::default(), &event(self.event_namespace))
-                .await
-            {
+            let ns = namespace.unwrap_or(self.event_namespace);
+            let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), ns);
+            match api.create(&PostParams::default(), &event(ns)).await {
                 Ok(_) => return true,
                 Err(kube::Error::Api(status))
-                    if status.code == 422 && self.event_namespace == "default" =>
+                    if status.code == 422
+                        && namespace.is_none()
+                        && self.event_namespace == "default" =>
                 {
                     info!(
                         "this API server takes Events about cluster-scoped objects only in kube-system; using it"
@@ -771,6 +819,246 @@ fn condition(
         message: message.into(),
         observed_generation: None,
         last_transition_time: kept.unwrap_or_else(|| Time(Timestamp::now())),
+    }
+}
+
+/// Annotation writes on Services a node may make in a burst, and how many more per second
+/// after it: a failover of a thousand Services' addresses spreads its writes over seconds
+/// instead of hitting the API server at once.
+const ANNOTATION_BURST: f64 = 50.0;
+const ANNOTATIONS_PER_SECOND: f64 = 20.0;
+
+impl StatusWriter {
+    /// Load-balancer addresses: the node that became master of an address writes
+    /// `ferrovip.io/master: <addr>=<node>` on each of its Services (a merge patch of that one
+    /// annotation, guarded by the Service's resourceVersion) and a `MasterElected` Event in
+    /// the Service's namespace. Only on a transition to master, and not when the annotation
+    /// already says so (an agent restarted while master writes nothing); nothing at steady
+    /// state. Writes are rate-limited (a token bucket) and a few in flight at once; what is
+    /// left waits for the next pass ([`StatusWriter::pending`]).
+    pub async fn reconcile_load_balancers(
+        &mut self,
+        services: &Store<k8s_openapi::api::core::v1::Service>,
+        desired: &Desired,
+        observed: &Observed,
+    ) {
+        let mut master_of: HashMap<&str, bool> = HashMap::new();
+        for status in observed.instances.values() {
+            if status.state == State::Master {
+                for member in status.members.iter() {
+                    master_of.insert(member.as_str(), true);
+                }
+            }
+        }
+        let lb = &mut self.lb;
+        for (name, plan) in &desired.load_balancers {
+            let now = master_of.contains_key(name.as_str())
+                && desired
+                    .resources
+                    .get(name)
+                    .is_some_and(|r| r.refused.is_none());
+            let was = lb.was_master.insert(name.clone(), now).unwrap_or(false);
+            if now && !was {
+                for svc in &plan.services {
+                    lb.pending.insert((svc.clone(), plan.address));
+                }
+            } else if !now {
+                lb.pending.retain(|(_, a)| *a != plan.address);
+            }
+        }
+        lb.was_master
+            .retain(|name, _| desired.load_balancers.contains_key(name));
+        let live: std::collections::HashSet<IpAddr> =
+            desired.load_balancers.values().map(|p| p.address).collect();
+        lb.pending.retain(|(_, a)| live.contains(a));
+        if lb.pending.is_empty() {
+            return;
+        }
+
+        // Per Service: the new annotation value, or nothing to write.
+        let now = Instant::now();
+        let mut by_service: BTreeMap<ServiceRef, Vec<IpAddr>> = BTreeMap::new();
+        for (svc, addr) in &lb.pending {
+            by_service.entry(svc.clone()).or_default().push(*addr);
+        }
+        let (mut tokens, refilled) = lb.tokens.unwrap_or((ANNOTATION_BURST, now));
+        tokens = (tokens + now.duration_since(refilled).as_secs_f64() * ANNOTATIONS_PER_SECOND)
+            .min(ANNOTATION_BURST);
+        let mut writes = Vec::new();
+        for (svc, addrs) in by_service {
+            let key = kube::runtime::reflector::ObjectRef::new(&svc.name).within(&svc.namespace);
+            let Some(object) = services.get(&key) else {
+                lb.pending.retain(|(s, _)| *s != svc);
+                continue;
+            };
+            let record = allocation_record(&object)
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let current = object
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_MASTER))
+                .map(String::as_str);
+            let Some(value) = master_annotation(current, &record, &addrs, &self.node) else {
+                // Already says so (or the addresses left the record): nothing to write.
+                lb.pending.retain(|(s, _)| *s != svc);
+                continue;
+            };
+            if lb
+                .failed_at
+                .get(&svc)
+                .is_some_and(|t| now.duration_since(*t) < RETRY_AFTER)
+            {
+                continue;
+            }
+            if tokens < 1.0 {
+                break;
+            }
+            tokens -= 1.0;
+            let patch = json!({"metadata": {
+                "resourceVersion": object.metadata.resource_version,
+                "annotations": {ANNOTATION_MASTER: value},
+            }});
+            writes.push((svc, addrs, patch, object.object_ref(&())));
+        }
+        lb.tokens = Some((tokens, now));
+        let client = &self.client;
+        let results: Vec<_> = futures::stream::iter(writes)
+            .map(|(svc, addrs, patch, regarding)| async move {
+                let api: Api<k8s_openapi::api::core::v1::Service> =
+                    Api::namespaced(client.clone(), &svc.namespace);
+                let result = api
+                    .patch(&svc.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(drop);
+                (svc, addrs, regarding, result)
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut elected = Vec::new();
+        for (svc, addrs, regarding, result) in results {
+            match result {
+                Ok(()) => {
+                    debug!(service = %format!("{}/{}", svc.namespace, svc.name), "master annotation written");
+                    self.lb.failed_at.remove(&svc);
+                    self.lb
+                        .pending
+                        .retain(|(s, a)| !(*s == svc && addrs.contains(a)));
+                    elected.push((svc, addrs, regarding));
+                }
+                // Changed meanwhile (409): the watch brings the new version, the next pass
+                // decides again on it.
+                Err(kube::Error::Api(status)) if status.code == 409 => {}
+                Err(e) => {
+                    debug!(service = %format!("{}/{}", svc.namespace, svc.name), error = %e, "cannot write the master annotation; retrying");
+                    self.lb.failed_at.insert(svc, now);
+                }
+            }
+        }
+        for (svc, addrs, regarding) in elected {
+            let list: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
+            let note = format!("{} holds {}", self.node, list.join(", "));
+            self.publish_about(
+                regarding,
+                &svc.name,
+                Some(&svc.namespace),
+                EventType::Normal,
+                "MasterElected",
+                "Elect",
+                note,
+            )
+            .await;
+        }
+        self.lb
+            .failed_at
+            .retain(|svc, _| self.lb.pending.iter().any(|(s, _)| s == svc));
+        if !self.lb.pending.is_empty() {
+            self.pending = true;
+        }
+    }
+}
+
+/// The new `ferrovip.io/master` value when this node (`node`) became master of `ours`, or
+/// `None` when the current value says so already. Entries of addresses no longer in the
+/// record are dropped; those of the record's other addresses are kept (their masters write
+/// them); IPv4 first.
+pub fn master_annotation(
+    current: Option<&str>,
+    record: &BTreeMap<IpAddr, String>,
+    ours: &[IpAddr],
+    node: &str,
+) -> Option<String> {
+    let mut entries: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for entry in current.unwrap_or_default().split(',') {
+        if let Some((addr, holder)) = entry.trim().split_once('=')
+            && let Ok(addr) = addr.trim().parse::<IpAddr>()
+        {
+            entries.insert(addr, holder.trim().to_string());
+        }
+    }
+    let ours: Vec<IpAddr> = ours
+        .iter()
+        .filter(|a| record.contains_key(a))
+        .copied()
+        .collect();
+    if ours
+        .iter()
+        .all(|a| entries.get(a).map(String::as_str) == Some(node))
+    {
+        return None;
+    }
+    entries.retain(|a, _| record.contains_key(a));
+    for a in ours {
+        entries.insert(a, node.to_string());
+    }
+    Some(
+        entries
+            .iter()
+            .map(|(a, n)| format!("{a}={n}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+#[cfg(test)]
+mod lb_tests {
+    use super::*;
+
+    #[test]
+    fn master_annotation_changes_only_our_entries_and_only_when_needed() {
+        let v4: IpAddr = "192.0.2.10".parse().unwrap();
+        let v6: IpAddr = "2001:db8::10".parse().unwrap();
+        let record: BTreeMap<IpAddr, String> =
+            [(v4, "web".to_string()), (v6, "web6".to_string())].into();
+        assert_eq!(
+            master_annotation(None, &record, &[v4], "node-a").as_deref(),
+            Some("192.0.2.10=node-a")
+        );
+        assert_eq!(
+            master_annotation(Some("192.0.2.10=node-a"), &record, &[v4], "node-a"),
+            None
+        );
+        // The other family's master is kept, ours replaced, IPv4 first.
+        assert_eq!(
+            master_annotation(
+                Some("2001:db8::10=node-b,192.0.2.10=node-b"),
+                &record,
+                &[v4],
+                "node-a"
+            )
+            .as_deref(),
+            Some("192.0.2.10=node-a,2001:db8::10=node-b")
+        );
+        // An entry of an address that left the record goes; an address not in the record is
+        // never written.
+        let only_v4: BTreeMap<IpAddr, String> = [(v4, "web".to_string())].into();
+        assert_eq!(
+            master_annotation(Some("2001:db8::10=node-b"), &only_v4, &[v4], "node-a").as_deref(),
+            Some("192.0.2.10=node-a")
+        );
+        assert_eq!(master_annotation(None, &only_v4, &[v6], "node-a"), None);
     }
 }
 

@@ -4,6 +4,8 @@
 //! [`Snapshot`]; [`plan`] decides which VRRP instances this node runs, with which priority,
 //! and which resources are refused and why.
 
+pub mod kube_proxy;
+pub mod lb;
 pub mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,6 +43,11 @@ pub struct Snapshot {
     pub service_endpoints: BTreeMap<ServiceRef, ServiceEndpoints>,
     /// Whether the snapshot may be planned from at all, and from what it was made.
     pub completeness: Completeness,
+    /// Kubernetes mode: the LoadBalancerPools' templates, by pool name.
+    pub pools: BTreeMap<String, crate::crd::PoolTemplate>,
+    /// Kubernetes mode: the served Services of `type: LoadBalancer` with an allocation
+    /// record (each address becomes a synthetic VirtualIP, see [`lb`]).
+    pub load_balancers: Vec<lb::LbService>,
 }
 
 /// How complete a snapshot (and the plan made from it) is. Nothing acts on a `Partial` one:
@@ -82,6 +89,10 @@ pub struct EndpointFacts {
     pub ready: bool,
     /// Terminating but still serving: drains at weight 0.
     pub draining: bool,
+    /// The node the endpoint runs on (`externalTrafficPolicy: Local` forwards to this node's
+    /// only). Absent in snapshots saved before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// What the planner needs to know about a Node.
@@ -281,6 +292,22 @@ pub struct Desired {
     /// That of the snapshot planned from: `Partial` only in `Desired::default()`, which
     /// stands for "no plan yet" (readiness and the dataplane wait for a usable one).
     pub completeness: Completeness,
+    /// The synthetic VirtualIPs of load-balancer addresses (by resource name, `lb/<addr>`):
+    /// which Services hold the address, for the master's annotation and Events. Their status
+    /// is never written to a VirtualIP.
+    pub load_balancers: BTreeMap<String, LbPlan>,
+}
+
+/// One load-balancer address as planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbPlan {
+    pub address: IpAddr,
+    /// Oldest first.
+    pub services: Vec<ServiceRef>,
+    pub local: bool,
+    pub forwarding: crate::crd::ServiceForwarding,
+    /// The Services' ingress says `ipMode: Proxy` (kube-proxy leaves the address alone).
+    pub proxy_ip_mode: bool,
 }
 
 impl Desired {
@@ -313,6 +340,8 @@ struct Taken {
     addresses: BTreeMap<IpAddr, String>,
     /// Sharing signature → the name of the group's first VirtualIP.
     groups: BTreeMap<String, String>,
+    /// Addresses of real VirtualIPs (when there are load-balancer addresses): those win.
+    reserved: BTreeMap<IpAddr, String>,
 }
 
 /// What VirtualIPs must agree on to share an instance: everything but names and addresses.
@@ -355,7 +384,15 @@ fn group_key(signature: &str, spec: &ValidSpec) -> String {
 
 /// Adds the virtual services of one eligible VirtualIP: each service on each of its addresses
 /// (once per family for fwmark services).
-fn plan_services(name: &str, spec: &ValidSpec, snapshot: &Snapshot, desired: &mut Desired) {
+/// `local_node`: only the endpoints on this node are backends (`externalTrafficPolicy:
+/// Local`).
+fn plan_services(
+    name: &str,
+    spec: &ValidSpec,
+    snapshot: &Snapshot,
+    local_node: Option<&str>,
+    desired: &mut Desired,
+) {
     for service in &spec.services {
         let (backends, note) = match &service.backends {
             ValidBackends::Static(list) => (
@@ -364,7 +401,7 @@ fn plan_services(name: &str, spec: &ValidSpec, snapshot: &Snapshot, desired: &mu
                     .collect(),
                 None,
             ),
-            ValidBackends::Service(r) => service_ref_backends(service, r, snapshot),
+            ValidBackends::Service(r) => service_ref_backends(service, r, snapshot, local_node),
         };
         if let Some(note) = note {
             desired
@@ -434,6 +471,7 @@ fn service_ref_backends(
     service: &ValidService,
     r: &crate::crd::BackendServiceRef,
     snapshot: &Snapshot,
+    local_node: Option<&str>,
 ) -> (BTreeMap<BackendKey, u32>, Option<String>) {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let field = format!("spec.services[{}].backends.serviceRef", service.index);
@@ -474,6 +512,9 @@ fn service_ref_backends(
     };
     let mut backends = BTreeMap::new();
     for e in &found.endpoints {
+        if local_node.is_some() && e.node.as_deref() != local_node {
+            continue;
+        }
         let Some(&(_, port)) = e.ports.iter().find(|(n, _)| *n == port_name) else {
             continue;
         };
@@ -503,15 +544,63 @@ pub fn plan(snapshot: &Snapshot, node: &str) -> Desired {
         ..Desired::default()
     };
     let mut taken = Taken::default();
+    let synthetic = lb::synthesize(&snapshot.pools, &snapshot.load_balancers);
+    if synthetic.is_empty() {
+        for vip in &snapshot.virtual_ips {
+            plan_resource(vip, None, snapshot, node, &mut taken, &mut desired);
+        }
+        return desired;
+    }
+    // Addresses of real VirtualIPs win over load-balancer addresses, whatever their age
+    // (the allocator never hands them out; a VirtualIP created later for an allocated
+    // address takes it from the Service).
     for vip in &snapshot.virtual_ips {
-        plan_resource(vip, snapshot, node, &mut taken, &mut desired);
+        let name = vip.metadata.name.clone().unwrap_or_default();
+        for a in &vip.spec.addresses {
+            if let Ok(net) = a.parse::<IpNet>() {
+                taken
+                    .reserved
+                    .entry(net.addr())
+                    .or_insert_with(|| name.clone());
+            }
+        }
+    }
+    // Merged by creationTimestamp into the real VirtualIPs' order (a VirtualIP wins a tie).
+    let mut pending = synthetic.iter().peekable();
+    for vip in &snapshot.virtual_ips {
+        if let Some(t) = vip.metadata.creation_timestamp.as_ref().map(|t| t.0) {
+            while let Some(s) = pending
+                .next_if(|s| s.vip.metadata.creation_timestamp.as_ref().map(|t| t.0) < Some(t))
+            {
+                plan_resource(&s.vip, Some(s), snapshot, node, &mut taken, &mut desired);
+            }
+        }
+        plan_resource(vip, None, snapshot, node, &mut taken, &mut desired);
+    }
+    for s in pending {
+        plan_resource(&s.vip, Some(s), snapshot, node, &mut taken, &mut desired);
     }
     desired
+}
+
+/// Whether `node` may hold a load-balancer address: with `externalTrafficPolicy: Local`,
+/// only with a ready endpoint of one of its Services on the node (strict: a node without
+/// one does not run the instance at all, so it can never win; its VRRP instance stops, and
+/// a master that loses its last local endpoint steps down with a priority-0 advertisement).
+/// When EndpointSlices are not served the endpoints are unknown and every node may.
+fn lb_eligible(lb: &lb::Synthetic, local: &LocalFacts) -> bool {
+    !lb.local
+        || !local.endpoints_known
+        || lb
+            .services
+            .iter()
+            .any(|s| local.local_ready_endpoints.get(s).is_some_and(|n| *n > 0))
 }
 
 /// Plans one VirtualIP, after the resources that take precedence over it (`taken`).
 fn plan_resource(
     vip: &VirtualIP,
+    lb: Option<&lb::Synthetic>,
     snapshot: &Snapshot,
     node: &str,
     taken: &mut Taken,
@@ -533,7 +622,28 @@ fn plan_resource(
     {
         return desired.refuse(name, None, RefusalReason::NeedsCluster { field });
     }
-    let vrid = match claim(&name, &spec, taken) {
+    if let Some(s) = lb {
+        desired.load_balancers.insert(
+            name.clone(),
+            LbPlan {
+                address: s.address,
+                services: s.services.clone(),
+                local: s.local,
+                forwarding: s.forwarding,
+                proxy_ip_mode: s.proxy_ip_mode,
+            },
+        );
+        if let Some(other) = taken.reserved.get(&s.address) {
+            let reason = RefusalReason::DuplicateAddress {
+                address: s.address,
+                other: other.clone(),
+            };
+            return desired.refuse(name, None, reason);
+        }
+    }
+    // Local-policy addresses never share an instance: their eligibility is per Service.
+    let shareable = lb.is_none_or(|s| !s.local);
+    let vrid = match claim(&name, &spec, shareable, taken) {
         Ok(vrid) => vrid,
         Err((vrid, reason)) => return desired.refuse(name, vrid, reason),
     };
@@ -553,11 +663,12 @@ fn plan_resource(
         return desired.refuse(name, Some(vrid), reason.clone());
     }
 
-    let eligible = !snapshot.cluster
+    let eligible = (!snapshot.cluster
         || snapshot
             .nodes
             .get(node)
-            .is_some_and(|facts| is_eligible(&spec, facts));
+            .is_some_and(|facts| is_eligible(&spec, facts)))
+        && lb.is_none_or(|s| lb_eligible(s, &snapshot.local));
     let cluster_view = |mut plan: ResourcePlan| {
         if snapshot.cluster {
             for (name, facts) in &snapshot.nodes {
@@ -592,7 +703,8 @@ fn plan_resource(
             .checks
             .insert((name.clone(), check.spec.name.clone()), check.clone());
     }
-    plan_services(&name, &spec, snapshot, desired);
+    let local_node = lb.filter(|s| s.local).map(|_| node);
+    plan_services(&name, &spec, snapshot, local_node, desired);
     plan_instances(
         &name,
         &spec,
@@ -686,10 +798,11 @@ fn families(spec: &ValidSpec) -> Vec<Family> {
 fn claim(
     name: &str,
     spec: &ValidSpec,
+    shareable: bool,
     taken: &mut Taken,
 ) -> Result<u8, (Option<u8>, RefusalReason)> {
     let families = families(spec);
-    let signature = sharing_signature(spec);
+    let signature = sharing_signature(spec).filter(|_| shareable);
     let group = signature.as_deref().map(|sig| group_key(sig, spec));
     let leader = group.as_ref().and_then(|g| taken.groups.get(g).cloned());
     let seed = signature.as_deref().unwrap_or(name);
@@ -1536,6 +1649,7 @@ mod tests {
             ports: vec![("http".into(), 8080), ("metrics".into(), 9090)],
             ready,
             draining,
+            node: None,
         };
         s.service_endpoints.insert(
             ServiceRef {

@@ -18,11 +18,23 @@ use kube::api::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::crd::{ServiceRef, VirtualIP, VirtualIPSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::crd::{PoolTemplate, ServiceRef, VirtualIP, VirtualIPSpec};
+use crate::model::lb::LbService;
 use crate::model::{Completeness, LocalFacts, NodeFacts, ServiceEndpoints, Snapshot};
 
-/// Bumped whenever the file's meaning changes; other versions are ignored.
-pub const CACHE_VERSION: u32 = 1;
+/// Bumped whenever the file's meaning changes; other versions are ignored, except those in
+/// [`READABLE_VERSIONS`].
+///
+/// Version 2 added the load-balancer facts (pools' templates, served Services with their
+/// allocation records, VirtualIPs' creationTimestamps, endpoints' nodes). A version-1 file
+/// reads as one without them (it was written by an agent that served no load-balancer
+/// addresses); an agent that reads only version 1 ignores a version-2 file with a warning.
+pub const CACHE_VERSION: u32 = 2;
+
+/// The versions this agent reads.
+pub const READABLE_VERSIONS: std::ops::RangeInclusive<u32> = 1..=CACHE_VERSION;
 
 /// The default file name in the state directory.
 pub const CACHE_FILE: &str = "cluster-snapshot.json";
@@ -95,12 +107,21 @@ struct ClusterFacts {
     service_endpoints: Vec<(ServiceRef, ServiceEndpoints)>,
     local_ready_endpoints: Vec<(ServiceRef, usize)>,
     endpoints_known: bool,
+    /// Version 2: pool name → template.
+    #[serde(default)]
+    pools: BTreeMap<String, PoolTemplate>,
+    /// Version 2: served Services with an allocation record.
+    #[serde(default)]
+    load_balancers: Vec<LbService>,
 }
 
 /// A VirtualIP as the planner reads it: its name and spec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct NamedSpec {
     name: Option<String>,
+    /// Version 2: the precedence among load-balancer addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created: Option<Time>,
     spec: VirtualIPSpec,
 }
 
@@ -112,6 +133,7 @@ impl ClusterFacts {
                 .iter()
                 .map(|v| NamedSpec {
                     name: v.metadata.name.clone(),
+                    created: v.metadata.creation_timestamp.clone(),
                     spec: v.spec.clone(),
                 })
                 .collect(),
@@ -129,6 +151,8 @@ impl ClusterFacts {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
             endpoints_known: snapshot.local.endpoints_known,
+            pools: snapshot.pools.clone(),
+            load_balancers: snapshot.load_balancers.clone(),
         }
     }
 
@@ -140,6 +164,7 @@ impl ClusterFacts {
                 .map(|v| VirtualIP {
                     metadata: ObjectMeta {
                         name: v.name,
+                        creation_timestamp: v.created,
                         ..ObjectMeta::default()
                     },
                     spec: v.spec,
@@ -156,6 +181,8 @@ impl ClusterFacts {
             },
             service_endpoints: self.service_endpoints.into_iter().collect(),
             completeness: Completeness::Cached,
+            pools: self.pools,
+            load_balancers: self.load_balancers,
         }
     }
 }
@@ -214,7 +241,7 @@ impl SnapshotCache {
             source,
         };
         let versioned: Versioned = serde_json::from_slice(&bytes).map_err(parse)?;
-        if versioned.version != CACHE_VERSION {
+        if !READABLE_VERSIONS.contains(&versioned.version) {
             return Err(CacheError::Version {
                 path: path.clone(),
                 found: versioned.version,
@@ -348,12 +375,38 @@ mod tests {
                     ports: vec![("http".into(), 8080)],
                     ready: true,
                     draining: false,
+                    node: Some("node-a".into()),
                 }],
             },
         );
         s.local.services.insert(frontend.clone());
-        s.local.local_ready_endpoints.insert(frontend, 1);
+        s.local.local_ready_endpoints.insert(frontend.clone(), 1);
         s.local.endpoints_known = true;
+        // A load-balancer address, older than "db" and younger than "web".
+        let time = |secs: i64| {
+            Some(Time(
+                k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + secs).unwrap(),
+            ))
+        };
+        s.virtual_ips[0].metadata.creation_timestamp = time(0);
+        s.virtual_ips[1].metadata.creation_timestamp = time(20);
+        let template: PoolTemplate = serde_saphyr::from_str(
+            "interface: eth0\nforwarding: IPVS\nvrrp: {advertisementInterval: 100ms}\n",
+        )
+        .unwrap();
+        s.pools.insert("pool".into(), template);
+        s.load_balancers.push(LbService {
+            service: frontend,
+            created: time(10),
+            record: [("192.0.2.50".parse().unwrap(), "pool".to_string())].into(),
+            ports: vec![crate::model::lb::LbPort {
+                name: "http".into(),
+                protocol: crate::crd::ServiceProtocol::TCP,
+                port: 80,
+            }],
+            local: true,
+            proxy_ip_mode: false,
+        });
         s
     }
 
@@ -386,6 +439,9 @@ mod tests {
             want.completeness = Completeness::Cached;
             assert_eq!(plan(&cached.snapshot, node), want, "{node}");
         }
+        let lb = plan(&cached.snapshot, "node-a");
+        assert_eq!(lb.load_balancers.len(), 1);
+        assert_eq!(lb.services.len(), 2, "{:?}", lb.services);
         // What was read counts as written: saving the same facts writes nothing.
         assert!(!reader.save(&original).unwrap());
 
@@ -398,6 +454,49 @@ mod tests {
             .unwrap();
         assert_eq!(again.snapshot.nodes["node-b"].ready, Some(false));
         assert!(!dir.join("cluster-snapshot.json.tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_file_is_read_without_load_balancer_facts() {
+        let dir = dir("v1");
+        let path = dir.join(CACHE_FILE);
+        SnapshotCache::new(path.clone(), "node-a".into())
+            .save(&snapshot())
+            .unwrap();
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(value["version"], CACHE_VERSION);
+        // What version 1 wrote: no pools, Services, timestamps or endpoint nodes.
+        value["version"] = 1.into();
+        let object = value.as_object_mut().unwrap();
+        object.remove("pools");
+        object.remove("loadBalancers");
+        for v in value["virtualIps"].as_array_mut().unwrap() {
+            v.as_object_mut().unwrap().remove("created");
+        }
+        for (_, eps) in value["serviceEndpoints"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .map(|e| {
+                let pair = e.as_array_mut().unwrap();
+                (0, &mut pair[1])
+            })
+        {
+            for e in eps["endpoints"].as_array_mut().unwrap() {
+                e.as_object_mut().unwrap().remove("node");
+            }
+        }
+        std::fs::write(&path, value.to_string()).unwrap();
+        let cached = SnapshotCache::new(path.clone(), "node-a".into())
+            .load()
+            .unwrap()
+            .expect("a version-1 file is read");
+        assert!(cached.snapshot.load_balancers.is_empty());
+        assert!(cached.snapshot.pools.is_empty());
+        assert_eq!(cached.snapshot.virtual_ips.len(), 2);
+        assert_eq!(plan(&cached.snapshot, "node-a").iter().count(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

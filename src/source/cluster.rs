@@ -24,7 +24,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::cache::SnapshotCache;
-use crate::crd::{ServiceRef, VirtualIP};
+use crate::crd::service_lb::{allocation_record, served};
+use crate::crd::{LoadBalancerPool, ServiceProtocol, ServiceRef, VirtualIP};
+use crate::model::lb::{LbPort, LbService};
 use crate::model::{Completeness, EndpointFacts, NodeFacts, ServiceEndpoints, Snapshot};
 
 /// How long after a change more changes are awaited before planning, so that a burst (an
@@ -51,6 +53,9 @@ pub struct ClusterSource {
     virtual_ips: Store<VirtualIP>,
     nodes: Store<Node>,
     services: Store<Service>,
+    pools: Store<LoadBalancerPool>,
+    /// Whether class-less `type: LoadBalancer` Services are served.
+    serve_classless: bool,
     slices: Slices,
     /// Bumped on every change of any store.
     changes: watch::Sender<u64>,
@@ -76,6 +81,7 @@ struct Listed {
     nodes: Arc<AtomicBool>,
     services: Arc<AtomicBool>,
     slices: Arc<AtomicBool>,
+    pools: Arc<AtomicBool>,
     /// Some watch failed before listing: the API server is unreachable or refuses.
     failed: Arc<AtomicBool>,
 }
@@ -87,6 +93,7 @@ impl Listed {
             (&self.nodes, "Node"),
             (&self.services, "Service"),
             (&self.slices, "EndpointSlice"),
+            (&self.pools, "LoadBalancerPool"),
         ]
         .into_iter()
         .filter(|(flag, _)| !flag.load(Ordering::Relaxed))
@@ -106,6 +113,9 @@ struct Flags {
     listed: Arc<AtomicBool>,
     failed: Arc<AtomicBool>,
     served: Option<Arc<AtomicBool>>,
+    /// A resource the server may not serve (its CRD not installed): not found counts as
+    /// listed (empty), and the watch keeps retrying.
+    optional: bool,
 }
 
 /// With a saved snapshot, how long the first lists may take before the agent starts from
@@ -121,6 +131,8 @@ pub const CACHE_GRACE: Duration = Duration::from_secs(2);
 pub struct Stores {
     pub virtual_ips: Store<VirtualIP>,
     pub nodes: Store<Node>,
+    /// For the master annotation of load-balancer addresses.
+    pub services: Store<Service>,
     pub changes: watch::Receiver<u64>,
 }
 
@@ -138,6 +150,7 @@ impl ClusterSource {
             listed: flag.clone(),
             failed: listed.failed.clone(),
             served,
+            optional: false,
         };
         let virtual_ips = spawn_reflector(
             Api::<VirtualIP>::all(client.clone()),
@@ -147,6 +160,13 @@ impl ClusterSource {
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
             flags(&listed.services, None),
+        );
+        let pools = spawn_reflector(
+            Api::<LoadBalancerPool>::all(client.clone()),
+            Flags {
+                optional: true,
+                ..flags(&listed.pools, None)
+            },
         );
         let slices = spawn_slices(client, flags(&listed.slices, Some(endpoints_known.clone())));
         let mut cache = cache.map(|path| SnapshotCache::new(path, node.clone()));
@@ -207,6 +227,8 @@ impl ClusterSource {
             virtual_ips,
             nodes,
             services,
+            pools,
+            serve_classless: true,
             slices,
             changes: changed,
             seen,
@@ -219,6 +241,12 @@ impl ClusterSource {
         };
         source.log_complete();
         source
+    }
+
+    /// Whether class-less `type: LoadBalancer` Services count (default true; the agent's
+    /// `--ignore-classless-services` turns it off).
+    pub fn set_serve_classless(&mut self, serve: bool) {
+        self.serve_classless = serve;
     }
 
     /// Whether every watch has listed once (the stores, not a saved snapshot, are planned
@@ -262,6 +290,7 @@ impl ClusterSource {
         Stores {
             virtual_ips: self.virtual_ips.clone(),
             nodes: self.nodes.clone(),
+            services: self.services.clone(),
             changes: self.changes.subscribe(),
         }
     }
@@ -334,8 +363,32 @@ impl ClusterSource {
         snapshot.local.endpoints_known = self.endpoints_known.load(Ordering::Relaxed);
         let slices = self.slices.state();
         snapshot.local.local_ready_endpoints = local_ready_endpoints(&slices, &self.node);
-        snapshot.service_endpoints =
-            service_endpoints(&snapshot.virtual_ips, &self.services.state(), &slices);
+        let services = self.services.state();
+        snapshot.pools = self
+            .pools
+            .state()
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| Some((p.metadata.name.clone()?, p.spec.template.clone())))
+            .collect();
+        snapshot.load_balancers = load_balancers(&services, self.serve_classless);
+        let mut wanted = referenced_services(&snapshot.virtual_ips);
+        // Only IPVS-forwarded addresses need endpoints (kube-proxy forwards the others).
+        wanted.extend(
+            snapshot
+                .load_balancers
+                .iter()
+                .filter(|lb| {
+                    lb.record.values().any(|pool| {
+                        snapshot
+                            .pools
+                            .get(pool)
+                            .is_some_and(|t| t.forwarding == crate::crd::ServiceForwarding::IPVS)
+                    })
+                })
+                .map(|lb| lb.service.clone()),
+        );
+        snapshot.service_endpoints = service_endpoints(&wanted, &services, &slices);
         snapshot.local.services = self
             .services
             .state()
@@ -547,6 +600,18 @@ where
             }
             Err(e) => {
                 let not_served = is_not_found(&e);
+                if flags.optional && not_served {
+                    // Its CRD is not installed: known to be empty. The watch retries.
+                    if !flags.listed.swap(true, Ordering::Relaxed) {
+                        info!(
+                            kind,
+                            "the API server does not serve this resource (CRD not installed?): taken as empty; the watch keeps retrying"
+                        );
+                        flags.changed.send_modify(|g| *g += 1);
+                    }
+                    failing = true;
+                    continue;
+                }
                 if !flags.listed.load(Ordering::Relaxed)
                     && !flags.failed.swap(true, Ordering::Relaxed)
                 {
@@ -646,13 +711,9 @@ pub fn local_ready_endpoints(
     out
 }
 
-/// Ports and endpoints of the Services that VirtualIPs forward to (`backends.serviceRef`).
-pub fn service_endpoints(
-    virtual_ips: &[VirtualIP],
-    services: &[Arc<Service>],
-    slices: &[Arc<EndpointSlice>],
-) -> BTreeMap<ServiceRef, ServiceEndpoints> {
-    let wanted: BTreeSet<ServiceRef> = virtual_ips
+/// The Services that VirtualIPs forward to (`backends.serviceRef`).
+pub fn referenced_services(virtual_ips: &[VirtualIP]) -> BTreeSet<ServiceRef> {
+    virtual_ips
         .iter()
         .flat_map(|v| &v.spec.services)
         .filter_map(|s| s.backends.service_ref.as_ref())
@@ -660,7 +721,67 @@ pub fn service_endpoints(
             namespace: r.namespace.clone(),
             name: r.name.clone(),
         })
-        .collect();
+        .collect()
+}
+
+/// The served Services of `type: LoadBalancer` that carry a readable, non-empty allocation
+/// record (being deleted: no longer). A malformed record is ignored (the leader rewrites it).
+pub fn load_balancers(services: &[Arc<Service>], serve_classless: bool) -> Vec<LbService> {
+    services
+        .iter()
+        .filter(|svc| svc.metadata.deletion_timestamp.is_none() && served(svc, serve_classless))
+        .filter_map(|svc| {
+            let record = allocation_record(svc)?.ok().filter(|r| !r.is_empty())?;
+            let spec = svc.spec.as_ref()?;
+            let ports = spec
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    let protocol = match p.protocol.as_deref() {
+                        None | Some("TCP") => ServiceProtocol::TCP,
+                        Some("UDP") => ServiceProtocol::UDP,
+                        Some("SCTP") => ServiceProtocol::SCTP,
+                        Some(_) => return None,
+                    };
+                    Some(LbPort {
+                        name: p.name.clone().unwrap_or_default(),
+                        protocol,
+                        port: u16::try_from(p.port).ok()?,
+                    })
+                })
+                .collect();
+            Some(LbService {
+                service: ServiceRef {
+                    namespace: svc.metadata.namespace.clone()?,
+                    name: svc.metadata.name.clone()?,
+                },
+                created: svc.metadata.creation_timestamp.clone(),
+                record,
+                ports,
+                local: spec.external_traffic_policy.as_deref() == Some("Local"),
+                proxy_ip_mode: svc
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.load_balancer.as_ref())
+                    .and_then(|lb| lb.ingress.as_ref())
+                    .is_some_and(|ingress| {
+                        !ingress.is_empty()
+                            && ingress
+                                .iter()
+                                .all(|i| i.ip_mode.as_deref() == Some("Proxy"))
+                    }),
+            })
+        })
+        .collect()
+}
+
+/// Ports and endpoints of the `wanted` Services.
+pub fn service_endpoints(
+    wanted: &BTreeSet<ServiceRef>,
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+) -> BTreeMap<ServiceRef, ServiceEndpoints> {
     let mut out = BTreeMap::new();
     if wanted.is_empty() {
         return out;
@@ -725,6 +846,7 @@ pub fn service_endpoints(
                     ports: ports.clone(),
                     ready,
                     draining: terminating && serving,
+                    node: e.node_name.clone(),
                 });
             }
         }
@@ -918,7 +1040,11 @@ mod tests {
             "- port: 80\n  backends: {serviceRef: {namespace: web, name: frontend}}\n",
         )
         .unwrap();
-        let out = service_endpoints(&[vip], &[Arc::new(service)], &[Arc::new(slice)]);
+        let out = service_endpoints(
+            &referenced_services(&[vip]),
+            &[Arc::new(service)],
+            &[Arc::new(slice)],
+        );
         let found = &out[&ServiceRef {
             namespace: "web".into(),
             name: "frontend".into(),

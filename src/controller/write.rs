@@ -1,0 +1,450 @@
+//! What the leader writes, as pure functions of the object read and the decision (table-tested
+//! below), and the writes themselves.
+//!
+//! - The allocation record: a JSON merge patch of the one annotation, carrying
+//!   `metadata.resourceVersion` (the API server refuses it with 409 when the Service changed
+//!   since it was read).
+//! - `status.loadBalancer.ingress`: a merge patch of the status subresource, also carrying
+//!   the resourceVersion (of the record write's answer when both are written).
+//! - Pool status: a merge patch of the status subresource, only when it differs; a condition
+//!   whose type, status, reason and message are unchanged keeps its `lastTransitionTime`.
+//! - Events (`events.k8s.io/v1`) in the Service's namespace.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource};
+use serde_json::{Value, json};
+
+use crate::crd::service_lb::{ANNOTATION_ALLOCATED, CONTROLLER_MANAGER, format_allocated};
+use crate::crd::{LoadBalancerPool, LoadBalancerPoolStatus};
+use crate::ipam::Ingress;
+
+/// The record annotation's value wanted: `None` removes it.
+fn record_value(record: &BTreeMap<IpAddr, String>) -> Option<String> {
+    (!record.is_empty()).then(|| format_allocated(record))
+}
+
+/// The merge patch that makes `svc`'s record `record`, or `None` when it already is.
+pub fn record_patch(svc: &Service, record: &BTreeMap<IpAddr, String>) -> Option<Value> {
+    let current = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_ALLOCATED));
+    let wanted = record_value(record);
+    if current == wanted.as_ref() {
+        return None;
+    }
+    Some(json!({
+        "metadata": {
+            "resourceVersion": svc.metadata.resource_version,
+            "annotations": { ANNOTATION_ALLOCATED: wanted },
+        }
+    }))
+}
+
+/// The Service's ingress as (ip, ipMode) pairs; entries without an ip (hostnames) as
+/// unparseable, so that they differ from anything ferrovip wants.
+fn current_ingress(svc: &Service) -> Vec<(Option<IpAddr>, Option<String>, bool)> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            (
+                i.ip.as_deref().and_then(|ip| ip.parse().ok()),
+                i.ip_mode.clone(),
+                i.hostname.is_some() || i.ports.as_ref().is_some_and(|p| !p.is_empty()),
+            )
+        })
+        .collect()
+}
+
+/// The status merge patch that makes `svc`'s ingress `ingress`, or `None` when it already is.
+pub fn ingress_patch(svc: &Service, ingress: &[Ingress]) -> Option<Value> {
+    let current = current_ingress(svc);
+    let same = current.len() == ingress.len()
+        && current
+            .iter()
+            .zip(ingress)
+            .all(|((ip, mode, extra), want)| {
+                *ip == Some(want.ip) && mode.as_deref() == want.ip_mode && !extra
+            });
+    if same {
+        return None;
+    }
+    let entries: Vec<Value> = ingress
+        .iter()
+        .map(|i| match i.ip_mode {
+            Some(mode) => json!({"ip": i.ip.to_string(), "ipMode": mode}),
+            None => json!({"ip": i.ip.to_string()}),
+        })
+        .collect();
+    let list = if entries.is_empty() {
+        Value::Null
+    } else {
+        Value::Array(entries)
+    };
+    Some(json!({
+        "metadata": {"resourceVersion": svc.metadata.resource_version},
+        "status": {"loadBalancer": {"ingress": list}},
+    }))
+}
+
+/// `wanted` with each condition's `lastTransitionTime` taken from `old` when type, status,
+/// reason and message are unchanged, `now` otherwise.
+pub fn with_condition_times(
+    old: Option<&LoadBalancerPoolStatus>,
+    wanted: &LoadBalancerPoolStatus,
+    now: Timestamp,
+) -> LoadBalancerPoolStatus {
+    let mut out = wanted.clone();
+    for c in &mut out.conditions {
+        let kept = old
+            .into_iter()
+            .flat_map(|o| &o.conditions)
+            .find(|o| {
+                o.type_ == c.type_
+                    && o.status == c.status
+                    && o.reason == c.reason
+                    && o.message == c.message
+            })
+            .map(|o| o.last_transition_time.clone());
+        c.last_transition_time = kept.unwrap_or(Time(now));
+    }
+    out
+}
+
+/// The pool status to write, or `None` when the pool already shows it.
+pub fn pool_status_update(
+    pool: &LoadBalancerPool,
+    wanted: &LoadBalancerPoolStatus,
+    now: Timestamp,
+) -> Option<LoadBalancerPoolStatus> {
+    let status = with_condition_times(pool.status.as_ref(), wanted, now);
+    if pool.status.as_ref() == Some(&status)
+        || (pool.status.is_none() && status == LoadBalancerPoolStatus::default())
+    {
+        return None;
+    }
+    Some(status)
+}
+
+/// The merge patch that sets the whole pool status (absent fields removed).
+pub fn pool_status_patch(status: &LoadBalancerPoolStatus) -> Value {
+    let mut body = serde_json::to_value(status).unwrap_or_else(|_| json!({}));
+    if let Some(map) = body.as_object_mut() {
+        for key in ["observedGeneration", "ipv4", "ipv6", "inUse", "conditions"] {
+            map.entry(key).or_insert(Value::Null);
+        }
+    }
+    json!({"status": body})
+}
+
+/// The controller's patch parameters (its field manager).
+pub fn params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(CONTROLLER_MANAGER.into()),
+        ..PatchParams::default()
+    }
+}
+
+/// Patches a Service's metadata (the record).
+pub async fn patch_service(api: &Api<Service>, name: &str, body: &Value) -> kube::Result<Service> {
+    api.patch(name, &params(), &Patch::Merge(body)).await
+}
+
+/// Patches a Service's status subresource.
+pub async fn patch_service_status(
+    api: &Api<Service>,
+    name: &str,
+    body: &Value,
+) -> kube::Result<Service> {
+    api.patch_status(name, &params(), &Patch::Merge(body)).await
+}
+
+/// Patches a pool's status subresource.
+pub async fn patch_pool_status(
+    client: &Client,
+    name: &str,
+    status: &LoadBalancerPoolStatus,
+) -> kube::Result<LoadBalancerPool> {
+    let api: Api<LoadBalancerPool> = Api::all(client.clone());
+    api.patch_status(name, &params(), &Patch::Merge(pool_status_patch(status)))
+        .await
+}
+
+/// One Event about a Service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceEvent {
+    pub service: k8s_openapi::api::core::v1::ObjectReference,
+    pub warning: bool,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub note: String,
+}
+
+impl ServiceEvent {
+    pub fn new(
+        svc: &Service,
+        warning: bool,
+        reason: &'static str,
+        action: &'static str,
+        note: String,
+    ) -> ServiceEvent {
+        ServiceEvent {
+            service: svc.object_ref(&()),
+            warning,
+            reason,
+            action,
+            note,
+        }
+    }
+}
+
+/// Creates the Event in the Service's namespace (`events.k8s.io/v1`).
+pub async fn publish(client: &Client, identity: &str, event: &ServiceEvent) -> kube::Result<()> {
+    let namespace = event.service.namespace.clone().unwrap_or_default();
+    let now = Timestamp::now();
+    let mut note = event.note.clone();
+    if note.len() > 1024 {
+        let mut end = 1021;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    let body = K8sEvent {
+        metadata: ObjectMeta {
+            name: Some(format!(
+                "{}.{:x}",
+                event.service.name.clone().unwrap_or_default(),
+                now.as_nanosecond()
+            )),
+            namespace: Some(namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(now)),
+        action: Some(event.action.into()),
+        reason: Some(event.reason.into()),
+        note: Some(note),
+        regarding: Some(event.service.clone()),
+        reporting_controller: Some("ferrovip.io/controller".into()),
+        reporting_instance: Some(identity.into()),
+        type_: Some(if event.warning { "Warning" } else { "Normal" }.into()),
+        ..K8sEvent::default()
+    };
+    let api: Api<K8sEvent> = Api::namespaced(client.clone(), &namespace);
+    api.create(&PostParams::default(), &body).await.map(drop)
+}
+
+/// Whether the server has `status.loadBalancer.ingress[].ipMode` (Kubernetes 1.30+; older
+/// servers drop the field), from its `/version`.
+pub fn has_ip_mode(major: &str, minor: &str) -> bool {
+    let number = |s: &str| {
+        s.trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse::<u32>()
+            .unwrap_or(0)
+    };
+    (number(major), number(minor)) >= (1, 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn svc(record: Option<&str>, ingress: &[(&str, Option<&str>)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("default".into()),
+                resource_version: Some("42".into()),
+                annotations: record.map(|r| {
+                    [(ANNOTATION_ALLOCATED.to_string(), r.to_string())]
+                        .into_iter()
+                        .collect()
+                }),
+                ..ObjectMeta::default()
+            },
+            status: Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(
+                        ingress
+                            .iter()
+                            .map(|(i, m)| LoadBalancerIngress {
+                                ip: Some(i.to_string()),
+                                ip_mode: m.map(Into::into),
+                                ..LoadBalancerIngress::default()
+                            })
+                            .collect(),
+                    ),
+                }),
+                ..ServiceStatus::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    fn record(entries: &[(&str, &str)]) -> BTreeMap<IpAddr, String> {
+        entries
+            .iter()
+            .map(|(a, p)| (ip(a), p.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_record_is_written_with_the_resource_version_only_when_it_differs() {
+        let want = record(&[("192.0.2.10", "web")]);
+        assert_eq!(record_patch(&svc(Some("192.0.2.10@web"), &[]), &want), None);
+        let patch = record_patch(&svc(None, &[]), &want).unwrap();
+        assert_eq!(
+            patch,
+            json!({"metadata": {"resourceVersion": "42", "annotations": {"ferrovip.io/allocated": "192.0.2.10@web"}}})
+        );
+        // A different pool is a different record.
+        assert!(record_patch(&svc(Some("192.0.2.10@other"), &[]), &want).is_some());
+        // Empty: the annotation goes (null), and only if it is there.
+        let patch = record_patch(&svc(Some("192.0.2.10@web"), &[]), &BTreeMap::new()).unwrap();
+        assert_eq!(
+            patch["metadata"]["annotations"]["ferrovip.io/allocated"],
+            Value::Null
+        );
+        assert_eq!(record_patch(&svc(None, &[]), &BTreeMap::new()), None);
+    }
+
+    #[test]
+    fn ingress_is_written_in_order_with_ip_mode_only_when_asked() {
+        let v4 = Ingress {
+            ip: ip("192.0.2.10"),
+            ip_mode: None,
+        };
+        let v6 = Ingress {
+            ip: ip("2001:db8::10"),
+            ip_mode: None,
+        };
+        assert_eq!(
+            ingress_patch(&svc(None, &[("192.0.2.10", None)]), &[v4]),
+            None
+        );
+        let patch = ingress_patch(&svc(None, &[]), &[v4, v6]).unwrap();
+        assert_eq!(
+            patch["status"]["loadBalancer"]["ingress"],
+            json!([{"ip": "192.0.2.10"}, {"ip": "2001:db8::10"}])
+        );
+        assert_eq!(patch["metadata"]["resourceVersion"], "42");
+        // Order matters; ipMode matters.
+        assert!(
+            ingress_patch(
+                &svc(None, &[("2001:db8::10", None), ("192.0.2.10", None)]),
+                &[v4, v6]
+            )
+            .is_some()
+        );
+        let proxy = Ingress {
+            ip_mode: Some("Proxy"),
+            ..v4
+        };
+        let patch = ingress_patch(&svc(None, &[("192.0.2.10", None)]), &[proxy]).unwrap();
+        assert_eq!(
+            patch["status"]["loadBalancer"]["ingress"],
+            json!([{"ip": "192.0.2.10", "ipMode": "Proxy"}])
+        );
+        assert_eq!(
+            ingress_patch(&svc(None, &[("192.0.2.10", Some("Proxy"))]), &[proxy]),
+            None
+        );
+        // Clearing: null, and nothing to do when already empty.
+        let patch = ingress_patch(&svc(None, &[("192.0.2.10", None)]), &[]).unwrap();
+        assert_eq!(patch["status"]["loadBalancer"]["ingress"], Value::Null);
+        assert_eq!(ingress_patch(&svc(None, &[]), &[]), None);
+        let mut none = svc(None, &[]);
+        none.status = None;
+        assert_eq!(ingress_patch(&none, &[]), None);
+    }
+
+    fn condition(type_: &str, status: &str, reason: &str, at: i64) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: Time(Timestamp::from_second(at).unwrap()),
+        }
+    }
+
+    #[test]
+    fn pool_status_keeps_condition_times_and_is_written_only_when_changed() {
+        let now = Timestamp::from_second(2_000_000_000).unwrap();
+        let old = LoadBalancerPoolStatus {
+            observed_generation: Some(1),
+            in_use: Some(1),
+            conditions: vec![
+                condition("Ready", "True", "Ready", 100),
+                condition("Conflict", "False", "NoConflict", 100),
+            ],
+            ..LoadBalancerPoolStatus::default()
+        };
+        let pool = LoadBalancerPool {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                ..ObjectMeta::default()
+            },
+            spec: serde_json::from_value(
+                json!({"addresses": ["192.0.2.0/28"], "template": {"interface": "eth0"}}),
+            )
+            .unwrap(),
+            status: Some(old.clone()),
+        };
+        // Same content (times left empty by ipam): nothing to write.
+        let mut wanted = old.clone();
+        for c in &mut wanted.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        assert_eq!(pool_status_update(&pool, &wanted, now), None);
+        // A count changes: written, times kept.
+        wanted.in_use = Some(2);
+        let update = pool_status_update(&pool, &wanted, now).unwrap();
+        assert_eq!(update.in_use, Some(2));
+        assert!(
+            update
+                .conditions
+                .iter()
+                .all(|c| c.last_transition_time.0.as_second() == 100)
+        );
+        // A condition changes: only its time is now.
+        wanted.conditions[1] = condition("Conflict", "True", "Overlap", 0);
+        let update = pool_status_update(&pool, &wanted, now).unwrap();
+        assert_eq!(update.conditions[0].last_transition_time.0.as_second(), 100);
+        assert_eq!(update.conditions[1].last_transition_time.0, now);
+        // The patch removes what the new status leaves out.
+        let patch = pool_status_patch(&update);
+        assert_eq!(patch["status"]["ipv4"], Value::Null);
+        assert_eq!(patch["status"]["inUse"], 2);
+    }
+
+    #[test]
+    fn ip_mode_from_the_server_version() {
+        assert!(!has_ip_mode("1", "20"));
+        assert!(!has_ip_mode("1", "29+"));
+        assert!(has_ip_mode("1", "30"));
+        assert!(has_ip_mode("1", "33+"));
+        assert!(has_ip_mode("2", "0"));
+        assert!(!has_ip_mode("", ""));
+    }
+}

@@ -1,0 +1,189 @@
+//! Reports kube-proxy misconfigurations against the load-balancer addresses this node may
+//! hold (see [`crate::model::kube_proxy`]): a warning in the log and a Warning Event on this
+//! node's Node object when a problem appears (`kubectl describe node` shows it), an info line
+//! when it goes, and a gauge through `report` (the agent's metrics).
+//!
+//! Observed at start, whenever the node's use of load-balancer addresses changes, and every
+//! [`RECHECK`] (kube-proxy may start or be reconfigured later). Nothing is observed while the
+//! node may hold no load-balancer address.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::crd::ServiceForwarding;
+use crate::dataplane::kube_proxy::KubeProxyObserver;
+use crate::model::kube_proxy::{LbUse, Problem, assess};
+use crate::model::{Desired, lb};
+
+/// How often kube-proxy is looked at again while the node may hold load-balancer addresses.
+pub const RECHECK: Duration = Duration::from_secs(60);
+
+/// What this node does with load-balancer addresses, from its plan.
+pub fn lb_use(desired: &Desired) -> LbUse {
+    let mut uses = LbUse::default();
+    for (name, plan) in &desired.load_balancers {
+        if !lb::is_synthetic(name)
+            || !desired
+                .resources
+                .get(name)
+                .is_some_and(|r| r.eligible && r.refused.is_none())
+        {
+            continue;
+        }
+        uses.addresses += 1;
+        if plan.forwarding == ServiceForwarding::IPVS && !plan.proxy_ip_mode {
+            uses.ipvs_without_ip_mode += 1;
+        }
+    }
+    uses
+}
+
+/// Runs until `desired` closes.
+pub async fn run(
+    observer: KubeProxyObserver,
+    client: Client,
+    node: String,
+    mut desired: watch::Receiver<Arc<Desired>>,
+    mut report: impl FnMut(&[Problem]) + Send,
+) {
+    let mut reported: BTreeSet<&'static str> = BTreeSet::new();
+    loop {
+        let uses = lb_use(&desired.borrow_and_update());
+        let problems = if uses.addresses == 0 {
+            Vec::new()
+        } else {
+            match observer.observe().await {
+                Some(facts) => assess(&facts, uses),
+                None => {
+                    debug!("cannot observe kube-proxy (no sh?)");
+                    Vec::new()
+                }
+            }
+        };
+        report(&problems);
+        let now: BTreeSet<&'static str> = problems.iter().map(Problem::metric_label).collect();
+        for p in &problems {
+            if !reported.contains(p.metric_label()) {
+                warn!(problem = p.metric_label(), "{}", p.message());
+                node_event(&client, &node, p).await;
+            }
+        }
+        for gone in reported.difference(&now) {
+            info!(problem = *gone, "kube-proxy problem resolved");
+        }
+        reported = now;
+        tokio::select! {
+            r = desired.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(RECHECK) => {},
+        }
+        // Plans change often; kube-proxy is looked at again only when the use changed or
+        // the recheck is due.
+        while lb_use(&desired.borrow()) == uses {
+            tokio::select! {
+                r = desired.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(RECHECK) => break,
+            }
+        }
+    }
+}
+
+/// A Warning Event about this node's Node object (cluster-scoped: in `default`, or in
+/// `kube-system` on servers that take no other).
+async fn node_event(client: &Client, node: &str, problem: &Problem) {
+    let now = Timestamp::now();
+    let regarding = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.to_string()),
+        uid: Api::<Node>::all(client.clone())
+            .get_opt(node)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| n.metadata.uid),
+        ..ObjectReference::default()
+    };
+    for namespace in ["default", "kube-system"] {
+        let event = K8sEvent {
+            metadata: ObjectMeta {
+                name: Some(format!("{node}.{:x}", now.as_nanosecond())),
+                namespace: Some(namespace.into()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            action: Some("Check".into()),
+            reason: Some(problem.reason().into()),
+            note: Some(problem.message()),
+            regarding: Some(regarding.clone()),
+            reporting_controller: Some("ferrovip.io/agent".into()),
+            reporting_instance: Some(node.to_string()),
+            type_: Some("Warning".into()),
+            ..K8sEvent::default()
+        };
+        match Api::<K8sEvent>::namespaced(client.clone(), namespace)
+            .create(&PostParams::default(), &event)
+            .await
+        {
+            Ok(_) => return,
+            Err(kube::Error::Api(s)) if s.code == 422 && namespace == "default" => continue,
+            Err(e) => {
+                debug!(error = %e, "kube-proxy Event not published");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LbPlan, ResourcePlan};
+
+    #[test]
+    fn use_counts_eligible_addresses_and_ipvs_ones_without_ip_mode() {
+        let mut d = Desired::default();
+        for (addr, forwarding, ip_mode, eligible) in [
+            ("192.0.2.10", ServiceForwarding::KubeProxy, false, true),
+            ("192.0.2.11", ServiceForwarding::IPVS, false, true),
+            ("192.0.2.12", ServiceForwarding::IPVS, true, true),
+            ("192.0.2.13", ServiceForwarding::IPVS, false, false),
+        ] {
+            let address = addr.parse().unwrap();
+            let name = lb::resource_name(&address);
+            d.load_balancers.insert(
+                name.clone(),
+                LbPlan {
+                    address,
+                    services: Vec::new(),
+                    local: false,
+                    forwarding,
+                    proxy_ip_mode: ip_mode,
+                },
+            );
+            d.resources.insert(
+                name,
+                ResourcePlan {
+                    eligible,
+                    ..ResourcePlan::default()
+                },
+            );
+        }
+        assert_eq!(
+            lb_use(&d),
+            LbUse {
+                addresses: 3,
+                ipvs_without_ip_mode: 1
+            }
+        );
+    }
+}

@@ -1,0 +1,267 @@
+//! Services of `type: LoadBalancer`, the agents' side, end to end: the real `ferrovip agent`
+//! binary in two network namespaces against a real kube-apiserver v1.20 with etcd. The test
+//! writes the allocation record (`ferrovip.io/allocated`) itself, as the Service controller's
+//! leader would, so what is tested is only the agents: the address becomes a VRRP-held address
+//! on exactly one node, the `ferrovip.io/master` annotation and a `MasterElected` Event name
+//! that node, a killed master's address moves to the other node within about
+//! Master_Down_Interval, and nothing is written at steady state.
+//!
+//! IPVS is not available on the host kernel: the IPVS-forwarded pool is checked through the
+//! service set the agents plan (their dataplane reports how many virtual services it could
+//! not program); the VM tests drive the real IPVS path.
+//!
+//! Needs root; one test at a time (`--test-threads=1`).
+
+#[allow(dead_code)]
+mod k8s_util;
+
+use std::time::{Duration, Instant};
+
+use k8s_util::{K8sLab, text};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+const POOL_CRD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/crds/ferrovip.io_loadbalancerpools.yaml"
+);
+/// Advertisements every 100 ms, node-a preferred (150 against 100): Master_Down_Interval of
+/// node-b is 3 × 100 ms + (256 − 100) × 100 ms / 256 ≈ 361 ms.
+const MASTER_DOWN_B: Duration = Duration::from_millis(361);
+/// Scheduling noise on a shared 2-core machine (debug build, etcd, kube-apiserver, agents).
+const LATE: Duration = Duration::from_millis(250);
+
+fn pool(name: &str, addresses: &str, forwarding: &str) -> Value {
+    json!({
+        "apiVersion": "ferrovip.io/v1alpha1",
+        "kind": "LoadBalancerPool",
+        "metadata": {"name": name},
+        "spec": {
+            "addresses": [addresses],
+            "template": {
+                "interface": "eth0",
+                "vrrp": {"advertisementInterval": "100ms"},
+                "priority": {"base": 100, "preferredNodes": [{"nodeName": "node-a", "weight": 50}]},
+                "forwarding": forwarding,
+            },
+        },
+    })
+}
+
+/// A Service with the allocation record the leader would have written.
+fn service(name: &str, record: &str, ports: &[u16]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|p| json!({"name": format!("p{p}"), "port": p, "protocol": "TCP"}))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "annotations": {"ferrovip.io/allocated": record},
+        },
+        "spec": {"type": "LoadBalancer", "selector": {"app": name}, "ports": ports},
+    })
+}
+
+fn master_annotation(c: &K8sLab, name: &str) -> String {
+    let out = c.kubectl(&["get", "service", name, "-n", "default", "-o", "json"]);
+    let svc: Value = serde_json::from_str(&out).expect("service json");
+    text(&svc["metadata"]["annotations"]["ferrovip.io/master"])
+}
+
+fn wait_annotation(c: &K8sLab, name: &str, want: &str, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = master_annotation(c, name);
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "Service {name}: ferrovip.io/master should be {want:?} within {timeout:?}, is {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn service_events(c: &K8sLab, name: &str, reason: &str) -> Vec<Value> {
+    let out = c.kubectl(&["get", "events.events.k8s.io", "-n", "default", "-o", "json"]);
+    let list: Value = serde_json::from_str(&out).expect("kubectl -o json");
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["regarding"]["kind"] == "Service"
+                && e["regarding"]["name"] == name
+                && e["reason"] == reason
+        })
+        .cloned()
+        .collect()
+}
+
+/// Patches of Services (any field) since `mark`, from the audit log, per user.
+fn service_patches_since(c: &K8sLab, mark: u64) -> usize {
+    let log = std::fs::read(c.api.audit_log_path()).unwrap_or_default();
+    let from = usize::try_from(mark).unwrap_or(usize::MAX).min(log.len());
+    String::from_utf8_lossy(&log[from..])
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| {
+            e["verb"] == "patch"
+                && e["objectRef"]["resource"] == "services"
+                && e["stage"] == "ResponseComplete"
+        })
+        .count()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[test]
+fn e2e_lb_service_address_held_by_one_node_annotated_and_failed_over() {
+    let mut c = K8sLab::new(2);
+    c.install();
+    c.kubectl(&["apply", "-f", POOL_CRD]);
+    c.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=30s",
+        "crd/loadbalancerpools.ferrovip.io",
+    ]);
+    c.apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
+        pool("web", "192.0.2.200-192.0.2.219", "KubeProxy"),
+        pool("fast", "192.0.2.220-192.0.2.229", "IPVS"),
+    ]}));
+    c.start_agents();
+
+    // --- 1. Service create (with the record) → the preferred node holds the address and it
+    // answers; several times, for the median.
+    let mut latencies = Vec::new();
+    for i in 0..5 {
+        let addr = format!("192.0.2.{}", 210 + i);
+        let name = format!("probe-{i}");
+        let mut pinger = c.spawn_ping(&addr, Duration::from_secs(10));
+        let created = Instant::now();
+        c.apply(&service(&name, &format!("{addr}@web"), &[80]));
+        let (answered, replied) = pinger.wait();
+        assert!(replied, "{addr} never answered a ping");
+        latencies.push(answered.duration_since(created));
+        c.wait_holders(&addr, &[0], Duration::from_secs(5));
+        c.kubectl(&["delete", "service", &name, "-n", "default", "--wait=true"]);
+        c.wait_holders(&addr, &[], Duration::from_secs(5));
+    }
+    eprintln!(
+        "Service create → first ping reply via the address: median {} (runs: {})",
+        ms(median(latencies.clone())),
+        latencies
+            .iter()
+            .map(|d| ms(*d))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(
+        median(latencies) <= Duration::from_millis(1500),
+        "Service create → first ping is over the 1.5 s target"
+    );
+
+    // --- 2. The long-lived Service: exactly one holder, annotation and Event name it.
+    let addr = "192.0.2.200";
+    c.apply(&service("shop", &format!("{addr}@web"), &[80, 443]));
+    c.wait_holders(addr, &[0], Duration::from_secs(5));
+    let took = wait_annotation(&c, "shop", "192.0.2.200=node-a", Duration::from_secs(5));
+    eprintln!(
+        "master annotation written {} after the address was held",
+        ms(took)
+    );
+    let events = service_events(&c, "shop", "MasterElected");
+    assert_eq!(events.len(), 1, "one MasterElected Event: {events:?}");
+    assert_eq!(events[0]["reportingInstance"], "node-a");
+    assert!(text(&events[0]["note"]).contains("node-a holds 192.0.2.200"));
+    // Never a VirtualIP status write for a synthetic resource: there is no such VirtualIP.
+    let vips = c.kubectl(&["get", "virtualips", "-o", "name"]);
+    assert!(vips.trim().is_empty(), "no VirtualIP objects: {vips}");
+
+    // --- 3. Steady state: no Service writes.
+    let mark = c.audit_mark();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        service_patches_since(&c, mark),
+        0,
+        "Service patches at steady state"
+    );
+
+    // --- 4. Kill the master: node-b holds the address within about Master_Down_Interval,
+    // and as new master writes the annotation.
+    let killed = c.signal(0, Signal::SIGKILL);
+    let mut holders_b;
+    loop {
+        holders_b = c.has(1, addr);
+        if holders_b || killed.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let takeover = killed.elapsed();
+    assert!(holders_b, "node-b never took {addr} over");
+    eprintln!(
+        "takeover by node-b {} after SIGKILL of node-a (Master_Down_Interval {})",
+        ms(takeover),
+        ms(MASTER_DOWN_B)
+    );
+    assert!(
+        takeover <= MASTER_DOWN_B + LATE,
+        "takeover took {takeover:?}"
+    );
+    // node-a's address expires (lifetime) now that its agent is dead.
+    c.wait_holders(addr, &[1], Duration::from_secs(3));
+    wait_annotation(&c, "shop", "192.0.2.200=node-b", Duration::from_secs(5));
+    let events = service_events(&c, "shop", "MasterElected");
+    assert!(
+        events.iter().any(|e| e["reportingInstance"] == "node-b"),
+        "a MasterElected Event from node-b: {events:?}"
+    );
+
+    // --- 5. node-a back: it preempts (priority 150), writes the annotation again.
+    c.start_agent(0);
+    c.wait_listed(0);
+    c.wait_holders(addr, &[0], Duration::from_secs(5));
+    wait_annotation(&c, "shop", "192.0.2.200=node-a", Duration::from_secs(5));
+
+    // --- 6. IPVS forwarding: every node plans one virtual service per port (two here); the
+    // host kernel has no IPVS, so the dataplane says it cannot program them.
+    c.apply(&service("api", "192.0.2.220@fast", &[8080, 8443]));
+    c.wait_holders("192.0.2.220", &[0], Duration::from_secs(5));
+    for i in 0..2 {
+        let line = c.wait_log(i, "the IPVS service set", Duration::from_secs(5), |l| {
+            l["dataplane"] == "ipvs" && l["services"] == 2
+        });
+        eprintln!("{}: {line}", c.name(i));
+    }
+    wait_annotation(&c, "api", "192.0.2.220=node-a", Duration::from_secs(5));
+
+    // --- 7. A record naming a pool that does not exist, or no record: nothing held.
+    c.apply(&service("orphan", "192.0.2.230@missing", &[80]));
+    c.apply(&json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "pending", "namespace": "default"},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80}],
+                 "loadBalancerIP": "192.0.2.201"},
+    }));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(c.holders("192.0.2.230").is_empty());
+    assert!(c.holders("192.0.2.201").is_empty());
+
+    // --- 8. Delete: released everywhere.
+    c.kubectl(&["delete", "service", "shop", "-n", "default"]);
+    c.wait_holders(addr, &[], Duration::from_secs(5));
+}
