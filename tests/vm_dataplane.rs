@@ -63,11 +63,18 @@ const CASES: &[Case] = &[
         "k8s_agent_restarts_adopt_the_dataplane_without_a_write",
         k8s_agent_restarts_adopt_the_dataplane_without_a_write,
     ),
+    (
+        "k8s_service_load_balancer_through_ipvs_and_failover",
+        k8s_service_load_balancer_through_ipvs_and_failover,
+    ),
 ];
 
 /// The cases that run agents against the host's API server, and their nodes.
 const KUBE: vm::Kube = vm::Kube {
-    cases: &["k8s_agent_restarts_adopt_the_dataplane_without_a_write"],
+    cases: &[
+        "k8s_agent_restarts_adopt_the_dataplane_without_a_write",
+        "k8s_service_load_balancer_through_ipvs_and_failover",
+    ],
     nodes: &["d1", "d2"],
 };
 
@@ -1321,7 +1328,6 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
     let mut cleanup = vm::cluster::Cleanup::new(&admin);
     admin.create_if_absent(&vm::cluster::node("d1", "198.51.100.11"))?;
     admin.create_if_absent(&vm::cluster::node("d2", "198.51.100.12"))?;
-    let address = "198.51.100.200";
     admin.apply(&cleanup.track(serde_json::json!({
         "apiVersion": "ferrovip.io/v1alpha1", "kind": "LoadBalancerPool",
         "metadata": {"name": "vm-pool"},
@@ -1344,6 +1350,7 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
                  "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
     }));
     admin.apply(&service)?;
+    let created = Instant::now();
     // No controller manager: the EndpointSlice is written as it would.
     admin.apply(&cleanup.track(serde_json::json!({
         "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
@@ -1356,12 +1363,22 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
             {"addresses": ["203.0.113.12"], "conditions": {"ready": true}},
         ],
     })))?;
-    let created = Instant::now();
-    allocate_as_the_controller(&admin, &service, address)?;
-
+    // The agents run the Service controller too: one of them takes its Lease and allocates.
     let mut d1_agent = Agent::start_with(&d1, "d1", Source::Kubernetes, &[], ".lb")?;
     let d2_agent = Agent::start_with(&d2, "d2", Source::Kubernetes, &[], ".lb")?;
-    let vip = SocketAddr::new(address.parse()?, 80);
+    let address = allocated_by_the_controller(&admin, &service).map_err(|e| {
+        format!(
+            "{e}\nd1 log:\n{}\nd2 log:\n{}",
+            d1_agent.log(),
+            d2_agent.log()
+        )
+    })?;
+    let allocated = created.elapsed();
+    // The lowest free address of the pool.
+    ensure(address == v4(198, 51, 100, 200), || {
+        format!("allocated {address}, not the pool's first address")
+    })?;
+    let vip = SocketAddr::new(address, 80);
     let has_vip = |ns: &GuestNetns| {
         ns.ip(&["-4", "addr", "show", "dev", "eth0"])
             .is_ok_and(|o| o.contains(&format!("{address}/32")))
@@ -1452,8 +1469,9 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
     let window = killed_at..killed_at + took_over + Duration::from_secs(3);
     let outside: Vec<_> = failed.iter().filter(|(t, _)| !window.contains(t)).collect();
     println!(
-        "Service address held by d1 {held:.2?} after the allocation record; d1 killed, d2 took \
-         over after {took_over:.2?}; replies by backend {ok:?}, {} failed at {:?}",
+        "Service {address} allocated {allocated:.2?} after its creation (agents started \
+         alongside), held by d1 after {held:.2?}; d1 killed, d2 took over after \
+         {took_over:.2?}; replies by backend {ok:?}, {} failed at {:?}",
         failed.len(),
         failed.iter().map(|(t, _)| *t).collect::<Vec<_>>()
     );
@@ -1479,23 +1497,26 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
     Ok(())
 }
 
-/// What the Service controller does for the Service (as the leader would, for runs without
-/// it): the allocation record naming the pool, then the ingress status.
-fn allocate_as_the_controller(
+/// Waits until the Service controller (the agents' elected leader) has allocated an address
+/// of pool `vm-pool` to `service`: the record, then the ingress status with the same address.
+fn allocated_by_the_controller(
     admin: &vm::cluster::Admin,
     service: &serde_json::Value,
-    address: &str,
-) -> CaseResult {
-    admin.merge_patch(
+) -> Result<IpAddr, vm::CaseError> {
+    let svc = admin.wait(
         service,
-        &serde_json::json!({"metadata": {"annotations":
-            {"ferrovip.io/allocated": format!("{address}@vm-pool")}}}),
+        "an address of vm-pool in the record and the status",
+        Duration::from_secs(60),
+        |s| {
+            let record = s["metadata"]["annotations"]["ferrovip.io/allocated"].as_str();
+            let ingress = s["status"]["loadBalancer"]["ingress"][0]["ip"].as_str();
+            matches!((record, ingress), (Some(r), Some(i)) if r == format!("{i}@vm-pool"))
+        },
     )?;
-    admin.merge_patch_status(
-        service,
-        &serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": address}]}}}),
-    )?;
-    Ok(())
+    Ok(svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?)
 }
 
 /// A UDP server in a namespace answering every datagram with its name.
