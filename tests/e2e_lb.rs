@@ -143,6 +143,22 @@ fn e2e_lb_service_address_held_by_one_node_annotated_and_failed_over() {
         pool("fast", "192.0.2.220-192.0.2.229", "IPVS"),
     ]}));
     c.start_agents();
+    // node-a looks like a node with kube-proxy in IPVS mode without strict ARP (its link;
+    // a veth, as the host kernel may lack the dummy driver).
+    c.exec_ok(
+        0,
+        &[
+            "ip",
+            "link",
+            "add",
+            "kube-ipvs0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "kp-peer",
+        ],
+    );
 
     // --- 1. Service create (with the record) → the preferred node holds the address and it
     // answers; several times, for the median.
@@ -173,6 +189,34 @@ fn e2e_lb_service_address_held_by_one_node_annotated_and_failed_over() {
         median(latencies) <= Duration::from_millis(1500),
         "Service create → first ping is over the 1.5 s target"
     );
+
+    // The agent on node-a reported kube-proxy's missing strict ARP as a Warning Event on
+    // its Node (cluster-scoped: kube-system on v1.20), node-b did not.
+    let node_events = |node: &str| -> Vec<Value> {
+        let out = c.kubectl(&["get", "events.events.k8s.io", "-A", "-o", "json"]);
+        let list: Value = serde_json::from_str(&out).expect("kubectl -o json");
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                e["regarding"]["kind"] == "Node"
+                    && e["regarding"]["name"] == node
+                    && e["reason"] == "KubeProxyStrictARPOff"
+            })
+            .cloned()
+            .collect()
+    };
+    let started = Instant::now();
+    while node_events("node-a").is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no KubeProxyStrictARPOff Event about node-a"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(node_events("node-a").len(), 1, "reported once");
+    assert!(node_events("node-b").is_empty());
 
     // --- 2. The long-lived Service: exactly one holder, annotation and Event name it.
     let addr = "192.0.2.200";

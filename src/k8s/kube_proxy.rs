@@ -59,39 +59,49 @@ pub async fn run(
     let mut reported: BTreeSet<&'static str> = BTreeSet::new();
     loop {
         let uses = lb_use(&desired.borrow_and_update());
-        let problems = if uses.addresses == 0 {
-            Vec::new()
+        // Nothing observed while the node may hold no load-balancer address; what was
+        // reported stays reported (no new log line or Event when addresses come back).
+        let observed = if uses.addresses == 0 {
+            None
         } else {
-            match observer.observe().await {
-                Some(facts) => assess(&facts, uses),
-                None => {
-                    debug!("cannot observe kube-proxy (no sh?)");
-                    Vec::new()
+            let facts = observer.observe().await;
+            if facts.is_none() {
+                debug!("cannot observe kube-proxy (no sh?)");
+            }
+            facts
+        };
+        let problems = observed
+            .as_ref()
+            .map(|facts| assess(facts, uses))
+            .unwrap_or_default();
+        report(&problems);
+        if observed.is_some() {
+            let now: BTreeSet<&'static str> = problems.iter().map(Problem::metric_label).collect();
+            for p in &problems {
+                if !reported.contains(p.metric_label()) {
+                    warn!(problem = p.metric_label(), "{}", p.message());
+                    node_event(&client, &node, p).await;
                 }
             }
-        };
-        report(&problems);
-        let now: BTreeSet<&'static str> = problems.iter().map(Problem::metric_label).collect();
-        for p in &problems {
-            if !reported.contains(p.metric_label()) {
-                warn!(problem = p.metric_label(), "{}", p.message());
-                node_event(&client, &node, p).await;
+            for gone in reported.difference(&now) {
+                info!(problem = *gone, "kube-proxy problem resolved");
             }
-        }
-        for gone in reported.difference(&now) {
-            info!(problem = *gone, "kube-proxy problem resolved");
-        }
-        reported = now;
-        tokio::select! {
-            r = desired.changed() => if r.is_err() { return },
-            () = tokio::time::sleep(RECHECK) => {},
+            reported = now;
         }
         // Plans change often; kube-proxy is looked at again only when the use changed or
         // the recheck is due.
-        while lb_use(&desired.borrow()) == uses {
+        let recheck = tokio::time::Instant::now() + RECHECK;
+        loop {
             tokio::select! {
-                r = desired.changed() => if r.is_err() { return },
-                () = tokio::time::sleep(RECHECK) => break,
+                r = desired.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    if lb_use(&desired.borrow()) != uses {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep_until(recheck) => break,
             }
         }
     }

@@ -600,13 +600,24 @@ where
             }
             Err(e) => {
                 let not_served = is_not_found(&e);
-                if flags.optional && not_served {
-                    // Its CRD is not installed: known to be empty. The watch retries.
+                let forbidden = status_code(&e) == Some(403);
+                if flags.optional && (not_served || forbidden) {
+                    // Its CRD is not installed, or RBAC predates it: taken as empty, so that
+                    // an upgraded agent with old RBAC still plans its VirtualIPs. The watch
+                    // retries.
                     if !flags.listed.swap(true, Ordering::Relaxed) {
-                        info!(
-                            kind,
-                            "the API server does not serve this resource (CRD not installed?): taken as empty; the watch keeps retrying"
-                        );
+                        if forbidden {
+                            warn!(
+                                kind,
+                                error = %e,
+                                "not allowed to list this resource (RBAC of an older release?): taken as empty until allowed; apply config/rbac"
+                            );
+                        } else {
+                            info!(
+                                kind,
+                                "the API server does not serve this resource (CRD not installed?): taken as empty; the watch keeps retrying"
+                            );
+                        }
                         flags.changed.send_modify(|g| *g += 1);
                     }
                     failing = true;
@@ -636,10 +647,14 @@ where
 }
 
 fn is_not_found(e: &watcher::Error) -> bool {
+    status_code(e) == Some(404)
+}
+
+fn status_code(e: &watcher::Error) -> Option<u16> {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
-        _ => false,
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => Some(status.code),
+        _ => None,
     }
 }
 
