@@ -1173,6 +1173,26 @@ fn requested_addresses() {
         )]
     );
     assert_eq!(d.failure, None);
+    // A Service moving to its newly requested address frees the old one for a Service
+    // asking for it in the same pass (older, so considered first among askers).
+    let mut first = with("first", 0, Some("192.0.2.4"), None);
+    first.metadata.creation_timestamp = Some(time(-10));
+    let mut w2 = World::new(
+        w.pools.clone(),
+        vec![with("mover", 0, Some("192.0.2.4"), None)],
+    );
+    assert_eq!(rec(&w2.settle(), "ns", "mover"), "192.0.2.4@p");
+    annotate(
+        &mut w2.services[0],
+        ANNOTATION_LOAD_BALANCER_IPS,
+        "192.0.2.5",
+    );
+    w2.services.push(first);
+    let out = w2.settle();
+    assert_eq!(rec(&out, "ns", "mover"), "192.0.2.5@p");
+    assert_eq!(rec(&out, "ns", "first"), "192.0.2.4@p");
+    assert_eq!(failure(&out, "ns", "first"), None);
+
     // The pool annotation changed: moves to the new pool.
     let i = w
         .services
