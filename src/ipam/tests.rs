@@ -1374,7 +1374,8 @@ fn churn(mut seed: u64) {
     let mut next = 0;
     for step in 0..400 {
         let before = w.run();
-        let op = rand(10);
+        let op = rand(11);
+        let mut edited = None;
         match op {
             0..=3 => {
                 next += 1;
@@ -1407,6 +1408,20 @@ fn churn(mut seed: u64) {
             7 if !w.services.is_empty() => {
                 let i = rand(w.services.len() as u64) as usize;
                 spec(&mut w.services[i]).ports = Some(vec![port("TCP", 80 + rand(3) as i32)]);
+                edited = w.services[i].metadata.name.clone();
+            }
+            10 if !w.services.is_empty() => {
+                let i = rand(w.services.len() as u64) as usize;
+                let ann = w.services[i].metadata.annotations.get_or_insert_default();
+                match rand(3) {
+                    0 => ann.remove(ANNOTATION_LOAD_BALANCER_IPS),
+                    1 => ann.insert(
+                        ANNOTATION_LOAD_BALANCER_IPS.into(),
+                        format!("10.0.0.{}", rand(8)),
+                    ),
+                    _ => ann.insert(ANNOTATION_POOL.into(), ["q", "p4"][rand(2) as usize].into()),
+                };
+                edited = w.services[i].metadata.name.clone();
             }
             8 => w.pools[2] = pool("q", q_variants[rand(3) as usize], 2),
             _ => w.services.reverse(),
@@ -1479,11 +1494,35 @@ fn churn(mut seed: u64) {
             }
         }
         // Creating or deleting a Service (or reordering) takes nothing from any other.
-        if op <= 6 || op == 9 {
+        // Editing one Service's ports or request takes nothing from the others either.
+        if op != 8 {
             for (k, d) in &out.services {
-                // (A Service missing a family may gain it.)
+                if edited.as_deref() == Some(k.name.as_str()) {
+                    continue;
+                }
+                // (A Service missing a family may gain it; one whose record disagrees with
+                // its request moves once the requested address or pool can be had.)
+                let svc = w
+                    .services
+                    .iter()
+                    .find(|s| s.metadata.name.as_deref() == Some(&k.name));
+                let ann = svc
+                    .and_then(|s| s.metadata.annotations.clone())
+                    .unwrap_or_default();
+                let asked: Vec<IpAddr> = ann
+                    .get(ANNOTATION_LOAD_BALANCER_IPS)
+                    .into_iter()
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
                 if let Some(b) = before.services.get(k) {
                     for (a, p) in &b.record {
+                        let disagrees = asked.iter().any(|r| r.is_ipv4() == a.is_ipv4() && r != a)
+                            || ann.get(ANNOTATION_POOL).is_some_and(|want| want != p);
+                        // A port edit may make sharers clash: the later one moves.
+                        let sharer = ann.contains_key(ANNOTATION_SHARING_KEY);
+                        if disagrees || (op == 7 && sharer) {
+                            continue;
+                        }
                         assert_eq!(
                             d.record.get(a),
                             Some(p),
