@@ -287,7 +287,7 @@ struct PoolDone {
 }
 
 enum Done {
-    Service(ServiceDone),
+    Service(Box<ServiceDone>),
     Pool(PoolDone),
 }
 
@@ -415,6 +415,7 @@ impl Leader {
     fn finish(&mut self, done: Done) -> bool {
         match done {
             Done::Service(done) => {
+                let done = *done;
                 self.inflight.remove(&done.key);
                 match done.object {
                     Some(object) => {
@@ -532,11 +533,7 @@ impl Leader {
                 continue;
             };
             self.failure_event(key, svc, decision);
-            if decision.record.is_empty() {
-                if decision.failure.is_some() || !has_record(svc) {
-                    self.first_seen.entry(key.clone()).or_insert(now);
-                }
-            } else if !has_record(svc) {
+            if !has_record(svc) {
                 self.first_seen.entry(key.clone()).or_insert(now);
             }
             if self.inflight.contains(key) {
@@ -696,7 +693,7 @@ async fn lost(state: &mut tokio::sync::watch::Receiver<Leadership>, term: u64) {
             s.valid_until
         };
         let sleep = until
-            .map(|u| tokio::time::Instant::from_std(u))
+            .map(tokio::time::Instant::from_std)
             .unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
@@ -765,12 +762,12 @@ async fn service_writes(
     let mut stale = Vec::new();
     let mut wrote = false;
     let end = |object: Option<Service>, stale: Vec<String>, retry: bool| {
-        Done::Service(ServiceDone {
+        Done::Service(Box::new(ServiceDone {
             key: key.clone(),
             object,
             stale,
             retry,
-        })
+        }))
     };
     if let Some(body) = write::record_patch(&current, &decision.record) {
         if context.fenced() {
@@ -881,10 +878,10 @@ async fn failed(
             wrote.then_some(current)
         }
     };
-    Done::Service(ServiceDone {
+    Done::Service(Box::new(ServiceDone {
         key: key.clone(),
         object,
         stale,
         retry: true,
-    })
+    }))
 }
