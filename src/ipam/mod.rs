@@ -147,6 +147,13 @@ impl FailureReason {
     ];
 }
 
+impl std::fmt::Display for FailureReason {
+    /// The variant's name (`PoolExhausted`), as in Event messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
 /// The desired status of one pool.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PoolDecision {
@@ -162,9 +169,9 @@ pub struct PoolDecision {
 /// then the rest; within each, creationTimestamp, then namespace/name): first every Service
 /// keeps what its record validly holds (so no Service ever gets an address another Service
 /// validly holds), then Services without a record adopt their ingress address, then missing
-/// addresses are allocated: Services asking for specific addresses first, then Services that
-/// held an address, then by age (requested addresses are never handed to another Service
-/// automatically).
+/// addresses are allocated: Services asking for specific addresses first, then by age
+/// (requested addresses are never handed to another Service automatically). The result is a
+/// fixed point: reconciling the written decisions decides the same again.
 pub fn reconcile(inputs: &Inputs) -> Outcome {
     let pools = pools::analyze(inputs.pools, inputs.reserved);
     let svcs: Vec<Svc> = inputs
@@ -177,6 +184,17 @@ pub fn reconcile(inputs: &Inputs) -> Outcome {
     a.outcome()
 }
 
+/// The failure to report among several (one per family, in the Service's family order): the
+/// first that more addresses would not cure, else the first. What other Services hold decides
+/// which families are exhausted, so that order keeps the report stable between reconciles.
+fn worst(mut failed: Vec<(Family, Failure)>) -> (Family, Failure) {
+    let i = failed
+        .iter()
+        .position(|(_, e)| e.reason != FailureReason::PoolExhausted)
+        .unwrap_or(0);
+    failed.swap_remove(i)
+}
+
 /// An address a Service holds during the reconcile.
 #[derive(Clone, Debug)]
 struct Held {
@@ -186,6 +204,10 @@ struct Held {
     /// Why it should give way to what the Service asks for now (request or pool changed);
     /// kept unless the replacement is found.
     replace: Option<String>,
+    /// Set aside for a RequireDualStack Service that waits for another family's pool: no
+    /// other Service takes it in this pass (so the next pass decides the same), but it is not
+    /// the Service's yet (not in its record).
+    tentative: bool,
 }
 
 struct Allocator<'i, 'p> {
@@ -297,21 +319,18 @@ impl<'i, 'p> Allocator<'i, 'p> {
             }
         }
         // Then what is missing, by age; Services asking for addresses first, so that a
-        // sharing Service finds the address its partner asked for.
-        let mut fill: Vec<(bool, bool, usize)> = order
-            .iter()
-            .map(|&(g, i)| {
+        // sharing Service finds the address its partner asked for. (Not "holders first":
+        // a Service that got one family in this pass would then come earlier in the next,
+        // and the next pass could decide otherwise.)
+        let mut fill: Vec<usize> = order.iter().map(|&(_, i)| i).collect();
+        fill.sort_by(|&a, &b| {
+            let rank = |i: usize| {
                 let s = &self.svcs[i];
                 let asks = matches!(&s.requested, Ok(r) if r.iter().any(Option::is_some));
-                let holds = g == 0 || self.held[i].iter().any(Option::is_some);
-                (!asks, !holds, i)
-            })
-            .collect();
-        fill.sort_by(|a, b| {
-            let (sa, sb) = (&self.svcs[a.2], &self.svcs[b.2]);
-            (a.0, a.1, sa.created, &sa.key).cmp(&(b.0, b.1, sb.created, &sb.key))
+                (!asks, s.created, &s.key)
+            };
+            rank(a).cmp(&rank(b))
         });
-        let fill: Vec<usize> = fill.into_iter().map(|(_, _, i)| i).collect();
         for i in fill {
             self.fill(i);
         }
@@ -387,9 +406,34 @@ impl<'i, 'p> Allocator<'i, 'p> {
 
     /// Whether Service `i` may hold `ip` next to its current holders.
     fn may_join(&self, i: usize, ip: IpAddr) -> Result<(), Failure> {
-        for &h in self.holders.get(&ip).into_iter().flatten() {
+        // Oldest holder first: the report does not depend on who got the address first.
+        let mut holders: Vec<usize> = self
+            .holders
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        holders.sort_by_key(|&h| (self.svcs[h].created, &self.svcs[h].key));
+        for h in holders {
             if h != i {
-                self.svcs[i].may_share_with(&self.svcs[h])?;
+                self.svcs[i].may_share_with(&self.svcs[h]).map_err(|e| {
+                    if self.held[h][Family::of(ip).index()]
+                        .as_ref()
+                        .is_some_and(|x| x.tentative)
+                    {
+                        Failure {
+                            reason: e.reason,
+                            message: format!(
+                                "set aside for Service {} (RequireDualStack, waiting for its \
+                                 other family)",
+                                self.svcs[h].display()
+                            ),
+                        }
+                    } else {
+                        e
+                    }
+                })?;
             }
         }
         Ok(())
@@ -397,7 +441,12 @@ impl<'i, 'p> Allocator<'i, 'p> {
 
     fn hold(&mut self, i: usize, ip: IpAddr, pool: usize, replace: Option<String>) {
         let (f, n) = addrs::number(ip);
-        self.held[i][f.index()] = Some(Held { ip, pool, replace });
+        self.held[i][f.index()] = Some(Held {
+            ip,
+            pool,
+            replace,
+            tentative: false,
+        });
         self.holders.entry(ip).or_default().push(i);
         self.used[f.index()].insert(n);
         self.blocked[f.index()].insert(n);
@@ -425,10 +474,8 @@ impl<'i, 'p> Allocator<'i, 'p> {
             if !self.soft[f.index()].contains(&n) {
                 self.blocked[f.index()].remove(&n);
             }
-            for p in 0..self.pools.len() {
-                if let Some(c) = self.cursors.get_mut(&(p, f)) {
-                    *c = (*c).min(n);
-                }
+            if let Some(c) = self.cursors.get_mut(&(held.pool, f)) {
+                *c = (*c).min(n);
             }
         }
         let s = &self.svcs[i];
@@ -466,7 +513,7 @@ impl<'i, 'p> Allocator<'i, 'p> {
         }
         let mut got: Vec<(Family, IpAddr, usize)> = Vec::new();
         let mut failed: Vec<(Family, Failure)> = Vec::new();
-        for f in needed {
+        for &f in &needed {
             match self.allocate(i, f) {
                 Ok((ip, p)) => got.push((f, ip, p)),
                 Err(e) => failed.push((f, e)),
@@ -485,13 +532,53 @@ impl<'i, 'p> Allocator<'i, 'p> {
         };
         match s.policy {
             Policy::RequireDual if !failed.is_empty() => {
-                // All or nothing: what the Service already holds stays.
-                let (f, e) = failed.remove(0);
-                self.failure[i] = Some(label(f, e));
+                // All or nothing: what the Service already holds stays. When only exhausted
+                // pools stand in the way, what it got is set aside for it (tentative); else
+                // it goes back.
+                let exhausted = failed
+                    .iter()
+                    .all(|(_, e)| e.reason == FailureReason::PoolExhausted);
                 for (f, ip, p) in got {
-                    let c = self.cursors.entry((p, f)).or_insert(0);
-                    *c = (*c).min(addrs::number(ip).1);
+                    if exhausted && self.held[i][f.index()].is_none() {
+                        self.hold(i, ip, p, None);
+                        if let Some(h) = self.held[i][f.index()].as_mut() {
+                            h.tentative = true;
+                        }
+                    } else {
+                        let c = self.cursors.entry((p, f)).or_insert(0);
+                        *c = (*c).min(addrs::number(ip).1);
+                    }
                 }
+                self.failure[i] = Some(if exhausted {
+                    // Which families run out depends on who took what, so name every pool
+                    // the Service waits for: the report stays the same until it changes.
+                    let pools: Vec<String> = needed
+                        .iter()
+                        .map(|&f| {
+                            let asked = s.requested.as_ref().ok().and_then(|r| r[f.index()]);
+                            if let Some(ip) = asked {
+                                return format!("{f} {ip}");
+                            }
+                            let names: Vec<String> = self
+                                .candidates(i, f)
+                                .unwrap_or_default()
+                                .iter()
+                                .map(|&p| format!("{:?}", self.pools[p].name))
+                                .collect();
+                            format!("{f} in {}", names.join(", "))
+                        })
+                        .collect();
+                    Failure {
+                        reason: FailureReason::PoolExhausted,
+                        message: format!(
+                            "RequireDualStack: no free addresses for every family ({})",
+                            pools.join("; ")
+                        ),
+                    }
+                } else {
+                    let (f, e) = worst(failed);
+                    label(f, e)
+                });
                 return;
             }
             Policy::PreferDual => {
@@ -512,7 +599,8 @@ impl<'i, 'p> Allocator<'i, 'p> {
             }
             _ => {}
         }
-        if let Some((f, e)) = failed.into_iter().next() {
+        if !failed.is_empty() {
+            let (f, e) = worst(failed);
             self.failure[i] = Some(label(f, e));
         }
         for (f, ip, p) in got {
@@ -548,9 +636,10 @@ impl<'i, 'p> Allocator<'i, 'p> {
                 else {
                     continue;
                 };
-                if s.pool.as_ref().is_none_or(|n| *n == self.pools[p].name)
-                    && self.admits(p, i).is_ok()
-                {
+                let pool = &self.pools[p];
+                let named = s.pool.as_ref().map(|n| *n == pool.name);
+                // autoAssign false: only for Services that name the pool.
+                if named.unwrap_or(pool.spec.auto_assign) && self.admits(p, i).is_ok() {
                     return Ok((ip, p));
                 }
             }
@@ -744,6 +833,26 @@ impl<'i, 'p> Allocator<'i, 'p> {
         Ok((ip, p))
     }
 
+    /// The failure of Service `i`, a requested address taken named after its holders at the
+    /// end of the pass (who got it first in the pass may differ from one pass to the next).
+    fn final_failure(&self, i: usize) -> Option<Failure> {
+        let mut failure = self.failure[i].clone()?;
+        let Ok(requested) = &self.svcs[i].requested else {
+            return Some(failure);
+        };
+        for ip in requested.iter().flatten() {
+            let prefix = format!("requested address {ip}: ");
+            let Some(at) = failure.message.find(&prefix) else {
+                continue;
+            };
+            if let Err(e) = self.may_join(i, *ip) {
+                failure.message = format!("{}{prefix}{}", &failure.message[..at], e.message);
+                failure.reason = e.reason;
+            }
+        }
+        Some(failure)
+    }
+
     fn outcome(&self) -> Outcome {
         let mut out = Outcome::default();
         for (i, s) in self.svcs.iter().enumerate() {
@@ -767,6 +876,7 @@ impl<'i, 'p> Allocator<'i, 'p> {
                         .families
                         .iter()
                         .filter_map(|f| self.held[i][f.index()].as_ref())
+                        .filter(|h| !h.tentative)
                         .collect();
                     let record: BTreeMap<IpAddr, String> = held
                         .iter()
@@ -794,7 +904,7 @@ impl<'i, 'p> Allocator<'i, 'p> {
                             .collect(),
                         record,
                         ingress: Some(ingress),
-                        failure: self.failure[i].clone(),
+                        failure: self.final_failure(i),
                     }
                 }
             };
@@ -806,7 +916,9 @@ impl<'i, 'p> Allocator<'i, 'p> {
             let f = Family::of(*ip);
             let pools: BTreeSet<usize> = holders
                 .iter()
-                .filter_map(|&h| self.held[h][f.index()].as_ref().map(|x| x.pool))
+                .filter_map(|&h| self.held[h][f.index()].as_ref())
+                .filter(|x| !x.tentative)
+                .map(|x| x.pool)
                 .collect();
             for p in pools {
                 in_use[p][f.index()] += 1;
