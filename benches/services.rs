@@ -176,7 +176,7 @@ impl Bench {
                 "500ms",
             ])
             .env("KUBECONFIG", self.api.node_kubeconfig(id))
-            .env("FERROVIP_LOG", "warn")
+            .env("FERROVIP_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -623,7 +623,15 @@ fn main() -> anyhow::Result<()> {
     }
     let report_kills = if o.kills > 0 {
         eprintln!("(b) {} leader kills during create/delete churn", o.kills);
-        Some(kills(&mut bench, o.kills)?)
+        match kills(&mut bench, o.kills) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                // Keep the controllers' logs and the audit log for a look.
+                bench.api.keep_dir(true);
+                eprintln!("logs kept in {}", bench.api.dir().display());
+                return Err(e);
+            }
+        }
     } else {
         None
     };

@@ -318,16 +318,18 @@ impl<'i, 'p> Allocator<'i, 'p> {
                 }
             }
         }
-        // Then what is missing, by age; Services asking for addresses first, so that a
-        // sharing Service finds the address its partner asked for. (Not "holders first":
-        // a Service that got one family in this pass would then come earlier in the next,
-        // and the next pass could decide otherwise.)
+        // Then what is missing, by age; first the Services whose record no longer matches
+        // their request (what they give back is free for the others in this same pass), then
+        // Services asking for addresses, so that a sharing Service finds the address its
+        // partner asked for. (Not "holders first": a Service that got one family in this pass
+        // would then come earlier in the next, and the next pass could decide otherwise.)
         let mut fill: Vec<usize> = order.iter().map(|&(_, i)| i).collect();
         fill.sort_by(|&a, &b| {
             let rank = |i: usize| {
                 let s = &self.svcs[i];
+                let replacing = self.held[i].iter().flatten().any(|h| h.replace.is_some());
                 let asks = matches!(&s.requested, Ok(r) if r.iter().any(Option::is_some));
-                (!asks, s.created, &s.key)
+                (!replacing, !asks, s.created, &s.key)
             };
             rank(a).cmp(&rank(b))
         });

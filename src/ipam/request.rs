@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::addrs::Family;
@@ -69,7 +69,9 @@ pub fn read<'a>(svc: &'a Service, config: &Config) -> Option<Svc<'a>> {
     if !served && record.is_none() {
         return None;
     }
-    let spec = svc.spec.clone().unwrap_or_default();
+    static NO_SPEC: std::sync::LazyLock<ServiceSpec> =
+        std::sync::LazyLock::new(ServiceSpec::default);
+    let spec = svc.spec.as_ref().unwrap_or(&NO_SPEC);
     let unserved = if served {
         None
     } else if spec.type_.as_deref() != Some("LoadBalancer") {
@@ -172,7 +174,7 @@ pub fn read<'a>(svc: &'a Service, config: &Config) -> Option<Svc<'a>> {
             .map(|p| (p.protocol.clone().unwrap_or_else(|| "TCP".into()), p.port))
             .collect(),
         local: spec.external_traffic_policy.as_deref() == Some("Local"),
-        selector: spec.selector.unwrap_or_default(),
+        selector: spec.selector.clone().unwrap_or_default(),
     })
 }
 
