@@ -329,6 +329,8 @@ struct Leader {
     /// When a Service was first seen without an address (allocation latency).
     first_seen: HashMap<ServiceRef, Instant>,
     jobs: JoinSet<Done>,
+    /// Which Service each write task is for: a task that panicked still frees its Service.
+    job_keys: HashMap<tokio::task::Id, ServiceRef>,
     retry: bool,
 }
 
@@ -359,6 +361,7 @@ impl Leader {
             failures: HashMap::new(),
             first_seen: HashMap::new(),
             jobs: JoinSet::new(),
+            job_keys: HashMap::new(),
             retry: false,
         }
     }
@@ -397,9 +400,21 @@ impl Leader {
                     self.watches.changes.mark_unchanged();
                     dirty = true;
                 }
-                Some(done) = self.jobs.join_next() => {
-                    if let Ok(done) = done {
-                        dirty |= self.finish(done);
+                Some(done) = self.jobs.join_next_with_id() => {
+                    match done {
+                        Ok((id, done)) => {
+                            self.job_keys.remove(&id);
+                            dirty |= self.finish(done);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "a write task failed");
+                            if let Some(key) = self.job_keys.remove(&e.id()) {
+                                self.inflight.remove(&key);
+                                self.overrides.remove(&key);
+                            }
+                            self.pools_inflight.clear();
+                            self.retry = true;
+                        }
                     }
                 }
                 () = lost(&mut state, self.context.term) => return,
@@ -561,13 +576,14 @@ impl Leader {
             } else {
                 self.first_seen.get(key).copied()
             };
-            self.jobs.spawn(service_writes(
+            let task = self.jobs.spawn(service_writes(
                 self.context.clone(),
                 key.clone(),
                 svc.clone(),
                 decision.clone(),
                 first_seen,
             ));
+            self.job_keys.insert(task.id(), key.clone());
         }
         for (name, decision) in &outcome.pools {
             self.pool_write(name, &decision.status);
