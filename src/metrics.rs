@@ -1047,6 +1047,43 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn the_controller_figures_are_exported_with_bounded_labels() {
+        let metrics = Metrics::new();
+        assert!(!metrics.encode_prometheus().contains("controller_leading"));
+        let stats = Arc::new(ControllerStats::default());
+        metrics.attach_controller_stats(stats.clone());
+        stats.set_leading(true);
+        stats.set_pools(
+            [(
+                ("web".to_string(), "ipv4"),
+                PoolFigures {
+                    total: 14,
+                    in_use: 3,
+                },
+            )]
+            .into_iter()
+            .collect(),
+        );
+        stats.failure("pool_exhausted");
+        stats.write("record", "ok");
+        stats.write("record", "ok");
+        stats.allocated_after(Duration::from_millis(30));
+        let text = metrics.encode_prometheus();
+        for line in [
+            "ferrovip_controller_leading 1",
+            "ferrovip_pool_addresses{pool=\"web\",family=\"ipv4\"} 14",
+            "ferrovip_pool_addresses_in_use{pool=\"web\",family=\"ipv4\"} 3",
+            "ferrovip_allocation_failures_total{reason=\"pool_exhausted\"} 1",
+            "ferrovip_allocation_failures_total{reason=\"sharing_conflict\"} 0",
+            "ferrovip_controller_writes_total{kind=\"record\",result=\"ok\"} 2",
+            "ferrovip_allocation_latency_seconds_bucket{le=\"0.05\"} 1",
+            "ferrovip_allocation_latency_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+    }
+
     fn status(interface: &str, vrid: u8, state: State, priority: u8) -> InstanceStatus {
         InstanceStatus {
             members: Arc::from(vec!["web".to_owned()]),

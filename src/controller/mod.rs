@@ -287,7 +287,7 @@ struct PoolDone {
 }
 
 enum Done {
-    Service(ServiceDone),
+    Service(Box<ServiceDone>),
     Pool(PoolDone),
 }
 
@@ -329,6 +329,8 @@ struct Leader {
     /// When a Service was first seen without an address (allocation latency).
     first_seen: HashMap<ServiceRef, Instant>,
     jobs: JoinSet<Done>,
+    /// Which Service each write task is for: a task that panicked still frees its Service.
+    job_keys: HashMap<tokio::task::Id, ServiceRef>,
     retry: bool,
 }
 
@@ -359,6 +361,7 @@ impl Leader {
             failures: HashMap::new(),
             first_seen: HashMap::new(),
             jobs: JoinSet::new(),
+            job_keys: HashMap::new(),
             retry: false,
         }
     }
@@ -397,9 +400,21 @@ impl Leader {
                     self.watches.changes.mark_unchanged();
                     dirty = true;
                 }
-                Some(done) = self.jobs.join_next() => {
-                    if let Ok(done) = done {
-                        dirty |= self.finish(done);
+                Some(done) = self.jobs.join_next_with_id() => {
+                    match done {
+                        Ok((id, done)) => {
+                            self.job_keys.remove(&id);
+                            dirty |= self.finish(done);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "a write task failed");
+                            if let Some(key) = self.job_keys.remove(&e.id()) {
+                                self.inflight.remove(&key);
+                                self.overrides.remove(&key);
+                            }
+                            self.pools_inflight.clear();
+                            self.retry = true;
+                        }
                     }
                 }
                 () = lost(&mut state, self.context.term) => return,
@@ -415,6 +430,7 @@ impl Leader {
     fn finish(&mut self, done: Done) -> bool {
         match done {
             Done::Service(done) => {
+                let done = *done;
                 self.inflight.remove(&done.key);
                 match done.object {
                     Some(object) => {
@@ -532,11 +548,7 @@ impl Leader {
                 continue;
             };
             self.failure_event(key, svc, decision);
-            if decision.record.is_empty() {
-                if decision.failure.is_some() || !has_record(svc) {
-                    self.first_seen.entry(key.clone()).or_insert(now);
-                }
-            } else if !has_record(svc) {
+            if !has_record(svc) {
                 self.first_seen.entry(key.clone()).or_insert(now);
             }
             if self.inflight.contains(key) {
@@ -564,13 +576,14 @@ impl Leader {
             } else {
                 self.first_seen.get(key).copied()
             };
-            self.jobs.spawn(service_writes(
+            let task = self.jobs.spawn(service_writes(
                 self.context.clone(),
                 key.clone(),
                 svc.clone(),
                 decision.clone(),
                 first_seen,
             ));
+            self.job_keys.insert(task.id(), key.clone());
         }
         for (name, decision) in &outcome.pools {
             self.pool_write(name, &decision.status);
@@ -696,7 +709,7 @@ async fn lost(state: &mut tokio::sync::watch::Receiver<Leadership>, term: u64) {
             s.valid_until
         };
         let sleep = until
-            .map(|u| tokio::time::Instant::from_std(u))
+            .map(tokio::time::Instant::from_std)
             .unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
@@ -765,12 +778,12 @@ async fn service_writes(
     let mut stale = Vec::new();
     let mut wrote = false;
     let end = |object: Option<Service>, stale: Vec<String>, retry: bool| {
-        Done::Service(ServiceDone {
+        Done::Service(Box::new(ServiceDone {
             key: key.clone(),
             object,
             stale,
             retry,
-        })
+        }))
     };
     if let Some(body) = write::record_patch(&current, &decision.record) {
         if context.fenced() {
@@ -881,10 +894,10 @@ async fn failed(
             wrote.then_some(current)
         }
     };
-    Done::Service(ServiceDone {
+    Done::Service(Box::new(ServiceDone {
         key: key.clone(),
         object,
         stale,
         retry: true,
-    })
+    }))
 }
