@@ -303,12 +303,13 @@ impl Agent {
                     .cluster_snapshot
                     .clone()
                     .unwrap_or_else(|| args.state_dir.join(crate::source::cache::CACHE_FILE));
-                let cluster = ClusterSource::start(
+                let mut cluster = ClusterSource::start(
                     client.clone(),
                     args.node_name.clone(),
                     Some(snapshot_file),
                 )
                 .await;
+                cluster.set_serve_classless(!args.controller.ignore_classless_services);
                 // kube-proxy against the load-balancer addresses (log, Node Event, gauge).
                 let kube_proxy_metrics = metrics.clone();
                 tokio::spawn(crate::k8s::kube_proxy::run(

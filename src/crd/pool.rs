@@ -77,7 +77,11 @@ pub struct LoadBalancerPoolSpec {
 
     /// Never hand out IPv4 addresses ending in `.0` or `.255` (some clients and routers drop
     /// them).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        rename = "avoidBuggyIPs",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub avoid_buggy_ips: bool,
 
     /// Only Services whose labels match. All Services when absent.
