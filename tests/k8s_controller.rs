@@ -286,6 +286,32 @@ impl Env {
             .collect()
     }
 
+    /// (status, reason, message) of ferrovip's condition on a Service, waited for until it
+    /// has `status`.
+    fn wait_condition(&self, name: &str, status: &str, timeout: Duration) -> (String, String) {
+        let api: Api<Service> = Api::namespaced(self.admin.clone(), "default");
+        let started = Instant::now();
+        loop {
+            let svc = self.rt.block_on(api.get(name)).unwrap();
+            let found = svc
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "ferrovip.io/AddressAllocated");
+            if let Some(c) = &found
+                && c.status == status
+            {
+                return (c.reason.clone(), c.message.clone());
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "Service {name}: no ferrovip.io/AddressAllocated={status} after {timeout:?}: {found:?}"
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
     fn wait_event(&self, name: &str, reason: &str, timeout: Duration) -> String {
         let started = Instant::now();
         loop {
@@ -505,6 +531,12 @@ fn allocation_survives_restarts_edits_deletions_and_fights() {
         note.contains("198.51.100.10") && note.contains("small"),
         "{note}"
     );
+    let (reason, message) = env.wait_condition("svc-1", "True", Duration::from_secs(5));
+    assert_eq!(reason, "Allocated");
+    assert!(
+        message.contains("198.51.100.10 from pool small"),
+        "{message}"
+    );
 
     // --- Fill the pool; one more Service stays pending with a reason.
     for name in ["svc-2", "svc-3", "svc-4"] {
@@ -519,6 +551,10 @@ fn allocation_survives_restarts_edits_deletions_and_fights() {
     assert!(full["svc-3"].is("198.51.100.12", "small"), "{full:?}");
     let note = env.wait_event("svc-4", "AllocationFailed", Duration::from_secs(5));
     assert!(note.contains("small"), "the failure names the pool: {note}");
+    // The same reason on the Service itself, so `<pending>` is never unexplained.
+    let (reason, message) = env.wait_condition("svc-4", "False", Duration::from_secs(5));
+    assert_eq!(reason, "PoolExhausted");
+    assert!(message.contains("small"), "{message}");
     assert!(env.services()["svc-4"].pending());
 
     // --- Restart of the leader with a full pool: the new leader swaps nothing.
@@ -535,6 +571,7 @@ fn allocation_survives_restarts_edits_deletions_and_fights() {
         s["svc-4"].settled()
     });
     assert!(after["svc-4"].is("198.51.100.11", "small"), "{after:?}");
+    env.wait_condition("svc-4", "True", Duration::from_secs(5));
     for name in ["svc-1", "svc-3"] {
         assert_eq!(after[name], full[name], "{name} changed");
     }

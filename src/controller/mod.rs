@@ -555,10 +555,7 @@ impl Leader {
                 continue;
             }
             let record = write::record_patch(svc, &decision.record).is_some();
-            let status = decision
-                .ingress
-                .as_ref()
-                .is_some_and(|i| write::ingress_patch(svc, i).is_some());
+            let status = write::status_patch(svc, decision, Timestamp::now()).is_some();
             if !record && !status {
                 continue;
             }
@@ -752,6 +749,10 @@ fn intended(svc: &Service, decision: &ServiceDecision) -> Service {
                 })
                 .collect()
         });
+        if let Some(conditions) = write::conditions_update(svc, decision, Timestamp::now()) {
+            let status = out.status.get_or_insert_with(ServiceStatus::default);
+            status.conditions = (!conditions.is_empty()).then_some(conditions);
+        }
     }
     out
 }
@@ -828,11 +829,7 @@ async fn service_writes(
             }
         }
     }
-    if let Some(body) = decision
-        .ingress
-        .as_ref()
-        .and_then(|i| write::ingress_patch(&current, i))
-    {
+    if let Some(body) = write::status_patch(&current, &decision, Timestamp::now()) {
         if context.fenced() {
             return end(wrote.then_some(current), stale, false);
         }

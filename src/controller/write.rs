@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource};
@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::crd::service_lb::{ANNOTATION_ALLOCATED, CONTROLLER_MANAGER, format_allocated};
 use crate::crd::{LoadBalancerPool, LoadBalancerPoolStatus};
-use crate::ipam::Ingress;
+use crate::ipam::{Ingress, ServiceDecision};
 
 /// The record annotation's value wanted: `None` removes it.
 fn record_value(record: &BTreeMap<IpAddr, String>) -> Option<String> {
@@ -97,6 +97,98 @@ pub fn ingress_patch(svc: &Service, ingress: &[Ingress]) -> Option<Value> {
         "metadata": {"resourceVersion": svc.metadata.resource_version},
         "status": {"loadBalancer": {"ingress": list}},
     }))
+}
+
+/// The condition ferrovip keeps on the Services it serves (`status.conditions`, Kubernetes
+/// 1.20+): `True` with the addresses once allocated, `False` with the failure's reason and
+/// message (`PoolExhausted`, ...) while one stands, so `kubectl get svc -o yaml` says why an
+/// address is `<pending>`.
+pub const CONDITION_TYPE: &str = "ferrovip.io/AddressAllocated";
+
+/// (status, reason, message) of [`CONDITION_TYPE`] for a decision; `None`: no condition (the
+/// Service holds nothing and nothing failed, e.g. it is no longer of type LoadBalancer).
+pub fn wanted_condition(decision: &ServiceDecision) -> Option<(&'static str, String, String)> {
+    if let Some(f) = &decision.failure {
+        return Some(("False", f.reason.to_string(), f.message.clone()));
+    }
+    if decision.record.is_empty() {
+        return None;
+    }
+    let held = decision
+        .record
+        .iter()
+        .map(|(a, p)| format!("{a} from pool {p}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(("True", "Allocated".to_string(), held))
+}
+
+/// `svc.status.conditions` with ferrovip's condition as `decision` wants it (others kept);
+/// `None` when they already are. The transition time is kept when the status is unchanged.
+pub fn conditions_update(
+    svc: &Service,
+    decision: &ServiceDecision,
+    now: Timestamp,
+) -> Option<Vec<Condition>> {
+    let current: Vec<Condition> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let ours = current.iter().find(|c| c.type_ == CONDITION_TYPE);
+    let wanted = wanted_condition(decision);
+    let same = match (ours, &wanted) {
+        (None, None) => true,
+        (Some(c), Some((status, reason, message))) => {
+            c.status == *status && c.reason == *reason && c.message == *message
+        }
+        _ => false,
+    };
+    if same {
+        return None;
+    }
+    let mut out: Vec<Condition> = current
+        .iter()
+        .filter(|c| c.type_ != CONDITION_TYPE)
+        .cloned()
+        .collect();
+    if let Some((status, reason, message)) = wanted {
+        let since = ours
+            .filter(|c| c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or(Time(now));
+        out.push(Condition {
+            type_: CONDITION_TYPE.to_string(),
+            status: status.to_string(),
+            reason,
+            message,
+            observed_generation: svc.metadata.generation,
+            last_transition_time: since,
+        });
+    }
+    Some(out)
+}
+
+/// The status merge patch for `decision`: its ingress and ferrovip's condition, or `None` when
+/// the Service already shows both (or `decision` leaves the status alone: another class).
+pub fn status_patch(svc: &Service, decision: &ServiceDecision, now: Timestamp) -> Option<Value> {
+    let ingress = decision.ingress.as_ref()?;
+    let ingress_body = ingress_patch(svc, ingress);
+    let conditions = conditions_update(svc, decision, now);
+    if ingress_body.is_none() && conditions.is_none() {
+        return None;
+    }
+    let mut body = ingress_body.unwrap_or_else(
+        || json!({"metadata": {"resourceVersion": svc.metadata.resource_version}, "status": {}}),
+    );
+    if let Some(conditions) = conditions {
+        body["status"]["conditions"] = if conditions.is_empty() {
+            Value::Null
+        } else {
+            serde_json::to_value(conditions).unwrap_or(Value::Null)
+        };
+    }
+    Some(body)
 }
 
 /// `wanted` with each condition's `lastTransitionTime` taken from `old` when type, status,
@@ -261,6 +353,7 @@ pub fn has_ip_mode(major: &str, minor: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipam::{Failure, FailureReason};
     use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
@@ -325,6 +418,85 @@ mod tests {
             Value::Null
         );
         assert_eq!(record_patch(&svc(None, &[]), &BTreeMap::new()), None);
+    }
+
+    fn decision(record: &[(&str, &str)], failure: Option<FailureReason>) -> ServiceDecision {
+        ServiceDecision {
+            record: self::record(record),
+            ingress: Some(
+                record
+                    .iter()
+                    .map(|(a, _)| Ingress {
+                        ip: ip(a),
+                        ip_mode: None,
+                    })
+                    .collect(),
+            ),
+            allocated: Vec::new(),
+            released: Vec::new(),
+            failure: failure.map(|reason| Failure {
+                reason,
+                message: "pool small: no address left".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_condition_says_why_an_address_is_pending_and_is_written_only_on_change() {
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let t1 = Timestamp::from_second(1_700_000_100).unwrap();
+        // Pending: False with the failure's reason, in the same patch as the (empty) ingress.
+        let pending = svc(None, &[]);
+        let failed = decision(&[], Some(FailureReason::PoolExhausted));
+        let patch = status_patch(&pending, &failed, t0).unwrap();
+        let c = &patch["status"]["conditions"][0];
+        assert_eq!(c["type"], CONDITION_TYPE);
+        assert_eq!(c["status"], "False");
+        assert_eq!(c["reason"], "PoolExhausted");
+        assert_eq!(c["message"], "pool small: no address left");
+        // Shown already: nothing to write.
+        let mut shown = pending.clone();
+        shown.status.get_or_insert_default().conditions = conditions_update(&pending, &failed, t0);
+        assert_eq!(status_patch(&shown, &failed, t1), None);
+        // Allocated: True naming the address and pool, with the ingress, new transition time.
+        let ok = decision(&[("192.0.2.10", "small")], None);
+        let patch = status_patch(&shown, &ok, t1).unwrap();
+        assert_eq!(
+            patch["status"]["loadBalancer"]["ingress"][0]["ip"],
+            "192.0.2.10"
+        );
+        let c = &patch["status"]["conditions"][0];
+        assert_eq!(c["status"], "True");
+        assert_eq!(c["reason"], "Allocated");
+        assert_eq!(c["message"], "192.0.2.10 from pool small");
+        assert_eq!(c["lastTransitionTime"], "2023-11-14T22:15:00Z");
+        // Another class: the status is left alone whatever the condition.
+        let other = ServiceDecision {
+            ingress: None,
+            ..decision(&[], Some(FailureReason::PoolExhausted))
+        };
+        assert_eq!(status_patch(&pending, &other, t0), None);
+        // No longer a LoadBalancer (nothing held, nothing failed): our condition goes, others stay.
+        let mut foreign = shown.clone();
+        foreign
+            .status
+            .as_mut()
+            .unwrap()
+            .conditions
+            .as_mut()
+            .unwrap()
+            .push(Condition {
+                type_: "example.com/Other".into(),
+                status: "True".into(),
+                reason: "Other".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: Time(t0),
+            });
+        let patch = status_patch(&foreign, &decision(&[], None), t1).unwrap();
+        let kept = patch["status"]["conditions"].as_array().unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0]["type"], "example.com/Other");
     }
 
     #[test]
