@@ -510,6 +510,27 @@ fn allocation_survives_restarts_edits_deletions_and_fights() {
         "-f",
         &format!("{samples}/service-lb.yaml"),
     ]);
+    // The schema refuses what it can at `kubectl apply`, naming the field.
+    let bad = env.api.dir().join("bad-pool.json");
+    std::fs::write(
+        &bad,
+        json!({
+            "apiVersion": "ferrovip.io/v1alpha1",
+            "kind": "LoadBalancerPool",
+            "metadata": {"name": "bad"},
+            "spec": {"addresses": ["192.0.2.0/28", "ten dot one"], "template": {"interface": "eth0"}},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let refused = env
+        .api
+        .kubectl_ok(&["apply", "-f", &bad.display().to_string()])
+        .expect_err("a pool with a garbage address entry was accepted");
+    assert!(
+        refused.to_string().contains("spec.addresses"),
+        "the refusal names the field: {refused}"
+    );
     env.pool("small", &["198.51.100.10-198.51.100.12"]);
     env.start_controller("ctl-a");
     env.wait_holder(Some("ctl-a"), Duration::from_secs(10));

@@ -67,7 +67,10 @@ pub struct LoadBalancerPoolSpec {
     /// (`192.0.2.10-192.0.2.20`), IPv4 and IPv6 mixed. A CIDR's network and broadcast
     /// addresses are never handed out (IPv4 prefixes up to /30); list them as a range to use
     /// them.
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(
+        length(min = 1, max = 256),
+        inner(regex(pattern = r"^[0-9A-Fa-f:.]+(/[0-9]{1,3}|-[0-9A-Fa-f:.]+)?$"))
+    )]
     pub addresses: Vec<String>,
 
     /// Hand out addresses to Services that ask for no pool (default). When false, only
