@@ -350,6 +350,13 @@ impl<'i, 'p> Allocator<'i, 'p> {
                 ));
                 continue;
             }
+            // A VirtualIP created later on this address takes it (the agents hold it for the
+            // VirtualIP): the Service moves, with an Event saying why, rather than showing an
+            // address that nobody holds for it.
+            if let Some(what) = self.inputs.reserved.get(&ip) {
+                self.released[i].push((ip, format!("{ip} is now the address of {what}")));
+                continue;
+            }
             let Some(p) = self.home(ip, &recorded) else {
                 let why = if self.by_name.contains_key(recorded.as_str()) {
                     format!("{ip} is no longer in pool {recorded:?} nor in any other pool")

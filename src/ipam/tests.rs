@@ -560,6 +560,26 @@ fn overlap_goes_to_the_older_pool() {
         ))
     );
     assert_eq!(usage(&out, "a", false), (5, 1, 4));
+
+    // A VirtualIP created later on an address a Service holds takes it (the agents hold it
+    // for the VirtualIP): the Service is released from it, with the reason, and moves.
+    let mut w = World::new(
+        vec![pool("a", &["192.0.2.0/29"], 0)],
+        vec![lb("ns", "s", 0)],
+    );
+    let out = w.settle();
+    assert_eq!(rec(&out, "ns", "s"), "192.0.2.1@a");
+    w.reserved.insert(ip("192.0.2.1"), "VirtualIP late".into());
+    let out = w.run();
+    let d = &out.services[&key("ns", "s")];
+    assert_eq!(
+        d.released,
+        vec![(
+            ip("192.0.2.1"),
+            "192.0.2.1 is now the address of VirtualIP late".to_string()
+        )]
+    );
+    assert_eq!(rec(&out, "ns", "s"), "192.0.2.2@a");
 }
 
 fn sharer(name: &str, age: i64, key_: &str, ports: &[i32]) -> Service {
