@@ -1934,10 +1934,19 @@ fn a_vip_that_keeps_disappearing_makes_the_master_step_down_and_the_backup_take_
         "{warning}"
     );
     // It left with priority 0, so node-b took over within Skew_Time, not Master_Down_Interval.
+    // Waited for: the capture may still be decoding it when the log line is read.
+    let node_a = c.v4(0);
     let zero = c
-        .adverts(VRID, c.v4(0), started)
-        .into_iter()
-        .find(|(_, a)| a.priority == 0)
+        .sniffer
+        .wait_for(
+            |e| {
+                e.at >= started
+                    && e.advert()
+                        .is_some_and(|a| a.vrid == VRID && a.source == node_a && a.priority == 0)
+            },
+            Duration::from_secs(2),
+        )
+        .map(|e| (e.at, ()))
         .expect("a priority-0 advert from node-a");
     let b_first = c
         .sniffer
