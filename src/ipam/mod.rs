@@ -9,6 +9,7 @@ mod addrs;
 mod pools;
 mod request;
 mod selector;
+pub use selector::matches as selector_matches;
 #[cfg(test)]
 mod tests;
 

@@ -1,5 +1,5 @@
 //! Kubernetes label-selector semantics for `serviceSelector` and `namespaceSelector` (ipam
-//! sits below `model`, which has its own copy for node selectors).
+//! sits above `model`, which uses this one for node selectors too).
 
 use std::collections::BTreeMap;
 

@@ -13,7 +13,6 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::crd::{
     ServiceMatch, ServiceRef, ValidBackends, ValidCheck, ValidService, ValidSpec, ValidationErrors,
@@ -965,25 +964,9 @@ fn is_eligible(spec: &ValidSpec, facts: &NodeFacts) -> bool {
         .is_none_or(|selector| selector_matches(selector, &facts.labels))
 }
 
-/// Kubernetes label-selector semantics (matchLabels AND every matchExpression).
-pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let expressions_ok = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.as_deref().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    labels_ok && expressions_ok
-}
+/// Kubernetes label-selector semantics (matchLabels AND every matchExpression): the one
+/// implementation, in `ipam` (the layer above), shared with pools' selectors.
+pub use crate::ipam::selector_matches;
 
 /// `base` plus the weights of the preferred-node entries naming `node`, clamped to 1-254 (the
 /// health-free part of what `plan` computes; the tests state the rule through it).
@@ -1106,6 +1089,7 @@ fn link_local_first(addresses: &mut [IpNet]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
     fn vip(name: &str, vrid: i64, addresses: &[&str]) -> VirtualIP {
         VirtualIP::new(name, crate::crd::sample_spec(addresses, vrid))
