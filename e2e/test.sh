@@ -32,6 +32,11 @@ echo "== real kube-apiserver (built once from Debian's source package, cached in
 FERROVIP_APISERVER="$(bash e2e/apiserver/build.sh)"
 export FERROVIP_APISERVER
 
+echo "== kubelet, kube-controller-manager, kube-scheduler for the real-cluster rig (built once from"
+echo "   the same source package, cached in ~/.cache/ferrovip; containerd, runc, buildah from Debian)"
+FERROVIP_KUBE_BIN="$(bash e2e/cluster/build.sh)"
+export FERROVIP_KUBE_BIN
+
 echo "== VM image for the IPVS tests (Debian cloud kernel + initramfs, cached in ~/.cache/ferrovip)"
 FERROVIP_VM_DIR="$(bash e2e/vm/build.sh)"
 export FERROVIP_VM_DIR

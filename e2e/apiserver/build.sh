@@ -4,9 +4,11 @@
 # Prints the path of the binary on stdout.
 set -euo pipefail
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
 cache="${FERROVIP_CACHE:-$HOME/.cache/ferrovip}"
-# The suffix names our patch level: bump it whenever the patches below change, so a cached
-# binary built without them is never used.
+# The suffix names our patch level: bump it whenever the patches in e2e/kube-source.sh change,
+# so a cached binary built without them is never used.
 bin="$cache/kube-apiserver-v1.20.2-ferrovip1"
 mkdir -p "$cache"
 
@@ -14,7 +16,6 @@ export DEBIAN_FRONTEND=noninteractive
 pkgs=(etcd-server)
 # Any kubectl will do (the machine image may already carry a newer one).
 command -v kubectl >/dev/null || pkgs+=(kubernetes-client)
-[ -x "$bin" ] || pkgs+=(golang-1.19-go rsync golang-github-modern-go-reflect2-dev dpkg-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -29,53 +30,10 @@ if [ -x "$bin" ]; then
   exit 0
 fi
 
-# Source entries mirroring the binary ones the machine already uses.
-src_list=/etc/apt/sources.list.d/ferrovip-deb-src.sources
-if [ ! -e "$src_list" ]; then
-  if [ -e /etc/apt/sources.list.d/debian.sources ]; then
-    sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources >"$src_list"
-  else
-    grep -E '^deb ' /etc/apt/sources.list | sed 's/^deb /deb-src /' >"${src_list%.sources}.list"
-  fi
-  apt-get update -qq >&2
-fi
-
 work="$cache/build"
-rm -rf "$work"
-mkdir -p "$work"
-cd "$work"
-echo "fetching the kubernetes source package" >&2
-apt-get source -qq kubernetes >&2
-src=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -n 1)
-[ -n "$src" ] || { echo "apt-get source kubernetes produced no tree" >&2; exit 1; }
-
-# The vendored reflect2 1.0.1 crashes on custom-resource writes with Go >= 1.18; Debian's
-# packaged copy is fixed.
-vendored="$src/vendor/github.com/modern-go/reflect2"
-packaged=/usr/share/gocode/src/github.com/modern-go/reflect2
-[ -d "$vendored" ] && [ -d "$packaged" ] || { echo "reflect2 sources not found" >&2; exit 1; }
-rm -f "$vendored"/*.go "$vendored"/*.s
-cp "$packaged"/*.go "$vendored"/
-cp "$packaged"/*.s "$vendored"/ 2>/dev/null || true
-rm -f "$vendored"/*_test.go
-
-# kube-openapi's validator treats a value equal to its type's zero value as null; with Go >=
-# 1.19 that comparison holds for "" (both sides share reflect's zero value), so every empty
-# string in a custom resource (a condition's message, say) is refused as null. Upstream's fix
-# is to test for nil only.
-patched=0
-while IFS= read -r f; do
-  if grep -q 'if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {' "$f"; then
-    sed -i 's/if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {/if data == nil {/' "$f"
-    patched=$((patched + 1))
-  fi
-done < <(find "$src/vendor" -path '*validate/type.go')
-[ "$patched" -gt 0 ] || { echo "the empty-string validation patch found nothing to change" >&2; exit 1; }
-
+src=$(bash "$here/../kube-source.sh" "$work")
 echo "building kube-apiserver (several minutes)" >&2
-cd "$src"
-PATH="/usr/lib/go-1.19/bin:$PATH" GOPROXY=off CGO_ENABLED=0 GOFLAGS=-mod=vendor \
-  make WHAT=cmd/kube-apiserver >&2
+bash "$here/../kube-make.sh" "$src" cmd/kube-apiserver
 built=$(find "$src/_output" -type f -name kube-apiserver -perm -u+x | head -n 1)
 [ -n "$built" ] || { echo "kube-apiserver binary not found after make" >&2; exit 1; }
 install -m 0755 "$built" "$bin.tmp"

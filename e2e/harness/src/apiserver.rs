@@ -172,6 +172,17 @@ impl From<LabError> for ApiServerError {
     }
 }
 
+/// The issuer of ServiceAccount tokens ([`ApiServer::service_account_key`] signs them).
+pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// An extra token identity ([`ApiServerOptions::users`]), e.g. a kubelet's
+/// `system:node:<name>` in `system:nodes`, or a controller manager in `system:masters`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiUser {
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
 /// How to run the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiServerOptions {
@@ -197,6 +208,12 @@ pub struct ApiServerOptions {
     /// [`ApiServer::audit_log_path`], one JSON line per request, e.g. to count each node's
     /// writes.
     pub audit_log: bool,
+    /// Extra identities, each with a token and a kubeconfig ([`ApiServer::user_kubeconfig`]).
+    pub users: Vec<ApiUser>,
+    /// Appended to kube-apiserver's flags; a flag given again here replaces the harness's
+    /// (e.g. `--authorization-mode=Node,RBAC`, `--enable-admission-plugins=NodeRestriction`,
+    /// `--allow-privileged=true`).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for ApiServerOptions {
@@ -214,24 +231,37 @@ impl Default for ApiServerOptions {
             build_script: None,
             ready_timeout: Duration::from_secs(90),
             audit_log: false,
+            users: Vec::new(),
+            extra_args: Vec::new(),
         }
     }
 }
 
-/// A process group started by the harness (etcd or kube-apiserver).
-struct Daemon {
-    what: &'static str,
+/// A process group started by the harness (etcd, kube-apiserver, and the cluster's daemons).
+pub(crate) struct Daemon {
+    pub(crate) what: &'static str,
     child: Child,
     log: PathBuf,
     exit: Option<ExitStatus>,
 }
 
 impl Daemon {
-    fn spawn(
+    pub(crate) fn spawn(
         what: &'static str,
         netns: Option<&str>,
         program: &OsStr,
         args: &[String],
+        log: PathBuf,
+    ) -> Result<Daemon, ApiServerError> {
+        let mut command = command_in(netns, program);
+        command.args(args);
+        Daemon::spawn_command(what, command, log)
+    }
+
+    /// Spawns `command` as its own process group, stdout and stderr appended to `log`.
+    pub(crate) fn spawn_command(
+        what: &'static str,
+        mut command: Command,
         log: PathBuf,
     ) -> Result<Daemon, ApiServerError> {
         let open_log = || {
@@ -246,9 +276,7 @@ impl Daemon {
                 })
         };
         let (out, err) = (open_log()?, open_log()?);
-        let mut command = command_in(netns, program);
         let child = command
-            .args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -268,11 +296,11 @@ impl Daemon {
         })
     }
 
-    fn pgid(&self) -> Pid {
+    pub(crate) fn pgid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
     }
 
-    fn exited(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
             self.exit = self.child.try_wait().ok().flatten();
         }
@@ -280,12 +308,12 @@ impl Daemon {
     }
 
     /// A reaped leader no longer counts, so this turns false once the whole group is gone.
-    fn group_alive(&mut self) -> bool {
+    pub(crate) fn group_alive(&mut self) -> bool {
         self.exited();
         killpg(self.pgid(), None).is_ok()
     }
 
-    fn signal(&mut self, signal: Signal) -> Result<(), ApiServerError> {
+    pub(crate) fn signal(&mut self, signal: Signal) -> Result<(), ApiServerError> {
         if !self.group_alive() {
             return Ok(());
         }
@@ -300,7 +328,7 @@ impl Daemon {
     }
 
     /// SIGTERM, then SIGKILL after `grace` (at once for zero); returns once the group is gone.
-    fn terminate(&mut self, grace: Duration) -> Result<(), ApiServerError> {
+    pub(crate) fn terminate(&mut self, grace: Duration) -> Result<(), ApiServerError> {
         if !grace.is_zero() {
             self.signal(Signal::SIGTERM)?;
         }
@@ -324,7 +352,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         log_tail(&self.log, LOG_TAIL_LINES)
     }
 }
@@ -346,6 +374,7 @@ pub struct ApiServer {
     admin_kubeconfig: PathBuf,
     host_admin_kubeconfig: PathBuf,
     node_kubeconfigs: BTreeMap<String, PathBuf>,
+    user_kubeconfigs: BTreeMap<String, PathBuf>,
     relay: Option<Relay>,
     startup_time: Duration,
     keep_dir: AtomicBool,
@@ -392,6 +421,7 @@ impl ApiServer {
             admin_kubeconfig: dir.join("admin.kubeconfig"),
             host_admin_kubeconfig: dir.join("admin.kubeconfig"),
             node_kubeconfigs: BTreeMap::new(),
+            user_kubeconfigs: BTreeMap::new(),
             relay: None,
             startup_time: Duration::ZERO,
             keep_dir: AtomicBool::new(false),
@@ -471,6 +501,16 @@ impl ApiServer {
             write_kubeconfig(&path, &url, &self.ca, &user, &token)?;
             self.node_kubeconfigs.insert(node.clone(), path);
         }
+        for user in &opts.users {
+            let token = random_token()?;
+            let groups = user.groups.join(",");
+            tokens.push_str(&format!("{token},{0},{0},\"{groups}\"\n", user.name));
+            let path = self
+                .dir
+                .join(format!("user-{}.kubeconfig", user.name.replace(':', "_")));
+            write_kubeconfig(&path, &url, &self.ca, &user.name, &token)?;
+            self.user_kubeconfigs.insert(user.name.clone(), path);
+        }
         let token_file = self.dir.join("tokens.csv");
         write_private(&token_file, &tokens)?;
 
@@ -482,6 +522,7 @@ impl ApiServer {
             self.advertise,
             port,
         );
+        self.apiserver_args.extend(opts.extra_args.iter().cloned());
         if opts.audit_log {
             let policy = self.dir.join("audit-policy.yaml");
             write_file(&policy, AUDIT_POLICY)?;
@@ -671,6 +712,27 @@ impl ApiServer {
         }
     }
 
+    /// Kubeconfig of an extra identity ([`ApiServerOptions::users`]) with [`ApiServer::url`].
+    ///
+    /// Panics when `user` was not in the options: the names come from the caller.
+    pub fn user_kubeconfig(&self, user: &str) -> &Path {
+        match self.user_kubeconfigs.get(user) {
+            Some(path) => path,
+            None => panic!("{user} is not one of the API server's extra users"),
+        }
+    }
+
+    /// The private key that signs ServiceAccount tokens (EC P-256, PKCS#8 PEM): what
+    /// kube-controller-manager's `--service-account-private-key-file` needs.
+    pub fn service_account_key(&self) -> PathBuf {
+        self.dir.join("pki/sa.key")
+    }
+
+    /// The public half of [`ApiServer::service_account_key`].
+    pub fn service_account_public_key(&self) -> PathBuf {
+        self.dir.join("pki/sa.pub")
+    }
+
     pub fn apiserver_log(&self) -> PathBuf {
         self.dir.join("kube-apiserver.log")
     }
@@ -829,6 +891,20 @@ pub fn in_netns<T: Send>(
 }
 
 fn validate(opts: &ApiServerOptions) -> Result<(), ApiServerError> {
+    // Token file fields are CSV (groups one quoted field): no quotes, commas or spaces.
+    let csv_safe = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '_'))
+    };
+    for user in &opts.users {
+        if !csv_safe(&user.name) || !user.groups.iter().all(|g| csv_safe(g)) {
+            return Err(ApiServerError::InvalidOptions(format!(
+                "user {:?} (groups {:?}): names may hold only letters, digits and - . : _",
+                user.name, user.groups
+            )));
+        }
+    }
     for node in &opts.node_users {
         // The token file is CSV and the name becomes a file name.
         let valid = !node.is_empty()
@@ -871,7 +947,7 @@ fn apiserver_args(
         format!("--token-auth-file={}", token_file.display()),
         "--authorization-mode=RBAC".to_owned(),
         // v1.20 refuses to start without an issuer and a signing key (TokenRequest).
-        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
+        format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
         format!("--service-account-key-file={}", file("sa.pub")),
         format!("--service-account-signing-key-file={}", file("sa.key")),
         format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
@@ -1057,18 +1133,18 @@ fn resolve_binary(build_script: Option<&Path>) -> Result<PathBuf, ApiServerError
     Ok(path)
 }
 
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn find_on_path(program: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join(program))
         .find(|path| is_executable(path))
 }
 
 /// `program` here, or `ip netns exec NETNS program`.
-fn command_in(netns: Option<&str>, program: &OsStr) -> Command {
+pub(crate) fn command_in(netns: Option<&str>, program: &OsStr) -> Command {
     match netns {
         Some(netns) => {
             let mut command = Command::new("ip");
@@ -1079,7 +1155,7 @@ fn command_in(netns: Option<&str>, program: &OsStr) -> Command {
     }
 }
 
-fn describe(command: &Command) -> String {
+pub(crate) fn describe(command: &Command) -> String {
     std::iter::once(command.get_program())
         .chain(command.get_args())
         .map(|arg| arg.to_string_lossy())
@@ -1087,7 +1163,7 @@ fn describe(command: &Command) -> String {
         .join(" ")
 }
 
-fn checked_stdout(command: String, out: Output) -> Result<String, ApiServerError> {
+pub(crate) fn checked_stdout(command: String, out: Output) -> Result<String, ApiServerError> {
     if !out.status.success() {
         return Err(ApiServerError::Command {
             command,
@@ -1098,7 +1174,7 @@ fn checked_stdout(command: String, out: Output) -> Result<String, ApiServerError
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run_checked(command: &mut Command) -> Result<String, ApiServerError> {
+pub(crate) fn run_checked(command: &mut Command) -> Result<String, ApiServerError> {
     command.stdin(Stdio::null());
     let out = command.output().map_err(|source| ApiServerError::Spawn {
         command: describe(command),
@@ -1120,7 +1196,7 @@ fn random_token() -> Result<String, ApiServerError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn create_empty_dir(dir: &Path) -> Result<(), ApiServerError> {
+pub(crate) fn create_empty_dir(dir: &Path) -> Result<(), ApiServerError> {
     make_dir(dir)?;
     let mut entries = std::fs::read_dir(dir).map_err(|source| ApiServerError::Io {
         context: "listing the API server directory",
@@ -1136,7 +1212,7 @@ fn create_empty_dir(dir: &Path) -> Result<(), ApiServerError> {
     Ok(())
 }
 
-fn make_dir(dir: &Path) -> Result<(), ApiServerError> {
+pub(crate) fn make_dir(dir: &Path) -> Result<(), ApiServerError> {
     std::fs::create_dir_all(dir).map_err(|source| ApiServerError::Io {
         context: "creating a directory",
         path: dir.into(),
@@ -1144,7 +1220,7 @@ fn make_dir(dir: &Path) -> Result<(), ApiServerError> {
     })
 }
 
-fn write_file(path: &Path, text: &str) -> Result<(), ApiServerError> {
+pub(crate) fn write_file(path: &Path, text: &str) -> Result<(), ApiServerError> {
     std::fs::write(path, text).map_err(|source| ApiServerError::Io {
         context: "writing a file",
         path: path.into(),
@@ -1153,7 +1229,7 @@ fn write_file(path: &Path, text: &str) -> Result<(), ApiServerError> {
 }
 
 /// Tokens are credentials, even throw-away ones.
-fn write_private(path: &Path, text: &str) -> Result<(), ApiServerError> {
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), ApiServerError> {
     write_file(path, text)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
         ApiServerError::Io {
