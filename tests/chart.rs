@@ -4,7 +4,8 @@
 //! in values failing with the key named, the DaemonSet's contract with the agent, CRDs equal
 //! to `crds/`, RBAC equal to `config/rbac` (both generated from src/crd/rbac.rs), and
 //! server-side dry runs of the renders against kube-apiserver. The metrics the dashboard and
-//! the alerts query are checked against running agents in tests/chart_metrics.rs.
+//! the alerts query are checked against running agents (IPVS, the Service controller, a
+//! failover) in tests/vm_dataplane.rs, case k8s_service_load_balancer_through_ipvs_and_failover.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
