@@ -1324,6 +1324,36 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
         .map(|b| TcpNameServer::start(b, any, b.name()))
         .collect::<Result<_, _>>()?;
 
+    // For the metrics: a standalone agent on a segment of its own. Once it has recorded its
+    // (empty) IPVS table, a service at its VIP is created by hand, then the VirtualIP asks for
+    // that service: the kernel refuses it (EEXIST), a dataplane error.
+    let alone_ns = GuestNetns::create("lb-m")?;
+    let alone = GuestBridge::create("lb-alone")?;
+    alone.attach(&alone_ns, "eth0", &["192.0.2.2/24"])?;
+    let alone_manifest = "/tmp/lb-m.yaml";
+    let alone_vip = "apiVersion: ferrovip.io/v1alpha1\nkind: VirtualIP\nmetadata:\n  name: foreign\n\
+                     spec:\n  addresses: [\"192.0.2.150/32\"]\n  interface: eth0\n  virtualRouterId: 77\n";
+    std::fs::write(alone_manifest, alone_vip)?;
+    let alone_agent = Agent::start(&alone_ns, "m", alone_manifest)?;
+    wait_for(
+        "the standalone agent's first apply",
+        Duration::from_secs(20),
+        || {
+            alone_agent.log().contains("dataplane applied")
+                || alone_agent.log().contains("first complete plan")
+        },
+    )
+    .map_err(|e| format!("{e}\n{}", alone_agent.log()))?;
+    std::thread::sleep(Duration::from_millis(500));
+    alone_ns.exec("ipvsadm", &["-A", "-t", "192.0.2.150:80", "-s", "rr"])?;
+    std::fs::write(
+        alone_manifest,
+        format!(
+            "{alone_vip}  services:\n    - port: 80\n      backends:\n        \
+             endpoints: [{{address: 192.0.2.5, port: 8080}}]\n"
+        ),
+    )?;
+
     let admin = vm::cluster::Admin::connect()?;
     let mut cleanup = vm::cluster::Cleanup::new(&admin);
     admin.create_if_absent(&vm::cluster::node("d1", "198.51.100.11"))?;
@@ -1514,6 +1544,14 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
     )?;
     let metrics = scrape(&d2)?;
     exported.extend(exported_names(&metrics));
+    wait_for(
+        "the standalone agent's dataplane error",
+        Duration::from_secs(10),
+        || scrape(&alone_ns).is_ok_and(|m| m.contains("ferrovip_dataplane_errors_total{")),
+    )
+    .map_err(|e| format!("{e}\n{}", alone_agent.log()))?;
+    exported.extend(exported_names(&scrape(&alone_ns)?));
+    drop(alone_agent);
     let queried = chart_queried_names();
     ensure(queried.len() > 20, || {
         format!("too few names found in the chart's queries: {queried:?}")
@@ -1540,7 +1578,9 @@ fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut words = rest.split_whitespace();
-            if let (Some(name), Some(kind)) = (words.next(), words.next()) {
+            if let (Some(name), Some(kind)) = (words.next(), words.next())
+                && name.starts_with("ferrovip_")
+            {
                 names.insert(name.to_owned());
                 if kind == "histogram" {
                     for suffix in ["_bucket", "_sum", "_count"] {
@@ -1553,7 +1593,7 @@ fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
                 .collect();
-            if !name.is_empty() {
+            if name.starts_with("ferrovip_") {
                 names.insert(name);
             }
         }
