@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 binary=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --binary) binary="$2"; shift 2 ;;
+    --binary) binary="$(realpath "$2")"; shift 2 ;;
     *) echo "usage: $0 [--binary PATH]" >&2; exit 2 ;;
   esac
 done
@@ -49,31 +49,41 @@ strip --strip-all -o "$root/usr/bin/ferrovip" "$binary"
 nft="$(command -v nft)"
 cp -L "$nft" "$root/usr/sbin/nft"
 
-# Shared libraries and the loader, at the paths the binaries look them up by (and by their
-# real paths, in case the loader's cache points there).
+# Shared libraries and the loader: each real file once, at its real path, and the names the
+# binaries ask for as symbolic links to it; the host's merged-/usr links (/lib -> usr/lib, ...)
+# so that every path ldd printed resolves in the image as on the host.
 for exe in "$root/usr/bin/ferrovip" "$root/usr/sbin/nft"; do
-  ldd "$exe" | awk '/=> \// {print $3} /^\s*\/[^ ]+ \(/ {print $1}'
+  ldd "$exe" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'
 done | sort -u | while read -r lib; do
-  mkdir -p "$root$(dirname "$lib")"
-  cp -L "$lib" "$root$lib"
   real="$(readlink -f "$lib")"
-  if [ "$real" != "$lib" ] && [ ! -e "$root$real" ]; then
-    mkdir -p "$root$(dirname "$real")"
-    cp -L "$lib" "$root$real"
+  mkdir -p "$root$(dirname "$real")"
+  cp -p "$real" "$root$real"
+  dir="$(readlink -f "$(dirname "$lib")")"
+  name="$(basename "$lib")"
+  if [ "$dir/$name" != "$real" ]; then
+    mkdir -p "$root$dir"
+    if [ "$dir" = "$(dirname "$real")" ]; then
+      ln -sfn "$(basename "$real")" "$root$dir/$name"
+    else
+      ln -sfn "$real" "$root$dir/$name"
+    fi
   fi
 done
-# usrmerge: /lib and /lib64 are links into /usr on Debian; keep both spellings working.
-for d in lib lib64; do
-  if [ -L "/$d" ] && [ -d "$root/$d" ]; then
-    mkdir -p "$root/usr/$d"
-    cp -a "$root/$d/." "$root/usr/$d/"
-    rm -rf "${root:?}/$d"
-    ln -s "usr/$d" "$root/$d"
+for d in lib lib64 bin sbin; do
+  if [ -L "/$d" ]; then
+    ln -sfn "$(readlink "/$d")" "$root/$d"
   fi
 done
+[ -e "$root/lib64/ld-linux-x86-64.so.2" ] || [ "$(uname -m)" != x86_64 ] || {
+  echo "the loader is missing from the image's root filesystem" >&2
+  exit 1
+}
 chmod 0755 "$root/usr/bin/ferrovip" "$root/usr/sbin/nft"
 chmod 1777 "$root/tmp"
 cp Containerfile "$ctx/Containerfile"
+# The image runs: both binaries start in its root filesystem alone.
+chroot "$root" /usr/bin/ferrovip --version >&2
+chroot "$root" /usr/sbin/nft --version >&2
 
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
 hash="$(cd "$root" && find . -type f -o -type l | LC_ALL=C sort | tar -cf - --no-recursion --owner=0 --group=0 --mtime=@0 -T - | sha256sum | cut -c1-12)"
