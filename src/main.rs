@@ -54,6 +54,17 @@ enum Cmd {
         #[arg(long)]
         check: Option<PathBuf>,
     },
+    /// Write the RBAC manifests of config/rbac and the Helm chart's rule lists from the one
+    /// table in src/crd/rbac.rs (or check that they match it).
+    Rbacgen {
+        /// The repository's root: write `config/rbac/*.yaml` and
+        /// `charts/ferrovip/files/rbac/*.rules.yaml` under it.
+        #[arg(long, conflicts_with = "check")]
+        write: Option<PathBuf>,
+        /// The repository's root: exit 1 when a generated file there differs or is missing.
+        #[arg(long)]
+        check: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -126,6 +137,44 @@ fn main() -> anyhow::Result<()> {
                     "{}",
                     ferrovip::crd::crds_yaml().context("serializing the CRDs")?
                 );
+            }
+            Ok(())
+        }
+        Cmd::Rbacgen { write, check } => {
+            let files = ferrovip::crd::rbac::rbac_files();
+            if let Some(root) = write {
+                for (name, text) in &files {
+                    let path = root.join(name);
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)
+                            .with_context(|| format!("creating {}", dir.display()))?;
+                    }
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+            } else if let Some(root) = check {
+                let problems: Vec<String> = files
+                    .iter()
+                    .filter_map(|(name, text)| {
+                        let path = root.join(name);
+                        match std::fs::read_to_string(&path) {
+                            Ok(committed) if committed == *text => None,
+                            Ok(_) => Some(format!("{} differs", path.display())),
+                            Err(e) => Some(format!("{}: {e}", path.display())),
+                        }
+                    })
+                    .collect();
+                if !problems.is_empty() {
+                    anyhow::bail!(
+                        "the RBAC files are not those generated from src/crd/rbac.rs ({}): run `ferrovip rbacgen --write {}` and commit them",
+                        problems.join("; "),
+                        root.display()
+                    );
+                }
+            } else {
+                for (name, text) in &files {
+                    print!("# {name}\n{text}");
+                }
             }
             Ok(())
         }

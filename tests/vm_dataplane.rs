@@ -1324,6 +1324,36 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
         .map(|b| TcpNameServer::start(b, any, b.name()))
         .collect::<Result<_, _>>()?;
 
+    // For the metrics: a standalone agent on a segment of its own. Once it has recorded its
+    // (empty) IPVS table, a service at its VIP is created by hand, then the VirtualIP asks for
+    // that service: the kernel refuses it (EEXIST), a dataplane error.
+    let alone_ns = GuestNetns::create("lb-m")?;
+    let alone = GuestBridge::create("lb-alone")?;
+    alone.attach(&alone_ns, "eth0", &["192.0.2.2/24"])?;
+    let alone_manifest = "/tmp/lb-m.yaml";
+    let alone_vip = "apiVersion: ferrovip.io/v1alpha1\nkind: VirtualIP\nmetadata:\n  name: foreign\n\
+                     spec:\n  addresses: [\"192.0.2.150/32\"]\n  interface: eth0\n  virtualRouterId: 77\n";
+    std::fs::write(alone_manifest, alone_vip)?;
+    let alone_agent = Agent::start(&alone_ns, "m", alone_manifest)?;
+    wait_for(
+        "the standalone agent's first apply",
+        Duration::from_secs(20),
+        || {
+            alone_agent.log().contains("dataplane applied")
+                || alone_agent.log().contains("first complete plan")
+        },
+    )
+    .map_err(|e| format!("{e}\n{}", alone_agent.log()))?;
+    std::thread::sleep(Duration::from_millis(500));
+    alone_ns.exec("ipvsadm", &["-A", "-t", "192.0.2.150:80", "-s", "rr"])?;
+    std::fs::write(
+        alone_manifest,
+        format!(
+            "{alone_vip}  services:\n    - port: 80\n      backends:\n        \
+             endpoints: [{{address: 192.0.2.5, port: 8080}}]\n"
+        ),
+    )?;
+
     let admin = vm::cluster::Admin::connect()?;
     let mut cleanup = vm::cluster::Cleanup::new(&admin);
     admin.create_if_absent(&vm::cluster::node("d1", "198.51.100.11"))?;
@@ -1352,6 +1382,14 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
     }));
     admin.apply(&service)?;
     let created = Instant::now();
+    // A Service asking for a pool that does not exist: an allocation failure for the metrics.
+    admin.apply(&cleanup.track(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web-lb-nopool", "namespace": "default",
+                     "annotations": {"ferrovip.io/pool": "vm-no-such-pool"}},
+        "spec": {"type": "LoadBalancer",
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+    })))?;
     // No controller manager: the EndpointSlice is written as it would.
     admin.apply(&cleanup.track(serde_json::json!({
         "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
@@ -1427,6 +1465,10 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
         |s| s["metadata"]["annotations"]["ferrovip.io/master"] == format!("{address}=d1"),
     )?;
 
+    // What the agents export, for the dashboard's and alerts' names (checked at the end).
+    let mut exported = exported_names(&scrape(&d1)?);
+    exported.extend(exported_names(&scrape(&d2)?));
+
     // The master's agent dies; a client keeps connecting.
     let stop = AtomicBool::new(false);
     let started = Instant::now();
@@ -1494,8 +1536,132 @@ fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
         Duration::from_secs(30),
         |s| s["metadata"]["annotations"]["ferrovip.io/master"] == format!("{address}=d2"),
     )?;
+    // d2 after the failover (a master change seen, the controller's Lease taken over).
+    wait_for(
+        "d2 to lead the Service controller",
+        Duration::from_secs(30),
+        || scrape(&d2).is_ok_and(|m| m.lines().any(|l| l == "ferrovip_controller_leading 1")),
+    )?;
+    let metrics = scrape(&d2)?;
+    exported.extend(exported_names(&metrics));
+    wait_for(
+        "the standalone agent's dataplane error",
+        Duration::from_secs(10),
+        || scrape(&alone_ns).is_ok_and(|m| m.contains("ferrovip_dataplane_errors_total{")),
+    )
+    .map_err(|e| format!("{e}\n{}", alone_agent.log()))?;
+    exported.extend(exported_names(&scrape(&alone_ns)?));
+    drop(alone_agent);
+    let queried = chart_queried_names();
+    ensure(queried.len() > 20, || {
+        format!("too few names found in the chart's queries: {queried:?}")
+    })?;
+    let missing: Vec<&String> = queried.iter().filter(|n| !exported.contains(*n)).collect();
+    ensure(missing.is_empty(), || {
+        format!(
+            "the chart's dashboard or alerts query metrics no agent exports: {missing:?}\n\
+             exported: {exported:?}"
+        )
+    })?;
+    println!(
+        "all {} metric names of the chart's dashboard and alerts are exported",
+        queried.len()
+    );
     drop(d2_agent);
     Ok(())
+}
+
+/// The metric names of a Prometheus text exposition: every sample's name, and each declared
+/// family (`# TYPE`; a histogram declares `_bucket`, `_sum` and `_count`).
+fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut words = rest.split_whitespace();
+            if let (Some(name), Some(kind)) = (words.next(), words.next())
+                && name.starts_with("ferrovip_")
+            {
+                names.insert(name.to_owned());
+                if kind == "histogram" {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        names.insert(format!("{name}{suffix}"));
+                    }
+                }
+            }
+        } else if !line.starts_with('#') {
+            let name: String = line
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            if name.starts_with("ferrovip_") {
+                names.insert(name);
+            }
+        }
+    }
+    names
+}
+
+/// Every `ferrovip_*` name in a PromQL text.
+fn promql_names(expr: &str, into: &mut std::collections::BTreeSet<String>) {
+    let mut rest = expr;
+    while let Some(at) = rest.find("ferrovip_") {
+        let before_ok = rest[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if before_ok {
+            into.insert(name.clone());
+        }
+        rest = &rest[at + name.len()..];
+    }
+}
+
+/// The metric names the chart's Grafana dashboard (every panel's `expr` and every templating
+/// query) and its PrometheusRule (every rule's `expr`) query, read from the chart's files.
+fn chart_queried_names() -> std::collections::BTreeSet<String> {
+    const DASHBOARD: &str = include_str!("../charts/ferrovip/files/dashboard.json");
+    const ALERTS: &str = include_str!("../charts/ferrovip/files/alerts.yaml");
+    let mut names = std::collections::BTreeSet::new();
+    fn walk(v: &serde_json::Value, names: &mut std::collections::BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr" | "query" | "definition", serde_json::Value::String(s)) => {
+                            promql_names(s, names)
+                        }
+                        _ => walk(v, names),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, names)),
+            _ => {}
+        }
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
+    walk(&dashboard, &mut names);
+    // The alerts are a Helm template: its `{{ ... }}` are thresholds, not names.
+    let mut plain = String::new();
+    let mut rest = ALERTS;
+    while let Some(open) = rest.find("{{") {
+        plain.push_str(&rest[..open]);
+        let close = rest[open..].find("}}").expect("a closed template action") + open + 2;
+        plain.push('0');
+        rest = &rest[close..];
+    }
+    plain.push_str(rest);
+    let alerts: serde_json::Value = serde_saphyr::from_str(&plain).expect("the alerts are YAML");
+    for group in alerts["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            promql_names(rule["expr"].as_str().expect("an expr"), &mut names);
+        }
+    }
+    names
 }
 
 /// Waits until the Service controller (the agents' elected leader) has allocated an address

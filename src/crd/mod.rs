@@ -10,6 +10,7 @@ mod duration;
 mod field;
 pub mod manifest;
 mod pool;
+pub mod rbac;
 pub mod service_lb;
 mod services;
 mod validate;

@@ -952,6 +952,9 @@ fn apiserver_args(
         format!("--service-account-signing-key-file={}", file("sa.key")),
         format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
         "--profiling=false".to_owned(),
+        // As kubeadm and every real cluster: the chart's init container (ferrovip node-setup) is
+        // privileged.
+        "--allow-privileged=true".to_owned(),
     ]
 }
 

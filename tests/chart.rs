@@ -1,0 +1,571 @@
+//! The Helm chart (`charts/ferrovip`) with the real Helm engine (the helm 3.9 CLI of
+//! `e2e/helm/install.sh`, or `FERROVIP_HELM`) and the real API server: `helm lint --strict`,
+//! renders with the default values and with every value on (`ci/all-on-values.yaml`), a typo
+//! in values failing with the key named, the DaemonSet's contract with the agent, CRDs equal
+//! to `crds/`, RBAC equal to `config/rbac` (both generated from src/crd/rbac.rs), and
+//! server-side dry runs of the renders against kube-apiserver. The metrics the dashboard and
+//! the alerts query are checked against running agents (IPVS, the Service controller, a
+//! failover) in tests/vm_dataplane.rs, case k8s_service_load_balancer_through_ipvs_and_failover.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use ferrovip_e2e::{ApiServer, ApiServerOptions};
+use serde_json::Value;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/ferrovip");
+const ALL_ON: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/charts/ferrovip/ci/all-on-values.yaml"
+);
+const NAMESPACE: &str = "ferrovip-system";
+const RELEASE: &str = "ferrovip";
+
+/// The Helm CLI: `FERROVIP_HELM`, else the one `e2e/helm/install.sh` fetches and caches.
+fn helm() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        if let Some(path) = std::env::var_os("FERROVIP_HELM") {
+            return PathBuf::from(path);
+        }
+        let out = Command::new("bash")
+            .arg(Path::new(ROOT).join("e2e/helm/install.sh"))
+            .output()
+            .expect("run e2e/helm/install.sh");
+        assert!(
+            out.status.success(),
+            "e2e/helm/install.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
+        PathBuf::from(stdout.lines().last().expect("a path").trim())
+    })
+}
+
+fn run_helm(args: &[&str]) -> Output {
+    Command::new(helm())
+        .args(args)
+        // No user configuration or repositories: the test sees the chart alone.
+        .env(
+            "HELM_CONFIG_HOME",
+            std::env::temp_dir().join("ferrovip-helm-config"),
+        )
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("ferrovip-helm-cache"),
+        )
+        .output()
+        .expect("run helm")
+}
+
+fn helm_ok(args: &[&str]) -> String {
+    let out = run_helm(args);
+    assert!(
+        out.status.success(),
+        "helm {} failed ({}): {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `helm template` of release `ferrovip` in `ferrovip-system` with these extra arguments.
+fn render(extra: &[&str]) -> String {
+    let mut args = vec!["template", RELEASE, CHART, "--namespace", NAMESPACE];
+    args.extend_from_slice(extra);
+    helm_ok(&args)
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .expect("the render is YAML")
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the render"))
+}
+
+fn kinds(docs: &[Value]) -> Vec<String> {
+    docs.iter()
+        .map(|d| d["kind"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+#[test]
+fn lint_strict_passes_with_default_and_all_on_values() {
+    let out = helm_ok(&["lint", "--strict", CHART]);
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+    let out = helm_ok(&["lint", "--strict", CHART, "-f", ALL_ON]);
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+}
+
+#[test]
+fn the_all_on_values_set_every_key_of_the_defaults() {
+    // The all-on file must keep up with values.yaml: every key path of the defaults is set.
+    let defaults: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(Path::new(CHART).join("values.yaml")).unwrap(),
+    )
+    .unwrap();
+    let all_on: Value = serde_saphyr::from_str(&std::fs::read_to_string(ALL_ON).unwrap()).unwrap();
+    fn missing(path: &str, d: &Value, a: &Value, out: &mut Vec<String>) {
+        if let Value::Object(map) = d {
+            for (k, v) in map {
+                let p = format!("{path}.{k}");
+                match a.get(k) {
+                    None => out.push(p),
+                    Some(sub) => missing(&p, v, sub, out),
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    missing("", &defaults, &all_on, &mut out);
+    // Free-form maps are set with keys of their own; only the top of them must be present.
+    assert!(out.is_empty(), "ci/all-on-values.yaml lacks {out:?}");
+}
+
+#[test]
+fn a_typo_in_values_fails_with_the_key_named() {
+    for (set, key) in [
+        ("metrics.prot=1", "prot"),
+        ("restartHodl=5s", "restartHodl"),
+        ("metrics.serviceMonitor.enabeld=true", "enabeld"),
+        ("image.pullpolicy=Never", "pullpolicy"),
+    ] {
+        let out = run_helm(&[
+            "template",
+            RELEASE,
+            CHART,
+            "--namespace",
+            NAMESPACE,
+            "--set",
+            set,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--set {set} rendered");
+        assert!(
+            stderr.contains(&format!("Additional property {key} is not allowed")),
+            "--set {set}: {stderr}"
+        );
+    }
+    // Wrong shapes too.
+    for set in ["logFormat=xml", "restartHold=10", "dataplane=iptables"] {
+        let out = run_helm(&[
+            "template",
+            RELEASE,
+            CHART,
+            "--namespace",
+            NAMESPACE,
+            "--set",
+            set,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let key = set.split('=').next().unwrap();
+        assert!(!out.status.success(), "--set {set} rendered");
+        assert!(stderr.contains(key), "--set {set}: {stderr}");
+    }
+}
+
+#[test]
+fn the_daemonset_keeps_its_contract_with_the_agent() {
+    let rendered = docs(&render(&[]));
+    let ds = find(&rendered, "DaemonSet", "ferrovip");
+    let labels = &ds["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(labels["app.kubernetes.io/name"], "ferrovip");
+    assert_eq!(labels["app.kubernetes.io/instance"], RELEASE);
+    assert_eq!(labels["app.kubernetes.io/component"], "agent");
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        1
+    );
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(pod["serviceAccountName"], "ferrovip");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    // Default restartHold 10s: the kubelet waits longer than the hold.
+    assert_eq!(pod["terminationGracePeriodSeconds"], 20);
+    let tolerated: Vec<&str> = pod["tolerations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["key"].as_str())
+        .collect();
+    assert!(tolerated.contains(&"node-role.kubernetes.io/control-plane"));
+
+    let agent = &pod["containers"][0];
+    assert_eq!(agent["name"], "agent");
+    assert_eq!(agent["image"], "ferrovip/ferrovip:0.1.0");
+    assert_eq!(agent["args"][0], "agent");
+    let sc = &agent["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        sc["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN", "NET_RAW"])
+    );
+    let env = |name: &str| -> Value {
+        agent["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no env {name}"))
+            .clone()
+    };
+    assert_eq!(
+        env("NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    assert_eq!(
+        env("POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    assert_eq!(env("FERROVIP_DAEMONSET")["value"], "ferrovip");
+    assert_eq!(env("FERROVIP_RESTART_HOLD")["value"], "10s");
+    assert_eq!(env("FERROVIP_LOG_FORMAT")["value"], "json");
+    assert_eq!(env("FERROVIP_STATE_DIR")["value"], "/run/ferrovip");
+    assert_eq!(
+        env("FERROVIP_CLUSTER_SNAPSHOT")["value"],
+        "/var/lib/ferrovip/cluster-snapshot.json"
+    );
+    assert_eq!(env("FERROVIP_METRICS_ADDR")["value"], "0.0.0.0:9646");
+    assert!(
+        agent["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["name"] != "KUBERNETES_SERVICE_HOST"),
+        "apiServer.host is empty by default"
+    );
+    assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(agent["ports"][0]["containerPort"], 9646);
+    // The state directory survives the container on the host, under /run (tmpfs).
+    let volumes = pod["volumes"].as_array().unwrap();
+    let host = |path: &str| {
+        volumes
+            .iter()
+            .find(|v| v["hostPath"]["path"] == path)
+            .unwrap_or_else(|| panic!("no hostPath {path}"))
+    };
+    assert_eq!(
+        host("/run/ferrovip")["hostPath"]["type"],
+        "DirectoryOrCreate"
+    );
+    assert_eq!(
+        host("/var/lib/ferrovip")["hostPath"]["type"],
+        "DirectoryOrCreate"
+    );
+    // The one privileged thing: the init container's node setup.
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["args"][0], "node-setup");
+    assert_eq!(init["securityContext"]["privileged"], true);
+    assert!(!kinds(&rendered).iter().any(|k| k == "ServiceMonitor"
+        || k == "PodMonitor"
+        || k == "PrometheusRule"
+        || k == "ConfigMap"
+        || k == "VirtualIP"));
+
+    // Every value on: each reaches the objects.
+    let all = docs(&render(&["-f", ALL_ON]));
+    let ds = find(&all, "DaemonSet", "ferrovip");
+    let pod = &ds["spec"]["template"]["spec"];
+    let agent = &pod["containers"][0];
+    let args: Vec<&str> = agent["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "agent",
+            "--ignore-classless-services",
+            "--address-lifetime=2s",
+            "--vrrp-rt-priority=50"
+        ]
+    );
+    assert_eq!(agent["image"], "localhost/ferrovip:test");
+    assert_eq!(agent["imagePullPolicy"], "Never");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 40);
+    assert_eq!(pod["serviceAccountName"], "ferrovip-agent");
+    let env: Vec<(String, String)> = agent["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["value"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    for want in [
+        ("KUBERNETES_SERVICE_HOST", "192.0.2.1"),
+        ("KUBERNETES_SERVICE_PORT", "6443"),
+        ("FERROVIP_METRICS_ADDR", "0.0.0.0:9647"),
+        ("FERROVIP_LOG", "debug"),
+    ] {
+        assert!(
+            env.contains(&(want.0.to_owned(), want.1.to_owned())),
+            "{want:?} not in {env:?}"
+        );
+    }
+    let kinds = kinds(&all);
+    for kind in [
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+        "LoadBalancerPool",
+        "VirtualIP",
+    ] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
+    let dashboard = find(&all, "ConfigMap", "ferrovip-dashboard");
+    let json: Value =
+        serde_json::from_str(dashboard["data"]["ferrovip.json"].as_str().unwrap()).unwrap();
+    assert_eq!(json["uid"], "ferrovip");
+    let vip = find(&all, "VirtualIP", "web");
+    assert_eq!(
+        vip["metadata"]["annotations"]["helm.sh/hook"],
+        "post-install"
+    );
+}
+
+/// The CRD documents of a render.
+fn crds_of(docs: &[Value]) -> Vec<Value> {
+    docs.iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn the_charts_crds_are_those_of_crds_and_are_kept() {
+    // Byte copies: `ferrovip crdgen --check charts/ferrovip/files/crds` (e2e/test.sh) too.
+    let mut committed = Vec::new();
+    for entry in std::fs::read_dir(Path::new(ROOT).join("crds")).unwrap() {
+        let path = entry.unwrap().path();
+        let copy = Path::new(CHART)
+            .join("files/crds")
+            .join(path.file_name().unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&copy).unwrap_or_default(),
+            text,
+            "{} is not a copy of {}",
+            copy.display(),
+            path.display()
+        );
+        committed.push(serde_saphyr::from_str::<Value>(&text).unwrap());
+    }
+    assert_eq!(
+        std::fs::read_dir(Path::new(CHART).join("files/crds"))
+            .unwrap()
+            .count(),
+        committed.len(),
+        "files/crds holds a CRD that crds/ does not"
+    );
+    // Rendered: the same objects, plus Helm's keep policy and the chart's labels.
+    let rendered = crds_of(&docs(&render(&[])));
+    assert_eq!(rendered.len(), committed.len());
+    for mut crd in rendered {
+        let name = crd["metadata"]["name"].as_str().unwrap().to_owned();
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+            "{name}"
+        );
+        let meta = crd["metadata"].as_object_mut().unwrap();
+        meta.remove("annotations");
+        meta.remove("labels");
+        assert!(
+            committed.contains(&crd),
+            "the rendered CRD {name} differs from crds/"
+        );
+    }
+    // Turning the value off leaves them out of the render (Helm keeps them in the cluster).
+    assert!(crds_of(&docs(&render(&["--set", "crds.install=false"]))).is_empty());
+}
+
+/// The rules of the ClusterRole or Role `name` in these documents.
+fn rules(docs: &[Value], kind: &str, name: &str) -> Value {
+    find(docs, kind, name)["rules"].clone()
+}
+
+#[test]
+fn rbac_comes_from_one_source() {
+    // config/rbac and the chart's rule files are what src/crd/rbac.rs generates ...
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovip"))
+        .args(["rbacgen", "--check", ROOT])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... and the chart renders the same rules as config/rbac, names aside.
+    let mut config = Vec::new();
+    for file in ["cluster_role.yaml", "role.yaml", "user_roles.yaml"] {
+        config.extend(docs(
+            &std::fs::read_to_string(Path::new(ROOT).join("config/rbac").join(file)).unwrap(),
+        ));
+    }
+    let chart = docs(&render(&[]));
+    for (kind, config_name, chart_name) in [
+        ("ClusterRole", "ferrovip-agent", "ferrovip"),
+        (
+            "Role",
+            "ferrovip-controller-lease",
+            "ferrovip-controller-lease",
+        ),
+        ("ClusterRole", "ferrovip-view", "ferrovip-view"),
+        ("ClusterRole", "ferrovip-admin", "ferrovip-admin"),
+    ] {
+        assert_eq!(
+            rules(&config, kind, config_name),
+            rules(&chart, kind, chart_name),
+            "{kind} {chart_name}"
+        );
+    }
+    // The DaemonSet rule names each one's own DaemonSet.
+    let daemonset = |docs: &[Value], role: &str, ds: &str| {
+        let r = rules(docs, "Role", role);
+        assert_eq!(r[0]["resources"], serde_json::json!(["daemonsets"]));
+        assert_eq!(r[0]["resourceNames"], serde_json::json!([ds]));
+        assert_eq!(r[0]["verbs"], serde_json::json!(["get"]));
+    };
+    daemonset(&config, "ferrovip-agent", "ferrovip-agent");
+    daemonset(&chart, "ferrovip", "ferrovip");
+    let view = find(&chart, "ClusterRole", "ferrovip-view");
+    assert_eq!(
+        view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"],
+        "true"
+    );
+    // Every Role and ClusterRole of the agent is bound to the chart's ServiceAccount.
+    for (binding, role) in [
+        ("ClusterRoleBinding", "ferrovip"),
+        ("RoleBinding", "ferrovip"),
+        ("RoleBinding", "ferrovip-controller-lease"),
+    ] {
+        let b = find(&chart, binding, role);
+        assert_eq!(b["roleRef"]["name"], role);
+        assert_eq!(b["subjects"][0]["name"], "ferrovip");
+        assert_eq!(b["subjects"][0]["namespace"], NAMESPACE);
+    }
+}
+
+/// A YAML stream of these documents (JSON is YAML).
+fn stream(docs: &[Value]) -> String {
+    docs.iter()
+        .map(|d| format!("---\n{d}\n"))
+        .collect::<String>()
+}
+
+#[test]
+fn renders_pass_the_real_api_servers_validation() {
+    let api = ApiServer::start(ApiServerOptions {
+        port: 0,
+        build_script: Some(Path::new(ROOT).join("e2e/apiserver/build.sh")),
+        ..ApiServerOptions::default()
+    })
+    .expect("start etcd and kube-apiserver");
+    let dir = api.dir().to_owned();
+    let apply = |what: &str, docs: &[Value], dry_run: bool| {
+        let path = dir.join(format!("{what}.yaml"));
+        std::fs::write(&path, stream(docs)).unwrap();
+        let path = path.display().to_string();
+        let mut args = vec!["apply", "-f", path.as_str()];
+        if dry_run {
+            args.push("--dry-run=server");
+        }
+        let out = api.kubectl(&args).unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl apply {what} ({}): {}{}",
+            if dry_run { "server dry run" } else { "real" },
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    api.kubectl_ok(&["create", "namespace", NAMESPACE]).unwrap();
+
+    // Default values: every object, validated by the server (and kubectl's schema validation of
+    // the built-in kinds, which names unknown fields) without being stored.
+    let default = docs(&render(&[]));
+    let out = apply("default", &default, true);
+    assert!(
+        out.contains("daemonset.apps/ferrovip created (server dry run)"),
+        "{out}"
+    );
+
+    // Every value on: the CRDs for real first, so that the initial pool and VirtualIP are
+    // validated against them; the monitoring kinds need prometheus-operator's CRDs, which this
+    // server does not have (their rendering is checked in the_daemonset_keeps_its_contract).
+    let all = docs(&render(&["-f", ALL_ON]));
+    apply("crds", &crds_of(&all), false);
+    api.kubectl_ok(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=30s",
+        "crd/virtualips.ferrovip.io",
+        "crd/loadbalancerpools.ferrovip.io",
+    ])
+    .unwrap();
+    let served: Vec<Value> = all
+        .into_iter()
+        .filter(|d| d["apiVersion"] != "monitoring.coreos.com/v1")
+        .collect();
+    let out = apply("all-on", &served, true);
+    for want in [
+        "virtualip.ferrovip.io/web created (server dry run)",
+        "loadbalancerpool.ferrovip.io/default created (server dry run)",
+        "configmap/ferrovip-dashboard created (server dry run)",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+
+    // A bad spec in the initial objects is refused by the CRD's schema, naming the field.
+    let bad = docs(&render(&[
+        "-f",
+        ALL_ON,
+        "--set",
+        "virtualIPs[0].spec.vrrp.advertisementInterval=fast",
+    ]));
+    let bad: Vec<Value> = bad
+        .into_iter()
+        .filter(|d| d["kind"] == "VirtualIP")
+        .collect();
+    let path = dir.join("bad.yaml");
+    std::fs::write(&path, stream(&bad)).unwrap();
+    let out = api
+        .kubectl(&[
+            "apply",
+            "--dry-run=server",
+            "-f",
+            &path.display().to_string(),
+        ])
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("spec.vrrp.advertisementInterval"),
+        "{stderr}"
+    );
+}
