@@ -598,8 +598,9 @@ fn remove_records(state_dir: &std::path::Path, snapshot: &std::path::Path) -> Ve
     if let Ok(entries) = std::fs::read_dir(state_dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let ours = name.starts_with("addresses-")
-                || ["ipvs-services", crate::dataplane::ipvs::NFT_FILE].contains(&name.as_str())
+            // (`addresses-<netns>`: `cleanup` removed this namespace's; others belong to
+            // agents of other namespaces sharing the directory.)
+            let ours = ["ipvs-services", crate::dataplane::ipvs::NFT_FILE].contains(&name.as_str())
                 || name == crate::source::cache::CACHE_FILE
                 || name.ends_with(".tmp");
             if ours {
@@ -758,6 +759,13 @@ pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
         .map_err(AgentError::Netlink)?;
     for (index, net) in removed {
         done.push(format!("address {net} removed from interface {index}"));
+    }
+    // None of ours is left (those of a killed agent may have expired by their lifetime
+    // before this ran): the record of this network namespace goes too.
+    if let Some(record) = addresses.record_path()
+        && std::fs::remove_file(&record).is_ok()
+    {
+        done.push(format!("address record {} removed", record.display()));
     }
     let macvlans = crate::node::link::MacvlanManager::new(addresses.handle().clone());
     match macvlans.list_owned().await {
