@@ -274,6 +274,8 @@ struct Agent {
     client: Option<kube::Client>,
     /// Closed when the dataplane thread has ended.
     dataplane_status: Option<watch::Receiver<Option<Arc<DataplaneStatus>>>>,
+    /// `--daemonset`: whether it could be read since the start.
+    daemonset_readable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Agent {
@@ -315,6 +317,7 @@ impl Agent {
         };
         let dataplane_watch = dataplane_status.clone();
         let mut kube_client = None;
+        let daemonset_readable = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (desired, desired_rx) = watch::channel(Arc::new(Desired::default()));
         let mut controller = None;
         let source = match &args.manifests {
@@ -326,6 +329,14 @@ impl Agent {
                 info!(node = %args.node_name, "agent started in Kubernetes mode");
                 let client = cluster::client().await?;
                 kube_client = Some(client.clone());
+                if let Some(name) = &args.daemonset {
+                    tokio::spawn(crate::k8s::departure::watch_readable(
+                        client.clone(),
+                        args.controller.namespace.clone(),
+                        name.clone(),
+                        daemonset_readable.clone(),
+                    ));
+                }
                 if args.service_controller {
                     // Its own task, fed by nothing of the agent's: planning, VRRP and IPVS
                     // never wait for it.
@@ -383,6 +394,7 @@ impl Agent {
             controller,
             client: kube_client,
             dataplane_status: dataplane_watch,
+            daemonset_readable,
         })
     }
 
@@ -509,6 +521,8 @@ impl Agent {
             daemonset,
             &args.node_name,
             crate::k8s::departure::LOOKUP_TIMEOUT,
+            self.daemonset_readable
+                .load(std::sync::atomic::Ordering::Relaxed),
         )
         .await
         {

@@ -1558,14 +1558,16 @@ fn leftovers(c: &K8sLab, i: usize) -> Vec<String> {
 }
 
 /// SIGTERM with `--daemonset`: the agent reads its DaemonSet. Present: a restart, the VIP is
-/// held for the next agent. Being deleted (a finalizer keeps it) or gone: ferrovip leaves the
-/// node, which releases at once (priority 0) and keeps nothing: no address, no nft table, no
-/// state file. API server down: a restart again (keep), with the reason logged.
+/// held for the next agent. Being deleted (a finalizer keeps it), gone, or no longer readable
+/// by an agent that could read it at start (`helm uninstall` deletes the RoleBinding and the
+/// ServiceAccount right after the DaemonSet): ferrovip leaves the node, which releases at once
+/// (priority 0) and keeps nothing: no address, no nft table, no state file. API server down:
+/// a restart again (keep), with the reason logged.
 #[test]
 fn e2e_k8s_sigterm_holds_for_a_restart_and_removes_everything_on_uninstall() {
     const NS: &str = "ferrovip-system";
     const DS: &str = "ferrovip";
-    let mut c = K8sLab::new(3);
+    let mut c = K8sLab::new(4);
     c.install();
     // The Role of config/rbac, bound to the agents' identities as the chart binds it to
     // the ServiceAccount: a missing rule fails the lookups below.
@@ -1589,10 +1591,10 @@ fn e2e_k8s_sigterm_holds_for_a_restart_and_removes_everything_on_uninstall() {
         },
     }));
     let pod_args = ["--daemonset", DS, "--namespace", NS, "--restart-hold", "4s"];
-    for i in 0..3 {
+    for i in 0..4 {
         c.start_agent_with(i, &pod_args);
     }
-    for i in 0..3 {
+    for i in 0..4 {
         c.wait_listed(i);
     }
     let web = "192.0.2.100";
@@ -1628,7 +1630,7 @@ fn e2e_k8s_sigterm_holds_for_a_restart_and_removes_everything_on_uninstall() {
         c.masters_since(51, at).iter().all(|m| *m == c.ip(0)),
         "another node became master during node-a's restart"
     );
-    for i in [1, 2] {
+    for i in [1, 2, 3] {
         assert_eq!(c.transitions(i), before[i], "{} moved", c.name(i));
     }
     eprintln!("DaemonSet present: SIGTERM held the VIP, the next agent adopted it");
@@ -1726,9 +1728,32 @@ fn e2e_k8s_sigterm_holds_for_a_restart_and_removes_everything_on_uninstall() {
     );
     let left = leftovers(&c, 1);
     assert!(left.is_empty(), "node-b after its uninstall: {left:?}");
+    // node-d (base 100) and node-c (60): node-d.
+    c.wait_holders(web, &[3], Duration::from_secs(2));
+
+    // --- 4. The agents' RoleBinding removed (as `helm uninstall` removes it right after the
+    // DaemonSet): node-d, which could read the DaemonSet at start, may not any more.
+    c.kubectl(&["delete", "rolebinding", "-n", NS, "agents-daemonset"]);
+    c.signal(3, Signal::SIGTERM);
+    c.wait_exit(3);
+    let decision = c
+        .log(3)
+        .into_iter()
+        .find(|l| l["decision"].is_string())
+        .expect("node-d logged its decision");
+    assert_eq!(decision["decision"], "uninstall", "{decision}");
+    assert!(
+        decision["why"]
+            .as_str()
+            .unwrap_or("")
+            .contains("may no longer be read"),
+        "{decision}"
+    );
+    let left = leftovers(&c, 3);
+    assert!(left.is_empty(), "node-d after its uninstall: {left:?}");
     c.wait_holders(web, &[2], Duration::from_secs(2));
 
-    // --- 4. API server down: node-c cannot tell, so it keeps (a restart) and says why.
+    // --- 5. API server down: node-c cannot tell, so it keeps (a restart) and says why.
     c.api.stop().expect("stop kube-apiserver");
     c.signal(2, Signal::SIGTERM);
     c.wait_exit(2);

@@ -60,27 +60,103 @@ impl Departure {
     }
 }
 
-/// What the lookup of the DaemonSet gave: the object (or `None`: not found), or why there was
-/// no answer.
-pub type Lookup = Result<Option<DaemonSet>, String>;
+/// What the lookup of the DaemonSet gave.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Found(Box<DaemonSet>),
+    NotFound,
+    /// 401 or 403: this agent may no longer read it. `helm uninstall` deletes the DaemonSet
+    /// and then, at once, the RoleBinding and the ServiceAccount, so the pods it stops often
+    /// ask after their rights (or their token) are gone.
+    Denied(String),
+    /// No answer, or another error.
+    Failed(String),
+}
 
-/// The decision from the lookup (pure).
-pub fn decide(namespace: &str, name: &str, lookup: Lookup) -> Departure {
+impl Lookup {
+    fn from_result(result: Result<Option<DaemonSet>, kube::Error>) -> Lookup {
+        match result {
+            Ok(Some(ds)) => Lookup::Found(Box::new(ds)),
+            Ok(None) => Lookup::NotFound,
+            Err(kube::Error::Api(s)) if s.code == 401 || s.code == 403 => {
+                Lookup::Denied(format!("{} {}", s.code, s.message))
+            }
+            Err(e) => Lookup::Failed(e.to_string()),
+        }
+    }
+
+    /// Whether the DaemonSet could be read (found or not).
+    pub fn answered(&self) -> bool {
+        matches!(self, Lookup::Found(_) | Lookup::NotFound)
+    }
+}
+
+/// The decision from the lookup (pure). `readable_before`: a lookup of this agent's
+/// succeeded earlier (at start), so a denial now means its rights were taken away since, as
+/// an uninstall does; never readable means RBAC is missing: a restart, to be safe.
+pub fn decide(namespace: &str, name: &str, lookup: Lookup, readable_before: bool) -> Departure {
     match lookup {
-        Ok(None) => Departure::Uninstall {
+        Lookup::NotFound => Departure::Uninstall {
             why: format!("DaemonSet {namespace}/{name} not found"),
         },
-        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_some() => Departure::Uninstall {
+        Lookup::Found(ds) if ds.metadata.deletion_timestamp.is_some() => Departure::Uninstall {
             why: format!("DaemonSet {namespace}/{name} is being deleted"),
         },
-        Ok(Some(_)) => Departure::Restart {
+        Lookup::Found(_) => Departure::Restart {
             why: format!("DaemonSet {namespace}/{name} exists"),
         },
-        Err(e) => Departure::Restart {
+        Lookup::Denied(e) if readable_before => Departure::Uninstall {
+            why: format!(
+                "DaemonSet {namespace}/{name} may no longer be read ({e}): the agent's RBAC or ServiceAccount was removed, as an uninstall does"
+            ),
+        },
+        Lookup::Denied(e) => Departure::Restart {
+            why: format!(
+                "DaemonSet {namespace}/{name} may not be read and never could ({e}): grant get on it (the chart's Role does); keeping"
+            ),
+        },
+        Lookup::Failed(e) => Departure::Restart {
             why: format!(
                 "DaemonSet {namespace}/{name} could not be read ({e}); keeping, since addresses expire by their lifetime anyway"
             ),
         },
+    }
+}
+
+/// Reads the DaemonSet within `timeout`.
+pub async fn lookup(client: &Client, namespace: &str, name: &str, timeout: Duration) -> Lookup {
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    match tokio::time::timeout(timeout, api.get_opt(name)).await {
+        Ok(result) => Lookup::from_result(result),
+        Err(_) => Lookup::Failed(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// At start: reads the DaemonSet until that succeeds once (every 10 s), and sets `readable`;
+/// warns while it is denied (SIGTERM cannot tell an uninstall without it).
+pub async fn watch_readable(
+    client: Client,
+    namespace: String,
+    name: String,
+    readable: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut warned = false;
+    loop {
+        match lookup(&client, &namespace, &name, Duration::from_secs(10)).await {
+            l if l.answered() => {
+                if let Lookup::NotFound = l {
+                    warn!(daemonset = %format!("{namespace}/{name}"), "--daemonset names no DaemonSet: a SIGTERM will be taken for an uninstall");
+                }
+                readable.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            Lookup::Denied(e) if !warned => {
+                warn!(daemonset = %format!("{namespace}/{name}"), error = %e, "cannot read the agent's DaemonSet: grant get on it (the chart's Role does), or SIGTERM can never tell an uninstall from a restart");
+                warned = true;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
     }
 }
 
@@ -92,15 +168,11 @@ pub async fn departure(
     name: &str,
     node: &str,
     timeout: Duration,
+    readable_before: bool,
 ) -> Departure {
-    let api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
-    let lookup = match tokio::time::timeout(timeout, api.get_opt(name)).await {
-        Ok(Ok(found)) => Ok(found),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
-    };
-    let answered = lookup.is_ok();
-    let decision = decide(namespace, name, lookup);
+    let found = lookup(client, namespace, name, timeout).await;
+    let answered = !matches!(found, Lookup::Failed(_));
+    let decision = decide(namespace, name, found, readable_before);
     match &decision {
         Departure::Uninstall { why } => {
             info!(decision = "uninstall", why = %why, "SIGTERM: ferrovip is being uninstalled from this node")
@@ -185,22 +257,36 @@ mod tests {
     }
 
     #[test]
-    fn gone_or_deleting_is_an_uninstall_present_or_unknown_a_restart() {
-        let d = decide("ferrovip-system", "ferrovip", Ok(None));
+    fn gone_deleting_or_rights_withdrawn_is_an_uninstall_present_or_unknown_a_restart() {
+        let d = decide("ferrovip-system", "ferrovip", Lookup::NotFound, true);
         assert!(matches!(d, Departure::Uninstall { .. }), "{d:?}");
         assert_eq!(d.why(), "DaemonSet ferrovip-system/ferrovip not found");
-        let d = decide("ns", "ds", Ok(Some(ds(true))));
+        let d = decide("ns", "ds", Lookup::Found(Box::new(ds(true))), true);
         assert_eq!(
             d,
             Departure::Uninstall {
                 why: "DaemonSet ns/ds is being deleted".into()
             }
         );
-        let d = decide("ns", "ds", Ok(Some(ds(false))));
+        let d = decide("ns", "ds", Lookup::Found(Box::new(ds(false))), true);
         assert_eq!(d.reason(), "AgentRestarting");
-        let d = decide("ns", "ds", Err("connection refused".into()));
+        let d = decide(
+            "ns",
+            "ds",
+            Lookup::Failed("connection refused".into()),
+            true,
+        );
         assert!(matches!(d, Departure::Restart { .. }));
         assert!(d.why().contains("connection refused"), "{}", d.why());
         assert!(d.message().contains("held"), "{}", d.message());
+        // Rights taken away since the start: uninstall; never had them: keep.
+        let denied = || Lookup::Denied("403 forbidden".into());
+        assert!(matches!(
+            decide("ns", "ds", denied(), true),
+            Departure::Uninstall { .. }
+        ));
+        let d = decide("ns", "ds", denied(), false);
+        assert!(matches!(d, Departure::Restart { .. }), "{d:?}");
+        assert!(d.why().contains("never could"), "{}", d.why());
     }
 }
