@@ -109,7 +109,7 @@ pub enum LinkError {
         "cannot set {} ({source}){}",
         path.display(),
         if source.raw_os_error() == Some(libc::EROFS) || source.kind() == io::ErrorKind::PermissionDenied {
-            ": /proc/sys is read-only here (an unprivileged container): set it beforehand with `ferrovip node-setup --interface <name>` (the chart's init container) or on the host"
+            ": /proc/sys is read-only here (an unprivileged container), and a virtual MAC's macvlan is made at run time, so its sysctls cannot be set beforehand: run the agent privileged for VirtualIPs with virtualMac, or do without virtualMac"
         } else {
             ""
         }
