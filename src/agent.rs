@@ -21,6 +21,7 @@ use crate::dataplane::worker::{self, DataplaneStatus};
 use crate::driver::{self, AddressSettings, Command, DriverError};
 use crate::engine::Observed;
 use crate::health::{self, CheckKey, CheckSpec, HealthMonitor, HealthReport};
+use crate::k8s::departure::Departure;
 use crate::k8s::status::StatusWriter;
 use crate::metrics::{Health, Metrics};
 use crate::model::service::ServiceSet;
@@ -59,6 +60,13 @@ pub struct AgentArgs {
     /// releases.
     #[arg(long, env = "FERROVIP_RESTART_HOLD", default_value = "0s", value_parser = parse_duration_arg)]
     pub restart_hold: Duration,
+    /// Kubernetes mode: the DaemonSet running this agent (in `--namespace`). On SIGTERM the
+    /// agent reads it: gone or being deleted means ferrovip is being uninstalled from this
+    /// node (release with priority 0, then remove everything `ferrovip cleanup` removes and
+    /// the state directory's records); present, or no answer within 2 s, means a restart or
+    /// rolling update (hold as `--restart-hold` says). Without it SIGTERM always holds.
+    #[arg(long, env = "FERROVIP_DAEMONSET")]
+    pub daemonset: Option<String>,
     /// Which dataplane forwards `spec.services`: `ipvs`, or `none` to program nothing.
     #[arg(long, env = "FERROVIP_DATAPLANE", default_value = "ipvs")]
     pub dataplane: DataplaneKind,
@@ -198,10 +206,34 @@ impl AgentError {
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut signals = Signals::install()?;
     let mut agent = Agent::start(&args).await?;
-    let hold = agent.run(&args, &mut signals).await;
-    agent.stop(hold).await;
+    let stop = agent.run(&args, &mut signals).await;
+    agent.stop(stop, &args).await;
     Ok(())
 }
+
+/// How the agent leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Priority 0, addresses released (SIGINT; SIGTERM without `--restart-hold`).
+    Release,
+    /// Addresses held this long for the next agent (SIGTERM with `--restart-hold`).
+    Hold(Duration),
+    /// ferrovip leaves the node (its DaemonSet is gone): release, then remove everything.
+    Uninstall,
+}
+
+impl Stop {
+    fn hold(hold: Duration) -> Stop {
+        if hold.is_zero() {
+            Stop::Release
+        } else {
+            Stop::Hold(hold)
+        }
+    }
+}
+
+/// How long an uninstalling agent waits for the dataplane thread to finish its last apply.
+const DATAPLANE_STOP: Duration = Duration::from_secs(5);
 
 /// The signals the agent acts on.
 struct Signals {
@@ -238,6 +270,12 @@ struct Agent {
     health: watch::Receiver<HealthReport>,
     /// The Service controller task (Kubernetes mode, `--service-controller`).
     controller: Option<ControllerHandle>,
+    /// Kubernetes mode: the client, for the DaemonSet lookup on SIGTERM.
+    client: Option<kube::Client>,
+    /// Closed when the dataplane thread has ended.
+    dataplane_status: Option<watch::Receiver<Option<Arc<DataplaneStatus>>>>,
+    /// `--daemonset`: whether it could be read since the start.
+    daemonset_readable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Agent {
@@ -277,6 +315,9 @@ impl Agent {
             )),
             DataplaneKind::None => None,
         };
+        let dataplane_watch = dataplane_status.clone();
+        let mut kube_client = None;
+        let daemonset_readable = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (desired, desired_rx) = watch::channel(Arc::new(Desired::default()));
         let mut controller = None;
         let source = match &args.manifests {
@@ -287,6 +328,15 @@ impl Agent {
             None => {
                 info!(node = %args.node_name, "agent started in Kubernetes mode");
                 let client = cluster::client().await?;
+                kube_client = Some(client.clone());
+                if let Some(name) = &args.daemonset {
+                    tokio::spawn(crate::k8s::departure::watch_readable(
+                        client.clone(),
+                        args.controller.namespace.clone(),
+                        name.clone(),
+                        daemonset_readable.clone(),
+                    ));
+                }
                 if args.service_controller {
                     // Its own task, fed by nothing of the agent's: planning, VRRP and IPVS
                     // never wait for it.
@@ -342,13 +392,15 @@ impl Agent {
             monitor,
             health,
             controller,
+            client: kube_client,
+            dataplane_status: dataplane_watch,
+            daemonset_readable,
         })
     }
 
     /// Plans on every change of the source, the health checks or an interface's carrier,
-    /// and publishes each new plan. Returns how long to hold the addresses on the way out
-    /// (zero: release them).
-    async fn run(&mut self, args: &AgentArgs, signals: &mut Signals) -> Duration {
+    /// and publishes each new plan. Returns how to leave.
+    async fn run(&mut self, args: &AgentArgs, signals: &mut Signals) -> Stop {
         let mut carrier_poll = tokio::time::interval(CARRIER_POLL);
         carrier_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut snapshot = self.source.snapshot();
@@ -369,7 +421,7 @@ impl Agent {
                         .await
                     {
                         warn!("the VRRP engine stopped unexpectedly");
-                        return Duration::ZERO;
+                        return Stop::Release;
                     }
                     last = Some(desired);
                 }
@@ -379,8 +431,8 @@ impl Agent {
             }
             replan = true;
             tokio::select! {
-                _ = signals.terminate.recv() => return args.restart_hold,
-                _ = signals.interrupt.recv() => return Duration::ZERO,
+                _ = signals.terminate.recv() => return self.on_terminate(args).await,
+                _ = signals.interrupt.recv() => return Stop::Release,
                 _ = signals.hangup.recv() => {
                     info!("SIGHUP: reloading");
                     snapshot = self.source.snapshot();
@@ -457,9 +509,37 @@ impl Agent {
         true
     }
 
-    /// Leaves: priority 0 and addresses released, or held for `hold`. The IPVS table stays:
-    /// forwarding continues through a restart, and the next agent adopts it.
-    async fn stop(mut self, hold: Duration) {
+    /// SIGTERM: a restart (hold as `--restart-hold` says) unless the agent's DaemonSet says
+    /// ferrovip is being uninstalled from the node.
+    async fn on_terminate(&self, args: &AgentArgs) -> Stop {
+        let (Some(client), Some(daemonset)) = (&self.client, &args.daemonset) else {
+            return Stop::hold(args.restart_hold);
+        };
+        match crate::k8s::departure::departure(
+            client,
+            &args.controller.namespace,
+            daemonset,
+            &args.node_name,
+            crate::k8s::departure::LOOKUP_TIMEOUT,
+            self.daemonset_readable
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .await
+        {
+            Departure::Uninstall { .. } => Stop::Uninstall,
+            Departure::Restart { .. } => Stop::hold(args.restart_hold),
+        }
+    }
+
+    /// Leaves: priority 0 and addresses released, or held for the next agent. The IPVS table
+    /// stays (forwarding continues through a restart, and the next agent adopts it), unless
+    /// ferrovip is being uninstalled: then everything it put in the kernel goes, and the
+    /// state directory's records with it.
+    async fn stop(mut self, stop: Stop, args: &AgentArgs) {
+        let hold = match stop {
+            Stop::Hold(hold) => hold,
+            Stop::Release | Stop::Uninstall => Duration::ZERO,
+        };
         // Releases the controller's Lease (another agent takes over at once) alongside the
         // engine's shutdown, which never waits for it.
         let controller = self
@@ -481,8 +561,90 @@ impl Agent {
         if let Some(controller) = controller {
             let _ = controller.await;
         }
+        if stop == Stop::Uninstall {
+            // No plan reaches the dataplane any more: its thread ends after its last apply,
+            // and cleaning up never races it.
+            drop(self.services);
+            if let Some(mut status) = self.dataplane_status.take() {
+                let ended = async { while status.changed().await.is_ok() {} };
+                if tokio::time::timeout(DATAPLANE_STOP, ended).await.is_err() {
+                    warn!(
+                        "the dataplane thread did not stop within {DATAPLANE_STOP:?}; cleaning up anyway"
+                    );
+                }
+            }
+            uninstall(args).await;
+        }
         let _ = self.stop_metrics.send(());
     }
+}
+
+/// ferrovip leaves this node: [`cleanup`], then the state directory's records (and the saved
+/// cluster snapshot). Records of what could not be undone are kept, so that a `ferrovip
+/// cleanup` with more privilege finishes the job.
+async fn uninstall(args: &AgentArgs) {
+    match cleanup(args.state_dir.clone()).await {
+        Ok(done) => {
+            for line in done {
+                info!("uninstall: {line}");
+            }
+        }
+        Err(e) => warn!(error = %e, "uninstall: cleanup failed"),
+    }
+    let snapshot = args
+        .cluster_snapshot
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join(crate::source::cache::CACHE_FILE));
+    for path in remove_records(&args.state_dir, &snapshot) {
+        info!(path = %path.display(), "uninstall: record removed");
+    }
+    for (path, why) in leftover_records(&args.state_dir) {
+        warn!(path = %path.display(), why, "uninstall: record kept: run `ferrovip cleanup` on the node with write access to /proc/sys to finish");
+    }
+}
+
+/// Removes the records the agent keeps in `state_dir` of what it no longer has in the kernel
+/// (after [`cleanup`]), and the saved cluster snapshot; returns the files removed. A sysctl
+/// record whose values could not be put back is kept.
+fn remove_records(state_dir: &std::path::Path, snapshot: &std::path::Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let mut candidates = vec![snapshot.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(state_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // (`addresses-<netns>`: `cleanup` removed this namespace's; others belong to
+            // agents of other namespaces sharing the directory.)
+            let ours = ["ipvs-services", crate::dataplane::ipvs::NFT_FILE].contains(&name.as_str())
+                || name == crate::source::cache::CACHE_FILE
+                || name.ends_with(".tmp");
+            if ours {
+                candidates.push(entry.path());
+            }
+        }
+    }
+    for path in candidates {
+        if std::fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    for file in crate::dataplane::sysctl::RECORD_FILES {
+        let path = state_dir.join(file);
+        if path.exists() && crate::dataplane::sysctl::record_is_empty(&path) {
+            let _ = std::fs::remove_file(&path);
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// Records left in `state_dir` after [`remove_records`], with why.
+fn leftover_records(state_dir: &std::path::Path) -> Vec<(PathBuf, &'static str)> {
+    crate::dataplane::sysctl::RECORD_FILES
+        .iter()
+        .map(|f| state_dir.join(f))
+        .filter(|p| p.exists())
+        .map(|p| (p, "sysctls that could not be put back"))
+        .collect()
 }
 
 /// Runs the Service controller alone (`ferrovip controller`) until SIGTERM or SIGINT, then
@@ -611,6 +773,13 @@ pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
         .map_err(AgentError::Netlink)?;
     for (index, net) in removed {
         done.push(format!("address {net} removed from interface {index}"));
+    }
+    // None of ours is left (those of a killed agent may have expired by their lifetime
+    // before this ran): the record of this network namespace goes too.
+    if let Some(record) = addresses.record_path()
+        && std::fs::remove_file(&record).is_ok()
+    {
+        done.push(format!("address record {} removed", record.display()));
     }
     let macvlans = crate::node::link::MacvlanManager::new(addresses.handle().clone());
     match macvlans.list_owned().await {

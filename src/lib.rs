@@ -18,5 +18,6 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod source;
+pub mod staticpod;
 pub mod vocab;
 pub mod vrrp;

@@ -43,6 +43,29 @@ enum Cmd {
         #[arg(long, env = "FERROVIP_STATE_DIR", default_value = "/run/ferrovip")]
         state_dir: PathBuf,
     },
+    /// Set, with privilege and once per boot, the sysctls the agent needs for the features
+    /// named (the chart's privileged init container): the agent itself then runs with a
+    /// read-only /proc/sys. Records the values found in the state directory, for `ferrovip
+    /// cleanup`. Idempotent; prints one line per sysctl.
+    NodeSetup {
+        /// The agent's --state-dir.
+        #[arg(long, env = "FERROVIP_STATE_DIR", default_value = "/run/ferrovip")]
+        state_dir: PathBuf,
+        /// The IPVS dataplane's sysctls: net.ipv4.vs.expire_nodest_conn,
+        /// net.ipv4.vs.expire_quiescent_template, net.ipv4.vs.conntrack, net.ipv4.ip_forward.
+        #[arg(long)]
+        ipvs: bool,
+        /// IPv6 forwarding, for IPv6 services that masquerade (interfaces with accept_ra=1
+        /// get 2, so that they keep accepting router advertisements).
+        #[arg(long)]
+        ipv6_forwarding: bool,
+        /// An interface VirtualIPs use (repeatable): net.ipv4.conf.<name>.promote_secondaries.
+        #[arg(long = "interface")]
+        interfaces: Vec<String>,
+    },
+    /// Print a static pod manifest (for /etc/kubernetes/manifests) running the standalone
+    /// agent for a control-plane VIP, or the VirtualIP manifest it reads.
+    StaticPod(ferrovip::staticpod::StaticPodArgs),
     /// Print the CustomResourceDefinitions (or check that a file matches them).
     Crdgen {
         /// Write one file per CRD (`<group>_<plural>.yaml`) into this directory instead of
@@ -205,6 +228,28 @@ fn main() -> anyhow::Result<()> {
             for line in runtime.block_on(ferrovip::agent::cleanup(state_dir))? {
                 println!("{line}");
             }
+            Ok(())
+        }
+        Cmd::NodeSetup {
+            state_dir,
+            ipvs,
+            ipv6_forwarding,
+            interfaces,
+        } => {
+            init_logging(cli.log_format);
+            let setup = ferrovip::dataplane::setup::NodeSetup {
+                state_dir,
+                ipvs,
+                ipv6_forwarding,
+                interfaces,
+            };
+            for line in ferrovip::dataplane::setup::run(&setup)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Cmd::StaticPod(args) => {
+            print!("{}", ferrovip::staticpod::render(&args)?);
             Ok(())
         }
         Cmd::Lab(args) => {

@@ -1529,3 +1529,253 @@ fn e2e_k8s_restarts_during_an_api_outage_rejoin_from_the_saved_snapshot() {
     );
     c.wait_holders("192.0.2.100", &[], Duration::from_secs(5));
 }
+
+/// A node's leftovers of ferrovip: IPv4 addresses on eth0 besides the node's own, an
+/// nftables table `inet ferrovip`, and the files of its state directory.
+fn leftovers(c: &K8sLab, i: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    let shown = c.exec_ok(i, &["ip", "-4", "-j", "addr", "show", "dev", "eth0"]);
+    let links: Value = serde_json::from_str(&shown).expect("ip -j");
+    for info in links[0]["addr_info"].as_array().into_iter().flatten() {
+        if info["local"].as_str() != Some(&c.ip(i).to_string()) {
+            found.push(format!("address {}", info["local"]));
+        }
+    }
+    if c.lab
+        .exec(i, &["nft", "list", "table", "inet", "ferrovip"])
+        .expect("nft")
+        .status
+        .success()
+    {
+        found.push("nft table inet ferrovip".into());
+    }
+    if let Ok(entries) = std::fs::read_dir(c.state_dir(i)) {
+        for entry in entries.flatten() {
+            found.push(format!("state file {}", entry.path().display()));
+        }
+    }
+    found
+}
+
+/// SIGTERM with `--daemonset`: the agent reads its DaemonSet. Present: a restart, the VIP is
+/// held for the next agent. Being deleted (a finalizer keeps it), gone, or no longer readable
+/// by an agent that could read it at start (`helm uninstall` deletes the RoleBinding and the
+/// ServiceAccount right after the DaemonSet): ferrovip leaves the node, which releases at once
+/// (priority 0) and keeps nothing: no address, no nft table, no state file. API server down:
+/// a restart again (keep), with the reason logged.
+#[test]
+fn e2e_k8s_sigterm_holds_for_a_restart_and_removes_everything_on_uninstall() {
+    const NS: &str = "ferrovip-system";
+    const DS: &str = "ferrovip";
+    let mut c = K8sLab::new(4);
+    c.install();
+    // The Role of config/rbac, bound to the agents' identities as the chart binds it to
+    // the ServiceAccount: a missing rule fails the lookups below.
+    c.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "agents-daemonset", "namespace": NS},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ferrovip-agent-daemonset"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": ferrovip_e2e::AGENT_GROUP}],
+    }));
+    c.apply(&json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": DS, "namespace": NS, "finalizers": ["ferrovip.io/test"]},
+        "spec": {
+            "selector": {"matchLabels": {"app": "ferrovip"}},
+            "template": {
+                "metadata": {"labels": {"app": "ferrovip"}},
+                "spec": {"containers": [{"name": "agent", "image": "ferrovip/ferrovip:test"}]},
+            },
+        },
+    }));
+    let pod_args = ["--daemonset", DS, "--namespace", NS, "--restart-hold", "4s"];
+    for i in 0..4 {
+        c.start_agent_with(i, &pod_args);
+    }
+    for i in 0..4 {
+        c.wait_listed(i);
+    }
+    let web = "192.0.2.100";
+    c.apply(&web_doc());
+    c.wait_master(51, 0, Duration::from_secs(5));
+    c.wait_holders(web, &[0], Duration::from_secs(3));
+
+    // --- 1. DaemonSet present: a restart. node-a holds the VIP through its exit, nobody
+    // takes over, and the next agent adopts it.
+    let before = c.all_transitions();
+    let at = c.signal(0, Signal::SIGTERM);
+    c.wait_exit(0);
+    let decision = c
+        .log(0)
+        .into_iter()
+        .find(|l| l["decision"].is_string())
+        .expect("node-a logged its decision");
+    assert_eq!(decision["decision"], "restart", "{decision}");
+    assert!(c.has(0, web), "node-a released the VIP on a restart");
+    assert!(
+        std::fs::read_dir(c.state_dir(0))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("addresses-")),
+        "node-a's address record is gone after a restart"
+    );
+    c.start_agent_with(0, &pod_args);
+    c.wait_listed(0);
+    c.wait_master(51, 0, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.holders(web), [0]);
+    assert!(
+        c.masters_since(51, at).iter().all(|m| *m == c.ip(0)),
+        "another node became master during node-a's restart"
+    );
+    for i in [1, 2, 3] {
+        assert_eq!(c.transitions(i), before[i], "{} moved", c.name(i));
+    }
+    eprintln!("DaemonSet present: SIGTERM held the VIP, the next agent adopted it");
+
+    // --- 2. DaemonSet being deleted (the finalizer keeps it with a deletionTimestamp): node-a
+    // is uninstalled. An nft table as the NAT return path leaves it (this host has no IPVS, so
+    // the agent never makes one here) must go too.
+    c.kubectl(&["delete", "daemonset", "-n", NS, DS, "--wait=false"]);
+    let deleting = c.kubectl(&[
+        "get",
+        "daemonset",
+        "-n",
+        NS,
+        DS,
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}",
+    ]);
+    assert!(
+        !deleting.is_empty(),
+        "the DaemonSet has no deletionTimestamp"
+    );
+    c.exec_ok(0, &["nft", "add", "table", "inet", "ferrovip"]);
+    let at = c.signal(0, Signal::SIGTERM);
+    c.wait_exit(0);
+    let took = at.elapsed();
+    let log = c.log(0);
+    let decision = log
+        .iter()
+        .find(|l| l["decision"].is_string())
+        .expect("node-a logged its decision");
+    assert_eq!(decision["decision"], "uninstall", "{decision}");
+    assert!(
+        decision["why"]
+            .as_str()
+            .unwrap_or("")
+            .contains("being deleted"),
+        "{decision}"
+    );
+    let left = leftovers(&c, 0);
+    assert!(left.is_empty(), "node-a after its uninstall: {left:?}");
+    // Released with priority 0: node-b takes over at once, not after a hold.
+    c.wait_master(51, 1, Duration::from_secs(2));
+    c.wait_holders(web, &[1], Duration::from_secs(2));
+    // Events about the Node: in `default`, or `kube-system` where v1.20 takes them.
+    let events = c.kubectl(&["get", "events.events.k8s.io", "-A", "-o", "json"]);
+    let events: Value = serde_json::from_str(&events).expect("events");
+    let reasons: Vec<(String, String)> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["regarding"]["kind"] == "Node")
+        .map(|e| (text(&e["regarding"]["name"]), text(&e["reason"])))
+        .collect();
+    assert!(
+        reasons.contains(&("node-a".into(), "AgentUninstalling".into()))
+            && reasons.contains(&("node-a".into(), "AgentRestarting".into())),
+        "Events: {reasons:?}"
+    );
+    eprintln!("DaemonSet being deleted: node-a uninstalled in {took:?}, nothing left");
+
+    // --- 3. DaemonSet gone: node-b (the master now) is uninstalled too.
+    c.kubectl(&[
+        "patch",
+        "daemonset",
+        "-n",
+        NS,
+        DS,
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    let started = Instant::now();
+    while c
+        .kubectl_output(&["get", "daemonset", "-n", NS, DS])
+        .status
+        .success()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the DaemonSet stays"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.signal(1, Signal::SIGTERM);
+    c.wait_exit(1);
+    let decision = c
+        .log(1)
+        .into_iter()
+        .find(|l| l["decision"].is_string())
+        .expect("node-b logged its decision");
+    assert_eq!(decision["decision"], "uninstall", "{decision}");
+    assert!(
+        decision["why"].as_str().unwrap_or("").contains("not found"),
+        "{decision}"
+    );
+    let left = leftovers(&c, 1);
+    assert!(left.is_empty(), "node-b after its uninstall: {left:?}");
+    // node-d (base 100) and node-c (60): node-d.
+    c.wait_holders(web, &[3], Duration::from_secs(2));
+
+    // --- 4. The agents' RoleBinding removed (as `helm uninstall` removes it right after the
+    // DaemonSet): node-d, which could read the DaemonSet at start, may not any more.
+    c.kubectl(&["delete", "rolebinding", "-n", NS, "agents-daemonset"]);
+    c.signal(3, Signal::SIGTERM);
+    c.wait_exit(3);
+    let decision = c
+        .log(3)
+        .into_iter()
+        .find(|l| l["decision"].is_string())
+        .expect("node-d logged its decision");
+    assert_eq!(decision["decision"], "uninstall", "{decision}");
+    assert!(
+        decision["why"]
+            .as_str()
+            .unwrap_or("")
+            .contains("may no longer be read"),
+        "{decision}"
+    );
+    let left = leftovers(&c, 3);
+    assert!(left.is_empty(), "node-d after its uninstall: {left:?}");
+    c.wait_holders(web, &[2], Duration::from_secs(2));
+
+    // --- 5. API server down: node-c cannot tell, so it keeps (a restart) and says why.
+    c.api.stop().expect("stop kube-apiserver");
+    c.signal(2, Signal::SIGTERM);
+    c.wait_exit(2);
+    let decision = c
+        .log(2)
+        .into_iter()
+        .find(|l| l["decision"].is_string())
+        .expect("node-c logged its decision");
+    assert_eq!(decision["decision"], "restart", "{decision}");
+    assert!(
+        decision["why"]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not be read"),
+        "{decision}"
+    );
+    assert!(
+        c.has(2, web),
+        "node-c released the VIP although it could not tell"
+    );
+    eprintln!(
+        "API server down: SIGTERM kept the VIP ({})",
+        decision["why"]
+    );
+}

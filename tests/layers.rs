@@ -24,6 +24,7 @@ const LAYERS: &[&str] = &[
     "controller",
     "metrics",
     "agent",
+    "staticpod",
     "lab",
 ];
 

@@ -9,6 +9,7 @@
 pub mod ipvs;
 pub mod kube_proxy;
 pub mod nft;
+pub mod setup;
 pub mod sysctl;
 pub mod worker;
 

@@ -22,6 +22,21 @@ const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
 /// The file in the state directory.
 const FILE: &str = "sysctls";
 
+/// The record `ferrovip node-setup` keeps (same format), apart from the agent's: the agent
+/// puts back what it no longer needs, and must never put back what node-setup set for it.
+pub const NODE_SETUP_FILE: &str = "sysctls-node-setup";
+
+/// Every sysctl record in the state directory (`ferrovip cleanup` restores them all).
+pub const RECORD_FILES: &[&str] = &[FILE, NODE_SETUP_FILE];
+
+/// What to do when a sysctl cannot be written, for the error messages.
+pub const READ_ONLY_HINT: &str = "/proc/sys is read-only in an unprivileged container: run `ferrovip node-setup` (the chart's init container) with the same flags, or set it on the host";
+
+/// Whether the record at `path` holds no entry (or cannot be read).
+pub fn record_is_empty(path: &Path) -> bool {
+    std::fs::read_to_string(path).map_or(true, |t| t.trim().is_empty())
+}
+
 /// Sysctls set by the dataplane, and what they were before.
 #[derive(Debug)]
 pub struct Sysctls {
@@ -29,22 +44,34 @@ pub struct Sysctls {
     /// Path → the value before we changed it: the fixed paths the dataplane sets, and the
     /// `accept_ra` of interfaces while IPv6 forwards.
     saved: BTreeMap<String, String>,
+    /// Paths whose restore failed (warned once).
+    unrestorable: std::collections::BTreeSet<String>,
 }
 
 impl Sysctls {
     /// What an earlier run recorded in `state_dir`, for the paths in `known` and the
     /// interfaces' `accept_ra` (anything else in the file is ignored, never written).
     pub fn load(state_dir: &Path, known: &[&str]) -> Sysctls {
-        let file = state_dir.join(FILE);
+        Sysctls::load_file(state_dir, FILE, |p| known.contains(&p))
+    }
+
+    /// [`Sysctls::load`] from another record file of the state directory, taking the paths
+    /// `accept` accepts (and interfaces' `accept_ra`).
+    pub fn load_file(state_dir: &Path, file: &str, accept: impl Fn(&str) -> bool) -> Sysctls {
+        let file = state_dir.join(file);
         let saved = std::fs::read_to_string(&file)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| {
                 let (p, v) = l.split_once(' ')?;
-                (known.contains(&p) || is_accept_ra(p)).then(|| (p.to_string(), v.to_string()))
+                (accept(p) || is_accept_ra(p)).then(|| (p.to_string(), v.to_string()))
             })
             .collect();
-        Sysctls { file, saved }
+        Sysctls {
+            file,
+            saved,
+            unrestorable: Default::default(),
+        }
     }
 
     /// Whether `path` is set by us now.
@@ -61,7 +88,11 @@ impl Sysctls {
     }
 
     /// Sets the sysctls in `wanted` (remembering the values found, on disk too) and puts back
-    /// the others we changed. `set(&[])` puts everything back.
+    /// the others we changed. `set(&[])` puts everything back. A sysctl that already has the
+    /// wanted value is neither written nor recorded (it is not ours: `ferrovip node-setup` or
+    /// the host set it), so an agent whose `/proc/sys` is read-only works on a prepared host.
+    /// A value that cannot be put back stays recorded (and is an error), for a `ferrovip
+    /// cleanup` that can write.
     pub fn set(&mut self, wanted: &[(&str, &str)]) -> Result<(), String> {
         let before = self.saved.clone();
         let result = self.converge(wanted);
@@ -78,10 +109,14 @@ impl Sysctls {
             }
             let found =
                 std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-            if *path == IPV6_FORWARDING && found.trim() != *value {
+            if found.trim() == *value {
+                continue;
+            }
+            if *path == IPV6_FORWARDING {
                 self.keep_slaac();
             }
-            std::fs::write(path, value).map_err(|e| format!("cannot set {path}: {e}"))?;
+            std::fs::write(path, value)
+                .map_err(|e| format!("cannot set {path} to {value}: {e}; {READ_ONLY_HINT}"))?;
             self.saved
                 .insert(path.to_string(), found.trim().to_string());
         }
@@ -91,8 +126,9 @@ impl Sysctls {
             .filter(|p| !is_accept_ra(p) && !wanted.iter().any(|(w, _)| w == p))
             .cloned()
             .collect();
+        let mut kept = Vec::new();
         for path in stale {
-            self.restore(&path);
+            kept.extend(self.restore(&path));
         }
         // Router advertisements as before, once IPv6 forwarding is back off.
         if !self.saved.contains_key(IPV6_FORWARDING) {
@@ -103,22 +139,40 @@ impl Sysctls {
                 .cloned()
                 .collect();
             for path in ra {
-                self.restore(&path);
+                kept.extend(self.restore(&path));
             }
         }
-        Ok(())
+        if kept.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "cannot put back {} (kept in the record for `ferrovip cleanup`); {READ_ONLY_HINT}",
+                kept.join(", ")
+            ))
+        }
     }
 
-    fn restore(&mut self, path: &str) {
-        let Some(before) = self.saved.remove(path) else {
-            return;
-        };
+    /// Puts `path` back; on failure keeps it recorded and returns a description.
+    fn restore(&mut self, path: &str) -> Option<String> {
+        let before = self.saved.get(path)?.clone();
         // An interface's settings go with the interface.
-        if is_accept_ra(path) && !Path::new(path).exists() {
-            return;
+        let gone = is_accept_ra(path) && !Path::new(path).exists();
+        let current = std::fs::read_to_string(path).ok();
+        if gone || current.as_deref().map(str::trim) == Some(before.as_str()) {
+            self.saved.remove(path);
+            return None;
         }
-        if let Err(e) = std::fs::write(path, &before) {
-            warn!(path, error = %e, "cannot restore a sysctl");
+        match std::fs::write(path, &before) {
+            Ok(()) => {
+                self.saved.remove(path);
+                None
+            }
+            Err(e) => {
+                if self.unrestorable.insert(path.to_string()) {
+                    warn!(path, error = %e, "cannot restore a sysctl; {READ_ONLY_HINT}");
+                }
+                Some(format!("{path} to {before} ({e})"))
+            }
         }
     }
 
@@ -161,6 +215,14 @@ impl Sysctls {
     }
 
     fn record(&self) {
+        if self.saved.is_empty() {
+            // Nothing to put back: no record (an uninstall leaves none behind).
+            match std::fs::remove_file(&self.file) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => {}
+            }
+        }
         let text: String = self
             .saved
             .iter()
@@ -170,6 +232,17 @@ impl Sysctls {
             warn!(path = %self.file.display(), error = %e, "cannot record the sysctls to restore");
         }
     }
+}
+
+/// Whether `path` is a network sysctl (`/proc/sys/net/...`, no `..`): what a node-setup
+/// record may name.
+pub fn is_net_sysctl(path: &str) -> bool {
+    path.strip_prefix("/proc/sys/net/").is_some_and(|rest| {
+        !rest.is_empty()
+            && rest
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..")
+    })
 }
 
 /// Whether `path` is one interface's `accept_ra` (`all` is not a setting the kernel uses for

@@ -103,7 +103,15 @@ pub enum AddrError {
         #[source]
         source: rtnetlink::Error,
     },
-    #[error("cannot set {}", path.display())]
+    #[error(
+        "cannot set {} ({source}){}",
+        path.display(),
+        if source.raw_os_error() == Some(libc::EROFS) || source.kind() == io::ErrorKind::PermissionDenied {
+            ": /proc/sys is read-only here (an unprivileged container): set it beforehand with `ferrovip node-setup --interface <name>` (the chart's init container) or on the host"
+        } else {
+            ""
+        }
+    )]
     Sysctl {
         path: PathBuf,
         #[source]
@@ -864,6 +872,11 @@ impl AddressManager {
     }
 
     async fn ensure_promote_secondaries(&self, index: u32) -> Result<(), AddrError> {
+        // The kernel ORs `all` with the interface's own value.
+        let all = std::fs::read_to_string(ipv4_conf_path("all", "promote_secondaries"));
+        if all.is_ok_and(|v| v.trim() == "1") {
+            return Ok(());
+        }
         let name = self.link_by_index(index).await?.name;
         ensure_ipv4_conf(&name, "promote_secondaries", 1)
             .map_err(|(path, source)| AddrError::Sysctl { path, source })

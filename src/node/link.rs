@@ -105,7 +105,15 @@ pub enum LinkError {
         #[source]
         source: rtnetlink::Error,
     },
-    #[error("cannot set {}", path.display())]
+    #[error(
+        "cannot set {} ({source}){}",
+        path.display(),
+        if source.raw_os_error() == Some(libc::EROFS) || source.kind() == io::ErrorKind::PermissionDenied {
+            ": /proc/sys is read-only here (an unprivileged container), and a virtual MAC's macvlan is made at run time, so its sysctls cannot be set beforehand: run the agent privileged for VirtualIPs with virtualMac, or do without virtualMac"
+        } else {
+            ""
+        }
+    )]
     Sysctl {
         path: PathBuf,
         #[source]
@@ -398,8 +406,10 @@ fn disable_ipv6_address_generation(name: &str) -> Result<(), LinkError> {
     let path = PathBuf::from("/proc/sys/net/ipv6/conf")
         .join(name)
         .join("addr_gen_mode");
-    if !path.exists() {
-        return Ok(());
+    match std::fs::read_to_string(&path) {
+        Err(_) => return Ok(()),
+        Ok(v) if v.trim() == "1" => return Ok(()),
+        Ok(_) => {}
     }
     std::fs::write(&path, "1\n").map_err(|source| LinkError::Sysctl { path, source })
 }

@@ -51,17 +51,17 @@ impl Default for IpvsOptions {
 /// Sysctls set while this node has virtual services (kube-proxy's IPVS mode sets the same):
 /// connections to a removed backend fail at once instead of hanging, and persistence
 /// templates of drained backends expire.
-const SERVICE_SYSCTLS: &[(&str, &str)] = &[
+pub const SERVICE_SYSCTLS: &[(&str, &str)] = &[
     ("/proc/sys/net/ipv4/vs/expire_nodest_conn", "1"),
     ("/proc/sys/net/ipv4/vs/expire_quiescent_template", "1"),
 ];
 
 /// IPv6 replies, de-masqueraded back to the client's address, are forwarded (interfaces
 /// keep accepting router advertisements: see `dataplane::sysctl`).
-const NAT6_FORWARDING: (&str, &str) = (IPV6_FORWARDING, "1");
+pub const NAT6_FORWARDING: (&str, &str) = (IPV6_FORWARDING, "1");
 
 /// Sysctls the NAT return path needs while a service masquerades.
-const NAT_SYSCTLS: &[(&str, &str)] = &[
+pub const NAT_SYSCTLS: &[(&str, &str)] = &[
     // Let conntrack see IPVS connections, so that nftables can masquerade them.
     ("/proc/sys/net/ipv4/vs/conntrack", "1"),
     // Replies, de-masqueraded back to the client's address, are forwarded.
@@ -289,7 +289,7 @@ impl IpvsDataplane {
 }
 
 /// In the state dir: the nftables script last applied and the table's listing after it.
-const NFT_FILE: &str = "nft-table";
+pub const NFT_FILE: &str = "nft-table";
 
 impl IpvsDataplane {
     /// For `ferrovip cleanup`: removes the nftables table and puts back every sysctl recorded
@@ -306,17 +306,30 @@ impl IpvsDataplane {
             Err(e) => done.push(format!("nftables: {e}")),
         }
         self.masquerading = Some(BTreeSet::new());
-        let recorded = self.sysctls.recorded();
-        match self.sysctls.set(&[]) {
-            Ok(()) => done.extend(
-                recorded
-                    .into_iter()
-                    .map(|(path, value)| format!("sysctl {path} restored to {value}")),
-            ),
-            Err(e) => done.push(format!("sysctls: {e}")),
-        }
+        done.extend(restore_all(&mut self.sysctls));
+        // What `ferrovip node-setup` set for the agents.
+        let mut node_setup = Sysctls::load_file(
+            &self.options.state_dir,
+            crate::dataplane::sysctl::NODE_SETUP_FILE,
+            crate::dataplane::sysctl::is_net_sysctl,
+        );
+        done.extend(restore_all(&mut node_setup));
         done
     }
+}
+
+/// Puts back every sysctl `sysctls` recorded; one line per sysctl.
+fn restore_all(sysctls: &mut Sysctls) -> Vec<String> {
+    let recorded = sysctls.recorded();
+    let failed = sysctls.set(&[]).err();
+    let left: BTreeSet<String> = sysctls.recorded().into_iter().map(|(p, _)| p).collect();
+    let mut done: Vec<String> = recorded
+        .into_iter()
+        .filter(|(path, _)| !left.contains(path))
+        .map(|(path, value)| format!("sysctl {path} restored to {value}"))
+        .collect();
+    done.extend(failed.map(|e| format!("sysctls: {e}")));
+    done
 }
 
 impl Dataplane for IpvsDataplane {

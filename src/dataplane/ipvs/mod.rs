@@ -5,4 +5,6 @@ mod dataplane;
 pub mod diff;
 pub mod netlink;
 
-pub use dataplane::{IpvsDataplane, IpvsOptions};
+pub use dataplane::{
+    IpvsDataplane, IpvsOptions, NAT_SYSCTLS, NAT6_FORWARDING, NFT_FILE, SERVICE_SYSCTLS,
+};
