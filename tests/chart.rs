@@ -2,11 +2,12 @@
 //! `e2e/helm/install.sh`, or `FERROVIP_HELM`) and the real API server: `helm lint --strict`,
 //! renders with the default values and with every value on (`ci/all-on-values.yaml`), a typo
 //! in values failing with the key named, the DaemonSet's contract with the agent, CRDs equal
-//! to `crds/`, RBAC equal to `config/rbac` (both generated from src/crd/rbac.rs), and
-//! server-side dry runs of the renders against kube-apiserver, and Helm's real install,
-//! upgrade, uninstall and reinstall there (CRDs and the user's objects kept). The metrics the dashboard and
-//! the alerts query are checked against running agents (IPVS, the Service controller, a
-//! failover) in tests/vm_dataplane.rs, case k8s_service_load_balancer_through_ipvs_and_failover.
+//! to `crds/`, RBAC equal to `config/rbac` (both generated from src/crd/rbac.rs), server-side
+//! dry runs of the renders against kube-apiserver, and Helm's real install, upgrade,
+//! uninstall and reinstall there (CRDs and the user's objects kept). The metrics the
+//! dashboard and the alerts query are checked against running agents (IPVS, the Service
+//! controller, a failover) in tests/vm_dataplane.rs, case
+//! k8s_service_load_balancer_through_ipvs_and_failover.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
