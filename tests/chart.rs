@@ -2,10 +2,12 @@
 //! `e2e/helm/install.sh`, or `FERROVIP_HELM`) and the real API server: `helm lint --strict`,
 //! renders with the default values and with every value on (`ci/all-on-values.yaml`), a typo
 //! in values failing with the key named, the DaemonSet's contract with the agent, CRDs equal
-//! to `crds/`, RBAC equal to `config/rbac` (both generated from src/crd/rbac.rs), and
-//! server-side dry runs of the renders against kube-apiserver. The metrics the dashboard and
-//! the alerts query are checked against running agents (IPVS, the Service controller, a
-//! failover) in tests/vm_dataplane.rs, case k8s_service_load_balancer_through_ipvs_and_failover.
+//! to `crds/`, RBAC equal to `config/rbac` (both generated from src/crd/rbac.rs), server-side
+//! dry runs of the renders against kube-apiserver, and Helm's real install, upgrade,
+//! uninstall and reinstall there (CRDs and the user's objects kept). The metrics the
+//! dashboard and the alerts query are checked against running agents (IPVS, the Service
+//! controller, a failover) in tests/vm_dataplane.rs, case
+//! k8s_service_load_balancer_through_ipvs_and_failover.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -205,7 +207,11 @@ fn the_daemonset_keeps_its_contract_with_the_agent() {
 
     let agent = &pod["containers"][0];
     assert_eq!(agent["name"], "agent");
-    assert_eq!(agent["image"], "ferrovip/ferrovip:0.1.0");
+    // The tag defaults to appVersion, which follows the crate's version.
+    assert_eq!(
+        agent["image"],
+        format!("ferrovip/ferrovip:{}", env!("CARGO_PKG_VERSION"))
+    );
     assert_eq!(agent["args"][0], "agent");
     let sc = &agent["securityContext"];
     assert_eq!(sc["privileged"], false);
@@ -343,7 +349,7 @@ fn the_daemonset_keeps_its_contract_with_the_agent() {
     let vip = find(&all, "VirtualIP", "web");
     assert_eq!(
         vip["metadata"]["annotations"]["helm.sh/hook"],
-        "post-install"
+        "post-install,post-upgrade"
     );
 }
 
@@ -568,4 +574,153 @@ fn renders_pass_the_real_api_servers_validation() {
         stderr.contains("spec.vrrp.advertisementInterval"),
         "{stderr}"
     );
+}
+
+/// `helm` against the test's API server.
+fn helm_on(api: &ApiServer, args: &[&str]) -> Output {
+    let kubeconfig = api.admin_kubeconfig().display().to_string();
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--kubeconfig", &kubeconfig]);
+    run_helm(&all)
+}
+
+fn helm_on_ok(api: &ApiServer, args: &[&str]) -> String {
+    let out = helm_on(api, args);
+    assert!(
+        out.status.success(),
+        "helm {} failed ({}): {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn names(api: &ApiServer, kind: &str) -> Vec<String> {
+    api.kubectl_ok(&["get", kind, "-o", "jsonpath={.items[*].metadata.name}"])
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn install_upgrade_uninstall_keep_the_crds_and_the_users_objects() {
+    // Helm's real install, upgrade and uninstall against kube-apiserver (no kubelet: the pods
+    // are never scheduled; tests/e2e_cluster.rs runs them).
+    let api = ApiServer::start(ApiServerOptions {
+        port: 0,
+        build_script: Some(Path::new(ROOT).join("e2e/apiserver/build.sh")),
+        ..ApiServerOptions::default()
+    })
+    .expect("start etcd and kube-apiserver");
+    let crds = || names(&api, "crd");
+    let both = ["loadbalancerpools.ferrovip.io", "virtualips.ferrovip.io"];
+    // All on, except the prometheus-operator kinds this server does not serve.
+    let values = [
+        "-f",
+        ALL_ON,
+        "--set",
+        "metrics.serviceMonitor.enabled=false,metrics.podMonitor.enabled=false,metrics.prometheusRule.enabled=false",
+    ];
+    let install = |extra: &[&str]| {
+        let mut args = vec![
+            "install",
+            RELEASE,
+            CHART,
+            "--namespace",
+            NAMESPACE,
+            "--create-namespace",
+        ];
+        args.extend_from_slice(&values);
+        args.extend_from_slice(extra);
+        helm_on_ok(&api, &args)
+    };
+    let notes = install(&[]);
+    assert!(
+        notes.contains("kubectl -n ferrovip-system rollout status daemonset/ferrovip"),
+        "{notes}"
+    );
+    assert_eq!(crds(), both);
+    // The initial objects, created by the post-install hook once the CRDs existed.
+    assert_eq!(names(&api, "virtualips"), ["web"]);
+    assert_eq!(names(&api, "loadbalancerpools"), ["default"]);
+    let hold = |api: &ApiServer| {
+        api.kubectl_ok(&[
+            "get",
+            "daemonset",
+            "ferrovip",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].env[?(@.name==\"FERROVIP_RESTART_HOLD\")].value}",
+        ])
+        .unwrap()
+    };
+    assert_eq!(hold(&api), "30s");
+
+    // The user changes the initial VirtualIP and adds one; an upgrade changes the DaemonSet
+    // and leaves both alone (the hook creates only what is absent).
+    api.kubectl_ok(&[
+        "patch",
+        "virtualip",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"virtualRouterId":52}}"#,
+    ])
+    .unwrap();
+    let mine = api.dir().join("mine.yaml");
+    std::fs::write(
+        &mine,
+        "apiVersion: ferrovip.io/v1alpha1\nkind: VirtualIP\nmetadata: {name: mine}\n\
+         spec: {addresses: [\"192.0.2.200/32\"], interface: eth0}\n",
+    )
+    .unwrap();
+    api.kubectl_ok(&["apply", "-f", &mine.display().to_string()])
+        .unwrap();
+    let upgrade = |extra: &[&str]| {
+        let mut args = vec!["upgrade", RELEASE, CHART, "--namespace", NAMESPACE];
+        args.extend_from_slice(&values);
+        args.extend_from_slice(extra);
+        helm_on_ok(&api, &args)
+    };
+    upgrade(&["--set", "restartHold=20s"]);
+    assert_eq!(hold(&api), "20s");
+    let vrid = || {
+        api.kubectl_ok(&[
+            "get",
+            "virtualip",
+            "web",
+            "-o",
+            "jsonpath={.spec.virtualRouterId}",
+        ])
+        .unwrap()
+    };
+    assert_eq!(vrid(), "52", "the upgrade overwrote the user's VirtualIP");
+
+    // Turning the CRDs off keeps them (resource policy keep).
+    upgrade(&["--set", "crds.install=false"]);
+    assert_eq!(crds(), both);
+
+    // Uninstall: the agent's objects go, the CRDs and every VirtualIP and pool stay.
+    helm_on_ok(&api, &["uninstall", RELEASE, "--namespace", NAMESPACE]);
+    let left = api
+        .kubectl(&["get", "daemonset", "ferrovip", "-n", NAMESPACE])
+        .unwrap();
+    assert!(
+        !left.status.success(),
+        "the DaemonSet outlived the uninstall"
+    );
+    assert_eq!(crds(), both);
+    assert_eq!(names(&api, "virtualips"), ["mine", "web"]);
+    assert_eq!(names(&api, "loadbalancerpools"), ["default"]);
+    assert_eq!(vrid(), "52");
+
+    // A new install under the same name adopts the kept CRDs and keeps the objects.
+    install(&[]);
+    assert_eq!(crds(), both);
+    assert_eq!(names(&api, "virtualips"), ["mine", "web"]);
+    assert_eq!(vrid(), "52");
 }

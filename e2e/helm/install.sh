@@ -16,6 +16,10 @@ command -v unzip >/dev/null || {
   echo "== installing unzip" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends unzip >/dev/null
 }
+python3 -m pip --version >/dev/null 2>&1 || {
+  echo "== installing python3-pip" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+}
 pip=(python3 -m pip)
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
