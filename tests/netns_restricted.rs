@@ -24,23 +24,8 @@ const VIP: &str = "192.0.2.100";
 
 /// Runs the rest of its arguments in a new mount namespace where every mount but /proc, /dev
 /// and the state directory (its first argument) is read-only, /proc/sys too, with only
-/// CAP_NET_ADMIN and CAP_NET_RAW and no_new_privs.
-const RESTRICTED: &str = r#"#!/bin/sh
-state=$1; shift
-[ "$1" = "--" ] && shift
-exec unshare --mount --propagation private sh -c '
-  set -e
-  state=$1; shift
-  mount --bind "$state" "$state"
-  for mp in $(awk "{print \$5}" /proc/self/mountinfo | sort -u); do
-    case "$mp" in /proc|/proc/*|/dev|/dev/*|"$state") continue;; esac
-    mount -o remount,bind,ro "$mp"
-  done
-  mount --bind /proc/sys /proc/sys
-  mount -o remount,bind,ro /proc/sys
-  exec setpriv --bounding-set=-all,+net_admin,+net_raw --inh-caps=-all --no-new-privs -- "$@"
-' sh "$state" "$@"
-"#;
+/// CAP_NET_ADMIN and CAP_NET_RAW and no_new_privs: the chart's container.
+const RESTRICTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/restricted.sh");
 
 const MANIFEST: &str = r#"apiVersion: ferrovip.io/v1alpha1
 kind: VirtualIP
@@ -90,8 +75,7 @@ impl Env {
             ..LabSpec::default()
         })
         .expect("build the lab (needs root)");
-        let script = lab.dir().join("restricted.sh");
-        std::fs::write(&script, RESTRICTED).unwrap();
+        let script = PathBuf::from(RESTRICTED);
         let manifest = lab.dir().join("web.yaml");
         std::fs::write(&manifest, MANIFEST).unwrap();
         for i in 0..2 {
