@@ -62,6 +62,10 @@ enum Cmd {
         /// An interface VirtualIPs use (repeatable): net.ipv4.conf.<name>.promote_secondaries.
         #[arg(long = "interface")]
         interfaces: Vec<String>,
+        /// net.ipv4.conf.all.promote_secondaries, which covers every interface (for a
+        /// DaemonSet that cannot know which interfaces VirtualIPs name).
+        #[arg(long)]
+        promote_secondaries: bool,
     },
     /// Print a static pod manifest (for /etc/kubernetes/manifests) running the standalone
     /// agent for a control-plane VIP, or the VirtualIP manifest it reads.
@@ -235,6 +239,7 @@ fn main() -> anyhow::Result<()> {
             ipvs,
             ipv6_forwarding,
             interfaces,
+            promote_secondaries,
         } => {
             init_logging(cli.log_format);
             let setup = ferrovip::dataplane::setup::NodeSetup {
@@ -242,6 +247,7 @@ fn main() -> anyhow::Result<()> {
                 ipvs,
                 ipv6_forwarding,
                 interfaces,
+                promote_secondaries,
             };
             for line in ferrovip::dataplane::setup::run(&setup)? {
                 println!("{line}");

@@ -1531,7 +1531,8 @@ fn e2e_k8s_restarts_during_an_api_outage_rejoin_from_the_saved_snapshot() {
 }
 
 /// A node's leftovers of ferrovip: IPv4 addresses on eth0 besides the node's own, an
-/// nftables table `inet ferrovip`, and the files of its state directory.
+/// nftables table `inet ferrovip`, and the files of its state directory but node-setup's
+/// record (an agent cannot put back sysctls through a read-only /proc/sys).
 fn leftovers(c: &K8sLab, i: usize) -> Vec<String> {
     let mut found = Vec::new();
     let shown = c.exec_ok(i, &["ip", "-4", "-j", "addr", "show", "dev", "eth0"]);
@@ -1551,7 +1552,9 @@ fn leftovers(c: &K8sLab, i: usize) -> Vec<String> {
     }
     if let Ok(entries) = std::fs::read_dir(c.state_dir(i)) {
         for entry in entries.flatten() {
-            found.push(format!("state file {}", entry.path().display()));
+            if entry.file_name() != "sysctls-node-setup" {
+                found.push(format!("state file {}", entry.path().display()));
+            }
         }
     }
     found
@@ -1562,13 +1565,17 @@ fn leftovers(c: &K8sLab, i: usize) -> Vec<String> {
 /// by an agent that could read it at start (`helm uninstall` deletes the RoleBinding and the
 /// ServiceAccount right after the DaemonSet): ferrovip leaves the node, which releases at once
 /// (priority 0) and keeps nothing: no address, no nft table, no state file. API server down:
-/// a restart again (keep), with the reason logged.
+/// a restart again (keep), with the reason logged. The agents run as the chart's container
+/// (NET_ADMIN and NET_RAW only, read-only root and /proc/sys, after node-setup): what
+/// node-setup set stays, with its record, for a `ferrovip cleanup` that can write.
 #[test]
 fn e2e_k8s_sigterm_holds_for_a_restart_and_removes_everything_on_uninstall() {
     const NS: &str = "ferrovip-system";
     const DS: &str = "ferrovip";
     let mut c = K8sLab::new(4);
     c.install();
+    let setup = c.restrict();
+    eprintln!("node-setup on node-a: {}", setup[0].trim());
     // The Role of config/rbac, bound to the agents' identities as the chart binds it to
     // the ServiceAccount: a missing rule fails the lookups below.
     c.apply(&json!({
@@ -1671,6 +1678,27 @@ fn e2e_k8s_sigterm_holds_for_a_restart_and_removes_everything_on_uninstall() {
     );
     let left = leftovers(&c, 0);
     assert!(left.is_empty(), "node-a after its uninstall: {left:?}");
+    assert!(
+        log.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("record kept"))
+            && text(&l["path"]).ends_with("sysctls-node-setup")),
+        "node-a did not say that node-setup's sysctls stay"
+    );
+    let node_setup = c.state_dir(0).join("sysctls-node-setup");
+    let cleanup = c.exec_ok(
+        0,
+        &[
+            k8s_util::AGENT,
+            "cleanup",
+            "--state-dir",
+            &c.state_dir(0).display().to_string(),
+        ],
+    );
+    assert!(
+        cleanup.contains("promote_secondaries restored to 0") && !node_setup.exists(),
+        "ferrovip cleanup after the uninstall: {cleanup}"
+    );
     // Released with priority 0: node-b takes over at once, not after a hold.
     c.wait_master(51, 1, Duration::from_secs(2));
     c.wait_holders(web, &[1], Duration::from_secs(2));

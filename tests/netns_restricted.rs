@@ -24,23 +24,8 @@ const VIP: &str = "192.0.2.100";
 
 /// Runs the rest of its arguments in a new mount namespace where every mount but /proc, /dev
 /// and the state directory (its first argument) is read-only, /proc/sys too, with only
-/// CAP_NET_ADMIN and CAP_NET_RAW and no_new_privs.
-const RESTRICTED: &str = r#"#!/bin/sh
-state=$1; shift
-[ "$1" = "--" ] && shift
-exec unshare --mount --propagation private sh -c '
-  set -e
-  state=$1; shift
-  mount --bind "$state" "$state"
-  for mp in $(awk "{print \$5}" /proc/self/mountinfo | sort -u); do
-    case "$mp" in /proc|/proc/*|/dev|/dev/*|"$state") continue;; esac
-    mount -o remount,bind,ro "$mp"
-  done
-  mount --bind /proc/sys /proc/sys
-  mount -o remount,bind,ro /proc/sys
-  exec setpriv --bounding-set=-all,+net_admin,+net_raw --inh-caps=-all --no-new-privs -- "$@"
-' sh "$state" "$@"
-"#;
+/// CAP_NET_ADMIN and CAP_NET_RAW and no_new_privs: the chart's container.
+const RESTRICTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/restricted.sh");
 
 const MANIFEST: &str = r#"apiVersion: ferrovip.io/v1alpha1
 kind: VirtualIP
@@ -90,8 +75,7 @@ impl Env {
             ..LabSpec::default()
         })
         .expect("build the lab (needs root)");
-        let script = lab.dir().join("restricted.sh");
-        std::fs::write(&script, RESTRICTED).unwrap();
+        let script = PathBuf::from(RESTRICTED);
         let manifest = lab.dir().join("web.yaml");
         std::fs::write(&manifest, MANIFEST).unwrap();
         for i in 0..2 {
@@ -281,34 +265,34 @@ fn netns_restricted_agent_needs_node_setup_for_its_sysctls_and_nothing_else() {
     env.stop(0, Signal::SIGINT);
 
     // --- 2. node-setup (privileged, like the chart's init container): sets exactly the
-    // interface's promote_secondaries, records the value before, and is idempotent.
-    for i in 0..2 {
+    // sysctl its flags name (node-a: the interface's own; node-b: `all`, which the kernel ORs
+    // with every interface's), records the value before, and is idempotent.
+    for (i, flag, key) in [
+        (0, ["--interface", "eth0"].as_slice(), "eth0"),
+        (1, ["--promote-secondaries"].as_slice(), "all"),
+    ] {
         let state = state_dir(&env.lab, i).display().to_string();
-        let out = env.ferrovip(
-            i,
-            &["node-setup", "--interface", "eth0", "--state-dir", &state],
-        );
+        let mut args = vec!["node-setup", "--state-dir", &state];
+        args.extend_from_slice(flag);
+        let path = format!("/proc/sys/net/ipv4/conf/{key}/promote_secondaries");
+        let out = env.ferrovip(i, &args);
         assert_eq!(
             out.trim(),
-            "/proc/sys/net/ipv4/conf/eth0/promote_secondaries = 1 (was 0)",
+            format!("{path} = 1 (was 0)"),
             "node-setup on {}",
             env.name(i)
         );
-        let again = env.ferrovip(
-            i,
-            &["node-setup", "--interface", "eth0", "--state-dir", &state],
-        );
-        assert_eq!(
-            again.trim(),
-            "/proc/sys/net/ipv4/conf/eth0/promote_secondaries = 1 (already)"
-        );
+        let again = env.ferrovip(i, &args);
+        assert_eq!(again.trim(), format!("{path} = 1 (already)"));
         let record =
             std::fs::read_to_string(state_dir(&env.lab, i).join("sysctls-node-setup")).unwrap();
-        assert_eq!(
-            record,
-            "/proc/sys/net/ipv4/conf/eth0/promote_secondaries 0\n"
-        );
+        assert_eq!(record, format!("{path} 0\n"));
     }
+    assert_eq!(
+        env.sysctl(1, "eth0"),
+        "0",
+        "node-b's eth0 is covered by all"
+    );
 
     // --- 3. Restricted agents after node-setup: node-a master, then failover to node-b.
     env.start(0, 2);
@@ -340,14 +324,16 @@ fn netns_restricted_agent_needs_node_setup_for_its_sysctls_and_nothing_else() {
 
     // --- 4. `ferrovip cleanup` (where /proc/sys is writable) puts the sysctl back and
     // removes the record.
-    for i in 0..2 {
+    for (i, key) in [(0, "eth0"), (1, "all")] {
         let state = state_dir(&env.lab, i).display().to_string();
         let out = env.ferrovip(i, &["cleanup", "--state-dir", &state]);
         assert!(
-            out.contains("sysctl /proc/sys/net/ipv4/conf/eth0/promote_secondaries restored to 0"),
+            out.contains(&format!(
+                "sysctl /proc/sys/net/ipv4/conf/{key}/promote_secondaries restored to 0"
+            )),
             "{out}"
         );
-        assert_eq!(env.sysctl(i, "eth0"), "0");
+        assert_eq!(env.sysctl(i, key), "0");
         let left = files(&state_dir(&env.lab, i));
         assert!(left.is_empty(), "{}: {left:?}", env.name(i));
     }

@@ -19,6 +19,9 @@
 //! - `--interface NAME`: `net.ipv4.conf.NAME.promote_secondaries=1` (before the agent adds an
 //!   IPv4 VIP, so that removing a primary address never takes the VIP with it); not needed
 //!   where `net.ipv4.conf.all.promote_secondaries` is 1 already.
+//! - `--promote-secondaries`: `net.ipv4.conf.all.promote_secondaries=1`, which the kernel ORs
+//!   with every interface's own (most distributions set it already): for a DaemonSet that
+//!   cannot know which interfaces VirtualIPs will name.
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +35,7 @@ pub struct NodeSetup {
     pub ipvs: bool,
     pub ipv6_forwarding: bool,
     pub interfaces: Vec<String>,
+    pub promote_secondaries: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +57,9 @@ pub fn wanted(setup: &NodeSetup) -> Result<Vec<(String, String)>, SetupError> {
     if setup.ipv6_forwarding {
         wanted.push((NAT6_FORWARDING.0.to_string(), NAT6_FORWARDING.1.to_string()));
     }
+    if setup.promote_secondaries {
+        wanted.push((ALL_PROMOTE_SECONDARIES.into(), "1".into()));
+    }
     for name in &setup.interfaces {
         let valid = !name.is_empty()
             && name.len() < 16
@@ -63,16 +70,17 @@ pub fn wanted(setup: &NodeSetup) -> Result<Vec<(String, String)>, SetupError> {
             return Err(SetupError::InterfaceName(name.clone()));
         }
         let path = format!("/proc/sys/net/ipv4/conf/{name}/promote_secondaries");
-        if !all_promote_secondaries() {
+        if !setup.promote_secondaries && !all_promote_secondaries() {
             wanted.push((path, "1".into()));
         }
     }
     Ok(wanted)
 }
 
+const ALL_PROMOTE_SECONDARIES: &str = "/proc/sys/net/ipv4/conf/all/promote_secondaries";
+
 fn all_promote_secondaries() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/promote_secondaries")
-        .is_ok_and(|v| v.trim() == "1")
+    std::fs::read_to_string(ALL_PROMOTE_SECONDARIES).is_ok_and(|v| v.trim() == "1")
 }
 
 /// Sets what `setup` names; returns one line per sysctl (what was changed, or found right).
@@ -135,6 +143,8 @@ mod tests {
         let setup = NodeSetup {
             ipvs: true,
             ipv6_forwarding: true,
+            promote_secondaries: true,
+            interfaces: vec!["eth0".into()],
             ..NodeSetup::default()
         };
         let paths: Vec<String> = wanted(&setup)
@@ -150,6 +160,8 @@ mod tests {
                 "/proc/sys/net/ipv4/vs/conntrack",
                 "/proc/sys/net/ipv4/ip_forward",
                 "/proc/sys/net/ipv6/conf/all/forwarding",
+                // `all` covers eth0: its own is not set.
+                "/proc/sys/net/ipv4/conf/all/promote_secondaries",
             ]
         );
         assert!(wanted(&NodeSetup::default()).unwrap().is_empty());

@@ -91,7 +91,8 @@ impl Sysctls {
     /// the others we changed. `set(&[])` puts everything back. A sysctl that already has the
     /// wanted value is neither written nor recorded (it is not ours: `ferrovip node-setup` or
     /// the host set it), so an agent whose `/proc/sys` is read-only works on a prepared host.
-    /// A value that cannot be put back stays recorded (and is an error), for a `ferrovip
+    /// An error means a wanted value could not be set. A value that cannot be put back is
+    /// warned about once and stays recorded (see [`Sysctls::recorded`]), for a `ferrovip
     /// cleanup` that can write.
     pub fn set(&mut self, wanted: &[(&str, &str)]) -> Result<(), String> {
         let before = self.saved.clone();
@@ -126,9 +127,8 @@ impl Sysctls {
             .filter(|p| !is_accept_ra(p) && !wanted.iter().any(|(w, _)| w == p))
             .cloned()
             .collect();
-        let mut kept = Vec::new();
         for path in stale {
-            kept.extend(self.restore(&path));
+            self.restore(&path);
         }
         // Router advertisements as before, once IPv6 forwarding is back off.
         if !self.saved.contains_key(IPV6_FORWARDING) {
@@ -139,39 +139,34 @@ impl Sysctls {
                 .cloned()
                 .collect();
             for path in ra {
-                kept.extend(self.restore(&path));
+                self.restore(&path);
             }
         }
-        if kept.is_empty() {
-            Ok(())
-        } else {
-            Err(format!(
-                "cannot put back {} (kept in the record for `ferrovip cleanup`); {READ_ONLY_HINT}",
-                kept.join(", ")
-            ))
-        }
+        // What could not be put back stays recorded (warned once in `restore`): it never
+        // stops the caller from converging the rest.
+        Ok(())
     }
 
-    /// Puts `path` back; on failure keeps it recorded and returns a description.
-    fn restore(&mut self, path: &str) -> Option<String> {
-        let before = self.saved.get(path)?.clone();
+    /// Puts `path` back; on failure keeps it recorded (and warns once).
+    fn restore(&mut self, path: &str) {
+        let Some(before) = self.saved.get(path).cloned() else {
+            return;
+        };
         // An interface's settings go with the interface.
         let gone = is_accept_ra(path) && !Path::new(path).exists();
         let current = std::fs::read_to_string(path).ok();
         if gone || current.as_deref().map(str::trim) == Some(before.as_str()) {
             self.saved.remove(path);
-            return None;
+            return;
         }
         match std::fs::write(path, &before) {
             Ok(()) => {
                 self.saved.remove(path);
-                None
             }
             Err(e) => {
                 if self.unrestorable.insert(path.to_string()) {
-                    warn!(path, error = %e, "cannot restore a sysctl; {READ_ONLY_HINT}");
+                    warn!(path, error = %e, "cannot restore a sysctl (kept in the record); {READ_ONLY_HINT}");
                 }
-                Some(format!("{path} to {before} ({e})"))
             }
         }
     }

@@ -30,6 +30,8 @@ const CRD: &str = concat!(
     "/crds/ferrovip.io_virtualips.yaml"
 );
 const RBAC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/rbac");
+/// Runs a command as the chart's agent container (see the script).
+const RESTRICTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/restricted.sh");
 /// The agent's ClusterRole in config/rbac.
 const AGENT_ROLE: &str = "ferrovip-agent";
 /// The lab's subnet is 192.0.2.0/24 with nodes from .11; the API server takes .1 on the bridge.
@@ -57,6 +59,8 @@ pub struct K8sLab {
     /// Every agent ever started, for the log dump of a failed test.
     history: Vec<(usize, ProcId)>,
     manifests: usize,
+    /// Agents run as the chart's container does ([`K8sLab::restrict`]).
+    restricted: bool,
 }
 
 impl Drop for K8sLab {
@@ -118,6 +122,7 @@ impl K8sLab {
             agents: vec![None; nodes],
             history: Vec::new(),
             manifests: 0,
+            restricted: false,
             lab,
         }
     }
@@ -380,6 +385,41 @@ impl K8sLab {
     // -----------------------------------------------------------------------------------------
     // Agents
 
+    /// From now on agents run as the chart's DaemonSet runs them: NET_ADMIN and NET_RAW only,
+    /// no_new_privs, every mount read-only but the state directory, /proc/sys read-only;
+    /// after `ferrovip node-setup --promote-secondaries` on every node (its privileged init
+    /// container), whose output is returned per node.
+    pub fn restrict(&mut self) -> Vec<String> {
+        self.restricted = true;
+        (0..self.node_count())
+            .map(|i| {
+                let state = self.state_dir(i);
+                std::fs::create_dir_all(&state).expect("state directory");
+                let state = state.display().to_string();
+                let out = self
+                    .lab
+                    .exec(
+                        i,
+                        &[
+                            AGENT,
+                            "node-setup",
+                            "--promote-secondaries",
+                            "--state-dir",
+                            &state,
+                        ],
+                    )
+                    .expect("run node-setup");
+                assert!(
+                    out.status.success(),
+                    "node-setup on {}: {}",
+                    self.name(i),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .collect()
+    }
+
     /// Starts the agent on node `i` in Kubernetes mode with that node's identity.
     pub fn start_agent(&mut self, i: usize) -> ProcId {
         self.start_agent_with(i, &[])
@@ -391,7 +431,12 @@ impl K8sLab {
         let starts = self.history.iter().filter(|(n, _)| *n == i).count();
         let kubeconfig = format!("KUBECONFIG={}", self.api.node_kubeconfig(&name).display());
         let state_dir = self.state_dir(i).display().to_string();
-        let mut args = vec![
+        let mut args = Vec::new();
+        if self.restricted {
+            std::fs::create_dir_all(self.state_dir(i)).expect("state directory");
+            args.extend(["sh", RESTRICTED, &state_dir, "--"]);
+        }
+        args.extend([
             "env",
             &kubeconfig,
             "FERROVIP_LOG=info",
@@ -404,7 +449,7 @@ impl K8sLab {
             // Per node (one host, one /run): the saved cluster snapshot above all.
             "--state-dir",
             &state_dir,
-        ];
+        ]);
         args.extend_from_slice(extra);
         let id = self
             .lab

@@ -325,8 +325,16 @@ fn restore_all(sysctls: &mut Sysctls) -> Vec<String> {
     let left: BTreeSet<String> = sysctls.recorded().into_iter().map(|(p, _)| p).collect();
     let mut done: Vec<String> = recorded
         .into_iter()
-        .filter(|(path, _)| !left.contains(path))
-        .map(|(path, value)| format!("sysctl {path} restored to {value}"))
+        .map(|(path, value)| {
+            if left.contains(&path) {
+                format!(
+                    "sysctl {path} not restored to {value} (kept in the record): {}",
+                    crate::dataplane::sysctl::READ_ONLY_HINT
+                )
+            } else {
+                format!("sysctl {path} restored to {value}")
+            }
+        })
         .collect();
     done.extend(failed.map(|e| format!("sysctls: {e}")));
     done
