@@ -22,7 +22,7 @@
 //!   `nsenter`, not `ip netns exec`, which remounts `/sys` and hides the cgroup mounts), as
 //!   `system:node:<name>`, registering the node's bridge address as its InternalIP.
 //!
-//! It returns once every node is `Ready` ([`Cluster::start_time`]: about 10 s).
+//! It returns once every node is `Ready` ([`Cluster::start_time`]: about 24 s here).
 //!
 //! What a test uses:
 //! - [`Cluster::kubectl`] / [`Cluster::kubectl_ok`]: kubectl as admin (run in the switch
@@ -57,7 +57,7 @@
 //! processes do not meet, except for those host sysctls: a cluster restores what it found.
 //!
 //! Cost: the binaries come from `e2e/cluster/build.sh` (about 10 minutes once, cached); idle, a
-//! three-node cluster uses roughly a tenth of a core and 0.7 GB of memory (see ARCHITECTURE.md).
+//! three-node cluster uses about 8 % of a core and 0.9 GB of memory (see ARCHITECTURE.md).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
