@@ -248,18 +248,39 @@ fn three_kubelet_nodes_run_a_daemonset_restart_containers_and_leave_nothing() {
     assert!(cluster.container_pid(1, &new_id).unwrap().is_some());
     assert!(cluster.container_pid(1, &container_id).unwrap().is_none());
 
-    // Deleting the DaemonSet removes its pods (SIGTERM handled: well under the grace period).
+    // Deleting the DaemonSet stops its containers (SIGTERM handled: well under the 10 s grace
+    // period) and removes its pods. A 1.20 kubelet deletes the pod object at its next status
+    // sync after the volumes are unmounted: up to 10 s later.
+    let running: Vec<(usize, String)> = cluster
+        .nodes()
+        .iter()
+        .enumerate()
+        .map(|(i, info)| {
+            let (_, id, _) = &ready_pods(&cluster)[&info.name];
+            (i, id.clone())
+        })
+        .collect();
     let deleted = Instant::now();
     cluster
         .kubectl_ok(&["delete", "daemonset", DAEMONSET, "--wait=false"])
         .expect("delete the DaemonSet");
+    wait_for("the DaemonSet's containers stopped", TIMEOUT, || {
+        running
+            .iter()
+            .all(|(i, id)| cluster.container_pid(*i, id).unwrap().is_none())
+            .then_some(())
+    });
+    let stopped = deleted.elapsed();
     wait_for("the DaemonSet's pods gone", TIMEOUT, || {
         pods(&cluster).is_empty().then_some(())
     });
-    eprintln!("DaemonSet pods gone {:?} after delete", deleted.elapsed());
+    eprintln!(
+        "DaemonSet deleted: containers stopped after {stopped:?}, pods gone after {:?}",
+        deleted.elapsed()
+    );
     assert!(
-        deleted.elapsed() < Duration::from_secs(10),
-        "pods waited out their grace period"
+        stopped < Duration::from_secs(5),
+        "containers waited out their grace period"
     );
 
     // Pods on the nodes' CNI network (bridge + host-local), left running for the teardown.

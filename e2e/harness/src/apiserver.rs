@@ -522,7 +522,7 @@ impl ApiServer {
             self.advertise,
             port,
         );
-        self.apiserver_args.extend(opts.extra_args.iter().cloned());
+        merge_flags(&mut self.apiserver_args, &opts.extra_args);
         if opts.audit_log {
             let policy = self.dir.join("audit-policy.yaml");
             write_file(&policy, AUDIT_POLICY)?;
@@ -956,6 +956,15 @@ fn apiserver_args(
         // privileged.
         "--allow-privileged=true".to_owned(),
     ]
+}
+
+/// Appends `extra` to `args`, dropping the flags of `args` that `extra` gives again: list
+/// flags such as `--authorization-mode` accumulate when repeated.
+fn merge_flags(args: &mut Vec<String>, extra: &[String]) {
+    let name = |flag: &str| flag.split('=').next().unwrap_or(flag).to_owned();
+    let replaced: Vec<String> = extra.iter().map(|f| name(f)).collect();
+    args.retain(|flag| !replaced.contains(&name(flag)));
+    args.extend(extra.iter().cloned());
 }
 
 /// Every request at Metadata level. Only the stage after the response is kept, so that each
@@ -1474,6 +1483,29 @@ mod tests {
                 "{want} missing from {args:?}"
             );
         }
+    }
+
+    #[test]
+    fn extra_flags_replace_the_harness_flags_of_the_same_name() {
+        let mut args = vec![
+            "--authorization-mode=RBAC".to_owned(),
+            "--secure-port=6443".to_owned(),
+        ];
+        merge_flags(
+            &mut args,
+            &[
+                "--authorization-mode=Node,RBAC".to_owned(),
+                "--v=2".to_owned(),
+            ],
+        );
+        assert_eq!(
+            args,
+            [
+                "--secure-port=6443",
+                "--authorization-mode=Node,RBAC",
+                "--v=2"
+            ]
+        );
     }
 
     #[test]

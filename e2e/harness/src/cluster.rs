@@ -22,7 +22,7 @@
 //!   `nsenter`, not `ip netns exec`, which remounts `/sys` and hides the cgroup mounts), as
 //!   `system:node:<name>`, registering the node's bridge address as its InternalIP.
 //!
-//! It returns once every node is `Ready` ([`Cluster::start_time`]: about 10 s).
+//! It returns once every node is `Ready` ([`Cluster::start_time`]: about 24 s here).
 //!
 //! What a test uses:
 //! - [`Cluster::kubectl`] / [`Cluster::kubectl_ok`]: kubectl as admin (run in the switch
@@ -57,7 +57,7 @@
 //! processes do not meet, except for those host sysctls: a cluster restores what it found.
 //!
 //! Cost: the binaries come from `e2e/cluster/build.sh` (about 10 minutes once, cached); idle, a
-//! three-node cluster uses roughly a tenth of a core and 0.7 GB of memory (see ARCHITECTURE.md).
+//! three-node cluster uses about 8 % of a core and 0.9 GB of memory (see ARCHITECTURE.md).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -320,6 +320,16 @@ impl Footprint {
     }
 }
 
+/// One process of the rig ([`Cluster::processes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RigProcess {
+    pub pid: u32,
+    /// The kernel's short name (`comm`): `kubelet`, `containerd`, `kube-apiserver`, …
+    pub name: String,
+    /// `control plane`, a node's name, or `container`.
+    pub place: String,
+}
+
 /// A running cluster. Dropping it removes everything it made (see the module doc).
 pub struct Cluster {
     nodes: Vec<KubeNode>,
@@ -412,7 +422,7 @@ impl Cluster {
             "--kubelet-preferred-address-types=InternalIP".to_owned(),
         ];
         apiserver_args.extend(opts.apiserver_args.iter().cloned());
-        let api = ApiServer::start(ApiServerOptions {
+        let api_opts = ApiServerOptions {
             netns: Some(switch.clone()),
             bind: IpAddr::V4(bridge),
             port: 6443,
@@ -423,22 +433,25 @@ impl Cluster {
             audit_log: false,
             users,
             extra_args: apiserver_args,
-        })?;
-        cluster.api = Some(api);
-        cluster.start_controllers(&switch)?;
-
+        };
         for (i, info) in kube.iter().enumerate() {
             let node = cluster.prepare_node(i, info.clone())?;
             cluster.nodes.push(node);
         }
-        for i in 0..cluster.nodes.len() {
-            cluster.start_containerd(i)?;
-        }
-        let pause = cluster.bin_dir.join("pause.tar");
-        for i in 0..cluster.nodes.len() {
-            cluster.wait_containerd(i)?;
-            cluster.import_on(i, &pause, PAUSE_IMAGE)?;
-        }
+        // The nodes' containerd starts (and loads the pause image) while etcd and the API
+        // server do: neither needs the other.
+        let (api, nodes) = std::thread::scope(|scope| {
+            let api = scope.spawn(|| ApiServer::start(api_opts));
+            let nodes = cluster.start_runtimes();
+            let api = api
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (api, nodes)
+        });
+        let api_result = api.map(|api| cluster.api = Some(api));
+        nodes?;
+        api_result?;
+        cluster.start_controllers(&switch)?;
         cluster.sysctls = KUBELET_SYSCTLS
             .iter()
             .filter_map(|key| Some((key.to_string(), read_sysctl(key)?)))
@@ -449,6 +462,19 @@ impl Cluster {
         cluster.wait_ready(opts.ready_timeout)?;
         cluster.start_time = started.elapsed();
         Ok(cluster)
+    }
+
+    /// containerd on every node, then the pause image into each.
+    fn start_runtimes(&mut self) -> Result<(), ClusterError> {
+        for i in 0..self.nodes.len() {
+            self.start_containerd(i)?;
+        }
+        let pause = self.bin_dir.join("pause.tar");
+        for i in 0..self.nodes.len() {
+            self.wait_containerd(i)?;
+            self.import_on(i, &pause, PAUSE_IMAGE)?;
+        }
+        Ok(())
     }
 
     fn api(&self) -> &ApiServer {
@@ -903,6 +929,51 @@ impl Cluster {
                 (task == id && status == "RUNNING").then(|| pid.parse().ok())?
             })
             .next())
+    }
+
+    /// Every process of the rig now: etcd, kube-apiserver, controller-manager and scheduler (in
+    /// the switch namespace), and per node containerd, its shims, kubelet (the node's mount
+    /// namespace) and the containers (their cgroups). For cost measurements.
+    pub fn processes(&mut self) -> Vec<RigProcess> {
+        self.collect_container_ids();
+        let switch = self.lab.as_ref().and_then(|lab| {
+            let path = Path::new("/run/netns").join(lab.switch_netns());
+            std::fs::metadata(path).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                format!("net:[{}]", m.ino())
+            })
+        });
+        let mut found = Vec::new();
+        for pid in all_pids() {
+            let place = if let Some(node) = self
+                .nodes
+                .iter()
+                .find(|n| n.mnt_ns.is_some() && n.mnt_ns == mnt_ns_of(pid))
+            {
+                node.info.name.clone()
+            } else if in_cgroups(pid, &self.container_ids) {
+                "container".to_owned()
+            } else if switch.is_some()
+                && std::fs::read_link(format!("/proc/{pid}/ns/net"))
+                    .ok()
+                    .map(|l| l.to_string_lossy().into_owned())
+                    == switch
+            {
+                "control plane".to_owned()
+            } else {
+                continue;
+            };
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            found.push(RigProcess {
+                pid: pid as u32,
+                name,
+                place,
+            });
+        }
+        found
     }
 
     /// What the cluster has put on the machine so far; check it after drop with
