@@ -114,10 +114,15 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 fn daemonset(host_network: bool) -> Value {
     // PID 1 of a container ignores SIGTERM unless it handles it: trap it, so a deletion takes
-    // well under the grace period.
+    // well under the grace period. With NET_ADMIN only, it adds an address in the (node's)
+    // network namespace; it writes the node's name to a hostPath under /run (per node) and
+    // reports the ServiceAccount token the kubelet mounted.
     let script = "trap 'exit 0' TERM; \
                   echo \"started on $(/bin/busybox hostname)\"; \
                   /bin/busybox ip -4 addr show dev eth0; \
+                  /bin/busybox ip addr add 198.51.100.1/32 dev lo 2>/dev/null || true; \
+                  /bin/busybox hostname > /run/rig-smoke/node; \
+                  [ -s /var/run/secrets/kubernetes.io/serviceaccount/token ] && echo token mounted; \
                   while :; do /bin/busybox sleep 1; done";
     json!({
         "apiVersion": "apps/v1",
@@ -130,15 +135,33 @@ fn daemonset(host_network: bool) -> Value {
                 "spec": {
                     "hostNetwork": host_network,
                     "terminationGracePeriodSeconds": 10,
+                    // Privileged: /proc/sys is writable (a sysctl of the node's namespace).
+                    "initContainers": [{
+                        "name": "sysctl",
+                        "image": PAUSE_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["/bin/busybox", "sysctl", "-w", "net.ipv4.ip_nonlocal_bind=1"],
+                        "securityContext": {"privileged": true},
+                    }],
                     "containers": [{
                         "name": "main",
                         "image": PAUSE_IMAGE,
                         "imagePullPolicy": "Never",
                         "command": ["/bin/busybox", "sh", "-c", script],
+                        "securityContext": {
+                            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+                            "readOnlyRootFilesystem": true,
+                            "allowPrivilegeEscalation": false,
+                        },
+                        "volumeMounts": [{"name": "state", "mountPath": "/run/rig-smoke"}],
                         "readinessProbe": {
                             "exec": {"command": ["/bin/busybox", "true"]},
                             "periodSeconds": 1,
                         },
+                    }],
+                    "volumes": [{
+                        "name": "state",
+                        "hostPath": {"path": "/run/rig-smoke", "type": "DirectoryOrCreate"},
                     }],
                 },
             },
@@ -223,7 +246,29 @@ fn three_kubelet_nodes_run_a_daemonset_restart_containers_and_leave_nothing() {
             logs.contains(&format!("started on {}", info.name)),
             "{logs}"
         );
+        assert!(logs.contains("token mounted"), "{logs}");
+        // The privileged init container's sysctl and the NET_ADMIN address are in the node's
+        // network namespace; the hostPath is the node's own.
+        let sysctl = cluster
+            .exec_in_netns(i, &["cat", "/proc/sys/net/ipv4/ip_nonlocal_bind"])
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&sysctl.stdout).trim(), "1");
+        let lo = cluster
+            .exec_in_netns(i, &["ip", "-4", "addr", "show", "dev", "lo"])
+            .unwrap();
+        assert!(String::from_utf8_lossy(&lo.stdout).contains("198.51.100.1/32"));
+        let written = std::fs::read_to_string(cluster.host_path(i, "/run/rig-smoke/node"))
+            .expect("the pod's hostPath file, on the node's own /run");
+        assert_eq!(written.trim(), info.name);
+        let seen = cluster
+            .exec_in_node(i, &["cat", "/run/rig-smoke/node"])
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&seen.stdout).trim(), info.name);
     }
+    // The API server reaches the kubelets (by InternalIP) for logs.
+    let (pod, _, _) = &ready[&cluster.nodes()[2].name];
+    let logs = cluster.kubectl_ok(&["logs", pod, "-c", "main"]).unwrap();
+    assert!(logs.contains("started on node-c"), "{logs}");
 
     // Kill node-b's container process: its kubelet starts a new container in the same pod.
     let node_b = cluster.nodes()[1].name.clone();

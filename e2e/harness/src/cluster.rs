@@ -40,6 +40,9 @@
 //!   (its network, mount and UTS namespaces: sees `/run/ferrovip` as the node's pods do);
 //!   [`Cluster::host_path`] maps a node path under `/run`, `/var/lib` or `/var/log` to where
 //!   the harness reads it (pod logs: `/var/log/pods`).
+//! - `kubectl logs` works: the API server reaches each kubelet at its InternalIP (the kubelet's
+//!   self-signed serving certificate is not verified, anonymous requests are allowed); the log
+//!   files are also readable at [`Cluster::host_path`]`(node, "/var/log/pods")`.
 //! - [`Cluster::ctr`] (containerd's CLI on a node), [`Cluster::container_pid`] (the host pid of
 //!   a container by its id from a pod's status: kill it and the kubelet restarts the container),
 //!   [`Cluster::pod_manifest_dir`] (the kubelet's static pod directory).
@@ -52,6 +55,10 @@
 //! kubelets changed (`vm.overcommit_memory`, `kernel.panic`, …: kubelet writes them at start),
 //! deletes the namespaces (and with them every link) and the scratch directory. Mounts made in
 //! a node's mount namespace die with it (`slave` propagation keeps them off the host).
+//!
+//! A cluster whose test process died without its drop (SIGKILL, abort) is reclaimed by the
+//! next [`Cluster::start`] ([`Cluster::cleanup_stale`]): its processes, containers, cgroups,
+//! namespaces, directory and, from a file in that directory, the host sysctls.
 //!
 //! Names are unique per process (lab prefix `fvlab<pid>-<n>-`), so clusters of concurrent test
 //! processes do not meet, except for those host sysctls: a cluster restores what it found.
@@ -119,6 +126,10 @@ const CONTAINERD_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
 static CLUSTER_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
+/// Default directories are `<temp>/ferrovip-cluster-<pid>-<n>`: how stale ones are found.
+const DIR_STEM: &str = "ferrovip-cluster-";
+/// The host sysctls as found at start, `key value` per line, in the cluster's directory.
+const SYSCTLS_FILE: &str = "sysctls-at-start";
 
 /// Everything that can go wrong while starting or driving the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -209,7 +220,7 @@ impl Default for ClusterOptions {
             },
             kube_nodes: 3,
             dir: std::env::temp_dir().join(format!(
-                "ferrovip-cluster-{}-{}",
+                "{DIR_STEM}{}-{}",
                 std::process::id(),
                 CLUSTER_SEQUENCE.fetch_add(1, Ordering::Relaxed)
             )),
@@ -364,6 +375,9 @@ impl Cluster {
     pub fn start(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
         let started = Instant::now();
         validate(&opts)?;
+        if let Err(e) = Cluster::cleanup_stale() {
+            tracing::warn!(error = %e, "could not clean up stale clusters");
+        }
         let bin_dir = resolve_bin_dir(opts.build_script.as_deref())?;
         let dir = opts.dir.clone();
         crate::apiserver::create_empty_dir(&dir)?;
@@ -456,6 +470,13 @@ impl Cluster {
             .iter()
             .filter_map(|key| Some((key.to_string(), read_sysctl(key)?)))
             .collect();
+        // For the cleanup of a cluster whose process died (Cluster::cleanup_stale).
+        let recorded: String = cluster
+            .sysctls
+            .iter()
+            .map(|(key, value)| format!("{key} {value}\n"))
+            .collect();
+        write_file(&cluster.dir.join(SYSCTLS_FILE), &recorded)?;
         for i in 0..cluster.nodes.len() {
             cluster.start_kubelet(i, &opts.kubelet_args)?;
         }
@@ -475,6 +496,66 @@ impl Cluster {
             self.import_on(i, &pause, PAUSE_IMAGE)?;
         }
         Ok(())
+    }
+
+    /// Reclaims clusters with default directories whose process is gone (killed before its
+    /// drop ran): kills their containers (by cgroup) and daemons (by command line), removes
+    /// their cgroups, restores the host sysctls they recorded, deletes stale lab namespaces
+    /// ([`Lab::cleanup_stale`]) and their directories. Clusters of live processes are left
+    /// alone. Returns the directories reclaimed.
+    pub fn cleanup_stale() -> Result<Vec<PathBuf>, ClusterError> {
+        let mut reclaimed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return Ok(reclaimed);
+        };
+        let stale: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(DIR_STEM)
+                    .and_then(|rest| rest.split('-').next()?.parse::<u32>().ok())
+                    .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            })
+            .map(|e| e.path())
+            .collect();
+        if stale.is_empty() {
+            return Ok(reclaimed);
+        }
+        for dir in stale {
+            let mut ids = BTreeSet::new();
+            if let Ok(nodes) = std::fs::read_dir(dir.join("nodes")) {
+                for node in nodes.filter_map(|e| e.ok()) {
+                    let tasks = node
+                        .path()
+                        .join("run/containerd/io.containerd.runtime.v2.task")
+                        .join(CONTAINERD_NAMESPACE);
+                    if let Ok(tasks) = std::fs::read_dir(tasks) {
+                        ids.extend(tasks.filter_map(|t| t.ok()?.file_name().into_string().ok()));
+                    }
+                }
+            }
+            let marker = dir.display().to_string();
+            // kubelets first: they would restart the containers.
+            kill_until_gone("stale daemon", |pid| cmdline(pid).contains(&marker));
+            kill_until_gone("stale container", |pid| in_cgroups(pid, &ids));
+            for path in container_cgroup_dirs(&ids) {
+                let _ = std::fs::remove_dir(path);
+            }
+            if let Ok(text) = std::fs::read_to_string(dir.join(SYSCTLS_FILE)) {
+                for (key, value) in text.lines().filter_map(|l| l.split_once(' ')) {
+                    if KUBELET_SYSCTLS.contains(&key) {
+                        let _ = std::fs::write(Path::new("/proc/sys").join(key), value);
+                    }
+                }
+            }
+            reclaimed.push(dir);
+        }
+        // Shims and host-network containers of those nodes live in stale lab namespaces.
+        Lab::cleanup_stale()?;
+        for dir in &reclaimed {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(reclaimed)
     }
 
     fn api(&self) -> &ApiServer {
