@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ferrovip::lab::LabSpec;
 use ferrovip_e2e::cluster::{Cluster, ClusterOptions, PAUSE_IMAGE};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -171,10 +172,17 @@ fn daemonset(host_network: bool) -> Value {
 
 #[test]
 fn three_kubelet_nodes_run_a_daemonset_restart_containers_and_leave_nothing() {
+    // Four lab namespaces: three kubelet nodes and a client on the same bridge.
+    let defaults = ClusterOptions::default();
     let mut cluster = Cluster::start(ClusterOptions {
+        lab: LabSpec {
+            nodes: 4,
+            ..defaults.lab.clone()
+        },
+        kube_nodes: 3,
         build_script: Some(BUILD_SCRIPT.into()),
         apiserver_build_script: Some(APISERVER_BUILD_SCRIPT.into()),
-        ..ClusterOptions::default()
+        ..defaults
     })
     .expect("start the cluster");
     eprintln!(
@@ -187,7 +195,23 @@ fn three_kubelet_nodes_run_a_daemonset_restart_containers_and_leave_nothing() {
     // Every node registered itself, Ready, with its bridge address as InternalIP.
     let nodes = json_of(&cluster, &["get", "nodes", "-o", "json"]);
     let items = nodes["items"].as_array().expect("a node list");
-    assert_eq!(items.len(), 3, "{nodes}");
+    assert_eq!(
+        items.len(),
+        3,
+        "the client namespace runs no kubelet: {nodes}"
+    );
+    assert_eq!(cluster.clients().len(), 1);
+    let client = cluster.clients()[0].index;
+    for info in cluster.nodes() {
+        assert!(
+            cluster
+                .lab()
+                .ping(client, info.ipv4.into(), Duration::from_secs(1))
+                .unwrap(),
+            "the client reaches {}",
+            info.name
+        );
+    }
     for info in cluster.nodes() {
         let node = items
             .iter()
