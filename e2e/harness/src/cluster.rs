@@ -32,6 +32,8 @@
 //! - [`Cluster::api_host`] and [`Cluster::api_port`]: the API server as every node reaches it.
 //!   There is no kube-proxy, so the `kubernetes` Service IP (10.96.0.1) leads nowhere: pods must
 //!   be told this address (`KUBERNETES_SERVICE_HOST`/`_PORT`; the chart's `apiServer.host`).
+//!   Host-network pods reach it; a pod on a node's CNI bridge (10.244.<node>.0/24) reaches
+//!   only its own node (no forwarding, no NAT, no routes between nodes).
 //! - [`Cluster::nodes`]: names, namespaces and addresses of the kubelet nodes (`node-a`, …);
 //!   [`Cluster::lab`] for pings and frames on the bridge.
 //! - [`Cluster::import_image`]: loads an OCI archive (`buildah push … oci-archive:FILE:NAME`)
@@ -48,6 +50,24 @@
 //!   [`Cluster::pod_manifest_dir`] (the kubelet's static pod directory).
 //! - [`Cluster::footprint`] then, after drop, [`Footprint::leftovers`]: what the cluster left
 //!   on the machine (must be nothing).
+//!
+//! A chart test, in outline:
+//!
+//! ```text
+//! let cluster = Cluster::start(ClusterOptions {
+//!     lab: LabSpec { nodes: 4, ..ClusterOptions::default().lab }, // node-d: a client
+//!     build_script: Some("e2e/cluster/build.sh".into()),
+//!     apiserver_build_script: Some("e2e/apiserver/build.sh".into()),
+//!     ..ClusterOptions::default()
+//! })?;
+//! cluster.import_image(&oci_archive, "localhost/ferrovip:TAG")?;
+//! // helm --kubeconfig cluster.host_admin_kubeconfig() install ferrovip charts/ferrovip
+//! //   --set apiServer.host={cluster.api_host()} --set apiServer.port={cluster.api_port()}
+//! //   --set image.repository=localhost/ferrovip --set image.pullPolicy=Never …
+//! cluster.kubectl_ok(&["-n", "ferrovip-system", "get", "pods", "-o", "json"])?;
+//! cluster.lab().ping(3, vip, timeout)?;                     // from the client
+//! cluster.exec_in_netns(0, &["ip", "-j", "addr"])?;         // what node-a holds
+//! ```
 //!
 //! Dropping the cluster (also on panic) stops the kubelets, kills every container process (found
 //! by their cgroups), containerd and its shims (found by the node's mount namespace), removes
