@@ -32,7 +32,7 @@
 //! - [`Cluster::api_host`] and [`Cluster::api_port`]: the API server as every node reaches it.
 //!   There is no kube-proxy, so the `kubernetes` Service IP (10.96.0.1) leads nowhere: pods must
 //!   be told this address (`KUBERNETES_SERVICE_HOST`/`_PORT`; the chart's `apiServer.host`).
-//!   Host-network pods reach it; a pod on a node's CNI bridge (10.244.<node>.0/24) reaches
+//!   Host-network pods reach it; a pod on a node's CNI bridge (`10.244.<node>.0/24`) reaches
 //!   only its own node (no forwarding, no NAT, no routes between nodes).
 //! - [`Cluster::nodes`]: names, namespaces and addresses of the kubelet nodes (`node-a`, …);
 //!   [`Cluster::lab`] for pings and frames on the bridge.
