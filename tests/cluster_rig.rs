@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ferrovip::lab::LabSpec;
 use ferrovip_e2e::cluster::{Cluster, ClusterOptions, PAUSE_IMAGE};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -114,10 +115,15 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 fn daemonset(host_network: bool) -> Value {
     // PID 1 of a container ignores SIGTERM unless it handles it: trap it, so a deletion takes
-    // well under the grace period.
+    // well under the grace period. With NET_ADMIN only, it adds an address in the (node's)
+    // network namespace; it writes the node's name to a hostPath under /run (per node) and
+    // reports the ServiceAccount token the kubelet mounted.
     let script = "trap 'exit 0' TERM; \
                   echo \"started on $(/bin/busybox hostname)\"; \
                   /bin/busybox ip -4 addr show dev eth0; \
+                  /bin/busybox ip addr add 198.51.100.1/32 dev lo 2>/dev/null || true; \
+                  /bin/busybox hostname > /run/rig-smoke/node; \
+                  [ -s /var/run/secrets/kubernetes.io/serviceaccount/token ] && echo token mounted; \
                   while :; do /bin/busybox sleep 1; done";
     json!({
         "apiVersion": "apps/v1",
@@ -130,15 +136,33 @@ fn daemonset(host_network: bool) -> Value {
                 "spec": {
                     "hostNetwork": host_network,
                     "terminationGracePeriodSeconds": 10,
+                    // Privileged: /proc/sys is writable (a sysctl of the node's namespace).
+                    "initContainers": [{
+                        "name": "sysctl",
+                        "image": PAUSE_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["/bin/busybox", "sysctl", "-w", "net.ipv4.ip_nonlocal_bind=1"],
+                        "securityContext": {"privileged": true},
+                    }],
                     "containers": [{
                         "name": "main",
                         "image": PAUSE_IMAGE,
                         "imagePullPolicy": "Never",
                         "command": ["/bin/busybox", "sh", "-c", script],
+                        "securityContext": {
+                            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+                            "readOnlyRootFilesystem": true,
+                            "allowPrivilegeEscalation": false,
+                        },
+                        "volumeMounts": [{"name": "state", "mountPath": "/run/rig-smoke"}],
                         "readinessProbe": {
                             "exec": {"command": ["/bin/busybox", "true"]},
                             "periodSeconds": 1,
                         },
+                    }],
+                    "volumes": [{
+                        "name": "state",
+                        "hostPath": {"path": "/run/rig-smoke", "type": "DirectoryOrCreate"},
                     }],
                 },
             },
@@ -148,10 +172,17 @@ fn daemonset(host_network: bool) -> Value {
 
 #[test]
 fn three_kubelet_nodes_run_a_daemonset_restart_containers_and_leave_nothing() {
+    // Four lab namespaces: three kubelet nodes and a client on the same bridge.
+    let defaults = ClusterOptions::default();
     let mut cluster = Cluster::start(ClusterOptions {
+        lab: LabSpec {
+            nodes: 4,
+            ..defaults.lab.clone()
+        },
+        kube_nodes: 3,
         build_script: Some(BUILD_SCRIPT.into()),
         apiserver_build_script: Some(APISERVER_BUILD_SCRIPT.into()),
-        ..ClusterOptions::default()
+        ..defaults
     })
     .expect("start the cluster");
     eprintln!(
@@ -164,7 +195,23 @@ fn three_kubelet_nodes_run_a_daemonset_restart_containers_and_leave_nothing() {
     // Every node registered itself, Ready, with its bridge address as InternalIP.
     let nodes = json_of(&cluster, &["get", "nodes", "-o", "json"]);
     let items = nodes["items"].as_array().expect("a node list");
-    assert_eq!(items.len(), 3, "{nodes}");
+    assert_eq!(
+        items.len(),
+        3,
+        "the client namespace runs no kubelet: {nodes}"
+    );
+    assert_eq!(cluster.clients().len(), 1);
+    let client = cluster.clients()[0].index;
+    for info in cluster.nodes() {
+        assert!(
+            cluster
+                .lab()
+                .ping(client, info.ipv4.into(), Duration::from_secs(1))
+                .unwrap(),
+            "the client reaches {}",
+            info.name
+        );
+    }
     for info in cluster.nodes() {
         let node = items
             .iter()
@@ -223,7 +270,29 @@ fn three_kubelet_nodes_run_a_daemonset_restart_containers_and_leave_nothing() {
             logs.contains(&format!("started on {}", info.name)),
             "{logs}"
         );
+        assert!(logs.contains("token mounted"), "{logs}");
+        // The privileged init container's sysctl and the NET_ADMIN address are in the node's
+        // network namespace; the hostPath is the node's own.
+        let sysctl = cluster
+            .exec_in_netns(i, &["cat", "/proc/sys/net/ipv4/ip_nonlocal_bind"])
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&sysctl.stdout).trim(), "1");
+        let lo = cluster
+            .exec_in_netns(i, &["ip", "-4", "addr", "show", "dev", "lo"])
+            .unwrap();
+        assert!(String::from_utf8_lossy(&lo.stdout).contains("198.51.100.1/32"));
+        let written = std::fs::read_to_string(cluster.host_path(i, "/run/rig-smoke/node"))
+            .expect("the pod's hostPath file, on the node's own /run");
+        assert_eq!(written.trim(), info.name);
+        let seen = cluster
+            .exec_in_node(i, &["cat", "/run/rig-smoke/node"])
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&seen.stdout).trim(), info.name);
     }
+    // The API server reaches the kubelets (by InternalIP) for logs.
+    let (pod, _, _) = &ready[&cluster.nodes()[2].name];
+    let logs = cluster.kubectl_ok(&["logs", pod, "-c", "main"]).unwrap();
+    assert!(logs.contains("started on node-c"), "{logs}");
 
     // Kill node-b's container process: its kubelet starts a new container in the same pod.
     let node_b = cluster.nodes()[1].name.clone();

@@ -32,6 +32,8 @@
 //! - [`Cluster::api_host`] and [`Cluster::api_port`]: the API server as every node reaches it.
 //!   There is no kube-proxy, so the `kubernetes` Service IP (10.96.0.1) leads nowhere: pods must
 //!   be told this address (`KUBERNETES_SERVICE_HOST`/`_PORT`; the chart's `apiServer.host`).
+//!   Host-network pods reach it; a pod on a node's CNI bridge (`10.244.<node>.0/24`) reaches
+//!   only its own node (no forwarding, no NAT, no routes between nodes).
 //! - [`Cluster::nodes`]: names, namespaces and addresses of the kubelet nodes (`node-a`, …);
 //!   [`Cluster::lab`] for pings and frames on the bridge.
 //! - [`Cluster::import_image`]: loads an OCI archive (`buildah push … oci-archive:FILE:NAME`)
@@ -40,11 +42,32 @@
 //!   (its network, mount and UTS namespaces: sees `/run/ferrovip` as the node's pods do);
 //!   [`Cluster::host_path`] maps a node path under `/run`, `/var/lib` or `/var/log` to where
 //!   the harness reads it (pod logs: `/var/log/pods`).
+//! - `kubectl logs` works: the API server reaches each kubelet at its InternalIP (the kubelet's
+//!   self-signed serving certificate is not verified, anonymous requests are allowed); the log
+//!   files are also readable at [`Cluster::host_path`]`(node, "/var/log/pods")`.
 //! - [`Cluster::ctr`] (containerd's CLI on a node), [`Cluster::container_pid`] (the host pid of
 //!   a container by its id from a pod's status: kill it and the kubelet restarts the container),
 //!   [`Cluster::pod_manifest_dir`] (the kubelet's static pod directory).
 //! - [`Cluster::footprint`] then, after drop, [`Footprint::leftovers`]: what the cluster left
 //!   on the machine (must be nothing).
+//!
+//! A chart test, in outline:
+//!
+//! ```text
+//! let cluster = Cluster::start(ClusterOptions {
+//!     lab: LabSpec { nodes: 4, ..ClusterOptions::default().lab }, // node-d: a client
+//!     build_script: Some("e2e/cluster/build.sh".into()),
+//!     apiserver_build_script: Some("e2e/apiserver/build.sh".into()),
+//!     ..ClusterOptions::default()
+//! })?;
+//! cluster.import_image(&oci_archive, "localhost/ferrovip:TAG")?;
+//! // helm --kubeconfig cluster.host_admin_kubeconfig() install ferrovip charts/ferrovip
+//! //   --set apiServer.host={cluster.api_host()} --set apiServer.port={cluster.api_port()}
+//! //   --set image.repository=localhost/ferrovip --set image.pullPolicy=Never …
+//! cluster.kubectl_ok(&["-n", "ferrovip-system", "get", "pods", "-o", "json"])?;
+//! cluster.lab().ping(3, vip, timeout)?;                     // from the client
+//! cluster.exec_in_netns(0, &["ip", "-j", "addr"])?;         // what node-a holds
+//! ```
 //!
 //! Dropping the cluster (also on panic) stops the kubelets, kills every container process (found
 //! by their cgroups), containerd and its shims (found by the node's mount namespace), removes
@@ -52,6 +75,10 @@
 //! kubelets changed (`vm.overcommit_memory`, `kernel.panic`, …: kubelet writes them at start),
 //! deletes the namespaces (and with them every link) and the scratch directory. Mounts made in
 //! a node's mount namespace die with it (`slave` propagation keeps them off the host).
+//!
+//! A cluster whose test process died without its drop (SIGKILL, abort) is reclaimed by the
+//! next [`Cluster::start`] ([`Cluster::cleanup_stale`]): its processes, containers, cgroups,
+//! namespaces, directory and, from a file in that directory, the host sysctls.
 //!
 //! Names are unique per process (lab prefix `fvlab<pid>-<n>-`), so clusters of concurrent test
 //! processes do not meet, except for those host sysctls: a cluster restores what it found.
@@ -119,6 +146,10 @@ const CONTAINERD_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
 static CLUSTER_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
+/// Default directories are `<temp>/ferrovip-cluster-<pid>-<n>`: how stale ones are found.
+const DIR_STEM: &str = "ferrovip-cluster-";
+/// The host sysctls as found at start, `key value` per line, in the cluster's directory.
+const SYSCTLS_FILE: &str = "sysctls-at-start";
 
 /// Everything that can go wrong while starting or driving the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -209,7 +240,7 @@ impl Default for ClusterOptions {
             },
             kube_nodes: 3,
             dir: std::env::temp_dir().join(format!(
-                "ferrovip-cluster-{}-{}",
+                "{DIR_STEM}{}-{}",
                 std::process::id(),
                 CLUSTER_SEQUENCE.fetch_add(1, Ordering::Relaxed)
             )),
@@ -364,6 +395,9 @@ impl Cluster {
     pub fn start(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
         let started = Instant::now();
         validate(&opts)?;
+        if let Err(e) = Cluster::cleanup_stale() {
+            tracing::warn!(error = %e, "could not clean up stale clusters");
+        }
         let bin_dir = resolve_bin_dir(opts.build_script.as_deref())?;
         let dir = opts.dir.clone();
         crate::apiserver::create_empty_dir(&dir)?;
@@ -456,6 +490,13 @@ impl Cluster {
             .iter()
             .filter_map(|key| Some((key.to_string(), read_sysctl(key)?)))
             .collect();
+        // For the cleanup of a cluster whose process died (Cluster::cleanup_stale).
+        let recorded: String = cluster
+            .sysctls
+            .iter()
+            .map(|(key, value)| format!("{key} {value}\n"))
+            .collect();
+        write_file(&cluster.dir.join(SYSCTLS_FILE), &recorded)?;
         for i in 0..cluster.nodes.len() {
             cluster.start_kubelet(i, &opts.kubelet_args)?;
         }
@@ -475,6 +516,66 @@ impl Cluster {
             self.import_on(i, &pause, PAUSE_IMAGE)?;
         }
         Ok(())
+    }
+
+    /// Reclaims clusters with default directories whose process is gone (killed before its
+    /// drop ran): kills their containers (by cgroup) and daemons (by command line), removes
+    /// their cgroups, restores the host sysctls they recorded, deletes stale lab namespaces
+    /// ([`Lab::cleanup_stale`]) and their directories. Clusters of live processes are left
+    /// alone. Returns the directories reclaimed.
+    pub fn cleanup_stale() -> Result<Vec<PathBuf>, ClusterError> {
+        let mut reclaimed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return Ok(reclaimed);
+        };
+        let stale: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(DIR_STEM)
+                    .and_then(|rest| rest.split('-').next()?.parse::<u32>().ok())
+                    .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            })
+            .map(|e| e.path())
+            .collect();
+        if stale.is_empty() {
+            return Ok(reclaimed);
+        }
+        for dir in stale {
+            let mut ids = BTreeSet::new();
+            if let Ok(nodes) = std::fs::read_dir(dir.join("nodes")) {
+                for node in nodes.filter_map(|e| e.ok()) {
+                    let tasks = node
+                        .path()
+                        .join("run/containerd/io.containerd.runtime.v2.task")
+                        .join(CONTAINERD_NAMESPACE);
+                    if let Ok(tasks) = std::fs::read_dir(tasks) {
+                        ids.extend(tasks.filter_map(|t| t.ok()?.file_name().into_string().ok()));
+                    }
+                }
+            }
+            let marker = dir.display().to_string();
+            // kubelets first: they would restart the containers.
+            kill_until_gone("stale daemon", |pid| cmdline(pid).contains(&marker));
+            kill_until_gone("stale container", |pid| in_cgroups(pid, &ids));
+            for path in container_cgroup_dirs(&ids) {
+                let _ = std::fs::remove_dir(path);
+            }
+            if let Ok(text) = std::fs::read_to_string(dir.join(SYSCTLS_FILE)) {
+                for (key, value) in text.lines().filter_map(|l| l.split_once(' ')) {
+                    if KUBELET_SYSCTLS.contains(&key) {
+                        let _ = std::fs::write(Path::new("/proc/sys").join(key), value);
+                    }
+                }
+            }
+            reclaimed.push(dir);
+        }
+        // Shims and host-network containers of those nodes live in stale lab namespaces.
+        Lab::cleanup_stale()?;
+        for dir in &reclaimed {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(reclaimed)
     }
 
     fn api(&self) -> &ApiServer {
