@@ -60,11 +60,13 @@ pub struct AgentArgs {
     /// releases.
     #[arg(long, env = "FERROVIP_RESTART_HOLD", default_value = "0s", value_parser = parse_duration_arg)]
     pub restart_hold: Duration,
-    /// Kubernetes mode: the DaemonSet running this agent (in `--namespace`). On SIGTERM the
-    /// agent reads it: gone or being deleted means ferrovip is being uninstalled from this
-    /// node (release with priority 0, then remove everything `ferrovip cleanup` removes and
-    /// the state directory's records); present, or no answer within 2 s, means a restart or
-    /// rolling update (hold as `--restart-hold` says). Without it SIGTERM always holds.
+    /// Kubernetes mode: the DaemonSet running this agent (in `--namespace`; needs `get` on
+    /// it). On SIGTERM the agent reads it: gone, being deleted, or no longer readable after
+    /// a read succeeded at start (an uninstall removes the agent's RBAC too) means ferrovip
+    /// is being uninstalled from this node (release with priority 0, then remove everything
+    /// `ferrovip cleanup` removes and the state directory's records); present, or no answer
+    /// within 2 s, means a restart or rolling update (hold as `--restart-hold` says).
+    /// Without it SIGTERM always holds.
     #[arg(long, env = "FERROVIP_DAEMONSET")]
     pub daemonset: Option<String>,
     /// Which dataplane forwards `spec.services`: `ipvs`, or `none` to program nothing.

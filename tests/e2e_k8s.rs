@@ -1597,7 +1597,7 @@ fn e2e_k8s_sigterm_holds_for_a_restart_and_removes_everything_on_uninstall() {
             },
         },
     }));
-    let pod_args = ["--daemonset", DS, "--namespace", NS, "--restart-hold", "4s"];
+    let pod_args = ["--daemonset", DS, "--namespace", NS, "--restart-hold", "6s"];
     for i in 0..4 {
         c.start_agent_with(i, &pod_args);
     }

@@ -7,7 +7,8 @@
 //! A host that nobody prepared (`promote_secondaries` off on the VIP's interface): the agent
 //! cannot add the VIP and says which sysctl and what to run. After `ferrovip node-setup
 //! --interface eth0` (privileged, as the chart's init container): the VIP comes up on the
-//! master and fails over. `ferrovip cleanup` then puts the sysctl back from node-setup's record.
+//! master and fails over; so does a `virtualMac` VIP, whose macvlan's settings the agent makes
+//! over rtnetlink. `ferrovip cleanup` then puts the sysctl back from node-setup's record.
 //!
 //! Needs root (network and mount namespaces).
 
@@ -42,7 +43,28 @@ spec:
     preferredNodes:
       - nodeName: node-a
         weight: 50
+---
+apiVersion: ferrovip.io/v1alpha1
+kind: VirtualIP
+metadata:
+  name: vmac
+spec:
+  addresses: ["192.0.2.101/24"]
+  interface: eth0
+  virtualRouterId: 52
+  vrrp:
+    advertisementInterval: 100ms
+    virtualMac: true
+  priority:
+    base: 100
+    preferredNodes:
+      - nodeName: node-a
+        weight: 50
 "#;
+
+/// The virtual-MAC VIP: on a macvlan `fv4.<eth0 index>.52`, whose sysctls the agent cannot
+/// prepare through /proc/sys (the link is made at run time) and sets over rtnetlink.
+const VMAC_VIP: &str = "192.0.2.101";
 
 struct Env {
     lab: Lab,
@@ -167,6 +189,34 @@ impl Env {
         self.lab
             .has_address(i, VIP.parse::<IpAddr>().unwrap())
             .unwrap()
+    }
+
+    /// The nodes holding `addr` on any interface.
+    fn holders_anywhere(&self, addr: &str) -> Vec<usize> {
+        (0..2)
+            .filter(|i| {
+                let out = self
+                    .lab
+                    .exec(*i, &["ip", "-4", "-o", "addr", "show"])
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/"))
+            })
+            .collect()
+    }
+
+    fn wait_vmac_holders(&self, expected: &[usize], timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            let holders = self.holders_anywhere(VMAC_VIP);
+            if holders == expected {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{VMAC_VIP}: expected on {expected:?} within {timeout:?}, held by {holders:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn wait_holders(&self, expected: &[usize], timeout: Duration) -> Duration {
@@ -299,6 +349,30 @@ fn netns_restricted_agent_needs_node_setup_for_its_sysctls_and_nothing_else() {
     env.start(1, 2);
     let took = env.wait_holders(&[0], Duration::from_secs(10));
     eprintln!("after node-setup: the VIP on node-a {took:?} after the start");
+    env.wait_vmac_holders(&[0], Duration::from_secs(5));
+    let links = env.lab.exec(0, &["ip", "-o", "link", "show"]).unwrap();
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    let vmac = links
+        .lines()
+        .find_map(|l| l.split(": ").nth(1).filter(|n| n.starts_with("fv4.")))
+        .map(|n| n.split('@').next().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no virtual-MAC link on node-a: {links}"));
+    assert!(links.contains("00:00:5e:00:01:34"), "{links}");
+    // Set over rtnetlink, /proc/sys being read-only: the macvlan's, and the parent's.
+    let ipv4 = |dev: &str, key: &str| format!("/proc/sys/net/ipv4/conf/{dev}/{key}");
+    for (path, want) in [
+        (ipv4(&vmac, "arp_ignore"), "1"),
+        (ipv4(&vmac, "accept_local"), "1"),
+        (ipv4(&vmac, "rp_filter"), "0"),
+        (ipv4(&vmac, "promote_secondaries"), "1"),
+        (format!("/proc/sys/net/ipv6/conf/{vmac}/addr_gen_mode"), "1"),
+        (ipv4("eth0", "arp_ignore"), "1"),
+        (ipv4("eth0", "arp_filter"), "1"),
+        (ipv4("eth0", "arp_announce"), "2"),
+    ] {
+        let out = env.lab.exec(0, &["cat", &path]).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "{path}");
+    }
     assert!(
         env.lab
             .ping(1, VIP.parse().unwrap(), Duration::from_secs(2))
@@ -312,6 +386,7 @@ fn netns_restricted_agent_needs_node_setup_for_its_sysctls_and_nothing_else() {
         "SIGKILL node-a: the VIP on node-b after {:?}",
         killed.elapsed()
     );
+    env.wait_vmac_holders(&[1], Duration::from_secs(3));
     // Nothing was written, or tried, outside the state directory and /proc/sys.
     let log = env.log(1);
     for needle in ["Read-only file system", "\"level\":\"ERROR\""] {

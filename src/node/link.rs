@@ -31,7 +31,11 @@ use std::io;
 use std::path::PathBuf;
 
 use futures::TryStreamExt;
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage, MacVlanMode};
+use netlink_packet_core::{DefaultNla, Emitable, NLA_F_NESTED};
+use netlink_packet_route::link::{
+    AfSpecInet, AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoKind, LinkAttribute, LinkInfo,
+    LinkMessage, MacVlanMode,
+};
 use rtnetlink::{Handle, LinkMacVlan, LinkUnspec};
 
 use super::addr::{ensure_ipv4_conf, ipv4_conf_path, netlink_errno};
@@ -109,7 +113,7 @@ pub enum LinkError {
         "cannot set {} ({source}){}",
         path.display(),
         if source.raw_os_error() == Some(libc::EROFS) || source.kind() == io::ErrorKind::PermissionDenied {
-            ": /proc/sys is read-only here (an unprivileged container), and a virtual MAC's macvlan is made at run time, so its sysctls cannot be set beforehand: run the agent privileged for VirtualIPs with virtualMac, or do without virtualMac"
+            ": /proc/sys is read-only here (an unprivileged container), and this setting has no rtnetlink equivalent: run the agent privileged for VirtualIPs with virtualMac, or do without virtualMac"
         } else {
             ""
         }
@@ -241,10 +245,10 @@ impl MacvlanManager {
             None => self.create(parent_index, name, mac).await?,
         };
 
-        configure_vmac_sysctls(&link.name)?;
-        for (key, value) in [("arp_ignore", 1), ("arp_filter", 1), ("arp_announce", 2)] {
-            ensure_ipv4_conf(&parent.name, key, value).map_err(sysctl_error)?;
-        }
+        self.set_ipv4_conf(link.index, &link.name, VMAC_SETTINGS)
+            .await?;
+        self.set_ipv4_conf(parent.index, &parent.name, PARENT_SETTINGS)
+            .await?;
 
         if link.mac != Some(mac) || !link.up {
             let message = LinkUnspec::new_with_index(link.index)
@@ -328,7 +332,8 @@ impl MacvlanManager {
             }
         }
         let link = self.get(LinkLookup::Name(name)).await?;
-        disable_ipv6_address_generation(name)?;
+        self.disable_ipv6_address_generation(link.index, name)
+            .await?;
         Ok(link)
     }
 
@@ -389,29 +394,153 @@ fn validate_name(name: &str) -> Result<(), LinkError> {
     }
 }
 
-fn configure_vmac_sysctls(name: &str) -> Result<(), LinkError> {
-    for (key, value) in [
-        ("arp_ignore", 1),
-        ("accept_local", 1),
-        ("rp_filter", 0),
-        ("promote_secondaries", 1),
-    ] {
-        ensure_ipv4_conf(name, key, value).map_err(sysctl_error)?;
+/// The macvlan's IPv4 settings (see the module documentation).
+const VMAC_SETTINGS: &[(&str, u32)] = &[
+    ("arp_ignore", 1),
+    ("accept_local", 1),
+    ("rp_filter", 0),
+    ("promote_secondaries", 1),
+];
+
+/// The parent's IPv4 settings.
+const PARENT_SETTINGS: &[(&str, u32)] =
+    &[("arp_ignore", 1), ("arp_filter", 1), ("arp_announce", 2)];
+
+/// `IFLA_INET_CONF`, inside `IFLA_AF_SPEC` / `AF_INET` of an RTM_SETLINK.
+const IFLA_INET_CONF: u16 = 1;
+
+/// The kernel's `IPV4_DEVCONF_*` id of a per-interface IPv4 setting.
+fn devconf_id(key: &str) -> Option<u16> {
+    Some(match key {
+        "rp_filter" => 8,
+        "arp_filter" => 13,
+        "arp_announce" => 18,
+        "arp_ignore" => 19,
+        "promote_secondaries" => 20,
+        "accept_local" => 23,
+        _ => return None,
+    })
+}
+
+/// Whether a /proc/sys write failed because the file system is read-only (an unprivileged
+/// container's /proc/sys) or not writable to us.
+fn read_only(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EROFS) || e.kind() == io::ErrorKind::PermissionDenied
+}
+
+/// The `IFLA_INET_CONF` attribute setting `settings` (each `IPV4_DEVCONF_*` id, u32 value).
+fn inet_conf_attribute(settings: &[(u16, u32)]) -> LinkAttribute {
+    let mut value = Vec::new();
+    for (id, v) in settings {
+        let nla = DefaultNla::new(*id, v.to_ne_bytes().to_vec());
+        let mut buf = vec![0; nla.buffer_len()];
+        nla.emit(&mut buf);
+        value.extend(buf);
     }
-    Ok(())
+    let conf = DefaultNla::new(IFLA_INET_CONF | NLA_F_NESTED, value);
+    LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![AfSpecInet::Other(conf)])])
+}
+
+impl MacvlanManager {
+    /// Sets an interface's IPv4 settings where they differ: through /proc/sys, or, where that
+    /// is read-only (an unprivileged container), over rtnetlink (RTM_SETLINK with
+    /// `IFLA_INET_CONF`, which needs CAP_NET_ADMIN alone), read back through /proc/sys.
+    async fn set_ipv4_conf(
+        &self,
+        index: u32,
+        ifname: &str,
+        settings: &[(&str, u32)],
+    ) -> Result<(), LinkError> {
+        let mut pending = Vec::new();
+        for (key, value) in settings {
+            match ensure_ipv4_conf(ifname, key, *value) {
+                Ok(()) => {}
+                Err((path, e)) if read_only(&e) => match devconf_id(key) {
+                    Some(id) => pending.push((*key, id, *value, path)),
+                    None => return Err(sysctl_error((path, e))),
+                },
+                Err(e) => return Err(sysctl_error(e)),
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<(u16, u32)> = pending.iter().map(|(_, id, v, _)| (*id, *v)).collect();
+        let mut message = LinkUnspec::new_with_index(index).build();
+        message.attributes.push(inet_conf_attribute(&ids));
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|source| LinkError::Netlink {
+                op: LinkOp::SetLink,
+                source,
+            })?;
+        for (key, _, value, path) in pending {
+            if read_ipv4_conf(ifname, key)? != value {
+                return Err(LinkError::Sysctl {
+                    path,
+                    source: io::Error::other(format!(
+                        "set to {value} over rtnetlink, but it reads back otherwise"
+                    )),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `addr_gen_mode` 1 (`IN6_ADDR_GEN_MODE_NONE`). Skipped when the host has no IPv6.
-fn disable_ipv6_address_generation(name: &str) -> Result<(), LinkError> {
-    let path = PathBuf::from("/proc/sys/net/ipv6/conf")
-        .join(name)
-        .join("addr_gen_mode");
-    match std::fs::read_to_string(&path) {
-        Err(_) => return Ok(()),
-        Ok(v) if v.trim() == "1" => return Ok(()),
-        Ok(_) => {}
+impl MacvlanManager {
+    /// `addr_gen_mode` 1 (`IN6_ADDR_GEN_MODE_NONE`), through /proc/sys or, where that is
+    /// read-only, over rtnetlink (`IFLA_INET6_ADDR_GEN_MODE`). Skipped when the host has no
+    /// IPv6.
+    async fn disable_ipv6_address_generation(
+        &self,
+        index: u32,
+        name: &str,
+    ) -> Result<(), LinkError> {
+        let path = PathBuf::from("/proc/sys/net/ipv6/conf")
+            .join(name)
+            .join("addr_gen_mode");
+        match std::fs::read_to_string(&path) {
+            Err(_) => return Ok(()),
+            Ok(v) if v.trim() == "1" => return Ok(()),
+            Ok(_) => {}
+        }
+        match std::fs::write(&path, "1\n") {
+            Ok(()) => return Ok(()),
+            Err(source) if !read_only(&source) => {
+                return Err(LinkError::Sysctl { path, source });
+            }
+            Err(_) => {}
+        }
+        let mut message = LinkUnspec::new_with_index(index).build();
+        message
+            .attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]));
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|source| LinkError::Netlink {
+                op: LinkOp::SetLink,
+                source,
+            })?;
+        match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim() == "1" => Ok(()),
+            other => Err(LinkError::Sysctl {
+                path,
+                source: io::Error::other(format!(
+                    "set to 1 over rtnetlink, but it reads back {other:?}"
+                )),
+            }),
+        }
     }
-    std::fs::write(&path, "1\n").map_err(|source| LinkError::Sysctl { path, source })
 }
 
 /// The parent-side ARP settings that [`MacvlanManager::ensure_macvlan`] changes.
