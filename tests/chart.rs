@@ -278,6 +278,15 @@ fn the_daemonset_keeps_its_contract_with_the_agent() {
     // The one privileged thing: the init container's node setup.
     let init = &pod["initContainers"][0];
     assert_eq!(init["args"][0], "node-setup");
+    // The agent adds VIPs on interfaces the chart cannot know: all.promote_secondaries covers
+    // every one (the kernel ORs it with the interface's own).
+    assert!(
+        init["args"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v == "--promote-secondaries")),
+        "node-setup without --promote-secondaries: {}",
+        init["args"]
+    );
     assert_eq!(init["securityContext"]["privileged"], true);
     assert!(!kinds(&rendered).iter().any(|k| k == "ServiceMonitor"
         || k == "PodMonitor"
