@@ -78,10 +78,13 @@
 //!
 //! A cluster whose test process died without its drop (SIGKILL, abort) is reclaimed by the
 //! next [`Cluster::start`] ([`Cluster::cleanup_stale`]): its processes, containers, cgroups,
-//! namespaces, directory and, from a file in that directory, the host sysctls.
+//! namespaces and directory.
 //!
 //! Names are unique per process (lab prefix `fvlab<pid>-<n>-`), so clusters of concurrent test
-//! processes do not meet, except for those host sysctls: a cluster restores what it found.
+//! processes do not meet. The host sysctls are shared: clusters register in
+//! `/run/ferrovip-cluster-sysctls/` (the values found by the first, one entry per live
+//! cluster), and the last one to go (or the stale cleanup after it, for a dead process)
+//! restores the values and removes the registry.
 //!
 //! Cost: the binaries come from `e2e/cluster/build.sh` (about 10 minutes once, cached); idle, a
 //! three-node cluster uses about 8 % of a core and 0.9 GB of memory (see ARCHITECTURE.md).
@@ -148,8 +151,11 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 static CLUSTER_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
 /// Default directories are `<temp>/ferrovip-cluster-<pid>-<n>`: how stale ones are found.
 const DIR_STEM: &str = "ferrovip-cluster-";
-/// The host sysctls as found at start, `key value` per line, in the cluster's directory.
-const SYSCTLS_FILE: &str = "sysctls-at-start";
+/// Registry of the clusters whose kubelets changed the host sysctls: `originals` (`key value`
+/// lines, as found before the first kubelet) and one empty file `<pid>-<n>` per live cluster.
+const SYSCTL_REGISTRY: &str = "/run/ferrovip-cluster-sysctls";
+const SYSCTL_ORIGINALS: &str = "originals";
+static MEMBER_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
 
 /// Everything that can go wrong while starting or driving the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -305,6 +311,7 @@ pub struct Footprint {
     mnt_ns: Vec<String>,
     container_ids: BTreeSet<String>,
     sysctls: Vec<(String, String)>,
+    sysctl_member: Option<String>,
 }
 
 impl Footprint {
@@ -341,10 +348,20 @@ impl Footprint {
                 found.push(format!("cgroup {}", path.display()));
             }
         }
-        for (key, value) in &self.sysctls {
-            let now = read_sysctl(key).unwrap_or_default();
-            if &now != value {
-                found.push(format!("sysctl {key} is {now}, was {value}"));
+        let registry = Path::new(SYSCTL_REGISTRY);
+        if registry.exists() {
+            // Another cluster runs: the values are its kubelets'; only our entry must be gone.
+            if let Some(member) = &self.sysctl_member
+                && registry.join(member).exists()
+            {
+                found.push(format!("sysctl registry entry {SYSCTL_REGISTRY}/{member}"));
+            }
+        } else {
+            for (key, value) in &self.sysctls {
+                let now = read_sysctl(key).unwrap_or_default();
+                if &now != value {
+                    found.push(format!("sysctl {key} is {now}, was {value}"));
+                }
             }
         }
         found
@@ -370,8 +387,10 @@ pub struct Cluster {
     clients: Vec<NodeInfo>,
     dir: PathBuf,
     bin_dir: PathBuf,
-    /// Host sysctls as found before the first kubelet started.
+    /// Host sysctls as found before the first kubelet (of any cluster) started.
     sysctls: Vec<(String, String)>,
+    /// This cluster's entry in [`SYSCTL_REGISTRY`], once registered.
+    sysctl_member: Option<String>,
     /// Every container id seen on a node (for teardown and [`Footprint`]).
     container_ids: BTreeSet<String>,
     start_time: Duration,
@@ -410,6 +429,7 @@ impl Cluster {
             dir,
             bin_dir,
             sysctls: Vec::new(),
+            sysctl_member: None,
             container_ids: BTreeSet::new(),
             start_time: Duration::ZERO,
             keep_dir: AtomicBool::new(false),
@@ -486,17 +506,13 @@ impl Cluster {
         nodes?;
         api_result?;
         cluster.start_controllers(&switch)?;
-        cluster.sysctls = KUBELET_SYSCTLS
-            .iter()
-            .filter_map(|key| Some((key.to_string(), read_sysctl(key)?)))
-            .collect();
-        // For the cleanup of a cluster whose process died (Cluster::cleanup_stale).
-        let recorded: String = cluster
-            .sysctls
-            .iter()
-            .map(|(key, value)| format!("{key} {value}\n"))
-            .collect();
-        write_file(&cluster.dir.join(SYSCTLS_FILE), &recorded)?;
+        let member = format!(
+            "{}-{}",
+            std::process::id(),
+            MEMBER_SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        );
+        cluster.sysctls = sysctls_join(&member)?;
+        cluster.sysctl_member = Some(member);
         for i in 0..cluster.nodes.len() {
             cluster.start_kubelet(i, &opts.kubelet_args)?;
         }
@@ -538,6 +554,10 @@ impl Cluster {
             })
             .map(|e| e.path())
             .collect();
+        // Dead clusters' entries go; the sysctls are restored if no live cluster remains.
+        if Path::new(SYSCTL_REGISTRY).exists() {
+            sysctls_leave(None);
+        }
         if stale.is_empty() {
             return Ok(reclaimed);
         }
@@ -560,13 +580,6 @@ impl Cluster {
             kill_until_gone("stale container", |pid| in_cgroups(pid, &ids));
             for path in container_cgroup_dirs(&ids) {
                 let _ = std::fs::remove_dir(path);
-            }
-            if let Ok(text) = std::fs::read_to_string(dir.join(SYSCTLS_FILE)) {
-                for (key, value) in text.lines().filter_map(|l| l.split_once(' ')) {
-                    if KUBELET_SYSCTLS.contains(&key) {
-                        let _ = std::fs::write(Path::new("/proc/sys").join(key), value);
-                    }
-                }
             }
             reclaimed.push(dir);
         }
@@ -1096,6 +1109,7 @@ impl Cluster {
             mnt_ns: self.nodes.iter().filter_map(|n| n.mnt_ns.clone()).collect(),
             container_ids: self.container_ids.clone(),
             sysctls: self.sysctls.clone(),
+            sysctl_member: self.sysctl_member.clone(),
         }
     }
 
@@ -1150,13 +1164,8 @@ impl Cluster {
             let _ = daemon.terminate(Duration::ZERO);
         }
         self.api.take();
-        for (key, value) in &self.sysctls {
-            if read_sysctl(key).as_deref() != Some(value.as_str()) {
-                let path = Path::new("/proc/sys").join(key);
-                if let Err(e) = std::fs::write(&path, value) {
-                    tracing::warn!(sysctl = key, error = %e, "could not restore");
-                }
-            }
+        if let Some(member) = self.sysctl_member.take() {
+            sysctls_leave(Some(&member));
         }
         self.lab.take();
         if !self.keep_dir.load(Ordering::Relaxed) {
@@ -1358,6 +1367,138 @@ fn output(command: &mut Command) -> Result<Output, ClusterError> {
             source,
         })
     })
+}
+
+/// Holds `<SYSCTL_REGISTRY>.lock` (a directory: mkdir is atomic) while alive.
+struct RegistryLock(PathBuf);
+
+impl RegistryLock {
+    fn take() -> Result<RegistryLock, ClusterError> {
+        let lock = PathBuf::from(format!("{SYSCTL_REGISTRY}.lock"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::fs::create_dir(&lock) {
+                Ok(()) => return Ok(RegistryLock(lock)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // Left by a process that died holding it: older than any holder lives.
+                    let abandoned = std::fs::metadata(&lock)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > Duration::from_secs(30));
+                    if abandoned {
+                        let _ = std::fs::remove_dir(&lock);
+                        continue;
+                    }
+                    if Instant::now() > deadline {
+                        return Err(ClusterError::Io {
+                            context: "waiting for the sysctl registry's lock",
+                            path: lock,
+                            source: e,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(ClusterError::Io {
+                        context: "locking the sysctl registry",
+                        path: lock,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RegistryLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn parse_sysctls(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| line.split_once(' '))
+        .filter(|(key, _)| KUBELET_SYSCTLS.contains(key))
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect()
+}
+
+/// Registers `member` before its kubelets start; returns the host's values as found before
+/// the first registered cluster's kubelets (recorded then, kept while any member lives, and
+/// kept when members died without leaving: their kubelets' values are not the originals).
+fn sysctls_join(member: &str) -> Result<Vec<(String, String)>, ClusterError> {
+    let _lock = RegistryLock::take()?;
+    let dir = Path::new(SYSCTL_REGISTRY);
+    make_dir(dir)?;
+    let path = dir.join(SYSCTL_ORIGINALS);
+    let recorded = std::fs::read_to_string(&path)
+        .map(|text| parse_sysctls(&text))
+        .unwrap_or_default();
+    let originals = if recorded.is_empty() {
+        let now: Vec<(String, String)> = KUBELET_SYSCTLS
+            .iter()
+            .filter_map(|key| Some((key.to_string(), read_sysctl(key)?)))
+            .collect();
+        let text: String = now.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+        write_file(&path, &text)?;
+        now
+    } else {
+        recorded
+    };
+    write_file(&dir.join(member), "")?;
+    Ok(originals)
+}
+
+/// Removes `member` and the entries of dead processes; when no live member remains, restores
+/// the recorded values and removes the registry.
+fn sysctls_leave(member: Option<&str>) {
+    let _lock = match RegistryLock::take() {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::warn!(error = %e, "sysctls not restored");
+            return;
+        }
+    };
+    let dir = Path::new(SYSCTL_REGISTRY);
+    if let Some(member) = member {
+        let _ = std::fs::remove_file(dir.join(member));
+    }
+    let mut live = 0;
+    for entry in std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == SYSCTL_ORIGINALS {
+            continue;
+        }
+        let alive = name
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if alive {
+            live += 1;
+        } else {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    if live > 0 {
+        return;
+    }
+    if let Ok(text) = std::fs::read_to_string(dir.join(SYSCTL_ORIGINALS)) {
+        for (key, value) in parse_sysctls(&text) {
+            if read_sysctl(&key).as_deref() != Some(value.as_str())
+                && let Err(e) = std::fs::write(Path::new("/proc/sys").join(&key), &value)
+            {
+                tracing::warn!(sysctl = key, error = %e, "could not restore");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn read_sysctl(key: &str) -> Option<String> {
