@@ -266,6 +266,17 @@ mod tests {
             "/etc/ferrovip",
             "{yaml}"
         );
+        let state = volumes.iter().find(|v| v.name == "state").unwrap();
+        assert_eq!(
+            state.host_path.as_ref().unwrap().path,
+            "/run/ferrovip-cp",
+            "not the chart DaemonSet's state directory"
+        );
+        assert_eq!(
+            flag("--metrics-addr"),
+            "0.0.0.0:9647",
+            "not the DaemonSet's port"
+        );
         let mount = agent
             .volume_mounts
             .as_ref()

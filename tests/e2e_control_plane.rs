@@ -396,6 +396,14 @@ fn run(hc: &HelmCluster) {
     let held = hc.holders(VIP);
     eprintln!("static pods removed → agents stopped after {stopped:?}; VIP held by {held:?}");
     assert!(held.is_empty(), "the VIP outlived its agents on {held:?}");
+    // Released on SIGTERM (standalone mode, no restart hold), not left to the lifetime.
+    let last = holder_after[0];
+    let log = static_pod_log(hc, last);
+    assert!(
+        log.contains("sending priority 0 and releasing addresses"),
+        "the master's agent did not release on SIGTERM:\n{}",
+        tail(&log, 20)
+    );
     // Nothing comes back, and no node holds any address beyond its own.
     std::thread::sleep(Duration::from_secs(2));
     for (i, (_, own)) in nodes.iter().enumerate() {
