@@ -317,16 +317,25 @@ fn run(hc: &HelmCluster) {
         .expect("the agent task runs");
     let killed = Instant::now();
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill the agent");
+    // Taken over: a backup holds the VIP (the dead agent's address may still be there until
+    // its lifetime runs out); alone: it has.
+    let mut taken_over = None;
     let backup = wait_for("the VIP on a backup alone", STEP_TIMEOUT, || {
-        match hc.holders(VIP).as_slice() {
+        let holders = hc.holders(VIP);
+        if taken_over.is_none() && holders.iter().any(|&h| h != master) {
+            taken_over = Some(killed.elapsed());
+        }
+        match holders.as_slice() {
             [one] if *one != master => Some(*one),
             _ => None,
         }
     });
-    let moved = killed.elapsed();
+    let alone = killed.elapsed();
     eprintln!(
-        "master {}'s agent SIGKILLed → VIP on {} alone after {moved:?}",
-        nodes[master].0, nodes[backup].0
+        "master {}'s agent SIGKILLed → VIP on {} after {:?}, on it alone (the dead agent's address expired) after {alone:?}",
+        nodes[master].0,
+        nodes[backup].0,
+        taken_over.expect("set before alone")
     );
     wait_for("the kubelet restarting the agent", STEP_TIMEOUT, || {
         mirror_pod(hc, master)
