@@ -179,6 +179,7 @@ fn agent_running(hc: &HelmCluster, node: usize, image: &str) -> bool {
 /// One kubectl request through the VIP from the client namespace.
 struct Attempt {
     at: Instant,
+    took: Duration,
     ok: bool,
     error: String,
 }
@@ -209,6 +210,7 @@ fn api_loop(hc: &HelmCluster, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
                 && String::from_utf8_lossy(&out.stdout).contains("\"NodeList\"");
             attempts.push(Attempt {
                 at,
+                took: at.elapsed(),
                 ok,
                 error: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
@@ -369,8 +371,15 @@ fn run(hc: &HelmCluster) {
             _ => {}
         }
     }
+    let slowest_before = attempts
+        .iter()
+        .filter(|a| a.at < killed)
+        .map(|a| a.took)
+        .max()
+        .unwrap_or_default();
+    let slowest_after = after.iter().map(|a| a.took).max().unwrap_or_default();
     eprintln!(
-        "kubectl through https://{VIP}:{port}: before the kill {ok_before}/{before_kill} ok; from the kill on {} requests, {} failed, longest failing stretch {longest:?}; errors: {:?}",
+        "kubectl through https://{VIP}:{port}: before the kill {ok_before}/{before_kill} ok (slowest {slowest_before:?}); from the kill on {} requests (slowest {slowest_after:?}), {} failed, longest failing stretch {longest:?}; errors: {:?}",
         after.len(),
         failed.len(),
         failed.iter().map(|a| a.error.as_str()).collect::<Vec<_>>()
