@@ -39,17 +39,21 @@ pub struct StaticPodArgs {
     /// The VirtualIP's name.
     #[arg(long, default_value = "control-plane")]
     pub name: String,
-    /// The host directory the agent reads VirtualIP manifests from.
+    /// The host directory the agent reads VirtualIP manifests from (mounted read-only at
+    /// /etc/ferrovip in the pod).
     #[arg(long, default_value = "/etc/ferrovip")]
     pub manifests_dir: String,
-    /// The agent's state directory on the host (tmpfs: /run).
-    #[arg(long, default_value = "/run/ferrovip")]
+    /// The agent's state directory on the host (tmpfs: /run). Not the chart DaemonSet's
+    /// /run/ferrovip: an agent takes the addresses recorded there as its own, so two agents on
+    /// one node need two directories.
+    #[arg(long, default_value = "/run/ferrovip-cp")]
     pub state_dir: String,
     /// The agent's `--restart-hold` (a restart of the static pod keeps the VIP where it is).
     #[arg(long, default_value = "0s")]
     pub restart_hold: String,
-    /// Port of the metrics and health endpoints (the kubelet probes them).
-    #[arg(long, default_value_t = 9646)]
+    /// Port of the metrics and health endpoints (the kubelet probes them). Not the chart
+    /// DaemonSet's 9646: both use the host network.
+    #[arg(long, default_value_t = 9647)]
     pub metrics_port: u16,
     /// Print the VirtualIP manifest to put in the manifests directory instead of the pod.
     #[arg(long)]
@@ -261,6 +265,17 @@ mod tests {
             manifests.host_path.as_ref().unwrap().path,
             "/etc/ferrovip",
             "{yaml}"
+        );
+        let state = volumes.iter().find(|v| v.name == "state").unwrap();
+        assert_eq!(
+            state.host_path.as_ref().unwrap().path,
+            "/run/ferrovip-cp",
+            "not the chart DaemonSet's state directory"
+        );
+        assert_eq!(
+            flag("--metrics-addr"),
+            "0.0.0.0:9647",
+            "not the DaemonSet's port"
         );
         let mount = agent
             .volume_mounts
