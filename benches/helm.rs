@@ -17,7 +17,6 @@
 //! Prints each round and the medians. There is no reference to compare with in the same rig:
 //! neither keepalived nor kube-vip/MetalLB images can be fetched here.
 
-#[allow(dead_code)]
 #[path = "../tests/cluster_util/mod.rs"]
 mod cluster_util;
 
