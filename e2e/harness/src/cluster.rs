@@ -267,6 +267,11 @@ struct KubeNode {
     kubelet: Option<Daemon>,
     /// `mnt:[inode]` of the node's mount namespace, once containerd runs in it.
     mnt_ns: Option<String>,
+    /// An open handle on that namespace, held until teardown has killed everything in it: a
+    /// namespace's inode number is reused as soon as it is freed (the kernel hands out the
+    /// lowest free one), so without the handle a process of someone else's newer namespace
+    /// could match `mnt_ns` and be killed.
+    mnt_ns_hold: Option<std::fs::File>,
 }
 
 impl KubeNode {
@@ -660,6 +665,7 @@ impl Cluster {
             containerd: None,
             kubelet: None,
             mnt_ns: None,
+            mnt_ns_hold: None,
         })
     }
 
@@ -737,6 +743,14 @@ impl Cluster {
                 what: format!("the mount namespace of {}", node.info.name),
                 waited: started.elapsed(),
                 detail: format!("containerd (pid {pid}) is not in a mount namespace of its own"),
+            });
+        }
+        node.mnt_ns_hold = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok();
+        if mnt_ns_of(pid) != mnt {
+            return Err(ClusterError::NotReady {
+                what: format!("the mount namespace of {}", node.info.name),
+                waited: started.elapsed(),
+                detail: format!("containerd (pid {pid}) left its mount namespace"),
             });
         }
         node.mnt_ns = mnt;
@@ -1148,6 +1162,7 @@ impl Cluster {
             if let Some(mut containerd) = node.containerd.take() {
                 let _ = containerd.terminate(Duration::ZERO);
             }
+            node.mnt_ns_hold.take();
         }
         for path in container_cgroup_dirs(&ids) {
             if path.exists()
@@ -1631,6 +1646,7 @@ mod tests {
             containerd: None,
             kubelet: None,
             mnt_ns: None,
+            mnt_ns_hold: None,
         };
         assert_eq!(
             node.host_path(Path::new("/run/ferrovip/state.json")),
