@@ -50,9 +50,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet,
-};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -623,12 +621,14 @@ impl Collector for VrrpPacketCollector {
                 ("family", family_label(family)),
                 ("cause", cause),
             ];
-            takeovers.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-                figures.sum,
-                figures.count,
-                &figures.bucket_pairs(),
-                None,
-            )?;
+            takeovers
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(
+                    figures.sum,
+                    figures.count,
+                    &figures.bucket_pairs(),
+                    None,
+                )?;
         }
         Ok(())
     }
@@ -1394,7 +1394,10 @@ mod tests {
         // Declared before any takeover, without series.
         let text = metrics.encode_prometheus();
         assert!(text.contains("# TYPE ferrovip_vrrp_takeover_seconds histogram"));
-        assert!(!text.contains("ferrovip_vrrp_takeover_seconds_count"), "{text}");
+        assert!(
+            !text.contains("ferrovip_vrrp_takeover_seconds_count"),
+            "{text}"
+        );
         let eth0: Arc<str> = Arc::from("eth0");
         stats.observe_takeover(
             (eth0.clone(), IpFamily::V4, "master_down"),
@@ -1412,8 +1415,14 @@ mod tests {
         let down = r#"interface="eth0",family="ipv4",cause="master_down""#;
         let zero = r#"interface="eth0",family="ipv6",cause="priority_zero""#;
         for (series, expected) in [
-            (format!("ferrovip_vrrp_takeover_seconds_count{{{down}}}"), 2.0),
-            (format!("ferrovip_vrrp_takeover_seconds_count{{{zero}}}"), 1.0),
+            (
+                format!("ferrovip_vrrp_takeover_seconds_count{{{down}}}"),
+                2.0,
+            ),
+            (
+                format!("ferrovip_vrrp_takeover_seconds_count{{{zero}}}"),
+                1.0,
+            ),
             (
                 format!("ferrovip_vrrp_takeover_seconds_bucket{{{down},le=\"0.01\"}}"),
                 0.0,

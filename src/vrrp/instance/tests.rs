@@ -365,6 +365,55 @@ fn backup_master_down_reports_the_last_master() {
     assert_eq!(h.deadline(), Some(down + ms(100)));
 }
 
+#[test]
+fn takeover_time_counts_from_the_last_advert_heard_and_only_from_backup() {
+    // No advertisement ever heard: no figure.
+    let mut h = Harness::started(config(100));
+    let down = h.deadline().unwrap();
+    let out = h.input(down, Input::Timer);
+    assert_eq!(
+        out.last(),
+        Some(&transition(
+            State::Backup,
+            State::Master,
+            Reason::MasterDown { last_master: None }
+        ))
+    );
+    // Yielding to a higher master is hearing it; when it goes silent, the figure runs from
+    // that advertisement (and later ones) to the takeover.
+    let yielded = down + ms(10);
+    h.receive(yielded, HIGHER, advert(200, 10));
+    assert_eq!(h.instance.state(), State::Backup);
+    h.receive(yielded + ms(100), HIGHER, advert(200, 10));
+    let down = h.deadline().unwrap();
+    assert_eq!(down, yielded + ms(100) + Duration::from_nanos(360_937_500));
+    let out = h.input(down, Input::Timer);
+    assert_eq!(
+        out.last(),
+        Some(&takeover(
+            Reason::MasterDown {
+                last_master: Some(HIGHER)
+            },
+            Duration::from_nanos(360_937_500)
+        ))
+    );
+    // Leaving and starting again forgets what was heard.
+    h.input(down + ms(1), Input::Shutdown);
+    h.input(down + ms(2), Input::Startup);
+    let again = h.deadline().unwrap();
+    let out = h.input(again, Input::Timer);
+    assert!(
+        matches!(
+            out.last(),
+            Some(Output::Transition {
+                unannounced: None,
+                ..
+            })
+        ),
+        "{out:?}"
+    );
+}
+
 /// A Master after its master-down timer fired with no other router around.
 fn master(priority: u8) -> Harness {
     let mut h = Harness::started(config(priority));
