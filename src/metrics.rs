@@ -16,6 +16,7 @@
 //! | `ferrovip_vrrp_master_changes_total` | counter: the master address this node sees changed | same as state |
 //! | `ferrovip_vrrp_packets_received_total`, `_sent_total`, `ferrovip_vrrp_send_errors_total` | counter | — |
 //! | `ferrovip_vrrp_packets_dropped_total` | counter | `reason` |
+//! | `ferrovip_vrrp_takeover_seconds` | histogram, 10 ms … 10 s: backup → master, from the last advertisement heard from the previous master to the transition (not observed from init, nor when none was heard) | `interface, family, cause` (`master_down`, `priority_zero`, `preempt`) |
 //! | `ferrovip_dataplane_available` | gauge 0/1 | `dataplane` |
 //! | `ferrovip_dataplane_apply_total` | counter | `dataplane, result` |
 //! | `ferrovip_dataplane_apply_duration_seconds` | histogram, 100 µs … 10 s | `dataplane` |
@@ -49,7 +50,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -606,6 +607,28 @@ impl Collector for VrrpPacketCollector {
         for (reason, value) in stats.dropped() {
             let labels = [("reason", reason)];
             ConstCounter::new(value).encode(dropped.encode_family(&labels)?)?;
+        }
+        let mut takeovers = encoder.encode_descriptor(
+            "vrrp_takeover",
+            "Backup to master takeovers: from the last advertisement heard from the previous \
+             master to this node's transition, by cause",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for ((interface, family, cause), figures) in stats.takeovers() {
+            let labels = [
+                ("interface", &*interface),
+                ("family", family_label(family)),
+                ("cause", cause),
+            ];
+            takeovers
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(
+                    figures.sum,
+                    figures.count,
+                    &figures.bucket_pairs(),
+                    None,
+                )?;
         }
         Ok(())
     }
@@ -1361,6 +1384,70 @@ mod tests {
             Some(9.0)
         );
         assert!(open.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn vrrp_takeovers_are_a_histogram_by_interface_family_and_cause() {
+        let metrics = Metrics::new();
+        let stats = Arc::new(Stats::default());
+        metrics.attach_vrrp_stats(stats.clone());
+        // Declared before any takeover, without series.
+        let text = metrics.encode_prometheus();
+        assert!(text.contains("# TYPE ferrovip_vrrp_takeover_seconds histogram"));
+        assert!(
+            !text.contains("ferrovip_vrrp_takeover_seconds_count"),
+            "{text}"
+        );
+        let eth0: Arc<str> = Arc::from("eth0");
+        stats.observe_takeover(
+            (eth0.clone(), IpFamily::V4, "master_down"),
+            Duration::from_millis(3_620),
+        );
+        stats.observe_takeover(
+            (eth0.clone(), IpFamily::V4, "master_down"),
+            Duration::from_millis(380),
+        );
+        stats.observe_takeover(
+            (eth0, IpFamily::V6, "priority_zero"),
+            Duration::from_millis(8),
+        );
+        let text = metrics.encode_prometheus();
+        let down = r#"interface="eth0",family="ipv4",cause="master_down""#;
+        let zero = r#"interface="eth0",family="ipv6",cause="priority_zero""#;
+        for (series, expected) in [
+            (
+                format!("ferrovip_vrrp_takeover_seconds_count{{{down}}}"),
+                2.0,
+            ),
+            (
+                format!("ferrovip_vrrp_takeover_seconds_count{{{zero}}}"),
+                1.0,
+            ),
+            (
+                format!("ferrovip_vrrp_takeover_seconds_bucket{{{down},le=\"0.01\"}}"),
+                0.0,
+            ),
+            (
+                format!("ferrovip_vrrp_takeover_seconds_bucket{{{down},le=\"0.5\"}}"),
+                1.0,
+            ),
+            (
+                format!("ferrovip_vrrp_takeover_seconds_bucket{{{down},le=\"5\"}}"),
+                2.0,
+            ),
+            (
+                format!("ferrovip_vrrp_takeover_seconds_bucket{{{zero},le=\"0.01\"}}"),
+                1.0,
+            ),
+        ] {
+            assert_eq!(value(&text, &series), Some(expected), "{series} in\n{text}");
+        }
+        let sum = value(
+            &text,
+            &format!("ferrovip_vrrp_takeover_seconds_sum{{{down}}}"),
+        )
+        .unwrap();
+        assert!((sum - 4.0).abs() < 1e-9, "{sum}");
     }
 
     #[test]

@@ -20,8 +20,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -96,6 +96,50 @@ pub struct Stats {
     pub sent: AtomicU64,
     pub send_errors: AtomicU64,
     dropped: [AtomicU64; 6],
+    /// Backup → Master takeovers by (interface, family, reason code): how long the addresses
+    /// went unannounced (see `instance::Output::Transition`). Takeovers are rare, hence the lock.
+    takeovers: Mutex<BTreeMap<TakeoverKey, TakeoverFigures>>,
+}
+
+/// (interface, family, cause): the labels of a takeover observation. The cause is
+/// [`Reason::code`] of a Backup → Master transition (`master_down`, `priority_zero`, `preempt`).
+pub type TakeoverKey = (Arc<str>, Family, &'static str);
+
+/// Upper bounds of the takeover histogram (seconds): 1-2.5-5 per decade from 10 ms to 10 s,
+/// covering Skew_Time at short intervals up to Master_Down_Interval at the 1 s default
+/// (about 3.6 s) and a few more.
+pub const TAKEOVER_BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// The takeovers of one [`TakeoverKey`], as a histogram over [`TAKEOVER_BUCKETS`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TakeoverFigures {
+    pub count: u64,
+    /// Seconds.
+    pub sum: f64,
+    /// Observations per bucket (not cumulative); the last one is above every bound.
+    pub buckets: [u64; TAKEOVER_BUCKETS.len() + 1],
+}
+
+impl TakeoverFigures {
+    fn observe(&mut self, seconds: f64) {
+        self.count += 1;
+        self.sum += seconds;
+        let bucket = TAKEOVER_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(TAKEOVER_BUCKETS.len());
+        self.buckets[bucket] += 1;
+    }
+
+    /// (upper bound, observations) per bucket, the last bound infinite.
+    pub fn bucket_pairs(&self) -> Vec<(f64, u64)> {
+        TAKEOVER_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(self.buckets)
+            .collect()
+    }
 }
 
 impl Stats {
@@ -113,6 +157,26 @@ impl Stats {
                     self.dropped[*d as usize].load(Ordering::Relaxed),
                 )
             })
+            .collect()
+    }
+
+    /// Records one Backup → Master takeover.
+    pub fn observe_takeover(&self, key: TakeoverKey, unannounced: Duration) {
+        self.takeovers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default()
+            .observe(unannounced.as_secs_f64());
+    }
+
+    /// The takeovers observed so far, by key.
+    pub fn takeovers(&self) -> Vec<(TakeoverKey, TakeoverFigures)> {
+        self.takeovers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, h)| (k.clone(), h.clone()))
             .collect()
     }
 }
@@ -342,6 +406,9 @@ pub enum Output {
         from: State,
         to: State,
         reason: Reason,
+        /// Backup → Master: how long the addresses went unannounced as this node saw it
+        /// (see `instance::Output::Transition`); also recorded in [`Stats`].
+        unannounced: Option<Duration>,
     },
 }
 
@@ -812,6 +879,7 @@ impl NodeEngine {
             scratch,
             observed,
             observed_changed,
+            stats,
             ..
         } = self;
         let Some(slot) = slots.get_mut(key) else {
@@ -842,6 +910,20 @@ impl NodeEngine {
             }),
             since,
         };
+        for output in scratch.iter() {
+            if let instance::Output::Transition {
+                to: State::Master,
+                reason,
+                unannounced: Some(unannounced),
+                ..
+            } = output
+            {
+                stats.observe_takeover(
+                    (key.0.clone(), slot.spec.family, reason.code()),
+                    *unannounced,
+                );
+            }
+        }
         if let Some(link) = env.links.get(&key.0).and_then(|l| l.facts.as_ref().ok()) {
             for output in scratch.drain(..) {
                 translate(node, key, slot, link, seen.priority, output, out);
@@ -1477,7 +1559,12 @@ fn translate(
             addrs,
             source_v6: link.link_local_v6,
         }),
-        instance::Output::Transition { from, to, reason } => {
+        instance::Output::Transition {
+            from,
+            to,
+            reason,
+            unannounced,
+        } => {
             info!(
                 event = "transition",
                 node = %node,
@@ -1498,6 +1585,7 @@ fn translate(
                 from,
                 to,
                 reason,
+                unannounced,
             });
         }
     }

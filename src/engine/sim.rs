@@ -37,6 +37,7 @@ pub(crate) struct TransitionRecord {
     pub from: State,
     pub to: State,
     pub reason: Reason,
+    pub unannounced: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -391,6 +392,11 @@ impl Lan {
     }
 
     /// The node's instance (it must be running).
+    /// The node's engine counters (a restart starts new ones).
+    pub fn stats(&self, node: NodeId) -> &Arc<Stats> {
+        self.nodes[node].engine.stats()
+    }
+
     pub fn instance(&self, node: NodeId) -> &Instance {
         self.running(node)
             .unwrap_or_else(|| panic!("node {node} runs no instance"))
@@ -550,7 +556,11 @@ impl Lan {
                     self.nodes[node].announcements += 1;
                 }
                 Output::Transition {
-                    from, to, reason, ..
+                    from,
+                    to,
+                    reason,
+                    unannounced,
+                    ..
                 } => {
                     let logged = self.nodes[node].logged_state;
                     assert_eq!(from, logged, "node {node}: transition from {from}");
@@ -561,6 +571,7 @@ impl Lan {
                         from,
                         to,
                         reason,
+                        unannounced,
                     });
                 }
                 Output::RenewAddresses {

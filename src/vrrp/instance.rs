@@ -262,6 +262,12 @@ pub enum Output {
         from: State,
         to: State,
         reason: Reason,
+        /// Backup → Master only: the time from the last advertisement this instance heard
+        /// (from the previous master) to this transition, i.e. how long the addresses went
+        /// unannounced as seen from here (about Master_Down_Interval after a crash, Skew_Time
+        /// after a priority 0). `None` for every other transition, and when no advertisement
+        /// was heard since the instance last became Backup.
+        unannounced: Option<Duration>,
     },
 }
 
@@ -396,6 +402,9 @@ pub struct Instance {
     /// As Master, after learning the link-local: when, and the next of
     /// [`REANNOUNCE_AFTER_TEACHING`] still to do.
     reannounce: Option<(Instant, usize)>,
+    /// As Backup: when the last advertisement from a master was heard (priority 0 and
+    /// discarded lower-priority ones included), for [`Output::Transition::unannounced`].
+    last_heard: Option<Instant>,
     counters: Counters,
 }
 
@@ -415,6 +424,7 @@ impl Instance {
             preempt_hold_since: None,
             learned_link_local: None,
             reannounce: None,
+            last_heard: None,
             counters: Counters::default(),
         }
     }
@@ -647,6 +657,7 @@ impl Instance {
     }
 
     fn receive_as_backup(&mut self, now: Instant, source: IpAddr, advertisement: &Advertisement) {
+        self.last_heard = Some(now);
         if advertisement.priority == PRIORITY_LEAVING {
             self.deadline = Some(now + self.skew_time());
             self.leaving_master = Some(source);
@@ -705,6 +716,7 @@ impl Instance {
         self.learn_interval(advertisement);
         self.master = Some(source);
         self.become_backup(now, reason, out);
+        self.last_heard = Some(now);
     }
 
     /// keepalived's preempt_delay: true while a lower-priority master must still be tolerated.
@@ -812,6 +824,10 @@ impl Instance {
 
     fn become_master(&mut self, now: Instant, reason: Reason, out: &mut Vec<Output>) {
         let from = self.state;
+        let unannounced = match (from, self.last_heard.take()) {
+            (State::Backup, Some(heard)) => Some(now.saturating_duration_since(heard)),
+            _ => None,
+        };
         self.send(self.config.priority, out);
         out.push(Output::AddAddresses(self.config.addresses.clone()));
         out.push(Output::Announce(
@@ -823,7 +839,7 @@ impl Instance {
         self.leaving_master = None;
         self.preempting = None;
         self.deadline = Some(now + self.master_adver_interval);
-        self.transition(from, State::Master, reason, out);
+        self.transition(from, State::Master, reason, unannounced, out);
     }
 
     /// The caller has already set `master` and the learned interval.
@@ -836,8 +852,9 @@ impl Instance {
         self.leaving_master = None;
         self.preempting = None;
         self.reannounce = None;
+        self.last_heard = None;
         self.deadline = Some(now + self.master_down_interval());
-        self.transition(from, State::Backup, reason, out);
+        self.transition(from, State::Backup, reason, None, out);
     }
 
     fn leave(&mut self, reason: Reason, out: &mut Vec<Output>) {
@@ -856,7 +873,8 @@ impl Instance {
         self.leaving_master = None;
         self.preempting = None;
         self.reannounce = None;
-        self.transition(from, State::Initialize, reason, out);
+        self.last_heard = None;
+        self.transition(from, State::Initialize, reason, None, out);
     }
 
     fn hold(&mut self, duration: Duration, out: &mut Vec<Output>) {
@@ -877,7 +895,8 @@ impl Instance {
         self.leaving_master = None;
         self.preempting = None;
         self.reannounce = None;
-        self.transition(State::Master, State::Initialize, Reason::Held, out);
+        self.last_heard = None;
+        self.transition(State::Master, State::Initialize, Reason::Held, None, out);
     }
 
     fn send(&mut self, priority: u8, out: &mut Vec<Output>) {
@@ -898,14 +917,26 @@ impl Instance {
         }));
     }
 
-    fn transition(&mut self, from: State, to: State, reason: Reason, out: &mut Vec<Output>) {
+    fn transition(
+        &mut self,
+        from: State,
+        to: State,
+        reason: Reason,
+        unannounced: Option<Duration>,
+        out: &mut Vec<Output>,
+    ) {
         self.counters.transitions += 1;
         match to {
             State::Master => self.counters.became_master += 1,
             State::Backup => self.counters.became_backup += 1,
             State::Initialize => {}
         }
-        out.push(Output::Transition { from, to, reason });
+        out.push(Output::Transition {
+            from,
+            to,
+            reason,
+            unannounced,
+        });
     }
 }
 

@@ -368,6 +368,59 @@ fn graceful_shutdown_hands_over_within_skew_time() {
     assert_sole_master(&lan, 0);
 }
 
+/// The takeover histogram's (count, sum) of one node and cause on `eth0`, IPv4.
+fn takeovers(lan: &Lan, node: NodeId, cause: &str) -> Option<(u64, f64)> {
+    lan.stats(node)
+        .takeovers()
+        .into_iter()
+        .find(|((interface, family, c), _)| {
+            &**interface == "eth0" && *family == crate::vocab::Family::V4 && *c == cause
+        })
+        .map(|(_, figures)| (figures.count, figures.sum))
+}
+
+#[test]
+fn takeover_time_is_master_down_interval_after_a_crash_and_skew_time_after_priority_zero() {
+    let mut lan = started([router(1, 200), router(2, 150), router(3, 100)]);
+    lan.run_until(ms(1050));
+    assert_sole_master(&lan, 0);
+    // Became master from init with no advert heard: no takeover figure.
+    let first = lan.transitions_to(0, State::Master);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].unannounced, None);
+    assert!(lan.stats(0).takeovers().is_empty());
+
+    // The master crashes: the best backup waits Master_Down_Interval from its last advert.
+    lan.crash(0);
+    lan.run_until(ms(3050));
+    assert_sole_master(&lan, 1);
+    let crash = lan.transitions_to(1, State::Master);
+    assert_eq!(crash.len(), 1);
+    assert_eq!(
+        crash[0].at,
+        last_arrival(&lan, 0, ms(1050)) + mdi(150),
+        "the takeover comes Master_Down_Interval after the last advert"
+    );
+    assert_eq!(crash[0].unannounced, Some(mdi(150)));
+    let (count, sum) = takeovers(&lan, 1, "master_down").expect("a master_down observation");
+    assert_eq!(count, 1);
+    assert!((sum - mdi(150).as_secs_f64()).abs() < 1e-9, "{sum}");
+
+    // The new master leaves with priority 0: the last backup takes over after Skew_Time.
+    lan.input(1, Input::Shutdown);
+    lan.run_until(ms(5000));
+    assert_sole_master(&lan, 2);
+    let release = lan.transitions_to(2, State::Master);
+    assert_eq!(release.len(), 1);
+    assert_eq!(release[0].reason, Reason::PriorityZero { from: ip(2) });
+    assert_eq!(release[0].at, ms(3050) + LATENCY + skew(100));
+    assert_eq!(release[0].unannounced, Some(skew(100)));
+    let (count, sum) = takeovers(&lan, 2, "priority_zero").expect("a priority_zero observation");
+    assert_eq!(count, 1);
+    assert!((sum - skew(100).as_secs_f64()).abs() < 1e-9, "{sum}");
+    assert_eq!(lan.stats(2).takeovers().len(), 1, "nothing else observed");
+}
+
 #[test]
 fn partition_makes_two_masters_and_healing_keeps_the_right_one() {
     let mut lan = started([router(1, 200), router(2, 150), router(3, 100)]);

@@ -118,7 +118,22 @@ fn sent_priority(outputs: &[Output]) -> Vec<u8> {
 }
 
 fn transition(from: State, to: State, reason: Reason) -> Output {
-    Output::Transition { from, to, reason }
+    Output::Transition {
+        from,
+        to,
+        reason,
+        unannounced: None,
+    }
+}
+
+/// Backup → Master, `unannounced` after the last advertisement heard.
+fn takeover(reason: Reason, unannounced: Duration) -> Output {
+    Output::Transition {
+        from: State::Backup,
+        to: State::Master,
+        reason,
+        unannounced: Some(unannounced),
+    }
 }
 
 #[test]
@@ -269,13 +284,13 @@ fn backup_with_preemption_discards_lower_priority_and_takes_over() {
     assert_eq!(sent_priority(&out), vec![100]);
     assert_eq!(
         out.last(),
-        Some(&transition(
-            State::Backup,
-            State::Master,
+        Some(&takeover(
             Reason::Preempt {
                 from: HIGHER,
                 priority: 50
-            }
+            },
+            // From the discarded advert at 50 ms to Master_Down_Interval after startup.
+            Duration::from_nanos(360_937_500) - ms(50)
         ))
     );
 }
@@ -308,10 +323,10 @@ fn backup_on_priority_zero_waits_only_skew_time() {
     let out = h.input(h.deadline().unwrap(), Input::Timer);
     assert_eq!(
         out.last(),
-        Some(&transition(
-            State::Backup,
-            State::Master,
-            Reason::PriorityZero { from: HIGHER }
+        Some(&takeover(
+            Reason::PriorityZero { from: HIGHER },
+            // Skew_Time after the priority 0.
+            Duration::from_nanos(60_937_500)
         ))
     );
 }
@@ -337,17 +352,66 @@ fn backup_master_down_reports_the_last_master() {
             Output::Send(advert(100, 10)),
             Output::AddAddresses(vec![vip_net()]),
             Output::Announce(vec![VIP]),
-            transition(
-                State::Backup,
-                State::Master,
+            takeover(
                 Reason::MasterDown {
                     last_master: Some(HIGHER)
-                }
+                },
+                // Master_Down_Interval after its last advertisement.
+                Duration::from_nanos(360_937_500)
             ),
         ]
     );
     assert_eq!(h.instance.master(), Some(OWN));
     assert_eq!(h.deadline(), Some(down + ms(100)));
+}
+
+#[test]
+fn takeover_time_counts_from_the_last_advert_heard_and_only_from_backup() {
+    // No advertisement ever heard: no figure.
+    let mut h = Harness::started(config(100));
+    let down = h.deadline().unwrap();
+    let out = h.input(down, Input::Timer);
+    assert_eq!(
+        out.last(),
+        Some(&transition(
+            State::Backup,
+            State::Master,
+            Reason::MasterDown { last_master: None }
+        ))
+    );
+    // Yielding to a higher master is hearing it; when it goes silent, the figure runs from
+    // that advertisement (and later ones) to the takeover.
+    let yielded = down + ms(10);
+    h.receive(yielded, HIGHER, advert(200, 10));
+    assert_eq!(h.instance.state(), State::Backup);
+    h.receive(yielded + ms(100), HIGHER, advert(200, 10));
+    let down = h.deadline().unwrap();
+    assert_eq!(down, yielded + ms(100) + Duration::from_nanos(360_937_500));
+    let out = h.input(down, Input::Timer);
+    assert_eq!(
+        out.last(),
+        Some(&takeover(
+            Reason::MasterDown {
+                last_master: Some(HIGHER)
+            },
+            Duration::from_nanos(360_937_500)
+        ))
+    );
+    // Leaving and starting again forgets what was heard.
+    h.input(down + ms(1), Input::Shutdown);
+    h.input(down + ms(2), Input::Startup);
+    let again = h.deadline().unwrap();
+    let out = h.input(again, Input::Timer);
+    assert!(
+        matches!(
+            out.last(),
+            Some(Output::Transition {
+                unannounced: None,
+                ..
+            })
+        ),
+        "{out:?}"
+    );
 }
 
 /// A Master after its master-down timer fired with no other router around.
