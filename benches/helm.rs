@@ -83,7 +83,8 @@ fn main() {
         let pinger = hc.pinger(VIP, Duration::from_millis(20));
         let upgrade_started = Instant::now();
         let mut values = vip_values.clone();
-        let flip = format!("logFormat={}", if round % 2 == 0 { "json" } else { "text" });
+        // A pod-template change every round (an annotation), so every upgrade rolls.
+        let flip = format!("podAnnotations.bench-round=r{round}");
         values.push(&flip);
         hc.helm_apply("upgrade", &values);
         wait_for("the rolling update to finish", TIMEOUT, || {

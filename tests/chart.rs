@@ -9,9 +9,8 @@
 //! controller, a failover) in tests/vm_dataplane.rs, case
 //! k8s_service_load_balancer_through_ipvs_and_failover.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 use ferrovip_e2e::{ApiServer, ApiServerOptions};
 use serde_json::Value;
@@ -25,26 +24,10 @@ const ALL_ON: &str = concat!(
 const NAMESPACE: &str = "ferrovip-system";
 const RELEASE: &str = "ferrovip";
 
-/// The Helm CLI: `FERROVIP_HELM`, else the one `e2e/helm/install.sh` fetches and caches.
-fn helm() -> &'static Path {
-    static HELM: OnceLock<PathBuf> = OnceLock::new();
-    HELM.get_or_init(|| {
-        if let Some(path) = std::env::var_os("FERROVIP_HELM") {
-            return PathBuf::from(path);
-        }
-        let out = Command::new("bash")
-            .arg(Path::new(ROOT).join("e2e/helm/install.sh"))
-            .output()
-            .expect("run e2e/helm/install.sh");
-        assert!(
-            out.status.success(),
-            "e2e/helm/install.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
-        PathBuf::from(stdout.lines().last().expect("a path").trim())
-    })
-}
+// The Helm CLI (`FERROVIP_HELM`, else the one `e2e/helm/install.sh` caches), as the cluster
+// tests find it.
+mod cluster_util;
+use cluster_util::helm_binary as helm;
 
 fn run_helm(args: &[&str]) -> Output {
     Command::new(helm())

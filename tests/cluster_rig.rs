@@ -23,20 +23,8 @@ const DAEMONSET: &str = "rig-smoke";
 const LABEL: &str = "app=rig-smoke";
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Polls `f` every 200 ms until it returns `Some`, or panics after `timeout` naming `what`.
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = f() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+mod cluster_util;
+use cluster_util::wait_for;
 
 fn json_of(cluster: &Cluster, args: &[&str]) -> Value {
     let out = cluster.kubectl_ok(args).expect("kubectl");

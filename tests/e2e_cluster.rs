@@ -34,34 +34,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[test]
 fn helm_install_kill_upgrade_and_uninstall_on_a_real_cluster() {
-    let mut hc = HelmCluster::start();
-    let footprint = hc.cluster.footprint();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&hc)));
-    if let Err(panic) = result {
-        for node in 0..hc.cluster.nodes().len() {
-            eprintln!(
-                "=== agent log of node {node}\n{}",
-                tail(&hc.agent_log(node), 60)
-            );
-        }
-        eprintln!(
-            "=== pods\n{}",
-            hc.cluster
-                .kubectl(&["get", "pods", "-A", "-o", "wide"])
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default()
-        );
-        drop(hc);
-        std::panic::resume_unwind(panic);
-    }
-    drop(hc);
-    let left = footprint.leftovers();
-    assert!(left.is_empty(), "the cluster left {left:?}");
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    HelmCluster::start().run(NAMESPACE, run, |_| {});
 }
 
 fn run(hc: &HelmCluster) {

@@ -45,70 +45,17 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[test]
 fn control_plane_vip_as_static_pods_survives_a_master_kill_with_the_api_server_behind_it() {
-    let mut hc = HelmCluster::start();
-    let footprint = hc.cluster.footprint();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&hc)));
-    for node in 0..hc.cluster.nodes().len() {
-        let _ = hc
-            .cluster
-            .exec_in_netns(node, &["nft", "delete", "table", "ip", NAT_TABLE]);
-    }
-    if let Err(panic) = result {
+    HelmCluster::start().run(STATIC_POD_LOGS, run, |hc| {
         for node in 0..hc.cluster.nodes().len() {
-            eprintln!(
-                "=== static pod logs of node {node}\n{}",
-                tail(&static_pod_log(&hc, node), 40)
-            );
+            let _ = hc
+                .cluster
+                .exec_in_netns(node, &["nft", "delete", "table", "ip", NAT_TABLE]);
         }
-        eprintln!(
-            "=== pods\n{}",
-            hc.cluster
-                .kubectl(&["get", "pods", "-A", "-o", "wide"])
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default()
-        );
-        drop(hc);
-        std::panic::resume_unwind(panic);
-    }
-    drop(hc);
-    let left = footprint.leftovers();
-    assert!(left.is_empty(), "the cluster left {left:?}");
+    });
 }
 
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The static pod's log files on node `node` (every container run).
-fn static_pod_log(hc: &HelmCluster, node: usize) -> String {
-    let root = hc.cluster.host_path(node, "/var/log/pods");
-    let mut text = String::new();
-    for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        if !dir
-            .file_name()
-            .to_string_lossy()
-            .starts_with("kube-system_ferrovip")
-        {
-            continue;
-        }
-        for sub in std::fs::read_dir(dir.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for file in std::fs::read_dir(sub.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                text.push_str(&format!("--- {}\n", file.path().display()));
-                text.push_str(&std::fs::read_to_string(file.path()).unwrap_or_default());
-            }
-        }
-    }
-    text
-}
+/// Where the kubelet keeps the static pods' logs: `/var/log/pods/kube-system_ferrovip-*`.
+const STATIC_POD_LOGS: &str = "kube-system_ferrovip";
 
 /// `ferrovip static-pod ARGS` (the binary under test); its stdout.
 fn static_pod(args: &[String]) -> String {
@@ -416,7 +363,7 @@ fn run(hc: &HelmCluster) {
     assert!(held.is_empty(), "the VIP outlived its agents on {held:?}");
     // Released on SIGTERM (standalone mode, no restart hold), not left to the lifetime.
     let last = holder_after[0];
-    let log = static_pod_log(hc, last);
+    let log = hc.pod_logs(last, STATIC_POD_LOGS);
     assert!(
         log.contains("sending priority 0 and releasing addresses"),
         "the master's agent did not release on SIGTERM:\n{}",

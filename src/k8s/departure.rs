@@ -10,11 +10,6 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
-use k8s_openapi::api::events::v1::Event as K8sEvent;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::Timestamp;
-use kube::api::PostParams;
 use kube::{Api, Client};
 use tracing::{debug, info, warn};
 
@@ -185,7 +180,22 @@ pub async fn departure(
         }
     }
     if answered {
-        match tokio::time::timeout(EVENT_TIMEOUT, node_event(client, node, &decision)).await {
+        match tokio::time::timeout(
+            EVENT_TIMEOUT,
+            super::node_event(
+                client,
+                node,
+                super::NodeEvent {
+                    type_: "Normal",
+                    action: "Stop",
+                    reason: decision.reason(),
+                    note: decision.message(),
+                    what: "departure",
+                },
+            ),
+        )
+        .await
+        {
             Ok(()) => {}
             Err(_) => debug!("departure Event not published within {EVENT_TIMEOUT:?}"),
         }
@@ -193,57 +203,11 @@ pub async fn departure(
     decision
 }
 
-/// A Normal Event about this node's Node object (in `default`, or in `kube-system` on servers
-/// that take no other).
-async fn node_event(client: &Client, node: &str, decision: &Departure) {
-    let now = Timestamp::now();
-    let regarding = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Node".into()),
-        name: Some(node.to_string()),
-        uid: Api::<Node>::all(client.clone())
-            .get_opt(node)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|n| n.metadata.uid),
-        ..ObjectReference::default()
-    };
-    for namespace in ["default", "kube-system"] {
-        let event = K8sEvent {
-            metadata: ObjectMeta {
-                name: Some(format!("{node}.{:x}", now.as_nanosecond())),
-                namespace: Some(namespace.into()),
-                ..ObjectMeta::default()
-            },
-            event_time: Some(MicroTime(now)),
-            action: Some("Stop".into()),
-            reason: Some(decision.reason().into()),
-            note: Some(decision.message()),
-            regarding: Some(regarding.clone()),
-            reporting_controller: Some("ferrovip.io/agent".into()),
-            reporting_instance: Some(node.to_string()),
-            type_: Some("Normal".into()),
-            ..K8sEvent::default()
-        };
-        match Api::<K8sEvent>::namespaced(client.clone(), namespace)
-            .create(&PostParams::default(), &event)
-            .await
-        {
-            Ok(_) => return,
-            Err(kube::Error::Api(s)) if s.code == 422 && namespace == "default" => continue,
-            Err(e) => {
-                debug!(error = %e, "departure Event not published");
-                return;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use k8s_openapi::jiff::Timestamp;
 
     fn ds(deleting: bool) -> DaemonSet {
         DaemonSet {

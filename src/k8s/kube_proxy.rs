@@ -11,12 +11,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
-use k8s_openapi::api::events::v1::Event as K8sEvent;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::Timestamp;
-use kube::api::PostParams;
-use kube::{Api, Client};
+use kube::Client;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -80,7 +75,18 @@ pub async fn run(
             for p in &problems {
                 if !reported.contains(p.metric_label()) {
                     warn!(problem = p.metric_label(), "{}", p.message());
-                    node_event(&client, &node, p).await;
+                    super::node_event(
+                        &client,
+                        &node,
+                        super::NodeEvent {
+                            type_: "Warning",
+                            action: "Check",
+                            reason: p.reason(),
+                            note: p.message(),
+                            what: "kube-proxy",
+                        },
+                    )
+                    .await;
                 }
             }
             for gone in reported.difference(&now) {
@@ -102,53 +108,6 @@ pub async fn run(
                     }
                 }
                 () = tokio::time::sleep_until(recheck) => break,
-            }
-        }
-    }
-}
-
-/// A Warning Event about this node's Node object (cluster-scoped: in `default`, or in
-/// `kube-system` on servers that take no other).
-async fn node_event(client: &Client, node: &str, problem: &Problem) {
-    let now = Timestamp::now();
-    let regarding = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Node".into()),
-        name: Some(node.to_string()),
-        uid: Api::<Node>::all(client.clone())
-            .get_opt(node)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|n| n.metadata.uid),
-        ..ObjectReference::default()
-    };
-    for namespace in ["default", "kube-system"] {
-        let event = K8sEvent {
-            metadata: ObjectMeta {
-                name: Some(format!("{node}.{:x}", now.as_nanosecond())),
-                namespace: Some(namespace.into()),
-                ..ObjectMeta::default()
-            },
-            event_time: Some(MicroTime(now)),
-            action: Some("Check".into()),
-            reason: Some(problem.reason().into()),
-            note: Some(problem.message()),
-            regarding: Some(regarding.clone()),
-            reporting_controller: Some("ferrovip.io/agent".into()),
-            reporting_instance: Some(node.to_string()),
-            type_: Some("Warning".into()),
-            ..K8sEvent::default()
-        };
-        match Api::<K8sEvent>::namespaced(client.clone(), namespace)
-            .create(&PostParams::default(), &event)
-            .await
-        {
-            Ok(_) => return,
-            Err(kube::Error::Api(s)) if s.code == 422 && namespace == "default" => continue,
-            Err(e) => {
-                debug!(error = %e, "kube-proxy Event not published");
-                return;
             }
         }
     }

@@ -392,10 +392,17 @@ impl HelmCluster {
 
     /// The agent log of node `node` (its pod log files, every container run), for failures.
     pub fn agent_log(&self, node: usize) -> String {
+        self.pod_logs(node, NAMESPACE)
+    }
+
+    /// The log files of node `node`'s pods whose directory under `/var/log/pods`
+    /// (`<namespace>_<pod>_<uid>`) starts with `prefix`, every container run, each headed by
+    /// its path.
+    pub fn pod_logs(&self, node: usize, prefix: &str) -> String {
         let root = self.cluster.host_path(node, "/var/log/pods");
         let mut text = String::new();
         for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-            if !dir.file_name().to_string_lossy().starts_with(NAMESPACE) {
+            if !dir.file_name().to_string_lossy().starts_with(prefix) {
                 continue;
             }
             for file in walk(&dir.path()) {
@@ -404,6 +411,41 @@ impl HelmCluster {
             }
         }
         text
+    }
+
+    /// Runs `test` on the cluster, then `after` (whatever happened). When `test` panics,
+    /// prints the tail of each node's logs of pods under `log_prefix` and every pod, drops the
+    /// cluster and goes on panicking; otherwise drops the cluster and asserts that nothing of
+    /// it is left on the machine.
+    pub fn run(
+        mut self,
+        log_prefix: &str,
+        test: impl FnOnce(&HelmCluster),
+        after: impl FnOnce(&HelmCluster),
+    ) {
+        let footprint = self.cluster.footprint();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(&self)));
+        after(&self);
+        if let Err(panic) = result {
+            for node in 0..self.cluster.nodes().len() {
+                eprintln!(
+                    "=== logs of {log_prefix}* on node {node}\n{}",
+                    tail(&self.pod_logs(node, log_prefix), 60)
+                );
+            }
+            eprintln!(
+                "=== pods\n{}",
+                self.cluster
+                    .kubectl(&["get", "pods", "-A", "-o", "wide"])
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            );
+            drop(self);
+            std::panic::resume_unwind(panic);
+        }
+        drop(self);
+        let left = footprint.leftovers();
+        assert!(left.is_empty(), "the cluster left {left:?}");
     }
 
     /// SIGKILLs node `node`'s agent container (its process on the host); the kubelet restarts
@@ -516,6 +558,12 @@ pub fn parse_ping_summary(text: &str) -> Option<(u64, u64)> {
         .split(',')
         .filter_map(|part| part.split_whitespace().next()?.parse::<u64>().ok());
     Some((numbers.next()?, numbers.next()?))
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
