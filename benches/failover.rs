@@ -13,6 +13,8 @@
 //! Every timing comes from the lab's capture on the bridge, never from the daemons' logs, so
 //! both implementations are measured by the same clock.
 
+// Shared with the other benchmarks; this one uses part of it.
+#[allow(dead_code)]
 mod common;
 use common::*;
 use std::collections::BTreeMap;

@@ -19,31 +19,20 @@
 
 #[path = "../tests/cluster_util/mod.rs"]
 mod cluster_util;
+#[allow(dead_code)]
+mod common;
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use cluster_util::*;
+use common::{median, rounds_arg};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 const TIMEOUT: Duration = Duration::from_secs(180);
 
-fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn main() {
-    let mut rounds = 5usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--rounds" {
-            rounds = args
-                .next()
-                .and_then(|v| v.parse().ok())
-                .expect("--rounds N");
-        }
-    }
+    let rounds = rounds_arg(5);
     let hc = HelmCluster::start();
     let preferred = hc.cluster.nodes()[0].name.clone();
     let vip_values = [

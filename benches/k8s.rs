@@ -21,6 +21,8 @@
 //!
 //! Priorities follow tests/e2e_k8s.rs: base 100, node-a +50, node-b +40, node-c −40.
 
+// Shared with the other benchmarks; this one uses part of it.
+#[allow(dead_code)]
 mod common;
 use common::*;
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -18,11 +18,14 @@
 //! before the next. Target: median create → first ping ≤ 1.5 s.
 
 #[allow(dead_code)]
+mod common;
+#[allow(dead_code)]
 #[path = "../tests/k8s_util/mod.rs"]
 mod k8s_util;
 
 use std::time::{Duration, Instant};
 
+use common::{median, rounds_arg};
 use ferrovip_e2e::AGENT_GROUP;
 use k8s_util::{K8sLab, text};
 use serde_json::{Value, json};
@@ -32,26 +35,12 @@ const POOL_CRD: &str = concat!(
     "/crds/ferrovip.io_loadbalancerpools.yaml"
 );
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn main() {
-    let mut rounds = 9usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--rounds" {
-            rounds = args
-                .next()
-                .and_then(|v| v.parse().ok())
-                .expect("--rounds N");
-        }
-    }
+    let rounds = rounds_arg(9);
     let mut c = K8sLab::new(2);
     c.install();
     c.kubectl(&["apply", "-f", POOL_CRD]);

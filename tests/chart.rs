@@ -27,7 +27,7 @@ const RELEASE: &str = "ferrovip";
 // The Helm CLI (`FERROVIP_HELM`, else the one `e2e/helm/install.sh` caches), as the cluster
 // tests find it.
 mod cluster_util;
-use cluster_util::helm_binary as helm;
+use cluster_util::{helm_binary as helm, helm_succeeded};
 
 fn run_helm(args: &[&str]) -> Output {
     Command::new(helm())
@@ -46,16 +46,7 @@ fn run_helm(args: &[&str]) -> Output {
 }
 
 fn helm_ok(args: &[&str]) -> String {
-    let out = run_helm(args);
-    assert!(
-        out.status.success(),
-        "helm {} failed ({}): {}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
+    helm_succeeded(args, run_helm(args))
 }
 
 /// `helm template` of release `ferrovip` in `ferrovip-system` with these extra arguments.
@@ -63,6 +54,19 @@ fn render(extra: &[&str]) -> String {
     let mut args = vec!["template", RELEASE, CHART, "--namespace", NAMESPACE];
     args.extend_from_slice(extra);
     helm_ok(&args)
+}
+
+/// `helm template` with one `--set`, whatever the outcome.
+fn try_render_with(set: &str) -> Output {
+    run_helm(&[
+        "template",
+        RELEASE,
+        CHART,
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        set,
+    ])
 }
 
 fn docs(yaml: &str) -> Vec<Value> {
@@ -126,15 +130,7 @@ fn a_typo_in_values_fails_with_the_key_named() {
         ("metrics.serviceMonitor.enabeld=true", "enabeld"),
         ("image.pullpolicy=Never", "pullpolicy"),
     ] {
-        let out = run_helm(&[
-            "template",
-            RELEASE,
-            CHART,
-            "--namespace",
-            NAMESPACE,
-            "--set",
-            set,
-        ]);
+        let out = try_render_with(set);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "--set {set} rendered");
         assert!(
@@ -144,15 +140,7 @@ fn a_typo_in_values_fails_with_the_key_named() {
     }
     // Wrong shapes too.
     for set in ["logFormat=xml", "restartHold=10", "dataplane=iptables"] {
-        let out = run_helm(&[
-            "template",
-            RELEASE,
-            CHART,
-            "--namespace",
-            NAMESPACE,
-            "--set",
-            set,
-        ]);
+        let out = try_render_with(set);
         let stderr = String::from_utf8_lossy(&out.stderr);
         let key = set.split('=').next().unwrap();
         assert!(!out.status.success(), "--set {set} rendered");
@@ -577,16 +565,7 @@ fn helm_on(api: &ApiServer, args: &[&str]) -> Output {
 }
 
 fn helm_on_ok(api: &ApiServer, args: &[&str]) -> String {
-    let out = helm_on(api, args);
-    assert!(
-        out.status.success(),
-        "helm {} failed ({}): {}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    helm_succeeded(args, helm_on(api, args))
 }
 
 fn names(api: &ApiServer, kind: &str) -> Vec<String> {

@@ -771,31 +771,68 @@ fn manifest(backends: &[(&str, u32)]) -> String {
     )
 }
 
+/// The two-director segment of the agent cases, named `<prefix>-…`: a client (.2) and
+/// directors d1 (.11) and d2 (.12) on a front bridge (198.51.100.0/24); the directors (.1,
+/// .2) and `n` backends (.11, …) on a back bridge (203.0.113.0/24), each backend answering TCP
+/// port 8080 with its name. Dropped in reverse field order, servers first.
+struct Directors {
+    servers: Vec<TcpNameServer>,
+    back: GuestBridge,
+    front: GuestBridge,
+    backends: Vec<GuestNetns>,
+    d2: GuestNetns,
+    d1: GuestNetns,
+    client: GuestNetns,
+}
+
+impl Directors {
+    fn create(prefix: &str, n: usize) -> Result<Directors, vm::CaseError> {
+        let client = GuestNetns::create(&format!("{prefix}-client"))?;
+        let d1 = GuestNetns::create(&format!("{prefix}-d1"))?;
+        let d2 = GuestNetns::create(&format!("{prefix}-d2"))?;
+        let backends = (1..=n)
+            .map(|i| GuestNetns::create(&format!("{prefix}-b{i}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let front = GuestBridge::create(&format!("{prefix}-front"))?;
+        let back = GuestBridge::create(&format!("{prefix}-back"))?;
+        front.attach(&client, "eth0", &["198.51.100.2/24"])?;
+        front.attach(&d1, "eth0", &["198.51.100.11/24"])?;
+        front.attach(&d2, "eth0", &["198.51.100.12/24"])?;
+        back.attach(&d1, "eth1", &["203.0.113.1/24"])?;
+        back.attach(&d2, "eth1", &["203.0.113.2/24"])?;
+        for (i, b) in backends.iter().enumerate() {
+            back.attach(b, "eth0", &[&format!("203.0.113.{}/24", 11 + i)])?;
+        }
+        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
+        let servers = backends
+            .iter()
+            .map(|b| TcpNameServer::start(b, any, b.name()))
+            .collect::<Result<_, _>>()?;
+        Ok(Directors {
+            servers,
+            back,
+            front,
+            backends,
+            d2,
+            d1,
+            client,
+        })
+    }
+}
+
 /// Two directors run the agent: both program the service, the master holds the VIP.
 /// Traffic through the VIP reaches every backend by weight; backends change while a client
 /// keeps connecting; the master is killed and the backup forwards at once.
 fn agent_forwards_through_changes_and_failover() -> CaseResult {
-    let client = GuestNetns::create("af-client")?;
-    let d1 = GuestNetns::create("af-d1")?;
-    let d2 = GuestNetns::create("af-d2")?;
-    let backends = (1..=3)
-        .map(|i| GuestNetns::create(&format!("af-b{i}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let front = GuestBridge::create("af-front")?;
-    let back = GuestBridge::create("af-back")?;
-    front.attach(&client, "eth0", &["198.51.100.2/24"])?;
-    front.attach(&d1, "eth0", &["198.51.100.11/24"])?;
-    front.attach(&d2, "eth0", &["198.51.100.12/24"])?;
-    back.attach(&d1, "eth1", &["203.0.113.1/24"])?;
-    back.attach(&d2, "eth1", &["203.0.113.2/24"])?;
-    for (i, b) in backends.iter().enumerate() {
-        back.attach(b, "eth0", &[&format!("203.0.113.{}/24", 11 + i)])?;
-    }
-    let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
-    let _servers: Vec<TcpNameServer> = backends
-        .iter()
-        .map(|b| TcpNameServer::start(b, any, b.name()))
-        .collect::<Result<_, _>>()?;
+    let Directors {
+        client,
+        d1,
+        d2,
+        backends: _backends,
+        front: _front,
+        back: _back,
+        servers: _servers,
+    } = Directors::create("af", 3)?;
 
     let path = "/tmp/af-web.yaml";
     std::fs::write(
@@ -1006,27 +1043,15 @@ fn restart_objects(admin: &vm::cluster::Admin, cleanup: &mut vm::cluster::Cleanu
 
 fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult {
     let p = if kubernetes { "rk" } else { "rs" };
-    let client = GuestNetns::create(&format!("{p}-client"))?;
-    let d1 = GuestNetns::create(&format!("{p}-d1"))?;
-    let d2 = GuestNetns::create(&format!("{p}-d2"))?;
-    let backends = (1..=2)
-        .map(|i| GuestNetns::create(&format!("{p}-b{i}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let front = GuestBridge::create(&format!("{p}-front"))?;
-    let back = GuestBridge::create(&format!("{p}-back"))?;
-    front.attach(&client, "eth0", &["198.51.100.2/24"])?;
-    front.attach(&d1, "eth0", &["198.51.100.11/24"])?;
-    front.attach(&d2, "eth0", &["198.51.100.12/24"])?;
-    back.attach(&d1, "eth1", &["203.0.113.1/24"])?;
-    back.attach(&d2, "eth1", &["203.0.113.2/24"])?;
-    for (i, b) in backends.iter().enumerate() {
-        back.attach(b, "eth0", &[&format!("203.0.113.{}/24", 11 + i)])?;
-    }
-    let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
-    let _servers: Vec<TcpNameServer> = backends
-        .iter()
-        .map(|b| TcpNameServer::start(b, any, b.name()))
-        .collect::<Result<_, _>>()?;
+    let Directors {
+        client,
+        d1,
+        d2,
+        backends: _backends,
+        front: _front,
+        back: _back,
+        servers: _servers,
+    } = Directors::create(p, 2)?;
     let path = "/tmp/rs-web.yaml";
     let admin = kubernetes.then(vm::cluster::Admin::connect).transpose()?;
     let mut cleanup = admin.as_ref().map(vm::cluster::Cleanup::new);
@@ -1300,29 +1325,17 @@ fn restarts_adopt_the_dataplane_without_a_write(kubernetes: bool) -> CaseResult 
 /// EndpointSlice) through the guest's real IPVS, before and after the master's agent is killed
 /// (the backup takes the address over and forwards at once).
 fn k8s_service_load_balancer_through_ipvs_and_failover() -> CaseResult {
-    let client = GuestNetns::create("lb-client")?;
-    let d1 = GuestNetns::create("lb-d1")?;
-    let d2 = GuestNetns::create("lb-d2")?;
-    let backends = (1..=2)
-        .map(|i| GuestNetns::create(&format!("lb-b{i}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let front = GuestBridge::create("lb-front")?;
-    let back = GuestBridge::create("lb-back")?;
-    front.attach(&client, "eth0", &["198.51.100.2/24"])?;
-    front.attach(&d1, "eth0", &["198.51.100.11/24"])?;
-    front.attach(&d2, "eth0", &["198.51.100.12/24"])?;
-    back.attach(&d1, "eth1", &["203.0.113.1/24"])?;
-    back.attach(&d2, "eth1", &["203.0.113.2/24"])?;
-    for (i, b) in backends.iter().enumerate() {
-        back.attach(b, "eth0", &[&format!("203.0.113.{}/24", 11 + i)])?;
-    }
+    let Directors {
+        client,
+        d1,
+        d2,
+        backends: _backends,
+        front: _front,
+        back: _back,
+        servers: _servers,
+    } = Directors::create("lb", 2)?;
     attach_uplink(&d1, "eth2", "100.64.0.11/24")?;
     attach_uplink(&d2, "eth2", "100.64.0.12/24")?;
-    let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
-    let _servers: Vec<TcpNameServer> = backends
-        .iter()
-        .map(|b| TcpNameServer::start(b, any, b.name()))
-        .collect::<Result<_, _>>()?;
 
     // For the metrics: a standalone agent on a segment of its own. Once it has recorded its
     // (empty) IPVS table, a service at its VIP is created by hand, then the VirtualIP asks for

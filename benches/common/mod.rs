@@ -132,6 +132,27 @@ pub fn stats_cell(stats: Option<&Stats>) -> String {
 }
 
 /// Milliseconds to the microsecond: finer digits would be noise in the JSON.
+/// The middle value (the upper one of an even count).
+pub fn median<T: Ord + Copy>(mut values: Vec<T>) -> T {
+    values.sort();
+    values[values.len() / 2]
+}
+
+/// `--rounds N` from the command line, else `default`.
+pub fn rounds_arg(default: usize) -> usize {
+    let mut rounds = default;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--rounds" {
+            rounds = args
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("--rounds N");
+        }
+    }
+    rounds
+}
+
 pub fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }

@@ -81,7 +81,7 @@ impl Lookup {
     }
 
     /// Whether the DaemonSet could be read (found or not).
-    pub fn answered(&self) -> bool {
+    pub fn readable(&self) -> bool {
         matches!(self, Lookup::Found(_) | Lookup::NotFound)
     }
 }
@@ -127,6 +127,9 @@ pub async fn lookup(client: &Client, namespace: &str, name: &str, timeout: Durat
     }
 }
 
+/// How often [`watch_readable`] tries again, and how long each try may take.
+const READABLE_RETRY: Duration = Duration::from_secs(10);
+
 /// At start: reads the DaemonSet until that succeeds once (every 10 s), and sets `readable`;
 /// warns while it is denied (SIGTERM cannot tell an uninstall without it).
 pub async fn watch_readable(
@@ -137,8 +140,8 @@ pub async fn watch_readable(
 ) {
     let mut warned = false;
     loop {
-        match lookup(&client, &namespace, &name, Duration::from_secs(10)).await {
-            l if l.answered() => {
+        match lookup(&client, &namespace, &name, READABLE_RETRY).await {
+            l if l.readable() => {
                 if let Lookup::NotFound = l {
                     warn!(daemonset = %format!("{namespace}/{name}"), "--daemonset names no DaemonSet: a SIGTERM will be taken for an uninstall");
                 }
@@ -151,7 +154,7 @@ pub async fn watch_readable(
             }
             _ => {}
         }
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        tokio::time::sleep(READABLE_RETRY).await;
     }
 }
 

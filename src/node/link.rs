@@ -255,17 +255,22 @@ impl MacvlanManager {
                 .address(mac.to_vec())
                 .up()
                 .build();
-            self.handle
-                .link()
-                .set(message)
-                .execute()
-                .await
-                .map_err(|source| LinkError::Netlink {
-                    op: LinkOp::SetLink,
-                    source,
-                })?;
+            self.set_link(message).await?;
         }
         Ok(link.index)
+    }
+
+    /// One RTM_SETLINK.
+    async fn set_link(&self, message: LinkMessage) -> Result<(), LinkError> {
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|source| LinkError::Netlink {
+                op: LinkOp::SetLink,
+                source,
+            })
     }
 
     /// Deletes one of our macvlans. Returns `false` when there is no such interface;
@@ -468,15 +473,7 @@ impl MacvlanManager {
         let ids: Vec<(u16, u32)> = pending.iter().map(|(_, id, v, _)| (*id, *v)).collect();
         let mut message = LinkUnspec::new_with_index(index).build();
         message.attributes.push(inet_conf_attribute(&ids));
-        self.handle
-            .link()
-            .set(message)
-            .execute()
-            .await
-            .map_err(|source| LinkError::Netlink {
-                op: LinkOp::SetLink,
-                source,
-            })?;
+        self.set_link(message).await?;
         for (key, _, value, path) in pending {
             if read_ipv4_conf(ifname, key)? != value {
                 return Err(LinkError::Sysctl {
@@ -522,15 +519,7 @@ impl MacvlanManager {
             .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
                 vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
             )]));
-        self.handle
-            .link()
-            .set(message)
-            .execute()
-            .await
-            .map_err(|source| LinkError::Netlink {
-                op: LinkOp::SetLink,
-                source,
-            })?;
+        self.set_link(message).await?;
         match std::fs::read_to_string(&path) {
             Ok(v) if v.trim() == "1" => Ok(()),
             other => Err(LinkError::Sysctl {

@@ -74,6 +74,19 @@ pub fn helm_binary() -> &'static Path {
     })
 }
 
+/// Helm's stdout; panics with its output unless `helm ARGS` succeeded.
+pub fn helm_succeeded(args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "helm {} failed ({}): {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The image: (OCI archive, name) from `FERROVIP_IMAGE_ARCHIVE`/`FERROVIP_IMAGE`, else built
 /// by `e2e/image/build.sh` (a release build of the agent first).
 pub fn image() -> &'static (PathBuf, String) {
@@ -152,16 +165,7 @@ impl HelmCluster {
 
     /// Like [`HelmCluster::helm`]; panics (with Helm's output) unless it succeeds.
     pub fn helm_ok(&self, args: &[&str]) -> String {
-        let out = self.helm(args);
-        assert!(
-            out.status.success(),
-            "helm {} failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        helm_succeeded(args, self.helm(args))
     }
 
     /// The `--set` values every install here uses: the image loaded into the nodes, and the

@@ -706,14 +706,7 @@ impl Cluster {
         loop {
             let node = &mut self.nodes[i];
             let daemon = node.containerd.as_mut().expect("started");
-            if let Some(status) = daemon.exited() {
-                return Err(ClusterError::Exited {
-                    what: "containerd",
-                    node: node.info.name.clone(),
-                    status,
-                    log_tail: daemon.log_tail(),
-                });
-            }
+            still_running(daemon, &node.info.name)?;
             if node.socket().exists() {
                 let out = self.ctr(i, &["version"])?;
                 if out.status.success() {
@@ -820,25 +813,11 @@ impl Cluster {
                     .into_iter()
                     .flatten()
                 {
-                    if let Some(status) = daemon.exited() {
-                        return Err(ClusterError::Exited {
-                            what: daemon.what,
-                            node: node.info.name.clone(),
-                            status,
-                            log_tail: daemon.log_tail(),
-                        });
-                    }
+                    still_running(daemon, &node.info.name)?;
                 }
             }
             for daemon in &mut self.controllers {
-                if let Some(status) = daemon.exited() {
-                    return Err(ClusterError::Exited {
-                        what: daemon.what,
-                        node: "the switch namespace".into(),
-                        status,
-                        log_tail: daemon.log_tail(),
-                    });
-                }
+                still_running(daemon, "the switch namespace")?;
             }
             let out = self.kubectl(&["get", "nodes", "-o", "json"])?;
             let detail = if out.status.success() {
@@ -1533,6 +1512,19 @@ fn all_pids() -> Vec<i32> {
 }
 
 /// `mnt:[inode]` of process `pid`.
+/// `Exited` (with the log's tail) when `daemon`, of `node`, has exited.
+fn still_running(daemon: &mut Daemon, node: &str) -> Result<(), ClusterError> {
+    match daemon.exited() {
+        Some(status) => Err(ClusterError::Exited {
+            what: daemon.what,
+            node: node.to_owned(),
+            status,
+            log_tail: daemon.log_tail(),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn mnt_ns_of(pid: i32) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
         .ok()
