@@ -31,6 +31,7 @@ const ECHO_PORT: u16 = 18080;
 const PREFERRED: usize = 0;
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(180);
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+const POD_GONE_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[test]
 fn helm_install_kill_upgrade_and_uninstall_on_a_real_cluster() {
@@ -160,7 +161,12 @@ fn run(hc: &HelmCluster) {
 
     // --- 4. helm uninstall: nothing left on the nodes; CRDs and user objects stay.
     hc.helm_ok(&["uninstall", RELEASE, "--namespace", NAMESPACE]);
-    wait_for("no agent pods", STEP_TIMEOUT, || {
+    wait_for("every agent container stopped", STEP_TIMEOUT, || {
+        (hc.running_agent_containers() == 0).then_some(())
+    });
+    // The pod objects go once each kubelet's status sync confirms (kubelet 1.20 has been seen
+    // to take over a minute for one of them, its container long stopped).
+    wait_for("no agent pods", POD_GONE_TIMEOUT, || {
         (hc.all_agent_pods() == 0).then_some(())
     });
     // Addresses carry a lifetime of about a second: allow it to run out before judging.

@@ -266,6 +266,18 @@ impl HelmCluster {
             .map_or(0, Vec::len)
     }
 
+    /// Agent containers that still run, as the kubelets report them (pods being deleted too).
+    pub fn running_agent_containers(&self) -> usize {
+        self.json(&["-n", NAMESPACE, "get", "pods", "-l", AGENT_LABEL])["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|pod| pod["status"]["containerStatuses"].as_array().cloned())
+            .flatten()
+            .filter(|c| !c["state"]["running"].is_null())
+            .count()
+    }
+
     /// Waits until every node runs a Ready agent pod (of `revision`, when given).
     pub fn wait_agents_ready(&self, revision: Option<&str>, timeout: Duration) {
         let n = self.cluster.nodes().len();
