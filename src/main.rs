@@ -108,6 +108,17 @@ struct LabArgs {
     /// Leave the namespaces running at the end (until Ctrl-C).
     #[arg(long)]
     keep: bool,
+    /// Scale mode: this many VIPs in `--groups` sharing groups, spread over the nodes; each
+    /// round stops group 0's master and shows when every address was configured on the new
+    /// master and announced on the wire (needs `dumpcap`, Debian package tshark).
+    #[arg(long, default_value_t = 1)]
+    vips: usize,
+    /// Scale mode: sharing groups (one VRRP instance each; group g prefers node g mod N).
+    #[arg(long, default_value_t = 3)]
+    groups: usize,
+    /// Scale mode: IPv6 VIPs instead of IPv4.
+    #[arg(long)]
+    ipv6: bool,
 }
 
 fn init_logging(format: LogFormat) {
@@ -266,6 +277,29 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
+            if args.vips > 1 || args.ipv6 {
+                let opts = ferrovip::lab::ScaleOptions {
+                    nodes: args.nodes,
+                    interval,
+                    vips: args.vips,
+                    ipv6: args.ipv6,
+                    groups: args.groups.min(args.vips),
+                    crash_rounds: args.rounds,
+                    graceful_rounds: 1,
+                    idle_window: Some(std::time::Duration::from_secs(10)),
+                    daemon: ferrovip::lab::Daemon::Ferrovip {
+                        binary,
+                        extra_args: Vec::new(),
+                    },
+                    quiet: false,
+                    keep_logs: args.keep,
+                };
+                let report = ferrovip::lab::run_scale(&opts)?;
+                if !report.warnings.is_empty() {
+                    anyhow::bail!("the lab finished with warnings (see above)");
+                }
+                return Ok(());
+            }
             let opts = ferrovip::lab::LabOptions {
                 nodes: args.nodes,
                 interval,

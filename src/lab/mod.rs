@@ -10,6 +10,8 @@
 //! - [`measure`]: who is master on the wire, failover and preemption timings, and the RFC 5798
 //!   timer figures to compare them with.
 //! - [`run`]: [`run_lab`], the human-facing demonstration behind `ferrovip lab`.
+//! - [`scale`]: [`run_scale`], `ferrovip lab --vips N`: thousands of VIPs in sharing groups,
+//!   each address's takeover measured (configured on the new master, announced on the wire).
 //!
 //! Everything here needs root (network namespaces, AF_PACKET). The harness drives the
 //! `ip` binary from iproute2 because it is the harness, not the agent; it is the only program
@@ -23,6 +25,7 @@
 pub mod measure;
 pub mod netns;
 pub mod run;
+pub mod scale;
 pub mod sniffer;
 pub mod wire;
 
@@ -39,6 +42,7 @@ pub use measure::{
 };
 pub use netns::{Lab, LabSpec, NodeInfo, ProcId, log_tail};
 pub use run::{FailoverRound, GracefulRound, LabOptions, LabReport, NodeSummary, Rejoin, run_lab};
+pub use scale::{Daemon, ScaleOptions, ScaleReport, ScaleRound, Spread, run_scale};
 pub use sniffer::Sniffer;
 pub use wire::{Event, EventKind, SeenAdvert, parse_frame};
 

@@ -38,6 +38,8 @@ const ULA_PREFIX: [u16; 4] = [0xfd66, 0x7670, 0, 0];
 const BRIDGE: &str = "br0";
 const NODE_INTERFACE: &str = "eth0";
 const TERM_GRACE: Duration = Duration::from_millis(1500);
+/// The node index [`Lab::proc_info`] gives a process started with [`Lab::spawn_switch`].
+pub const SWITCH: usize = usize::MAX;
 
 static LAB_SEQUENCE: AtomicUsize = AtomicUsize::new(0);
 /// Sequence numbers of the lab's ICMP echo requests, so a late reply never answers a later one.
@@ -495,7 +497,26 @@ impl Lab {
         args: &[&str],
         log_path: impl AsRef<Path>,
     ) -> Result<ProcId, LabError> {
-        let netns = &self.node(node).netns;
+        self.spawn_in(node, &self.node(node).netns, args, log_path.as_ref())
+    }
+
+    /// [`Lab::spawn`] in the switch namespace (a capture on the bridge, a server); its
+    /// [`Lab::proc_info`] node is [`SWITCH`].
+    pub fn spawn_switch(
+        &self,
+        args: &[&str],
+        log_path: impl AsRef<Path>,
+    ) -> Result<ProcId, LabError> {
+        self.spawn_in(SWITCH, &self.switch_netns, args, log_path.as_ref())
+    }
+
+    fn spawn_in(
+        &self,
+        node: usize,
+        netns: &str,
+        args: &[&str],
+        log_path: &Path,
+    ) -> Result<ProcId, LabError> {
         if args.is_empty() {
             return Err(LabError::InvalidSpec("spawn needs a program".into()));
         }
