@@ -764,7 +764,9 @@ impl ScaleRun<'_> {
             self.opts.daemon.label(),
             self.layout.groups[0].len()
         ));
-        let before = self.masters_since(Instant::now() - self.opts.interval * 4);
+        let before = self.masters_since(
+            Instant::now() - (self.opts.interval * 4).max(Duration::from_millis(300)),
+        );
         let capture = Capture::start(self.lab, kind)?;
         let monitor_marks: Vec<u64> = self
             .monitors
