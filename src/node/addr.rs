@@ -16,11 +16,12 @@
 //! Bulk address sets: an IPv4 set of more than [`AddressManager::bulk_threshold`] addresses
 //! given for one interface in one call is installed as one interface address of ours, the
 //! *anchor* (the lowest address, marked, recorded, with the lifetime), plus the exact CIDR
-//! cover of the whole set as `local` routes of ours in table main whose preferred source is
-//! the anchor ([`super::route`]): a handful of routes instead of thousands of interface
-//! addresses (adding IPv4 addresses is quadratic in the kernel). The kernel flushes the routes
-//! with the anchor, so renewing the anchor's lifetime keeps the whole set and a dead agent's
-//! set expires with it. Every request, whatever the kind, goes out in batches (many requests
+//! cover of the rest of the set as `local` routes of ours in table main whose preferred
+//! source is the anchor ([`super::route`]): a handful of routes instead of thousands of
+//! interface addresses (adding IPv4 addresses is quadratic in the kernel). The kernel flushes
+//! the routes with the anchor (`fib_sync_down_addr`, only once the anchor's address is no
+//! longer local: so the routes do not cover the anchor), so renewing the anchor's lifetime
+//! keeps the whole set and a dead agent's set expires with it. Every request, whatever the kind, goes out in batches (many requests
 //! per `sendmsg`, [`Batcher`]) with each refusal mapped back to its address.
 //!
 //! Choices:
@@ -138,7 +139,11 @@ pub enum AddrError {
     #[error("address renewal over netlink failed")]
     Renew(#[source] io::Error),
     #[error("rtnetlink {op} for {net} refused: {}", io::Error::from_raw_os_error(*errno))]
-    Refused { op: NetlinkOp, net: IpNet, errno: i32 },
+    Refused {
+        op: NetlinkOp,
+        net: IpNet,
+        errno: i32,
+    },
     #[error("batched rtnetlink exchange failed")]
     Batch(#[source] io::Error),
     #[error("cannot write the address record {}", path.display())]
@@ -299,6 +304,7 @@ struct BulkSet {
     anchor: Ipv4Net,
     /// Sorted, without duplicates; the anchor is the first.
     members: Vec<Ipv4Addr>,
+    /// The exact CIDR cover of the members but the anchor.
     covers: Vec<Ipv4Net>,
     lifetime: Option<Duration>,
     /// Its anchor or a route went away (notification) and it was not installed again yet.
@@ -312,7 +318,9 @@ impl BulkSet {
         Self {
             index,
             anchor,
-            covers: super::route::cidr_cover(&members),
+            // Not the anchor: the kernel flushes the routes of a deleted address only when
+            // that address is no longer local, which a route covering it would keep it.
+            covers: super::route::cidr_cover(&members[1..]),
             members,
             lifetime,
             lost: false,
@@ -370,8 +378,15 @@ impl BulkSets {
 
     /// The set anchored at `anchor` went away (its anchor, or a route of `covers`): every
     /// member counts as removed, once. `None` when it is no set of ours.
-    fn lose(&mut self, index: u32, anchor: IpNet, cover: Option<Ipv4Net>) -> Option<Vec<AddressEvent>> {
-        let IpNet::V4(anchor) = anchor else { return None };
+    fn lose(
+        &mut self,
+        index: u32,
+        anchor: IpNet,
+        cover: Option<Ipv4Net>,
+    ) -> Option<Vec<AddressEvent>> {
+        let IpNet::V4(anchor) = anchor else {
+            return None;
+        };
         let set = self.sets.get_mut(&(index, anchor.addr()))?;
         match cover {
             None if set.anchor != anchor => return None,
@@ -731,15 +746,25 @@ impl AddressManager {
             if self.arp_ignore_allows_bulk(index).await {
                 let mut by_prefix: HashMap<u8, BTreeSet<Ipv4Addr>> = HashMap::new();
                 for net in &fresh_v4 {
-                    by_prefix.entry(net.prefix_len()).or_default().insert(net.addr());
+                    by_prefix
+                        .entry(net.prefix_len())
+                        .or_default()
+                        .insert(net.addr());
                 }
                 for (prefix, members) in by_prefix {
                     if members.len() > self.bulk_threshold {
-                        sets.push(BulkSet::new(index, prefix, members.into_iter().collect(), lifetime));
+                        sets.push(BulkSet::new(
+                            index,
+                            prefix,
+                            members.into_iter().collect(),
+                            lifetime,
+                        ));
                     } else {
-                        plain.extend(members.into_iter().map(|ip| {
-                            IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid prefix"))
-                        }));
+                        plain.extend(
+                            members.into_iter().map(|ip| {
+                                IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid prefix"))
+                            }),
+                        );
                     }
                 }
             } else {
@@ -843,24 +868,47 @@ impl AddressManager {
                     }
                 }
             }
+            // Anchors already there: ours (recorded, or marked) or somebody else's?
+            let mut ours_already: HashSet<(u32, IpNet)> = HashSet::new();
+            let unknown = anchor_errno.iter().any(|(s, errno)| {
+                *errno == EEXIST
+                    && !self
+                        .record()
+                        .contains(pending[*s].index, pending[*s].anchor_net())
+            });
+            if unknown && let Ok(addresses) = self.addresses(None, AddressFamily::Inet).await {
+                ours_already.extend(
+                    addresses
+                        .iter()
+                        .filter(|a| self.is_ours(a))
+                        .map(|a| (a.index, a.net)),
+                );
+            }
             let mut retry = Vec::new();
             for (s, mut set) in pending.into_iter().enumerate() {
                 let anchor = set.anchor_net();
                 match anchor_errno.get(&s) {
                     None => self.record().insert(set.index, anchor),
                     Some(&EEXIST) if self.record().contains(set.index, anchor) => {}
+                    Some(&EEXIST) if ours_already.contains(&(set.index, anchor)) => {
+                        // Marked ours (an earlier agent's): renewed from now on.
+                        self.record().insert(set.index, anchor);
+                    }
                     Some(&EEXIST) if set.members.len() > 1 => {
                         // Somebody else's address (which stays theirs, and local through
                         // them): the rest of the set is anchored at the next member; routes
                         // of this try that the new cover lacks go.
                         tracing::debug!(address = %anchor, "bulk anchor exists and is not ours; anchoring at the next member");
                         let members = set.members.split_off(1);
-                        let next = BulkSet::new(set.index, set.anchor.prefix_len(), members, set.lifetime);
-                        stale.extend(set.covers.iter().filter(|c| !next.covers.contains(c)).map(|c| OwnedRoute {
-                            index: set.index,
-                            dst: *c,
-                            prefsrc: Some(set.anchor.addr()),
-                        }));
+                        let next =
+                            BulkSet::new(set.index, set.anchor.prefix_len(), members, set.lifetime);
+                        stale.extend(set.covers.iter().filter(|c| !next.covers.contains(c)).map(
+                            |c| OwnedRoute {
+                                index: set.index,
+                                dst: *c,
+                                prefsrc: Some(set.anchor.addr()),
+                            },
+                        ));
                         retry.push(next);
                         continue;
                     }
@@ -1025,7 +1073,9 @@ impl AddressManager {
                         requests.push(Request::del_route(local_route(index, *cover, anchor)));
                         blame.push(gone.clone());
                     }
-                    requests.push(Request::del_address(self.address_message(index, old_anchor, None)));
+                    requests.push(Request::del_address(
+                        self.address_message(index, old_anchor, None),
+                    ));
                     blame.push(vec![old_anchor]);
                     self.record().remove(index, old_anchor);
                     continue;
@@ -1041,7 +1091,11 @@ impl AddressManager {
                     self.record().insert(index, new_anchor);
                 }
                 for cover in &new.covers {
-                    requests.push(Request::new_route(local_route(index, *cover, new.anchor.addr())));
+                    requests.push(Request::new_route(local_route(
+                        index,
+                        *cover,
+                        new.anchor.addr(),
+                    )));
                     blame.push(gone.clone());
                 }
                 for cover in old.covers.iter().filter(|c| !new.covers.contains(c)) {
@@ -1049,7 +1103,9 @@ impl AddressManager {
                     blame.push(gone.clone());
                 }
                 if new_anchor != old_anchor {
-                    requests.push(Request::del_address(self.address_message(index, old_anchor, None)));
+                    requests.push(Request::del_address(
+                        self.address_message(index, old_anchor, None),
+                    ));
                     blame.push(vec![old_anchor]);
                     self.record().remove(index, old_anchor);
                 }
@@ -1167,7 +1223,8 @@ impl AddressManager {
         let mut filter = netlink_packet_route::route::RouteMessage::default();
         filter.header.address_family = AddressFamily::Inet;
         filter.header.table = super::route::TABLE_MAIN;
-        filter.header.protocol = netlink_packet_route::route::RouteProtocol::from(FERROVIP_ADDR_PROTO);
+        filter.header.protocol =
+            netlink_packet_route::route::RouteProtocol::from(FERROVIP_ADDR_PROTO);
         filter.header.kind = netlink_packet_route::route::RouteType::Local;
         let messages: Vec<netlink_packet_route::route::RouteMessage> = self
             .handle
@@ -1180,7 +1237,10 @@ impl AddressManager {
                 op: NetlinkOp::GetRoute,
                 source,
             })?;
-        Ok(messages.iter().filter_map(OwnedRoute::from_message).collect())
+        Ok(messages
+            .iter()
+            .filter_map(OwnedRoute::from_message)
+            .collect())
     }
 
     /// Deletes routes in one batch (gone already counts as done).
@@ -1195,7 +1255,12 @@ impl AddressManager {
             .find(|(_, errno)| !matches!(*errno, ENOENT | ESRCH | ENODEV))
         {
             let route = &routes[i];
-            return Err(refusal(NetlinkOp::DelRoute, IpNet::V4(route.dst), errno, route.index));
+            return Err(refusal(
+                NetlinkOp::DelRoute,
+                IpNet::V4(route.dst),
+                errno,
+                route.index,
+            ));
         }
         Ok(())
     }
@@ -1349,7 +1414,9 @@ impl AddressManager {
                 })
                 .unzip()
         };
-        let (refused, writes) = self.exchange_blocking(&requests).map_err(AddrError::Renew)?;
+        let (refused, writes) = self
+            .exchange_blocking(&requests)
+            .map_err(AddrError::Renew)?;
         Ok(RenewReport {
             renewed: requests.len(),
             writes,
@@ -1405,7 +1472,10 @@ impl AddressManager {
                 .prefsrc
                 .and_then(|src| held_anchors.get(&(route.index, src)).map(|a| (src, a)))
             {
-                Some((src, _)) => adopted.entry((route.index, src)).or_default().push(route.dst),
+                Some((src, _)) => adopted
+                    .entry((route.index, src))
+                    .or_default()
+                    .push(route.dst),
                 None => stale.push(route),
             }
         }
@@ -1416,7 +1486,10 @@ impl AddressManager {
             for ((index, src), mut covers) in adopted {
                 let anchor = held_anchors[&(index, src)];
                 covers.sort();
-                let members: Vec<Ipv4Addr> = cover_addresses(&covers).collect();
+                let mut members: Vec<Ipv4Addr> = cover_addresses(&covers).collect();
+                members.push(src);
+                members.sort_unstable();
+                members.dedup();
                 for ip in &members {
                     let net = IpNet::V4(Ipv4Net::new(*ip, anchor.prefix_len()).expect("valid"));
                     held.insert((index, net));
@@ -1526,7 +1599,10 @@ impl AddressManager {
                 .and_then(|src| prefixes.get(&(route.index, src)).copied())
                 .unwrap_or(32);
             for ip in cover_addresses(std::slice::from_ref(&route.dst)) {
-                let entry = (route.index, IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid")));
+                let entry = (
+                    route.index,
+                    IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid")),
+                );
                 if seen.insert(entry) {
                     all.push(entry);
                 }

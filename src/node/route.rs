@@ -129,7 +129,11 @@ impl OwnedRoute {
     }
 
     pub fn message(&self) -> RouteMessage {
-        let mut message = local_route(self.index, self.dst, self.prefsrc.unwrap_or(Ipv4Addr::UNSPECIFIED));
+        let mut message = local_route(
+            self.index,
+            self.dst,
+            self.prefsrc.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        );
         if self.prefsrc.is_none() {
             message
                 .attributes
@@ -164,7 +168,11 @@ mod tests {
         let want: BTreeSet<Ipv4Addr> = addrs.iter().copied().collect();
         let got: Vec<Ipv4Addr> = cover_addresses(&cover).collect();
         let got_set: BTreeSet<Ipv4Addr> = got.iter().copied().collect();
-        assert_eq!(got.len(), got_set.len(), "overlapping prefixes in {cover:?}");
+        assert_eq!(
+            got.len(),
+            got_set.len(),
+            "overlapping prefixes in {cover:?}"
+        );
         assert_eq!(got_set, want, "cover {cover:?}");
         for pair in cover.windows(2) {
             assert!(pair[0].network() < pair[1].network());
@@ -233,10 +241,7 @@ mod tests {
 
     #[test]
     fn the_whole_space_is_one_prefix() {
-        assert_eq!(
-            cidr_cover(&[v4("0.0.0.0")]),
-            nets(&["0.0.0.0/32"])
-        );
+        assert_eq!(cidr_cover(&[v4("0.0.0.0")]), nets(&["0.0.0.0/32"]));
         let mut out = Vec::new();
         range_cover(0, u32::MAX, &mut out);
         assert_eq!(out, nets(&["0.0.0.0/0"]));
@@ -259,7 +264,11 @@ mod tests {
             let dense = round % 2 == 0;
             let addrs: Vec<Ipv4Addr> = (0..count)
                 .map(|_| {
-                    let offset = if dense { next() % 700 } else { next() % 1_000_000 };
+                    let offset = if dense {
+                        next() % 700
+                    } else {
+                        next() % 1_000_000
+                    };
                     Ipv4Addr::from(base.wrapping_add(offset as u32))
                 })
                 .collect();
