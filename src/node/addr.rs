@@ -67,7 +67,7 @@ use super::route::{OwnedRoute, cover_addresses, local_route};
 /// `IFA_PROTO` value marking addresses added by ferrovip ('F'). The kernel reserves 0-3
 /// (unspec, loopback, router advertisement, link-local); other values are free for user
 /// space and no common tool uses this one.
-pub const FERROVIP_ADDR_PROTO: u8 = 0x46;
+pub const FERROVIP_ADDR_PROTO: u8 = super::route::FERROVIP_ROUTE_PROTO;
 
 const ENODEV: i32 = libc::ENODEV;
 const EEXIST: i32 = libc::EEXIST;

@@ -3,8 +3,8 @@
 //!
 //! A `local` route in table main makes every address of its prefix local to the node: the
 //! kernel answers ARP for them (with `arp_ignore` 0) and accepts their traffic. ferrovip's
-//! routes carry `proto 0x46` ([`super::addr::FERROVIP_ADDR_PROTO`], which every kernel keeps
-//! for routes), `scope host`, and as preferred source the set's *anchor*, an interface
+//! routes carry `proto 0x46` ([`FERROVIP_ROUTE_PROTO`], the addresses' mark, which every
+//! kernel keeps for routes), `scope host`, and as preferred source the set's *anchor*, an interface
 //! address of ours: deleting the anchor (or its lifetime running out) makes the kernel flush
 //! the routes (`fib_sync_down_addr` looks at table main). See [`super::addr`] for the sets.
 
@@ -16,7 +16,9 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 
-use super::addr::FERROVIP_ADDR_PROTO;
+/// `rtm_protocol` of our routes ('F'), the number of the addresses' `IFA_PROTO` mark
+/// (`super::addr::FERROVIP_ADDR_PROTO` is this constant). Every kernel keeps a route's protocol.
+pub const FERROVIP_ROUTE_PROTO: u8 = 0x46;
 
 /// The main routing table (`RT_TABLE_MAIN`).
 pub const TABLE_MAIN: u8 = RouteHeader::RT_TABLE_MAIN;
@@ -77,7 +79,7 @@ pub fn local_route(index: u32, dst: Ipv4Net, prefsrc: Ipv4Addr) -> RouteMessage 
     message.header.address_family = AddressFamily::Inet;
     message.header.destination_prefix_length = dst.prefix_len();
     message.header.table = TABLE_MAIN;
-    message.header.protocol = RouteProtocol::from(FERROVIP_ADDR_PROTO);
+    message.header.protocol = RouteProtocol::from(FERROVIP_ROUTE_PROTO);
     message.header.scope = RouteScope::Host;
     message.header.kind = RouteType::Local;
     message.attributes = vec![
@@ -102,7 +104,7 @@ impl OwnedRoute {
     pub fn from_message(message: &RouteMessage) -> Option<OwnedRoute> {
         let header = &message.header;
         if header.address_family != AddressFamily::Inet
-            || u8::from(header.protocol) != FERROVIP_ADDR_PROTO
+            || u8::from(header.protocol) != FERROVIP_ROUTE_PROTO
             || header.kind != RouteType::Local
         {
             return None;
