@@ -2481,6 +2481,20 @@ fn a_large_group_is_held_by_local_routes_that_follow_the_master_and_expire_with_
     // Renewed: still there after several lifetimes.
     std::thread::sleep(Duration::from_secs(3));
     assert!(is_local(&c, 0, "198.18.0.150"), "the set was not renewed");
+    // The anchor deleted by hand takes the routes with it; the master puts the whole set back.
+    let routes = bulk_routes(&c, 0);
+    c.exec_ok(0, &["ip", "addr", "del", "198.18.0.1/32", "dev", "eth0"]);
+    let back = wait_until("the set put back", Duration::from_secs(1), || {
+        c.has(0, "198.18.0.1") && bulk_routes(&c, 0) == routes
+    });
+    eprintln!("bulk set repaired {back:?} after its anchor was deleted");
+    assert!(is_local(&c, 0, "198.18.0.150"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        bulk_routes(&c, 0),
+        routes,
+        "the repaired set was not renewed"
+    );
 
     let (f, killed_at) = c.crash_failover(0, VRID, Some(ip(VIP)));
     assert_eq!(f.new_master, c.v4(1));
@@ -2494,5 +2508,48 @@ fn a_large_group_is_held_by_local_routes_that_follow_the_master_and_expire_with_
     eprintln!(
         "bulk set of node-a gone {:?} after the kill",
         killed_at.elapsed()
+    );
+}
+
+#[test]
+fn a_restart_with_hold_keeps_a_large_group_and_the_next_agent_adopts_its_routes() {
+    let mut web = VipDoc::web();
+    web.addresses
+        .extend((1..=200).map(|i| format!("198.18.0.{i}/32")));
+    let mut c = Cluster::with(2, false, &[&web]);
+    c.extra[0] = vec!["--restart-hold".into(), "6s".into()];
+    c.start_all_and_elect_node_a();
+    wait_until("node-a's bulk routes", Duration::from_secs(2), || {
+        bulk_routes(&c, 0) > 0
+    });
+    let routes = bulk_routes(&c, 0);
+    let before = c.transitions_of(1, "web").len();
+    c.signal(0, Signal::SIGTERM);
+    let status = c.wait_exit(0, Duration::from_secs(2));
+    assert!(status.success(), "agent exited with {status}");
+    // Held: the anchor keeps the hold as its lifetime, so the routes stay past 1 s.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(bulk_routes(&c, 0), routes, "the held set went");
+    assert!(is_local(&c, 0, "198.18.0.150"));
+    c.start(0);
+    c.wait_log(0, "the adoption", Duration::from_secs(3), |l| {
+        l["event"] == "transition" && l["reason"] == "adopted"
+    });
+    // Adopted, not reinstalled: back on the renewed lifetime, and still there later.
+    let anchor = c.exec_ok(
+        0,
+        &["ip", "addr", "show", "dev", "eth0", "to", "198.18.0.1/32"],
+    );
+    assert!(
+        anchor.contains("valid_lft 1sec") || anchor.contains("valid_lft 0sec"),
+        "anchor lifetime not back to the renewed one: {anchor}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(bulk_routes(&c, 0), routes);
+    assert!(is_local(&c, 0, "198.18.0.150"));
+    assert_eq!(
+        c.transitions_of(1, "web").len(),
+        before,
+        "node-b moved during the restart"
     );
 }
