@@ -2535,14 +2535,18 @@ fn a_restart_with_hold_keeps_a_large_group_and_the_next_agent_adopts_its_routes(
     c.wait_log(0, "the adoption", Duration::from_secs(3), |l| {
         l["event"] == "transition" && l["reason"] == "adopted"
     });
-    // Adopted, not reinstalled: back on the renewed lifetime, and still there later.
-    let anchor = c.exec_ok(
-        0,
-        &["ip", "addr", "show", "dev", "eth0", "to", "198.18.0.1/32"],
-    );
-    assert!(
-        anchor.contains("valid_lft 1sec") || anchor.contains("valid_lft 0sec"),
-        "anchor lifetime not back to the renewed one: {anchor}"
+    // Adopted, not reinstalled: back on the renewed lifetime (the effects run just after the
+    // transition), and still there later.
+    wait_until(
+        "the anchor back on the renewed lifetime",
+        Duration::from_secs(1),
+        || {
+            let anchor = c.exec_ok(
+                0,
+                &["ip", "addr", "show", "dev", "eth0", "to", "198.18.0.1/32"],
+            );
+            anchor.contains("valid_lft 1sec") || anchor.contains("valid_lft 0sec")
+        },
     );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(bulk_routes(&c, 0), routes);

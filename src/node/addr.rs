@@ -998,7 +998,7 @@ impl AddressManager {
             tracing::warn!(
                 interface = %name,
                 arp_ignore = effective,
-                "arp_ignore is not 0 on this interface: the kernel would not answer ARP for addresses held by local routes, so large IPv4 sets are added as interface addresses (slow for thousands; set net.ipv4.conf.{name}.arp_ignore=0 and all.arp_ignore=0 for bulk installs)"
+                "arp_ignore is not 0 on this interface: the kernel would not answer ARP for addresses held by local routes, so large IPv4 sets are added as interface addresses (slow for thousands; with arp_ignore 0 on the interface and in `all` they are installed in bulk; virtual-MAC interfaces need 1)"
             );
         }
         false
