@@ -1154,7 +1154,7 @@ impl AddressManager {
     }
 
     /// [`set_lifetime`](Self::set_lifetime) for many addresses of one interface: a bulk
-    /// set's lifetime is its anchor's (set once per set).
+    /// set's lifetime is its anchor's (set once per set). Recorded addresses in one batch.
     pub async fn set_lifetime_all(
         &self,
         index: u32,
@@ -1162,13 +1162,7 @@ impl AddressManager {
         lifetime: Option<Duration>,
     ) -> Vec<(IpNet, AddrError)> {
         let targets = self.anchors_or_self(index, nets, Some(lifetime));
-        let mut failed = Vec::new();
-        for net in targets {
-            if let Err(e) = self.set_lifetime(index, net, lifetime).await {
-                failed.push((net, e));
-            }
-        }
-        failed
+        self.set_lifetimes(index, &targets, lifetime, None).await
     }
 
     /// [`hold`](Self::hold) for many addresses of one interface: a bulk set is held by its
@@ -1180,9 +1174,65 @@ impl AddressManager {
         hold: Duration,
     ) -> Vec<(IpNet, AddrError)> {
         let targets = self.anchors_or_self(index, nets, Some(Some(hold)));
+        self.set_lifetimes(index, &targets, Some(hold), Some(hold))
+            .await
+    }
+
+    /// New lifetimes: recorded addresses in one batch (recorded again, held when `hold`),
+    /// the others one by one through [`set_lifetime`](Self::set_lifetime) /
+    /// [`hold`](Self::hold), which look for the kernel's mark.
+    async fn set_lifetimes(
+        &self,
+        index: u32,
+        nets: &[IpNet],
+        lifetime: Option<Duration>,
+        hold: Option<Duration>,
+    ) -> Vec<(IpNet, AddrError)> {
+        let (recorded, others): (Vec<IpNet>, Vec<IpNet>) = {
+            let record = self.record();
+            nets.iter().partition(|net| record.contains(index, **net))
+        };
         let mut failed = Vec::new();
-        for net in targets {
-            if let Err(e) = self.hold(index, net, hold).await {
+        let requests = recorded
+            .iter()
+            .map(|net| {
+                let mut message = self.address_message(index, *net, None);
+                let seconds = lifetime_seconds(lifetime);
+                let mut info = CacheInfo::default();
+                info.ifa_preferred = seconds;
+                info.ifa_valid = seconds;
+                message.attributes.push(AddressAttribute::CacheInfo(info));
+                Request::new_address(message, NLM_F_CREATE | NLM_F_REPLACE)
+            })
+            .collect();
+        match self.batch(requests).await {
+            Ok((refused, _)) => {
+                let refused: HashMap<usize, i32> = refused.into_iter().collect();
+                let now = SystemTime::now();
+                let mut record = self.record();
+                for (i, net) in recorded.iter().enumerate() {
+                    match refused.get(&i) {
+                        None => {
+                            // Recording again clears a hold; a hold records one.
+                            record.insert(index, *net);
+                            if let Some(hold) = hold {
+                                record.hold(index, *net, now, hold);
+                            }
+                        }
+                        Some(&errno) => {
+                            failed.push((*net, refusal(NetlinkOp::AddAddr, *net, errno, index)))
+                        }
+                    }
+                }
+            }
+            Err(e) => failed.extend(recorded.iter().map(|net| (*net, copy_error(&e)))),
+        }
+        for net in others {
+            let result = match hold {
+                Some(hold) => self.hold(index, net, hold).await,
+                None => self.set_lifetime(index, net, lifetime).await,
+            };
+            if let Err(e) = result {
                 failed.push((net, e));
             }
         }
