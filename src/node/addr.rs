@@ -2271,6 +2271,86 @@ mod tests {
         );
     }
 
+    fn datagram(messages: Vec<RouteNetlinkMessage>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for inner in messages {
+            let mut message = NetlinkMessage::from(inner);
+            message.finalize();
+            let at = out.len();
+            out.resize(at + message.buffer_len(), 0);
+            message.serialize(&mut out[at..]);
+            out.resize(out.len().next_multiple_of(4), 0);
+        }
+        out
+    }
+
+    #[test]
+    fn a_lost_anchor_or_route_reports_its_whole_set_once() {
+        let members: Vec<Ipv4Addr> = (1..=5).map(|i| Ipv4Addr::new(10, 9, 0, i)).collect();
+        let set = BulkSet::new(4, 32, members.clone(), None);
+        assert_eq!(
+            set.covers,
+            vec![
+                "10.9.0.2/31".parse().unwrap(),
+                "10.9.0.4/31".parse().unwrap()
+            ]
+        );
+        let bulk = Mutex::new(BulkSets::default());
+        bulk.lock().unwrap().insert(set);
+        let anchor = message(
+            4,
+            AddressFamily::Inet,
+            32,
+            vec![AddressAttribute::Local(IpAddr::V4(members[0]))],
+        );
+        let every: Vec<AddressEvent> = members
+            .iter()
+            .map(|ip| AddressEvent::Removed {
+                index: 4,
+                net: IpNet::V4(Ipv4Net::new(*ip, 32).unwrap()),
+            })
+            .collect();
+        // A route that is not one of the set's (ours by number, another prefix): nothing.
+        let stray = local_route(4, "10.9.0.8/29".parse().unwrap(), members[0]);
+        assert!(
+            removed_addresses(
+                &datagram(vec![RouteNetlinkMessage::DelRoute(stray)]),
+                Some(&bulk)
+            )
+            .is_empty()
+        );
+        // The anchor's deletion, then the routes the kernel flushes with it: every member
+        // once.
+        let flushed = local_route(4, "10.9.0.2/31".parse().unwrap(), members[0]);
+        let events = removed_addresses(
+            &datagram(vec![
+                RouteNetlinkMessage::DelAddress(anchor.clone()),
+                RouteNetlinkMessage::DelRoute(flushed.clone()),
+            ]),
+            Some(&bulk),
+        );
+        assert_eq!(events, every);
+        assert!(bulk.lock().unwrap().sets[&(4, members[0])].lost);
+        // Installed again, a deleted route reports the set again.
+        bulk.lock()
+            .unwrap()
+            .sets
+            .get_mut(&(4, members[0]))
+            .unwrap()
+            .lost = false;
+        let events = removed_addresses(
+            &datagram(vec![RouteNetlinkMessage::DelRoute(flushed)]),
+            Some(&bulk),
+        );
+        assert_eq!(events, every);
+        // Without the sets (or for another address) it is one address, as before.
+        let events = removed_addresses(
+            &datagram(vec![RouteNetlinkMessage::DelAddress(anchor)]),
+            None,
+        );
+        assert_eq!(events, every[..1]);
+    }
+
     #[test]
     fn connect_without_runtime_is_an_error() {
         let error = AddressManager::connect().unwrap_err();
