@@ -278,6 +278,36 @@ mod tests {
         }
     }
 
+    /// Every subset of a /28 against a brute force: the cover is exact, and as small as the
+    /// block tree allows (aligned blocks nest, so the fewest prefixes take a block whole when
+    /// the set holds all of it, and otherwise its two halves' fewest).
+    #[test]
+    fn every_subset_of_sixteen_addresses_has_the_fewest_prefixes() {
+        fn fewest(set: u32, lo: u32, size: u32) -> usize {
+            let mask = if size == 32 {
+                u32::MAX
+            } else {
+                ((1u32 << size) - 1) << lo
+            };
+            if set & mask == mask {
+                1
+            } else if set & mask == 0 {
+                0
+            } else {
+                fewest(set, lo, size / 2) + fewest(set, lo + size / 2, size / 2)
+            }
+        }
+        let base = u32::from(v4("10.0.0.0"));
+        for set in 0u32..(1 << 16) {
+            let addrs: Vec<Ipv4Addr> = (0..16)
+                .filter(|bit| set & (1 << bit) != 0)
+                .map(|bit| Ipv4Addr::from(base + bit))
+                .collect();
+            let cover = check(&addrs);
+            assert_eq!(cover.len(), fewest(set, 0, 16), "set {set:#06x}: {cover:?}");
+        }
+    }
+
     #[test]
     fn our_routes_are_recognised_and_round_trip() {
         let route = local_route(4, "10.0.0.0/24".parse().unwrap(), v4("10.0.0.1"));
