@@ -10,7 +10,15 @@
 //! the kernel's work on the requests and on the notifications they cause); medians over the
 //! rounds. Then, `expiry-trials` times (default 5, the last renewal at a different phase each
 //! time), it stops renewing and reports, per family, when each address disappeared after the
-//! start of its last renewal (the kernel's expiry granularity).
+//! start of its last renewal (the kernel's expiry granularity). Addresses are interface
+//! addresses here (`--bulk-threshold 0`): the cost of renewing each.
+//!
+//! `cargo bench --bench addresses -- --install [--v4 10000 --v6 2000 --rounds 5]` times
+//! installing and removing `v4` IPv4 /32s on one interface as a bulk set (anchor + `local`
+//! routes, the agent's default above 64 addresses) and as interface addresses added in
+//! batches (`--bulk-threshold 0`), and `v6` IPv6 /128s in batches and one round trip each
+//! (`add_with_lifetime` / `remove` per address, the path before batching); medians over
+//! `rounds`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -31,6 +39,9 @@ struct Options {
     seconds: u64,
     expiry_trials: usize,
     inner: bool,
+    install: bool,
+    v4: usize,
+    v6: usize,
 }
 
 fn options() -> Options {
@@ -40,6 +51,9 @@ fn options() -> Options {
         seconds: 5,
         expiry_trials: 5,
         inner: false,
+        install: false,
+        v4: 10_000,
+        v6: 2_000,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -55,6 +69,9 @@ fn options() -> Options {
             "--seconds" => o.seconds = value("--seconds"),
             "--expiry-trials" => o.expiry_trials = value("--expiry-trials") as usize,
             INNER => o.inner = true,
+            "--install" => o.install = true,
+            "--v4" => o.v4 = value("--v4") as usize,
+            "--v6" => o.v6 = value("--v6") as usize,
             _ => {} // cargo bench's own flags
         }
     }
@@ -64,7 +81,8 @@ fn options() -> Options {
 fn main() -> ExitCode {
     let o = options();
     if o.inner {
-        return match inner(&o) {
+        let result = if o.install { install(&o) } else { inner(&o) };
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 println!("BENCH FAILED: {e}");
@@ -86,23 +104,33 @@ fn main() -> ExitCode {
         ip(&["-n", &ns, "link", "set", "bench0", "up"]);
         ip(&["-n", &ns, "link", "set", "bench1", "up"]);
         let me = std::env::current_exe().expect("own path");
-        let (vips, rounds, seconds) = (
+        let (vips, rounds, seconds, v4, v6) = (
             o.vips.to_string(),
             o.rounds.to_string(),
             o.seconds.to_string(),
+            o.v4.to_string(),
+            o.v6.to_string(),
         );
+        let mut args = vec![
+            INNER,
+            "--vips",
+            &vips,
+            "--rounds",
+            &rounds,
+            "--seconds",
+            &seconds,
+            "--v4",
+            &v4,
+            "--v6",
+            &v6,
+        ];
+        if o.install {
+            args.push("--install");
+        }
         Command::new("ip")
             .args(["netns", "exec", &ns])
             .arg(me)
-            .args([
-                INNER,
-                "--vips",
-                &vips,
-                "--rounds",
-                &rounds,
-                "--seconds",
-                &seconds,
-            ])
+            .args(args)
             .status()
             .map(|s| s.success())
             .unwrap_or(false)
@@ -149,7 +177,8 @@ fn inner(o: &Options) -> Result<(), String> {
         let dir = std::env::temp_dir().join(format!("fvbench-addr-{}", std::process::id()));
         let manager = AddressManager::connect_with_record(&dir, None)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_bulk_threshold(0);
         let index = manager.link("bench0").await.map_err(|e| e.to_string())?.index;
         let wanted: Vec<(u32, IpNet)> = (0..o.vips).map(|i| (index, vip(i))).collect();
         // Added as a new master adds them (one request each, with the lifetime).
@@ -306,6 +335,114 @@ fn inner(o: &Options) -> Result<(), String> {
             notified.load(Ordering::Relaxed)
         );
         let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    })
+}
+
+/// Install and removal times: bulk vs batched interface addresses (IPv4), batched vs one
+/// round trip each (IPv6).
+fn install(o: &Options) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let bulk = AddressManager::connect().map_err(|e| e.to_string())?;
+        let index = bulk.link("bench0").await.map_err(|e| e.to_string())?.index;
+        let batched = AddressManager::connect()
+            .map_err(|e| e.to_string())?
+            .with_bulk_threshold(0);
+        let v4: Vec<IpNet> = (0..o.v4 as u32)
+            .map(|i| {
+                IpNet::new(
+                    IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 1)) + i)),
+                    32,
+                )
+                .unwrap()
+            })
+            .collect();
+        let v6: Vec<IpNet> = (0..o.v6 as u32)
+            .map(|i| {
+                IpNet::new(
+                    IpAddr::V6(Ipv6Addr::from(
+                        u128::from(Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, 0, 1))
+                            + u128::from(i),
+                    )),
+                    128,
+                )
+                .unwrap()
+            })
+            .collect();
+        let check = |failed: Vec<(IpNet, ferrovip::node::addr::AddrError)>| -> Result<(), String> {
+            match failed.first() {
+                Some((net, e)) => Err(format!("{net}: {e}")),
+                None => Ok(()),
+            }
+        };
+        let mut figures: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+        for round in 0..o.rounds {
+            let mut time = |name: &'static str, add: f64, remove: f64| {
+                println!("round {round}: {name}: install {add:.1} ms, removal {remove:.1} ms");
+                let entry = figures.entry(name).or_default();
+                entry.0.push(add);
+                entry.1.push(remove);
+            };
+            let ms = |since: Instant| since.elapsed().as_secs_f64() * 1e3;
+
+            let t = Instant::now();
+            check(bulk.add_all(index, &v4, Some(LIFETIME * 60)).await)?;
+            let add = ms(t);
+            let t = Instant::now();
+            check(bulk.remove_all(index, &v4).await)?;
+            time("IPv4 bulk (anchor + local routes)", add, ms(t));
+
+            let t = Instant::now();
+            check(batched.add_all(index, &v4, Some(LIFETIME * 60)).await)?;
+            let add = ms(t);
+            let t = Instant::now();
+            check(batched.remove_all(index, &v4).await)?;
+            time("IPv4 interface addresses, batched", add, ms(t));
+
+            let t = Instant::now();
+            check(batched.add_all(index, &v6, Some(LIFETIME * 60)).await)?;
+            let add = ms(t);
+            let t = Instant::now();
+            check(batched.remove_all(index, &v6).await)?;
+            time("IPv6 interface addresses, batched", add, ms(t));
+
+            let t = Instant::now();
+            for net in &v6 {
+                batched
+                    .add_with_lifetime(index, *net, Some(LIFETIME * 60))
+                    .await
+                    .map_err(|e| format!("{net}: {e}"))?;
+            }
+            let add = ms(t);
+            let t = Instant::now();
+            for net in &v6 {
+                batched
+                    .remove(index, *net)
+                    .await
+                    .map_err(|e| format!("{net}: {e}"))?;
+            }
+            time("IPv6 interface addresses, one round trip each", add, ms(t));
+
+            let left = batched.list_owned().await.map_err(|e| e.to_string())?;
+            if !left.is_empty() {
+                return Err(format!("{} addresses left after round {round}", left.len()));
+            }
+        }
+        println!(
+            "{} IPv4 /32 and {} IPv6 /128 on one veth, medians of {} rounds:",
+            o.v4, o.v6, o.rounds
+        );
+        for (name, (mut add, mut remove)) in figures {
+            println!(
+                "  {name}: install {:.1} ms, removal {:.1} ms",
+                median(&mut add),
+                median(&mut remove)
+            );
+        }
         Ok(())
     })
 }

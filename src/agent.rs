@@ -103,6 +103,14 @@ pub struct AgentArgs {
         hide = true
     )]
     pub address_ownership: AddressOwnership,
+    // --- branch bulk: bulk address install ---
+    /// IPv4 address sets larger than this (one VIP group on one interface) are installed as
+    /// one interface address (the anchor) plus `local` routes covering the set, in table main
+    /// with `proto 0x46` (see `ip route show table main proto 0x46`): thousands of addresses
+    /// in a few milliseconds. Needs `arp_ignore` 0 on the interface (else interface
+    /// addresses, with a warning). `0` never.
+    #[arg(long, env = "FERROVIP_BULK_THRESHOLD", default_value_t = crate::node::addr::DEFAULT_BULK_THRESHOLD)]
+    pub bulk_threshold: usize,
     /// Serve Prometheus metrics (`/metrics`), liveness (`/healthz`) and readiness
     /// (`/readyz`) here; `off` disables. All addresses by default: the agent runs in the
     /// host network and is scraped at the node's address by Prometheus and probed there by
@@ -295,6 +303,7 @@ impl Agent {
                 state_dir: args.state_dir.clone(),
                 ownership: args.address_ownership.mode(),
                 lifetime: Some(args.address_lifetime).filter(|l| !l.is_zero()),
+                bulk_threshold: args.bulk_threshold,
             },
         )
         .await?;
@@ -769,6 +778,16 @@ pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
     let addresses = AddressManager::connect_with_record(&state_dir_of_addresses, None)
         .await
         .map_err(AgentError::Netlink)?;
+    // Bulk sets' routes first (they go with their anchors anyway).
+    for (index, prefix) in addresses
+        .remove_routes_except(&Default::default())
+        .await
+        .map_err(AgentError::Netlink)?
+    {
+        done.push(format!(
+            "local route {prefix} (table main, proto 0x46) removed from interface {index}"
+        ));
+    }
     let removed = addresses
         .remove_all_owned_except(&Default::default())
         .await

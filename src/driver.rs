@@ -113,6 +113,9 @@ pub struct AddressSettings {
     pub state_dir: PathBuf,
     pub ownership: Option<OwnershipMode>,
     pub lifetime: Option<Duration>,
+    /// IPv4 sets larger than this (per interface and call) are installed as bulk sets (an
+    /// anchor address and `local` routes); 0 never.
+    pub bulk_threshold: usize,
 }
 
 /// The running engine thread, as the agent sees it.
@@ -171,7 +174,7 @@ pub async fn spawn(
                 )
                 .await
                 {
-                    Ok(addresses) => addresses,
+                    Ok(addresses) => addresses.with_bulk_threshold(settings.bulk_threshold),
                     Err(e) => {
                         let _ = started_tx.send(Err(DriverError::Netlink(e)));
                         return;
@@ -340,7 +343,7 @@ impl Driver {
             );
         }
         let (address_tx, address_events) = mpsc::unbounded_channel();
-        if let Err(e) = AddressWatcher::spawn(address_tx.clone()) {
+        if let Err(e) = AddressWatcher::spawn_for(&addresses, address_tx.clone()) {
             warn!(error = %e, "cannot read address notifications: a virtual address that disappears is not put back until its next renewal");
         }
         let macvlans = MacvlanManager::new(addresses.handle().clone());
@@ -976,17 +979,13 @@ async fn run_effects(
                 nets,
                 hold,
             } => {
-                for net in nets {
-                    if let Err(e) = addresses.hold(ifindex, net, hold).await {
-                        warn!(address = %net, error = %e, "cannot hold virtual address for the next agent");
-                    }
+                for (net, e) in addresses.hold_all(ifindex, &nets, hold).await {
+                    warn!(address = %net, error = %e, "cannot hold virtual address for the next agent");
                 }
             }
             Effect::Remove { ifindex, nets } => {
-                for net in nets {
-                    if let Err(e) = addresses.remove(ifindex, net).await {
-                        warn!(address = %net, error = %e, "cannot remove virtual address");
-                    }
+                for (net, e) in addresses.remove_all(ifindex, &nets).await {
+                    warn!(address = %net, error = %e, "cannot remove virtual address");
                 }
             }
             Effect::Announce {
@@ -1011,10 +1010,8 @@ async fn run_effects(
                 nets,
                 lifetime,
             } => {
-                for net in nets {
-                    if let Err(e) = addresses.set_lifetime(ifindex, net, lifetime).await {
-                        warn!(address = %net, error = %e, "cannot set the lifetime of a virtual address");
-                    }
+                for (net, e) in addresses.set_lifetime_all(ifindex, &nets, lifetime).await {
+                    warn!(address = %net, error = %e, "cannot set the lifetime of a virtual address");
                 }
             }
             Effect::DeleteLink { name, index } => {

@@ -16,6 +16,7 @@
 //! | `ferrovip_vrrp_master_changes_total` | counter: the master address this node sees changed | same as state |
 //! | `ferrovip_vrrp_packets_received_total`, `_sent_total`, `ferrovip_vrrp_send_errors_total` | counter | — |
 //! | `ferrovip_vrrp_packets_dropped_total` | counter | `reason` |
+//! | `ferrovip_bulk_arp_ignore_fallbacks_total` | counter: large IPv4 sets added as interface addresses because `arp_ignore` ≠ 0 | — |
 //! | `ferrovip_vrrp_takeover_seconds` | histogram, 10 ms … 10 s: backup → master, from the last advertisement heard from the previous master to the transition (not observed from init, nor when none was heard) | `interface, family, cause` (`master_down`, `priority_zero`, `preempt`) |
 //! | `ferrovip_dataplane_available` | gauge 0/1 | `dataplane` |
 //! | `ferrovip_dataplane_apply_total` | counter | `dataplane, result` |
@@ -593,6 +594,12 @@ impl Collector for VrrpPacketCollector {
                 "vrrp_send_errors",
                 "VRRP packets that could not be sent",
                 stats.send_errors.load(Relaxed),
+            ),
+            (
+                "bulk_arp_ignore_fallbacks",
+                "Large IPv4 address sets added as interface addresses instead of local routes \
+                 because the interface's arp_ignore is not 0",
+                crate::node::addr::arp_ignore_fallbacks(),
             ),
         ] {
             let counter = ConstCounter::new(value);

@@ -13,6 +13,17 @@
 //! addresses of an agent that died or hangs. [`AddressWatcher`] reads the kernel's address
 //! notifications so that the engine can put back an address that disappeared.
 //!
+//! Bulk address sets: an IPv4 set of more than [`AddressManager::bulk_threshold`] addresses
+//! given for one interface in one call is installed as one interface address of ours, the
+//! *anchor* (the lowest address, marked, recorded, with the lifetime), plus the exact CIDR
+//! cover of the rest of the set as `local` routes of ours in table main whose preferred
+//! source is the anchor ([`super::route`]): a handful of routes instead of thousands of
+//! interface addresses (adding IPv4 addresses is quadratic in the kernel). The kernel flushes
+//! the routes with the anchor (`fib_sync_down_addr`, only once the anchor's address is no
+//! longer local: so the routes do not cover the anchor), so renewing the anchor's lifetime
+//! keeps the whole set and a dead agent's set expires with it. Every request, whatever the kind, goes out in batches (many requests
+//! per `sendmsg`, [`Batcher`]) with each refusal mapped back to its address.
+//!
 //! Choices:
 //! - IPv6 VIPs are added with `IFA_F_NODAD`: VRRP already guarantees that one node holds the
 //!   address, and duplicate address detection would keep it tentative (unusable as a source,
@@ -25,19 +36,20 @@
 //!   deleting it would otherwise delete every secondary address of that subnet with it,
 //!   including addresses that are not ours.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer,
+    NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol, CacheInfo,
@@ -50,11 +62,12 @@ use rtnetlink::Handle;
 use tokio::sync::mpsc;
 
 use super::ownership::{AddressRecord, OwnershipMode};
+use super::route::{OwnedRoute, cover_addresses, local_route};
 
 /// `IFA_PROTO` value marking addresses added by ferrovip ('F'). The kernel reserves 0-3
 /// (unspec, loopback, router advertisement, link-local); other values are free for user
 /// space and no common tool uses this one.
-pub const FERROVIP_ADDR_PROTO: u8 = 0x46;
+pub const FERROVIP_ADDR_PROTO: u8 = super::route::FERROVIP_ROUTE_PROTO;
 
 const ENODEV: i32 = libc::ENODEV;
 const EEXIST: i32 = libc::EEXIST;
@@ -69,6 +82,9 @@ pub enum NetlinkOp {
     AddAddr,
     DelAddr,
     RenewAddr,
+    GetRoute,
+    AddRoute,
+    DelRoute,
 }
 
 impl NetlinkOp {
@@ -79,6 +95,9 @@ impl NetlinkOp {
             Self::AddAddr => "add_addr",
             Self::DelAddr => "del_addr",
             Self::RenewAddr => "renew_addr",
+            Self::GetRoute => "get_route",
+            Self::AddRoute => "add_route",
+            Self::DelRoute => "del_route",
         }
     }
 }
@@ -119,6 +138,14 @@ pub enum AddrError {
     },
     #[error("address renewal over netlink failed")]
     Renew(#[source] io::Error),
+    #[error("rtnetlink {op} for {net} refused: {}", io::Error::from_raw_os_error(*errno))]
+    Refused {
+        op: NetlinkOp,
+        net: IpNet,
+        errno: i32,
+    },
+    #[error("batched rtnetlink exchange failed")]
+    Batch(#[source] io::Error),
     #[error("cannot write the address record {}", path.display())]
     Record {
         path: PathBuf,
@@ -136,6 +163,8 @@ impl AddrError {
             Self::Netlink { op, .. } => op.as_str(),
             Self::Sysctl { .. } => "sysctl",
             Self::Renew(_) => "renew",
+            Self::Refused { op, .. } => op.as_str(),
+            Self::Batch(_) => "batch",
             Self::Record { .. } => "record",
         }
     }
@@ -145,7 +174,8 @@ impl AddrError {
         match self {
             Self::Netlink { source, .. } => netlink_errno(source),
             Self::Sysctl { source, .. } => source.raw_os_error(),
-            Self::Renew(source) => source.raw_os_error(),
+            Self::Renew(source) | Self::Batch(source) => source.raw_os_error(),
+            Self::Refused { errno, .. } => Some(*errno),
             _ => None,
         }
     }
@@ -251,8 +281,132 @@ impl KernelAddress {
 /// Where a probe address goes to learn whether the kernel keeps `IFA_PROTO`: a host route in
 /// 127/8 on `lo`, which is local already, so nothing can notice it for the instant it exists.
 const PROBE_ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 70, 70, 70);
-/// Requests per `sendmsg` of a renewal: each error a batch can produce fits the receive buffer.
-const RENEW_BATCH: usize = 256;
+/// Requests per `sendmsg` of a batch: each error a batch can produce fits the receive buffer.
+const BATCH: usize = 256;
+/// Default of [`AddressManager::with_bulk_threshold`] (the agent's `--bulk-threshold`).
+pub const DEFAULT_BULK_THRESHOLD: usize = 64;
+const ESRCH: i32 = libc::ESRCH;
+
+/// Calls that installed interface addresses instead of a bulk set because the interface's
+/// effective `arp_ignore` is not 0 (exported as `ferrovip_bulk_arp_ignore_fallbacks_total`).
+static ARP_IGNORE_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// How many bulk installs fell back to interface addresses because of `arp_ignore`.
+pub fn arp_ignore_fallbacks() -> u64 {
+    ARP_IGNORE_FALLBACKS.load(Ordering::Relaxed)
+}
+
+/// One bulk IPv4 set on one interface: its anchor (an interface address of ours, whose
+/// prefix length every member shares), its members and the routes covering them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BulkSet {
+    index: u32,
+    anchor: Ipv4Net,
+    /// Sorted, without duplicates; the anchor is the first.
+    members: Vec<Ipv4Addr>,
+    /// The exact CIDR cover of the members but the anchor.
+    covers: Vec<Ipv4Net>,
+    lifetime: Option<Duration>,
+    /// Its anchor or a route went away (notification) and it was not installed again yet.
+    lost: bool,
+}
+
+impl BulkSet {
+    /// `members` sorted and deduplicated, not empty.
+    fn new(index: u32, prefix: u8, members: Vec<Ipv4Addr>, lifetime: Option<Duration>) -> Self {
+        let anchor = Ipv4Net::new(members[0], prefix).expect("prefix of a valid net");
+        Self {
+            index,
+            anchor,
+            // Not the anchor: the kernel flushes the routes of a deleted address only when
+            // that address is no longer local, which a route covering it would keep it.
+            covers: super::route::cidr_cover(&members[1..]),
+            members,
+            lifetime,
+            lost: false,
+        }
+    }
+
+    fn member_nets(&self) -> impl Iterator<Item = IpNet> + '_ {
+        let prefix = self.anchor.prefix_len();
+        self.members
+            .iter()
+            .map(move |ip| IpNet::V4(Ipv4Net::new(*ip, prefix).expect("valid prefix")))
+    }
+
+    fn anchor_net(&self) -> IpNet {
+        IpNet::V4(self.anchor)
+    }
+}
+
+/// The bulk sets this manager installed or adopted, shared with the address watcher.
+#[derive(Debug, Default)]
+struct BulkSets {
+    /// By (interface, anchor address).
+    sets: HashMap<(u32, Ipv4Addr), BulkSet>,
+    /// (interface, member address) → its set's anchor.
+    member_of: HashMap<(u32, Ipv4Addr), Ipv4Addr>,
+    /// Interfaces already warned about `arp_ignore`.
+    arp_warned: HashSet<u32>,
+}
+
+impl BulkSets {
+    fn insert(&mut self, set: BulkSet) {
+        for ip in &set.members {
+            self.member_of.insert((set.index, *ip), set.anchor.addr());
+        }
+        self.sets.insert((set.index, set.anchor.addr()), set);
+    }
+
+    fn take(&mut self, index: u32, anchor: Ipv4Addr) -> Option<BulkSet> {
+        let set = self.sets.remove(&(index, anchor))?;
+        for ip in &set.members {
+            if self.member_of.get(&(index, *ip)) == Some(&anchor) {
+                self.member_of.remove(&(index, *ip));
+            }
+        }
+        Some(set)
+    }
+
+    /// The anchor of the set `net` belongs to (same prefix length).
+    fn anchor_of(&self, index: u32, net: &IpNet) -> Option<Ipv4Addr> {
+        let IpNet::V4(net) = net else { return None };
+        let anchor = *self.member_of.get(&(index, net.addr()))?;
+        let set = self.sets.get(&(index, anchor))?;
+        (set.anchor.prefix_len() == net.prefix_len()).then_some(anchor)
+    }
+
+    /// The set anchored at `anchor` went away (its anchor, or a route of `covers`): every
+    /// member counts as removed, once. `None` when it is no set of ours.
+    fn lose(
+        &mut self,
+        index: u32,
+        anchor: IpNet,
+        cover: Option<Ipv4Net>,
+    ) -> Option<Vec<AddressEvent>> {
+        let IpNet::V4(anchor) = anchor else {
+            return None;
+        };
+        let set = self.sets.get_mut(&(index, anchor.addr()))?;
+        match cover {
+            None if set.anchor != anchor => return None,
+            Some(cover) if !set.covers.contains(&cover) => return None,
+            _ => {}
+        }
+        if set.lost {
+            return Some(Vec::new());
+        }
+        set.lost = true;
+        Some(
+            set.member_nets()
+                .map(|net| AddressEvent::Removed { index, net })
+                .collect(),
+        )
+    }
+}
+
+/// What a failed request of a batch is blamed on.
+type Blame = Vec<IpNet>;
 /// Receive buffer of the renewal and notification sockets (forced, as root).
 const NETLINK_RCVBUF: usize = 4 << 20;
 
@@ -262,7 +416,9 @@ pub struct AddressManager {
     handle: Handle,
     mode: OwnershipMode,
     record: Arc<Mutex<AddressRecord>>,
-    renewer: Arc<Mutex<Option<Renewer>>>,
+    renewer: Arc<Mutex<Option<Batcher>>>,
+    bulk: Arc<Mutex<BulkSets>>,
+    bulk_threshold: usize,
 }
 
 /// How one renewal went.
@@ -300,7 +456,24 @@ impl AddressManager {
             mode: OwnershipMode::KernelMark,
             record: Arc::new(Mutex::new(AddressRecord::in_memory())),
             renewer: Arc::new(Mutex::new(None)),
+            bulk: Arc::new(Mutex::new(BulkSets::default())),
+            bulk_threshold: DEFAULT_BULK_THRESHOLD,
         }
+    }
+
+    /// IPv4 sets of more than `threshold` addresses for one interface in one call are
+    /// installed as an anchor and `local` routes (see the module's documentation); 0 never.
+    pub fn with_bulk_threshold(mut self, threshold: usize) -> Self {
+        self.bulk_threshold = threshold;
+        self
+    }
+
+    pub fn bulk_threshold(&self) -> usize {
+        self.bulk_threshold
+    }
+
+    fn bulk(&self) -> MutexGuard<'_, BulkSets> {
+        self.bulk.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Opens a connection in the current network namespace and spawns its task on the
@@ -312,7 +485,12 @@ impl AddressManager {
         let (connection, handle, _) =
             rtnetlink::new_connection_with_strict_check().map_err(AddrError::Connect)?;
         runtime.spawn(connection);
-        Ok(Self::new(handle))
+        let manager = Self::new(handle);
+        // The batch socket belongs to the namespace of the thread that opens it: this one.
+        if let Err(e) = manager.open_batcher() {
+            tracing::debug!(error = %e, "cannot open the batch socket yet");
+        }
+        Ok(manager)
     }
 
     /// The agent's manager: the record of `state_dir`, and the given ownership mode, or with
@@ -518,32 +696,623 @@ impl AddressManager {
         self.add_one(index, net, lifetime).await
     }
 
-    /// Adds many addresses to one interface (checking `promote_secondaries` once); returns
-    /// those that failed. A thousand take tens of milliseconds, well within one lifetime.
+    /// Adds many addresses to one interface, as ours, in batches; returns those that failed
+    /// (each error names its address). An IPv4 set of more than
+    /// [`bulk_threshold`](Self::bulk_threshold) addresses becomes bulk sets (one per prefix
+    /// length, see the module's documentation) unless the interface's `arp_ignore` forbids
+    /// it; addresses of a bulk set installed before are left alone, or, when a notification
+    /// said the set went away, its whole set is installed again.
     pub async fn add_all(
         &self,
         index: u32,
         nets: &[IpNet],
         lifetime: Option<Duration>,
     ) -> Vec<(IpNet, AddrError)> {
-        if nets.iter().any(|n| n.addr().is_ipv4())
-            && let Err(e) = self.ensure_promote_secondaries(index).await
+        let mut failed = Vec::new();
+        let mut lost = Vec::new();
+        let mut fresh_v4: Vec<Ipv4Net> = Vec::new();
+        let mut plain: Vec<IpNet> = Vec::new();
         {
-            let mut failed = vec![(nets[0], e)];
-            for net in &nets[1..] {
-                if let Err(e) = self.add_with_lifetime(index, *net, lifetime).await {
-                    failed.push((*net, e));
+            let mut bulk = self.bulk();
+            let mut anchors = HashSet::new();
+            for net in nets {
+                match (bulk.anchor_of(index, net), net) {
+                    (Some(anchor), _) => {
+                        if anchors.insert(anchor)
+                            && let Some(set) = bulk.sets.get_mut(&(index, anchor))
+                            && set.lost
+                        {
+                            set.lifetime = lifetime;
+                            lost.push(set.clone());
+                        }
+                    }
+                    (None, IpNet::V4(v4)) => fresh_v4.push(*v4),
+                    (None, IpNet::V6(_)) => plain.push(*net),
                 }
             }
-            return failed;
         }
+        if (!fresh_v4.is_empty() || !lost.is_empty())
+            && let Err(e) = self.ensure_promote_secondaries(index).await
+        {
+            let first = fresh_v4
+                .first()
+                .map(|n| IpNet::V4(*n))
+                .or_else(|| lost.first().map(BulkSet::anchor_net))
+                .unwrap_or(nets[0]);
+            failed.push((first, e));
+        }
+        let mut sets = Vec::new();
+        if self.bulk_threshold > 0 && fresh_v4.len() > self.bulk_threshold {
+            if self.arp_ignore_allows_bulk(index).await {
+                let mut by_prefix: HashMap<u8, BTreeSet<Ipv4Addr>> = HashMap::new();
+                for net in &fresh_v4 {
+                    by_prefix
+                        .entry(net.prefix_len())
+                        .or_default()
+                        .insert(net.addr());
+                }
+                for (prefix, members) in by_prefix {
+                    if members.len() > self.bulk_threshold {
+                        sets.push(BulkSet::new(
+                            index,
+                            prefix,
+                            members.into_iter().collect(),
+                            lifetime,
+                        ));
+                    } else {
+                        plain.extend(
+                            members.into_iter().map(|ip| {
+                                IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid prefix"))
+                            }),
+                        );
+                    }
+                }
+            } else {
+                plain.extend(fresh_v4.iter().map(|n| IpNet::V4(*n)));
+            }
+        } else {
+            plain.extend(fresh_v4.iter().map(|n| IpNet::V4(*n)));
+        }
+        failed.extend(self.install_sets(sets, false).await);
+        failed.extend(self.install_sets(lost, true).await);
+        failed.extend(self.add_plain(index, &plain, lifetime).await);
+        failed
+    }
+
+    /// Interface addresses, one batch: added ones are recorded; one already there stays as
+    /// it is (and foreign if it was).
+    async fn add_plain(
+        &self,
+        index: u32,
+        nets: &[IpNet],
+        lifetime: Option<Duration>,
+    ) -> Vec<(IpNet, AddrError)> {
+        let requests: Vec<Request> = nets
+            .iter()
+            .map(|net| {
+                Request::new_address(
+                    self.address_message(index, *net, lifetime),
+                    NLM_F_CREATE | NLM_F_EXCL,
+                )
+            })
+            .collect();
+        let refused = match self.batch(requests).await {
+            Ok((refused, _)) => refused,
+            Err(e) => return nets.iter().map(|net| (*net, copy_error(&e))).collect(),
+        };
+        let mut refused_at: HashMap<usize, i32> = refused.into_iter().collect();
         let mut failed = Vec::new();
-        for net in nets {
-            if let Err(e) = self.add_one(index, *net, lifetime).await {
-                failed.push((*net, e));
+        let mut record = self.record();
+        for (i, net) in nets.iter().enumerate() {
+            match refused_at.remove(&i) {
+                None => record.insert(index, *net),
+                Some(EEXIST) => {}
+                Some(errno) => failed.push((*net, refusal(NetlinkOp::AddAddr, *net, errno, index))),
             }
         }
         failed
+    }
+
+    /// Installs bulk sets in one batch: the anchor (new: must not exist, or be ours
+    /// already; `again`: created or replaced) and the covering routes. An anchor somebody
+    /// else configured is not taken: the next member becomes the anchor.
+    async fn install_sets(&self, sets: Vec<BulkSet>, again: bool) -> Vec<(IpNet, AddrError)> {
+        let mut failed = Vec::new();
+        let mut pending = sets;
+        let mut stale = Vec::new();
+        // A few tries for anchors that turned out foreign.
+        for _ in 0..4 {
+            if pending.is_empty() {
+                break;
+            }
+            let mut requests = Vec::new();
+            let mut blame: Vec<(usize, Option<usize>)> = Vec::new(); // (set, cover)
+            for (s, set) in pending.iter().enumerate() {
+                let flags = if again {
+                    NLM_F_CREATE | NLM_F_REPLACE
+                } else {
+                    NLM_F_CREATE | NLM_F_EXCL
+                };
+                requests.push(Request::new_address(
+                    self.address_message(set.index, set.anchor_net(), set.lifetime),
+                    flags,
+                ));
+                blame.push((s, None));
+                for (c, cover) in set.covers.iter().enumerate() {
+                    requests.push(Request::new_route(local_route(
+                        set.index,
+                        *cover,
+                        set.anchor.addr(),
+                    )));
+                    blame.push((s, Some(c)));
+                }
+            }
+            let refused = match self.batch(requests).await {
+                Ok((refused, _)) => refused,
+                Err(e) => {
+                    for set in &pending {
+                        failed.extend(set.member_nets().map(|net| (net, copy_error(&e))));
+                    }
+                    return failed;
+                }
+            };
+            let mut anchor_errno: HashMap<usize, i32> = HashMap::new();
+            let mut cover_errno: HashMap<(usize, usize), i32> = HashMap::new();
+            for (i, errno) in refused {
+                match blame[i] {
+                    (s, None) => {
+                        anchor_errno.insert(s, errno);
+                    }
+                    (s, Some(c)) => {
+                        cover_errno.insert((s, c), errno);
+                    }
+                }
+            }
+            // Anchors already there: ours (recorded, or marked) or somebody else's?
+            let mut ours_already: HashSet<(u32, IpNet)> = HashSet::new();
+            let unknown = anchor_errno.iter().any(|(s, errno)| {
+                *errno == EEXIST
+                    && !self
+                        .record()
+                        .contains(pending[*s].index, pending[*s].anchor_net())
+            });
+            if unknown && let Ok(addresses) = self.addresses(None, AddressFamily::Inet).await {
+                ours_already.extend(
+                    addresses
+                        .iter()
+                        .filter(|a| self.is_ours(a))
+                        .map(|a| (a.index, a.net)),
+                );
+            }
+            let mut retry = Vec::new();
+            for (s, mut set) in pending.into_iter().enumerate() {
+                let anchor = set.anchor_net();
+                match anchor_errno.get(&s) {
+                    None => self.record().insert(set.index, anchor),
+                    Some(&EEXIST) if self.record().contains(set.index, anchor) => {}
+                    Some(&EEXIST) if ours_already.contains(&(set.index, anchor)) => {
+                        // Marked ours (an earlier agent's): renewed from now on.
+                        self.record().insert(set.index, anchor);
+                    }
+                    Some(&EEXIST) if set.members.len() > 1 => {
+                        // Somebody else's address (which stays theirs, and local through
+                        // them): the rest of the set is anchored at the next member; routes
+                        // of this try that the new cover lacks go.
+                        tracing::debug!(address = %anchor, "bulk anchor exists and is not ours; anchoring at the next member");
+                        let members = set.members.split_off(1);
+                        let next =
+                            BulkSet::new(set.index, set.anchor.prefix_len(), members, set.lifetime);
+                        stale.extend(set.covers.iter().filter(|c| !next.covers.contains(c)).map(
+                            |c| OwnedRoute {
+                                index: set.index,
+                                dst: *c,
+                                prefsrc: Some(set.anchor.addr()),
+                            },
+                        ));
+                        retry.push(next);
+                        continue;
+                    }
+                    Some(&errno) => {
+                        let error = refusal(NetlinkOp::AddAddr, anchor, errno, set.index);
+                        let text = error.to_string();
+                        failed.push((anchor, error));
+                        failed.extend(set.member_nets().filter(|n| *n != anchor).map(|net| {
+                            (
+                                net,
+                                AddrError::Refused {
+                                    op: NetlinkOp::AddAddr,
+                                    net,
+                                    errno,
+                                },
+                            )
+                        }));
+                        tracing::debug!(anchor = %anchor, error = %text, "bulk set not installed");
+                        continue;
+                    }
+                }
+                for ((_, c), errno) in cover_errno.iter().filter(|((t, _), _)| *t == s) {
+                    let prefix = set.anchor.prefix_len();
+                    for ip in cover_addresses(&set.covers[*c..=*c]) {
+                        let net = IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid"));
+                        failed.push((
+                            net,
+                            AddrError::Refused {
+                                op: NetlinkOp::AddRoute,
+                                net,
+                                errno: *errno,
+                            },
+                        ));
+                    }
+                }
+                set.lost = false;
+                // Anchors of the members' old sets, if any, are not touched: sets are disjoint.
+                self.bulk().insert(set);
+            }
+            pending = retry;
+        }
+        if let Err(e) = self.delete_routes(&stale).await {
+            tracing::warn!(error = %e, "cannot delete routes of a bulk anchor that was not ours");
+        }
+        for set in pending {
+            failed.extend(set.member_nets().map(|net| {
+                (
+                    net,
+                    AddrError::Refused {
+                        op: NetlinkOp::AddAddr,
+                        net,
+                        errno: EEXIST,
+                    },
+                )
+            }));
+        }
+        failed
+    }
+
+    /// Whether route-held addresses would be answered for on this interface: its effective
+    /// `arp_ignore` (the larger of `all` and its own) is 0. Otherwise warns once per
+    /// interface and counts the fallback.
+    async fn arp_ignore_allows_bulk(&self, index: u32) -> bool {
+        let name = match self.link_by_index(index).await {
+            Ok(link) => link.name,
+            Err(e) => {
+                tracing::warn!(interface = index, error = %e, "cannot read the interface for a bulk install; adding interface addresses");
+                return false;
+            }
+        };
+        let read = |ifname: &str| -> Option<u32> {
+            std::fs::read_to_string(ipv4_conf_path(ifname, "arp_ignore"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let effective = match (read("all"), read(&name)) {
+            (Some(all), Some(own)) => all.max(own),
+            _ => u32::MAX,
+        };
+        if effective == 0 {
+            return true;
+        }
+        ARP_IGNORE_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+        if self.bulk().arp_warned.insert(index) {
+            tracing::warn!(
+                interface = %name,
+                arp_ignore = effective,
+                "arp_ignore is not 0 on this interface: the kernel would not answer ARP for addresses held by local routes, so large IPv4 sets are added as interface addresses (slow for thousands; with arp_ignore 0 on the interface and in `all` they are installed in bulk; virtual-MAC interfaces need 1)"
+            );
+        }
+        false
+    }
+
+    fn open_batcher(&self) -> Result<(), AddrError> {
+        let mut guard = self.renewer.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(Batcher::open().map_err(AddrError::Batch)?);
+        }
+        Ok(())
+    }
+
+    /// Blocking: the batch socket's exchange (opened here if it is not yet, in the calling
+    /// thread's namespace). A socket whose state is unknown after an error is replaced.
+    fn exchange_blocking(&self, requests: &[Request]) -> io::Result<(Vec<(usize, i32)>, usize)> {
+        let mut guard = self.renewer.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(Batcher::open()?);
+        }
+        let result = guard.as_mut().expect("opened above").exchange(requests);
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+
+    /// [`exchange_blocking`](Self::exchange_blocking) on a blocking thread, so that the
+    /// engine's runtime keeps running while the kernel works.
+    async fn batch(&self, requests: Vec<Request>) -> Result<(Vec<(usize, i32)>, usize), AddrError> {
+        if requests.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        self.open_batcher()?;
+        let manager = self.clone();
+        tokio::task::spawn_blocking(move || manager.exchange_blocking(&requests))
+            .await
+            .map_err(|e| AddrError::Batch(io::Error::other(e.to_string())))?
+            .map_err(AddrError::Batch)
+    }
+
+    /// Removes many addresses of ours from one interface in one batch (members of a bulk
+    /// set: the set shrinks, its routes and anchor follow; none left: routes and anchor go).
+    /// Addresses absent or foreign are left alone. Returns those that failed.
+    pub async fn remove_all(&self, index: u32, nets: &[IpNet]) -> Vec<(IpNet, AddrError)> {
+        let mut plain = Vec::new();
+        let mut requests = Vec::new();
+        let mut blame: Vec<Blame> = Vec::new();
+        {
+            let mut touched: HashMap<Ipv4Addr, Vec<IpNet>> = HashMap::new();
+            let mut bulk = self.bulk();
+            for net in nets {
+                match bulk.anchor_of(index, net) {
+                    Some(anchor) => touched.entry(anchor).or_default().push(*net),
+                    None => plain.push(*net),
+                }
+            }
+            for (anchor, gone) in touched {
+                let Some(old) = bulk.take(index, anchor) else {
+                    continue;
+                };
+                let gone_ips: HashSet<IpAddr> = gone.iter().map(IpNet::addr).collect();
+                let remaining: Vec<Ipv4Addr> = old
+                    .members
+                    .iter()
+                    .copied()
+                    .filter(|ip| !gone_ips.contains(&IpAddr::V4(*ip)))
+                    .collect();
+                let old_anchor = old.anchor_net();
+                if remaining.is_empty() {
+                    for cover in &old.covers {
+                        requests.push(Request::del_route(local_route(index, *cover, anchor)));
+                        blame.push(gone.clone());
+                    }
+                    requests.push(Request::del_address(
+                        self.address_message(index, old_anchor, None),
+                    ));
+                    blame.push(vec![old_anchor]);
+                    self.record().remove(index, old_anchor);
+                    continue;
+                }
+                let new = BulkSet::new(index, old.anchor.prefix_len(), remaining, old.lifetime);
+                let new_anchor = new.anchor_net();
+                if new_anchor != old_anchor {
+                    requests.push(Request::new_address(
+                        self.address_message(index, new_anchor, new.lifetime),
+                        NLM_F_CREATE | NLM_F_REPLACE,
+                    ));
+                    blame.push(vec![new_anchor]);
+                    self.record().insert(index, new_anchor);
+                }
+                for cover in &new.covers {
+                    requests.push(Request::new_route(local_route(
+                        index,
+                        *cover,
+                        new.anchor.addr(),
+                    )));
+                    blame.push(gone.clone());
+                }
+                for cover in old.covers.iter().filter(|c| !new.covers.contains(c)) {
+                    requests.push(Request::del_route(local_route(index, *cover, anchor)));
+                    blame.push(gone.clone());
+                }
+                if new_anchor != old_anchor {
+                    requests.push(Request::del_address(
+                        self.address_message(index, old_anchor, None),
+                    ));
+                    blame.push(vec![old_anchor]);
+                    self.record().remove(index, old_anchor);
+                }
+                bulk.insert(new);
+            }
+        }
+        let mut failed = Vec::new();
+        if !plain.is_empty() {
+            match self.addresses(Some(index), AddressFamily::Unspec).await {
+                Ok(addresses) => {
+                    let wanted: HashSet<IpNet> = plain.iter().copied().collect();
+                    for address in addresses {
+                        if wanted.contains(&address.net) && self.is_ours(&address) {
+                            blame.push(vec![address.net]);
+                            requests.push(Request::del_address(address.message));
+                        }
+                    }
+                }
+                Err(e) => failed.extend(plain.iter().map(|net| (*net, copy_error(&e)))),
+            }
+        }
+        let ops: Vec<NetlinkOp> = requests.iter().map(Request::op).collect();
+        match self.batch(requests).await {
+            Ok((refused, _)) => {
+                for (i, errno) in refused {
+                    if matches!(errno, ENOENT | EADDRNOTAVAIL | ENODEV | ESRCH) {
+                        continue;
+                    }
+                    for net in &blame[i] {
+                        failed.push((*net, refusal(ops[i], *net, errno, index)));
+                    }
+                }
+            }
+            Err(e) => {
+                let mut all: Vec<IpNet> = blame.into_iter().flatten().collect();
+                all.sort();
+                all.dedup();
+                failed.extend(all.into_iter().map(|net| (net, copy_error(&e))));
+            }
+        }
+        let mut record = self.record();
+        for net in &plain {
+            record.remove(index, *net);
+        }
+        failed
+    }
+
+    /// [`set_lifetime`](Self::set_lifetime) for many addresses of one interface: a bulk
+    /// set's lifetime is its anchor's (set once per set). Recorded addresses in one batch.
+    pub async fn set_lifetime_all(
+        &self,
+        index: u32,
+        nets: &[IpNet],
+        lifetime: Option<Duration>,
+    ) -> Vec<(IpNet, AddrError)> {
+        let targets = self.anchors_or_self(index, nets, Some(lifetime));
+        self.set_lifetimes(index, &targets, lifetime, None).await
+    }
+
+    /// [`hold`](Self::hold) for many addresses of one interface: a bulk set is held by its
+    /// anchor (its routes go with it; the next agent adopts them with the anchor).
+    pub async fn hold_all(
+        &self,
+        index: u32,
+        nets: &[IpNet],
+        hold: Duration,
+    ) -> Vec<(IpNet, AddrError)> {
+        let targets = self.anchors_or_self(index, nets, Some(Some(hold)));
+        self.set_lifetimes(index, &targets, Some(hold), Some(hold))
+            .await
+    }
+
+    /// New lifetimes: recorded addresses in one batch (recorded again, held when `hold`),
+    /// the others one by one through [`set_lifetime`](Self::set_lifetime) /
+    /// [`hold`](Self::hold), which look for the kernel's mark.
+    async fn set_lifetimes(
+        &self,
+        index: u32,
+        nets: &[IpNet],
+        lifetime: Option<Duration>,
+        hold: Option<Duration>,
+    ) -> Vec<(IpNet, AddrError)> {
+        let (recorded, others): (Vec<IpNet>, Vec<IpNet>) = {
+            let record = self.record();
+            nets.iter().partition(|net| record.contains(index, **net))
+        };
+        let mut failed = Vec::new();
+        let requests = recorded
+            .iter()
+            .map(|net| {
+                let mut message = self.address_message(index, *net, None);
+                let seconds = lifetime_seconds(lifetime);
+                let mut info = CacheInfo::default();
+                info.ifa_preferred = seconds;
+                info.ifa_valid = seconds;
+                message.attributes.push(AddressAttribute::CacheInfo(info));
+                Request::new_address(message, NLM_F_CREATE | NLM_F_REPLACE)
+            })
+            .collect();
+        match self.batch(requests).await {
+            Ok((refused, _)) => {
+                let refused: HashMap<usize, i32> = refused.into_iter().collect();
+                let now = SystemTime::now();
+                let mut record = self.record();
+                for (i, net) in recorded.iter().enumerate() {
+                    match refused.get(&i) {
+                        None => {
+                            // Recording again clears a hold; a hold records one.
+                            record.insert(index, *net);
+                            if let Some(hold) = hold {
+                                record.hold(index, *net, now, hold);
+                            }
+                        }
+                        Some(&errno) => {
+                            failed.push((*net, refusal(NetlinkOp::AddAddr, *net, errno, index)))
+                        }
+                    }
+                }
+            }
+            Err(e) => failed.extend(recorded.iter().map(|net| (*net, copy_error(&e)))),
+        }
+        for net in others {
+            let result = match hold {
+                Some(hold) => self.hold(index, net, hold).await,
+                None => self.set_lifetime(index, net, lifetime).await,
+            };
+            if let Err(e) = result {
+                failed.push((net, e));
+            }
+        }
+        failed
+    }
+
+    /// `nets` with every bulk member replaced by its set's anchor (once); sets the sets'
+    /// lifetime when given.
+    fn anchors_or_self(
+        &self,
+        index: u32,
+        nets: &[IpNet],
+        lifetime: Option<Option<Duration>>,
+    ) -> Vec<IpNet> {
+        let mut bulk = self.bulk();
+        let mut anchors = HashSet::new();
+        let mut out = Vec::new();
+        for net in nets {
+            match bulk.anchor_of(index, net) {
+                Some(anchor) => {
+                    if anchors.insert(anchor)
+                        && let Some(set) = bulk.sets.get_mut(&(index, anchor))
+                    {
+                        if let Some(lifetime) = lifetime {
+                            set.lifetime = lifetime;
+                        }
+                        out.push(set.anchor_net());
+                    }
+                }
+                None => out.push(*net),
+            }
+        }
+        out
+    }
+
+    /// Our routes (`proto 0x46`, `local`, table main, IPv4) on every interface.
+    async fn owned_routes(&self) -> Result<Vec<OwnedRoute>, AddrError> {
+        let mut filter = netlink_packet_route::route::RouteMessage::default();
+        filter.header.address_family = AddressFamily::Inet;
+        filter.header.table = super::route::TABLE_MAIN;
+        filter.header.protocol =
+            netlink_packet_route::route::RouteProtocol::from(FERROVIP_ADDR_PROTO);
+        filter.header.kind = netlink_packet_route::route::RouteType::Local;
+        let messages: Vec<netlink_packet_route::route::RouteMessage> = self
+            .handle
+            .route()
+            .get(filter)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| AddrError::Netlink {
+                op: NetlinkOp::GetRoute,
+                source,
+            })?;
+        Ok(messages
+            .iter()
+            .filter_map(OwnedRoute::from_message)
+            .collect())
+    }
+
+    /// Deletes routes in one batch (gone already counts as done).
+    async fn delete_routes(&self, routes: &[OwnedRoute]) -> Result<(), AddrError> {
+        let requests = routes
+            .iter()
+            .map(|r| Request::del_route(r.message()))
+            .collect();
+        let (refused, _) = self.batch(requests).await?;
+        if let Some((i, errno)) = refused
+            .into_iter()
+            .find(|(_, errno)| !matches!(*errno, ENOENT | ESRCH | ENODEV))
+        {
+            let route = &routes[i];
+            return Err(refusal(
+                NetlinkOp::DelRoute,
+                IpNet::V4(route.dst),
+                errno,
+                route.index,
+            ));
+        }
+        Ok(())
     }
 
     async fn add_one(
@@ -679,35 +1448,33 @@ impl AddressManager {
         addresses: &[(u32, IpNet)],
         lifetime: Duration,
     ) -> Result<RenewReport, AddrError> {
-        let messages: Vec<(u32, IpNet, AddressMessage)> = {
+        // Members of bulk sets are not recorded, their anchors are: this renews one address
+        // per set.
+        let (keys, requests): (Vec<(u32, IpNet)>, Vec<Request>) = {
             let record = self.record();
             addresses
                 .iter()
                 .filter(|(index, net)| record.contains(*index, *net))
-                .map(|&(index, net)| (index, net, self.address_message(index, net, Some(lifetime))))
-                .collect()
+                .map(|&(index, net)| {
+                    let message = self.address_message(index, net, Some(lifetime));
+                    (
+                        (index, net),
+                        Request::new_address(message, NLM_F_CREATE | NLM_F_REPLACE),
+                    )
+                })
+                .unzip()
         };
-        let mut guard = self.renewer.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.is_none() {
-            *guard = Some(Renewer::open().map_err(AddrError::Renew)?);
-        }
-        let renewer = guard.as_mut().expect("opened above");
-        let mut report = RenewReport::default();
-        for chunk in messages.chunks(RENEW_BATCH) {
-            match renewer.renew(chunk) {
-                Ok(failed) => {
-                    report.writes += 1;
-                    report.renewed += chunk.len();
-                    report.failed.extend(failed);
-                }
-                Err(e) => {
-                    // The socket's state is unknown: open a new one next time.
-                    *guard = None;
-                    return Err(AddrError::Renew(e));
-                }
-            }
-        }
-        Ok(report)
+        let (refused, writes) = self
+            .exchange_blocking(&requests)
+            .map_err(AddrError::Renew)?;
+        Ok(RenewReport {
+            renewed: requests.len(),
+            writes,
+            failed: refused
+                .into_iter()
+                .map(|(i, errno)| (keys[i].0, keys[i].1, errno))
+                .collect(),
+        })
     }
 
     /// Start-up: the addresses a restarting predecessor held for us (the record says so and
@@ -738,7 +1505,58 @@ impl AddressManager {
                 leftovers.push(address);
             }
         }
+        // Bulk sets: routes anchored at a held address are held with it (and adopted into
+        // this manager's sets); every other route of ours is a leftover.
         let mut removed = Vec::new();
+        let held_anchors: HashMap<(u32, Ipv4Addr), Ipv4Net> = held
+            .iter()
+            .filter_map(|(index, net)| match net {
+                IpNet::V4(v4) => Some(((*index, v4.addr()), *v4)),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        let mut adopted: HashMap<(u32, Ipv4Addr), Vec<Ipv4Net>> = HashMap::new();
+        let mut stale = Vec::new();
+        for route in self.owned_routes().await? {
+            match route
+                .prefsrc
+                .and_then(|src| held_anchors.get(&(route.index, src)).map(|a| (src, a)))
+            {
+                Some((src, _)) => adopted
+                    .entry((route.index, src))
+                    .or_default()
+                    .push(route.dst),
+                None => stale.push(route),
+            }
+        }
+        self.delete_routes(&stale).await?;
+        removed.extend(stale.iter().map(|r| (r.index, IpNet::V4(r.dst))));
+        {
+            let mut bulk = self.bulk();
+            for ((index, src), mut covers) in adopted {
+                let anchor = held_anchors[&(index, src)];
+                covers.sort();
+                let mut members: Vec<Ipv4Addr> = cover_addresses(&covers).collect();
+                members.push(src);
+                members.sort_unstable();
+                members.dedup();
+                for ip in &members {
+                    let net = IpNet::V4(Ipv4Net::new(*ip, anchor.prefix_len()).expect("valid"));
+                    held.insert((index, net));
+                }
+                if let Some(set) = bulk.take(index, src) {
+                    tracing::debug!(anchor = %set.anchor, "bulk set adopted again");
+                }
+                bulk.insert(BulkSet {
+                    index,
+                    anchor,
+                    members,
+                    covers,
+                    lifetime: None,
+                    lost: false,
+                });
+            }
+        }
         for address in leftovers {
             let entry = (address.index, address.net);
             if self.delete(address.message).await? {
@@ -746,17 +1564,23 @@ impl AddressManager {
             }
         }
         {
+            let bulk = self.bulk();
             let mut record = self.record();
             let gone: Vec<(u32, IpNet)> = record
                 .entries()
                 .map(|(k, _)| *k)
                 .filter(|k| !held.contains(k))
                 .collect();
+            // Members of an adopted set are held, but only its anchor is recorded.
+            let is_member = |index: u32, net: &IpNet| {
+                bulk.anchor_of(index, net)
+                    .is_some_and(|anchor| IpAddr::V4(anchor) != net.addr())
+            };
             for (index, net) in gone {
                 record.remove(index, net);
             }
             for &(index, net) in &held {
-                if !record.contains(index, net) {
+                if !record.contains(index, net) && !is_member(index, &net) {
                     record.insert(index, net);
                 }
             }
@@ -788,16 +1612,53 @@ impl AddressManager {
     /// Forgets the addresses of an interface that was deleted (with them).
     pub fn forget_interface(&self, index: u32) {
         self.record().remove_interface(index);
+        let mut bulk = self.bulk();
+        let anchors: Vec<Ipv4Addr> = bulk
+            .sets
+            .keys()
+            .filter(|(i, _)| *i == index)
+            .map(|(_, a)| *a)
+            .collect();
+        for anchor in anchors {
+            bulk.take(index, anchor);
+        }
     }
 
-    /// Every address on every interface that is ours.
+    /// Every address on every interface that is ours: interface addresses, and the members
+    /// of bulk sets (every address our routes cover, with the prefix length of their anchor,
+    /// or /32 for a route whose preferred source is not ours).
     pub async fn list_owned(&self) -> Result<Vec<(u32, IpNet)>, AddrError> {
         let addresses = self.addresses(None, AddressFamily::Unspec).await?;
-        Ok(addresses
+        let owned: Vec<(u32, IpNet)> = addresses
             .into_iter()
             .filter(|address| self.is_ours(address))
             .map(|address| (address.index, address.net))
-            .collect())
+            .collect();
+        let prefixes: HashMap<(u32, Ipv4Addr), u8> = owned
+            .iter()
+            .filter_map(|(index, net)| match net {
+                IpNet::V4(v4) => Some(((*index, v4.addr()), v4.prefix_len())),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        let mut seen: HashSet<(u32, IpNet)> = owned.iter().copied().collect();
+        let mut all = owned;
+        for route in self.owned_routes().await? {
+            let prefix = route
+                .prefsrc
+                .and_then(|src| prefixes.get(&(route.index, src)).copied())
+                .unwrap_or(32);
+            for ip in cover_addresses(std::slice::from_ref(&route.dst)) {
+                let entry = (
+                    route.index,
+                    IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid")),
+                );
+                if seen.insert(entry) {
+                    all.push(entry);
+                }
+            }
+        }
+        Ok(all)
     }
 
     /// Removes every address of ours not in `keep` (what a crashed predecessor left
@@ -807,8 +1668,14 @@ impl AddressManager {
         &self,
         keep: &HashSet<(u32, IpNet)>,
     ) -> Result<Vec<(u32, IpNet)>, AddrError> {
+        // Our routes first (kept only with their anchor), listed by prefix.
+        let mut removed: Vec<(u32, IpNet)> = self
+            .remove_routes_except(keep)
+            .await?
+            .into_iter()
+            .map(|(index, dst)| (index, IpNet::V4(dst)))
+            .collect();
         let addresses = self.addresses(None, AddressFamily::Unspec).await?;
-        let mut removed = Vec::new();
         for address in addresses {
             if !self.is_ours(&address) || keep.contains(&(address.index, address.net)) {
                 continue;
@@ -821,6 +1688,38 @@ impl AddressManager {
         }
         self.flush_record()?;
         Ok(removed)
+    }
+
+    /// Deletes our routes (bulk sets) except those anchored at an address of `keep`, in one
+    /// batch, and forgets their sets; returns them (interface, prefix).
+    pub async fn remove_routes_except(
+        &self,
+        keep: &HashSet<(u32, IpNet)>,
+    ) -> Result<Vec<(u32, Ipv4Net)>, AddrError> {
+        let routes: Vec<OwnedRoute> = self
+            .owned_routes()
+            .await?
+            .into_iter()
+            .filter(|route| {
+                !keep
+                    .iter()
+                    .any(|(index, net)| route.anchored_at(*index, net.addr()))
+            })
+            .collect();
+        {
+            let mut bulk = self.bulk();
+            let gone: Vec<(u32, Ipv4Addr)> = bulk
+                .sets
+                .values()
+                .filter(|set| !keep.contains(&(set.index, set.anchor_net())))
+                .map(|set| (set.index, set.anchor.addr()))
+                .collect();
+            for (index, anchor) in gone {
+                bulk.take(index, anchor);
+            }
+        }
+        self.delete_routes(&routes).await?;
+        Ok(routes.iter().map(|r| (r.index, r.dst)).collect())
     }
 
     async fn delete(&self, message: AddressMessage) -> Result<bool, AddrError> {
@@ -883,6 +1782,24 @@ impl AddressManager {
     }
 }
 
+/// The error of a refused request of a batch, naming the address.
+fn refusal(op: NetlinkOp, net: IpNet, errno: i32, index: u32) -> AddrError {
+    if errno == ENODEV {
+        AddrError::LinkNotFound(index.to_string())
+    } else {
+        AddrError::Refused { op, net, errno }
+    }
+}
+
+/// One error for many addresses (the batch as a whole failed).
+fn copy_error(error: &AddrError) -> AddrError {
+    let kind = match error {
+        AddrError::Batch(e) | AddrError::Renew(e) => e.kind(),
+        _ => io::ErrorKind::Other,
+    };
+    AddrError::Batch(io::Error::new(kind, error.to_string()))
+}
+
 /// Seconds for `IFA_CACHEINFO`: whole seconds, at least 1; `None` is forever.
 fn lifetime_seconds(lifetime: Option<Duration>) -> u32 {
     lifetime.map_or(u32::MAX, |d| {
@@ -890,17 +1807,64 @@ fn lifetime_seconds(lifetime: Option<Duration>) -> u32 {
     })
 }
 
-/// A blocking rtnetlink socket for renewals: many RTM_NEWADDR requests per `sendmsg`.
+/// One request of a batch: a message and its flags besides `NLM_F_REQUEST`/`NLM_F_ACK`.
+#[derive(Debug, Clone)]
+struct Request {
+    message: RouteNetlinkMessage,
+    flags: u16,
+}
+
+impl Request {
+    fn new_address(message: AddressMessage, flags: u16) -> Self {
+        Self {
+            message: RouteNetlinkMessage::NewAddress(message),
+            flags,
+        }
+    }
+
+    fn del_address(message: AddressMessage) -> Self {
+        Self {
+            message: RouteNetlinkMessage::DelAddress(message),
+            flags: 0,
+        }
+    }
+
+    fn new_route(message: netlink_packet_route::route::RouteMessage) -> Self {
+        Self {
+            message: RouteNetlinkMessage::NewRoute(message),
+            flags: NLM_F_CREATE | NLM_F_REPLACE,
+        }
+    }
+
+    fn del_route(message: netlink_packet_route::route::RouteMessage) -> Self {
+        Self {
+            message: RouteNetlinkMessage::DelRoute(message),
+            flags: 0,
+        }
+    }
+
+    fn op(&self) -> NetlinkOp {
+        match self.message {
+            RouteNetlinkMessage::NewAddress(_) => NetlinkOp::AddAddr,
+            RouteNetlinkMessage::DelAddress(_) => NetlinkOp::DelAddr,
+            RouteNetlinkMessage::NewRoute(_) => NetlinkOp::AddRoute,
+            _ => NetlinkOp::DelRoute,
+        }
+    }
+}
+
+/// A blocking rtnetlink socket for batches: many requests per `sendmsg`, only the last of
+/// each asking for an acknowledgement (the kernel reports every failure regardless).
 #[derive(Debug)]
-struct Renewer {
+struct Batcher {
     socket: Socket,
     seq: u32,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
 }
 
-impl Renewer {
-    fn open() -> io::Result<Renewer> {
+impl Batcher {
+    fn open() -> io::Result<Batcher> {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
@@ -913,7 +1877,7 @@ impl Renewer {
             &nix::sys::time::TimeVal::new(2, 0),
         )
         .map_err(io::Error::from)?;
-        Ok(Renewer {
+        Ok(Batcher {
             socket,
             seq: 0,
             send_buf: Vec::new(),
@@ -921,30 +1885,39 @@ impl Renewer {
         })
     }
 
-    /// One `sendmsg` with every request; returns the refused ones with their errno.
-    fn renew(
-        &mut self,
-        batch: &[(u32, IpNet, AddressMessage)],
-    ) -> io::Result<Vec<(u32, IpNet, i32)>> {
+    /// Every request, [`BATCH`] per `sendmsg`, in order; returns the refused ones (their
+    /// position in `requests`) with the kernel's errno, and the `sendmsg` calls it took.
+    fn exchange(&mut self, requests: &[Request]) -> io::Result<(Vec<(usize, i32)>, usize)> {
+        let mut failed = Vec::new();
+        let mut writes = 0;
+        for (chunk_no, chunk) in requests.chunks(BATCH).enumerate() {
+            for (i, errno) in self.exchange_chunk(chunk)? {
+                failed.push((chunk_no * BATCH + i, errno));
+            }
+            writes += 1;
+        }
+        Ok((failed, writes))
+    }
+
+    fn exchange_chunk(&mut self, batch: &[Request]) -> io::Result<Vec<(usize, i32)>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         self.send_buf.clear();
         let first = self.seq.wrapping_add(1);
-        for (i, (_, _, message)) in batch.iter().enumerate() {
+        for (i, request) in batch.iter().enumerate() {
             self.seq = self.seq.wrapping_add(1);
-            let mut request = NetlinkMessage::new(
+            let mut message = NetlinkMessage::new(
                 Default::default(),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(message.clone())),
+                NetlinkPayload::InnerMessage(request.message.clone()),
             );
             let last = i + 1 == batch.len();
-            request.header.flags =
-                NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE | if last { NLM_F_ACK } else { 0 };
-            request.header.sequence_number = self.seq;
-            request.finalize();
+            message.header.flags = NLM_F_REQUEST | request.flags | if last { NLM_F_ACK } else { 0 };
+            message.header.sequence_number = self.seq;
+            message.finalize();
             let at = self.send_buf.len();
-            self.send_buf.resize(at + request.buffer_len(), 0);
-            request.serialize(&mut self.send_buf[at..]);
+            self.send_buf.resize(at + message.buffer_len(), 0);
+            message.serialize(&mut self.send_buf[at..]);
         }
         let last = self.seq;
         let sent = self.socket.send(&self.send_buf, 0)?;
@@ -974,10 +1947,8 @@ impl Renewer {
                     .get(..4)
                     .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
                 let offset = seq.wrapping_sub(first) as usize;
-                if code != 0
-                    && let Some((index, net, _)) = batch.get(offset)
-                {
-                    failed.push((*index, *net, -code));
+                if code != 0 && offset < batch.len() {
+                    failed.push((offset, -code));
                 }
                 if seq == last {
                     return Ok(failed);
@@ -1003,12 +1974,33 @@ impl AddressWatcher {
     /// Subscribes in the calling thread's network namespace and starts the reader thread; it
     /// ends when `events` is closed.
     pub fn spawn(events: mpsc::UnboundedSender<AddressEvent>) -> io::Result<()> {
+        Self::start(events, None)
+    }
+
+    /// [`spawn`](Self::spawn) that also knows `manager`'s bulk sets: when a set's anchor
+    /// goes (deleted, expired) or one of its routes is deleted, every address of the set is
+    /// reported removed, once, so that the engine puts the whole set back.
+    pub fn spawn_for(
+        manager: &AddressManager,
+        events: mpsc::UnboundedSender<AddressEvent>,
+    ) -> io::Result<()> {
+        Self::start(events, Some(manager.bulk.clone()))
+    }
+
+    fn start(
+        events: mpsc::UnboundedSender<AddressEvent>,
+        bulk: Option<Arc<Mutex<BulkSets>>>,
+    ) -> io::Result<()> {
         const RTNLGRP_IPV4_IFADDR: u32 = 5;
+        const RTNLGRP_IPV4_ROUTE: u32 = 7;
         const RTNLGRP_IPV6_IFADDR: u32 = 9;
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
         socket.add_membership(RTNLGRP_IPV4_IFADDR)?;
         socket.add_membership(RTNLGRP_IPV6_IFADDR)?;
+        if bulk.is_some() {
+            socket.add_membership(RTNLGRP_IPV4_ROUTE)?;
+        }
         force_rcvbuf(&socket)?;
         nix::sys::socket::setsockopt(
             &socket,
@@ -1018,12 +2010,24 @@ impl AddressWatcher {
         .map_err(io::Error::from)?;
         std::thread::Builder::new()
             .name("ferrovip-addr-events".into())
-            .spawn(move || watch_addresses(socket, events))?;
+            .spawn(move || watch_addresses(socket, events, bulk))?;
         Ok(())
     }
 }
 
-fn watch_addresses(socket: Socket, events: mpsc::UnboundedSender<AddressEvent>) {
+fn watch_addresses(
+    socket: Socket,
+    events: mpsc::UnboundedSender<AddressEvent>,
+    bulk: Option<Arc<Mutex<BulkSets>>>,
+) {
+    let lose_all = || {
+        if let Some(bulk) = &bulk {
+            let mut bulk = bulk.lock().unwrap_or_else(|e| e.into_inner());
+            for set in bulk.sets.values_mut() {
+                set.lost = true;
+            }
+        }
+    };
     let mut buf: Vec<u8> = Vec::with_capacity(256 << 10);
     loop {
         if events.is_closed() {
@@ -1033,6 +2037,8 @@ fn watch_addresses(socket: Socket, events: mpsc::UnboundedSender<AddressEvent>) 
         match socket.recv(&mut buf, 0) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                // The engine adds everything again; bulk sets are then installed again too.
+                lose_all();
                 let _ = events.send(AddressEvent::Lost);
                 continue;
             }
@@ -1048,11 +2054,12 @@ fn watch_addresses(socket: Socket, events: mpsc::UnboundedSender<AddressEvent>) 
             }
             Err(e) => {
                 tracing::warn!(error = %e, "address notifications stopped");
+                lose_all();
                 let _ = events.send(AddressEvent::Lost);
                 return;
             }
         }
-        for event in removed_addresses(&buf) {
+        for event in removed_addresses(&buf, bulk.as_deref()) {
             if events.send(event).is_err() {
                 return;
             }
@@ -1060,9 +2067,17 @@ fn watch_addresses(socket: Socket, events: mpsc::UnboundedSender<AddressEvent>) 
     }
 }
 
-/// The RTM_DELADDR notifications of one datagram.
-fn removed_addresses(datagram: &[u8]) -> Vec<AddressEvent> {
+/// The RTM_DELADDR notifications of one datagram, bulk sets' anchors and routes expanded to
+/// every address of their set.
+fn removed_addresses(datagram: &[u8], bulk: Option<&Mutex<BulkSets>>) -> Vec<AddressEvent> {
     const RTM_DELADDR: u16 = 21;
+    const RTM_DELROUTE: u16 = 25;
+    let lose = |index: u32, anchor: IpNet, cover: Option<Ipv4Net>| {
+        let bulk = bulk?;
+        bulk.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lose(index, anchor, cover)
+    };
     let mut events = Vec::new();
     let mut pos = 0;
     while let Some(rest) = datagram.get(pos..).filter(|r| r.len() >= 16) {
@@ -1071,20 +2086,38 @@ fn removed_addresses(datagram: &[u8]) -> Vec<AddressEvent> {
         };
         let len = buffer.length() as usize;
         pos += (len + 3) & !3;
-        if buffer.message_type() != RTM_DELADDR {
+        if buffer.message_type() != RTM_DELADDR && buffer.message_type() != RTM_DELROUTE {
             continue;
         }
         let Ok(message) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len]) else {
             continue;
         };
-        if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(message)) =
-            message.payload
-            && let Some(address) = KernelAddress::from_message(message)
-        {
-            events.push(AddressEvent::Removed {
-                index: address.index,
-                net: address.net,
-            });
+        match message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(message)) => {
+                let Some(address) = KernelAddress::from_message(message) else {
+                    continue;
+                };
+                match lose(address.index, address.net, None) {
+                    Some(members) => events.extend(members),
+                    None => events.push(AddressEvent::Removed {
+                        index: address.index,
+                        net: address.net,
+                    }),
+                }
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(message)) => {
+                if let Some(route) = OwnedRoute::from_message(&message)
+                    && let Some(src) = route.prefsrc
+                    && let Some(members) = lose(
+                        route.index,
+                        IpNet::V4(Ipv4Net::new(src, 32).expect("/32")),
+                        Some(route.dst),
+                    )
+                {
+                    events.extend(members);
+                }
+            }
+            _ => {}
         }
     }
     events
@@ -1236,6 +2269,86 @@ mod tests {
             AddrError::LinkNotFound("eth9".into()).metric_label(),
             "link_not_found"
         );
+    }
+
+    fn datagram(messages: Vec<RouteNetlinkMessage>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for inner in messages {
+            let mut message = NetlinkMessage::from(inner);
+            message.finalize();
+            let at = out.len();
+            out.resize(at + message.buffer_len(), 0);
+            message.serialize(&mut out[at..]);
+            out.resize(out.len().next_multiple_of(4), 0);
+        }
+        out
+    }
+
+    #[test]
+    fn a_lost_anchor_or_route_reports_its_whole_set_once() {
+        let members: Vec<Ipv4Addr> = (1..=5).map(|i| Ipv4Addr::new(10, 9, 0, i)).collect();
+        let set = BulkSet::new(4, 32, members.clone(), None);
+        assert_eq!(
+            set.covers,
+            vec![
+                "10.9.0.2/31".parse().unwrap(),
+                "10.9.0.4/31".parse().unwrap()
+            ]
+        );
+        let bulk = Mutex::new(BulkSets::default());
+        bulk.lock().unwrap().insert(set);
+        let anchor = message(
+            4,
+            AddressFamily::Inet,
+            32,
+            vec![AddressAttribute::Local(IpAddr::V4(members[0]))],
+        );
+        let every: Vec<AddressEvent> = members
+            .iter()
+            .map(|ip| AddressEvent::Removed {
+                index: 4,
+                net: IpNet::V4(Ipv4Net::new(*ip, 32).unwrap()),
+            })
+            .collect();
+        // A route that is not one of the set's (ours by number, another prefix): nothing.
+        let stray = local_route(4, "10.9.0.8/29".parse().unwrap(), members[0]);
+        assert!(
+            removed_addresses(
+                &datagram(vec![RouteNetlinkMessage::DelRoute(stray)]),
+                Some(&bulk)
+            )
+            .is_empty()
+        );
+        // The anchor's deletion, then the routes the kernel flushes with it: every member
+        // once.
+        let flushed = local_route(4, "10.9.0.2/31".parse().unwrap(), members[0]);
+        let events = removed_addresses(
+            &datagram(vec![
+                RouteNetlinkMessage::DelAddress(anchor.clone()),
+                RouteNetlinkMessage::DelRoute(flushed.clone()),
+            ]),
+            Some(&bulk),
+        );
+        assert_eq!(events, every);
+        assert!(bulk.lock().unwrap().sets[&(4, members[0])].lost);
+        // Installed again, a deleted route reports the set again.
+        bulk.lock()
+            .unwrap()
+            .sets
+            .get_mut(&(4, members[0]))
+            .unwrap()
+            .lost = false;
+        let events = removed_addresses(
+            &datagram(vec![RouteNetlinkMessage::DelRoute(flushed)]),
+            Some(&bulk),
+        );
+        assert_eq!(events, every);
+        // Without the sets (or for another address) it is one address, as before.
+        let events = removed_addresses(
+            &datagram(vec![RouteNetlinkMessage::DelAddress(anchor)]),
+            None,
+        );
+        assert_eq!(events, every[..1]);
     }
 
     #[test]

@@ -6,4 +6,5 @@ pub mod addr;
 pub mod announce;
 pub mod link;
 pub mod ownership;
+pub mod route;
 pub mod socket;
