@@ -472,11 +472,11 @@ impl ScaleRun<'_> {
                 }
             }
         }
-        for node in 0..opts.nodes {
+        for (node, name) in names.iter().enumerate() {
             let id = self.lab.spawn(
                 node,
                 &["env", "TZ=UTC", "ip", "-ts", "monitor", "address", "route"],
-                format!("{}.monitor.log", names[node]),
+                format!("{name}.monitor.log"),
             )?;
             let log = self.lab.proc_info(id)?.1;
             self.monitors.push((id, log));
