@@ -38,8 +38,12 @@ const EVENTS_PER_SECOND: f64 = 2.0;
 /// Instances with more VirtualIPs than this get one summary Event per transition (about the
 /// Node, naming the count) instead of one Event per VirtualIP.
 const EVENT_MEMBERS: usize = 8;
-/// Status writes in flight at once.
+/// Status writes in flight at once; in a pass with nothing more urgent than this node's
+/// entries ([`WritePriority::Rest`]) while it still waits for masters' writes to show,
+/// fewer, so that the masters' writes (`status.master`, `Ready`) get most of the API server
+/// while many VirtualIPs settle.
 const WRITES_IN_FLIGHT: usize = 8;
+const REST_WRITES_IN_FLIGHT: usize = 2;
 /// Status writes per pass at most; the rest wait for the next pass (20 ms later), which
 /// writes from what is known by then: a VirtualIP whose state changed meanwhile is written
 /// once, with the new state. The most useful writes go first ([`WritePriority`]).
@@ -51,7 +55,7 @@ const UNDECIDED_HOLD: Duration = Duration::from_secs(3);
 /// How long a node that is not master waits for the master's write to show before it writes
 /// a VirtualIP it has a master for: written after the master's, its conditions carry the
 /// master's transition times instead of its own, and the two writes agree at once.
-const MASTER_FIRST: Duration = Duration::from_secs(5);
+const MASTER_FIRST: Duration = Duration::from_secs(30);
 
 /// Which status writes of a pass go first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -63,8 +67,9 @@ enum WritePriority {
     /// Everything else (this node's entry, conditions, services).
     Rest,
 }
-/// A write the object does not reflect is repeated at most this often.
-const REWRITE_AFTER: Duration = Duration::from_secs(1);
+/// A write the object does not reflect is repeated at most this often (longer than the
+/// watch lags behind a busy API server: a shorter time repeats writes that already took).
+const REWRITE_AFTER: Duration = Duration::from_secs(5);
 
 /// Event severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +245,8 @@ impl StatusWriter {
         self.group_events(desired, observed).await;
         let mut live = std::collections::HashSet::new();
         let mut writes = Vec::new();
+        // VirtualIPs whose master's write this node waits for.
+        let mut deferred = 0usize;
         let mut stale_removals = Vec::new();
         self.pending = false;
         for vip in virtual_ips.state() {
@@ -320,6 +327,7 @@ impl StatusWriter {
                 {
                     let since = *self.waiting_for_master.entry(name.clone()).or_insert(now);
                     if now.duration_since(since) < MASTER_FIRST {
+                        deferred += 1;
                         self.pending = true;
                         continue;
                     }
@@ -360,6 +368,12 @@ impl StatusWriter {
 
         // Writes go out a few at a time: after a failover of a thousand VIPs, one at a time
         // would take the API server's round trip a thousand times.
+        // Slow only while masters' writes are still to come (this node waits for some).
+        let in_flight = if deferred == 0 || writes.iter().any(|(p, ..)| *p != WritePriority::Rest) {
+            WRITES_IN_FLIGHT
+        } else {
+            REST_WRITES_IN_FLIGHT
+        };
         let api = &self.api;
         let params = &self.params;
         let results: Vec<_> = futures::stream::iter(writes)
@@ -372,7 +386,7 @@ impl StatusWriter {
                     .map(drop);
                 (name, body, result)
             })
-            .buffer_unordered(WRITES_IN_FLIGHT)
+            .buffer_unordered(in_flight)
             .collect()
             .await;
         for (name, body, result) in results {
@@ -387,6 +401,12 @@ impl StatusWriter {
                     self.waiting_for_master.remove(&name);
                     self.applied_at.insert(name.clone(), now);
                     self.written.insert(name, body_hash(&body));
+                }
+                // Deleted meanwhile (10,000 VirtualIPs deleted at once): nothing to retry,
+                // and no outage to report.
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    debug!(vip = %name, "status not written: the VirtualIP is gone");
+                    self.failed_at.insert(name, now);
                 }
                 Err(e) => {
                     // The first failure after a success is a warning; repeats while the API
