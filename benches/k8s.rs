@@ -96,6 +96,16 @@ const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deleteco
 const APPLY_TARGET: Duration = Duration::from_secs(1);
 const WRITES_TARGET_PER_NODE_PER_S: f64 = 1.0;
 const RSS_TARGET_KIB: u64 = 40 * 1024;
+/// Issue 12's target with 10,000 VirtualIPs (`--scale`).
+const RSS_TARGET_SCALE_KIB: u64 = 150 * 1024;
+
+fn rss_target_kib(vips: usize) -> u64 {
+    if vips > 1000 {
+        RSS_TARGET_SCALE_KIB
+    } else {
+        RSS_TARGET_KIB
+    }
+}
 
 /// One instant and the wall clock at the same moment: audit entries carry wall-clock time,
 /// everything else here is measured with `Instant`.
@@ -130,13 +140,38 @@ struct Args {
     /// Keep the lab directory (agent logs, API server audit log) for a post-mortem.
     #[arg(long)]
     keep: bool,
+    /// The scale scenario of issue 12: this many VirtualIPs in `--groups` groups (default
+    /// 4), nothing else (`--apply-rounds 0 --skip-shared --skip-failover`), `--runs` times
+    /// (default 3), a 60 s window unless `--window` says otherwise; target: settled (every
+    /// VirtualIP shows a master and Ready) within 60 s.
+    #[arg(long)]
+    scale: Option<usize>,
+    /// How many times each scale variant runs (fresh agents each time); medians printed.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
     /// Added by `cargo bench`; `cargo test --benches` runs the binary without it.
     #[arg(long, hide = true)]
     bench: bool,
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(n) = args.scale {
+        args.vips = n;
+        args.apply_rounds = 0;
+        args.skip_shared = true;
+        args.skip_failover = true;
+        let given = |flag: &str| std::env::args().any(|a| a == flag);
+        if !given("--groups") {
+            args.groups = 4;
+        }
+        if !given("--runs") {
+            args.runs = 3;
+        }
+        if !given("--window") {
+            args.window = 60;
+        }
+    }
     if !args.bench {
         println!("k8s: a root benchmark of real daemons; run it with `cargo bench --bench k8s`");
         return Ok(());
@@ -192,16 +227,21 @@ fn main() -> anyhow::Result<()> {
             variants.push(Layout::Shared);
         }
         for layout in variants {
-            let outcome = scale(
-                &mut cluster,
-                layout,
-                args.vips,
-                settle_timeout,
-                window,
-                clock_ticks,
-            );
-            if let Some(bulk) = note_failure(&mut report.errors, &layout.label(), outcome)? {
-                report.scale.push(bulk);
+            report
+                .plan_ms
+                .push((layout.label(), plan_time(layout, args.vips)));
+            for _ in 0..args.runs.max(1) {
+                let outcome = scale(
+                    &mut cluster,
+                    layout,
+                    args.vips,
+                    settle_timeout,
+                    window,
+                    clock_ticks,
+                );
+                if let Some(bulk) = note_failure(&mut report.errors, &layout.label(), outcome)? {
+                    report.scale.push(bulk);
+                }
             }
         }
         let shared_ready = report
@@ -327,6 +367,8 @@ struct Seen {
     first_master_at: Option<Instant>,
     /// When the status first showed an active master and every node's entry.
     complete_at: Option<Instant>,
+    /// When the status first showed a master, `state: Active` and `Ready=True`.
+    ready_at: Option<Instant>,
     vrid: Option<i64>,
     /// Changes (new resourceVersions) seen.
     changes: u64,
@@ -380,6 +422,15 @@ impl WatchState {
             && masters + backups == NODES;
         if complete && seen.complete_at.is_none() {
             seen.complete_at = Some(at);
+        }
+        let ready = status.master.is_some()
+            && status.state.as_deref() == Some("Active")
+            && status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+        if ready && seen.ready_at.is_none() {
+            seen.ready_at = Some(at);
         }
     }
 }
@@ -1442,6 +1493,8 @@ struct AgentCost {
 
 #[derive(Debug, Clone, Serialize)]
 struct SteadyReport {
+    /// The API server's requests in the window (its /metrics), every client.
+    apiserver: ApiServerLoad,
     window_s: f64,
     writes: NodeWrites,
     /// VirtualIP changes (new resourceVersions) the harness's watch saw in the window.
@@ -1473,6 +1526,8 @@ struct ScaleReport {
     to_all_status_master_s: Option<f64>,
     /// … to every VirtualIP showing Active with every node's entry.
     to_all_status_complete_s: Option<f64>,
+    /// … to every VirtualIP showing a master, Active and `Ready=True` (the issue's "settled").
+    to_all_ready_s: Option<f64>,
     /// … to node-a holding every address (polled every ~100 ms).
     to_all_addresses_on_master_s: Option<f64>,
     /// … to the last VirtualIP change before 3 s of quiet.
@@ -1482,7 +1537,162 @@ struct ScaleReport {
     settle_writes: NodeWrites,
     /// CPU per node over the same span, % of one core.
     settle_cpu_percent: BTreeMap<String, f64>,
+    /// The API server's requests over the same span (its /metrics), all clients: verb and
+    /// resource → requests/s.
+    settle_apiserver: ApiServerLoad,
     steady: SteadyReport,
+}
+
+/// The API server's own account of its load: `apiserver_request_total` differences by verb
+/// and resource (every client: the agents, and the harness's watch and creates), and
+/// `apiserver_registered_watchers` at the end.
+#[derive(Debug, Clone, Default, Serialize)]
+struct ApiServerLoad {
+    span_s: f64,
+    requests_per_second: BTreeMap<String, f64>,
+    watchers: BTreeMap<String, f64>,
+}
+
+/// `apiserver_request_total` (by "VERB resource[/subresource]") and
+/// `apiserver_registered_watchers` (by kind) from the API server's /metrics.
+fn apiserver_metrics(
+    cluster: &Cluster,
+) -> anyhow::Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
+    let text = cluster.kubectl(&["get", "--raw", "/metrics"])?;
+    let label = |labels: &str, key: &str| -> String {
+        let pat = format!("{key}=\"");
+        labels
+            .split(',')
+            .find_map(|kv| kv.strip_prefix(&pat))
+            .map(|v| v.trim_end_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    let (mut requests, mut watchers) = (BTreeMap::new(), BTreeMap::new());
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let Some((name, labels)) = series.split_once('{') else {
+            continue;
+        };
+        let labels = labels.trim_end_matches('}');
+        match name {
+            "apiserver_request_total" => {
+                let resource = label(labels, "resource");
+                if resource.is_empty() {
+                    continue;
+                }
+                let sub = label(labels, "subresource");
+                let key = format!(
+                    "{} {resource}{}",
+                    label(labels, "verb"),
+                    if sub.is_empty() {
+                        String::new()
+                    } else {
+                        format!("/{sub}")
+                    }
+                );
+                *requests.entry(key).or_insert(0.0) += value;
+            }
+            "apiserver_registered_watchers" if value > 0.0 => {
+                *watchers.entry(label(labels, "kind")).or_insert(0.0) += value;
+            }
+            _ => {}
+        }
+    }
+    Ok((requests, watchers))
+}
+
+impl ApiServerLoad {
+    fn between(
+        before: &BTreeMap<String, f64>,
+        after: (BTreeMap<String, f64>, BTreeMap<String, f64>),
+        span: Duration,
+    ) -> ApiServerLoad {
+        let span_s = span.as_secs_f64().max(1e-3);
+        let requests_per_second = after
+            .0
+            .iter()
+            .filter_map(|(k, v)| {
+                let d = v - before.get(k).copied().unwrap_or(0.0);
+                (d > 0.0).then(|| (k.clone(), (d / span_s * 100.0).round() / 100.0))
+            })
+            .collect();
+        ApiServerLoad {
+            span_s: round3(span_s),
+            requests_per_second,
+            watchers: after.1,
+        }
+    }
+
+    fn summary(&self) -> String {
+        let mut top: Vec<(&String, &f64)> = self.requests_per_second.iter().collect();
+        top.sort_by(|a, b| b.1.total_cmp(a.1));
+        let parts: Vec<String> = top
+            .iter()
+            .take(6)
+            .map(|(k, v)| format!("{k} {v:.2}/s"))
+            .collect();
+        parts.join(", ")
+    }
+}
+
+/// How long `plan()` takes for `count` VirtualIPs of `layout` on three nodes: median of 5.
+fn plan_time(layout: Layout, count: usize) -> f64 {
+    use ferrovip::model::{Completeness, NodeFacts, Snapshot, plan};
+    let virtual_ips: Vec<VirtualIP> = (0..count)
+        .filter_map(|i| {
+            let (name, base) = layout.vip(i, count);
+            let doc = vip_doc(
+                &name,
+                &format!("{}/32", bulk_address(i)),
+                None,
+                base,
+                "bulk",
+            );
+            serde_json::from_value(doc).ok()
+        })
+        .collect();
+    let nodes = ["node-a", "node-b", "node-c"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                n.to_string(),
+                NodeFacts {
+                    ready: Some(true),
+                    network_unavailable: Some(false),
+                    internal_ips: vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11 + i as u8))],
+                    ..NodeFacts::default()
+                },
+            )
+        })
+        .collect();
+    let snapshot = Snapshot {
+        virtual_ips,
+        cluster: true,
+        nodes,
+        completeness: Completeness::Complete,
+        ..Snapshot::default()
+    };
+    let times: Vec<Duration> = (0..5)
+        .map(|_| {
+            let started = Instant::now();
+            let desired = plan(&snapshot, "node-a");
+            let took = started.elapsed();
+            assert_eq!(desired.resources.len(), count);
+            took
+        })
+        .collect();
+    let ms = millis(median(times));
+    println!(
+        "plan(): {count} VirtualIPs ({}) in {ms:.1} ms (median of 5)",
+        layout.label()
+    );
+    ms
 }
 
 fn scale(
@@ -1536,6 +1746,7 @@ fn scale(
         .collect::<anyhow::Result<_>>()?;
     let cpu_start: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
 
+    let (metrics_before, _) = apiserver_metrics(cluster)?;
     let started = Instant::now();
     let api: Api<VirtualIP> = Api::all(cluster.client.clone());
     cluster.runtime.block_on(async {
@@ -1559,7 +1770,7 @@ fn scale(
     let mut addresses_at = None;
     let mut next_address_poll = Instant::now();
     let mut last_print = Instant::now();
-    let (mut all_master_at, mut all_complete_at) = (None, None);
+    let (mut all_master_at, mut all_complete_at, mut all_ready_at) = (None, None, None);
     let mut settle_problem = None;
     loop {
         check_interrupted()?;
@@ -1572,7 +1783,7 @@ fn scale(
             }
             next_address_poll = now + Duration::from_millis(100);
         }
-        let (with_master, complete, latest_master, latest_complete) = {
+        let (with_master, complete, latest_master, latest_complete, ready, latest_ready) = {
             let state = cluster.watch.lock();
             let seen: Vec<&Seen> = names.iter().filter_map(|n| state.vips.get(n)).collect();
             (
@@ -1580,15 +1791,24 @@ fn scale(
                 seen.iter().filter(|s| s.complete_at.is_some()).count(),
                 seen.iter().filter_map(|s| s.first_master_at).max(),
                 seen.iter().filter_map(|s| s.complete_at).max(),
+                seen.iter().filter(|s| s.ready_at.is_some()).count(),
+                seen.iter().filter_map(|s| s.ready_at).max(),
             )
         };
+        if ready == count && all_ready_at.is_none() {
+            all_ready_at = latest_ready;
+        }
         if with_master == count && all_master_at.is_none() {
             all_master_at = latest_master;
         }
         if complete == count && all_complete_at.is_none() {
             all_complete_at = latest_complete;
         }
-        if all_master_at.is_some() && all_complete_at.is_some() && addresses_at.is_some() {
+        if all_master_at.is_some()
+            && all_complete_at.is_some()
+            && all_ready_at.is_some()
+            && addresses_at.is_some()
+        {
             break;
         }
         if now.duration_since(last_print) >= Duration::from_secs(5) {
@@ -1628,6 +1848,17 @@ fn scale(
         std::thread::sleep(Duration::from_millis(50));
     };
     let cpu_settled: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
+    let settle_apiserver = ApiServerLoad::between(
+        &metrics_before,
+        apiserver_metrics(cluster)?,
+        started.elapsed(),
+    );
+    println!(
+        "  API server while settling ({:.0} s, every client): {}; watchers {:?}",
+        settle_apiserver.span_s,
+        settle_apiserver.summary(),
+        settle_apiserver.watchers
+    );
     let settle_end = quiet_at.unwrap_or_else(Instant::now) + Duration::from_millis(1);
     let settle_writes = cluster.audit.node_writes(wall(started), wall(settle_end))?;
     let since = |at: Option<Instant>| at.map(|at| round3(at.duration_since(started).as_secs_f64()));
@@ -1677,11 +1908,13 @@ fn scale(
         create_s: round3(create.as_secs_f64()),
         to_all_status_master_s: since(all_master_at),
         to_all_status_complete_s: since(all_complete_at),
+        to_all_ready_s: since(all_ready_at),
         to_all_addresses_on_master_s: since(addresses_at),
         to_quiet_s: since(quiet_at),
         settle_problem,
         settle_writes,
         settle_cpu_percent,
+        settle_apiserver,
         steady,
     })
 }
@@ -1705,11 +1938,19 @@ fn steady_window(
         )
     };
     let memory_before: Vec<Memory> = pids.iter().map(|p| memory(*p)).collect();
+    let (metrics_before, _) = apiserver_metrics(cluster)?;
     let before: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
     let start = Instant::now();
     sleep(window)?;
     let after: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
     let end = Instant::now();
+    let apiserver =
+        ApiServerLoad::between(&metrics_before, apiserver_metrics(cluster)?, end - start);
+    println!(
+        "  API server in the window (every client): {}; watchers {:?}",
+        apiserver.summary(),
+        apiserver.watchers
+    );
     cluster.check_alive()?;
     let (changes, mut most_changed) = {
         let state = cluster.watch.lock();
@@ -1779,7 +2020,9 @@ fn steady_window(
     let writes_within_target = (0..NODES).all(|i| {
         writes.of(cluster.name(i)).total as f64 / span.as_secs_f64() <= WRITES_TARGET_PER_NODE_PER_S
     });
-    let rss_within_target = agents.iter().all(|a| a.rss_kib <= RSS_TARGET_KIB);
+    let rss_within_target = agents
+        .iter()
+        .all(|a| a.rss_kib <= rss_target_kib(cluster.watch.lock().vips.len()));
     for a in &agents {
         let w = writes.of(&a.node);
         println!(
@@ -1810,6 +2053,7 @@ fn steady_window(
         println!("  changed: {line}");
     }
     Ok(SteadyReport {
+        apiserver,
         window_s: round3(span.as_secs_f64()),
         writes,
         virtualip_changes: changes,
@@ -2007,6 +2251,8 @@ struct Report {
     targets: Targets,
     apply: Vec<ApplySummary>,
     scale: Vec<ScaleReport>,
+    /// `plan()` of the scale phase's VirtualIPs on one node, ms (median of 5), per layout.
+    plan_ms: Vec<(String, f64)>,
     failover: Option<FailoverReport>,
     apply_rounds: Vec<ApplyRound>,
     runtime_s: f64,
@@ -2032,6 +2278,13 @@ impl Report {
         if args.keep {
             extra.push("--keep".into());
         }
+        if let Some(n) = args.scale {
+            extra = vec![format!("--scale {n}"), format!("--groups {}", args.groups)];
+            extra.push(format!("--runs {}", args.runs));
+            extra.push(format!("--window {}", args.window));
+        } else if args.runs > 1 {
+            extra.push(format!("--runs {}", args.runs));
+        }
         let _ = write!(command, " -- {}", extra.join(" "));
         Report {
             command,
@@ -2041,10 +2294,11 @@ impl Report {
             targets: Targets {
                 apply_to_answer_ms: millis(APPLY_TARGET),
                 writes_per_node_per_second: WRITES_TARGET_PER_NODE_PER_S,
-                rss_kib: RSS_TARGET_KIB,
+                rss_kib: rss_target_kib(args.vips),
             },
             apply: Vec::new(),
             scale: Vec::new(),
+            plan_ms: Vec::new(),
             failover: None,
             apply_rounds: Vec::new(),
             runtime_s: 0.0,
@@ -2102,6 +2356,12 @@ impl Report {
             t.row("→ all status.master set", s, |r| {
                 opt_s(r.to_all_status_master_s)
             });
+            t.row("→ all master + Active + Ready", s, |r| {
+                opt_s(r.to_all_ready_s)
+            });
+            t.row("  (after the last create)", s, |r| {
+                opt_s(r.to_all_ready_s.map(|t| t - r.create_s))
+            });
             t.row("→ all status complete", s, |r| {
                 opt_s(r.to_all_status_complete_s)
             });
@@ -2129,7 +2389,7 @@ impl Report {
             let _ = writeln!(
                 t.out,
                 "steady state over {window:.0} s (targets: ≤ {WRITES_TARGET_PER_NODE_PER_S} write/s per node, RSS ≤ {} MiB)",
-                RSS_TARGET_KIB / 1024
+                rss_target_kib(s.first().map_or(0, |r| r.vips)) / 1024
             );
             for node in ["node-a", "node-b", "node-c"] {
                 t.row(&format!("  writes/s {node}"), s, |r| {
@@ -2167,6 +2427,49 @@ impl Report {
             t.row("  RSS within target", s, |r| {
                 verdict(r.steady.rss_within_target)
             });
+            t.row("  API server watchers (by kind)", s, |r| {
+                let w: Vec<String> = r
+                    .steady
+                    .apiserver
+                    .watchers
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
+                w.join(", ")
+            });
+            let _ = writeln!(t.out, "API server requests/s, every client (its /metrics):");
+            for (i, r) in s.iter().enumerate() {
+                let _ = writeln!(
+                    t.out,
+                    "  run {}: settling {}\n         steady {}",
+                    i + 1,
+                    r.settle_apiserver.summary(),
+                    r.steady.apiserver.summary()
+                );
+            }
+            for (layout, ms) in &self.plan_ms {
+                let _ = writeln!(t.out, "plan() of {layout}: {ms:.1} ms (median of 5)");
+            }
+            for (what, of) in [
+                (
+                    "every VirtualIP with a master, Active and Ready",
+                    (|r: &ScaleReport| r.to_all_ready_s) as fn(&ScaleReport) -> Option<f64>,
+                ),
+                ("every node's entry too", |r: &ScaleReport| {
+                    r.to_all_status_complete_s
+                }),
+            ] {
+                let mut times: Vec<f64> = s.iter().filter_map(of).collect();
+                if s.len() > 1 && times.len() == s.len() {
+                    times.sort_by(f64::total_cmp);
+                    let _ = writeln!(
+                        t.out,
+                        "settled ({what}), median of {}: {:.2} s {times:?}",
+                        s.len(),
+                        times[times.len() / 2]
+                    );
+                }
+            }
         }
         if let Some(f) = &self.failover {
             let _ = writeln!(

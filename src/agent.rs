@@ -873,7 +873,8 @@ async fn write_status(
                 .reconcile_load_balancers(&stores.services, &plan, &seen)
                 .await;
         }
-        loop {
+        // More writes ready (a pass writes at most a few hundred): the next pass at once.
+        while !writer.more() {
             tokio::select! {
                 r = desired.changed() => if r.is_err() { return } else { break },
                 r = observed.changed() => if r.is_err() { return } else { break },

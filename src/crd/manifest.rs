@@ -22,6 +22,12 @@ pub enum ManifestError {
     },
     #[error("{path}: not valid YAML: {message}")]
     Yaml { path: PathBuf, message: String },
+    /// Past what one file may hold ([`MAX_FILE_BYTES`], or a parser limit that grows with
+    /// the file): the file is refused whole, every other file still loads.
+    #[error(
+        "{path}: too large to load as one file ({what}); split it into several files in one directory and give the agent the directory"
+    )]
+    TooLarge { path: PathBuf, what: String },
     #[error("{location}: {resource}: {message}")]
     Document {
         location: DocLocation,
@@ -36,6 +42,7 @@ impl ManifestError {
         match self {
             ManifestError::Read { .. } => "read",
             ManifestError::Yaml { .. } => "yaml",
+            ManifestError::TooLarge { .. } => "too_large",
             ManifestError::Document { .. } => "document",
         }
     }
@@ -92,9 +99,9 @@ pub fn load(path: &Path) -> Manifests {
     match manifest_files(path) {
         Ok(files) => {
             for file in files {
-                match std::fs::read_to_string(&file) {
+                match read(&file) {
                     Ok(text) => parse_into(&file, &text, &mut out),
-                    Err(source) => out.errors.push(ManifestError::Read { path: file, source }),
+                    Err(e) => out.errors.push(e),
                 }
             }
         }
@@ -103,10 +110,85 @@ pub fn load(path: &Path) -> Manifests {
     out
 }
 
+/// The largest manifest file read (64 MiB: about 250,000 VirtualIPs of a few lines each).
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// The parser's budget for a text of `len` bytes. The parser's defaults (1,024 documents,
+/// 250,000 nodes, a million events, 50,000 aliases...) are for a whole input; they are
+/// granted here once per started MiB of text, and the document count is left to the size
+/// (a document costs at least its `---` line). So every limit grows linearly with the file
+/// (no input costs more than a constant factor of its bytes: an alias bomb still breaches
+/// the retained-copies limit and the alias/anchor ratio), while nesting keeps the defaults
+/// (depth 64, flow nesting 255), which do not depend on the size.
+fn budget_for(len: usize) -> serde_saphyr::Budget {
+    let d = serde_saphyr::Budget::default();
+    let mib = len.div_ceil(1 << 20).max(1);
+    let mut b = d.clone();
+    b.max_documents = len.max(d.max_documents);
+    b.max_events = d.max_events.saturating_mul(mib);
+    b.max_nodes = d.max_nodes.saturating_mul(mib);
+    b.max_aliases = d.max_aliases.saturating_mul(mib);
+    b.max_anchors = d.max_anchors.saturating_mul(mib);
+    b.max_merge_keys = d.max_merge_keys.saturating_mul(mib);
+    b.max_recorded_anchor_events = d.max_recorded_anchor_events.saturating_mul(mib);
+    b
+}
+
+/// The text of one manifest file; a file larger than [`MAX_FILE_BYTES`] is not read.
+pub fn read(path: &Path) -> Result<String, ManifestError> {
+    let read_err = |source| ManifestError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(read_err)?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(too_large(path, len));
+    }
+    std::fs::read_to_string(path).map_err(read_err)
+}
+
+fn too_large(path: &Path, len: u64) -> ManifestError {
+    ManifestError::TooLarge {
+        path: path.to_path_buf(),
+        what: format!("{len} bytes, more than the {MAX_FILE_BYTES} one file may hold"),
+    }
+}
+
+/// The parser's budget breach behind `e`, if that is what it is.
+fn budget_breach(mut e: &serde_saphyr::Error) -> Option<&serde_saphyr::budget::BudgetBreach> {
+    loop {
+        match e {
+            serde_saphyr::Error::Budget { breach, .. } => return Some(breach),
+            serde_saphyr::Error::WithSnippet { error, .. }
+            | serde_saphyr::Error::AliasError { error, .. } => e = error,
+            _ => return None,
+        }
+    }
+}
+
 /// Parses the documents of one file's text into `out`.
 pub fn parse_into(path: &Path, text: &str, out: &mut Manifests) {
-    let docs: Vec<serde_json::Value> = match serde_saphyr::from_multiple(text) {
+    if text.len() as u64 > MAX_FILE_BYTES {
+        out.errors.push(too_large(path, text.len() as u64));
+        return;
+    }
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget_for(text.len()));
+    let docs: Vec<serde_json::Value> = match serde_saphyr::from_multiple_with_options(text, options)
+    {
         Ok(docs) => docs,
+        Err(ref e) if let Some(breach) = budget_breach(e) => {
+            // With the limits granted per MiB, no manifest of VirtualIPs comes near them:
+            // what breaches them is dense or repetitive text (alias expansion, empty
+            // collections) or deep nesting, which splitting the file would not cure.
+            out.errors.push(ManifestError::Yaml {
+                path: path.to_path_buf(),
+                message: format!(
+                    "refused by the YAML parser's limits (per MiB of file; nesting at most 64 levels; aliases that expand without bound): {breach:?}"
+                ),
+            });
+            return;
+        }
         Err(e) => {
             out.errors.push(ManifestError::Yaml {
                 path: path.to_path_buf(),
@@ -115,6 +197,11 @@ pub fn parse_into(path: &Path, text: &str, out: &mut Manifests) {
             return;
         }
     };
+    let mut names: std::collections::HashSet<String> = out
+        .virtual_ips
+        .iter()
+        .filter_map(|v| v.metadata.name.clone())
+        .collect();
     for (i, doc) in docs.into_iter().enumerate() {
         if doc.is_null() {
             continue;
@@ -126,11 +213,7 @@ pub fn parse_into(path: &Path, text: &str, out: &mut Manifests) {
         match parse_document(doc) {
             Ok(vip) => {
                 let name = vip.metadata.name.clone().unwrap_or_default();
-                if out
-                    .virtual_ips
-                    .iter()
-                    .any(|v| v.metadata.name.as_deref() == Some(name.as_str()))
-                {
+                if !names.insert(name.clone()) {
                     out.errors.push(ManifestError::Document {
                         location,
                         resource: format!("VirtualIP {name:?}"),
@@ -282,6 +365,70 @@ spec:
 
         let m = parse("a: [unclosed\n");
         assert_eq!(m.errors[0].metric_label(), "yaml");
+    }
+
+    fn bulk_doc(i: usize) -> String {
+        format!(
+            "apiVersion: ferrovip.io/v1alpha1\nkind: VirtualIP\nmetadata:\n  name: vip-{i:05}\nspec:\n  addresses: [\"10.{}.{}.{}/32\"]\n  interface: eth0\n  vrrp:\n    advertisementInterval: 100ms\n",
+            i / 65536,
+            i / 256 % 256,
+            i % 256
+        )
+    }
+
+    #[test]
+    fn twelve_thousand_documents_in_one_file_load() {
+        let text: Vec<String> = (0..12_000).map(bulk_doc).collect();
+        let m = parse(&text.join("---\n"));
+        assert!(m.errors.is_empty(), "{:?}", m.errors.first());
+        assert_eq!(m.virtual_ips.len(), 12_000);
+        assert_eq!(
+            m.virtual_ips[11_999].metadata.name.as_deref(),
+            Some("vip-11999")
+        );
+    }
+
+    #[test]
+    fn hostile_yaml_is_still_refused_by_limits() {
+        // Billion laughs: nine levels of ten aliases each.
+        let mut bomb = String::from("a0: &a0 [\"lol\", \"lol\"]\n");
+        for level in 1..10 {
+            let prev = level - 1;
+            let refs = vec![format!("*a{prev}"); 10].join(", ");
+            bomb.push_str(&format!("a{level}: &a{level} [{refs}]\n"));
+        }
+        let m = parse(&bomb);
+        assert_eq!(m.virtual_ips.len(), 0);
+        assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
+        assert_eq!(m.errors[0].metric_label(), "yaml", "{}", m.errors[0]);
+        assert!(
+            m.errors[0].to_string().contains("limits"),
+            "{}",
+            m.errors[0]
+        );
+        // Nesting deeper than 64 levels.
+        let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+        let m = parse(&deep);
+        assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
+        assert_eq!(m.errors[0].metric_label(), "yaml");
+    }
+
+    #[test]
+    fn a_file_past_the_size_limit_is_named_and_says_how_to_split() {
+        let dir = std::env::temp_dir().join(format!("ferrovip-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.yaml");
+        // Sparse: the size is checked before reading.
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        let e = read(&big).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(e.metric_label(), "too_large");
+        let msg = e.to_string();
+        assert!(msg.contains("big.yaml: too large"), "{msg}");
+        assert!(msg.contains("split it into several files"), "{msg}");
     }
 
     #[test]

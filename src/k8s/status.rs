@@ -35,10 +35,41 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// of a thousand VIPs in one instance would otherwise create a thousand Events at once.
 const EVENT_BURST: f64 = 20.0;
 const EVENTS_PER_SECOND: f64 = 2.0;
-/// Status writes in flight at once.
+/// Instances with more VirtualIPs than this get one summary Event per transition (about the
+/// Node, naming the count) instead of one Event per VirtualIP.
+const EVENT_MEMBERS: usize = 8;
+/// Status writes in flight at once; in a pass with nothing more urgent than this node's
+/// entries ([`WritePriority::Rest`]) while it still waits for masters' writes to show,
+/// fewer, so that the masters' writes (`status.master`, `Ready`) get most of the API server
+/// while many VirtualIPs settle.
 const WRITES_IN_FLIGHT: usize = 8;
-/// A write the object does not reflect is repeated at most this often.
-const REWRITE_AFTER: Duration = Duration::from_secs(1);
+const REST_WRITES_IN_FLIGHT: usize = 2;
+/// Status writes per pass at most; the rest wait for the next pass (20 ms later), which
+/// writes from what is known by then: a VirtualIP whose state changed meanwhile is written
+/// once, with the new state. The most useful writes go first ([`WritePriority`]).
+const WRITES_PER_PASS: usize = 256;
+/// How long a node that knows no master yet (it has just started: no advertisement heard,
+/// Master_Down_Interval not over) keeps its entry to itself: what it would write ("Backup,
+/// no master") is about to change, and with 10,000 VirtualIPs each such write costs 10,000.
+const UNDECIDED_HOLD: Duration = Duration::from_secs(3);
+/// How long a node that is not master waits for the master's write to show before it writes
+/// a VirtualIP it has a master for: written after the master's, its conditions carry the
+/// master's transition times instead of its own, and the two writes agree at once.
+const MASTER_FIRST: Duration = Duration::from_secs(30);
+
+/// Which status writes of a pass go first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum WritePriority {
+    /// This node is master and the object does not say so.
+    OursToShow,
+    /// The object shows no master, or another than the one this node knows.
+    MasterToShow,
+    /// Everything else (this node's entry, conditions, services).
+    Rest,
+}
+/// A write the object does not reflect is repeated at most this often (longer than the
+/// watch lags behind a busy API server: a shorter time repeats writes that already took).
+const REWRITE_AFTER: Duration = Duration::from_secs(5);
 
 /// Event severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +87,9 @@ pub struct StatusWriter {
     /// Where Events about (cluster-scoped) VirtualIPs go: `default`, or `kube-system` on API
     /// servers that accept no other (Kubernetes 1.20).
     event_namespace: &'static str,
-    /// What was last applied successfully, per VirtualIP.
-    written: HashMap<String, serde_json::Value>,
+    /// What was last applied successfully, per VirtualIP: a hash of the document (10,000
+    /// documents kept whole would be tens of MB).
+    written: HashMap<String, u64>,
     failed_at: HashMap<String, Instant>,
     applied_at: HashMap<String, Instant>,
     warned: HashMap<(String, String), Instant>,
@@ -66,8 +98,11 @@ pub struct StatusWriter {
     /// Something was left for later (a failed write, a write to repeat).
     pending: bool,
     events_dropped: u64,
-    /// Per (VirtualIP, family): whether we were master at the last look.
+    /// Per VirtualIP: whether we were master at the last look.
     was_master: HashMap<String, bool>,
+    /// Per instance with more than [`EVENT_MEMBERS`] VirtualIPs (keyed like
+    /// `Observed::instances`): whether we were master at the last look.
+    was_master_of_group: HashMap<(String, crate::vocab::Family), bool>,
     outage_logged: bool,
     /// Per VirtualIP, what this node forwards for its `spec.services`.
     services: HashMap<String, String>,
@@ -76,6 +111,27 @@ pub struct StatusWriter {
     stale_tried: HashMap<String, Instant>,
     /// Load-balancer addresses: see [`StatusWriter::reconcile_load_balancers`].
     lb: LbMasters,
+    /// The last pass left writes for the next one ([`WRITES_PER_PASS`]).
+    more: bool,
+    /// The inputs of the last pass but the VirtualIPs themselves.
+    last_inputs: Option<PassInputs>,
+    /// VirtualIP → resourceVersion it had when the last pass found nothing to do for it:
+    /// skipped while it and the other inputs stay the same, so a pass over 10,000 settled
+    /// VirtualIPs costs 10,000 lookups instead of 10,000 status documents built and compared.
+    quiet: HashMap<String, String>,
+    /// VirtualIP → since when this node (not the master) waits for the master's write.
+    waiting_for_master: HashMap<String, Instant>,
+}
+
+/// What a pass reads besides the VirtualIPs.
+#[derive(PartialEq)]
+struct PassInputs {
+    /// The plan's address: a new plan is a new `Arc`.
+    desired: usize,
+    observed: Observed,
+    addresses: BTreeMap<IpAddr, String>,
+    services: HashMap<String, String>,
+    reporter: bool,
 }
 
 /// What the master of load-balancer addresses still has to write on Services.
@@ -108,10 +164,15 @@ impl StatusWriter {
             applied_at: HashMap::new(),
             warned: HashMap::new(),
             was_master: HashMap::new(),
+            was_master_of_group: HashMap::new(),
             outage_logged: false,
             services: HashMap::new(),
             stale_tried: HashMap::new(),
             lb: LbMasters::default(),
+            more: false,
+            last_inputs: None,
+            quiet: HashMap::new(),
+            waiting_for_master: HashMap::new(),
         }
     }
 
@@ -119,6 +180,12 @@ impl StatusWriter {
     /// otherwise (with a thousand VIPs it is most of the agent's idle CPU).
     pub fn pending(&self) -> bool {
         self.pending
+    }
+
+    /// Whether the last pass left writes it had ready for the next pass, which should then
+    /// come at once rather than on the retry tick.
+    pub fn more(&self) -> bool {
+        self.more
     }
 
     /// What the dataplane forwards per VirtualIP (shown in the node's status entry) from the
@@ -158,14 +225,28 @@ impl StatusWriter {
         let addresses = node_addresses(nodes);
         let reporter = reporting_node(nodes);
         let now = Instant::now();
+        let inputs = PassInputs {
+            desired: std::ptr::from_ref(desired) as usize,
+            observed: observed.clone(),
+            addresses: addresses.clone(),
+            services: self.services.clone(),
+            reporter: reporter.as_deref() == Some(self.node.as_str()),
+        };
+        if self.last_inputs.as_ref() != Some(&inputs) {
+            self.quiet.clear();
+            self.last_inputs = Some(inputs);
+        }
         let mut by_member: HashMap<&str, Vec<&InstanceStatus>> = HashMap::new();
         for status in observed.instances.values() {
             for member in status.members.iter() {
                 by_member.entry(member.as_str()).or_default().push(status);
             }
         }
+        self.group_events(desired, observed).await;
         let mut live = std::collections::HashSet::new();
         let mut writes = Vec::new();
+        // VirtualIPs whose master's write this node waits for.
+        let mut deferred = 0usize;
         let mut stale_removals = Vec::new();
         self.pending = false;
         for vip in virtual_ips.state() {
@@ -179,6 +260,10 @@ impl StatusWriter {
             // Never a synthetic (load-balancer) resource: their names cannot be VirtualIP
             // names, and their status goes on the Service.
             if crate::model::lb::is_synthetic(&name) {
+                continue;
+            }
+            let version = vip.metadata.resource_version.clone().unwrap_or_default();
+            if self.quiet.get(&name) == Some(&version) {
                 continue;
             }
             let Some(plan) = desired.resources.get(&name) else {
@@ -212,10 +297,47 @@ impl StatusWriter {
 
             let services = self.services.get(&name).map(String::as_str);
             let body = desired_status(&vip, &self.node, plan, &ours, &addresses, services);
-            let unchanged = self.written.get(&name) == Some(&body);
+            let unchanged = self.written.get(&name) == Some(&body_hash(&body));
             if unchanged && reflected(&vip, &body, &self.node) {
+                self.waiting_for_master.remove(&name);
+                if plan.refused.is_none() && plan.refused_instances.is_empty() {
+                    self.quiet.insert(name, version);
+                }
                 continue;
             }
+            let shown = vip.status.as_ref().and_then(|s| s.master.as_deref());
+            let master = body["status"]["master"].as_str();
+            if plan.refused.is_none() {
+                // Just started, no master heard of yet: what this node would write is about
+                // to change.
+                let undecided = !ours.is_empty()
+                    && master.is_none()
+                    && ours.iter().all(|s| s.fault.is_none())
+                    && ours.iter().map(|s| s.since).max().is_some_and(|t| {
+                        SystemTime::now().duration_since(t).unwrap_or_default() < UNDECIDED_HOLD
+                    });
+                if undecided {
+                    self.pending = true;
+                    continue;
+                }
+                // Another node is master: its write first.
+                if let Some(m) = master
+                    && m != self.node
+                    && shown != Some(m)
+                {
+                    let since = *self.waiting_for_master.entry(name.clone()).or_insert(now);
+                    if now.duration_since(since) < MASTER_FIRST {
+                        deferred += 1;
+                        self.pending = true;
+                        continue;
+                    }
+                }
+            }
+            let priority = match master {
+                Some(m) if m == self.node && shown != Some(m) => WritePriority::OursToShow,
+                Some(m) if shown != Some(m) => WritePriority::MasterToShow,
+                _ => WritePriority::Rest,
+            };
             // Written, but the object does not show it (another node's apply removed what we
             // co-owned, say): write again, though not more often than once a second.
             if unchanged
@@ -235,15 +357,27 @@ impl StatusWriter {
                 self.pending = true;
                 continue;
             }
-            writes.push((name, body));
+            writes.push((priority, name, body));
+        }
+        writes.sort_by_key(|(priority, ..)| *priority);
+        self.more = writes.len() > WRITES_PER_PASS;
+        if self.more {
+            writes.truncate(WRITES_PER_PASS);
+            self.pending = true;
         }
 
         // Writes go out a few at a time: after a failover of a thousand VIPs, one at a time
         // would take the API server's round trip a thousand times.
+        // Slow only while masters' writes are still to come (this node waits for some).
+        let in_flight = if deferred == 0 || writes.iter().any(|(p, ..)| *p != WritePriority::Rest) {
+            WRITES_IN_FLIGHT
+        } else {
+            REST_WRITES_IN_FLIGHT
+        };
         let api = &self.api;
         let params = &self.params;
         let results: Vec<_> = futures::stream::iter(writes)
-            .map(|(name, body)| async move {
+            .map(|(_, name, body)| async move {
                 let result = api
                     .patch_status(&name, params, &Patch::Apply(&body))
                     .await
@@ -252,7 +386,7 @@ impl StatusWriter {
                     .map(drop);
                 (name, body, result)
             })
-            .buffer_unordered(WRITES_IN_FLIGHT)
+            .buffer_unordered(in_flight)
             .collect()
             .await;
         for (name, body, result) in results {
@@ -264,8 +398,15 @@ impl StatusWriter {
                         self.outage_logged = false;
                     }
                     self.failed_at.remove(&name);
+                    self.waiting_for_master.remove(&name);
                     self.applied_at.insert(name.clone(), now);
-                    self.written.insert(name, body);
+                    self.written.insert(name, body_hash(&body));
+                }
+                // Deleted meanwhile (10,000 VirtualIPs deleted at once): nothing to retry,
+                // and no outage to report.
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    debug!(vip = %name, "status not written: the VirtualIP is gone");
+                    self.failed_at.insert(name, now);
                 }
                 Err(e) => {
                     // The first failure after a success is a warning; repeats while the API
@@ -290,6 +431,8 @@ impl StatusWriter {
         self.failed_at.retain(|k, _| live.contains(k));
         self.applied_at.retain(|k, _| live.contains(k));
         self.was_master.retain(|k, _| live.contains(k));
+        self.quiet.retain(|k, _| live.contains(k));
+        self.waiting_for_master.retain(|k, _| live.contains(k));
     }
 
     /// Removes other nodes' entries from `status.nodes[]`: the only code path that touches
@@ -350,7 +493,9 @@ impl StatusWriter {
             .was_master
             .insert(name.to_string(), master_now)
             .unwrap_or(false);
-        if master_now && !was {
+        // A member of a large instance: its Event is the instance's summary.
+        let grouped = ours.iter().any(|s| s.members.len() > EVENT_MEMBERS);
+        if master_now && !was && !grouped {
             let why = ours
                 .iter()
                 .find(|s| s.state == State::Master)
@@ -388,6 +533,70 @@ impl StatusWriter {
                     self.warned.insert(key, now);
                 }
             }
+        }
+    }
+
+    /// One `MasterElected` Event about this node's Node per transition to master of an
+    /// instance with more than [`EVENT_MEMBERS`] VirtualIPs, naming how many VirtualIPs and
+    /// addresses it holds: a failover of 10,000 VirtualIPs is one Event, not 10,000 (of
+    /// which the rate limit would publish a few dozen). Every VirtualIP's status still
+    /// shows its master.
+    async fn group_events(&mut self, desired: &Desired, observed: &Observed) {
+        let mut elected = Vec::new();
+        for (key, s) in &observed.instances {
+            if s.members.len() <= EVENT_MEMBERS {
+                continue;
+            }
+            let master_now = s.state == State::Master;
+            let was = self
+                .was_master_of_group
+                .insert(key.clone(), master_now)
+                .unwrap_or(false);
+            if master_now && !was {
+                let addresses = desired
+                    .instances
+                    .get(&s.interface)
+                    .and_then(|m| {
+                        m.get(&crate::model::InstanceKey {
+                            family: key.1,
+                            vrid: s.vrid,
+                        })
+                    })
+                    .map_or(0, |i| i.addresses.len());
+                elected.push(format!(
+                    "{} is master of {} VirtualIPs ({} addresses) on {} {} VRID {} (priority {}), {} and others: {}",
+                    self.node,
+                    s.members.len(),
+                    addresses,
+                    s.interface,
+                    key.1,
+                    s.vrid,
+                    s.priority,
+                    s.members.first().map(String::as_str).unwrap_or_default(),
+                    s.reason
+                ));
+            }
+        }
+        self.was_master_of_group
+            .retain(|k, _| observed.instances.contains_key(k));
+        for note in elected {
+            let regarding = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(self.node.clone()),
+                ..Default::default()
+            };
+            let node = self.node.clone();
+            self.publish_about(
+                regarding,
+                &node,
+                None,
+                EventType::Normal,
+                "MasterElected",
+                "Elect",
+                note,
+            )
+            .await;
         }
     }
 
@@ -556,6 +765,13 @@ fn reflected(vip: &VirtualIP, body: &serde_json::Value, node: &str) -> bool {
                     .all(|k| c.get(k) == w.get(k))
             })
         })
+}
+
+fn body_hash(body: &serde_json::Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    body.to_string().hash(&mut h);
+    h.finish()
 }
 
 fn truncate(mut s: String, max: usize) -> String {

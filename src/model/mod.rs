@@ -855,9 +855,9 @@ fn plan_instances(
         let instances = desired.instances.entry(spec.interface.clone()).or_default();
         let key = InstanceKey { family, vrid };
         if let Some(shared) = instances.get_mut(&key) {
-            // A later member of a sharing group: same settings, more addresses.
-            shared.addresses.extend(addresses);
-            link_local_first(&mut shared.addresses);
+            // A later member of a sharing group: same settings, more addresses. Only the
+            // new ones are looked at, so a group of 10,000 members is planned in linear time.
+            append_link_local_first(&mut shared.addresses, addresses);
             shared.members.push(name.to_string());
             continue;
         }
@@ -1080,9 +1080,24 @@ fn priority_with_health(
 /// instance lists a link-local first only once a peer's advertisement shows one
 /// (`vrrp::instance::Instance::advertised_addresses`).
 fn link_local_first(addresses: &mut [IpNet]) {
-    let is_ll = |a: &IpNet| matches!(a.addr(), IpAddr::V6(v6) if v6.is_unicast_link_local());
-    if let Some(i) = addresses.iter().position(is_ll) {
+    if let Some(i) = addresses.iter().position(is_link_local) {
         addresses[..=i].rotate_right(1);
+    }
+}
+
+fn is_link_local(a: &IpNet) -> bool {
+    matches!(a.addr(), IpAddr::V6(v6) if v6.is_unicast_link_local())
+}
+
+/// `list` followed by `more`, ordered as [`link_local_first`] orders the whole, looking only
+/// at `more` (and `list`'s first address): `list` is already in that order.
+fn append_link_local_first(list: &mut Vec<IpNet>, more: Vec<IpNet>) {
+    let old_len = list.len();
+    let had_first = list.first().is_some_and(is_link_local);
+    let found = more.iter().position(is_link_local);
+    list.extend(more);
+    if !had_first && let Some(i) = found {
+        list[..=old_len + i].rotate_right(1);
     }
 }
 
@@ -1504,6 +1519,93 @@ mod tests {
         assert!(d.refused.is_empty(), "{:?}", d.refused.first());
         assert_eq!(d.iter().count(), 1);
         assert_eq!(d.iter().next().unwrap().addresses.len(), 1000);
+    }
+
+    /// `count` VirtualIPs without a VRID in `groups` sharing groups (distinct base
+    /// priorities), planned in Kubernetes mode on three nodes.
+    pub(crate) fn scale_snapshot(count: usize, groups: usize) -> Snapshot {
+        let per_group = count.div_ceil(groups);
+        let virtual_ips = (0..count)
+            .map(|i| {
+                let mut v = vip(
+                    &format!("vip-{i:05}"),
+                    1,
+                    &[&format!(
+                        "10.{}.{}.{}/32",
+                        i / 65536,
+                        i / 256 % 256,
+                        i % 256
+                    )],
+                );
+                v.spec.virtual_router_id = None;
+                v.spec.priority.base = 100 + (i / per_group) as i64;
+                v
+            })
+            .collect();
+        Snapshot {
+            virtual_ips,
+            cluster: true,
+            nodes: cluster(&[
+                ("node-a", &[], true, "192.0.2.11"),
+                ("node-b", &[], true, "192.0.2.12"),
+                ("node-c", &[], true, "192.0.2.13"),
+            ]),
+            completeness: Completeness::Complete,
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn appending_keeps_the_link_local_first_order_of_the_whole() {
+        let nets = |l: &[&str]| -> Vec<IpNet> { l.iter().map(|a| a.parse().unwrap()).collect() };
+        let cases: [(&[&str], &[&str]); 5] = [
+            (&["2001:db8::1/64"], &["fe80::1/64", "2001:db8::2/64"]),
+            (
+                &["2001:db8::1/64", "2001:db8::3/64"],
+                &["2001:db8::2/64", "fe80::1/64"],
+            ),
+            (&["fe80::1/64", "2001:db8::1/64"], &["fe80::2/64"]),
+            (&["10.0.0.1/32"], &["10.0.0.2/32"]),
+            (&[], &["2001:db8::2/64", "fe80::9/64"]),
+        ];
+        for (list, more) in cases {
+            let mut whole = nets(list);
+            link_local_first(&mut whole);
+            let mut appended = whole.clone();
+            whole.extend(nets(more));
+            link_local_first(&mut whole);
+            append_link_local_first(&mut appended, nets(more));
+            assert_eq!(appended, whole, "{list:?} + {more:?}");
+        }
+    }
+
+    #[test]
+    fn ten_thousand_virtual_ips_plan_in_linear_time() {
+        let fastest = |count: usize| {
+            let snapshot = scale_snapshot(count, 4);
+            (0..3)
+                .map(|_| {
+                    let started = std::time::Instant::now();
+                    let d = plan(&snapshot, "node-a");
+                    let took = started.elapsed();
+                    assert!(d.refused.is_empty(), "{:?}", d.refused.first());
+                    assert_eq!(d.iter().count(), 4);
+                    assert_eq!(d.resources.len(), count);
+                    let addresses: usize = d.iter().map(|i| i.addresses.len()).sum();
+                    assert_eq!(addresses, count);
+                    took
+                })
+                .min()
+                .unwrap()
+        };
+        let small = fastest(2_500);
+        let large = fastest(10_000);
+        println!("plan: 2,500 VirtualIPs {small:?}, 10,000 VirtualIPs {large:?}");
+        // Linear: 4 times the work (a quadratic step makes it 16).
+        assert!(
+            large < small * 8,
+            "10,000 VirtualIPs took {large:?}, 2,500 took {small:?}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! VRRP) carry on unchanged through an outage; the watchers re-list with backoff and the
 //! agent resyncs without flapping because an identical snapshot plans identically.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,8 +57,9 @@ pub struct ClusterSource {
     /// Whether class-less `type: LoadBalancer` Services are served.
     serve_classless: bool,
     slices: Slices,
-    /// Bumped on every change of any store.
-    changes: watch::Sender<u64>,
+    /// Every change, for the status writer (see `Flags::any_change`); the planner's own
+    /// signal is `seen`.
+    any_change: watch::Sender<u64>,
     seen: watch::Receiver<u64>,
     endpoints_known: Arc<AtomicBool>,
     /// Which watches have listed once.
@@ -109,13 +110,41 @@ impl Listed {
 /// What one watch reports besides the store: listed once, failed, served.
 #[derive(Clone)]
 struct Flags {
+    /// Wakes the planner.
     changed: watch::Sender<u64>,
+    /// Wakes the status writer: every change, also those the planner does not read.
+    any_change: watch::Sender<u64>,
+    /// What of an object the planner reads, when not all of it: an object whose fingerprint
+    /// is unchanged wakes only the status writer. For VirtualIPs, whose status changes (every
+    /// node's write, 30,000 of them when 10,000 VirtualIPs settle on three nodes) would
+    /// otherwise each make every agent copy the store and plan again.
+    planner_view: Option<PlannerView>,
     listed: Arc<AtomicBool>,
     failed: Arc<AtomicBool>,
     served: Option<Arc<AtomicBool>>,
     /// A resource the server may not serve (its CRD not installed): not found counts as
     /// listed (empty), and the watch keeps retrying.
     optional: bool,
+}
+
+/// The fingerprint of what the planner reads of an object (see `Flags::planner_view`).
+type PlannerView = fn(&dyn std::any::Any) -> Option<(String, u64)>;
+
+/// A VirtualIP's spec (its `generation`: the status subresource keeps status writes from
+/// bumping it), identity, age and deletion: what the planner reads of it.
+fn virtual_ip_view(object: &dyn std::any::Any) -> Option<(String, u64)> {
+    use std::hash::{Hash, Hasher};
+    let vip = object.downcast_ref::<VirtualIP>()?;
+    let meta = &vip.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.uid.hash(&mut h);
+    meta.generation.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    meta.creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_nanosecond())
+        .hash(&mut h);
+    Some((meta.name.clone()?, h.finish()))
 }
 
 /// With a saved snapshot, how long the first lists may take before the agent starts from
@@ -143,18 +172,24 @@ impl ClusterSource {
     /// snapshot until the lists complete.
     pub async fn start(client: Client, node: String, cache: Option<PathBuf>) -> ClusterSource {
         let changed = watch::Sender::new(0u64);
+        let any_change = watch::Sender::new(0u64);
         let endpoints_known = Arc::new(AtomicBool::new(false));
         let listed = Listed::default();
         let flags = |flag: &Arc<AtomicBool>, served: Option<Arc<AtomicBool>>| Flags {
             changed: changed.clone(),
+            any_change: any_change.clone(),
             listed: flag.clone(),
             failed: listed.failed.clone(),
             served,
             optional: false,
+            planner_view: None,
         };
         let virtual_ips = spawn_reflector(
             Api::<VirtualIP>::all(client.clone()),
-            flags(&listed.virtual_ips, None),
+            Flags {
+                planner_view: Some(virtual_ip_view),
+                ..flags(&listed.virtual_ips, None)
+            },
         );
         let nodes = spawn_reflector(Api::<Node>::all(client.clone()), flags(&listed.nodes, None));
         let services = spawn_reflector(
@@ -230,7 +265,7 @@ impl ClusterSource {
             pools,
             serve_classless: true,
             slices,
-            changes: changed,
+            any_change,
             seen,
             endpoints_known,
             listed,
@@ -291,7 +326,7 @@ impl ClusterSource {
             virtual_ips: self.virtual_ips.clone(),
             nodes: self.nodes.clone(),
             services: self.services.clone(),
-            changes: self.changes.subscribe(),
+            changes: self.any_change.subscribe(),
         }
     }
 
@@ -335,7 +370,13 @@ impl ClusterSource {
             .state()
             .iter()
             .filter(|v| v.meta().deletion_timestamp.is_none())
-            .map(|v| (**v).clone())
+            // Without status, which the planner does not read: with 10,000 VirtualIPs and
+            // three nodes' entries each, it is most of the copy the agent keeps.
+            .map(|v| VirtualIP {
+                metadata: v.metadata.clone(),
+                spec: v.spec.clone(),
+                status: None,
+            })
             .collect();
         // Oldest first: earlier resources win conflicts, everywhere alike.
         virtual_ips.sort_by(|a, b| {
@@ -534,6 +575,35 @@ fn spawn_slices(client: Client, flags: Flags) -> Slices {
     Slices { v1, v1beta1 }
 }
 
+/// Whether `event` changes what the planner reads (always, without a `view`), keeping the
+/// fingerprints up to date.
+fn planner_reads<K: 'static>(
+    views: &mut HashMap<String, u64>,
+    view: Option<PlannerView>,
+    event: &watcher::Event<K>,
+) -> bool {
+    let Some(view) = view else {
+        return true;
+    };
+    match event {
+        watcher::Event::Apply(object) => match view(object) {
+            Some((name, print)) => views.insert(name, print) != Some(print),
+            None => true,
+        },
+        watcher::Event::Delete(object) => {
+            if let Some((name, _)) = view(object) {
+                views.remove(&name);
+            }
+            true
+        }
+        // A re-list may have missed deletions: start over.
+        _ => {
+            views.clear();
+            true
+        }
+    }
+}
+
 /// Runs one reflector in its own task; every applied change wakes the planner.
 fn spawn_reflector<K>(api: Api<K>, flags: Flags) -> Store<K>
 where
@@ -566,12 +636,13 @@ fn slim<K: Resource + 'static>(object: &mut K) {
     }
 }
 
-async fn drive<S, K>(stream: S, flags: Flags, kind: &'static str)
+async fn drive<S, K: 'static>(stream: S, flags: Flags, kind: &'static str)
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     let kind = kind.rsplit("::").next().unwrap_or(kind);
     let mut failing = false;
+    let mut views: HashMap<String, u64> = HashMap::new();
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
         match item {
@@ -595,7 +666,10 @@ where
                     event,
                     watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone
                 ) {
-                    flags.changed.send_modify(|g| *g += 1);
+                    flags.any_change.send_modify(|g| *g += 1);
+                    if planner_reads(&mut views, flags.planner_view, &event) {
+                        flags.changed.send_modify(|g| *g += 1);
+                    }
                 }
             }
             Err(e) => {

@@ -51,13 +51,10 @@ impl ManifestSource {
         let mut errors = Vec::new();
         let mut fresh = BTreeMap::new();
         for file in files {
-            let text = match std::fs::read_to_string(&file) {
+            let text = match manifest::read(&file) {
                 Ok(t) => t,
-                Err(source) => {
-                    errors.push(ManifestError::Read {
-                        path: file.clone(),
-                        source,
-                    });
+                Err(e) => {
+                    errors.push(e);
                     if let Some(prev) = self.last_good.remove(&file) {
                         fresh.insert(file, prev);
                     }
@@ -66,10 +63,12 @@ impl ManifestSource {
             };
             let mut parsed = Manifests::default();
             manifest::parse_into(&file, &text, &mut parsed);
-            let whole_file_broken = parsed
-                .errors
-                .iter()
-                .any(|e| matches!(e, ManifestError::Yaml { .. }));
+            let whole_file_broken = parsed.errors.iter().any(|e| {
+                matches!(
+                    e,
+                    ManifestError::Yaml { .. } | ManifestError::TooLarge { .. }
+                )
+            });
             if whole_file_broken && let Some(prev) = self.last_good.remove(&file) {
                 fresh.insert(file, prev);
             } else {
@@ -157,5 +156,62 @@ impl Reported {
             }
             self.refused = now;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_past_the_limits_leaves_the_files_beside_it_loaded() {
+        let dir = std::env::temp_dir().join(format!("ferrovip-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let docs: Vec<String> = (0..12_000)
+            .map(|i| {
+                format!(
+                    "apiVersion: ferrovip.io/v1alpha1\nkind: VirtualIP\nmetadata:\n  name: vip-{i:05}\nspec:\n  addresses: [\"10.0.{}.{}/32\"]\n  interface: eth0\n",
+                    i / 250,
+                    i % 250 + 1
+                )
+            })
+            .collect();
+        std::fs::write(dir.join("a-good.yaml"), docs.join("---\n")).unwrap();
+        // Past the size limit (sparse: never read), and an alias bomb.
+        std::fs::File::create(dir.join("b-huge.yaml"))
+            .unwrap()
+            .set_len(manifest::MAX_FILE_BYTES + 1)
+            .unwrap();
+        let mut bomb = String::from("a0: &a0 [x, x]\n");
+        for level in 1..10 {
+            let refs = vec![format!("*a{}", level - 1); 10].join(", ");
+            bomb.push_str(&format!("a{level}: &a{level} [{refs}]\n"));
+        }
+        std::fs::write(dir.join("c-bomb.yaml"), bomb).unwrap();
+
+        let mut source = ManifestSource::new(dir.clone());
+        let mut reported = Reported::default();
+        let snapshot = source.load(&mut reported);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        assert_eq!(snapshot.virtual_ips.len(), 12_000);
+        let errors = &reported.manifest;
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].contains("b-huge.yaml: too large"),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[0].contains("split it into several files"),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[1].contains("c-bomb.yaml: not valid YAML: refused by the YAML parser's limits"),
+            "{}",
+            errors[1]
+        );
     }
 }
