@@ -46,6 +46,8 @@ const BASE_PRIORITY: u8 = 50;
 /// After the takeover, how long the announcements of 10,000 addresses may take to finish.
 const ANNOUNCE_WINDOW: Duration = Duration::from_secs(3);
 const LOG_LINES: usize = 20;
+/// How long the groups may take to settle again after the stopped daemon restarts.
+const RESETTLE: Duration = Duration::from_secs(30);
 /// What the pcap capture keeps: VRRP adverts, ARP, ICMPv6.
 const CAPTURE_FILTER: &str = "arp or icmp6 or ip proto 112 or ip6 proto 112";
 
@@ -496,11 +498,22 @@ impl ScaleRun<'_> {
             None => Vec::new(),
         };
         let mut rounds = Vec::new();
-        for _ in 0..opts.crash_rounds {
-            rounds.push(self.round(Signal::SIGKILL)?);
-        }
-        for _ in 0..opts.graceful_rounds {
-            rounds.push(self.round(Signal::SIGTERM)?);
+        let signals = std::iter::repeat_n(Signal::SIGKILL, opts.crash_rounds)
+            .chain(std::iter::repeat_n(Signal::SIGTERM, opts.graceful_rounds));
+        for signal in signals {
+            rounds.push(self.round(signal)?);
+            // Restart the stopped daemon and wait for it to preempt its group back. A daemon
+            // that never settles again (keepalived with 10,000 addresses) ends the run with
+            // the rounds measured so far.
+            let restarted = Instant::now();
+            self.start(0)?;
+            if self.wait_settled(restarted, RESETTLE).is_err() {
+                self.warn(format!(
+                    "the groups did not settle again within {} s of the restart; no more rounds",
+                    RESETTLE.as_secs()
+                ));
+                break;
+            }
         }
         Ok(ScaleReport {
             daemon: opts.daemon.label(),
@@ -901,10 +914,6 @@ impl ScaleRun<'_> {
                 ANNOUNCE_WINDOW.as_secs()
             ));
         }
-        // Restart the stopped daemon and wait for it to preempt its group back.
-        let restarted = Instant::now();
-        self.start(victim)?;
-        self.wait_settled(restarted, self.settle_timeout())?;
         Ok(round)
     }
 
