@@ -501,7 +501,12 @@ impl ScaleRun<'_> {
         let signals = std::iter::repeat_n(Signal::SIGKILL, opts.crash_rounds)
             .chain(std::iter::repeat_n(Signal::SIGTERM, opts.graceful_rounds));
         for signal in signals {
-            rounds.push(self.round(signal)?);
+            let round = self.round(signal)?;
+            let taken_over = round.new_master.is_some();
+            rounds.push(round);
+            if !taken_over {
+                break;
+            }
             // Restart the stopped daemon and wait for it to preempt its group back. A daemon
             // that never settles again (keepalived with 10,000 addresses) ends the run with
             // the rounds measured so far.
@@ -891,11 +896,10 @@ impl ScaleRun<'_> {
         };
         self.print_round(&round);
         if round.new_master.is_none() {
-            return Err(LabError::NoSingleMaster {
-                waited: limit,
-                masters: "none after the master stopped".into(),
-                logs: self.logs(),
-            });
+            self.warn(format!(
+                "no other node advertised group 0 within {:.1} s of the signal",
+                limit.as_secs_f64()
+            ));
         }
         if !round.others_moved.is_empty() {
             self.warn(format!(
