@@ -40,6 +40,8 @@ use crate::vrrp::packet::{Advertisement, virtual_mac};
 const LINK_REFRESH: Duration = Duration::from_secs(2);
 /// Largest VRRP datagram we read: 20-byte IPv4 header (60 with options) + 8 + 255 × 16.
 const RECV_BUFFER: usize = 4200;
+/// Most queued address removals handed to the engine as one batch.
+const REMOVED_BATCH: usize = 65_536;
 
 /// The engine loop turns at least this often, even with nothing to do, so that its
 /// [`Heartbeat`] proves it is alive.
@@ -233,17 +235,17 @@ struct Incoming {
 enum Effect {
     Add {
         ifindex: u32,
-        nets: Vec<IpNet>,
+        nets: Arc<[IpNet]>,
         lifetime: Option<Duration>,
     },
     Remove {
         ifindex: u32,
-        nets: Vec<IpNet>,
+        nets: Arc<[IpNet]>,
     },
     Announce {
         interface: Arc<str>,
         mac: [u8; 6],
-        addrs: Vec<IpAddr>,
+        addrs: Arc<[IpAddr]>,
         source_v6: Option<Ipv6Addr>,
     },
     DeleteLink {
@@ -265,6 +267,19 @@ enum Effect {
         addresses: Vec<(u32, IpNet)>,
     },
     Barrier(oneshot::Sender<()>),
+}
+
+/// Which advertisement an [`Encoded`] is: socket (interface or virtual-MAC interface),
+/// family, VRID and destination.
+type EncodedKey = (Arc<str>, Family, u8, IpAddr);
+
+/// An encoded advertisement and what it was encoded from (the IPv6 and v3 checksums cover
+/// source and destination, so both are part of it).
+struct Encoded {
+    source: IpAddr,
+    checksum: crate::vocab::ChecksumMode,
+    advertisement: Advertisement,
+    bytes: Vec<u8>,
 }
 
 /// An interface with instances on it: what was last read of it and its receive sockets.
@@ -300,7 +315,9 @@ pub struct Driver {
     incoming_rx: mpsc::Receiver<Incoming>,
     effects: mpsc::UnboundedSender<Effect>,
     outputs: Vec<Output>,
-    encode_buf: Vec<u8>,
+    /// The last encoded advertisement per socket, VRID and destination: re-encoded only
+    /// when what it encodes changed (priority, interval, addresses, source, checksum mode).
+    encoded: HashMap<EncodedKey, Encoded>,
     observed: watch::Sender<Observed>,
     drain_buf: Vec<u8>,
     stats: Arc<Stats>,
@@ -379,7 +396,7 @@ impl Driver {
             incoming_rx,
             effects,
             outputs: Vec::new(),
-            encode_buf: Vec::with_capacity(1500),
+            encoded: HashMap::new(),
             observed: watch::Sender::new(Observed::default()),
             drain_buf: Vec::new(),
             stats,
@@ -521,19 +538,40 @@ impl Driver {
     }
 
     fn address_event(&mut self, event: AddressEvent) {
-        let input = match event {
-            AddressEvent::Removed { index, net } => Input::AddressRemoved {
-                ifindex: index,
-                net,
-            },
-            AddressEvent::Failed { index, net, error } => Input::AddressFailed {
-                ifindex: index,
-                net,
-                error,
-            },
-            AddressEvent::Lost => Input::AddressEventsLost,
-        };
-        self.handle(Instant::now(), input);
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            let input = match event {
+                AddressEvent::Removed { index, net } => {
+                    // Whatever else is queued for this interface goes with it, so that a
+                    // group that vanished at once (a flushed interface) is repaired in one
+                    // batch.
+                    let mut nets = vec![net];
+                    while nets.len() < REMOVED_BATCH {
+                        match self.address_events.try_recv() {
+                            Ok(AddressEvent::Removed { index: i, net }) if i == index => {
+                                nets.push(net)
+                            }
+                            Ok(event) => {
+                                next = Some(event);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    Input::AddressesRemoved {
+                        ifindex: index,
+                        nets,
+                    }
+                }
+                AddressEvent::Failed { index, net, error } => Input::AddressFailed {
+                    ifindex: index,
+                    net,
+                    error,
+                },
+                AddressEvent::Lost => Input::AddressEventsLost,
+            };
+            self.handle(Instant::now(), input);
+        }
     }
 
     async fn apply(&mut self, instances: Instances) {
@@ -726,6 +764,9 @@ impl Driver {
     fn close_unused(&mut self) {
         let used = self.engine.interfaces();
         self.links.retain(|name, _| used.contains(name));
+        let (links, vmacs) = (&self.links, &self.vmacs);
+        self.encoded
+            .retain(|(via, ..), _| links.contains_key(via) || vmacs.contains_key(via));
     }
 
     fn execute(&mut self, output: Output) {
@@ -794,18 +835,42 @@ impl Driver {
         let Some(socket) = socket else {
             return;
         };
+        let via = transmit.vmac.as_ref().unwrap_or(&transmit.interface);
         for &destination in transmit.destinations.iter() {
-            self.encode_buf.clear();
-            if let Err(e) = transmit.advertisement.encode_into(
-                transmit.source,
+            let key = (
+                via.clone(),
+                transmit.family,
+                transmit.advertisement.vrid,
                 destination,
-                transmit.checksum,
-                &mut self.encode_buf,
-            ) {
-                warn!(interface = %transmit.interface, vrid = transmit.advertisement.vrid, error = %e, "cannot encode advertisement");
-                return;
+            );
+            let fresh = self.encoded.get(&key).is_some_and(|e| {
+                e.source == transmit.source
+                    && e.checksum == transmit.checksum
+                    && e.advertisement == transmit.advertisement
+            });
+            if !fresh {
+                let mut bytes = Vec::with_capacity(transmit.advertisement.encoded_len());
+                if let Err(e) = transmit.advertisement.encode_into(
+                    transmit.source,
+                    destination,
+                    transmit.checksum,
+                    &mut bytes,
+                ) {
+                    warn!(interface = %transmit.interface, vrid = transmit.advertisement.vrid, error = %e, "cannot encode advertisement");
+                    return;
+                }
+                self.encoded.insert(
+                    key.clone(),
+                    Encoded {
+                        source: transmit.source,
+                        checksum: transmit.checksum,
+                        advertisement: transmit.advertisement.clone(),
+                        bytes,
+                    },
+                );
             }
-            match socket.send(transmit.source, destination, &self.encode_buf) {
+            let bytes = &self.encoded[&key].bytes;
+            match socket.send(transmit.source, destination, bytes) {
                 Ok(()) => {
                     self.stats.sent.fetch_add(1, Ordering::Relaxed);
                 }
@@ -983,7 +1048,7 @@ async fn run_effects(
                 }
             }
             Effect::Remove { ifindex, nets } => {
-                for net in nets {
+                for &net in nets.iter() {
                     if let Err(e) = addresses.remove(ifindex, net).await {
                         warn!(address = %net, error = %e, "cannot remove virtual address");
                     }
