@@ -124,7 +124,11 @@ fn main() -> anyhow::Result<()> {
         let mut line = format!("round {round}: adverts on the wire {adverts}");
         for (n, name) in names.iter().enumerate() {
             let (share, rss) = per_node[n][round];
-            let _ = write!(line, "; {name} {share:.1}% CPU {:.1} MB", rss as f64 / 1024.0);
+            let _ = write!(
+                line,
+                "; {name} {share:.1}% CPU {:.1} MB",
+                rss as f64 / 1024.0
+            );
         }
         println!("{line}");
     }
@@ -138,7 +142,10 @@ fn main() -> anyhow::Result<()> {
     );
     for (n, name) in names.iter().enumerate() {
         let role = if n == 0 { "master" } else { "backup" };
-        let mut shares: Vec<u64> = per_node[n].iter().map(|(s, _)| (s * 1000.0) as u64).collect();
+        let mut shares: Vec<u64> = per_node[n]
+            .iter()
+            .map(|(s, _)| (s * 1000.0) as u64)
+            .collect();
         shares.sort();
         let rss = median(per_node[n].iter().map(|(_, r)| *r).collect());
         println!(
@@ -197,7 +204,12 @@ fn manifests(nodes: &[String], addresses: &[IpAddr], interval: Duration) -> Stri
 }
 
 /// Waits until node-a holds the last address and every agent still runs.
-fn settle(lab: &Lab, agents: &[ProcId], addresses: &[IpAddr], since: Instant) -> anyhow::Result<()> {
+fn settle(
+    lab: &Lab,
+    agents: &[ProcId],
+    addresses: &[IpAddr],
+    since: Instant,
+) -> anyhow::Result<()> {
     let last = *addresses.last().context("no addresses")?;
     loop {
         check_interrupted()?;

@@ -27,6 +27,7 @@ use crate::engine::{
     Requirement, Stats, Transmit, VmacFacts, requirements,
 };
 use crate::node::addr::{AddrError, AddressEvent, AddressManager, AddressWatcher};
+use crate::node::announce::Announcer;
 use crate::node::link::{MacvlanManager, vmac_name};
 use crate::node::ownership::OwnershipMode;
 use crate::node::socket::{
@@ -115,6 +116,8 @@ pub struct AddressSettings {
     pub state_dir: PathBuf,
     pub ownership: Option<OwnershipMode>,
     pub lifetime: Option<Duration>,
+    /// How announcement bursts are sent (`--announce-*`).
+    pub announcer: Announcer,
 }
 
 /// The running engine thread, as the agent sees it.
@@ -184,7 +187,7 @@ pub async fn spawn(
                     record = %addresses.record_path().unwrap_or_default().display(),
                     "how this agent recognises its addresses"
                 );
-                let driver = Driver::start(node, addresses)
+                let driver = Driver::start_with(node, addresses, settings.announcer)
                     .await
                     .with_address_lifetime(settings.lifetime);
                 let handles = (
@@ -244,6 +247,7 @@ enum Effect {
     },
     Announce {
         interface: Arc<str>,
+        ifindex: u32,
         mac: [u8; 6],
         addrs: Arc<[IpAddr]>,
         source_v6: Option<Ipv6Addr>,
@@ -333,6 +337,15 @@ impl Driver {
     /// reader. Removes addresses a crashed predecessor left behind (ours by mark or record,
     /// not recorded as held) before anything starts.
     pub async fn start(node: String, addresses: AddressManager) -> Driver {
+        Driver::start_with(node, addresses, Announcer::default()).await
+    }
+
+    /// [`Driver::start`] with announcement bursts sent as `announcer` says.
+    pub async fn start_with(
+        node: String,
+        addresses: AddressManager,
+        announcer: Announcer,
+    ) -> Driver {
         // Addresses a restarting predecessor recorded as held wait for adoption; all other
         // addresses of ours are crash leftovers.
         let held: HashSet<(u32, IpNet)> = match addresses.take_over(SystemTime::now()).await {
@@ -377,6 +390,7 @@ impl Driver {
             macvlans.clone(),
             effects_rx,
             address_tx,
+            announcer,
         ));
         let (incoming_tx, incoming_rx) = mpsc::channel(4096);
         let stats = Arc::new(Stats::default());
@@ -805,11 +819,13 @@ impl Driver {
             },
             Output::Announce {
                 interface,
+                ifindex,
                 mac,
                 addrs,
                 source_v6,
             } => Effect::Announce {
                 interface,
+                ifindex,
                 mac,
                 addrs,
                 source_v6,
@@ -989,14 +1005,37 @@ fn accept(
     }
 }
 
+/// The announcement bursts whose later rounds still run, per interface index.
+#[derive(Default)]
+struct Bursts(HashMap<u32, Vec<Arc<std::sync::atomic::AtomicBool>>>);
+
+impl Bursts {
+    /// A cancel flag for a new burst on `ifindex` (finished bursts' flags are dropped).
+    fn track(&mut self, ifindex: u32) -> Arc<std::sync::atomic::AtomicBool> {
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flags = self.0.entry(ifindex).or_default();
+        flags.retain(|f| Arc::strong_count(f) > 1);
+        flags.push(flag.clone());
+        flag
+    }
+
+    fn cancel(&mut self, ifindex: u32) {
+        for flag in self.0.remove(&ifindex).unwrap_or_default() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Executes address changes and announcements in order.
 async fn run_effects(
     addresses: AddressManager,
     macvlans: MacvlanManager,
     mut rx: mpsc::UnboundedReceiver<Effect>,
     failures: mpsc::UnboundedSender<AddressEvent>,
+    announcer: Announcer,
 ) {
     let mut record_error = false;
+    let mut bursts = Bursts::default();
     while let Some(effect) = rx.recv().await {
         match effect {
             Effect::Add {
@@ -1048,6 +1087,8 @@ async fn run_effects(
                 }
             }
             Effect::Remove { ifindex, nets } => {
+                // What is left of a burst there would announce addresses leaving.
+                bursts.cancel(ifindex);
                 for &net in nets.iter() {
                     if let Err(e) = addresses.remove(ifindex, net).await {
                         warn!(address = %net, error = %e, "cannot remove virtual address");
@@ -1056,17 +1097,27 @@ async fn run_effects(
             }
             Effect::Announce {
                 interface,
+                ifindex,
                 mac,
                 addrs,
                 source_v6,
             } => {
+                // The first round before the next effect, the later ones on their own.
                 let name = interface.clone();
                 let result = tokio::task::spawn_blocking(move || {
-                    crate::node::announce::announce(&name, mac, &addrs, source_v6)
+                    announcer.start(&name, mac, &addrs, source_v6)
                 })
                 .await;
                 match result {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(Some(burst))) => {
+                        let cancel = bursts.track(ifindex);
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = burst.finish(&cancel) {
+                                warn!(interface = %interface, error = %e, "announcement failed");
+                            }
+                        });
+                    }
+                    Ok(Ok(None)) => {}
                     Ok(Err(e)) => warn!(interface = %interface, error = %e, "announcement failed"),
                     Err(e) => warn!(interface = %interface, error = %e, "announcement task failed"),
                 }
@@ -1083,6 +1134,9 @@ async fn run_effects(
                 }
             }
             Effect::DeleteLink { name, index } => {
+                if let Some(index) = index {
+                    bursts.cancel(index);
+                }
                 if let Err(e) = macvlans.delete_link(&name).await {
                     warn!(interface = %name, error = %e, "cannot remove virtual-MAC interface");
                 }

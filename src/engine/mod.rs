@@ -396,6 +396,9 @@ pub enum Output {
     },
     Announce {
         interface: Arc<str>,
+        /// The index of `interface` (the virtual MAC's when there is one): a later
+        /// removal of addresses there stops what is left of the burst.
+        ifindex: u32,
         mac: [u8; 6],
         addrs: Arc<[IpAddr]>,
         source_v6: Option<Ipv6Addr>,
@@ -1605,6 +1608,7 @@ fn translate(
                 .vmac
                 .as_ref()
                 .map_or_else(|| key.0.clone(), |v| v.name.clone()),
+            ifindex,
             mac: slot.vmac.as_ref().map_or(link.mac, |v| v.mac),
             addrs,
             source_v6: link.link_local_v6,

@@ -434,7 +434,8 @@ impl Addresses {
     fn new(config: &Config, learned_link_local: Option<Ipv6Addr>) -> Addresses {
         let nets: Arc<[IpNet]> = config.addresses.as_slice().into();
         let addrs: Arc<[IpAddr]> = nets.iter().map(IpNet::addr).collect();
-        let link_local_configured = matches!(addrs.first(), Some(IpAddr::V6(a)) if a.is_unicast_link_local());
+        let link_local_configured =
+            matches!(addrs.first(), Some(IpAddr::V6(a)) if a.is_unicast_link_local());
         let learned = learned_link_local
             .filter(|_| !link_local_configured)
             .map(IpAddr::V6);

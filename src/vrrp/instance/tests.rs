@@ -1165,9 +1165,9 @@ fn ipv6_backup_learns_the_masters_link_local_and_lists_it_first_when_it_takes_ov
     let down = h.deadline().unwrap();
     let out = h.input(down, Input::Timer);
     assert_eq!(sent_lists(&out), vec![vec![ip(VIRTUAL_LL), ip(GLOBAL6)]]);
-    assert!(out.contains(&Output::AddAddresses(vec![
-        format!("{GLOBAL6}/64").parse().unwrap()
-    ].into())));
+    assert!(out.contains(&Output::AddAddresses(
+        vec![format!("{GLOBAL6}/64").parse().unwrap()].into()
+    )));
     assert!(out.contains(&Output::Announce(vec![ip(GLOBAL6)].into())));
 }
 
