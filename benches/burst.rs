@@ -48,6 +48,10 @@ struct Args {
     /// Extra agent arguments (e.g. `--address-lifetime=0s`), repeatable.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// The agent to run (default: the one built with this benchmark), e.g. an older build
+    /// to compare with.
+    #[arg(long)]
+    agent_binary: Option<String>,
     /// Ignored (cargo bench passes it).
     #[arg(long, hide = true)]
     bench: bool,
@@ -75,7 +79,7 @@ fn main() -> anyhow::Result<()> {
     for (node, name) in names.iter().enumerate() {
         let manifest = manifest.to_string_lossy().into_owned();
         let mut argv: Vec<&str> = vec![
-            AGENT_BINARY,
+            args.agent_binary.as_deref().unwrap_or(AGENT_BINARY),
             "agent",
             "--node-name",
             name,
@@ -86,7 +90,7 @@ fn main() -> anyhow::Result<()> {
         agents.push(lab.spawn(node, &argv, format!("{name}.log"))?);
     }
     let started = Instant::now();
-    settle(&lab, &agents, &addresses, started).with_context(|| {
+    settle(&lab, &sniffer, &agents, &addresses, started).with_context(|| {
         format!(
             "node-a log:\n{}",
             log_tail(&lab.dir().join("node-a.log"), 20)
@@ -206,6 +210,7 @@ fn manifests(nodes: &[String], addresses: &[IpAddr], interval: Duration) -> Stri
 /// Waits until node-a holds the last address and every agent still runs.
 fn settle(
     lab: &Lab,
+    sniffer: &Sniffer,
     agents: &[ProcId],
     addresses: &[IpAddr],
     since: Instant,
@@ -218,7 +223,13 @@ fn settle(
                 bail!("agent {id} exited: {status}");
             }
         }
-        if lab.has_address(0, last)? {
+        // Announced on the wire, or on node-a's interface (route-held addresses of a bulk
+        // install are not interface addresses).
+        let announced = sniffer
+            .events()
+            .iter()
+            .any(|e| e.announced() == Some(last) && e.src_mac == lab.node(0).mac);
+        if announced || lab.has_address(0, last)? {
             // Let the backups see a few rounds and the first renewals pass.
             sleep(Duration::from_secs(3))?;
             return Ok(());

@@ -31,7 +31,8 @@ use crate::node::announce::Announcer;
 use crate::node::link::{MacvlanManager, vmac_name};
 use crate::node::ownership::OwnershipMode;
 use crate::node::socket::{
-    PreciseTimer, Received, SocketError, VrrpSocket, pin_memory, set_realtime_priority,
+    PreciseTimer, Received, SocketError, VrrpSocket, pin_memory, set_normal_priority,
+    set_realtime_priority,
 };
 use crate::vocab::Family;
 use crate::vrrp::packet::{Advertisement, virtual_mac};
@@ -385,13 +386,7 @@ impl Driver {
             Err(e) => warn!(error = %e, "cannot list virtual-MAC interfaces left behind"),
         }
         let (effects, effects_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_effects(
-            addresses.clone(),
-            macvlans.clone(),
-            effects_rx,
-            address_tx,
-            announcer,
-        ));
+        spawn_effects(addresses.clone(), effects_rx, address_tx, announcer);
         let (incoming_tx, incoming_rx) = mpsc::channel(4096);
         let stats = Arc::new(Stats::default());
         let engine = NodeEngine::new(
@@ -1005,6 +1000,63 @@ fn accept(
     }
 }
 
+/// Runs [`run_effects`] on a thread of its own, with its own runtime and netlink connection,
+/// at normal priority: a netlink request runs in the kernel in the context of the thread
+/// that sends it, and installing or removing thousands of addresses takes the kernel
+/// hundreds of milliseconds; on the engine's thread that would hold the advertisements
+/// back. Falls back to a task on the current runtime should the thread not start.
+fn spawn_effects(
+    addresses: AddressManager,
+    rx: mpsc::UnboundedReceiver<Effect>,
+    failures: mpsc::UnboundedSender<AddressEvent>,
+    announcer: Announcer,
+) {
+    let (rx_slot, addresses_slot, failures_slot) = (
+        Arc::new(std::sync::Mutex::new(Some(rx))),
+        addresses.clone(),
+        failures.clone(),
+    );
+    let taken = rx_slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name("vrrp-effects".into())
+        .spawn(move || {
+            if let Err(e) = set_normal_priority() {
+                debug!(error = %e, "effects thread keeps the engine's scheduling class");
+            }
+            let Some(rx) = taken.lock().ok().and_then(|mut rx| rx.take()) else {
+                return;
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    warn!(error = %e, "cannot start the effects thread's runtime; address changes are not carried out");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let addresses = match addresses_slot.reconnect() {
+                    Ok(own) => own,
+                    Err(e) => {
+                        warn!(error = %e, "no netlink connection of the effects thread's own; sharing the engine's");
+                        addresses_slot
+                    }
+                };
+                let macvlans = MacvlanManager::new(addresses.handle().clone());
+                run_effects(addresses, macvlans, rx, failures_slot, announcer).await;
+            });
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the effects thread; address changes run on the engine's");
+        if let Some(rx) = rx_slot.lock().ok().and_then(|mut rx| rx.take()) {
+            let macvlans = MacvlanManager::new(addresses.handle().clone());
+            tokio::spawn(run_effects(addresses, macvlans, rx, failures, announcer));
+        }
+    }
+}
+
 /// The announcement bursts whose later rounds still run, per interface index.
 #[derive(Default)]
 struct Bursts(HashMap<u32, Vec<Arc<std::sync::atomic::AtomicBool>>>);
@@ -1017,6 +1069,13 @@ impl Bursts {
         flags.retain(|f| Arc::strong_count(f) > 1);
         flags.push(flag.clone());
         flag
+    }
+
+    fn cancel_all(&mut self) {
+        let indexes: Vec<u32> = self.0.keys().copied().collect();
+        for index in indexes {
+            self.cancel(index);
+        }
     }
 
     fn cancel(&mut self, ifindex: u32) {
@@ -1145,6 +1204,8 @@ async fn run_effects(
                 }
             }
             Effect::Barrier(done) => {
+                // The agent stops: what is left of the bursts would only delay its exit.
+                bursts.cancel_all();
                 // Everything before the barrier is done, its record included.
                 if let Err(e) = addresses.flush_record() {
                     warn!(error = %e, "cannot record the agent's addresses");

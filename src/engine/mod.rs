@@ -424,6 +424,9 @@ type SlotKey = (Arc<str>, InstanceKey);
 
 struct Slot {
     spec: InstanceSpec,
+    /// `spec.members`, shared with the observed state: compared by pointer on every
+    /// advertisement, not name by name (a group may have thousands of members).
+    members: Arc<[String]>,
     /// `None` while the instance cannot run (interface or its address missing).
     instance: Option<Instance>,
     armed: Option<Instant>,
@@ -979,7 +982,7 @@ impl NodeEngine {
                 translate(node, key, slot, link, seen.priority, output, out);
             }
         }
-        *observed_changed |= observe_instance(observed, &slot.spec, seen);
+        *observed_changed |= observe_instance(observed, &slot.spec, &slot.members, seen);
     }
 
     fn wall_time(&self, now: Instant) -> SystemTime {
@@ -1116,6 +1119,9 @@ impl NodeEngine {
         let own = self.primary(&key.0, spec.family);
         if let Some(slot) = self.slots.get_mut(&key) {
             slot.destinations = destinations(&spec, own);
+            if *slot.members != *spec.members {
+                slot.members = spec.members.as_slice().into();
+            }
             slot.spec = spec;
         }
         self.feed(&key, now, input, out);
@@ -1230,6 +1236,7 @@ impl NodeEngine {
             key.clone(),
             Slot {
                 destinations: destinations(&spec, primary),
+                members: spec.members.as_slice().into(),
                 spec,
                 instance,
                 armed: None,
@@ -1389,6 +1396,7 @@ impl NodeEngine {
                             key.clone(),
                             Slot {
                                 destinations: destinations(&spec, None),
+                                members: spec.members.as_slice().into(),
                                 spec,
                                 instance: None,
                                 armed: None,
@@ -1415,6 +1423,7 @@ impl NodeEngine {
                     key,
                     Slot {
                         destinations: destinations(&spec, None),
+                        members: spec.members.as_slice().into(),
                         spec,
                         instance: None,
                         armed: None,
@@ -1451,21 +1460,41 @@ struct Seen {
 }
 
 /// Updates the observed entry of one running instance; whether it changed.
-fn observe_instance(observed: &mut Observed, spec: &InstanceSpec, seen: Seen) -> bool {
+fn observe_instance(
+    observed: &mut Observed,
+    spec: &InstanceSpec,
+    members: &Arc<[String]>,
+    seen: Seen,
+) -> bool {
     let key = (spec.resource.clone(), spec.family);
+    let same = |theirs: &Arc<[String]>| Arc::ptr_eq(theirs, members) || **theirs == **members;
     match (observed.instances.get_mut(&key), seen.transition) {
         (Some(e), None)
             if e.state == seen.state
                 && e.master == seen.master
                 && e.priority == seen.priority
                 && e.fault.is_none()
-                && *e.members == *spec.members =>
+                && Arc::ptr_eq(&e.members, members) =>
         {
             false
         }
+        (Some(e), None) if !Arc::ptr_eq(&e.members, members) && same(&e.members) => {
+            // Equal lists: share ours, so that the next comparison is by pointer. Not a
+            // change anyone needs to hear about unless something else changed too.
+            e.members = members.clone();
+            let changed = e.state != seen.state
+                || e.master != seen.master
+                || e.priority != seen.priority
+                || e.fault.is_some();
+            e.state = seen.state;
+            e.master = seen.master;
+            e.priority = seen.priority;
+            e.fault = None;
+            changed
+        }
         (Some(e), None) => {
-            if *e.members != *spec.members {
-                e.members = spec.members.clone().into();
+            if !same(&e.members) {
+                e.members = members.clone();
             }
             e.state = seen.state;
             e.master = seen.master;
@@ -1477,7 +1506,7 @@ fn observe_instance(observed: &mut Observed, spec: &InstanceSpec, seen: Seen) ->
             observed.instances.insert(
                 key,
                 InstanceStatus {
-                    members: spec.members.clone().into(),
+                    members: members.clone(),
                     interface: spec.interface.clone(),
                     vrid: spec.vrid,
                     state: seen.state,

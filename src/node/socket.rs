@@ -350,6 +350,19 @@ pub fn set_realtime_priority(priority: u8) -> io::Result<()> {
     }
 }
 
+/// Puts the calling thread back in the normal class (SCHED_OTHER), e.g. a helper thread
+/// started by a real-time thread, which it would otherwise inherit.
+pub fn set_normal_priority() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as in set_realtime_priority.
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// For a real-time engine thread, as keepalived does with its realtime priority: locks the
 /// process's pages in memory as they are touched (`mlockall(MCL_CURRENT | MCL_FUTURE |
 /// MCL_ONFAULT)`, so nothing the engine uses is swapped out, without faulting in every
