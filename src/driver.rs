@@ -459,6 +459,8 @@ impl Driver {
         let mut armed: Option<Instant> = None;
         let mut refresh = tokio::time::interval(LINK_REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (reread_tx, mut reread_rx) = mpsc::channel(1);
+        let mut refreshing = false;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -515,7 +517,37 @@ impl Driver {
                 }
                 Some(incoming) = self.incoming_rx.recv() => self.receive(incoming),
                 Some(event) = self.address_events.recv() => self.address_event(event),
-                _ = refresh.tick() => self.refresh().await,
+                _ = refresh.tick() => {
+                    // The links are read by a task of their own, so that a slow answer
+                    // (thousands of addresses to dump, or another process holding the
+                    // kernel's rtnl lock for a big change) never holds this loop, and with
+                    // it the advertisements, back.
+                    if !refreshing {
+                        refreshing = true;
+                        let names: Vec<Arc<str>> = self
+                            .engine
+                            .requirements()
+                            .into_iter()
+                            .map(|r| r.interface)
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .collect();
+                        let addresses = self.addresses.clone();
+                        let tx = reread_tx.clone();
+                        tokio::spawn(async move {
+                            let mut read = Vec::with_capacity(names.len());
+                            for name in names {
+                                let facts = read_facts(&addresses, &name).await;
+                                read.push((name, facts));
+                            }
+                            let _ = tx.send(read).await;
+                        });
+                    }
+                }
+                Some(read) = reread_rx.recv() => {
+                    refreshing = false;
+                    self.refresh(read).await;
+                }
                 _ = heartbeat.tick() => {}
             }
         }
@@ -600,9 +632,17 @@ impl Driver {
         });
     }
 
-    async fn refresh(&mut self) {
+    /// Takes in the links as `read` (by [`read_facts`]), then sets up what they need.
+    async fn refresh(&mut self, read: Vec<(Arc<str>, Result<LinkFacts, String>)>) {
+        for (name, facts) in read {
+            match facts {
+                Ok(facts) => self.store_link(&name, facts),
+                // A known link keeps its last facts through a failed re-read.
+                Err(e) => debug!(interface = %name, error = %e, "cannot re-read interface"),
+            }
+        }
         let wanted = self.engine.requirements();
-        let env = self.prepare(&wanted, true).await;
+        let env = self.prepare(&wanted, false).await;
         let missing = missing_sockets(&wanted, &env);
         self.handle(Instant::now(), Input::Refresh(env));
         self.close_unused();
@@ -666,31 +706,20 @@ impl Driver {
         if !reread && let Some(link) = self.links.get(name) {
             return Ok(link.facts);
         }
-        let info = match self.addresses.link(name).await {
-            Ok(info) => info,
+        match read_facts(&self.addresses, name).await {
+            Ok(facts) => {
+                self.store_link(name, facts);
+                Ok(facts)
+            }
             // A known link keeps its last facts through a failed re-read.
-            Err(e) => return self.links.get(name).map(|l| l.facts).ok_or(e.to_string()),
-        };
-        let (subnet_v4, subnet_v6) = self
-            .addresses
-            .own_subnets(info.index)
-            .await
-            .unwrap_or_default();
-        let facts = LinkFacts {
-            index: info.index,
-            mac: info.mac,
-            primary_v4: self.addresses.primary_ipv4(info.index).await.ok().flatten(),
-            link_local_v6: self
-                .addresses
-                .link_local_v6(info.index)
-                .await
-                .ok()
-                .flatten(),
-            subnet_v4,
-            subnet_v6,
-        };
+            Err(e) => self.links.get(name).map(|l| l.facts).ok_or(e),
+        }
+    }
+
+    /// Records what was read of a link: new, updated, or recreated (a new index).
+    fn store_link(&mut self, name: &Arc<str>, facts: LinkFacts) {
         match self.links.get_mut(name) {
-            Some(link) if link.facts.index == info.index => link.facts = facts,
+            Some(link) if link.facts.index == facts.index => link.facts = facts,
             _ => {
                 // New, or recreated: sockets bound to the old index are useless, and the
                 // kernel removed the old interface's macvlans with it.
@@ -707,7 +736,6 @@ impl Driver {
                 );
             }
         }
-        Ok(facts)
     }
 
     fn ensure_socket(&mut self, name: &Arc<str>, family: Family) -> Result<(), String> {
@@ -918,6 +946,21 @@ impl Driver {
         }
         self.drain_buf = buf;
     }
+}
+
+/// Reads one link's facts (index, MAC, primary addresses, subnets) from the kernel.
+async fn read_facts(addresses: &AddressManager, name: &str) -> Result<LinkFacts, String> {
+    let info = addresses.link(name).await.map_err(|e| e.to_string())?;
+    let (subnet_v4, subnet_v6) = addresses.own_subnets(info.index).await.unwrap_or_default();
+    let facts = LinkFacts {
+        index: info.index,
+        mac: info.mac,
+        primary_v4: addresses.primary_ipv4(info.index).await.ok().flatten(),
+        link_local_v6: addresses.link_local_v6(info.index).await.ok().flatten(),
+        subnet_v4,
+        subnet_v6,
+    };
+    Ok(facts)
 }
 
 /// The interfaces and families of `wanted` without an open socket, in words.

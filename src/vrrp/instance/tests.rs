@@ -1327,3 +1327,50 @@ fn ipv4_never_learns_a_link_local() {
     assert_eq!(h.instance.learned_link_local(), None);
     assert_eq!(h.instance.advertised_addresses(), vec![VIP]);
 }
+
+#[test]
+fn a_huge_group_advertises_its_first_addresses_and_compares_lists_in_any_order() {
+    let nets: Vec<IpNet> = (0..10_000u32)
+        .map(|i| {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 9, 0, 0)) + i);
+            IpNet::new(IpAddr::V4(ip), 32).unwrap()
+        })
+        .collect();
+    let mut h = Harness::started(Config {
+        addresses: nets.clone(),
+        ..config(100)
+    });
+    let ours: Vec<IpAddr> = nets.iter().take(255).map(IpNet::addr).collect();
+    assert_eq!(h.instance.advertised_addresses(), ours);
+    assert!(h.instance.holds(&nets[9999]));
+    assert!(!h.instance.holds(&vip_net()));
+    assert_eq!(h.instance.addresses().len(), 10_000);
+    // The master's list in our order, reversed, or one address different.
+    let mut reversed = ours.clone();
+    reversed.reverse();
+    let mut other = ours.clone();
+    other[100] = VIP;
+    for (list, mismatches) in [(ours.clone(), 0), (reversed, 0), (other, 1)] {
+        h.receive(
+            ms(1),
+            HIGHER,
+            Advertisement {
+                addresses: list,
+                ..advert(200, 10)
+            },
+        );
+        assert_eq!(h.instance.counters().address_list_mismatch, mismatches);
+    }
+    // Becoming master adds and announces all 10,000, shared rather than copied.
+    let mut h = Harness::started(Config {
+        addresses: nets.clone(),
+        ..config(PRIORITY_OWNER)
+    });
+    let shared = h.instance.addresses().clone();
+    let add = h.out.iter().find_map(|o| match o {
+        Output::AddAddresses(nets) => Some(nets.clone()),
+        _ => None,
+    });
+    assert!(Arc::ptr_eq(&add.unwrap(), &shared));
+    h.out.clear();
+}
