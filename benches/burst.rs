@@ -4,7 +4,8 @@
 //! Run as root: `cargo bench --bench burst [-- --vips 10000 --interval 10ms --window 10s
 //! --rounds 3 --ipv6]`. The addresses are split into VirtualIPs of at most 1,024 addresses
 //! with identical settings and no explicit VRID, so they share one instance (one election).
-//! node-a is preferred (the master), node-b and node-c are backups. Once node-a holds every
+//! node-a is preferred (the master) and starts first; node-b and node-c (backups) start once
+//! it holds the group. Once node-a holds every
 //! address and the wire shows its adverts, each round reads user + system CPU time and RSS of
 //! every agent from /proc over a window; the figures are medians over the rounds.
 //!
@@ -75,8 +76,11 @@ fn main() -> anyhow::Result<()> {
     let manifest = lab.dir().join("burst.yaml");
     std::fs::write(&manifest, manifests(&names, &addresses, args.interval))?;
     let sniffer = Sniffer::start(&lab)?;
-    let mut agents = Vec::new();
-    for (node, name) in names.iter().enumerate() {
+    // node-a first, the backups once it holds the group: a backup that found no master at
+    // start would take the group for a moment and then remove it again, which is the node
+    // layer's cost, not the idle cost measured here.
+    let spawn = |node: usize| -> anyhow::Result<ProcId> {
+        let name = &names[node];
         let manifest = manifest.to_string_lossy().into_owned();
         let mut argv: Vec<&str> = vec![
             args.agent_binary.as_deref().unwrap_or(AGENT_BINARY),
@@ -87,8 +91,9 @@ fn main() -> anyhow::Result<()> {
             &manifest,
         ];
         argv.extend(args.agent_args.iter().map(String::as_str));
-        agents.push(lab.spawn(node, &argv, format!("{name}.log"))?);
-    }
+        Ok(lab.spawn(node, &argv, format!("{name}.log"))?)
+    };
+    let mut agents = vec![spawn(0)?];
     let started = Instant::now();
     settle(&lab, &sniffer, &agents, &addresses, started).with_context(|| {
         format!(
@@ -101,6 +106,10 @@ fn main() -> anyhow::Result<()> {
         addresses.len(),
         started.elapsed().as_secs_f64()
     );
+    for node in 1..names.len() {
+        agents.push(spawn(node)?);
+    }
+    sleep(Duration::from_secs(5))?;
     let master = lab.node(0).ipv4;
     let mut per_node: Vec<Vec<(f64, u64)>> = vec![Vec::new(); agents.len()];
     for round in 0..args.rounds {
