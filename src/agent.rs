@@ -136,6 +136,35 @@ pub struct AgentArgs {
     pub service_controller: bool,
     #[command(flatten)]
     pub controller: ControllerOptions,
+    // Branch burst: announcement bursts.
+    #[command(flatten)]
+    pub announce: AnnounceArgs,
+}
+
+/// How gratuitous ARP / unsolicited NA bursts are sent (see README "Announcement bursts").
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct AnnounceArgs {
+    /// Rounds per announcement burst: one frame per address each (keepalived's
+    /// garp_master_repeat). The first round goes out at once; 0 sends none.
+    #[arg(long, env = "FERROVIP_ANNOUNCE_REPEAT", default_value_t = crate::node::announce::DEFAULT_REPEAT)]
+    pub announce_repeat: u32,
+    /// Pause between the rounds of a burst.
+    #[arg(long, env = "FERROVIP_ANNOUNCE_INTERVAL", default_value = "10ms", value_parser = parse_duration_arg)]
+    pub announce_interval: Duration,
+    /// Most frames per second in the rounds after the first (0: no cap). The default,
+    /// 10000, repeats 10,000 addresses in 1 s per round, about 4 s for the whole burst.
+    #[arg(long, env = "FERROVIP_ANNOUNCE_RATE", default_value_t = crate::node::announce::DEFAULT_RATE)]
+    pub announce_rate: u32,
+}
+
+impl AnnounceArgs {
+    pub fn announcer(&self) -> crate::node::announce::Announcer {
+        crate::node::announce::Announcer {
+            repeat: self.announce_repeat,
+            interval: self.announce_interval,
+            rate: self.announce_rate,
+        }
+    }
 }
 
 /// Settings of `ferrovip controller`: the Service controller alone (Kubernetes only).
@@ -304,6 +333,7 @@ impl Agent {
                 ownership: args.address_ownership.mode(),
                 lifetime: Some(args.address_lifetime).filter(|l| !l.is_zero()),
                 bulk_threshold: args.bulk_threshold,
+                announcer: args.announce.announcer(),
             },
         )
         .await?;

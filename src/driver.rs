@@ -27,10 +27,12 @@ use crate::engine::{
     Requirement, Stats, Transmit, VmacFacts, requirements,
 };
 use crate::node::addr::{AddrError, AddressEvent, AddressManager, AddressWatcher};
+use crate::node::announce::Announcer;
 use crate::node::link::{MacvlanManager, vmac_name};
 use crate::node::ownership::OwnershipMode;
 use crate::node::socket::{
-    PreciseTimer, Received, SocketError, VrrpSocket, pin_memory, set_realtime_priority,
+    PreciseTimer, Received, SocketError, VrrpSocket, pin_memory, set_normal_priority,
+    set_realtime_priority,
 };
 use crate::vocab::Family;
 use crate::vrrp::packet::{Advertisement, virtual_mac};
@@ -40,6 +42,8 @@ use crate::vrrp::packet::{Advertisement, virtual_mac};
 const LINK_REFRESH: Duration = Duration::from_secs(2);
 /// Largest VRRP datagram we read: 20-byte IPv4 header (60 with options) + 8 + 255 × 16.
 const RECV_BUFFER: usize = 4200;
+/// Most queued address removals handed to the engine as one batch.
+const REMOVED_BATCH: usize = 65_536;
 
 /// The engine loop turns at least this often, even with nothing to do, so that its
 /// [`Heartbeat`] proves it is alive.
@@ -116,6 +120,8 @@ pub struct AddressSettings {
     /// IPv4 sets larger than this (per interface and call) are installed as bulk sets (an
     /// anchor address and `local` routes); 0 never.
     pub bulk_threshold: usize,
+    /// How announcement bursts are sent (`--announce-*`).
+    pub announcer: Announcer,
 }
 
 /// The running engine thread, as the agent sees it.
@@ -185,7 +191,7 @@ pub async fn spawn(
                     record = %addresses.record_path().unwrap_or_default().display(),
                     "how this agent recognises its addresses"
                 );
-                let driver = Driver::start(node, addresses)
+                let driver = Driver::start_with(node, addresses, settings.announcer)
                     .await
                     .with_address_lifetime(settings.lifetime);
                 let handles = (
@@ -236,17 +242,18 @@ struct Incoming {
 enum Effect {
     Add {
         ifindex: u32,
-        nets: Vec<IpNet>,
+        nets: Arc<[IpNet]>,
         lifetime: Option<Duration>,
     },
     Remove {
         ifindex: u32,
-        nets: Vec<IpNet>,
+        nets: Arc<[IpNet]>,
     },
     Announce {
         interface: Arc<str>,
+        ifindex: u32,
         mac: [u8; 6],
-        addrs: Vec<IpAddr>,
+        addrs: Arc<[IpAddr]>,
         source_v6: Option<Ipv6Addr>,
     },
     DeleteLink {
@@ -268,6 +275,19 @@ enum Effect {
         addresses: Vec<(u32, IpNet)>,
     },
     Barrier(oneshot::Sender<()>),
+}
+
+/// Which advertisement an [`Encoded`] is: socket (interface or virtual-MAC interface),
+/// family, VRID and destination.
+type EncodedKey = (Arc<str>, Family, u8, IpAddr);
+
+/// An encoded advertisement and what it was encoded from (the IPv6 and v3 checksums cover
+/// source and destination, so both are part of it).
+struct Encoded {
+    source: IpAddr,
+    checksum: crate::vocab::ChecksumMode,
+    advertisement: Advertisement,
+    bytes: Vec<u8>,
 }
 
 /// An interface with instances on it: what was last read of it and its receive sockets.
@@ -303,7 +323,9 @@ pub struct Driver {
     incoming_rx: mpsc::Receiver<Incoming>,
     effects: mpsc::UnboundedSender<Effect>,
     outputs: Vec<Output>,
-    encode_buf: Vec<u8>,
+    /// The last encoded advertisement per socket, VRID and destination: re-encoded only
+    /// when what it encodes changed (priority, interval, addresses, source, checksum mode).
+    encoded: HashMap<EncodedKey, Encoded>,
     observed: watch::Sender<Observed>,
     drain_buf: Vec<u8>,
     stats: Arc<Stats>,
@@ -319,6 +341,15 @@ impl Driver {
     /// reader. Removes addresses a crashed predecessor left behind (ours by mark or record,
     /// not recorded as held) before anything starts.
     pub async fn start(node: String, addresses: AddressManager) -> Driver {
+        Driver::start_with(node, addresses, Announcer::default()).await
+    }
+
+    /// [`Driver::start`] with announcement bursts sent as `announcer` says.
+    pub async fn start_with(
+        node: String,
+        addresses: AddressManager,
+        announcer: Announcer,
+    ) -> Driver {
         // Addresses a restarting predecessor recorded as held wait for adoption; all other
         // addresses of ours are crash leftovers.
         let held: HashSet<(u32, IpNet)> = match addresses.take_over(SystemTime::now()).await {
@@ -358,12 +389,7 @@ impl Driver {
             Err(e) => warn!(error = %e, "cannot list virtual-MAC interfaces left behind"),
         }
         let (effects, effects_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_effects(
-            addresses.clone(),
-            macvlans.clone(),
-            effects_rx,
-            address_tx,
-        ));
+        spawn_effects(addresses.clone(), effects_rx, address_tx, announcer);
         let (incoming_tx, incoming_rx) = mpsc::channel(4096);
         let stats = Arc::new(Stats::default());
         let engine = NodeEngine::new(
@@ -382,7 +408,7 @@ impl Driver {
             incoming_rx,
             effects,
             outputs: Vec::new(),
-            encode_buf: Vec::with_capacity(1500),
+            encoded: HashMap::new(),
             observed: watch::Sender::new(Observed::default()),
             drain_buf: Vec::new(),
             stats,
@@ -436,6 +462,8 @@ impl Driver {
         let mut armed: Option<Instant> = None;
         let mut refresh = tokio::time::interval(LINK_REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (reread_tx, mut reread_rx) = mpsc::channel(1);
+        let mut refreshing = false;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -492,7 +520,37 @@ impl Driver {
                 }
                 Some(incoming) = self.incoming_rx.recv() => self.receive(incoming),
                 Some(event) = self.address_events.recv() => self.address_event(event),
-                _ = refresh.tick() => self.refresh().await,
+                _ = refresh.tick() => {
+                    // The links are read by a task of their own, so that a slow answer
+                    // (thousands of addresses to dump, or another process holding the
+                    // kernel's rtnl lock for a big change) never holds this loop, and with
+                    // it the advertisements, back.
+                    if !refreshing {
+                        refreshing = true;
+                        let names: Vec<Arc<str>> = self
+                            .engine
+                            .requirements()
+                            .into_iter()
+                            .map(|r| r.interface)
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .collect();
+                        let addresses = self.addresses.clone();
+                        let tx = reread_tx.clone();
+                        tokio::spawn(async move {
+                            let mut read = Vec::with_capacity(names.len());
+                            for name in names {
+                                let facts = read_facts(&addresses, &name).await;
+                                read.push((name, facts));
+                            }
+                            let _ = tx.send(read).await;
+                        });
+                    }
+                }
+                Some(read) = reread_rx.recv() => {
+                    refreshing = false;
+                    self.refresh(read).await;
+                }
                 _ = heartbeat.tick() => {}
             }
         }
@@ -524,19 +582,40 @@ impl Driver {
     }
 
     fn address_event(&mut self, event: AddressEvent) {
-        let input = match event {
-            AddressEvent::Removed { index, net } => Input::AddressRemoved {
-                ifindex: index,
-                net,
-            },
-            AddressEvent::Failed { index, net, error } => Input::AddressFailed {
-                ifindex: index,
-                net,
-                error,
-            },
-            AddressEvent::Lost => Input::AddressEventsLost,
-        };
-        self.handle(Instant::now(), input);
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            let input = match event {
+                AddressEvent::Removed { index, net } => {
+                    // Whatever else is queued for this interface goes with it, so that a
+                    // group that vanished at once (a flushed interface) is repaired in one
+                    // batch.
+                    let mut nets = vec![net];
+                    while nets.len() < REMOVED_BATCH {
+                        match self.address_events.try_recv() {
+                            Ok(AddressEvent::Removed { index: i, net }) if i == index => {
+                                nets.push(net)
+                            }
+                            Ok(event) => {
+                                next = Some(event);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    Input::AddressesRemoved {
+                        ifindex: index,
+                        nets,
+                    }
+                }
+                AddressEvent::Failed { index, net, error } => Input::AddressFailed {
+                    ifindex: index,
+                    net,
+                    error,
+                },
+                AddressEvent::Lost => Input::AddressEventsLost,
+            };
+            self.handle(Instant::now(), input);
+        }
     }
 
     async fn apply(&mut self, instances: Instances) {
@@ -556,9 +635,17 @@ impl Driver {
         });
     }
 
-    async fn refresh(&mut self) {
+    /// Takes in the links as `read` (by [`read_facts`]), then sets up what they need.
+    async fn refresh(&mut self, read: Vec<(Arc<str>, Result<LinkFacts, String>)>) {
+        for (name, facts) in read {
+            match facts {
+                Ok(facts) => self.store_link(&name, facts),
+                // A known link keeps its last facts through a failed re-read.
+                Err(e) => debug!(interface = %name, error = %e, "cannot re-read interface"),
+            }
+        }
         let wanted = self.engine.requirements();
-        let env = self.prepare(&wanted, true).await;
+        let env = self.prepare(&wanted, false).await;
         let missing = missing_sockets(&wanted, &env);
         self.handle(Instant::now(), Input::Refresh(env));
         self.close_unused();
@@ -622,31 +709,20 @@ impl Driver {
         if !reread && let Some(link) = self.links.get(name) {
             return Ok(link.facts);
         }
-        let info = match self.addresses.link(name).await {
-            Ok(info) => info,
+        match read_facts(&self.addresses, name).await {
+            Ok(facts) => {
+                self.store_link(name, facts);
+                Ok(facts)
+            }
             // A known link keeps its last facts through a failed re-read.
-            Err(e) => return self.links.get(name).map(|l| l.facts).ok_or(e.to_string()),
-        };
-        let (subnet_v4, subnet_v6) = self
-            .addresses
-            .own_subnets(info.index)
-            .await
-            .unwrap_or_default();
-        let facts = LinkFacts {
-            index: info.index,
-            mac: info.mac,
-            primary_v4: self.addresses.primary_ipv4(info.index).await.ok().flatten(),
-            link_local_v6: self
-                .addresses
-                .link_local_v6(info.index)
-                .await
-                .ok()
-                .flatten(),
-            subnet_v4,
-            subnet_v6,
-        };
+            Err(e) => self.links.get(name).map(|l| l.facts).ok_or(e),
+        }
+    }
+
+    /// Records what was read of a link: new, updated, or recreated (a new index).
+    fn store_link(&mut self, name: &Arc<str>, facts: LinkFacts) {
         match self.links.get_mut(name) {
-            Some(link) if link.facts.index == info.index => link.facts = facts,
+            Some(link) if link.facts.index == facts.index => link.facts = facts,
             _ => {
                 // New, or recreated: sockets bound to the old index are useless, and the
                 // kernel removed the old interface's macvlans with it.
@@ -663,7 +739,6 @@ impl Driver {
                 );
             }
         }
-        Ok(facts)
     }
 
     fn ensure_socket(&mut self, name: &Arc<str>, family: Family) -> Result<(), String> {
@@ -729,6 +804,9 @@ impl Driver {
     fn close_unused(&mut self) {
         let used = self.engine.interfaces();
         self.links.retain(|name, _| used.contains(name));
+        let (links, vmacs) = (&self.links, &self.vmacs);
+        self.encoded
+            .retain(|(via, ..), _| links.contains_key(via) || vmacs.contains_key(via));
     }
 
     fn execute(&mut self, output: Output) {
@@ -767,11 +845,13 @@ impl Driver {
             },
             Output::Announce {
                 interface,
+                ifindex,
                 mac,
                 addrs,
                 source_v6,
             } => Effect::Announce {
                 interface,
+                ifindex,
                 mac,
                 addrs,
                 source_v6,
@@ -797,18 +877,42 @@ impl Driver {
         let Some(socket) = socket else {
             return;
         };
+        let via = transmit.vmac.as_ref().unwrap_or(&transmit.interface);
         for &destination in transmit.destinations.iter() {
-            self.encode_buf.clear();
-            if let Err(e) = transmit.advertisement.encode_into(
-                transmit.source,
+            let key = (
+                via.clone(),
+                transmit.family,
+                transmit.advertisement.vrid,
                 destination,
-                transmit.checksum,
-                &mut self.encode_buf,
-            ) {
-                warn!(interface = %transmit.interface, vrid = transmit.advertisement.vrid, error = %e, "cannot encode advertisement");
-                return;
+            );
+            let fresh = self.encoded.get(&key).is_some_and(|e| {
+                e.source == transmit.source
+                    && e.checksum == transmit.checksum
+                    && e.advertisement == transmit.advertisement
+            });
+            if !fresh {
+                let mut bytes = Vec::with_capacity(transmit.advertisement.encoded_len());
+                if let Err(e) = transmit.advertisement.encode_into(
+                    transmit.source,
+                    destination,
+                    transmit.checksum,
+                    &mut bytes,
+                ) {
+                    warn!(interface = %transmit.interface, vrid = transmit.advertisement.vrid, error = %e, "cannot encode advertisement");
+                    return;
+                }
+                self.encoded.insert(
+                    key.clone(),
+                    Encoded {
+                        source: transmit.source,
+                        checksum: transmit.checksum,
+                        advertisement: transmit.advertisement.clone(),
+                        bytes,
+                    },
+                );
             }
-            match socket.send(transmit.source, destination, &self.encode_buf) {
+            let bytes = &self.encoded[&key].bytes;
+            match socket.send(transmit.source, destination, bytes) {
                 Ok(()) => {
                     self.stats.sent.fetch_add(1, Ordering::Relaxed);
                 }
@@ -845,6 +949,21 @@ impl Driver {
         }
         self.drain_buf = buf;
     }
+}
+
+/// Reads one link's facts (index, MAC, primary addresses, subnets) from the kernel.
+async fn read_facts(addresses: &AddressManager, name: &str) -> Result<LinkFacts, String> {
+    let info = addresses.link(name).await.map_err(|e| e.to_string())?;
+    let (subnet_v4, subnet_v6) = addresses.own_subnets(info.index).await.unwrap_or_default();
+    let facts = LinkFacts {
+        index: info.index,
+        mac: info.mac,
+        primary_v4: addresses.primary_ipv4(info.index).await.ok().flatten(),
+        link_local_v6: addresses.link_local_v6(info.index).await.ok().flatten(),
+        subnet_v4,
+        subnet_v6,
+    };
+    Ok(facts)
 }
 
 /// The interfaces and families of `wanted` without an open socket, in words.
@@ -927,14 +1046,101 @@ fn accept(
     }
 }
 
+/// Runs [`run_effects`] on a thread of its own, with its own runtime and netlink connection,
+/// at normal priority: a netlink request runs in the kernel in the context of the thread
+/// that sends it, and installing or removing thousands of addresses takes the kernel
+/// hundreds of milliseconds; on the engine's thread that would hold the advertisements
+/// back. Falls back to a task on the current runtime should the thread not start.
+fn spawn_effects(
+    addresses: AddressManager,
+    rx: mpsc::UnboundedReceiver<Effect>,
+    failures: mpsc::UnboundedSender<AddressEvent>,
+    announcer: Announcer,
+) {
+    let (rx_slot, addresses_slot, failures_slot) = (
+        Arc::new(std::sync::Mutex::new(Some(rx))),
+        addresses.clone(),
+        failures.clone(),
+    );
+    let taken = rx_slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name("vrrp-effects".into())
+        .spawn(move || {
+            if let Err(e) = set_normal_priority() {
+                debug!(error = %e, "effects thread keeps the engine's scheduling class");
+            }
+            let Some(rx) = taken.lock().ok().and_then(|mut rx| rx.take()) else {
+                return;
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    warn!(error = %e, "cannot start the effects thread's runtime; address changes are not carried out");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let addresses = match addresses_slot.reconnect() {
+                    Ok(own) => own,
+                    Err(e) => {
+                        warn!(error = %e, "no netlink connection of the effects thread's own; sharing the engine's");
+                        addresses_slot
+                    }
+                };
+                let macvlans = MacvlanManager::new(addresses.handle().clone());
+                run_effects(addresses, macvlans, rx, failures_slot, announcer).await;
+            });
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the effects thread; address changes run on the engine's");
+        if let Some(rx) = rx_slot.lock().ok().and_then(|mut rx| rx.take()) {
+            let macvlans = MacvlanManager::new(addresses.handle().clone());
+            tokio::spawn(run_effects(addresses, macvlans, rx, failures, announcer));
+        }
+    }
+}
+
+/// The announcement bursts whose later rounds still run, per interface index.
+#[derive(Default)]
+struct Bursts(HashMap<u32, Vec<Arc<std::sync::atomic::AtomicBool>>>);
+
+impl Bursts {
+    /// A cancel flag for a new burst on `ifindex` (finished bursts' flags are dropped).
+    fn track(&mut self, ifindex: u32) -> Arc<std::sync::atomic::AtomicBool> {
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flags = self.0.entry(ifindex).or_default();
+        flags.retain(|f| Arc::strong_count(f) > 1);
+        flags.push(flag.clone());
+        flag
+    }
+
+    fn cancel_all(&mut self) {
+        let indexes: Vec<u32> = self.0.keys().copied().collect();
+        for index in indexes {
+            self.cancel(index);
+        }
+    }
+
+    fn cancel(&mut self, ifindex: u32) {
+        for flag in self.0.remove(&ifindex).unwrap_or_default() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Executes address changes and announcements in order.
 async fn run_effects(
     addresses: AddressManager,
     macvlans: MacvlanManager,
     mut rx: mpsc::UnboundedReceiver<Effect>,
     failures: mpsc::UnboundedSender<AddressEvent>,
+    announcer: Announcer,
 ) {
     let mut record_error = false;
+    let mut bursts = Bursts::default();
     while let Some(effect) = rx.recv().await {
         match effect {
             Effect::Add {
@@ -984,23 +1190,35 @@ async fn run_effects(
                 }
             }
             Effect::Remove { ifindex, nets } => {
+                // What is left of a burst there would announce addresses leaving.
+                bursts.cancel(ifindex);
                 for (net, e) in addresses.remove_all(ifindex, &nets).await {
                     warn!(address = %net, error = %e, "cannot remove virtual address");
                 }
             }
             Effect::Announce {
                 interface,
+                ifindex,
                 mac,
                 addrs,
                 source_v6,
             } => {
+                // The first round before the next effect, the later ones on their own.
                 let name = interface.clone();
                 let result = tokio::task::spawn_blocking(move || {
-                    crate::node::announce::announce(&name, mac, &addrs, source_v6)
+                    announcer.start(&name, mac, &addrs, source_v6)
                 })
                 .await;
                 match result {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(Some(burst))) => {
+                        let cancel = bursts.track(ifindex);
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = burst.finish(&cancel) {
+                                warn!(interface = %interface, error = %e, "announcement failed");
+                            }
+                        });
+                    }
+                    Ok(Ok(None)) => {}
                     Ok(Err(e)) => warn!(interface = %interface, error = %e, "announcement failed"),
                     Err(e) => warn!(interface = %interface, error = %e, "announcement task failed"),
                 }
@@ -1015,6 +1233,9 @@ async fn run_effects(
                 }
             }
             Effect::DeleteLink { name, index } => {
+                if let Some(index) = index {
+                    bursts.cancel(index);
+                }
                 if let Err(e) = macvlans.delete_link(&name).await {
                     warn!(interface = %name, error = %e, "cannot remove virtual-MAC interface");
                 }
@@ -1023,6 +1244,8 @@ async fn run_effects(
                 }
             }
             Effect::Barrier(done) => {
+                // The agent stops: what is left of the bursts would only delay its exit.
+                bursts.cancel_all();
                 // Everything before the barrier is done, its record included.
                 if let Err(e) = addresses.flush_record() {
                     warn!(error = %e, "cannot record the agent's addresses");

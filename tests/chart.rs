@@ -212,6 +212,10 @@ fn the_daemonset_keeps_its_contract_with_the_agent() {
     );
     assert_eq!(env("FERROVIP_DAEMONSET")["value"], "ferrovip");
     assert_eq!(env("FERROVIP_RESTART_HOLD")["value"], "10s");
+    // The agent's own defaults (--announce-*), spelled out.
+    assert_eq!(env("FERROVIP_ANNOUNCE_REPEAT")["value"], "5");
+    assert_eq!(env("FERROVIP_ANNOUNCE_INTERVAL")["value"], "10ms");
+    assert_eq!(env("FERROVIP_ANNOUNCE_RATE")["value"], "10000");
     assert_eq!(env("FERROVIP_LOG_FORMAT")["value"], "json");
     assert_eq!(env("FERROVIP_STATE_DIR")["value"], "/run/ferrovip");
     assert_eq!(

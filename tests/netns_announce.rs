@@ -103,6 +103,7 @@ fn netns_announce_garp_and_na_reach_the_peer_and_update_its_neighbour_cache() {
     let announcer = Announcer {
         repeat: 3,
         interval: Duration::from_millis(20),
+        rate: 0,
     };
 
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -150,6 +151,7 @@ fn netns_announce_socket_receives_nothing_while_open() {
     let announcer = Announcer {
         repeat: 20,
         interval: Duration::from_millis(25),
+        rate: 0,
     };
     let vip = [IpAddr::V4(Ipv4Addr::new(192, 0, 2, 100))];
     let listing = a.enter(|| {
@@ -184,4 +186,215 @@ fn netns_announce_on_a_down_interface_is_a_send_error() {
         })
         .unwrap_err();
     assert_eq!(error.metric_label(), "send", "{error:?}");
+}
+
+/// A frame captured with its kernel receive timestamp.
+struct Stamped {
+    at: Duration,
+    frame: Vec<u8>,
+}
+
+/// Captures on every interface of the calling thread's namespace (an `ETH_P_ALL` packet
+/// socket with a large buffer, so that a burst of thousands is not dropped, and kernel
+/// timestamps, so that the reader's scheduling does not count), reports readiness, and
+/// collects frames from `mac` until `count` arrived or `within` passed.
+fn capture_stamped(
+    ready: mpsc::Sender<()>,
+    mac: [u8; 6],
+    count: usize,
+    within: Duration,
+) -> Vec<Stamped> {
+    use nix::sys::socket::{
+        AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockProtocol, SockType, recvmsg,
+        setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::EthAll,
+    )
+    .expect("packet socket");
+    setsockopt(&fd, sockopt::RcvBufForce, &(256 << 20)).expect("SO_RCVBUFFORCE");
+    setsockopt(&fd, sockopt::ReceiveTimestampns, &true).expect("SO_TIMESTAMPNS");
+    let timeout = nix::sys::time::TimeVal::new(0, 100_000);
+    setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).expect("SO_RCVTIMEO");
+    ready.send(()).unwrap();
+    let deadline = Instant::now() + within;
+    let mut frames = Vec::with_capacity(count);
+    let mut buf = [0u8; 2048];
+    while frames.len() < count && Instant::now() < deadline {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+        let (len, at) =
+            match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()) {
+                Ok(msg) => {
+                    let at = msg.cmsgs().unwrap().find_map(|c| match c {
+                        ControlMessageOwned::ScmTimestampns(t) => Some(Duration::from(t)),
+                        _ => None,
+                    });
+                    (msg.bytes, at.expect("kernel timestamp"))
+                }
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                Err(e) => panic!("capture failed: {e}"),
+            };
+        let frame = &buf[..len];
+        if frame.len() >= 14 && frame[6..12] == mac && is_arp_or_na(frame) {
+            frames.push(Stamped {
+                at,
+                frame: frame.to_vec(),
+            });
+        }
+    }
+    frames
+}
+
+/// The address a captured GARP (sender IP) or NA (target) announces.
+fn announced(frame: &[u8]) -> IpAddr {
+    if frame[12..14] == [0x08, 0x06] {
+        IpAddr::V4(Ipv4Addr::new(frame[28], frame[29], frame[30], frame[31]))
+    } else {
+        let target: [u8; 16] = frame[62..78].try_into().unwrap();
+        IpAddr::V6(Ipv6Addr::from(target))
+    }
+}
+
+fn v4_addresses(n: usize) -> Vec<IpAddr> {
+    (0..n)
+        .map(|i| {
+            IpAddr::V4(Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(10, 40, 0, 0)) + i as u32,
+            ))
+        })
+        .collect()
+}
+
+fn v6_addresses(n: usize) -> Vec<IpAddr> {
+    (0..n)
+        .map(|i| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, i as u16)))
+        .collect()
+}
+
+/// Sends one burst from `a` (veth `va`) and captures it on `b`.
+fn burst(a: &Netns, b: &Netns, announcer: Announcer, addrs: &[IpAddr]) -> (usize, Vec<Stamped>) {
+    let expected = addrs.len() * announcer.repeat as usize;
+    let within = Duration::from_secs(10) + announcer.later_rounds_take(addrs.len());
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::scope(|scope| {
+        let receiver =
+            scope.spawn(|| b.enter(|| capture_stamped(ready_tx, VMAC_51, expected, within)));
+        ready_rx.recv().expect("capture ready");
+        let source: Ipv6Addr = "fe80::1".parse().unwrap();
+        let sent = a.enter(|| {
+            announcer
+                .announce("va", VMAC_51, addrs, Some(source))
+                .expect("announce")
+        });
+        (sent, receiver.join().unwrap())
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[test]
+fn netns_announce_ten_thousand_addresses_one_frame_each_per_round_later_rounds_paced() {
+    let (a, b) = veth_pair();
+    let n = 10_000;
+    let addrs = v4_addresses(n);
+    // Rounds after the first at 50,000 frames/s: 200 ms each, 100 ms apart.
+    let announcer = Announcer {
+        repeat: 3,
+        interval: Duration::from_millis(100),
+        rate: 50_000,
+    };
+    let (sent, frames) = burst(&a, &b, announcer, &addrs);
+    assert_eq!(sent, 3 * n);
+    assert_eq!(frames.len(), 3 * n, "frames lost on the wire");
+    let wanted: std::collections::HashSet<IpAddr> = addrs.iter().copied().collect();
+    for round in frames.chunks(n) {
+        let seen: std::collections::HashSet<IpAddr> =
+            round.iter().map(|s| announced(&s.frame)).collect();
+        assert_eq!(seen, wanted, "every address exactly once per round");
+        assert!(round.iter().all(|s| s.frame
+            == garp_frame(
+                VMAC_51,
+                match announced(&s.frame) {
+                    IpAddr::V4(v4) => v4,
+                    IpAddr::V6(_) => unreachable!(),
+                }
+            )));
+    }
+    let span = |r: usize| frames[(r + 1) * n - 1].at - frames[r * n].at;
+    let gap = |r: usize| frames[r * n].at - frames[r * n - 1].at;
+    eprintln!(
+        "10,000 GARPs: first round {:.1} ms; round 2 after {:.1} ms, lasting {:.1} ms; round 3 after {:.1} ms, lasting {:.1} ms",
+        ms(span(0)),
+        ms(gap(1)),
+        ms(span(1)),
+        ms(gap(2)),
+        ms(span(2))
+    );
+    // The first round is not paced: far faster than the 200 ms of a paced one.
+    assert!(
+        span(0) < Duration::from_millis(150),
+        "first round {:?}",
+        span(0)
+    );
+    for r in 1..3 {
+        // The interval separates the rounds; the rate stretches them to ~200 ms.
+        assert!(
+            gap(r) >= Duration::from_millis(99),
+            "gap before round {r}: {:?}",
+            gap(r)
+        );
+        assert!(
+            span(r) >= Duration::from_millis(190),
+            "round {r} took {:?}",
+            span(r)
+        );
+        assert!(
+            span(r) < Duration::from_millis(600),
+            "round {r} took {:?}",
+            span(r)
+        );
+    }
+}
+
+/// Figures: the first round of a burst (first to last frame on the wire, kernel receive
+/// timestamps on the peer), 10,000 IPv4 and 2,000 IPv6 addresses, median of 5 bursts.
+/// `cargo test --release --test netns_announce -- --nocapture first_round`
+#[test]
+fn netns_announce_first_round_time_for_ten_thousand_ipv4_and_two_thousand_ipv6() {
+    let (a, b) = veth_pair();
+    let one_round = Announcer {
+        repeat: 1,
+        ..Announcer::default()
+    };
+    for (label, addrs) in [
+        ("10,000 IPv4 (GARP)", v4_addresses(10_000)),
+        ("2,000 IPv6 (NA)", v6_addresses(2_000)),
+    ] {
+        let mut spans = Vec::new();
+        for _ in 0..5 {
+            let (sent, frames) = burst(&a, &b, one_round, &addrs);
+            assert_eq!(sent, addrs.len());
+            assert_eq!(
+                frames.len(),
+                addrs.len(),
+                "{label}: frames lost on the wire"
+            );
+            spans.push(frames.last().unwrap().at - frames[0].at);
+        }
+        spans.sort();
+        eprintln!(
+            "first round, {label}: median {:.2} ms (min {:.2}, max {:.2}) over 5 bursts",
+            ms(spans[2]),
+            ms(spans[0]),
+            ms(spans[4])
+        );
+        assert!(spans[2] < Duration::from_millis(500), "{label}: {spans:?}");
+    }
 }

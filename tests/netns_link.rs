@@ -283,6 +283,7 @@ fn netns_link_garp_from_the_macvlan_carries_the_virtual_mac() {
             Announcer {
                 repeat: 2,
                 interval: Duration::ZERO,
+                rate: 0,
             }
             .announce(&name, VMAC4_51, &[IpAddr::V4(vip)], None)
             .unwrap()

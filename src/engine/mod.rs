@@ -331,6 +331,10 @@ pub enum Input {
     /// interface): the master holding it adds it again and announces it, or, when it keeps
     /// disappearing, steps down.
     AddressRemoved { ifindex: u32, net: IpNet },
+    /// Several [`Input::AddressRemoved`] at once (the driver batches what is queued, e.g.
+    /// every address of a group when its interface was flushed): repaired with one add and
+    /// one announcement per master.
+    AddressesRemoved { ifindex: u32, nets: Vec<IpNet> },
     /// Adding (or renewing) an address failed: the master holding it steps down.
     AddressFailed {
         ifindex: u32,
@@ -362,13 +366,14 @@ pub struct Transmit {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     Send(Transmit),
+    /// The list is shared with the instance (no copy per output of a huge group).
     AddAddresses {
         ifindex: u32,
-        nets: Vec<IpNet>,
+        nets: Arc<[IpNet]>,
     },
     RemoveAddresses {
         ifindex: u32,
-        nets: Vec<IpNet>,
+        nets: Arc<[IpNet]>,
     },
     /// Set (or clear, with `None`) the valid lifetime of our addresses.
     SetLifetime {
@@ -391,8 +396,11 @@ pub enum Output {
     },
     Announce {
         interface: Arc<str>,
+        /// The index of `interface` (the virtual MAC's when there is one): a later
+        /// removal of addresses there stops what is left of the burst.
+        ifindex: u32,
         mac: [u8; 6],
-        addrs: Vec<IpAddr>,
+        addrs: Arc<[IpAddr]>,
         source_v6: Option<Ipv6Addr>,
     },
     /// No instance uses this virtual-MAC interface any more.
@@ -416,6 +424,9 @@ type SlotKey = (Arc<str>, InstanceKey);
 
 struct Slot {
     spec: InstanceSpec,
+    /// `spec.members`, shared with the observed state: compared by pointer on every
+    /// advertisement, not name by name (a group may have thousands of members).
+    members: Arc<[String]>,
     /// `None` while the instance cannot run (interface or its address missing).
     instance: Option<Instance>,
     armed: Option<Instant>,
@@ -428,8 +439,11 @@ struct Slot {
 /// Trouble with an instance's addresses: recent disappearances, and the step-down back-off.
 #[derive(Debug, Clone, Default)]
 struct AddressFaults {
-    /// Which addresses of this master disappeared when, within [`LOSS_WINDOW`].
-    losses: Vec<(IpNet, Instant)>,
+    /// Which addresses of this master disappeared when, within [`LOSS_WINDOW`] (a map, so
+    /// that the loss of every address of a huge group is not quadratic).
+    losses: HashMap<IpNet, Vec<Instant>>,
+    /// When `losses` was last cleared of entries older than [`LOSS_WINDOW`].
+    pruned: Option<Instant>,
     /// Step-downs in a row (reset after [`FAULT_MEMORY`] without one), and the last one.
     count: u32,
     last: Option<Instant>,
@@ -573,7 +587,12 @@ impl NodeEngine {
                 self.hold(now, hold, out);
                 self.renew_at = None;
             }
-            Input::AddressRemoved { ifindex, net } => self.address_removed(now, ifindex, net, out),
+            Input::AddressRemoved { ifindex, net } => {
+                self.addresses_removed(now, ifindex, vec![net], out)
+            }
+            Input::AddressesRemoved { ifindex, nets } => {
+                self.addresses_removed(now, ifindex, nets, out)
+            }
             Input::AddressFailed {
                 ifindex,
                 net,
@@ -687,7 +706,7 @@ impl NodeEngine {
                 slot.instance
                     .as_ref()
                     .is_some_and(|i| i.state() == State::Master)
-                    && slot.spec.addresses.contains(&net)
+                    && slot.instance.as_ref().is_some_and(|i| i.holds(&net))
                     && self
                         .facts(interface)
                         .map(|l| slot.vmac.as_ref().map_or(l.index, |v| v.index))
@@ -701,33 +720,65 @@ impl NodeEngine {
 
     /// An address went away: a master that holds it adds it again and announces it, unless
     /// it went away too often lately, then the master steps down.
-    fn address_removed(&mut self, now: Instant, ifindex: u32, net: IpNet, out: &mut Vec<Output>) {
-        let Some(key) = self.master_holding(ifindex, net) else {
-            return;
-        };
-        let Some(slot) = self.slots.get_mut(&key) else {
-            return;
-        };
-        slot.faults
-            .losses
-            .retain(|(_, t)| now.saturating_duration_since(*t) < LOSS_WINDOW);
-        slot.faults.losses.push((net, now));
-        // Counted per address: an interface flushed once is repaired, one address that
-        // keeps going is not.
-        let losses = slot.faults.losses.iter().filter(|(n, _)| *n == net).count();
-        if losses > MAX_REPAIRS {
-            let why = format!(
-                "address {net} keeps disappearing ({losses} times within {}s)",
-                LOSS_WINDOW.as_secs()
-            );
-            return self.address_fault(key, now, why, out);
+    fn addresses_removed(
+        &mut self,
+        now: Instant,
+        ifindex: u32,
+        nets: Vec<IpNet>,
+        out: &mut Vec<Output>,
+    ) {
+        // Grouped by the master holding them: O(addresses), one repair per master.
+        let mut by_master: BTreeMap<SlotKey, Vec<IpNet>> = BTreeMap::new();
+        for net in nets {
+            if let Some(key) = self.master_holding(ifindex, net) {
+                by_master.entry(key).or_default().push(net);
+            }
         }
-        warn!(vip = %slot.spec.resource, interface = %key.0, address = %net, "a virtual address of this master disappeared; adding it again");
-        self.readd(&key, vec![net], out);
+        for (key, nets) in by_master {
+            let Some(slot) = self.slots.get_mut(&key) else {
+                continue;
+            };
+            let faults = &mut slot.faults;
+            if faults
+                .pruned
+                .is_none_or(|t| now.saturating_duration_since(t) >= LOSS_WINDOW)
+            {
+                faults.losses.retain(|_, times| {
+                    times.retain(|t| now.saturating_duration_since(*t) < LOSS_WINDOW);
+                    !times.is_empty()
+                });
+                faults.pruned = Some(now);
+            }
+            // Counted per address: an interface flushed once is repaired, one address that
+            // keeps going is not.
+            let mut worst: Option<(IpNet, usize)> = None;
+            for net in &nets {
+                let times = faults.losses.entry(*net).or_default();
+                times.retain(|t| now.saturating_duration_since(*t) < LOSS_WINDOW);
+                times.push(now);
+                if times.len() > MAX_REPAIRS && worst.is_none_or(|(_, n)| times.len() > n) {
+                    worst = Some((*net, times.len()));
+                }
+            }
+            if let Some((net, losses)) = worst {
+                let why = format!(
+                    "address {net} keeps disappearing ({losses} times within {}s)",
+                    LOSS_WINDOW.as_secs()
+                );
+                self.address_fault(key, now, why, out);
+                continue;
+            }
+            if nets.len() == 1 {
+                warn!(vip = %slot.spec.resource, interface = %key.0, address = %nets[0], "a virtual address of this master disappeared; adding it again");
+            } else {
+                warn!(vip = %slot.spec.resource, interface = %key.0, count = nets.len(), first = %nets[0], "virtual addresses of this master disappeared; adding them again");
+            }
+            self.readd(&key, nets.into(), out);
+        }
     }
 
     /// Adds (and announces) addresses of a master again.
-    fn readd(&self, key: &SlotKey, nets: Vec<IpNet>, out: &mut Vec<Output>) {
+    fn readd(&self, key: &SlotKey, nets: Arc<[IpNet]>, out: &mut Vec<Output>) {
         let (Some(slot), Some(link)) = (self.slots.get(key), self.facts(&key.0)) else {
             return;
         };
@@ -756,7 +807,9 @@ impl NodeEngine {
                 .as_ref()
                 .is_some_and(|i| i.state() == State::Master)
             {
-                let nets = slot.spec.addresses.clone();
+                let Some(nets) = slot.instance.as_ref().map(|i| i.addresses().clone()) else {
+                    continue;
+                };
                 self.readd(&key, nets, out);
             }
         }
@@ -929,7 +982,7 @@ impl NodeEngine {
                 translate(node, key, slot, link, seen.priority, output, out);
             }
         }
-        *observed_changed |= observe_instance(observed, &slot.spec, seen);
+        *observed_changed |= observe_instance(observed, &slot.spec, &slot.members, seen);
     }
 
     fn wall_time(&self, now: Instant) -> SystemTime {
@@ -1031,7 +1084,10 @@ impl NodeEngine {
             }
             for (ifindex, mut nets) in by_link {
                 nets.sort();
-                out.push(Output::RemoveAddresses { ifindex, nets });
+                out.push(Output::RemoveAddresses {
+                    ifindex,
+                    nets: nets.into(),
+                });
             }
         }
     }
@@ -1063,6 +1119,9 @@ impl NodeEngine {
         let own = self.primary(&key.0, spec.family);
         if let Some(slot) = self.slots.get_mut(&key) {
             slot.destinations = destinations(&spec, own);
+            if *slot.members != *spec.members {
+                slot.members = spec.members.as_slice().into();
+            }
             slot.spec = spec;
         }
         self.feed(&key, now, input, out);
@@ -1177,6 +1236,7 @@ impl NodeEngine {
             key.clone(),
             Slot {
                 destinations: destinations(&spec, primary),
+                members: spec.members.as_slice().into(),
                 spec,
                 instance,
                 armed: None,
@@ -1336,6 +1396,7 @@ impl NodeEngine {
                             key.clone(),
                             Slot {
                                 destinations: destinations(&spec, None),
+                                members: spec.members.as_slice().into(),
                                 spec,
                                 instance: None,
                                 armed: None,
@@ -1362,6 +1423,7 @@ impl NodeEngine {
                     key,
                     Slot {
                         destinations: destinations(&spec, None),
+                        members: spec.members.as_slice().into(),
                         spec,
                         instance: None,
                         armed: None,
@@ -1398,21 +1460,41 @@ struct Seen {
 }
 
 /// Updates the observed entry of one running instance; whether it changed.
-fn observe_instance(observed: &mut Observed, spec: &InstanceSpec, seen: Seen) -> bool {
+fn observe_instance(
+    observed: &mut Observed,
+    spec: &InstanceSpec,
+    members: &Arc<[String]>,
+    seen: Seen,
+) -> bool {
     let key = (spec.resource.clone(), spec.family);
+    let same = |theirs: &Arc<[String]>| Arc::ptr_eq(theirs, members) || **theirs == **members;
     match (observed.instances.get_mut(&key), seen.transition) {
         (Some(e), None)
             if e.state == seen.state
                 && e.master == seen.master
                 && e.priority == seen.priority
                 && e.fault.is_none()
-                && *e.members == *spec.members =>
+                && Arc::ptr_eq(&e.members, members) =>
         {
             false
         }
+        (Some(e), None) if !Arc::ptr_eq(&e.members, members) && same(&e.members) => {
+            // Equal lists: share ours, so that the next comparison is by pointer. Not a
+            // change anyone needs to hear about unless something else changed too.
+            e.members = members.clone();
+            let changed = e.state != seen.state
+                || e.master != seen.master
+                || e.priority != seen.priority
+                || e.fault.is_some();
+            e.state = seen.state;
+            e.master = seen.master;
+            e.priority = seen.priority;
+            e.fault = None;
+            changed
+        }
         (Some(e), None) => {
-            if *e.members != *spec.members {
-                e.members = spec.members.clone().into();
+            if !same(&e.members) {
+                e.members = members.clone();
             }
             e.state = seen.state;
             e.master = seen.master;
@@ -1424,7 +1506,7 @@ fn observe_instance(observed: &mut Observed, spec: &InstanceSpec, seen: Seen) ->
             observed.instances.insert(
                 key,
                 InstanceStatus {
-                    members: spec.members.clone().into(),
+                    members: members.clone(),
                     interface: spec.interface.clone(),
                     vrid: spec.vrid,
                     state: seen.state,
@@ -1555,6 +1637,7 @@ fn translate(
                 .vmac
                 .as_ref()
                 .map_or_else(|| key.0.clone(), |v| v.name.clone()),
+            ifindex,
             mac: slot.vmac.as_ref().map_or(link.mac, |v| v.mac),
             addrs,
             source_v6: link.link_local_v6,

@@ -530,7 +530,7 @@ impl Lan {
                 }
                 Output::AddAddresses { nets, .. } => {
                     let lifetime = self.nodes[node].engine.address_lifetime();
-                    for net in nets {
+                    for &net in nets.iter() {
                         // Adding an address that is there already changes nothing.
                         if self.nodes[node].held.insert(net)
                             && let Some(lifetime) = lifetime
@@ -540,14 +540,14 @@ impl Lan {
                     }
                 }
                 Output::RemoveAddresses { nets, .. } => {
-                    for net in nets {
+                    for &net in nets.iter() {
                         self.nodes[node].held.remove(&net);
                         self.nodes[node].expires.remove(&net);
                     }
                 }
                 Output::Announce { addrs, .. } => {
                     let held = &self.nodes[node].held;
-                    for address in addrs {
+                    for &address in addrs.iter() {
                         assert!(
                             held.iter().any(|net| net.addr() == address),
                             "node {node} announced {address} before adding it"

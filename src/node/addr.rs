@@ -515,6 +515,22 @@ impl AddressManager {
         Ok(manager)
     }
 
+    /// The same manager (ownership mode, record, renewer) over a new netlink connection
+    /// whose task runs on the current tokio runtime: a thread that must not spend its time in
+    /// the kernel's address handlers (the VRRP engine's) leaves them to another thread this
+    /// way, since a netlink request runs in the context of the thread whose task sends it.
+    pub fn reconnect(&self) -> Result<Self, AddrError> {
+        let fresh = Self::connect()?;
+        Ok(Self {
+            handle: fresh.handle,
+            mode: self.mode,
+            record: self.record.clone(),
+            renewer: self.renewer.clone(),
+            bulk: self.bulk.clone(),
+            bulk_threshold: self.bulk_threshold,
+        })
+    }
+
     /// How this manager recognises its addresses.
     pub fn mode(&self) -> OwnershipMode {
         self.mode

@@ -4,16 +4,22 @@
 //! switches relearn the port from the frame's source MAC, and hosts update their ARP / ND
 //! caches from the sender hardware address (ARP) or the target link-layer option (NA).
 //!
-//! The frame builders are pure; [`Announcer`] sends them through an `AF_PACKET` socket.
+//! The frame builders are pure; [`Announcer`] sends them through one `AF_PACKET` socket per
+//! burst, with `sendmmsg`: the first round at once, the later rounds paced.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::IntoRawFd;
-use std::time::Duration;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use nix::sys::socket::{AddressFamily, SockFlag, SockType};
-use pnet_datalink::{Channel, ChannelType, MacAddr, NetworkInterface};
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, MultiHeaders, sendmmsg, setsockopt, sockopt};
+use nix::sys::time::TimeVal;
 use pnet_packet::ip::IpNextHeaderProtocols;
+
+use super::socket::packet_sender;
 
 pub const ETHERTYPE_ARP: u16 = 0x0806;
 pub const ETHERTYPE_IPV6: u16 = 0x86dd;
@@ -137,16 +143,12 @@ pub enum AnnounceError {
         #[source]
         source: nix::Error,
     },
-    #[error("cannot open an AF_PACKET socket")]
-    Socket(#[source] nix::Error),
-    #[error("cannot bind an AF_PACKET socket to {name}")]
-    Bind {
+    #[error("cannot open an AF_PACKET socket on {name}")]
+    Socket {
         name: String,
         #[source]
         source: io::Error,
     },
-    #[error("the datalink backend did not return an Ethernet channel for {0}")]
-    NotEthernet(String),
     #[error("sending an announcement on {name} failed after {sent} frames")]
     Send {
         name: String,
@@ -160,40 +162,116 @@ impl AnnounceError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::InterfaceNotFound { .. } => "interface_not_found",
-            Self::Socket(_) => "socket",
-            Self::Bind { .. } => "bind",
-            Self::NotEthernet(_) => "not_ethernet",
+            Self::Socket { .. } => "socket",
             Self::Send { .. } => "send",
         }
     }
 }
 
-/// Sends announcement bursts. Blocking: call it from `spawn_blocking`.
-///
-/// Each call opens a socket bound to the interface and closes it at the end. The socket is
-/// created with protocol 0, so the kernel never queues received traffic on it (an `ETH_P_ALL`
-/// socket kept open would get a copy of every frame on the interface).
+/// keepalived's `garp_master_repeat`: rounds per burst.
+pub const DEFAULT_REPEAT: u32 = 5;
+/// Pause between rounds.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(10);
+/// Frames per second in the rounds after the first: 10,000 addresses take 1 s per round,
+/// so a default burst for them ends about 4 s after its first round.
+pub const DEFAULT_RATE: u32 = 10_000;
+/// Most frames per `sendmmsg` call (the kernel's UIO_MAXIOV).
+pub const BATCH: usize = 1024;
+/// A paced round sends a batch about this often (fewer, larger batches at high rates).
+const PACING_TICK: Duration = Duration::from_millis(1);
+/// How long a send may make no progress (the device queue full) before the burst fails.
+const STALL_LIMIT: Duration = Duration::from_secs(1);
+const STALL_PAUSE: Duration = Duration::from_micros(200);
+
+/// How a burst is sent: `repeat` rounds of one frame per address. The first round goes out
+/// at once (in `sendmmsg` batches of [`BATCH`]), since the addresses are unreachable until
+/// the neighbours learn where they moved; the later rounds are repetitions for frames a
+/// switch or host missed, `interval` apart and paced to at most `rate` frames per second,
+/// so that a group of thousands does not flood the segment with broadcasts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Announcer {
     /// Rounds per burst; each round sends every frame once (keepalived `garp_master_repeat`).
     pub repeat: u32,
-    /// Pause between rounds (keepalived `garp_interval`); a second, delayed burst
-    /// (keepalived `garp_master_delay`) is the caller's to schedule.
+    /// Pause between the end of one round and the start of the next (keepalived
+    /// `garp_interval`).
     pub interval: Duration,
+    /// Frames per second in the rounds after the first; 0: no cap.
+    pub rate: u32,
 }
 
 impl Default for Announcer {
-    /// keepalived's defaults: 5 rounds, back to back.
     fn default() -> Self {
         Self {
-            repeat: 5,
-            interval: Duration::ZERO,
+            repeat: DEFAULT_REPEAT,
+            interval: DEFAULT_INTERVAL,
+            rate: DEFAULT_RATE,
         }
     }
 }
 
+/// One `sendmmsg` batch of the rounds after the first: frames `frames` of round `round`,
+/// `at` after the first round ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub round: u32,
+    pub at: Duration,
+    pub frames: Range<usize>,
+}
+
 impl Announcer {
-    /// Announces `addrs` on `ifname` from `src_mac`; returns the number of frames sent.
+    /// Frames per batch in a paced round: about one batch per millisecond.
+    pub fn paced_batch(&self) -> usize {
+        if self.rate == 0 {
+            return BATCH;
+        }
+        let per_tick = u128::from(self.rate) * PACING_TICK.as_nanos() / 1_000_000_000;
+        (per_tick as usize).clamp(1, BATCH)
+    }
+
+    /// How long one paced round of `frames` frames takes.
+    pub fn round_time(&self, frames: usize) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        nanos(frames as u128 * 1_000_000_000 / u128::from(self.rate))
+    }
+
+    /// When the batches of the rounds after the first are due, relative to the end of the
+    /// first round: round k (1-based after the first) starts k × interval + (k − 1) × the
+    /// round time, and its batches follow each other at the rate.
+    pub fn schedule(&self, frames: usize) -> Vec<Step> {
+        let mut steps = Vec::new();
+        if frames == 0 {
+            return steps;
+        }
+        let batch = self.paced_batch();
+        let round_time = self.round_time(frames);
+        for round in 1..self.repeat {
+            let start = self.interval * round + round_time * (round - 1);
+            for first in (0..frames).step_by(batch) {
+                let at = if self.rate == 0 {
+                    start
+                } else {
+                    start + nanos(first as u128 * 1_000_000_000 / u128::from(self.rate))
+                };
+                steps.push(Step {
+                    round,
+                    at,
+                    frames: first..(first + batch).min(frames),
+                });
+            }
+        }
+        steps
+    }
+
+    /// The time a whole burst of `frames` frames takes after its first round.
+    pub fn later_rounds_take(&self, frames: usize) -> Duration {
+        let rounds = self.repeat.saturating_sub(1);
+        (self.interval + self.round_time(frames)) * rounds
+    }
+
+    /// Announces `addrs` on `ifname` from `src_mac`, every round, blocking until the last
+    /// one; returns the number of frames sent.
     pub fn announce(
         &self,
         ifname: &str,
@@ -201,29 +279,153 @@ impl Announcer {
         addrs: &[IpAddr],
         source_v6: Option<Ipv6Addr>,
     ) -> Result<usize, AnnounceError> {
-        let frames = announcement_frames(src_mac, addrs, source_v6);
-        if frames.is_empty() || self.repeat == 0 {
-            return Ok(0);
+        match self.start(ifname, src_mac, addrs, source_v6)? {
+            Some(burst) => burst.finish(&AtomicBool::new(false)),
+            None => Ok(0),
         }
-        let mut sender = open_sender(ifname, src_mac)?;
-        let mut sent = 0;
-        for round in 0..self.repeat {
-            if round > 0 && !self.interval.is_zero() {
-                std::thread::sleep(self.interval);
+    }
+
+    /// Opens the burst's socket and sends the first round; the rest is [`Burst::finish`]'s.
+    /// `None` when there is nothing to send.
+    pub fn start(
+        &self,
+        ifname: &str,
+        src_mac: [u8; 6],
+        addrs: &[IpAddr],
+        source_v6: Option<Ipv6Addr>,
+    ) -> Result<Option<Burst>, AnnounceError> {
+        if addrs.is_empty() || self.repeat == 0 {
+            return Ok(None);
+        }
+        let index = nix::net::if_::if_nametoindex(ifname).map_err(|source| {
+            AnnounceError::InterfaceNotFound {
+                name: ifname.to_owned(),
+                source,
             }
-            for frame in &frames {
-                let result = sender
-                    .send_to(frame, None)
-                    .unwrap_or_else(|| Err(io::Error::other("frame larger than the write buffer")));
-                result.map_err(|source| AnnounceError::Send {
-                    name: ifname.to_owned(),
-                    sent,
-                    source,
-                })?;
-                sent += 1;
+        })?;
+        let socket = packet_sender(index).map_err(|source| AnnounceError::Socket {
+            name: ifname.to_owned(),
+            source,
+        })?;
+        // Best effort: a larger send buffer lets a whole batch queue without blocking.
+        let _ = setsockopt(&socket, sockopt::SndBufForce, &SEND_BUFFER);
+        let _ = setsockopt(
+            &socket,
+            sockopt::SendTimeout,
+            &TimeVal::new(STALL_LIMIT.as_secs() as _, 0),
+        );
+        let mut burst = Burst {
+            name: ifname.to_owned(),
+            socket,
+            frames: announcement_frames(src_mac, addrs, source_v6),
+            announcer: *self,
+            sent: 0,
+        };
+        burst.send(0..burst.frames.len())?;
+        Ok(Some(burst))
+    }
+}
+
+const SEND_BUFFER: usize = 4 << 20;
+
+fn nanos(n: u128) -> Duration {
+    Duration::from_nanos(u64::try_from(n).unwrap_or(u64::MAX))
+}
+
+/// A burst whose first round went out: its socket and frames, for the later rounds.
+pub struct Burst {
+    name: String,
+    socket: OwnedFd,
+    frames: Vec<Vec<u8>>,
+    announcer: Announcer,
+    sent: usize,
+}
+
+impl std::fmt::Debug for Burst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Burst")
+            .field("name", &self.name)
+            .field("frames", &self.frames.len())
+            .field("sent", &self.sent)
+            .finish()
+    }
+}
+
+impl Burst {
+    /// Frames sent so far.
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
+    /// Sends the rounds after the first as [`Announcer::schedule`] says, sleeping in
+    /// between; stops early (without error) once `cancel` is set, e.g. because the
+    /// addresses were removed. Returns the number of frames sent by the whole burst.
+    pub fn finish(mut self, cancel: &AtomicBool) -> Result<usize, AnnounceError> {
+        let origin = Instant::now();
+        for step in self.announcer.schedule(self.frames.len()) {
+            let due = origin + step.at;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            self.send(step.frames)?;
+        }
+        Ok(self.sent)
+    }
+
+    /// Sends `frames` with `sendmmsg`, [`BATCH`] per call; waits out a full device queue
+    /// (ENOBUFS) for up to [`STALL_LIMIT`] without progress.
+    fn send(&mut self, frames: Range<usize>) -> Result<(), AnnounceError> {
+        let mut next = frames.start;
+        let mut stalled: Option<Instant> = None;
+        let no_address: [Option<()>; BATCH] = [None; BATCH];
+        // Not kept in the burst: it holds raw pointers, and the burst moves across threads.
+        let mut headers = MultiHeaders::preallocate(BATCH.min(frames.len()), None);
+        while next < frames.end {
+            let end = frames.end.min(next + BATCH);
+            let iovs: Vec<[IoSlice<'_>; 1]> = self.frames[next..end]
+                .iter()
+                .map(|frame| [IoSlice::new(frame)])
+                .collect();
+            let result = sendmmsg(
+                self.socket.as_raw_fd(),
+                &mut headers,
+                &iovs,
+                &no_address[..end - next],
+                [],
+                MsgFlags::empty(),
+            )
+            .map(Iterator::count);
+            match result {
+                Ok(count) if count > 0 => {
+                    next += count;
+                    self.sent += count;
+                    stalled = None;
+                }
+                Ok(_) | Err(Errno::ENOBUFS | Errno::EAGAIN | Errno::EINTR) => {
+                    let since = *stalled.get_or_insert_with(Instant::now);
+                    if since.elapsed() > STALL_LIMIT {
+                        return Err(AnnounceError::Send {
+                            name: self.name.clone(),
+                            sent: self.sent,
+                            source: io::Error::from(Errno::ENOBUFS),
+                        });
+                    }
+                    std::thread::sleep(STALL_PAUSE);
+                }
+                Err(e) => {
+                    return Err(AnnounceError::Send {
+                        name: self.name.clone(),
+                        sent: self.sent,
+                        source: e.into(),
+                    });
+                }
             }
         }
-        Ok(sent)
+        Ok(())
     }
 }
 
@@ -235,53 +437,6 @@ pub fn announce(
     source_v6: Option<Ipv6Addr>,
 ) -> Result<usize, AnnounceError> {
     Announcer::default().announce(ifname, src_mac, addrs, source_v6)
-}
-
-fn open_sender(
-    ifname: &str,
-    src_mac: [u8; 6],
-) -> Result<Box<dyn pnet_datalink::DataLinkSender>, AnnounceError> {
-    let index = nix::net::if_::if_nametoindex(ifname).map_err(|source| {
-        AnnounceError::InterfaceNotFound {
-            name: ifname.to_owned(),
-            source,
-        }
-    })?;
-    // Protocol 0: a packet socket that can send but is hooked to no ethertype, so it
-    // receives nothing. pnet binds it with the Layer3 protocol below, also 0, which keeps
-    // it unhooked.
-    let socket = nix::sys::socket::socket(
-        AddressFamily::Packet,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(AnnounceError::Socket)?;
-    let interface = NetworkInterface {
-        name: ifname.to_owned(),
-        description: String::new(),
-        index,
-        mac: Some(MacAddr::from(src_mac)),
-        ips: Vec::new(),
-        flags: 0,
-    };
-    let config = pnet_datalink::Config {
-        read_buffer_size: 64,
-        write_timeout: Some(Duration::from_secs(1)),
-        channel_type: ChannelType::Layer3(0),
-        promiscuous: false,
-        // pnet owns (and closes) the descriptor from here on, also when binding fails.
-        socket_fd: Some(socket.into_raw_fd()),
-        ..pnet_datalink::Config::default()
-    };
-    match pnet_datalink::channel(&interface, config) {
-        Ok(Channel::Ethernet(sender, _receiver)) => Ok(sender),
-        Ok(_) => Err(AnnounceError::NotEthernet(ifname.to_owned())),
-        Err(source) => Err(AnnounceError::Bind {
-            name: ifname.to_owned(),
-            source,
-        }),
-    }
 }
 
 #[cfg(test)]
@@ -377,6 +532,97 @@ mod tests {
         let ll: Ipv6Addr = "fe80::1".parse().unwrap();
         let frames = announcement_frames(VMAC_51, &[IpAddr::V6(v6)], Some(ll));
         assert_eq!(frames[0], unsolicited_na_frame(VMAC_51, v6, ll));
+    }
+
+    fn paced(repeat: u32, interval_ms: u64, rate: u32) -> Announcer {
+        Announcer {
+            repeat,
+            interval: Duration::from_millis(interval_ms),
+            rate,
+        }
+    }
+
+    #[test]
+    fn paced_rounds_follow_the_interval_and_never_exceed_the_rate() {
+        // 3 rounds of 10,000 frames at 10,000 frames/s, 50 ms apart: rounds 2 and 3 start
+        // 50 ms and 1.1 s after the first ended, each lasting 1 s in batches of 10 per ms.
+        let a = paced(3, 50, 10_000);
+        assert_eq!(a.paced_batch(), 10);
+        assert_eq!(a.round_time(10_000), Duration::from_secs(1));
+        let steps = a.schedule(10_000);
+        assert_eq!(steps.len(), 2 * 1000);
+        assert_eq!(steps[0].round, 1);
+        assert_eq!(steps[0].at, Duration::from_millis(50));
+        assert_eq!(steps[0].frames, 0..10);
+        assert_eq!(steps[999].at, Duration::from_millis(50 + 999));
+        assert_eq!(steps[999].frames, 9990..10_000);
+        assert_eq!(steps[1000].round, 2);
+        assert_eq!(steps[1000].at, Duration::from_millis(1100));
+        // Every round covers every frame once, in order.
+        for round in 1..3 {
+            let covered: Vec<usize> = steps
+                .iter()
+                .filter(|s| s.round == round)
+                .flat_map(|s| s.frames.clone())
+                .collect();
+            assert_eq!(covered, (0..10_000).collect::<Vec<_>>());
+        }
+        // Over any window, no more frames than the rate allows (plus one batch).
+        for (i, step) in steps.iter().enumerate() {
+            let window = Duration::from_millis(100);
+            let frames: usize = steps[i..]
+                .iter()
+                .take_while(|s| s.at < step.at + window)
+                .map(|s| s.frames.len())
+                .sum();
+            assert!(
+                frames <= 1000 + a.paced_batch(),
+                "{frames} frames in 100 ms"
+            );
+        }
+        assert_eq!(a.later_rounds_take(10_000), Duration::from_millis(2100));
+    }
+
+    #[test]
+    fn default_burst_costs_four_seconds_for_ten_thousand_addresses() {
+        let a = Announcer::default();
+        assert_eq!((a.repeat, a.rate), (5, 10_000));
+        assert_eq!(a.later_rounds_take(10_000), Duration::from_millis(4040));
+        // A small group is repeated as quickly as the interval allows.
+        assert_eq!(a.later_rounds_take(1), Duration::from_micros(40_400));
+    }
+
+    #[test]
+    fn uncapped_rounds_go_out_whole_in_batches_and_tiny_rates_one_frame_at_a_time() {
+        let a = paced(2, 0, 0);
+        assert_eq!(a.round_time(5000), Duration::ZERO);
+        let steps = a.schedule(2500);
+        assert_eq!(
+            steps.iter().map(|s| s.frames.clone()).collect::<Vec<_>>(),
+            vec![0..1024, 1024..2048, 2048..2500]
+        );
+        assert!(steps.iter().all(|s| s.at.is_zero() && s.round == 1));
+        let slow = paced(2, 0, 10);
+        assert_eq!(slow.paced_batch(), 1);
+        let steps = slow.schedule(3);
+        assert_eq!(
+            steps.iter().map(|s| s.at).collect::<Vec<_>>(),
+            vec![
+                Duration::ZERO,
+                Duration::from_millis(100),
+                Duration::from_millis(200)
+            ]
+        );
+        // Huge rates are capped at one sendmmsg batch per step.
+        assert_eq!(paced(2, 0, u32::MAX).paced_batch(), BATCH);
+    }
+
+    #[test]
+    fn one_round_or_nothing_to_send_schedules_nothing() {
+        assert!(paced(1, 10, 100).schedule(10_000).is_empty());
+        assert!(paced(0, 10, 100).schedule(10_000).is_empty());
+        assert!(Announcer::default().schedule(0).is_empty());
+        assert_eq!(paced(1, 10, 100).later_rounds_take(10_000), Duration::ZERO);
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //! received TTL so the driver can drop packets that crossed a router (RFC 5798 §7.1). Our own
 //! multicast is not looped back. Options and messages go through socket2's and nix's safe
 //! wrappers; the `unsafe` is tokio's fd registration, and `sched_setscheduler`, `mlockall`
-//! and `mallopt` for the engine thread's real-time priority (neither nix nor std wraps them).
+//! and `mallopt` for the engine thread's real-time priority (neither nix nor std wraps them),
+//! and building the `sockaddr_ll` that binds an announcement socket ([`packet_sender`]; nix
+//! has no safe constructor for it).
 #![allow(unsafe_code)]
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::cmsg_space;
 use nix::sys::socket::{
@@ -348,6 +350,19 @@ pub fn set_realtime_priority(priority: u8) -> io::Result<()> {
     }
 }
 
+/// Puts the calling thread back in the normal class (SCHED_OTHER), e.g. a helper thread
+/// started by a real-time thread, which it would otherwise inherit.
+pub fn set_normal_priority() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as in set_realtime_priority.
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// For a real-time engine thread, as keepalived does with its realtime priority: locks the
 /// process's pages in memory as they are touched (`mlockall(MCL_CURRENT | MCL_FUTURE |
 /// MCL_ONFAULT)`, so nothing the engine uses is swapped out, without faulting in every
@@ -460,4 +475,37 @@ impl PreciseTimer {
             }
         }
     }
+}
+
+/// An `AF_PACKET` raw socket bound to interface `ifindex` with protocol 0: it sends whole
+/// Ethernet frames out of that interface (also with `sendmmsg`, which takes no address) and,
+/// hooked to no ethertype, receives nothing (a socket kept open for `ETH_P_ALL` would get a
+/// copy of every frame on the interface).
+pub fn packet_sender(ifindex: u32) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, LinkAddr, SockFlag, SockType, SockaddrLike};
+    let fd = nix::sys::socket::socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let index = i32::try_from(ifindex)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index too large"))?;
+    // SAFETY: an all-zero sockaddr_ll is a valid value (plain integers and a byte array).
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = 0;
+    sll.sll_ifindex = index;
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: the pointer is to a live, initialised sockaddr_ll of `len` bytes, whose family
+    // field says AF_PACKET, which is what LinkAddr wraps.
+    let addr = unsafe {
+        LinkAddr::from_raw(
+            (&sll as *const libc::sockaddr_ll).cast::<libc::sockaddr>(),
+            Some(len),
+        )
+    }
+    .ok_or_else(|| io::Error::other("cannot build the link-layer address"))?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &addr)?;
+    Ok(fd)
 }

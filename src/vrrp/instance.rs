@@ -15,8 +15,10 @@
 //! Intervals are quantised to what the wire can carry (v3: whole centiseconds, 1-4095; v2:
 //! whole seconds, 1-255) so that our timers agree with what the backups learn from us.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -253,10 +255,11 @@ pub enum Input {
 pub enum Output {
     /// To the group (or the unicast peers; the driver decides).
     Send(Advertisement),
-    AddAddresses(Vec<IpNet>),
-    RemoveAddresses(Vec<IpNet>),
+    /// Shared, not copied: a group may hold thousands of addresses.
+    AddAddresses(Arc<[IpNet]>),
+    RemoveAddresses(Arc<[IpNet]>),
     /// Gratuitous ARP / unsolicited NA burst for these addresses.
-    Announce(Vec<IpAddr>),
+    Announce(Arc<[IpAddr]>),
     /// Always the last output of the input that caused it.
     Transition {
         from: State,
@@ -406,6 +409,51 @@ pub struct Instance {
     /// discarded lower-priority ones included), for [`Output::Transition::unannounced`].
     last_heard: Option<Instant>,
     counters: Counters,
+    /// Derived from `config.addresses` (and `learned_link_local`) when they change, so that
+    /// neither sending nor receiving an advertisement, nor a transition, is proportional to
+    /// the number of addresses (see [`Addresses`]).
+    addresses: Addresses,
+}
+
+/// An instance's addresses in the shapes its hot paths need, built once per configuration.
+#[derive(Debug, Clone)]
+struct Addresses {
+    /// `config.addresses`, shared with every add/remove output.
+    nets: Arc<[IpNet]>,
+    /// Their addresses, shared with every announcement.
+    addrs: Arc<[IpAddr]>,
+    /// For [`Instance::holds`].
+    set: HashSet<IpNet>,
+    /// What our advertisements list (at most [`max_advertised`]).
+    advertised: Vec<IpAddr>,
+    /// `advertised`, sorted: a received list is compared with it in O(n log n) at worst.
+    advertised_sorted: Vec<IpAddr>,
+}
+
+impl Addresses {
+    fn new(config: &Config, learned_link_local: Option<Ipv6Addr>) -> Addresses {
+        let nets: Arc<[IpNet]> = config.addresses.as_slice().into();
+        let addrs: Arc<[IpAddr]> = nets.iter().map(IpNet::addr).collect();
+        let link_local_configured =
+            matches!(addrs.first(), Some(IpAddr::V6(a)) if a.is_unicast_link_local());
+        let learned = learned_link_local
+            .filter(|_| !link_local_configured)
+            .map(IpAddr::V6);
+        let advertised: Vec<IpAddr> = learned
+            .into_iter()
+            .chain(addrs.iter().copied())
+            .take(max_advertised(config.family()))
+            .collect();
+        let mut advertised_sorted = advertised.clone();
+        advertised_sorted.sort_unstable();
+        Addresses {
+            set: nets.iter().copied().collect(),
+            nets,
+            addrs,
+            advertised,
+            advertised_sorted,
+        }
+    }
 }
 
 impl Instance {
@@ -414,6 +462,7 @@ impl Instance {
         config.priority = config.priority.max(1);
         let master_adver_interval = config.effective_advert_interval();
         Instance {
+            addresses: Addresses::new(&config, None),
             config,
             state: State::Initialize,
             deadline: None,
@@ -512,19 +561,18 @@ impl Instance {
     /// keepalived up to 2.3.2 drops every advertisement whose address count differs from its
     /// own list ("received an unexpected ip number count"); a leading link-local nobody
     /// configured made it a second master.
-    pub fn advertised_addresses(&self) -> Vec<IpAddr> {
-        self.advertised().collect()
+    pub fn advertised_addresses(&self) -> &[IpAddr] {
+        &self.addresses.advertised
     }
 
-    fn advertised(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        let learned = self
-            .learned_link_local
-            .filter(|_| !self.link_local_configured())
-            .map(IpAddr::V6);
-        learned
-            .into_iter()
-            .chain(self.config.addresses.iter().map(IpNet::addr))
-            .take(max_advertised(self.config.family()))
+    /// Whether `net` is one of the configured addresses (O(1)).
+    pub fn holds(&self, net: &IpNet) -> bool {
+        self.addresses.set.contains(net)
+    }
+
+    /// The configured addresses, shared.
+    pub fn addresses(&self) -> &Arc<[IpNet]> {
+        &self.addresses.nets
     }
 
     /// IPv6 and the configuration's first address is a link-local.
@@ -544,6 +592,7 @@ impl Instance {
         match advertisement.addresses.first() {
             Some(IpAddr::V6(first)) if first.is_unicast_link_local() => {
                 self.learned_link_local = Some(*first);
+                self.addresses = Addresses::new(&self.config, self.learned_link_local);
                 self.counters.link_local_learned += 1;
                 true
             }
@@ -636,9 +685,7 @@ impl Instance {
             self.send(self.config.priority, out);
             self.deadline = Some(now + self.config.effective_advert_interval());
         }
-        out.push(Output::Announce(
-            self.config.addresses.iter().map(IpNet::addr).collect(),
-        ));
+        out.push(Output::Announce(self.addresses.addrs.clone()));
         self.reannounce = Some((now, 0));
     }
 
@@ -650,9 +697,7 @@ impl Instance {
         if now.saturating_duration_since(since) < REANNOUNCE_AFTER_TEACHING[next] {
             return;
         }
-        out.push(Output::Announce(
-            self.config.addresses.iter().map(IpNet::addr).collect(),
-        ));
+        out.push(Output::Announce(self.addresses.addrs.clone()));
         self.reannounce = (next + 1 < REANNOUNCE_AFTER_TEACHING.len()).then_some((since, next + 1));
     }
 
@@ -740,11 +785,19 @@ impl Instance {
         }
     }
 
+    /// The same addresses as ours in any order: O(n) when in our order (the common case),
+    /// O(n log n) otherwise.
     fn same_addresses(&self, advertised: &[IpAddr]) -> bool {
-        advertised.len() == self.advertised().count()
-            && advertised
-                .iter()
-                .all(|ip| self.advertised().any(|ours| ours == *ip))
+        let ours = &self.addresses;
+        if advertised.len() != ours.advertised.len() {
+            return false;
+        }
+        if advertised == ours.advertised.as_slice() {
+            return true;
+        }
+        let mut theirs = advertised.to_vec();
+        theirs.sort_unstable();
+        theirs == ours.advertised_sorted
     }
 
     fn timer(&mut self, now: Instant, out: &mut Vec<Output>) {
@@ -790,18 +843,19 @@ impl Instance {
             }
             return;
         }
+        let addresses = Addresses::new(&config, self.learned_link_local);
         if self.state == State::Master {
-            let removed: Vec<IpNet> = self
-                .config
+            let removed: Arc<[IpNet]> = self
                 .addresses
+                .nets
                 .iter()
-                .filter(|net| !config.addresses.contains(net))
+                .filter(|net| !addresses.set.contains(net))
                 .copied()
                 .collect();
-            let added: Vec<IpNet> = config
-                .addresses
+            let added: Arc<[IpNet]> = addresses
+                .nets
                 .iter()
-                .filter(|net| !self.config.addresses.contains(net))
+                .filter(|net| !self.addresses.set.contains(net))
                 .copied()
                 .collect();
             if !removed.is_empty() {
@@ -817,6 +871,7 @@ impl Instance {
             self.deadline = Some(self.deadline.map_or(sooner, |d| d.min(sooner)));
         }
         self.config = config;
+        self.addresses = addresses;
         if self.state == State::Master || self.config.version == Version::V2 {
             self.master_adver_interval = self.config.effective_advert_interval();
         }
@@ -829,10 +884,8 @@ impl Instance {
             _ => None,
         };
         self.send(self.config.priority, out);
-        out.push(Output::AddAddresses(self.config.addresses.clone()));
-        out.push(Output::Announce(
-            self.config.addresses.iter().map(IpNet::addr).collect(),
-        ));
+        out.push(Output::AddAddresses(self.addresses.nets.clone()));
+        out.push(Output::Announce(self.addresses.addrs.clone()));
         self.state = State::Master;
         self.master = Some(self.config.primary_address);
         self.master_adver_interval = self.config.effective_advert_interval();
@@ -846,7 +899,7 @@ impl Instance {
     fn become_backup(&mut self, now: Instant, reason: Reason, out: &mut Vec<Output>) {
         let from = self.state;
         if from == State::Master {
-            out.push(Output::RemoveAddresses(self.config.addresses.clone()));
+            out.push(Output::RemoveAddresses(self.addresses.nets.clone()));
         }
         self.state = State::Backup;
         self.leaving_master = None;
@@ -863,7 +916,7 @@ impl Instance {
             State::Initialize => return,
             State::Master => {
                 self.send(PRIORITY_LEAVING, out);
-                out.push(Output::RemoveAddresses(self.config.addresses.clone()));
+                out.push(Output::RemoveAddresses(self.addresses.nets.clone()));
             }
             State::Backup => {}
         }
@@ -913,7 +966,7 @@ impl Instance {
             vrid: self.config.vrid,
             priority,
             interval,
-            addresses: self.advertised_addresses(),
+            addresses: self.addresses.advertised.clone(),
         }));
     }
 

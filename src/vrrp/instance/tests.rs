@@ -178,8 +178,8 @@ fn owner_starts_as_master_and_advertises_at_once() {
         out,
         vec![
             Output::Send(advert(255, 10)),
-            Output::AddAddresses(vec![vip_net()]),
-            Output::Announce(vec![VIP]),
+            Output::AddAddresses(vec![vip_net()].into()),
+            Output::Announce(vec![VIP].into()),
             transition(State::Initialize, State::Master, Reason::Owner),
         ]
     );
@@ -350,8 +350,8 @@ fn backup_master_down_reports_the_last_master() {
         out,
         vec![
             Output::Send(advert(100, 10)),
-            Output::AddAddresses(vec![vip_net()]),
-            Output::Announce(vec![VIP]),
+            Output::AddAddresses(vec![vip_net()].into()),
+            Output::Announce(vec![VIP].into()),
             takeover(
                 Reason::MasterDown {
                     last_master: Some(HIGHER)
@@ -454,7 +454,7 @@ fn master_yields_to_higher_priority_and_learns_its_interval() {
     assert_eq!(
         out,
         vec![
-            Output::RemoveAddresses(vec![vip_net()]),
+            Output::RemoveAddresses(vec![vip_net()].into()),
             transition(
                 State::Master,
                 State::Backup,
@@ -549,7 +549,7 @@ fn shutdown_as_master_sends_priority_zero_and_releases() {
         out,
         vec![
             Output::Send(advert(0, 10)),
-            Output::RemoveAddresses(vec![vip_net()]),
+            Output::RemoveAddresses(vec![vip_net()].into()),
             transition(State::Master, State::Initialize, Reason::Shutdown),
         ]
     );
@@ -571,7 +571,7 @@ fn an_address_fault_leaves_with_priority_zero_and_a_backup_only_stops() {
         out,
         vec![
             Output::Send(advert(0, 10)),
-            Output::RemoveAddresses(vec![vip_net()]),
+            Output::RemoveAddresses(vec![vip_net()].into()),
             transition(State::Master, State::Initialize, Reason::AddressFault),
         ]
     );
@@ -691,9 +691,9 @@ fn reconfigure_as_master_changes_only_the_address_difference() {
     assert_eq!(
         out,
         vec![
-            Output::RemoveAddresses(vec![a]),
-            Output::AddAddresses(vec![c]),
-            Output::Announce(vec![c.addr()]),
+            Output::RemoveAddresses(vec![a].into()),
+            Output::AddAddresses(vec![c].into()),
+            Output::Announce(vec![c.addr()].into()),
         ]
     );
     assert_eq!(h.instance.state(), State::Master);
@@ -754,7 +754,7 @@ fn reconfigure_of_vrid_starts_a_new_router() {
         out,
         vec![
             Output::Send(advert(0, 10)),
-            Output::RemoveAddresses(vec![vip_net()]),
+            Output::RemoveAddresses(vec![vip_net()].into()),
             transition(State::Master, State::Initialize, Reason::Reconfigured),
             transition(State::Initialize, State::Backup, Reason::Startup),
         ]
@@ -968,10 +968,10 @@ fn validate_reports_each_problem() {
 #[test]
 fn handle_only_appends() {
     let mut instance = Instance::new(config(255));
-    let mut out = vec![Output::Announce(vec![])];
+    let mut out = vec![Output::Announce(vec![].into())];
     instance.handle(Instant::now(), Input::Startup, &mut out);
     assert_eq!(out.len(), 5);
-    assert_eq!(out[0], Output::Announce(vec![]));
+    assert_eq!(out[0], Output::Announce(vec![].into()));
 }
 
 #[test]
@@ -1165,10 +1165,10 @@ fn ipv6_backup_learns_the_masters_link_local_and_lists_it_first_when_it_takes_ov
     let down = h.deadline().unwrap();
     let out = h.input(down, Input::Timer);
     assert_eq!(sent_lists(&out), vec![vec![ip(VIRTUAL_LL), ip(GLOBAL6)]]);
-    assert!(out.contains(&Output::AddAddresses(vec![
-        format!("{GLOBAL6}/64").parse().unwrap()
-    ])));
-    assert!(out.contains(&Output::Announce(vec![ip(GLOBAL6)])));
+    assert!(out.contains(&Output::AddAddresses(
+        vec![format!("{GLOBAL6}/64").parse().unwrap()].into()
+    )));
+    assert!(out.contains(&Output::Announce(vec![ip(GLOBAL6)].into())));
 }
 
 #[test]
@@ -1184,7 +1184,7 @@ fn ipv6_a_master_learns_from_a_lower_priority_peer_that_drops_its_adverts() {
         out,
         vec![
             Output::Send(v6_advert(200, &[VIRTUAL_LL, GLOBAL6])),
-            Output::Announce(vec![ip(GLOBAL6)]),
+            Output::Announce(vec![ip(GLOBAL6)].into()),
         ]
     );
     assert_eq!(h.instance.state(), State::Master);
@@ -1207,7 +1207,7 @@ fn ipv6_a_master_learns_from_a_lower_priority_peer_that_drops_its_adverts() {
             let at = now + ms(100) * n;
             let out = h.input(at, Input::Timer);
             assert_eq!(sent_priority(&out), vec![200]);
-            out.contains(&Output::Announce(vec![ip(GLOBAL6)]))
+            out.contains(&Output::Announce(vec![ip(GLOBAL6)].into()))
                 .then_some(at - now)
         })
         .collect();
@@ -1249,7 +1249,7 @@ fn ipv6_a_master_taught_by_a_leaving_peer_announces_after_its_usual_answer() {
         out,
         vec![
             Output::Send(v6_advert(200, &[VIRTUAL_LL, GLOBAL6])),
-            Output::Announce(vec![ip(GLOBAL6)]),
+            Output::Announce(vec![ip(GLOBAL6)].into()),
         ]
     );
 }
@@ -1326,4 +1326,51 @@ fn ipv4_never_learns_a_link_local() {
     h.receive(ms(10), HIGHER, odd);
     assert_eq!(h.instance.learned_link_local(), None);
     assert_eq!(h.instance.advertised_addresses(), vec![VIP]);
+}
+
+#[test]
+fn a_huge_group_advertises_its_first_addresses_and_compares_lists_in_any_order() {
+    let nets: Vec<IpNet> = (0..10_000u32)
+        .map(|i| {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 9, 0, 0)) + i);
+            IpNet::new(IpAddr::V4(ip), 32).unwrap()
+        })
+        .collect();
+    let mut h = Harness::started(Config {
+        addresses: nets.clone(),
+        ..config(100)
+    });
+    let ours: Vec<IpAddr> = nets.iter().take(255).map(IpNet::addr).collect();
+    assert_eq!(h.instance.advertised_addresses(), ours);
+    assert!(h.instance.holds(&nets[9999]));
+    assert!(!h.instance.holds(&vip_net()));
+    assert_eq!(h.instance.addresses().len(), 10_000);
+    // The master's list in our order, reversed, or one address different.
+    let mut reversed = ours.clone();
+    reversed.reverse();
+    let mut other = ours.clone();
+    other[100] = VIP;
+    for (list, mismatches) in [(ours.clone(), 0), (reversed, 0), (other, 1)] {
+        h.receive(
+            ms(1),
+            HIGHER,
+            Advertisement {
+                addresses: list,
+                ..advert(200, 10)
+            },
+        );
+        assert_eq!(h.instance.counters().address_list_mismatch, mismatches);
+    }
+    // Becoming master adds and announces all 10,000, shared rather than copied.
+    let mut h = Harness::started(Config {
+        addresses: nets.clone(),
+        ..config(PRIORITY_OWNER)
+    });
+    let shared = h.instance.addresses().clone();
+    let add = h.out.iter().find_map(|o| match o {
+        Output::AddAddresses(nets) => Some(nets.clone()),
+        _ => None,
+    });
+    assert!(Arc::ptr_eq(&add.unwrap(), &shared));
+    h.out.clear();
 }
