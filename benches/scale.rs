@@ -216,11 +216,18 @@ fn main() -> anyhow::Result<()> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-scale.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
     println!("\nwritten to {}", path.display());
+    // keepalived is the reference: at 10,000 addresses and 10 ms adverts it may never settle
+    // on this machine, which is a figure, not a failure of the benchmark.
+    let ours: Vec<&String> = out
+        .errors
+        .iter()
+        .filter(|e| !e.starts_with("keepalived"))
+        .collect();
     ensure!(
-        out.errors.is_empty(),
+        ours.is_empty(),
         "{} scenario(s) failed: {:?}",
-        out.errors.len(),
-        out.errors
+        ours.len(),
+        ours
     );
     Ok(())
 }
