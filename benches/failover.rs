@@ -267,14 +267,9 @@ impl Bed {
         self.lab.dir().join("virtualips.yaml")
     }
 
-    fn keepalived_paths(&self, node: usize) -> [PathBuf; 3] {
+    fn keepalived_conf_path(&self, node: usize) -> PathBuf {
         let name = self.node_name(node);
-        let dir = self.lab.dir();
-        [
-            dir.join(format!("{name}.keepalived.conf")),
-            dir.join(format!("{name}.pid")),
-            dir.join(format!("{name}.vrrp.pid")),
-        ]
+        self.lab.dir().join(format!("{name}.keepalived.conf"))
     }
 
     fn write_config(&self) -> anyhow::Result<()> {
@@ -286,7 +281,7 @@ impl Bed {
             }
             Implementation::Keepalived => {
                 for node in [MASTER, BACKUP] {
-                    let [conf, _, _] = self.keepalived_paths(node);
+                    let conf = self.keepalived_conf_path(node);
                     std::fs::write(&conf, self.keepalived_conf(node))
                         .with_context(|| format!("writing {}", conf.display()))?;
                 }
@@ -380,31 +375,8 @@ spec:
                 )?
             }
             Implementation::Keepalived => {
-                let [conf, pid, vrrp_pid] = self.keepalived_paths(node);
-                // keepalived refuses to start while a pid file names a live process; the
-                // SIGKILLed predecessor's files are stale (its group is waited for).
-                let _ = std::fs::remove_file(&pid);
-                let _ = std::fs::remove_file(&vrrp_pid);
-                let [conf, pid, vrrp_pid] =
-                    [conf, pid, vrrp_pid].map(|p| p.to_string_lossy().into_owned());
-                self.lab.spawn(
-                    node,
-                    &[
-                        "keepalived",
-                        "--dont-fork",
-                        // Without --log-detail: keepalived would log every gratuitous ARP it
-                        // sends, a cost our agent does not pay.
-                        "--log-console",
-                        "--vrrp",
-                        "-f",
-                        &conf,
-                        "-p",
-                        &pid,
-                        "-r",
-                        &vrrp_pid,
-                    ],
-                    log,
-                )?
+                let conf = self.keepalived_conf_path(node);
+                self.lab.spawn_keepalived(node, &conf, log)?
             }
         };
         self.agents[node] = Some(id);

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, ValueEnum};
-use ferrovip::lab::{Lab, LabSpec, ProcId, Sniffer, log_tail, master_down_interval, masters_since};
+use ferrovip::lab::{Lab, LabSpec, ProcId, Sniffer, master_down_interval, masters_since};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -779,18 +779,11 @@ impl Bed {
 
     fn logs(&self) -> String {
         self.lab.keep_dir(true);
-        let mut logs = format!("(logs kept in {})\n", self.lab.dir().display());
-        for &id in &self.agents {
-            if let Ok((node, log)) = self.lab.proc_info(id) {
-                let _ = writeln!(
-                    logs,
-                    "--- {} ---\n{}",
-                    self.lab.node(node).name,
-                    log_tail(&log, LOG_LINES)
-                );
-            }
-        }
-        logs
+        format!(
+            "(logs kept in {})\n{}",
+            self.lab.dir().display(),
+            self.lab.log_tails(self.agents.iter().copied(), LOG_LINES)
+        )
     }
 
     /// Waits until the master alone advertised the VRID over a whole Master_Down_Interval.

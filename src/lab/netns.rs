@@ -560,6 +560,57 @@ impl Lab {
         Ok(id)
     }
 
+    /// Starts Debian's keepalived in node `node` (VRRP only, in the foreground, logging to
+    /// `log_path`) with configuration `conf`; its pid files sit next to `conf`. Stale pid
+    /// files of a SIGKILLed predecessor are removed first (keepalived refuses to start while
+    /// one names a live process, and its group has been waited for).
+    pub fn spawn_keepalived(
+        &self,
+        node: usize,
+        conf: &Path,
+        log_path: impl AsRef<Path>,
+    ) -> Result<ProcId, LabError> {
+        let pid = conf.with_extension("pid");
+        let vrrp_pid = conf.with_extension("vrrp.pid");
+        let _ = std::fs::remove_file(&pid);
+        let _ = std::fs::remove_file(&vrrp_pid);
+        let [conf, pid, vrrp_pid] =
+            [conf, &pid, &vrrp_pid].map(|p| p.to_string_lossy().into_owned());
+        self.spawn(
+            node,
+            &[
+                "keepalived",
+                "--dont-fork",
+                // Without --log-detail: keepalived would log every gratuitous ARP it sends, a
+                // cost the agent does not pay.
+                "--log-console",
+                "--vrrp",
+                "-f",
+                &conf,
+                "-p",
+                &pid,
+                "-r",
+                &vrrp_pid,
+            ],
+            log_path,
+        )
+    }
+
+    /// The last `lines` lines of the logs of `ids`, each under a `--- node ---` heading.
+    pub fn log_tails(&self, ids: impl IntoIterator<Item = ProcId>, lines: usize) -> String {
+        let mut text = String::new();
+        for id in ids {
+            if let Ok((node, path)) = self.proc_info(id) {
+                let name = match node {
+                    SWITCH => "switch",
+                    n => self.node(n).name.as_str(),
+                };
+                text.push_str(&format!("--- {name} ---\n{}\n", log_tail(&path, lines)));
+            }
+        }
+        text
+    }
+
     /// Sends `signal` to the process group of `id`. Not an error if it already exited.
     pub fn kill(&self, id: ProcId, signal: Signal) -> Result<(), LabError> {
         let mut procs = self.procs();

@@ -133,17 +133,13 @@ pub async fn run_lab(opts: LabOptions) -> Result<LabReport, LabError> {
     // Installed before anything exists, so a Ctrl-C during setup is not lost.
     let mut signals = Signals::install()?;
     let out = Out { quiet: opts.quiet };
-    let stale = Lab::cleanup_stale()?;
-    if !stale.is_empty() {
-        out.line(format!(
-            "removed {} namespaces left behind by earlier labs",
-            stale.len()
-        ));
-    }
-    let lab = Lab::create(LabSpec {
-        nodes: opts.nodes,
-        ..LabSpec::default()
-    })?;
+    let lab = clean_and_create(
+        LabSpec {
+            nodes: opts.nodes,
+            ..LabSpec::default()
+        },
+        &out,
+    )?;
     let sniffer = Sniffer::start(&lab)?;
     let result = tokio::select! {
         result = drive(&lab, &sniffer, &opts, &out) => result,
@@ -175,19 +171,7 @@ pub async fn run_lab(opts: LabOptions) -> Result<LabReport, LabError> {
 }
 
 fn validate(opts: &LabOptions) -> Result<(), LabError> {
-    if !(2..=26).contains(&opts.nodes) {
-        return Err(LabError::InvalidSpec(format!(
-            "a lab needs 2 to 26 nodes, got {}",
-            opts.nodes
-        )));
-    }
-    let ms = opts.interval.as_millis();
-    if !opts.interval.subsec_nanos().is_multiple_of(10_000_000) || !(10..=40_950).contains(&ms) {
-        return Err(LabError::InvalidSpec(format!(
-            "the advertisement interval must be a multiple of 10 ms between 10 ms and 40.95 s, got {:?}",
-            opts.interval
-        )));
-    }
+    validate_nodes_and_interval(opts.nodes, opts.interval)?;
     if !opts.binary.exists() {
         return Err(LabError::InvalidSpec(format!(
             "agent binary {} does not exist",
@@ -195,6 +179,37 @@ fn validate(opts: &LabOptions) -> Result<(), LabError> {
         )));
     }
     Ok(())
+}
+
+/// What every lab checks: 2 to 26 nodes, and an advertisement interval VRRPv3 can carry.
+pub(super) fn validate_nodes_and_interval(
+    nodes: usize,
+    interval: Duration,
+) -> Result<(), LabError> {
+    if !(2..=26).contains(&nodes) {
+        return Err(LabError::InvalidSpec(format!(
+            "a lab needs 2 to 26 nodes, got {nodes}"
+        )));
+    }
+    let ms = interval.as_millis();
+    if !interval.subsec_nanos().is_multiple_of(10_000_000) || !(10..=40_950).contains(&ms) {
+        return Err(LabError::InvalidSpec(format!(
+            "the advertisement interval must be a multiple of 10 ms between 10 ms and 40.95 s, got {interval:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Removes what earlier labs left behind (saying so), then builds `spec`.
+pub(super) fn clean_and_create(spec: LabSpec, out: &Out) -> Result<Lab, LabError> {
+    let stale = Lab::cleanup_stale()?;
+    if !stale.is_empty() {
+        out.line(format!(
+            "removed {} namespaces left behind by earlier labs",
+            stale.len()
+        ));
+    }
+    Lab::create(spec)
 }
 
 /// Preference weights: node-a is the first master and every node has a distinct priority,
@@ -263,12 +278,13 @@ impl Signals {
     }
 }
 
-struct Out {
-    quiet: bool,
+/// Prints a line unless quiet (tests and benchmarks read the report instead).
+pub(super) struct Out {
+    pub(super) quiet: bool,
 }
 
 impl Out {
-    fn line(&self, text: impl std::fmt::Display) {
+    pub(super) fn line(&self, text: impl std::fmt::Display) {
         if !self.quiet {
             println!("{text}");
         }

@@ -31,6 +31,7 @@ use serde::Serialize;
 use super::LabError;
 use super::measure::{master_down_interval, skew_time};
 use super::netns::{Lab, LabSpec, ProcId, log_tail};
+use super::run::{Out, clean_and_create, validate_nodes_and_interval};
 use super::sniffer::Sniffer;
 use super::wire::{EventKind, MacAddr, parse_frame};
 
@@ -324,18 +325,6 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-struct Out {
-    quiet: bool,
-}
-
-impl Out {
-    fn line(&self, text: impl std::fmt::Display) {
-        if !self.quiet {
-            println!("{text}");
-        }
-    }
-}
-
 /// Runs a scale lab: builds it, starts the daemons, waits for every group's preferred master,
 /// measures idle cost, then the crash and graceful rounds. The lab is removed at the end
 /// (also on error).
@@ -347,20 +336,16 @@ pub fn run_scale(opts: &ScaleOptions) -> Result<ScaleReport, LabError> {
         require_program("keepalived", "keepalived")?;
     }
     let out = Out { quiet: opts.quiet };
-    let stale = Lab::cleanup_stale()?;
-    if !stale.is_empty() {
-        out.line(format!(
-            "removed {} namespaces left behind by earlier labs",
-            stale.len()
-        ));
-    }
-    let lab = Lab::create(LabSpec {
-        nodes: opts.nodes,
-        subnet_v4: Ipv4Net::new(Ipv4Addr::from(SUBNET_V4), SUBNET_V4_LEN)
-            .map_err(|e| LabError::InvalidSpec(e.to_string()))?,
-        ipv6: opts.ipv6,
-        ..LabSpec::default()
-    })?;
+    let lab = clean_and_create(
+        LabSpec {
+            nodes: opts.nodes,
+            subnet_v4: Ipv4Net::new(Ipv4Addr::from(SUBNET_V4), SUBNET_V4_LEN)
+                .map_err(|e| LabError::InvalidSpec(e.to_string()))?,
+            ipv6: opts.ipv6,
+            ..LabSpec::default()
+        },
+        &out,
+    )?;
     let sniffer = Sniffer::start(&lab)?;
     let layout = Layout::new(opts.vips, opts.groups, opts.ipv6);
     let mut run = ScaleRun {
@@ -385,12 +370,7 @@ pub fn run_scale(opts: &ScaleOptions) -> Result<ScaleReport, LabError> {
 }
 
 fn validate(opts: &ScaleOptions) -> Result<(), LabError> {
-    if !(2..=26).contains(&opts.nodes) {
-        return Err(LabError::InvalidSpec(format!(
-            "a lab needs 2 to 26 nodes, got {}",
-            opts.nodes
-        )));
-    }
+    validate_nodes_and_interval(opts.nodes, opts.interval)?;
     let max = if opts.ipv6 { 1 << 20 } else { 60_000 };
     if !(1..=max).contains(&opts.vips) {
         return Err(LabError::InvalidSpec(format!(
@@ -402,13 +382,6 @@ fn validate(opts: &ScaleOptions) -> Result<(), LabError> {
         return Err(LabError::InvalidSpec(format!(
             "--groups must be 1 to min(200, --vips), got {}",
             opts.groups
-        )));
-    }
-    let ms = opts.interval.as_millis();
-    if !opts.interval.subsec_nanos().is_multiple_of(10_000_000) || !(10..=40_950).contains(&ms) {
-        return Err(LabError::InvalidSpec(format!(
-            "the advertisement interval must be a multiple of 10 ms between 10 ms and 40.95 s, got {:?}",
-            opts.interval
         )));
     }
     if let Daemon::Ferrovip { binary, .. } = &opts.daemon
@@ -571,28 +544,7 @@ impl ScaleRun<'_> {
             }
             Daemon::Keepalived => {
                 let conf = dir.join(format!("{name}.keepalived.conf"));
-                let pid = dir.join(format!("{name}.pid"));
-                let vrrp_pid = dir.join(format!("{name}.vrrp.pid"));
-                let _ = std::fs::remove_file(&pid);
-                let _ = std::fs::remove_file(&vrrp_pid);
-                let [conf, pid, vrrp_pid] =
-                    [conf, pid, vrrp_pid].map(|p| p.to_string_lossy().into_owned());
-                self.lab.spawn(
-                    node,
-                    &[
-                        "keepalived",
-                        "--dont-fork",
-                        "--log-console",
-                        "--vrrp",
-                        "-f",
-                        &conf,
-                        "-p",
-                        &pid,
-                        "-r",
-                        &vrrp_pid,
-                    ],
-                    log,
-                )?
+                self.lab.spawn_keepalived(node, &conf, log)?
             }
         };
         self.daemons[node] = Some(id);
@@ -618,18 +570,8 @@ impl ScaleRun<'_> {
     }
 
     fn logs(&self) -> String {
-        let mut text = String::new();
-        for id in self.daemons.iter().flatten() {
-            if let Ok((node, path)) = self.lab.proc_info(*id) {
-                let _ = writeln!(
-                    text,
-                    "--- {} ---\n{}",
-                    self.lab.node(node).name,
-                    log_tail(&path, LOG_LINES)
-                );
-            }
-        }
-        text
+        self.lab
+            .log_tails(self.daemons.iter().flatten().copied(), LOG_LINES)
     }
 
     /// The group an advert belongs to: by its first listed address (ferrovip), or by its
