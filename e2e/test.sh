@@ -74,5 +74,6 @@ if [ -n "$ka" ] && [ "$(printf '%s\n' "$ka" 2.2.8 | sort -V | head -n 1)" != 2.2
   echo "   checksum is not interop-tested both ways: the test checks that keepalived ignores the"
   echo "   keyword and keeps the pseudo-header form; our side is checked with crafted frames."
 fi
-# One test at a time: they measure timing and share the two cores.
-cargo test --locked --test '*' -- --test-threads=1
+# One test at a time: they measure timing and share the two cores. Every test binary runs even
+# after one failed (the run still fails), so one report names every failure.
+cargo test --locked --no-fail-fast --test '*' -- --test-threads=1

@@ -70,6 +70,14 @@ enum Cmd {
     /// Print a static pod manifest (for /etc/kubernetes/manifests) running the standalone
     /// agent for a control-plane VIP, or the VirtualIP manifest it reads.
     StaticPod(ferrovip::staticpod::StaticPodArgs),
+    /// Wait until the API server serves the VirtualIP and LoadBalancerPool kinds (the chart's
+    /// post-install hook, before Helm creates the initial objects of freshly created CRDs).
+    /// Exits 1 naming what is still missing after --timeout.
+    WaitForCrds {
+        /// How long to wait.
+        #[arg(long, default_value = "120s")]
+        timeout: String,
+    },
     /// Print the CustomResourceDefinitions (or check that a file matches them).
     Crdgen {
         /// Write one file per CRD (`<group>_<plural>.yaml`) into this directory instead of
@@ -263,6 +271,24 @@ fn main() -> anyhow::Result<()> {
             for line in ferrovip::dataplane::setup::run(&setup)? {
                 println!("{line}");
             }
+            Ok(())
+        }
+        Cmd::WaitForCrds { timeout } => {
+            init_logging(cli.log_format);
+            let timeout = ferrovip::crd::parse_duration(&timeout).context("--timeout")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            let took = runtime.block_on(async {
+                let client = ferrovip::source::cluster::client()
+                    .await
+                    .context("connecting to the API server")?;
+                ferrovip::k8s::served::wait_for_crds(&client, timeout).await
+            })?;
+            println!(
+                "ferrovip.io/v1alpha1 virtualips and loadbalancerpools served (waited {took:?})"
+            );
             Ok(())
         }
         Cmd::StaticPod(args) => {

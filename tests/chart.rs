@@ -337,6 +337,80 @@ fn the_daemonset_keeps_its_contract_with_the_agent() {
     );
 }
 
+/// The weight of a hook document.
+fn hook_weight(doc: &Value) -> i64 {
+    doc["metadata"]["annotations"]["helm.sh/hook-weight"]
+        .as_str()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no hook weight in {doc}"))
+}
+
+#[test]
+fn the_initial_objects_of_unserved_kinds_wait_for_the_crds_first() {
+    // `helm template` knows no ferrovip kinds, as a first install: the Job runs before the
+    // objects' hooks (Helm waits for a hook Job; it cannot map a kind its discovery does not
+    // list yet).
+    let all = docs(&render(&["-f", ALL_ON]));
+    let job = find(&all, "Job", "ferrovip-wait-for-crds");
+    let annotations = &job["metadata"]["annotations"];
+    assert_eq!(annotations["helm.sh/hook"], "post-install,post-upgrade");
+    assert_eq!(
+        annotations["helm.sh/hook-delete-policy"],
+        "before-hook-creation,hook-succeeded"
+    );
+    for (kind, name) in [("LoadBalancerPool", "default"), ("VirtualIP", "web")] {
+        assert!(
+            hook_weight(job) < hook_weight(find(&all, kind, name)),
+            "the Job does not run before {kind} {name}"
+        );
+    }
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["restartPolicy"], "Never");
+    let ds = find(&all, "DaemonSet", "ferrovip");
+    assert_eq!(
+        pod["serviceAccountName"],
+        ds["spec"]["template"]["spec"]["serviceAccountName"]
+    );
+    assert_eq!(pod["hostNetwork"], true);
+    let labels = &job["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(
+        labels["app.kubernetes.io/component"], "wait-for-crds",
+        "the Job's pod must not match the DaemonSet's selector"
+    );
+    let container = &pod["containers"][0];
+    assert_eq!(container["args"][0], "wait-for-crds");
+    let sc = &container["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    let env: Vec<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(env.contains(&"KUBERNETES_SERVICE_HOST"), "{env:?}");
+    // The tolerations of the agents: it runs where they can.
+    assert_eq!(
+        pod["tolerations"],
+        ds["spec"]["template"]["spec"]["tolerations"]
+    );
+
+    // Served kinds (an upgrade, or CRDs managed elsewhere): no Job.
+    let served = docs(&render(&[
+        "-f",
+        ALL_ON,
+        "--api-versions",
+        "ferrovip.io/v1alpha1/VirtualIP",
+        "--api-versions",
+        "ferrovip.io/v1alpha1/LoadBalancerPool",
+    ]));
+    assert!(!kinds(&served).contains(&"Job".to_owned()));
+    assert!(kinds(&served).contains(&"VirtualIP".to_owned()));
+    // No initial objects (the default): no Job.
+    assert!(!kinds(&docs(&render(&[]))).contains(&"Job".to_owned()));
+}
+
 /// The CRD documents of a render.
 fn crds_of(docs: &[Value]) -> Vec<Value> {
     docs.iter()
@@ -527,6 +601,7 @@ fn renders_pass_the_real_api_servers_validation() {
         "virtualip.ferrovip.io/web created (server dry run)",
         "loadbalancerpool.ferrovip.io/default created (server dry run)",
         "configmap/ferrovip-dashboard created (server dry run)",
+        "job.batch/ferrovip-wait-for-crds created (server dry run)",
     ] {
         assert!(out.contains(want), "{want}: {out}");
     }
@@ -612,15 +687,55 @@ fn install_upgrade_uninstall_keep_the_crds_and_the_users_objects() {
         args.extend_from_slice(extra);
         helm_on_ok(&api, &args)
     };
-    let notes = install(&[]);
+    let upgrade = |extra: &[&str]| {
+        let mut args = vec!["upgrade", RELEASE, CHART, "--namespace", NAMESPACE];
+        args.extend_from_slice(&values);
+        args.extend_from_slice(extra);
+        helm_on_ok(&api, &args)
+    };
+    let jobs = || {
+        api.kubectl_ok(&["get", "jobs", "-n", NAMESPACE, "-o", "name"])
+            .unwrap()
+    };
+    // The Job's command, on this server: before the CRDs it fails naming what is missing.
+    let wait_for_crds = |timeout: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ferrovip"))
+            .args(["wait-for-crds", "--timeout", timeout])
+            .env("KUBECONFIG", api.admin_kubeconfig())
+            .output()
+            .expect("run ferrovip wait-for-crds")
+    };
+    let out = wait_for_crds("1s");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("not served yet: ferrovip.io/v1alpha1 in /apis"),
+        "{stderr}"
+    );
+    // Without initial objects first: with them, a first install runs the wait-for-crds Job,
+    // which needs a kubelet (tests/e2e_cluster.rs installs that way).
+    let notes = install(&["--set", "virtualIPs=null,loadBalancerPools=null"]);
     assert!(
         notes.contains("kubectl -n ferrovip-system rollout status daemonset/ferrovip"),
         "{notes}"
     );
     assert_eq!(crds(), both);
-    // The initial objects, created by the post-install hook once the CRDs existed.
+    assert!(names(&api, "virtualips").is_empty());
+    let out = wait_for_crds("30s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("virtualips and loadbalancerpools served"),
+    );
+    // The initial objects, created by the post-upgrade hook; their kinds are served, so no
+    // Job waits for the CRDs.
+    upgrade(&[]);
     assert_eq!(names(&api, "virtualips"), ["web"]);
     assert_eq!(names(&api, "loadbalancerpools"), ["default"]);
+    assert_eq!(jobs().trim(), "");
     let hold = |api: &ApiServer| {
         api.kubectl_ok(&[
             "get",
@@ -655,12 +770,6 @@ fn install_upgrade_uninstall_keep_the_crds_and_the_users_objects() {
     .unwrap();
     api.kubectl_ok(&["apply", "-f", &mine.display().to_string()])
         .unwrap();
-    let upgrade = |extra: &[&str]| {
-        let mut args = vec!["upgrade", RELEASE, CHART, "--namespace", NAMESPACE];
-        args.extend_from_slice(&values);
-        args.extend_from_slice(extra);
-        helm_on_ok(&api, &args)
-    };
     upgrade(&["--set", "restartHold=20s"]);
     assert_eq!(hold(&api), "20s");
     let vrid = || {
@@ -698,4 +807,5 @@ fn install_upgrade_uninstall_keep_the_crds_and_the_users_objects() {
     assert_eq!(crds(), both);
     assert_eq!(names(&api, "virtualips"), ["mine", "web"]);
     assert_eq!(vrid(), "52");
+    assert_eq!(jobs().trim(), "", "a Job for kinds that were served");
 }

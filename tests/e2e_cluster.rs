@@ -3,10 +3,12 @@
 //! (`ferrovip_e2e::cluster`), the image built from the Containerfile, and the real Helm 3 CLI.
 //!
 //! One cluster, one sequence (each step starts from the previous one's state):
-//! 1. `helm install`: three agent pods Ready with the chart's ServiceAccount and RBAC (a missing
-//!    rule fails here: the agents cannot list or elect); a VirtualIP answers ping from a client
-//!    namespace on its preferred node; a Service of type LoadBalancer gets an address from a
-//!    LoadBalancerPool and answers HTTP there.
+//! 1. `helm install` with a VirtualIP and a LoadBalancerPool as initial objects (created by
+//!    the chart's hooks after its wait-for-crds Job, which runs here on a kubelet): three agent
+//!    pods Ready with the chart's ServiceAccount and RBAC (a missing rule fails here: the
+//!    agents cannot list or elect); the VirtualIP answers ping from a client namespace on its
+//!    preferred node; a Service of type LoadBalancer gets an address from the pool and
+//!    answers HTTP there.
 //! 2. SIGKILL of the master's agent container: the VIP moves to a backup, the kubelet restarts
 //!    the container, the VIP comes back to its preferred node, and only one node holds it.
 //! 3. `helm upgrade` with a changed value: a rolling restart, one node at a time (never two
@@ -41,9 +43,38 @@ fn helm_install_kill_upgrade_and_uninstall_on_a_real_cluster() {
 fn run(hc: &HelmCluster) {
     let nodes: Vec<String> = hc.cluster.nodes().iter().map(|n| n.name.clone()).collect();
 
-    // --- 1. helm install, a VirtualIP, a Service of type LoadBalancer.
+    // --- 1. helm install with a VirtualIP and a pool as the chart's initial objects, then a
+    // Service of type LoadBalancer.
+    let (vip, lb_pool) = (
+        virtual_ip("web", VIP, 51, &nodes[PREFERRED]),
+        pool("web", POOL_FIRST, POOL_LAST),
+    );
+    let initial = hc.cluster.dir().join("initial-objects.json");
+    std::fs::write(
+        &initial,
+        serde_json::json!({
+            "virtualIPs": [{"name": "web", "spec": vip["spec"]}],
+            "loadBalancerPools": [{"name": "web", "spec": lb_pool["spec"]}],
+        })
+        .to_string(),
+    )
+    .expect("write the values file");
     let started = Instant::now();
-    hc.helm_apply("install", &[]);
+    hc.helm_apply_with("install", &[&initial], &[]);
+    // Created by the post-install hooks, after the wait-for-crds Job (the CRDs were created
+    // by the same install); the Job is gone once it succeeded.
+    hc.kubectl(&["get", "virtualip", "web"]);
+    hc.kubectl(&["get", "loadbalancerpool", "web"]);
+    assert_eq!(
+        hc.kubectl(&["-n", NAMESPACE, "get", "jobs", "-o", "name"])
+            .trim(),
+        "",
+        "the wait-for-crds Job outlived its success"
+    );
+    eprintln!(
+        "helm install (with initial objects) returned after {:?}",
+        started.elapsed()
+    );
     hc.wait_agents_ready(None, INSTALL_TIMEOUT);
     eprintln!("helm install → 3 agents Ready: {:?}", started.elapsed());
     let sa = hc.json(&["-n", NAMESPACE, "get", "daemonset", RELEASE]);
@@ -52,7 +83,6 @@ fn run(hc: &HelmCluster) {
         "the agents run as the chart's ServiceAccount"
     );
 
-    hc.apply(&virtual_ip("web", VIP, 51, &nodes[PREFERRED]));
     hc.wait_holder(VIP, PREFERRED, STEP_TIMEOUT);
     assert!(hc.ping(VIP), "the VIP {VIP} does not answer ping");
     eprintln!("helm install → VIP answering: {:?}", started.elapsed());
@@ -62,7 +92,6 @@ fn run(hc: &HelmCluster) {
     });
 
     hc.deploy_echo(ECHO_PORT);
-    hc.apply(&pool("web", POOL_FIRST, POOL_LAST));
     hc.apply(&lb_service("web", ECHO_PORT));
     let lb = wait_for("the Service's load-balancer address", STEP_TIMEOUT, || {
         ingress_ip(&hc.json(&["-n", "default", "get", "service", "web"]))

@@ -5,6 +5,7 @@
 pub mod departure;
 pub mod kube_proxy;
 pub mod lease;
+pub mod served;
 pub mod status;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference};

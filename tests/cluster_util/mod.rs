@@ -183,6 +183,11 @@ impl HelmCluster {
     /// `helm install` (or `upgrade`) of the chart with the base values and `extra` `--set`s;
     /// does not wait for the pods.
     pub fn helm_apply(&self, verb: &str, extra: &[&str]) {
+        self.helm_apply_with(verb, &[], extra)
+    }
+
+    /// [`HelmCluster::helm_apply`] with values files (`-f`) too.
+    pub fn helm_apply_with(&self, verb: &str, files: &[&Path], extra: &[&str]) {
         let mut args: Vec<String> = vec![
             verb.to_owned(),
             RELEASE.to_owned(),
@@ -196,6 +201,10 @@ impl HelmCluster {
         for value in self.base_values() {
             args.push("--set".to_owned());
             args.push(value);
+        }
+        for file in files {
+            args.push("-f".to_owned());
+            args.push(file.display().to_string());
         }
         for value in extra {
             args.push("--set".to_owned());
