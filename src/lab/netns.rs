@@ -510,6 +510,17 @@ impl Lab {
         self.spawn_in(SWITCH, &self.switch_netns, args, log_path.as_ref())
     }
 
+    /// Node `node`'s state directory for the agents it runs (`FERROVIP_STATE_DIR` of every
+    /// process [`Lab::spawn`] starts there): `<lab dir>/<node name>.state`, kept across
+    /// restarts within the lab, removed with it.
+    pub fn state_dir(&self, node: usize) -> PathBuf {
+        let name = match node {
+            SWITCH => "switch",
+            n => &self.node(n).name,
+        };
+        self.dir.join(format!("{name}.state"))
+    }
+
     fn spawn_in(
         &self,
         node: usize,
@@ -538,6 +549,10 @@ impl Lab {
         let child = Command::new("ip")
             .args(["netns", "exec", netns])
             .args(args)
+            // An agent's state (its address record) per node, inside the lab's directory: the
+            // default /run/ferrovip would be shared by every node, and the records of agents
+            // killed in a lab would outlive it there. `--state-dir` still wins.
+            .env("FERROVIP_STATE_DIR", self.state_dir(node))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -695,18 +710,52 @@ impl Lab {
         })
     }
 
-    /// Whether `addr` is configured on node `node`'s `eth0` (as the kernel reports it).
+    /// Whether node `node` holds `addr` (as the kernel reports it): configured on its `eth0`,
+    /// or local through one of the agent's bulk-set routes on `eth0` (`local` routes in table
+    /// main, protocol 0x46: sets larger than `--bulk-threshold`).
     pub fn has_address(&self, node: usize, addr: IpAddr) -> Result<bool, LabError> {
         let netns = &self.node(node).netns;
         let links = ip_json(&["-n", netns, "-j", "addr", "show", "dev", NODE_INTERFACE])?;
-        Ok(links
+        let configured = links
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|link| link["addr_info"].as_array())
             .flatten()
             .filter_map(|info| info["local"].as_str()?.parse::<IpAddr>().ok())
-            .any(|local| local == addr))
+            .any(|local| local == addr);
+        if configured || addr.is_ipv6() {
+            return Ok(configured);
+        }
+        let routes = ip_json(&[
+            "-n",
+            netns,
+            "-j",
+            "route",
+            "show",
+            "table",
+            "main",
+            "type",
+            "local",
+            "proto",
+            "0x46",
+            "dev",
+            NODE_INTERFACE,
+        ])?;
+        Ok(routes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|route| route["dst"].as_str())
+            .filter_map(|dst| match dst.split_once('/') {
+                Some((net, len)) => Some((net.parse::<Ipv4Addr>().ok()?, len.parse().ok()?)),
+                None => Some((dst.parse::<Ipv4Addr>().ok()?, 32)),
+            })
+            .any(|(net, len): (Ipv4Addr, u32)| {
+                let IpAddr::V4(addr) = addr else { return false };
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                u32::from(addr) & mask == u32::from(net) & mask
+            }))
     }
 
     /// Sends one raw Ethernet frame out of node `node`'s `eth0` (playing a peer in tests).

@@ -525,10 +525,7 @@ impl ScaleRun<'_> {
             Daemon::Ferrovip { binary, extra_args } => {
                 let binary = binary.to_string_lossy().into_owned();
                 let manifest = dir.join("virtualips.yaml").to_string_lossy().into_owned();
-                let state = dir
-                    .join(format!("{name}.state"))
-                    .to_string_lossy()
-                    .into_owned();
+                // The state directory is the lab's per-node one (Lab::state_dir).
                 let mut args = vec![
                     binary.as_str(),
                     "agent",
@@ -536,8 +533,6 @@ impl ScaleRun<'_> {
                     &name,
                     "--manifests",
                     &manifest,
-                    "--state-dir",
-                    &state,
                 ];
                 args.extend(extra_args.iter().map(String::as_str));
                 self.lab.spawn(node, &args, log)?

@@ -78,6 +78,15 @@ fn netns_lab_create_wires_nodes_and_drop_removes_everything() {
         .spawn(1, &["sh", "-c", "trap '' TERM; sleep 600"], "stubborn.log")
         .unwrap();
     let plain = lab.spawn(1, &["sleep", "600"], "plain.log").unwrap();
+    // Every node's processes get their own state directory inside the lab's.
+    let env = lab
+        .spawn(1, &["sh", "-c", "echo $FERROVIP_STATE_DIR"], "env.log")
+        .unwrap();
+    lab.wait(env, Duration::from_secs(5)).unwrap();
+    let said = std::fs::read_to_string(lab.proc_info(env).unwrap().1).unwrap();
+    assert_eq!(said.trim(), lab.state_dir(1).display().to_string());
+    assert!(lab.state_dir(1).starts_with(&dir));
+    assert_ne!(lab.state_dir(0), lab.state_dir(1));
     let pids = [lab.pid(stubborn).unwrap(), lab.pid(plain).unwrap()];
     std::thread::sleep(Duration::from_millis(100));
     let in_ns = lab.exec(1, &["ip", "netns", "identify"]).unwrap();
