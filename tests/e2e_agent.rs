@@ -2368,6 +2368,11 @@ fn probes_reflect_sockets_outlast_idle_clients_and_the_engine_thread_runs_at_rt_
     let pid = c.lab.pid(c.agent(0)).expect("agent pid");
     assert_eq!(thread_policy(pid, "vrrp-engine"), Some((1, 10)));
     assert_eq!(thread_policy(pid, "ferrovip"), Some((0, 0)));
+    // What enters the kernel's rtnl lock runs on threads of normal priority (a preempted
+    // holder of that lock must not hold the real-time thread back): address changes and link
+    // reads, the latter including the refresh that finds eth1 below.
+    assert_eq!(thread_policy(pid, "vrrp-effects"), Some((0, 0)));
+    assert_eq!(thread_policy(pid, "vrrp-links"), Some((0, 0)));
     assert_eq!(
         c.count_log(0, &|l| msg(l)
             == "VRRP engine thread runs at SCHED_FIFO priority"),
