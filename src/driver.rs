@@ -1005,35 +1005,22 @@ impl LinkReader {
     fn spawn(addresses: &AddressManager) -> Option<LinkReader> {
         let (requests, mut rx) = mpsc::unbounded_channel::<LinkRequest>();
         let addresses = addresses.clone();
-        let spawned = std::thread::Builder::new()
-            .name("vrrp-links".into())
-            .spawn(move || {
-                if let Err(e) = set_normal_priority() {
-                    debug!(error = %e, "link reader keeps the engine's scheduling class");
-                }
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
+        let spawned = spawn_normal_priority(
+            "vrrp-links",
+            "links are read on the engine's thread",
+            move || async move {
+                let own = match addresses.reconnect() {
+                    Ok(own) => own,
                     Err(e) => {
-                        warn!(error = %e, "cannot start the link reader's runtime; links are read on the engine's thread");
+                        warn!(error = %e, "no netlink connection for the link reader; links are read on the engine's thread");
                         return;
                     }
                 };
-                runtime.block_on(async move {
-                    let own = match addresses.reconnect() {
-                        Ok(own) => own,
-                        Err(e) => {
-                            warn!(error = %e, "no netlink connection for the link reader; links are read on the engine's thread");
-                            return;
-                        }
-                    };
-                    while let Some((names, reply)) = rx.recv().await {
-                        let _ = reply.send(read_all(&own, names).await);
-                    }
-                });
-            });
+                while let Some((names, reply)) = rx.recv().await {
+                    let _ = reply.send(read_all(&own, names).await);
+                }
+            },
+        );
         match spawned {
             Ok(_) => Some(LinkReader { requests }),
             Err(e) => {
@@ -1146,6 +1133,34 @@ fn accept(
     }
 }
 
+/// Runs `work` on a new thread `name` at normal priority (threads inherit the engine
+/// thread's real-time class), in a current-thread runtime of its own; `without` says what
+/// is lost should that runtime not start.
+fn spawn_normal_priority<F, Fut>(name: &str, without: &'static str, work: F) -> std::io::Result<()>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let thread = name.to_owned();
+    std::thread::Builder::new()
+        .name(thread.clone())
+        .spawn(move || {
+            if let Err(e) = set_normal_priority() {
+                debug!(%thread, error = %e, "keeps the engine's scheduling class");
+            }
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(work()),
+                Err(e) => {
+                    warn!(%thread, error = %e, "cannot start the thread's runtime; {without}")
+                }
+            }
+        })
+        .map(drop)
+}
+
 /// Runs [`run_effects`] on a thread of its own, with its own runtime and netlink connection,
 /// at normal priority: a netlink request runs in the kernel in the context of the thread
 /// that sends it, and installing or removing thousands of addresses takes the kernel
@@ -1163,37 +1178,24 @@ fn spawn_effects(
         failures.clone(),
     );
     let taken = rx_slot.clone();
-    let spawned = std::thread::Builder::new()
-        .name("vrrp-effects".into())
-        .spawn(move || {
-            if let Err(e) = set_normal_priority() {
-                debug!(error = %e, "effects thread keeps the engine's scheduling class");
-            }
+    let spawned = spawn_normal_priority(
+        "vrrp-effects",
+        "address changes are not carried out",
+        move || async move {
             let Some(rx) = taken.lock().ok().and_then(|mut rx| rx.take()) else {
                 return;
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
+            let addresses = match addresses_slot.reconnect() {
+                Ok(own) => own,
                 Err(e) => {
-                    warn!(error = %e, "cannot start the effects thread's runtime; address changes are not carried out");
-                    return;
+                    warn!(error = %e, "no netlink connection of the effects thread's own; sharing the engine's");
+                    addresses_slot
                 }
             };
-            runtime.block_on(async move {
-                let addresses = match addresses_slot.reconnect() {
-                    Ok(own) => own,
-                    Err(e) => {
-                        warn!(error = %e, "no netlink connection of the effects thread's own; sharing the engine's");
-                        addresses_slot
-                    }
-                };
-                let macvlans = MacvlanManager::new(addresses.handle().clone());
-                run_effects(addresses, macvlans, rx, failures_slot, announcer).await;
-            });
-        });
+            let macvlans = MacvlanManager::new(addresses.handle().clone());
+            run_effects(addresses, macvlans, rx, failures_slot, announcer).await;
+        },
+    );
     if let Err(e) = spawned {
         warn!(error = %e, "cannot start the effects thread; address changes run on the engine's");
         if let Some(rx) = rx_slot.lock().ok().and_then(|mut rx| rx.take()) {
