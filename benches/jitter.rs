@@ -735,28 +735,7 @@ impl Bed {
                 let dir = bed.lab.dir();
                 let conf = dir.join(format!("{name}.keepalived.conf"));
                 std::fs::write(&conf, keepalived_conf(&bed.lab, node, interval, rt))?;
-                let paths = [
-                    conf,
-                    dir.join(format!("{name}.pid")),
-                    dir.join(format!("{name}.vrrp.pid")),
-                ]
-                .map(|p| p.to_string_lossy().into_owned());
-                bed.lab.spawn(
-                    node,
-                    &[
-                        "keepalived",
-                        "--dont-fork",
-                        "--log-console",
-                        "--vrrp",
-                        "-f",
-                        &paths[0],
-                        "-p",
-                        &paths[1],
-                        "-r",
-                        &paths[2],
-                    ],
-                    log,
-                )?
+                bed.lab.spawn_keepalived(node, &conf, log)?
             };
             bed.agents.push(id);
         }

@@ -1640,11 +1640,10 @@ impl ApiServerLoad {
     }
 }
 
-/// How long `plan()` takes for `count` VirtualIPs of `layout` on three nodes: median of 5.
-fn plan_time(layout: Layout, count: usize) -> f64 {
-    use ferrovip::model::{Completeness, NodeFacts, Snapshot, plan};
-    let virtual_ips: Vec<VirtualIP> = (0..count)
-        .filter_map(|i| {
+/// The `count` VirtualIPs of a scale phase laid out as `layout`, one /32 each.
+fn scale_docs(layout: Layout, count: usize) -> anyhow::Result<Vec<VirtualIP>> {
+    (0..count)
+        .map(|i| {
             let (name, base) = layout.vip(i, count);
             let doc = vip_doc(
                 &name,
@@ -1653,9 +1652,15 @@ fn plan_time(layout: Layout, count: usize) -> f64 {
                 base,
                 "bulk",
             );
-            serde_json::from_value(doc).ok()
+            serde_json::from_value(doc).context("VirtualIP document")
         })
-        .collect();
+        .collect()
+}
+
+/// How long `plan()` takes for `count` VirtualIPs of `layout` on three nodes: median of 5.
+fn plan_time(layout: Layout, count: usize) -> f64 {
+    use ferrovip::model::{Completeness, NodeFacts, Snapshot, plan};
+    let virtual_ips = scale_docs(layout, count).expect("the scale phase's VirtualIPs");
     let nodes = ["node-a", "node-b", "node-c"]
         .iter()
         .enumerate()
@@ -1724,19 +1729,7 @@ fn scale(
     cluster.audit.refresh()?;
     sleep(Duration::from_secs(1))?;
 
-    let docs: Vec<VirtualIP> = (0..count)
-        .map(|i| {
-            let (name, base) = layout.vip(i, count);
-            let doc = vip_doc(
-                &name,
-                &format!("{}/32", bulk_address(i)),
-                None,
-                base,
-                "bulk",
-            );
-            serde_json::from_value(doc).context("VirtualIP document")
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let docs = scale_docs(layout, count)?;
     let names: Vec<String> = docs
         .iter()
         .filter_map(|d| d.metadata.name.clone())
