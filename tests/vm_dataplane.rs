@@ -736,15 +736,18 @@ fn transitions_logged(prefix: &str) -> String {
 
 /// The agent's metrics, fetched over HTTP inside its namespace.
 fn scrape(ns: &GuestNetns) -> Result<String, vm::CaseError> {
-    let text = ns.run(|| -> std::io::Result<String> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect("127.0.0.1:9646")?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text)?;
-        Ok(text)
-    })??;
+    let text = ns
+        .run(|| -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 9646));
+            let mut stream = std::net::TcpStream::connect_timeout(&addr, TIMEOUT)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text)?;
+            Ok(text)
+        })?
+        .map_err(|e| format!("scraping the metrics of the agent in {}: {e}", ns.name()))?;
     Ok(text)
 }
 
