@@ -1126,6 +1126,7 @@ mod tests {
             reason: String::new(),
             reason_code: "",
             fault: None,
+            elected: 0,
         }
     }
 

@@ -502,6 +502,56 @@ fn e2e_k8s_apply_status_conflicts_sharing_and_deletion() {
     }
     assert_eq!(c.masters_since(51, since), [c.ip(0)]);
 
+    // --- 10b. The instance grows past 8 VirtualIPs (12): its healthy backups list themselves
+    // on its first VirtualIP only (shared-1); the others show the master's entry alone (the
+    // backups' earlier entries on shared-2 and shared-3 dropped), so a settle costs about one
+    // write per VirtualIP, not one per VirtualIP per node.
+    let mark = c.audit_mark();
+    let grown = Instant::now();
+    c.apply(&list(
+        (4..=12)
+            .map(|i| {
+                vip_doc(
+                    &format!("shared-{i}"),
+                    &[&format!("192.0.2.{}/24", 120 + i)],
+                    None,
+                )
+            })
+            .collect(),
+    ));
+    for i in 1..=12 {
+        let name = format!("shared-{i}");
+        let want: &[&str] = if i == 1 {
+            &["node-a", "node-b", "node-c"]
+        } else {
+            &["node-a"]
+        };
+        c.wait_vip(&name, "Active on node-a", Duration::from_secs(10), |v| {
+            let mut names = entry_names(v);
+            names.sort();
+            active_with(v, "node-a")
+                && names == want
+                && v["status"]["virtualRouterId"].as_u64() == Some(u64::from(vrid))
+        });
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let requests = c.status_requests_since(mark);
+    eprintln!(
+        "12 VirtualIPs in one instance settled {} after the apply; status writes by user: {requests:?}",
+        ms(grown.elapsed())
+    );
+    for (node, most) in [("node-a", 12), ("node-b", 4), ("node-c", 4)] {
+        let wrote = requests
+            .get(&format!("ferrovip:{node}"))
+            .copied()
+            .unwrap_or(0);
+        // node-a: the 9 new VirtualIPs, and a rewrite or two; a backup: its entries dropped
+        // from shared-2 and shared-3, perhaps its entry on shared-1 again.
+        findings.check(wrote <= most, || {
+            format!("{node} wrote {wrote} statuses for 9 new VirtualIPs of a large instance (at most {most})")
+        });
+    }
+
     // --- 6. Deletion: every node releases the addresses within a second.
     let before = c.all_transitions();
     let deleted = Instant::now();
@@ -524,6 +574,13 @@ fn e2e_k8s_apply_status_conflicts_sharing_and_deletion() {
     );
     assert_eq!(c.masters_since(vrid, deleted), [c.ip(0)]);
     assert!(active_with(&c.vip("shared-2"), "node-a"));
+    // The backups now list themselves on the first VirtualIP left (by name: shared-10).
+    c.wait_vip(
+        "shared-10",
+        "all three entries",
+        Duration::from_secs(10),
+        |v| entry_names(v).len() == 3,
+    );
 
     let deleted = Instant::now();
     c.kubectl(&["delete", "vip", "web"]);
@@ -546,7 +603,7 @@ fn e2e_k8s_apply_status_conflicts_sharing_and_deletion() {
 
     let deleted = Instant::now();
     c.kubectl(&["delete", "vip", "--all"]);
-    for addr in ["192.0.2.101", shared[1], shared[2]] {
+    for addr in ["192.0.2.101", shared[1], shared[2], "192.0.2.132"] {
         c.wait_holders(addr, &[], Duration::from_secs(1));
     }
     eprintln!(

@@ -655,6 +655,8 @@ pub struct VirtualIPStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_router_id: Option<i64>,
     /// Per-node VRRP state; each node writes its own entry (server-side apply, keyed by name).
+    /// In an instance shared by more than 8 VirtualIPs, healthy backups list themselves on the
+    /// instance's first VirtualIP by name only; masters, faults and refusals show on each.
     #[serde(
         default,
         deserialize_with = "null_as_empty",

@@ -206,6 +206,11 @@ pub struct InstanceStatus {
     pub reason_code: &'static str,
     /// Set while the instance cannot run (interface or its address missing).
     pub fault: Option<String>,
+    /// When this node last became master of the instance, as a number from a sequence the
+    /// engine counts over all its instances (0: not since the agent started). A reader that
+    /// samples the state misses a mastership shorter than its period; one that compares this
+    /// number does not (the status writer's `MasterElected` Events).
+    pub elected: u64,
 }
 
 /// What the driver read about one interface.
@@ -461,6 +466,8 @@ pub struct NodeEngine {
     held: HashSet<(u32, IpNet)>,
     observed: Observed,
     observed_changed: bool,
+    /// The last number handed out for a transition to master ([`InstanceStatus::elected`]).
+    elections: u64,
     stats: Arc<Stats>,
     /// A monotonic instant and the wall-clock time it corresponds to, for `since`.
     wall: (Instant, SystemTime),
@@ -490,6 +497,7 @@ impl NodeEngine {
             held,
             observed: Observed::default(),
             observed_changed: false,
+            elections: 0,
             stats,
             wall,
             scratch: Vec::new(),
@@ -932,6 +940,7 @@ impl NodeEngine {
             scratch,
             observed,
             observed_changed,
+            elections,
             stats,
             ..
         } = self;
@@ -953,6 +962,19 @@ impl NodeEngine {
             }
             slot.armed = deadline;
         }
+        let became_master = scratch.iter().any(|o| {
+            matches!(
+                o,
+                instance::Output::Transition {
+                    to: State::Master,
+                    ..
+                }
+            )
+        });
+        let elected = became_master.then(|| {
+            *elections += 1;
+            *elections
+        });
         let seen = Seen {
             state: instance.state(),
             master: instance.master(),
@@ -961,6 +983,7 @@ impl NodeEngine {
                 instance::Output::Transition { reason, .. } => Some(*reason),
                 _ => None,
             }),
+            elected,
             since,
         };
         for output in scratch.iter() {
@@ -1008,6 +1031,7 @@ impl NodeEngine {
                     false
                 } else {
                     let since = self.wall_time(now);
+                    let elected = self.observed.instances.get(&key).map_or(0, |e| e.elected);
                     self.observed.instances.insert(
                         key,
                         InstanceStatus {
@@ -1021,6 +1045,7 @@ impl NodeEngine {
                             reason: f.clone(),
                             reason_code: "fault",
                             fault: Some(f),
+                            elected,
                         },
                     );
                     true
@@ -1456,6 +1481,8 @@ struct Seen {
     master: Option<IpAddr>,
     priority: u8,
     transition: Option<Reason>,
+    /// The engine's number for a transition to master in this input.
+    elected: Option<u64>,
     since: SystemTime,
 }
 
@@ -1503,6 +1530,10 @@ fn observe_instance(
             true
         }
         (_, reason) => {
+            let elected = seen
+                .elected
+                .or_else(|| observed.instances.get(&key).map(|e| e.elected))
+                .unwrap_or(0);
             observed.instances.insert(
                 key,
                 InstanceStatus {
@@ -1516,6 +1547,7 @@ fn observe_instance(
                     reason: reason.map(|r| r.to_string()).unwrap_or_default(),
                     reason_code: reason.map_or("", |r| r.code()),
                     fault: None,
+                    elected,
                 },
             );
             true

@@ -339,6 +339,34 @@ fn a_timer_late_within_the_slack_keeps_the_advertisement_schedule() {
 }
 
 #[test]
+fn every_election_is_numbered_and_the_number_outlives_the_mastership() {
+    // Master for a moment, then preempted by a higher priority: a status writer that looks
+    // after both inputs still sees that this node was elected.
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 7, 100), spec("api", 8, 100)]);
+    let elected = |rig: &Rig, name: &str| {
+        rig.engine.observed().instances[&(name.to_string(), Family::V4)].elected
+    };
+    assert_eq!(elected(&rig, "web"), 0, "not elected yet");
+    let deadline = rig.engine.deadline().unwrap() - rig.epoch;
+    rig.at(deadline);
+    assert_eq!(rig.state(7), State::Master);
+    let (web, api) = (elected(&rig, "web"), elected(&rig, "api"));
+    assert!(
+        web > 0 && api > 0 && web != api,
+        "one number each: {web} {api}"
+    );
+    rig.hear(PEER, advert(7, 200));
+    assert_eq!(rig.state(7), State::Backup);
+    assert_eq!(elected(&rig, "web"), web, "kept after the mastership ended");
+    // Elected again: a newer number, larger than any before.
+    let deadline = rig.engine.deadline().unwrap() - rig.epoch;
+    rig.at(deadline + ms(1000));
+    assert_eq!(rig.state(7), State::Master);
+    assert!(elected(&rig, "web") > web.max(api));
+}
+
+#[test]
 fn after_a_stall_an_advertisement_heard_before_the_timer_keeps_the_backup() {
     // What the driver's drain-before-fire relies on: the master's advertisement and the
     // master-down timer are both pending after a stall; heard first, the advertisement wins.

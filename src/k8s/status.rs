@@ -38,6 +38,11 @@ const EVENTS_PER_SECOND: f64 = 2.0;
 /// Instances with more VirtualIPs than this get one summary Event per transition (about the
 /// Node, naming the count) instead of one Event per VirtualIP.
 const EVENT_MEMBERS: usize = 8;
+/// Healthy backups of instances with more VirtualIPs than this report their entry on one
+/// VirtualIP of the instance only (the first by name, [`summarized`]): with 10,000 VirtualIPs
+/// on three nodes, one entry per VirtualIP per node is 30,000 writes where the masters' are
+/// 10,000.
+const SUMMARY_MEMBERS: usize = EVENT_MEMBERS;
 /// Status writes in flight at once; in a pass with nothing more urgent than this node's
 /// entries ([`WritePriority::Rest`]) while it still waits for masters' writes to show,
 /// fewer, so that the masters' writes (`status.master`, `Ready`) get most of the API server
@@ -98,11 +103,12 @@ pub struct StatusWriter {
     /// Something was left for later (a failed write, a write to repeat).
     pending: bool,
     events_dropped: u64,
-    /// Per VirtualIP: whether we were master at the last look.
-    was_master: HashMap<String, bool>,
+    /// Per VirtualIP: the latest election of ours seen ([`InstanceStatus::elected`]), so that
+    /// a mastership shorter than a pass still gets its Event.
+    elected_seen: HashMap<String, u64>,
     /// Per instance with more than [`EVENT_MEMBERS`] VirtualIPs (keyed like
-    /// `Observed::instances`): whether we were master at the last look.
-    was_master_of_group: HashMap<(String, crate::vocab::Family), bool>,
+    /// `Observed::instances`): the same.
+    group_elected_seen: HashMap<(String, crate::vocab::Family), u64>,
     outage_logged: bool,
     /// Per VirtualIP, what this node forwards for its `spec.services`.
     services: HashMap<String, String>,
@@ -163,8 +169,8 @@ impl StatusWriter {
             failed_at: HashMap::new(),
             applied_at: HashMap::new(),
             warned: HashMap::new(),
-            was_master: HashMap::new(),
-            was_master_of_group: HashMap::new(),
+            elected_seen: HashMap::new(),
+            group_elected_seen: HashMap::new(),
             outage_logged: false,
             services: HashMap::new(),
             stale_tried: HashMap::new(),
@@ -242,6 +248,13 @@ impl StatusWriter {
                 by_member.entry(member.as_str()).or_default().push(status);
             }
         }
+        // The VirtualIP of each large instance where its healthy backups list themselves.
+        let listed_on: std::collections::HashSet<&str> = observed
+            .instances
+            .values()
+            .filter(|s| s.members.len() > SUMMARY_MEMBERS)
+            .filter_map(|s| s.members.iter().min().map(String::as_str))
+            .collect();
         self.group_events(desired, observed).await;
         let mut live = std::collections::HashSet::new();
         let mut writes = Vec::new();
@@ -296,9 +309,20 @@ impl StatusWriter {
             }
 
             let services = self.services.get(&name).map(String::as_str);
-            let body = desired_status(&vip, &self.node, plan, &ours, &addresses, services);
+            let listed_here = listed_on.contains(name.as_str());
+            let (body, summary) = applied_status(
+                &vip,
+                &self.node,
+                plan,
+                &ours,
+                &addresses,
+                services,
+                listed_here,
+            );
             let unchanged = self.written.get(&name) == Some(&body_hash(&body));
-            if unchanged && reflected(&vip, &body, &self.node) {
+            // A summarized backup writes only what the object does not show yet (its old
+            // entry to drop, or the master's view before the master's write shows).
+            if (unchanged || summary) && reflected(&vip, &body, &self.node) {
                 self.waiting_for_master.remove(&name);
                 if plan.refused.is_none() && plan.refused_instances.is_empty() {
                     self.quiet.insert(name, version);
@@ -430,7 +454,7 @@ impl StatusWriter {
         self.written.retain(|k, _| live.contains(k));
         self.failed_at.retain(|k, _| live.contains(k));
         self.applied_at.retain(|k, _| live.contains(k));
-        self.was_master.retain(|k, _| live.contains(k));
+        self.elected_seen.retain(|k, _| live.contains(k));
         self.quiet.retain(|k, _| live.contains(k));
         self.waiting_for_master.retain(|k, _| live.contains(k));
     }
@@ -488,24 +512,27 @@ impl StatusWriter {
         ours: &[&InstanceStatus],
         reporter: bool,
     ) {
-        let master_now = ours.iter().any(|s| s.state == State::Master);
-        let was = self
-            .was_master
-            .insert(name.to_string(), master_now)
-            .unwrap_or(false);
+        let elected = ours.iter().map(|s| s.elected).max().unwrap_or(0);
+        let seen = self.elected_seen.entry(name.to_string()).or_insert(0);
+        let new_election = elected > *seen;
+        *seen = (*seen).max(elected);
         // A member of a large instance: its Event is the instance's summary.
         let grouped = ours.iter().any(|s| s.members.len() > EVENT_MEMBERS);
-        if master_now && !was && !grouped {
-            let why = ours
-                .iter()
-                .find(|s| s.state == State::Master)
-                .map(|s| s.reason.clone())
-                .unwrap_or_default();
-            let note = format!(
-                "{} is master (priority {}): {why}",
-                self.node,
-                plan.priority.unwrap_or(0)
-            );
+        if new_election && !grouped {
+            let priority = plan.priority.unwrap_or(0);
+            let note = match ours.iter().find(|s| s.state == State::Master) {
+                Some(s) => format!(
+                    "{} is master (priority {priority}): {}",
+                    self.node, s.reason
+                ),
+                // Master for less than a pass: said all the same, with where it went since.
+                None => format!(
+                    "{} became master (priority {priority}) and is {} again: {}",
+                    self.node,
+                    state_name(ours),
+                    ours.first().map(|s| s.reason.as_str()).unwrap_or_default()
+                ),
+            };
             self.publish(vip, EventType::Normal, "MasterElected", "Elect", note)
                 .await;
         }
@@ -547,12 +574,10 @@ impl StatusWriter {
             if s.members.len() <= EVENT_MEMBERS {
                 continue;
             }
-            let master_now = s.state == State::Master;
-            let was = self
-                .was_master_of_group
-                .insert(key.clone(), master_now)
-                .unwrap_or(false);
-            if master_now && !was {
+            let seen = self.group_elected_seen.entry(key.clone()).or_insert(0);
+            let new_election = s.elected > *seen;
+            *seen = (*seen).max(s.elected);
+            if new_election {
                 let addresses = desired
                     .instances
                     .get(&s.interface)
@@ -563,8 +588,13 @@ impl StatusWriter {
                         })
                     })
                     .map_or(0, |i| i.addresses.len());
+                let is = if s.state == State::Master {
+                    "is master"
+                } else {
+                    "became master (and is no longer)"
+                };
                 elected.push(format!(
-                    "{} is master of {} VirtualIPs ({} addresses) on {} {} VRID {} (priority {}), {} and others: {}",
+                    "{} {is} of {} VirtualIPs ({} addresses) on {} {} VRID {} (priority {}), {} and others: {}",
                     self.node,
                     s.members.len(),
                     addresses,
@@ -577,7 +607,7 @@ impl StatusWriter {
                 ));
             }
         }
-        self.was_master_of_group
+        self.group_elected_seen
             .retain(|k, _| observed.instances.contains_key(k));
         for note in elected {
             let regarding = k8s_openapi::api::core::v1::ObjectReference {
@@ -710,6 +740,52 @@ fn stale_entries(vip: &VirtualIP, plan: &ResourcePlan, node: &str) -> Vec<(usize
         .filter(|(_, e)| e.name != node && !plan.eligible_nodes.contains(&e.name))
         .map(|(i, e)| (i, e.name.clone()))
         .collect()
+}
+
+/// Whether this node leaves its entry out of a VirtualIP's `status.nodes[]`: it is a healthy
+/// backup (no fault, a master known) of instances of more than [`SUMMARY_MEMBERS`]
+/// VirtualIPs each, the VirtualIP has no `spec.services` (whose per-node line says what this
+/// node forwards) and is not where its instances' backups list themselves (`listed_on`, the
+/// first member by name). Faults, refusals, a master and nodes just starting are always
+/// written where they apply. The cluster-wide fields (`master`, `state`, conditions) are the
+/// master's: the same as this node would write, so nothing is written once the master's
+/// write shows.
+fn summarized(
+    plan: &ResourcePlan,
+    ours: &[&InstanceStatus],
+    services: Option<&str>,
+    listed_on: bool,
+) -> bool {
+    plan.refused.is_none()
+        && plan.eligible
+        && services.is_none()
+        && !listed_on
+        && !ours.is_empty()
+        && ours.iter().all(|s| {
+            s.state == State::Backup
+                && s.fault.is_none()
+                && s.master.is_some()
+                && s.members.len() > SUMMARY_MEMBERS
+        })
+}
+
+/// What this node applies for one VirtualIP ([`desired_status`], without its entry where it
+/// is [`summarized`]), and whether it is summarized.
+fn applied_status(
+    vip: &VirtualIP,
+    node: &str,
+    plan: &ResourcePlan,
+    ours: &[&InstanceStatus],
+    addresses: &BTreeMap<IpAddr, String>,
+    services: Option<&str>,
+    listed_on: bool,
+) -> (serde_json::Value, bool) {
+    let mut body = desired_status(vip, node, plan, ours, addresses, services);
+    let summary = summarized(plan, ours, services, listed_on);
+    if summary && let Some(status) = body["status"].as_object_mut() {
+        status.remove("nodes");
+    }
+    (body, summary)
 }
 
 /// Whether the object shows what `body` applies: our node entry (or its absence), the
@@ -1323,6 +1399,7 @@ mod tests {
             reason: "no master seen".into(),
             reason_code: "master_down",
             fault: None,
+            elected: u64::from(state == State::Master),
         }
     }
 
@@ -1468,6 +1545,94 @@ mod tests {
             second["status"]["conditions"],
             first["status"]["conditions"]
         );
+    }
+
+    #[test]
+    fn healthy_backups_of_large_instances_list_themselves_on_one_virtual_ip() {
+        let large = |state: State, master: Option<&str>| {
+            let mut i = instance(state, master);
+            i.members = (0..=SUMMARY_MEMBERS)
+                .map(|n| format!("web-{n:02}"))
+                .collect::<Vec<_>>()
+                .into();
+            i
+        };
+        let apply = |ours: &[InstanceStatus], seen: &VirtualIP, services, listed_on| {
+            let ours: Vec<&InstanceStatus> = ours.iter().collect();
+            let plan = plan(true, None);
+            applied_status(
+                seen,
+                "node-b",
+                &plan,
+                &ours,
+                &addresses(),
+                services,
+                listed_on,
+            )
+        };
+        let backup = [large(State::Backup, Some("192.0.2.11"))];
+        let master = Status::on("node-a")
+            .instance(State::Master, Some("192.0.2.11"))
+            .body();
+        let mut seen = vip();
+        seen.status = Some(serde_json::from_value(master["status"].clone()).unwrap());
+
+        // Left out: the body holds the master's view and no entry, which the master's write
+        // already shows, so the backup writes nothing.
+        let (body, summary) = apply(&backup, &seen, None, false);
+        assert!(summary);
+        assert!(body["status"].get("nodes").is_none(), "{body}");
+        assert_eq!(body["status"]["master"], "node-a");
+        assert!(reflected(&seen, &body, "node-b"));
+        // Its entry from before (when the instance was small, say) is not what it applies
+        // now: it writes once, and server-side apply drops the entry.
+        let (full, _) = apply(&backup, &vip(), None, true);
+        let mut old = seen.clone();
+        old.status
+            .as_mut()
+            .unwrap()
+            .nodes
+            .push(serde_json::from_value(full["status"]["nodes"][0].clone()).unwrap());
+        assert!(!reflected(&old, &body, "node-b"));
+
+        // Listed on the instance's first VirtualIP, with services, faults, no master known,
+        // a small instance, or a master: the entry as always.
+        assert!(!apply(&backup, &seen, None, true).1);
+        assert_eq!(
+            apply(&backup, &seen, None, true).0["status"]["nodes"][0]["state"],
+            "Backup"
+        );
+        assert!(!apply(&backup, &seen, Some("ipvs: 1 service programmed"), false).1);
+        let mut faulty = large(State::Backup, Some("192.0.2.11"));
+        faulty.fault = Some("interface eth0 is missing".into());
+        assert!(!apply(&[faulty], &seen, None, false).1);
+        assert!(!apply(&[large(State::Backup, None)], &seen, None, false).1);
+        assert!(
+            !apply(
+                &[instance(State::Backup, Some("192.0.2.11"))],
+                &seen,
+                None,
+                false
+            )
+            .1
+        );
+        assert!(
+            !apply(
+                &[large(State::Master, Some("192.0.2.12"))],
+                &seen,
+                None,
+                false
+            )
+            .1
+        );
+        // Both families: summarized only if every instance is large and healthy.
+        let small_v6 = instance(State::Backup, Some("192.0.2.11"));
+        assert!(!apply(&[backup[0].clone(), small_v6], &seen, None, false).1);
+        assert!(apply(&[backup[0].clone(), backup[0].clone()], &seen, None, false).1);
+        // A refused VirtualIP says why on every node.
+        let ours: Vec<&InstanceStatus> = backup.iter().collect();
+        let refused = plan(false, Some(RefusalReason::Unnamed));
+        assert!(!summarized(&refused, &ours, None, false));
     }
 
     #[test]
