@@ -1078,23 +1078,13 @@ impl Cluster {
     }
 
     /// Addresses on node `i`'s eth0 other than its own.
+    /// The IPv4 addresses node `i` holds besides its own: on `eth0`, or through the agent's
+    /// bulk-set routes (large sets).
     fn vip_addresses(&self, i: usize) -> anyhow::Result<HashSet<Ipv4Addr>> {
-        let node = self.lab.node(i);
-        let out = Command::new("ip")
-            .args(["-n", &node.netns, "-o", "-4", "addr", "show", "dev", "eth0"])
-            .stdin(Stdio::null())
-            .output()
-            .context("ip addr")?;
-        ensure!(out.status.success(), "ip addr failed on {}", node.name);
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let mut words = l.split_whitespace();
-                words.find(|w| *w == "inet")?;
-                words.next()?.split('/').next()?.parse::<Ipv4Addr>().ok()
-            })
-            .filter(|a| *a != node.ipv4)
-            .collect())
+        let own = self.lab.node(i).ipv4;
+        let mut held = self.lab.held_ipv4(i)?;
+        held.remove(&own);
+        Ok(held)
     }
 
     /// Deletes the VirtualIPs labelled `bench=label` and waits until no node holds any

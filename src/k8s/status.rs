@@ -61,6 +61,11 @@ const UNDECIDED_HOLD: Duration = Duration::from_secs(3);
 /// a VirtualIP it has a master for: written after the master's, its conditions carry the
 /// master's transition times instead of its own, and the two writes agree at once.
 const MASTER_FIRST: Duration = Duration::from_secs(30);
+/// The same for a backup that leaves its entry out ([`summarized`]): its write would only
+/// repeat the master's, and while 10,000 VirtualIPs settle the master's writes take over a
+/// minute (the API server takes ~150 a second here). Written after all only if the master
+/// cannot write for this long (its agent cut off from the API server, say).
+const MASTER_FIRST_SUMMARIZED: Duration = Duration::from_secs(300);
 
 /// Which status writes of a pass go first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -350,7 +355,12 @@ impl StatusWriter {
                     && shown != Some(m)
                 {
                     let since = *self.waiting_for_master.entry(name.clone()).or_insert(now);
-                    if now.duration_since(since) < MASTER_FIRST {
+                    let wait = if summary {
+                        MASTER_FIRST_SUMMARIZED
+                    } else {
+                        MASTER_FIRST
+                    };
+                    if now.duration_since(since) < wait {
                         deferred += 1;
                         self.pending = true;
                         continue;

@@ -5,7 +5,7 @@
 //! port is `eth0` in node namespace `<prefix>node-<x>`. Interface names are fixed and short
 //! because each lives in its own namespace; only namespace names carry the unique prefix.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Read as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
@@ -714,19 +714,54 @@ impl Lab {
     /// or local through one of the agent's bulk-set routes on `eth0` (`local` routes in table
     /// main, protocol 0x46: sets larger than `--bulk-threshold`).
     pub fn has_address(&self, node: usize, addr: IpAddr) -> Result<bool, LabError> {
+        let configured = self.configured_addresses(node)?.contains(&addr);
+        if configured || addr.is_ipv6() {
+            return Ok(configured);
+        }
+        Ok(self.bulk_routes(node)?.iter().any(|(net, len)| {
+            let IpAddr::V4(addr) = addr else { return false };
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            u32::from(addr) & mask == u32::from(*net) & mask
+        }))
+    }
+
+    /// Every IPv4 address node `node` holds on its `eth0` ([`Lab::has_address`]'s two kinds,
+    /// bulk-set routes expanded; its own address included).
+    pub fn held_ipv4(&self, node: usize) -> Result<HashSet<Ipv4Addr>, LabError> {
+        let mut held: HashSet<Ipv4Addr> = self
+            .configured_addresses(node)?
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        // Covers of VIP ranges; never wider than a /8 (which would be 16 M addresses).
+        for (net, len) in self.bulk_routes(node)?.into_iter().filter(|(_, l)| *l >= 8) {
+            let first = u32::from(net) & u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            let count = 1u64 << (32 - len);
+            held.extend((0..count).map(|i| Ipv4Addr::from(first + i as u32)));
+        }
+        Ok(held)
+    }
+
+    /// The addresses configured on node `node`'s `eth0`.
+    fn configured_addresses(&self, node: usize) -> Result<Vec<IpAddr>, LabError> {
         let netns = &self.node(node).netns;
         let links = ip_json(&["-n", netns, "-j", "addr", "show", "dev", NODE_INTERFACE])?;
-        let configured = links
+        Ok(links
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|link| link["addr_info"].as_array())
             .flatten()
             .filter_map(|info| info["local"].as_str()?.parse::<IpAddr>().ok())
-            .any(|local| local == addr);
-        if configured || addr.is_ipv6() {
-            return Ok(configured);
-        }
+            .collect())
+    }
+
+    /// The agent's bulk-set routes on node `node`'s `eth0`, as (network, prefix length).
+    fn bulk_routes(&self, node: usize) -> Result<Vec<(Ipv4Addr, u32)>, LabError> {
+        let netns = &self.node(node).netns;
         let routes = ip_json(&[
             "-n",
             netns,
@@ -751,11 +786,8 @@ impl Lab {
                 Some((net, len)) => Some((net.parse::<Ipv4Addr>().ok()?, len.parse().ok()?)),
                 None => Some((dst.parse::<Ipv4Addr>().ok()?, 32)),
             })
-            .any(|(net, len): (Ipv4Addr, u32)| {
-                let IpAddr::V4(addr) = addr else { return false };
-                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-                u32::from(addr) & mask == u32::from(net) & mask
-            }))
+            .filter(|(_, len)| *len <= 32)
+            .collect())
     }
 
     /// Sends one raw Ethernet frame out of node `node`'s `eth0` (playing a peer in tests).
