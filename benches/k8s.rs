@@ -1952,8 +1952,33 @@ fn scale(
         };
         let listed = first.values().filter(|n| entries(n) == NODES).count();
         let alone = names.iter().filter(|n| entries(n) == 1).count();
+        let reps: HashSet<&str> = first.values().copied().collect();
+        // The others, with their entries (node:state), to show what is left.
+        let others: Vec<String> = names
+            .iter()
+            .filter(|n| !reps.contains(n.as_str()) && entries(n) != 1)
+            .take(12)
+            .map(|n| {
+                let shown: Vec<String> = state
+                    .vips
+                    .get(n)
+                    .and_then(|s| s.status.as_ref())
+                    .and_then(|s| s["nodes"].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}:{}",
+                            e["name"].as_str().unwrap_or("?"),
+                            e["state"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect();
+                format!("{n} [{}]", shown.join(" "))
+            })
+            .collect();
         format!(
-            "{listed} of {} instances list every node on their first VirtualIP; {alone} VirtualIPs show the master's entry alone",
+            "{listed} of {} instances list every node on their first VirtualIP; {alone} VirtualIPs show the master's entry alone; others: {others:?}",
             first.len()
         )
     };

@@ -1127,6 +1127,21 @@ impl NodeEngine {
         now: Instant,
         out: &mut Vec<Output>,
     ) {
+        // The instance is named after its first member: when that one goes (or a member
+        // sorting before it comes), its observed entry moves to the new name. Left under the
+        // old one, it would stay behind for good with a frozen state, and the status writer
+        // would read both for every member.
+        if old.resource != spec.resource
+            && let Some(entry) = self
+                .observed
+                .instances
+                .remove(&(old.resource.clone(), old.family))
+        {
+            self.observed
+                .instances
+                .insert((spec.resource.clone(), spec.family), entry);
+            self.observed_changed = true;
+        }
         let only_priority = InstanceSpec {
             priority: spec.priority,
             priority_reasons: spec.priority_reasons.clone(),

@@ -404,6 +404,36 @@ fn an_unchanged_plan_does_nothing_and_a_priority_change_applies_in_place() {
 }
 
 #[test]
+fn a_new_first_member_renames_the_observed_entry_and_leaves_none_behind() {
+    let mut rig = Rig::new();
+    let shared = |resource: &str, members: &[&str]| InstanceSpec {
+        resource: resource.into(),
+        members: members.iter().map(|m| m.to_string()).collect(),
+        ..spec("web-2", 1, 100)
+    };
+    // Created in the order the watch delivered them: web-2 first, then web-1 joins.
+    rig.apply(&[shared("web-2", &["web-2"])]);
+    rig.make_master(1);
+    let elected = rig.engine.observed().instances[&("web-2".to_string(), Family::V4)].elected;
+    let out = rig.apply(&[shared("web-1", &["web-1", "web-2"])]);
+    assert!(transitions(&out).is_empty(), "not restarted: {out:?}");
+    let keys: Vec<_> = rig.engine.observed().instances.keys().cloned().collect();
+    assert_eq!(
+        keys,
+        [("web-1".to_string(), Family::V4)],
+        "one entry, renamed"
+    );
+    let entry = &rig.engine.observed().instances[&("web-1".to_string(), Family::V4)];
+    assert_eq!(entry.state, State::Master);
+    assert_eq!(entry.elected, elected);
+    assert_eq!(*entry.members, ["web-1".to_string(), "web-2".to_string()]);
+    // And back (web-1 deleted).
+    rig.apply(&[shared("web-2", &["web-2"])]);
+    let keys: Vec<_> = rig.engine.observed().instances.keys().cloned().collect();
+    assert_eq!(keys, [("web-2".to_string(), Family::V4)]);
+}
+
+#[test]
 fn a_changed_version_restarts_the_instance_and_other_changes_reconfigure_it() {
     let mut rig = Rig::new();
     rig.apply(&[spec("web", 1, 100)]);
