@@ -1077,7 +1077,6 @@ impl Cluster {
         out
     }
 
-    /// Addresses on node `i`'s eth0 other than its own.
     /// The IPv4 addresses node `i` holds besides its own: on `eth0`, or through the agent's
     /// bulk-set routes (large sets).
     fn vip_addresses(&self, i: usize) -> anyhow::Result<HashSet<Ipv4Addr>> {
@@ -1942,14 +1941,16 @@ fn scale(
                 }
             }
         }
-        let entries = |n: &str| {
+        // `status.nodes` of VirtualIP `n`, as last seen.
+        let nodes_of = |n: &str| -> &[Value] {
             state
                 .vips
                 .get(n)
                 .and_then(|s| s.status.as_ref())
-                .and_then(|s| s["nodes"].as_array().map(Vec::len))
-                .unwrap_or(0)
+                .and_then(|s| s["nodes"].as_array())
+                .map_or(&[], Vec::as_slice)
         };
+        let entries = |n: &str| nodes_of(n).len();
         let listed = first.values().filter(|n| entries(n) == NODES).count();
         let alone = names.iter().filter(|n| entries(n) == 1).count();
         let reps: HashSet<&str> = first.values().copied().collect();
@@ -1959,12 +1960,7 @@ fn scale(
             .filter(|n| !reps.contains(n.as_str()) && entries(n) != 1)
             .take(12)
             .map(|n| {
-                let shown: Vec<String> = state
-                    .vips
-                    .get(n)
-                    .and_then(|s| s.status.as_ref())
-                    .and_then(|s| s["nodes"].as_array().cloned())
-                    .unwrap_or_default()
+                let shown: Vec<String> = nodes_of(n)
                     .iter()
                     .map(|e| {
                         format!(

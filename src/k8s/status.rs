@@ -248,18 +248,18 @@ impl StatusWriter {
             self.last_inputs = Some(inputs);
         }
         let mut by_member: HashMap<&str, Vec<&InstanceStatus>> = HashMap::new();
+        // The VirtualIP of each large instance where its healthy backups list themselves.
+        let mut listed_on = std::collections::HashSet::new();
         for status in observed.instances.values() {
             for member in status.members.iter() {
                 by_member.entry(member.as_str()).or_default().push(status);
             }
+            if status.members.len() > SUMMARY_MEMBERS
+                && let Some(first) = status.members.iter().min()
+            {
+                listed_on.insert(first.as_str());
+            }
         }
-        // The VirtualIP of each large instance where its healthy backups list themselves.
-        let listed_on: std::collections::HashSet<&str> = observed
-            .instances
-            .values()
-            .filter(|s| s.members.len() > SUMMARY_MEMBERS)
-            .filter_map(|s| s.members.iter().min().map(String::as_str))
-            .collect();
         self.group_events(desired, observed).await;
         let mut live = std::collections::HashSet::new();
         let mut writes = Vec::new();

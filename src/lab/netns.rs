@@ -718,10 +718,11 @@ impl Lab {
         if configured || addr.is_ipv6() {
             return Ok(configured);
         }
+        let IpAddr::V4(addr) = addr else {
+            return Ok(false);
+        };
         Ok(self.bulk_routes(node)?.iter().any(|(net, len)| {
-            let IpAddr::V4(addr) = addr else { return false };
-            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-            u32::from(addr) & mask == u32::from(*net) & mask
+            u32::from(addr) & prefix_mask(*len) == u32::from(*net) & prefix_mask(*len)
         }))
     }
 
@@ -738,7 +739,7 @@ impl Lab {
             .collect();
         // Covers of VIP ranges; never wider than a /8 (which would be 16 M addresses).
         for (net, len) in self.bulk_routes(node)?.into_iter().filter(|(_, l)| *l >= 8) {
-            let first = u32::from(net) & u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            let first = u32::from(net) & prefix_mask(len);
             let count = 1u64 << (32 - len);
             held.extend((0..count).map(|i| Ipv4Addr::from(first + i as u32)));
         }
@@ -1196,6 +1197,11 @@ pub fn open_netns(netns: &str) -> Result<File, LabError> {
         path,
         source,
     })
+}
+
+/// The IPv4 netmask of a prefix length (0-32).
+fn prefix_mask(len: u32) -> u32 {
+    u32::MAX.checked_shl(32 - len).unwrap_or(0)
 }
 
 #[cfg(test)]
