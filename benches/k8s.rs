@@ -18,12 +18,17 @@
 //!    CPU.
 //! 3. Failover at scale: SIGKILL the master's agent with every VIP in one shared instance;
 //!    the takeover on the wire, and until the new master holds (and announced) every address.
+//! 4. `--services N`: N Services of type LoadBalancer from one pool (issue 12's Service
+//!    target; `k8s/services.rs`): every Service with an address, annotated with its master,
+//!    every address on node-a, the writes per node, steady state.
 //!
 //! Priorities follow tests/e2e_k8s.rs: base 100, node-a +50, node-b +40, node-c −40.
 
 // Shared with the other benchmarks; this one uses part of it.
 #[allow(dead_code)]
 mod common;
+#[path = "k8s/services.rs"]
+mod lb_services;
 use common::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -150,6 +155,11 @@ struct Args {
     /// How many times each scale variant runs (fresh agents each time); medians printed.
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    /// Issue 12's Service scenario: this many Services of type LoadBalancer from one pool,
+    /// `--runs` times, nothing else unless `--vips`/`--apply-rounds` are given (a 60 s
+    /// window unless `--window` says otherwise, settle timeout 600 s).
+    #[arg(long, default_value_t = 0)]
+    services: usize,
     /// Added by `cargo bench`; `cargo test --benches` runs the binary without it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -173,6 +183,22 @@ fn main() -> anyhow::Result<()> {
             args.window = 60;
         }
     }
+    if args.services > 0 {
+        let given = |flag: &str| std::env::args().any(|a| a == flag);
+        if !given("--vips") && args.scale.is_none() {
+            args.vips = 0;
+            args.groups = 0;
+        }
+        if !given("--apply-rounds") {
+            args.apply_rounds = 0;
+        }
+        if !given("--window") {
+            args.window = 60;
+        }
+        if !given("--settle-timeout") {
+            args.settle_timeout = 600;
+        }
+    }
     if !args.bench {
         println!("k8s: a root benchmark of real daemons; run it with `cargo bench --bench k8s`");
         return Ok(());
@@ -182,6 +208,11 @@ fn main() -> anyhow::Result<()> {
         "--apply-rounds is at most {MAX_APPLY_ROUNDS}"
     );
     ensure!(args.vips <= MAX_BULK, "--vips is at most {MAX_BULK}");
+    ensure!(
+        args.services <= lb_services::MAX_SERVICES,
+        "--services is at most {}",
+        lb_services::MAX_SERVICES
+    );
     ensure!(
         args.groups <= args.vips.max(1),
         "--groups must not exceed --vips"
@@ -252,6 +283,20 @@ fn main() -> anyhow::Result<()> {
         if !args.skip_failover && shared_ready {
             let outcome = failover_at_scale(&mut cluster, args.vips);
             report.failover = note_failure(&mut report.errors, "failover", outcome)?;
+        }
+    }
+    if args.services > 0 {
+        for _ in 0..args.runs.max(1) {
+            let outcome = lb_services::services_scale(
+                &mut cluster,
+                args.services,
+                Duration::from_secs(args.settle_timeout),
+                Duration::from_secs(args.window),
+                clock_ticks,
+            );
+            if let Some(run) = note_failure(&mut report.errors, "services", outcome)? {
+                report.services.push(run);
+            }
         }
     }
     report.runtime_s = round3(started.elapsed().as_secs_f64());
@@ -832,6 +877,7 @@ impl Cluster {
             node_users: lab.nodes().iter().map(|n| n.name.clone()).collect(),
             build_script: Some(BUILD_SCRIPT.into()),
             audit_log: true,
+            extra_args: vec![lb_services::NODE_PORT_RANGE.to_owned()],
             ..ApiServerOptions::default()
         })?;
         let sniffer = Sniffer::start(&lab)?;
@@ -913,6 +959,14 @@ impl Cluster {
             "--for=condition=established",
             "--timeout=30s",
             "crd/virtualips.ferrovip.io",
+        ])?;
+        // The agents watch pools too (Services of type LoadBalancer, `--services`).
+        self.kubectl(&["apply", "-f", lb_services::POOL_CRD])?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=established",
+            "--timeout=30s",
+            "crd/loadbalancerpools.ferrovip.io",
         ])?;
         self.kubectl(&["apply", "-f", RBAC])?;
         self.api.bind_agent_group(AGENT_ROLE)?;
@@ -2362,6 +2416,7 @@ struct Report {
     /// `plan()` of the scale phase's VirtualIPs on one node, ms (median of 5), per layout.
     plan_ms: Vec<(String, f64)>,
     failover: Option<FailoverReport>,
+    services: Vec<lb_services::ServicesReport>,
     apply_rounds: Vec<ApplyRound>,
     runtime_s: f64,
     errors: Vec<String>,
@@ -2393,6 +2448,9 @@ impl Report {
         } else if args.runs > 1 {
             extra.push(format!("--runs {}", args.runs));
         }
+        if args.services > 0 {
+            extra.push(format!("--services {}", args.services));
+        }
         let _ = write!(command, " -- {}", extra.join(" "));
         Report {
             command,
@@ -2408,6 +2466,7 @@ impl Report {
             scale: Vec::new(),
             plan_ms: Vec::new(),
             failover: None,
+            services: Vec::new(),
             apply_rounds: Vec::new(),
             runtime_s: 0.0,
             errors: Vec::new(),
@@ -2623,6 +2682,9 @@ impl Report {
                     f.writes.of(node).total.to_string()
                 });
             }
+        }
+        if !self.services.is_empty() {
+            lb_services::table(&mut t, &self.services);
         }
         let _ = writeln!(t.out, "\nruntime {:.0} s", self.runtime_s);
         t.out

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -33,6 +33,11 @@ use crate::source::cluster::{self, ClusterSource, K8sError};
 
 /// How often interface carrier is read.
 const CARRIER_POLL: Duration = Duration::from_secs(1);
+/// After a change of the cluster's objects the planner waits this many times what its last
+/// snapshot and plan took (at most PLAN_PACING_MAX): at most a third of a core for planning
+/// under a stream of changes, however large the cluster.
+const PLAN_PACING: u32 = 2;
+const PLAN_PACING_MAX: Duration = Duration::from_secs(1);
 /// How often status is compared with the objects (and failed writes retried) even when
 /// nothing signals a change; only differences cause writes.
 const STATUS_RETRY: Duration = Duration::from_secs(1);
@@ -449,10 +454,15 @@ impl Agent {
         let mut last: Option<Desired> = None;
         let mut refused_checks: Vec<String> = Vec::new();
         let mut replan = true;
+        // What the last snapshot and plan cost: under a stream of changes the planner waits
+        // PLAN_PACING times that before the next, so it takes at most a fraction of a core.
+        let mut plan_cost = Duration::ZERO;
+        let mut snapshot_cost = Duration::ZERO;
         loop {
             // A partial snapshot (watches not all listed) is never planned from: its plan
             // would drop what the missing lists describe.
             if replan && snapshot.completeness.is_usable() {
+                let planning = Instant::now();
                 snapshot.local.carrier = carrier.clone();
                 snapshot.local.failing_checks = failing_checks(&self.health.borrow_and_update());
                 let desired = plan(&snapshot, &args.node_name);
@@ -469,6 +479,8 @@ impl Agent {
                 // Ready for /readyz: a plan from a usable snapshot (every watch listed, the
                 // manifests read, or the saved one during an API outage) was published.
                 self.endpoint_health.plan_published();
+                plan_cost = snapshot_cost + planning.elapsed();
+                snapshot_cost = Duration::ZERO;
             }
             replan = true;
             tokio::select! {
@@ -480,7 +492,17 @@ impl Agent {
                 }
                 () = self.source.changed() => {
                     self.source.settle().await;
+                    // 10,000 Services allocated a few at a time made every agent plan
+                    // 10,000 addresses tens of times a second: together most of the machine
+                    // the API server also needed. Small clusters plan in well under a
+                    // millisecond and wait for nothing more.
+                    let pause = (plan_cost * PLAN_PACING).min(PLAN_PACING_MAX);
+                    if pause > Duration::from_millis(1) {
+                        tokio::time::sleep(pause).await;
+                    }
+                    let taking = Instant::now();
                     snapshot = self.source.snapshot();
+                    snapshot_cost = taking.elapsed();
                 }
                 _ = self.health.changed() => {}
                 _ = carrier_poll.tick() => {

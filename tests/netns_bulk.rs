@@ -197,6 +197,90 @@ fn netns_bulk_removing_part_of_a_set_reanchors_it() {
     );
 }
 
+/// Services are allocated a few at a time: a group that grows by small adds (each under the
+/// threshold) becomes one set once it passes the threshold, taking over the interface
+/// addresses it had (deleted without a loss reported), and grows from then on by routes.
+#[test]
+fn netns_bulk_a_group_growing_a_few_at_a_time_becomes_one_set() {
+    let (node, peer, index) = setup("grow");
+    let all = v4_set(Ipv4Addr::new(10, 6, 0, 1), 150);
+    let events = node.block_on(|| async {
+        let manager = AddressManager::connect().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        AddressWatcher::spawn_for(&manager, tx).unwrap();
+        // 10 × 5, then 10 more (60: interface addresses), then 10 (70 > 64: a set).
+        for chunk in all[..70].chunks(10) {
+            assert!(manager.add_all(index, chunk, None).await.is_empty());
+        }
+        // Then one at a time, above the anchor (routes) and the set's gaps filled.
+        for net in &all[70..] {
+            assert!(manager.add_all(index, &[*net], None).await.is_empty());
+        }
+        // Adding what is there changes nothing.
+        assert!(manager.add_all(index, &all, None).await.is_empty());
+        let mut events = Vec::new();
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+            events.push(e);
+        }
+        let owned = manager.list_owned().await.unwrap();
+        assert_eq!(owned.len(), all.len(), "{owned:?}");
+        // Removing every other address shrinks the set; then the rest goes.
+        let odd: Vec<IpNet> = all.iter().copied().skip(1).step_by(2).collect();
+        assert!(manager.remove_all(index, &odd).await.is_empty());
+        assert!(!is_local(&node, "10.6.0.2"));
+        assert!(is_local(&node, "10.6.0.3"));
+        assert!(manager.remove_all(index, &all).await.is_empty());
+        events
+    });
+    assert!(events.is_empty(), "no loss was reported: {events:?}");
+    assert_eq!(v4_addresses(&node), vec!["10.0.0.1/8"]);
+    assert!(routes(&node).is_empty(), "{:?}", routes(&node));
+    assert!(!is_local(&node, "10.6.0.150"));
+    drop(peer);
+}
+
+/// The growth itself, checked between the steps: interface addresses up to the threshold,
+/// then the anchor alone, every member local and answering ping from the peer throughout.
+#[test]
+fn netns_bulk_growth_keeps_every_address_reachable() {
+    let (node, peer, index) = setup("growp");
+    let all = v4_set(Ipv4Addr::new(10, 7, 0, 1), 100);
+    node.block_on(|| async {
+        let manager = AddressManager::connect().unwrap();
+        assert!(manager.add_all(index, &all[..60], None).await.is_empty());
+        assert_eq!(
+            v4_addresses(&node).len(),
+            61,
+            "60 interface addresses and the node's own"
+        );
+        assert!(ping_ok(&peer, "10.7.0.60"));
+        assert!(manager.add_all(index, &all[60..70], None).await.is_empty());
+        assert_eq!(
+            v4_addresses(&node),
+            vec!["10.0.0.1/8", "10.7.0.1/32"],
+            "the set's anchor alone"
+        );
+        for ip in ["10.7.0.1", "10.7.0.2", "10.7.0.60", "10.7.0.70"] {
+            assert!(is_local(&node, ip), "{ip}");
+        }
+        assert!(ping_ok(&peer, "10.7.0.33"));
+        assert!(manager.add_all(index, &all[70..], None).await.is_empty());
+        assert!(ping_ok(&peer, "10.7.0.100"));
+        assert_eq!(
+            routes(&node).len(),
+            cidr_cover(
+                &(2..=100)
+                    .map(|i| Ipv4Addr::new(10, 7, 0, i))
+                    .collect::<Vec<_>>()
+            )
+            .len(),
+            "{:?}",
+            routes(&node)
+        );
+        assert_eq!(manager.list_owned().await.unwrap().len(), 100);
+    });
+}
+
 #[test]
 fn netns_bulk_anchor_expiry_flushes_the_routes_and_reports_every_address() {
     let (node, _peer, index) = setup("exp");

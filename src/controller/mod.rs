@@ -47,6 +47,14 @@ pub const LEASE_NAME: &str = "ferrovip-controller";
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Service writes in flight at once.
 const WRITES_IN_FLIGHT: usize = 16;
+/// A pass comes at the earliest this many times what the last one took after it (at most
+/// PASS_PACING_MAX later).
+const PASS_PACING: u32 = 2;
+const PASS_PACING_MAX: Duration = Duration::from_secs(1);
+/// Service write tasks at most at once (beyond WRITES_IN_FLIGHT they wait their turn): each
+/// holds a copy of its Service, and a pass over 10,000 costs enough that fewer per pass
+/// would make the passes the limit (32: ~38 Services/s at 10,000).
+const QUEUED_WRITES: usize = 256;
 /// A renewal sent less than this long ago counts as the renewal before a batch.
 const RENEWAL_FRESH: Duration = Duration::from_millis(200);
 /// When something is left to retry (a failed write, a pool count held back), how often.
@@ -332,6 +340,9 @@ struct Leader {
     /// Which Service each write task is for: a task that panicked still frees its Service.
     job_keys: HashMap<tokio::task::Id, ServiceRef>,
     retry: bool,
+    /// The last pass left Services to write for lack of room (QUEUED_WRITES): the next pass
+    /// comes when a write ends.
+    backlog: bool,
 }
 
 impl Leader {
@@ -363,6 +374,7 @@ impl Leader {
             jobs: JoinSet::new(),
             job_keys: HashMap::new(),
             retry: false,
+            backlog: false,
         }
     }
 
@@ -376,8 +388,16 @@ impl Leader {
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut dirty = true;
+        let mut next_pass = Instant::now();
         loop {
             if dirty {
+                // Paced like the agents' planner: a pass over 10,000 Services costs tens of
+                // milliseconds, and one per change or per finished write starved the API
+                // server it writes to (the writes started go on meanwhile).
+                let wait = next_pass.saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
                 let fresh = state
                     .borrow()
                     .renewed_at
@@ -388,7 +408,9 @@ impl Leader {
                 if self.context.fenced() {
                     return;
                 }
+                let started = Instant::now();
                 self.pass();
+                next_pass = Instant::now() + (started.elapsed() * PASS_PACING).min(PASS_PACING_MAX);
                 dirty = false;
             }
             tokio::select! {
@@ -401,26 +423,37 @@ impl Leader {
                     dirty = true;
                 }
                 Some(done) = self.jobs.join_next_with_id() => {
-                    match done {
-                        Ok((id, done)) => {
-                            self.job_keys.remove(&id);
-                            dirty |= self.finish(done);
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "a write task failed");
-                            if let Some(key) = self.job_keys.remove(&e.id()) {
-                                self.inflight.remove(&key);
-                                self.overrides.remove(&key);
-                            }
-                            self.pools_inflight.clear();
-                            self.retry = true;
-                        }
+                    // Every task that ended, not one per pass: a pass starts writes only
+                    // for the room the ended ones leave.
+                    dirty |= self.joined(done);
+                    while let Some(done) = self.jobs.try_join_next_with_id() {
+                        dirty |= self.joined(done);
                     }
                 }
                 () = lost(&mut state, self.context.term) => return,
                 _ = retry.tick() => {
                     dirty |= std::mem::take(&mut self.retry);
                 }
+            }
+        }
+    }
+
+    /// A joined write task; true when a pass should follow.
+    fn joined(&mut self, done: Result<(tokio::task::Id, Done), tokio::task::JoinError>) -> bool {
+        match done {
+            Ok((id, done)) => {
+                self.job_keys.remove(&id);
+                self.finish(done) || self.backlog
+            }
+            Err(e) => {
+                warn!(error = %e, "a write task failed");
+                if let Some(key) = self.job_keys.remove(&e.id()) {
+                    self.inflight.remove(&key);
+                    self.overrides.remove(&key);
+                }
+                self.pools_inflight.clear();
+                self.retry = true;
+                false
             }
         }
     }
@@ -505,6 +538,7 @@ impl Leader {
     /// Decides the whole state and starts the writes of what differs.
     fn pass(&mut self) {
         self.context.stats.pass();
+        self.backlog = false;
         let services = self.services_view();
         let pools: Vec<LoadBalancerPool> = self
             .watches
@@ -557,6 +591,12 @@ impl Leader {
             let record = write::record_patch(svc, &decision.record).is_some();
             let status = write::status_patch(svc, decision, Timestamp::now()).is_some();
             if !record && !status {
+                continue;
+            }
+            // A task per Service to write holds its copy of the Service: 10,000 at once
+            // were 250 MB more. The rest is decided again by a later pass.
+            if self.inflight.len() >= QUEUED_WRITES {
+                self.backlog = true;
                 continue;
             }
             let rv = svc.metadata.resource_version.clone().unwrap_or_default();

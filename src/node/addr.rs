@@ -36,7 +36,7 @@
 //!   deleting it would otherwise delete every secondary address of that subnet with it,
 //!   including addresses that are not ours.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -327,6 +327,22 @@ impl BulkSet {
         }
     }
 
+    /// This set with `more` members, all above the anchor (which stays): the routes of the
+    /// new cover replace the old ones.
+    fn grown(&self, more: impl IntoIterator<Item = Ipv4Addr>) -> BulkSet {
+        let mut members: BTreeSet<Ipv4Addr> = self.members.iter().copied().collect();
+        members.extend(more.into_iter().filter(|ip| *ip > self.anchor.addr()));
+        let members: Vec<Ipv4Addr> = members.into_iter().collect();
+        BulkSet {
+            index: self.index,
+            anchor: self.anchor,
+            covers: super::route::cidr_cover(&members[1..]),
+            members,
+            lifetime: self.lifetime,
+            lost: false,
+        }
+    }
+
     fn member_nets(&self) -> impl Iterator<Item = IpNet> + '_ {
         let prefix = self.anchor.prefix_len();
         self.members
@@ -374,6 +390,24 @@ impl BulkSets {
         let anchor = *self.member_of.get(&(index, net.addr()))?;
         let set = self.sets.get(&(index, anchor))?;
         (set.anchor.prefix_len() == net.prefix_len()).then_some(anchor)
+    }
+
+    /// The live set (not lost) of this prefix length on this interface, the lowest-anchored
+    /// if there are several.
+    fn live_set(&self, index: u32, prefix: u8) -> Option<&BulkSet> {
+        self.sets
+            .values()
+            .filter(|s| s.index == index && s.anchor.prefix_len() == prefix && !s.lost)
+            .min_by_key(|s| s.anchor.addr())
+    }
+
+    /// Whether `net` is a member, not the anchor, of a live set: local through its routes,
+    /// whatever happens to an interface address of the same address.
+    fn route_held(&self, index: u32, net: &IpNet) -> bool {
+        self.anchor_of(index, net).is_some_and(|anchor| {
+            IpAddr::V4(anchor) != net.addr()
+                && self.sets.get(&(index, anchor)).is_some_and(|s| !s.lost)
+        })
     }
 
     /// The set anchored at `anchor` went away (its anchor, or a route of `covers`): every
@@ -757,41 +791,204 @@ impl AddressManager {
                 .unwrap_or(nets[0]);
             failed.push((first, e));
         }
+        // Per prefix length: into the live set of that length (addresses above its anchor),
+        // or a new set when these and the interface addresses of ours of that length are
+        // more than the threshold (those then go: the set's routes hold them). So a group
+        // that grows a few addresses at a time (Services allocated one by one) ends up a
+        // set too, not thousands of interface addresses renewed three times a second.
         let mut sets = Vec::new();
-        if self.bulk_threshold > 0 && fresh_v4.len() > self.bulk_threshold {
-            if self.arp_ignore_allows_bulk(index).await {
-                let mut by_prefix: HashMap<u8, BTreeSet<Ipv4Addr>> = HashMap::new();
-                for net in &fresh_v4 {
-                    by_prefix
-                        .entry(net.prefix_len())
-                        .or_default()
-                        .insert(net.addr());
+        let mut grown = Vec::new();
+        let mut migrate: Vec<(Ipv4Addr, Vec<IpNet>)> = Vec::new();
+        if self.bulk_threshold > 0 && !fresh_v4.is_empty() {
+            let mut by_prefix: BTreeMap<u8, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+            for net in &fresh_v4 {
+                by_prefix
+                    .entry(net.prefix_len())
+                    .or_default()
+                    .insert(net.addr());
+            }
+            let mut arp_ok = None;
+            for (prefix, members) in by_prefix {
+                let to_net = |ip: Ipv4Addr| IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid"));
+                let existing = self.bulk().live_set(index, prefix).cloned();
+                if let Some(old) = existing {
+                    let (above, below): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
+                        members.into_iter().partition(|ip| *ip > old.anchor.addr());
+                    plain.extend(below.into_iter().map(to_net));
+                    if !above.is_empty() {
+                        let new = old.grown(above);
+                        grown.push((old, new));
+                    }
+                    continue;
                 }
-                for (prefix, members) in by_prefix {
-                    if members.len() > self.bulk_threshold {
-                        sets.push(BulkSet::new(
-                            index,
-                            prefix,
-                            members.into_iter().collect(),
-                            lifetime,
-                        ));
-                    } else {
-                        plain.extend(
-                            members.into_iter().map(|ip| {
-                                IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid prefix"))
-                            }),
-                        );
+                let ours_plain = self.plain_addresses(index, prefix, &members);
+                if members.len() + ours_plain.len() > self.bulk_threshold {
+                    let ok = match arp_ok {
+                        Some(ok) => ok,
+                        None => *arp_ok.insert(self.arp_ignore_allows_bulk(index).await),
+                    };
+                    if ok {
+                        let all: BTreeSet<Ipv4Addr> =
+                            members.iter().chain(&ours_plain).copied().collect();
+                        let set = BulkSet::new(index, prefix, all.into_iter().collect(), lifetime);
+                        let anchor = set.anchor.addr();
+                        let moved = ours_plain
+                            .into_iter()
+                            .filter(|ip| *ip != anchor)
+                            .map(to_net)
+                            .collect();
+                        migrate.push((anchor, moved));
+                        sets.push(set);
+                        continue;
                     }
                 }
-            } else {
-                plain.extend(fresh_v4.iter().map(|n| IpNet::V4(*n)));
+                plain.extend(members.into_iter().map(to_net));
             }
         } else {
             plain.extend(fresh_v4.iter().map(|n| IpNet::V4(*n)));
         }
-        failed.extend(self.install_sets(sets, false).await);
+        let set_failures = self.install_sets(sets, false).await;
+        let failed_nets: HashSet<IpNet> = set_failures.iter().map(|(net, _)| *net).collect();
+        failed.extend(set_failures);
+        self.drop_covered(index, migrate, &failed_nets).await;
+        failed.extend(self.grow_sets(index, grown).await);
         failed.extend(self.install_sets(lost, true).await);
         failed.extend(self.add_plain(index, &plain, lifetime).await);
+        failed
+    }
+
+    /// Our recorded IPv4 interface addresses of this prefix length on this interface, other
+    /// than sets' anchors and `except`.
+    fn plain_addresses(
+        &self,
+        index: u32,
+        prefix: u8,
+        except: &BTreeSet<Ipv4Addr>,
+    ) -> Vec<Ipv4Addr> {
+        let bulk = self.bulk();
+        self.record()
+            .entries()
+            .filter_map(|((i, net), _)| match net {
+                IpNet::V4(v4) if *i == index && v4.prefix_len() == prefix => Some(v4.addr()),
+                _ => None,
+            })
+            .filter(|ip| !except.contains(ip) && !bulk.sets.contains_key(&(index, *ip)))
+            .collect()
+    }
+
+    /// Deletes interface addresses of ours that a new set's routes hold now (one batch),
+    /// for the sets that were installed whole (with the anchor they were given).
+    async fn drop_covered(
+        &self,
+        index: u32,
+        migrate: Vec<(Ipv4Addr, Vec<IpNet>)>,
+        failed: &HashSet<IpNet>,
+    ) {
+        let mut nets = Vec::new();
+        for (anchor, moved) in migrate {
+            let installed = self.bulk().sets.contains_key(&(index, anchor));
+            if installed && !moved.iter().any(|net| failed.contains(net)) {
+                nets.extend(moved);
+            }
+        }
+        if nets.is_empty() {
+            return;
+        }
+        let requests = nets
+            .iter()
+            .map(|net| Request::del_address(self.address_message(index, *net, None)))
+            .collect();
+        match self.batch(requests).await {
+            Ok((refused, _)) => {
+                let refused: HashMap<usize, i32> = refused.into_iter().collect();
+                let mut record = self.record();
+                for (i, net) in nets.iter().enumerate() {
+                    match refused.get(&i) {
+                        None | Some(&(ENOENT | EADDRNOTAVAIL | ENODEV)) => {
+                            record.remove(index, *net);
+                        }
+                        Some(errno) => {
+                            tracing::debug!(address = %net, errno, "interface address a bulk set covers not deleted; it stays recorded")
+                        }
+                    }
+                }
+                tracing::debug!(
+                    interface = index,
+                    addresses = nets.len(),
+                    "interface addresses now held by a bulk set's routes deleted"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete interface addresses a bulk set now holds; they stay until removed")
+            }
+        }
+    }
+
+    /// Grown sets: the routes of each new cover (replace), then the old routes it no longer
+    /// has, one batch. The sets are updated before, so the deletions are not losses.
+    async fn grow_sets(
+        &self,
+        index: u32,
+        grown: Vec<(BulkSet, BulkSet)>,
+    ) -> Vec<(IpNet, AddrError)> {
+        if grown.is_empty() {
+            return Vec::new();
+        }
+        let mut requests = Vec::new();
+        let mut blame: Vec<usize> = Vec::new();
+        let mut added: Vec<Vec<IpNet>> = Vec::new();
+        {
+            let mut bulk = self.bulk();
+            for (old, new) in grown {
+                let before: HashSet<Ipv4Addr> = old.members.iter().copied().collect();
+                added.push(
+                    new.member_nets()
+                        .filter(|net| !matches!(net.addr(), IpAddr::V4(ip) if before.contains(&ip)))
+                        .collect(),
+                );
+                let set = added.len() - 1;
+                for cover in new.covers.iter().filter(|c| !old.covers.contains(c)) {
+                    requests.push(Request::new_route(local_route(
+                        index,
+                        *cover,
+                        new.anchor.addr(),
+                    )));
+                    blame.push(set);
+                }
+                for cover in old.covers.iter().filter(|c| !new.covers.contains(c)) {
+                    requests.push(Request::del_route(local_route(
+                        index,
+                        *cover,
+                        old.anchor.addr(),
+                    )));
+                    blame.push(set);
+                }
+                bulk.take(index, old.anchor.addr());
+                bulk.insert(new);
+            }
+        }
+        let ops: Vec<NetlinkOp> = requests.iter().map(Request::op).collect();
+        let mut failed = Vec::new();
+        match self.batch(requests).await {
+            Ok((refused, _)) => {
+                let mut blamed = HashSet::new();
+                for (i, errno) in refused {
+                    if ops[i] == NetlinkOp::DelRoute && matches!(errno, ENOENT | ESRCH | ENODEV) {
+                        continue;
+                    }
+                    if blamed.insert(blame[i]) {
+                        failed.extend(
+                            added[blame[i]]
+                                .iter()
+                                .map(|net| (*net, refusal(ops[i], *net, errno, index))),
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                failed.extend(added.iter().flatten().map(|net| (*net, copy_error(&e))));
+            }
+        }
         failed
     }
 
@@ -1073,6 +1270,16 @@ impl AddressManager {
                 }
             }
             for (anchor, gone) in touched {
+                // A member that is also an interface address of ours (a set that took it
+                // over but could not delete it): that goes too.
+                for net in &gone {
+                    if IpAddr::V4(anchor) != net.addr() && self.record().remove(index, *net) {
+                        requests.push(Request::del_address(
+                            self.address_message(index, *net, None),
+                        ));
+                        blame.push(vec![*net]);
+                    }
+                }
                 let Some(old) = bulk.take(index, anchor) else {
                     continue;
                 };
@@ -2113,8 +2320,18 @@ fn removed_addresses(datagram: &[u8], bulk: Option<&Mutex<BulkSets>>) -> Vec<Add
                 let Some(address) = KernelAddress::from_message(message) else {
                     continue;
                 };
+                let route_held = || {
+                    bulk.is_some_and(|b| {
+                        b.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .route_held(address.index, &address.net)
+                    })
+                };
                 match lose(address.index, address.net, None) {
                     Some(members) => events.extend(members),
+                    // An interface address of a set's member (taken over by the set): the
+                    // address stays local through the set's routes.
+                    None if route_held() => {}
                     None => events.push(AddressEvent::Removed {
                         index: address.index,
                         net: address.net,
