@@ -426,12 +426,7 @@ struct Seen {
 #[derive(Debug, Default)]
 struct WatchState {
     vips: HashMap<String, Seen>,
-    /// Every change of any VirtualIP (new resourceVersion), and the last one.
-    changes: u64,
-    last_change: Option<Instant>,
-    /// The first list is complete.
-    listed: bool,
-    error: Option<String>,
+    tally: WatchTally,
     /// The VirtualIPs are in instances of more than 8 (the scale phase): healthy backups list
     /// themselves on each instance's first VirtualIP only, so the master's entry alone is a
     /// complete status too.
@@ -451,8 +446,7 @@ impl WatchState {
         }
         seen.resource_version = vip.metadata.resource_version.clone();
         seen.changes += 1;
-        self.changes += 1;
-        self.last_change = Some(at);
+        self.tally.changed(at);
         seen.previous_status = seen.status.take();
         seen.status = serde_json::to_value(&vip.status).ok();
         let status = vip.status.clone().unwrap_or_default();
@@ -487,77 +481,261 @@ impl WatchState {
     }
 }
 
-/// A watch of every VirtualIP, run on the cluster's runtime.
-struct StatusWatch {
-    state: Arc<Mutex<WatchState>>,
+impl Watched for WatchState {
+    type Object = VirtualIP;
+    const KIND: &'static str = "VirtualIP";
+
+    fn observe(&mut self, vip: &VirtualIP, at: Instant) {
+        WatchState::observe(self, vip, at);
+    }
+
+    fn forget(&mut self, name: &str) {
+        self.vips.remove(name);
+    }
+
+    fn tally(&mut self) -> &mut WatchTally {
+        &mut self.tally
+    }
+}
+
+/// What every harness watch counts besides its objects.
+#[derive(Debug, Default)]
+struct WatchTally {
+    /// Every change of any object (new resourceVersion, deletion), and the last one.
+    changes: u64,
+    last_change: Option<Instant>,
+    /// The first list is complete.
+    listed: bool,
+    error: Option<String>,
+}
+
+impl WatchTally {
+    fn changed(&mut self, at: Instant) {
+        self.changes += 1;
+        self.last_change = Some(at);
+    }
+}
+
+/// What a harness watch keeps (VirtualIPs here, Services in `k8s/services.rs`).
+trait Watched: Default + Send + 'static {
+    type Object: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static;
+    const KIND: &'static str;
+    /// A new or changed object (also one a re-list repeats).
+    fn observe(&mut self, object: &Self::Object, at: Instant);
+    /// A deleted object, by name.
+    fn forget(&mut self, name: &str);
+    fn tally(&mut self) -> &mut WatchTally;
+}
+
+/// A watch of the harness's own, run on the cluster's runtime.
+struct Watch<S> {
+    state: Arc<Mutex<S>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for StatusWatch {
+impl<S> Drop for Watch<S> {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-impl StatusWatch {
-    fn start(runtime: &tokio::runtime::Runtime, client: kube::Client) -> StatusWatch {
-        let state = Arc::new(Mutex::new(WatchState::default()));
+/// The VirtualIPs as the harness sees them.
+type StatusWatch = Watch<WatchState>;
+
+impl<S: Watched> Watch<S> {
+    fn start(
+        runtime: &tokio::runtime::Runtime,
+        api: Api<S::Object>,
+        config: watcher::Config,
+    ) -> Watch<S> {
+        let state = Arc::new(Mutex::new(S::default()));
         let task = runtime.spawn({
             let state = state.clone();
             async move {
-                let api: Api<VirtualIP> = Api::all(client);
-                let stream = watcher(api, watcher::Config::default()).default_backoff();
+                let stream = watcher(api, config).default_backoff();
                 let mut stream = std::pin::pin!(stream);
                 while let Some(event) = stream.next().await {
                     let at = Instant::now();
                     let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
                     match event {
-                        Ok(watcher::Event::Apply(vip) | watcher::Event::InitApply(vip)) => {
-                            state.observe(&vip, at);
+                        Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                            state.observe(&o, at);
                         }
-                        Ok(watcher::Event::Delete(vip)) => {
-                            if let Some(name) = &vip.metadata.name {
-                                state.vips.remove(name);
+                        Ok(watcher::Event::Delete(o)) => {
+                            if let Some(name) = &kube::Resource::meta(&o).name {
+                                state.forget(name);
                             }
-                            state.changes += 1;
-                            state.last_change = Some(at);
+                            state.tally().changed(at);
                         }
-                        Ok(watcher::Event::InitDone) => state.listed = true,
+                        Ok(watcher::Event::InitDone) => state.tally().listed = true,
                         Ok(watcher::Event::Init) => {}
-                        Err(e) => state.error = Some(e.to_string()),
+                        Err(e) => state.tally().error = Some(e.to_string()),
                     }
                 }
             }
         });
-        StatusWatch { state, task }
+        Watch { state, task }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, S> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn get(&self, name: &str) -> Option<Seen> {
-        self.lock().vips.get(name).cloned()
     }
 
     fn wait_listed(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             check_interrupted()?;
-            let state = self.lock();
-            if state.listed {
+            let (listed, error) = {
+                let mut state = self.lock();
+                let tally = state.tally();
+                (tally.listed, tally.error.clone())
+            };
+            if listed {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "the harness's VirtualIP watch did not list within {timeout:?}: {:?}",
-                    state.error
+                    "the harness's {} watch did not list within {timeout:?}: {error:?}",
+                    S::KIND
                 );
             }
-            drop(state);
             std::thread::sleep(POLL);
         }
     }
+}
+
+impl StatusWatch {
+    fn get(&self, name: &str) -> Option<Seen> {
+        self.lock().vips.get(name).cloned()
+    }
+}
+
+/// The last change a watch saw once nothing changed for QUIET (`None`: still changing after
+/// QUIET_TIMEOUT, warned about).
+fn wait_quiet(
+    last_change: impl Fn() -> Option<Instant>,
+    what: &str,
+) -> anyhow::Result<Option<Instant>> {
+    let deadline = Instant::now() + QUIET_TIMEOUT;
+    loop {
+        check_interrupted()?;
+        let last = last_change();
+        let now = Instant::now();
+        if let Some(last) = last
+            && now.duration_since(last) >= QUIET
+        {
+            return Ok(Some(last));
+        }
+        if now >= deadline {
+            eprintln!("  warning: {what} still change {QUIET_TIMEOUT:?} after settling");
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The start of a scale phase: the agents, their CPU and the API server's counters before
+/// the creates, and the creates themselves.
+struct Phase {
+    pids: Vec<i32>,
+    cpu_start: Vec<Option<CpuSample>>,
+    metrics_before: BTreeMap<String, f64>,
+    started: Instant,
+    create: Duration,
+}
+
+impl Phase {
+    /// Creates every document, CREATE_CONCURRENCY in flight.
+    fn create_all<K>(
+        cluster: &Cluster,
+        api: Api<K>,
+        docs: Vec<K>,
+        what: &str,
+    ) -> anyhow::Result<Phase>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + Serialize + std::fmt::Debug,
+    {
+        let pids: Vec<i32> = (0..NODES)
+            .map(|i| cluster.pid(i))
+            .collect::<anyhow::Result<_>>()?;
+        let cpu_start = pids.iter().map(|p| cpu_sample(*p)).collect();
+        let (metrics_before, _) = apiserver_metrics(cluster)?;
+        let count = docs.len();
+        let started = Instant::now();
+        cluster.runtime.block_on(async {
+            futures::stream::iter(docs)
+                .map(|doc| {
+                    let api = api.clone();
+                    async move { api.create(&PostParams::default(), &doc).await }
+                })
+                .buffer_unordered(CREATE_CONCURRENCY)
+                .try_for_each(|_| async { Ok(()) })
+                .await
+        })?;
+        let create = started.elapsed();
+        println!("  created {count} {what} in {:.2} s", create.as_secs_f64());
+        Ok(Phase {
+            pids,
+            cpu_start,
+            metrics_before,
+            started,
+            create,
+        })
+    }
+
+    /// Settled: the agents' CPU now, and the API server's load since the start (printed).
+    fn settled(
+        &self,
+        cluster: &Cluster,
+    ) -> anyhow::Result<(Vec<Option<CpuSample>>, ApiServerLoad)> {
+        let cpu = self.pids.iter().map(|p| cpu_sample(*p)).collect();
+        let load = ApiServerLoad::between(
+            &self.metrics_before,
+            apiserver_metrics(cluster)?,
+            self.started.elapsed(),
+        );
+        println!(
+            "  API server while settling ({:.0} s, every client): {}; watchers {:?}",
+            load.span_s,
+            load.summary(),
+            load.watchers
+        );
+        Ok((cpu, load))
+    }
+}
+
+/// Prints the settling writes per node; returns each agent's share of a core meanwhile.
+fn settling_report(
+    cluster: &Cluster,
+    writes: &NodeWrites,
+    cpu_start: &[Option<CpuSample>],
+    cpu_settled: &[Option<CpuSample>],
+    clock_ticks: u64,
+) -> BTreeMap<String, f64> {
+    for i in 0..NODES {
+        let w = writes.of(cluster.name(i));
+        println!(
+            "  settling writes {}: {} (peak {}/s) {:?}",
+            cluster.name(i),
+            w.total,
+            w.peak_per_second,
+            w.by_request
+        );
+    }
+    (0..NODES)
+        .map(|i| {
+            (
+                cluster.name(i).to_owned(),
+                cpu_percent(cpu_start[i], cpu_settled[i], clock_ticks),
+            )
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -913,7 +1091,11 @@ impl Cluster {
             manifests: 0,
         };
         cluster.install()?;
-        cluster.watch = StatusWatch::start(&cluster.runtime, cluster.client.clone());
+        cluster.watch = StatusWatch::start(
+            &cluster.runtime,
+            Api::all(cluster.client.clone()),
+            watcher::Config::default(),
+        );
         cluster.watch.wait_listed(AGENT_LISTED_TIMEOUT)?;
         cluster.start_agents()?;
         println!(
@@ -1496,7 +1678,7 @@ fn wait_status(
         if Instant::now() >= deadline {
             bail!(
                 "VirtualIP {name}: status not complete within {timeout:?} (watch error: {:?})",
-                cluster.watch.lock().error
+                cluster.watch.lock().tally.error
             );
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -1853,29 +2035,13 @@ fn scale(
         .iter()
         .filter_map(|d| d.metadata.name.clone())
         .collect();
-    let pids: Vec<i32> = (0..NODES)
-        .map(|i| cluster.pid(i))
-        .collect::<anyhow::Result<_>>()?;
-    let cpu_start: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
-
-    let (metrics_before, _) = apiserver_metrics(cluster)?;
-    let started = Instant::now();
-    let api: Api<VirtualIP> = Api::all(cluster.client.clone());
-    cluster.runtime.block_on(async {
-        futures::stream::iter(docs)
-            .map(|doc| {
-                let api = api.clone();
-                async move { api.create(&PostParams::default(), &doc).await }
-            })
-            .buffer_unordered(CREATE_CONCURRENCY)
-            .try_for_each(|_| async { Ok(()) })
-            .await
-    })?;
-    let create = started.elapsed();
-    println!(
-        "  created {count} VirtualIPs in {:.2} s",
-        create.as_secs_f64()
-    );
+    let phase = Phase::create_all(
+        cluster,
+        Api::all(cluster.client.clone()),
+        docs,
+        "VirtualIPs",
+    )?;
+    let (pids, started, create) = (phase.pids.clone(), phase.started, phase.create);
 
     // Settling: status on every VirtualIP, every address on node-a.
     let deadline = started + settle_timeout;
@@ -1943,34 +2109,8 @@ fn scale(
         std::thread::sleep(Duration::from_millis(50));
     }
     // Quiet: no VirtualIP changed for QUIET.
-    let quiet_deadline = Instant::now() + QUIET_TIMEOUT;
-    let quiet_at = loop {
-        check_interrupted()?;
-        let last = cluster.watch.lock().last_change;
-        let now = Instant::now();
-        if let Some(last) = last
-            && now.duration_since(last) >= QUIET
-        {
-            break Some(last);
-        }
-        if now >= quiet_deadline {
-            eprintln!("  warning: VirtualIPs still change {QUIET_TIMEOUT:?} after settling");
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let cpu_settled: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
-    let settle_apiserver = ApiServerLoad::between(
-        &metrics_before,
-        apiserver_metrics(cluster)?,
-        started.elapsed(),
-    );
-    println!(
-        "  API server while settling ({:.0} s, every client): {}; watchers {:?}",
-        settle_apiserver.span_s,
-        settle_apiserver.summary(),
-        settle_apiserver.watchers
-    );
+    let quiet_at = wait_quiet(|| cluster.watch.lock().tally.last_change, "VirtualIPs")?;
+    let (cpu_settled, settle_apiserver) = phase.settled(cluster)?;
     let settle_end = quiet_at.unwrap_or_else(Instant::now) + Duration::from_millis(1);
     let settle_writes = cluster.audit.node_writes(wall(started), wall(settle_end))?;
     let since = |at: Option<Instant>| at.map(|at| round3(at.duration_since(started).as_secs_f64()));
@@ -2042,24 +2182,13 @@ fn scale(
         vrids.len(),
         vrids
     );
-    for i in 0..NODES {
-        let w = settle_writes.of(cluster.name(i));
-        println!(
-            "  settling writes {}: {} (peak {}/s) {:?}",
-            cluster.name(i),
-            w.total,
-            w.peak_per_second,
-            w.by_request
-        );
-    }
-    let settle_cpu_percent = (0..NODES)
-        .map(|i| {
-            (
-                cluster.name(i).to_owned(),
-                cpu_percent(cpu_start[i], cpu_settled[i], clock_ticks),
-            )
-        })
-        .collect();
+    let settle_cpu_percent = settling_report(
+        cluster,
+        &settle_writes,
+        &phase.cpu_start,
+        &cpu_settled,
+        clock_ticks,
+    );
 
     let steady = steady_window(cluster, &pids, &vrids, window, clock_ticks)?;
     Ok(ScaleReport {
@@ -2091,7 +2220,7 @@ fn steady_window(
     let (changes_before, per_vip_before): (u64, HashMap<String, u64>) = {
         let state = cluster.watch.lock();
         (
-            state.changes,
+            state.tally.changes,
             state
                 .vips
                 .iter()
@@ -2144,7 +2273,7 @@ fn steady_window(
                 )
             })
             .collect();
-        (state.changes - changes_before, described)
+        (state.tally.changes - changes_before, described)
     };
     let most_changed: Vec<String> = most_changed.drain(..).map(|(_, d)| d).collect();
     // Blocking audit mode writes before answering; the margin covers the file system.

@@ -81,10 +81,7 @@ struct Seen {
 #[derive(Debug, Default)]
 struct WatchState {
     services: HashMap<String, Seen>,
-    changes: u64,
-    last_change: Option<Instant>,
-    listed: bool,
-    error: Option<String>,
+    tally: WatchTally,
 }
 
 impl WatchState {
@@ -99,8 +96,7 @@ impl WatchState {
         }
         seen.resource_version = svc.metadata.resource_version.clone();
         seen.changes += 1;
-        self.changes += 1;
-        self.last_change = Some(at);
+        self.tally.changed(at);
         let has_ingress = svc
             .status
             .as_ref()
@@ -125,71 +121,20 @@ impl WatchState {
     }
 }
 
-/// A watch of the benchmark's Services, run on the cluster's runtime.
-struct ServiceWatch {
-    state: Arc<Mutex<WatchState>>,
-    task: tokio::task::JoinHandle<()>,
-}
+impl Watched for WatchState {
+    type Object = Service;
+    const KIND: &'static str = "Service";
 
-impl Drop for ServiceWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl ServiceWatch {
-    fn start(runtime: &tokio::runtime::Runtime, client: kube::Client) -> ServiceWatch {
-        let state = Arc::new(Mutex::new(WatchState::default()));
-        let task = runtime.spawn({
-            let state = state.clone();
-            async move {
-                let api: Api<Service> = Api::namespaced(client, NAMESPACE);
-                let config = watcher::Config::default().labels(&format!("bench={LABEL}"));
-                let stream = watcher(api, config).default_backoff();
-                let mut stream = std::pin::pin!(stream);
-                while let Some(event) = stream.next().await {
-                    let at = Instant::now();
-                    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-                    match event {
-                        Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
-                            state.observe(&s, at);
-                        }
-                        Ok(watcher::Event::Delete(s)) => {
-                            if let Some(name) = &s.metadata.name {
-                                state.services.remove(name);
-                            }
-                            state.changes += 1;
-                            state.last_change = Some(at);
-                        }
-                        Ok(watcher::Event::InitDone) => state.listed = true,
-                        Ok(watcher::Event::Init) => {}
-                        Err(e) => state.error = Some(e.to_string()),
-                    }
-                }
-            }
-        });
-        ServiceWatch { state, task }
+    fn observe(&mut self, svc: &Service, at: Instant) {
+        WatchState::observe(self, svc, at);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn forget(&mut self, name: &str) {
+        self.services.remove(name);
     }
 
-    fn wait_listed(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            check_interrupted()?;
-            if self.lock().listed {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the harness's Service watch did not list within {timeout:?}: {:?}",
-                    self.lock().error
-                );
-            }
-            std::thread::sleep(POLL);
-        }
+    fn tally(&mut self) -> &mut WatchTally {
+        &mut self.tally
     }
 }
 
@@ -285,7 +230,11 @@ pub(super) fn services_scale(
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ferrovip-controller-lease"},
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": ferrovip_e2e::AGENT_GROUP}],
     }))?;
-    let watch = ServiceWatch::start(&cluster.runtime, cluster.client.clone());
+    let watch: Watch<WatchState> = Watch::start(
+        &cluster.runtime,
+        Api::namespaced(cluster.client.clone(), NAMESPACE),
+        watcher::Config::default().labels(&format!("bench={LABEL}")),
+    );
     watch.wait_listed(AGENT_LISTED_TIMEOUT)?;
     if !watch.lock().services.is_empty() {
         let took = delete_services(cluster)?;
@@ -299,28 +248,13 @@ pub(super) fn services_scale(
     sleep(Duration::from_secs(1))?;
 
     let docs: Vec<Service> = (0..count).map(service_doc).collect::<anyhow::Result<_>>()?;
-    let pids: Vec<i32> = (0..NODES)
-        .map(|i| cluster.pid(i))
-        .collect::<anyhow::Result<_>>()?;
-    let cpu_start: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
-    let (metrics_before, _) = apiserver_metrics(cluster)?;
-    let started = Instant::now();
-    let api: Api<Service> = Api::namespaced(cluster.client.clone(), NAMESPACE);
-    cluster.runtime.block_on(async {
-        futures::stream::iter(docs)
-            .map(|doc| {
-                let api = api.clone();
-                async move { api.create(&PostParams::default(), &doc).await }
-            })
-            .buffer_unordered(CREATE_CONCURRENCY)
-            .try_for_each(|_| async { Ok(()) })
-            .await
-    })?;
-    let create = started.elapsed();
-    println!(
-        "  created {count} Services in {:.2} s",
-        create.as_secs_f64()
-    );
+    let phase = Phase::create_all(
+        cluster,
+        Api::namespaced(cluster.client.clone(), NAMESPACE),
+        docs,
+        "Services",
+    )?;
+    let (pids, started, create) = (phase.pids.clone(), phase.started, phase.create);
 
     let deadline = started + settle_timeout;
     let (mut ingress_at, mut annotated_at, mut addresses_at) = (None, None, None);
@@ -387,34 +321,8 @@ pub(super) fn services_scale(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let quiet_deadline = Instant::now() + QUIET_TIMEOUT;
-    let quiet_at = loop {
-        check_interrupted()?;
-        let last = watch.lock().last_change;
-        let now = Instant::now();
-        if let Some(last) = last
-            && now.duration_since(last) >= QUIET
-        {
-            break Some(last);
-        }
-        if now >= quiet_deadline {
-            eprintln!("  warning: Services still change {QUIET_TIMEOUT:?} after settling");
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let cpu_settled: Vec<Option<CpuSample>> = pids.iter().map(|p| cpu_sample(*p)).collect();
-    let settle_apiserver = ApiServerLoad::between(
-        &metrics_before,
-        apiserver_metrics(cluster)?,
-        started.elapsed(),
-    );
-    println!(
-        "  API server while settling ({:.0} s, every client): {}; watchers {:?}",
-        settle_apiserver.span_s,
-        settle_apiserver.summary(),
-        settle_apiserver.watchers
-    );
+    let quiet_at = wait_quiet(|| watch.lock().tally.last_change, "Services")?;
+    let (cpu_settled, settle_apiserver) = phase.settled(cluster)?;
     let settle_end = quiet_at.unwrap_or_else(Instant::now) + Duration::from_millis(1);
     let settle_writes = cluster.audit.node_writes(wall(started), wall(settle_end))?;
     let since = |at: Option<Instant>| at.map(|at| round3(at.duration_since(started).as_secs_f64()));
@@ -431,27 +339,16 @@ pub(super) fn services_scale(
         opt_s(since(addresses_at)),
         opt_s(since(quiet_at)),
     );
-    for i in 0..NODES {
-        let w = settle_writes.of(cluster.name(i));
-        println!(
-            "  settling writes {}: {} (peak {}/s) {:?}",
-            cluster.name(i),
-            w.total,
-            w.peak_per_second,
-            w.by_request
-        );
-    }
-    let settle_cpu_percent = (0..NODES)
-        .map(|i| {
-            (
-                cluster.name(i).to_owned(),
-                cpu_percent(cpu_start[i], cpu_settled[i], clock_ticks),
-            )
-        })
-        .collect();
-    let changes_before = watch.lock().changes;
+    let settle_cpu_percent = settling_report(
+        cluster,
+        &settle_writes,
+        &phase.cpu_start,
+        &cpu_settled,
+        clock_ticks,
+    );
+    let changes_before = watch.lock().tally.changes;
     let steady = steady_window(cluster, &pids, &[], window, clock_ticks)?;
-    let service_changes_in_window = watch.lock().changes - changes_before;
+    let service_changes_in_window = watch.lock().tally.changes - changes_before;
     println!("  Service changes in the window: {service_changes_in_window}");
     Ok(ServicesReport {
         services: count,
