@@ -38,6 +38,9 @@ const CARRIER_POLL: Duration = Duration::from_secs(1);
 /// under a stream of changes, however large the cluster.
 const PLAN_PACING: u32 = 2;
 const PLAN_PACING_MAX: Duration = Duration::from_secs(1);
+/// Plans cheaper than this are not paced: a small cluster's changes are planned as they
+/// come, as before (its snapshot's cost is mostly writing the cache file).
+const PLAN_PACING_FROM: Duration = Duration::from_millis(10);
 /// How often status is compared with the objects (and failed writes retried) even when
 /// nothing signals a change; only differences cause writes.
 const STATUS_RETRY: Duration = Duration::from_secs(1);
@@ -496,9 +499,8 @@ impl Agent {
                     // 10,000 addresses tens of times a second: together most of the machine
                     // the API server also needed. Small clusters plan in well under a
                     // millisecond and wait for nothing more.
-                    let pause = (plan_cost * PLAN_PACING).min(PLAN_PACING_MAX);
-                    if pause > Duration::from_millis(1) {
-                        tokio::time::sleep(pause).await;
+                    if plan_cost >= PLAN_PACING_FROM {
+                        tokio::time::sleep((plan_cost * PLAN_PACING).min(PLAN_PACING_MAX)).await;
                     }
                     let taking = Instant::now();
                     snapshot = self.source.snapshot();
