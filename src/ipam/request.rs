@@ -137,15 +137,7 @@ pub fn read<'a>(svc: &'a Service, config: &Config) -> Option<Svc<'a>> {
         }
         Ok(r)
     });
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
-        .collect();
+    let ingress = service_lb::ingress_ips(svc).collect();
     let nonempty = |k: &str| {
         annotations
             .get(k)

@@ -1131,10 +1131,10 @@ fn condition(
 /// at most 8 in flight, beside its other clients, rather than as fast as it answers (the
 /// VirtualIP status writer's pace, ~360/s here). It was 50 then 20/s: 8 minutes for 10,000.
 const ANNOTATION_BURST: f64 = 256.0;
+const ANNOTATIONS_PER_SECOND: f64 = 250.0;
 /// How long the master annotation waits for the controller's ingress before it is written
 /// anyway.
 const INGRESS_WAIT: Duration = Duration::from_secs(2);
-const ANNOTATIONS_PER_SECOND: f64 = 250.0;
 
 impl StatusWriter {
     /// Load-balancer addresses: the node that became master of an address writes
@@ -1306,18 +1306,8 @@ impl StatusWriter {
 /// Whether `status.loadBalancer.ingress` lists every one of `addrs` (the controller's status
 /// write for them is done).
 fn ingress_lists(svc: &k8s_openapi::api::core::v1::Service, addrs: &[IpAddr]) -> bool {
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref());
-    addrs.iter().all(|addr| {
-        ingress.is_some_and(|entries| {
-            entries
-                .iter()
-                .any(|e| e.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok()) == Some(*addr))
-        })
-    })
+    let listed: Vec<IpAddr> = crate::crd::service_lb::ingress_ips(svc).collect();
+    addrs.iter().all(|addr| listed.contains(addr))
 }
 
 /// The new `ferrovip.io/master` value when this node (`node`) became master of `ours`, or
