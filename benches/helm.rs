@@ -70,6 +70,7 @@ fn main() {
         // 2. upgrade with a ping every 20 ms.
         let old = hc.agent_pods()[&0].revision.clone();
         let pinger = hc.pinger(VIP, Duration::from_millis(20));
+        let pinger_started = pinger.started;
         let upgrade_started = Instant::now();
         let mut values = vip_values.clone();
         // A pod-template change every round (an annotation), so every upgrade rolls.
@@ -85,15 +86,17 @@ fn main() {
         let upgrade_time = upgrade_started.elapsed();
         hc.wait_holder(VIP, 0, TIMEOUT);
         std::thread::sleep(Duration::from_millis(500));
-        let (sent, received) = pinger.stop();
+        let pings = pinger.stop();
         println!(
-            "round {round}: helm install → VIP answering {:.2} s; helm upgrade (rolling, {:.1} s): {sent} pings, {} lost",
+            "round {round}: helm install → VIP answering {:.2} s; helm upgrade (rolling, {:.1} s): {} pings, {} lost {}",
             installer.as_secs_f64(),
             upgrade_time.as_secs_f64(),
-            sent - received
+            pings.sent,
+            pings.lost(),
+            pings.loss_windows(pinger_started)
         );
         installs.push(installer);
-        losses.push(sent - received);
+        losses.push(pings.lost());
 
         // 3. uninstall and forget the VIP.
         hc.helm_ok(&["uninstall", RELEASE, "--namespace", NAMESPACE]);

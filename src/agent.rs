@@ -62,8 +62,9 @@ pub struct AgentArgs {
     #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
     pub manifest_poll: Duration,
     /// On SIGTERM, keep the addresses this node is master for up to this long, and tell
-    /// the backups to wait as long, so that a restarted agent takes them over without the
-    /// VIPs moving (VRRPv3, no virtual MAC). `0s` releases them at once with priority 0,
+    /// the backups to wait (¾ of it plus their skew: they take over before the addresses
+    /// expire), so that a restarted agent takes them over without the VIPs moving (VRRPv3,
+    /// no virtual MAC). `0s` releases them at once with priority 0,
     /// which fails over within Skew_Time: right for a node going away. SIGINT always
     /// releases.
     #[arg(long, env = "FERROVIP_RESTART_HOLD", default_value = "0s", value_parser = parse_duration_arg)]

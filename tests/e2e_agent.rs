@@ -25,11 +25,12 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ferrovip::lab::{
-    Event, EventKind, Failover, FailoverQuery, Lab, LabSpec, NodeInfo, ProcId, SeenAdvert, Sniffer,
-    log_tail, master_down_interval, masters_since, measure_failover, skew_time,
+    Event, EventKind, Failover, FailoverQuery, Lab, LabSpec, NodeInfo, PingTally, ProcId,
+    SeenAdvert, Sniffer, log_tail, master_down_interval, masters_since, measure_failover,
+    ping_command, skew_time,
 };
 use ferrovip::vocab::{ChecksumMode, Version};
 use ferrovip::vrrp::MULTICAST_V4;
@@ -1727,11 +1728,11 @@ fn a_restart_with_hold_keeps_the_vip_on_the_master_and_the_next_agent_adopts_it(
     let stopped_at = c.signal(0, Signal::SIGTERM);
     let status = c.wait_exit(0, Duration::from_secs(2));
     assert!(status.success(), "agent exited with {status}");
-    // The last word of the old agent: its own priority with a 2 s interval (6 s / 3), not 0.
+    // The last word of the old agent: its own priority with a 1.5 s interval (6 s / 4), not 0.
     let last = c.adverts(VRID, c.v4(0), stopped_at);
     let (_, held) = last.last().expect("an advert after SIGTERM");
     assert_eq!(held.priority, PRIO_A);
-    assert_eq!(held.interval, Duration::from_secs(2));
+    assert_eq!(held.interval, Duration::from_millis(1500));
     assert!(last.iter().all(|(_, a)| a.priority != 0), "{last:?}");
     // The address stays, with a finite lifetime, and nobody takes over meanwhile.
     assert!(c.has(0, VIP), "the held VIP was released");
@@ -1778,6 +1779,78 @@ fn a_restart_with_hold_keeps_the_vip_on_the_master_and_the_next_agent_adopts_it(
     }
     let fresh = c.adverts(VRID, c.v4(0), restarted);
     assert!(fresh.iter().any(|(_, a)| a.interval == FAST), "{fresh:?}");
+}
+
+#[test]
+fn a_restart_slower_than_the_hold_moves_the_vip_before_the_held_address_expires() {
+    // node-a (preferred) and node-b run agents; node-c only pings the VIP every 10 ms.
+    let hold = Duration::from_secs(2);
+    let mut c = Cluster::with(3, false, &[&VipDoc::web()]);
+    c.extra[0] = vec!["--restart-hold".into(), "2s".into()];
+    c.start_nodes(&[0, 1]);
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(5));
+    c.assert_only_holder(0, VIP);
+    assert!(c.ping(2, VIP));
+    let command = ping_command(Duration::from_millis(10), ip(VIP));
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let pinger = c.lab.spawn(2, &command, "ping.log").expect("spawn ping");
+    let pings_started = SystemTime::now();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The next agent does not come within the hold.
+    let stopped_at = c.signal(0, Signal::SIGTERM);
+    let status = c.wait_exit(0, Duration::from_secs(2));
+    assert!(status.success(), "agent exited with {status}");
+    let query = FailoverQuery {
+        vrid: VRID,
+        old_master: c.v4(0),
+        stopped_at,
+        vip: Some(ip(VIP)),
+    };
+    let f = measure_failover(&c.sniffer, &query, hold * 2).expect("a takeover");
+    let gone = time_until_gone(&c, 0, VIP, stopped_at, hold * 3);
+    c.assert_only_holder(1, VIP);
+    // Learned from the hold's advert: 3 × 500 ms + Skew_Time(140, 500 ms) ≈ 1.73 s.
+    let expected = master_down_interval(PRIO_B, hold / 4);
+    eprintln!(
+        "hold {hold:?}: node-b master {:?} after SIGTERM (expected {expected:?}), its GARP at {:?}; the held VIP left node-a after {gone:?}",
+        f.death_to_advert, f.death_to_garp
+    );
+    assert_eq!(f.new_master, c.v4(1));
+    assert_eq!(f.advert_interval, hold / 4, "the hold's advert");
+    assert_gap(&f, expected, LATE);
+    let garp = f.death_to_garp.expect("node-b announced the VIP");
+    assert!(
+        garp < hold && garp <= gone,
+        "a gap: node-b announced the VIP {garp:?} after SIGTERM, the held one expired after {gone:?}"
+    );
+
+    // The agent comes back late: nothing recorded is still held, and as the preferred node
+    // it takes the VIP back the ordinary way.
+    c.start(0);
+    c.wait_master(VRID, c.v4(0), FAST, Duration::from_secs(3));
+    c.assert_only_holder(0, VIP);
+    std::thread::sleep(Duration::from_millis(300));
+    c.lab.kill(pinger, Signal::SIGINT).expect("stop ping");
+    c.lab
+        .wait(pinger, Duration::from_secs(2))
+        .expect("wait")
+        .expect("ping stopped");
+    let (_, log) = c.lab.proc_info(pinger).expect("proc info");
+    let text = std::fs::read_to_string(log).expect("ping log");
+    let pings = PingTally::parse(&text).unwrap_or_else(|| panic!("no ping summary in {text}"));
+    eprintln!(
+        "pings every 10 ms from node-c: {} sent, {} lost",
+        pings.sent,
+        pings.lost()
+    );
+    assert!(pings.sent > 150, "the ping did not run throughout: {pings:?}");
+    assert_eq!(
+        pings.lost(),
+        0,
+        "pings lost: {} (since the ping began; SIGTERM at +0.30 s)",
+        pings.loss_windows(pings_started)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

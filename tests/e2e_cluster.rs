@@ -134,10 +134,11 @@ fn run(hc: &HelmCluster) {
     });
     let back = hc.wait_holder(VIP, PREFERRED, STEP_TIMEOUT);
     std::thread::sleep(Duration::from_millis(500));
-    let (sent, received) = pinger.stop();
+    let pings = pinger.stop();
     eprintln!(
-        "restarted agent took the VIP back ({back:?} after Ready); pings during kill and restart: {sent} sent, {} lost",
-        sent - received
+        "restarted agent took the VIP back ({back:?} after Ready); pings during kill and restart: {} sent, {} lost",
+        pings.sent,
+        pings.lost()
     );
     assert_eq!(hc.holders(VIP), [PREFERRED], "one holder after the restart");
     assert_eq!(
@@ -151,13 +152,32 @@ fn run(hc: &HelmCluster) {
     let old_revision = hc.agent_pods()[&0].revision.clone();
     let pinger = hc.pinger(VIP, Duration::from_millis(20));
     let upgrade_started = Instant::now();
+    let pings_started = pinger.started;
     hc.helm_apply("upgrade", &["logFormat=text"]);
     let mut max_missing = 0;
+    // Each node's agent pod as the upgrade replaces it (absent = terminating or gone), with
+    // the time since the upgrade began: where a loss falls in it tells which node's
+    // hand-off lost it.
+    let mut seen: Vec<Option<(String, bool)>> = vec![None; nodes.len()];
+    let mut timeline = Vec::new();
     let new_revision = wait_for(
         "every agent pod of the new revision, Ready",
         INSTALL_TIMEOUT,
         || {
             let pods = hc.agent_pods();
+            for (node, last) in seen.iter_mut().enumerate() {
+                let now = pods.get(&node).map(|p| (p.name.clone(), p.ready));
+                if now != *last {
+                    let what = match &now {
+                        Some((name, true)) => format!("{name} Ready"),
+                        Some((name, false)) => format!("{name} not Ready"),
+                        None => "no pod".to_owned(),
+                    };
+                    let at = upgrade_started.elapsed().as_secs_f64();
+                    timeline.push(format!("+{at:.2}s {}: {what}", nodes[node]));
+                    *last = now;
+                }
+            }
             let ready = pods.values().filter(|p| p.ready).count();
             max_missing = max_missing.max(nodes.len() - ready);
             let revisions: std::collections::BTreeSet<&str> =
@@ -172,16 +192,24 @@ fn run(hc: &HelmCluster) {
     let upgrade_time = upgrade_started.elapsed();
     hc.wait_holder(VIP, PREFERRED, STEP_TIMEOUT);
     std::thread::sleep(Duration::from_millis(500));
-    let (sent, received) = pinger.stop();
-    let lost = sent - received;
+    let pings = pinger.stop();
+    let lost = pings.lost();
     eprintln!(
-        "helm upgrade: revision {old_revision} → {new_revision} in {upgrade_time:?}, at most {max_missing} agent(s) not Ready at once; pings every 20 ms: {sent} sent, {lost} lost"
+        "helm upgrade: revision {old_revision} → {new_revision} in {upgrade_time:?}, at most {max_missing} agent(s) not Ready at once; pings every 20 ms: {} sent, {lost} lost\n  pods: {}",
+        pings.sent,
+        timeline.join(", ")
     );
     assert!(
         max_missing <= 1,
         "the rolling update took {max_missing} agents down at once"
     );
-    assert_eq!(lost, 0, "pings to the VIP were lost during helm upgrade");
+    assert_eq!(
+        lost,
+        0,
+        "pings to the VIP were lost during helm upgrade: {} (after the upgrade began; pods: {})",
+        pings.loss_windows(pings_started),
+        timeline.join(", ")
+    );
     assert_eq!(
         hc.holders(lb).len(),
         1,

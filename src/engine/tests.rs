@@ -529,7 +529,7 @@ fn the_restart_hold_keeps_master_addresses_with_a_lifetime_and_stops_the_rest() 
     );
     let sent = sends(&out);
     assert_eq!(sent.len(), 1, "the master announces the hold: {out:?}");
-    assert_eq!(sent[0].advertisement.interval, 300, "a third of 9 s");
+    assert_eq!(sent[0].advertisement.interval, 225, "a quarter of 9 s");
     assert_ne!(sent[0].advertisement.priority, 0);
     assert_eq!(
         transitions(&out)

@@ -24,6 +24,7 @@
 
 pub mod measure;
 pub mod netns;
+pub mod ping;
 pub mod run;
 pub mod scale;
 pub mod sniffer;
@@ -41,6 +42,7 @@ pub use measure::{
     master_down_interval, masters_since, measure_failover, measure_failover_async, skew_time,
 };
 pub use netns::{Lab, LabSpec, NodeInfo, ProcId, log_tail};
+pub use ping::{PingTally, ping_command};
 pub use run::{FailoverRound, GracefulRound, LabOptions, LabReport, NodeSummary, Rejoin, run_lab};
 pub use scale::{Daemon, ScaleOptions, ScaleReport, ScaleRound, Spread, run_scale};
 pub use sniffer::Sniffer;

@@ -238,9 +238,13 @@ pub enum Input {
     Reconfigure(Config),
     Shutdown,
     /// Restart hand-off, outgoing side: a Master keeps its addresses and, instead of
-    /// priority 0, advertises an interval of a third of this duration (capped at the v3
-    /// maximum), so the backups wait about that long (3 × interval + skew) for the next
-    /// agent. VRRPv2 cannot announce another interval and leaves as on Shutdown.
+    /// priority 0, advertises an interval of a quarter of this duration (capped at the v3
+    /// maximum), so the backups wait for the next agent 3 × interval + skew: between ¾ of
+    /// the hold and the hold, never past it. The held addresses live for the whole hold, so
+    /// a next agent slower than that finds a backup already master (both hold the address
+    /// for less than a quarter of the hold, the backup's announcement winning) instead of a
+    /// gap with nobody holding it. VRRPv2 cannot announce another interval and leaves as on
+    /// Shutdown.
     Hold(Duration),
     /// Restart hand-off, incoming side: start as Master at once, for addresses a held
     /// predecessor left on the interface.
@@ -939,8 +943,9 @@ impl Instance {
             };
             return self.leave(reason, out);
         }
-        // A third of the hold, as the backups learn it from the wire.
-        let centiseconds = Version::V3.interval_to_wire(duration / 3);
+        // A quarter of the hold, as the backups learn it from the wire: their
+        // Master_Down_Interval (3 × it + a skew below one of it) ends before the hold does.
+        let centiseconds = Version::V3.interval_to_wire(duration / 4);
         self.send_with_interval(self.config.priority, centiseconds, out);
         self.state = State::Initialize;
         self.deadline = None;

@@ -16,9 +16,9 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use ferrovip::lab::LabSpec;
+use ferrovip::lab::{LabSpec, PingTally, ping_command};
 use ferrovip_e2e::cluster::{Cluster, ClusterOptions, PAUSE_IMAGE};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -355,17 +355,20 @@ impl HelmCluster {
     /// A ping from the client every `interval` until [`Pinger::stop`].
     pub fn pinger(&self, addr: Ipv4Addr, interval: Duration) -> Pinger {
         let netns = &self.cluster.lab().node(self.client()).netns;
+        let started = SystemTime::now();
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{netns}"))
-            .args(["--", "ping", "-n", "-q", "-W", "1", "-i"])
-            .arg(format!("{:.3}", interval.as_secs_f64()))
-            .arg(addr.to_string())
+            .arg("--")
+            .args(ping_command(interval, addr.into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn ping");
-        Pinger { child: Some(child) }
+        Pinger {
+            child: Some(child),
+            started,
+        }
     }
 
     /// What node `node` has that ferrovip may have put there: addresses on `eth0` other than
@@ -555,15 +558,17 @@ pub fn is_ready(pod: &Value) -> bool {
 /// A running `ping`; [`Pinger::stop`] returns (sent, received).
 pub struct Pinger {
     child: Option<Child>,
+    /// When the ping started (its losses are reported relative to this).
+    pub started: SystemTime,
 }
 
 impl Pinger {
-    pub fn stop(mut self) -> (u64, u64) {
+    pub fn stop(mut self) -> PingTally {
         let child = self.child.take().expect("running");
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
         let out = child.wait_with_output().expect("ping output");
         let text = String::from_utf8_lossy(&out.stdout);
-        parse_ping_summary(&text).unwrap_or_else(|| panic!("no ping summary in {text:?}"))
+        PingTally::parse(&text).unwrap_or_else(|| panic!("no ping summary in {}", tail(&text, 20)))
     }
 }
 
@@ -574,15 +579,6 @@ impl Drop for Pinger {
             let _ = child.wait();
         }
     }
-}
-
-/// (transmitted, received) from ping's "N packets transmitted, M received" line.
-pub fn parse_ping_summary(text: &str) -> Option<(u64, u64)> {
-    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
-    let mut numbers = line
-        .split(',')
-        .filter_map(|part| part.split_whitespace().next()?.parse::<u64>().ok());
-    Some((numbers.next()?, numbers.next()?))
 }
 
 /// The last `lines` lines of `text`.
@@ -664,13 +660,4 @@ pub fn ingress_ip(service: &Value) -> Option<Ipv4Addr> {
         .as_array()?
         .iter()
         .find_map(|i| i["ip"].as_str()?.parse().ok())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ping_summary() {
-        let text = "--- 192.0.2.1 ping statistics ---\n120 packets transmitted, 118 received, 1.6% packet loss, time 2400ms\n";
-        assert_eq!(super::parse_ping_summary(text), Some((120, 118)));
-    }
 }

@@ -982,8 +982,8 @@ fn hold_keeps_the_addresses_and_announces_a_long_interval() {
     let out = h.input(ms(450), Input::Hold(Duration::from_secs(9)));
     assert_eq!(out.len(), 2, "{out:?}");
     match &out[0] {
-        // 9 s / 3 = 3 s = 300 cs; priority unchanged, not 0.
-        Output::Send(a) => assert_eq!((a.priority, a.interval), (150, 300)),
+        // 9 s / 4 = 2.25 s = 225 cs; priority unchanged, not 0.
+        Output::Send(a) => assert_eq!((a.priority, a.interval), (150, 225)),
         other => panic!("expected an advertisement, got {other:?}"),
     }
     assert_eq!(
@@ -997,14 +997,44 @@ fn hold_keeps_the_addresses_and_announces_a_long_interval() {
 #[test]
 fn a_backup_learns_the_held_interval_and_waits_for_the_next_agent() {
     let mut h = Harness::started(config(100));
-    let mut held = advert(150, 300);
+    let mut held = advert(150, 225);
     held.addresses = vec![VIP];
     h.receive(ms(50), HIGHER, held);
-    // Master_Down_Interval = 3 × 3 s + skew (156/256 × 3 s = 1.828125 s).
+    // Master_Down_Interval = 3 × 2.25 s + skew (156/256 × 2.25 s = 1.37109375 s).
     assert_eq!(
         h.deadline(),
-        Some(ms(50) + Duration::from_micros(10_828_125))
+        Some(ms(50) + Duration::from_nanos(8_121_093_750))
     );
+}
+
+#[test]
+fn every_backup_takes_over_before_the_held_addresses_expire() {
+    // A next agent slower than the hold must find a backup master, never a gap: for every
+    // hold and every backup priority, Master_Down_Interval learned from the hold's advert
+    // ends within the hold (the addresses' lifetime), and not before ¾ of it.
+    for hold_ms in [
+        1_000u64, 2_000, 6_000, 9_000, 10_000, 10_010, 30_000, 163_800,
+    ] {
+        let hold = Duration::from_millis(hold_ms);
+        let mut master = Harness::started(config(254));
+        master.input(ms(400), Input::Timer);
+        assert_eq!(master.instance.state(), State::Master);
+        let out = master.input(ms(450), Input::Hold(hold));
+        let Some(Output::Send(sent)) = out.first() else {
+            panic!("no advert for the hold: {out:?}")
+        };
+        for priority in [1u8, 100, 253] {
+            let mut backup = Harness::started(config(priority));
+            let mut held = sent.clone();
+            held.addresses = vec![VIP];
+            backup.receive(ms(50), HIGHER, held);
+            let waits = backup.deadline().expect("a deadline") - ms(50);
+            assert!(
+                waits <= hold && waits >= hold * 3 / 4 - Duration::from_millis(40),
+                "hold {hold:?}, priority {priority}: the backup takes over after {waits:?}"
+            );
+        }
+    }
 }
 
 #[test]
