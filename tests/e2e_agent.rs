@@ -1844,7 +1844,10 @@ fn a_restart_slower_than_the_hold_moves_the_vip_before_the_held_address_expires(
         pings.sent,
         pings.lost()
     );
-    assert!(pings.sent > 150, "the ping did not run throughout: {pings:?}");
+    assert!(
+        pings.sent > 150,
+        "the ping did not run throughout: {pings:?}"
+    );
     assert_eq!(
         pings.lost(),
         0,

@@ -203,6 +203,11 @@ fn run(hc: &HelmCluster) {
         max_missing <= 1,
         "the rolling update took {max_missing} agents down at once"
     );
+    assert!(
+        pings.sent as f64 >= upgrade_time.as_secs_f64() / 0.020 / 2.0,
+        "the ping stalled: {} sent in {upgrade_time:?}",
+        pings.sent
+    );
     assert_eq!(
         lost,
         0,

@@ -273,7 +273,7 @@ fn spawn_events(
 /// A Service as the allocator must see it while our write is in flight or until the watch
 /// shows its outcome: `object`, used while the store holds one of the `stale` versions.
 struct Override {
-    object: Service,
+    object: Arc<Service>,
     stale: Vec<String>,
 }
 
@@ -470,7 +470,7 @@ impl Leader {
                         self.overrides.insert(
                             done.key,
                             Override {
-                                object,
+                                object: Arc::new(object),
                                 stale: done.stale,
                             },
                         );
@@ -500,7 +500,7 @@ impl Leader {
 
     /// The Services as the allocator must see them: the store, with our writes in flight or
     /// not yet reflected.
-    fn services_view(&mut self) -> Vec<Service> {
+    fn services_view(&mut self) -> Vec<Arc<Service>> {
         let store = self.watches.services.state();
         let mut present = HashSet::with_capacity(store.len());
         let mut out = Vec::with_capacity(store.len());
@@ -516,13 +516,13 @@ impl Leader {
             let rv = svc.metadata.resource_version.clone().unwrap_or_default();
             let view = match self.overrides.get(&key) {
                 Some(o) if self.inflight.contains(&key) || o.stale.contains(&rv) => {
-                    o.object.clone()
+                    Arc::clone(&o.object)
                 }
                 Some(_) => {
                     self.overrides.remove(&key);
-                    (*svc).clone()
+                    svc
                 }
-                None => (*svc).clone(),
+                None => svc,
             };
             present.insert(key);
             out.push(view);
@@ -565,7 +565,7 @@ impl Leader {
         );
         self.pool_figures(&outcome.pools);
         let now = Instant::now();
-        let by_key: HashMap<ServiceRef, &Service> = services
+        let by_key: HashMap<ServiceRef, &Arc<Service>> = services
             .iter()
             .filter_map(|s| {
                 Some((
@@ -603,7 +603,7 @@ impl Leader {
             self.overrides.insert(
                 key.clone(),
                 Override {
-                    object: intended(svc, decision),
+                    object: Arc::new(intended(svc, decision)),
                     stale: vec![rv],
                 },
             );
@@ -616,7 +616,7 @@ impl Leader {
             let task = self.jobs.spawn(service_writes(
                 self.context.clone(),
                 key.clone(),
-                svc.clone(),
+                Arc::clone(svc),
                 decision.clone(),
                 first_seen,
             ));
@@ -809,13 +809,13 @@ fn result_label(e: &kube::Error) -> &'static str {
 async fn service_writes(
     context: Context,
     key: ServiceRef,
-    base: Service,
+    base: Arc<Service>,
     decision: ServiceDecision,
     first_seen: Option<Instant>,
 ) -> Done {
     let _permit = context.permits.clone().acquire_owned().await;
     let api: Api<Service> = Api::namespaced(context.client.clone(), &key.namespace);
-    let mut current = base;
+    let mut current = Arc::unwrap_or_clone(base);
     let mut stale = Vec::new();
     let mut wrote = false;
     let end = |object: Option<Service>, stale: Vec<String>, retry: bool| {

@@ -15,6 +15,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 
@@ -47,8 +48,8 @@ impl Default for Config {
 pub struct Inputs<'a> {
     /// All pools.
     pub pools: &'a [LoadBalancerPool],
-    /// All Services; ipam filters.
-    pub services: &'a [Service],
+    /// All Services (shared with the store they come from); ipam filters.
+    pub services: &'a [Arc<Service>],
     /// Namespace → its labels.
     pub namespaces: &'a BTreeMap<String, BTreeMap<String, String>>,
     /// Addresses of VirtualIPs → `"VirtualIP <name>"`: never handed out.

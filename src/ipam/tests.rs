@@ -124,9 +124,10 @@ impl World {
     }
 
     fn run(&self) -> Outcome {
+        let services: Vec<Arc<Service>> = self.services.iter().cloned().map(Arc::new).collect();
         reconcile(&Inputs {
             pools: &self.pools,
-            services: &self.services,
+            services: &services,
             namespaces: &self.namespaces,
             reserved: &self.reserved,
             config: self.config,

@@ -356,7 +356,7 @@ impl HelmCluster {
     pub fn pinger(&self, addr: Ipv4Addr, interval: Duration) -> Pinger {
         let netns = &self.cluster.lab().node(self.client()).netns;
         let started = SystemTime::now();
-        let child = Command::new("nsenter")
+        let mut child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{netns}"))
             .arg("--")
             .args(ping_command(interval, addr.into()))
@@ -365,8 +365,17 @@ impl HelmCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn ping");
+        // Read as it comes: a line per reply fills a pipe in about 800 replies, and a ping
+        // blocked on its output sends nothing more.
+        let mut stdout = child.stdout.take().expect("ping's stdout");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+            text
+        });
         Pinger {
             child: Some(child),
+            reader: Some(reader),
             started,
         }
     }
@@ -555,19 +564,25 @@ pub fn is_ready(pod: &Value) -> bool {
         .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
-/// A running `ping`; [`Pinger::stop`] returns (sent, received).
+/// A running `ping`; [`Pinger::stop`] tallies it.
 pub struct Pinger {
     child: Option<Child>,
+    reader: Option<std::thread::JoinHandle<String>>,
     /// When the ping started (its losses are reported relative to this).
     pub started: SystemTime,
 }
 
 impl Pinger {
     pub fn stop(mut self) -> PingTally {
-        let child = self.child.take().expect("running");
+        let mut child = self.child.take().expect("running");
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
-        let out = child.wait_with_output().expect("ping output");
-        let text = String::from_utf8_lossy(&out.stdout);
+        child.wait().expect("ping exit");
+        let text = self
+            .reader
+            .take()
+            .expect("reading")
+            .join()
+            .expect("ping reader");
         PingTally::parse(&text).unwrap_or_else(|| panic!("no ping summary in {}", tail(&text, 20)))
     }
 }
