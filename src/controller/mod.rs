@@ -62,10 +62,17 @@ const RETRY: Duration = Duration::from_secs(1);
 /// A pool's status is rewritten for changed counts alone at most this often (conditions at
 /// once): a thousand Services allocated in a burst would otherwise rewrite it on every pass.
 const POOL_COUNTS_EVERY: Duration = Duration::from_secs(1);
-/// Events waiting to be created; more are dropped (counted in the write metric).
-const EVENT_QUEUE: usize = 8192;
+/// Events waiting to be created; more are dropped (counted in the write metric). A burst of
+/// 10,000 new Services queues an Event each while the allocation writes go first.
+const EVENT_QUEUE: usize = 16384;
 /// Events created at once.
 const EVENTS_IN_FLIGHT: usize = 4;
+/// An Event waits while Service writes are in flight, up to this long: addresses and status
+/// come first (10,000 Services settled faster without their Events competing for the API
+/// server), and a controller that never stops writing still gets its Events out.
+const EVENT_DEFER_MAX: Duration = Duration::from_secs(10);
+/// How often a deferred Event looks again.
+const EVENT_DEFER_POLL: Duration = Duration::from_millis(50);
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     crate::crd::parse_duration(s).map_err(|e| e.to_string())
@@ -173,7 +180,14 @@ async fn run(
             renew: options.lease_renew,
         },
     );
-    let events = spawn_events(client.clone(), identity.clone(), stats.clone());
+    // Shared by every term's writes, and read by the Event task to let them go first.
+    let permits = Arc::new(Semaphore::new(WRITES_IN_FLIGHT));
+    let events = spawn_events(
+        client.clone(),
+        identity.clone(),
+        stats.clone(),
+        permits.clone(),
+    );
     let mut state = lease.state.clone();
     let mut ip_mode: Option<bool> = None;
     let done = loop {
@@ -210,7 +224,15 @@ async fn run(
         };
         info!(identity = %identity, term, "Service controller leading: listing the cluster");
         stats.set_leading(true);
-        let mut leader = Leader::new(&client, config, term, stats.clone(), events.clone(), &lease);
+        let context = Context {
+            client: client.clone(),
+            term,
+            state: lease.state.clone(),
+            permits: permits.clone(),
+            stats: stats.clone(),
+            events: events.clone(),
+        };
+        let mut leader = Leader::new(context, config);
         let stopped = tokio::select! {
             () = leader.run(&lease) => None,
             done = &mut stop => Some(done.ok()),
@@ -241,11 +263,13 @@ async fn leading(state: &mut tokio::sync::watch::Receiver<Leadership>) -> Option
     }
 }
 
-/// Creates Events from a queue, a few at a time, so that they never hold up allocation.
+/// Creates Events from a queue, a few at a time, each after the Service writes in flight
+/// (up to [`EVENT_DEFER_MAX`]), so that they never hold up allocation.
 fn spawn_events(
     client: Client,
     identity: String,
     stats: Arc<ControllerStats>,
+    writes: Arc<Semaphore>,
 ) -> mpsc::Sender<ServiceEvent> {
     let (tx, mut rx) = mpsc::channel::<ServiceEvent>(EVENT_QUEUE);
     tokio::spawn(async move {
@@ -255,7 +279,14 @@ fn spawn_events(
                 let client = client.clone();
                 let identity = identity.clone();
                 let stats = stats.clone();
+                let writes = writes.clone();
                 async move {
+                    let queued = Instant::now();
+                    while writes.available_permits() < WRITES_IN_FLIGHT
+                        && queued.elapsed() < EVENT_DEFER_MAX
+                    {
+                        tokio::time::sleep(EVENT_DEFER_POLL).await;
+                    }
                     match write::publish(&client, &identity, &event).await {
                         Ok(()) => stats.write("event", "ok"),
                         Err(e) => {
@@ -346,25 +377,11 @@ struct Leader {
 }
 
 impl Leader {
-    fn new(
-        client: &Client,
-        config: ipam::Config,
-        term: u64,
-        stats: Arc<ControllerStats>,
-        events: mpsc::Sender<ServiceEvent>,
-        lease: &LeaseHandle,
-    ) -> Leader {
+    fn new(context: Context, config: ipam::Config) -> Leader {
         Leader {
-            context: Context {
-                client: client.clone(),
-                term,
-                state: lease.state.clone(),
-                permits: Arc::new(Semaphore::new(WRITES_IN_FLIGHT)),
-                stats,
-                events,
-            },
+            watches: watch::Watches::start(&context.client),
+            context,
             config,
-            watches: watch::Watches::start(client),
             overrides: HashMap::new(),
             inflight: HashSet::new(),
             pools_inflight: HashSet::new(),
