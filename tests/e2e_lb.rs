@@ -309,3 +309,85 @@ fn e2e_lb_service_address_held_by_one_node_annotated_and_failed_over() {
     c.kubectl(&["delete", "service", "shop", "-n", "default"]);
     c.wait_holders(addr, &[], Duration::from_secs(5));
 }
+
+#[test]
+fn e2e_lb_a_burst_of_services_gets_a_few_events_and_one_summary() {
+    let mut c = K8sLab::new(2);
+    c.install();
+    c.kubectl(&["apply", "-f", POOL_CRD]);
+    c.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=30s",
+        "crd/loadbalancerpools.ferrovip.io",
+    ]);
+    c.apply(&pool("web", "192.0.2.200-192.0.2.219", "KubeProxy"));
+    c.start_agents();
+    c.wait_listed(0);
+
+    // 14 Services at once, all in node-a's instance: the first 8 get a MasterElected Event
+    // each, the other 6 one Event about the Node once their annotations are written.
+    const BURST: usize = 14;
+    const OWN: usize = 8;
+    let items: Vec<Value> = (0..BURST)
+        .map(|i| {
+            service(
+                &format!("burst-{i}"),
+                &format!("192.0.2.{}@web", 200 + i),
+                &[80],
+            )
+        })
+        .collect();
+    c.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
+    for i in 0..BURST {
+        wait_annotation(
+            &c,
+            &format!("burst-{i}"),
+            &format!("192.0.2.{}=node-a", 200 + i),
+            Duration::from_secs(10),
+        );
+    }
+    let elected = || -> (usize, Vec<String>) {
+        let out = c.kubectl(&["get", "events.events.k8s.io", "-A", "-o", "json"]);
+        let list: Value = serde_json::from_str(&out).expect("kubectl -o json");
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        let mine = items
+            .iter()
+            .filter(|e| e["reason"] == "MasterElected" && e["reportingInstance"] == "node-a");
+        let own = mine
+            .clone()
+            .filter(|e| e["regarding"]["kind"] == "Service")
+            .count();
+        // (The instance's own MasterElected Event about the Node, "is master of N
+        // VirtualIPs", is another matter.)
+        let summaries = mine
+            .filter(|e| e["regarding"]["kind"] == "Node" && e["regarding"]["name"] == "node-a")
+            .map(|e| text(&e["note"]))
+            .filter(|note| note.contains("more Services"))
+            .collect();
+        (own, summaries)
+    };
+    let started = Instant::now();
+    let (own, summaries) = loop {
+        let (own, summaries) = elected();
+        if own + summaries.len() > OWN || started.elapsed() > Duration::from_secs(10) {
+            break (own, summaries);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("{own} Service Events, summaries: {summaries:?}");
+    assert_eq!(own, OWN, "an Event each for the first {OWN}");
+    assert_eq!(summaries.len(), 1, "one summary: {summaries:?}");
+    assert!(
+        summaries[0].starts_with(&format!(
+            "node-a holds the addresses of {} more Services ({} addresses): default/burst-",
+            BURST - OWN,
+            BURST - OWN
+        )),
+        "{summaries:?}"
+    );
+    // Nothing more follows.
+    std::thread::sleep(Duration::from_secs(2));
+    let (own_after, summaries_after) = elected();
+    assert_eq!((own_after, summaries_after.len()), (OWN, 1));
+}

@@ -23,6 +23,7 @@ pub mod write;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -182,11 +183,15 @@ async fn run(
     );
     // Shared by every term's writes, and read by the Event task to let them go first.
     let permits = Arc::new(Semaphore::new(WRITES_IN_FLIGHT));
+    let allocating = Arc::new(AtomicBool::new(false));
     let events = spawn_events(
         client.clone(),
         identity.clone(),
         stats.clone(),
-        permits.clone(),
+        Busy {
+            writes: permits.clone(),
+            allocating: allocating.clone(),
+        },
     );
     let mut state = lease.state.clone();
     let mut ip_mode: Option<bool> = None;
@@ -229,6 +234,7 @@ async fn run(
             term,
             state: lease.state.clone(),
             permits: permits.clone(),
+            allocating: allocating.clone(),
             stats: stats.clone(),
             events: events.clone(),
         };
@@ -238,6 +244,7 @@ async fn run(
             done = &mut stop => Some(done.ok()),
         };
         drop(leader);
+        allocating.store(false, Ordering::Relaxed);
         stats.set_leading(false);
         if let Some(done) = stopped {
             break done;
@@ -263,13 +270,29 @@ async fn leading(state: &mut tokio::sync::watch::Receiver<Leadership>) -> Option
     }
 }
 
-/// Creates Events from a queue, a few at a time, each after the Service writes in flight
-/// (up to [`EVENT_DEFER_MAX`]), so that they never hold up allocation.
+/// What the Event task yields to.
+#[derive(Clone)]
+struct Busy {
+    /// The Service writes' permits: some taken, writes are in flight.
+    writes: Arc<Semaphore>,
+    /// The leader's last pass left Services to write (started, in flight or queued).
+    allocating: Arc<AtomicBool>,
+}
+
+impl Busy {
+    fn now(&self) -> bool {
+        self.allocating.load(Ordering::Relaxed)
+            || self.writes.available_permits() < WRITES_IN_FLIGHT
+    }
+}
+
+/// Creates Events from a queue, a few at a time, each once the leader has nothing left to
+/// write (or after [`EVENT_DEFER_MAX`]), so that they never hold up allocation.
 fn spawn_events(
     client: Client,
     identity: String,
     stats: Arc<ControllerStats>,
-    writes: Arc<Semaphore>,
+    busy: Busy,
 ) -> mpsc::Sender<ServiceEvent> {
     let (tx, mut rx) = mpsc::channel::<ServiceEvent>(EVENT_QUEUE);
     tokio::spawn(async move {
@@ -279,12 +302,10 @@ fn spawn_events(
                 let client = client.clone();
                 let identity = identity.clone();
                 let stats = stats.clone();
-                let writes = writes.clone();
+                let busy = busy.clone();
                 async move {
                     let queued = Instant::now();
-                    while writes.available_permits() < WRITES_IN_FLIGHT
-                        && queued.elapsed() < EVENT_DEFER_MAX
-                    {
+                    while busy.now() && queued.elapsed() < EVENT_DEFER_MAX {
                         tokio::time::sleep(EVENT_DEFER_POLL).await;
                     }
                     match write::publish(&client, &identity, &event).await {
@@ -337,6 +358,8 @@ struct Context {
     term: u64,
     state: tokio::sync::watch::Receiver<Leadership>,
     permits: Arc<Semaphore>,
+    /// Set by each pass: Services are left to write ([`Busy`]).
+    allocating: Arc<AtomicBool>,
     stats: Arc<ControllerStats>,
     events: mpsc::Sender<ServiceEvent>,
 }
@@ -457,6 +480,15 @@ impl Leader {
 
     /// A joined write task; true when a pass should follow.
     fn joined(&mut self, done: Result<(tokio::task::Id, Done), tokio::task::JoinError>) -> bool {
+        let again = self.join(done);
+        self.context.allocating.store(
+            again || self.backlog || !self.inflight.is_empty(),
+            Ordering::Relaxed,
+        );
+        again
+    }
+
+    fn join(&mut self, done: Result<(tokio::task::Id, Done), tokio::task::JoinError>) -> bool {
         match done {
             Ok((id, done)) => {
                 self.job_keys.remove(&id);
@@ -642,6 +674,9 @@ impl Leader {
         for (name, decision) in &outcome.pools {
             self.pool_write(name, &decision.status);
         }
+        self.context
+            .allocating
+            .store(self.backlog || !self.inflight.is_empty(), Ordering::Relaxed);
     }
 
     fn pool_figures(&self, pools: &BTreeMap<String, ipam::PoolDecision>) {

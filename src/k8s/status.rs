@@ -43,6 +43,12 @@ const EVENT_MEMBERS: usize = 8;
 /// on three nodes, one entry per VirtualIP per node is 30,000 writes where the masters' are
 /// 10,000.
 const SUMMARY_MEMBERS: usize = EVENT_MEMBERS;
+/// Load-balancer Services: within this window the first [`EVENT_MEMBERS`] Services this node
+/// becomes master of get a `MasterElected` Event each; the rest are counted into one Event
+/// about the Node, published when the burst's annotations are written (or the window ends).
+/// 10,000 Services elected at once are then a handful of Events, not 10,000 (of which the
+/// rate limit published ~200 and dropped the rest unsaid).
+const LB_EVENT_WINDOW: Duration = Duration::from_secs(10);
 /// Status writes in flight at once; in a pass with nothing more urgent than this node's
 /// entries ([`WritePriority::Rest`]) while it still waits for masters' writes to show,
 /// fewer, so that the masters' writes (`status.master`, `Ready`) get most of the API server
@@ -159,6 +165,11 @@ struct LbMasters {
     awaiting_ingress: HashMap<ServiceRef, Instant>,
     /// Token bucket of annotation writes: (tokens, last refill).
     tokens: Option<(f64, Instant)>,
+    /// The current [`LB_EVENT_WINDOW`]: when it began and how many Services got an Event of
+    /// their own in it.
+    event_window: Option<(Instant, usize)>,
+    /// Services elected beyond those, for the summary Event: (Service, addresses).
+    summarized: Vec<(ServiceRef, usize)>,
 }
 
 impl StatusWriter {
@@ -1180,6 +1191,7 @@ impl StatusWriter {
             desired.load_balancers.values().map(|p| p.address).collect();
         lb.pending.retain(|(_, a)| live.contains(a));
         if lb.pending.is_empty() {
+            self.lb_summary_event(Instant::now()).await;
             return;
         }
 
@@ -1278,6 +1290,16 @@ impl StatusWriter {
             }
         }
         for (svc, addrs, regarding) in elected {
+            let (since, own) = match self.lb.event_window {
+                Some((since, own)) if now.duration_since(since) < LB_EVENT_WINDOW => (since, own),
+                _ => (now, 0),
+            };
+            if own >= EVENT_MEMBERS {
+                self.lb.event_window = Some((since, own));
+                self.lb.summarized.push((svc, addrs.len()));
+                continue;
+            }
+            self.lb.event_window = Some((since, own + 1));
             let list: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
             let note = format!("{} holds {}", self.node, list.join(", "));
             self.publish_about(
@@ -1297,10 +1319,64 @@ impl StatusWriter {
         self.lb
             .awaiting_ingress
             .retain(|svc, _| waiting.contains(svc));
+        self.lb_summary_event(now).await;
         if !self.lb.pending.is_empty() {
             self.pending = true;
         }
     }
+
+    /// The summary `MasterElected` Event of the Services beyond [`EVENT_MEMBERS`] in the
+    /// window, once their burst is written (nothing pending) or the window is over.
+    async fn lb_summary_event(&mut self, now: Instant) {
+        let window_over = self
+            .lb
+            .event_window
+            .is_none_or(|(since, _)| now.duration_since(since) >= LB_EVENT_WINDOW);
+        if self.lb.summarized.is_empty() || !(self.lb.pending.is_empty() || window_over) {
+            return;
+        }
+        let summarized = std::mem::take(&mut self.lb.summarized);
+        let note = lb_summary_note(&self.node, &summarized);
+        let regarding = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node.clone()),
+            ..Default::default()
+        };
+        let node = self.node.clone();
+        self.publish_about(
+            regarding,
+            &node,
+            None,
+            EventType::Normal,
+            "MasterElected",
+            "Elect",
+            note,
+        )
+        .await;
+    }
+}
+
+/// The summary Event's note: how many Services (and addresses) beyond those with an Event of
+/// their own, naming the first few.
+fn lb_summary_note(node: &str, summarized: &[(ServiceRef, usize)]) -> String {
+    let addresses: usize = summarized.iter().map(|(_, n)| n).sum();
+    let named: Vec<String> = summarized
+        .iter()
+        .take(SUMMARY_MEMBERS)
+        .map(|(svc, _)| format!("{}/{}", svc.namespace, svc.name))
+        .collect();
+    let others = summarized.len() - named.len();
+    let more = if others > 0 {
+        format!(" and {others} others")
+    } else {
+        String::new()
+    };
+    format!(
+        "{node} holds the addresses of {} more Services ({addresses} addresses): {}{more}; each one's ferrovip.io/master annotation names its master",
+        summarized.len(),
+        named.join(", ")
+    )
 }
 
 /// Whether `status.loadBalancer.ingress` lists every one of `addrs` (the controller's status
@@ -1430,6 +1506,27 @@ mod tests {
     use super::*;
     use crate::crd::{VirtualIPSpec, VirtualIPStatus};
     use crate::vocab::Family;
+
+    #[test]
+    fn a_burst_of_elected_services_is_summarized_naming_the_first_few() {
+        let svc = |i: usize| ServiceRef {
+            namespace: "shop".into(),
+            name: format!("s{i}"),
+        };
+        let many: Vec<(ServiceRef, usize)> = (0..9992).map(|i| (svc(i), 1)).collect();
+        assert_eq!(
+            lb_summary_note("node-a", &many),
+            "node-a holds the addresses of 9992 more Services (9992 addresses): shop/s0, shop/s1, \
+             shop/s2, shop/s3, shop/s4, shop/s5, shop/s6, shop/s7 and 9984 others; each one's \
+             ferrovip.io/master annotation names its master"
+        );
+        let few = [(svc(1), 2), (svc(2), 1)];
+        assert_eq!(
+            lb_summary_note("node-b", &few),
+            "node-b holds the addresses of 2 more Services (3 addresses): shop/s1, shop/s2; each \
+             one's ferrovip.io/master annotation names its master"
+        );
+    }
 
     fn vip() -> VirtualIP {
         let spec: VirtualIPSpec = serde_json::from_value(json!({
