@@ -118,6 +118,22 @@ fn service_patches_since(c: &K8sLab, mark: u64) -> usize {
         .count()
 }
 
+/// Two nodes, the API server with the pool CRD and `pools`, the agents started.
+fn lab_with_pools(pools: Vec<Value>) -> K8sLab {
+    let mut c = K8sLab::new(2);
+    c.install();
+    c.kubectl(&["apply", "-f", POOL_CRD]);
+    c.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=30s",
+        "crd/loadbalancerpools.ferrovip.io",
+    ]);
+    c.apply(&json!({"apiVersion": "v1", "kind": "List", "items": pools}));
+    c.start_agents();
+    c
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -129,20 +145,10 @@ fn ms(d: Duration) -> String {
 
 #[test]
 fn e2e_lb_service_address_held_by_one_node_annotated_and_failed_over() {
-    let mut c = K8sLab::new(2);
-    c.install();
-    c.kubectl(&["apply", "-f", POOL_CRD]);
-    c.kubectl(&[
-        "wait",
-        "--for=condition=established",
-        "--timeout=30s",
-        "crd/loadbalancerpools.ferrovip.io",
-    ]);
-    c.apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
+    let mut c = lab_with_pools(vec![
         pool("web", "192.0.2.200-192.0.2.219", "KubeProxy"),
         pool("fast", "192.0.2.220-192.0.2.229", "IPVS"),
-    ]}));
-    c.start_agents();
+    ]);
     // node-a looks like a node with kube-proxy in IPVS mode without strict ARP (its link;
     // a veth, as the host kernel may lack the dummy driver).
     c.exec_ok(
@@ -312,17 +318,7 @@ fn e2e_lb_service_address_held_by_one_node_annotated_and_failed_over() {
 
 #[test]
 fn e2e_lb_a_burst_of_services_gets_a_few_events_and_one_summary() {
-    let mut c = K8sLab::new(2);
-    c.install();
-    c.kubectl(&["apply", "-f", POOL_CRD]);
-    c.kubectl(&[
-        "wait",
-        "--for=condition=established",
-        "--timeout=30s",
-        "crd/loadbalancerpools.ferrovip.io",
-    ]);
-    c.apply(&pool("web", "192.0.2.200-192.0.2.219", "KubeProxy"));
-    c.start_agents();
+    let mut c = lab_with_pools(vec![pool("web", "192.0.2.200-192.0.2.219", "KubeProxy")]);
     c.wait_listed(0);
 
     // 14 Services at once, all in node-a's instance: the first 8 get a MasterElected Event

@@ -633,24 +633,29 @@ impl StatusWriter {
         self.group_elected_seen
             .retain(|k, _| observed.instances.contains_key(k));
         for note in elected {
-            let regarding = k8s_openapi::api::core::v1::ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(self.node.clone()),
-                ..Default::default()
-            };
-            let node = self.node.clone();
-            self.publish_about(
-                regarding,
-                &node,
-                None,
-                EventType::Normal,
-                "MasterElected",
-                "Elect",
-                note,
-            )
-            .await;
+            self.node_master_elected(note).await;
         }
+    }
+
+    /// A `MasterElected` Event about this node's Node (the summaries of big groups).
+    async fn node_master_elected(&mut self, note: String) {
+        let regarding = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node.clone()),
+            ..Default::default()
+        };
+        let node = self.node.clone();
+        self.publish_about(
+            regarding,
+            &node,
+            None,
+            EventType::Normal,
+            "MasterElected",
+            "Elect",
+            note,
+        )
+        .await;
     }
 
     async fn publish(
@@ -1337,23 +1342,7 @@ impl StatusWriter {
         }
         let summarized = std::mem::take(&mut self.lb.summarized);
         let note = lb_summary_note(&self.node, &summarized);
-        let regarding = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(self.node.clone()),
-            ..Default::default()
-        };
-        let node = self.node.clone();
-        self.publish_about(
-            regarding,
-            &node,
-            None,
-            EventType::Normal,
-            "MasterElected",
-            "Elect",
-            note,
-        )
-        .await;
+        self.node_master_elected(note).await;
     }
 }
 
