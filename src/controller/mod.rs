@@ -66,10 +66,9 @@ const POOL_COUNTS_EVERY: Duration = Duration::from_secs(1);
 /// Events waiting to be created; more are dropped (counted in the write metric). A burst of
 /// 10,000 new Services queues an Event each while the allocation writes go first.
 const EVENT_QUEUE: usize = 16384;
-/// Events created at once. They go while the leader has nothing to write, so a burst's
-/// Events (queued meanwhile) drain with more at once than when they competed with its
-/// writes (4 drained 10,000 at ~70/s).
-const EVENTS_IN_FLIGHT: usize = 8;
+/// Events created at once (8 drained a burst's queued Events no faster: ~60-70/s on the
+/// 2-core test machine either way, the API server's pace).
+const EVENTS_IN_FLIGHT: usize = 4;
 /// An Event waits while Service writes are in flight, up to this long: addresses and status
 /// come first (10,000 Services settled faster without their Events competing for the API
 /// server), and a controller that never stops writing still gets its Events out.
