@@ -49,6 +49,9 @@ const SUMMARY_MEMBERS: usize = EVENT_MEMBERS;
 /// 10,000 Services elected at once are then a handful of Events, not 10,000 (of which the
 /// rate limit published ~200 and dropped the rest unsaid).
 const LB_EVENT_WINDOW: Duration = Duration::from_secs(10);
+/// The summary goes out early once nothing more was elected for this long and nothing waits
+/// to be written (the end of a burst); during a long burst, once per window.
+const LB_SUMMARY_QUIET: Duration = Duration::from_secs(2);
 /// Status writes in flight at once; in a pass with nothing more urgent than this node's
 /// entries ([`WritePriority::Rest`]) while it still waits for masters' writes to show,
 /// fewer, so that the masters' writes (`status.master`, `Ready`) get most of the API server
@@ -168,8 +171,10 @@ struct LbMasters {
     /// The current [`LB_EVENT_WINDOW`]: when it began and how many Services got an Event of
     /// their own in it.
     event_window: Option<(Instant, usize)>,
-    /// Services elected beyond those, for the summary Event: (Service, addresses).
+    /// Services elected beyond those, for the summary Event: (Service, addresses), and when
+    /// the last one was added.
     summarized: Vec<(ServiceRef, usize)>,
+    summarized_at: Option<Instant>,
 }
 
 impl StatusWriter {
@@ -1302,6 +1307,7 @@ impl StatusWriter {
             if own >= EVENT_MEMBERS {
                 self.lb.event_window = Some((since, own));
                 self.lb.summarized.push((svc, addrs.len()));
+                self.lb.summarized_at = Some(now);
                 continue;
             }
             self.lb.event_window = Some((since, own + 1));
@@ -1325,19 +1331,29 @@ impl StatusWriter {
             .awaiting_ingress
             .retain(|svc, _| waiting.contains(svc));
         self.lb_summary_event(now).await;
-        if !self.lb.pending.is_empty() {
+        if !self.lb.pending.is_empty() || !self.lb.summarized.is_empty() {
             self.pending = true;
         }
     }
 
     /// The summary `MasterElected` Event of the Services beyond [`EVENT_MEMBERS`] in the
-    /// window, once their burst is written (nothing pending) or the window is over.
+    /// window, once their burst is over (nothing pending, nothing more elected for
+    /// [`LB_SUMMARY_QUIET`]) or the window is. (Sent whenever nothing was pending, it went out
+    /// on nearly every round of a burst that trickles in, ~200 with 10,000 Services.)
     async fn lb_summary_event(&mut self, now: Instant) {
         let window_over = self
             .lb
             .event_window
             .is_none_or(|(since, _)| now.duration_since(since) >= LB_EVENT_WINDOW);
-        if self.lb.summarized.is_empty() || !(self.lb.pending.is_empty() || window_over) {
+        let quiet = self
+            .lb
+            .summarized_at
+            .is_none_or(|at| now.duration_since(at) >= LB_SUMMARY_QUIET);
+        if self.lb.summarized.is_empty() || !(window_over || (self.lb.pending.is_empty() && quiet))
+        {
+            if !self.lb.summarized.is_empty() {
+                self.pending = true;
+            }
             return;
         }
         let summarized = std::mem::take(&mut self.lb.summarized);
