@@ -69,9 +69,10 @@ const EVENT_QUEUE: usize = 16384;
 /// Events created at once (8 drained a burst's queued Events no faster: ~60-70/s on the
 /// 2-core test machine either way, the API server's pace).
 const EVENTS_IN_FLIGHT: usize = 4;
-/// An Event waits while Service writes are in flight, up to this long: addresses and status
-/// come first (10,000 Services settled faster without their Events competing for the API
-/// server), and a controller that never stops writing still gets its Events out.
+/// An Event waits while the leader has Services left to write ([`Busy`]), up to this long:
+/// addresses and status come first (10,000 Services settled faster without their Events
+/// competing for the API server), and a controller that never stops writing still gets its
+/// Events out.
 const EVENT_DEFER_MAX: Duration = Duration::from_secs(10);
 /// How often a deferred Event looks again.
 const EVENT_DEFER_POLL: Duration = Duration::from_millis(50);
