@@ -66,8 +66,8 @@ const POOL_COUNTS_EVERY: Duration = Duration::from_secs(1);
 /// Events waiting to be created; more are dropped (counted in the write metric). A burst of
 /// 10,000 new Services queues an Event each while the allocation writes go first.
 const EVENT_QUEUE: usize = 16384;
-/// Events created at once (8 drained a burst's queued Events no faster: ~60-70/s on the
-/// 2-core test machine either way, the API server's pace).
+/// Events created at once (8 drained a burst's queued Events no faster than 4: ~60-70/s
+/// either way on the 2-core test machine).
 const EVENTS_IN_FLIGHT: usize = 4;
 /// An Event waits while the leader has Services left to write ([`Busy`]), up to this long:
 /// addresses and status come first (10,000 Services settled faster without their Events
