@@ -297,12 +297,7 @@ fn service(name: &str, group: &str) -> Service {
 }
 
 fn ingress(svc: &Service) -> Vec<String> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
+    ferrovip::crd::service_lb::ingress_entries(svc)
         .filter_map(|i| i.ip.clone())
         .collect()
 }

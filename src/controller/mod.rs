@@ -483,11 +483,14 @@ impl Leader {
     /// A joined write task; true when a pass should follow.
     fn joined(&mut self, done: Result<(tokio::task::Id, Done), tokio::task::JoinError>) -> bool {
         let again = self.join(done);
-        self.context.allocating.store(
-            again || self.backlog || !self.inflight.is_empty(),
-            Ordering::Relaxed,
-        );
+        self.set_allocating(again);
         again
+    }
+
+    /// Tells the Event task whether Services are left to write (`more`: a pass follows).
+    fn set_allocating(&self, more: bool) {
+        let left = more || self.backlog || !self.inflight.is_empty();
+        self.context.allocating.store(left, Ordering::Relaxed);
     }
 
     fn join(&mut self, done: Result<(tokio::task::Id, Done), tokio::task::JoinError>) -> bool {
@@ -644,8 +647,9 @@ impl Leader {
             if !record && !status {
                 continue;
             }
-            // A task per Service to write holds its copy of the Service: 10,000 at once
-            // were 250 MB more. The rest is decided again by a later pass.
+            // A task per Service to write holds its copy of the Service once it writes:
+            // 10,000 tasks at once were 250 MB more. The rest is decided again by a later
+            // pass.
             if self.inflight.len() >= QUEUED_WRITES {
                 self.backlog = true;
                 continue;
@@ -676,9 +680,7 @@ impl Leader {
         for (name, decision) in &outcome.pools {
             self.pool_write(name, &decision.status);
         }
-        self.context
-            .allocating
-            .store(self.backlog || !self.inflight.is_empty(), Ordering::Relaxed);
+        self.set_allocating(false);
     }
 
     fn pool_figures(&self, pools: &BTreeMap<String, ipam::PoolDecision>) {

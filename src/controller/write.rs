@@ -52,12 +52,7 @@ pub fn record_patch(svc: &Service, record: &BTreeMap<IpAddr, String>) -> Option<
 /// The Service's ingress as (ip, ipMode) pairs; entries without an ip (hostnames) as
 /// unparseable, so that they differ from anything ferrovip wants.
 fn current_ingress(svc: &Service) -> Vec<(Option<IpAddr>, Option<String>, bool)> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
+    crate::crd::service_lb::ingress_entries(svc)
         .map(|i| {
             (
                 i.ip.as_deref().and_then(|ip| ip.parse().ok()),

@@ -66,16 +66,22 @@ pub fn allocation_record(
         .map(|v| parse_allocated(v))
 }
 
-/// The addresses `status.loadBalancer.ingress` lists (entries without a readable `ip` left
-/// out).
-pub fn ingress_ips(svc: &k8s_openapi::api::core::v1::Service) -> impl Iterator<Item = IpAddr> + '_ {
+/// The entries of `status.loadBalancer.ingress` (none when there is no such list).
+pub fn ingress_entries(
+    svc: &k8s_openapi::api::core::v1::Service,
+) -> impl Iterator<Item = &k8s_openapi::api::core::v1::LoadBalancerIngress> + '_ {
     svc.status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
         .into_iter()
         .flatten()
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+}
+
+/// The addresses `status.loadBalancer.ingress` lists (entries without a readable `ip` left
+/// out).
+pub fn ingress_ips(svc: &k8s_openapi::api::core::v1::Service) -> impl Iterator<Item = IpAddr> + '_ {
+    ingress_entries(svc).filter_map(|i| i.ip.as_deref()?.parse().ok())
 }
 
 /// A malformed `ferrovip.io/allocated` record (a user edited it): the record is ignored as a

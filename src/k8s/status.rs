@@ -1331,15 +1331,16 @@ impl StatusWriter {
             .awaiting_ingress
             .retain(|svc, _| waiting.contains(svc));
         self.lb_summary_event(now).await;
-        if !self.lb.pending.is_empty() || !self.lb.summarized.is_empty() {
+        if !self.lb.pending.is_empty() {
             self.pending = true;
         }
     }
 
     /// The summary `MasterElected` Event of the Services beyond [`EVENT_MEMBERS`] in the
     /// window, once their burst is over (nothing pending, nothing more elected for
-    /// [`LB_SUMMARY_QUIET`]) or the window is. (Sent whenever nothing was pending, it went out
-    /// on nearly every round of a burst that trickles in, ~200 with 10,000 Services.)
+    /// [`LB_SUMMARY_QUIET`]) or the window is; until then another round is asked for. (Sent
+    /// whenever nothing was pending, it went out on nearly every round of a burst that
+    /// trickles in, ~200 with 10,000 Services.)
     async fn lb_summary_event(&mut self, now: Instant) {
         let window_over = self
             .lb
