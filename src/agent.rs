@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::controller::{
     self as service_controller, ControllerError, ControllerHandle, ControllerOptions,
@@ -41,6 +41,14 @@ const PLAN_PACING_MAX: Duration = Duration::from_secs(1);
 /// Plans cheaper than this are not paced: a small cluster's changes are planned as they
 /// come, as before (its snapshot's cost is mostly writing the cache file).
 const PLAN_PACING_FROM: Duration = Duration::from_millis(10);
+/// After a plan at least PLAN_PACING_FROM long (a large cluster), once no plan has followed
+/// for this long, the allocator's free memory goes back to the kernel
+/// ([`crate::node::socket::release_free_memory`]): a burst's garbage would otherwise stay
+/// resident while the agent idles.
+const MEMORY_RELEASE_QUIET: Duration = Duration::from_secs(5);
+/// And again this often while no plan comes (the Service controller's Events drain for a
+/// minute after 10,000 Services were allocated): a trim of an idle heap takes milliseconds.
+const MEMORY_RELEASE_PERIOD: Duration = Duration::from_secs(30);
 /// How often status is compared with the objects (and failed writes retried) even when
 /// nothing signals a change; only differences cause writes.
 const STATUS_RETRY: Duration = Duration::from_secs(1);
@@ -253,6 +261,10 @@ impl AgentError {
 /// released), or, on SIGTERM with `--restart-hold`, holds the addresses for the next agent.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut signals = Signals::install()?;
+    // Freed memory stays for the next plan; the agent hands it back once quiet (run loop).
+    for problem in crate::node::socket::keep_freed_memory() {
+        warn!(%problem, "the allocator keeps its adaptive thresholds");
+    }
     let mut agent = Agent::start(&args).await?;
     let stop = agent.run(&args, &mut signals).await;
     agent.stop(stop, &args).await;
@@ -462,6 +474,10 @@ impl Agent {
         // PLAN_PACING times that before the next, so it takes at most a fraction of a core.
         let mut plan_cost = Duration::ZERO;
         let mut snapshot_cost = Duration::ZERO;
+        // Not with a real-time engine: its memory is locked, and trimming takes the
+        // memory-map lock it must not wait for.
+        let may_release = args.vrrp_rt_priority.is_none();
+        let mut release_at: Option<tokio::time::Instant> = None;
         loop {
             // A partial snapshot (watches not all listed) is never planned from: its plan
             // would drop what the missing lists describe.
@@ -485,6 +501,9 @@ impl Agent {
                 self.endpoint_health.plan_published();
                 plan_cost = snapshot_cost + planning.elapsed();
                 snapshot_cost = Duration::ZERO;
+                if may_release && (plan_cost >= PLAN_PACING_FROM || release_at.is_some()) {
+                    release_at = Some(tokio::time::Instant::now() + MEMORY_RELEASE_QUIET);
+                }
             }
             replan = true;
             tokio::select! {
@@ -508,6 +527,12 @@ impl Agent {
                     snapshot_cost = taking.elapsed();
                 }
                 _ = self.health.changed() => {}
+                () = sleep_until(release_at) => {
+                    release_at = (plan_cost >= PLAN_PACING_FROM)
+                        .then(|| tokio::time::Instant::now() + MEMORY_RELEASE_PERIOD);
+                    replan = false;
+                    tokio::task::spawn_blocking(release_memory);
+                }
                 _ = carrier_poll.tick() => {
                     let interfaces = last.iter().flat_map(|d| d.instances.keys());
                     let now: BTreeMap<String, bool> = interfaces
@@ -901,6 +926,48 @@ fn check_specs(desired: &Desired) -> BTreeMap<CheckKey, CheckSpec> {
 
 /// Applies status whenever the plan, the instances or the resources change, and retries
 /// failed writes, in its own task so that a slow API server never delays planning.
+/// Sleeps until `at`; forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Gives the allocator's free memory back to the kernel, and says how much went.
+fn release_memory() {
+    let started = Instant::now();
+    let before = resident_bytes();
+    let released = crate::node::socket::release_free_memory();
+    let after = resident_bytes();
+    let (before_mib, after_mib) = (before.unwrap_or(0) >> 20, after.unwrap_or(0) >> 20);
+    let took_us = started.elapsed().as_micros() as u64;
+    // Worth a line only when it was much (after a burst of a large cluster).
+    if before_mib >= after_mib + 16 {
+        info!(
+            resident_before_mib = before_mib,
+            resident_after_mib = after_mib,
+            took_us,
+            "free memory handed back to the kernel"
+        );
+    } else {
+        debug!(
+            released,
+            resident_before_mib = before_mib,
+            resident_after_mib = after_mib,
+            took_us,
+            "free memory handed back to the kernel"
+        );
+    }
+}
+
+/// This process's resident memory (`/proc/self/statm`, pages of 4 KiB).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
 async fn write_status(
     mut writer: StatusWriter,
     mut stores: cluster::Stores,
@@ -914,7 +981,12 @@ async fn write_status(
         Some(rx) => (rx, true),
         None => (watch::channel(None).1, false),
     };
+    // What the last pass cost: paced like the planner, since a pass walks every VirtualIP
+    // and Service. Unpaced, every agent ran one per 20 ms while 10,000 Services settled,
+    // taking a sixth of the agent's time from the API server it writes to (perf).
+    let mut cost = Duration::ZERO;
     loop {
+        let started = Instant::now();
         let plan = desired.borrow_and_update().clone();
         let seen = observed.borrow_and_update().clone();
         let forwarding = dataplane.borrow_and_update().clone();
@@ -927,6 +999,7 @@ async fn write_status(
             writer
                 .reconcile_load_balancers(&stores.services, &plan, &seen)
                 .await;
+            cost = started.elapsed();
         }
         // More writes ready (a pass writes at most a few hundred): the next pass at once.
         while !writer.more() {
@@ -939,6 +1012,34 @@ async fn write_status(
             }
         }
         // Let a burst of changes settle into one round of writes.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(status_pause(cost)).await;
+    }
+}
+
+/// The status writer's pause before its next pass, after one that took `cost`: 20 ms (a
+/// burst of changes makes one round of writes), or for a large cluster's pass
+/// PLAN_PACING times its cost (at most PLAN_PACING_MAX), as the planner paces itself.
+fn status_pause(cost: Duration) -> Duration {
+    let settle = Duration::from_millis(20);
+    if cost < PLAN_PACING_FROM {
+        return settle;
+    }
+    (cost * PLAN_PACING).clamp(settle, PLAN_PACING_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_writer_paces_itself_like_the_planner_for_large_clusters() {
+        let ms = Duration::from_millis;
+        // Small clusters: a burst settles for 20 ms, as before.
+        assert_eq!(status_pause(Duration::ZERO), ms(20));
+        assert_eq!(status_pause(ms(9)), ms(20));
+        // A pass of 10,000 Services: twice its cost before the next, at most a second.
+        assert_eq!(status_pause(ms(10)), ms(20));
+        assert_eq!(status_pause(ms(40)), ms(80));
+        assert_eq!(status_pause(ms(900)), PLAN_PACING_MAX);
     }
 }
