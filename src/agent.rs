@@ -399,9 +399,20 @@ impl Agent {
                         daemonset_readable.clone(),
                     ));
                 }
+                let snapshot_file = args
+                    .cluster_snapshot
+                    .clone()
+                    .unwrap_or_else(|| args.state_dir.join(crate::source::cache::CACHE_FILE));
+                let watching = ClusterSource::watch(
+                    client.clone(),
+                    args.node_name.clone(),
+                    Some(snapshot_file),
+                    args.service_controller,
+                );
                 if args.service_controller {
-                    // Its own task, fed by nothing of the agent's: planning, VRRP and IPVS
-                    // never wait for it.
+                    // Its own task: planning, VRRP and IPVS never wait for it. It reads the
+                    // agent's Service, pool and VirtualIP stores (one copy of each in the
+                    // process, three watches fewer), waiting for nothing else of the agent's.
                     let stats = Arc::new(ControllerStats::default());
                     metrics.attach_controller_stats(stats.clone());
                     controller = Some(service_controller::spawn(
@@ -409,18 +420,10 @@ impl Agent {
                         args.controller.clone(),
                         args.node_name.clone(),
                         stats,
+                        watching.controller_stores(),
                     ));
                 }
-                let snapshot_file = args
-                    .cluster_snapshot
-                    .clone()
-                    .unwrap_or_else(|| args.state_dir.join(crate::source::cache::CACHE_FILE));
-                let mut cluster = ClusterSource::start(
-                    client.clone(),
-                    args.node_name.clone(),
-                    Some(snapshot_file),
-                )
-                .await;
+                let mut cluster = watching.listed().await;
                 cluster.set_serve_classless(!args.controller.ignore_classless_services);
                 // kube-proxy against the load-balancer addresses (log, Node Event, gauge).
                 let kube_proxy_metrics = metrics.clone();
@@ -767,7 +770,8 @@ pub async fn run_controller(args: ControllerArgs) -> Result<(), AgentError> {
     health.plan_published();
     let stop_metrics = serve_metrics(&args.metrics_addr, &metrics, &health)?;
     info!(identity = %identity, namespace = %args.controller.namespace, "Service controller started");
-    let controller = service_controller::spawn(client, args.controller.clone(), identity, stats);
+    let controller =
+        service_controller::spawn(client, args.controller.clone(), identity, stats, None);
     let mut beat = tokio::time::interval(driver::HEARTBEAT);
     loop {
         heartbeat.beat();

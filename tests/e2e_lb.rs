@@ -387,3 +387,155 @@ fn e2e_lb_a_burst_of_services_gets_a_few_events_and_one_summary() {
     let (own_after, summaries_after) = elected();
     assert_eq!((own_after, summaries_after.len()), (OWN, 1));
 }
+
+/// A Service of `type: LoadBalancer` with nothing of ferrovip's on it (the controller
+/// allocates).
+fn plain_service(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"type": "LoadBalancer", "selector": {"app": name}, "ports": [{"port": 80, "protocol": "TCP"}]},
+    })
+}
+
+/// Service name → its first `status.loadBalancer.ingress` address, for those that have one.
+fn ingress_addresses(c: &K8sLab) -> std::collections::BTreeMap<String, String> {
+    let out = c.kubectl(&["get", "services", "-n", "default", "-o", "json"]);
+    let list: Value = serde_json::from_str(&out).expect("kubectl -o json");
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let ip = text(&s["status"]["loadBalancer"]["ingress"][0]["ip"]);
+            (!ip.is_empty()).then(|| (text(&s["metadata"]["name"]), ip))
+        })
+        .collect()
+}
+
+/// The log line of node `i`'s controller term starting to decide.
+fn controller_listed(c: &K8sLab, i: usize) -> Value {
+    c.wait_log(i, "the controller's list", Duration::from_secs(20), |l| {
+        l["message"] == "Service controller: cluster listed"
+    })
+}
+
+fn wait_allocated(
+    c: &K8sLab,
+    count: usize,
+    timeout: Duration,
+) -> std::collections::BTreeMap<String, String> {
+    let started = Instant::now();
+    loop {
+        let got = ingress_addresses(c);
+        if got.len() >= count {
+            return got;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{count} Services should have an address within {timeout:?}: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The Service controller in the agents reads the agents' own stores (no watches of its own
+/// for Services, pools, VirtualIPs): the first leader allocates from them, and when it is
+/// killed in the middle of a burst the next one catches its shared stores up with a fresh
+/// read before deciding, keeps every address given and gives no address twice.
+#[test]
+fn e2e_lb_the_agents_controller_reads_their_stores_and_hands_over_without_a_duplicate() {
+    let mut c = K8sLab::new(2);
+    c.install();
+    c.kubectl(&["apply", "-f", POOL_CRD]);
+    c.kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=30s",
+        "crd/loadbalancerpools.ferrovip.io",
+    ]);
+    c.apply(&pool("web", "192.0.2.200-192.0.2.239", "KubeProxy"));
+    // The controller's Lease Role, bound to the agents (the chart does this).
+    c.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "agents-lease", "namespace": "ferrovip-system"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ferrovip-controller-lease"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": ferrovip_e2e::AGENT_GROUP}],
+    }));
+    let lease = ["--lease-duration=3s", "--lease-renew=1s"];
+    for i in 0..2 {
+        c.start_agent_with(i, &lease);
+    }
+    for i in 0..2 {
+        c.wait_listed(i);
+    }
+    // (Not found until the first agent creates it.)
+    let holder = || {
+        let out = c.kubectl_output(&[
+            "get",
+            "lease",
+            "-n",
+            "ferrovip-system",
+            "ferrovip-controller",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let started = Instant::now();
+    let first = loop {
+        let h = holder();
+        if let Some(i) = (0..2).find(|&i| c.name(i) == h) {
+            break i;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no agent leads the controller: {h:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let other = 1 - first;
+    let line = controller_listed(&c, first);
+    assert_eq!(line["shared"], true, "{line}");
+
+    // --- 1. 15 Services allocated by the first leader.
+    let items: Vec<Value> = (0..15).map(|i| plain_service(&format!("a-{i}"))).collect();
+    c.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
+    let before = wait_allocated(&c, 15, Duration::from_secs(20));
+
+    // --- 2. The leader killed, 15 more created at once: the other agent takes over.
+    c.signal(first, Signal::SIGKILL);
+    let items: Vec<Value> = (0..15).map(|i| plain_service(&format!("b-{i}"))).collect();
+    c.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
+    let after = wait_allocated(&c, 30, Duration::from_secs(30));
+    let line = controller_listed(&c, other);
+    assert_eq!(line["shared"], true, "{line}");
+    let log = c.log(other);
+    assert!(
+        !log.iter()
+            .any(|l| text(&l["message"]).contains("has not caught up")),
+        "the new leader's shared store should have caught up"
+    );
+    for (name, addr) in &before {
+        assert_eq!(
+            after.get(name),
+            Some(addr),
+            "{name} must keep its address across the handover"
+        );
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for (name, addr) in &after {
+        if let Some(earlier) = seen.insert(addr.clone(), name.clone()) {
+            panic!("{addr} given to both {earlier} and {name}: {after:?}");
+        }
+    }
+    eprintln!(
+        "{} Services, {} distinct addresses, leader {} then {}",
+        after.len(),
+        seen.len(),
+        c.name(first),
+        c.name(other)
+    );
+}

@@ -6,7 +6,8 @@
 //! Safety (issue 10: no duplicate, no renumbering, no fight):
 //! - Fencing. A new leader waits one `--lease-renew` after acquiring (a predecessor whose
 //!   Lease was taken from it notices at its next renewal and stops), then lists everything
-//!   afresh before its first write. The leader renews (compare-and-swap) before each batch of
+//!   afresh before its first write (in the agent, whose stores it shares: reads the Services'
+//!   versions afresh and waits until the stores hold them, [`watch::Watches::caught_up`]). The leader renews (compare-and-swap) before each batch of
 //!   writes and checks, before every single write, that its term is current and its hold
 //!   (counted from when its last renewal was sent) has not run out.
 //! - Optimistic concurrency. Every Service write carries the resourceVersion it was decided
@@ -40,6 +41,7 @@ use crate::crd::service_lb::{ANNOTATION_ALLOCATED, format_allocated};
 use crate::crd::{LoadBalancerPool, LoadBalancerPoolStatus, ServiceRef};
 use crate::ipam::{self, Inputs, ServiceDecision};
 use crate::k8s::lease::{Elector, Leadership, LeaseHandle, LeaseSettings};
+use crate::source::cluster::SharedStores;
 use write::ServiceEvent;
 
 /// Name of the Lease in the agent's namespace.
@@ -155,14 +157,17 @@ impl ControllerHandle {
 }
 
 /// Starts the controller task: it contends for the Lease and, while leading, allocates.
+/// With `shared`, each term reads the agent's Service, pool and VirtualIP stores
+/// ([`SharedStores`]) instead of listing and watching them itself.
 pub fn spawn(
     client: Client,
     options: ControllerOptions,
     identity: String,
     stats: Arc<ControllerStats>,
+    shared: Option<SharedStores>,
 ) -> ControllerHandle {
     let (stop, stopped) = oneshot::channel();
-    tokio::spawn(run(client, options, identity, stats, stopped));
+    tokio::spawn(run(client, options, identity, stats, shared, stopped));
     ControllerHandle { stop }
 }
 
@@ -171,6 +176,7 @@ async fn run(
     options: ControllerOptions,
     identity: String,
     stats: Arc<ControllerStats>,
+    shared: Option<SharedStores>,
     mut stop: oneshot::Receiver<oneshot::Sender<()>>,
 ) {
     let lease = Elector::spawn(
@@ -240,7 +246,7 @@ async fn run(
             stats: stats.clone(),
             events: events.clone(),
         };
-        let mut leader = Leader::new(context, config);
+        let mut leader = Leader::new(context, config, shared.as_ref());
         let stopped = tokio::select! {
             () = leader.run(&lease) => None,
             done = &mut stop => Some(done.ok()),
@@ -402,9 +408,12 @@ struct Leader {
 }
 
 impl Leader {
-    fn new(context: Context, config: ipam::Config) -> Leader {
+    fn new(context: Context, config: ipam::Config, shared: Option<&SharedStores>) -> Leader {
         Leader {
-            watches: watch::Watches::start(&context.client),
+            watches: match shared {
+                Some(shared) => watch::Watches::shared(&context.client, shared),
+                None => watch::Watches::start(&context.client),
+            },
             context,
             config,
             overrides: HashMap::new(),
@@ -426,6 +435,18 @@ impl Leader {
         tokio::select! {
             () = self.watches.listed() => {}
             () = lost(&mut state, self.context.term) => return,
+        }
+        // Shared stores: what was written before this term must be in them first.
+        let caught_up = tokio::select! {
+            up = self.watches.caught_up(&self.context.client) => up,
+            () = lost(&mut state, self.context.term) => return,
+        };
+        if !caught_up {
+            self.watches = watch::Watches::start(&self.context.client);
+            tokio::select! {
+                () = self.watches.listed() => {}
+                () = lost(&mut state, self.context.term) => return,
+            }
         }
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -125,6 +125,9 @@ struct Flags {
     /// A resource the server may not serve (its CRD not installed): not found counts as
     /// listed (empty), and the watch keeps retrying.
     optional: bool,
+    /// Wakes the Service controller, which reads this store too ([`SharedStores`]):
+    /// on the changes that wake the planner.
+    controller: Option<watch::Sender<u64>>,
 }
 
 /// The fingerprint of what the planner reads of an object (see `Flags::planner_view`).
@@ -171,9 +174,23 @@ impl ClusterSource {
     /// it waits only until a list fails or [`CACHE_GRACE`] passes, and then plans from the
     /// snapshot until the lists complete.
     pub async fn start(client: Client, node: String, cache: Option<PathBuf>) -> ClusterSource {
+        Self::watch(client, node, cache, false).listed().await
+    }
+
+    /// Starts the watchers; [`Watching::listed`] waits for them as [`ClusterSource::start`]
+    /// says. With `controller`, the Service, pool and VirtualIP stores can be lent to the
+    /// Service controller ([`Watching::controller_stores`]).
+    pub fn watch(
+        client: Client,
+        node: String,
+        cache: Option<PathBuf>,
+        controller: bool,
+    ) -> Watching {
         let changed = watch::Sender::new(0u64);
         let any_change = watch::Sender::new(0u64);
+        let controller_changes = controller.then(|| watch::Sender::new(0u64));
         let endpoints_known = Arc::new(AtomicBool::new(false));
+        let pools_served = Arc::new(AtomicBool::new(false));
         let listed = Listed::default();
         let flags = |flag: &Arc<AtomicBool>, served: Option<Arc<AtomicBool>>| Flags {
             changed: changed.clone(),
@@ -183,27 +200,121 @@ impl ClusterSource {
             served,
             optional: false,
             planner_view: None,
+            controller: None,
         };
         let virtual_ips = spawn_reflector(
             Api::<VirtualIP>::all(client.clone()),
             Flags {
                 planner_view: Some(virtual_ip_view),
+                controller: controller_changes.clone(),
                 ..flags(&listed.virtual_ips, None)
             },
         );
         let nodes = spawn_reflector(Api::<Node>::all(client.clone()), flags(&listed.nodes, None));
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
-            flags(&listed.services, None),
+            Flags {
+                controller: controller_changes.clone(),
+                ..flags(&listed.services, None)
+            },
         );
         let pools = spawn_reflector(
             Api::<LoadBalancerPool>::all(client.clone()),
             Flags {
                 optional: true,
-                ..flags(&listed.pools, None)
+                controller: controller_changes.clone(),
+                ..flags(&listed.pools, Some(pools_served.clone()))
             },
         );
         let slices = spawn_slices(client, flags(&listed.slices, Some(endpoints_known.clone())));
+        Watching {
+            node,
+            cache,
+            virtual_ips,
+            nodes,
+            services,
+            pools,
+            pools_served,
+            slices,
+            changed,
+            any_change,
+            controller_changes,
+            endpoints_known,
+            listed,
+        }
+    }
+}
+
+/// The agent's stores, lent to the Service controller (`controller::watch`).
+#[derive(Clone)]
+pub struct SharedStores {
+    pub services: Store<Service>,
+    pub pools: Store<LoadBalancerPool>,
+    pub virtual_ips: Store<VirtualIP>,
+    /// Per kind, the flags that must all be set for it to count as listed (for pools, also
+    /// that the server served them: the agent takes a pool CRD it cannot list as "no pools",
+    /// which the controller must not allocate from).
+    pub listed: Vec<(Vec<Arc<AtomicBool>>, &'static str)>,
+    /// Bumped by the agent's reflectors on every change the controller reads.
+    pub changes: watch::Sender<u64>,
+}
+
+/// A [`ClusterSource`] whose watches run and may not have listed yet.
+pub struct Watching {
+    node: String,
+    cache: Option<PathBuf>,
+    virtual_ips: Store<VirtualIP>,
+    nodes: Store<Node>,
+    services: Store<Service>,
+    pools: Store<LoadBalancerPool>,
+    /// The pool watch has had an answer from the server (not "taken as empty").
+    pools_served: Arc<AtomicBool>,
+    slices: Slices,
+    changed: watch::Sender<u64>,
+    any_change: watch::Sender<u64>,
+    controller_changes: Option<watch::Sender<u64>>,
+    endpoints_known: Arc<AtomicBool>,
+    listed: Listed,
+}
+
+impl Watching {
+    /// The stores the Service controller reads, when [`ClusterSource::watch`] was asked for
+    /// them.
+    pub fn controller_stores(&self) -> Option<SharedStores> {
+        Some(SharedStores {
+            services: self.services.clone(),
+            pools: self.pools.clone(),
+            virtual_ips: self.virtual_ips.clone(),
+            listed: vec![
+                (vec![self.listed.services.clone()], "Service"),
+                (
+                    vec![self.listed.pools.clone(), self.pools_served.clone()],
+                    "LoadBalancerPool",
+                ),
+                (vec![self.listed.virtual_ips.clone()], "VirtualIP"),
+            ],
+            changes: self.controller_changes.clone()?,
+        })
+    }
+
+    /// Waits until every watch has listed once, or (with a saved snapshot) until a list fails
+    /// or [`CACHE_GRACE`] passes.
+    pub async fn listed(self) -> ClusterSource {
+        let Watching {
+            node,
+            cache,
+            virtual_ips,
+            nodes,
+            services,
+            pools,
+            pools_served: _,
+            slices,
+            changed,
+            any_change,
+            controller_changes: _,
+            endpoints_known,
+            listed,
+        } = self;
         let mut cache = cache.map(|path| SnapshotCache::new(path, node.clone()));
         let cached = match cache.as_mut().map(SnapshotCache::load) {
             Some(Ok(Some(cached))) => Some(cached),
@@ -277,7 +388,9 @@ impl ClusterSource {
         source.log_complete();
         source
     }
+}
 
+impl ClusterSource {
     /// Whether class-less `type: LoadBalancer` Services count (default true; the agent's
     /// `--ignore-classless-services` turns it off).
     pub fn set_serve_classless(&mut self, serve: bool) {
@@ -669,6 +782,9 @@ where
                     flags.any_change.send_modify(|g| *g += 1);
                     if planner_reads(&mut views, flags.planner_view, &event) {
                         flags.changed.send_modify(|g| *g += 1);
+                        if let Some(controller) = &flags.controller {
+                            controller.send_modify(|g| *g += 1);
+                        }
                     }
                 }
             }
@@ -679,6 +795,9 @@ where
                     // Its CRD is not installed, or RBAC predates it: taken as empty, so that
                     // an upgraded agent with old RBAC still plans its VirtualIPs. The watch
                     // retries.
+                    if let (Some(s), true) = (&flags.served, not_served) {
+                        s.store(false, Ordering::Relaxed);
+                    }
                     if !flags.listed.swap(true, Ordering::Relaxed) {
                         if forbidden {
                             warn!(
