@@ -441,9 +441,10 @@ fn wait_allocated(
 }
 
 /// The Service controller in the agents reads the agents' own stores (no watches of its own
-/// for Services, pools, VirtualIPs): the first leader allocates from them, and when it is
-/// killed in the middle of a burst the next one catches its shared stores up with a fresh
-/// read before deciding, keeps every address given and gives no address twice.
+/// for Services, pools, VirtualIPs): the first leader allocates from them (a burst's Events:
+/// 8 of their own and one summary about the pool), and when it is killed in the middle of a
+/// burst the next one catches its shared stores up with a fresh read before deciding, keeps
+/// every address given and gives no address twice.
 #[test]
 fn e2e_lb_the_agents_controller_reads_their_stores_and_hands_over_without_a_duplicate() {
     let mut c = K8sLab::new(2);
@@ -504,6 +505,39 @@ fn e2e_lb_the_agents_controller_reads_their_stores_and_hands_over_without_a_dupl
     let items: Vec<Value> = (0..15).map(|i| plain_service(&format!("a-{i}"))).collect();
     c.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
     let before = wait_allocated(&c, 15, Duration::from_secs(20));
+    // Their AddressAllocated Events: 8 of their own, the other 7 counted into one Event
+    // about the pool.
+    let started = Instant::now();
+    let (own, summaries) = loop {
+        let out = c.kubectl(&["get", "events.events.k8s.io", "-A", "-o", "json"]);
+        let list: Value = serde_json::from_str(&out).expect("kubectl -o json");
+        let allocated: Vec<Value> = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["reason"] == "AddressAllocated")
+            .cloned()
+            .collect();
+        let own = allocated
+            .iter()
+            .filter(|e| e["regarding"]["kind"] == "Service")
+            .count();
+        let summaries: Vec<String> = allocated
+            .iter()
+            .filter(|e| e["regarding"]["kind"] == "LoadBalancerPool")
+            .map(|e| text(&e["note"]))
+            .collect();
+        if (own, summaries.len()) == (8, 1) || started.elapsed() > Duration::from_secs(15) {
+            break (own, summaries);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(own, 8, "an Event each for the first 8: {summaries:?}");
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    assert!(
+        summaries[0].starts_with("pool web: 7 more addresses allocated to Services: default/a-"),
+        "{summaries:?}"
+    );
 
     // --- 2. The leader killed, 15 more created at once: the other agent takes over.
     c.signal(first, Signal::SIGKILL);

@@ -19,6 +19,7 @@
 //! - Only Services in the allocator's outcome are ever written (others are not ours).
 
 pub mod stats;
+pub mod summary;
 pub mod watch;
 pub mod write;
 
@@ -303,8 +304,32 @@ fn spawn_events(
     busy: Busy,
 ) -> mpsc::Sender<ServiceEvent> {
     let (tx, mut rx) = mpsc::channel::<ServiceEvent>(EVENT_QUEUE);
+    // A burst's Events are summarized per pool before they queue for publishing.
+    let (summarized_tx, mut summarized) = mpsc::channel::<ServiceEvent>(EVENT_QUEUE);
     tokio::spawn(async move {
-        let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let mut summaries = summary::Summaries::default();
+        loop {
+            let due = summaries.due();
+            let event = tokio::select! {
+                event = rx.recv() => match event {
+                    Some(event) => summaries.offer(event, Instant::now()),
+                    None => break,
+                },
+                () = sleep_until_opt(due) => None,
+            };
+            let ready = event.into_iter().chain(summaries.flush(Instant::now()));
+            for event in ready {
+                if summarized_tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        }
+        for event in summaries.flush(Instant::now() + summary::WINDOW) {
+            let _ = summarized_tx.send(event).await;
+        }
+    });
+    tokio::spawn(async move {
+        let stream = futures::stream::poll_fn(move |cx| summarized.poll_recv(cx));
         stream
             .for_each_concurrent(EVENTS_IN_FLIGHT, |event| {
                 let client = client.clone();
@@ -328,6 +353,14 @@ fn spawn_events(
             .await;
     });
     tx
+}
+
+/// Sleeps until `at`; forever without one.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A Service as the allocator must see it while our write is in flight or until the watch
@@ -914,13 +947,16 @@ async fn service_writes(
                     context.stats.allocated_after(t.elapsed());
                 }
                 for (address, pool) in &decision.allocated {
-                    context.event(ServiceEvent::new(
-                        &svc,
-                        false,
-                        "AddressAllocated",
-                        "Allocate",
-                        format!("address {address} allocated from pool {pool}"),
-                    ));
+                    context.event(
+                        ServiceEvent::new(
+                            &svc,
+                            false,
+                            "AddressAllocated",
+                            "Allocate",
+                            format!("address {address} allocated from pool {pool}"),
+                        )
+                        .countable(pool, &address.to_string()),
+                    );
                 }
                 for (address, why) in &decision.released {
                     context.event(ServiceEvent::new(

@@ -272,11 +272,15 @@ pub async fn patch_pool_status(
 /// One Event about a Service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceEvent {
+    /// What the Event is about: a Service, or a LoadBalancerPool for a summary.
     pub service: k8s_openapi::api::core::v1::ObjectReference,
     pub warning: bool,
     pub reason: &'static str,
     pub action: &'static str,
     pub note: String,
+    /// In a burst, this Event may be counted into its pool's summary instead
+    /// ([`super::summary`]).
+    pub countable: Option<super::summary::Countable>,
 }
 
 impl ServiceEvent {
@@ -293,13 +297,25 @@ impl ServiceEvent {
             reason,
             action,
             note,
+            countable: None,
         }
+    }
+
+    /// An Event a burst may count into its pool's summary.
+    pub fn countable(mut self, pool: &str, address: &str) -> ServiceEvent {
+        self.countable = Some(super::summary::Countable {
+            pool: pool.to_owned(),
+            address: address.to_owned(),
+        });
+        self
     }
 }
 
-/// Creates the Event in the Service's namespace (`events.k8s.io/v1`).
+/// Creates the Event in the Service's namespace (`events.k8s.io/v1`). One about a pool
+/// (cluster-scoped, its uid looked up so that `kubectl describe` finds it) goes to
+/// `default`, or to `kube-system` on servers that take no other for it (422 in `default`:
+/// v1.20 wants new-style Events about cluster-scoped objects there).
 pub async fn publish(client: &Client, identity: &str, event: &ServiceEvent) -> kube::Result<()> {
-    let namespace = event.service.namespace.clone().unwrap_or_default();
     let now = Timestamp::now();
     let mut note = event.note.clone();
     if note.len() > 1024 {
@@ -310,28 +326,54 @@ pub async fn publish(client: &Client, identity: &str, event: &ServiceEvent) -> k
         note.truncate(end);
         note.push_str("...");
     }
-    let body = K8sEvent {
-        metadata: ObjectMeta {
-            name: Some(format!(
-                "{}.{:x}",
-                event.service.name.clone().unwrap_or_default(),
-                now.as_nanosecond()
-            )),
-            namespace: Some(namespace.clone()),
-            ..ObjectMeta::default()
-        },
-        event_time: Some(MicroTime(now)),
-        action: Some(event.action.into()),
-        reason: Some(event.reason.into()),
-        note: Some(note),
-        regarding: Some(event.service.clone()),
-        reporting_controller: Some("ferrovip.io/controller".into()),
-        reporting_instance: Some(identity.into()),
-        type_: Some(if event.warning { "Warning" } else { "Normal" }.into()),
-        ..K8sEvent::default()
+    let mut regarding = event.service.clone();
+    let namespaces: Vec<String> = match &regarding.namespace {
+        Some(namespace) => vec![namespace.clone()],
+        None => {
+            if regarding.uid.is_none()
+                && regarding.kind.as_deref() == Some("LoadBalancerPool")
+                && let Some(name) = &regarding.name
+            {
+                regarding.uid = Api::<LoadBalancerPool>::all(client.clone())
+                    .get_opt(name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|p| p.metadata.uid);
+            }
+            vec!["default".into(), "kube-system".into()]
+        }
     };
-    let api: Api<K8sEvent> = Api::namespaced(client.clone(), &namespace);
-    api.create(&PostParams::default(), &body).await.map(drop)
+    let last = namespaces.len() - 1;
+    for (i, namespace) in namespaces.iter().enumerate() {
+        let body = K8sEvent {
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.clone().unwrap_or_default(),
+                    now.as_nanosecond()
+                )),
+                namespace: Some(namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            action: Some(event.action.into()),
+            reason: Some(event.reason.into()),
+            note: Some(note.clone()),
+            regarding: Some(regarding.clone()),
+            reporting_controller: Some("ferrovip.io/controller".into()),
+            reporting_instance: Some(identity.into()),
+            type_: Some(if event.warning { "Warning" } else { "Normal" }.into()),
+            ..K8sEvent::default()
+        };
+        let api: Api<K8sEvent> = Api::namespaced(client.clone(), namespace);
+        match api.create(&PostParams::default(), &body).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 422 && i < last => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Whether the server has `status.loadBalancer.ingress[].ipMode` (Kubernetes 1.30+; older
