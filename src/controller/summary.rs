@@ -20,13 +20,6 @@ pub const QUIET: Duration = Duration::from_secs(2);
 /// Services named in a summary.
 const NAMED: usize = 8;
 
-/// What a summary may count instead of an Event of its own.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Countable {
-    pub pool: String,
-    pub address: String,
-}
-
 #[derive(Default)]
 struct Pending {
     count: usize,
@@ -131,6 +124,7 @@ fn summary_event(reason: &'static str, pool: &str, p: Pending) -> ServiceEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::write::Countable;
 
     fn allocated(i: usize, pool: &str) -> ServiceEvent {
         ServiceEvent {

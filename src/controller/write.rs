@@ -278,9 +278,16 @@ pub struct ServiceEvent {
     pub reason: &'static str,
     pub action: &'static str,
     pub note: String,
-    /// In a burst, this Event may be counted into its pool's summary instead
-    /// ([`super::summary`]).
-    pub countable: Option<super::summary::Countable>,
+    /// In a burst, this Event may be counted into its pool's summary instead (the
+    /// controller's `summary` module).
+    pub countable: Option<Countable>,
+}
+
+/// What a summary may count instead of an Event of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Countable {
+    pub pool: String,
+    pub address: String,
 }
 
 impl ServiceEvent {
@@ -303,7 +310,7 @@ impl ServiceEvent {
 
     /// An Event a burst may count into its pool's summary.
     pub fn countable(mut self, pool: &str, address: &str) -> ServiceEvent {
-        self.countable = Some(super::summary::Countable {
+        self.countable = Some(Countable {
             pool: pool.to_owned(),
             address: address.to_owned(),
         });
