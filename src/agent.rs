@@ -530,7 +530,7 @@ impl Agent {
                     snapshot_cost = taking.elapsed();
                 }
                 _ = self.health.changed() => {}
-                () = sleep_until(release_at) => {
+                () = driver::sleep_until(release_at) => {
                     release_at = (plan_cost >= PLAN_PACING_FROM)
                         .then(|| tokio::time::Instant::now() + MEMORY_RELEASE_PERIOD);
                     replan = false;
@@ -930,14 +930,6 @@ fn check_specs(desired: &Desired) -> BTreeMap<CheckKey, CheckSpec> {
 
 /// Applies status whenever the plan, the instances or the resources change, and retries
 /// failed writes, in its own task so that a slow API server never delays planning.
-/// Sleeps until `at`; forever without one.
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Gives the allocator's free memory back to the kernel, and says how much went.
 fn release_memory() {
     let started = Instant::now();

@@ -135,6 +135,14 @@ pub struct EngineThread {
     pub finished: oneshot::Receiver<()>,
 }
 
+/// Sleeps until `at`; forever without one (a `select!` branch for an optional deadline).
+pub async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Starts the engine on its own OS thread, with its own current-thread runtime and netlink
 /// connection, at SCHED_FIFO `rt_priority` when given (a failure to get it is logged, not
 /// fatal). Returns once the driver has cleaned up what a predecessor left and runs.

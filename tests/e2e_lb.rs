@@ -118,8 +118,8 @@ fn service_patches_since(c: &K8sLab, mark: u64) -> usize {
         .count()
 }
 
-/// Two nodes, the API server with the pool CRD and `pools`, the agents started.
-fn lab_with_pools(pools: Vec<Value>) -> K8sLab {
+/// Two nodes, the API server with the pool CRD and `pools`, no agent yet.
+fn installed_with_pools(pools: Vec<Value>) -> K8sLab {
     let mut c = K8sLab::new(2);
     c.install();
     c.kubectl(&["apply", "-f", POOL_CRD]);
@@ -130,6 +130,12 @@ fn lab_with_pools(pools: Vec<Value>) -> K8sLab {
         "crd/loadbalancerpools.ferrovip.io",
     ]);
     c.apply(&json!({"apiVersion": "v1", "kind": "List", "items": pools}));
+    c
+}
+
+/// [`installed_with_pools`], the agents started.
+fn lab_with_pools(pools: Vec<Value>) -> K8sLab {
+    let mut c = installed_with_pools(pools);
     c.start_agents();
     c
 }
@@ -447,16 +453,7 @@ fn wait_allocated(
 /// every address given and gives no address twice.
 #[test]
 fn e2e_lb_the_agents_controller_reads_their_stores_and_hands_over_without_a_duplicate() {
-    let mut c = K8sLab::new(2);
-    c.install();
-    c.kubectl(&["apply", "-f", POOL_CRD]);
-    c.kubectl(&[
-        "wait",
-        "--for=condition=established",
-        "--timeout=30s",
-        "crd/loadbalancerpools.ferrovip.io",
-    ]);
-    c.apply(&pool("web", "192.0.2.200-192.0.2.239", "KubeProxy"));
+    let mut c = installed_with_pools(vec![pool("web", "192.0.2.200-192.0.2.239", "KubeProxy")]);
     // The controller's Lease Role, bound to the agents (the chart does this).
     c.apply(&json!({
         "apiVersion": "rbac.authorization.k8s.io/v1",

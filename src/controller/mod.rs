@@ -315,7 +315,7 @@ fn spawn_events(
                     Some(event) => summaries.offer(event, Instant::now()),
                     None => break,
                 },
-                () = sleep_until_opt(due) => None,
+                () = crate::driver::sleep_until(due.map(Into::into)) => None,
             };
             let ready = event.into_iter().chain(summaries.flush(Instant::now()));
             for event in ready {
@@ -353,14 +353,6 @@ fn spawn_events(
             .await;
     });
     tx
-}
-
-/// Sleeps until `at`; forever without one.
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// A Service as the allocator must see it while our write is in flight or until the watch
