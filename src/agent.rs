@@ -928,8 +928,6 @@ fn check_specs(desired: &Desired) -> BTreeMap<CheckKey, CheckSpec> {
         .collect()
 }
 
-/// Applies status whenever the plan, the instances or the resources change, and retries
-/// failed writes, in its own task so that a slow API server never delays planning.
 /// Gives the allocator's free memory back to the kernel, and says how much went.
 fn release_memory() {
     let started = Instant::now();
@@ -964,6 +962,8 @@ fn resident_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
+/// Applies status whenever the plan, the instances or the resources change, and retries
+/// failed writes, in its own task so that a slow API server never delays planning.
 async fn write_status(
     mut writer: StatusWriter,
     mut stores: cluster::Stores,

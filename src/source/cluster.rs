@@ -169,17 +169,10 @@ pub struct Stores {
 }
 
 impl ClusterSource {
-    /// Starts the watchers and waits until every one (VirtualIPs, Nodes, Services,
-    /// EndpointSlices) has listed once. With a snapshot saved in `cache` by an earlier run,
-    /// it waits only until a list fails or [`CACHE_GRACE`] passes, and then plans from the
-    /// snapshot until the lists complete.
-    pub async fn start(client: Client, node: String, cache: Option<PathBuf>) -> ClusterSource {
-        Self::watch(client, node, cache, false).listed().await
-    }
-
-    /// Starts the watchers; [`Watching::listed`] waits for them as [`ClusterSource::start`]
-    /// says. With `controller`, the Service, pool and VirtualIP stores can be lent to the
-    /// Service controller ([`Watching::controller_stores`]).
+    /// Starts the watchers (VirtualIPs, Nodes, Services, EndpointSlices, pools);
+    /// [`Watching::listed`] waits for their first lists. With `controller`, the Service, pool
+    /// and VirtualIP stores can be lent to the Service controller
+    /// ([`Watching::controller_stores`]).
     pub fn watch(
         client: Client,
         node: String,
@@ -297,8 +290,9 @@ impl Watching {
         })
     }
 
-    /// Waits until every watch has listed once, or (with a saved snapshot) until a list fails
-    /// or [`CACHE_GRACE`] passes.
+    /// Waits until every watch has listed once. With a snapshot saved in `cache` by an
+    /// earlier run, it waits only until a list fails or [`CACHE_GRACE`] passes, and then
+    /// plans from the snapshot until the lists complete.
     pub async fn listed(self) -> ClusterSource {
         let Watching {
             node,
