@@ -84,6 +84,7 @@ fn netns_bulk_ten_thousand_ipv4_addresses_as_routes_answered_and_removed() {
         })
         .collect();
     // The anchor (the lowest) is an interface address; the routes cover the rest.
+    let v4s: Vec<std::net::IpAddr> = v4s.into_iter().map(std::net::IpAddr::V4).collect();
     let cover = cidr_cover(&v4s[1..]);
     let (failed, took) = node.block_on(|| async {
         let manager = AddressManager::connect().unwrap();
@@ -190,7 +191,7 @@ fn netns_bulk_removing_part_of_a_set_reanchors_it() {
         shown.len(),
         cidr_cover(
             &(12..=100)
-                .map(|i| Ipv4Addr::new(10, 2, 0, i))
+                .map(|i| std::net::IpAddr::V4(Ipv4Addr::new(10, 2, 0, i)))
                 .collect::<Vec<_>>()
         )
         .len()
@@ -270,7 +271,7 @@ fn netns_bulk_growth_keeps_every_address_reachable() {
             routes(&node).len(),
             cidr_cover(
                 &(2..=100)
-                    .map(|i| Ipv4Addr::new(10, 7, 0, i))
+                    .map(|i| std::net::IpAddr::V4(Ipv4Addr::new(10, 7, 0, i)))
                     .collect::<Vec<_>>()
             )
             .len(),
@@ -496,7 +497,8 @@ fn netns_bulk_ipv6_batch_of_two_thousand_and_one_bad_request() {
         .map(|i| format!("2001:db8:1::{i:x}/128").parse().unwrap())
         .collect();
     let (failed, took_add, took_remove) = node.block_on(|| async {
-        let manager = AddressManager::connect().unwrap();
+        // Interface addresses, batched (threshold 0: no bulk set).
+        let manager = AddressManager::connect().unwrap().with_bulk_threshold(0);
         let start = Instant::now();
         let failed = manager
             .add_all(index, &set, Some(Duration::from_secs(60)))
@@ -565,7 +567,7 @@ fn netns_bulk_ipv6_batch_of_two_thousand_and_one_bad_request() {
         .collect();
     mixed.insert(20, bad);
     let failed = node.block_on(|| async {
-        let manager = AddressManager::connect().unwrap();
+        let manager = AddressManager::connect().unwrap().with_bulk_threshold(0);
         manager
             .add_all(index, &mixed, None)
             .await
@@ -583,4 +585,208 @@ fn netns_bulk_ipv6_batch_of_two_thousand_and_one_bad_request() {
     );
     let shown = node.ip(&["-6", "-o", "addr", "show", "dev", "va", "scope", "global"]);
     assert_eq!(shown.lines().count(), 50, "{shown}");
+}
+
+fn v6_routes(ns: &Netns) -> Vec<String> {
+    // iproute2 lists no IPv6 `local` route under `table main`: all tables, main's only.
+    ns.ip(&["-6", "route", "show", "table", "all", "proto", "0x46"])
+        .lines()
+        .filter(|l| !l.contains(" table "))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn v6_global(ns: &Netns) -> Vec<String> {
+    ns.ip(&["-6", "-o", "addr", "show", "dev", "va", "scope", "global"])
+        .lines()
+        .map(|l| l.split_whitespace().nth(3).unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn ping6_ok(ns: &Netns, ip: &str) -> bool {
+    ns.ip_ok(&["-6", "neigh", "flush", "dev", "vb"])
+        && std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &ns.name, "ping", "-6", "-c", "1", "-W", "1", ip,
+            ])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+}
+
+/// 2,000 IPv6 VIPs as one bulk set: an anchor and a handful of expiring `local` routes, the
+/// peer's neighbour solicitations answered by the NDP responder; renewal keeps the routes,
+/// without it they expire and are no longer answered for; a deleted route reports the set,
+/// a restart hold is adopted, and cleanup removes everything.
+#[test]
+fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
+    let (node, peer, index) = setup("v6b");
+    node.ip(&["-6", "addr", "add", "2001:db8::1/64", "dev", "va", "nodad"]);
+    peer.ip(&["-6", "addr", "add", "2001:db8::2/64", "dev", "vb", "nodad"]);
+    // The VIPs are on-link for the peer (it resolves them with neighbour solicitations).
+    peer.ip(&["-6", "route", "add", "2001:db8:1::/48", "dev", "vb"]);
+    // Link-locals out of DAD: a reply from a route-held address resolves the peer with the
+    // interface's link-local as source, which is held back while tentative.
+    let ready = |ns: &Netns, dev: &str| {
+        let shown = ns.ip(&["-6", "addr", "show", "dev", dev, "scope", "link"]);
+        shown.contains("fe80") && !shown.contains("tentative")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(ready(&node, "va") && ready(&peer, "vb")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dir = TempDir::new("v6b");
+    let set: Vec<IpNet> = (1..=2000u32)
+        .map(|i| format!("2001:db8:1::{i:x}/128").parse().unwrap())
+        .collect();
+    let ips: Vec<std::net::IpAddr> = set.iter().map(IpNet::addr).collect();
+    let cover = cidr_cover(&ips[1..]);
+    let mac = node.ip(&["link", "show", "va"]);
+    let mac = mac
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    node.block_on(|| async {
+        let manager = AddressManager::connect_with_record(&dir.0, None)
+            .await
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        AddressWatcher::spawn_for(&manager, tx).unwrap();
+        let start = Instant::now();
+        let failed = manager
+            .add_all(index, &set, Some(Duration::from_secs(10)))
+            .await;
+        println!("2,000 IPv6 in bulk: installed in {:?}", start.elapsed());
+        assert!(failed.is_empty(), "{failed:?}");
+        let shown = v6_routes(&node);
+        assert_eq!(shown.len(), cover.len(), "{shown:?}");
+        assert!(shown.iter().all(|l| l.contains("expires")), "{shown:?}");
+        assert_eq!(
+            v6_global(&node),
+            vec!["2001:db8:1::1/128", "2001:db8::1/64"]
+        );
+        // Answered through the responder (the peer resolves the neighbour), and pinged.
+        assert!(ping6_ok(&peer, "2001:db8:1::5a"));
+        let neigh = peer.ip(&["-6", "neigh", "show", "2001:db8:1::5a", "dev", "vb"]);
+        assert!(neigh.contains(&mac), "{neigh} lacks {mac}");
+        assert!(ping6_ok(&peer, "2001:db8:1::7d0"), "the last member");
+        assert!(
+            !ping6_ok(&peer, "2001:db8:1::7d1"),
+            "one past the set answered"
+        );
+
+        // Renewal (the engine's, three times a second) keeps the routes past their lifetime.
+        let anchor = [(index, set[0])];
+        let until = Instant::now() + Duration::from_millis(3500);
+        while Instant::now() < until {
+            let report = manager.renew(&anchor, Duration::from_secs(2)).unwrap();
+            assert!(report.failed.is_empty(), "{report:?}");
+            assert_eq!(report.renewed, 1 + cover.len());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(is_local(&node, "2001:db8:1::3e8"));
+        assert!(ping6_ok(&peer, "2001:db8:1::3e8"));
+        // A hung engine: no renewal, the routes expire and nobody answers for them.
+        tokio::time::sleep(Duration::from_millis(3200)).await;
+        let route = std::process::Command::new("ip")
+            .args(["-n", &node.name, "route", "get", "2001:db8:1::3e8"])
+            .output()
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&route.stdout).starts_with("local "),
+            "an expired route still local"
+        );
+        assert!(
+            !ping6_ok(&peer, "2001:db8:1::3e9"),
+            "an expired member answered"
+        );
+        // The anchor expired with them: the whole set was reported gone, once.
+        let mut removed = HashSet::new();
+        while let Ok(event) = rx.try_recv() {
+            if let AddressEvent::Removed { net, .. } = event {
+                assert!(removed.insert(net), "{net} reported twice");
+            }
+        }
+        assert_eq!(removed.len(), set.len());
+        // It wakes up: the engine adds its addresses again, the set is installed again.
+        assert!(
+            manager
+                .add_all(index, &set[..1], Some(Duration::from_secs(60)))
+                .await
+                .is_empty()
+        );
+        assert!(ping6_ok(&peer, "2001:db8:1::3e9"));
+        assert_eq!(v6_routes(&node).len(), cover.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while rx.try_recv().is_ok() {}
+
+        // A route deleted by hand: every member reported once; adding one puts the set back.
+        let victim = cover[cover.len() / 2];
+        node.ip(&[
+            "-6",
+            "route",
+            "del",
+            "local",
+            &victim.to_string(),
+            "dev",
+            "va",
+            "table",
+            "main",
+        ]);
+        let mut removed = HashSet::new();
+        while removed.len() < set.len() {
+            match tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
+                Ok(Some(AddressEvent::Removed { net, .. })) => {
+                    assert!(removed.insert(net), "{net} reported twice");
+                }
+                other => panic!("expected removals, got {other:?}"),
+            }
+        }
+        assert!(
+            manager
+                .add_all(index, &set[5..6], Some(Duration::from_secs(60)))
+                .await
+                .is_empty()
+        );
+        assert_eq!(v6_routes(&node).len(), cover.len());
+        assert!(is_local(&node, &victim.addr().to_string()));
+
+        // Restart hold: anchor and routes keep 60 s; the next manager adopts them.
+        assert!(
+            manager
+                .hold_all(index, &set, Duration::from_secs(60))
+                .await
+                .is_empty()
+        );
+        manager.flush_record().unwrap();
+    });
+    let shown = v6_routes(&node);
+    assert!(
+        shown
+            .iter()
+            .all(|l| l.contains("expires 60sec") || l.contains("expires 59sec")),
+        "{shown:?}"
+    );
+    let (held, removed) = node.block_on(|| async {
+        let next = AddressManager::connect_with_record(&dir.0, None)
+            .await
+            .unwrap();
+        let taken = next.take_over(std::time::SystemTime::now()).await.unwrap();
+        // The adopted set is answered for by the new manager's responder.
+        assert!(ping6_ok(&peer, "2001:db8:1::111"));
+        taken
+    });
+    let want: HashSet<(u32, IpNet)> = set.iter().map(|n| (index, *n)).collect();
+    assert_eq!(held, want);
+    assert!(removed.is_empty(), "{removed:?}");
+    let done = node.block_on(|| async { ferrovip::agent::cleanup(dir.0.clone()).await.unwrap() });
+    assert!(
+        done.iter()
+            .any(|l| l.starts_with("local route 2001:db8:1::")),
+        "{done:?}"
+    );
+    assert!(v6_routes(&node).is_empty(), "{:?}", v6_routes(&node));
+    assert_eq!(v6_global(&node), vec!["2001:db8::1/64"]);
 }

@@ -43,7 +43,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -61,6 +61,7 @@ use netlink_sys::{Socket, SocketAddr};
 use rtnetlink::Handle;
 use tokio::sync::mpsc;
 
+use super::ndp::NdpResponder;
 use super::ownership::{AddressRecord, OwnershipMode};
 use super::route::{OwnedRoute, cover_addresses, local_route};
 
@@ -296,43 +297,48 @@ pub fn arp_ignore_fallbacks() -> u64 {
     ARP_IGNORE_FALLBACKS.load(Ordering::Relaxed)
 }
 
-/// One bulk IPv4 set on one interface: its anchor (an interface address of ours, whose
-/// prefix length every member shares), its members and the routes covering them.
+/// One bulk set on one interface: its anchor (an interface address of ours, whose prefix
+/// length and family every member shares), its members and the routes covering them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct BulkSet {
     index: u32,
-    anchor: Ipv4Net,
+    anchor: IpNet,
     /// Sorted, without duplicates; the anchor is the first.
-    members: Vec<Ipv4Addr>,
+    members: Vec<IpAddr>,
     /// The exact CIDR cover of the members but the anchor.
-    covers: Vec<Ipv4Net>,
+    covers: Vec<IpNet>,
     lifetime: Option<Duration>,
     /// Its anchor or a route went away (notification) and it was not installed again yet.
     lost: bool,
+    /// IPv6: until when its routes are valid (the lifetime last given to them; `None`:
+    /// forever). The NDP responder answers for its members only until then, so that a hung
+    /// engine's addresses stop being answered for when the kernel stops accepting them.
+    valid_until: Option<Instant>,
 }
 
 impl BulkSet {
-    /// `members` sorted and deduplicated, not empty.
-    fn new(index: u32, prefix: u8, members: Vec<Ipv4Addr>, lifetime: Option<Duration>) -> Self {
-        let anchor = Ipv4Net::new(members[0], prefix).expect("prefix of a valid net");
+    /// `members` sorted and deduplicated, not empty, of one family.
+    fn new(index: u32, prefix: u8, members: Vec<IpAddr>, lifetime: Option<Duration>) -> Self {
+        let anchor = IpNet::new(members[0], prefix).expect("prefix of a valid net");
         Self {
             index,
             anchor,
-            // Not the anchor: the kernel flushes the routes of a deleted address only when
-            // that address is no longer local, which a route covering it would keep it.
+            // Not the anchor: the kernel flushes the routes of a deleted IPv4 address only
+            // when that address is no longer local, which a route covering it would keep it.
             covers: super::route::cidr_cover(&members[1..]),
             members,
             lifetime,
             lost: false,
+            valid_until: valid_until(lifetime),
         }
     }
 
     /// This set with `more` members, all above the anchor (which stays): the routes of the
     /// new cover replace the old ones.
-    fn grown(&self, more: impl IntoIterator<Item = Ipv4Addr>) -> BulkSet {
-        let mut members: BTreeSet<Ipv4Addr> = self.members.iter().copied().collect();
+    fn grown(&self, more: impl IntoIterator<Item = IpAddr>) -> BulkSet {
+        let mut members: BTreeSet<IpAddr> = self.members.iter().copied().collect();
         members.extend(more.into_iter().filter(|ip| *ip > self.anchor.addr()));
-        let members: Vec<Ipv4Addr> = members.into_iter().collect();
+        let members: Vec<IpAddr> = members.into_iter().collect();
         BulkSet {
             index: self.index,
             anchor: self.anchor,
@@ -340,6 +346,7 @@ impl BulkSet {
             members,
             lifetime: self.lifetime,
             lost: false,
+            valid_until: self.valid_until,
         }
     }
 
@@ -347,23 +354,51 @@ impl BulkSet {
         let prefix = self.anchor.prefix_len();
         self.members
             .iter()
-            .map(move |ip| IpNet::V4(Ipv4Net::new(*ip, prefix).expect("valid prefix")))
+            .map(move |ip| IpNet::new(*ip, prefix).expect("valid prefix"))
     }
 
     fn anchor_net(&self) -> IpNet {
-        IpNet::V4(self.anchor)
+        self.anchor
+    }
+
+    fn is_v6(&self) -> bool {
+        matches!(self.anchor, IpNet::V6(_))
+    }
+
+    /// The RTM_NEWROUTE body of one of its routes (IPv6: expiring with its lifetime).
+    fn route(&self, cover: IpNet) -> netlink_packet_route::route::RouteMessage {
+        local_route(
+            self.index,
+            cover,
+            self.anchor.addr(),
+            route_expiry(self.lifetime),
+        )
     }
 }
 
-/// The bulk sets this manager installed or adopted, shared with the address watcher.
+/// When a lifetime given now runs out (`None`: never).
+fn valid_until(lifetime: Option<Duration>) -> Option<Instant> {
+    lifetime.map(|d| Instant::now() + Duration::from_secs(u64::from(lifetime_seconds(Some(d)))))
+}
+
+/// `RTA_EXPIRES` of an IPv6 route for a lifetime: whole seconds as the address's
+/// (`None`: no expiry).
+fn route_expiry(lifetime: Option<Duration>) -> Option<u32> {
+    lifetime.map(|d| lifetime_seconds(Some(d)))
+}
+
+/// The bulk sets this manager installed or adopted, shared with the address watcher and the
+/// NDP responder.
 #[derive(Debug, Default)]
 struct BulkSets {
     /// By (interface, anchor address).
-    sets: HashMap<(u32, Ipv4Addr), BulkSet>,
+    sets: HashMap<(u32, IpAddr), BulkSet>,
     /// (interface, member address) → its set's anchor.
-    member_of: HashMap<(u32, Ipv4Addr), Ipv4Addr>,
+    member_of: HashMap<(u32, IpAddr), IpAddr>,
     /// Interfaces already warned about `arp_ignore`.
     arp_warned: HashSet<u32>,
+    /// Interfaces whose IPv6 sets the NDP responder answers for, with the MAC it answers.
+    ndp_macs: HashMap<u32, [u8; 6]>,
 }
 
 impl BulkSets {
@@ -374,7 +409,7 @@ impl BulkSets {
         self.sets.insert((set.index, set.anchor.addr()), set);
     }
 
-    fn take(&mut self, index: u32, anchor: Ipv4Addr) -> Option<BulkSet> {
+    fn take(&mut self, index: u32, anchor: IpAddr) -> Option<BulkSet> {
         let set = self.sets.remove(&(index, anchor))?;
         for ip in &set.members {
             if self.member_of.get(&(index, *ip)) == Some(&anchor) {
@@ -385,19 +420,20 @@ impl BulkSets {
     }
 
     /// The anchor of the set `net` belongs to (same prefix length).
-    fn anchor_of(&self, index: u32, net: &IpNet) -> Option<Ipv4Addr> {
-        let IpNet::V4(net) = net else { return None };
+    fn anchor_of(&self, index: u32, net: &IpNet) -> Option<IpAddr> {
         let anchor = *self.member_of.get(&(index, net.addr()))?;
         let set = self.sets.get(&(index, anchor))?;
         (set.anchor.prefix_len() == net.prefix_len()).then_some(anchor)
     }
 
-    /// The live set (not lost) of this prefix length on this interface, the lowest-anchored
-    /// if there are several.
-    fn live_set(&self, index: u32, prefix: u8) -> Option<&BulkSet> {
+    /// The live set (not lost) of this family and prefix length on this interface, the
+    /// lowest-anchored if there are several.
+    fn live_set(&self, index: u32, v6: bool, prefix: u8) -> Option<&BulkSet> {
         self.sets
             .values()
-            .filter(|s| s.index == index && s.anchor.prefix_len() == prefix && !s.lost)
+            .filter(|s| {
+                s.index == index && s.is_v6() == v6 && s.anchor.prefix_len() == prefix && !s.lost
+            })
             .min_by_key(|s| s.anchor.addr())
     }
 
@@ -405,9 +441,21 @@ impl BulkSets {
     /// whatever happens to an interface address of the same address.
     fn route_held(&self, index: u32, net: &IpNet) -> bool {
         self.anchor_of(index, net).is_some_and(|anchor| {
-            IpAddr::V4(anchor) != net.addr()
-                && self.sets.get(&(index, anchor)).is_some_and(|s| !s.lost)
+            anchor != net.addr() && self.sets.get(&(index, anchor)).is_some_and(|s| !s.lost)
         })
+    }
+
+    /// The MAC the NDP responder answers a solicitation for `target` on `index` with: when it
+    /// is a route-held member (the kernel answers for the anchor, an interface address) of a
+    /// live IPv6 set whose routes have not expired.
+    fn ndp_answer(&self, index: u32, target: Ipv6Addr, now: Instant) -> Option<[u8; 6]> {
+        let ip = IpAddr::V6(target);
+        let anchor = *self.member_of.get(&(index, ip))?;
+        let set = self.sets.get(&(index, anchor))?;
+        let valid = set.valid_until.is_none_or(|until| now < until);
+        (anchor != ip && !set.lost && valid)
+            .then(|| self.ndp_macs.get(&index).copied())
+            .flatten()
     }
 
     /// The set anchored at `anchor` went away (its anchor, or a route of `covers`): every
@@ -416,11 +464,8 @@ impl BulkSets {
         &mut self,
         index: u32,
         anchor: IpNet,
-        cover: Option<Ipv4Net>,
+        cover: Option<IpNet>,
     ) -> Option<Vec<AddressEvent>> {
-        let IpNet::V4(anchor) = anchor else {
-            return None;
-        };
         let set = self.sets.get_mut(&(index, anchor.addr()))?;
         match cover {
             None if set.anchor != anchor => return None,
@@ -453,6 +498,8 @@ pub struct AddressManager {
     renewer: Arc<Mutex<Option<Batcher>>>,
     bulk: Arc<Mutex<BulkSets>>,
     bulk_threshold: usize,
+    /// Answers neighbour solicitations for IPv6 sets' members (started with the first).
+    ndp: Arc<Mutex<Option<Arc<NdpResponder>>>>,
 }
 
 /// How one renewal went.
@@ -492,6 +539,7 @@ impl AddressManager {
             renewer: Arc::new(Mutex::new(None)),
             bulk: Arc::new(Mutex::new(BulkSets::default())),
             bulk_threshold: DEFAULT_BULK_THRESHOLD,
+            ndp: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -562,6 +610,7 @@ impl AddressManager {
             renewer: self.renewer.clone(),
             bulk: self.bulk.clone(),
             bulk_threshold: self.bulk_threshold,
+            ndp: self.ndp.clone(),
         })
     }
 
@@ -760,14 +809,14 @@ impl AddressManager {
     ) -> Vec<(IpNet, AddrError)> {
         let mut failed = Vec::new();
         let mut lost = Vec::new();
-        let mut fresh_v4: Vec<Ipv4Net> = Vec::new();
+        let mut fresh: Vec<IpNet> = Vec::new();
         let mut plain: Vec<IpNet> = Vec::new();
         {
             let mut bulk = self.bulk();
             let mut anchors = HashSet::new();
             for net in nets {
-                match (bulk.anchor_of(index, net), net) {
-                    (Some(anchor), _) => {
+                match bulk.anchor_of(index, net) {
+                    Some(anchor) => {
                         if anchors.insert(anchor)
                             && let Some(set) = bulk.sets.get_mut(&(index, anchor))
                             && set.lost
@@ -776,43 +825,43 @@ impl AddressManager {
                             lost.push(set.clone());
                         }
                     }
-                    (None, IpNet::V4(v4)) => fresh_v4.push(*v4),
-                    (None, IpNet::V6(_)) => plain.push(*net),
+                    None => fresh.push(*net),
                 }
             }
         }
-        if (!fresh_v4.is_empty() || !lost.is_empty())
+        let v4_first = fresh
+            .iter()
+            .copied()
+            .find(|n| n.addr().is_ipv4())
+            .or_else(|| lost.iter().find(|s| !s.is_v6()).map(BulkSet::anchor_net));
+        if let Some(first) = v4_first
             && let Err(e) = self.ensure_promote_secondaries(index).await
         {
-            let first = fresh_v4
-                .first()
-                .map(|n| IpNet::V4(*n))
-                .or_else(|| lost.first().map(BulkSet::anchor_net))
-                .unwrap_or(nets[0]);
             failed.push((first, e));
         }
-        // Per prefix length: into the live set of that length (addresses above its anchor),
-        // or a new set when these and the interface addresses of ours of that length are
-        // more than the threshold (those then go: the set's routes hold them). So a group
-        // that grows a few addresses at a time (Services allocated one by one) ends up a
-        // set too, not thousands of interface addresses renewed three times a second.
+        // Per family and prefix length: into the live set of that length (addresses above
+        // its anchor), or a new set when these and the interface addresses of ours of that
+        // length are more than the threshold (those then go: the set's routes hold them). So
+        // a group that grows a few addresses at a time (Services allocated one by one) ends
+        // up a set too, not thousands of interface addresses renewed three times a second.
         let mut sets = Vec::new();
         let mut grown = Vec::new();
-        let mut migrate: Vec<(Ipv4Addr, Vec<IpNet>)> = Vec::new();
-        if self.bulk_threshold > 0 && !fresh_v4.is_empty() {
-            let mut by_prefix: BTreeMap<u8, BTreeSet<Ipv4Addr>> = BTreeMap::new();
-            for net in &fresh_v4 {
+        let mut migrate: Vec<(IpAddr, Vec<IpNet>)> = Vec::new();
+        if self.bulk_threshold > 0 && !fresh.is_empty() {
+            let mut by_prefix: BTreeMap<(bool, u8), BTreeSet<IpAddr>> = BTreeMap::new();
+            for net in &fresh {
                 by_prefix
-                    .entry(net.prefix_len())
+                    .entry((net.addr().is_ipv6(), net.prefix_len()))
                     .or_default()
                     .insert(net.addr());
             }
             let mut arp_ok = None;
-            for (prefix, members) in by_prefix {
-                let to_net = |ip: Ipv4Addr| IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid"));
-                let existing = self.bulk().live_set(index, prefix).cloned();
+            let mut ndp_ok = None;
+            for ((v6, prefix), members) in by_prefix {
+                let to_net = |ip: IpAddr| IpNet::new(ip, prefix).expect("valid");
+                let existing = self.bulk().live_set(index, v6, prefix).cloned();
                 if let Some(old) = existing {
-                    let (above, below): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
+                    let (above, below): (Vec<IpAddr>, Vec<IpAddr>) =
                         members.into_iter().partition(|ip| *ip > old.anchor.addr());
                     plain.extend(below.into_iter().map(to_net));
                     if !above.is_empty() {
@@ -821,14 +870,19 @@ impl AddressManager {
                     }
                     continue;
                 }
-                let ours_plain = self.plain_addresses(index, prefix, &members);
+                let ours_plain = self.plain_addresses(index, v6, prefix, &members);
                 if members.len() + ours_plain.len() > self.bulk_threshold {
-                    let ok = match arp_ok {
-                        Some(ok) => ok,
-                        None => *arp_ok.insert(self.arp_ignore_allows_bulk(index).await),
+                    // IPv4: the kernel answers ARP for route-held addresses with arp_ignore
+                    // 0; IPv6: ferrovip answers neighbour solicitations for them.
+                    let ok = match (v6, arp_ok, ndp_ok) {
+                        (false, Some(ok), _) | (true, _, Some(ok)) => ok,
+                        (false, None, _) => {
+                            *arp_ok.insert(self.arp_ignore_allows_bulk(index).await)
+                        }
+                        (true, _, None) => *ndp_ok.insert(self.ensure_ndp(index).await),
                     };
                     if ok {
-                        let all: BTreeSet<Ipv4Addr> =
+                        let all: BTreeSet<IpAddr> =
                             members.iter().chain(&ours_plain).copied().collect();
                         let set = BulkSet::new(index, prefix, all.into_iter().collect(), lifetime);
                         let anchor = set.anchor.addr();
@@ -845,7 +899,7 @@ impl AddressManager {
                 plain.extend(members.into_iter().map(to_net));
             }
         } else {
-            plain.extend(fresh_v4.iter().map(|n| IpNet::V4(*n)));
+            plain.extend(fresh);
         }
         let set_failures = self.install_sets(sets, false).await;
         let failed_nets: HashSet<IpNet> = set_failures.iter().map(|(net, _)| *net).collect();
@@ -857,20 +911,68 @@ impl AddressManager {
         failed
     }
 
-    /// Our recorded IPv4 interface addresses of this prefix length on this interface, other
-    /// than sets' anchors and `except`.
+    /// Starts the NDP responder (once per manager) and has it listen on `index`, answering
+    /// with the interface's MAC. `false` (with a warning) when it cannot: the caller then
+    /// adds interface addresses, which the kernel answers for.
+    async fn ensure_ndp(&self, index: u32) -> bool {
+        if self.bulk().ndp_macs.contains_key(&index) {
+            return true;
+        }
+        let mac = match self.link_by_index(index).await {
+            Ok(link) => link.mac,
+            Err(e) => {
+                tracing::warn!(interface = index, error = %e, "cannot read the interface for an IPv6 bulk install; adding interface addresses");
+                return false;
+            }
+        };
+        let responder = {
+            let mut guard = self.ndp.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_ref() {
+                Some(responder) => Ok(responder.clone()),
+                None => {
+                    let bulk = self.bulk.clone();
+                    let lookup: super::ndp::Lookup = Arc::new(move |index, target| {
+                        bulk.lock().unwrap_or_else(|e| e.into_inner()).ndp_answer(
+                            index,
+                            target,
+                            Instant::now(),
+                        )
+                    });
+                    NdpResponder::start(lookup).map(|responder| {
+                        let responder = Arc::new(responder);
+                        *guard = Some(responder.clone());
+                        responder
+                    })
+                }
+            }
+        };
+        match responder.and_then(|responder| responder.listen_on(index)) {
+            Ok(()) => {
+                self.bulk().ndp_macs.insert(index, mac);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(interface = index, error = %e, "cannot answer neighbour solicitations from user space (AF_PACKET); large IPv6 sets are added as interface addresses (slow for thousands)");
+                false
+            }
+        }
+    }
+
+    /// Our recorded interface addresses of this family and prefix length on this
+    /// interface, other than sets' anchors and `except`.
     fn plain_addresses(
         &self,
         index: u32,
+        v6: bool,
         prefix: u8,
-        except: &BTreeSet<Ipv4Addr>,
-    ) -> Vec<Ipv4Addr> {
+        except: &BTreeSet<IpAddr>,
+    ) -> Vec<IpAddr> {
         let bulk = self.bulk();
         self.record()
             .entries()
-            .filter_map(|((i, net), _)| match net {
-                IpNet::V4(v4) if *i == index && v4.prefix_len() == prefix => Some(v4.addr()),
-                _ => None,
+            .filter_map(|((i, net), _)| {
+                (*i == index && net.addr().is_ipv6() == v6 && net.prefix_len() == prefix)
+                    .then_some(net.addr())
             })
             .filter(|ip| !except.contains(ip) && !bulk.sets.contains_key(&(index, *ip)))
             .collect()
@@ -881,7 +983,7 @@ impl AddressManager {
     async fn drop_covered(
         &self,
         index: u32,
-        migrate: Vec<(Ipv4Addr, Vec<IpNet>)>,
+        migrate: Vec<(IpAddr, Vec<IpNet>)>,
         failed: &HashSet<IpNet>,
     ) {
         let mut nets = Vec::new();
@@ -940,19 +1042,15 @@ impl AddressManager {
         {
             let mut bulk = self.bulk();
             for (old, new) in grown {
-                let before: HashSet<Ipv4Addr> = old.members.iter().copied().collect();
+                let before: HashSet<IpAddr> = old.members.iter().copied().collect();
                 added.push(
                     new.member_nets()
-                        .filter(|net| !matches!(net.addr(), IpAddr::V4(ip) if before.contains(&ip)))
+                        .filter(|net| !before.contains(&net.addr()))
                         .collect(),
                 );
                 let set = added.len() - 1;
                 for cover in new.covers.iter().filter(|c| !old.covers.contains(c)) {
-                    requests.push(Request::new_route(local_route(
-                        index,
-                        *cover,
-                        new.anchor.addr(),
-                    )));
+                    requests.push(Request::new_route(new.route(*cover)));
                     blame.push(set);
                 }
                 for cover in old.covers.iter().filter(|c| !new.covers.contains(c)) {
@@ -960,6 +1058,7 @@ impl AddressManager {
                         index,
                         *cover,
                         old.anchor.addr(),
+                        None,
                     )));
                     blame.push(set);
                 }
@@ -1052,11 +1151,7 @@ impl AddressManager {
                 ));
                 blame.push((s, None));
                 for (c, cover) in set.covers.iter().enumerate() {
-                    requests.push(Request::new_route(local_route(
-                        set.index,
-                        *cover,
-                        set.anchor.addr(),
-                    )));
+                    requests.push(Request::new_route(set.route(*cover)));
                     blame.push((s, Some(c)));
                 }
             }
@@ -1089,7 +1184,7 @@ impl AddressManager {
                         .record()
                         .contains(pending[*s].index, pending[*s].anchor_net())
             });
-            if unknown && let Ok(addresses) = self.addresses(None, AddressFamily::Inet).await {
+            if unknown && let Ok(addresses) = self.addresses(None, AddressFamily::Unspec).await {
                 ours_already.extend(
                     addresses
                         .iter()
@@ -1146,7 +1241,7 @@ impl AddressManager {
                 for ((_, c), errno) in cover_errno.iter().filter(|((t, _), _)| *t == s) {
                     let prefix = set.anchor.prefix_len();
                     for ip in cover_addresses(&set.covers[*c..=*c]) {
-                        let net = IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid"));
+                        let net = IpNet::new(ip, prefix).expect("valid");
                         failed.push((
                             net,
                             AddrError::Refused {
@@ -1158,6 +1253,7 @@ impl AddressManager {
                     }
                 }
                 set.lost = false;
+                set.valid_until = valid_until(set.lifetime);
                 // Anchors of the members' old sets, if any, are not touched: sets are disjoint.
                 self.bulk().insert(set);
             }
@@ -1261,7 +1357,7 @@ impl AddressManager {
         let mut requests = Vec::new();
         let mut blame: Vec<Blame> = Vec::new();
         {
-            let mut touched: HashMap<Ipv4Addr, Vec<IpNet>> = HashMap::new();
+            let mut touched: HashMap<IpAddr, Vec<IpNet>> = HashMap::new();
             let mut bulk = self.bulk();
             for net in nets {
                 match bulk.anchor_of(index, net) {
@@ -1273,7 +1369,7 @@ impl AddressManager {
                 // A member that is also an interface address of ours (a set that took it
                 // over but could not delete it): that goes too.
                 for net in &gone {
-                    if IpAddr::V4(anchor) != net.addr() && self.record().remove(index, *net) {
+                    if anchor != net.addr() && self.record().remove(index, *net) {
                         requests.push(Request::del_address(
                             self.address_message(index, *net, None),
                         ));
@@ -1284,16 +1380,16 @@ impl AddressManager {
                     continue;
                 };
                 let gone_ips: HashSet<IpAddr> = gone.iter().map(IpNet::addr).collect();
-                let remaining: Vec<Ipv4Addr> = old
+                let remaining: Vec<IpAddr> = old
                     .members
                     .iter()
                     .copied()
-                    .filter(|ip| !gone_ips.contains(&IpAddr::V4(*ip)))
+                    .filter(|ip| !gone_ips.contains(ip))
                     .collect();
                 let old_anchor = old.anchor_net();
                 if remaining.is_empty() {
                     for cover in &old.covers {
-                        requests.push(Request::del_route(local_route(index, *cover, anchor)));
+                        requests.push(Request::del_route(local_route(index, *cover, anchor, None)));
                         blame.push(gone.clone());
                     }
                     requests.push(Request::del_address(
@@ -1314,15 +1410,11 @@ impl AddressManager {
                     self.record().insert(index, new_anchor);
                 }
                 for cover in &new.covers {
-                    requests.push(Request::new_route(local_route(
-                        index,
-                        *cover,
-                        new.anchor.addr(),
-                    )));
+                    requests.push(Request::new_route(new.route(*cover)));
                     blame.push(gone.clone());
                 }
                 for cover in old.covers.iter().filter(|c| !new.covers.contains(c)) {
-                    requests.push(Request::del_route(local_route(index, *cover, anchor)));
+                    requests.push(Request::del_route(local_route(index, *cover, anchor, None)));
                     blame.push(gone.clone());
                 }
                 if new_anchor != old_anchor {
@@ -1416,7 +1508,7 @@ impl AddressManager {
             nets.iter().partition(|net| record.contains(index, **net))
         };
         let mut failed = Vec::new();
-        let requests = recorded
+        let mut requests: Vec<Request> = recorded
             .iter()
             .map(|net| {
                 let mut message = self.address_message(index, *net, None);
@@ -1428,9 +1520,21 @@ impl AddressManager {
                 Request::new_address(message, NLM_F_CREATE | NLM_F_REPLACE)
             })
             .collect();
+        // IPv6 sets' routes carry the lifetime too (blamed on their anchor).
+        let routes = self.route_lifetimes(index, &recorded, lifetime);
+        let route_blame: Vec<IpNet> = routes.iter().map(|(net, _)| *net).collect();
+        requests.extend(routes.into_iter().map(|(_, request)| request));
         match self.batch(requests).await {
             Ok((refused, _)) => {
-                let refused: HashMap<usize, i32> = refused.into_iter().collect();
+                let mut refused: HashMap<usize, i32> = refused.into_iter().collect();
+                let mut blamed = HashSet::new();
+                for (i, net) in route_blame.iter().enumerate() {
+                    if let Some(errno) = refused.remove(&(recorded.len() + i))
+                        && blamed.insert(*net)
+                    {
+                        failed.push((*net, refusal(NetlinkOp::AddRoute, *net, errno, index)));
+                    }
+                }
                 let now = SystemTime::now();
                 let mut record = self.record();
                 for (i, net) in recorded.iter().enumerate() {
@@ -1462,6 +1566,34 @@ impl AddressManager {
         failed
     }
 
+    /// The requests that give the routes of the IPv6 sets anchored at any of `anchors` on
+    /// `index` a new lifetime, each with its anchor (IPv4 routes go with their anchor).
+    fn route_lifetimes(
+        &self,
+        index: u32,
+        anchors: &[IpNet],
+        lifetime: Option<Duration>,
+    ) -> Vec<(IpNet, Request)> {
+        let mut bulk = self.bulk();
+        let mut out = Vec::new();
+        for net in anchors.iter().filter(|n| n.addr().is_ipv6()) {
+            let Some(set) = bulk.sets.get_mut(&(index, net.addr())) else {
+                continue;
+            };
+            if set.anchor != *net {
+                continue;
+            }
+            set.lifetime = lifetime;
+            set.valid_until = valid_until(lifetime);
+            out.extend(
+                set.covers
+                    .iter()
+                    .map(|cover| (*net, Request::new_route(set.route(*cover)))),
+            );
+        }
+        out
+    }
+
     /// `nets` with every bulk member replaced by its set's anchor (once); sets the sets'
     /// lifetime when given.
     fn anchors_or_self(
@@ -1491,29 +1623,30 @@ impl AddressManager {
         out
     }
 
-    /// Our routes (`proto 0x46`, `local`, table main, IPv4) on every interface.
+    /// Our routes (`proto 0x46`, `local`, table main, IPv4 and IPv6) on every interface.
     async fn owned_routes(&self) -> Result<Vec<OwnedRoute>, AddrError> {
-        let mut filter = netlink_packet_route::route::RouteMessage::default();
-        filter.header.address_family = AddressFamily::Inet;
-        filter.header.table = super::route::TABLE_MAIN;
-        filter.header.protocol =
-            netlink_packet_route::route::RouteProtocol::from(FERROVIP_ADDR_PROTO);
-        filter.header.kind = netlink_packet_route::route::RouteType::Local;
-        let messages: Vec<netlink_packet_route::route::RouteMessage> = self
-            .handle
-            .route()
-            .get(filter)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| AddrError::Netlink {
-                op: NetlinkOp::GetRoute,
-                source,
-            })?;
-        Ok(messages
-            .iter()
-            .filter_map(OwnedRoute::from_message)
-            .collect())
+        let mut owned = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut filter = netlink_packet_route::route::RouteMessage::default();
+            filter.header.address_family = family;
+            filter.header.table = super::route::TABLE_MAIN;
+            filter.header.protocol =
+                netlink_packet_route::route::RouteProtocol::from(FERROVIP_ADDR_PROTO);
+            filter.header.kind = netlink_packet_route::route::RouteType::Local;
+            let messages: Vec<netlink_packet_route::route::RouteMessage> = self
+                .handle
+                .route()
+                .get(filter)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|source| AddrError::Netlink {
+                    op: NetlinkOp::GetRoute,
+                    source,
+                })?;
+            owned.extend(messages.iter().filter_map(OwnedRoute::from_message));
+        }
+        Ok(owned)
     }
 
     /// Deletes routes in one batch (gone already counts as done).
@@ -1528,12 +1661,7 @@ impl AddressManager {
             .find(|(_, errno)| !matches!(*errno, ENOENT | ESRCH | ENODEV))
         {
             let route = &routes[i];
-            return Err(refusal(
-                NetlinkOp::DelRoute,
-                IpNet::V4(route.dst),
-                errno,
-                route.index,
-            ));
+            return Err(refusal(NetlinkOp::DelRoute, route.dst, errno, route.index));
         }
         Ok(())
     }
@@ -1672,8 +1800,8 @@ impl AddressManager {
         lifetime: Duration,
     ) -> Result<RenewReport, AddrError> {
         // Members of bulk sets are not recorded, their anchors are: this renews one address
-        // per set.
-        let (keys, requests): (Vec<(u32, IpNet)>, Vec<Request>) = {
+        // per set (and an IPv6 set's handful of routes, which carry the lifetime too).
+        let (mut keys, mut requests): (Vec<(u32, IpNet)>, Vec<Request>) = {
             let record = self.record();
             addresses
                 .iter()
@@ -1687,6 +1815,19 @@ impl AddressManager {
                 })
                 .unzip()
         };
+        let v6_anchors: Vec<(u32, IpNet)> = keys
+            .iter()
+            .filter(|(_, net)| net.addr().is_ipv6())
+            .copied()
+            .collect();
+        if !v6_anchors.is_empty() && !self.bulk().sets.is_empty() {
+            for (index, net) in v6_anchors {
+                for (anchor, request) in self.route_lifetimes(index, &[net], Some(lifetime)) {
+                    keys.push((index, anchor));
+                    requests.push(request);
+                }
+            }
+        }
         let (refused, writes) = self
             .exchange_blocking(&requests)
             .map_err(AddrError::Renew)?;
@@ -1731,14 +1872,11 @@ impl AddressManager {
         // Bulk sets: routes anchored at a held address are held with it (and adopted into
         // this manager's sets); every other route of ours is a leftover.
         let mut removed = Vec::new();
-        let held_anchors: HashMap<(u32, Ipv4Addr), Ipv4Net> = held
+        let held_anchors: HashMap<(u32, IpAddr), IpNet> = held
             .iter()
-            .filter_map(|(index, net)| match net {
-                IpNet::V4(v4) => Some(((*index, v4.addr()), *v4)),
-                IpNet::V6(_) => None,
-            })
+            .map(|(index, net)| ((*index, net.addr()), *net))
             .collect();
-        let mut adopted: HashMap<(u32, Ipv4Addr), Vec<Ipv4Net>> = HashMap::new();
+        let mut adopted: HashMap<(u32, IpAddr), Vec<IpNet>> = HashMap::new();
         let mut stale = Vec::new();
         for route in self.owned_routes().await? {
             match route
@@ -1753,18 +1891,24 @@ impl AddressManager {
             }
         }
         self.delete_routes(&stale).await?;
-        removed.extend(stale.iter().map(|r| (r.index, IpNet::V4(r.dst))));
+        removed.extend(stale.iter().map(|r| (r.index, r.dst)));
+        // Held IPv6 sets are answered for from now on, as their predecessor did.
+        let v6_interfaces: BTreeSet<u32> = adopted
+            .keys()
+            .filter(|(_, src)| src.is_ipv6())
+            .map(|(index, _)| *index)
+            .collect();
         {
             let mut bulk = self.bulk();
             for ((index, src), mut covers) in adopted {
                 let anchor = held_anchors[&(index, src)];
                 covers.sort();
-                let mut members: Vec<Ipv4Addr> = cover_addresses(&covers).collect();
+                let mut members: Vec<IpAddr> = cover_addresses(&covers).collect();
                 members.push(src);
                 members.sort_unstable();
                 members.dedup();
                 for ip in &members {
-                    let net = IpNet::V4(Ipv4Net::new(*ip, anchor.prefix_len()).expect("valid"));
+                    let net = IpNet::new(*ip, anchor.prefix_len()).expect("valid");
                     held.insert((index, net));
                 }
                 if let Some(set) = bulk.take(index, src) {
@@ -1777,8 +1921,12 @@ impl AddressManager {
                     covers,
                     lifetime: None,
                     lost: false,
+                    valid_until: None,
                 });
             }
+        }
+        for index in v6_interfaces {
+            self.ensure_ndp(index).await;
         }
         for address in leftovers {
             let entry = (address.index, address.net);
@@ -1797,7 +1945,7 @@ impl AddressManager {
             // Members of an adopted set are held, but only its anchor is recorded.
             let is_member = |index: u32, net: &IpNet| {
                 bulk.anchor_of(index, net)
-                    .is_some_and(|anchor| IpAddr::V4(anchor) != net.addr())
+                    .is_some_and(|anchor| anchor != net.addr())
             };
             for (index, net) in gone {
                 record.remove(index, net);
@@ -1836,7 +1984,7 @@ impl AddressManager {
     pub fn forget_interface(&self, index: u32) {
         self.record().remove_interface(index);
         let mut bulk = self.bulk();
-        let anchors: Vec<Ipv4Addr> = bulk
+        let anchors: Vec<IpAddr> = bulk
             .sets
             .keys()
             .filter(|(i, _)| *i == index)
@@ -1845,6 +1993,7 @@ impl AddressManager {
         for anchor in anchors {
             bulk.take(index, anchor);
         }
+        bulk.ndp_macs.remove(&index);
     }
 
     /// Every address on every interface that is ours: interface addresses, and the members
@@ -1857,12 +2006,9 @@ impl AddressManager {
             .filter(|address| self.is_ours(address))
             .map(|address| (address.index, address.net))
             .collect();
-        let prefixes: HashMap<(u32, Ipv4Addr), u8> = owned
+        let prefixes: HashMap<(u32, IpAddr), u8> = owned
             .iter()
-            .filter_map(|(index, net)| match net {
-                IpNet::V4(v4) => Some(((*index, v4.addr()), v4.prefix_len())),
-                IpNet::V6(_) => None,
-            })
+            .map(|(index, net)| ((*index, net.addr()), net.prefix_len()))
             .collect();
         let mut seen: HashSet<(u32, IpNet)> = owned.iter().copied().collect();
         let mut all = owned;
@@ -1870,12 +2016,9 @@ impl AddressManager {
             let prefix = route
                 .prefsrc
                 .and_then(|src| prefixes.get(&(route.index, src)).copied())
-                .unwrap_or(32);
+                .unwrap_or(route.dst.max_prefix_len());
             for ip in cover_addresses(std::slice::from_ref(&route.dst)) {
-                let entry = (
-                    route.index,
-                    IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid")),
-                );
+                let entry = (route.index, IpNet::new(ip, prefix).expect("valid"));
                 if seen.insert(entry) {
                     all.push(entry);
                 }
@@ -1892,12 +2035,7 @@ impl AddressManager {
         keep: &HashSet<(u32, IpNet)>,
     ) -> Result<Vec<(u32, IpNet)>, AddrError> {
         // Our routes first (kept only with their anchor), listed by prefix.
-        let mut removed: Vec<(u32, IpNet)> = self
-            .remove_routes_except(keep)
-            .await?
-            .into_iter()
-            .map(|(index, dst)| (index, IpNet::V4(dst)))
-            .collect();
+        let mut removed: Vec<(u32, IpNet)> = self.remove_routes_except(keep).await?;
         let addresses = self.addresses(None, AddressFamily::Unspec).await?;
         for address in addresses {
             if !self.is_ours(&address) || keep.contains(&(address.index, address.net)) {
@@ -1918,7 +2056,7 @@ impl AddressManager {
     pub async fn remove_routes_except(
         &self,
         keep: &HashSet<(u32, IpNet)>,
-    ) -> Result<Vec<(u32, Ipv4Net)>, AddrError> {
+    ) -> Result<Vec<(u32, IpNet)>, AddrError> {
         let routes: Vec<OwnedRoute> = self
             .owned_routes()
             .await?
@@ -1931,7 +2069,7 @@ impl AddressManager {
             .collect();
         {
             let mut bulk = self.bulk();
-            let gone: Vec<(u32, Ipv4Addr)> = bulk
+            let gone: Vec<(u32, IpAddr)> = bulk
                 .sets
                 .values()
                 .filter(|set| !keep.contains(&(set.index, set.anchor_net())))
@@ -2217,12 +2355,14 @@ impl AddressWatcher {
         const RTNLGRP_IPV4_IFADDR: u32 = 5;
         const RTNLGRP_IPV4_ROUTE: u32 = 7;
         const RTNLGRP_IPV6_IFADDR: u32 = 9;
+        const RTNLGRP_IPV6_ROUTE: u32 = 11;
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
         socket.add_membership(RTNLGRP_IPV4_IFADDR)?;
         socket.add_membership(RTNLGRP_IPV6_IFADDR)?;
         if bulk.is_some() {
             socket.add_membership(RTNLGRP_IPV4_ROUTE)?;
+            socket.add_membership(RTNLGRP_IPV6_ROUTE)?;
         }
         force_rcvbuf(&socket)?;
         nix::sys::socket::setsockopt(
@@ -2295,7 +2435,7 @@ fn watch_addresses(
 fn removed_addresses(datagram: &[u8], bulk: Option<&Mutex<BulkSets>>) -> Vec<AddressEvent> {
     const RTM_DELADDR: u16 = 21;
     const RTM_DELROUTE: u16 = 25;
-    let lose = |index: u32, anchor: IpNet, cover: Option<Ipv4Net>| {
+    let lose = |index: u32, anchor: IpNet, cover: Option<IpNet>| {
         let bulk = bulk?;
         bulk.lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -2341,11 +2481,7 @@ fn removed_addresses(datagram: &[u8], bulk: Option<&Mutex<BulkSets>>) -> Vec<Add
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(message)) => {
                 if let Some(route) = OwnedRoute::from_message(&message)
                     && let Some(src) = route.prefsrc
-                    && let Some(members) = lose(
-                        route.index,
-                        IpNet::V4(Ipv4Net::new(src, 32).expect("/32")),
-                        Some(route.dst),
-                    )
+                    && let Some(members) = lose(route.index, IpNet::from(src), Some(route.dst))
                 {
                     events.extend(members);
                 }
@@ -2519,7 +2655,9 @@ mod tests {
 
     #[test]
     fn a_lost_anchor_or_route_reports_its_whole_set_once() {
-        let members: Vec<Ipv4Addr> = (1..=5).map(|i| Ipv4Addr::new(10, 9, 0, i)).collect();
+        let members: Vec<IpAddr> = (1..=5)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(10, 9, 0, i)))
+            .collect();
         let set = BulkSet::new(4, 32, members.clone(), None);
         assert_eq!(
             set.covers,
@@ -2534,17 +2672,17 @@ mod tests {
             4,
             AddressFamily::Inet,
             32,
-            vec![AddressAttribute::Local(IpAddr::V4(members[0]))],
+            vec![AddressAttribute::Local(members[0])],
         );
         let every: Vec<AddressEvent> = members
             .iter()
             .map(|ip| AddressEvent::Removed {
                 index: 4,
-                net: IpNet::V4(Ipv4Net::new(*ip, 32).unwrap()),
+                net: IpNet::new(*ip, 32).unwrap(),
             })
             .collect();
         // A route that is not one of the set's (ours by number, another prefix): nothing.
-        let stray = local_route(4, "10.9.0.8/29".parse().unwrap(), members[0]);
+        let stray = local_route(4, "10.9.0.8/29".parse().unwrap(), members[0], None);
         assert!(
             removed_addresses(
                 &datagram(vec![RouteNetlinkMessage::DelRoute(stray)]),
@@ -2554,7 +2692,7 @@ mod tests {
         );
         // The anchor's deletion, then the routes the kernel flushes with it: every member
         // once.
-        let flushed = local_route(4, "10.9.0.2/31".parse().unwrap(), members[0]);
+        let flushed = local_route(4, "10.9.0.2/31".parse().unwrap(), members[0], None);
         let events = removed_addresses(
             &datagram(vec![
                 RouteNetlinkMessage::DelAddress(anchor.clone()),
@@ -2582,6 +2720,43 @@ mod tests {
             None,
         );
         assert_eq!(events, every[..1]);
+    }
+
+    /// The NDP responder answers for a live IPv6 set's route-held members only: not for the
+    /// anchor (an interface address, which the kernel answers for), not for a lost set, not
+    /// once the routes' lifetime ran out, not on another interface or before it listens there.
+    #[test]
+    fn ndp_answers_only_for_live_route_held_ipv6_members() {
+        let base: u128 = "fd00::1:0".parse::<Ipv6Addr>().unwrap().into();
+        let members: Vec<IpAddr> = (1..=100u128)
+            .map(|i| IpAddr::V6(Ipv6Addr::from(base + i)))
+            .collect();
+        let v6 = |i: u128| Ipv6Addr::from(base + i);
+        let mac = [2, 0, 0, 0, 0, 7];
+        let mut bulk = BulkSets::default();
+        let set = BulkSet::new(3, 128, members.clone(), Some(Duration::from_secs(2)));
+        assert!(set.covers.iter().all(|c| matches!(c, IpNet::V6(_))));
+        let route = set.route(set.covers[0]);
+        assert!(
+            route
+                .attributes
+                .contains(&netlink_packet_route::route::RouteAttribute::Expires(2))
+        );
+        bulk.insert(set);
+        let now = Instant::now();
+        assert_eq!(bulk.ndp_answer(3, v6(50), now), None, "not listening yet");
+        bulk.ndp_macs.insert(3, mac);
+        assert_eq!(bulk.ndp_answer(3, v6(50), now), Some(mac));
+        assert_eq!(bulk.ndp_answer(3, v6(1), now), None, "the anchor");
+        assert_eq!(bulk.ndp_answer(3, v6(101), now), None, "not a member");
+        assert_eq!(bulk.ndp_answer(4, v6(50), now), None, "another interface");
+        assert_eq!(
+            bulk.ndp_answer(3, v6(50), now + Duration::from_secs(3)),
+            None,
+            "the routes expired"
+        );
+        bulk.sets.get_mut(&(3, members[0])).unwrap().lost = true;
+        assert_eq!(bulk.ndp_answer(3, v6(50), now), None, "lost");
     }
 
     #[test]

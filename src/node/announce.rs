@@ -28,16 +28,16 @@ const ARP_HTYPE_ETHERNET: u16 = 1;
 const ARP_PTYPE_IPV4: u16 = 0x0800;
 const ARP_OP_REQUEST: u16 = 1;
 
-const ICMPV6_NEIGHBOR_ADVERTISEMENT: u8 = 136;
+pub(crate) const ICMPV6_NEIGHBOR_ADVERTISEMENT: u8 = 136;
 /// Neighbour advertisement flags word: Router (bit 31), Solicited (30), Override (29).
-const NA_FLAG_OVERRIDE: u32 = 1 << 29;
-const ND_OPT_TARGET_LINK_LAYER_ADDRESS: u8 = 2;
+pub(crate) const NA_FLAG_OVERRIDE: u32 = 1 << 29;
+pub(crate) const ND_OPT_TARGET_LINK_LAYER_ADDRESS: u8 = 2;
 /// ICMPv6 header (4) + flags/reserved (4) + target (16) + link-layer option (8).
-const NA_ICMPV6_LEN: usize = 32;
+pub(crate) const NA_ICMPV6_LEN: usize = 32;
 
 /// All-nodes multicast, and its Ethernet mapping (RFC 2464: 33:33 + low 32 bits).
 pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
-const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0x00, 0x00, 0x00, 0x01];
+pub(crate) const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0x00, 0x00, 0x00, 0x01];
 
 /// Gratuitous ARP as keepalived sends it: a broadcast ARP request whose sender and target
 /// protocol addresses are both the VIP, and whose sender and target hardware addresses are

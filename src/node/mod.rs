@@ -5,6 +5,7 @@
 pub mod addr;
 pub mod announce;
 pub mod link;
+pub mod ndp;
 pub mod ownership;
 pub mod route;
 pub mod socket;

@@ -1,16 +1,20 @@
-//! Bulk IPv4 address sets as `local` routes (AnyIP): the exact CIDR cover of a set of
-//! addresses, and the routes that hold them.
+//! Bulk address sets as `local` routes (AnyIP): the exact CIDR cover of a set of addresses,
+//! and the routes that hold them.
 //!
 //! A `local` route in table main makes every address of its prefix local to the node: the
-//! kernel answers ARP for them (with `arp_ignore` 0) and accepts their traffic. ferrovip's
-//! routes carry `proto 0x46` ([`FERROVIP_ROUTE_PROTO`], the addresses' mark, which every
-//! kernel keeps for routes), `scope host`, and as preferred source the set's *anchor*, an interface
-//! address of ours: deleting the anchor (or its lifetime running out) makes the kernel flush
-//! the routes (`fib_sync_down_addr` looks at table main). See [`super::addr`] for the sets.
+//! kernel accepts their traffic and, for IPv4 (with `arp_ignore` 0), answers ARP for them.
+//! ferrovip's routes carry `proto 0x46` ([`FERROVIP_ROUTE_PROTO`], the addresses' mark, which
+//! every kernel keeps for routes) and as preferred source the set's *anchor*, an interface
+//! address of ours. IPv4: `scope host`; deleting the anchor (or its lifetime running out)
+//! makes the kernel flush the routes (`fib_sync_down_addr` looks at table main). IPv6: the
+//! kernel only clears a route's preferred source when that address goes, so IPv6 routes carry
+//! their own lifetime (`RTA_EXPIRES`, whole seconds; a lookup skips an expired route at once)
+//! and nobody answers neighbour solicitations for them but ferrovip ([`super::ndp`]). See
+//! [`super::addr`] for the sets.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -23,70 +27,127 @@ pub const FERROVIP_ROUTE_PROTO: u8 = 0x46;
 /// The main routing table (`RT_TABLE_MAIN`).
 pub const TABLE_MAIN: u8 = RouteHeader::RT_TABLE_MAIN;
 
+/// An address as (is IPv6, value): one number line per family.
+fn key(ip: IpAddr) -> (bool, u128) {
+    match ip {
+        IpAddr::V4(v4) => (false, u128::from(u32::from(v4))),
+        IpAddr::V6(v6) => (true, u128::from(v6)),
+    }
+}
+
+fn net_of(v6: bool, addr: u128, prefix: u8) -> IpNet {
+    if v6 {
+        IpNet::V6(Ipv6Net::new(Ipv6Addr::from(addr), prefix).expect("prefix ≤ 128"))
+    } else {
+        IpNet::V4(Ipv4Net::new(Ipv4Addr::from(addr as u32), prefix).expect("prefix ≤ 32"))
+    }
+}
+
 /// The smallest set of prefixes whose union is exactly `addrs` (duplicates allowed, any
-/// order): contiguous runs are split into the largest aligned blocks. Sorted by address.
-pub fn cidr_cover(addrs: &[Ipv4Addr]) -> Vec<Ipv4Net> {
-    let mut sorted: Vec<u32> = addrs.iter().map(|a| u32::from(*a)).collect();
+/// order, IPv4 and IPv6 each covered on its own): contiguous runs are split into the
+/// largest aligned blocks. Sorted by address (IPv4 first).
+pub fn cidr_cover(addrs: &[IpAddr]) -> Vec<IpNet> {
+    let mut sorted: Vec<(bool, u128)> = addrs.iter().map(|a| key(*a)).collect();
     sorted.sort_unstable();
     sorted.dedup();
     let mut cover = Vec::new();
     let mut i = 0;
     while i < sorted.len() {
-        let start = sorted[i];
+        let (v6, start) = sorted[i];
         let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] == end.wrapping_add(1) && end != u32::MAX {
+        while i + 1 < sorted.len()
+            && sorted[i + 1].0 == v6
+            && end != u128::MAX
+            && sorted[i + 1].1 == end + 1
+        {
             i += 1;
-            end = sorted[i];
+            end = sorted[i].1;
         }
-        range_cover(start, end, &mut cover);
+        range_cover(v6, start, end, &mut cover);
         i += 1;
     }
     cover
 }
 
-/// Appends the aligned blocks covering exactly `start..=end`.
-fn range_cover(start: u32, end: u32, out: &mut Vec<Ipv4Net>) {
-    let (mut start, end) = (u64::from(start), u64::from(end));
-    while start <= end {
+/// The last address of the block of `host` host bits that starts at `start` (aligned).
+fn block_end(start: u128, host: u32) -> u128 {
+    if host >= 128 {
+        u128::MAX
+    } else {
+        start | ((1u128 << host) - 1)
+    }
+}
+
+/// Appends the aligned blocks covering exactly `start..=end` (`start ≤ end`) of one family.
+fn range_cover(v6: bool, start: u128, end: u128, out: &mut Vec<IpNet>) {
+    let bits: u32 = if v6 { 128 } else { 32 };
+    let mut start = start;
+    loop {
         // The largest block aligned at `start` that does not pass `end`.
-        let mut size: u64 = if start == 0 {
-            1 << 32
+        let mut host = if start == 0 {
+            bits
         } else {
-            1 << start.trailing_zeros()
+            start.trailing_zeros().min(bits)
         };
-        while start + size - 1 > end {
-            size >>= 1;
+        while host > 0 && block_end(start, host) > end {
+            host -= 1;
         }
-        let prefix = 32 - size.trailing_zeros() as u8;
-        out.push(Ipv4Net::new(Ipv4Addr::from(start as u32), prefix).expect("prefix ≤ 32"));
-        start += size;
+        out.push(net_of(v6, start, (bits - host) as u8));
+        let last = block_end(start, host);
+        if last >= end {
+            return;
+        }
+        start = last + 1;
     }
 }
 
 /// Every address of `nets`, in order.
-pub fn cover_addresses(nets: &[Ipv4Net]) -> impl Iterator<Item = Ipv4Addr> + '_ {
+pub fn cover_addresses(nets: &[IpNet]) -> impl Iterator<Item = IpAddr> + '_ {
     nets.iter().flat_map(|net| {
-        let first = u64::from(u32::from(net.network()));
-        let count = 1u64 << (32 - net.prefix_len());
-        (first..first + count).map(|a| Ipv4Addr::from(a as u32))
+        let (v6, first) = key(net.network());
+        let host = u32::from(net.max_prefix_len() - net.prefix_len());
+        let last = block_end(first, host);
+        let mut next = Some(first);
+        std::iter::from_fn(move || {
+            let at = next?;
+            next = (at < last).then(|| at + 1);
+            Some(match net_of(v6, at, net.max_prefix_len()) {
+                IpNet::V4(n) => IpAddr::V4(n.addr()),
+                IpNet::V6(n) => IpAddr::V6(n.addr()),
+            })
+        })
     })
 }
 
 /// The RTM_NEWROUTE / RTM_DELROUTE body of one of our routes: `local <dst> dev <index> table
-/// main proto 0x46 scope host src <prefsrc>`.
-pub fn local_route(index: u32, dst: Ipv4Net, prefsrc: Ipv4Addr) -> RouteMessage {
+/// main proto 0x46 src <prefsrc>`, IPv4 with `scope host`, IPv6 with `expires <seconds>` when
+/// given (ignored for IPv4, whose routes go with their anchor).
+pub fn local_route(index: u32, dst: IpNet, prefsrc: IpAddr, expires: Option<u32>) -> RouteMessage {
     let mut message = RouteMessage::default();
-    message.header.address_family = AddressFamily::Inet;
+    let address = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => RouteAddress::Inet(v4),
+        IpAddr::V6(v6) => RouteAddress::Inet6(v6),
+    };
+    message.header.address_family = match dst {
+        IpNet::V4(_) => AddressFamily::Inet,
+        IpNet::V6(_) => AddressFamily::Inet6,
+    };
     message.header.destination_prefix_length = dst.prefix_len();
     message.header.table = TABLE_MAIN;
     message.header.protocol = RouteProtocol::from(FERROVIP_ROUTE_PROTO);
-    message.header.scope = RouteScope::Host;
+    message.header.scope = match dst {
+        IpNet::V4(_) => RouteScope::Host,
+        IpNet::V6(_) => RouteScope::Universe,
+    };
     message.header.kind = RouteType::Local;
     message.attributes = vec![
-        RouteAttribute::Destination(RouteAddress::Inet(dst.network())),
+        RouteAttribute::Destination(address(dst.network())),
         RouteAttribute::Oif(index),
-        RouteAttribute::PrefSource(RouteAddress::Inet(prefsrc)),
+        RouteAttribute::PrefSource(address(prefsrc)),
     ];
+    if let (IpNet::V6(_), Some(seconds)) = (dst, expires) {
+        message.attributes.push(RouteAttribute::Expires(seconds));
+    }
     message
 }
 
@@ -94,28 +155,41 @@ pub fn local_route(index: u32, dst: Ipv4Net, prefsrc: Ipv4Addr) -> RouteMessage 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedRoute {
     pub index: u32,
-    pub dst: Ipv4Net,
-    /// The anchor (`None`: a route without a preferred source, made by hand).
-    pub prefsrc: Option<Ipv4Addr>,
+    pub dst: IpNet,
+    /// The anchor (`None`: a route without a preferred source, made by hand, or an IPv6
+    /// route whose anchor went).
+    pub prefsrc: Option<IpAddr>,
 }
 
 impl OwnedRoute {
-    /// A `local` IPv4 route of table main with our protocol; `None` for any other route.
+    /// A `local` route of table main with our protocol; `None` for any other route.
     pub fn from_message(message: &RouteMessage) -> Option<OwnedRoute> {
         let header = &message.header;
-        if header.address_family != AddressFamily::Inet
-            || u8::from(header.protocol) != FERROVIP_ROUTE_PROTO
-            || header.kind != RouteType::Local
-        {
+        let v6 = match header.address_family {
+            AddressFamily::Inet => false,
+            AddressFamily::Inet6 => true,
+            _ => return None,
+        };
+        if u8::from(header.protocol) != FERROVIP_ROUTE_PROTO || header.kind != RouteType::Local {
             return None;
         }
         let mut table = u32::from(header.table);
-        let (mut dst, mut index, mut prefsrc) = (Ipv4Addr::UNSPECIFIED, None, None);
+        let (mut dst, mut index, mut prefsrc) = (None, None, None);
         for attribute in &message.attributes {
             match attribute {
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) if !v6 => {
+                    dst = Some(IpAddr::V4(*ip))
+                }
+                RouteAttribute::Destination(RouteAddress::Inet6(ip)) if v6 => {
+                    dst = Some(IpAddr::V6(*ip))
+                }
                 RouteAttribute::Oif(oif) => index = Some(*oif),
-                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => prefsrc = Some(*ip),
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) if !v6 => {
+                    prefsrc = Some(IpAddr::V4(*ip))
+                }
+                RouteAttribute::PrefSource(RouteAddress::Inet6(ip)) if v6 => {
+                    prefsrc = Some(IpAddr::V6(*ip))
+                }
                 RouteAttribute::Table(t) => table = *t,
                 _ => {}
             }
@@ -123,18 +197,29 @@ impl OwnedRoute {
         if table != u32::from(TABLE_MAIN) {
             return None;
         }
+        let dst = dst.unwrap_or(if v6 {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        });
         Some(OwnedRoute {
             index: index?,
-            dst: Ipv4Net::new(dst, header.destination_prefix_length).ok()?,
+            dst: IpNet::new(dst, header.destination_prefix_length).ok()?,
             prefsrc,
         })
     }
 
+    /// The body that deletes this route.
     pub fn message(&self) -> RouteMessage {
+        let unspecified = match self.dst {
+            IpNet::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpNet::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
         let mut message = local_route(
             self.index,
             self.dst,
-            self.prefsrc.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            self.prefsrc.unwrap_or(unspecified),
+            None,
         );
         if self.prefsrc.is_none() {
             message
@@ -146,7 +231,7 @@ impl OwnedRoute {
 
     /// Whether `ip` is the route's anchor.
     pub fn anchored_at(&self, index: u32, ip: IpAddr) -> bool {
-        self.index == index && self.prefsrc.map(IpAddr::V4) == Some(ip)
+        self.index == index && self.prefsrc == Some(ip)
     }
 }
 
@@ -159,17 +244,22 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn nets(list: &[&str]) -> Vec<Ipv4Net> {
+    fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }
 
     /// The cover holds exactly the set, its prefixes are disjoint, and no two of them
     /// could merge into one (so it is minimal).
-    fn check(addrs: &[Ipv4Addr]) -> Vec<Ipv4Net> {
+    fn check(addrs: &[Ipv4Addr]) -> Vec<IpNet> {
+        let addrs: Vec<IpAddr> = addrs.iter().map(|a| IpAddr::V4(*a)).collect();
+        check_ip(&addrs)
+    }
+
+    fn check_ip(addrs: &[IpAddr]) -> Vec<IpNet> {
         let cover = cidr_cover(addrs);
-        let want: BTreeSet<Ipv4Addr> = addrs.iter().copied().collect();
-        let got: Vec<Ipv4Addr> = cover_addresses(&cover).collect();
-        let got_set: BTreeSet<Ipv4Addr> = got.iter().copied().collect();
+        let want: BTreeSet<IpAddr> = addrs.iter().copied().collect();
+        let got: Vec<IpAddr> = cover_addresses(&cover).collect();
+        let got_set: BTreeSet<IpAddr> = got.iter().copied().collect();
         assert_eq!(
             got.len(),
             got_set.len(),
@@ -243,10 +333,16 @@ mod tests {
 
     #[test]
     fn the_whole_space_is_one_prefix() {
-        assert_eq!(cidr_cover(&[v4("0.0.0.0")]), nets(&["0.0.0.0/32"]));
+        assert_eq!(check(&[v4("0.0.0.0")]), nets(&["0.0.0.0/32"]));
         let mut out = Vec::new();
-        range_cover(0, u32::MAX, &mut out);
+        range_cover(false, 0, u128::from(u32::MAX), &mut out);
         assert_eq!(out, nets(&["0.0.0.0/0"]));
+        let mut out = Vec::new();
+        range_cover(true, 0, u128::MAX, &mut out);
+        assert_eq!(out, nets(&["::/0"]));
+        let mut out = Vec::new();
+        range_cover(true, u128::MAX - 1, u128::MAX, &mut out);
+        assert_eq!(out, nets(&["ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe/127"]));
     }
 
     /// Random sets (a small deterministic generator): dense runs with holes, and sparse
@@ -310,14 +406,26 @@ mod tests {
 
     #[test]
     fn our_routes_are_recognised_and_round_trip() {
-        let route = local_route(4, "10.0.0.0/24".parse().unwrap(), v4("10.0.0.1"));
+        let route = local_route(
+            4,
+            "10.0.0.0/24".parse().unwrap(),
+            IpAddr::V4(v4("10.0.0.1")),
+            Some(9),
+        );
+        assert!(
+            !route
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Expires(_))),
+            "IPv4 routes go with their anchor, not by expiry"
+        );
         let owned = OwnedRoute::from_message(&route).unwrap();
         assert_eq!(
             owned,
             OwnedRoute {
                 index: 4,
                 dst: "10.0.0.0/24".parse().unwrap(),
-                prefsrc: Some(v4("10.0.0.1")),
+                prefsrc: Some(IpAddr::V4(v4("10.0.0.1"))),
             }
         );
         assert_eq!(owned.message(), route);
@@ -331,5 +439,40 @@ mod tests {
         let mut unicast = route;
         unicast.header.kind = RouteType::Unicast;
         assert_eq!(OwnedRoute::from_message(&unicast), None);
+    }
+
+    #[test]
+    fn ipv6_sets_are_covered_exactly_and_their_routes_expire() {
+        let base: u128 = "fd00::1:0".parse::<Ipv6Addr>().unwrap().into();
+        let addrs: Vec<IpAddr> = (1..=2_000u128)
+            .map(|i| IpAddr::V6(Ipv6Addr::from(base + i)))
+            .collect();
+        let cover = check_ip(&addrs);
+        assert!(cover.len() <= 2 * 11, "{} prefixes", cover.len());
+        assert!(cover.iter().all(|n| matches!(n, IpNet::V6(_))));
+        // Mixed families: each on its own line.
+        let mixed = check_ip(&[
+            IpAddr::V6("fd00::1".parse().unwrap()),
+            IpAddr::V4(v4("10.0.0.0")),
+            IpAddr::V6("fd00::".parse().unwrap()),
+            IpAddr::V4(v4("10.0.0.1")),
+        ]);
+        assert_eq!(mixed, nets(&["10.0.0.0/31", "fd00::/127"]));
+
+        let dst: IpNet = "fd00::1:0/112".parse().unwrap();
+        let src = IpAddr::V6("fd00::1:0".parse().unwrap());
+        let route = local_route(7, dst, src, Some(3));
+        assert_eq!(route.header.address_family, AddressFamily::Inet6);
+        assert!(route.attributes.contains(&RouteAttribute::Expires(3)));
+        let owned = OwnedRoute::from_message(&route).unwrap();
+        assert_eq!(
+            owned,
+            OwnedRoute {
+                index: 7,
+                dst,
+                prefsrc: Some(src),
+            }
+        );
+        assert_eq!(owned.message(), local_route(7, dst, src, None));
     }
 }

@@ -8,17 +8,20 @@
 //! and `mallopt` for the engine thread's real-time priority, `malloc_trim` to give freed
 //! memory back after a large plan (neither nix nor std wraps them),
 //! and building the `sockaddr_ll` that binds an announcement socket ([`packet_sender`]; nix
-//! has no safe constructor for it).
+//! has no safe constructor for it). The NDP responder's packet socket ([`ndp_listener`],
+//! [`packet_allmulti`]) needs `setsockopt` calls nix does not wrap: a classic BPF filter,
+//! a `PACKET_ADD_MEMBERSHIP` and `PACKET_IGNORE_OUTGOING`.
 #![allow(unsafe_code)]
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
 
 use nix::cmsg_space;
 use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrIn6, recvmsg, sendmsg,
-    setsockopt, sockopt,
+    ControlMessage, ControlMessageOwned, LinkAddr, MsgFlags, SockaddrIn, SockaddrIn6, SockaddrLike,
+    recvmsg, sendmsg, setsockopt, sockopt,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
@@ -516,30 +519,150 @@ impl PreciseTimer {
 /// hooked to no ethertype, receives nothing (a socket kept open for `ETH_P_ALL` would get a
 /// copy of every frame on the interface).
 pub fn packet_sender(ifindex: u32) -> io::Result<OwnedFd> {
-    use nix::sys::socket::{AddressFamily, LinkAddr, SockFlag, SockType, SockaddrLike};
-    let fd = nix::sys::socket::socket(
+    let fd = packet_socket()?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &link_address(ifindex, 0)?)?;
+    Ok(fd)
+}
+
+/// An `AF_PACKET` raw socket with protocol 0: it receives nothing until bound to a protocol.
+fn packet_socket() -> io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType};
+    Ok(nix::sys::socket::socket(
         AddressFamily::Packet,
         SockType::Raw,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
+    )?)
+}
+
+/// The `sockaddr_ll` of interface `ifindex` (0: every interface, for `bind`) and ethertype
+/// `protocol` (host order; 0: none), to bind a packet socket or to address `sendto`.
+pub fn link_address(ifindex: u32, protocol: u16) -> io::Result<LinkAddr> {
     let index = i32::try_from(ifindex)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index too large"))?;
     // SAFETY: an all-zero sockaddr_ll is a valid value (plain integers and a byte array).
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = 0;
+    sll.sll_protocol = protocol.to_be();
     sll.sll_ifindex = index;
     let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
     // SAFETY: the pointer is to a live, initialised sockaddr_ll of `len` bytes, whose family
     // field says AF_PACKET, which is what LinkAddr wraps.
-    let addr = unsafe {
+    unsafe {
         LinkAddr::from_raw(
             (&sll as *const libc::sockaddr_ll).cast::<libc::sockaddr>(),
             Some(len),
         )
     }
-    .ok_or_else(|| io::Error::other("cannot build the link-layer address"))?;
-    nix::sys::socket::bind(fd.as_raw_fd(), &addr)?;
+    .ok_or_else(|| io::Error::other("cannot build the link-layer address"))
+}
+
+/// How long a receive on [`ndp_listener`]'s socket waits before it returns EAGAIN, so that
+/// the thread reading it notices a stop request.
+pub const NDP_RECEIVE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Classic BPF, run by the kernel on every IPv6 frame before it is queued: accepts an
+/// ICMPv6 (next header 58, without extension headers) Neighbour Solicitation (type 135)
+/// and drops everything else, so the reader wakes for solicitations only. Offsets are from
+/// the Ethernet header: ethertype at 12, next header at 14 + 6, ICMPv6 type at 14 + 40.
+const NS_FILTER: [libc::sock_filter; 8] = [
+    bpf(BPF_LDH_ABS, 0, 0, 12),
+    bpf(BPF_JEQ_K, 0, 5, 0x86dd),
+    bpf(BPF_LDB_ABS, 0, 0, 20),
+    bpf(BPF_JEQ_K, 0, 3, 58),
+    bpf(BPF_LDB_ABS, 0, 0, 54),
+    bpf(BPF_JEQ_K, 0, 1, 135),
+    // Accept: the whole frame (at most this many bytes).
+    bpf(BPF_RET_K, 0, 0, 0xffff),
+    bpf(BPF_RET_K, 0, 0, 0),
+];
+const BPF_LDH_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
+const BPF_LDB_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+
+const fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// The Neighbour Solicitation listener: an `AF_PACKET` raw socket for IPv6 frames on every
+/// interface of the calling thread's network namespace, filtered to ICMPv6 Neighbour
+/// Solicitations ([`NS_FILTER`]), with a receive timeout of [`NDP_RECEIVE_TIMEOUT`] and, where
+/// the kernel has it (4.20+), without the frames this host sends. The filter is attached
+/// before the socket is bound to the IPv6 ethertype, so no other frame is ever queued.
+/// Multicast solicitations reach it only from interfaces that pass them up
+/// ([`packet_allmulti`]).
+pub fn ndp_listener() -> io::Result<OwnedFd> {
+    let fd = packet_socket()?;
+    let program = libc::sock_fprog {
+        len: NS_FILTER.len() as libc::c_ushort,
+        // The kernel only reads the program (it copies it in).
+        filter: NS_FILTER.as_ptr().cast_mut(),
+    };
+    // SAFETY: `program` and the filter array it points to (a constant, 'static) are live and
+    // initialised for the whole call; optlen is the size of the sock_fprog passed.
+    let attached = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&program as *const libc::sock_fprog).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if attached != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Best effort (Linux 4.20+): the reader skips PACKET_OUTGOING frames anyway.
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is a live c_int for the whole call, and optlen is its size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_IGNORE_OUTGOING,
+            (&one as *const libc::c_int).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    setsockopt(
+        &fd,
+        sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(0, NDP_RECEIVE_TIMEOUT.as_micros() as _),
+    )
+    .map_err(io::Error::from)?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &link_address(0, libc::ETH_P_IPV6 as u16)?)?;
     Ok(fd)
+}
+
+/// Makes interface `ifindex` pass every multicast frame up to the stack while the packet
+/// socket `fd` is open (a `PACKET_MR_ALLMULTI` membership, which the kernel drops when the
+/// socket closes or the interface goes away): a NIC otherwise filters out the
+/// solicited-node groups of addresses the kernel does not know it has. Each call adds one
+/// membership reference on the socket.
+pub fn packet_allmulti(fd: BorrowedFd<'_>, ifindex: u32) -> io::Result<()> {
+    let mr_ifindex = libc::c_int::try_from(ifindex)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index too large"))?;
+    let request = libc::packet_mreq {
+        mr_ifindex,
+        mr_type: libc::PACKET_MR_ALLMULTI as libc::c_ushort,
+        mr_alen: 0,
+        mr_address: [0; 8],
+    };
+    // SAFETY: `request` is a live, initialised packet_mreq for the whole call, and optlen is
+    // its size; `fd` is a descriptor borrowed for the call.
+    let result = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_ADD_MEMBERSHIP,
+            (&request as *const libc::packet_mreq).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::packet_mreq>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

@@ -1,0 +1,187 @@
+//! The user-space NDP responder against real kernels: namespace A holds a /120 of IPv6
+//! addresses through a `local` route (which the kernel does not answer solicitations for)
+//! and runs the responder; namespace B, on the other end of a veth pair, resolves and pings
+//! them. Needs root.
+
+mod netns_util;
+
+use std::net::Ipv6Addr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrovip::node::ndp::{Lookup, NdpResponder};
+use ipnet::Ipv6Net;
+use netns_util::{Netns, ifindex, wait_until};
+
+/// A (veth `na`, fd00::1/64, plus `local` fd00::100:0/120) — B (veth `nb`, fd00::2/64).
+fn setup(tag: &str) -> (Netns, Netns) {
+    let a = Netns::new(&format!("{tag}a"));
+    let b = Netns::new(&format!("{tag}b"));
+    a.ip(&[
+        "link", "add", "na", "type", "veth", "peer", "name", "nb", "netns", &b.name,
+    ]);
+    a.ip(&["-6", "addr", "add", "fd00::1/64", "dev", "na", "nodad"]);
+    b.ip(&["-6", "addr", "add", "fd00::2/64", "dev", "nb", "nodad"]);
+    a.ip(&["link", "set", "na", "up"]);
+    b.ip(&["link", "set", "nb", "up"]);
+    a.ip(&[
+        "-6",
+        "route",
+        "add",
+        "local",
+        "fd00::100:0/120",
+        "dev",
+        "na",
+        "proto",
+        "0x46",
+        "table",
+        "main",
+    ]);
+    // IPv6 on a link works once the kernel has configured it (link-watch, some hundreds of
+    // milliseconds after carrier): until then B's solicitations may not even leave.
+    for (ns, dev) in [(&a, "na"), (&b, "nb")] {
+        wait_until(
+            &format!("IPv6 multicast route on {dev}"),
+            Duration::from_secs(5),
+            || {
+                ns.ip(&["-6", "route", "show", "table", "local", "dev", dev])
+                    .contains("multicast ff00::/8")
+            },
+        );
+    }
+    (a, b)
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> [u8; 6] {
+    let line = ns.ip(&["-o", "link", "show", "dev", dev]);
+    let text = line
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC in {line:?}"));
+    let mut mac = [0; 6];
+    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
+        *byte = u8::from_str_radix(part, 16).unwrap();
+    }
+    mac
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// One ping from `ns` with a 2 s wait; whether a reply came.
+fn ping(ns: &Netns, target: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "ping", "-6", "-c1", "-W2", "-n", target,
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// B's neighbour entry for `target`, as `ip -6 neigh show` prints it.
+fn neighbour(b: &Netns, target: &str) -> String {
+    b.ip(&["-6", "neigh", "show", target, "dev", "nb"])
+        .trim()
+        .to_owned()
+}
+
+/// The packet sockets of the calling thread's namespace: (protocol, interface index)
+/// columns of /proc/thread-self/net/packet.
+fn packet_sockets() -> Vec<(String, String)> {
+    std::fs::read_to_string("/proc/thread-self/net/packet")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            (columns[3].to_owned(), columns[4].to_owned())
+        })
+        .collect()
+}
+
+/// IFF_ALLMULTI in the interface's kernel flags (sysfs shows `dev->flags`, which counts
+/// memberships such as ours; `ip link` shows only what a user set).
+fn allmulti(ns: &Netns, dev: &str) -> bool {
+    let flags = ns.read_proc(&format!("/sys/class/net/{dev}/flags"));
+    let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).unwrap();
+    flags & 0x200 != 0
+}
+
+#[test]
+fn netns_ndp_answers_for_route_held_addresses_only_while_running() {
+    let (a, b) = setup("ndp");
+    let index = ifindex(&a, "na");
+    let mac = mac_of(&a, "na");
+    let held: Ipv6Net = "fd00::100:0/120".parse().unwrap();
+    let lookup: Lookup = Arc::new(move |ifindex, target: Ipv6Addr| {
+        (ifindex == index && held.contains(&target)).then_some(mac)
+    });
+
+    // Without the responder, the kernel does not answer for a route-held address.
+    assert!(!ping(&b, "fd00::100:3"), "answered without a responder");
+    assert!(!neighbour(&b, "fd00::100:3").contains("lladdr"));
+
+    a.enter(|| {
+        let responder = NdpResponder::start(lookup).expect("start");
+        responder.listen_on(index).expect("listen_on");
+        responder.listen_on(index).expect("listen_on again");
+        assert!(allmulti(&a, "na"), "ALLMULTI not set on na");
+        // One socket, IPv6 (86dd), on every interface (index 0).
+        assert_eq!(
+            packet_sockets(),
+            vec![("86dd".to_owned(), "0".to_owned())],
+            "packet sockets"
+        );
+        // An interface that does not exist is an error.
+        assert!(responder.listen_on(999_999).is_err());
+
+        assert!(ping(&b, "fd00::100:5"), "no reply from fd00::100:5");
+        let entry = neighbour(&b, "fd00::100:5");
+        assert!(
+            entry.contains(&format!("lladdr {}", mac_text(mac))),
+            "neighbour entry {entry:?}"
+        );
+        assert!(responder.answered() >= 1);
+
+        // A target outside the held range is not answered.
+        assert!(!ping(&b, "fd00::200:1"), "fd00::200:1 answered");
+        let entry = neighbour(&b, "fd00::200:1");
+        assert!(!entry.contains("lladdr"), "neighbour entry {entry:?}");
+
+        // Duplicate address detection by B for a held address gets the all-nodes answer,
+        // which B's kernel takes as a conflict.
+        let answered = responder.answered();
+        b.ip(&["-6", "addr", "add", "fd00::100:7/128", "dev", "nb"]);
+        wait_until(
+            "DAD failure of fd00::100:7 on B",
+            Duration::from_secs(5),
+            || {
+                b.ip(&["-6", "addr", "show", "dev", "nb"])
+                    .contains("dadfailed")
+            },
+        );
+        assert!(responder.answered() > answered);
+
+        let stopping = Instant::now();
+        drop(responder);
+        assert!(
+            stopping.elapsed() < Duration::from_secs(1),
+            "stopping took {:?}",
+            stopping.elapsed()
+        );
+        // The socket is closed, and with it the multicast membership.
+        assert_eq!(packet_sockets(), vec![], "packet sockets after drop");
+        assert!(!allmulti(&a, "na"), "ALLMULTI left on na");
+    });
+
+    // After the responder is gone, a fresh target is not answered.
+    assert!(!ping(&b, "fd00::100:9"), "fd00::100:9 answered after drop");
+    let entry = neighbour(&b, "fd00::100:9");
+    assert!(!entry.contains("lladdr"), "neighbour entry {entry:?}");
+    // The one resolved while it ran still works from B's cache.
+    assert!(ping(&b, "fd00::100:5"));
+}
