@@ -790,3 +790,34 @@ fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
     assert!(v6_routes(&node).is_empty(), "{:?}", v6_routes(&node));
     assert_eq!(v6_global(&node), vec!["2001:db8::1/64"]);
 }
+
+/// A node holding one group's set takes over another group whose addresses lie below that
+/// set's anchor (a failover in the scale lab): they become a set of their own, not hundreds
+/// of interface addresses; both sets stay whole and are removed cleanly.
+#[test]
+fn netns_bulk_a_group_below_a_set_becomes_a_set_of_its_own() {
+    let (node, peer, index) = setup("below");
+    let high = v4_set(Ipv4Addr::new(10, 8, 4, 0), 300);
+    let low = v4_set(Ipv4Addr::new(10, 8, 0, 1), 300);
+    node.block_on(|| async {
+        let manager = AddressManager::connect().unwrap();
+        assert!(manager.add_all(index, &high, None).await.is_empty());
+        let start = Instant::now();
+        assert!(manager.add_all(index, &low, None).await.is_empty());
+        println!("300 below a set: installed in {:?}", start.elapsed());
+        // Only the two anchors are interface addresses.
+        assert_eq!(
+            v4_addresses(&node),
+            vec!["10.0.0.1/8", "10.8.4.0/32", "10.8.0.1/32"]
+        );
+        assert!(ping_ok(&peer, "10.8.0.200"));
+        assert!(ping_ok(&peer, "10.8.5.20"));
+        assert_eq!(manager.list_owned().await.unwrap().len(), 600);
+        assert!(manager.remove_all(index, &low).await.is_empty());
+        assert!(!is_local(&node, "10.8.0.200"));
+        assert!(is_local(&node, "10.8.5.20"));
+        assert!(manager.remove_all(index, &high).await.is_empty());
+    });
+    assert!(routes(&node).is_empty(), "{:?}", routes(&node));
+    assert_eq!(v4_addresses(&node), vec!["10.0.0.1/8"]);
+}

@@ -860,17 +860,26 @@ impl AddressManager {
             for ((v6, prefix), members) in by_prefix {
                 let to_net = |ip: IpAddr| IpNet::new(ip, prefix).expect("valid");
                 let existing = self.bulk().live_set(index, v6, prefix).cloned();
+                let mut members = members;
+                let mut ours_plain = Vec::new();
                 if let Some(old) = existing {
-                    let (above, below): (Vec<IpAddr>, Vec<IpAddr>) =
+                    let (above, below): (BTreeSet<IpAddr>, BTreeSet<IpAddr>) =
                         members.into_iter().partition(|ip| *ip > old.anchor.addr());
-                    plain.extend(below.into_iter().map(to_net));
                     if !above.is_empty() {
                         let new = old.grown(above);
                         grown.push((old, new));
                     }
-                    continue;
+                    // Below the set's anchor: a set of their own when they are many (another
+                    // group taken over by a node that holds a set already), else interface
+                    // addresses.
+                    if below.len() <= self.bulk_threshold {
+                        plain.extend(below.into_iter().map(to_net));
+                        continue;
+                    }
+                    members = below;
+                } else {
+                    ours_plain = self.plain_addresses(index, v6, prefix, &members);
                 }
-                let ours_plain = self.plain_addresses(index, v6, prefix, &members);
                 if members.len() + ours_plain.len() > self.bulk_threshold {
                     // IPv4: the kernel answers ARP for route-held addresses with arp_ignore
                     // 0; IPv6: ferrovip answers neighbour solicitations for them.
