@@ -321,7 +321,7 @@ impl Announcer {
             announcer: *self,
             sent: 0,
         };
-        burst.send(0..burst.frames.len())?;
+        burst.first_round(index)?;
         Ok(Some(burst))
     }
 }
@@ -376,57 +376,138 @@ impl Burst {
         Ok(self.sent)
     }
 
+    /// The first round, at once. A large one is split between this thread and a second one
+    /// with its own socket: on a veth or bridge the receivers' handling of each frame runs in
+    /// the sender's softirq, on the sender's CPU, so two senders use two CPUs (a NIC with
+    /// several transmit queues likewise).
+    fn first_round(&mut self, index: u32) -> Result<(), AnnounceError> {
+        let total = self.frames.len();
+        let parallel = std::thread::available_parallelism().map_or(1, usize::from) > 1;
+        if total < PARALLEL_FIRST_ROUND || !parallel {
+            return self.send(0..total);
+        }
+        let half = total / 2;
+        let helper = packet_sender(index).ok().map(|socket| {
+            let _ = setsockopt(&socket, sockopt::SndBufForce, &SEND_BUFFER);
+            let _ = setsockopt(
+                &socket,
+                sockopt::SendTimeout,
+                &TimeVal::new(STALL_LIMIT.as_secs() as _, 0),
+            );
+            socket
+        });
+        let Some(helper) = helper else {
+            return self.send(0..total);
+        };
+        let (frames, rest) = self.frames.split_at(half);
+        let (own, other) = std::thread::scope(|scope| {
+            let other = std::thread::Builder::new()
+                .name("ferrovip-announce".into())
+                .spawn_scoped(scope, || send_frames(&helper, rest));
+            let own = send_frames(&self.socket, frames);
+            let other = match other {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or(Err((0, io::Error::other("panicked")))),
+                Err(e) => Err((0, e)),
+            };
+            (own, other)
+        });
+        let (own_sent, own_error) = match own {
+            Ok(n) => (n, None),
+            Err((n, e)) => (n, Some(e)),
+        };
+        self.sent += own_sent;
+        let other_error = match other {
+            Ok(n) => {
+                self.sent += n;
+                None
+            }
+            Err((n, e)) if n == 0 && own_error.is_none() => {
+                // The second sender did nothing (it could not start): this thread sends
+                // its half.
+                tracing::debug!(error = %e, "second announcement sender failed; sending its half here");
+                return self.send(half..total);
+            }
+            Err((n, e)) => {
+                self.sent += n;
+                Some(e)
+            }
+        };
+        match own_error.or(other_error) {
+            None => Ok(()),
+            Some(source) => Err(AnnounceError::Send {
+                name: self.name.clone(),
+                sent: self.sent,
+                source,
+            }),
+        }
+    }
+
     /// Sends `frames` with `sendmmsg`, [`BATCH`] per call; waits out a full device queue
     /// (ENOBUFS) for up to [`STALL_LIMIT`] without progress.
     fn send(&mut self, frames: Range<usize>) -> Result<(), AnnounceError> {
-        let mut next = frames.start;
-        let mut stalled: Option<Instant> = None;
-        let no_address: [Option<()>; BATCH] = [None; BATCH];
-        // Not kept in the burst: it holds raw pointers, and the burst moves across threads.
-        let mut headers = MultiHeaders::preallocate(BATCH.min(frames.len()), None);
-        while next < frames.end {
-            let end = frames.end.min(next + BATCH);
-            let iovs: Vec<[IoSlice<'_>; 1]> = self.frames[next..end]
-                .iter()
-                .map(|frame| [IoSlice::new(frame)])
-                .collect();
-            let result = sendmmsg(
-                self.socket.as_raw_fd(),
-                &mut headers,
-                &iovs,
-                &no_address[..end - next],
-                [],
-                MsgFlags::empty(),
-            )
-            .map(Iterator::count);
-            match result {
-                Ok(count) if count > 0 => {
-                    next += count;
-                    self.sent += count;
-                    stalled = None;
-                }
-                Ok(_) | Err(Errno::ENOBUFS | Errno::EAGAIN | Errno::EINTR) => {
-                    let since = *stalled.get_or_insert_with(Instant::now);
-                    if since.elapsed() > STALL_LIMIT {
-                        return Err(AnnounceError::Send {
-                            name: self.name.clone(),
-                            sent: self.sent,
-                            source: io::Error::from(Errno::ENOBUFS),
-                        });
-                    }
-                    std::thread::sleep(STALL_PAUSE);
-                }
-                Err(e) => {
-                    return Err(AnnounceError::Send {
-                        name: self.name.clone(),
-                        sent: self.sent,
-                        source: e.into(),
-                    });
-                }
+        match send_frames(&self.socket, &self.frames[frames]) {
+            Ok(n) => {
+                self.sent += n;
+                Ok(())
+            }
+            Err((n, source)) => {
+                self.sent += n;
+                Err(AnnounceError::Send {
+                    name: self.name.clone(),
+                    sent: self.sent,
+                    source,
+                })
             }
         }
-        Ok(())
     }
+}
+
+/// A first round of at least this many frames is sent by two threads.
+const PARALLEL_FIRST_ROUND: usize = 512;
+
+/// Sends `frames` on `socket` with `sendmmsg`, [`BATCH`] per call; waits out a full device
+/// queue (ENOBUFS) for up to [`STALL_LIMIT`] without progress. Returns the frames sent, or
+/// those sent before the error and the error.
+fn send_frames(socket: &OwnedFd, frames: &[Vec<u8>]) -> Result<usize, (usize, io::Error)> {
+    let mut next = 0;
+    let mut sent = 0;
+    let mut stalled: Option<Instant> = None;
+    let no_address: [Option<()>; BATCH] = [None; BATCH];
+    let mut headers = MultiHeaders::preallocate(BATCH.min(frames.len().max(1)), None);
+    while next < frames.len() {
+        let end = frames.len().min(next + BATCH);
+        let iovs: Vec<[IoSlice<'_>; 1]> = frames[next..end]
+            .iter()
+            .map(|frame| [IoSlice::new(frame)])
+            .collect();
+        let result = sendmmsg(
+            socket.as_raw_fd(),
+            &mut headers,
+            &iovs,
+            &no_address[..end - next],
+            [],
+            MsgFlags::empty(),
+        )
+        .map(Iterator::count);
+        match result {
+            Ok(count) if count > 0 => {
+                next += count;
+                sent += count;
+                stalled = None;
+            }
+            Ok(_) | Err(Errno::ENOBUFS | Errno::EAGAIN | Errno::EINTR) => {
+                let since = *stalled.get_or_insert_with(Instant::now);
+                if since.elapsed() > STALL_LIMIT {
+                    return Err((sent, io::Error::from(Errno::ENOBUFS)));
+                }
+                std::thread::sleep(STALL_PAUSE);
+            }
+            Err(e) => return Err((sent, e.into())),
+        }
+    }
+    Ok(sent)
 }
 
 /// [`Announcer::announce`] with the default burst.
