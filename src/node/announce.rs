@@ -303,17 +303,10 @@ impl Announcer {
                 source,
             }
         })?;
-        let socket = packet_sender(index).map_err(|source| AnnounceError::Socket {
+        let socket = burst_socket(index).map_err(|source| AnnounceError::Socket {
             name: ifname.to_owned(),
             source,
         })?;
-        // Best effort: a larger send buffer lets a whole batch queue without blocking.
-        let _ = setsockopt(&socket, sockopt::SndBufForce, &SEND_BUFFER);
-        let _ = setsockopt(
-            &socket,
-            sockopt::SendTimeout,
-            &TimeVal::new(STALL_LIMIT.as_secs() as _, 0),
-        );
         let mut burst = Burst {
             name: ifname.to_owned(),
             socket,
@@ -327,6 +320,19 @@ impl Announcer {
 }
 
 const SEND_BUFFER: usize = 4 << 20;
+
+/// A burst's socket on interface `index`: [`packet_sender`] with a large send buffer (best
+/// effort: a whole batch then queues without blocking) and a send timeout.
+fn burst_socket(index: u32) -> io::Result<OwnedFd> {
+    let socket = packet_sender(index)?;
+    let _ = setsockopt(&socket, sockopt::SndBufForce, &SEND_BUFFER);
+    let _ = setsockopt(
+        &socket,
+        sockopt::SendTimeout,
+        &TimeVal::new(STALL_LIMIT.as_secs() as _, 0),
+    );
+    Ok(socket)
+}
 
 fn nanos(n: u128) -> Duration {
     Duration::from_nanos(u64::try_from(n).unwrap_or(u64::MAX))
@@ -387,16 +393,7 @@ impl Burst {
             return self.send(0..total);
         }
         let half = total / 2;
-        let helper = packet_sender(index).ok().map(|socket| {
-            let _ = setsockopt(&socket, sockopt::SndBufForce, &SEND_BUFFER);
-            let _ = setsockopt(
-                &socket,
-                sockopt::SendTimeout,
-                &TimeVal::new(STALL_LIMIT.as_secs() as _, 0),
-            );
-            socket
-        });
-        let Some(helper) = helper else {
+        let Ok(helper) = burst_socket(index) else {
             return self.send(0..total);
         };
         let (frames, rest) = self.frames.split_at(half);
