@@ -17,6 +17,8 @@
 //! | `ferrovip_vrrp_packets_received_total`, `_sent_total`, `ferrovip_vrrp_send_errors_total` | counter | — |
 //! | `ferrovip_vrrp_packets_dropped_total` | counter | `reason` |
 //! | `ferrovip_bulk_arp_ignore_fallbacks_total` | counter: large IPv4 sets added as interface addresses because `arp_ignore` ≠ 0 | — |
+//! | `ferrovip_bulk_ndp_fallbacks_total` | counter: large IPv6 sets added as interface addresses because the NDP responder could not start | — |
+//! | `ferrovip_ndp_answers_total` | counter: neighbour solicitations answered for route-held IPv6 addresses | — |
 //! | `ferrovip_vrrp_takeover_seconds` | histogram, 10 ms … 10 s: backup → master, from the last advertisement heard from the previous master to the transition (not observed from init, nor when none was heard) | `interface, family, cause` (`master_down`, `priority_zero`, `preempt`) |
 //! | `ferrovip_dataplane_available` | gauge 0/1 | `dataplane` |
 //! | `ferrovip_dataplane_apply_total` | counter | `dataplane, result` |
@@ -600,6 +602,17 @@ impl Collector for VrrpPacketCollector {
                 "Large IPv4 address sets added as interface addresses instead of local routes \
                  because the interface's arp_ignore is not 0",
                 crate::node::addr::arp_ignore_fallbacks(),
+            ),
+            (
+                "bulk_ndp_fallbacks",
+                "Large IPv6 address sets added as interface addresses instead of local routes \
+                 because neighbour solicitations could not be answered from user space",
+                crate::node::addr::ndp_fallbacks(),
+            ),
+            (
+                "ndp_answers",
+                "Neighbour solicitations answered for addresses held by local routes",
+                crate::node::ndp::answers_total(),
             ),
         ] {
             let counter = ConstCounter::new(value);
@@ -1377,6 +1390,8 @@ mod tests {
         );
         assert_eq!(value(&text, "ferrovip_vrrp_packets_sent_total"), Some(3.0));
         assert_eq!(value(&text, "ferrovip_vrrp_send_errors_total"), Some(0.0));
+        assert!(value(&text, "ferrovip_ndp_answers_total").is_some());
+        assert!(value(&text, "ferrovip_bulk_ndp_fallbacks_total").is_some());
         assert_eq!(
             value(
                 &text,

@@ -671,6 +671,8 @@ fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
         assert!(ping6_ok(&peer, "2001:db8:1::5a"));
         let neigh = peer.ip(&["-6", "neigh", "show", "2001:db8:1::5a", "dev", "vb"]);
         assert!(neigh.contains(&mac), "{neigh} lacks {mac}");
+        assert!(ferrovip::node::ndp::answers_total() >= 1);
+        assert_eq!(ferrovip::node::addr::ndp_fallbacks(), 0);
         assert!(ping6_ok(&peer, "2001:db8:1::7d0"), "the last member");
         assert!(
             !ping6_ok(&peer, "2001:db8:1::7d1"),

@@ -297,6 +297,15 @@ pub fn arp_ignore_fallbacks() -> u64 {
     ARP_IGNORE_FALLBACKS.load(Ordering::Relaxed)
 }
 
+/// Calls that installed IPv6 interface addresses instead of a bulk set because the NDP
+/// responder could not start (exported as `ferrovip_bulk_ndp_fallbacks_total`).
+static NDP_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// How many IPv6 bulk installs fell back to interface addresses (no NDP responder).
+pub fn ndp_fallbacks() -> u64 {
+    NDP_FALLBACKS.load(Ordering::Relaxed)
+}
+
 /// One bulk set on one interface: its anchor (an interface address of ours, whose prefix
 /// length and family every member shares), its members and the routes covering them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -930,6 +939,7 @@ impl AddressManager {
         let mac = match self.link_by_index(index).await {
             Ok(link) => link.mac,
             Err(e) => {
+                NDP_FALLBACKS.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(interface = index, error = %e, "cannot read the interface for an IPv6 bulk install; adding interface addresses");
                 return false;
             }
@@ -961,6 +971,7 @@ impl AddressManager {
                 true
             }
             Err(e) => {
+                NDP_FALLBACKS.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(interface = index, error = %e, "cannot answer neighbour solicitations from user space (AF_PACKET); large IPv6 sets are added as interface addresses (slow for thousands)");
                 false
             }

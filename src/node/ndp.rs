@@ -34,6 +34,15 @@ use super::socket::{link_address, ndp_listener, packet_allmulti};
 /// Answers for one target: the MAC to advertise, if `target` is held on interface `ifindex` now.
 pub type Lookup = Arc<dyn Fn(u32, Ipv6Addr) -> Option<[u8; 6]> + Send + Sync>;
 
+/// Solicitations answered by every responder of the process (exported as
+/// `ferrovip_ndp_answers_total`).
+static ANSWERED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Neighbour solicitations answered by this process's responders so far.
+pub fn answers_total() -> u64 {
+    ANSWERED_TOTAL.load(Ordering::Relaxed)
+}
+
 const ICMPV6_NEIGHBOR_SOLICITATION: u8 = 135;
 const ND_OPT_SOURCE_LINK_LAYER_ADDRESS: u8 = 1;
 /// NA flags word: Solicited (bit 30).
@@ -393,6 +402,7 @@ fn serve(
         match sent {
             Ok(_) => {
                 answered.fetch_add(1, Ordering::Relaxed);
+                ANSWERED_TOTAL.fetch_add(1, Ordering::Relaxed);
                 tracing::trace!(
                     ifindex,
                     target = %ns.target,
