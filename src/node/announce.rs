@@ -388,8 +388,7 @@ impl Burst {
     /// several transmit queues likewise).
     fn first_round(&mut self, index: u32) -> Result<(), AnnounceError> {
         let total = self.frames.len();
-        let parallel = std::thread::available_parallelism().map_or(1, usize::from) > 1;
-        if total < PARALLEL_FIRST_ROUND || !parallel {
+        if total < PARALLEL_FIRST_ROUND || !several_cpus() {
             return self.send(0..total);
         }
         let half = total / 2;
@@ -463,6 +462,12 @@ impl Burst {
 
 /// A first round of at least this many frames is sent by two threads.
 const PARALLEL_FIRST_ROUND: usize = 512;
+
+/// Whether this process may run on more than one CPU (asked once: it reads cgroup files).
+fn several_cpus() -> bool {
+    static SEVERAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SEVERAL.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from) > 1)
+}
 
 /// Sends `frames` on `socket` with `sendmmsg`, [`BATCH`] per call; waits out a full device
 /// queue (ENOBUFS) for up to [`STALL_LIMIT`] without progress. Returns the frames sent, or
