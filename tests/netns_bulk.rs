@@ -51,8 +51,22 @@ fn v4_addresses(ns: &Netns) -> Vec<String> {
         .collect()
 }
 
+/// Whether the namespace's route to `ip` is `local` (no route at all is not).
 fn is_local(ns: &Netns, ip: &str) -> bool {
-    ns.ip(&["route", "get", ip]).starts_with("local ")
+    std::process::Command::new("ip")
+        .args(["-n", &ns.name, "route", "get", ip])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).starts_with("local "))
+}
+
+/// The Ethernet address of `dev` in `ns`.
+fn mac_of(ns: &Netns, dev: &str) -> String {
+    ns.ip(&["link", "show", dev])
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .to_owned()
 }
 
 /// A state directory removed when the test ends, also on failure.
@@ -117,13 +131,7 @@ fn netns_bulk_ten_thousand_ipv4_addresses_as_routes_answered_and_removed() {
     // The peer's ARP for a covered address is answered and its ping too.
     peer.exec(&["ping", "-c", "1", "-W", "2", "10.1.23.45"]);
     let neigh = peer.ip(&["neigh", "show", "10.1.23.45", "dev", "vb"]);
-    let mac = node.ip(&["link", "show", "va"]);
-    let mac = mac
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let mac = mac_of(&node, "va");
     assert!(neigh.contains(&mac), "{neigh} lacks {mac}");
     assert!(
         !ping_ok(&peer, "10.1.39.17"),
@@ -155,10 +163,15 @@ fn netns_bulk_ten_thousand_ipv4_addresses_as_routes_answered_and_removed() {
     assert!(!is_local(&node, "10.1.23.45"));
 }
 
+/// One ping from the peer (IPv4 or IPv6, by the address), its neighbour cache flushed first
+/// so that the address is resolved again.
 fn ping_ok(ns: &Netns, ip: &str) -> bool {
-    ns.ip_ok(&["neigh", "flush", "dev", "vb"])
+    let family = if ip.contains(':') { "-6" } else { "-4" };
+    ns.ip_ok(&[family, "neigh", "flush", "dev", "vb"])
         && std::process::Command::new("ip")
-            .args(["netns", "exec", &ns.name, "ping", "-c", "1", "-W", "1", ip])
+            .args([
+                "netns", "exec", &ns.name, "ping", family, "-c", "1", "-W", "1", ip,
+            ])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)
@@ -603,17 +616,6 @@ fn v6_global(ns: &Netns) -> Vec<String> {
         .collect()
 }
 
-fn ping6_ok(ns: &Netns, ip: &str) -> bool {
-    ns.ip_ok(&["-6", "neigh", "flush", "dev", "vb"])
-        && std::process::Command::new("ip")
-            .args([
-                "netns", "exec", &ns.name, "ping", "-6", "-c", "1", "-W", "1", ip,
-            ])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-}
-
 /// 2,000 IPv6 VIPs as one bulk set: an anchor and a handful of expiring `local` routes, the
 /// peer's neighbour solicitations answered by the NDP responder; renewal keeps the routes,
 /// without it they expire and are no longer answered for; a deleted route reports the set,
@@ -641,13 +643,7 @@ fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
         .collect();
     let ips: Vec<std::net::IpAddr> = set.iter().map(IpNet::addr).collect();
     let cover = cidr_cover(&ips[1..]);
-    let mac = node.ip(&["link", "show", "va"]);
-    let mac = mac
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let mac = mac_of(&node, "va");
     node.block_on(|| async {
         let manager = AddressManager::connect_with_record(&dir.0, None)
             .await
@@ -668,14 +664,14 @@ fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
             vec!["2001:db8:1::1/128", "2001:db8::1/64"]
         );
         // Answered through the responder (the peer resolves the neighbour), and pinged.
-        assert!(ping6_ok(&peer, "2001:db8:1::5a"));
+        assert!(ping_ok(&peer, "2001:db8:1::5a"));
         let neigh = peer.ip(&["-6", "neigh", "show", "2001:db8:1::5a", "dev", "vb"]);
         assert!(neigh.contains(&mac), "{neigh} lacks {mac}");
         assert!(ferrovip::node::ndp::answers_total() >= 1);
         assert_eq!(ferrovip::node::addr::ndp_fallbacks(), 0);
-        assert!(ping6_ok(&peer, "2001:db8:1::7d0"), "the last member");
+        assert!(ping_ok(&peer, "2001:db8:1::7d0"), "the last member");
         assert!(
-            !ping6_ok(&peer, "2001:db8:1::7d1"),
+            !ping_ok(&peer, "2001:db8:1::7d1"),
             "one past the set answered"
         );
 
@@ -689,19 +685,15 @@ fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         assert!(is_local(&node, "2001:db8:1::3e8"));
-        assert!(ping6_ok(&peer, "2001:db8:1::3e8"));
+        assert!(ping_ok(&peer, "2001:db8:1::3e8"));
         // A hung engine: no renewal, the routes expire and nobody answers for them.
         tokio::time::sleep(Duration::from_millis(3200)).await;
-        let route = std::process::Command::new("ip")
-            .args(["-n", &node.name, "route", "get", "2001:db8:1::3e8"])
-            .output()
-            .unwrap();
         assert!(
-            !String::from_utf8_lossy(&route.stdout).starts_with("local "),
+            !is_local(&node, "2001:db8:1::3e8"),
             "an expired route still local"
         );
         assert!(
-            !ping6_ok(&peer, "2001:db8:1::3e9"),
+            !ping_ok(&peer, "2001:db8:1::3e9"),
             "an expired member answered"
         );
         // The anchor expired with them: the whole set was reported gone, once.
@@ -719,7 +711,7 @@ fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
                 .await
                 .is_empty()
         );
-        assert!(ping6_ok(&peer, "2001:db8:1::3e9"));
+        assert!(ping_ok(&peer, "2001:db8:1::3e9"));
         assert_eq!(v6_routes(&node).len(), cover.len());
         tokio::time::sleep(Duration::from_millis(200)).await;
         while rx.try_recv().is_ok() {}
@@ -777,7 +769,7 @@ fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
             .unwrap();
         let taken = next.take_over(std::time::SystemTime::now()).await.unwrap();
         // The adopted set is answered for by the new manager's responder.
-        assert!(ping6_ok(&peer, "2001:db8:1::111"));
+        assert!(ping_ok(&peer, "2001:db8:1::111"));
         taken
     });
     let want: HashSet<(u32, IpNet)> = set.iter().map(|n| (index, *n)).collect();

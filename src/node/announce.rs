@@ -522,6 +522,21 @@ pub fn announce(
     Announcer::default().announce(ifname, src_mac, addrs, source_v6)
 }
 
+/// RFC 1071 one's-complement sum, written independently of pnet's (the frame tests here and
+/// in `super::ndp`).
+#[cfg(test)]
+pub(crate) fn ones_complement_sum(chunks: &[&[u8]]) -> u16 {
+    let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|w| u32::from(w[0]) << 8 | u32::from(*w.get(1).unwrap_or(&0)))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,19 +549,6 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
-    }
-
-    /// RFC 1071 one's-complement sum, written independently of pnet's.
-    fn ones_complement_sum(chunks: &[&[u8]]) -> u16 {
-        let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-        let mut sum: u32 = bytes
-            .chunks(2)
-            .map(|w| u32::from(w[0]) << 8 | u32::from(*w.get(1).unwrap_or(&0)))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        sum as u16
     }
 
     #[test]

@@ -418,6 +418,7 @@ fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::announce::ones_complement_sum;
 
     const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
     const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
@@ -434,19 +435,6 @@ mod tests {
             0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15],
         ]);
         (group, [0x33, 0x33, 0xff, t[13], t[14], t[15]])
-    }
-
-    /// RFC 1071 one's-complement sum, written independently of pnet's.
-    fn ones_complement_sum(chunks: &[&[u8]]) -> u16 {
-        let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-        let mut sum: u32 = bytes
-            .chunks(2)
-            .map(|w| u32::from(w[0]) << 8 | u32::from(*w.get(1).unwrap_or(&0)))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        sum as u16
     }
 
     /// The sum over pseudo-header and ICMPv6 message: 0xffff when the checksum is right.

@@ -15,7 +15,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use nix::cmsg_space;
@@ -599,32 +599,19 @@ pub fn ndp_listener() -> io::Result<OwnedFd> {
         // The kernel only reads the program (it copies it in).
         filter: NS_FILTER.as_ptr().cast_mut(),
     };
-    // SAFETY: `program` and the filter array it points to (a constant, 'static) are live and
-    // initialised for the whole call; optlen is the size of the sock_fprog passed.
-    let attached = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&program as *const libc::sock_fprog).cast::<libc::c_void>(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if attached != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_option(
+        fd.as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_ATTACH_FILTER,
+        &program,
+    )?;
     // Best effort (Linux 4.20+): the reader skips PACKET_OUTGOING frames anyway.
-    let one: libc::c_int = 1;
-    // SAFETY: `one` is a live c_int for the whole call, and optlen is its size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_IGNORE_OUTGOING,
-            (&one as *const libc::c_int).cast::<libc::c_void>(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    let _ = set_option(
+        fd.as_fd(),
+        libc::SOL_PACKET,
+        libc::PACKET_IGNORE_OUTGOING,
+        &(1 as libc::c_int),
+    );
     setsockopt(
         &fd,
         sockopt::ReceiveTimeout,
@@ -649,15 +636,21 @@ pub fn packet_allmulti(fd: BorrowedFd<'_>, ifindex: u32) -> io::Result<()> {
         mr_alen: 0,
         mr_address: [0; 8],
     };
-    // SAFETY: `request` is a live, initialised packet_mreq for the whole call, and optlen is
-    // its size; `fd` is a descriptor borrowed for the call.
+    set_option(fd, libc::SOL_PACKET, libc::PACKET_ADD_MEMBERSHIP, &request)
+}
+
+/// `setsockopt(fd, level, name, value)` for an option nix does not wrap, `value` passed by
+/// pointer with its size.
+fn set_option<T>(fd: BorrowedFd<'_>, level: i32, name: i32, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a live, initialised T for the whole call and optlen is its size;
+    // the kernel copies the option in and keeps no pointer to it. `fd` is borrowed.
     let result = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_ADD_MEMBERSHIP,
-            (&request as *const libc::packet_mreq).cast::<libc::c_void>(),
-            std::mem::size_of::<libc::packet_mreq>() as libc::socklen_t,
+            level,
+            name,
+            (value as *const T).cast::<libc::c_void>(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if result == 0 {
