@@ -19,6 +19,7 @@
 //! | `ferrovip_bulk_arp_ignore_fallbacks_total` | counter: large IPv4 sets added as interface addresses because `arp_ignore` ≠ 0 | — |
 //! | `ferrovip_bulk_ndp_fallbacks_total` | counter: large IPv6 sets added as interface addresses because the NDP responder could not start | — |
 //! | `ferrovip_ndp_answers_total` | counter: neighbour solicitations answered for route-held IPv6 addresses | — |
+//! | `ferrovip_ndp_groups` | gauge: solicited-node multicast groups joined (per interface) for route-held IPv6 addresses | — |
 //! | `ferrovip_vrrp_takeover_seconds` | histogram, 10 ms … 10 s: backup → master, from the last advertisement heard from the previous master to the transition (not observed from init, nor when none was heard) | `interface, family, cause` (`master_down`, `priority_zero`, `preempt`) |
 //! | `ferrovip_dataplane_available` | gauge 0/1 | `dataplane` |
 //! | `ferrovip_dataplane_apply_total` | counter | `dataplane, result` |
@@ -628,6 +629,14 @@ impl Collector for VrrpPacketCollector {
             let labels = [("reason", reason)];
             ConstCounter::new(value).encode(dropped.encode_family(&labels)?)?;
         }
+        ConstGauge::new(i64::try_from(crate::node::ndp::groups_joined()).unwrap_or(i64::MAX))
+            .encode(encoder.encode_descriptor(
+                "ndp_groups",
+                "Solicited-node multicast groups joined, per interface, for IPv6 addresses held \
+                 by local routes (so that MLD-snooping switches forward their solicitations)",
+                None,
+                MetricType::Gauge,
+            )?)?;
         let mut takeovers = encoder.encode_descriptor(
             "vrrp_takeover",
             "Backup to master takeovers: from the last advertisement heard from the previous \
@@ -1392,6 +1401,7 @@ mod tests {
         assert_eq!(value(&text, "ferrovip_vrrp_send_errors_total"), Some(0.0));
         assert!(value(&text, "ferrovip_ndp_answers_total").is_some());
         assert!(value(&text, "ferrovip_bulk_ndp_fallbacks_total").is_some());
+        assert!(value(&text, "ferrovip_ndp_groups").is_some());
         assert_eq!(
             value(
                 &text,

@@ -12,7 +12,7 @@ use ferrovip::node::addr::{AddressEvent, AddressManager, AddressWatcher, arp_ign
 use ferrovip::node::ownership::OwnershipMode;
 use ferrovip::node::route::cidr_cover;
 use ipnet::{IpNet, Ipv4Net};
-use netns_util::{Netns, ifindex};
+use netns_util::{Netns, ifindex, wait_until};
 
 /// The node's namespace: veth `va` (10.0.0.1/8) whose peer `vb` (10.0.0.2/8) is in a second
 /// namespace, the peer that sends ARP and pings.
@@ -674,6 +674,11 @@ fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
             !ping_ok(&peer, "2001:db8:1::7d1"),
             "one past the set answered"
         );
+        // The members' solicited-node groups are joined (MLD-snooping switches forward
+        // solicitations only to ports that reported them); the anchor's is the kernel's.
+        wait_until("the members' groups", Duration::from_secs(5), || {
+            member_groups(&node) == (2..=2000).collect::<Vec<u32>>()
+        });
 
         // Renewal (the engine's, three times a second) keeps the routes past their lifetime.
         let anchor = [(index, set[0])];
@@ -763,15 +768,23 @@ fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
             .all(|l| l.contains("expires 60sec") || l.contains("expires 59sec")),
         "{shown:?}"
     );
+    // The manager is gone and its groups with it; the held anchor keeps the kernel's.
+    assert_eq!(member_groups(&node), Vec::<u32>::new());
     let (held, removed) = node.block_on(|| async {
         let next = AddressManager::connect_with_record(&dir.0, None)
             .await
             .unwrap();
         let taken = next.take_over(std::time::SystemTime::now()).await.unwrap();
-        // The adopted set is answered for by the new manager's responder.
+        // The adopted set is answered for by the new manager's responder, its groups joined.
         assert!(ping_ok(&peer, "2001:db8:1::111"));
+        wait_until(
+            "the adopted members' groups",
+            Duration::from_secs(5),
+            || member_groups(&node).len() == 1999,
+        );
         taken
     });
+    assert_eq!(member_groups(&node), Vec::<u32>::new());
     let want: HashSet<(u32, IpNet)> = set.iter().map(|n| (index, *n)).collect();
     assert_eq!(held, want);
     assert!(removed.is_empty(), "{removed:?}");
@@ -783,6 +796,31 @@ fn netns_bulk_two_thousand_ipv6_as_expiring_routes_answered_by_ndp() {
     );
     assert!(v6_routes(&node).is_empty(), "{:?}", v6_routes(&node));
     assert_eq!(v6_global(&node), vec!["2001:db8::1/64"]);
+}
+
+/// The solicited-node groups joined on `va` for 2001:db8:1::2 to ::ffff (their low 24
+/// bits, sorted), from `/proc/net/igmp6`: the groups of a set's members, not those of the
+/// interface's own addresses.
+fn member_groups(ns: &Netns) -> Vec<u32> {
+    let link_local = ns.ip(&["-6", "addr", "show", "dev", "va", "scope", "link"]);
+    let own = link_local
+        .split("inet6 ")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+        .map(|a| u32::from_be_bytes([0, a.octets()[13], a.octets()[14], a.octets()[15]]));
+    let mut groups: Vec<u32> = ns
+        .read_proc("/proc/net/igmp6")
+        .lines()
+        .filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            let group = columns.get(2)?.strip_prefix("ff0200000000000000000001ff")?;
+            (columns.get(1) == Some(&"va")).then(|| u32::from_str_radix(group, 16).ok())?
+        })
+        .filter(|low| (2..=0xffff).contains(low) && Some(*low) != own)
+        .collect();
+    groups.sort_unstable();
+    groups
 }
 
 /// A node holding one group's set takes over another group whose addresses lie below that

@@ -185,3 +185,146 @@ fn netns_ndp_answers_for_route_held_addresses_only_while_running() {
     // The one resolved while it ran still works from B's cache.
     assert!(ping(&b, "fd00::100:5"));
 }
+
+/// The solicited-node groups joined on `dev` (`/proc/net/igmp6` of `ns`), by their low 24 bits.
+fn solicited_groups(ns: &Netns, dev: &str) -> Vec<u32> {
+    ns.read_proc("/proc/net/igmp6")
+        .lines()
+        .filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            let group = columns.get(2)?.strip_prefix("ff0200000000000000000001ff")?;
+            (columns.get(1) == Some(&dev)).then(|| u32::from_str_radix(group, 16).ok())?
+        })
+        .collect()
+}
+
+/// Whether `ns`'s link-local address on `dev` is out of duplicate address detection (the
+/// kernel sends MLD reports, and the bridge's queries, from it).
+fn link_local_ready(ns: &Netns, dev: &str) -> bool {
+    let shown = ns.ip(&["-6", "addr", "show", "dev", dev, "scope", "link"]);
+    shown.contains("fe80") && !shown.contains("tentative")
+}
+
+/// Behind a switch with MLD snooping (a Linux bridge with snooping and a querier), a
+/// solicitation reaches only ports that reported its solicited-node group. The responder
+/// answers for the whole /120, but B resolves exactly the addresses whose groups A joined;
+/// groups are counted per address and left when the responder stops.
+#[test]
+fn netns_ndp_joins_solicited_node_groups_for_an_mld_snooping_switch() {
+    let a = Netns::new("mlda");
+    let b = Netns::new("mldb");
+    let s = Netns::new("mlds");
+    s.ip(&[
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "1",
+    ]);
+    s.ip(&["-6", "addr", "add", "fd00::f0/64", "dev", "br0", "nodad"]);
+    for (ns, dev, port) in [(&a, "na", "sa"), (&b, "nb", "sb")] {
+        s.ip(&[
+            "link", "add", port, "type", "veth", "peer", "name", dev, "netns", &ns.name,
+        ]);
+        s.ip(&["link", "set", port, "master", "br0", "up"]);
+    }
+    a.ip(&["-6", "addr", "add", "fd00::1/64", "dev", "na", "nodad"]);
+    b.ip(&["-6", "addr", "add", "fd00::2/64", "dev", "nb", "nodad"]);
+    a.ip(&["link", "set", "na", "up"]);
+    b.ip(&["link", "set", "nb", "up"]);
+    s.ip(&["link", "set", "br0", "up"]);
+    a.ip(&[
+        "-6",
+        "route",
+        "add",
+        "local",
+        "fd00::100:0/120",
+        "dev",
+        "na",
+        "proto",
+        "0x46",
+        "table",
+        "main",
+    ]);
+    wait_until("link-locals out of DAD", Duration::from_secs(10), || {
+        link_local_ready(&a, "na") && link_local_ready(&b, "nb") && link_local_ready(&s, "br0")
+    });
+    // The querier starts now that the bridge has its addresses. Once a query's response
+    // interval has passed (1 s here, 10 s by default), multicast to a group nobody reported
+    // goes nowhere but to multicast routers.
+    s.ip(&[
+        "link",
+        "set",
+        "br0",
+        "type",
+        "bridge",
+        "mcast_query_response_interval",
+        "100",
+    ]);
+    s.ip(&["link", "set", "br0", "type", "bridge", "mcast_querier", "1"]);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let index = ifindex(&a, "na");
+    let mac = mac_of(&a, "na");
+    let held: Ipv6Net = "fd00::100:0/120".parse().unwrap();
+    let lookup: Lookup = Arc::new(move |ifindex, target: Ipv6Addr| {
+        (ifindex == index && held.contains(&target)).then_some(mac)
+    });
+    let member = |n: u32| -> Ipv6Addr { format!("fd00::100:{n:x}").parse().unwrap() };
+    a.enter(|| {
+        let responder = NdpResponder::start(lookup).expect("start");
+        responder.listen_on(index).expect("listen_on");
+        let groups = responder.memberships();
+        groups.join(index, vec![member(5)]);
+        // Another address of the same group (its low 24 bits are fd00::100:5's): counted.
+        groups.join(index, vec!["fd00::1:100:5".parse().unwrap()]);
+        wait_until("fd00::100:5's group joined", Duration::from_secs(5), || {
+            solicited_groups(&a, "na").contains(&0x5)
+        });
+        assert_eq!(ferrovip::node::ndp::groups_joined(), 1);
+        // The report went out and the switch learned it.
+        wait_until("the bridge's MDB entry", Duration::from_secs(5), || {
+            s.exec(&["bridge", "mdb", "show", "dev", "br0"])
+                .contains("ff02::1:ff00:5")
+        });
+        assert!(ping(&b, "fd00::100:5"), "no reply from a joined address");
+        // Answered for, but its group not joined: the switch does not forward B's solicitation.
+        assert!(
+            !ping(&b, "fd00::100:6"),
+            "a solicitation crossed the snooping switch"
+        );
+        let answered = responder.answered();
+        groups.join(index, vec![member(6)]);
+        wait_until("fd00::100:6's group joined", Duration::from_secs(5), || {
+            solicited_groups(&a, "na").contains(&0x6)
+        });
+        assert!(ping(&b, "fd00::100:6"), "no reply after joining");
+        assert!(responder.answered() > answered);
+
+        // One of the two addresses of a group leaves: the group stays; both: it goes.
+        groups.leave(index, vec![member(5)]);
+        groups.change(index, vec![member(7)], vec![member(6)]);
+        wait_until("fd00::100:6's group left", Duration::from_secs(5), || {
+            let joined = solicited_groups(&a, "na");
+            !joined.contains(&0x6) && joined.contains(&0x7)
+        });
+        assert!(solicited_groups(&a, "na").contains(&0x5));
+        groups.leave(index, vec!["fd00::1:100:5".parse().unwrap()]);
+        wait_until("fd00::100:5's group left", Duration::from_secs(5), || {
+            !solicited_groups(&a, "na").contains(&0x5)
+        });
+        assert_eq!(ferrovip::node::ndp::groups_joined(), 1);
+
+        drop(responder);
+        // Its sockets closed: no group of ours is left (the interface's own remain).
+        let left = solicited_groups(&a, "na");
+        assert!(!left.contains(&0x7), "groups left behind: {left:x?}");
+        assert_eq!(ferrovip::node::ndp::groups_joined(), 0);
+        // A handle kept past the responder does nothing.
+        groups.join(index, vec![member(8)]);
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!solicited_groups(&a, "na").contains(&0x8));
+}

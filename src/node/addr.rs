@@ -61,7 +61,7 @@ use netlink_sys::{Socket, SocketAddr};
 use rtnetlink::Handle;
 use tokio::sync::mpsc;
 
-use super::ndp::NdpResponder;
+use super::ndp::{Memberships, NdpResponder};
 use super::ownership::{AddressRecord, OwnershipMode};
 use super::route::{OwnedRoute, cover_addresses, local_route};
 
@@ -385,6 +385,21 @@ impl BulkSet {
     }
 }
 
+/// The members of an IPv6 set held by its routes (all but the anchor, an interface address
+/// whose group the kernel joins); none for IPv4.
+fn route_held_v6(set: &BulkSet) -> Vec<Ipv6Addr> {
+    if !set.is_v6() {
+        return Vec::new();
+    }
+    set.members[1..]
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        })
+        .collect()
+}
+
 /// When a lifetime given now runs out (`None`: never).
 fn valid_until(lifetime: Option<Duration>) -> Option<Instant> {
     lifetime.map(|d| Instant::now() + Duration::from_secs(u64::from(lifetime_seconds(Some(d)))))
@@ -408,6 +423,10 @@ struct BulkSets {
     arp_warned: HashSet<u32>,
     /// Interfaces whose IPv6 sets the NDP responder answers for, with the MAC it answers.
     ndp_macs: HashMap<u32, [u8; 6]>,
+    /// The NDP responder's group memberships: the solicited-node groups of IPv6 sets'
+    /// route-held members are joined while the sets are here (MLD-snooping switches forward
+    /// solicitations only to ports that joined).
+    memberships: Option<Memberships>,
 }
 
 impl BulkSets {
@@ -415,7 +434,13 @@ impl BulkSets {
         for ip in &set.members {
             self.member_of.insert((set.index, *ip), set.anchor.addr());
         }
-        self.sets.insert((set.index, set.anchor.addr()), set);
+        let index = set.index;
+        let joined = self.memberships.as_ref().map(|_| route_held_v6(&set));
+        let replaced = self.sets.insert((set.index, set.anchor.addr()), set);
+        if let (Some(memberships), Some(joined)) = (&self.memberships, joined) {
+            let left = replaced.as_ref().map(route_held_v6).unwrap_or_default();
+            memberships.change(index, joined, left);
+        }
     }
 
     fn take(&mut self, index: u32, anchor: IpAddr) -> Option<BulkSet> {
@@ -425,7 +450,22 @@ impl BulkSets {
                 self.member_of.remove(&(index, *ip));
             }
         }
+        if let Some(memberships) = &self.memberships {
+            memberships.leave(index, route_held_v6(&set));
+        }
         Some(set)
+    }
+
+    /// From now on the sets' members' groups are joined through `memberships`, those of the
+    /// sets already here at once. Only the first call counts (one responder per manager).
+    fn attach_memberships(&mut self, memberships: Memberships) {
+        if self.memberships.is_some() {
+            return;
+        }
+        for set in self.sets.values() {
+            memberships.join(set.index, route_held_v6(set));
+        }
+        self.memberships = Some(memberships);
     }
 
     /// The anchor of the set `net` belongs to (same prefix length).
@@ -965,9 +1005,11 @@ impl AddressManager {
                 }
             }
         };
-        match responder.and_then(|responder| responder.listen_on(index)) {
-            Ok(()) => {
-                self.bulk().ndp_macs.insert(index, mac);
+        match responder.and_then(|responder| responder.listen_on(index).map(|()| responder)) {
+            Ok(responder) => {
+                let mut bulk = self.bulk();
+                bulk.ndp_macs.insert(index, mac);
+                bulk.attach_memberships(responder.memberships());
                 true
             }
             Err(e) => {
@@ -2777,6 +2819,54 @@ mod tests {
         );
         bulk.sets.get_mut(&(3, members[0])).unwrap().lost = true;
         assert_eq!(bulk.ndp_answer(3, v6(50), now), None, "lost");
+    }
+
+    /// The solicited-node groups follow the IPv6 sets: joined for the route-held members of
+    /// the sets present when the responder attaches and of those inserted later, the new
+    /// members before the old ones left when a set is replaced, left when it is taken;
+    /// nothing for IPv4 sets or the anchor.
+    #[test]
+    fn ipv6_sets_join_and_leave_their_members_groups() {
+        use crate::node::ndp::{Membership, Memberships};
+        let v6 = |i: u16| IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 1, i));
+        let only = |ip: IpAddr| match ip {
+            IpAddr::V6(v6) => v6,
+            IpAddr::V4(_) => unreachable!(),
+        };
+        let mut bulk = BulkSets::default();
+        let first = BulkSet::new(3, 128, (1..=3).map(v6).collect(), None);
+        bulk.insert(first.clone());
+        let (memberships, rx) = Memberships::for_test();
+        bulk.attach_memberships(memberships.clone());
+        let change = |ifindex, join: Vec<IpAddr>, leave: Vec<IpAddr>| Membership {
+            ifindex,
+            join: join.into_iter().map(only).collect(),
+            leave: leave.into_iter().map(only).collect(),
+        };
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            change(3, vec![v6(2), v6(3)], vec![])
+        );
+        // A second responder's handle changes nothing.
+        bulk.attach_memberships(memberships);
+        assert!(rx.try_recv().is_err());
+        bulk.insert(first.grown([v6(4)]));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            change(3, vec![v6(2), v6(3), v6(4)], vec![v6(2), v6(3)])
+        );
+        let v4: Vec<IpAddr> = (1..=3u8)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(10, 0, 0, i)))
+            .collect();
+        bulk.insert(BulkSet::new(3, 32, v4.clone(), None));
+        assert!(bulk.take(3, v4[0]).is_some());
+        assert!(rx.try_recv().is_err(), "IPv4 sets have no groups");
+        assert!(bulk.take(3, v6(1)).is_some());
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            change(3, vec![], vec![v6(2), v6(3), v6(4)])
+        );
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

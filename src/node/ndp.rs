@@ -10,13 +10,23 @@
 //!
 //! Parsing ([`parse_solicitation`]) and the answer ([`solicited_na_frame`]) are pure; the
 //! `unsafe` socket set-up is [`super::socket`]'s.
+//!
+//! A solicitation for an address goes to its solicited-node multicast group. The kernel joins
+//! that group for each interface address, and so reports it (MLD) to switches that forward
+//! multicast only to ports that asked for it (MLD snooping); for route-held addresses nobody
+//! would. The responder therefore also joins the groups of the addresses it answers for
+//! ([`NdpResponder::memberships`]): a second thread ("ferrovip-mld")
+//! applies those changes with `IPV6_ADD_MEMBERSHIP` on plain UDP sockets, off the failover
+//! path, and the kernel sends the reports and answers the queries. Closing the sockets (the
+//! responder dropped, the process gone) leaves every group.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io;
 use std::net::Ipv6Addr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,12 +34,13 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::socket::{LinkAddr, MsgFlags, recvfrom, sendto};
 use pnet_packet::ip::IpNextHeaderProtocols;
+use socket2::{Domain, Socket, Type};
 
 use super::announce::{
     ALL_NODES, ALL_NODES_MAC, ETHERTYPE_IPV6, ICMPV6_NEIGHBOR_ADVERTISEMENT, NA_FLAG_OVERRIDE,
     NA_ICMPV6_LEN, ND_OPT_TARGET_LINK_LAYER_ADDRESS,
 };
-use super::socket::{link_address, ndp_listener, packet_allmulti};
+use super::socket::{NDP_RECEIVE_TIMEOUT, link_address, ndp_listener, packet_allmulti};
 
 /// Answers for one target: the MAC to advertise, if `target` is held on interface `ifindex` now.
 pub type Lookup = Arc<dyn Fn(u32, Ipv6Addr) -> Option<[u8; 6]> + Send + Sync>;
@@ -42,6 +53,20 @@ static ANSWERED_TOTAL: AtomicU64 = AtomicU64::new(0);
 pub fn answers_total() -> u64 {
     ANSWERED_TOTAL.load(Ordering::Relaxed)
 }
+
+/// Solicited-node groups (per interface) the responders of this process are members of now
+/// (exported as `ferrovip_ndp_groups`).
+static GROUPS_JOINED: AtomicU64 = AtomicU64::new(0);
+
+/// Solicited-node groups this process's responders have joined, summed over interfaces.
+pub fn groups_joined() -> u64 {
+    GROUPS_JOINED.load(Ordering::Relaxed)
+}
+
+/// Memberships per socket. Each takes socket option memory (about 64 bytes), bounded per
+/// socket by `net.core.optmem_max`: 20 KiB on kernels before 6.9, so at most ~300 there.
+/// Another socket is opened for more, and on `ENOBUFS` before this many.
+const GROUPS_PER_SOCKET: usize = 256;
 
 const ICMPV6_NEIGHBOR_SOLICITATION: u8 = 135;
 const ND_OPT_SOURCE_LINK_LAYER_ADDRESS: u8 = 1;
@@ -203,7 +228,18 @@ fn ipv6_at(bytes: &[u8], at: usize) -> Ipv6Addr {
 
 /// ff02::1:ffXX:XXXX (RFC 4291 §2.7.1).
 fn is_solicited_node(addr: &Ipv6Addr) -> bool {
-    addr.octets()[..13] == [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff]
+    addr.octets()[..13] == SOLICITED_NODE_PREFIX
+}
+
+const SOLICITED_NODE_PREFIX: [u8; 13] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff];
+
+/// The solicited-node multicast group of `addr` (RFC 4291 §2.7.1): ff02::1:ff00:0/104 and
+/// the address's low 24 bits. Solicitations for `addr` are sent there.
+pub fn solicited_node_group(addr: Ipv6Addr) -> Ipv6Addr {
+    let mut octets = [0u8; 16];
+    octets[..13].copy_from_slice(&SOLICITED_NODE_PREFIX);
+    octets[13..].copy_from_slice(&addr.octets()[13..]);
+    Ipv6Addr::from(octets)
 }
 
 /// The solicited Neighbour Advertisement (RFC 4861 §7.2.4) answering `ns` for its target,
@@ -264,7 +300,8 @@ pub fn solicited_na_frame(mac: [u8; 6], ns: &Solicitation) -> Vec<u8> {
     frame
 }
 
-/// The responder: a socket and the thread answering on it, stopped and joined on drop.
+/// The responder: a socket and the thread answering on it, stopped and joined on drop, and
+/// the thread keeping the solicited-node group memberships.
 pub struct NdpResponder {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -272,6 +309,62 @@ pub struct NdpResponder {
     answered: Arc<AtomicU64>,
     /// Interfaces whose all-multicast membership this socket holds.
     listening: Mutex<BTreeSet<u32>>,
+    memberships: Memberships,
+    memberships_thread: Option<JoinHandle<()>>,
+}
+
+/// Where the solicited-node groups of answered addresses are joined and left: a handle to
+/// the responder's membership thread, to keep beside the addresses. Changes sent after the
+/// responder stopped are dropped (its sockets are closed, every group left).
+#[derive(Debug, Clone)]
+pub struct Memberships {
+    tx: mpsc::Sender<Membership>,
+}
+
+impl Memberships {
+    /// Joins the solicited-node groups of `addresses` on interface `ifindex`, once each
+    /// however many addresses (here or in other calls) share one, in the background.
+    pub fn join(&self, ifindex: u32, addresses: Vec<Ipv6Addr>) {
+        self.change(ifindex, addresses, Vec::new());
+    }
+
+    /// Undoes [`Memberships::join`] for `addresses`: a group is left when no address joined
+    /// for it remains.
+    pub fn leave(&self, ifindex: u32, addresses: Vec<Ipv6Addr>) {
+        self.change(ifindex, Vec::new(), addresses);
+    }
+
+    /// Both at once: the groups of `join` first, so that an address in both keeps its group
+    /// without a leave and a join on the wire.
+    pub fn change(&self, ifindex: u32, join: Vec<Ipv6Addr>, leave: Vec<Ipv6Addr>) {
+        if join.is_empty() && leave.is_empty() {
+            return;
+        }
+        // Fails only once the thread is gone: nothing is joined then.
+        let _ = self.tx.send(Membership {
+            ifindex,
+            join,
+            leave,
+        });
+    }
+}
+
+#[cfg(test)]
+impl Memberships {
+    /// A handle whose changes arrive at the returned receiver, for tests.
+    pub(crate) fn for_test() -> (Memberships, mpsc::Receiver<Membership>) {
+        let (tx, rx) = mpsc::channel();
+        (Memberships { tx }, rx)
+    }
+}
+
+/// A change of the addresses answered for on one interface: their solicited-node groups are
+/// joined for `join`, then left for `leave` (so that an address in both keeps its group).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Membership {
+    pub(crate) ifindex: u32,
+    pub(crate) join: Vec<Ipv6Addr>,
+    pub(crate) leave: Vec<Ipv6Addr>,
 }
 
 impl fmt::Debug for NdpResponder {
@@ -285,7 +378,8 @@ impl fmt::Debug for NdpResponder {
 
 impl NdpResponder {
     /// Opens the socket in the calling thread's network namespace and starts a thread
-    /// (named "ferrovip-ndp") that answers solicitations while the responder lives.
+    /// (named "ferrovip-ndp") that answers solicitations while the responder lives, and one
+    /// ("ferrovip-mld") that keeps the group memberships of [`NdpResponder::memberships`].
     pub fn start(lookup: Lookup) -> io::Result<NdpResponder> {
         let fd = Arc::new(ndp_listener()?);
         let stop = Arc::new(AtomicBool::new(false));
@@ -296,13 +390,32 @@ impl NdpResponder {
                 .name("ferrovip-ndp".into())
                 .spawn(move || serve(&fd, &*lookup, &stop, &answered))?
         };
-        Ok(NdpResponder {
+        // Threads start in the spawning thread's network namespace: the membership sockets
+        // are opened there, as the listener was.
+        let (tx, changes) = mpsc::channel();
+        let memberships_thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("ferrovip-mld".into())
+                .spawn(move || keep_memberships(&changes, &stop))
+        };
+        let mut responder = NdpResponder {
             stop,
             thread: Some(thread),
             fd,
             answered,
             listening: Mutex::new(BTreeSet::new()),
-        })
+            memberships: Memberships { tx },
+            memberships_thread: None,
+        };
+        // On failure, dropping the responder stops its first thread.
+        responder.memberships_thread = Some(memberships_thread?);
+        Ok(responder)
+    }
+
+    /// The handle through which the groups of the addresses answered for are joined.
+    pub fn memberships(&self) -> Memberships {
+        self.memberships.clone()
     }
 
     /// Makes interface `ifindex` pass every multicast frame to the socket (PACKET_MR_ALLMULTI
@@ -326,6 +439,10 @@ impl NdpResponder {
 impl Drop for NdpResponder {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Its sockets close with it, leaving every group.
+        if let Some(thread) = self.memberships_thread.take() {
+            let _ = thread.join();
+        }
         if let Some(thread) = self.thread.take() {
             // The receive times out within NDP_RECEIVE_TIMEOUT; a panicking lookup has
             // already ended the thread, and there is nothing left to do about it.
@@ -351,6 +468,111 @@ impl Warner {
         tracing::warn!(%error, suppressed = self.suppressed, "NDP responder: {what}");
         self.last = Some(now);
         self.suppressed = 0;
+    }
+}
+
+/// Solicited-node group memberships, counted per (interface, group) over the addresses that
+/// need them, on as many sockets as the kernel's per-socket option memory needs.
+#[derive(Default)]
+struct Groups {
+    sockets: Vec<(Socket, usize)>,
+    /// (interface, group) → (addresses needing it, the socket holding it: `None` when the
+    /// join failed).
+    joined: HashMap<(u32, Ipv6Addr), (usize, Option<usize>)>,
+}
+
+impl Groups {
+    fn join(&mut self, ifindex: u32, group: Ipv6Addr, warner: &mut Warner) {
+        let entry = self.joined.entry((ifindex, group)).or_insert((0, None));
+        entry.0 += 1;
+        if entry.0 > 1 {
+            return;
+        }
+        match join_on(&mut self.sockets, ifindex, group) {
+            Ok(socket) => {
+                entry.1 = Some(socket);
+                GROUPS_JOINED.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => warner.warn(
+                &format!("cannot join the solicited-node group {group} on interface {ifindex}"),
+                &e,
+            ),
+        }
+    }
+
+    fn leave(&mut self, ifindex: u32, group: Ipv6Addr, warner: &mut Warner) {
+        let Some(entry) = self.joined.get_mut(&(ifindex, group)) else {
+            return;
+        };
+        entry.0 -= 1;
+        if entry.0 > 0 {
+            return;
+        }
+        let socket = entry.1;
+        self.joined.remove(&(ifindex, group));
+        let Some(i) = socket else { return };
+        GROUPS_JOINED.fetch_sub(1, Ordering::Relaxed);
+        let (socket, count) = &mut self.sockets[i];
+        *count -= 1;
+        match socket.leave_multicast_v6(&group, ifindex) {
+            Ok(()) => {}
+            // The interface went away, and its memberships with it.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+            Err(e) => warner.warn(
+                &format!("cannot leave the solicited-node group {group} on interface {ifindex}"),
+                &e,
+            ),
+        }
+    }
+}
+
+impl Drop for Groups {
+    fn drop(&mut self) {
+        let held = self.joined.values().filter(|(_, s)| s.is_some()).count();
+        GROUPS_JOINED.fetch_sub(held as u64, Ordering::Relaxed);
+    }
+}
+
+/// Joins `group` on a socket with room, opening one when none has (or the kernel says the
+/// one tried is full); returns the socket's index.
+fn join_on(sockets: &mut Vec<(Socket, usize)>, ifindex: u32, group: Ipv6Addr) -> io::Result<usize> {
+    if let Some(i) = sockets.iter().position(|(_, n)| *n < GROUPS_PER_SOCKET) {
+        let (socket, count) = &mut sockets[i];
+        match socket.join_multicast_v6(&group, ifindex) {
+            Ok(()) => {
+                *count += 1;
+                return Ok(i);
+            }
+            // This socket's option memory is used up: full from now on; a fresh one below.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => *count = GROUPS_PER_SOCKET,
+            Err(e) => return Err(e),
+        }
+    }
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, None)?;
+    socket.join_multicast_v6(&group, ifindex)?;
+    sockets.push((socket, 1));
+    Ok(sockets.len() - 1)
+}
+
+/// The membership thread: applies changes until `stop` is set.
+fn keep_memberships(changes: &mpsc::Receiver<Membership>, stop: &AtomicBool) {
+    let mut groups = Groups::default();
+    let mut warner = Warner {
+        last: None,
+        suppressed: 0,
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let change = match changes.recv_timeout(NDP_RECEIVE_TIMEOUT) {
+            Ok(change) => change,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        for addr in change.join {
+            groups.join(change.ifindex, solicited_node_group(addr), &mut warner);
+        }
+        for addr in change.leave {
+            groups.leave(change.ifindex, solicited_node_group(addr), &mut warner);
+        }
     }
 }
 
@@ -625,6 +847,25 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn solicited_node_groups_keep_the_low_24_bits() {
+        // RFC 4291 §2.7.1's own example.
+        assert_eq!(
+            solicited_node_group(addr("4037::1:800:200e:8c6c")),
+            addr("ff02::1:ff0e:8c6c")
+        );
+        assert_eq!(
+            solicited_node_group(addr("2001:db8:1::7d0")),
+            addr("ff02::1:ff00:7d0")
+        );
+        // Addresses differing only above the low 24 bits share a group.
+        assert_eq!(
+            solicited_node_group(addr("fd00::100:5")),
+            solicited_node_group(addr("fd00::1:100:5"))
+        );
+        assert!(is_solicited_node(&solicited_node_group(addr("::1"))));
     }
 
     #[test]
