@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
@@ -283,6 +283,34 @@ enum Effect {
         addresses: Vec<(u32, IpNet)>,
     },
     Barrier(oneshot::Sender<()>),
+    /// Advertisements held back behind an announcement ([`Transmit::after_announcement`]):
+    /// sent in order with the effects, then `pending` (the instance's count of them) drops.
+    Send {
+        socket: Arc<VrrpSocket>,
+        source: IpAddr,
+        packets: Vec<(IpAddr, Vec<u8>)>,
+        pending: Arc<AtomicUsize>,
+        stats: Arc<Stats>,
+    },
+}
+
+/// Sends one encoded advertisement, counting it as sent or failed.
+fn send_advert(
+    socket: &VrrpSocket,
+    source: IpAddr,
+    destination: IpAddr,
+    bytes: &[u8],
+    stats: &Stats,
+) {
+    match socket.send(source, destination, bytes) {
+        Ok(()) => {
+            stats.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            stats.send_errors.fetch_add(1, Ordering::Relaxed);
+            debug!(vrid = bytes.get(1).copied(), error = %e, "advertisement not sent");
+        }
+    }
 }
 
 /// Which advertisement an [`Encoded`] is: socket (interface or virtual-MAC interface),
@@ -334,6 +362,9 @@ pub struct Driver {
     /// The last encoded advertisement per socket, VRID and destination: re-encoded only
     /// when what it encodes changed (priority, interval, addresses, source, checksum mode).
     encoded: HashMap<EncodedKey, Encoded>,
+    /// Per instance (socket's interface, family, VRID): its adverts queued behind an
+    /// announcement on the effects task, not yet sent.
+    queued_sends: HashMap<(Arc<str>, Family, u8), Arc<AtomicUsize>>,
     observed: watch::Sender<Observed>,
     drain_buf: Vec<u8>,
     stats: Arc<Stats>,
@@ -420,6 +451,7 @@ impl Driver {
             effects,
             outputs: Vec::new(),
             encoded: HashMap::new(),
+            queued_sends: HashMap::new(),
             observed: watch::Sender::new(Observed::default()),
             drain_buf: Vec::new(),
             stats,
@@ -835,6 +867,8 @@ impl Driver {
         let (links, vmacs) = (&self.links, &self.vmacs);
         self.encoded
             .retain(|(via, ..), _| links.contains_key(via) || vmacs.contains_key(via));
+        self.queued_sends
+            .retain(|(via, ..), _| links.contains_key(via) || vmacs.contains_key(via));
     }
 
     fn execute(&mut self, output: Output) {
@@ -902,10 +936,36 @@ impl Driver {
                 .get(&transmit.interface)
                 .and_then(|l| l.sockets.get(&transmit.family)),
         };
-        let Some(socket) = socket else {
+        let Some(socket) = socket.cloned() else {
             return;
         };
-        let via = transmit.vmac.as_ref().unwrap_or(&transmit.interface);
+        let via = transmit
+            .vmac
+            .as_ref()
+            .unwrap_or(&transmit.interface)
+            .clone();
+        // A preempting master's advert waits for its announcement (the effects task sends
+        // it), and the instance's later adverts queue behind it until it went out.
+        let instance = (via.clone(), transmit.family, transmit.advertisement.vrid);
+        let queued = self
+            .queued_sends
+            .get(&instance)
+            .filter(|pending| pending.load(Ordering::Acquire) > 0)
+            .cloned();
+        let queued = match queued {
+            Some(pending) => Some(pending),
+            None if transmit.after_announcement => Some(
+                self.queued_sends
+                    .entry(instance.clone())
+                    .or_default()
+                    .clone(),
+            ),
+            None => {
+                self.queued_sends.remove(&instance);
+                None
+            }
+        };
+        let mut packets = Vec::new();
         for &destination in transmit.destinations.iter() {
             let key = (
                 via.clone(),
@@ -940,14 +1000,36 @@ impl Driver {
                 );
             }
             let bytes = &self.encoded[&key].bytes;
-            match socket.send(transmit.source, destination, bytes) {
-                Ok(()) => {
-                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            if queued.is_some() {
+                packets.push((destination, bytes.clone()));
+            } else {
+                send_advert(&socket, transmit.source, destination, bytes, &self.stats);
+            }
+        }
+        if let Some(pending) = queued
+            && !packets.is_empty()
+        {
+            pending.fetch_add(1, Ordering::AcqRel);
+            let effect = Effect::Send {
+                socket,
+                source: transmit.source,
+                packets,
+                pending,
+                stats: self.stats.clone(),
+            };
+            // The effects task is gone only when the driver stops: send it here instead.
+            if let Err(mpsc::error::SendError(Effect::Send {
+                socket,
+                source,
+                packets,
+                pending,
+                stats,
+            })) = self.effects.send(effect)
+            {
+                for (destination, bytes) in &packets {
+                    send_advert(&socket, source, *destination, bytes, &stats);
                 }
-                Err(e) => {
-                    self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
-                    debug!(interface = %transmit.interface, vrid = transmit.advertisement.vrid, error = %e, "advertisement not sent");
-                }
+                pending.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
@@ -1352,6 +1434,18 @@ async fn run_effects(
                 if let Some(index) = index {
                     addresses.forget_interface(index);
                 }
+            }
+            Effect::Send {
+                socket,
+                source,
+                packets,
+                pending,
+                stats,
+            } => {
+                for (destination, bytes) in &packets {
+                    send_advert(&socket, source, *destination, bytes, &stats);
+                }
+                pending.fetch_sub(1, Ordering::AcqRel);
             }
             Effect::Barrier(done) => {
                 // The agent stops: what is left of the bursts would only delay its exit.

@@ -954,6 +954,25 @@ fn a_crashed_master_is_replaced_within_the_master_down_interval_and_preempts_on_
         a.iter().any(|t| t.to == "MASTER" && t.reason == "preempt"),
         "{a:?}"
     );
+    // node-b held the VIP until node-a's advert reached it: node-a's gratuitous ARP went
+    // out before that advert, so traffic moved before node-b let go.
+    let a_mac = c.node(0).mac;
+    let seen = c.sniffer.events_since(restarted);
+    let first_advert = seen
+        .iter()
+        .position(|e| {
+            e.advert()
+                .is_some_and(|ad| ad.vrid == VRID && ad.source == c.v4(0))
+        })
+        .expect("node-a's advert");
+    let first_garp = seen
+        .iter()
+        .position(|e| e.src_mac == a_mac && e.announced() == Some(ip(VIP)))
+        .expect("node-a's gratuitous ARP");
+    assert!(
+        first_garp < first_advert,
+        "node-a advertised (frame {first_advert}) before announcing the VIP (frame {first_garp})"
+    );
     let b = c.transitions_of(1, "web");
     assert_eq!(
         b.last().map(|t| (t.to.as_str(), t.reason.as_str())),

@@ -363,11 +363,15 @@ pub struct Transmit {
     pub destinations: Arc<[IpAddr]>,
     pub checksum: ChecksumMode,
     pub advertisement: Advertisement,
+    /// Goes out only after the announcements output before it (a preempting master's first
+    /// advert: the master it preempts lets go of the addresses on receiving it), and so do
+    /// the same instance's adverts after it until then.
+    pub after_announcement: bool,
 }
 
-/// What the driver carries out, in order. Sends are immediate; address and link changes and
-/// announcements may run on a slower path, but in this order (an announcement never precedes
-/// its address).
+/// What the driver carries out, in order. Sends are immediate unless
+/// [`Transmit::after_announcement`]; address and link changes and announcements may run on a
+/// slower path, but in this order (an announcement never precedes its address).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     Send(Transmit),
@@ -1001,8 +1005,19 @@ impl NodeEngine {
             }
         }
         if let Some(link) = env.links.get(&key.0).and_then(|l| l.facts.as_ref().ok()) {
+            let mut announced = false;
             for output in scratch.drain(..) {
+                let announce = matches!(output, instance::Output::Announce(_));
+                let first = out.len();
                 translate(node, key, slot, link, seen.priority, output, out);
+                if announced {
+                    for o in &mut out[first..] {
+                        if let Output::Send(transmit) = o {
+                            transmit.after_announcement = true;
+                        }
+                    }
+                }
+                announced |= announce;
             }
         }
         *observed_changed |= observe_instance(observed, &slot.spec, &slot.members, seen);
@@ -1673,6 +1688,7 @@ fn translate(
                 destinations: slot.destinations.clone(),
                 checksum: spec.checksum,
                 advertisement,
+                after_announcement: false,
             }));
         }
         instance::Output::AddAddresses(nets) => out.push(Output::AddAddresses { ifindex, nets }),

@@ -273,6 +273,31 @@ fn taking_over_adds_before_announcing_and_advertises_to_the_group() {
     assert_eq!(observed.reason_code, "master_down");
     assert!(rig.engine.take_observed_change());
     assert!(!rig.engine.take_observed_change());
+    // Nobody held the addresses: the advert need not wait for the announcement.
+    assert!(!sent[0].after_announcement);
+}
+
+/// A preempting master's first advert is marked to go out after its announcement (the
+/// master it preempts keeps the addresses until that advert); its later adverts are not.
+#[test]
+fn a_preempting_master_advertises_after_announcing() {
+    let mut rig = Rig::new();
+    rig.apply(&[spec("web", 7, 100)]);
+    // A lower-priority master: discarded (preemption), so the timer runs out.
+    assert!(rig.hear(PEER, advert(7, 50)).is_empty());
+    let deadline = rig.engine.deadline().unwrap() - rig.epoch;
+    let out = rig.at(deadline);
+    assert_eq!(
+        transitions(&out).last().map(|t| (t.2, t.3.code())),
+        Some((State::Master, "preempt"))
+    );
+    let announce = position(&out, |o| matches!(o, Output::Announce { .. }));
+    let send = position(&out, |o| matches!(o, Output::Send(_)));
+    assert!(announce < send, "{out:?}");
+    assert!(sends(&out)[0].after_announcement);
+    let next = rig.at(deadline + ms(100));
+    assert_eq!(sends(&next).len(), 1);
+    assert!(!sends(&next)[0].after_announcement);
 }
 
 #[test]

@@ -887,9 +887,22 @@ impl Instance {
             (State::Backup, Some(heard)) => Some(now.saturating_duration_since(heard)),
             _ => None,
         };
-        self.send(self.config.priority, out);
-        out.push(Output::AddAddresses(self.addresses.nets.clone()));
-        out.push(Output::Announce(self.addresses.addrs.clone()));
+        if matches!(reason, Reason::Preempt { .. }) {
+            // The master we preempt is alive and holds the addresses until our advert
+            // reaches it: hold and announce them first, so that traffic moves to us before
+            // it lets go. Advert first (RFC 5798 §6.4.2's order) left the time of our install
+            // and announcement in which neither node took the traffic. Both hold the
+            // addresses for that moment, as they do until any preempting advert arrives.
+            out.push(Output::AddAddresses(self.addresses.nets.clone()));
+            out.push(Output::Announce(self.addresses.addrs.clone()));
+            self.send(self.config.priority, out);
+        } else {
+            // After a crash or a departure nobody holds them: the advert first stops the
+            // other backups' timers, then the addresses.
+            self.send(self.config.priority, out);
+            out.push(Output::AddAddresses(self.addresses.nets.clone()));
+            out.push(Output::Announce(self.addresses.addrs.clone()));
+        }
         self.state = State::Master;
         self.master = Some(self.config.primary_address);
         self.master_adver_interval = self.config.effective_advert_interval();

@@ -264,6 +264,19 @@ fn backup_accepts_higher_and_learns_the_masters_interval() {
     assert_eq!(h.instance.state(), State::Backup);
 }
 
+/// The kinds of `out`, in order.
+fn output_kinds(out: &[Output]) -> Vec<&'static str> {
+    out.iter()
+        .map(|o| match o {
+            Output::Send(_) => "send",
+            Output::AddAddresses(_) => "add",
+            Output::RemoveAddresses(_) => "remove",
+            Output::Announce(_) => "announce",
+            Output::Transition { .. } => "transition",
+        })
+        .collect()
+}
+
 #[test]
 fn backup_with_preemption_discards_lower_priority_and_takes_over() {
     let mut h = Harness::started(config(100));
@@ -282,6 +295,12 @@ fn backup_with_preemption_discards_lower_priority_and_takes_over() {
     assert_eq!(h.instance.counters().discarded_lower_priority, 1);
     let out = h.input(initial.unwrap(), Input::Timer);
     assert_eq!(sent_priority(&out), vec![100]);
+    // The preempted master still holds the addresses: ours and our announcement come
+    // before the advert that makes it let go.
+    assert_eq!(
+        output_kinds(&out),
+        ["add", "announce", "send", "transition"]
+    );
     assert_eq!(
         out.last(),
         Some(&takeover(
