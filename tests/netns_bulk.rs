@@ -810,13 +810,8 @@ fn member_groups(ns: &Netns) -> Vec<u32> {
         .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
         .map(|a| u32::from_be_bytes([0, a.octets()[13], a.octets()[14], a.octets()[15]]));
     let mut groups: Vec<u32> = ns
-        .read_proc("/proc/net/igmp6")
-        .lines()
-        .filter_map(|line| {
-            let columns: Vec<&str> = line.split_whitespace().collect();
-            let group = columns.get(2)?.strip_prefix("ff0200000000000000000001ff")?;
-            (columns.get(1) == Some(&"va")).then(|| u32::from_str_radix(group, 16).ok())?
-        })
+        .solicited_groups("va")
+        .into_iter()
         .filter(|low| (2..=0xffff).contains(low) && Some(*low) != own)
         .collect();
     groups.sort_unstable();

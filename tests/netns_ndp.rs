@@ -14,13 +14,9 @@ use ferrovip::node::ndp::{Lookup, NdpResponder};
 use ipnet::Ipv6Net;
 use netns_util::{Netns, ifindex, wait_until};
 
-/// A (veth `na`, fd00::1/64, plus `local` fd00::100:0/120) — B (veth `nb`, fd00::2/64).
-fn setup(tag: &str) -> (Netns, Netns) {
-    let a = Netns::new(&format!("{tag}a"));
-    let b = Netns::new(&format!("{tag}b"));
-    a.ip(&[
-        "link", "add", "na", "type", "veth", "peer", "name", "nb", "netns", &b.name,
-    ]);
+/// fd00::1/64 on A's `na`, fd00::2/64 on B's `nb`, both up, and A's `local` route for
+/// fd00::100:0/120.
+fn addresses_and_held_range(a: &Netns, b: &Netns) {
     a.ip(&["-6", "addr", "add", "fd00::1/64", "dev", "na", "nodad"]);
     b.ip(&["-6", "addr", "add", "fd00::2/64", "dev", "nb", "nodad"]);
     a.ip(&["link", "set", "na", "up"]);
@@ -38,6 +34,16 @@ fn setup(tag: &str) -> (Netns, Netns) {
         "table",
         "main",
     ]);
+}
+
+/// A (veth `na`, fd00::1/64, plus `local` fd00::100:0/120) — B (veth `nb`, fd00::2/64).
+fn setup(tag: &str) -> (Netns, Netns) {
+    let a = Netns::new(&format!("{tag}a"));
+    let b = Netns::new(&format!("{tag}b"));
+    a.ip(&[
+        "link", "add", "na", "type", "veth", "peer", "name", "nb", "netns", &b.name,
+    ]);
+    addresses_and_held_range(&a, &b);
     // IPv6 on a link works once the kernel has configured it (link-watch, some hundreds of
     // milliseconds after carrier): until then B's solicitations may not even leave.
     for (ns, dev) in [(&a, "na"), (&b, "nb")] {
@@ -186,18 +192,6 @@ fn netns_ndp_answers_for_route_held_addresses_only_while_running() {
     assert!(ping(&b, "fd00::100:5"));
 }
 
-/// The solicited-node groups joined on `dev` (`/proc/net/igmp6` of `ns`), by their low 24 bits.
-fn solicited_groups(ns: &Netns, dev: &str) -> Vec<u32> {
-    ns.read_proc("/proc/net/igmp6")
-        .lines()
-        .filter_map(|line| {
-            let columns: Vec<&str> = line.split_whitespace().collect();
-            let group = columns.get(2)?.strip_prefix("ff0200000000000000000001ff")?;
-            (columns.get(1) == Some(&dev)).then(|| u32::from_str_radix(group, 16).ok())?
-        })
-        .collect()
-}
-
 /// Whether `ns`'s link-local address on `dev` is out of duplicate address detection (the
 /// kernel sends MLD reports, and the bridge's queries, from it).
 fn link_local_ready(ns: &Netns, dev: &str) -> bool {
@@ -230,24 +224,8 @@ fn netns_ndp_joins_solicited_node_groups_for_an_mld_snooping_switch() {
         ]);
         s.ip(&["link", "set", port, "master", "br0", "up"]);
     }
-    a.ip(&["-6", "addr", "add", "fd00::1/64", "dev", "na", "nodad"]);
-    b.ip(&["-6", "addr", "add", "fd00::2/64", "dev", "nb", "nodad"]);
-    a.ip(&["link", "set", "na", "up"]);
-    b.ip(&["link", "set", "nb", "up"]);
     s.ip(&["link", "set", "br0", "up"]);
-    a.ip(&[
-        "-6",
-        "route",
-        "add",
-        "local",
-        "fd00::100:0/120",
-        "dev",
-        "na",
-        "proto",
-        "0x46",
-        "table",
-        "main",
-    ]);
+    addresses_and_held_range(&a, &b);
     wait_until("link-locals out of DAD", Duration::from_secs(10), || {
         link_local_ready(&a, "na") && link_local_ready(&b, "nb") && link_local_ready(&s, "br0")
     });
@@ -281,7 +259,7 @@ fn netns_ndp_joins_solicited_node_groups_for_an_mld_snooping_switch() {
         // Another address of the same group (its low 24 bits are fd00::100:5's): counted.
         groups.join(index, vec!["fd00::1:100:5".parse().unwrap()]);
         wait_until("fd00::100:5's group joined", Duration::from_secs(5), || {
-            solicited_groups(&a, "na").contains(&0x5)
+            a.solicited_groups("na").contains(&0x5)
         });
         assert_eq!(ferrovip::node::ndp::groups_joined(), 1);
         // The report went out and the switch learned it.
@@ -298,7 +276,7 @@ fn netns_ndp_joins_solicited_node_groups_for_an_mld_snooping_switch() {
         let answered = responder.answered();
         groups.join(index, vec![member(6)]);
         wait_until("fd00::100:6's group joined", Duration::from_secs(5), || {
-            solicited_groups(&a, "na").contains(&0x6)
+            a.solicited_groups("na").contains(&0x6)
         });
         assert!(ping(&b, "fd00::100:6"), "no reply after joining");
         assert!(responder.answered() > answered);
@@ -307,24 +285,24 @@ fn netns_ndp_joins_solicited_node_groups_for_an_mld_snooping_switch() {
         groups.leave(index, vec![member(5)]);
         groups.change(index, vec![member(7)], vec![member(6)]);
         wait_until("fd00::100:6's group left", Duration::from_secs(5), || {
-            let joined = solicited_groups(&a, "na");
+            let joined = a.solicited_groups("na");
             !joined.contains(&0x6) && joined.contains(&0x7)
         });
-        assert!(solicited_groups(&a, "na").contains(&0x5));
+        assert!(a.solicited_groups("na").contains(&0x5));
         groups.leave(index, vec!["fd00::1:100:5".parse().unwrap()]);
         wait_until("fd00::100:5's group left", Duration::from_secs(5), || {
-            !solicited_groups(&a, "na").contains(&0x5)
+            !a.solicited_groups("na").contains(&0x5)
         });
         assert_eq!(ferrovip::node::ndp::groups_joined(), 1);
 
         drop(responder);
         // Its sockets closed: no group of ours is left (the interface's own remain).
-        let left = solicited_groups(&a, "na");
+        let left = a.solicited_groups("na");
         assert!(!left.contains(&0x7), "groups left behind: {left:x?}");
         assert_eq!(ferrovip::node::ndp::groups_joined(), 0);
         // A handle kept past the responder does nothing.
         groups.join(index, vec![member(8)]);
     });
     std::thread::sleep(Duration::from_millis(300));
-    assert!(!solicited_groups(&a, "na").contains(&0x8));
+    assert!(!a.solicited_groups("na").contains(&0x8));
 }

@@ -61,6 +61,19 @@ impl Netns {
         self.exec(&["cat", path]).trim().to_owned()
     }
 
+    /// The solicited-node multicast groups joined on `dev` (`/proc/net/igmp6` of the
+    /// namespace), by their low 24 bits.
+    pub fn solicited_groups(&self, dev: &str) -> Vec<u32> {
+        self.read_proc("/proc/net/igmp6")
+            .lines()
+            .filter_map(|line| {
+                let columns: Vec<&str> = line.split_whitespace().collect();
+                let group = columns.get(2)?.strip_prefix("ff0200000000000000000001ff")?;
+                (columns.get(1) == Some(&dev)).then(|| u32::from_str_radix(group, 16).ok())?
+            })
+            .collect()
+    }
+
     /// Runs `f` on a new thread that has entered this namespace: sockets it opens, and
     /// `/proc/sys/net` as it sees it, belong to the namespace. Panics are passed on.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
