@@ -1005,12 +1005,16 @@ impl NodeEngine {
             }
         }
         if let Some(link) = env.links.get(&key.0).and_then(|l| l.facts.as_ref().ok()) {
+            // Only a preemption's advert waits for the announcement before it: the master
+            // it preempts holds the addresses until it arrives. Any other advert that waited
+            // (a master adding addresses, say) could miss its backups' Master_Down_Interval.
+            let preempting = matches!(seen.transition, Some(Reason::Preempt { .. }));
             let mut announced = false;
             for output in scratch.drain(..) {
                 let announce = matches!(output, instance::Output::Announce(_));
                 let first = out.len();
                 translate(node, key, slot, link, seen.priority, output, out);
-                if announced {
+                if preempting && announced {
                     for o in &mut out[first..] {
                         if let Output::Send(transmit) = o {
                             transmit.after_announcement = true;

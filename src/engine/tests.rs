@@ -298,6 +298,17 @@ fn a_preempting_master_advertises_after_announcing() {
     let next = rig.at(deadline + ms(100));
     assert_eq!(sends(&next).len(), 1);
     assert!(!sends(&next)[0].after_announcement);
+    // A master announcing addresses it gained holds no advert back.
+    let grown = InstanceSpec {
+        addresses: vec![net("192.0.2.107/24"), net("192.0.2.108/24")],
+        ..spec("web", 7, 120)
+    };
+    let out = rig.apply(&[grown]);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Announce { .. })),
+        "{out:?}"
+    );
+    assert!(sends(&out).iter().all(|t| !t.after_announcement), "{out:?}");
 }
 
 #[test]
