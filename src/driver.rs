@@ -283,15 +283,28 @@ enum Effect {
         addresses: Vec<(u32, IpNet)>,
     },
     Barrier(oneshot::Sender<()>),
-    /// Advertisements held back behind an announcement ([`Transmit::after_announcement`]):
-    /// sent in order with the effects, then `pending` (the instance's count of them) drops.
-    Send {
-        socket: Arc<VrrpSocket>,
-        source: IpAddr,
-        packets: Vec<(IpAddr, Vec<u8>)>,
-        pending: Arc<AtomicUsize>,
-        stats: Arc<Stats>,
-    },
+    /// Advertisements held back behind an announcement ([`Transmit::after_announcement`]),
+    /// sent in order with the effects.
+    Send(QueuedAdverts),
+}
+
+/// One advertisement, encoded for each destination, waiting on the effects task.
+struct QueuedAdverts {
+    socket: Arc<VrrpSocket>,
+    source: IpAddr,
+    packets: Vec<(IpAddr, Vec<u8>)>,
+    /// The instance's count of queued advertisements, dropped once these went out.
+    pending: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
+}
+
+impl QueuedAdverts {
+    fn send(self) {
+        for (destination, bytes) in &self.packets {
+            send_advert(&self.socket, self.source, *destination, bytes, &self.stats);
+        }
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Sends one encoded advertisement, counting it as sent or failed.
@@ -947,23 +960,12 @@ impl Driver {
         // A preempting master's advert waits for its announcement (the effects task sends
         // it), and the instance's later adverts queue behind it until it went out.
         let instance = (via.clone(), transmit.family, transmit.advertisement.vrid);
-        let queued = self
-            .queued_sends
-            .get(&instance)
-            .filter(|pending| pending.load(Ordering::Acquire) > 0)
-            .cloned();
-        let queued = match queued {
-            Some(pending) => Some(pending),
-            None if transmit.after_announcement => Some(
-                self.queued_sends
-                    .entry(instance.clone())
-                    .or_default()
-                    .clone(),
-            ),
-            None => {
-                self.queued_sends.remove(&instance);
-                None
+        let queued = match self.queued_sends.get(&instance) {
+            Some(pending) if pending.load(Ordering::Acquire) > 0 => Some(pending.clone()),
+            _ if transmit.after_announcement => {
+                Some(self.queued_sends.entry(instance).or_default().clone())
             }
+            _ => None,
         };
         let mut packets = Vec::new();
         for &destination in transmit.destinations.iter() {
@@ -1010,7 +1012,7 @@ impl Driver {
             && !packets.is_empty()
         {
             pending.fetch_add(1, Ordering::AcqRel);
-            let effect = Effect::Send {
+            let queued = QueuedAdverts {
                 socket,
                 source: transmit.source,
                 packets,
@@ -1018,18 +1020,10 @@ impl Driver {
                 stats: self.stats.clone(),
             };
             // The effects task is gone only when the driver stops: send it here instead.
-            if let Err(mpsc::error::SendError(Effect::Send {
-                socket,
-                source,
-                packets,
-                pending,
-                stats,
-            })) = self.effects.send(effect)
+            if let Err(mpsc::error::SendError(Effect::Send(queued))) =
+                self.effects.send(Effect::Send(queued))
             {
-                for (destination, bytes) in &packets {
-                    send_advert(&socket, source, *destination, bytes, &stats);
-                }
-                pending.fetch_sub(1, Ordering::AcqRel);
+                queued.send();
             }
         }
     }
@@ -1435,18 +1429,7 @@ async fn run_effects(
                     addresses.forget_interface(index);
                 }
             }
-            Effect::Send {
-                socket,
-                source,
-                packets,
-                pending,
-                stats,
-            } => {
-                for (destination, bytes) in &packets {
-                    send_advert(&socket, source, *destination, bytes, &stats);
-                }
-                pending.fetch_sub(1, Ordering::AcqRel);
-            }
+            Effect::Send(queued) => queued.send(),
             Effect::Barrier(done) => {
                 // The agent stops: what is left of the bursts would only delay its exit.
                 bursts.cancel_all();

@@ -434,12 +434,11 @@ impl BulkSets {
         for ip in &set.members {
             self.member_of.insert((set.index, *ip), set.anchor.addr());
         }
-        let index = set.index;
-        let joined = self.memberships.as_ref().map(|_| route_held_v6(&set));
-        let replaced = self.sets.insert((set.index, set.anchor.addr()), set);
-        if let (Some(memberships), Some(joined)) = (&self.memberships, joined) {
+        let key = (set.index, set.anchor.addr());
+        let replaced = self.sets.insert(key, set);
+        if let Some(memberships) = &self.memberships {
             let left = replaced.as_ref().map(route_held_v6).unwrap_or_default();
-            memberships.change(index, joined, left);
+            memberships.change(key.0, route_held_v6(&self.sets[&key]), left);
         }
     }
 
