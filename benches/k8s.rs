@@ -1161,6 +1161,11 @@ impl Cluster {
         self.starts[i] += 1;
         let name = self.name(i).to_owned();
         let kubeconfig = format!("KUBECONFIG={}", self.api.node_kubeconfig(&name).display());
+        // The agents' log filter (FERROVIP_LOG's syntax): FERROVIP_BENCH_LOG, else info.
+        let log = format!(
+            "FERROVIP_LOG={}",
+            std::env::var("FERROVIP_BENCH_LOG").unwrap_or_else(|_| "info".into())
+        );
         // Per node (one host, one /run): the saved cluster snapshot above all.
         let state_dir = self.lab.dir().join(format!("state-{name}"));
         let state_dir = state_dir.display().to_string();
@@ -1169,7 +1174,7 @@ impl Cluster {
             &[
                 "env",
                 &kubeconfig,
-                "FERROVIP_LOG=info",
+                &log,
                 AGENT_BINARY,
                 "--log-format",
                 "json",

@@ -19,17 +19,17 @@ use crate::controller::{
 use crate::dataplane::ipvs::{IpvsDataplane, IpvsOptions};
 use crate::dataplane::worker::{self, DataplaneStatus};
 use crate::driver::{self, AddressSettings, Command, DriverError};
-use crate::engine::Observed;
+use crate::engine::{Instances, Observed};
 use crate::health::{self, CheckKey, CheckSpec, HealthMonitor, HealthReport};
 use crate::k8s::departure::Departure;
 use crate::k8s::status::StatusWriter;
 use crate::metrics::{Health, Metrics};
 use crate::model::service::ServiceSet;
-use crate::model::{Desired, plan};
+use crate::model::{Desired, Snapshot, plan};
 use crate::node::addr::{AddrError, AddressManager};
 use crate::node::ownership::OwnershipMode;
-use crate::source::Source;
 use crate::source::cluster::{self, ClusterSource, K8sError};
+use crate::source::{Source, off_runtime};
 
 /// How often interface carrier is read.
 const CARRIER_POLL: Duration = Duration::from_secs(1);
@@ -472,9 +472,9 @@ impl Agent {
     async fn run(&mut self, args: &AgentArgs, signals: &mut Signals) -> Stop {
         let mut carrier_poll = tokio::time::interval(CARRIER_POLL);
         carrier_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut snapshot = self.source.snapshot();
+        let mut snapshot = self.source.snapshot().await;
         let mut carrier: BTreeMap<String, bool> = BTreeMap::new();
-        let mut last: Option<Desired> = None;
+        let mut last: Option<Arc<Desired>> = None;
         let mut refused_checks: Vec<String> = Vec::new();
         let mut replan = true;
         // What the last snapshot and plan cost: under a stream of changes the planner waits
@@ -492,12 +492,12 @@ impl Agent {
                 let planning = Instant::now();
                 snapshot.local.carrier = carrier.clone();
                 snapshot.local.failing_checks = failing_checks(&self.health.borrow_and_update());
-                let desired = plan(&snapshot, &args.node_name);
-                if last.as_ref() != Some(&desired) {
-                    if !self
-                        .publish(&desired, last.as_ref(), &mut refused_checks)
-                        .await
-                    {
+                let planned;
+                (snapshot, planned) =
+                    plan_off_runtime(snapshot, args.node_name.clone(), last.clone()).await;
+                if let Some(planned) = planned {
+                    let desired = Arc::clone(&planned.desired);
+                    if !self.publish(planned, &mut refused_checks).await {
                         warn!("the VRRP engine stopped unexpectedly");
                         return Stop::Release;
                     }
@@ -507,6 +507,11 @@ impl Agent {
                 // manifests read, or the saved one during an API outage) was published.
                 self.endpoint_health.plan_published();
                 plan_cost = snapshot_cost + planning.elapsed();
+                debug!(
+                    snapshot_us = snapshot_cost.as_micros() as u64,
+                    took_us = plan_cost.as_micros() as u64,
+                    "planned"
+                );
                 snapshot_cost = Duration::ZERO;
                 if may_release && (plan_cost >= PLAN_PACING_FROM || release_at.is_some()) {
                     release_at = Some(tokio::time::Instant::now() + MEMORY_RELEASE_QUIET);
@@ -518,7 +523,7 @@ impl Agent {
                 _ = signals.interrupt.recv() => return Stop::Release,
                 _ = signals.hangup.recv() => {
                     info!("SIGHUP: reloading");
-                    snapshot = self.source.snapshot();
+                    snapshot = self.source.snapshot().await;
                 }
                 () = self.source.changed() => {
                     self.source.settle().await;
@@ -530,7 +535,7 @@ impl Agent {
                         tokio::time::sleep((plan_cost * PLAN_PACING).min(PLAN_PACING_MAX)).await;
                     }
                     let taking = Instant::now();
-                    snapshot = self.source.snapshot();
+                    snapshot = self.source.snapshot().await;
                     snapshot_cost = taking.elapsed();
                 }
                 _ = self.health.changed() => {}
@@ -555,12 +560,8 @@ impl Agent {
 
     /// Hands a new plan to the driver, the health monitor, the dataplane, metrics and status.
     /// False when the driver is gone.
-    async fn publish(
-        &mut self,
-        desired: &Desired,
-        previous: Option<&Desired>,
-        refused_checks: &mut Vec<String>,
-    ) -> bool {
+    async fn publish(&mut self, planned: Planned, refused_checks: &mut Vec<String>) -> bool {
+        let desired = &*planned.desired;
         self.source.report_refusals(desired);
         let refused: Vec<String> = self
             .monitor
@@ -574,27 +575,14 @@ impl Agent {
             }
             *refused_checks = refused;
         }
-        // The engine thread hears of a plan only when its instances changed: a storm of
-        // changes to services, checks or refusals costs it nothing (with 1,000 VirtualIPs,
-        // converging to an identical plan delayed adverts by milliseconds).
-        let instances_changed = previous.is_none_or(|p| p.instances != desired.instances);
-        if instances_changed
-            && self
-                .commands
-                .send(Command::Apply(desired.instances.clone()))
-                .await
-                .is_err()
+        if let Some(instances) = planned.instances
+            && self.commands.send(Command::Apply(instances)).await.is_err()
         {
             return false;
         }
-        self.services.send_if_modified(|s| {
-            if s.as_deref() == Some(&desired.services) {
-                false
-            } else {
-                *s = Some(Arc::new(desired.services.clone()));
-                true
-            }
-        });
+        if let Some(services) = planned.services {
+            self.services.send_replace(Some(services));
+        }
         self.metrics.virtualips(
             desired
                 .resources
@@ -603,7 +591,7 @@ impl Agent {
                 .count() as u64,
             desired.refused.len() as u64,
         );
-        let _ = self.desired.send(Arc::new(desired.clone()));
+        let _ = self.desired.send(Arc::clone(&planned.desired));
         true
     }
 
@@ -906,6 +894,49 @@ pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
 }
 
 /// Feeds the VRRP metrics from the engine's observations.
+/// A plan that differs from the last one, with what changed of what the agent hands on.
+struct Planned {
+    desired: Arc<Desired>,
+    /// The engine thread's part, when it changed: a storm of changes to services, checks or
+    /// refusals costs that thread nothing (with 1,000 VirtualIPs, converging to an identical
+    /// plan delayed adverts by milliseconds).
+    instances: Option<Instances>,
+    /// The dataplane's part, when it changed.
+    services: Option<Arc<ServiceSet>>,
+}
+
+/// Plans `snapshot` on a blocking thread, not the agent's runtime thread: with 10,000
+/// Services a plan, its comparison with the last and the copies handed on kept that thread
+/// (the watches, the status writes, the Service controller's writes) busy for ~100 ms at a
+/// time. Gives the snapshot back, and the plan when it differs from `last`.
+async fn plan_off_runtime(
+    snapshot: Snapshot,
+    node: String,
+    last: Option<Arc<Desired>>,
+) -> (Snapshot, Option<Planned>) {
+    off_runtime(move || {
+        let desired = plan(&snapshot, &node);
+        if last.as_deref() == Some(&desired) {
+            return (snapshot, None);
+        }
+        let instances = last
+            .as_ref()
+            .is_none_or(|p| p.instances != desired.instances)
+            .then(|| desired.instances.clone());
+        let services = last
+            .as_ref()
+            .is_none_or(|p| p.services != desired.services)
+            .then(|| Arc::new(desired.services.clone()));
+        let planned = Planned {
+            desired: Arc::new(desired),
+            instances,
+            services,
+        };
+        (snapshot, Some(planned))
+    })
+    .await
+}
+
 async fn observe_vrrp(mut observed: watch::Receiver<Observed>, metrics: Metrics) {
     loop {
         metrics.observe_vrrp(&observed.borrow_and_update());
@@ -1002,6 +1033,11 @@ async fn write_status(
                 .reconcile_load_balancers(&stores.services, &plan, &seen)
                 .await;
             cost = started.elapsed().saturating_sub(writer.waited());
+            debug!(
+                took_us = cost.as_micros() as u64,
+                waited_us = writer.waited().as_micros() as u64,
+                "status pass"
+            );
         }
         // More writes ready (a pass writes at most a few hundred): the next pass at once.
         while !writer.more() {

@@ -24,6 +24,7 @@ pub mod watch;
 pub mod write;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -38,11 +39,12 @@ use tracing::{debug, info, warn};
 
 pub use stats::{ControllerStats, PoolFigures};
 
-use crate::crd::service_lb::{ANNOTATION_ALLOCATED, format_allocated};
+use crate::crd::service_lb::{ANNOTATION_ALLOCATED, ANNOTATION_MASTER, format_allocated};
 use crate::crd::{LoadBalancerPool, LoadBalancerPoolStatus, ServiceRef};
 use crate::ipam::{self, Inputs, ServiceDecision};
 use crate::k8s::lease::{Elector, Leadership, LeaseHandle, LeaseSettings};
 use crate::source::cluster::SharedStores;
+use crate::source::off_runtime;
 use write::ServiceEvent;
 
 /// Name of the Lease in the agent's namespace.
@@ -50,7 +52,7 @@ pub const LEASE_NAME: &str = "ferrovip-controller";
 /// How long after a change more changes are awaited before deciding (a burst decides once).
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Service writes in flight at once.
-const WRITES_IN_FLIGHT: usize = 16;
+const WRITES_IN_FLIGHT: usize = 48;
 /// A pass comes at the earliest this many times what the last one took after it (at most
 /// PASS_PACING_MAX later).
 const PASS_PACING: u32 = 2;
@@ -58,7 +60,7 @@ const PASS_PACING_MAX: Duration = Duration::from_secs(1);
 /// Service write tasks at most at once (beyond WRITES_IN_FLIGHT they wait their turn): each
 /// holds a copy of its Service, and a pass over 10,000 costs enough that fewer per pass
 /// would make the passes the limit (32: ~38 Services/s at 10,000).
-const QUEUED_WRITES: usize = 256;
+const QUEUED_WRITES: usize = 512;
 /// A renewal sent less than this long ago counts as the renewal before a batch.
 const RENEWAL_FRESH: Duration = Duration::from_millis(200);
 /// When something is left to retry (a failed write, a pool count held back), how often.
@@ -497,7 +499,7 @@ impl Leader {
                     return;
                 }
                 let started = Instant::now();
-                self.pass();
+                self.pass().await;
                 next_pass = Instant::now() + (started.elapsed() * PASS_PACING).min(PASS_PACING_MAX);
                 dirty = false;
             }
@@ -635,8 +637,11 @@ impl Leader {
         out
     }
 
-    /// Decides the whole state and starts the writes of what differs.
-    fn pass(&mut self) {
+    /// Decides the whole state and starts the writes of what differs. The deciding runs on a
+    /// blocking thread ([`decide`]): on the agent's runtime thread, a pass over 10,000
+    /// Services held up the watches and the write tasks (this pass's answers included).
+    async fn pass(&mut self) {
+        let pass_started = Instant::now();
         self.context.stats.pass();
         self.backlog = false;
         let services = self.services_view();
@@ -649,48 +654,26 @@ impl Leader {
             .collect();
         let namespaces = self.watches.namespace_labels();
         let reserved = self.watches.reserved();
-        let started = Instant::now();
-        let outcome = ipam::reconcile(&Inputs {
-            pools: &pools,
-            services: &services,
-            namespaces: &namespaces,
-            reserved: &reserved,
-            config: self.config,
-        });
-        debug!(
-            services = services.len(),
-            decided = outcome.services.len(),
-            took_us = started.elapsed().as_micros() as u64,
-            "allocation pass"
-        );
+        let config = self.config;
+        let (outcome, decided) =
+            off_runtime(move || decide(&pools, services, &namespaces, &reserved, config)).await;
         self.pool_figures(&outcome.pools);
         let now = Instant::now();
-        let by_key: HashMap<ServiceRef, &Arc<Service>> = services
-            .iter()
-            .filter_map(|s| {
-                Some((
-                    ServiceRef {
-                        namespace: s.metadata.namespace.clone()?,
-                        name: s.metadata.name.clone()?,
-                    },
-                    s,
-                ))
-            })
-            .collect();
+        let started_writes = self.inflight.len();
         for (key, decision) in &outcome.services {
-            let Some(svc) = by_key.get(key).copied() else {
+            let Some(Decided {
+                svc,
+                differs,
+                master,
+            }) = decided.get(key)
+            else {
                 continue;
             };
             self.failure_event(key, svc, decision);
             if !has_record(svc) {
                 self.first_seen.entry(key.clone()).or_insert(now);
             }
-            if self.inflight.contains(key) {
-                continue;
-            }
-            let record = write::record_patch(svc, &decision.record).is_some();
-            let status = write::status_patch(svc, decision, Timestamp::now()).is_some();
-            if !record && !status {
+            if self.inflight.contains(key) || !differs {
                 continue;
             }
             // A task per Service to write holds its copy of the Service once it writes:
@@ -704,7 +687,7 @@ impl Leader {
             self.overrides.insert(
                 key.clone(),
                 Override {
-                    object: Arc::new(intended(svc, decision)),
+                    object: Arc::new(intended(svc, decision, master.as_deref())),
                     stale: vec![rv],
                 },
             );
@@ -719,6 +702,7 @@ impl Leader {
                 key.clone(),
                 Arc::clone(svc),
                 decision.clone(),
+                master.clone(),
                 first_seen,
             ));
             self.job_keys.insert(task.id(), key.clone());
@@ -727,6 +711,13 @@ impl Leader {
             self.pool_write(name, &decision.status);
         }
         self.set_allocating(false);
+        debug!(
+            started = self.inflight.len() - started_writes,
+            in_flight = self.inflight.len(),
+            writing = WRITES_IN_FLIGHT - self.context.permits.available_permits(),
+            took_us = pass_started.elapsed().as_micros() as u64,
+            "pass"
+        );
     }
 
     fn pool_figures(&self, pools: &BTreeMap<String, ipam::PoolDecision>) {
@@ -837,6 +828,72 @@ impl Leader {
     }
 }
 
+/// A decided Service as the pass saw it, whether its record or status differs from the
+/// decision, and the master annotation to write with a new record.
+struct Decided {
+    svc: Arc<Service>,
+    differs: bool,
+    master: Option<String>,
+}
+
+/// The allocator's outcome over `services` (off the runtime thread), and per decided Service
+/// what the pass needs of it.
+fn decide(
+    pools: &[LoadBalancerPool],
+    services: Vec<Arc<Service>>,
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    reserved: &BTreeMap<IpAddr, String>,
+    config: ipam::Config,
+) -> (ipam::Outcome, HashMap<ServiceRef, Decided>) {
+    let started = Instant::now();
+    let outcome = ipam::reconcile(&Inputs {
+        pools,
+        services: &services,
+        namespaces,
+        reserved,
+        config,
+    });
+    debug!(
+        services = services.len(),
+        decided = outcome.services.len(),
+        took_us = started.elapsed().as_micros() as u64,
+        "allocation pass"
+    );
+    let now = Timestamp::now();
+    let mut decided = HashMap::with_capacity(outcome.services.len());
+    // Read only when some record is to be written.
+    let mut hints = None;
+    for svc in &services {
+        let (Some(namespace), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) else {
+            continue;
+        };
+        let key = ServiceRef {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+        let Some(decision) = outcome.services.get(&key) else {
+            continue;
+        };
+        let record = write::record_patch(svc, &decision.record, None).is_some();
+        let master = if record && !decision.record.is_empty() {
+            let hints = hints.get_or_insert_with(|| write::master_hints(&services));
+            write::master_with_record(svc, &decision.record, hints)
+        } else {
+            None
+        };
+        let differs = record || write::status_patch(svc, decision, now).is_some();
+        decided.insert(
+            key,
+            Decided {
+                svc: Arc::clone(svc),
+                differs,
+                master,
+            },
+        );
+    }
+    (outcome, decided)
+}
+
 /// Resolves when term `term` can no longer write (lost, expired, or a new term).
 async fn lost(state: &mut tokio::sync::watch::Receiver<Leadership>, term: u64) {
     loop {
@@ -864,10 +921,13 @@ fn has_record(svc: &Service) -> bool {
         .is_some_and(|a| a.contains_key(ANNOTATION_ALLOCATED))
 }
 
-/// `svc` as it will be once `decision` is written.
-fn intended(svc: &Service, decision: &ServiceDecision) -> Service {
+/// `svc` as it will be once `decision` (and `master` with its record) is written.
+fn intended(svc: &Service, decision: &ServiceDecision, master: Option<&str>) -> Service {
     let mut out = svc.clone();
     let annotations = out.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    if let Some(master) = master {
+        annotations.insert(ANNOTATION_MASTER.to_string(), master.to_string());
+    }
     if decision.record.is_empty() {
         annotations.remove(ANNOTATION_ALLOCATED);
     } else {
@@ -913,6 +973,7 @@ async fn service_writes(
     key: ServiceRef,
     base: Arc<Service>,
     decision: ServiceDecision,
+    master: Option<String>,
     first_seen: Option<Instant>,
 ) -> Done {
     let _permit = context.permits.clone().acquire_owned().await;
@@ -928,7 +989,7 @@ async fn service_writes(
             retry,
         }))
     };
-    if let Some(body) = write::record_patch(&current, &decision.record) {
+    if let Some(body) = write::record_patch(&current, &decision.record, master.as_deref()) {
         if context.fenced() {
             return end(None, stale, false);
         }

@@ -117,6 +117,29 @@ pub fn parse_allocated(value: &str) -> Result<BTreeMap<IpAddr, String>, RecordEr
     Ok(out)
 }
 
+/// The entries of a [`ANNOTATION_MASTER`] value (`<address>=<node>,...`). Unreadable entries
+/// are skipped: the masters write the value, and one edited by hand is rewritten, not refused.
+pub fn parse_master(value: &str) -> BTreeMap<IpAddr, String> {
+    let mut entries = BTreeMap::new();
+    for entry in value.split(',') {
+        if let Some((addr, holder)) = entry.trim().split_once('=')
+            && let Ok(addr) = addr.trim().parse::<IpAddr>()
+        {
+            entries.insert(addr, holder.trim().to_string());
+        }
+    }
+    entries
+}
+
+/// A [`ANNOTATION_MASTER`] value: IPv4 first, then IPv6.
+pub fn format_master(entries: &BTreeMap<IpAddr, String>) -> String {
+    entries
+        .iter()
+        .map(|(a, n)| format!("{a}={n}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The record's text: IPv4 first, then IPv6.
 pub fn format_allocated(record: &BTreeMap<IpAddr, String>) -> String {
     record

@@ -1426,14 +1426,7 @@ pub fn master_annotation(
     ours: &[IpAddr],
     node: &str,
 ) -> Option<String> {
-    let mut entries: BTreeMap<IpAddr, String> = BTreeMap::new();
-    for entry in current.unwrap_or_default().split(',') {
-        if let Some((addr, holder)) = entry.trim().split_once('=')
-            && let Ok(addr) = addr.trim().parse::<IpAddr>()
-        {
-            entries.insert(addr, holder.trim().to_string());
-        }
-    }
+    let mut entries = crate::crd::service_lb::parse_master(current.unwrap_or_default());
     let ours: Vec<IpAddr> = ours
         .iter()
         .filter(|a| record.contains_key(a))
@@ -1449,13 +1442,7 @@ pub fn master_annotation(
     for a in ours {
         entries.insert(a, node.to_string());
     }
-    Some(
-        entries
-            .iter()
-            .map(|(a, n)| format!("{a}={n}"))
-            .collect::<Vec<_>>()
-            .join(","),
-    )
+    Some(crate::crd::service_lb::format_master(&entries))
 }
 
 #[cfg(test)]

@@ -4,6 +4,9 @@
 pub mod cache;
 pub mod cluster;
 pub mod files;
+pub mod offload;
+
+pub use offload::off_runtime;
 
 use crate::model::{Desired, Snapshot};
 use cluster::ClusterSource;
@@ -34,12 +37,12 @@ impl Source {
         }
     }
 
-    pub fn snapshot(&mut self) -> Snapshot {
+    pub async fn snapshot(&mut self) -> Snapshot {
         match self {
             Source::Files {
                 files, reported, ..
             } => files.load(reported),
-            Source::Cluster(c) => c.snapshot(),
+            Source::Cluster(c) => c.snapshot().await,
         }
     }
 }
