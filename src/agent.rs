@@ -893,7 +893,6 @@ pub async fn cleanup(state_dir: PathBuf) -> Result<Vec<String>, AgentError> {
     Ok(done)
 }
 
-/// Feeds the VRRP metrics from the engine's observations.
 /// A plan that differs from the last one, with what changed of what the agent hands on.
 struct Planned {
     desired: Arc<Desired>,
@@ -937,6 +936,7 @@ async fn plan_off_runtime(
     .await
 }
 
+/// Feeds the VRRP metrics from the engine's observations.
 async fn observe_vrrp(mut observed: watch::Receiver<Observed>, metrics: Metrics) {
     loop {
         metrics.observe_vrrp(&observed.borrow_and_update());

@@ -230,7 +230,11 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            runtime.block_on(ferrovip::agent::run(args))?;
+            // The main thread computes (plans, snapshots, allocation passes) and the runtime
+            // runs beside it: see `source::offload`.
+            ferrovip::source::offload::serve_compute_while(move || {
+                runtime.block_on(ferrovip::agent::run(args))
+            })?;
             Ok(())
         }
         Cmd::Controller(args) => {
@@ -239,7 +243,9 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            runtime.block_on(ferrovip::agent::run_controller(args))?;
+            ferrovip::source::offload::serve_compute_while(move || {
+                runtime.block_on(ferrovip::agent::run_controller(args))
+            })?;
             Ok(())
         }
         Cmd::Cleanup { state_dir } => {

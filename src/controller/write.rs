@@ -63,14 +63,24 @@ pub fn record_patch(
     }))
 }
 
+/// `externalTrafficPolicy: Local`: the address has a VRRP instance of its own, among the
+/// nodes with its endpoints.
+fn local_policy(svc: &Service) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.external_traffic_policy.as_deref())
+        == Some("Local")
+}
+
 /// Per pool and address family: the node that every [`ANNOTATION_MASTER`] entry of the pool's
 /// addresses of that family names, among `services`, when they all name one. A pool's
 /// addresses of one family share one VRRP instance (one template, no fixed router ID), so a
-/// new address of the pool goes to that node as the others did.
+/// new address of the pool goes to that node as the others did. Not `Local` Services' (an
+/// instance each).
 pub fn master_hints(services: &[Arc<Service>]) -> BTreeMap<(String, Family), String> {
     // None: two nodes named (a takeover being written): no hint.
     let mut named: BTreeMap<(String, Family), Option<String>> = BTreeMap::new();
-    for svc in services {
+    for svc in services.iter().filter(|s| !local_policy(s)) {
         let Some(value) = svc
             .metadata
             .annotations
@@ -113,6 +123,9 @@ pub fn master_with_record(
     record: &BTreeMap<IpAddr, String>,
     hints: &BTreeMap<(String, Family), String>,
 ) -> Option<String> {
+    if local_policy(svc) {
+        return None;
+    }
     let mut entries = svc
         .metadata
         .annotations
@@ -633,6 +646,18 @@ mod tests {
             None
         );
         assert_eq!(master_with_record(&new, &both, &BTreeMap::new()), None);
+
+        // `Local`: an instance per address, so no forecast, and no say in one.
+        let local = |mut s: Service| {
+            s.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+                external_traffic_policy: Some("Local".into()),
+                ..Default::default()
+            });
+            s
+        };
+        assert_eq!(master_with_record(&local(new.clone()), &both, &hints), None);
+        let only_local = [Arc::new(local((*services[0]).clone()))];
+        assert!(master_hints(&only_local).is_empty());
     }
 
     fn decision(record: &[(&str, &str)], failure: Option<FailureReason>) -> ServiceDecision {
