@@ -2464,7 +2464,7 @@ fn probes_reflect_sockets_outlast_idle_clients_and_the_engine_thread_runs_at_rt_
     assert_eq!(thread_policy(pid, "vrrp-engine"), Some((1, 10)));
     assert_eq!(thread_policy(pid, "ferrovip"), Some((0, 0)));
     // The runtime runs on a thread of its own, the main thread computes (source::offload).
-    assert_eq!(thread_policy(pid, "ferrovip-runtime"), Some((0, 0)));
+    assert_eq!(thread_policy(pid, "ferrovip-io"), Some((0, 0)));
     // What enters the kernel's rtnl lock runs on threads of normal priority (a preempted
     // holder of that lock must not hold the real-time thread back): address changes and link
     // reads, the latter including the refresh that finds eth1 below.

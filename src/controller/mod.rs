@@ -59,7 +59,8 @@ const PASS_PACING: u32 = 2;
 const PASS_PACING_MAX: Duration = Duration::from_secs(1);
 /// Service write tasks at most at once (beyond WRITES_IN_FLIGHT they wait their turn): each
 /// holds a copy of its Service, and a pass over 10,000 costs enough that fewer per pass
-/// would make the passes the limit (32: ~38 Services/s at 10,000).
+/// would make the passes the limit (32: ~38 Services/s at 10,000; 256: ~150/s, a pass of
+/// ~170 ms paced to one per ~0.5 s found the last pass's 256 still queued).
 const QUEUED_WRITES: usize = 512;
 /// A renewal sent less than this long ago counts as the renewal before a batch.
 const RENEWAL_FRESH: Duration = Duration::from_millis(200);
@@ -637,9 +638,9 @@ impl Leader {
         out
     }
 
-    /// Decides the whole state and starts the writes of what differs. The deciding runs on a
-    /// blocking thread ([`decide`]): on the agent's runtime thread, a pass over 10,000
-    /// Services held up the watches and the write tasks (this pass's answers included).
+    /// Decides the whole state and starts the writes of what differs. The deciding ([`decide`])
+    /// runs on the agent's compute thread ([`off_runtime`]): on the runtime thread, a pass over
+    /// 10,000 Services held up the watches and the write tasks (this pass's answers included).
     async fn pass(&mut self) {
         let pass_started = Instant::now();
         self.context.stats.pass();

@@ -49,7 +49,7 @@ fn jobs() -> &'static mpsc::Sender<Message> {
     JOBS.get_or_init(|| {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
-            .name("ferrovip-compute".into())
+            .name("ferrovip-work".into())
             .spawn(move || serve(&rx))
             .expect("spawning the compute thread");
         tx
@@ -65,7 +65,8 @@ fn serve(rx: &mpsc::Receiver<Message>) {
     }
 }
 
-/// Runs `runtime` (the agent's `block_on`) on a thread of its own (`ferrovip-runtime`) while
+/// Runs `runtime` (the agent's `block_on`) on a thread of its own (`ferrovip-io`: thread names
+/// show in `/proc` cut to 15 bytes, so both are shorter) while
 /// the calling thread, the process's main thread, runs [`off_runtime`]'s jobs; returns what
 /// `runtime` returns (its panic goes on here). When the compute queue exists already, runs
 /// `runtime` here.
@@ -76,7 +77,7 @@ pub fn serve_compute_while<T: Send + 'static>(runtime: impl FnOnce() -> T + Send
     }
     let stop = JOBS.get().expect("set above").clone();
     let thread = std::thread::Builder::new()
-        .name("ferrovip-runtime".into())
+        .name("ferrovip-io".into())
         .spawn(move || {
             let out = std::panic::catch_unwind(AssertUnwindSafe(runtime));
             let _ = stop.send(Message::Stop);
@@ -104,7 +105,7 @@ mod tests {
         assert_ne!(a.0, here);
         assert_eq!((a.1, b), (1, 2));
         let name = off_runtime(|| std::thread::current().name().map(str::to_owned)).await;
-        assert_eq!(name.as_deref(), Some("ferrovip-compute"));
+        assert_eq!(name.as_deref(), Some("ferrovip-work"));
         let caught = tokio::spawn(off_runtime(|| -> u8 { panic!("planner bug") })).await;
         let panic = caught.expect_err("the panic goes on in the caller");
         assert!(panic.is_panic());
