@@ -1006,6 +1006,7 @@ async fn write_status(
     mut observed: watch::Receiver<Observed>,
     dataplane: Option<watch::Receiver<Option<Arc<DataplaneStatus>>>>,
 ) {
+    writer.set_echoes(stores.echoes.clone());
     let mut retry = tokio::time::interval(STATUS_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut dataplane, has_dataplane) = match dataplane {

@@ -19,6 +19,7 @@
 //! | `ferrovip_bulk_arp_ignore_fallbacks_total` | counter: large IPv4 sets added as interface addresses because `arp_ignore` ≠ 0 | — |
 //! | `ferrovip_bulk_ndp_fallbacks_total` | counter: large IPv6 sets added as interface addresses because the NDP responder could not start | — |
 //! | `ferrovip_ndp_answers_total` | counter: neighbour solicitations answered for route-held IPv6 addresses | — |
+//! | `ferrovip_watch_restarts_total` | counter: API server watches taken as silent and listed again (an accepted write, or the leader's progress, not delivered within 15 s; `source::reflect`) | — |
 //! | `ferrovip_ndp_groups` | gauge: solicited-node multicast groups joined (per interface) for route-held IPv6 addresses | — |
 //! | `ferrovip_vrrp_takeover_seconds` | histogram, 10 ms … 10 s: backup → master, from the last advertisement heard from the previous master to the transition (not observed from init, nor when none was heard) | `interface, family, cause` (`master_down`, `priority_zero`, `preempt`) |
 //! | `ferrovip_dataplane_available` | gauge 0/1 | `dataplane` |
@@ -614,6 +615,13 @@ impl Collector for VrrpPacketCollector {
                 "ndp_answers",
                 "Neighbour solicitations answered for addresses held by local routes",
                 crate::node::ndp::answers_total(),
+            ),
+            (
+                "watch_restarts",
+                "Watches of the API server listed again because they did not deliver this \
+                 process's accepted writes, or what the Service controller's leader had seen, \
+                 within 15 s",
+                crate::source::reflect::restarts(),
             ),
         ] {
             let counter = ConstCounter::new(value);
@@ -1400,6 +1408,7 @@ mod tests {
         assert_eq!(value(&text, "ferrovip_vrrp_packets_sent_total"), Some(3.0));
         assert_eq!(value(&text, "ferrovip_vrrp_send_errors_total"), Some(0.0));
         assert!(value(&text, "ferrovip_ndp_answers_total").is_some());
+        assert!(value(&text, "ferrovip_watch_restarts_total").is_some());
         assert!(value(&text, "ferrovip_bulk_ndp_fallbacks_total").is_some());
         assert!(value(&text, "ferrovip_ndp_groups").is_some());
         assert_eq!(

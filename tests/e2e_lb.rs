@@ -535,6 +535,39 @@ fn e2e_lb_the_agents_controller_reads_their_stores_and_hands_over_without_a_dupl
         summaries[0].starts_with("pool web: 7 more addresses allocated to Services: default/a-"),
         "{summaries:?}"
     );
+    // The Lease carries how far the leader's Service watch has come (the other agent checks
+    // its own watch against it): at least as far as every Service now.
+    let started = Instant::now();
+    loop {
+        let services: Value =
+            serde_json::from_str(&c.kubectl(&["get", "services", "-A", "-o", "json"]))
+                .expect("kubectl -o json");
+        let newest = services["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| text(&s["metadata"]["resourceVersion"]).parse::<u64>().ok())
+            .max()
+            .expect("Services have versions");
+        let out = c.kubectl_output(&[
+            "get",
+            "lease",
+            "-n",
+            "ferrovip-system",
+            "ferrovip-controller",
+            "-o",
+            "jsonpath={.metadata.annotations.ferrovip\\.io/services-heard}",
+        ]);
+        let heard = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if heard.parse::<u64>().is_ok_and(|h| h >= newest) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the Lease should carry the leader's Service watch progress (≥ {newest}): {heard:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // --- 2. The leader killed, 15 more created at once: the other agent takes over.
     c.signal(first, Signal::SIGKILL);
@@ -548,6 +581,13 @@ fn e2e_lb_the_agents_controller_reads_their_stores_and_hands_over_without_a_dupl
         !log.iter()
             .any(|l| text(&l["message"]).contains("has not caught up")),
         "the new leader's shared store should have caught up"
+    );
+    // Healthy watches: none was taken as silent, although the other agent checked its own
+    // against the Lease and the writes.
+    assert!(
+        !log.iter()
+            .any(|l| text(&l["message"]).contains("taken as silent")),
+        "no watch of a healthy API server should be listed again"
     );
     for (name, addr) in &before {
         assert_eq!(

@@ -24,6 +24,9 @@ const POOL: &str = "bench-lb";
 const POOL_RANGE: &str = "198.19.0.0/18";
 const NAMESPACE: &str = "default";
 const LABEL: &str = "bench-svc";
+/// While the Services have not settled and the harness's watch brought nothing for this
+/// long, the harness reads the Services' latest version to check its watch ([`Watch::probe`]).
+const PROBE_AFTER: Duration = Duration::from_secs(5);
 const ANNOTATION_MASTER: &str = "ferrovip.io/master";
 
 fn is_pool_address(a: &Ipv4Addr) -> bool {
@@ -253,6 +256,7 @@ pub(super) fn services_scale(
         Api::namespaced(cluster.client.clone(), NAMESPACE),
         docs,
         "Services",
+        &watch.echoes,
     )?;
     let (pids, started, create) = (phase.pids.clone(), phase.started, phase.create);
 
@@ -261,6 +265,8 @@ pub(super) fn services_scale(
     let mut next_address_poll = Instant::now();
     let mut last_print = Instant::now();
     let mut settle_problem = None;
+    let services: Api<Service> = Api::namespaced(cluster.client.clone(), NAMESPACE);
+    let mut last_probe = Instant::now();
     loop {
         check_interrupted()?;
         cluster.check_alive()?;
@@ -302,6 +308,14 @@ pub(super) fn services_scale(
                 .filter(|a| is_pool_address(a))
                 .count())
         };
+        // Nothing new for a while: make sure the watch is not the one that stopped.
+        let last_change = watch.lock().tally.last_change.unwrap_or(started);
+        if now.duration_since(last_change) >= PROBE_AFTER
+            && now.duration_since(last_probe) >= PROBE_AFTER
+        {
+            watch.probe(&cluster.runtime, &services, &format!("bench={LABEL}"));
+            last_probe = now;
+        }
         if now.duration_since(last_print) >= Duration::from_secs(5) {
             println!(
                 "  … {:.0} s: {with_ingress} with an address, {annotated} with the master annotation, node-a holds {} addresses",

@@ -45,6 +45,7 @@ use crate::ipam::{self, Inputs, ServiceDecision};
 use crate::k8s::lease::{Elector, Leadership, LeaseHandle, LeaseSettings};
 use crate::source::cluster::SharedStores;
 use crate::source::off_runtime;
+use crate::source::reflect::WriteEchoes;
 use write::ServiceEvent;
 
 /// Name of the Lease in the agent's namespace.
@@ -183,7 +184,9 @@ async fn run(
     shared: Option<SharedStores>,
     mut stop: oneshot::Receiver<oneshot::Sender<()>>,
 ) {
-    let lease = Elector::spawn(
+    // In the agent, the Lease carries the Service and pool watches' progress: a node whose
+    // watch stays behind the leader's starts it again.
+    let lease = Elector::spawn_with_progress(
         client.clone(),
         LeaseSettings {
             namespace: options.namespace.clone(),
@@ -192,6 +195,7 @@ async fn run(
             duration: options.lease_duration,
             renew: options.lease_renew,
         },
+        shared.as_ref().map(|s| s.echoes.clone()),
     );
     // Shared by every term's writes, and read by the Event task to let them go first.
     let permits = Arc::new(Semaphore::new(WRITES_IN_FLIGHT));
@@ -249,6 +253,7 @@ async fn run(
             allocating: allocating.clone(),
             stats: stats.clone(),
             events: events.clone(),
+            echoes: WriteEchoes::default(),
         };
         let mut leader = Leader::new(context, config, shared.as_ref());
         let stopped = tokio::select! {
@@ -398,6 +403,9 @@ struct Context {
     allocating: Arc<AtomicBool>,
     stats: Arc<ControllerStats>,
     events: mpsc::Sender<ServiceEvent>,
+    /// Accepted writes, to be heard back through the watches (this term's
+    /// [`watch::Watches::echoes`]).
+    echoes: WriteEchoes,
 }
 
 impl Context {
@@ -436,12 +444,14 @@ struct Leader {
 }
 
 impl Leader {
-    fn new(context: Context, config: ipam::Config, shared: Option<&SharedStores>) -> Leader {
+    fn new(mut context: Context, config: ipam::Config, shared: Option<&SharedStores>) -> Leader {
+        let watches = match shared {
+            Some(shared) => watch::Watches::shared(&context.client, shared),
+            None => watch::Watches::start(&context.client),
+        };
+        context.echoes = watches.echoes.clone();
         Leader {
-            watches: match shared {
-                Some(shared) => watch::Watches::shared(&context.client, shared),
-                None => watch::Watches::start(&context.client),
-            },
+            watches,
             context,
             config,
             overrides: HashMap::new(),
@@ -809,7 +819,8 @@ impl Leader {
                 });
             }
             match write::patch_pool_status(&context.client, &name, &update).await {
-                Ok(_) => {
+                Ok(written) => {
+                    context.echoes.pools.expect(&written.metadata);
                     context.stats.write("pool_status", "ok");
                     Done::Pool(PoolDone {
                         name,
@@ -996,6 +1007,7 @@ async fn service_writes(
         }
         match write::patch_service(&api, &key.name, &body).await {
             Ok(svc) => {
+                context.echoes.services.expect(&svc.metadata);
                 context.stats.write("record", "ok");
                 if let Some(t) = first_seen {
                     context.stats.allocated_after(t.elapsed());
@@ -1042,6 +1054,7 @@ async fn service_writes(
         }
         match write::patch_service_status(&api, &key.name, &body).await {
             Ok(svc) => {
+                context.echoes.services.expect(&svc.metadata);
                 context.stats.write("status", "ok");
                 stale.push(
                     current

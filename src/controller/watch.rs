@@ -22,7 +22,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::api::ListParams;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::crd::{LoadBalancerPool, VirtualIP};
 use crate::source::cluster::SharedStores;
+use crate::source::reflect::{Echoes, WriteEchoes, reflect};
 
 /// How long a term waits for shared stores to catch up with its fresh read.
 pub const CATCH_UP: Duration = Duration::from_secs(10);
@@ -50,6 +51,9 @@ pub struct Watches {
     listed: Vec<(Vec<Arc<AtomicBool>>, &'static str)>,
     /// The stores are the agent's, not listed for this term.
     shared: bool,
+    /// Where the controller's accepted writes go: the Service and pool watches restart when
+    /// they leave one unheard ([`crate::source::reflect`]).
+    pub echoes: WriteEchoes,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -72,28 +76,33 @@ impl Watches {
             (Arc::default(), "Namespace"),
         ];
         let mut tasks = Vec::new();
+        let echoes = WriteEchoes::default();
         let services = spawn(
             Api::<Service>::all(client.clone()),
             &changed,
             &flags[0],
+            Some(echoes.services.clone()),
             &mut tasks,
         );
         let pools = spawn(
             Api::<LoadBalancerPool>::all(client.clone()),
             &changed,
             &flags[1],
+            Some(echoes.pools.clone()),
             &mut tasks,
         );
         let virtual_ips = spawn(
             Api::<VirtualIP>::all(client.clone()),
             &changed,
             &flags[2],
+            None,
             &mut tasks,
         );
         let namespaces = spawn(
             Api::<Namespace>::all(client.clone()),
             &changed,
             &flags[3],
+            None,
             &mut tasks,
         );
         Watches {
@@ -104,6 +113,7 @@ impl Watches {
             changes,
             listed: flags.into_iter().map(|(f, k)| (vec![f], k)).collect(),
             shared: false,
+            echoes,
             tasks,
         }
     }
@@ -116,6 +126,7 @@ impl Watches {
             Api::<Namespace>::all(client.clone()),
             &shared.changes,
             &namespace_listed,
+            None,
             &mut tasks,
         );
         let mut listed = shared.listed.clone();
@@ -128,6 +139,7 @@ impl Watches {
             changes: shared.changes.subscribe(),
             listed,
             shared: true,
+            echoes: shared.echoes.clone(),
             tasks,
         }
     }
@@ -322,18 +334,22 @@ fn spawn<K>(
     api: Api<K>,
     changed: &watch::Sender<u64>,
     listed: &(Arc<AtomicBool>, &'static str),
+    echoes: Option<Echoes>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Store<K>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
+    let stream = reflect(
+        api,
+        watcher::Config::default(),
         writer,
-        watcher(api, watcher::Config::default()).modify(slim::<K>),
-    )
-    .default_backoff();
+        slim::<K>,
+        echoes,
+        listed.1,
+    );
     tasks.push(tokio::spawn(drive(
         stream,
         changed.clone(),

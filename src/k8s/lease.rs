@@ -11,6 +11,10 @@
 //! contender takes over at once instead of after the lease duration.
 //!
 //! [`decide`] is the pure part (table-tested); [`Elector`] runs it against the API server.
+//!
+//! The Lease also carries how far the leader's watches have come ([`PROGRESS_ANNOTATIONS`]):
+//! every contender reads the Lease anyway, and a contender whose own watch of the same kind
+//! stays behind that for long has a silent watch ([`crate::source::reflect`]).
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +25,8 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
+
+use crate::source::reflect::WriteEchoes;
 
 /// Errors of one election round (the elector retries; they are logged, not returned).
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +50,11 @@ impl LeaseError {
         }
     }
 }
+
+/// Annotations on the Lease: the highest resource version the leader's Service and pool
+/// watches delivered, as of its last renewal.
+pub const PROGRESS_ANNOTATIONS: [&str; 2] =
+    ["ferrovip.io/services-heard", "ferrovip.io/pools-heard"];
 
 /// Which Lease, who we are, and the timing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,11 +225,23 @@ pub struct Elector {
     state: watch::Sender<Leadership>,
     /// Log a holder once per change.
     logged_holder: Option<String>,
+    /// The watches whose progress the Lease carries (the agent's shared stores): published
+    /// while leading, expected while not.
+    progress: Option<WriteEchoes>,
 }
 
 impl Elector {
     /// Starts the elector task.
     pub fn spawn(client: Client, settings: LeaseSettings) -> LeaseHandle {
+        Elector::spawn_with_progress(client, settings, None)
+    }
+
+    /// [`Elector::spawn`], with the Lease carrying the progress of `progress`'s watches.
+    pub fn spawn_with_progress(
+        client: Client,
+        settings: LeaseSettings,
+        progress: Option<WriteEchoes>,
+    ) -> LeaseHandle {
         let (state, rx) = watch::channel(Leadership::default());
         let (renew_now, requests) = mpsc::channel(16);
         let (stop, stopped) = oneshot::channel();
@@ -228,6 +251,7 @@ impl Elector {
             lease: None,
             state,
             logged_holder: None,
+            progress,
         };
         tokio::spawn(elector.run(requests, stopped));
         LeaseHandle {
@@ -327,6 +351,7 @@ impl Elector {
             now,
         );
         if let Step::Wait { holder, expires_in } = &step {
+            self.expect_progress();
             let holder = holder.clone();
             if self.logged_holder.as_deref() != Some(holder.as_str()) {
                 info!(lease = %self.settings.name, holder = %holder, "another instance leads");
@@ -364,6 +389,7 @@ impl Elector {
             _ => {
                 let mut lease = self.lease.clone().unwrap_or_default();
                 lease.spec = Some(new_spec);
+                self.publish_progress(&mut lease.metadata);
                 // `replace` carries metadata.resourceVersion: the compare-and-swap.
                 self.api
                     .replace(&self.settings.name, &PostParams::default(), &lease)
@@ -389,6 +415,44 @@ impl Elector {
             s.holder = Some(identity.clone());
         });
         Ok(self.settings.renew)
+    }
+
+    /// The leader's watches' progress, into the Lease it writes.
+    fn publish_progress(&self, meta: &mut ObjectMeta) {
+        let Some(progress) = &self.progress else {
+            return;
+        };
+        let annotations = meta.annotations.get_or_insert_default();
+        for (key, echoes) in PROGRESS_ANNOTATIONS
+            .iter()
+            .zip([&progress.services, &progress.pools])
+        {
+            match echoes.latest() {
+                0 => annotations.remove(*key),
+                latest => annotations.insert((*key).to_owned(), latest.to_string()),
+            };
+        }
+    }
+
+    /// The leader's watches' progress, as the Lease read says: this process's watches must
+    /// reach it.
+    fn expect_progress(&self) {
+        let (Some(progress), Some(annotations)) = (
+            &self.progress,
+            self.lease
+                .as_ref()
+                .and_then(|l| l.metadata.annotations.as_ref()),
+        ) else {
+            return;
+        };
+        for (key, echoes) in PROGRESS_ANNOTATIONS
+            .iter()
+            .zip([&progress.services, &progress.pools])
+        {
+            if let Some(version) = annotations.get(*key).and_then(|v| v.parse().ok()) {
+                echoes.expect_progress(version);
+            }
+        }
     }
 
     /// A round failed: stop leading at once (fencing), whatever the cause.

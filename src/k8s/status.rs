@@ -25,6 +25,7 @@ use crate::crd::service_lb::{ANNOTATION_MASTER, allocation_record};
 use crate::crd::{NodeStatus, ServiceRef, VirtualIP};
 use crate::engine::{InstanceStatus, Observed};
 use crate::model::{Completeness, Desired, RefusalReason, ResourcePlan};
+use crate::source::reflect::WriteEchoes;
 use crate::vrrp::instance::State;
 
 /// The same Warning about the same resource is not repeated more often than this.
@@ -144,6 +145,9 @@ pub struct StatusWriter {
     /// Time this pass spent waiting for the API server's answers to its writes (since
     /// [`StatusWriter::begin_pass`]): not work of the agent's, so not paced.
     waited: Duration,
+    /// Accepted writes, to be heard back through the agent's watches
+    /// ([`crate::source::reflect`]).
+    echoes: WriteEchoes,
 }
 
 /// What a pass reads besides the VirtualIPs.
@@ -206,7 +210,14 @@ impl StatusWriter {
             quiet: HashMap::new(),
             waiting_for_master: HashMap::new(),
             waited: Duration::ZERO,
+            echoes: WriteEchoes::default(),
         }
+    }
+
+    /// Where accepted writes are reported, so that a watch that stops delivering them is
+    /// started again (the agent's [`crate::source::cluster::Stores::echoes`]).
+    pub fn set_echoes(&mut self, echoes: WriteEchoes) {
+        self.echoes = echoes;
     }
 
     /// Whether the last pass left writes to retry or repeat: the periodic pass is skipped
@@ -446,6 +457,7 @@ impl StatusWriter {
         };
         let api = &self.api;
         let params = &self.params;
+        let echoes = &self.echoes.virtual_ips;
         let writing = Instant::now();
         let results: Vec<_> = futures::stream::iter(writes)
             .map(|(_, name, body)| async move {
@@ -454,7 +466,7 @@ impl StatusWriter {
                     .await
                     // Keep only the outcome: holding a thousand returned objects at once would
                     // set the agent's memory high-water mark.
-                    .map(drop);
+                    .map(|vip| echoes.expect(&vip.metadata));
                 (name, body, result)
             })
             .buffer_unordered(in_flight)
@@ -545,7 +557,8 @@ impl StatusWriter {
             .patch_status(vip, &PatchParams::default(), &patch)
             .await
         {
-            Ok(_) => {
+            Ok(written) => {
+                self.echoes.virtual_ips.expect(&written.metadata);
                 info!(vip, nodes = ?nodes, "removed the status entries of nodes that left or are no longer eligible")
             }
             Err(e) => {
@@ -1288,6 +1301,7 @@ impl StatusWriter {
         }
         lb.tokens = Some((tokens, now));
         let client = &self.client;
+        let echoes = &self.echoes.services;
         let writing = Instant::now();
         let results: Vec<_> = futures::stream::iter(writes)
             .map(|(svc, addrs, patch, regarding)| async move {
@@ -1296,7 +1310,7 @@ impl StatusWriter {
                 let result = api
                     .patch(&svc.name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
-                    .map(drop);
+                    .map(|written| echoes.expect(&written.metadata));
                 (svc, addrs, regarding, result)
             })
             .buffer_unordered(WRITES_IN_FLIGHT)

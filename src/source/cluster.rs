@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::cache::SnapshotCache;
 use super::offload::off_runtime;
+use super::reflect::{Echoes, WriteEchoes, reflect};
 use crate::crd::service_lb::{allocation_record, served};
 use crate::crd::{LoadBalancerPool, ServiceProtocol, ServiceRef, VirtualIP};
 use crate::model::lb::{LbPort, LbService};
@@ -65,6 +66,8 @@ pub struct ClusterSource {
     endpoints_known: Arc<AtomicBool>,
     /// Which watches have listed once.
     listed: Listed,
+    /// The agent's writes, checked against its watches.
+    echoes: WriteEchoes,
     /// The last complete snapshot on disk: read at start, written on every change of a
     /// complete one.
     cache: Option<SnapshotCache>,
@@ -167,6 +170,8 @@ pub struct Stores {
     /// For the master annotation of load-balancer addresses.
     pub services: Store<Service>,
     pub changes: watch::Receiver<u64>,
+    /// Where the status writer's accepted writes go, to be heard back through the watches.
+    pub echoes: WriteEchoes,
 }
 
 impl ClusterSource {
@@ -186,6 +191,7 @@ impl ClusterSource {
         let endpoints_known = Arc::new(AtomicBool::new(false));
         let pools_served = Arc::new(AtomicBool::new(false));
         let listed = Listed::default();
+        let echoes = WriteEchoes::default();
         let flags = |flag: &Arc<AtomicBool>, served: Option<Arc<AtomicBool>>| Flags {
             changed: changed.clone(),
             any_change: any_change.clone(),
@@ -203,14 +209,20 @@ impl ClusterSource {
                 controller: controller_changes.clone(),
                 ..flags(&listed.virtual_ips, None)
             },
+            Some(echoes.virtual_ips.clone()),
         );
-        let nodes = spawn_reflector(Api::<Node>::all(client.clone()), flags(&listed.nodes, None));
+        let nodes = spawn_reflector(
+            Api::<Node>::all(client.clone()),
+            flags(&listed.nodes, None),
+            None,
+        );
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
             Flags {
                 controller: controller_changes.clone(),
                 ..flags(&listed.services, None)
             },
+            Some(echoes.services.clone()),
         );
         let pools = spawn_reflector(
             Api::<LoadBalancerPool>::all(client.clone()),
@@ -219,6 +231,7 @@ impl ClusterSource {
                 controller: controller_changes.clone(),
                 ..flags(&listed.pools, Some(pools_served.clone()))
             },
+            Some(echoes.pools.clone()),
         );
         let slices = spawn_slices(client, flags(&listed.slices, Some(endpoints_known.clone())));
         Watching {
@@ -235,6 +248,7 @@ impl ClusterSource {
             controller_changes,
             endpoints_known,
             listed,
+            echoes,
         }
     }
 }
@@ -251,6 +265,9 @@ pub struct SharedStores {
     pub listed: Vec<(Vec<Arc<AtomicBool>>, &'static str)>,
     /// Bumped by the agent's reflectors on every change the controller reads.
     pub changes: watch::Sender<u64>,
+    /// Where the controller's accepted writes go, to be heard back through these stores'
+    /// watches.
+    pub echoes: WriteEchoes,
 }
 
 /// A [`ClusterSource`] whose watches run and may not have listed yet.
@@ -269,6 +286,7 @@ pub struct Watching {
     controller_changes: Option<watch::Sender<u64>>,
     endpoints_known: Arc<AtomicBool>,
     listed: Listed,
+    echoes: WriteEchoes,
 }
 
 impl Watching {
@@ -288,6 +306,7 @@ impl Watching {
                 (vec![self.listed.virtual_ips.clone()], "VirtualIP"),
             ],
             changes: self.controller_changes.clone()?,
+            echoes: self.echoes.clone(),
         })
     }
 
@@ -309,6 +328,7 @@ impl Watching {
             controller_changes: _,
             endpoints_known,
             listed,
+            echoes,
         } = self;
         let mut cache = cache.map(|path| SnapshotCache::new(path, node.clone()));
         let cached = match cache.as_mut().map(SnapshotCache::load) {
@@ -375,6 +395,7 @@ impl Watching {
             seen,
             endpoints_known,
             listed,
+            echoes,
             cache,
             cache_warned: false,
             cached,
@@ -435,6 +456,7 @@ impl ClusterSource {
             nodes: self.nodes.clone(),
             services: self.services.clone(),
             changes: self.any_change.subscribe(),
+            echoes: self.echoes.clone(),
         }
     }
 
@@ -757,19 +779,31 @@ fn planner_reads<K: 'static>(
 }
 
 /// Runs one reflector in its own task; every applied change wakes the planner.
-fn spawn_reflector<K>(api: Api<K>, flags: Flags) -> Store<K>
+/// A reflector of `api` (restarted when it leaves one of `echoes` unheard, see
+/// [`reflect`]).
+fn spawn_reflector<K>(api: Api<K>, flags: Flags, echoes: Option<Echoes>) -> Store<K>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
+    let kind = short_kind::<K>();
+    let stream = reflect(
+        api,
+        watcher::Config::default(),
         writer,
-        watcher(api, watcher::Config::default()).modify(slim::<K>),
-    )
-    .default_backoff();
-    tokio::spawn(drive(stream, flags, std::any::type_name::<K>()));
+        slim::<K>,
+        echoes,
+        kind,
+    );
+    tokio::spawn(drive(stream, flags, kind));
     reader
+}
+
+/// The last part of a type's name (`VirtualIP`, `Service`), for the log.
+fn short_kind<K>() -> &'static str {
+    let name = std::any::type_name::<K>();
+    name.rsplit("::").next().unwrap_or(name)
 }
 
 /// Drops what the agent never reads before an object enters a store: managed fields and
@@ -792,7 +826,6 @@ async fn drive<S, K: 'static>(stream: S, flags: Flags, kind: &'static str)
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
-    let kind = kind.rsplit("::").next().unwrap_or(kind);
     let mut failing = false;
     let mut views: HashMap<String, u64> = HashMap::new();
     let mut stream = std::pin::pin!(stream);

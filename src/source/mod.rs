@@ -5,6 +5,7 @@ pub mod cache;
 pub mod cluster;
 pub mod files;
 pub mod offload;
+pub mod reflect;
 
 pub use offload::off_runtime;
 
