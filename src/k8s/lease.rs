@@ -51,8 +51,8 @@ impl LeaseError {
     }
 }
 
-/// Annotations on the Lease: the highest resource version the leader's Service and pool
-/// watches delivered, as of its last renewal.
+/// Annotations on the Lease: the highest resource version among the Services and the pools
+/// in the leader's stores, as of its last renewal.
 pub const PROGRESS_ANNOTATIONS: [&str; 2] =
     ["ferrovip.io/services-heard", "ferrovip.io/pools-heard"];
 
@@ -427,7 +427,7 @@ impl Elector {
             .iter()
             .zip([&progress.services, &progress.pools])
         {
-            match echoes.latest() {
+            match echoes.held() {
                 0 => annotations.remove(*key),
                 latest => annotations.insert((*key).to_owned(), latest.to_string()),
             };

@@ -26,14 +26,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
-use kube::api::Api;
+use kube::api::{Api, WatchEvent, WatchParams};
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// How long an accepted write may go unheard through the watch before the watch is started
 /// again. A live watch brings it within milliseconds, a loaded API server within a second or
@@ -67,7 +68,11 @@ struct EchoState {
     progress: Mutex<Option<Pending>>,
     /// The highest version this watch has delivered (objects listed, changed or deleted).
     latest: AtomicU64,
+    /// The highest version among the objects the store holds (set by [`reflect`]).
+    held: std::sync::OnceLock<HeldVersion>,
 }
+
+type HeldVersion = Box<dyn Fn() -> u64 + Send + Sync>;
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -105,16 +110,40 @@ impl Echoes {
 
     /// The highest resource version the watch has delivered (0: none yet, or versions that
     /// are not numbers).
-    pub fn latest(&self) -> u64 {
+    fn latest(&self) -> u64 {
         self.0.latest.load(Ordering::Relaxed)
     }
 
-    /// Another process's watch of this kind (the Service controller's leader, through its
-    /// Lease) has delivered `version`: this watch must deliver it too, or a later one, within
-    /// [`ECHO_TIMEOUT`]. For the nodes that write nothing of a kind, whose own writes cannot
-    /// show that their watch went silent.
+    /// The highest resource version among the objects in the store (0: none, or no store
+    /// attached). Two watches of one kind that are both current hold the same objects at the
+    /// same versions, so they agree on it, deletions included (the highest version a watch
+    /// ever delivered would not: a deletion's is in no list). Walks the store: for the
+    /// Lease's renewals and rounds, not per event.
+    pub fn held(&self) -> u64 {
+        self.0.held.get().map_or(0, |held| held())
+    }
+
+    fn attach<K>(&self, store: Store<K>)
+    where
+        K: Resource + Clone + Send + Sync + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    {
+        let _ = self.0.held.set(Box::new(move || {
+            store
+                .state()
+                .iter()
+                .filter_map(|o| version(o.meta()))
+                .max()
+                .unwrap_or(0)
+        }));
+    }
+
+    /// Another process's store of this kind (the Service controller's leader's, through its
+    /// Lease) holds `version` ([`Echoes::held`]): this watch must deliver it, or a later one,
+    /// within [`ECHO_TIMEOUT`]. For the nodes that write nothing of a kind, whose own writes
+    /// cannot show that their watch went silent.
     pub fn expect_progress(&self, version: u64) {
-        if self.latest() >= version {
+        if self.latest() >= version || self.held() >= version {
             return;
         }
         let mut progress = self.progress();
@@ -201,7 +230,8 @@ impl Echoes {
         let now = Instant::now();
         let mut pending = self.lock();
         pending.retain(|(ns, name), p| matches!(current(ns, name), Some(Some(v)) if v < p.version));
-        let behind = (*self.progress()).filter(|p| self.latest() < p.version);
+        let behind =
+            (*self.progress()).filter(|p| self.latest() < p.version && self.held() < p.version);
         let late: Vec<Duration> = pending
             .values()
             .chain(behind.as_ref())
@@ -210,11 +240,6 @@ impl Echoes {
             .collect();
         let oldest = late.iter().max().copied()?;
         Some((oldest, late.len()))
-    }
-
-    fn clear(&self) {
-        self.lock().clear();
-        *self.progress() = None;
     }
 
     /// How many writes wait to be heard.
@@ -261,10 +286,12 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     restartable(
-        move || {
-            watcher(api.clone(), config.clone())
+        move |from: Option<String>| match from {
+            None => watcher(api.clone(), config.clone())
                 .modify(slim)
                 .default_backoff()
+                .boxed(),
+            Some(version) => resumed(api.clone(), &config, version, slim).boxed(),
         },
         writer,
         echoes,
@@ -272,10 +299,71 @@ where
     )
 }
 
-/// [`reflect`] over the event streams `open` starts: a new one (a new list, then a watch)
-/// each time an echo is overdue.
-fn restartable<K, S>(
-    mut open: impl FnMut() -> S + Send,
+/// A watch of `api` from `version` on, without a list (what kube's watcher does when a
+/// server ends a watch), carried on from the latest version seen each time the server ends
+/// it. It ends at the first error, among them a version the server no longer keeps (410):
+/// the caller lists afresh then.
+fn resumed<K>(
+    api: Api<K>,
+    config: &watcher::Config,
+    version: String,
+    slim: fn(&mut K),
+) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + use<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let params = WatchParams {
+        label_selector: config.label_selector.clone(),
+        field_selector: config.field_selector.clone(),
+        ..WatchParams::default()
+    };
+    async_stream::stream! {
+        let mut version = version;
+        loop {
+            let events = match api.watch(&params, &version).await {
+                Ok(events) => events,
+                Err(e) => {
+                    debug!(error = %e, "resuming the watch failed; listing afresh");
+                    return;
+                }
+            };
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(WatchEvent::Added(mut object) | WatchEvent::Modified(mut object)) => {
+                        slim(&mut object);
+                        version = object.meta().resource_version.clone().unwrap_or(version);
+                        yield Ok(watcher::Event::Apply(object));
+                    }
+                    Ok(WatchEvent::Deleted(mut object)) => {
+                        slim(&mut object);
+                        version = object.meta().resource_version.clone().unwrap_or(version);
+                        yield Ok(watcher::Event::Delete(object));
+                    }
+                    Ok(WatchEvent::Bookmark(mark)) => version = mark.metadata.resource_version,
+                    Ok(WatchEvent::Error(e)) => {
+                        debug!(code = e.code, message = %e.message, "the resumed watch ended; listing afresh");
+                        return;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "the resumed watch failed; listing afresh");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`reflect`] over the event streams `open` starts: `open(None)` lists, then watches;
+/// `open(Some(version))` watches from `version` without a list, and ends when it cannot.
+/// A silent watch is resumed from the latest version delivered (the API server's watch
+/// cache replays what it missed: no list of every object, which from every node at once is
+/// what loads a struggling API server most); a resumed watch that goes silent again, or
+/// ends, is followed by a new list.
+fn restartable<K>(
+    mut open: impl FnMut(Option<String>) -> BoxStream<'static, watcher::Result<watcher::Event<K>>>
+    + Send,
     mut writer: Writer<K>,
     echoes: Option<Echoes>,
     kind: &'static str,
@@ -283,25 +371,42 @@ fn restartable<K, S>(
 where
     K: Resource + Clone + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-    S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send,
 {
     let store = writer.as_reader();
+    if let Some(echoes) = &echoes {
+        echoes.attach(store.clone());
+    }
     async_stream::stream! {
+        // The latest version delivered, to resume from; and whether the current stream is a
+        // resumed one.
+        let mut latest: Option<(u64, String)> = None;
+        let mut resume = None;
         loop {
-            let events = open();
-            let mut events = std::pin::pin!(events);
+            let resuming = resume.is_some();
+            let mut events = open(resume.take());
             let mut check = tokio::time::interval(ECHO_CHECK);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // Checked only between a complete list and the next one.
-            let mut watching = false;
+            // Checked only between a complete list and the next one (a resumed watch has
+            // none).
+            let mut watching = resuming;
             loop {
                 let step = tokio::select! {
                     item = events.next() => Step::Item(item),
                     _ = check.tick(), if watching && echoes.is_some() => Step::Check,
                 };
                 match step {
+                    // A resumed watch that cannot go on: list afresh.
+                    Step::Item(None) if resuming => break,
                     Step::Item(None) => return,
                     Step::Item(Some(Ok(event))) => {
+                        if let watcher::Event::Apply(o)
+                        | watcher::Event::Delete(o)
+                        | watcher::Event::InitApply(o) = &event
+                            && let Some(v) = version(o.meta())
+                            && latest.as_ref().is_none_or(|(l, _)| v > *l)
+                        {
+                            latest = Some((v, v.to_string()));
+                        }
                         writer.apply_watcher_event(&event);
                         if let Some(echoes) = &echoes {
                             match &event {
@@ -325,13 +430,20 @@ where
                             held(&store, namespace, name)
                         });
                         if let Some((oldest, writes)) = overdue {
+                            // Resumed once already and silent again: list.
+                            resume = if resuming {
+                                None
+                            } else {
+                                latest.as_ref().map(|(_, v)| v.clone())
+                            };
                             warn!(
                                 kind,
                                 writes,
                                 oldest_ms = oldest.as_millis() as u64,
-                                "the watch has not delivered this agent's own accepted writes: taken as silent, listing again and watching anew"
+                                resume_from = resume.as_deref().unwrap_or("(a new list)"),
+                                "the watch has not delivered writes the API server accepted: taken as silent, watching anew"
                             );
-                            echoes.clear();
+                            echoes.restart_clocks();
                             RESTARTS.fetch_add(1, Ordering::Relaxed);
                             break;
                         }
@@ -456,20 +568,51 @@ mod tests {
             .and_then(|o| o.metadata.resource_version.clone())
     }
 
+    /// A watch resumed from a version: delivers `then` after a second, or stays silent.
+    fn resumed_then(
+        then: Option<&str>,
+    ) -> BoxStream<'static, watcher::Result<watcher::Event<ConfigMap>>> {
+        let later = then.map(config_map);
+        futures::stream::iter(later)
+            .then(|object| async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok(watcher::Event::Apply(object))
+            })
+            .chain(futures::stream::pending())
+            .boxed()
+    }
+
+    /// Collects what the reflector asked to open.
+    fn opener(
+        asked: &Arc<Mutex<Vec<Option<String>>>>,
+        open: impl Fn(
+            usize,
+            Option<&str>,
+        ) -> BoxStream<'static, watcher::Result<watcher::Event<ConfigMap>>>
+        + Send
+        + 'static,
+    ) -> impl FnMut(Option<String>) -> BoxStream<'static, watcher::Result<watcher::Event<ConfigMap>>>
+    + Send
+    + 'static {
+        let asked = asked.clone();
+        move |from: Option<String>| {
+            let mut asked = asked.lock().unwrap();
+            asked.push(from.clone());
+            open(asked.len() - 1, from.as_deref())
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_watch_that_leaves_a_write_unheard_is_listed_again() {
-        let opened = Arc::new(AtomicUsize::new(0));
+    async fn a_silent_watch_is_resumed_from_its_latest_version() {
+        let asked = Arc::new(Mutex::new(Vec::new()));
         let (store, writer) = reflector::store::<ConfigMap>();
         let echoes = Echoes::default();
         let stream = restartable(
-            {
-                let opened = opened.clone();
-                move || {
-                    // The server holds version 6 from the second list on.
-                    let first = opened.fetch_add(1, Ordering::SeqCst) == 0;
-                    listed_then(if first { "5" } else { "6" }, None)
-                }
-            },
+            opener(&asked, |n, _| match n {
+                0 => listed_then("5", None).boxed(),
+                // The resumed watch brings what the silent one did not.
+                _ => resumed_then(Some("6")),
+            }),
             writer,
             Some(echoes.clone()),
             "ConfigMap",
@@ -478,29 +621,77 @@ mod tests {
         for _ in 0..3 {
             stream.next().await.expect("listed").expect("no error");
         }
-        assert_eq!(held_version(&store).as_deref(), Some("5"));
         // This process wrote version 6; the watch never brings it.
         let written = Instant::now();
         echoes.expect(&config_map("6").metadata);
         let next = tokio::time::timeout(Duration::from_secs(60), stream.next())
             .await
-            .expect("the silent watch is started again");
-        assert!(matches!(next, Some(Ok(watcher::Event::Init))));
+            .expect("the silent watch is resumed");
+        assert!(
+            matches!(next, Some(Ok(watcher::Event::Apply(_)))),
+            "{next:?}"
+        );
         let waited = written.elapsed();
         assert!(
-            waited > ECHO_TIMEOUT && waited <= ECHO_TIMEOUT + ECHO_CHECK,
-            "restarted after {waited:?}"
+            waited > ECHO_TIMEOUT && waited <= ECHO_TIMEOUT + ECHO_CHECK + Duration::from_secs(1),
+            "resumed after {waited:?}"
         );
-        assert_eq!(opened.load(Ordering::SeqCst), 2);
-        for _ in 0..2 {
-            stream
-                .next()
-                .await
-                .expect("listed again")
-                .expect("no error");
-        }
-        assert_eq!(held_version(&store).as_deref(), Some("6"), "the new list");
+        assert_eq!(*asked.lock().unwrap(), vec![None, Some("5".to_owned())]);
+        assert_eq!(held_version(&store).as_deref(), Some("6"));
         assert_eq!(echoes.pending(), 0);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(120), stream.next())
+                .await
+                .is_err(),
+            "a resumed watch that delivered is kept"
+        );
+        assert_eq!(asked.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_watch_silent_again_or_ended_is_followed_by_a_new_list() {
+        for resumed_ends in [false, true] {
+            let asked = Arc::new(Mutex::new(Vec::new()));
+            let (store, writer) = reflector::store::<ConfigMap>();
+            let echoes = Echoes::default();
+            let stream = restartable(
+                opener(&asked, move |n, _| match n {
+                    0 => listed_then("5", None).boxed(),
+                    1 if resumed_ends => futures::stream::empty().boxed(),
+                    1 => resumed_then(None),
+                    // The server holds version 6 from the second list on.
+                    _ => listed_then("6", None).boxed(),
+                }),
+                writer,
+                Some(echoes.clone()),
+                "ConfigMap",
+            );
+            let mut stream = std::pin::pin!(stream);
+            for _ in 0..3 {
+                stream.next().await.expect("listed").expect("no error");
+            }
+            echoes.expect(&config_map("6").metadata);
+            let written = Instant::now();
+            let next = tokio::time::timeout(Duration::from_secs(120), stream.next())
+                .await
+                .expect("listed again");
+            assert!(matches!(next, Some(Ok(watcher::Event::Init))), "{next:?}");
+            let waited = written.elapsed();
+            let most = if resumed_ends { 1 } else { 2 };
+            assert!(
+                waited > ECHO_TIMEOUT && waited <= (ECHO_TIMEOUT + ECHO_CHECK) * most,
+                "listed again after {waited:?} (resumed watch ends: {resumed_ends})"
+            );
+            assert_eq!(
+                *asked.lock().unwrap(),
+                vec![None, Some("5".to_owned()), None]
+            );
+            for _ in 0..2 {
+                stream.next().await.expect("listed").expect("no error");
+            }
+            assert_eq!(held_version(&store).as_deref(), Some("6"), "the new list");
+            assert_eq!(echoes.pending(), 0);
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -511,9 +702,9 @@ mod tests {
         let stream = restartable(
             {
                 let opened = opened.clone();
-                move || {
+                move |_: Option<String>| {
                     opened.fetch_add(1, Ordering::SeqCst);
-                    listed_then("5", Some("6"))
+                    listed_then("5", Some("6")).boxed()
                 }
             },
             writer,
@@ -564,6 +755,38 @@ mod tests {
         );
         e.heard(&meta(None, "c", "41"));
         assert!(e.overdue(ECHO_TIMEOUT, none).is_none(), "reached");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_is_judged_by_the_objects_held_so_a_deletion_raises_no_alarm() {
+        let (store, mut writer) = reflector::store::<ConfigMap>();
+        let e = Echoes::default();
+        e.attach(store);
+        assert_eq!(e.held(), 0);
+        // A fresh list after the leader saw something at version 9 deleted: this store's
+        // objects are at 5 and 7, the leader's the same, so the leader publishes 7.
+        let named = |name: &str, version: &str| ConfigMap {
+            metadata: meta(Some("lb"), name, version),
+            ..ConfigMap::default()
+        };
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(named("a", "5")),
+            watcher::Event::InitApply(named("b", "7")),
+            watcher::Event::InitDone,
+        ] {
+            writer.apply_watcher_event(&event);
+        }
+        assert_eq!(e.held(), 7);
+        e.expect_progress(7);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(e.overdue(ECHO_TIMEOUT, |_, _| None).is_none());
+        // The leader's store has moved on to 8; this one gets there through its store.
+        e.expect_progress(8);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        writer.apply_watcher_event(&watcher::Event::Apply(named("a", "8")));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(e.overdue(ECHO_TIMEOUT, |_, _| None).is_none());
     }
 
     #[test]
