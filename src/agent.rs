@@ -485,6 +485,9 @@ impl Agent {
         // memory-map lock it must not wait for.
         let may_release = args.vrrp_rt_priority.is_none();
         let mut release_at: Option<tokio::time::Instant> = None;
+        // Whether the allocator trims eagerly (quiet, after a release), until the next
+        // large plan.
+        let mut trimming = false;
         loop {
             // A partial snapshot (watches not all listed) is never planned from: its plan
             // would drop what the missing lists describe.
@@ -515,6 +518,10 @@ impl Agent {
                 snapshot_cost = Duration::ZERO;
                 if may_release && (plan_cost >= PLAN_PACING_FROM || release_at.is_some()) {
                     release_at = Some(tokio::time::Instant::now() + MEMORY_RELEASE_QUIET);
+                    // Busy: freed memory stays for the next plan (see release_memory).
+                    if std::mem::take(&mut trimming) {
+                        crate::node::socket::trim_eagerly(false);
+                    }
                 }
             }
             replan = true;
@@ -543,6 +550,7 @@ impl Agent {
                     release_at = (plan_cost >= PLAN_PACING_FROM)
                         .then(|| tokio::time::Instant::now() + MEMORY_RELEASE_PERIOD);
                     replan = false;
+                    trimming = true;
                     tokio::task::spawn_blocking(release_memory);
                 }
                 _ = carrier_poll.tick() => {
@@ -963,10 +971,13 @@ fn check_specs(desired: &Desired) -> BTreeMap<CheckKey, CheckSpec> {
         .collect()
 }
 
-/// Gives the allocator's free memory back to the kernel, and says how much went.
+/// Gives the allocator's free memory back to the kernel, and says how much went. From here
+/// until the next large plan the allocator trims as it frees, as glibc does by default
+/// (the top of other threads' arenas, which `malloc_trim` leaves).
 fn release_memory() {
     let started = Instant::now();
     let before = resident_bytes();
+    crate::node::socket::trim_eagerly(true);
     let released = crate::node::socket::release_free_memory();
     let after = resident_bytes();
     let (before_mib, after_mib) = (before.unwrap_or(0) >> 20, after.unwrap_or(0) >> 20);

@@ -418,6 +418,27 @@ pub fn keep_freed_memory() -> Vec<String> {
     failed
 }
 
+/// The trim threshold alone: glibc's default (128 KiB) with `eager`, else back to the 64 MiB
+/// [`keep_freed_memory`] sets. `malloc_trim` ([`release_free_memory`]) releases the top of
+/// the main arena's heap and the free pages inside every arena, but not the top of another
+/// thread's arena: glibc trims that only as it frees, and only past this threshold. The
+/// agent's runtime thread, which writes 10,000 statuses after a burst, kept ~10 MiB that
+/// way at the 64 MiB threshold. So a quiet agent trims eagerly, and a busy one keeps what
+/// it frees. False when glibc refused it.
+pub fn trim_eagerly(eager: bool) -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        let value = if eager { 128 << 10 } else { 64 << 20 };
+        // SAFETY: mallopt takes two integers; glibc serialises it with its arena locks.
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, value) == 1 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        let _ = eager;
+        false
+    }
+}
+
 /// Hands the C allocator's free memory back to the kernel (`malloc_trim(0)`: the top of every
 /// arena and the free pages inside them). glibc keeps what a burst freed (its trim threshold
 /// grows with the largest block freed, up to 64 MiB per arena): after 10,000 Services were
