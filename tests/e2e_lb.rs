@@ -396,6 +396,20 @@ fn e2e_lb_a_burst_of_services_gets_a_few_events_and_one_summary() {
 
 /// A Service of `type: LoadBalancer` with nothing of ferrovip's on it (the controller
 /// allocates).
+/// A field of the controller's Lease (empty until the first agent creates it).
+fn lease_field(c: &K8sLab, path: &str) -> String {
+    let out = c.kubectl_output(&[
+        "get",
+        "lease",
+        "-n",
+        "ferrovip-system",
+        "ferrovip-controller",
+        "-o",
+        &format!("jsonpath={{{path}}}"),
+    ]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn plain_service(name: &str) -> Value {
     json!({
         "apiVersion": "v1",
@@ -469,19 +483,7 @@ fn e2e_lb_the_agents_controller_reads_their_stores_and_hands_over_without_a_dupl
     for i in 0..2 {
         c.wait_listed(i);
     }
-    // (Not found until the first agent creates it.)
-    let holder = || {
-        let out = c.kubectl_output(&[
-            "get",
-            "lease",
-            "-n",
-            "ferrovip-system",
-            "ferrovip-controller",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ]);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let holder = || lease_field(&c, ".spec.holderIdentity");
     let started = Instant::now();
     let first = loop {
         let h = holder();
@@ -549,16 +551,7 @@ fn e2e_lb_the_agents_controller_reads_their_stores_and_hands_over_without_a_dupl
             .filter_map(|s| text(&s["metadata"]["resourceVersion"]).parse::<u64>().ok())
             .max()
             .expect("Services have versions");
-        let out = c.kubectl_output(&[
-            "get",
-            "lease",
-            "-n",
-            "ferrovip-system",
-            "ferrovip-controller",
-            "-o",
-            "jsonpath={.metadata.annotations.ferrovip\\.io/services-heard}",
-        ]);
-        let heard = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let heard = lease_field(&c, ".metadata.annotations.ferrovip\\.io/services-heard");
         if heard.parse::<u64>().is_ok_and(|h| h >= newest) {
             break;
         }
