@@ -912,10 +912,10 @@ struct Planned {
     services: Option<Arc<ServiceSet>>,
 }
 
-/// Plans `snapshot` on a blocking thread, not the agent's runtime thread: with 10,000
-/// Services a plan, its comparison with the last and the copies handed on kept that thread
-/// (the watches, the status writes, the Service controller's writes) busy for ~100 ms at a
-/// time. Gives the snapshot back, and the plan when it differs from `last`.
+/// Plans `snapshot` on the compute thread ([`off_runtime`]), not the agent's runtime thread:
+/// with 10,000 Services a plan, its comparison with the last and the copies handed on kept
+/// that thread (the watches, the status writes, the Service controller's writes) busy for
+/// ~100 ms at a time. Gives the snapshot back, and the plan when it differs from `last`.
 async fn plan_off_runtime(
     snapshot: Snapshot,
     node: String,

@@ -245,6 +245,10 @@ async fn run(
         };
         info!(identity = %identity, term, "Service controller leading: listing the cluster");
         stats.set_leading(true);
+        let watches = match shared.as_ref() {
+            Some(shared) => watch::Watches::shared(&client, shared),
+            None => watch::Watches::start(&client),
+        };
         let context = Context {
             client: client.clone(),
             term,
@@ -253,9 +257,9 @@ async fn run(
             allocating: allocating.clone(),
             stats: stats.clone(),
             events: events.clone(),
-            echoes: WriteEchoes::default(),
+            echoes: watches.echoes.clone(),
         };
-        let mut leader = Leader::new(context, config, shared.as_ref());
+        let mut leader = Leader::new(context, config, watches);
         let stopped = tokio::select! {
             () = leader.run(&lease) => None,
             done = &mut stop => Some(done.ok()),
@@ -444,12 +448,7 @@ struct Leader {
 }
 
 impl Leader {
-    fn new(mut context: Context, config: ipam::Config, shared: Option<&SharedStores>) -> Leader {
-        let watches = match shared {
-            Some(shared) => watch::Watches::shared(&context.client, shared),
-            None => watch::Watches::start(&context.client),
-        };
-        context.echoes = watches.echoes.clone();
+    fn new(context: Context, config: ipam::Config, watches: watch::Watches) -> Leader {
         Leader {
             watches,
             context,

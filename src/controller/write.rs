@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::crd::service_lb::{
     ANNOTATION_ALLOCATED, ANNOTATION_MASTER, CONTROLLER_MANAGER, allocation_record,
-    format_allocated, format_master, parse_master,
+    format_allocated, format_master, master_value, parse_master,
 };
 use crate::crd::{LoadBalancerPool, LoadBalancerPoolStatus};
 use crate::ipam::{Ingress, ServiceDecision};
@@ -81,12 +81,7 @@ pub fn master_hints(services: &[Arc<Service>]) -> BTreeMap<(String, Family), Str
     // None: two nodes named (a takeover being written): no hint.
     let mut named: BTreeMap<(String, Family), Option<String>> = BTreeMap::new();
     for svc in services.iter().filter(|s| !local_policy(s)) {
-        let Some(value) = svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_MASTER))
-        else {
+        let Some(value) = master_value(svc) else {
             continue;
         };
         let Some(Ok(record)) = allocation_record(svc) else {
@@ -126,13 +121,7 @@ pub fn master_with_record(
     if local_policy(svc) {
         return None;
     }
-    let mut entries = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_MASTER))
-        .map(|v| parse_master(v))
-        .unwrap_or_default();
+    let mut entries = master_value(svc).map(parse_master).unwrap_or_default();
     let mut named = false;
     for (addr, pool) in record {
         if entries.contains_key(addr) {

@@ -117,6 +117,15 @@ pub fn parse_allocated(value: &str) -> Result<BTreeMap<IpAddr, String>, RecordEr
     Ok(out)
 }
 
+/// A Service's [`ANNOTATION_MASTER`] value, as written.
+pub fn master_value(svc: &k8s_openapi::api::core::v1::Service) -> Option<&str> {
+    svc.metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_MASTER)
+        .map(String::as_str)
+}
+
 /// The entries of a [`ANNOTATION_MASTER`] value (`<address>=<node>,...`). Unreadable entries
 /// are skipped: the masters write the value, and one edited by hand is rewritten, not refused.
 pub fn parse_master(value: &str) -> BTreeMap<IpAddr, String> {

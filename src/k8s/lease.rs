@@ -26,7 +26,7 @@ use kube::{Api, Client};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::source::reflect::WriteEchoes;
+use crate::source::reflect::{Echoes, WriteEchoes};
 
 /// Errors of one election round (the elector retries; they are logged, not returned).
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,14 @@ impl LeaseError {
 /// in the leader's stores, as of its last renewal.
 pub const PROGRESS_ANNOTATIONS: [&str; 2] =
     ["ferrovip.io/services-heard", "ferrovip.io/pools-heard"];
+
+/// Each progress annotation with the watch it is about.
+fn progress_kinds(progress: &WriteEchoes) -> [(&'static str, &Echoes); 2] {
+    [
+        (PROGRESS_ANNOTATIONS[0], &progress.services),
+        (PROGRESS_ANNOTATIONS[1], &progress.pools),
+    ]
+}
 
 /// Which Lease, who we are, and the timing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -423,13 +431,10 @@ impl Elector {
             return;
         };
         let annotations = meta.annotations.get_or_insert_default();
-        for (key, echoes) in PROGRESS_ANNOTATIONS
-            .iter()
-            .zip([&progress.services, &progress.pools])
-        {
+        for (key, echoes) in progress_kinds(progress) {
             match echoes.held() {
-                0 => annotations.remove(*key),
-                latest => annotations.insert((*key).to_owned(), latest.to_string()),
+                0 => annotations.remove(key),
+                held => annotations.insert(key.to_owned(), held.to_string()),
             };
         }
     }
@@ -445,11 +450,8 @@ impl Elector {
         ) else {
             return;
         };
-        for (key, echoes) in PROGRESS_ANNOTATIONS
-            .iter()
-            .zip([&progress.services, &progress.pools])
-        {
-            if let Some(version) = annotations.get(*key).and_then(|v| v.parse().ok()) {
+        for (key, echoes) in progress_kinds(progress) {
+            if let Some(version) = annotations.get(key).and_then(|v| v.parse().ok()) {
                 echoes.expect_progress(version);
             }
         }

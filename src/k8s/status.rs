@@ -21,7 +21,7 @@ use kube::{Api, Client, Resource};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::crd::service_lb::{ANNOTATION_MASTER, allocation_record};
+use crate::crd::service_lb::{ANNOTATION_MASTER, allocation_record, master_value};
 use crate::crd::{NodeStatus, ServiceRef, VirtualIP};
 use crate::engine::{InstanceStatus, Observed};
 use crate::model::{Completeness, Desired, RefusalReason, ResourcePlan};
@@ -1259,12 +1259,7 @@ impl StatusWriter {
             let record = allocation_record(&object)
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            let current = object
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(ANNOTATION_MASTER))
-                .map(String::as_str);
+            let current = master_value(&object);
             let Some(value) = master_annotation(current, &record, &addrs, &self.node) else {
                 // Already says so (or the addresses left the record): nothing to write.
                 lb.pending.retain(|(s, _)| *s != svc);

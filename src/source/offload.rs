@@ -24,8 +24,8 @@ static JOBS: OnceLock<mpsc::Sender<Message>> = OnceLock::new();
 /// One thread for all of it, not tokio's blocking pool, and the process's main thread where
 /// [`serve_compute_while`] made it so: glibc gives every other thread that allocates an arena
 /// of its own, and `malloc_trim` (`node::socket::release_free_memory`) cannot hand back the
-/// top of such an arena's heap, where what a plan frees ends up; with the trim threshold at
-/// 64 MiB (`keep_freed_memory`) nothing else does either. With the blocking pool the leader
+/// top of such an arena's heap, where what a plan frees ends up; while the agent is busy, with
+/// the trim threshold at 64 MiB (`keep_freed_memory`), nothing else does either. With the blocking pool the leader
 /// peaked at 262 MiB while 10,000 Services settled; with one thread of its own, 10,000
 /// VirtualIPs left the master at 131-146 MiB where it held 120 MiB before.
 pub async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -382,9 +382,7 @@ where
         echoes.attach(store.clone());
     }
     async_stream::stream! {
-        // The latest version delivered, to resume from; and whether the current stream is a
-        // resumed one.
-        let mut latest: Option<(u64, String)> = None;
+        // The version to resume from, when the next stream is a resumed watch.
         let mut resume = None;
         loop {
             let resuming = resume.is_some();
@@ -404,26 +402,17 @@ where
                     Step::Item(None) if resuming => break,
                     Step::Item(None) => return,
                     Step::Item(Some(Ok(event))) => {
-                        if let watcher::Event::Apply(o)
-                        | watcher::Event::Delete(o)
-                        | watcher::Event::InitApply(o) = &event
-                            && let Some(v) = version(o.meta())
-                            && latest.as_ref().is_none_or(|(l, _)| v > *l)
-                        {
-                            latest = Some((v, v.to_string()));
-                        }
                         writer.apply_watcher_event(&event);
                         if let Some(echoes) = &echoes {
                             match &event {
-                                watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
-                                    echoes.heard(o.meta())
-                                }
+                                watcher::Event::Apply(o)
+                                | watcher::Event::Delete(o)
+                                | watcher::Event::InitApply(o) => echoes.heard(o.meta()),
                                 watcher::Event::Init => watching = false,
                                 watcher::Event::InitDone => {
                                     echoes.restart_clocks();
                                     watching = true;
                                 }
-                                watcher::Event::InitApply(o) => echoes.heard(o.meta()),
                             }
                         }
                         yield Ok(event);
@@ -435,12 +424,10 @@ where
                             held(&store, namespace, name)
                         });
                         if let Some((oldest, writes)) = overdue {
-                            // Resumed once already and silent again: list.
-                            resume = if resuming {
-                                None
-                            } else {
-                                latest.as_ref().map(|(_, v)| v.clone())
-                            };
+                            // From the latest version delivered; resumed once already and
+                            // silent again: list.
+                            resume = (!resuming && echoes.latest() > 0)
+                                .then(|| echoes.latest().to_string());
                             warn!(
                                 kind,
                                 writes,
